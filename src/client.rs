@@ -1,0 +1,397 @@
+//! [`PgPubSub`], the handle, and its [`Builder`].
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde::de::DeserializeOwned;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::channel::ChannelName;
+use crate::config::{Backoff, Options};
+use crate::driver::{Command, Driver, Status};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::EventStream;
+use crate::queue::Queue;
+use crate::subscription::{Decoder, Subscription};
+
+/// Anything that names a PostgreSQL server: a connection URL or key=value
+/// string, or a [`tokio_postgres::Config`].
+pub trait IntoConfig {
+    /// Parses or converts.
+    fn into_config(self) -> Result<tokio_postgres::Config>;
+}
+
+impl IntoConfig for tokio_postgres::Config {
+    fn into_config(self) -> Result<tokio_postgres::Config> {
+        Ok(self)
+    }
+}
+
+impl IntoConfig for &str {
+    fn into_config(self) -> Result<tokio_postgres::Config> {
+        // The error never contains the string itself, so no password leaks.
+        self.parse()
+            .map_err(|e| Error::new(ErrorKind::Config, format!("invalid connection string: {e}")))
+    }
+}
+
+impl IntoConfig for &String {
+    fn into_config(self) -> Result<tokio_postgres::Config> {
+        self.as_str().into_config()
+    }
+}
+
+impl IntoConfig for String {
+    fn into_config(self) -> Result<tokio_postgres::Config> {
+        self.as_str().into_config()
+    }
+}
+
+/// A handle to one listener connection and one publishing pool.
+///
+/// Cheap to clone; every clone talks to the same listener task. See the
+/// [crate docs](crate) for an example.
+#[derive(Clone)]
+pub struct PgPubSub {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) cmds: mpsc::UnboundedSender<Command>,
+    pub(crate) pool: Pool,
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) opts: Options,
+    pub(crate) origin: Uuid,
+    pub(crate) shut_down: AtomicBool,
+    owns_pool: bool,
+    events: broadcast::Sender<crate::ConnectionEvent>,
+    status: watch::Receiver<Status>,
+    next_id: AtomicU64,
+}
+
+/// Configures and connects a [`PgPubSub`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), pg_pubsub::Error> {
+/// use std::time::Duration;
+/// let pubsub = pg_pubsub::PgPubSub::builder("postgres://app@db/app")?
+///     .application_name("orders-service")
+///     .health_check(Duration::from_secs(5), Duration::from_secs(2))
+///     .queue_capacity(10_000)
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until .connect() is awaited"]
+pub struct Builder {
+    pg: tokio_postgres::Config,
+    pool: Option<Pool>,
+    opts: Options,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // tokio_postgres::Config's Debug redacts the password.
+        f.debug_struct("Builder")
+            .field("pg", &self.pg)
+            .field("own_pool", &self.pool.is_some())
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl Builder {
+    /// Reconnect delays. Default: immediate, then 100 ms doubling to 10 s, jitter 0.3.
+    /// Reconnecting never gives up.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.opts.backoff = backoff;
+        self
+    }
+
+    /// How often the listener connection is checked with a round trip when
+    /// idle, and how long any statement on it may take before the connection
+    /// is declared dead and replaced. Default: every 10 s, 5 s timeout.
+    /// TCP keepalives are also enabled on the listener connection.
+    pub fn health_check(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.opts.health_check_interval = interval;
+        self.opts.health_check_timeout = timeout;
+        self
+    }
+
+    /// Messages each subscription may hold before it starts dropping
+    /// (and reporting) them. Default: 65 536.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.opts.queue_capacity = capacity;
+        self
+    }
+
+    /// `application_name` of this crate's sessions, shown in `pg_stat_activity`.
+    /// Default: `pg-pubsub`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.opts.application_name = name.into();
+        self
+    }
+
+    /// Time allowed to open a connection. Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.connect_timeout = timeout;
+        self
+    }
+
+    /// How long `notify` may wait (for a pooled connection and the server)
+    /// before returning [`ErrorKind::Timeout`]. Default: 10 s.
+    pub fn notify_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.notify_timeout = timeout;
+        self
+    }
+
+    /// Bound on [`PgPubSub::shutdown`] talking to the server. Default: 5 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Size of the publishing pool this crate creates (ignored with [`Builder::pool`]). Default: 16.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.opts.pool_size = size;
+        self
+    }
+
+    /// Publish through this existing pool instead of creating one.
+    /// The listener still uses its own dedicated connection.
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Don't deliver this instance's own messages to its subscriptions.
+    ///
+    /// Messages this instance publishes then carry its origin id (see
+    /// [`wire`](crate::wire)); messages from anyone else are never filtered.
+    pub fn filtered(mut self, filtered: bool) -> Self {
+        self.opts.filtered = filtered;
+        self
+    }
+
+    /// Capacity of the [`PgPubSub::events`] buffer. Default: 1024.
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.opts.event_capacity = capacity;
+        self
+    }
+
+    /// Opens the listener connection and starts its task.
+    ///
+    /// Fails if the first connection cannot be opened (wrong address,
+    /// credentials, ...); after that, connection losses are healed in the background.
+    pub async fn connect(self) -> Result<PgPubSub> {
+        let Builder { mut pg, pool, opts } = self;
+        opts.validate()?;
+        pg.application_name(&opts.application_name)
+            .connect_timeout(opts.connect_timeout);
+        let owns_pool = pool.is_none();
+        let pool = match pool {
+            Some(pool) => pool,
+            None => build_pool(pg.clone(), &opts)?,
+        };
+        // Only the dedicated listener gets keepalives tuned to notice a dead peer.
+        let mut listener_pg = pg.clone();
+        listener_pg
+            .keepalives(true)
+            .keepalives_idle(opts.health_check_interval)
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let origin = Uuid::new_v4();
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(opts.event_capacity);
+        let (status_tx, status) = watch::channel(Status::default());
+        let filter = opts.filtered.then_some(origin);
+        let driver = Driver::new(
+            listener_pg,
+            opts.clone(),
+            cmd_rx,
+            events.clone(),
+            status_tx,
+            filter,
+        );
+        let task = driver.start().await?;
+        tokio::spawn(task);
+        Ok(PgPubSub {
+            inner: Arc::new(Inner {
+                cmds,
+                pool,
+                pg,
+                opts,
+                origin,
+                shut_down: AtomicBool::new(false),
+                owns_pool,
+                events,
+                status,
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+}
+
+fn build_pool(pg: tokio_postgres::Config, opts: &Options) -> Result<Pool> {
+    let manager = Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(opts.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(opts.notify_timeout))
+        .create_timeout(Some(opts.connect_timeout))
+        .recycle_timeout(Some(opts.notify_timeout))
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Config, format!("building the pool: {e}")))
+}
+
+fn decode_json<T: DeserializeOwned>(raw: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(raw)
+}
+
+fn decode_text(raw: &str) -> Result<String, serde_json::Error> {
+    Ok(raw.to_owned())
+}
+
+impl PgPubSub {
+    /// Connects with default options. Same as `PgPubSub::builder(config)?.connect()`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), pg_pubsub::Error> {
+    /// let pubsub = pg_pubsub::PgPubSub::connect("postgres://postgres@localhost/postgres").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(config: impl IntoConfig) -> Result<PgPubSub> {
+        Self::builder(config)?.connect().await
+    }
+
+    /// A [`Builder`] for the server named by `config` (URL, key=value string,
+    /// or [`tokio_postgres::Config`]).
+    pub fn builder(config: impl IntoConfig) -> Result<Builder> {
+        Ok(Builder {
+            pg: config.into_config()?,
+            pool: None,
+            opts: Options::default(),
+        })
+    }
+
+    /// Subscribes to `channel`, decoding each payload as JSON into `T`.
+    ///
+    /// Returns once the server listens (so anything published afterwards
+    /// is received). While the listener is reconnecting it returns at once:
+    /// the subscription takes effect on reconnect, and starts with a [`Gap`](crate::Gap).
+    pub async fn listen<T: DeserializeOwned>(&self, channel: &str) -> Result<Subscription<T>> {
+        self.subscribe(channel, decode_json::<T>).await
+    }
+
+    /// Subscribes to `channel`, giving each payload as text.
+    pub async fn listen_raw(&self, channel: &str) -> Result<Subscription<String>> {
+        self.subscribe(channel, decode_text).await
+    }
+
+    async fn subscribe<T>(&self, channel: &str, decode: Decoder<T>) -> Result<Subscription<T>> {
+        let channel = ChannelName::new(channel)?;
+        self.check_open()?;
+        let inner = &self.inner;
+        let queue = Arc::new(Queue::new(inner.opts.queue_capacity));
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Created first so that a cancelled `listen` unsubscribes on drop.
+        let sub = Subscription::new(
+            channel.clone(),
+            id,
+            queue.clone(),
+            decode,
+            inner.cmds.clone(),
+        );
+        let (reply, answer) = oneshot::channel();
+        inner
+            .cmds
+            .send(Command::Listen {
+                channel,
+                id,
+                queue,
+                reply,
+            })
+            .map_err(|_| Error::shut_down())?;
+        match answer.await {
+            Ok(Ok(())) => Ok(sub),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::shut_down()),
+        }
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.inner.shut_down.load(Ordering::Acquire) || self.inner.cmds.is_closed() {
+            return Err(Error::shut_down());
+        }
+        Ok(())
+    }
+
+    /// Connection-level events from now on.
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.inner.events.subscribe())
+    }
+
+    /// Backend PID of the listener session, or `None` while reconnecting.
+    pub fn listener_pid(&self) -> Option<i32> {
+        self.inner.status.borrow().process_id
+    }
+
+    /// Whether the listener connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.listener_pid().is_some()
+    }
+
+    /// This instance's origin id, carried by its messages when [`Builder::filtered`] is on.
+    pub fn origin(&self) -> Uuid {
+        self.inner.origin
+    }
+
+    /// The publishing pool.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The connection settings (with `application_name` and `connect_timeout` applied).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.inner.pg
+    }
+
+    /// Stops: ends every subscription (after what it already queued is read),
+    /// `UNLISTEN`s, closes the listener and the pool (unless it was given with [`Builder::pool`]). Returns within the
+    /// shutdown timeout even when the server is unreachable. Afterwards
+    /// `listen` and `notify` return [`ErrorKind::ShutDown`]. Idempotent.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.shut_down.store(true, Ordering::Release);
+        let (reply, done) = oneshot::channel();
+        if inner.cmds.send(Command::Shutdown { reply }).is_ok() {
+            // The task bounds its own server calls; this bounds the rest.
+            let bound = inner.opts.shutdown_timeout * 2 + Duration::from_secs(1);
+            if tokio::time::timeout(bound, done).await.is_err() {
+                tracing::warn!("pg-pubsub: shutdown did not finish within {bound:?}");
+            }
+        }
+        if inner.owns_pool {
+            inner.pool.close();
+        }
+    }
+}
+
+impl fmt::Debug for PgPubSub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgPubSub")
+            .field("origin", &self.inner.origin)
+            .field("listener_pid", &self.listener_pid())
+            .finish()
+    }
+}

@@ -1,0 +1,186 @@
+//! One open listener connection: opening it, running statements on it while
+//! it is driven by `poll_message`, and the statement in flight.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::time::{Instant, Sleep};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{
+    AsyncMessage, Client, Config, NoTls, Notification, SimpleQueryMessage, Socket,
+};
+
+use crate::error::describe_pg_error;
+
+use super::registry::Change;
+
+pub(crate) type PgConnection = tokio_postgres::Connection<Socket, NoTlsStream>;
+
+/// A statement sent on the listener connection and not yet answered.
+pub(crate) struct InFlight {
+    pub fut: BoxFuture<'static, Result<(), tokio_postgres::Error>>,
+    pub changes: Vec<Change>,
+    pub deadline: Pin<Box<Sleep>>,
+}
+
+pub(crate) struct Live {
+    pub client: Arc<Client>,
+    pub conn: PgConnection,
+    pub process_id: i32,
+    pub op: Option<InFlight>,
+    pub health: Pin<Box<Sleep>>,
+}
+
+/// Whether an error means the session is gone (as opposed to a refused statement).
+pub(crate) fn is_fatal(err: &tokio_postgres::Error) -> bool {
+    err.is_closed()
+        || err
+            .as_db_error()
+            .is_none_or(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+}
+
+/// Opens a connection within `timeout`.
+pub(crate) async fn open(
+    config: &Config,
+    timeout: Duration,
+) -> Result<(Client, PgConnection), String> {
+    match tokio::time::timeout(timeout, config.connect(NoTls)).await {
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(e)) => Err(describe_pg_error(&e)),
+        Err(_) => Err(format!("connect timed out after {timeout:?}")),
+    }
+}
+
+/// Runs `fut` (a statement on this connection) while driving the connection,
+/// keeping the notifications that arrive meanwhile in `held`.
+pub(crate) async fn drive<F>(
+    conn: &mut PgConnection,
+    fut: F,
+    held: &mut Vec<Notification>,
+) -> Result<F::Output, String>
+where
+    F: Future,
+{
+    let mut fut = std::pin::pin!(fut);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        loop {
+            match conn.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => held.push(n),
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(describe_pg_error(&e))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err("server closed the connection".into()))
+                }
+                Poll::Pending => break,
+            }
+        }
+        // The connection may have delivered the statement's answer.
+        fut.as_mut().poll(cx).map(Ok)
+    })
+    .await
+}
+
+impl Live {
+    /// Listens to `channels` in one round trip and learns the backend PID.
+    /// Notifications that arrive meanwhile are kept in `held`.
+    pub(crate) async fn establish(
+        client: Client,
+        mut conn: PgConnection,
+        listen_sql: String,
+        timeout: Duration,
+        health_interval: Duration,
+        held: &mut Vec<Notification>,
+    ) -> Result<Live, String> {
+        let sql = format!("{listen_sql}SELECT pg_backend_pid()");
+        let run = drive(&mut conn, client.simple_query(&sql), held);
+        let rows = match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(Ok(rows))) => rows,
+            Ok(Ok(Err(e))) => return Err(describe_pg_error(&e)),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(format!("no answer to LISTEN within {timeout:?}")),
+        };
+        let process_id = rows
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+            .ok_or_else(|| "server did not report its backend PID".to_owned())?;
+        Ok(Live {
+            client: Arc::new(client),
+            conn,
+            process_id,
+            op: None,
+            health: Box::pin(tokio::time::sleep(health_interval)),
+        })
+    }
+
+    /// Sends `sql` (the `changes`, or a health check when empty).
+    pub(crate) fn start(&mut self, sql: String, changes: Vec<Change>, timeout: Duration) {
+        let client = self.client.clone();
+        self.op = Some(InFlight {
+            fut: async move { client.batch_execute(&sql).await }.boxed(),
+            changes,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        });
+    }
+
+    /// Polls the statement in flight: `Ready(Some(..))` when it finished.
+    pub(crate) fn poll_op(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(Vec<Change>, Result<(), OpError>)>> {
+        let Some(op) = &mut self.op else {
+            return Poll::Ready(None);
+        };
+        let res = match op.fut.poll_unpin(cx) {
+            Poll::Ready(res) => res.map_err(OpError::Pg),
+            Poll::Pending => match op.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Err(OpError::TimedOut),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let changes = self.op.take().map(|op| op.changes).unwrap_or_default();
+        Poll::Ready(Some((changes, res)))
+    }
+
+    pub(crate) fn reset_health(&mut self, interval: Duration) {
+        self.health.as_mut().reset(Instant::now() + interval);
+    }
+
+    /// Closes the session politely (Terminate), within `timeout`.
+    pub(crate) async fn close(self, timeout: Duration) {
+        let Live {
+            client, conn, op, ..
+        } = self;
+        drop(op);
+        drop(client);
+        let _ = tokio::time::timeout(timeout, conn).await;
+    }
+}
+
+pub(crate) enum OpError {
+    Pg(tokio_postgres::Error),
+    TimedOut,
+}
+
+/// `LISTEN "a";LISTEN "b";` for `changes`.
+pub(crate) fn change_sql<'a>(
+    changes: impl IntoIterator<Item = (&'a crate::ChannelName, bool)>,
+) -> String {
+    let mut sql = String::new();
+    for (channel, listen) in changes {
+        sql.push_str(if listen { "LISTEN " } else { "UNLISTEN " });
+        sql.push_str(&channel.quoted());
+        sql.push(';');
+    }
+    sql
+}

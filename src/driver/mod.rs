@@ -1,0 +1,395 @@
+//! The listener task: owns the dedicated connection, serves commands from
+//! handles, fans notifications out, and reconnects.
+//!
+//! Everything here runs in one task, so the registry needs no locks; the task
+//! never waits on a consumer (queues are bounded and drop when full).
+
+mod live;
+mod registry;
+
+use std::future::{poll_fn, Future};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, Config, Notification};
+
+use crate::channel::ChannelName;
+use crate::config::Options;
+use crate::error::{describe_pg_error, Error, ErrorKind, Result};
+use crate::event::ConnectionEvent;
+use crate::message::Gap;
+use crate::queue::Queue;
+
+use live::{change_sql, drive, is_fatal, open, Live, OpError};
+pub(crate) use registry::SubId;
+use registry::{Dispatched, Registry};
+
+/// Notifications handled per wake-up before yielding to other tasks.
+const BATCH: usize = 4096;
+
+/// Requests from handles to the listener task.
+///
+/// The channel carrying these is unbounded on purpose: every `Listen` and
+/// `Shutdown` has a caller awaiting its reply, and every `Unsubscribe` comes
+/// from a dropped subscription, so its length is bounded by live handles.
+pub(crate) enum Command {
+    Listen {
+        channel: ChannelName,
+        id: SubId,
+        queue: Arc<Queue>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Unsubscribe {
+        channel: ChannelName,
+        id: SubId,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Connection state visible to handles.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Status {
+    /// Backend PID of the listener session while connected.
+    pub process_id: Option<i32>,
+}
+
+enum Stop {
+    Shutdown(oneshot::Sender<()>),
+    /// Every handle and subscription is gone.
+    Orphaned,
+    Lost(String),
+}
+
+pub(crate) struct Driver {
+    pg: Config,
+    opts: Options,
+    cmds: mpsc::UnboundedReceiver<Command>,
+    events: broadcast::Sender<ConnectionEvent>,
+    status: watch::Sender<Status>,
+    registry: Registry,
+    wake: Vec<Waker>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        pg: Config,
+        opts: Options,
+        cmds: mpsc::UnboundedReceiver<Command>,
+        events: broadcast::Sender<ConnectionEvent>,
+        status: watch::Sender<Status>,
+        filter_origin: Option<uuid::Uuid>,
+    ) -> Self {
+        Driver {
+            pg,
+            opts,
+            cmds,
+            events,
+            status,
+            registry: Registry::new(filter_origin),
+            wake: Vec::new(),
+        }
+    }
+
+    /// Opens the first connection; on success the task runs until shutdown.
+    pub(crate) async fn start(mut self) -> Result<impl Future<Output = ()>> {
+        let (client, conn) = open(&self.pg, self.opts.connect_timeout)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect, format!("connecting the listener: {e}")))?;
+        let live = self
+            .establish(client, conn, None)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect, format!("starting the listener: {e}")))?;
+        self.emit(ConnectionEvent::Connected {
+            process_id: live.process_id,
+        });
+        Ok(self.run(live))
+    }
+
+    fn emit(&self, event: ConnectionEvent) {
+        tracing::debug!(?event, "pg-pubsub event");
+        let _ = self.events.send(event);
+    }
+
+    async fn run(mut self, mut live: Live) {
+        loop {
+            match poll_fn(|cx| self.poll_serve(cx, &mut live)).await {
+                Stop::Shutdown(reply) => return self.finish(Some(live), Some(reply)).await,
+                Stop::Orphaned => return self.finish(Some(live), None).await,
+                Stop::Lost(reason) => {
+                    drop(live);
+                    live = match self.reconnect(reason).await {
+                        Ok(live) => live,
+                        Err(Stop::Shutdown(reply)) => return self.finish(None, Some(reply)).await,
+                        Err(_) => return self.finish(None, None).await,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Listens to every registered channel on a fresh connection. With `gap`
+    /// (a reconnect), every subscriber is told before any new notification.
+    async fn establish(
+        &mut self,
+        client: tokio_postgres::Client,
+        conn: live::PgConnection,
+        gap: Option<Gap>,
+    ) -> Result<Live, String> {
+        let channels = self.registry.relisten_all();
+        let sql = change_sql(channels.iter().map(|c| (c, true)));
+        let mut held = Vec::new();
+        let live = Live::establish(
+            client,
+            conn,
+            sql,
+            self.opts.health_check_timeout,
+            self.opts.health_check_interval,
+            &mut held,
+        )
+        .await?;
+        self.status.send_replace(Status {
+            process_id: Some(live.process_id),
+        });
+        if let Some(gap) = gap {
+            self.registry.gap(&gap);
+        }
+        for channel in channels {
+            self.emit(ConnectionEvent::Listening { channel });
+        }
+        for note in held {
+            self.dispatch(note);
+        }
+        self.wake_consumers();
+        Ok(live)
+    }
+
+    async fn reconnect(&mut self, reason: String) -> Result<Live, Stop> {
+        let down_at = Instant::now();
+        tracing::warn!(%reason, "pg-pubsub listener connection lost; reconnecting");
+        self.status.send_replace(Status::default());
+        self.registry.connection_lost();
+        let reason: Arc<str> = reason.into();
+        self.emit(ConnectionEvent::Disconnected {
+            reason: reason.clone(),
+        });
+        let mut attempt = 0;
+        let mut delay = Duration::ZERO;
+        loop {
+            attempt += 1;
+            if !delay.is_zero() {
+                self.offline(tokio::time::sleep(delay)).await?;
+            }
+            let pg = self.pg.clone();
+            let timeout = self.opts.connect_timeout;
+            let error = match self
+                .offline(async move { open(&pg, timeout).await })
+                .await?
+            {
+                Ok((client, conn)) => {
+                    let gap = Gap {
+                        downtime: down_at.elapsed(),
+                        reason: reason.clone(),
+                    };
+                    match self.establish(client, conn, Some(gap)).await {
+                        Ok(live) => {
+                            let downtime = down_at.elapsed();
+                            tracing::info!(
+                                attempts = attempt,
+                                ?downtime,
+                                "pg-pubsub listener reconnected"
+                            );
+                            self.emit(ConnectionEvent::Reconnected {
+                                process_id: live.process_id,
+                                attempts: attempt,
+                                downtime,
+                            });
+                            return Ok(live);
+                        }
+                        Err(e) => {
+                            self.registry.connection_lost();
+                            e
+                        }
+                    }
+                }
+                Err(e) => e,
+            };
+            delay = self.opts.backoff.delay(attempt + 1);
+            tracing::debug!(attempt, %error, ?delay, "pg-pubsub reconnect failed");
+            self.emit(ConnectionEvent::ReconnectFailed {
+                attempt,
+                error: error.into(),
+                retry_in: delay,
+            });
+        }
+    }
+
+    /// Runs `fut` while serving commands without a connection.
+    async fn offline<F: Future>(&mut self, fut: F) -> Result<F::Output, Stop> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.cmds.recv() => match cmd {
+                    None => return Err(Stop::Orphaned),
+                    Some(Command::Shutdown { reply }) => return Err(Stop::Shutdown(reply)),
+                    Some(cmd) => self.command(cmd, false),
+                },
+                out = &mut fut => return Ok(out),
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command, connected: bool) {
+        match cmd {
+            Command::Listen {
+                channel,
+                id,
+                queue,
+                reply,
+            } => self
+                .registry
+                .subscribe(channel, id, queue, reply, connected),
+            Command::Unsubscribe { channel, id } => self.registry.unsubscribe(channel.as_str(), id),
+            Command::Shutdown { .. } => unreachable!("handled by the caller"),
+        }
+    }
+
+    fn dispatch(&mut self, note: Notification) {
+        if let Dispatched::SlowConsumer(channel) = self.registry.dispatch(note, &mut self.wake) {
+            tracing::warn!(%channel, "pg-pubsub subscriber too slow; dropping its messages");
+            self.emit(ConnectionEvent::SlowConsumer { channel });
+        }
+    }
+
+    fn wake_consumers(&mut self) {
+        for w in self.wake.drain(..) {
+            w.wake();
+        }
+    }
+
+    fn poll_serve(&mut self, cx: &mut Context<'_>, live: &mut Live) -> Poll<Stop> {
+        loop {
+            match self.cmds.poll_recv(cx) {
+                Poll::Ready(None) => return Poll::Ready(Stop::Orphaned),
+                Poll::Ready(Some(Command::Shutdown { reply })) => {
+                    return Poll::Ready(Stop::Shutdown(reply))
+                }
+                Poll::Ready(Some(cmd)) => self.command(cmd, true),
+                Poll::Pending => break,
+            }
+        }
+
+        let mut budget = BATCH;
+        let lost = loop {
+            match live.conn.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
+                    self.dispatch(note);
+                    budget -= 1;
+                    if budget == 0 {
+                        cx.waker().wake_by_ref();
+                        break None;
+                    }
+                }
+                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
+                    tracing::info!(
+                        severity = notice.severity(),
+                        message = notice.message(),
+                        "server notice"
+                    );
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => break Some(describe_pg_error(&e)),
+                Poll::Ready(None) => break Some("server closed the connection".to_owned()),
+                Poll::Pending => break None,
+            }
+        };
+        self.wake_consumers();
+        if let Some(reason) = lost {
+            return Poll::Ready(Stop::Lost(reason));
+        }
+
+        if let Poll::Ready(Some((changes, res))) = live.poll_op(cx) {
+            match res {
+                Ok(()) => {
+                    self.registry.confirmed(&changes);
+                    for c in changes {
+                        self.emit(match c.listen {
+                            true => ConnectionEvent::Listening { channel: c.channel },
+                            false => ConnectionEvent::Unlistened { channel: c.channel },
+                        });
+                    }
+                    live.reset_health(self.opts.health_check_interval);
+                }
+                Err(OpError::Pg(e)) if is_fatal(&e) => {
+                    return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
+                }
+                Err(OpError::Pg(e)) => {
+                    let err = Error::db("LISTEN", e);
+                    tracing::error!(%err, "pg-pubsub: server refused LISTEN/UNLISTEN");
+                    self.registry.refused(&changes, &err);
+                }
+                Err(OpError::TimedOut) => {
+                    return Poll::Ready(Stop::Lost(format!(
+                        "no answer from the server within {:?} (health check)",
+                        self.opts.health_check_timeout
+                    )))
+                }
+            }
+        }
+
+        if live.op.is_none() {
+            let changes = self.registry.plan();
+            let health_due = live.health.as_mut().poll(cx).is_ready();
+            if !changes.is_empty() || health_due {
+                let sql = change_sql(changes.iter().map(|c| (&c.channel, c.listen)));
+                live.start(sql, changes, self.opts.health_check_timeout);
+                // Poll again so the statement is sent.
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Ends every subscription, UNLISTENs, closes the session, and answers.
+    async fn finish(mut self, live: Option<Live>, reply: Option<oneshot::Sender<()>>) {
+        self.registry.shut_down();
+        self.cmds.close();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            match cmd {
+                Command::Listen { reply, .. } => {
+                    let _ = reply.send(Err(Error::shut_down()));
+                }
+                Command::Shutdown { reply } => {
+                    let _ = reply.send(());
+                }
+                Command::Unsubscribe { .. } => {}
+            }
+        }
+        if let Some(mut live) = live {
+            let timeout = self.opts.shutdown_timeout;
+            let mut held = Vec::new();
+            let client = live.client.clone();
+            let unlisten = drive(
+                &mut live.conn,
+                client.batch_execute("UNLISTEN *"),
+                &mut held,
+            );
+            if tokio::time::timeout(timeout, unlisten).await.is_err() {
+                tracing::warn!("pg-pubsub: UNLISTEN * not answered within {timeout:?}");
+            }
+            drop(client);
+            live.close(timeout).await;
+        }
+        self.status.send_replace(Status::default());
+        self.emit(ConnectionEvent::ShutDown);
+        tracing::info!("pg-pubsub listener shut down");
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Connection-level events, for logs, metrics and tests.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+
+use crate::channel::ChannelName;
+
+/// Something that happened to the listener connection or a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionEvent {
+    /// The listener connection is up (the first time).
+    Connected {
+        /// Backend PID of the listener session.
+        process_id: i32,
+    },
+    /// The listener connection was lost; reconnecting starts at once.
+    Disconnected {
+        /// The error, with the server's text when it sent one.
+        reason: Arc<str>,
+    },
+    /// A reconnect attempt failed; the next one follows after `retry_in`.
+    ReconnectFailed {
+        /// 1 for the first attempt after the loss.
+        attempt: u32,
+        /// Why it failed.
+        error: Arc<str>,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// The listener is back and listening on every channel again; each
+    /// subscription has been sent a [`Gap`](crate::Gap).
+    Reconnected {
+        /// Backend PID of the new listener session.
+        process_id: i32,
+        /// Attempts it took.
+        attempts: u32,
+        /// Time from loss to listening again.
+        downtime: Duration,
+    },
+    /// The server confirmed `LISTEN` on a channel.
+    Listening {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// The last subscriber of a channel went away and `UNLISTEN` was confirmed.
+    Unlistened {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// A subscriber's queue is full: messages for it are being dropped (it
+    /// will see [`Delivery::Lagged`](crate::Delivery::Lagged)). Reported once per run of drops.
+    SlowConsumer {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// This event stream itself fell behind and missed this many events.
+    EventsLagged {
+        /// Events missed.
+        missed: u64,
+    },
+    /// [`shutdown`](crate::PgPubSub::shutdown) finished.
+    ShutDown,
+}
+
+/// A stream of [`ConnectionEvent`]s, from [`PgPubSub::events`](crate::PgPubSub::events).
+///
+/// Bounded: a reader that falls behind gets [`ConnectionEvent::EventsLagged`]
+/// instead of slowing the listener down.
+pub struct EventStream {
+    inner: BroadcastStream<ConnectionEvent>,
+}
+
+impl EventStream {
+    pub(crate) fn new(rx: broadcast::Receiver<ConnectionEvent>) -> Self {
+        EventStream {
+            inner: BroadcastStream::new(rx),
+        }
+    }
+}
+
+impl Stream for EventStream {
+    type Item = ConnectionEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx).map(|item| {
+            item.map(|res| match res {
+                Ok(event) => event,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    ConnectionEvent::EventsLagged { missed }
+                }
+            })
+        })
+    }
+}

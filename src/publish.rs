@@ -1,0 +1,233 @@
+//! Publishing: through the pool, in batches, or inside the caller's transaction.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use serde::Serialize;
+
+use crate::channel::ChannelName;
+use crate::client::PgPubSub;
+use crate::error::{Error, ErrorKind, Result};
+use crate::wire;
+
+const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
+/// One statement, one transaction: `pg_notify` runs in array order.
+const NOTIFY_MANY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+/// Notifications per batch statement.
+const BATCH_SIZE: usize = 1000;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A connection or transaction to publish on with [`PgPubSub::notify_in`]:
+/// `tokio_postgres::{Client, Transaction}` and `deadpool_postgres::{Client, Transaction}`.
+pub trait Executor: sealed::Sealed + Sync {
+    #[doc(hidden)]
+    fn notify_sql(
+        &self,
+        channel: &str,
+        payload: &str,
+    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
+}
+
+macro_rules! executor {
+    ($($ty:ty),*) => {$(
+        impl sealed::Sealed for $ty {}
+        impl Executor for $ty {
+            async fn notify_sql(&self, channel: &str, payload: &str) -> Result<u64, tokio_postgres::Error> {
+                self.execute(NOTIFY_SQL, &[&channel, &payload]).await
+            }
+        }
+    )*};
+}
+
+executor!(
+    tokio_postgres::Client,
+    tokio_postgres::Transaction<'_>,
+    deadpool_postgres::Client,
+    deadpool_postgres::Transaction<'_>
+);
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialize,
+            format!("payload did not serialize to JSON: {e}"),
+        )
+        .with_source(e)
+    })
+}
+
+impl PgPubSub {
+    fn origin_tag(&self) -> Option<uuid::Uuid> {
+        self.inner.opts.filtered.then_some(self.inner.origin)
+    }
+
+    /// Publishes `value` as JSON on `channel` through the pool.
+    ///
+    /// Checked before anything is sent: the channel name and the payload size
+    /// (under 8000 bytes). Fails with [`ErrorKind::Timeout`] after the notify
+    /// timeout when the server is unreachable.
+    ///
+    /// ```no_run
+    /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+    /// pubsub.notify("orders", &serde_json::json!({"id": 1})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn notify<T: Serialize + ?Sized>(&self, channel: &str, value: &T) -> Result<()> {
+        self.notify_raw(channel, &to_json(value)?).await
+    }
+
+    /// Publishes `payload` as is (any text) on `channel` through the pool.
+    pub async fn notify_raw(&self, channel: &str, payload: &str) -> Result<()> {
+        let channel = ChannelName::new(channel)?;
+        let payload = wire::encode(self.origin_tag(), payload)?;
+        self.check_open()?;
+        self.with_pool("notify", |client| async move {
+            let stmt = client.prepare_cached(NOTIFY_SQL).await?;
+            client
+                .execute(&stmt, &[&channel.as_str(), &&*payload])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Publishes many text payloads on `channel`, a thousand per round trip
+    /// and transaction. Every payload is delivered, in order, even repeated
+    /// ones (the server merges equal payloads within one transaction, so a
+    /// batch is split where a payload repeats). All payloads are checked
+    /// before any is sent. Returns how many were sent.
+    pub async fn notify_batch<I, S>(&self, channel: &str, payloads: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let channel = ChannelName::new(channel)?;
+        let origin = self.origin_tag();
+        let payloads = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                wire::encode(origin, p.as_ref())
+                    .map(|c| c.into_owned())
+                    .map_err(|e| Error::new(e.kind(), format!("payload #{i}: {e}")))
+            })
+            .collect::<Result<Vec<String>>>()?;
+        self.check_open()?;
+        let mut sent = 0;
+        for chunk in split_batches(&payloads) {
+            let n = chunk.len();
+            let channel = &channel;
+            self.with_pool("notify_batch", |client| async move {
+                let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
+                client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
+                Ok(())
+            })
+            .await?;
+            sent += n;
+        }
+        Ok(sent)
+    }
+
+    /// Publishes `value` as JSON inside the caller's transaction (or on the
+    /// caller's connection): delivered when it commits, never if it rolls back.
+    ///
+    /// ```no_run
+    /// # async fn demo(pubsub: pg_pubsub::PgPubSub, mut client: tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let tx = client.transaction().await?;
+    /// tx.execute("UPDATE orders SET state = 'paid' WHERE id = 1", &[]).await?;
+    /// pubsub.notify_in(&tx, "orders", &serde_json::json!({"id": 1, "state": "paid"})).await?;
+    /// tx.commit().await?; // the notification is sent now
+    /// # Ok(()) }
+    /// ```
+    pub async fn notify_in<E, T>(&self, executor: &E, channel: &str, value: &T) -> Result<()>
+    where
+        E: Executor,
+        T: Serialize + ?Sized,
+    {
+        self.notify_raw_in(executor, channel, &to_json(value)?)
+            .await
+    }
+
+    /// [`notify_in`](Self::notify_in) with a text payload.
+    pub async fn notify_raw_in<E: Executor>(
+        &self,
+        executor: &E,
+        channel: &str,
+        payload: &str,
+    ) -> Result<()> {
+        let channel = ChannelName::new(channel)?;
+        let payload = wire::encode(self.origin_tag(), payload)?;
+        executor
+            .notify_sql(channel.as_str(), &payload)
+            .await
+            .map(drop)
+            .map_err(|e| Error::db("notify in transaction", e))
+    }
+
+    /// Runs `f` on a pooled connection within the notify timeout.
+    async fn with_pool<'a, F, Fut>(&'a self, stage: &'static str, f: F) -> Result<()>
+    where
+        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        Fut: Future<Output = Result<(), tokio_postgres::Error>> + 'a,
+    {
+        let timeout = self.inner.opts.notify_timeout;
+        let work = async {
+            let client = self.inner.pool.get().await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Pool,
+                    format!("{stage}: no pooled connection: {e}"),
+                )
+            })?;
+            f(client).await.map_err(|e| Error::db(stage, e))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(res) => res,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("{stage}: no answer within {timeout:?} (is the server reachable?)"),
+            )),
+        }
+    }
+}
+
+/// Splits into statements of at most [`BATCH_SIZE`] with no payload twice in one.
+fn split_batches(payloads: &[String]) -> Vec<Vec<&str>> {
+    let mut batches = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    let mut seen = HashSet::new();
+    for p in payloads {
+        if current.len() == BATCH_SIZE || !seen.insert(p.as_str()) {
+            batches.push(std::mem::take(&mut current));
+            seen.clear();
+            seen.insert(p.as_str());
+        }
+        current.push(p);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_split_on_repeats_and_size() {
+        let p: Vec<String> = ["a", "b", "a", "c", "c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            split_batches(&p),
+            vec![vec!["a", "b"], vec!["a", "c"], vec!["c"]]
+        );
+        let many: Vec<String> = (0..2500).map(|i| i.to_string()).collect();
+        let sizes: Vec<usize> = split_batches(&many).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1000, 1000, 500]);
+    }
+}

@@ -1,0 +1,108 @@
+//! The wire format: what a payload looks like on the server.
+//!
+//! By default a payload is sent exactly as given (JSON for [`notify`], any
+//! text for [`notify_raw`]). When the sender has origin tagging on (needed to
+//! filter its own messages), the payload carries a 40-byte header:
+//!
+//! ```text
+//! pgps:1:<origin>:<body>
+//! ```
+//!
+//! where `<origin>` is the sending [`PgPubSub`](crate::PgPubSub) instance's
+//! UUID as 32 lowercase hex digits without dashes, and `<body>` is the
+//! payload proper. A receiver strips the header when the payload starts with
+//! `pgps:1:`, then 32 hex digits, then `:`; anything else is a plain payload.
+//! Both kinds decode the same way for typed subscribers.
+//!
+//! [`notify`]: crate::PgPubSub::notify
+//! [`notify_raw`]: crate::PgPubSub::notify_raw
+
+use std::borrow::Cow;
+
+use uuid::Uuid;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The largest payload PostgreSQL accepts, in bytes (it must be shorter than 8000).
+pub const MAX_PAYLOAD_BYTES: usize = 7999;
+
+const MAGIC: &str = "pgps:1:";
+/// Bytes the origin header adds to a payload.
+pub const HEADER_BYTES: usize = MAGIC.len() + 32 + 1;
+
+/// Builds the payload to send, tagged with `origin` when given, and checks its size.
+pub(crate) fn encode(origin: Option<Uuid>, body: &str) -> Result<Cow<'_, str>> {
+    let payload = match origin {
+        None => Cow::Borrowed(body),
+        Some(origin) => {
+            let mut s = String::with_capacity(HEADER_BYTES + body.len());
+            s.push_str(MAGIC);
+            s.push_str(origin.simple().encode_lower(&mut Uuid::encode_buffer()));
+            s.push(':');
+            s.push_str(body);
+            Cow::Owned(s)
+        }
+    };
+    check_size(&payload, origin.is_some())?;
+    Ok(payload)
+}
+
+fn check_size(payload: &str, tagged: bool) -> Result<()> {
+    if payload.len() <= MAX_PAYLOAD_BYTES {
+        return Ok(());
+    }
+    let header = if tagged {
+        format!(" (including the {HEADER_BYTES}-byte origin header)")
+    } else {
+        String::new()
+    };
+    Err(Error::new(
+        ErrorKind::PayloadTooLarge,
+        format!(
+            "payload is {} bytes{header}; PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}",
+            payload.len()
+        ),
+    ))
+}
+
+/// Splits a received payload into its origin (if tagged) and body.
+pub(crate) fn decode(payload: &str) -> (Option<Uuid>, &str) {
+    let bytes = payload.as_bytes();
+    if bytes.len() >= HEADER_BYTES && payload.starts_with(MAGIC) && bytes[HEADER_BYTES - 1] == b':'
+    {
+        let hex = &payload[MAGIC.len()..HEADER_BYTES - 1];
+        if hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if let Ok(origin) = Uuid::try_parse(hex) {
+                return (Some(origin), &payload[HEADER_BYTES..]);
+            }
+        }
+    }
+    (None, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_plain() {
+        let origin = Uuid::new_v4();
+        let tagged = encode(Some(origin), r#"{"a":1}"#).unwrap();
+        assert_eq!(tagged.len(), HEADER_BYTES + 7);
+        assert_eq!(decode(&tagged), (Some(origin), r#"{"a":1}"#));
+        assert_eq!(decode(r#"{"a":1}"#), (None, r#"{"a":1}"#));
+        assert_eq!(decode("pgps:1:nothex:x"), (None, "pgps:1:nothex:x"));
+        assert_eq!(decode(""), (None, ""));
+    }
+
+    #[test]
+    fn size_limit_is_exact() {
+        assert!(encode(None, &"x".repeat(7999)).is_ok());
+        let err = encode(None, &"x".repeat(8000)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+        assert!(err.to_string().contains("8000 bytes"), "{err}");
+        let body = "x".repeat(7999 - HEADER_BYTES);
+        assert!(encode(Some(Uuid::new_v4()), &body).is_ok());
+        assert!(encode(Some(Uuid::new_v4()), &format!("{body}x")).is_err());
+    }
+}
