@@ -201,7 +201,8 @@ impl Builder {
         let mut listener_pg = pg.clone();
         listener_pg
             .keepalives(true)
-            .keepalives_idle(opts.health_check_interval)
+            // The kernel takes whole seconds, at least one.
+            .keepalives_idle(opts.health_check_interval.max(Duration::from_secs(1)))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
         let origin = Uuid::new_v4();

@@ -1,0 +1,138 @@
+//! Real faults on the listener connection: terminated backend, stalled backend.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use pg_pubsub::{ConnectionEvent, Delivery};
+
+#[tokio::test]
+async fn terminated_backend_gives_a_gap_then_delivery_resumes() {
+    let ps = pubsub().await;
+    let ch = channel("kill");
+    let mut sub = ps.listen::<u64>(&ch).await.unwrap();
+    let mut other = ps.listen::<u64>(&channel("kill_other")).await.unwrap();
+    let mut events = ps.events();
+    ps.notify(&ch, &1u64).await.unwrap();
+    assert_eq!(*next_message(&mut sub).await.payload(), 1);
+
+    let old_pid = ps.listener_pid().unwrap();
+    terminate(old_pid).await;
+    let killed_at = Instant::now();
+
+    let reason = match wait_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await {
+        ConnectionEvent::Disconnected { reason } => reason,
+        _ => unreachable!(),
+    };
+    assert!(reason.contains("terminating connection due to administrator command"), "{reason}");
+    let new_pid = match wait_event(&mut events, |e| matches!(e, ConnectionEvent::Reconnected { .. })).await {
+        ConnectionEvent::Reconnected { process_id, .. } => process_id,
+        _ => unreachable!(),
+    };
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(ps.listener_pid(), Some(new_pid));
+
+    // Every subscriber learns of the gap, and it comes before new messages.
+    for s in [&mut sub, &mut other] {
+        match next(s).await {
+            Delivery::Gap(gap) => assert!(gap.reason.contains("administrator command"), "{gap:?}"),
+            d => panic!("expected a gap, got {d:?}"),
+        }
+    }
+    ps.notify(&ch, &2u64).await.unwrap();
+    assert_eq!(*next_message(&mut sub).await.payload(), 2);
+    println!("listening again {:?} after pg_terminate_backend", killed_at.elapsed());
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_survives_repeated_kills_with_gaps_accounting_for_every_loss() {
+    let ps = pubsub().await;
+    let ch = channel("stream");
+    let mut sub = ps.listen::<u64>(&ch).await.unwrap();
+    let publisher = {
+        let ps = ps.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            for i in 0..600u64 {
+                ps.notify(&ch, &i).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let killer = {
+        let ps = ps.clone();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(pid) = ps.listener_pid() {
+                    terminate(pid).await;
+                }
+            }
+        })
+    };
+    // Messages arrive in order; any hole in the sequence is preceded by a gap.
+    let mut expected = 0u64;
+    let mut gaps = 0;
+    let mut gap_seen = false;
+    while expected < 600 {
+        match next(&mut sub).await {
+            Delivery::Message(m) => {
+                let n = *m.payload();
+                assert!(n >= expected, "out of order: {n} after {expected}");
+                assert!(n == expected || gap_seen, "lost {expected}..{n} without a gap");
+                gap_seen = false;
+                expected = n + 1;
+            }
+            Delivery::Gap(_) => {
+                gaps += 1;
+                gap_seen = true;
+            }
+            d => panic!("unexpected {d:?}"),
+        }
+    }
+    killer.await.unwrap();
+    publisher.await.unwrap();
+    assert!(gaps >= 1, "three kills produced no gap");
+    ps.shutdown().await;
+}
+
+/// A backend that stops answering (SIGSTOP: like a half-open connection) is
+/// detected by the health check and replaced.
+#[tokio::test]
+async fn stalled_connection_is_replaced() {
+    if !server().is_owned() {
+        eprintln!("skipped: needs a server on this machine to SIGSTOP its backend");
+        return;
+    }
+    let ps = builder()
+        .health_check(Duration::from_millis(200), Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let ch = channel("stall");
+    let mut sub = ps.listen::<u64>(&ch).await.unwrap();
+    let mut events = ps.events();
+    let pid = ps.listener_pid().unwrap();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let reason = match wait_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await {
+        ConnectionEvent::Disconnected { reason } => reason,
+        _ => unreachable!(),
+    };
+    signal("-CONT");
+    assert!(reason.contains("health check"), "{reason}");
+    wait_event(&mut events, |e| matches!(e, ConnectionEvent::Reconnected { .. })).await;
+    assert!(matches!(next(&mut sub).await, Delivery::Gap(_)));
+    ps.notify(&ch, &9u64).await.unwrap();
+    assert_eq!(*next_message(&mut sub).await.payload(), 9);
+    ps.shutdown().await;
+}

@@ -1,0 +1,51 @@
+//! A full server restart: its own test binary, because it stops the shared server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pg_pubsub::{ConnectionEvent, Delivery, ErrorKind};
+
+#[tokio::test]
+async fn server_restart_gives_a_gap_and_delivery_resumes() {
+    if !server().is_owned() {
+        eprintln!("skipped: DATABASE_URL names a server this test cannot restart");
+        return;
+    }
+    let ps = builder().notify_timeout(Duration::from_secs(2)).connect().await.unwrap();
+    let ch = channel("restart");
+    let mut before = ps.listen::<u64>(&ch).await.unwrap();
+    let mut events = ps.events();
+    ps.notify(&ch, &1u64).await.unwrap();
+    assert_eq!(*next_message(&mut before).await.payload(), 1);
+
+    tokio::task::spawn_blocking(|| server().stop()).await.unwrap().unwrap();
+    wait_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await;
+    wait_event(&mut events, |e| matches!(e, ConnectionEvent::ReconnectFailed { .. })).await;
+
+    // While down: listen registers at once, notify fails within its timeout.
+    let mut during = tokio::time::timeout(WAIT, ps.listen::<u64>(&ch)).await.unwrap().unwrap();
+    let err = tokio::time::timeout(WAIT, ps.notify(&ch, &0u64)).await.unwrap().unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::Pool | ErrorKind::Timeout | ErrorKind::Connect), "{err:?}");
+    assert!(err.is_connection());
+
+    tokio::task::spawn_blocking(|| server().start_again()).await.unwrap().unwrap();
+    wait_event(&mut events, |e| matches!(e, ConnectionEvent::Reconnected { .. })).await;
+    for sub in [&mut before, &mut during] {
+        assert!(matches!(next(sub).await, Delivery::Gap(_)));
+    }
+    // The pool heals too: its broken connections are replaced.
+    let mut sent = false;
+    for _ in 0..5 {
+        if ps.notify(&ch, &2u64).await.is_ok() {
+            sent = true;
+            break;
+        }
+    }
+    assert!(sent, "notify works again after the restart");
+    for sub in [&mut before, &mut during] {
+        assert_eq!(*next_message(sub).await.payload(), 2);
+    }
+    ps.shutdown().await;
+}
