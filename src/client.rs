@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::channel::ChannelName;
 use crate::config::{Backoff, Options};
-use crate::driver::{Command, Driver, Status};
+use crate::driver::{Command, Driver, Leading, Status, CONTROL_CHANNEL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::queue::Queue;
@@ -35,7 +35,7 @@ impl IntoConfig for &str {
     fn into_config(self) -> Result<tokio_postgres::Config> {
         // The error never contains the string itself, so no password leaks.
         self.parse()
-            .map_err(|e| Error::new(ErrorKind::Config, format!("invalid connection string: {e}")))
+            .map_err(|e| Error::new(ErrorKind::Config, format!("{e}")))
     }
 }
 
@@ -70,6 +70,7 @@ pub(crate) struct Inner {
     owns_pool: bool,
     events: broadcast::Sender<crate::ConnectionEvent>,
     status: watch::Receiver<Status>,
+    leading: Leading,
     next_id: AtomicU64,
 }
 
@@ -177,6 +178,33 @@ impl Builder {
         self
     }
 
+    /// Elect one instance per channel, across every process with this option
+    /// on the same database, to receive that channel's messages; the others
+    /// stand by and take over when it stops, dies or loses its connection.
+    ///
+    /// The election uses a session advisory lock held on the listener
+    /// connection itself, so the lock and the `LISTEN` end together. See
+    /// the crate docs ("Single listener") for the protocol.
+    pub fn single_listener(mut self, single: bool) -> Self {
+        self.opts.single_listener = single;
+        self
+    }
+
+    /// How often a standby tries for the lock of a channel whose leader
+    /// vanished without releasing it (killed, or its connection lost).
+    /// A graceful release wakes standbys at once. Default: 500 ms.
+    pub fn lock_retry_interval(mut self, interval: Duration) -> Self {
+        self.opts.lock_retry_interval = interval;
+        self
+    }
+
+    /// How long [`PgPubSub::shutdown`] keeps delivering an elected channel
+    /// while waiting for a standby to announce it took over. Default: 1 s.
+    pub fn handover_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.handover_timeout = timeout;
+        self
+    }
+
     /// Capacity of the [`PgPubSub::events`] buffer. Default: 1024.
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.opts.event_capacity = capacity;
@@ -210,6 +238,7 @@ impl Builder {
         let (events, _) = broadcast::channel(opts.event_capacity);
         let (status_tx, status) = watch::channel(Status::default());
         let filter = opts.filtered.then_some(origin);
+        let leading = Leading::default();
         let driver = Driver::new(
             listener_pg,
             opts.clone(),
@@ -217,6 +246,7 @@ impl Builder {
             events.clone(),
             status_tx,
             filter,
+            leading.clone(),
         );
         let task = driver.start().await?;
         tokio::spawn(task);
@@ -231,6 +261,7 @@ impl Builder {
                 owns_pool,
                 events,
                 status,
+                leading,
                 next_id: AtomicU64::new(1),
             }),
         })
@@ -301,6 +332,12 @@ impl PgPubSub {
 
     async fn subscribe<T>(&self, channel: &str, decode: Decoder<T>) -> Result<Subscription<T>> {
         let channel = ChannelName::new(channel)?;
+        if self.inner.opts.single_listener && channel.as_str() == CONTROL_CHANNEL {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("channel {CONTROL_CHANNEL:?} is reserved for the single-listener election"),
+            ));
+        }
         self.check_open()?;
         let inner = &self.inner;
         let queue = Arc::new(Queue::new(inner.opts.queue_capacity));
@@ -345,6 +382,16 @@ impl PgPubSub {
     /// Backend PID of the listener session, or `None` while reconnecting.
     pub fn listener_pid(&self) -> Option<i32> {
         self.inner.status.borrow().process_id
+    }
+
+    /// Whether this instance currently leads `channel` (always false
+    /// without [`Builder::single_listener`]).
+    pub fn is_leader(&self, channel: &str) -> bool {
+        if !self.inner.opts.single_listener {
+            return false;
+        }
+        let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
+        leading.contains(channel)
     }
 
     /// Whether the listener connection is up.

@@ -53,6 +53,9 @@ pub(crate) struct Options {
     pub shutdown_timeout: Duration,
     pub pool_size: usize,
     pub filtered: bool,
+    pub single_listener: bool,
+    pub lock_retry_interval: Duration,
+    pub handover_timeout: Duration,
     pub event_capacity: usize,
 }
 
@@ -69,6 +72,9 @@ impl Default for Options {
             shutdown_timeout: Duration::from_secs(5),
             pool_size: 16,
             filtered: false,
+            single_listener: false,
+            lock_retry_interval: Duration::from_millis(500),
+            handover_timeout: Duration::from_secs(1),
             event_capacity: 1024,
         }
     }
@@ -88,6 +94,9 @@ impl Options {
         }
         if self.health_check_interval.is_zero() || self.health_check_timeout.is_zero() {
             return bad("health check interval and timeout must be above zero");
+        }
+        if self.lock_retry_interval.is_zero() {
+            return bad("lock_retry_interval must be above zero");
         }
         if !(0.0..=1.0).contains(&self.backoff.jitter) {
             return bad("backoff jitter must be between 0.0 and 1.0");

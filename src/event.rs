@@ -60,6 +60,32 @@ pub enum ConnectionEvent {
         /// The channel.
         channel: ChannelName,
     },
+    /// Single listener: this instance took the channel's lock and now
+    /// listens and delivers (it announced so on the control channel).
+    LockAcquired {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// Single listener: another instance leads the channel; this one stands by
+    /// and retries. Reported when standing by begins.
+    Standby {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// Single listener: the lock went with the lost session; this instance
+    /// no longer delivers the channel until it wins the lock again.
+    LockLost {
+        /// The channel.
+        channel: ChannelName,
+        /// Why the session was lost.
+        reason: Arc<str>,
+    },
+    /// Single listener: this instance gave the lock up (last subscriber gone,
+    /// or shutdown) and woke the standbys.
+    LockReleased {
+        /// The channel.
+        channel: ChannelName,
+    },
     /// This event stream itself fell behind and missed this many events.
     EventsLagged {
         /// Events missed.

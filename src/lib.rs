@@ -44,7 +44,7 @@
 //! * [`channel`]: channel names and their limits.
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
-//! * [`event`]: [`ConnectionEvent`]s.
+//! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! ## Delivery guarantees

@@ -356,9 +356,9 @@ async fn shutdown_ends_pending_subscriptions_and_refuses_new_work() {
     let ps = pubsub().await;
     let ch = channel("shutdown");
     let mut sub = ps.listen_raw(&ch).await.unwrap();
-    ps.notify_raw(&ch, "queued before shutdown").await.unwrap();
-    // Wait until it is queued, without reading it.
     let mut waiter = ps.listen_raw(&ch).await.unwrap();
+    ps.notify_raw(&ch, "queued before shutdown").await.unwrap();
+    // Once `waiter` has it, `sub` has it queued too (same fan-out), unread.
     next_message(&mut waiter).await;
     let pending = tokio::spawn(async move {
         let mut pending = waiter;

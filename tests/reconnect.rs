@@ -21,12 +21,23 @@ async fn terminated_backend_gives_a_gap_then_delivery_resumes() {
     terminate(old_pid).await;
     let killed_at = Instant::now();
 
-    let reason = match wait_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await {
+    let reason = match wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await
+    {
         ConnectionEvent::Disconnected { reason } => reason,
         _ => unreachable!(),
     };
-    assert!(reason.contains("terminating connection due to administrator command"), "{reason}");
-    let new_pid = match wait_event(&mut events, |e| matches!(e, ConnectionEvent::Reconnected { .. })).await {
+    assert!(
+        reason.contains("terminating connection due to administrator command"),
+        "{reason}"
+    );
+    let new_pid = match wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Reconnected { .. })
+    })
+    .await
+    {
         ConnectionEvent::Reconnected { process_id, .. } => process_id,
         _ => unreachable!(),
     };
@@ -42,7 +53,10 @@ async fn terminated_backend_gives_a_gap_then_delivery_resumes() {
     }
     ps.notify(&ch, &2u64).await.unwrap();
     assert_eq!(*next_message(&mut sub).await.payload(), 2);
-    println!("listening again {:?} after pg_terminate_backend", killed_at.elapsed());
+    println!(
+        "listening again {:?} after pg_terminate_backend",
+        killed_at.elapsed()
+    );
     ps.shutdown().await;
 }
 
@@ -81,7 +95,10 @@ async fn stream_survives_repeated_kills_with_gaps_accounting_for_every_loss() {
             Delivery::Message(m) => {
                 let n = *m.payload();
                 assert!(n >= expected, "out of order: {n} after {expected}");
-                assert!(n == expected || gap_seen, "lost {expected}..{n} without a gap");
+                assert!(
+                    n == expected || gap_seen,
+                    "lost {expected}..{n} without a gap"
+                );
                 gap_seen = false;
                 expected = n + 1;
             }
@@ -124,13 +141,20 @@ async fn stalled_connection_is_replaced() {
         assert!(ok, "kill {sig} {pid}");
     };
     signal("-STOP");
-    let reason = match wait_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await {
+    let reason = match wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await
+    {
         ConnectionEvent::Disconnected { reason } => reason,
         _ => unreachable!(),
     };
     signal("-CONT");
     assert!(reason.contains("health check"), "{reason}");
-    wait_event(&mut events, |e| matches!(e, ConnectionEvent::Reconnected { .. })).await;
+    wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Reconnected { .. })
+    })
+    .await;
     assert!(matches!(next(&mut sub).await, Delivery::Gap(_)));
     ps.notify(&ch, &9u64).await.unwrap();
     assert_eq!(*next_message(&mut sub).await.payload(), 9);

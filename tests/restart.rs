@@ -13,25 +13,56 @@ async fn server_restart_gives_a_gap_and_delivery_resumes() {
         eprintln!("skipped: DATABASE_URL names a server this test cannot restart");
         return;
     }
-    let ps = builder().notify_timeout(Duration::from_secs(2)).connect().await.unwrap();
+    let ps = builder()
+        .notify_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
     let ch = channel("restart");
     let mut before = ps.listen::<u64>(&ch).await.unwrap();
     let mut events = ps.events();
     ps.notify(&ch, &1u64).await.unwrap();
     assert_eq!(*next_message(&mut before).await.payload(), 1);
 
-    tokio::task::spawn_blocking(|| server().stop()).await.unwrap().unwrap();
-    wait_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await;
-    wait_event(&mut events, |e| matches!(e, ConnectionEvent::ReconnectFailed { .. })).await;
+    tokio::task::spawn_blocking(|| server().stop())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await;
+    wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::ReconnectFailed { .. })
+    })
+    .await;
 
     // While down: listen registers at once, notify fails within its timeout.
-    let mut during = tokio::time::timeout(WAIT, ps.listen::<u64>(&ch)).await.unwrap().unwrap();
-    let err = tokio::time::timeout(WAIT, ps.notify(&ch, &0u64)).await.unwrap().unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Pool | ErrorKind::Timeout | ErrorKind::Connect), "{err:?}");
+    let mut during = tokio::time::timeout(WAIT, ps.listen::<u64>(&ch))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, ps.notify(&ch, &0u64))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::Pool | ErrorKind::Timeout | ErrorKind::Connect
+        ),
+        "{err:?}"
+    );
     assert!(err.is_connection());
 
-    tokio::task::spawn_blocking(|| server().start_again()).await.unwrap().unwrap();
-    wait_event(&mut events, |e| matches!(e, ConnectionEvent::Reconnected { .. })).await;
+    tokio::task::spawn_blocking(|| server().start_again())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Reconnected { .. })
+    })
+    .await;
     for sub in [&mut before, &mut during] {
         assert!(matches!(next(sub).await, Delivery::Gap(_)));
     }

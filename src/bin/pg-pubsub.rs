@@ -1,1 +1,447 @@
-fn main() {}
+//! `pg-pubsub`: listen to and publish on PostgreSQL channels from the shell.
+//!
+//! `listen` prints one JSON object per notification on stdout, so the output
+//! can be piped into `jq` or a script; everything else (gaps, reconnects,
+//! errors) goes to stderr as single lines starting with `pg-pubsub:`.
+
+use std::fmt;
+use std::io::Write as _;
+use std::num::NonZeroUsize;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures::stream::{self, StreamExt};
+use pg_pubsub::wire::MAX_PAYLOAD_BYTES;
+use pg_pubsub::{ChannelName, ConnectionEvent, Delivery, PgPubSub};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Fail fast on a dead address instead of hanging a script.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines sent per `notify_batch` call with `--stdin`, bounding memory use.
+const STDIN_CHUNK: usize = 10_000;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Publish and subscribe on PostgreSQL LISTEN/NOTIFY channels"
+)]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand shares.
+#[derive(Args)]
+struct ConnOpts {
+    /// PostgreSQL connection URL or key=value string.
+    // Hidden env value: the URL usually holds a password.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print every notification on the channels as one JSON object per line.
+    Listen(ListenArgs),
+    /// Send a notification, or one per line of stdin.
+    Notify(NotifyArgs),
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// Channels to listen on.
+    #[arg(required = true, value_name = "CHANNEL")]
+    channels: Vec<String>,
+    /// Messages buffered per channel before they are dropped (and reported).
+    #[arg(long, value_name = "N")]
+    queue_capacity: Option<NonZeroUsize>,
+    /// Only one process (of those with this flag on the same database)
+    /// receives each channel; the others stand by and take over.
+    #[arg(long)]
+    single_listener: bool,
+    /// Do not print messages this process published itself.
+    #[arg(long)]
+    filtered: bool,
+}
+
+#[derive(Args)]
+struct NotifyArgs {
+    /// Channel to notify.
+    channel: String,
+    /// Payload text.
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    payload: Option<String>,
+    /// Send one notification per line of standard input.
+    #[arg(long)]
+    stdin: bool,
+}
+
+/// How to build the [`PgPubSub`]; applied in [`connect`].
+#[derive(Default)]
+struct Tuning {
+    queue_capacity: Option<NonZeroUsize>,
+    single_listener: bool,
+    filtered: bool,
+}
+
+/// A message for the user; printed as `pg-pubsub: error: <message>`.
+struct Failure(String);
+
+impl From<pg_pubsub::Error> for Failure {
+    fn from(e: pg_pubsub::Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure(s)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type Result<T, E = Failure> = std::result::Result<T, E>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Usage errors exit here with clap's own message and code 2.
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Listen(args) => listen(&cli.conn, args).await,
+        Command::Notify(args) => notify(&cli.conn, args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            note(&format!("error: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes one `pg-pubsub:` line to stderr. Never panics (unlike `eprintln!`
+/// on a closed stderr) and keeps multi-line server texts on one line.
+fn note(msg: &str) {
+    let line = msg.replace(['\r', '\n'], " ");
+    let _ = writeln!(std::io::stderr().lock(), "pg-pubsub: {line}");
+}
+
+/// The one place a [`PgPubSub`] is built from the command line.
+async fn connect(conn: &ConnOpts, tuning: Tuning) -> Result<PgPubSub> {
+    let url = conn
+        .url
+        .as_deref()
+        .ok_or_else(|| Failure("no server given: pass --url or set DATABASE_URL".to_owned()))?;
+    let mut builder = PgPubSub::builder(url)?.connect_timeout(CONNECT_TIMEOUT);
+    if let Some(n) = tuning.queue_capacity {
+        builder = builder.queue_capacity(n.get());
+    }
+    builder = builder
+        .single_listener(tuning.single_listener)
+        .filtered(tuning.filtered);
+    Ok(builder.connect().await?)
+}
+
+fn check_channel(name: &str) -> Result<ChannelName> {
+    Ok(ChannelName::new(name)?)
+}
+
+/// Checked before connecting so bad input is reported as such, even with no server.
+fn check_payload(payload: &str) -> Result<(), String> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "payload is {} bytes; PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}",
+            payload.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn notify(conn: &ConnOpts, args: NotifyArgs) -> Result<()> {
+    check_channel(&args.channel)?;
+    let payload = match args.payload {
+        Some(p) => {
+            check_payload(&p)?;
+            Some(p)
+        }
+        None => None,
+    };
+    let ps = connect(conn, Tuning::default()).await?;
+    let result = match payload {
+        Some(p) => ps
+            .notify_raw(&args.channel, &p)
+            .await
+            .map_err(Failure::from),
+        None => notify_stdin(&ps, &args.channel).await,
+    };
+    ps.shutdown().await;
+    result
+}
+
+async fn notify_stdin(ps: &PgPubSub, channel: &str) -> Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut chunk: Vec<String> = Vec::with_capacity(STDIN_CHUNK);
+    let mut line_no = 0usize;
+    let mut sent = 0usize;
+    // Lets the user know what already went out when a later line fails.
+    let partial = |sent: usize, msg: String| {
+        if sent == 0 {
+            Failure(msg)
+        } else {
+            Failure(format!("{msg} ({sent} notifications were already sent)"))
+        }
+    };
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| partial(sent, format!("reading stdin line {}: {e}", line_no + 1)))?;
+        let done = line.is_none();
+        if let Some(line) = line {
+            line_no += 1;
+            check_payload(&line).map_err(|e| partial(sent, format!("line {line_no}: {e}")))?;
+            chunk.push(line);
+        }
+        if chunk.len() == STDIN_CHUNK || (done && !chunk.is_empty()) {
+            sent += ps
+                .notify_batch(channel, &chunk)
+                .await
+                .map_err(|e| partial(sent, e.to_string()))?;
+            chunk.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    note(&format!("sent {sent} notifications"));
+    Ok(())
+}
+
+async fn listen(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
+    // Duplicates would print every message twice.
+    let mut channels: Vec<ChannelName> = Vec::with_capacity(args.channels.len());
+    for name in &args.channels {
+        let channel = check_channel(name)?;
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+    // Installed first so a signal during connecting still ends cleanly.
+    let mut stop = Stop::new()?;
+    let tuning = Tuning {
+        queue_capacity: args.queue_capacity,
+        single_listener: args.single_listener,
+        filtered: args.filtered,
+    };
+    let ps = match stop.or(connect(conn, tuning)).await {
+        Some(ps) => ps?,
+        None => return Ok(()),
+    };
+    let result = stop.or(serve(&ps, &channels)).await.unwrap_or(Ok(()));
+    ps.shutdown().await;
+    result
+}
+
+/// Subscribes, then prints until the listener stops or stdout is closed.
+async fn serve(ps: &PgPubSub, channels: &[ChannelName]) -> Result<()> {
+    // Subscribed before listening so no reconnect goes unreported.
+    let mut events = ps.events().fuse();
+    let mut subs = Vec::with_capacity(channels.len());
+    for channel in channels {
+        let sub = ps.listen_raw(channel.as_str()).await?;
+        let channel = channel.clone();
+        subs.push(sub.map(move |d| (channel.clone(), d)));
+    }
+    let names: Vec<&str> = channels.iter().map(ChannelName::as_str).collect();
+    note(&format!("listening on {}", names.join(", ")));
+    let mut deliveries = stream::select_all(subs);
+    let mut out = tokio::io::stdout();
+    loop {
+        // Events first: a disconnect is reported before the gaps it causes.
+        tokio::select! {
+            biased;
+            Some(event) = events.next() => report_event(&event),
+            delivery = deliveries.next() => match delivery {
+                Some((channel, delivery)) => {
+                    if !print_delivery(&mut out, &channel, delivery).await? {
+                        return Ok(());
+                    }
+                }
+                None => return Err(Failure("the listener stopped unexpectedly".to_owned())),
+            },
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    channel: &'a str,
+    payload: &'a str,
+    process_id: i32,
+    origin: Option<String>,
+}
+
+/// Prints one delivery; `false` when stdout is closed (e.g. `| head`).
+async fn print_delivery(
+    out: &mut tokio::io::Stdout,
+    channel: &ChannelName,
+    delivery: Delivery<String>,
+) -> Result<bool> {
+    let line = match &delivery {
+        Delivery::Message(m) => Line {
+            channel: m.channel(),
+            payload: m.raw(),
+            process_id: m.process_id(),
+            origin: m.origin().map(|o| o.to_string()),
+        },
+        // Raw subscriptions never fail to decode; kept as a message if one ever does.
+        Delivery::Undecodable(e) => Line {
+            channel: e.channel(),
+            payload: e.raw(),
+            process_id: e.process_id(),
+            origin: None,
+        },
+        Delivery::Lagged(n) => {
+            note(&format!(
+                "lagged on {channel}: {n} message(s) dropped because output was too slow \
+                 (see --queue-capacity)"
+            ));
+            return Ok(true);
+        }
+        Delivery::Gap(gap) => {
+            note(&format!(
+                "gap on {channel}: listener reconnected after {} ({}); messages may have been missed",
+                human(gap.downtime),
+                gap.reason
+            ));
+            return Ok(true);
+        }
+        other => {
+            note(&format!("on {channel}: {other:?}"));
+            return Ok(true);
+        }
+    };
+    let mut json = serde_json::to_vec(&line).map_err(|e| format!("encoding JSON: {e}"))?;
+    json.push(b'\n');
+    // Flushed per line so a reader sees each message as it arrives.
+    let written = async {
+        out.write_all(&json).await?;
+        out.flush().await
+    };
+    match written.await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure(format!("writing to stdout: {e}"))),
+    }
+}
+
+fn report_event(event: &ConnectionEvent) {
+    match event {
+        ConnectionEvent::Disconnected { reason } => {
+            note(&format!("disconnected: {reason}; reconnecting"));
+        }
+        ConnectionEvent::ReconnectFailed {
+            attempt,
+            error,
+            retry_in,
+        } => note(&format!(
+            "reconnect attempt {attempt} failed: {error}; retrying in {}",
+            human(*retry_in)
+        )),
+        ConnectionEvent::Reconnected {
+            attempts, downtime, ..
+        } => note(&format!(
+            "reconnected after {attempts} attempt(s), downtime {}",
+            human(*downtime)
+        )),
+        ConnectionEvent::SlowConsumer { channel } => {
+            note(&format!("output too slow on {channel}: dropping messages"));
+        }
+        ConnectionEvent::LockAcquired { channel } => {
+            note(&format!("leading {channel}: this process now receives it"));
+        }
+        ConnectionEvent::Standby { channel } => {
+            note(&format!(
+                "standing by on {channel}: another process leads it"
+            ));
+        }
+        ConnectionEvent::LockLost { channel, reason } => {
+            note(&format!("lost the lead on {channel}: {reason}"));
+        }
+        ConnectionEvent::LockReleased { channel } => {
+            note(&format!("released {channel} to the standbys"));
+        }
+        ConnectionEvent::EventsLagged { missed } => {
+            note(&format!("{missed} connection event(s) not shown"));
+        }
+        // The listening line is printed once all channels are listened to;
+        // re-listens after a reconnect are covered by the reconnect and gap lines.
+        _ => {}
+    }
+}
+
+/// `12ms`, `3.4s`: short enough for a log line.
+fn human(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// SIGINT or SIGTERM: the request to shut down cleanly.
+struct Stop {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    #[cfg(unix)]
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind| signal(kind).map_err(|e| format!("installing signal handlers: {e}"));
+        Ok(Stop {
+            int: install(SignalKind::interrupt())?,
+            term: install(SignalKind::terminate())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn new() -> Result<Self> {
+        Ok(Stop {})
+    }
+
+    #[cfg(unix)]
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(&mut self) {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Runs `fut` unless a signal comes first (then `None`).
+    async fn or<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            _ = self.recv() => None,
+            out = fut => Some(out),
+        }
+    }
+}

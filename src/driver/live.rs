@@ -23,7 +23,7 @@ pub(crate) type PgConnection = tokio_postgres::Connection<Socket, NoTlsStream>;
 
 /// A statement sent on the listener connection and not yet answered.
 pub(crate) struct InFlight {
-    pub fut: BoxFuture<'static, Result<(), tokio_postgres::Error>>,
+    pub fut: BoxFuture<'static, Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>>,
     pub changes: Vec<Change>,
     pub deadline: Pin<Box<Sleep>>,
 }
@@ -34,6 +34,8 @@ pub(crate) struct Live {
     pub process_id: i32,
     pub op: Option<InFlight>,
     pub health: Pin<Box<Sleep>>,
+    /// When standbys next try for their locks.
+    pub retry: Pin<Box<Sleep>>,
 }
 
 /// Whether an error means the session is gone (as opposed to a refused statement).
@@ -97,6 +99,7 @@ impl Live {
         listen_sql: String,
         timeout: Duration,
         health_interval: Duration,
+        retry_interval: Duration,
         held: &mut Vec<Notification>,
     ) -> Result<Live, String> {
         let sql = format!("{listen_sql}SELECT pg_backend_pid()");
@@ -120,6 +123,7 @@ impl Live {
             process_id,
             op: None,
             health: Box::pin(tokio::time::sleep(health_interval)),
+            retry: Box::pin(tokio::time::sleep(retry_interval)),
         })
     }
 
@@ -127,17 +131,14 @@ impl Live {
     pub(crate) fn start(&mut self, sql: String, changes: Vec<Change>, timeout: Duration) {
         let client = self.client.clone();
         self.op = Some(InFlight {
-            fut: async move { client.batch_execute(&sql).await }.boxed(),
+            fut: async move { client.simple_query(&sql).await }.boxed(),
             changes,
             deadline: Box::pin(tokio::time::sleep(timeout)),
         });
     }
 
     /// Polls the statement in flight: `Ready(Some(..))` when it finished.
-    pub(crate) fn poll_op(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<(Vec<Change>, Result<(), OpError>)>> {
+    pub(crate) fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<Option<Finished>> {
         let Some(op) = &mut self.op else {
             return Poll::Ready(None);
         };
@@ -156,6 +157,15 @@ impl Live {
         self.health.as_mut().reset(Instant::now() + interval);
     }
 
+    /// Whether the standbys' retry is due; re-arms it.
+    pub(crate) fn poll_retry(&mut self, cx: &mut Context<'_>, interval: Duration) -> bool {
+        if self.retry.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.retry.as_mut().reset(Instant::now() + interval);
+        true
+    }
+
     /// Closes the session politely (Terminate), within `timeout`.
     pub(crate) async fn close(self, timeout: Duration) {
         let Live {
@@ -167,20 +177,10 @@ impl Live {
     }
 }
 
+/// A finished statement: its changes and the server's answer.
+pub(crate) type Finished = (Vec<Change>, Result<Vec<SimpleQueryMessage>, OpError>);
+
 pub(crate) enum OpError {
     Pg(tokio_postgres::Error),
     TimedOut,
-}
-
-/// `LISTEN "a";LISTEN "b";` for `changes`.
-pub(crate) fn change_sql<'a>(
-    changes: impl IntoIterator<Item = (&'a crate::ChannelName, bool)>,
-) -> String {
-    let mut sql = String::new();
-    for (channel, listen) in changes {
-        sql.push_str(if listen { "LISTEN " } else { "UNLISTEN " });
-        sql.push_str(&channel.quoted());
-        sql.push(';');
-    }
-    sql
 }

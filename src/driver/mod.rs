@@ -4,6 +4,7 @@
 //! Everything here runs in one task, so the registry needs no locks; the task
 //! never waits on a consumer (queues are bounded and drop when full).
 
+mod election;
 mod live;
 mod registry;
 
@@ -23,9 +24,11 @@ use crate::event::ConnectionEvent;
 use crate::message::Gap;
 use crate::queue::Queue;
 
-use live::{change_sql, drive, is_fatal, open, Live, OpError};
-pub(crate) use registry::SubId;
+use election::Control;
+pub(crate) use election::CONTROL_CHANNEL;
+use live::{drive, is_fatal, open, Live, OpError};
 use registry::{Dispatched, Registry};
+pub(crate) use registry::{Leading, SubId};
 
 /// Notifications handled per wake-up before yielding to other tasks.
 const BATCH: usize = 4096;
@@ -83,14 +86,16 @@ impl Driver {
         events: broadcast::Sender<ConnectionEvent>,
         status: watch::Sender<Status>,
         filter_origin: Option<uuid::Uuid>,
+        leading: Leading,
     ) -> Self {
+        let registry = Registry::new(filter_origin, opts.single_listener, leading);
         Driver {
             pg,
             opts,
             cmds,
             events,
             status,
-            registry: Registry::new(filter_origin),
+            registry,
             wake: Vec::new(),
         }
     }
@@ -113,6 +118,13 @@ impl Driver {
     fn emit(&self, event: ConnectionEvent) {
         tracing::debug!(?event, "pg-pubsub event");
         let _ = self.events.send(event);
+    }
+
+    /// Publishes the events the registry produced.
+    fn emit_registry_events(&mut self) {
+        for event in std::mem::take(&mut self.registry.events) {
+            self.emit(event);
+        }
     }
 
     async fn run(mut self, mut live: Live) {
@@ -140,8 +152,14 @@ impl Driver {
         conn: live::PgConnection,
         gap: Option<Gap>,
     ) -> Result<Live, String> {
-        let channels = self.registry.relisten_all();
-        let sql = change_sql(channels.iter().map(|c| (c, true)));
+        let mut channels = self.registry.relisten_all();
+        let control = self
+            .opts
+            .single_listener
+            .then(|| ChannelName::new(CONTROL_CHANNEL))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let sql = election::listen_sql(channels.iter().chain(&control));
         let mut held = Vec::new();
         let live = Live::establish(
             client,
@@ -149,6 +167,7 @@ impl Driver {
             sql,
             self.opts.health_check_timeout,
             self.opts.health_check_interval,
+            self.opts.lock_retry_interval,
             &mut held,
         )
         .await?;
@@ -158,7 +177,7 @@ impl Driver {
         if let Some(gap) = gap {
             self.registry.gap(&gap);
         }
-        for channel in channels {
+        for channel in channels.drain(..) {
             self.emit(ConnectionEvent::Listening { channel });
         }
         for note in held {
@@ -172,11 +191,12 @@ impl Driver {
         let down_at = Instant::now();
         tracing::warn!(%reason, "pg-pubsub listener connection lost; reconnecting");
         self.status.send_replace(Status::default());
-        self.registry.connection_lost();
         let reason: Arc<str> = reason.into();
         self.emit(ConnectionEvent::Disconnected {
             reason: reason.clone(),
         });
+        self.registry.connection_lost(&reason);
+        self.emit_registry_events();
         let mut attempt = 0;
         let mut delay = Duration::ZERO;
         loop {
@@ -211,7 +231,7 @@ impl Driver {
                             return Ok(live);
                         }
                         Err(e) => {
-                            self.registry.connection_lost();
+                            self.registry.connection_lost(&reason);
                             e
                         }
                     }
@@ -260,6 +280,13 @@ impl Driver {
     }
 
     fn dispatch(&mut self, note: Notification) {
+        if self.opts.single_listener && note.channel() == CONTROL_CHANNEL {
+            if let Some(Control::Release(channel)) = election::parse_control(note.payload()) {
+                // A leader let go: try at once instead of at the next retry.
+                self.registry.retry_locks(Some(channel));
+            }
+            return;
+        }
         if let Dispatched::SlowConsumer(channel) = self.registry.dispatch(note, &mut self.wake) {
             tracing::warn!(%channel, "pg-pubsub subscriber too slow; dropping its messages");
             self.emit(ConnectionEvent::SlowConsumer { channel });
@@ -315,17 +342,14 @@ impl Driver {
 
         if let Poll::Ready(Some((changes, res))) = live.poll_op(cx) {
             match res {
-                Ok(()) => {
-                    self.registry.confirmed(&changes);
-                    for c in changes {
-                        self.emit(match c.listen {
-                            true => ConnectionEvent::Listening { channel: c.channel },
-                            false => ConnectionEvent::Unlistened { channel: c.channel },
-                        });
-                    }
+                Ok(rows) => {
+                    self.registry.confirmed(changes, &election::acquired(&rows));
+                    self.emit_registry_events();
                     live.reset_health(self.opts.health_check_interval);
                 }
-                Err(OpError::Pg(e)) if is_fatal(&e) => {
+                // Locks may have been granted before the error: only a new
+                // session is sure to hold none.
+                Err(OpError::Pg(e)) if is_fatal(&e) || self.opts.single_listener => {
                     return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
                 }
                 Err(OpError::Pg(e)) => {
@@ -342,11 +366,14 @@ impl Driver {
             }
         }
 
+        if self.opts.single_listener && live.poll_retry(cx, self.opts.lock_retry_interval) {
+            self.registry.retry_locks(None);
+        }
         if live.op.is_none() {
             let changes = self.registry.plan();
             let health_due = live.health.as_mut().poll(cx).is_ready();
             if !changes.is_empty() || health_due {
-                let sql = change_sql(changes.iter().map(|c| (&c.channel, c.listen)));
+                let sql = election::changes_sql(&changes);
                 live.start(sql, changes, self.opts.health_check_timeout);
                 // Poll again so the statement is sent.
                 cx.waker().wake_by_ref();
@@ -355,8 +382,79 @@ impl Driver {
         Poll::Pending
     }
 
+    /// Hands elected channels over: unlock and wake the standbys, then keep
+    /// delivering until a new leader announces it listens (its LISTEN and
+    /// announcement commit together, so nothing is lost or seen twice), or
+    /// until the hand-over timeout when nobody takes over.
+    async fn hand_over(&mut self, live: &mut Live) {
+        let mut pending: Vec<ChannelName> = self.registry.leaders();
+        if pending.is_empty() {
+            return;
+        }
+        let sql: String = pending.iter().map(election::release_sql).collect();
+        let client = live.client.clone();
+        let deadline = Instant::now() + self.opts.handover_timeout;
+        let mut held = Vec::new();
+        let sent = tokio::time::timeout_at(
+            deadline,
+            drive(&mut live.conn, client.simple_query(&sql), &mut held),
+        )
+        .await;
+        for channel in &pending {
+            self.emit(ConnectionEvent::LockReleased {
+                channel: channel.clone(),
+            });
+        }
+        if !matches!(sent, Ok(Ok(Ok(_)))) {
+            return;
+        }
+        let mut held = held.into_iter();
+        let conn = &mut live.conn;
+        let waited = tokio::time::timeout_at(
+            deadline,
+            poll_fn(|cx| {
+                loop {
+                    let note = match held.next() {
+                        Some(note) => note,
+                        None => match conn.poll_message(cx) {
+                            Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => note,
+                            Poll::Ready(Some(Ok(_))) => continue,
+                            Poll::Ready(_) => return Poll::Ready(()),
+                            Poll::Pending => break,
+                        },
+                    };
+                    if note.channel() == CONTROL_CHANNEL {
+                        if let Some(Control::Ready(ch)) = election::parse_control(note.payload()) {
+                            if let Some(i) = pending.iter().position(|p| p.as_str() == ch) {
+                                // Everything before this was ours to deliver; the rest is the new leader's.
+                                self.registry.end_channel(ch);
+                                pending.swap_remove(i);
+                            }
+                        }
+                    } else {
+                        self.dispatch(note);
+                    }
+                }
+                self.wake_consumers();
+                if pending.is_empty() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }),
+        )
+        .await;
+        self.wake_consumers();
+        if waited.is_err() {
+            tracing::info!(channels = ?pending, "pg-pubsub: no standby took over within the hand-over timeout");
+        }
+    }
+
     /// Ends every subscription, UNLISTENs, closes the session, and answers.
-    async fn finish(mut self, live: Option<Live>, reply: Option<oneshot::Sender<()>>) {
+    async fn finish(mut self, mut live: Option<Live>, reply: Option<oneshot::Sender<()>>) {
+        if let Some(live) = &mut live {
+            self.hand_over(live).await;
+        }
         self.registry.shut_down();
         self.cmds.close();
         while let Ok(cmd) = self.cmds.try_recv() {

@@ -1,9 +1,10 @@
-//! Which channels have subscribers, what the server is listening to, and
-//! fan-out of received notifications to subscriber queues.
+//! Which channels have subscribers, what the server is listening to, which
+//! elected channels this instance leads, and fan-out of received
+//! notifications to subscriber queues.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
 use tokio::sync::oneshot;
@@ -12,38 +13,82 @@ use uuid::Uuid;
 
 use crate::channel::ChannelName;
 use crate::error::{Error, Result};
+use crate::event::ConnectionEvent;
 use crate::message::{Gap, Received};
 use crate::queue::{Pushed, Queue};
 
 pub(crate) type SubId = u64;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;
+/// Channels this instance currently leads, shared with the handles.
+pub(crate) type Leading = Arc<Mutex<HashSet<ChannelName>>>;
 
 struct Subscriber {
     id: SubId,
     queue: Arc<Queue>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Every instance listens (no election).
+    Plain,
+    /// Elected channel; another session holds the lock (or we have not tried yet).
+    Standby,
+    /// Elected channel; this session holds its advisory lock.
+    Leader,
+}
+
 struct Channel {
     subs: Vec<Subscriber>,
-    /// `listen` calls waiting for the server to confirm.
+    /// `listen` calls waiting for the channel to settle.
     waiters: Vec<Reply>,
     /// The server has confirmed LISTEN on this session.
     listening: bool,
-    /// A LISTEN/UNLISTEN for it is in flight.
+    /// A change for it is in flight.
     in_flight: bool,
+    role: Role,
+    /// Standby: a lock attempt is due.
+    try_due: bool,
+    /// Standby: at least one lock attempt was answered.
+    attempted: bool,
 }
 
 impl Channel {
+    fn new(elected: bool) -> Self {
+        Channel {
+            subs: Vec::new(),
+            waiters: Vec::new(),
+            listening: false,
+            in_flight: false,
+            role: if elected { Role::Standby } else { Role::Plain },
+            try_due: elected,
+            attempted: false,
+        }
+    }
+
     fn wanted(&self) -> bool {
         !self.subs.is_empty()
     }
+
+    /// The server state matches what its subscribers need.
+    fn settled(&self) -> bool {
+        !self.in_flight
+            && match self.role {
+                Role::Plain | Role::Leader => self.listening,
+                Role::Standby => self.attempted && !self.try_due,
+            }
+    }
 }
 
-/// One change to send to the server.
-pub(crate) struct Change {
-    pub channel: ChannelName,
-    pub listen: bool,
+/// One change to make on the server.
+pub(crate) enum Change {
+    Listen {
+        channel: ChannelName,
+        elected: bool,
+    },
+    Unlisten(ChannelName),
+    TryLock(ChannelName),
+    /// UNLISTEN, unlock, and wake the standbys.
+    Release(ChannelName),
 }
 
 /// What dispatching one notification led to.
@@ -60,6 +105,11 @@ pub(crate) struct Registry {
     dirty: bool,
     /// Drop messages tagged with this origin (the instance's own).
     filter_origin: Option<Uuid>,
+    /// Channels are elected (single listener).
+    elected: bool,
+    leading: Leading,
+    /// Events for the driver to publish.
+    pub events: Vec<ConnectionEvent>,
 }
 
 impl Borrow<str> for ChannelName {
@@ -69,15 +119,26 @@ impl Borrow<str> for ChannelName {
 }
 
 impl Registry {
-    pub(crate) fn new(filter_origin: Option<Uuid>) -> Self {
+    pub(crate) fn new(filter_origin: Option<Uuid>, elected: bool, leading: Leading) -> Self {
         Registry {
             filter_origin,
+            elected,
+            leading,
             ..Registry::default()
         }
     }
 
-    /// Adds a subscriber; `reply` is answered once the server listens
-    /// (at once when already listening, or when offline).
+    fn set_leading(&self, channel: &ChannelName, leads: bool) {
+        let mut leading = self.leading.lock().unwrap_or_else(|e| e.into_inner());
+        if leads {
+            leading.insert(channel.clone());
+        } else {
+            leading.remove(channel);
+        }
+    }
+
+    /// Adds a subscriber; `reply` is answered once the channel settles
+    /// (at once when it already has, or when offline).
     pub(crate) fn subscribe(
         &mut self,
         channel: ChannelName,
@@ -87,9 +148,13 @@ impl Registry {
         connected: bool,
     ) {
         self.dirty = true;
-        let ch = self.channels.entry(channel).or_default();
+        let elected = self.elected;
+        let ch = self
+            .channels
+            .entry(channel)
+            .or_insert_with(|| Channel::new(elected));
         ch.subs.push(Subscriber { id, queue });
-        if !connected || (ch.listening && !ch.in_flight) {
+        if !connected || ch.settled() {
             // Offline: registered, takes effect (with a gap) on reconnect.
             let _ = reply.send(Ok(()));
         } else {
@@ -104,8 +169,8 @@ impl Registry {
         }
     }
 
-    /// Changes needed to make the server match the subscriptions; marks them in flight.
-    /// Also answers waiters whose channel is confirmed and forgets unused channels.
+    /// Changes needed to make the server match the subscriptions; marks them
+    /// in flight. Also answers waiters of settled channels and forgets unused ones.
     pub(crate) fn plan(&mut self) -> Vec<Change> {
         let mut changes = Vec::new();
         if !std::mem::take(&mut self.dirty) {
@@ -115,40 +180,110 @@ impl Registry {
             if ch.in_flight {
                 return true;
             }
-            if ch.wanted() != ch.listening {
-                ch.in_flight = true;
-                changes.push(Change {
+            let change = match ch.role {
+                Role::Plain if ch.wanted() != ch.listening => Some(if ch.wanted() {
+                    Change::Listen {
+                        channel: name.clone(),
+                        elected: false,
+                    }
+                } else {
+                    Change::Unlisten(name.clone())
+                }),
+                Role::Leader if !ch.wanted() => Some(Change::Release(name.clone())),
+                Role::Leader if !ch.listening => Some(Change::Listen {
                     channel: name.clone(),
-                    listen: ch.wanted(),
-                });
-            } else if ch.listening {
-                for w in ch.waiters.drain(..) {
-                    let _ = w.send(Ok(()));
+                    elected: true,
+                }),
+                Role::Standby if ch.wanted() && ch.try_due => Some(Change::TryLock(name.clone())),
+                _ => None,
+            };
+            match change {
+                Some(change) => {
+                    ch.in_flight = true;
+                    changes.push(change);
                 }
+                None if ch.settled() => {
+                    for w in ch.waiters.drain(..) {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                None => {}
             }
-            ch.wanted() || ch.listening
+            ch.wanted() || ch.listening || ch.role == Role::Leader
         });
         changes
     }
 
-    /// The server confirmed `changes`.
-    pub(crate) fn confirmed(&mut self, changes: &[Change]) {
+    /// The server carried out `changes`; `acquired` are the locks it granted.
+    pub(crate) fn confirmed(&mut self, changes: Vec<Change>, acquired: &HashSet<String>) {
         self.dirty = true;
         for change in changes {
-            if let Some(ch) = self.channels.get_mut(change.channel.as_str()) {
-                ch.in_flight = false;
-                ch.listening = change.listen;
-            }
+            let name = match &change {
+                Change::Listen { channel, .. }
+                | Change::Unlisten(channel)
+                | Change::TryLock(channel)
+                | Change::Release(channel) => channel.clone(),
+            };
+            let Some(ch) = self.channels.get_mut(name.as_str()) else {
+                continue;
+            };
+            ch.in_flight = false;
+            let event = match change {
+                Change::Listen { .. } => {
+                    ch.listening = true;
+                    Some(ConnectionEvent::Listening {
+                        channel: name.clone(),
+                    })
+                }
+                Change::Unlisten(_) => {
+                    ch.listening = false;
+                    Some(ConnectionEvent::Unlistened {
+                        channel: name.clone(),
+                    })
+                }
+                Change::TryLock(_) => {
+                    let was_attempted = ch.attempted;
+                    ch.try_due = false;
+                    ch.attempted = true;
+                    if acquired.contains(name.as_str()) {
+                        ch.role = Role::Leader;
+                        Some(ConnectionEvent::LockAcquired {
+                            channel: name.clone(),
+                        })
+                    } else if !was_attempted {
+                        Some(ConnectionEvent::Standby {
+                            channel: name.clone(),
+                        })
+                    } else {
+                        None
+                    }
+                }
+                Change::Release(_) => {
+                    ch.listening = false;
+                    ch.role = Role::Standby;
+                    ch.try_due = true;
+                    Some(ConnectionEvent::LockReleased {
+                        channel: name.clone(),
+                    })
+                }
+            };
+            let leads = ch.role == Role::Leader;
+            self.set_leading(&name, leads);
+            self.events.extend(event);
         }
     }
 
-    /// The server refused `changes`: their subscribers are told and removed.
+    /// The server refused `changes` (the session is still up): their
+    /// `listen` calls fail and their subscriptions end.
     pub(crate) fn refused(&mut self, changes: &[Change], err: &Error) {
         self.dirty = true;
         for change in changes {
-            if let Some(ch) = self.channels.get_mut(change.channel.as_str()) {
+            let (Change::Listen { channel, .. } | Change::Unlisten(channel)) = change else {
+                continue;
+            };
+            if let Some(ch) = self.channels.get_mut(channel.as_str()) {
                 ch.in_flight = false;
-                if change.listen {
+                if matches!(change, Change::Listen { .. }) {
                     for w in ch.waiters.drain(..) {
                         let _ = w.send(Err(Error::new(err.kind(), err.to_string())));
                     }
@@ -160,25 +295,51 @@ impl Registry {
         }
     }
 
-    /// The connection is gone: nothing is listened to any more. Waiting
-    /// `listen` calls return (registered; they take effect on reconnect).
-    pub(crate) fn connection_lost(&mut self) {
+    /// Standbys try for the lock again (retry timer, or a leader released).
+    pub(crate) fn retry_locks(&mut self, only: Option<&str>) {
+        for (name, ch) in &mut self.channels {
+            if ch.role == Role::Standby && only.is_none_or(|o| o == name.as_str()) {
+                ch.try_due = true;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// The connection is gone: nothing is listened to or locked any more.
+    /// Waiting `listen` calls return (registered; they take effect on reconnect).
+    pub(crate) fn connection_lost(&mut self, reason: &Arc<str>) {
         self.dirty = true;
-        for ch in self.channels.values_mut() {
+        for (name, ch) in &mut self.channels {
             ch.listening = false;
             ch.in_flight = false;
+            if ch.role == Role::Leader {
+                ch.role = Role::Standby;
+                self.events.push(ConnectionEvent::LockLost {
+                    channel: name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            if ch.role == Role::Standby {
+                ch.try_due = true;
+            }
             for w in ch.waiters.drain(..) {
                 let _ = w.send(Ok(()));
             }
         }
+        self.leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.channels.retain(|_, ch| ch.wanted());
     }
 
-    /// Channels to listen to on a new connection; marks them listening.
+    /// Plain channels to listen to on a new connection; marks them listening.
+    /// (Elected channels go through a lock attempt first.)
     pub(crate) fn relisten_all(&mut self) -> Vec<ChannelName> {
         self.channels.retain(|_, ch| ch.wanted());
         self.channels
             .iter_mut()
+            .filter(|(_, ch)| ch.role == Role::Plain)
             .map(|(name, ch)| {
                 ch.listening = true;
                 name.clone()
@@ -186,10 +347,28 @@ impl Registry {
             .collect()
     }
 
+    /// Channels this instance leads.
+    pub(crate) fn leaders(&self) -> Vec<ChannelName> {
+        self.channels
+            .iter()
+            .filter(|(_, ch)| ch.role == Role::Leader)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Sends a gap marker to every subscriber.
     pub(crate) fn gap(&self, gap: &Gap) {
         for s in self.channels.values().flat_map(|ch| &ch.subs) {
             s.queue.push_gap(gap.clone());
+        }
+    }
+
+    /// Ends one channel's subscriptions (after a hand-over).
+    pub(crate) fn end_channel(&mut self, channel: &str) {
+        if let Some(mut ch) = self.channels.remove(channel) {
+            for s in ch.subs.drain(..) {
+                s.queue.close();
+            }
         }
     }
 
@@ -204,6 +383,10 @@ impl Registry {
             }
         }
         self.channels.clear();
+        self.leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Fans a notification out to the channel's subscribers.
@@ -212,7 +395,8 @@ impl Registry {
         let Some((name, ch)) = self.channels.get_key_value(note.channel()) else {
             return Dispatched::Delivered;
         };
-        if ch.subs.is_empty() {
+        // Only a leader handles an elected channel's messages.
+        if ch.subs.is_empty() || ch.role == Role::Standby {
             return Dispatched::Delivered;
         }
         let received = Received::new(Arc::new(note));

@@ -1,0 +1,406 @@
+//! The `pg-pubsub` binary end to end, against the test server.
+#![cfg(feature = "cli")]
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pg_pubsub::testing::TestServer;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
+
+/// How long any awaited thing may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn url() -> &'static str {
+    TestServer::shared().url()
+}
+
+/// A channel name no other test uses.
+fn channel(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The binary with `DATABASE_URL` set; killed if the test ends before it does.
+fn cli(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"));
+    cmd.args(args)
+        .env("DATABASE_URL", url())
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs to completion within [`WAIT`].
+async fn run(mut cmd: Command) -> Output {
+    let child = cmd.spawn().expect("spawn pg-pubsub");
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("pg-pubsub did not exit in time")
+        .expect("wait for pg-pubsub")
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A failed run must say why in exactly one `pg-pubsub: error:` line.
+fn assert_one_error_line(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure: {out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines = stderr_lines(out);
+    assert_eq!(lines.len(), 1, "expected one stderr line: {lines:?}");
+    let line = lines.into_iter().next().unwrap_or_default();
+    assert!(line.starts_with("pg-pubsub: error: "), "{line}");
+    assert!(!line.contains("panicked"), "{line}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    line
+}
+
+async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Lines<R>) -> String {
+    tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("timed out waiting for a line")
+        .expect("read a line")
+        .expect("output ended")
+}
+
+/// A running `pg-pubsub listen`.
+struct Listener {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Lines<BufReader<ChildStderr>>,
+}
+
+impl Listener {
+    /// Starts listening and returns once the binary says it listens.
+    async fn start(channels: &[&str]) -> (Listener, String) {
+        let mut args = vec!["listen"];
+        args.extend_from_slice(channels);
+        let mut child = cli(&args).spawn().expect("spawn pg-pubsub listen");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut l = Listener {
+            child,
+            stdout,
+            stderr,
+        };
+        let first = next_line(&mut l.stderr).await;
+        (l, first)
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    async fn wait(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("pg-pubsub did not exit in time")
+            .expect("wait for pg-pubsub")
+    }
+}
+
+/// A plain tokio-postgres session, as a foreign client would use.
+async fn raw_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url(), tokio_postgres::NoTls)
+        .await
+        .expect("raw connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// A plain session listening on `channel`, forwarding (channel, payload, pid).
+async fn raw_listener(
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    mpsc::UnboundedReceiver<(String, String, i32)>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(url(), tokio_postgres::NoTls)
+        .await
+        .expect("raw connect");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = msg {
+                let item = (
+                    n.channel().to_owned(),
+                    n.payload().to_owned(),
+                    n.process_id(),
+                );
+                if tx.send(item).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
+
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a notification")
+        .expect("listener connection ended")
+}
+
+#[tokio::test]
+async fn listen_prints_json_lines_and_exits_cleanly_on_sigterm() {
+    let orders = channel("cli_orders");
+    let other = channel("cli_Other");
+    let (mut l, first) = Listener::start(&[&orders, &other]).await;
+    assert_eq!(first, format!("pg-pubsub: listening on {orders}, {other}"));
+
+    let client = raw_client().await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let payload = r#"{"id":1} with "quotes", é and \ backslash"#;
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&other, &payload])
+        .await
+        .expect("notify");
+
+    let line = next_line(&mut l.stdout).await;
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["channel"], other.as_str(), "{line}");
+    assert_eq!(v["payload"], payload, "{line}");
+    assert_eq!(v["process_id"], pid, "{line}");
+    assert!(v["origin"].is_null(), "{line}");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(4), "{line}");
+
+    l.signal("-TERM");
+    let status = l.wait().await;
+    assert!(status.success(), "{status:?}");
+    // Nothing else was printed on stdout, and no panic on stderr.
+    assert_eq!(l.stdout.next_line().await.expect("read"), None);
+    while let Some(line) = l.stderr.next_line().await.expect("read") {
+        assert!(line.starts_with("pg-pubsub: "), "{line}");
+        assert!(!line.contains("panicked"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn listen_exits_cleanly_on_sigint() {
+    let ch = channel("cli_int");
+    let (mut l, first) = Listener::start(&[&ch]).await;
+    assert_eq!(first, format!("pg-pubsub: listening on {ch}"));
+    l.signal("-INT");
+    let status = l.wait().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn notify_reaches_a_plain_listener() {
+    let ch = channel("cli_notify");
+    let (_client, mut rx) = raw_listener(&ch).await;
+    let out = run(cli(&["notify", &ch, "hello 'world'"])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    let (channel, payload, pid) = recv(&mut rx).await;
+    assert_eq!(channel, ch);
+    assert_eq!(payload, "hello 'world'");
+    assert!(pid > 0);
+}
+
+#[tokio::test]
+async fn notify_stdin_sends_every_line_in_order() {
+    let ch = channel("cli_stdin");
+    let (_client, mut rx) = raw_listener(&ch).await;
+    // Repeats, both adjacent and spread out, must not be merged by the server.
+    let lines: Vec<String> = (0..2500)
+        .map(|i| match i % 10 {
+            0 | 1 => "same".to_owned(),
+            5 => format!("group {}", i % 3),
+            _ => format!("line {i}"),
+        })
+        .collect();
+
+    let mut cmd = cli(&["notify", &ch, "--stdin"]);
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn pg-pubsub notify --stdin");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = lines.join("\n") + "\n";
+    let writer = tokio::spawn(async move {
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .expect("write stdin");
+        // Dropping stdin closes it: end of input.
+    });
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("pg-pubsub did not exit in time")
+        .expect("wait for pg-pubsub");
+    writer.await.expect("writer");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stderr_lines(&out), ["pg-pubsub: sent 2500 notifications"]);
+
+    let mut received = Vec::with_capacity(lines.len());
+    while received.len() < lines.len() {
+        let (channel, payload, _) = recv(&mut rx).await;
+        assert_eq!(channel, ch);
+        received.push(payload);
+    }
+    assert_eq!(received, lines);
+}
+
+#[tokio::test]
+async fn overlong_channel_is_one_error_line() {
+    let ch = "c".repeat(64);
+    let out = run(cli(&["notify", &ch, "x"])).await;
+    let line = assert_one_error_line(&out);
+    assert!(line.contains("64 bytes"), "{line}");
+    let out = run(cli(&["listen", "ok", &ch])).await;
+    assert_one_error_line(&out);
+}
+
+#[tokio::test]
+async fn oversized_payload_is_one_error_line() {
+    let ch = channel("cli_big");
+    let out = run(cli(&["notify", &ch, &"p".repeat(8000)])).await;
+    let line = assert_one_error_line(&out);
+    assert!(
+        line.contains("payload is 8000 bytes") && line.contains("7999"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_stdin_line_is_one_error_line() {
+    let ch = channel("cli_big_stdin");
+    let mut cmd = cli(&["notify", &ch, "--stdin"]);
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = format!("ok\n{}\n", "p".repeat(8000));
+    let writer = tokio::spawn(async move {
+        // The binary may exit before reading it all.
+        let _ = stdin.write_all(input.as_bytes()).await;
+    });
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("pg-pubsub did not exit in time")
+        .expect("wait");
+    writer.await.expect("writer");
+    let line = assert_one_error_line(&out);
+    assert!(line.contains("line 2"), "{line}");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_one_error_line() {
+    let out = run(cli(&[
+        "--url",
+        "postgres://postgres@127.0.0.1:1/x",
+        "notify",
+        "ch",
+        "x",
+    ]))
+    .await;
+    let line = assert_one_error_line(&out);
+    assert!(line.contains("connect"), "{line}");
+    let mut cmd = cli(&["listen", "ch"]);
+    cmd.env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x");
+    assert_one_error_line(&run(cmd).await);
+}
+
+#[tokio::test]
+async fn missing_url_is_one_error_line() {
+    let mut cmd = cli(&["notify", "ch", "x"]);
+    cmd.env_remove("DATABASE_URL");
+    let line = assert_one_error_line(&run(cmd).await);
+    assert!(line.contains("DATABASE_URL"), "{line}");
+}
+
+#[tokio::test]
+async fn usage_errors_keep_clap_exit_code() {
+    let out = run(cli(&["notify", "ch"])).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = run(cli(&["notify", "ch", "x", "--stdin"])).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[tokio::test]
+async fn listener_loss_is_reported_on_stderr_and_healed() {
+    let ch = channel("cli_gap");
+    let (mut l, first) = Listener::start(&[&ch]).await;
+    assert_eq!(first, format!("pg-pubsub: listening on {ch}"));
+
+    let client = raw_client().await;
+    let pattern = format!("%{ch}%");
+    let pids: Vec<i32> = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+            &[&pattern],
+        )
+        .await
+        .expect("find the listener")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pids.len(), 1, "the listener session: {pids:?}");
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&pids[0]])
+        .await
+        .expect("terminate");
+
+    let mut seen = Vec::new();
+    loop {
+        let line = next_line(&mut l.stderr).await;
+        let done = line.starts_with(&format!("pg-pubsub: gap on {ch}: "));
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen[0].starts_with("pg-pubsub: disconnected: ") && seen[0].contains("57P01"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.starts_with("pg-pubsub: reconnected after ")),
+        "{seen:?}"
+    );
+    let gap = seen.last().cloned().unwrap_or_default();
+    assert!(
+        gap.contains("listener reconnected after")
+            && gap.ends_with("messages may have been missed"),
+        "{gap}"
+    );
+
+    // Healed: later messages arrive.
+    client
+        .execute("SELECT pg_notify($1, 'after')", &[&ch])
+        .await
+        .expect("notify");
+    let v: serde_json::Value =
+        serde_json::from_str(&next_line(&mut l.stdout).await).expect("a JSON line");
+    assert_eq!(v["payload"], "after");
+    l.signal("-TERM");
+    assert!(l.wait().await.success());
+}
