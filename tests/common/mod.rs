@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: one PostgreSQL per test binary.
 #![allow(dead_code)]
 
+#[cfg(feature = "cli")]
+pub mod fleet;
+
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};

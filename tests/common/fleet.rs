@@ -1,0 +1,196 @@
+//! Several `pg-pubsub listen --single-listener` processes: a fleet, for
+//! election tests with real processes and real faults.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::{server, WAIT};
+
+/// One line a process printed.
+#[derive(Debug)]
+pub enum Line {
+    Out(usize, String),
+    Err(usize, String),
+}
+
+pub struct Fleet {
+    pub procs: Vec<Option<Child>>,
+    lines: mpsc::UnboundedReceiver<Line>,
+    tx: mpsc::UnboundedSender<Line>,
+    /// Payloads received so far, by process.
+    pub received: Vec<Vec<String>>,
+    /// Who announced leadership, in order.
+    pub leaders: Vec<usize>,
+    /// Who announced losing it, in order.
+    pub lost: Vec<usize>,
+}
+
+impl Fleet {
+    pub fn new() -> Self {
+        let (tx, lines) = mpsc::unbounded_channel();
+        Fleet {
+            procs: Vec::new(),
+            lines,
+            tx,
+            received: Vec::new(),
+            leaders: Vec::new(),
+            lost: Vec::new(),
+        }
+    }
+
+    /// Starts one more listener on `channel` and waits until it leads or stands by.
+    pub async fn spawn(&mut self, channel: &str, extra: &[&str]) -> usize {
+        let i = self.procs.len();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
+            .args(["listen", channel, "--single-listener"])
+            .args(extra)
+            .env("DATABASE_URL", server().url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn pg-pubsub");
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut out = BufReader::new(out).lines();
+            while let Ok(Some(l)) = out.next_line().await {
+                let _ = tx.send(Line::Out(i, l));
+            }
+        });
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut err = BufReader::new(err).lines();
+            while let Ok(Some(l)) = err.next_line().await {
+                let _ = tx.send(Line::Err(i, l));
+            }
+        });
+        self.procs.push(Some(child));
+        self.received.push(Vec::new());
+        self.wait_err(|p, l| p == i && (l.contains("leading") || l.contains("standing by")))
+            .await;
+        i
+    }
+
+    fn record(&mut self, line: &Line) {
+        match line {
+            Line::Out(i, l) => {
+                let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+                let payload = v["payload"].as_str().expect("payload").to_owned();
+                self.received[*i].push(payload);
+            }
+            Line::Err(i, l) if l.contains("leading") => self.leaders.push(*i),
+            Line::Err(i, l) if l.contains("lost the lead") => self.lost.push(*i),
+            Line::Err(..) => {}
+        }
+    }
+
+    /// Reads lines until `pred` matches a stderr line; returns its process.
+    pub async fn wait_err(&mut self, mut pred: impl FnMut(usize, &str) -> bool) -> usize {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let line = self.lines.recv().await.expect("line");
+                self.record(&line);
+                if let Line::Err(i, l) = &line {
+                    if pred(*i, l) {
+                        return *i;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for a process line")
+    }
+
+    /// Reads lines until `cond` holds for the fleet.
+    pub async fn wait_for(&mut self, cond: impl Fn(&Fleet) -> bool) {
+        tokio::time::timeout(WAIT, async {
+            while !cond(self) {
+                let line = self.lines.recv().await.expect("line");
+                self.record(&line);
+            }
+        })
+        .await
+        .expect("timed out waiting for the fleet")
+    }
+
+    /// Reads lines until `total` payloads arrived in all, then for `quiet` more.
+    pub async fn collect(&mut self, total: usize, quiet: Duration) {
+        tokio::time::timeout(WAIT, async {
+            while self.received.iter().map(Vec::len).sum::<usize>() < total {
+                let line = self.lines.recv().await.expect("line");
+                self.record(&line);
+            }
+        })
+        .await
+        .expect("timed out waiting for messages");
+        while let Ok(Some(line)) = tokio::time::timeout(quiet, self.lines.recv()).await {
+            self.record(&line);
+        }
+    }
+
+    /// The process that currently leads, per the last announcement.
+    pub fn leader(&self) -> usize {
+        *self.leaders.last().expect("nobody leads")
+    }
+
+    pub fn pid(&self, i: usize) -> u32 {
+        self.procs[i].as_ref().and_then(Child::id).expect("running")
+    }
+
+    /// Sends `sig` (e.g. "-KILL", "-TERM") to process `i` and reaps it.
+    pub async fn signal(&mut self, i: usize, sig: &str) -> std::process::ExitStatus {
+        let pid = self.pid(i);
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+        let mut child = self.procs[i].take().expect("running");
+        tokio::time::timeout(WAIT, child.wait())
+            .await
+            .expect("process did not exit")
+            .expect("wait")
+    }
+
+    /// Payloads received by everyone, each with who got it.
+    pub fn all_received(&self) -> Vec<(usize, &str)> {
+        self.received
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| v.iter().map(move |p| (i, p.as_str())))
+            .collect()
+    }
+}
+
+/// Backend PID holding the election lock of `channel` (the documented key).
+pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = 1885827187::oid AND objsubid = 2 \
+             AND objid = (hashtext($1)::bigint & 4294967295)::oid",
+            &[&channel],
+        )
+        .await
+        .expect("pg_locks")
+        .map(|r| r.get(0))
+}
+
+/// Waits (polling the server, which has no event for it) until nobody holds the lock.
+pub async fn wait_lock_free(client: &tokio_postgres::Client, channel: &str) {
+    tokio::time::timeout(WAIT, async {
+        while lock_holder(client, channel).await.is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("lock still held");
+}
