@@ -29,7 +29,7 @@
 //!       └── notify ──▶ deadpool pool (or the caller's transaction)
 //! ```
 //!
-//! * One task ([`driver`](crate::driver) module, private) owns the listener
+//! * One task (private module `driver`, in `src/driver/`) owns the listener
 //!   connection and everything about it: it serves `listen`/drop/shutdown
 //!   commands, batches `LISTEN`/`UNLISTEN` into one round trip, health-checks
 //!   the session, and reconnects forever with backoff, re-`LISTEN`ing every
@@ -46,6 +46,35 @@
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
+//!
+//! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
+//! (notify paths), `subscription.rs` and `queue.rs` (the consumer side),
+//! `message.rs` ([`Delivery`] and friends), `error.rs`, and `driver/`:
+//! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
+//! `registry.rs` (channels, subscribers, roles, fan-out), `election.rs`
+//! (the SQL, including the single-listener protocol below).
+//!
+//! ## Single listener
+//!
+//! With [`Builder::single_listener`], each channel is led by one instance
+//! among all that enable it on the same database; only the leader `LISTEN`s
+//! to it and delivers. The protocol, so other languages can take part:
+//!
+//! * Lock: `pg_try_advisory_lock(1885827187, hashtext(channel))`, a session
+//!   lock taken on the listener session itself. `1885827187` is `'pgps'`;
+//!   the two-key form keeps these locks apart from one-key (`bigint`) locks.
+//! * A new leader runs `LISTEN "channel"` and
+//!   `pg_notify('pg_pubsub_election', 'ready:' || channel)` in one transaction.
+//! * A leader that shuts down unlocks, sends `release:<channel>` on
+//!   `pg_pubsub_election`, keeps delivering until it receives the
+//!   `ready:<channel>` of its successor (notifications arrive in commit order,
+//!   so the split is exact), then `UNLISTEN`s. Standbys retry when they see
+//!   `release:`, and every [`Builder::lock_retry_interval`] (default 500 ms)
+//!   in case a leader died without releasing.
+//! * The lock and the `LISTEN` live in one session, so when the session ends
+//!   (process killed, backend terminated, network lost) both end together.
+//!   A reconnected instance holds nothing and competes again; it never
+//!   re-acquires a lock it holds (session locks stack).
 //!
 //! ## Delivery guarantees
 //! LISTEN/NOTIFY is at-most-once: notifications sent while the listener is
