@@ -11,9 +11,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, Fuse, StreamExt};
+use futures::FutureExt;
 use pg_pubsub::wire::MAX_PAYLOAD_BYTES;
-use pg_pubsub::{ChannelName, ConnectionEvent, Delivery, PgPubSub};
+use pg_pubsub::{ChannelName, ConnectionEvent, Delivery, EventStream, PgPubSub};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// Fail fast on a dead address instead of hanging a script.
@@ -245,15 +246,26 @@ async fn listen(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
         Some(ps) => ps?,
         None => return Ok(()),
     };
-    let result = stop.or(serve(&ps, &channels)).await.unwrap_or(Ok(()));
+    // Subscribed before listening so no reconnect goes unreported.
+    let mut events = ps.events().fuse();
+    let result = stop
+        .or(serve(&ps, &channels, &mut events))
+        .await
+        .unwrap_or(Ok(()));
     ps.shutdown().await;
+    // What shutdown did (e.g. hand-overs) is already queued.
+    while let Some(Some(event)) = events.next().now_or_never() {
+        report_event(&event);
+    }
     result
 }
 
 /// Subscribes, then prints until the listener stops or stdout is closed.
-async fn serve(ps: &PgPubSub, channels: &[ChannelName]) -> Result<()> {
-    // Subscribed before listening so no reconnect goes unreported.
-    let mut events = ps.events().fuse();
+async fn serve(
+    ps: &PgPubSub,
+    channels: &[ChannelName],
+    events: &mut Fuse<EventStream>,
+) -> Result<()> {
     let mut subs = Vec::with_capacity(channels.len());
     for channel in channels {
         let sub = ps.listen_raw(channel.as_str()).await?;
