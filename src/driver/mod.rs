@@ -61,6 +61,13 @@ pub(crate) struct Status {
     pub process_id: Option<i32>,
 }
 
+/// A connection being re-established after a loss.
+struct Reconnect {
+    down_at: Instant,
+    reason: Arc<str>,
+    attempts: u32,
+}
+
 enum Stop {
     Shutdown(oneshot::Sender<()>),
     /// Every handle and subscription is gone.
@@ -150,7 +157,7 @@ impl Driver {
         &mut self,
         client: tokio_postgres::Client,
         conn: live::PgConnection,
-        gap: Option<Gap>,
+        reconnect: Option<Reconnect>,
     ) -> Result<Live, String> {
         let mut channels = self.registry.relisten_all();
         let control = self
@@ -174,8 +181,21 @@ impl Driver {
         self.status.send_replace(Status {
             process_id: Some(live.process_id),
         });
-        if let Some(gap) = gap {
-            self.registry.gap(&gap);
+        if let Some(Reconnect {
+            down_at,
+            reason,
+            attempts,
+        }) = reconnect
+        {
+            let downtime = down_at.elapsed();
+            tracing::info!(attempts, ?downtime, "pg-pubsub listener reconnected");
+            // The event goes first, so a reader of both sees it before the gaps.
+            self.emit(ConnectionEvent::Reconnected {
+                process_id: live.process_id,
+                attempts,
+                downtime,
+            });
+            self.registry.gap(&Gap { downtime, reason });
         }
         for channel in channels.drain(..) {
             self.emit(ConnectionEvent::Listening { channel });
@@ -211,25 +231,13 @@ impl Driver {
                 .await?
             {
                 Ok((client, conn)) => {
-                    let gap = Gap {
-                        downtime: down_at.elapsed(),
+                    let reconnect = Reconnect {
+                        down_at,
                         reason: reason.clone(),
+                        attempts: attempt,
                     };
-                    match self.establish(client, conn, Some(gap)).await {
-                        Ok(live) => {
-                            let downtime = down_at.elapsed();
-                            tracing::info!(
-                                attempts = attempt,
-                                ?downtime,
-                                "pg-pubsub listener reconnected"
-                            );
-                            self.emit(ConnectionEvent::Reconnected {
-                                process_id: live.process_id,
-                                attempts: attempt,
-                                downtime,
-                            });
-                            return Ok(live);
-                        }
+                    match self.establish(client, conn, Some(reconnect)).await {
+                        Ok(live) => return Ok(live),
                         Err(e) => {
                             self.registry.connection_lost(&reason);
                             e
