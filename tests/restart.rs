@@ -21,6 +21,12 @@ async fn server_restart_gives_a_gap_and_delivery_resumes() {
     let ch = channel("restart");
     let mut before = ps.listen::<u64>(&ch).await.unwrap();
     let mut events = ps.events();
+    // An elected channel too: the lock goes with the server, and comes back.
+    let elected = builder().single_listener(true).connect().await.unwrap();
+    let job = channel("restart_job");
+    let mut jobs = elected.listen::<u64>(&job).await.unwrap();
+    let mut elected_events = elected.events();
+    assert!(elected.is_leader(&job));
     ps.notify(&ch, &1u64).await.unwrap();
     assert_eq!(*next_message(&mut before).await.payload(), 1);
 
@@ -54,6 +60,11 @@ async fn server_restart_gives_a_gap_and_delivery_resumes() {
         "{err:?}"
     );
     assert!(err.is_connection());
+    wait_event(&mut elected_events, |e| {
+        matches!(e, ConnectionEvent::LockLost { .. })
+    })
+    .await;
+    assert!(!elected.is_leader(&job));
 
     tokio::task::spawn_blocking(|| server().start_again())
         .await
@@ -66,6 +77,12 @@ async fn server_restart_gives_a_gap_and_delivery_resumes() {
     for sub in [&mut before, &mut during] {
         assert!(matches!(next(sub).await, Delivery::Gap(_)));
     }
+    wait_event(&mut elected_events, |e| {
+        matches!(e, ConnectionEvent::LockAcquired { .. })
+    })
+    .await;
+    assert!(elected.is_leader(&job));
+    assert!(matches!(next(&mut jobs).await, Delivery::Gap(_)));
     // The pool heals too: its broken connections are replaced.
     let mut sent = false;
     for _ in 0..5 {
@@ -78,5 +95,8 @@ async fn server_restart_gives_a_gap_and_delivery_resumes() {
     for sub in [&mut before, &mut during] {
         assert_eq!(*next_message(sub).await.payload(), 2);
     }
+    ps.notify(&job, &3u64).await.unwrap();
+    assert_eq!(*next_message(&mut jobs).await.payload(), 3);
     ps.shutdown().await;
+    elected.shutdown().await;
 }
