@@ -75,7 +75,6 @@ async fn one_leader_handles_each_message_and_sigkill_hands_over() {
 #[tokio::test]
 async fn sigterm_hands_over_with_nothing_lost_or_doubled() {
     let ch = channel("graceful");
-    let client = raw_client().await;
     let mut fleet = Fleet::new();
     for _ in 0..3 {
         fleet.spawn(&ch, &[]).await;
