@@ -278,6 +278,9 @@ fn build_pool(pg: tokio_postgres::Config, opts: &Options) -> Result<Pool> {
     );
     Pool::builder(manager)
         .max_size(opts.pool_size)
+        // Reuse the most recently used connection: one publishing task keeps
+        // one warm backend instead of cycling through all of them.
+        .queue_mode(deadpool_postgres::QueueMode::Lifo)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(opts.notify_timeout))
         .create_timeout(Some(opts.connect_timeout))

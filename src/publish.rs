@@ -106,15 +106,15 @@ impl PgPubSub {
     {
         let channel = ChannelName::new(channel)?;
         let origin = self.origin_tag();
-        let payloads = payloads
-            .into_iter()
+        let items: Vec<S> = payloads.into_iter().collect();
+        let payloads = items
+            .iter()
             .enumerate()
             .map(|(i, p)| {
                 wire::encode(origin, p.as_ref())
-                    .map(|c| c.into_owned())
                     .map_err(|e| Error::new(e.kind(), format!("payload #{i}: {e}")))
             })
-            .collect::<Result<Vec<String>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         self.check_open()?;
         let mut sent = 0;
         for chunk in split_batches(&payloads) {
@@ -194,15 +194,15 @@ impl PgPubSub {
 }
 
 /// Splits into statements of at most [`BATCH_SIZE`] with no payload twice in one.
-fn split_batches(payloads: &[String]) -> Vec<Vec<&str>> {
+fn split_batches<'a>(payloads: &'a [impl AsRef<str>]) -> Vec<Vec<&'a str>> {
     let mut batches = Vec::new();
     let mut current: Vec<&str> = Vec::new();
     let mut seen = HashSet::new();
-    for p in payloads {
-        if current.len() == BATCH_SIZE || !seen.insert(p.as_str()) {
+    for p in payloads.iter().map(AsRef::as_ref) {
+        if current.len() == BATCH_SIZE || !seen.insert(p) {
             batches.push(std::mem::take(&mut current));
             seen.clear();
-            seen.insert(p.as_str());
+            seen.insert(p);
         }
         current.push(p);
     }

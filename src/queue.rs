@@ -35,15 +35,6 @@ struct Inner {
     waker: Option<Waker>,
 }
 
-/// What happened to a pushed message.
-pub(crate) enum Pushed {
-    Queued,
-    /// Dropped; `first` is true when this starts a run of drops.
-    Dropped {
-        first: bool,
-    },
-}
-
 impl Queue {
     pub(crate) fn new(capacity: usize) -> Self {
         Queue {
@@ -57,26 +48,29 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a message, or drops it when full. The consumer's waker, if it
-    /// waits, is moved to `wake` so the caller can wake once per batch.
-    pub(crate) fn push(&self, message: Received, wake: &mut Vec<Waker>) -> Pushed {
+    /// Queues clones of `messages`, dropping what does not fit. The
+    /// consumer's waker, if it waits, is moved to `wake` so the caller can
+    /// wake once per batch. Returns true when this starts a run of drops.
+    pub(crate) fn push_all(&self, messages: &[Received], wake: &mut Vec<Waker>) -> bool {
         let mut inner = self.lock();
-        if inner.messages >= self.capacity {
-            inner.dropped += 1;
-            return Pushed::Dropped {
-                first: inner.dropped == 1,
-            };
+        let was_dropping = inner.dropped > 0;
+        let room = self.capacity.saturating_sub(inner.messages);
+        let (fits, rest) = messages.split_at(room.min(messages.len()));
+        if !fits.is_empty() {
+            if inner.dropped > 0 {
+                let dropped = mem::take(&mut inner.dropped);
+                inner.entries.push_back(Entry::Lagged(dropped));
+            }
+            inner
+                .entries
+                .extend(fits.iter().cloned().map(Entry::Message));
+            inner.messages += fits.len();
+            if let Some(w) = inner.waker.take() {
+                wake.push(w);
+            }
         }
-        if inner.dropped > 0 {
-            let dropped = mem::take(&mut inner.dropped);
-            inner.entries.push_back(Entry::Lagged(dropped));
-        }
-        inner.entries.push_back(Entry::Message(message));
-        inner.messages += 1;
-        if let Some(w) = inner.waker.take() {
-            wake.push(w);
-        }
-        Pushed::Queued
+        inner.dropped += rest.len() as u64;
+        !was_dropping && !rest.is_empty()
     }
 
     /// Queues a gap marker; never dropped, consecutive gaps merge.

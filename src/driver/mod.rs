@@ -27,7 +27,7 @@ use crate::queue::Queue;
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
 use live::{drive, is_fatal, open, Live, OpError};
-use registry::{Dispatched, Registry};
+use registry::Registry;
 pub(crate) use registry::{Leading, SubId};
 
 /// Notifications handled per wake-up before yielding to other tasks.
@@ -295,16 +295,16 @@ impl Driver {
             }
             return;
         }
-        if let Dispatched::SlowConsumer(channel) = self.registry.dispatch(note, &mut self.wake) {
-            tracing::warn!(%channel, "pg-pubsub subscriber too slow; dropping its messages");
-            self.emit(ConnectionEvent::SlowConsumer { channel });
-        }
+        self.registry.stage(note);
     }
 
+    /// Delivers what was staged and wakes the consumers that got something.
     fn wake_consumers(&mut self) {
+        self.registry.flush(&mut self.wake);
         for w in self.wake.drain(..) {
             w.wake();
         }
+        self.emit_registry_events();
     }
 
     fn poll_serve(&mut self, cx: &mut Context<'_>, live: &mut Live) -> Poll<Stop> {
@@ -435,6 +435,7 @@ impl Driver {
                         if let Some(Control::Ready(ch)) = election::parse_control(note.payload()) {
                             if let Some(i) = pending.iter().position(|p| p.as_str() == ch) {
                                 // Everything before this was ours to deliver; the rest is the new leader's.
+                                self.registry.flush(&mut self.wake);
                                 self.registry.end_channel(ch);
                                 pending.swap_remove(i);
                             }

@@ -15,7 +15,7 @@ use crate::channel::ChannelName;
 use crate::error::{Error, Result};
 use crate::event::ConnectionEvent;
 use crate::message::{Gap, Received};
-use crate::queue::{Pushed, Queue};
+use crate::queue::Queue;
 
 pub(crate) type SubId = u64;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;
@@ -91,13 +91,6 @@ pub(crate) enum Change {
     Release(ChannelName),
 }
 
-/// What dispatching one notification led to.
-pub(crate) enum Dispatched {
-    Delivered,
-    /// A subscriber's queue just became full.
-    SlowConsumer(ChannelName),
-}
-
 #[derive(Default)]
 pub(crate) struct Registry {
     channels: HashMap<ChannelName, Channel>,
@@ -110,6 +103,10 @@ pub(crate) struct Registry {
     leading: Leading,
     /// Events for the driver to publish.
     pub events: Vec<ConnectionEvent>,
+    /// Received, not yet delivered (see `flush`).
+    staged: Vec<Notification>,
+    /// Scratch space for `flush`, kept to reuse its allocation.
+    run: Vec<Received>,
 }
 
 impl Borrow<str> for ChannelName {
@@ -389,30 +386,54 @@ impl Registry {
             .clear();
     }
 
-    /// Fans a notification out to the channel's subscribers.
-    /// Wakers of consumers to wake are collected in `wake`.
-    pub(crate) fn dispatch(&self, note: Notification, wake: &mut Vec<Waker>) -> Dispatched {
-        let Some((name, ch)) = self.channels.get_key_value(note.channel()) else {
-            return Dispatched::Delivered;
-        };
-        // Only a leader handles an elected channel's messages.
-        if ch.subs.is_empty() || ch.role == Role::Standby {
-            return Dispatched::Delivered;
-        }
-        let received = Received::new(Arc::new(note));
-        if self.filter_origin.is_some() && received.origin() == self.filter_origin {
-            return Dispatched::Delivered;
-        }
-        let mut slow = false;
-        for s in &ch.subs {
-            if let Pushed::Dropped { first: true } = s.queue.push(received.clone(), wake) {
-                slow = true;
+    /// Queues a received notification; [`flush`](Self::flush) delivers it.
+    pub(crate) fn stage(&mut self, note: Notification) {
+        self.staged.push(note);
+    }
+
+    /// Fans staged notifications out to subscriber queues: one lookup per
+    /// run of one channel and one lock per subscriber per run, rather than
+    /// per message. Wakers of consumers to wake are collected in `wake`.
+    pub(crate) fn flush(&mut self, wake: &mut Vec<Waker>) {
+        let mut staged = std::mem::take(&mut self.staged);
+        let mut run = std::mem::take(&mut self.run);
+        let mut notes = staged.drain(..).peekable();
+        while let Some(first) = notes.next() {
+            let found = self.channels.get_key_value(first.channel());
+            // Only a leader handles an elected channel's messages.
+            let target = found.filter(|(_, ch)| !ch.subs.is_empty() && ch.role != Role::Standby);
+            let channel = target.map(|(name, _)| name.clone());
+            let mut keep = |note: Notification| {
+                if channel.is_some() {
+                    let received = Received::new(Arc::new(note));
+                    if self.filter_origin.is_none() || received.origin() != self.filter_origin {
+                        run.push(received);
+                    }
+                }
+            };
+            let name = first.channel().to_owned();
+            keep(first);
+            while let Some(note) = notes.next_if(|n| n.channel() == name) {
+                keep(note);
+            }
+            let Some(channel) = channel else { continue };
+            if run.is_empty() {
+                continue;
+            }
+            let mut slow = false;
+            if let Some(ch) = self.channels.get(channel.as_str()) {
+                for s in &ch.subs {
+                    slow |= s.queue.push_all(&run, wake);
+                }
+            }
+            run.clear();
+            if slow {
+                tracing::warn!(%channel, "pg-pubsub subscriber too slow; dropping its messages");
+                self.events.push(ConnectionEvent::SlowConsumer { channel });
             }
         }
-        if slow {
-            Dispatched::SlowConsumer(name.clone())
-        } else {
-            Dispatched::Delivered
-        }
+        drop(notes);
+        self.staged = staged;
+        self.run = run;
     }
 }
