@@ -249,7 +249,10 @@ impl Builder {
             leading.clone(),
         );
         let task = driver.start().await?;
-        tokio::spawn(task);
+        tokio::spawn(tracing::Instrument::instrument(
+            task,
+            tracing::info_span!("pg_pubsub_listener", %origin),
+        ));
         Ok(PgPubSub {
             inner: Arc::new(Inner {
                 cmds,

@@ -160,3 +160,43 @@ async fn stalled_connection_is_replaced() {
     assert_eq!(*next_message(&mut sub).await.payload(), 9);
     ps.shutdown().await;
 }
+
+/// Prints the time from `pg_terminate_backend` to the first message received
+/// afterwards, with a publisher sending every millisecond (no threshold: the
+/// figure is for the README; the assertions are that delivery resumes after a gap).
+#[tokio::test]
+async fn first_message_after_kill() {
+    let ps = pubsub().await;
+    let ch = channel("first_after_kill");
+    let mut sub = ps.listen::<u64>(&ch).await.unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let publisher = {
+        let ps = ps.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            while stop_rx.try_recv().is_err() {
+                tick.tick().await;
+                let _ = ps.notify(&ch, &i).await;
+                i += 1;
+            }
+        })
+    };
+    next_message(&mut sub).await;
+    terminate(ps.listener_pid().unwrap()).await;
+    let killed_at = Instant::now();
+    let mut gap = false;
+    let first = loop {
+        match next(&mut sub).await {
+            Delivery::Gap(_) => gap = true,
+            Delivery::Message(_) if gap => break killed_at.elapsed(),
+            Delivery::Message(_) => {}
+            d => panic!("unexpected {d:?}"),
+        }
+    };
+    let _ = stop_tx.send(());
+    publisher.await.unwrap();
+    println!("first message {first:?} after pg_terminate_backend");
+    ps.shutdown().await;
+}
