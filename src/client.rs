@@ -380,6 +380,11 @@ impl PgPubSub {
         Ok(())
     }
 
+    /// Whether [`shutdown`](Self::shutdown) was called (or the listener task ended).
+    pub fn is_shut_down(&self) -> bool {
+        self.check_open().is_err()
+    }
+
     /// Connection-level events from now on.
     pub fn events(&self) -> EventStream {
         EventStream::new(self.inner.events.subscribe())

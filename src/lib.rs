@@ -64,13 +64,16 @@
 //!   lock taken on the listener session itself. `1885827187` is `'pgps'`;
 //!   the two-key form keeps these locks apart from one-key (`bigint`) locks.
 //! * A new leader runs `LISTEN "channel"` and
-//!   `pg_notify('pg_pubsub_election', 'ready:' || channel)` in one transaction.
+//!   `pg_notify('pg_pubsub_election', 'ready:' || channel)` in one transaction,
+//!   and handles the channel's messages only from its own `ready:` on (its
+//!   session may still read older ones, committed before it listened).
 //! * A leader that shuts down unlocks, sends `release:<channel>` on
 //!   `pg_pubsub_election`, keeps delivering until it receives the
-//!   `ready:<channel>` of its successor (notifications arrive in commit order,
-//!   so the split is exact), then `UNLISTEN`s. Standbys retry when they see
-//!   `release:`, and every [`Builder::lock_retry_interval`] (default 500 ms)
-//!   in case a leader died without releasing.
+//!   `ready:<channel>` of its successor, then `UNLISTEN`s. Both sessions
+//!   read the one notification queue in commit order, so the two cut at the
+//!   same message: nothing is lost or handled twice. Standbys retry when
+//!   they see `release:`, and every [`Builder::lock_retry_interval`]
+//!   (default 500 ms) in case a leader died without releasing.
 //! * The lock and the `LISTEN` live in one session, so when the session ends
 //!   (process killed, backend terminated, network lost) both end together.
 //!   A reconnected instance holds nothing and competes again; it never
@@ -93,6 +96,8 @@ pub mod event;
 mod message;
 mod publish;
 mod queue;
+#[cfg(feature = "signal")]
+mod signal;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;

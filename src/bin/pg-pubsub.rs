@@ -248,11 +248,13 @@ async fn listen(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
     };
     // Subscribed before listening so no reconnect goes unreported.
     let mut events = ps.events().fuse();
-    let result = stop
-        .or(serve(&ps, &channels, &mut events))
-        .await
-        .unwrap_or(Ok(()));
+    // A signal shuts down while `serve` goes on printing what the listener
+    // still delivers (a leader hands over first); the streams then end.
+    let on_signal = ps.shutdown_on_signal();
+    drop(stop);
+    let result = serve(&ps, &channels, &mut events).await;
     ps.shutdown().await;
+    on_signal.abort();
     // What shutdown did (e.g. hand-overs) is already queued.
     while let Some(Some(event)) = events.next().now_or_never() {
         report_event(&event);
@@ -287,6 +289,7 @@ async fn serve(
                         return Ok(());
                     }
                 }
+                None if ps.is_shut_down() => return Ok(()),
                 None => return Err(Failure("the listener stopped unexpectedly".to_owned())),
             },
         }

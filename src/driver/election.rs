@@ -41,8 +41,8 @@ pub(crate) fn listen_sql<'a>(channels: impl IntoIterator<Item = &'a ChannelName>
 }
 
 /// One simple-query string for `changes`: one round trip, one transaction.
-/// A leader's LISTEN and its `ready` announcement commit together, which is
-/// what lets the previous leader stop at exactly the right message.
+/// A leader's LISTEN and its `ready` announcement commit together: the
+/// previous leader stops at that message and the new one starts after it.
 pub(crate) fn changes_sql(changes: &[Change]) -> String {
     let mut sql = String::new();
     for change in changes {

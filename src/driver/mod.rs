@@ -83,6 +83,8 @@ pub(crate) struct Driver {
     status: watch::Sender<Status>,
     registry: Registry,
     wake: Vec<Waker>,
+    /// Backend PID of the current listener session.
+    process_id: Option<i32>,
 }
 
 impl Driver {
@@ -104,6 +106,7 @@ impl Driver {
             status,
             registry,
             wake: Vec::new(),
+            process_id: None,
         }
     }
 
@@ -178,6 +181,7 @@ impl Driver {
             &mut held,
         )
         .await?;
+        self.process_id = Some(live.process_id);
         self.status.send_replace(Status {
             process_id: Some(live.process_id),
         });
@@ -289,9 +293,15 @@ impl Driver {
 
     fn dispatch(&mut self, note: Notification) {
         if self.opts.single_listener && note.channel() == CONTROL_CHANNEL {
-            if let Some(Control::Release(channel)) = election::parse_control(note.payload()) {
+            match election::parse_control(note.payload()) {
                 // A leader let go: try at once instead of at the next retry.
-                self.registry.retry_locks(Some(channel));
+                Some(Control::Release(channel)) => self.registry.retry_locks(Some(channel)),
+                // Our own announcement: what was queued before it is the old leader's.
+                Some(Control::Ready(channel)) if Some(note.process_id()) == self.process_id => {
+                    self.registry.flush(&mut self.wake);
+                    self.registry.own_ready(channel);
+                }
+                _ => {}
             }
             return;
         }

@@ -50,6 +50,9 @@ struct Channel {
     try_due: bool,
     /// Standby: at least one lock attempt was answered.
     attempted: bool,
+    /// New leader: its own `ready:` has not come back yet. Messages before
+    /// it were committed before it listened; the previous leader handles them.
+    awaiting_ready: bool,
 }
 
 impl Channel {
@@ -62,6 +65,7 @@ impl Channel {
             role: if elected { Role::Standby } else { Role::Plain },
             try_due: elected,
             attempted: false,
+            awaiting_ready: false,
         }
     }
 
@@ -197,6 +201,7 @@ impl Registry {
             match change {
                 Some(change) => {
                     ch.in_flight = true;
+                    ch.awaiting_ready |= matches!(change, Change::Listen { elected: true, .. });
                     changes.push(change);
                 }
                 None if ch.settled() => {
@@ -309,6 +314,7 @@ impl Registry {
         for (name, ch) in &mut self.channels {
             ch.listening = false;
             ch.in_flight = false;
+            ch.awaiting_ready = false;
             if ch.role == Role::Leader {
                 ch.role = Role::Standby;
                 self.events.push(ConnectionEvent::LockLost {
@@ -342,6 +348,14 @@ impl Registry {
                 name.clone()
             })
             .collect()
+    }
+
+    /// This session's own `ready:<channel>` arrived: deliver from here on.
+    /// (Call after flushing what came before it.)
+    pub(crate) fn own_ready(&mut self, channel: &str) {
+        if let Some(ch) = self.channels.get_mut(channel) {
+            ch.awaiting_ready = false;
+        }
     }
 
     /// Channels this instance leads.
@@ -400,8 +414,11 @@ impl Registry {
         let mut notes = staged.drain(..).peekable();
         while let Some(first) = notes.next() {
             let found = self.channels.get_key_value(first.channel());
-            // Only a leader handles an elected channel's messages.
-            let target = found.filter(|(_, ch)| !ch.subs.is_empty() && ch.role != Role::Standby);
+            // Only a leader handles an elected channel's messages, from its
+            // own `ready:` on.
+            let target = found.filter(|(_, ch)| {
+                !ch.subs.is_empty() && ch.role != Role::Standby && !ch.awaiting_ready
+            });
             let channel = target.map(|(name, _)| name.clone());
             let mut keep = |note: Notification| {
                 if channel.is_some() {

@@ -1,0 +1,55 @@
+//! Opt-in: shut down cleanly on SIGINT/SIGTERM (feature `signal`).
+
+use tokio::task::JoinHandle;
+
+use crate::client::PgPubSub;
+
+impl PgPubSub {
+    /// Spawns a task that calls [`shutdown`](PgPubSub::shutdown) on the first
+    /// SIGINT or SIGTERM (Ctrl-C on other platforms). Subscriptions then end
+    /// after what they received, so a consumer loop `while let Some(d) =
+    /// sub.next().await` finishes by itself; with single listener, the
+    /// standbys take over first. The handle completes after the shutdown.
+    ///
+    /// ```no_run
+    /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+    /// use futures::StreamExt;
+    /// let mut jobs = pubsub.listen_raw("jobs").await?;
+    /// pubsub.shutdown_on_signal();
+    /// while let Some(delivery) = jobs.next().await {
+    ///     println!("{delivery:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn shutdown_on_signal(&self) -> JoinHandle<()> {
+        let pubsub = self.clone();
+        tokio::spawn(async move {
+            if wait_for_signal().await {
+                tracing::info!("pg-pubsub: signal received, shutting down");
+                pubsub.shutdown().await;
+            }
+        })
+    }
+}
+
+/// False when no handler could be installed (then it never fires).
+#[cfg(unix)]
+async fn wait_for_signal() -> bool {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("pg-pubsub: could not install signal handlers");
+        return false;
+    };
+    tokio::select! {
+        _ = int.recv() => true,
+        _ = term.recv() => true,
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> bool {
+    tokio::signal::ctrl_c().await.is_ok()
+}
