@@ -194,7 +194,7 @@ impl PgPubSub {
 }
 
 /// Splits into statements of at most [`BATCH_SIZE`] with no payload twice in one.
-fn split_batches<'a>(payloads: &'a [impl AsRef<str>]) -> Vec<Vec<&'a str>> {
+fn split_batches(payloads: &[impl AsRef<str>]) -> Vec<Vec<&str>> {
     let mut batches = Vec::new();
     let mut current: Vec<&str> = Vec::new();
     let mut seen = HashSet::new();

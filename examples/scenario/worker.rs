@@ -17,8 +17,6 @@ pub(super) async fn run(mode: Mode, args: &Args, url: &str) -> Result<()> {
         channel: args.channel.as_str().into(),
         json: args.worker,
     };
-    // Installed first so that a signal while connecting still ends cleanly.
-    let mut stop = Stop::new()?;
     let mut orders = Orders::new(args.worker);
     let ps = PgPubSub::builder(url)?
         .application_name(format!("pg-pubsub {}", args.name))
@@ -26,6 +24,9 @@ pub(super) async fn run(mode: Mode, args: &Args, url: &str) -> Result<()> {
         .single_listener(mode.single_listener)
         .connect()
         .await?;
+    // Ctrl-C/SIGTERM: shut down while this loop goes on reading what the
+    // listener still delivers (a leader hands over first); the stream then ends.
+    let on_signal = ps.shutdown_on_signal();
     // Subscribed before listening, so the first leading/standing-by is seen.
     let mut events = ps.events();
     let mut sub = ps.listen::<Ping>(&args.channel).await?;
@@ -42,7 +43,6 @@ pub(super) async fn run(mode: Mode, args: &Args, url: &str) -> Result<()> {
     loop {
         tokio::select! {
             biased;
-            _ = stop.recv() => break,
             order = orders.recv() => match order {
                 Order::Go if !args.every.is_zero() => {
                     publishing = true;
@@ -54,15 +54,18 @@ pub(super) async fn run(mode: Mode, args: &Args, url: &str) -> Result<()> {
             Some(event) = events.next() => out.event(&event),
             delivery = sub.next() => match delivery {
                 Some(d) => out.delivery(d),
+                None if ps.is_shut_down() => break,
                 None => return Err("the subscription ended unexpectedly".into()),
             },
-            _ = ticker.tick(), if publishing => {
+            _ = ticker.tick(), if publishing && !ps.is_shut_down() => {
                 seq += 1;
                 publish(&ps, &out, seq);
             }
         }
     }
-    stop_cleanly(&ps, sub, events, &out).await
+    let result = stop_cleanly(&ps, sub, events, &out).await;
+    on_signal.abort();
+    result
 }
 
 /// Publishes in its own task, so a slow server never holds up receiving.
@@ -267,45 +270,6 @@ impl Orders {
         match &mut self.0 {
             Some(rx) => rx.recv().await.unwrap_or(Order::Quit),
             None => std::future::pending().await,
-        }
-    }
-}
-
-/// SIGINT (Ctrl-C) or SIGTERM.
-struct Stop {
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-}
-
-impl Stop {
-    #[cfg(unix)]
-    fn new() -> Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Stop {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-        })
-    }
-
-    #[cfg(not(unix))]
-    fn new() -> Result<Self> {
-        Ok(Stop {})
-    }
-
-    #[cfg(unix)]
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
-        }
-    }
-
-    #[cfg(not(unix))]
-    async fn recv(&mut self) {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
         }
     }
 }
