@@ -317,7 +317,7 @@ enum Seen {
     Bad,
 }
 
-fn seen_order(order: Option<Order>) -> Seen {
+fn seen_order(order: Option<&Order>) -> Seen {
     match order {
         Some(o) if o.kind == "order" && o.amount == 42 => Seen::Msg {
             seq: o.seq,
@@ -328,12 +328,12 @@ fn seen_order(order: Option<Order>) -> Seen {
 }
 
 fn seen_bare(note: Notification) -> Seen {
-    seen_order(serde_json::from_str(note.payload()).ok())
+    seen_order(serde_json::from_str::<Order>(note.payload()).ok().as_ref())
 }
 
 fn seen_typed(d: Delivery<Order>) -> Seen {
     match d {
-        Delivery::Message(m) => seen_order(Some(m.into_payload())),
+        Delivery::Message(m) => seen_order(Some(m.payload())),
         other => seen_signal(other),
     }
 }

@@ -327,7 +327,10 @@ impl PgPubSub {
     /// Returns once the server listens (so anything published afterwards
     /// is received). While the listener is reconnecting it returns at once:
     /// the subscription takes effect on reconnect, and starts with a [`Gap`](crate::Gap).
-    pub async fn listen<T: DeserializeOwned>(&self, channel: &str) -> Result<Subscription<T>> {
+    pub async fn listen<T>(&self, channel: &str) -> Result<Subscription<T>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
         self.subscribe(channel, decode_json::<T>).await
     }
 

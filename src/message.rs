@@ -1,8 +1,9 @@
 //! What a subscription yields: messages and, in order with them, the signals
 //! that something may be missing.
 
+use std::any::Any;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_postgres::Notification;
@@ -12,37 +13,75 @@ use crate::wire;
 
 /// A notification as received, shared between the subscribers of a channel.
 #[derive(Clone)]
-pub(crate) struct Received {
-    note: Arc<Notification>,
+pub(crate) struct Received(Arc<ReceivedInner>);
+
+struct ReceivedInner {
+    note: Notification,
     origin: Option<Uuid>,
     body_start: usize,
+    /// Several subscribers share it: decode once, share the value.
+    shared: bool,
+    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 impl Received {
-    pub(crate) fn new(note: Arc<Notification>) -> Self {
+    pub(crate) fn new(note: Notification, shared: bool) -> Self {
         let (origin, body) = wire::decode(note.payload());
         let body_start = note.payload().len() - body.len();
-        Received {
+        Received(Arc::new(ReceivedInner {
             note,
             origin,
             body_start,
-        }
+            shared,
+            decoded: OnceLock::new(),
+        }))
     }
 
     pub(crate) fn origin(&self) -> Option<Uuid> {
-        self.origin
+        self.0.origin
     }
 
     fn channel(&self) -> &str {
-        self.note.channel()
+        self.0.note.channel()
     }
 
     pub(crate) fn body(&self) -> &str {
-        &self.note.payload()[self.body_start..]
+        &self.0.note.payload()[self.0.body_start..]
     }
 
     fn process_id(&self) -> i32 {
-        self.note.process_id()
+        self.0.note.process_id()
+    }
+
+    /// Decodes the body; when the channel has several subscribers, the first
+    /// to decode as `T` keeps the value here for the others to read.
+    /// `Ok(None)`: the value is in the shared cache ([`Self::cached`]).
+    pub(crate) fn decode<T: Send + Sync + 'static>(
+        &self,
+        decode: fn(&str) -> Result<T, serde_json::Error>,
+    ) -> Result<Option<T>, serde_json::Error> {
+        if !self.0.shared {
+            return decode(self.body()).map(Some);
+        }
+        match self.0.decoded.get() {
+            Some(any) if any.is::<T>() => Ok(None),
+            // Another subscriber decoded it as another type.
+            Some(_) => decode(self.body()).map(Some),
+            None => {
+                let value: Box<dyn Any + Send + Sync> = Box::new(decode(self.body())?);
+                match self.0.decoded.set(value) {
+                    Ok(()) => Ok(None),
+                    // Another subscriber was first: read its value if it is a `T`.
+                    Err(_) if self.cached::<T>().is_some() => Ok(None),
+                    Err(mine) => Ok(mine.downcast::<T>().ok().map(|b| *b)),
+                }
+            }
+        }
+    }
+
+    /// The shared decoded value, when [`Self::decode`] put a `T` there.
+    fn cached<T: 'static>(&self) -> Option<&T> {
+        self.0.decoded.get().and_then(|any| any.downcast_ref::<T>())
     }
 }
 
@@ -51,11 +90,13 @@ impl Received {
 /// For [`listen_raw`](crate::PgPubSub::listen_raw) subscriptions `T` is `String`.
 pub struct Message<T> {
     received: Received,
-    payload: T,
+    /// `None`: the value is shared, in `received`'s cache.
+    payload: Option<T>,
 }
 
-impl<T> Message<T> {
-    pub(crate) fn new(received: Received, payload: T) -> Self {
+impl<T: 'static> Message<T> {
+    /// `payload` is `None` only when `received` holds a `T` (see `Received::decode`).
+    pub(crate) fn new(received: Received, payload: Option<T>) -> Self {
         Message { received, payload }
     }
 
@@ -66,12 +107,25 @@ impl<T> Message<T> {
 
     /// The decoded payload.
     pub fn payload(&self) -> &T {
-        &self.payload
+        match &self.payload {
+            Some(t) => t,
+            None => self
+                .received
+                .cached()
+                .expect("a shared payload is cached as its own type"),
+        }
     }
 
-    /// Takes the decoded payload.
-    pub fn into_payload(self) -> T {
-        self.payload
+    /// Takes the decoded payload. Subscribers of one channel share one decoded
+    /// value, so this clones unless this subscription is the channel's only one.
+    pub fn into_payload(self) -> T
+    where
+        T: Clone,
+    {
+        match self.payload {
+            Some(t) => t,
+            None => self.payload().clone(),
+        }
     }
 
     /// The payload text as sent, without this crate's origin header if it had one.
@@ -90,15 +144,15 @@ impl<T> Message<T> {
     /// The sending [`PgPubSub`](crate::PgPubSub) instance, when the sender tagged it
     /// (see [`wire`](crate::wire)).
     pub fn origin(&self) -> Option<Uuid> {
-        self.received.origin
+        self.received.origin()
     }
 }
 
-impl<T: fmt::Debug> fmt::Debug for Message<T> {
+impl<T: fmt::Debug + 'static> fmt::Debug for Message<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
             .field("channel", &self.channel())
-            .field("payload", &self.payload)
+            .field("payload", self.payload())
             .field("process_id", &self.process_id())
             .field("origin", &self.origin())
             .finish()
@@ -178,7 +232,6 @@ pub struct Gap {
 }
 
 /// One item of a [`Subscription`](crate::Subscription) stream.
-#[derive(Debug)]
 #[non_exhaustive]
 pub enum Delivery<T> {
     /// A notification.
@@ -190,6 +243,17 @@ pub enum Delivery<T> {
     Lagged(u64),
     /// Notifications may have been missed while the connection was down.
     Gap(Gap),
+}
+
+impl<T: fmt::Debug + 'static> fmt::Debug for Delivery<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Delivery::Message(m) => f.debug_tuple("Message").field(m).finish(),
+            Delivery::Undecodable(e) => f.debug_tuple("Undecodable").field(e).finish(),
+            Delivery::Lagged(n) => f.debug_tuple("Lagged").field(n).finish(),
+            Delivery::Gap(g) => f.debug_tuple("Gap").field(g).finish(),
+        }
+    }
 }
 
 impl<T> Delivery<T> {

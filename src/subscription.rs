@@ -78,13 +78,19 @@ impl<T> Subscription<T> {
     }
 
     /// The next delivery; `None` once the [`PgPubSub`](crate::PgPubSub) was shut down.
-    pub async fn recv(&mut self) -> Option<Delivery<T>> {
+    pub async fn recv(&mut self) -> Option<Delivery<T>>
+    where
+        T: Send + Sync + 'static,
+    {
         self.next().await
     }
 
-    fn convert(&self, entry: Entry) -> Delivery<T> {
+    fn convert(&self, entry: Entry) -> Delivery<T>
+    where
+        T: Send + Sync + 'static,
+    {
         match entry {
-            Entry::Message(received) => match (self.decode)(received.body()) {
+            Entry::Message(received) => match received.decode(self.decode) {
                 Ok(payload) => Delivery::Message(Message::new(received, payload)),
                 Err(error) => Delivery::Undecodable(DecodeError::new(received, error)),
             },
@@ -94,7 +100,7 @@ impl<T> Subscription<T> {
     }
 }
 
-impl<T> Stream for Subscription<T> {
+impl<T: Send + Sync + 'static> Stream for Subscription<T> {
     type Item = Delivery<T>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery<T>>> {

@@ -91,7 +91,7 @@ impl Mode {
 }
 
 /// What every scenario process publishes.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ping {
     pub from: String,
     pub seq: u64,

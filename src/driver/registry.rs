@@ -420,9 +420,10 @@ impl Registry {
                 !ch.subs.is_empty() && ch.role != Role::Standby && !ch.awaiting_ready
             });
             let channel = target.map(|(name, _)| name.clone());
+            let shared = target.is_some_and(|(_, ch)| ch.subs.len() > 1);
             let mut keep = |note: Notification| {
                 if channel.is_some() {
-                    let received = Received::new(Arc::new(note));
+                    let received = Received::new(note, shared);
                     if self.filter_origin.is_none() || received.origin() != self.filter_origin {
                         run.push(received);
                     }

@@ -51,7 +51,7 @@ pub async fn next<S: Stream + Unpin>(stream: &mut S) -> S::Item {
 }
 
 /// The next delivery, which must be a message.
-pub async fn next_message<T: std::fmt::Debug, S>(stream: &mut S) -> Message<T>
+pub async fn next_message<T: std::fmt::Debug + 'static, S>(stream: &mut S) -> Message<T>
 where
     S: Stream<Item = Delivery<T>> + Unpin,
 {
