@@ -154,8 +154,8 @@ impl Driver {
         }
     }
 
-    /// Listens to every registered channel on a fresh connection. With `gap`
-    /// (a reconnect), every subscriber is told before any new notification.
+    /// Listens to every registered channel on a fresh connection. On a
+    /// reconnect, every subscriber gets a gap before any new notification.
     async fn establish(
         &mut self,
         client: tokio_postgres::Client,
