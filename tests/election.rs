@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::fleet::{lock_holder, Fleet};
+use common::fleet::Fleet;
 use common::*;
 
 /// Publishes `from..to` as payloads `m<i>`, one per transaction.

@@ -7,19 +7,6 @@ use std::time::Duration;
 use common::*;
 use pg_pubsub::{ConnectionEvent, ErrorKind};
 
-async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND classid = 1885827187::oid AND objsubid = 2 \
-             AND objid = (hashtext($1)::bigint & 4294967295)::oid",
-            &[&channel],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0))
-}
-
 #[tokio::test]
 async fn standby_takes_over_when_the_leader_shuts_down() {
     let ch = channel("inproc");

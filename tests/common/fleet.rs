@@ -169,28 +169,3 @@ impl Fleet {
             .collect()
     }
 }
-
-/// Backend PID holding the election lock of `channel` (the documented key).
-pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND classid = 1885827187::oid AND objsubid = 2 \
-             AND objid = (hashtext($1)::bigint & 4294967295)::oid",
-            &[&channel],
-        )
-        .await
-        .expect("pg_locks")
-        .map(|r| r.get(0))
-}
-
-/// Waits (polling the server, which has no event for it) until nobody holds the lock.
-pub async fn wait_lock_free(client: &tokio_postgres::Client, channel: &str) {
-    tokio::time::timeout(WAIT, async {
-        while lock_holder(client, channel).await.is_some() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("lock still held");
-}

@@ -98,3 +98,17 @@ pub async fn terminate(pid: i32) {
         .expect("pg_terminate_backend");
     assert!(row.get::<_, bool>(0), "backend {pid} was not terminated");
 }
+
+/// Backend PID holding the election lock of `channel` (the documented key).
+pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = 1885827187::oid AND objsubid = 2 \
+             AND objid = (hashtext($1)::bigint & 4294967295)::oid",
+            &[&channel],
+        )
+        .await
+        .expect("pg_locks")
+        .map(|r| r.get(0))
+}
