@@ -200,3 +200,36 @@ async fn first_message_after_kill() {
     println!("first message {first:?} after pg_terminate_backend");
     ps.shutdown().await;
 }
+
+/// `shutdown` returns within its bound even when the server stops answering
+/// (a SIGSTOPped backend: the connection is open but nothing comes back).
+#[tokio::test]
+async fn shutdown_is_bounded_when_the_server_does_not_answer() {
+    if !server().is_owned() {
+        eprintln!("skipped: needs a server on this machine to SIGSTOP its backend");
+        return;
+    }
+    let ps = builder()
+        .single_listener(true)
+        .shutdown_timeout(Duration::from_millis(500))
+        .handover_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let ch = channel("stuck");
+    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    assert!(ps.is_leader(&ch));
+    let pid = ps.listener_pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    assert!(signal("-STOP"));
+    let done = tokio::time::timeout(WAIT, ps.shutdown()).await;
+    assert!(signal("-CONT"));
+    assert!(done.is_ok(), "shutdown hung");
+    assert!(sub.recv().await.is_none(), "the subscription ended");
+}
