@@ -268,15 +268,17 @@ impl Driver {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
                     None => return Err(Stop::Orphaned),
-                    Some(Command::Shutdown { reply }) => return Err(Stop::Shutdown(reply)),
-                    Some(cmd) => self.command(cmd, false),
+                    Some(cmd) => if let Some(reply) = self.command(cmd, false) {
+                        return Err(Stop::Shutdown(reply));
+                    },
                 },
                 out = &mut fut => return Ok(out),
             }
         }
     }
 
-    fn command(&mut self, cmd: Command, connected: bool) {
+    /// Serves one command; a shutdown request is handed back to the caller.
+    fn command(&mut self, cmd: Command, connected: bool) -> Option<oneshot::Sender<()>> {
         match cmd {
             Command::Listen {
                 channel,
@@ -287,8 +289,9 @@ impl Driver {
                 .registry
                 .subscribe(channel, id, queue, reply, connected),
             Command::Unsubscribe { channel, id } => self.registry.unsubscribe(channel.as_str(), id),
-            Command::Shutdown { .. } => unreachable!("handled by the caller"),
+            Command::Shutdown { reply } => return Some(reply),
         }
+        None
     }
 
     fn dispatch(&mut self, note: Notification) {
@@ -321,10 +324,11 @@ impl Driver {
         loop {
             match self.cmds.poll_recv(cx) {
                 Poll::Ready(None) => return Poll::Ready(Stop::Orphaned),
-                Poll::Ready(Some(Command::Shutdown { reply })) => {
-                    return Poll::Ready(Stop::Shutdown(reply))
+                Poll::Ready(Some(cmd)) => {
+                    if let Some(reply) = self.command(cmd, true) {
+                        return Poll::Ready(Stop::Shutdown(reply));
+                    }
                 }
-                Poll::Ready(Some(cmd)) => self.command(cmd, true),
                 Poll::Pending => break,
             }
         }
