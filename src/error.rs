@@ -63,6 +63,12 @@ impl Error {
         self
     }
 
+    /// Appends `(what)` to the message, keeping kind and source.
+    pub(crate) fn context(mut self, what: impl std::fmt::Display) -> Self {
+        self.message = format!("{} ({what})", self.message);
+        self
+    }
+
     pub(crate) fn shut_down() -> Self {
         Error::new(ErrorKind::ShutDown, "the PgPubSub has been shut down")
     }

@@ -98,7 +98,8 @@ impl PgPubSub {
     /// and transaction. Every payload is delivered, in order, even repeated
     /// ones (the server merges equal payloads within one transaction, so a
     /// batch is split where a payload repeats). All payloads are checked
-    /// before any is sent. Returns how many were sent.
+    /// before any is sent. Returns how many were sent; an error says how many
+    /// went out before it.
     pub async fn notify_batch<I, S>(&self, channel: &str, payloads: I) -> Result<usize>
     where
         I: IntoIterator<Item = S>,
@@ -125,7 +126,13 @@ impl PgPubSub {
                 client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
                 Ok(())
             })
-            .await?;
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "{sent} of this batch's {} were sent before it",
+                    payloads.len()
+                ))
+            })?;
             sent += n;
         }
         Ok(sent)

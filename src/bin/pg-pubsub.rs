@@ -197,7 +197,9 @@ async fn notify_stdin(ps: &PgPubSub, channel: &str) -> Result<()> {
         if sent == 0 {
             Failure(msg)
         } else {
-            Failure(format!("{msg} ({sent} notifications were already sent)"))
+            Failure(format!(
+                "{msg} ({sent} notifications from earlier lines were already sent)"
+            ))
         }
     };
     loop {
