@@ -142,7 +142,7 @@ impl<T: 'static> Message<T> {
     }
 
     /// The sending [`PgPubSub`](crate::PgPubSub) instance, when the sender tagged it
-    /// (see [`wire`](crate::wire)).
+    /// (see the [`wire`] module for the format).
     pub fn origin(&self) -> Option<Uuid> {
         self.received.origin()
     }

@@ -405,3 +405,27 @@ async fn bad_connection_string_and_unreachable_server_fail_clearly() {
     assert_eq!(err.kind(), ErrorKind::Connect);
     assert!(!err.to_string().contains("secret"), "{err}");
 }
+
+#[tokio::test]
+async fn publishes_through_a_given_pool_and_leaves_it_open() {
+    let manager = pg_pubsub::deadpool_postgres::Manager::new(
+        server().config(),
+        pg_pubsub::tokio_postgres::NoTls,
+    );
+    let pool = pg_pubsub::deadpool_postgres::Pool::builder(manager)
+        .max_size(2)
+        .build()
+        .unwrap();
+    let ps = builder().pool(pool.clone()).connect().await.unwrap();
+    let ch = channel("own_pool");
+    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    ps.notify_raw(&ch, "via your pool").await.unwrap();
+    assert_eq!(next_message(&mut sub).await.payload(), "via your pool");
+    assert!(pool.status().size >= 1, "the given pool was used");
+    ps.shutdown().await;
+    assert!(
+        !pool.is_closed(),
+        "shutdown leaves a pool it did not create open"
+    );
+    pool.get().await.unwrap();
+}
