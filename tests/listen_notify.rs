@@ -427,5 +427,5 @@ async fn publishes_through_a_given_pool_and_leaves_it_open() {
         !pool.is_closed(),
         "shutdown leaves a pool it did not create open"
     );
-    pool.get().await.unwrap();
+    drop(pool.get().await.unwrap());
 }

@@ -132,15 +132,7 @@ async fn stalled_connection_is_replaced() {
     let mut sub = ps.listen::<u64>(&ch).await.unwrap();
     let mut events = ps.events();
     let pid = ps.listener_pid().unwrap();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    send_signal(pid, "-STOP");
     let reason = match wait_event(&mut events, |e| {
         matches!(e, ConnectionEvent::Disconnected { .. })
     })
@@ -149,7 +141,7 @@ async fn stalled_connection_is_replaced() {
         ConnectionEvent::Disconnected { reason } => reason,
         _ => unreachable!(),
     };
-    signal("-CONT");
+    send_signal(pid, "-CONT");
     assert!(reason.contains("health check"), "{reason}");
     wait_event(&mut events, |e| {
         matches!(e, ConnectionEvent::Reconnected { .. })
@@ -219,17 +211,10 @@ async fn shutdown_is_bounded_when_the_server_does_not_answer() {
     let ch = channel("stuck");
     let mut sub = ps.listen_raw(&ch).await.unwrap();
     assert!(ps.is_leader(&ch));
-    let pid = ps.listener_pid().unwrap().to_string();
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    assert!(signal("-STOP"));
+    let pid = ps.listener_pid().unwrap();
+    send_signal(pid, "-STOP");
     let done = tokio::time::timeout(WAIT, ps.shutdown()).await;
-    assert!(signal("-CONT"));
+    send_signal(pid, "-CONT");
     assert!(done.is_ok(), "shutdown hung");
     assert!(sub.recv().await.is_none(), "the subscription ended");
 }

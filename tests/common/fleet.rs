@@ -146,13 +146,7 @@ impl Fleet {
 
     /// Sends `sig` (e.g. "-KILL", "-TERM") to process `i` and reaps it.
     pub async fn signal(&mut self, i: usize, sig: &str) -> std::process::ExitStatus {
-        let pid = self.pid(i);
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig} {pid}");
+        super::send_signal(self.pid(i), sig);
         let mut child = self.procs[i].take().expect("running");
         tokio::time::timeout(WAIT, child.wait())
             .await

@@ -112,3 +112,12 @@ pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Opti
         .expect("pg_locks")
         .map(|r| r.get(0))
 }
+
+/// Sends `sig` (e.g. "-STOP", "-KILL") to a process on this machine.
+pub fn send_signal(pid: impl std::fmt::Display, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
