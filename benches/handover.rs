@@ -36,26 +36,10 @@ const SETTLE: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    if let Some(code) = scenario::worker_main_if_asked() {
-        return code;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("handover bench: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(bench()) {
+    match scenario::main_or_worker("handover bench", bench) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("handover bench failed: {e}");
-            ExitCode::FAILURE
-        }
+        Err(code) => code,
     }
 }
 

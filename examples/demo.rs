@@ -40,20 +40,7 @@ const FAST: Duration = Duration::from_millis(20);
 const QUIET: Duration = Duration::from_millis(300);
 
 fn main() -> ExitCode {
-    if let Some(code) = scenario::worker_main_if_asked() {
-        return code;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("demo: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(demo()) {
+    match scenario::main_or_worker("demo", demo) {
         Ok(problems) if problems.is_empty() => {
             println!("\nall checks passed");
             ExitCode::SUCCESS
@@ -65,10 +52,7 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
-        Err(e) => {
-            eprintln!("\ndemo failed: {e}");
-            ExitCode::FAILURE
-        }
+        Err(code) => code,
     }
 }
 

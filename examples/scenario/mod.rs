@@ -255,7 +255,30 @@ pub fn example_main(mode: Mode) -> ExitCode {
 
 /// When this process was started as a worker (`--worker MODE ...` and
 /// `DATABASE_URL`), runs it and returns its exit code; otherwise `None`.
-pub fn worker_main_if_asked() -> Option<ExitCode> {
+/// The `main` of a program that re-executes itself as its workers: a worker
+/// runs its scenario and exits; otherwise `body` runs on a fresh runtime.
+/// `Err` is the exit code to return at once (failures are already printed).
+pub fn main_or_worker<T, F>(what: &str, body: impl FnOnce() -> F) -> Result<T, ExitCode>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    if let Some(code) = worker_main_if_asked() {
+        return Err(code);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{what}: starting the runtime: {e}");
+            ExitCode::FAILURE
+        })?;
+    runtime.block_on(body()).map_err(|e| {
+        eprintln!("\n{what} failed: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn worker_main_if_asked() -> Option<ExitCode> {
     let mut argv = std::env::args().skip(1);
     if argv.next().as_deref() != Some(WORKER_FLAG) {
         return None;
