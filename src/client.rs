@@ -327,6 +327,9 @@ impl PgPubSub {
     /// Returns once the server listens (so anything published afterwards
     /// is received). While the listener is reconnecting it returns at once:
     /// the subscription takes effect on reconnect, and starts with a [`Gap`](crate::Gap).
+    /// With [`Builder::single_listener`], it returns once this instance
+    /// either leads the channel or knows another one does
+    /// ([`is_leader`](Self::is_leader) tells which).
     pub async fn listen<T>(&self, channel: &str) -> Result<Subscription<T>>
     where
         T: DeserializeOwned + Send + Sync + 'static,

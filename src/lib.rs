@@ -79,6 +79,15 @@
 //!   A reconnected instance holds nothing and competes again; it never
 //!   re-acquires a lock it holds (session locks stack).
 //!
+//! ## Extending
+//!
+//! Later features build on three seams rather than on changes to the core:
+//! the [`Gap`] signal (a durable channel replays from its table when it sees
+//! one), publishing inside the caller's transaction ([`PgPubSub::notify_in`],
+//! so a row and its event commit together), and per-channel roles in the
+//! listener's registry (`Plain`, `Standby`, `Leader` today; a work queue or a
+//! change feed is another role with its own `Change`s on the listener session).
+//!
 //! ## Delivery guarantees
 //! LISTEN/NOTIFY is at-most-once: notifications sent while the listener is
 //! disconnected are lost by the server. This crate never loses one silently:
