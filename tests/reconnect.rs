@@ -119,8 +119,7 @@ async fn stream_survives_repeated_kills_with_gaps_accounting_for_every_loss() {
 /// detected by the health check and replaced.
 #[tokio::test]
 async fn stalled_connection_is_replaced() {
-    if !server().is_owned() {
-        eprintln!("skipped: needs a server on this machine to SIGSTOP its backend");
+    if !own_server("stop the backend of") {
         return;
     }
     let ps = builder()
@@ -197,8 +196,7 @@ async fn first_message_after_kill() {
 /// (a SIGSTOPped backend: the connection is open but nothing comes back).
 #[tokio::test]
 async fn shutdown_is_bounded_when_the_server_does_not_answer() {
-    if !server().is_owned() {
-        eprintln!("skipped: needs a server on this machine to SIGSTOP its backend");
+    if !own_server("stop the backend of") {
         return;
     }
     let ps = builder()

@@ -9,8 +9,7 @@ use pg_pubsub::{ConnectionEvent, Delivery, ErrorKind};
 
 #[tokio::test]
 async fn server_restart_gives_a_gap_and_delivery_resumes() {
-    if !server().is_owned() {
-        eprintln!("skipped: DATABASE_URL names a server this test cannot restart");
+    if !own_server("restart") {
         return;
     }
     let ps = builder()

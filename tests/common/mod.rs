@@ -17,6 +17,16 @@ pub fn server() -> &'static TestServer {
     TestServer::shared()
 }
 
+/// Whether the test server is this run's own cluster; if not (DATABASE_URL),
+/// says why the calling test is skipped.
+pub fn own_server(needed_for: &str) -> bool {
+    let owned = server().is_owned();
+    if !owned {
+        eprintln!("skipped: DATABASE_URL names a server this test cannot {needed_for}");
+    }
+    owned
+}
+
 pub fn builder() -> Builder {
     PgPubSub::builder(server().url()).expect("valid url")
 }
