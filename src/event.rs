@@ -15,7 +15,10 @@ use crate::channel::ChannelName;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConnectionEvent {
-    /// The listener connection is up (the first time).
+    /// The listener connection is up (the first time). Sent while
+    /// `connect()` runs, before any [`EventStream`] can exist, so only the
+    /// tracing log shows it; afterwards [`PgPubSub::listener_pid`](crate::PgPubSub::listener_pid)
+    /// tells the same.
     Connected {
         /// Backend PID of the listener session.
         process_id: i32,
