@@ -90,10 +90,7 @@ fn show(delivery: Option<Delivery<Order>>) {
             m.channel(),
             m.process_id()
         ),
-        Some(Delivery::Gap(gap)) => println!(
-            "gap: connection lost ({}) for {:?}; re-read state now",
-            gap.reason, gap.downtime
-        ),
+        Some(Delivery::Gap(gap)) => println!("gap: {gap}; re-read state now"),
         other => println!("{other:?}"),
     }
 }

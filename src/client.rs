@@ -11,8 +11,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::channel::ChannelName;
-use crate::config::{Backoff, Options};
-use crate::driver::{Command, Driver, Leading, Status, CONTROL_CHANNEL};
+use crate::config::{Backoff, ListenOptions, Options};
+use crate::driver::{ChannelSet, Command, Driver, Mode, Status, CONTROL_CHANNEL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::queue::Queue;
@@ -70,7 +70,10 @@ pub(crate) struct Inner {
     owns_pool: bool,
     events: broadcast::Sender<crate::ConnectionEvent>,
     status: watch::Receiver<Status>,
-    leading: Leading,
+    leading: ChannelSet,
+    /// Channels with a filtered subscription: what this instance publishes
+    /// there carries its origin.
+    pub(crate) filtering: ChannelSet,
     next_id: AtomicU64,
 }
 
@@ -169,18 +172,24 @@ impl Builder {
         self
     }
 
-    /// Don't deliver this instance's own messages to its subscriptions.
+    /// Default for every subscription: don't deliver this instance's own
+    /// messages to it. Per subscription: [`ListenOptions::filtered`].
     ///
-    /// Messages this instance publishes then carry its origin id (see
-    /// [`wire`](crate::wire)); messages from anyone else are never filtered.
+    /// Messages this instance publishes on a channel with a filtered
+    /// subscription (on every channel, with this default on) carry its origin
+    /// id (see [`wire`](crate::wire)); messages from anyone else are never
+    /// filtered. Filtering is a convenience, not access control (see the
+    /// README's security considerations).
     pub fn filtered(mut self, filtered: bool) -> Self {
         self.opts.filtered = filtered;
         self
     }
 
-    /// Elect one instance per channel, across every process with this option
-    /// on the same database, to receive that channel's messages; the others
-    /// stand by and take over when it stops, dies or loses its connection.
+    /// Default for every subscription: elect one instance per channel,
+    /// across every process that elects it on the same database, to receive
+    /// that channel's messages; the others stand by and take over when it
+    /// stops, dies or loses its connection. Per subscription:
+    /// [`ListenOptions::single_listener`].
     ///
     /// The election uses a session advisory lock held on the listener
     /// connection itself, so the lock and the `LISTEN` end together. See
@@ -237,16 +246,17 @@ impl Builder {
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(opts.event_capacity);
         let (status_tx, status) = watch::channel(Status::default());
-        let filter = opts.filtered.then_some(origin);
-        let leading = Leading::default();
+        let leading = ChannelSet::default();
+        let filtering = ChannelSet::default();
         let driver = Driver::new(
             listener_pg,
             opts.clone(),
             cmd_rx,
             events.clone(),
             status_tx,
-            filter,
+            origin,
             leading.clone(),
+            filtering.clone(),
         );
         let task = driver.start().await?;
         tokio::spawn(tracing::Instrument::instrument(
@@ -265,6 +275,7 @@ impl Builder {
                 events,
                 status,
                 leading,
+                filtering,
                 next_id: AtomicU64::new(1),
             }),
         })
@@ -322,29 +333,69 @@ impl PgPubSub {
         })
     }
 
-    /// Subscribes to `channel`, decoding each payload as JSON into `T`.
+    /// Subscribes to `channel`, decoding each payload as JSON into `T`, with
+    /// the instance's default options.
     ///
     /// Returns once the server listens (so anything published afterwards
     /// is received). While the listener is reconnecting it returns at once:
     /// the subscription takes effect on reconnect, and starts with a [`Gap`](crate::Gap).
-    /// With [`Builder::single_listener`], it returns once this instance
-    /// either leads the channel or knows another one does
-    /// ([`is_leader`](Self::is_leader) tells which).
+    /// On an elected channel ([`ListenOptions::single_listener`]) it returns
+    /// once this instance either leads the channel or knows another one
+    /// does ([`is_leader`](Self::is_leader) tells which).
     pub async fn listen<T>(&self, channel: &str) -> Result<Subscription<T>>
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
-        self.subscribe(channel, decode_json::<T>).await
+        self.subscribe(channel, ListenOptions::new(), decode_json::<T>)
+            .await
+    }
+
+    /// [`listen`](Self::listen) with options for this subscription.
+    ///
+    /// ```no_run
+    /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+    /// use pg_pubsub::ListenOptions;
+    /// #[derive(serde::Deserialize)]
+    /// struct Job { id: u64 }
+    /// let jobs = pubsub
+    ///     .listen_with::<Job>("jobs", ListenOptions::new().single_listener(true))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn listen_with<T>(
+        &self,
+        channel: &str,
+        options: ListenOptions,
+    ) -> Result<Subscription<T>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        self.subscribe(channel, options, decode_json::<T>).await
     }
 
     /// Subscribes to `channel`, giving each payload as text.
     pub async fn listen_raw(&self, channel: &str) -> Result<Subscription<String>> {
-        self.subscribe(channel, decode_text).await
+        self.subscribe(channel, ListenOptions::new(), decode_text)
+            .await
     }
 
-    async fn subscribe<T>(&self, channel: &str, decode: Decoder<T>) -> Result<Subscription<T>> {
+    /// [`listen_raw`](Self::listen_raw) with options for this subscription.
+    pub async fn listen_raw_with(
+        &self,
+        channel: &str,
+        options: ListenOptions,
+    ) -> Result<Subscription<String>> {
+        self.subscribe(channel, options, decode_text).await
+    }
+
+    async fn subscribe<T>(
+        &self,
+        channel: &str,
+        options: ListenOptions,
+        decode: Decoder<T>,
+    ) -> Result<Subscription<T>> {
         let channel = ChannelName::new(channel)?;
-        if self.inner.opts.single_listener && channel.as_str() == CONTROL_CHANNEL {
+        if channel.as_str() == CONTROL_CHANNEL {
             return Err(Error::new(
                 ErrorKind::Config,
                 format!("channel {CONTROL_CHANNEL:?} is reserved for the single-listener election"),
@@ -352,6 +403,12 @@ impl PgPubSub {
         }
         self.check_open()?;
         let inner = &self.inner;
+        let mode = Mode {
+            elected: options
+                .single_listener
+                .unwrap_or(inner.opts.single_listener),
+            filtered: options.filtered.unwrap_or(inner.opts.filtered),
+        };
         let queue = Arc::new(Queue::new(inner.opts.queue_capacity));
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         // Created first so that a cancelled `listen` unsubscribes on drop.
@@ -369,6 +426,7 @@ impl PgPubSub {
                 channel,
                 id,
                 queue,
+                mode,
                 reply,
             })
             .map_err(|_| Error::shut_down())?;
@@ -401,12 +459,9 @@ impl PgPubSub {
         self.inner.status.borrow().process_id
     }
 
-    /// Whether this instance currently leads `channel` (always false
-    /// without [`Builder::single_listener`]).
+    /// Whether this instance currently leads `channel` (always false for a
+    /// channel that is not elected).
     pub fn is_leader(&self, channel: &str) -> bool {
-        if !self.inner.opts.single_listener {
-            return false;
-        }
         let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
         leading.contains(channel)
     }
@@ -416,7 +471,7 @@ impl PgPubSub {
         self.listener_pid().is_some()
     }
 
-    /// This instance's origin id, carried by its messages when [`Builder::filtered`] is on.
+    /// This instance's origin id, carried by its messages on channels it filters.
     pub fn origin(&self) -> Uuid {
         self.inner.origin
     }
@@ -440,8 +495,9 @@ impl PgPubSub {
         inner.shut_down.store(true, Ordering::Release);
         let (reply, done) = oneshot::channel();
         if inner.cmds.send(Command::Shutdown { reply }).is_ok() {
-            // The task bounds its own server calls; this bounds the rest.
-            let bound = inner.opts.shutdown_timeout * 2 + Duration::from_secs(1);
+            // The task bounds its whole shutdown by the timeout; the margin
+            // covers a listener task that is busy when asked.
+            let bound = inner.opts.shutdown_timeout + Duration::from_millis(250);
             if tokio::time::timeout(bound, done).await.is_err() {
                 tracing::warn!("pg-pubsub: shutdown did not finish within {bound:?}");
             }

@@ -89,6 +89,17 @@ pub enum ConnectionEvent {
         /// The channel.
         channel: ChannelName,
     },
+    /// Single listener: this instance cannot win the channel's lock, yet the
+    /// session holding it is not a leader of this channel (it does not hold
+    /// the channel's witness lock): a key collision with another channel, or
+    /// a foreign advisory lock on the same key. Nobody may be delivering
+    /// the channel. Reported once, after two probes in a row saw it.
+    ElectionBlocked {
+        /// The channel.
+        channel: ChannelName,
+        /// Backend PID of the session holding the lock.
+        holder_pid: i32,
+    },
     /// This event stream itself fell behind and missed this many events.
     EventsLagged {
         /// Events missed.

@@ -44,6 +44,7 @@
 //! * [`channel`]: channel names and their limits.
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
+//! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
@@ -51,33 +52,17 @@
 //! (notify paths), `subscription.rs` and `queue.rs` (the consumer side),
 //! `message.rs` ([`Delivery`] and friends), `error.rs`, and `driver/`:
 //! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
-//! `registry.rs` (channels, subscribers, roles, fan-out), `election.rs`
-//! (the SQL, including the single-listener protocol below).
+//! `registry.rs` (channels, subscribers, fan-out), `role.rs` (the per-channel
+//! state machines: plain and elected), `election.rs` (the SQL).
 //!
 //! ## Single listener
 //!
-//! With [`Builder::single_listener`], each channel is led by one instance
-//! among all that enable it on the same database; only the leader `LISTEN`s
-//! to it and delivers. The protocol, so other languages can take part:
-//!
-//! * Lock: `pg_try_advisory_lock(1885827187, hashtext(channel))`, a session
-//!   lock taken on the listener session itself. `1885827187` is `'pgps'`;
-//!   the two-key form keeps these locks apart from one-key (`bigint`) locks.
-//! * A new leader runs `LISTEN "channel"` and
-//!   `pg_notify('pg_pubsub_election', 'ready:' || channel)` in one transaction,
-//!   and handles the channel's messages only from its own `ready:` on (its
-//!   session may still read older ones, committed before it listened).
-//! * A leader that shuts down unlocks, sends `release:<channel>` on
-//!   `pg_pubsub_election`, keeps delivering until it receives the
-//!   `ready:<channel>` of its successor, then `UNLISTEN`s. Both sessions
-//!   read the one notification queue in commit order, so the two cut at the
-//!   same message: nothing is lost or handled twice. Standbys retry when
-//!   they see `release:`, and every [`Builder::lock_retry_interval`]
-//!   (default 500 ms) in case a leader died without releasing.
-//! * The lock and the `LISTEN` live in one session, so when the session ends
-//!   (process killed, backend terminated, network lost) both end together.
-//!   A reconnected instance holds nothing and competes again; it never
-//!   re-acquires a lock it holds (session locks stack).
+//! A subscription made with [`ListenOptions::single_listener`] (or on an
+//! instance with [`Builder::single_listener`]) elects its channel: one
+//! instance among all that elect it on the same database delivers it, and
+//! hands over on shutdown. The protocol (advisory locks on the listener
+//! session, control messages on `pg_pubsub_election`) is documented in
+//! [`election`], so other languages can take part.
 //!
 //! ## Extending
 //!
@@ -101,6 +86,7 @@ mod client;
 pub mod config;
 mod driver;
 mod error;
+pub mod election;
 pub mod event;
 mod message;
 mod publish;
@@ -114,10 +100,10 @@ pub mod wire;
 
 pub use channel::ChannelName;
 pub use client::{Builder, IntoConfig, PgPubSub};
-pub use config::Backoff;
+pub use config::{Backoff, ListenOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
-pub use message::{DecodeError, Delivery, Gap, Message};
+pub use message::{DecodeError, Delivery, Gap, GapCause, Message};
 pub use publish::Executor;
 pub use subscription::Subscription;
 

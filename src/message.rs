@@ -219,16 +219,85 @@ impl std::error::Error for DecodeError {
     }
 }
 
-/// The listener connection was lost and is back: notifications sent in between
-/// were not received. Delivered after the channel is listened to again, so a
-/// consumer that re-reads its state on a gap misses nothing sent after it.
+/// Notifications may have been missed here: the listener connection was
+/// lost, or this instance took over an elected channel whose previous
+/// leader did not hand it over. Delivered before anything received
+/// afterwards, once the channel is listened to again, so a consumer that
+/// re-reads its state on a gap misses nothing sent after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Gap {
-    /// How long the listener was not listening.
-    pub downtime: Duration,
-    /// Why the connection was lost.
-    pub reason: Arc<str>,
+    cause: GapCause,
+    reason: Arc<str>,
+}
+
+/// Why a [`Gap`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GapCause {
+    /// The listener connection was lost and is back.
+    Reconnect {
+        /// From the last moment the old connection was known to work (a
+        /// message or an answered statement) to listening again.
+        downtime: Duration,
+    },
+    /// This instance became leader of an elected channel without a graceful
+    /// hand-over from the previous leader: it crashed, lost its connection,
+    /// stopped with nobody taking over in time, or there was none we know
+    /// of (the first election also gives this gap). How long nobody
+    /// delivered is not known.
+    TakeOver,
+}
+
+impl Gap {
+    pub(crate) fn new(cause: GapCause, reason: impl Into<Arc<str>>) -> Self {
+        Gap {
+            cause,
+            reason: reason.into(),
+        }
+    }
+
+    /// Why it happened.
+    pub fn cause(&self) -> GapCause {
+        self.cause
+    }
+
+    /// How long nothing was received, when known (reconnects).
+    pub fn downtime(&self) -> Option<Duration> {
+        match self.cause {
+            GapCause::Reconnect { downtime } => Some(downtime),
+            GapCause::TakeOver => None,
+        }
+    }
+
+    /// A human-readable explanation (for a reconnect, the connection error).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Folds a following gap of the same cause into this one.
+    pub(crate) fn absorb(&mut self, next: &Gap) -> bool {
+        match (&mut self.cause, next.cause) {
+            (GapCause::Reconnect { downtime }, GapCause::Reconnect { downtime: more }) => {
+                *downtime += more;
+                true
+            }
+            (GapCause::TakeOver, GapCause::TakeOver) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Gap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.cause {
+            GapCause::Reconnect { downtime } => write!(
+                f,
+                "listener reconnected after {downtime:?} ({}); messages may have been missed",
+                self.reason
+            ),
+            GapCause::TakeOver => write!(f, "{}", self.reason),
+        }
+    }
 }
 
 /// One item of a [`Subscription`](crate::Subscription) stream.
@@ -241,7 +310,7 @@ pub enum Delivery<T> {
     /// This many notifications were dropped here because this subscriber's
     /// queue was full (the consumer was too slow). Other subscribers are not affected.
     Lagged(u64),
-    /// Notifications may have been missed while the connection was down.
+    /// Notifications may have been missed: see [`Gap::cause`].
     Gap(Gap),
 }
 

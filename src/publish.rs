@@ -60,8 +60,16 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
 }
 
 impl PgPubSub {
-    fn origin_tag(&self) -> Option<uuid::Uuid> {
-        self.inner.opts.filtered.then_some(self.inner.origin)
+    /// This instance's origin, when a subscription of its own filters `channel`.
+    fn origin_tag(&self, channel: &ChannelName) -> Option<uuid::Uuid> {
+        let tagged = self.inner.opts.filtered
+            || self
+                .inner
+                .filtering
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(channel);
+        tagged.then_some(self.inner.origin)
     }
 
     /// Publishes `value` as JSON on `channel` through the pool.
@@ -82,7 +90,7 @@ impl PgPubSub {
     /// Publishes `payload` as is (any text) on `channel` through the pool.
     pub async fn notify_raw(&self, channel: &str, payload: &str) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        let payload = wire::encode(self.origin_tag(), payload)?;
+        let payload = wire::encode(self.origin_tag(&channel), payload)?;
         self.check_open()?;
         self.with_pool("notify", |client| async move {
             let stmt = client.prepare_cached(NOTIFY_SQL).await?;
@@ -106,7 +114,7 @@ impl PgPubSub {
         S: AsRef<str>,
     {
         let channel = ChannelName::new(channel)?;
-        let origin = self.origin_tag();
+        let origin = self.origin_tag(&channel);
         let items: Vec<S> = payloads.into_iter().collect();
         let payloads = items
             .iter()
@@ -166,7 +174,7 @@ impl PgPubSub {
         payload: &str,
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        let payload = wire::encode(self.origin_tag(), payload)?;
+        let payload = wire::encode(self.origin_tag(&channel), payload)?;
         executor
             .notify_sql(channel.as_str(), &payload)
             .await

@@ -73,16 +73,19 @@ impl Queue {
         !was_dropping && !rest.is_empty()
     }
 
-    /// Queues a gap marker; never dropped, consecutive gaps merge.
+    /// Queues a gap marker; never dropped, consecutive gaps of one cause merge.
     pub(crate) fn push_gap(&self, gap: Gap) {
         let mut inner = self.lock();
         if inner.dropped > 0 {
             let dropped = mem::take(&mut inner.dropped);
             inner.entries.push_back(Entry::Lagged(dropped));
         }
-        match inner.entries.back_mut() {
-            Some(Entry::Gap(last)) => last.downtime += gap.downtime,
-            _ => inner.entries.push_back(Entry::Gap(gap)),
+        let absorbed = match inner.entries.back_mut() {
+            Some(Entry::Gap(last)) => last.absorb(&gap),
+            _ => false,
+        };
+        if !absorbed {
+            inner.entries.push_back(Entry::Gap(gap));
         }
         if let Some(w) = inner.waker.take() {
             w.wake();

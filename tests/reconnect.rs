@@ -47,7 +47,7 @@ async fn terminated_backend_gives_a_gap_then_delivery_resumes() {
     // Every subscriber learns of the gap, and it comes before new messages.
     for s in [&mut sub, &mut other] {
         match next(s).await {
-            Delivery::Gap(gap) => assert!(gap.reason.contains("administrator command"), "{gap:?}"),
+            Delivery::Gap(gap) => assert!(gap.reason().contains("administrator command"), "{gap:?}"),
             d => panic!("expected a gap, got {d:?}"),
         }
     }

@@ -78,16 +78,10 @@ async fn publish_until(
     }
 }
 
-/// Backend PID holding the election lock of `channel` (the documented key:
-/// `pg_try_advisory_lock(1885827187, hashtext(channel))`).
+/// Backend PID holding the election lock of `channel` (see `pg_pubsub::election`).
 pub async fn lock_holder(client: &Client, channel: &str) -> Result<Option<i32>> {
     let row = client
-        .query_opt(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND classid = 1885827187::oid AND objsubid = 2 \
-             AND objid = (hashtext($1)::bigint & 4294967295)::oid",
-            &[&channel],
-        )
+        .query_opt(pg_pubsub::election::LEADER_PID_SQL, &[&channel])
         .await?;
     Ok(row.map(|r| r.get(0)))
 }

@@ -132,7 +132,8 @@ pub enum Ev {
     },
     Gap {
         reason: String,
-        downtime_ms: u64,
+        /// `None` for a take-over gap.
+        downtime_ms: Option<u64>,
     },
     Note {
         text: String,

@@ -169,11 +169,12 @@ impl Out {
             Ev::Got { from, seq } => format!("got seq {seq} from {from}"),
             Ev::Gap {
                 reason,
-                downtime_ms,
+                downtime_ms: Some(ms),
             } => format!(
-                "gap: the listener was down {downtime_ms} ms ({reason}); \
+                "gap: the listener was down {ms} ms ({reason}); \
                  messages sent meanwhile were missed"
             ),
+            Ev::Gap { reason, .. } => format!("gap: {reason}"),
             Ev::Note { text } => text.clone(),
             Ev::Bye => "stopped".to_owned(),
             Ev::Closed => "closed".to_owned(),
@@ -190,8 +191,8 @@ impl Out {
                 }
             }
             Delivery::Gap(gap) => Ev::Gap {
-                reason: gap.reason.to_string(),
-                downtime_ms: gap.downtime.as_millis() as u64,
+                reason: gap.reason().to_owned(),
+                downtime_ms: gap.downtime().map(|d| d.as_millis() as u64),
             },
             Delivery::Lagged(n) => Ev::Note {
                 text: format!("{n} message(s) dropped: this process read too slowly"),

@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand};
 use futures::stream::{self, Fuse, StreamExt};
 use futures::FutureExt;
 use pg_pubsub::wire::MAX_PAYLOAD_BYTES;
-use pg_pubsub::{ChannelName, ConnectionEvent, Delivery, EventStream, PgPubSub};
+use pg_pubsub::{
+    ChannelName, ConnectionEvent, Delivery, EventStream, GapCause, ListenOptions, PgPubSub,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// Fail fast on a dead address instead of hanging a script.
@@ -54,15 +56,19 @@ enum Command {
 #[derive(Args)]
 struct ListenArgs {
     /// Channels to listen on.
-    #[arg(required = true, value_name = "CHANNEL")]
+    #[arg(required_unless_present = "elect", value_name = "CHANNEL")]
     channels: Vec<String>,
     /// Messages buffered per channel before they are dropped (and reported).
     #[arg(long, value_name = "N")]
     queue_capacity: Option<NonZeroUsize>,
-    /// Only one process (of those with this flag on the same database)
-    /// receives each channel; the others stand by and take over.
+    /// Only one process (of those electing the channel on the same
+    /// database) receives each channel; the others stand by and take over.
     #[arg(long)]
     single_listener: bool,
+    /// Elect only this channel (repeatable; it is listened to even if not
+    /// given as CHANNEL); the other channels are received by every process.
+    #[arg(long, value_name = "CHANNEL")]
+    elect: Vec<String>,
     /// Do not print messages this process published itself.
     #[arg(long)]
     filtered: bool,
@@ -230,11 +236,19 @@ async fn notify_stdin(ps: &PgPubSub, channel: &str) -> Result<()> {
 
 async fn listen(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
     // Duplicates would print every message twice.
-    let mut channels: Vec<ChannelName> = Vec::with_capacity(args.channels.len());
+    let mut channels: Vec<(ChannelName, ListenOptions)> = Vec::new();
     for name in &args.channels {
         let channel = check_channel(name)?;
-        if !channels.contains(&channel) {
-            channels.push(channel);
+        if !channels.iter().any(|(c, _)| *c == channel) {
+            channels.push((channel, ListenOptions::new()));
+        }
+    }
+    for name in &args.elect {
+        let channel = check_channel(name)?;
+        let elected = ListenOptions::new().single_listener(true);
+        match channels.iter_mut().find(|(c, _)| *c == channel) {
+            Some((_, options)) => *options = elected,
+            None => channels.push((channel, elected)),
         }
     }
     // Installed first so a signal during connecting still ends cleanly.
@@ -267,16 +281,16 @@ async fn listen(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
 /// Subscribes, then prints until the listener stops or stdout is closed.
 async fn serve(
     ps: &PgPubSub,
-    channels: &[ChannelName],
+    channels: &[(ChannelName, ListenOptions)],
     events: &mut Fuse<EventStream>,
 ) -> Result<()> {
     let mut subs = Vec::with_capacity(channels.len());
-    for channel in channels {
-        let sub = ps.listen_raw(channel.as_str()).await?;
+    for (channel, options) in channels {
+        let sub = ps.listen_raw_with(channel.as_str(), *options).await?;
         let channel = channel.clone();
         subs.push(sub.map(move |d| (channel.clone(), d)));
     }
-    let names: Vec<&str> = channels.iter().map(ChannelName::as_str).collect();
+    let names: Vec<&str> = channels.iter().map(|(c, _)| c.as_str()).collect();
     note(&format!("listening on {}", names.join(", ")));
     let mut deliveries = stream::select_all(subs);
     let mut out = tokio::io::stdout();
@@ -334,11 +348,14 @@ async fn print_delivery(
             return Ok(true);
         }
         Delivery::Gap(gap) => {
-            note(&format!(
-                "gap on {channel}: listener reconnected after {} ({}); messages may have been missed",
-                human(gap.downtime),
-                gap.reason
-            ));
+            match gap.cause() {
+                GapCause::Reconnect { downtime } => note(&format!(
+                    "gap on {channel}: listener reconnected after {} ({}); messages may have been missed",
+                    human(downtime),
+                    gap.reason()
+                )),
+                _ => note(&format!("gap on {channel}: {}", gap.reason())),
+            }
             return Ok(true);
         }
         other => {
@@ -396,6 +413,12 @@ fn report_event(event: &ConnectionEvent) {
         ConnectionEvent::LockReleased { channel } => {
             note(&format!("released {channel} to the standbys"));
         }
+        ConnectionEvent::ElectionBlocked {
+            channel,
+            holder_pid,
+        } => note(&format!(
+            "error: cannot lead {channel}: its election lock is held by backend {holder_pid},              which does not lead it (key collision or a foreign advisory lock)"
+        )),
         ConnectionEvent::EventsLagged { missed } => {
             note(&format!("{missed} connection event(s) not shown"));
         }

@@ -17,15 +17,24 @@ use tokio_postgres::{
 
 use crate::error::describe_pg_error;
 
-use super::registry::Change;
+use super::role::Step;
+use crate::channel::ChannelName;
 
 pub(crate) type PgConnection = tokio_postgres::Connection<Socket, NoTlsStream>;
 
 /// A statement sent on the listener connection and not yet answered.
 pub(crate) struct InFlight {
     pub fut: BoxFuture<'static, Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>>,
-    pub changes: Vec<Change>,
+    pub steps: Planned,
     pub deadline: Pin<Box<Sleep>>,
+}
+
+/// What a statement on the listener session carries out.
+#[derive(Default)]
+pub(crate) struct Planned {
+    pub steps: Vec<(ChannelName, Step)>,
+    /// It includes the election collision probe.
+    pub probe: bool,
 }
 
 pub(crate) struct Live {
@@ -36,6 +45,9 @@ pub(crate) struct Live {
     pub health: Pin<Box<Sleep>>,
     /// When standbys next try for their locks.
     pub retry: Pin<Box<Sleep>>,
+    /// The last moment the connection was known to work: a message
+    /// arrived or a statement was answered.
+    pub last_good: Instant,
 }
 
 /// Whether an error means the session is gone (as opposed to a refused statement).
@@ -124,15 +136,16 @@ impl Live {
             op: None,
             health: Box::pin(tokio::time::sleep(health_interval)),
             retry: Box::pin(tokio::time::sleep(retry_interval)),
+            last_good: Instant::now(),
         })
     }
 
-    /// Sends `sql` (the `changes`, or a health check when empty).
-    pub(crate) fn start(&mut self, sql: String, changes: Vec<Change>, timeout: Duration) {
+    /// Sends `sql` (the `steps`, or a health check when empty).
+    pub(crate) fn start(&mut self, sql: String, steps: Planned, timeout: Duration) {
         let client = self.client.clone();
         self.op = Some(InFlight {
             fut: async move { client.simple_query(&sql).await }.boxed(),
-            changes,
+            steps,
             deadline: Box::pin(tokio::time::sleep(timeout)),
         });
     }
@@ -149,12 +162,23 @@ impl Live {
                 Poll::Pending => return Poll::Pending,
             },
         };
-        let changes = self.op.take().map(|op| op.changes).unwrap_or_default();
-        Poll::Ready(Some((changes, res)))
+        if res.is_ok() {
+            self.last_good = Instant::now();
+        }
+        let steps = self.op.take().map(|op| op.steps).unwrap_or_default();
+        Poll::Ready(Some((steps, res)))
     }
 
     pub(crate) fn reset_health(&mut self, interval: Duration) {
         self.health.as_mut().reset(Instant::now() + interval);
+    }
+
+    /// Moves the standbys' next retry to `in_`, if that is sooner.
+    pub(crate) fn retry_soon(&mut self, in_: Duration) {
+        let at = Instant::now() + in_;
+        if self.retry.deadline() > at {
+            self.retry.as_mut().reset(at);
+        }
     }
 
     /// Whether the standbys' retry is due; re-arms it.
@@ -166,19 +190,19 @@ impl Live {
         true
     }
 
-    /// Closes the session politely (Terminate), within `timeout`.
-    pub(crate) async fn close(self, timeout: Duration) {
+    /// Closes the session politely (Terminate), by `deadline`.
+    pub(crate) async fn close(self, deadline: Instant) {
         let Live {
             client, conn, op, ..
         } = self;
         drop(op);
         drop(client);
-        let _ = tokio::time::timeout(timeout, conn).await;
+        let _ = tokio::time::timeout_at(deadline, conn).await;
     }
 }
 
-/// A finished statement: its changes and the server's answer.
-pub(crate) type Finished = (Vec<Change>, Result<Vec<SimpleQueryMessage>, OpError>);
+/// A finished statement: what it carried out and the server's answer.
+pub(crate) type Finished = (Planned, Result<Vec<SimpleQueryMessage>, OpError>);
 
 pub(crate) enum OpError {
     Pg(tokio_postgres::Error),

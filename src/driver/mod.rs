@@ -7,6 +7,7 @@
 mod election;
 mod live;
 mod registry;
+mod role;
 
 use std::future::{poll_fn, Future};
 use std::sync::Arc;
@@ -21,17 +22,45 @@ use crate::channel::ChannelName;
 use crate::config::Options;
 use crate::error::{describe_pg_error, Error, ErrorKind, Result};
 use crate::event::ConnectionEvent;
-use crate::message::Gap;
+use crate::message::{Gap, GapCause};
 use crate::queue::Queue;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
-use live::{drive, is_fatal, open, Live, OpError};
+use live::{drive, is_fatal, open, Live, OpError, Planned};
 use registry::Registry;
-pub(crate) use registry::{Leading, SubId};
+pub(crate) use registry::{ChannelSet, Mode, SubId};
+use role::{Heard, Step};
 
 /// Notifications handled per wake-up before yielding to other tasks.
 const BATCH: usize = 4096;
+/// A failed lock attempt right after a release retries this soon (the old
+/// leader unlocks just after its announcement commits).
+const HURRY: Duration = Duration::from_millis(20);
+
+/// Whether a step touches the election (its failure may leave a lock held).
+fn elects((channel, step): &(ChannelName, Step)) -> bool {
+    channel.as_str() == CONTROL_CHANNEL || !matches!(step, Step::Listen | Step::Unlisten)
+}
+
+/// Elected channels being handed over at shutdown.
+struct Cut {
+    channels: Vec<ChannelName>,
+    /// Notifications read while a statement ran, to handle first.
+    held: std::collections::VecDeque<Notification>,
+    /// We announced `stopped:` and deliver up to it.
+    stopping: bool,
+}
+
+impl Cut {
+    fn new(channels: Vec<ChannelName>, held: Vec<Notification>) -> Self {
+        Cut {
+            channels,
+            held: held.into(),
+            stopping: false,
+        }
+    }
+}
 
 /// Requests from handles to the listener task.
 ///
@@ -43,6 +72,7 @@ pub(crate) enum Command {
         channel: ChannelName,
         id: SubId,
         queue: Arc<Queue>,
+        mode: Mode,
         reply: oneshot::Sender<Result<()>>,
     },
     Unsubscribe {
@@ -63,6 +93,7 @@ pub(crate) struct Status {
 
 /// A connection being re-established after a loss.
 struct Reconnect {
+    /// When the lost connection was last known to work.
     down_at: Instant,
     reason: Arc<str>,
     attempts: u32,
@@ -85,6 +116,8 @@ pub(crate) struct Driver {
     wake: Vec<Waker>,
     /// Backend PID of the current listener session.
     process_id: Option<i32>,
+    /// When the next lock attempt may carry the collision probe.
+    next_probe: Instant,
 }
 
 impl Driver {
@@ -94,10 +127,11 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Command>,
         events: broadcast::Sender<ConnectionEvent>,
         status: watch::Sender<Status>,
-        filter_origin: Option<uuid::Uuid>,
-        leading: Leading,
+        origin: uuid::Uuid,
+        leading: ChannelSet,
+        filtering: ChannelSet,
     ) -> Self {
-        let registry = Registry::new(filter_origin, opts.single_listener, leading);
+        let registry = Registry::new(origin, leading, filtering);
         Driver {
             pg,
             opts,
@@ -107,6 +141,7 @@ impl Driver {
             registry,
             wake: Vec::new(),
             process_id: None,
+            next_probe: Instant::now(),
         }
     }
 
@@ -143,8 +178,9 @@ impl Driver {
                 Stop::Shutdown(reply) => return self.finish(Some(live), Some(reply)).await,
                 Stop::Orphaned => return self.finish(Some(live), None).await,
                 Stop::Lost(reason) => {
+                    let last_good = live.last_good;
                     drop(live);
-                    live = match self.reconnect(reason).await {
+                    live = match self.reconnect(reason, last_good).await {
                         Ok(live) => live,
                         Err(Stop::Shutdown(reply)) => return self.finish(None, Some(reply)).await,
                         Err(_) => return self.finish(None, None).await,
@@ -162,10 +198,8 @@ impl Driver {
         conn: live::PgConnection,
         reconnect: Option<Reconnect>,
     ) -> Result<Live, String> {
-        let mut channels = self.registry.relisten_all();
-        let control = self
-            .opts
-            .single_listener
+        let (mut channels, elected) = self.registry.relisten_all();
+        let control = elected
             .then(|| ChannelName::new(CONTROL_CHANNEL))
             .transpose()
             .map_err(|e| e.to_string())?;
@@ -199,7 +233,8 @@ impl Driver {
                 attempts,
                 downtime,
             });
-            self.registry.gap(&Gap { downtime, reason });
+            self.registry
+                .gap(&Gap::new(GapCause::Reconnect { downtime }, reason));
         }
         for channel in channels.drain(..) {
             self.emit(ConnectionEvent::Listening { channel });
@@ -211,8 +246,7 @@ impl Driver {
         Ok(live)
     }
 
-    async fn reconnect(&mut self, reason: String) -> Result<Live, Stop> {
-        let down_at = Instant::now();
+    async fn reconnect(&mut self, reason: String, down_at: Instant) -> Result<Live, Stop> {
         tracing::warn!(%reason, "pg-pubsub listener connection lost; reconnecting");
         self.status.send_replace(Status::default());
         let reason: Arc<str> = reason.into();
@@ -284,10 +318,11 @@ impl Driver {
                 channel,
                 id,
                 queue,
+                mode,
                 reply,
             } => self
                 .registry
-                .subscribe(channel, id, queue, reply, connected),
+                .subscribe(channel, id, queue, mode, reply, connected),
             Command::Unsubscribe { channel, id } => self.registry.unsubscribe(channel.as_str(), id),
             Command::Shutdown { reply } => return Some(reply),
         }
@@ -295,20 +330,22 @@ impl Driver {
     }
 
     fn dispatch(&mut self, note: Notification) {
-        if self.opts.single_listener && note.channel() == CONTROL_CHANNEL {
-            match election::parse_control(note.payload()) {
-                // A leader let go: try at once instead of at the next retry.
-                Some(Control::Release(channel)) => self.registry.retry_locks(Some(channel)),
-                // Our own announcement: what was queued before it is the old leader's.
-                Some(Control::Ready(channel)) if Some(note.process_id()) == self.process_id => {
-                    self.registry.flush(&mut self.wake);
-                    self.registry.own_ready(channel);
-                }
-                _ => {}
-            }
-            return;
+        if note.channel() != CONTROL_CHANNEL {
+            return self.registry.stage(note);
         }
-        self.registry.stage(note);
+        let own = Some(note.process_id()) == self.process_id;
+        match election::parse_control(note.payload()) {
+            // Our own announcement: what was queued before it is the old leader's.
+            Some(Control::Ready(channel)) if own => {
+                self.registry.flush(&mut self.wake);
+                self.registry.own_ready(channel);
+            }
+            _ if own => {}
+            Some(Control::Ready(channel)) => self.registry.heard(channel, Heard::Ready),
+            Some(Control::Release(channel)) => self.registry.heard(channel, Heard::Release),
+            Some(Control::Stopped(channel)) => self.registry.heard(channel, Heard::Stopped),
+            None => {}
+        }
     }
 
     /// Delivers what was staged and wakes the consumers that got something.
@@ -334,9 +371,11 @@ impl Driver {
         }
 
         let mut budget = BATCH;
+        let mut received = false;
         let lost = loop {
             match live.conn.poll_message(cx) {
                 Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
+                    received = true;
                     self.dispatch(note);
                     budget -= 1;
                     if budget == 0 {
@@ -357,27 +396,39 @@ impl Driver {
                 Poll::Pending => break None,
             }
         };
+        if received {
+            // Once per batch: a clock read per message would cost more.
+            live.last_good = Instant::now();
+        }
         self.wake_consumers();
         if let Some(reason) = lost {
             return Poll::Ready(Stop::Lost(reason));
         }
 
-        if let Poll::Ready(Some((changes, res))) = live.poll_op(cx) {
+        if let Poll::Ready(Some((planned, res))) = live.poll_op(cx) {
+            let Planned { steps, probe } = planned;
             match res {
                 Ok(rows) => {
-                    self.registry.confirmed(changes, &election::acquired(&rows));
+                    let answer = election::parse_answer(&rows);
+                    self.registry.confirmed(steps, &answer);
+                    if probe {
+                        self.registry.probed(&answer);
+                    }
+                    if std::mem::take(&mut self.registry.hurry) {
+                        live.retry_soon(HURRY);
+                    }
                     self.emit_registry_events();
                     live.reset_health(self.opts.health_check_interval);
                 }
                 // Locks may have been granted before the error: only a new
                 // session is sure to hold none.
-                Err(OpError::Pg(e)) if is_fatal(&e) || self.opts.single_listener => {
+                Err(OpError::Pg(e)) if is_fatal(&e) || steps.iter().any(|s| elects(s)) => {
                     return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
                 }
                 Err(OpError::Pg(e)) => {
                     let err = Error::db("LISTEN", e);
                     tracing::error!(%err, "pg-pubsub: server refused LISTEN/UNLISTEN");
-                    self.registry.refused(&changes, &err);
+                    self.registry.refused(&steps, &err);
                 }
                 Err(OpError::TimedOut) => {
                     return Poll::Ready(Stop::Lost(format!(
@@ -388,15 +439,20 @@ impl Driver {
             }
         }
 
-        if self.opts.single_listener && live.poll_retry(cx, self.opts.lock_retry_interval) {
-            self.registry.retry_locks(None);
+        if live.poll_retry(cx, self.opts.lock_retry_interval) {
+            self.registry.retry_locks();
         }
         if live.op.is_none() {
-            let changes = self.registry.plan();
+            let steps = self.registry.plan();
             let health_due = live.health.as_mut().poll(cx).is_ready();
-            if !changes.is_empty() || health_due {
-                let sql = election::changes_sql(&changes);
-                live.start(sql, changes, self.opts.health_check_timeout);
+            if !steps.is_empty() || health_due {
+                let now = Instant::now();
+                let probe = now >= self.next_probe && steps.iter().any(|(_, s)| *s == Step::TryLock);
+                if probe {
+                    self.next_probe = now + self.opts.health_check_interval;
+                }
+                let sql = election::steps_sql(&steps, probe);
+                live.start(sql, Planned { steps, probe }, self.opts.health_check_timeout);
                 // Poll again so the statement is sent.
                 cx.waker().wake_by_ref();
             }
@@ -404,79 +460,125 @@ impl Driver {
         Poll::Pending
     }
 
-    /// Hands elected channels over: unlock and wake the standbys, then keep
-    /// delivering until a new leader announces it listens (its LISTEN and
-    /// announcement commit together, so nothing is lost or seen twice), or
-    /// until the hand-over timeout when nobody takes over.
-    async fn hand_over(&mut self, live: &mut Live) {
-        let mut pending: Vec<ChannelName> = self.registry.leaders();
+    /// Hands elected channels over: announce the release and unlock, then
+    /// keep delivering until a new leader announces that it listens (its
+    /// `LISTEN` and announcement commit together, so nothing is lost or seen
+    /// twice). A `ready:` counts only from a session that holds the
+    /// channel's lock. When nobody takes over within the hand-over timeout,
+    /// announce `stopped:` and deliver up to it, so standbys that win later
+    /// know to report a gap.
+    async fn hand_over(&mut self, live: &mut Live, deadline: Instant) {
+        let pending: Vec<ChannelName> = self.registry.leaders();
         if pending.is_empty() {
             return;
         }
-        let sql: String = pending.iter().map(election::release_sql).collect();
-        let client = live.client.clone();
-        let deadline = Instant::now() + self.opts.handover_timeout;
+        let ready_by = deadline.min(Instant::now() + self.opts.handover_timeout);
         let mut held = Vec::new();
-        let sent = tokio::time::timeout_at(
-            deadline,
-            drive(&mut live.conn, client.simple_query(&sql), &mut held),
-        )
-        .await;
+        let sql = election::release_sql(&pending);
+        let sent = self.statement(live, &sql, &mut held, ready_by).await;
         for channel in &pending {
             self.emit(ConnectionEvent::LockReleased {
                 channel: channel.clone(),
             });
         }
-        if !matches!(sent, Ok(Ok(Ok(_)))) {
+        if sent.is_none() {
             return;
         }
-        let mut held = held.into_iter();
-        let conn = &mut live.conn;
-        let waited = tokio::time::timeout_at(
-            deadline,
-            poll_fn(|cx| {
-                loop {
-                    let note = match held.next() {
-                        Some(note) => note,
-                        None => match conn.poll_message(cx) {
-                            Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => note,
-                            Poll::Ready(Some(Ok(_))) => continue,
-                            Poll::Ready(_) => return Poll::Ready(()),
-                            Poll::Pending => break,
-                        },
-                    };
-                    if note.channel() == CONTROL_CHANNEL {
-                        if let Some(Control::Ready(ch)) = election::parse_control(note.payload()) {
-                            if let Some(i) = pending.iter().position(|p| p.as_str() == ch) {
-                                // Everything before this was ours to deliver; the rest is the new leader's.
-                                self.registry.flush(&mut self.wake);
-                                self.registry.end_channel(ch);
-                                pending.swap_remove(i);
-                            }
-                        }
-                    } else {
-                        self.dispatch(note);
-                    }
-                }
-                self.wake_consumers();
-                if pending.is_empty() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            }),
-        )
-        .await;
-        self.wake_consumers();
-        if waited.is_err() {
-            tracing::info!(channels = ?pending, "pg-pubsub: no standby took over within the hand-over timeout");
+        let mut pending = Cut::new(pending, held);
+        self.deliver_until(live, &mut pending, ready_by).await;
+        if pending.channels.is_empty() {
+            return;
+        }
+        tracing::info!(channels = ?pending.channels, "pg-pubsub: no standby took over within the hand-over timeout");
+        let sql = election::stopped_sql(&pending.channels);
+        let mut later = Vec::new();
+        let sent = self.statement(live, &sql, &mut later, deadline).await;
+        pending.held.extend(later);
+        if sent.is_some() {
+            pending.stopping = true;
+            self.deliver_until(live, &mut pending, deadline).await;
         }
     }
 
-    /// Ends every subscription, UNLISTENs, closes the session, and answers.
+    /// Runs `sql` on the listener session by `deadline`, keeping the
+    /// notifications that arrive meanwhile in `held`.
+    async fn statement(
+        &self,
+        live: &mut Live,
+        sql: &str,
+        held: &mut Vec<Notification>,
+        deadline: Instant,
+    ) -> Option<Vec<tokio_postgres::SimpleQueryMessage>> {
+        let client = live.client.clone();
+        let run = drive(&mut live.conn, client.simple_query(sql), held);
+        match tokio::time::timeout_at(deadline, run).await {
+            Ok(Ok(Ok(rows))) => Some(rows),
+            _ => None,
+        }
+    }
+
+    /// Delivers the channels in `cut` until each reaches its cut (a verified
+    /// successor's `ready:`, or our own `stopped:`), or until `deadline`.
+    async fn deliver_until(&mut self, live: &mut Live, cut: &mut Cut, deadline: Instant) {
+        let own = live.process_id;
+        while !cut.channels.is_empty() {
+            let note = match cut.held.pop_front() {
+                Some(note) => note,
+                None => {
+                    let next = poll_fn(|cx| loop {
+                        match live.conn.poll_message(cx) {
+                            Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
+                                return Poll::Ready(Some(n))
+                            }
+                            Poll::Ready(Some(Ok(_))) => continue,
+                            Poll::Ready(_) => return Poll::Ready(None),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    });
+                    self.wake_consumers();
+                    match tokio::time::timeout_at(deadline, next).await {
+                        Ok(Some(note)) => note,
+                        _ => break,
+                    }
+                }
+            };
+            if note.channel() != CONTROL_CHANNEL {
+                self.dispatch(note);
+                continue;
+            }
+            let (channel, from) = match election::parse_control(note.payload()) {
+                Some(Control::Ready(ch)) if note.process_id() != own => (ch, note.process_id()),
+                Some(Control::Stopped(ch)) if cut.stopping && note.process_id() == own => (ch, own),
+                _ => continue,
+            };
+            let Some(i) = cut.channels.iter().position(|p| p.as_str() == channel) else {
+                continue;
+            };
+            if from != own {
+                // Later notifications wait in `held` while we ask.
+                let sql = election::holder_sql(channel, from);
+                let mut later = Vec::new();
+                let rows = self.statement(live, &sql, &mut later, deadline).await;
+                cut.held.extend(later);
+                if !rows.is_some_and(|rows| election::is_true(&rows)) {
+                    tracing::warn!(channel, pid = from, "pg-pubsub: ignored a ready: from a session that does not hold the lock");
+                    continue;
+                }
+            }
+            // Everything before this was ours to deliver; the rest is not.
+            self.registry.flush(&mut self.wake);
+            self.registry.end_channel(channel);
+            cut.channels.swap_remove(i);
+        }
+        self.wake_consumers();
+    }
+
+    /// Ends every subscription, UNLISTENs, closes the session, and answers,
+    /// all within one shutdown timeout.
     async fn finish(mut self, mut live: Option<Live>, reply: Option<oneshot::Sender<()>>) {
+        let deadline = Instant::now() + self.opts.shutdown_timeout;
         if let Some(live) = &mut live {
-            self.hand_over(live).await;
+            self.hand_over(live, deadline).await;
         }
         self.registry.shut_down();
         self.cmds.close();
@@ -492,19 +594,15 @@ impl Driver {
             }
         }
         if let Some(mut live) = live {
-            let timeout = self.opts.shutdown_timeout;
             let mut held = Vec::new();
-            let client = live.client.clone();
-            let unlisten = drive(
-                &mut live.conn,
-                client.batch_execute("UNLISTEN *"),
-                &mut held,
-            );
-            if tokio::time::timeout(timeout, unlisten).await.is_err() {
-                tracing::warn!("pg-pubsub: UNLISTEN * not answered within {timeout:?}");
+            if self
+                .statement(&mut live, "UNLISTEN *", &mut held, deadline)
+                .await
+                .is_none()
+            {
+                tracing::warn!("pg-pubsub: UNLISTEN * not answered within the shutdown timeout");
             }
-            drop(client);
-            live.close(timeout).await;
+            live.close(deadline).await;
         }
         self.status.send_replace(Status::default());
         self.emit(ConnectionEvent::ShutDown);

@@ -11,88 +11,99 @@ use tokio::sync::oneshot;
 use tokio_postgres::Notification;
 use uuid::Uuid;
 
+use super::election::{Answer, CONTROL_CHANNEL};
+use super::role::{Election, Heard, Plain, Step};
 use crate::channel::ChannelName;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::event::ConnectionEvent;
-use crate::message::{Gap, Received};
+use crate::message::{Gap, GapCause, Received};
 use crate::queue::Queue;
 
 pub(crate) type SubId = u64;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;
-/// Channels this instance currently leads, shared with the handles.
-pub(crate) type Leading = Arc<Mutex<HashSet<ChannelName>>>;
+/// A set of channels shared with the handles (which this instance leads;
+/// on which it filters its own messages).
+pub(crate) type ChannelSet = Arc<Mutex<HashSet<ChannelName>>>;
+
+/// How one subscription wants its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mode {
+    pub elected: bool,
+    pub filtered: bool,
+}
 
 struct Subscriber {
     id: SubId,
     queue: Arc<Queue>,
+    filtered: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// Every instance listens (no election).
-    Plain,
-    /// Elected channel; another session holds the lock (or we have not tried yet).
-    Standby,
-    /// Elected channel; this session holds its advisory lock.
-    Leader,
+enum State {
+    Plain(Plain),
+    Elected(Election),
+}
+
+impl State {
+    fn new(elected: bool) -> Self {
+        if elected {
+            State::Elected(Election::new())
+        } else {
+            State::Plain(Plain::Idle)
+        }
+    }
+
+    fn is_elected(&self) -> bool {
+        matches!(self, State::Elected(_))
+    }
+
+    /// Neither listened to nor locked, nor about to be.
+    fn idle(&self) -> bool {
+        match self {
+            State::Plain(p) => *p == Plain::Idle,
+            State::Elected(e) => matches!(e, Election::Standby { .. }),
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        match self {
+            State::Plain(p) => matches!(p, Plain::Listening | Plain::Unlistening),
+            State::Elected(e) => e.in_flight(),
+        }
+    }
+
+    fn settled(&self) -> bool {
+        match self {
+            State::Plain(p) => *p == Plain::Listened,
+            State::Elected(e) => e.settled(),
+        }
+    }
+
+    /// Whether received messages go to the subscribers. A plain channel
+    /// delivers even before its `LISTEN` is confirmed: the server only sends
+    /// what was committed after it took effect.
+    fn delivers(&self) -> bool {
+        match self {
+            State::Plain(_) => true,
+            State::Elected(e) => e.delivers(),
+        }
+    }
+
+    fn leads(&self) -> bool {
+        matches!(self, State::Elected(e) if e.leads())
+    }
 }
 
 struct Channel {
     subs: Vec<Subscriber>,
     /// `listen` calls waiting for the channel to settle.
     waiters: Vec<Reply>,
-    /// The server has confirmed LISTEN on this session.
-    listening: bool,
-    /// A change for it is in flight.
-    in_flight: bool,
-    role: Role,
-    /// Standby: a lock attempt is due.
-    try_due: bool,
-    /// Standby: at least one lock attempt was answered.
-    attempted: bool,
-    /// New leader: its own `ready:` has not come back yet. Messages before
-    /// it were committed before it listened; the previous leader handles them.
-    awaiting_ready: bool,
+    state: State,
 }
 
 impl Channel {
-    fn new(elected: bool) -> Self {
-        Channel {
-            subs: Vec::new(),
-            waiters: Vec::new(),
-            listening: false,
-            in_flight: false,
-            role: if elected { Role::Standby } else { Role::Plain },
-            try_due: elected,
-            attempted: false,
-            awaiting_ready: false,
-        }
-    }
-
     fn wanted(&self) -> bool {
         !self.subs.is_empty()
     }
-
-    /// The server state matches what its subscribers need.
-    fn settled(&self) -> bool {
-        !self.in_flight
-            && match self.role {
-                Role::Plain | Role::Leader => self.listening,
-                Role::Standby => self.attempted && !self.try_due,
-            }
-    }
-}
-
-/// One change to make on the server.
-pub(crate) enum Change {
-    Listen {
-        channel: ChannelName,
-        elected: bool,
-    },
-    Unlisten(ChannelName),
-    TryLock(ChannelName),
-    /// UNLISTEN, unlock, and wake the standbys.
-    Release(ChannelName),
 }
 
 #[derive(Default)]
@@ -100,11 +111,18 @@ pub(crate) struct Registry {
     channels: HashMap<ChannelName, Channel>,
     /// Something changed since the last `plan`.
     dirty: bool,
-    /// Drop messages tagged with this origin (the instance's own).
-    filter_origin: Option<Uuid>,
-    /// Channels are elected (single listener).
-    elected: bool,
-    leading: Leading,
+    /// This instance's origin: filtered subscribers skip messages tagged with it.
+    origin: Option<Uuid>,
+    leading: ChannelSet,
+    filtering: ChannelSet,
+    /// The session listens to the election's control channel.
+    control: bool,
+    /// A failed lock attempt followed a release: retry soon.
+    pub hurry: bool,
+    /// Standby channels whose lock a non-leader held at the last probe.
+    suspects: HashMap<String, i32>,
+    /// Suspects already reported.
+    reported: HashSet<String>,
     /// Events for the driver to publish.
     pub events: Vec<ConnectionEvent>,
     /// Received, not yet delivered (see `flush`).
@@ -119,43 +137,73 @@ impl Borrow<str> for ChannelName {
     }
 }
 
+fn lock(set: &ChannelSet) -> std::sync::MutexGuard<'_, HashSet<ChannelName>> {
+    set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Registry {
-    pub(crate) fn new(filter_origin: Option<Uuid>, elected: bool, leading: Leading) -> Self {
+    pub(crate) fn new(origin: Uuid, leading: ChannelSet, filtering: ChannelSet) -> Self {
         Registry {
-            filter_origin,
-            elected,
+            origin: Some(origin),
             leading,
+            filtering,
             ..Registry::default()
         }
     }
 
-    fn set_leading(&self, channel: &ChannelName, leads: bool) {
-        let mut leading = self.leading.lock().unwrap_or_else(|e| e.into_inner());
-        if leads {
-            leading.insert(channel.clone());
-        } else {
-            leading.remove(channel);
-        }
-    }
-
     /// Adds a subscriber; `reply` is answered once the channel settles
-    /// (at once when it already has, or when offline).
+    /// (at once when it already has, or when offline). A channel is either
+    /// elected or not: a subscription asking for the other mode fails.
     pub(crate) fn subscribe(
         &mut self,
         channel: ChannelName,
         id: SubId,
         queue: Arc<Queue>,
+        mode: Mode,
         reply: Reply,
         connected: bool,
     ) {
-        self.dirty = true;
-        let elected = self.elected;
         let ch = self
             .channels
-            .entry(channel)
-            .or_insert_with(|| Channel::new(elected));
-        ch.subs.push(Subscriber { id, queue });
-        if !connected || ch.settled() {
+            .entry(channel.clone())
+            .or_insert_with(|| Channel {
+                subs: Vec::new(),
+                waiters: Vec::new(),
+                state: State::new(mode.elected),
+            });
+        if ch.state.is_elected() != mode.elected {
+            if ch.wanted() || !ch.state.idle() {
+                let (has, wants) = if mode.elected {
+                    ("plain", "single-listener")
+                } else {
+                    ("single-listener", "plain")
+                };
+                let why = if ch.wanted() {
+                    "has subscriptions"
+                } else {
+                    "is still being released"
+                };
+                let _ = reply.send(Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "channel {channel:?} {why} in {has} mode on this instance; \
+                         a {wants} subscription cannot share it"
+                    ),
+                )));
+                return;
+            }
+            ch.state = State::new(mode.elected);
+        }
+        self.dirty = true;
+        ch.subs.push(Subscriber {
+            id,
+            queue,
+            filtered: mode.filtered,
+        });
+        if mode.filtered {
+            lock(&self.filtering).insert(channel);
+        }
+        if !connected || ch.state.settled() {
             // Offline: registered, takes effect (with a gap) on reconnect.
             let _ = reply.send(Ok(()));
         } else {
@@ -166,143 +214,209 @@ impl Registry {
     pub(crate) fn unsubscribe(&mut self, channel: &str, id: SubId) {
         if let Some(ch) = self.channels.get_mut(channel) {
             ch.subs.retain(|s| s.id != id);
+            if !ch.subs.iter().any(|s| s.filtered) {
+                lock(&self.filtering).remove(channel);
+            }
             self.dirty = true;
         }
     }
 
-    /// Changes needed to make the server match the subscriptions; marks them
-    /// in flight. Also answers waiters of settled channels and forgets unused ones.
-    pub(crate) fn plan(&mut self) -> Vec<Change> {
-        let mut changes = Vec::new();
+    /// Statements needed to make the server match the subscriptions; marks
+    /// them in flight. Also answers waiters of settled channels and forgets
+    /// unused ones.
+    pub(crate) fn plan(&mut self) -> Vec<(ChannelName, Step)> {
+        let mut steps = Vec::new();
         if !std::mem::take(&mut self.dirty) {
-            return changes;
+            return steps;
         }
+        let mut elected = false;
         self.channels.retain(|name, ch| {
-            if ch.in_flight {
+            elected |= ch.state.is_elected() && ch.wanted();
+            if ch.state.in_flight() {
                 return true;
             }
-            let change = match ch.role {
-                Role::Plain if ch.wanted() != ch.listening => Some(if ch.wanted() {
-                    Change::Listen {
-                        channel: name.clone(),
-                        elected: false,
-                    }
-                } else {
-                    Change::Unlisten(name.clone())
-                }),
-                Role::Leader if !ch.wanted() => Some(Change::Release(name.clone())),
-                Role::Leader if !ch.listening => Some(Change::Listen {
-                    channel: name.clone(),
-                    elected: true,
-                }),
-                Role::Standby if ch.wanted() && ch.try_due => Some(Change::TryLock(name.clone())),
-                _ => None,
+            let wanted = ch.wanted();
+            let step = match &mut ch.state {
+                State::Plain(p) => p.plan(wanted),
+                State::Elected(e) => e.plan(wanted),
             };
-            match change {
-                Some(change) => {
-                    ch.in_flight = true;
-                    ch.awaiting_ready |= matches!(change, Change::Listen { elected: true, .. });
-                    changes.push(change);
-                }
-                None if ch.settled() => {
+            match step {
+                Some(step) => steps.push((name.clone(), step)),
+                None if ch.state.settled() => {
                     for w in ch.waiters.drain(..) {
                         let _ = w.send(Ok(()));
                     }
                 }
                 None => {}
             }
-            ch.wanted() || ch.listening || ch.role == Role::Leader
+            wanted || !ch.state.idle()
         });
-        changes
+        if elected && !self.control && !steps.is_empty() {
+            // Heard before the first lock attempt's answer: control
+            // messages decide whether a take-over needs a gap.
+            if let Ok(control) = ChannelName::new(CONTROL_CHANNEL) {
+                steps.insert(0, (control, Step::Listen));
+            }
+        }
+        steps
     }
 
-    /// The server carried out `changes`; `acquired` are the locks it granted.
-    pub(crate) fn confirmed(&mut self, changes: Vec<Change>, acquired: &HashSet<String>) {
+    /// The server carried out `steps`; `answer` holds the lock results.
+    pub(crate) fn confirmed(&mut self, steps: Vec<(ChannelName, Step)>, answer: &Answer) {
         self.dirty = true;
-        for change in changes {
-            let name = match &change {
-                Change::Listen { channel, .. }
-                | Change::Unlisten(channel)
-                | Change::TryLock(channel)
-                | Change::Release(channel) => channel.clone(),
-            };
+        for (name, step) in steps {
+            if name.as_str() == CONTROL_CHANNEL {
+                self.control = true;
+                continue;
+            }
             let Some(ch) = self.channels.get_mut(name.as_str()) else {
                 continue;
             };
-            ch.in_flight = false;
-            let event = match change {
-                Change::Listen { .. } => {
-                    ch.listening = true;
-                    Some(ConnectionEvent::Listening {
-                        channel: name.clone(),
-                    })
-                }
-                Change::Unlisten(_) => {
-                    ch.listening = false;
-                    Some(ConnectionEvent::Unlistened {
-                        channel: name.clone(),
-                    })
-                }
-                Change::TryLock(_) => {
-                    let was_attempted = ch.attempted;
-                    ch.try_due = false;
-                    ch.attempted = true;
-                    if acquired.contains(name.as_str()) {
-                        ch.role = Role::Leader;
-                        Some(ConnectionEvent::LockAcquired {
+            let event = match &mut ch.state {
+                State::Plain(p) => {
+                    p.confirmed();
+                    Some(if *p == Plain::Listened {
+                        ConnectionEvent::Listening {
                             channel: name.clone(),
-                        })
-                    } else if !was_attempted {
-                        Some(ConnectionEvent::Standby {
-                            channel: name.clone(),
-                        })
+                        }
                     } else {
-                        None
-                    }
-                }
-                Change::Release(_) => {
-                    ch.listening = false;
-                    ch.role = Role::Standby;
-                    ch.try_due = true;
-                    Some(ConnectionEvent::LockReleased {
-                        channel: name.clone(),
+                        ConnectionEvent::Unlistened {
+                            channel: name.clone(),
+                        }
                     })
                 }
+                State::Elected(e) => match step {
+                    Step::TryLock => {
+                        let first = !matches!(e, Election::Acquiring { tried: true, .. });
+                        let granted = answer.granted.iter().any(|c| c == name.as_str());
+                        self.hurry |= e.lock_answer(granted);
+                        if granted {
+                            self.reported.remove(name.as_str());
+                            Some(ConnectionEvent::LockAcquired {
+                                channel: name.clone(),
+                            })
+                        } else {
+                            first.then(|| ConnectionEvent::Standby {
+                                channel: name.clone(),
+                            })
+                        }
+                    }
+                    Step::Announce => {
+                        e.announced();
+                        Some(ConnectionEvent::Listening {
+                            channel: name.clone(),
+                        })
+                    }
+                    Step::Release => {
+                        e.released();
+                        Some(ConnectionEvent::LockReleased {
+                            channel: name.clone(),
+                        })
+                    }
+                    Step::Listen | Step::Unlisten => None,
+                },
             };
-            let leads = ch.role == Role::Leader;
+            let leads = ch.state.leads();
             self.set_leading(&name, leads);
             self.events.extend(event);
         }
     }
 
-    /// The server refused `changes` (the session is still up): their
-    /// `listen` calls fail and their subscriptions end.
-    pub(crate) fn refused(&mut self, changes: &[Change], err: &Error) {
-        self.dirty = true;
-        for change in changes {
-            let (Change::Listen { channel, .. } | Change::Unlisten(channel)) = change else {
+    /// Reports standbys blocked by a lock that no leader of their channel
+    /// holds, when a probe saw the same holder twice in a row.
+    pub(crate) fn probed(&mut self, answer: &Answer) {
+        let now: HashMap<String, i32> = answer.suspects.iter().cloned().collect();
+        for (channel, pid) in &now {
+            if self.suspects.get(channel) != Some(pid) || self.reported.contains(channel) {
+                continue;
+            }
+            let Some((name, _)) = self.channels.get_key_value(channel.as_str()) else {
                 continue;
             };
-            if let Some(ch) = self.channels.get_mut(channel.as_str()) {
-                ch.in_flight = false;
-                if matches!(change, Change::Listen { .. }) {
-                    for w in ch.waiters.drain(..) {
-                        let _ = w.send(Err(Error::new(err.kind(), err.to_string())));
-                    }
-                    for s in ch.subs.drain(..) {
-                        s.queue.close();
-                    }
+            tracing::error!(
+                %channel, holder = pid,
+                "pg-pubsub: election lock held by a session that does not lead this channel"
+            );
+            self.events.push(ConnectionEvent::ElectionBlocked {
+                channel: name.clone(),
+                holder_pid: *pid,
+            });
+            self.reported.insert(channel.clone());
+        }
+        self.suspects = now;
+    }
+
+    fn set_leading(&self, channel: &ChannelName, leads: bool) {
+        let mut leading = lock(&self.leading);
+        if leads {
+            leading.insert(channel.clone());
+        } else {
+            leading.remove(channel);
+        }
+    }
+
+    /// The server refused plain `steps` (the session is still up): their
+    /// `listen` calls fail and their subscriptions end.
+    pub(crate) fn refused(&mut self, steps: &[(ChannelName, Step)], err: &Error) {
+        self.dirty = true;
+        for (name, step) in steps {
+            let Some(ch) = self.channels.get_mut(name.as_str()) else {
+                continue;
+            };
+            if let State::Plain(p) = &mut ch.state {
+                *p = Plain::Idle;
+            }
+            if *step == Step::Listen {
+                for w in ch.waiters.drain(..) {
+                    let _ = w.send(Err(Error::new(err.kind(), err.to_string())));
+                }
+                for s in ch.subs.drain(..) {
+                    s.queue.close();
                 }
             }
         }
     }
 
-    /// Standbys try for the lock again (retry timer, or a leader released).
-    pub(crate) fn retry_locks(&mut self, only: Option<&str>) {
-        for (name, ch) in &mut self.channels {
-            if ch.role == Role::Standby && only.is_none_or(|o| o == name.as_str()) {
-                ch.try_due = true;
+    /// Standbys try for the lock again (retry timer).
+    pub(crate) fn retry_locks(&mut self) {
+        for ch in self.channels.values_mut() {
+            if let State::Elected(e) = &mut ch.state {
+                e.retry();
                 self.dirty = true;
+            }
+        }
+    }
+
+    /// A control message from another session.
+    pub(crate) fn heard(&mut self, channel: &str, what: Heard) {
+        if let Some(ch) = self.channels.get_mut(channel) {
+            if let State::Elected(e) = &mut ch.state {
+                e.heard(what);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// This session's own `ready:<channel>` arrived: deliver from here on,
+    /// after a take-over gap when the previous leader did not hand over.
+    /// (Call after flushing what came before it.)
+    pub(crate) fn own_ready(&mut self, channel: &str) {
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let State::Elected(e) = &mut ch.state else {
+            return;
+        };
+        if e.own_ready() {
+            let gap = Gap::new(
+                GapCause::TakeOver,
+                format!(
+                    "took over {channel:?} without a hand-over from a previous leader; \
+                     messages sent before this may not have been delivered"
+                ),
+            );
+            for s in &ch.subs {
+                s.queue.push_gap(gap.clone());
             }
         }
     }
@@ -311,58 +425,53 @@ impl Registry {
     /// Waiting `listen` calls return (registered; they take effect on reconnect).
     pub(crate) fn connection_lost(&mut self, reason: &Arc<str>) {
         self.dirty = true;
+        self.control = false;
+        self.hurry = false;
         for (name, ch) in &mut self.channels {
-            ch.listening = false;
-            ch.in_flight = false;
-            ch.awaiting_ready = false;
-            if ch.role == Role::Leader {
-                ch.role = Role::Standby;
-                self.events.push(ConnectionEvent::LockLost {
-                    channel: name.clone(),
-                    reason: reason.clone(),
-                });
-            }
-            if ch.role == Role::Standby {
-                ch.try_due = true;
+            match &mut ch.state {
+                State::Plain(p) => *p = Plain::Idle,
+                State::Elected(e) => {
+                    if e.connection_lost() {
+                        self.events.push(ConnectionEvent::LockLost {
+                            channel: name.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                }
             }
             for w in ch.waiters.drain(..) {
                 let _ = w.send(Ok(()));
             }
         }
-        self.leading
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.leading).clear();
         self.channels.retain(|_, ch| ch.wanted());
     }
 
-    /// Plain channels to listen to on a new connection; marks them listening.
-    /// (Elected channels go through a lock attempt first.)
-    pub(crate) fn relisten_all(&mut self) -> Vec<ChannelName> {
+    /// Channels to listen to on a new connection, marked listened (elected
+    /// channels go through a lock attempt first), and whether the control
+    /// channel is among them.
+    pub(crate) fn relisten_all(&mut self) -> (Vec<ChannelName>, bool) {
         self.channels.retain(|_, ch| ch.wanted());
-        self.channels
-            .iter_mut()
-            .filter(|(_, ch)| ch.role == Role::Plain)
-            .map(|(name, ch)| {
-                ch.listening = true;
-                name.clone()
-            })
-            .collect()
-    }
-
-    /// This session's own `ready:<channel>` arrived: deliver from here on.
-    /// (Call after flushing what came before it.)
-    pub(crate) fn own_ready(&mut self, channel: &str) {
-        if let Some(ch) = self.channels.get_mut(channel) {
-            ch.awaiting_ready = false;
+        let mut channels = Vec::new();
+        let mut elected = false;
+        for (name, ch) in &mut self.channels {
+            match &mut ch.state {
+                State::Plain(p) => {
+                    *p = Plain::Listened;
+                    channels.push(name.clone());
+                }
+                State::Elected(_) => elected = true,
+            }
         }
+        self.control = elected;
+        (channels, elected)
     }
 
-    /// Channels this instance leads.
+    /// Channels whose lock this session holds and announced.
     pub(crate) fn leaders(&self) -> Vec<ChannelName> {
         self.channels
             .iter()
-            .filter(|(_, ch)| ch.role == Role::Leader)
+            .filter(|(_, ch)| ch.state.leads())
             .map(|(name, _)| name.clone())
             .collect()
     }
@@ -381,6 +490,7 @@ impl Registry {
                 s.queue.close();
             }
         }
+        lock(&self.leading).remove(channel);
     }
 
     /// Ends every subscription and fails waiting `listen` calls.
@@ -394,10 +504,8 @@ impl Registry {
             }
         }
         self.channels.clear();
-        self.leading
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.leading).clear();
+        lock(&self.filtering).clear();
     }
 
     /// Queues a received notification; [`flush`](Self::flush) delivers it.
@@ -413,35 +521,40 @@ impl Registry {
         let mut run = std::mem::take(&mut self.run);
         let mut notes = staged.drain(..).peekable();
         while let Some(first) = notes.next() {
-            let found = self.channels.get_key_value(first.channel());
-            // Only a leader handles an elected channel's messages, from its
-            // own `ready:` on.
-            let target = found.filter(|(_, ch)| {
-                !ch.subs.is_empty() && ch.role != Role::Standby && !ch.awaiting_ready
-            });
+            let target = self
+                .channels
+                .get_key_value(first.channel())
+                .filter(|(_, ch)| ch.wanted() && ch.state.delivers());
             let channel = target.map(|(name, _)| name.clone());
             let shared = target.is_some_and(|(_, ch)| ch.subs.len() > 1);
-            let mut keep = |note: Notification| {
-                if channel.is_some() {
-                    let received = Received::new(note, shared);
-                    if self.filter_origin.is_none() || received.origin() != self.filter_origin {
-                        run.push(received);
-                    }
-                }
-            };
             let name = first.channel().to_owned();
-            keep(first);
-            while let Some(note) = notes.next_if(|n| n.channel() == name) {
-                keep(note);
+            if channel.is_some() {
+                run.push(Received::new(first, shared));
+                while let Some(note) = notes.next_if(|n| n.channel() == name) {
+                    run.push(Received::new(note, shared));
+                }
+            } else {
+                while notes.next_if(|n| n.channel() == name).is_some() {}
             }
             let Some(channel) = channel else { continue };
-            if run.is_empty() {
-                continue;
-            }
             let mut slow = false;
+            let mut others: Option<Vec<Received>> = None;
             if let Some(ch) = self.channels.get(channel.as_str()) {
                 for s in &ch.subs {
-                    slow |= s.queue.push_all(&run, wake);
+                    let batch = if s.filtered {
+                        // Built once per run, only when a subscriber filters.
+                        others.get_or_insert_with(|| {
+                            run.iter()
+                                .filter(|r| r.origin() != self.origin)
+                                .cloned()
+                                .collect()
+                        })
+                    } else {
+                        &run
+                    };
+                    if !batch.is_empty() {
+                        slow |= s.queue.push_all(batch, wake);
+                    }
                 }
             }
             run.clear();

@@ -112,12 +112,7 @@ pub async fn terminate(pid: i32) {
 /// Backend PID holding the election lock of `channel` (the documented key).
 pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
     client
-        .query_opt(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND classid = 1885827187::oid AND objsubid = 2 \
-             AND objid = (hashtext($1)::bigint & 4294967295)::oid",
-            &[&channel],
-        )
+        .query_opt(pg_pubsub::election::LEADER_PID_SQL, &[&channel])
         .await
         .expect("pg_locks")
         .map(|r| r.get(0))
