@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::channel::ChannelName;
 use crate::config::{Backoff, ListenOptions, Options};
-use crate::driver::{ChannelSet, Command, Driver, Mode, Status, CONTROL_CHANNEL};
+use crate::driver::{ChannelSet, Command, Driver, Mode, Shared, Status, CONTROL_CHANNEL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::queue::Queue;
@@ -254,9 +254,11 @@ impl Builder {
             cmd_rx,
             events.clone(),
             status_tx,
-            origin,
-            leading.clone(),
-            filtering.clone(),
+            Shared {
+                origin,
+                leading: leading.clone(),
+                filtering: filtering.clone(),
+            },
         );
         let task = driver.start().await?;
         tokio::spawn(tracing::Instrument::instrument(

@@ -65,6 +65,8 @@ async fn one_leader_handles_each_message_and_sigkill_hands_over() {
     let took = killed.elapsed();
     assert_ne!(next, leader);
     println!("SIGKILL hand-over took {took:?}");
+    // Nobody handed over: the new leader says messages may be missing.
+    fleet.wait_for(|f| f.gaps.contains(&next)).await;
     let before = fleet.received[next].len();
     publish(&client, &ch, 20..40).await;
     fleet.collect(40, Duration::from_millis(300)).await;
@@ -101,6 +103,31 @@ async fn sigterm_hands_over_with_nothing_lost_or_doubled() {
     publisher.await.unwrap();
     fleet.collect(60, Duration::from_millis(300)).await;
     assert_exactly_once(&fleet, 0..60);
+    // Only the first leader reported a gap (it could not know whether
+    // anyone led before it); the graceful successor did not.
+    assert_eq!(fleet.gaps, [leader]);
+}
+
+#[tokio::test]
+async fn elect_only_some_channels_of_one_listen() {
+    let jobs = channel("jobs");
+    let cache = channel("cache");
+    let client = raw_client().await;
+    let mut fleet = Fleet::new();
+    for _ in 0..2 {
+        fleet.spawn_with(&[&cache, "--elect", &jobs]).await;
+    }
+    publish(&client, &jobs, 0..10).await;
+    publish(&client, &cache, 100..110).await;
+    fleet.collect(10 + 2 * 10, Duration::from_millis(300)).await;
+    let leader = fleet.leader();
+    for (i, got) in fleet.received.iter().enumerate() {
+        // Broadcast payloads are m100..m109, elected ones m0..m9.
+        let cached = got.iter().filter(|p| p.len() == 4).count();
+        assert_eq!(cached, 10, "every process gets the broadcast channel");
+        let jobs_got = got.len() - cached;
+        assert_eq!(jobs_got, if i == leader { 10 } else { 0 }, "{got:?}");
+    }
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pg_pubsub::GapCause;
 use pg_pubsub::{ConnectionEvent, Delivery};
 
 #[tokio::test]
@@ -47,7 +48,9 @@ async fn terminated_backend_gives_a_gap_then_delivery_resumes() {
     // Every subscriber learns of the gap, and it comes before new messages.
     for s in [&mut sub, &mut other] {
         match next(s).await {
-            Delivery::Gap(gap) => assert!(gap.reason().contains("administrator command"), "{gap:?}"),
+            Delivery::Gap(gap) => {
+                assert!(gap.reason().contains("administrator command"), "{gap:?}")
+            }
             d => panic!("expected a gap, got {d:?}"),
         }
     }
@@ -209,10 +212,17 @@ async fn shutdown_is_bounded_when_the_server_does_not_answer() {
     let ch = channel("stuck");
     let mut sub = ps.listen_raw(&ch).await.unwrap();
     assert!(ps.is_leader(&ch));
+    expect_gap(&mut sub, GapCause::TakeOver).await;
     let pid = ps.listener_pid().unwrap();
     send_signal(pid, "-STOP");
+    let started = std::time::Instant::now();
     let done = tokio::time::timeout(WAIT, ps.shutdown()).await;
     send_signal(pid, "-CONT");
     assert!(done.is_ok(), "shutdown hung");
+    // One timeout bounds the whole shutdown (0.1 took up to twice as long).
+    println!(
+        "shutdown took {:?} with a 500 ms shutdown timeout",
+        started.elapsed()
+    );
     assert!(sub.recv().await.is_none(), "the subscription ended");
 }

@@ -162,9 +162,13 @@ pub(crate) struct Answer {
 pub(crate) fn parse_answer(rows: &[SimpleQueryMessage]) -> Answer {
     let mut answer = Answer::default();
     for m in rows {
+        // `get` panics past the last column.
         let SimpleQueryMessage::Row(row) = m else {
             continue;
         };
+        if row.len() != 3 {
+            continue;
+        }
         match (row.get(0), row.get(1), row.get(2)) {
             (Some("lock"), Some(ch), Some("t")) => answer.granted.push(ch.to_owned()),
             (Some("suspect"), Some(ch), Some(pid)) => {
@@ -181,7 +185,7 @@ pub(crate) fn parse_answer(rows: &[SimpleQueryMessage]) -> Answer {
 /// Whether the first row of an answer is `t`.
 pub(crate) fn is_true(rows: &[SimpleQueryMessage]) -> bool {
     rows.iter().any(|m| match m {
-        SimpleQueryMessage::Row(row) => row.get(0) == Some("t"),
+        SimpleQueryMessage::Row(row) => !row.is_empty() && row.get(0) == Some("t"),
         _ => false,
     })
 }

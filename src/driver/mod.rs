@@ -29,7 +29,7 @@ use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
 use live::{drive, is_fatal, open, Live, OpError, Planned};
 use registry::Registry;
-pub(crate) use registry::{ChannelSet, Mode, SubId};
+pub(crate) use registry::{ChannelSet, Mode, Shared, SubId};
 use role::{Heard, Step};
 
 /// Notifications handled per wake-up before yielding to other tasks.
@@ -127,11 +127,9 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Command>,
         events: broadcast::Sender<ConnectionEvent>,
         status: watch::Sender<Status>,
-        origin: uuid::Uuid,
-        leading: ChannelSet,
-        filtering: ChannelSet,
+        shared: Shared,
     ) -> Self {
-        let registry = Registry::new(origin, leading, filtering);
+        let registry = Registry::new(shared);
         Driver {
             pg,
             opts,
@@ -422,7 +420,7 @@ impl Driver {
                 }
                 // Locks may have been granted before the error: only a new
                 // session is sure to hold none.
-                Err(OpError::Pg(e)) if is_fatal(&e) || steps.iter().any(|s| elects(s)) => {
+                Err(OpError::Pg(e)) if is_fatal(&e) || steps.iter().any(elects) => {
                     return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
                 }
                 Err(OpError::Pg(e)) => {
@@ -447,12 +445,17 @@ impl Driver {
             let health_due = live.health.as_mut().poll(cx).is_ready();
             if !steps.is_empty() || health_due {
                 let now = Instant::now();
-                let probe = now >= self.next_probe && steps.iter().any(|(_, s)| *s == Step::TryLock);
+                let probe =
+                    now >= self.next_probe && steps.iter().any(|(_, s)| *s == Step::TryLock);
                 if probe {
                     self.next_probe = now + self.opts.health_check_interval;
                 }
                 let sql = election::steps_sql(&steps, probe);
-                live.start(sql, Planned { steps, probe }, self.opts.health_check_timeout);
+                live.start(
+                    sql,
+                    Planned { steps, probe },
+                    self.opts.health_check_timeout,
+                );
                 // Poll again so the statement is sent.
                 cx.waker().wake_by_ref();
             }
@@ -561,7 +564,11 @@ impl Driver {
                 let rows = self.statement(live, &sql, &mut later, deadline).await;
                 cut.held.extend(later);
                 if !rows.is_some_and(|rows| election::is_true(&rows)) {
-                    tracing::warn!(channel, pid = from, "pg-pubsub: ignored a ready: from a session that does not hold the lock");
+                    tracing::warn!(
+                        channel,
+                        pid = from,
+                        "pg-pubsub: ignored a ready: from a session that does not hold the lock"
+                    );
                     continue;
                 }
             }

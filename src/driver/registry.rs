@@ -25,6 +25,17 @@ pub(crate) type Reply = oneshot::Sender<Result<()>>;
 /// on which it filters its own messages).
 pub(crate) type ChannelSet = Arc<Mutex<HashSet<ChannelName>>>;
 
+/// What the registry shares with the handles.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    /// This instance's origin: filtered subscribers skip messages tagged with it.
+    pub origin: Uuid,
+    /// Channels this instance leads.
+    pub leading: ChannelSet,
+    /// Channels with a filtered subscription.
+    pub filtering: ChannelSet,
+}
+
 /// How one subscription wants its channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Mode {
@@ -142,11 +153,11 @@ fn lock(set: &ChannelSet) -> std::sync::MutexGuard<'_, HashSet<ChannelName>> {
 }
 
 impl Registry {
-    pub(crate) fn new(origin: Uuid, leading: ChannelSet, filtering: ChannelSet) -> Self {
+    pub(crate) fn new(shared: Shared) -> Self {
         Registry {
-            origin: Some(origin),
-            leading,
-            filtering,
+            origin: Some(shared.origin),
+            leading: shared.leading,
+            filtering: shared.filtering,
             ..Registry::default()
         }
     }
@@ -292,18 +303,17 @@ impl Registry {
                         self.hurry |= e.lock_answer(granted);
                         if granted {
                             self.reported.remove(name.as_str());
-                            Some(ConnectionEvent::LockAcquired {
-                                channel: name.clone(),
-                            })
+                            None
                         } else {
                             first.then(|| ConnectionEvent::Standby {
                                 channel: name.clone(),
                             })
                         }
                     }
+                    // Announced: the lock is ours and we listen.
                     Step::Announce => {
                         e.announced();
-                        Some(ConnectionEvent::Listening {
+                        Some(ConnectionEvent::LockAcquired {
                             channel: name.clone(),
                         })
                     }

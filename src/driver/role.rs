@@ -126,9 +126,7 @@ impl Election {
             Election::Won { handed_over } if wanted => {
                 (Election::Announcing { handed_over }, Step::Announce)
             }
-            Election::Won { .. } | Election::AwaitingReady { .. } | Election::Leader
-                if !wanted =>
-            {
+            Election::Won { .. } | Election::AwaitingReady { .. } | Election::Leader if !wanted => {
                 (Election::Releasing, Step::Release)
             }
             _ => return None,
@@ -357,7 +355,10 @@ mod tests {
         s.lock_answer(false);
         s.heard(Heard::Release);
         assert!(!s.connection_lost());
-        assert!(win(&mut s), "a hand-over seen on a lost session does not count");
+        assert!(
+            win(&mut s),
+            "a hand-over seen on a lost session does not count"
+        );
     }
 
     #[test]

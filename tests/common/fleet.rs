@@ -27,6 +27,8 @@ pub struct Fleet {
     pub leaders: Vec<usize>,
     /// Who announced losing it, in order.
     pub lost: Vec<usize>,
+    /// Who reported a gap (`gap on <channel>`), in order.
+    pub gaps: Vec<usize>,
 }
 
 impl Fleet {
@@ -39,15 +41,23 @@ impl Fleet {
             received: Vec::new(),
             leaders: Vec::new(),
             lost: Vec::new(),
+            gaps: Vec::new(),
         }
     }
 
     /// Starts one more listener on `channel` and waits until it leads or stands by.
     pub async fn spawn(&mut self, channel: &str, extra: &[&str]) -> usize {
+        let mut args = vec![channel, "--single-listener"];
+        args.extend_from_slice(extra);
+        self.spawn_with(&args).await
+    }
+
+    /// Starts `pg-pubsub listen ARGS...` and waits until it leads or stands by.
+    pub async fn spawn_with(&mut self, args: &[&str]) -> usize {
         let i = self.procs.len();
         let mut child = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
-            .args(["listen", channel, "--single-listener"])
-            .args(extra)
+            .arg("listen")
+            .args(args)
             .env("DATABASE_URL", server().url())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -87,6 +97,7 @@ impl Fleet {
             }
             Line::Err(i, l) if l.contains("leading") => self.leaders.push(*i),
             Line::Err(i, l) if l.contains("lost the lead") => self.lost.push(*i),
+            Line::Err(i, l) if l.contains("gap on ") => self.gaps.push(*i),
             Line::Err(..) => {}
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pg_pubsub::testing::TestServer;
-use pg_pubsub::{Builder, ConnectionEvent, Delivery, Message, PgPubSub};
+use pg_pubsub::{Builder, ConnectionEvent, Delivery, GapCause, Message, PgPubSub};
 
 /// How long any awaited event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -68,6 +68,19 @@ where
     match next(stream).await {
         Delivery::Message(m) => m,
         other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// The next delivery, which must be a gap of `cause` (e.g. the take-over gap
+/// a channel's first leader gets).
+pub async fn expect_gap<T: std::fmt::Debug + 'static, S>(stream: &mut S, cause: GapCause)
+where
+    S: Stream<Item = Delivery<T>> + Unpin,
+{
+    match next(stream).await {
+        Delivery::Gap(gap)
+            if std::mem::discriminant(&gap.cause()) == std::mem::discriminant(&cause) => {}
+        other => panic!("expected a {cause:?} gap, got {other:?}"),
     }
 }
 
