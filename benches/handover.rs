@@ -25,7 +25,7 @@ use pg_pubsub::testing::TestServer;
 use scenario::fleet::Fleet;
 use scenario::foreign::{self, Publisher};
 use scenario::handover::{explain, fate, fault_and_measure, Fault, Takeover};
-use scenario::{Mode, Result};
+use scenario::{Ev, Mode, Result};
 
 const WORKERS: [&str; 3] = ["a", "b", "c"];
 /// The publisher's default pace (the graceful target assumes it).
@@ -127,6 +127,8 @@ struct Run {
     sent: usize,
     lost: usize,
     doubled: usize,
+    /// Some were lost and no subscription after the fault reported a gap.
+    silent: bool,
 }
 
 async fn one_run(
@@ -162,6 +164,10 @@ async fn one_run(
             explain(&fleet, &sent, seq, took.fault_us)
         );
     }
+    let gapped = fleet
+        .log
+        .iter()
+        .any(|e| e.t_us >= took.fault_us && matches!(e.ev, Ev::Gap { .. }));
     // Killing is quicker than stopping cleanly, and the channel is not reused.
     fleet.kill_all();
     Ok(Run {
@@ -169,6 +175,7 @@ async fn one_run(
         sent: fate.sent,
         lost: fate.lost.len(),
         doubled: fate.doubled.len(),
+        silent: !fate.lost.is_empty() && !gapped,
     })
 }
 
@@ -201,6 +208,7 @@ impl Case {
         let slowest = self.sorted(|t| t.to_first).last().copied();
         slowest.is_some_and(|s| s <= self.target())
             && self.sum(|r| r.doubled) == 0
+            && self.sum(|r| usize::from(r.silent)) == 0
             && (self.fault != Fault::Graceful || self.sum(|r| r.lost) == 0)
     }
 }
@@ -219,7 +227,7 @@ fn median(sorted: &[Duration]) -> Duration {
 
 fn table(cases: &[Case], pace: Duration) -> String {
     let mut out = format!(
-        "{:<31} {:>4} {:>8} {:>9} {:>8} {:>12} {:>10} {:>7}  {:<22} {}\n",
+        "{:<31} {:>4} {:>8} {:>9} {:>8} {:>12} {:>10} {:>7} {:>6}  {:<22} {}\n",
         "case",
         "runs",
         "min ms",
@@ -228,6 +236,7 @@ fn table(cases: &[Case], pace: Duration) -> String {
         "to-lead med",
         "lost/sent",
         "doubled",
+        "silent",
         "target",
         "met"
     );
@@ -244,7 +253,7 @@ fn table(cases: &[Case], pace: Duration) -> String {
             .filter(|r| r.took.new == r.took.old)
             .count();
         out += &format!(
-            "{:<31} {:>4} {:>8.1} {:>9.1} {:>8.1} {:>9.1} ms {:>10} {:>7}  {:<22} {}\n",
+            "{:<31} {:>4} {:>8.1} {:>9.1} {:>8.1} {:>9.1} ms {:>10} {:>7} {:>6}  {:<22} {}\n",
             case.fault.label(),
             case.runs.len(),
             ms(first.first().copied().unwrap_or_default()),
@@ -253,6 +262,7 @@ fn table(cases: &[Case], pace: Duration) -> String {
             ms(median(&lead)),
             format!("{}/{}", case.sum(|r| r.lost), case.sum(|r| r.sent)),
             case.sum(|r| r.doubled),
+            case.sum(|r| usize::from(r.silent)),
             target,
             if case.met() { "yes" } else { "NO" }
         );
@@ -265,7 +275,8 @@ fn table(cases: &[Case], pace: Duration) -> String {
     }
     out += &format!(
         "\nlost: sent while nobody listened (at-most-once; expected after SIGKILL and a \
-         terminated backend).\nfirst-message times include up to {} ms waiting for the next \
+         terminated backend).\nsilent: runs that lost messages with no gap reported by any subscription after \
+         the fault (must be 0).\nfirst-message times include up to {} ms waiting for the next \
          publish; to-lead is the new leader's LockAcquired.",
         pace.as_millis()
     );
