@@ -1,36 +1,20 @@
 //! The `pg-pubsub` binary end to end, against the test server.
 #![cfg(feature = "cli")]
 
-use std::process::{Output, Stdio};
-use std::time::Duration;
+mod common;
 
-use futures::StreamExt;
-use pg_pubsub::testing::TestServer;
+use std::process::{Output, Stdio};
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
-use tokio::sync::mpsc;
-use tokio_postgres::AsyncMessage;
 
-/// How long any awaited thing may take before the test fails.
-const WAIT: Duration = Duration::from_secs(20);
-
-fn url() -> &'static str {
-    TestServer::shared().url()
-}
-
-/// A channel name no other test uses.
-fn channel(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
+use common::{channel, raw_client, raw_listener, recv, server, WAIT};
 
 /// The binary with `DATABASE_URL` set; killed if the test ends before it does.
 fn cli(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"));
     cmd.args(args)
-        .env("DATABASE_URL", url())
+        .env("DATABASE_URL", server().url())
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -115,55 +99,6 @@ impl Listener {
             .expect("pg-pubsub did not exit in time")
             .expect("wait for pg-pubsub")
     }
-}
-
-/// A plain tokio-postgres session, as a foreign client would use.
-async fn raw_client() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url(), tokio_postgres::NoTls)
-        .await
-        .expect("raw connect");
-    tokio::spawn(conn);
-    client
-}
-
-/// A plain session listening on `channel`, forwarding (channel, payload, pid).
-async fn raw_listener(
-    channel: &str,
-) -> (
-    tokio_postgres::Client,
-    mpsc::UnboundedReceiver<(String, String, i32)>,
-) {
-    let (client, mut conn) = tokio_postgres::connect(url(), tokio_postgres::NoTls)
-        .await
-        .expect("raw connect");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = msg {
-                let item = (
-                    n.channel().to_owned(),
-                    n.payload().to_owned(),
-                    n.process_id(),
-                );
-                if tx.send(item).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN \"{channel}\""))
-        .await
-        .expect("LISTEN");
-    (client, rx)
-}
-
-async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("timed out waiting for a notification")
-        .expect("listener connection ended")
 }
 
 #[tokio::test]
