@@ -49,7 +49,8 @@
 //!
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
 //! (notify paths), `subscription.rs` and `queue.rs` (the consumer side),
-//! `message.rs` ([`Delivery`] and friends), `error.rs`, and `driver/`:
+//! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
+//! payloads), `error.rs`, and `driver/`:
 //! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
 //! `registry.rs` (channels, subscribers, roles, fan-out), `election.rs`
 //! (the SQL, including the single-listener protocol below).
@@ -110,6 +111,7 @@ mod signal;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod truncate;
 pub mod wire;
 
 pub use channel::ChannelName;
