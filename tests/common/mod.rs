@@ -170,6 +170,27 @@ pub async fn terminate(pid: i32) {
     assert!(row.get::<_, bool>(0), "backend {pid} was not terminated");
 }
 
+/// Waits until backend `pid` has left `pg_stat_activity`, failing after [`WAIT`].
+pub async fn wait_backend_gone(pid: i32) {
+    let client = raw_client().await;
+    let gone = async {
+        loop {
+            let rows = client
+                .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await
+                .expect("pg_stat_activity");
+            if rows.is_empty() {
+                return;
+            }
+            // The server has no event for a session's end: poll.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, gone)
+        .await
+        .unwrap_or_else(|_| panic!("backend {pid} still there after {WAIT:?}"));
+}
+
 /// Backend PID holding the election lock of `channel` (the documented key).
 pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
     client
