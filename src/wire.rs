@@ -66,7 +66,8 @@ pub fn check_payload(payload: &str) -> Result<()> {
 
 /// PostgreSQL text cannot hold NUL: the server would refuse it (SQLSTATE 22021).
 fn check_nul(body: &str) -> Result<()> {
-    match body.bytes().position(|b| b == 0) {
+    // `find` on a char uses memchr: payloads are scanned at memory speed.
+    match body.find('\0') {
         None => Ok(()),
         Some(at) => Err(Error::new(
             ErrorKind::PayloadContainsNul,
