@@ -39,7 +39,8 @@ pub trait Executor: sealed::Sealed + Sync {
 
 /// A statement cache keyed by client identity (its address) could hand a
 /// statement to another session after a move or drop, and the error would
-/// abort the caller's transaction; the unnamed statement costs no more.
+/// abort the caller's transaction. The unnamed statement also takes one round
+/// trip; the server parses it each time, which is cheap for this one.
 macro_rules! unnamed_executor {
     ($($ty:ty),*) => {$(
         impl sealed::Sealed for $ty {}
@@ -88,8 +89,9 @@ impl PgPubSub {
     /// Publishes `value` as JSON on `channel` through the pool.
     ///
     /// Checked before anything is sent: the channel name, the payload size
-    /// (under 8000 bytes) and that the payload has no NUL byte. Fails with [`ErrorKind::Timeout`] after the notify
-    /// timeout when the server is unreachable.
+    /// (under 8000 bytes) and that the payload has no NUL byte. Fails with
+    /// [`ErrorKind::Timeout`] after the notify timeout when the server is
+    /// unreachable.
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
