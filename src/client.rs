@@ -518,3 +518,56 @@ impl fmt::Debug for PgPubSub {
             .finish()
     }
 }
+
+/// A reference to a [`PgPubSub`] that does not keep it alive, for tasks that
+/// serve an instance (`shutdown_on_signal`'s) and must end with it.
+#[cfg(feature = "signal")]
+pub(crate) struct WeakPgPubSub {
+    inner: std::sync::Weak<Inner>,
+    /// Reaches the listener while subscriptions outlive every handle.
+    cmds: mpsc::WeakUnboundedSender<Command>,
+    /// Its sender is the listener task's: closed when that task has ended.
+    status: watch::Receiver<Status>,
+}
+
+#[cfg(feature = "signal")]
+impl PgPubSub {
+    pub(crate) fn downgrade(&self) -> WeakPgPubSub {
+        WeakPgPubSub {
+            inner: Arc::downgrade(&self.inner),
+            cmds: self.inner.cmds.downgrade(),
+            status: self.inner.status.clone(),
+        }
+    }
+}
+
+#[cfg(feature = "signal")]
+impl WeakPgPubSub {
+    pub(crate) fn upgrade(&self) -> Option<PgPubSub> {
+        self.inner.upgrade().map(|inner| PgPubSub { inner })
+    }
+
+    /// [`PgPubSub::shutdown`]; when only subscriptions are left, asks the
+    /// listener task directly (they then end after what they received).
+    pub(crate) async fn shutdown(&self) {
+        if let Some(pubsub) = self.upgrade() {
+            return pubsub.shutdown().await;
+        }
+        let Some(cmds) = self.cmds.upgrade() else {
+            return;
+        };
+        let (reply, done) = oneshot::channel();
+        if cmds.send(Command::Shutdown { reply }).is_ok() {
+            drop(cmds);
+            // The task bounds its own server calls; an error means it ended.
+            let _ = done.await;
+        }
+    }
+
+    /// Resolves once the listener task has ended: after a shutdown, or when
+    /// every handle and subscription is gone.
+    pub(crate) fn listener_ended(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut status = self.status.clone();
+        async move { while status.changed().await.is_ok() {} }
+    }
+}

@@ -31,6 +31,8 @@ pub enum ErrorKind {
     Timeout,
     /// The [`PgPubSub`](crate::PgPubSub) has been shut down.
     ShutDown,
+    /// The payload contains a NUL byte, which PostgreSQL text cannot hold.
+    PayloadContainsNul,
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it.

@@ -50,7 +50,8 @@
 //!
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
 //! (notify paths), `subscription.rs` and `queue.rs` (the consumer side),
-//! `message.rs` ([`Delivery`] and friends), `error.rs`, and `driver/`:
+//! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
+//! payloads), `error.rs`, and `driver/`:
 //! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
 //! `registry.rs` (channels, subscribers, fan-out), `role.rs` (the per-channel
 //! state machines: plain and elected), `election.rs` (the SQL).
@@ -96,6 +97,7 @@ mod signal;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod truncate;
 pub mod wire;
 
 pub use channel::ChannelName;

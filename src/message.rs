@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_postgres::Notification;
 use uuid::Uuid;
 
-use crate::wire;
+use crate::{truncate, wire};
 
 /// A notification as received, shared between the subscribers of a channel.
 #[derive(Clone)]
@@ -148,11 +148,19 @@ impl<T: 'static> Message<T> {
     }
 }
 
+/// Payloads show their first 256 bytes: a log line stays a line.
 impl<T: fmt::Debug + 'static> fmt::Debug for Message<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let payload: &dyn fmt::Debug = match (self.payload() as &dyn Any).downcast_ref::<String>() {
+            Some(text) => &truncate::Text(text),
+            None => &truncate::Value {
+                value: self.payload(),
+                raw_len: self.raw().len(),
+            },
+        };
         f.debug_struct("Message")
             .field("channel", &self.channel())
-            .field("payload", self.payload())
+            .field("payload", payload)
             .field("process_id", &self.process_id())
             .field("origin", &self.origin())
             .finish()
@@ -192,11 +200,12 @@ impl DecodeError {
     }
 }
 
+/// The payload shows its first 256 bytes: a log line stays a line.
 impl fmt::Debug for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DecodeError")
             .field("channel", &self.channel())
-            .field("raw", &self.raw())
+            .field("raw", &truncate::Text(self.raw()))
             .field("error", &self.error.to_string())
             .finish()
     }

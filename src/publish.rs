@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::future::Future;
 
 use serde::Serialize;
+use tokio_postgres::types::Type;
 
 use crate::channel::ChannelName;
 use crate::client::PgPubSub;
@@ -22,6 +23,11 @@ mod sealed {
 
 /// A connection or transaction to publish on with [`PgPubSub::notify_in`]:
 /// `tokio_postgres::{Client, Transaction}` and `deadpool_postgres::{Client, Transaction}`.
+///
+/// Each call is one round trip: deadpool's types prepare the statement once
+/// per connection (`prepare_cached`); tokio-postgres' types, which keep no
+/// statement cache, send it unnamed with its parameter types
+/// (`execute_typed`), so nothing is prepared beforehand or left on the session.
 pub trait Executor: sealed::Sealed + Sync {
     #[doc(hidden)]
     fn notify_sql(
@@ -31,20 +37,36 @@ pub trait Executor: sealed::Sealed + Sync {
     ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
 }
 
-macro_rules! executor {
+/// A statement cache keyed by client identity (its address) could hand a
+/// statement to another session after a move or drop, and the error would
+/// abort the caller's transaction. The unnamed statement also takes one round
+/// trip; the server parses it each time, which is cheap for this one.
+macro_rules! unnamed_executor {
     ($($ty:ty),*) => {$(
         impl sealed::Sealed for $ty {}
         impl Executor for $ty {
             async fn notify_sql(&self, channel: &str, payload: &str) -> Result<u64, tokio_postgres::Error> {
-                self.execute(NOTIFY_SQL, &[&channel, &payload]).await
+                self.execute_typed(NOTIFY_SQL, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
+                    .await
             }
         }
     )*};
 }
 
-executor!(
-    tokio_postgres::Client,
-    tokio_postgres::Transaction<'_>,
+macro_rules! cached_executor {
+    ($($ty:ty),*) => {$(
+        impl sealed::Sealed for $ty {}
+        impl Executor for $ty {
+            async fn notify_sql(&self, channel: &str, payload: &str) -> Result<u64, tokio_postgres::Error> {
+                let stmt = self.prepare_cached(NOTIFY_SQL).await?;
+                self.execute(&stmt, &[&channel, &payload]).await
+            }
+        }
+    )*};
+}
+
+unnamed_executor!(tokio_postgres::Client, tokio_postgres::Transaction<'_>);
+cached_executor!(
     deadpool_postgres::Client,
     deadpool_postgres::Transaction<'_>
 );
@@ -74,9 +96,10 @@ impl PgPubSub {
 
     /// Publishes `value` as JSON on `channel` through the pool.
     ///
-    /// Checked before anything is sent: the channel name and the payload size
-    /// (under 8000 bytes). Fails with [`ErrorKind::Timeout`] after the notify
-    /// timeout when the server is unreachable.
+    /// Checked before anything is sent: the channel name, the payload size
+    /// (under 8000 bytes) and that the payload has no NUL byte. Fails with
+    /// [`ErrorKind::Timeout`] after the notify timeout when the server is
+    /// unreachable.
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
@@ -106,8 +129,9 @@ impl PgPubSub {
     /// and transaction. Every payload is delivered, in order, even repeated
     /// ones (the server merges equal payloads within one transaction, so a
     /// batch is split where a payload repeats). All payloads are checked
-    /// before any is sent. Returns how many were sent; an error says how many
-    /// went out before it.
+    /// (size, NUL bytes) before any is sent: a bad one fails the call with
+    /// its index (`payload #i`, from 0) and nothing is sent. Returns how many
+    /// were sent; a later server error says how many went out before it.
     pub async fn notify_batch<I, S>(&self, channel: &str, payloads: I) -> Result<usize>
     where
         I: IntoIterator<Item = S>,
@@ -120,8 +144,7 @@ impl PgPubSub {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                wire::encode(origin, p.as_ref())
-                    .map_err(|e| Error::new(e.kind(), format!("payload #{i}: {e}")))
+                wire::encode(origin, p.as_ref()).map_err(|e| e.context(format!("payload #{i}")))
             })
             .collect::<Result<Vec<_>>>()?;
         self.check_open()?;

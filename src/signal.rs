@@ -11,6 +11,12 @@ impl PgPubSub {
     /// sub.next().await` finishes by itself; with single listener, the
     /// standbys take over first. The handle completes after the shutdown.
     ///
+    /// The task does not keep the instance alive: it also ends, without
+    /// waiting for a signal, once the listener stops, whether by
+    /// [`shutdown`](PgPubSub::shutdown) or because every handle and
+    /// subscription was dropped. While subscriptions outlive every handle,
+    /// a signal still shuts their listener down.
+    ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
     /// use futures::StreamExt;
@@ -22,11 +28,15 @@ impl PgPubSub {
     /// # Ok(()) }
     /// ```
     pub fn shutdown_on_signal(&self) -> JoinHandle<()> {
-        let pubsub = self.clone();
+        let pubsub = self.downgrade();
+        let ended = pubsub.listener_ended();
         tokio::spawn(async move {
-            if wait_for_signal().await {
-                tracing::info!("pg-pubsub: signal received, shutting down");
-                pubsub.shutdown().await;
+            tokio::select! {
+                signalled = wait_for_signal() => if signalled {
+                    tracing::info!("pg-pubsub: signal received, shutting down");
+                    pubsub.shutdown().await;
+                },
+                () = ended => {}
             }
         })
     }

@@ -9,9 +9,10 @@
 //! ```
 //!
 //! where `<origin>` is the sending [`PgPubSub`](crate::PgPubSub) instance's
-//! UUID as 32 lowercase hex digits without dashes, and `<body>` is the
+//! UUID as 32 lower-case hex digits without dashes, and `<body>` is the
 //! payload proper. A receiver strips the header when the payload starts with
-//! `pgps:1:`, then 32 hex digits, then `:`; anything else is a plain payload.
+//! `pgps:1:`, then 32 lower-case hex digits, then `:`; anything else
+//! (upper-case hex included) is a plain payload, delivered whole.
 //! Both kinds decode the same way for typed subscribers.
 //!
 //! [`notify`]: crate::PgPubSub::notify
@@ -30,8 +31,10 @@ const MAGIC: &str = "pgps:1:";
 /// Bytes the origin header adds to a payload.
 pub const HEADER_BYTES: usize = MAGIC.len() + 32 + 1;
 
-/// Builds the payload to send, tagged with `origin` when given, and checks its size.
+/// Builds the payload to send, tagged with `origin` when given, and checks it.
 pub(crate) fn encode(origin: Option<Uuid>, body: &str) -> Result<Cow<'_, str>> {
+    // The header holds no NUL, so the body's offset is the one to report.
+    check_nul(body)?;
     let payload = match origin {
         None => Cow::Borrowed(body),
         Some(origin) => {
@@ -45,6 +48,32 @@ pub(crate) fn encode(origin: Option<Uuid>, body: &str) -> Result<Cow<'_, str>> {
     };
     check_size(&payload, origin.is_some())?;
     Ok(payload)
+}
+
+/// Checks that `payload` can be sent as is, without an origin header: no NUL
+/// byte ([`ErrorKind::PayloadContainsNul`]) and at most [`MAX_PAYLOAD_BYTES`]
+/// ([`ErrorKind::PayloadTooLarge`]). The notify methods run the same checks.
+///
+/// ```
+/// use pg_pubsub::{wire, ErrorKind};
+/// assert!(wire::check_payload("hello").is_ok());
+/// assert_eq!(wire::check_payload("a\0b").unwrap_err().kind(), ErrorKind::PayloadContainsNul);
+/// ```
+pub fn check_payload(payload: &str) -> Result<()> {
+    check_nul(payload)?;
+    check_size(payload, false)
+}
+
+/// PostgreSQL text cannot hold NUL: the server would refuse it (SQLSTATE 22021).
+fn check_nul(body: &str) -> Result<()> {
+    // `find` on a char uses memchr: payloads are scanned at memory speed.
+    match body.find('\0') {
+        None => Ok(()),
+        Some(at) => Err(Error::new(
+            ErrorKind::PayloadContainsNul,
+            format!("payload contains a NUL byte at byte {at}; PostgreSQL text cannot hold one"),
+        )),
+    }
 }
 
 fn check_size(payload: &str, tagged: bool) -> Result<()> {
@@ -71,7 +100,8 @@ pub(crate) fn decode(payload: &str) -> (Option<Uuid>, &str) {
     if bytes.len() >= HEADER_BYTES && payload.starts_with(MAGIC) && bytes[HEADER_BYTES - 1] == b':'
     {
         let hex = &payload[MAGIC.len()..HEADER_BYTES - 1];
-        if hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // Only the documented form: lower-case hex, no dashes.
+        if hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             if let Ok(origin) = Uuid::try_parse(hex) {
                 return (Some(origin), &payload[HEADER_BYTES..]);
             }
@@ -104,5 +134,32 @@ mod tests {
         let body = "x".repeat(7999 - HEADER_BYTES);
         assert!(encode(Some(Uuid::new_v4()), &body).is_ok());
         assert!(encode(Some(Uuid::new_v4()), &format!("{body}x")).is_err());
+    }
+
+    #[test]
+    fn nul_is_refused_before_sending() {
+        for origin in [None, Some(Uuid::new_v4())] {
+            let err = encode(origin, "ab\0cd").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::PayloadContainsNul);
+            assert!(err.to_string().contains("at byte 2"), "{err}");
+        }
+        let err = check_payload("\0").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadContainsNul);
+        assert_eq!(
+            check_payload(&"x".repeat(8000)).unwrap_err().kind(),
+            ErrorKind::PayloadTooLarge
+        );
+        assert!(check_payload(&"é".repeat(3999)).is_ok());
+    }
+
+    #[test]
+    fn only_lower_case_origins_are_headers() {
+        let origin = Uuid::new_v4();
+        let lower = format!("pgps:1:{}:body", origin.simple());
+        assert_eq!(decode(&lower), (Some(origin), "body"));
+        let upper = format!("pgps:1:{}:body", origin.simple().to_string().to_uppercase());
+        assert_eq!(decode(&upper), (None, upper.as_str()));
+        let hyphenated = format!("pgps:1:{}:body", &origin.hyphenated().to_string()[..32]);
+        assert_eq!(decode(&hyphenated), (None, hyphenated.as_str()));
     }
 }

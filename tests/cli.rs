@@ -1,36 +1,20 @@
 //! The `pg-pubsub` binary end to end, against the test server.
 #![cfg(feature = "cli")]
 
-use std::process::{Output, Stdio};
-use std::time::Duration;
+mod common;
 
-use futures::StreamExt;
-use pg_pubsub::testing::TestServer;
+use std::process::{Output, Stdio};
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
-use tokio::sync::mpsc;
-use tokio_postgres::AsyncMessage;
 
-/// How long any awaited thing may take before the test fails.
-const WAIT: Duration = Duration::from_secs(20);
-
-fn url() -> &'static str {
-    TestServer::shared().url()
-}
-
-/// A channel name no other test uses.
-fn channel(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
+use common::{channel, raw_client, raw_listener, recv, recv_until, server, WAIT};
 
 /// The binary with `DATABASE_URL` set; killed if the test ends before it does.
 fn cli(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"));
     cmd.args(args)
-        .env("DATABASE_URL", url())
+        .env("DATABASE_URL", server().url())
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -115,55 +99,6 @@ impl Listener {
             .expect("pg-pubsub did not exit in time")
             .expect("wait for pg-pubsub")
     }
-}
-
-/// A plain tokio-postgres session, as a foreign client would use.
-async fn raw_client() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url(), tokio_postgres::NoTls)
-        .await
-        .expect("raw connect");
-    tokio::spawn(conn);
-    client
-}
-
-/// A plain session listening on `channel`, forwarding (channel, payload, pid).
-async fn raw_listener(
-    channel: &str,
-) -> (
-    tokio_postgres::Client,
-    mpsc::UnboundedReceiver<(String, String, i32)>,
-) {
-    let (client, mut conn) = tokio_postgres::connect(url(), tokio_postgres::NoTls)
-        .await
-        .expect("raw connect");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = msg {
-                let item = (
-                    n.channel().to_owned(),
-                    n.payload().to_owned(),
-                    n.process_id(),
-                );
-                if tx.send(item).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN \"{channel}\""))
-        .await
-        .expect("LISTEN");
-    (client, rx)
-}
-
-async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("timed out waiting for a notification")
-        .expect("listener connection ended")
 }
 
 #[tokio::test]
@@ -290,25 +225,76 @@ async fn oversized_payload_is_one_error_line() {
     );
 }
 
-#[tokio::test]
-async fn oversized_stdin_line_is_one_error_line() {
-    let ch = channel("cli_big_stdin");
-    let mut cmd = cli(&["notify", &ch, "--stdin"]);
+/// Runs `notify --stdin` on `channel` with `input`, which it may stop reading early.
+async fn notify_stdin(channel: &str, input: Vec<u8>) -> Output {
+    let mut cmd = cli(&["notify", channel, "--stdin"]);
     cmd.stdin(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
+    let mut child = cmd.spawn().expect("spawn pg-pubsub notify --stdin");
     let mut stdin = child.stdin.take().expect("stdin");
-    let input = format!("ok\n{}\n", "p".repeat(8000));
     let writer = tokio::spawn(async move {
         // The binary may exit before reading it all.
-        let _ = stdin.write_all(input.as_bytes()).await;
+        let _ = stdin.write_all(&input).await;
     });
     let out = tokio::time::timeout(WAIT, child.wait_with_output())
         .await
         .expect("pg-pubsub did not exit in time")
-        .expect("wait");
+        .expect("wait for pg-pubsub");
     writer.await.expect("writer");
+    out
+}
+
+#[tokio::test]
+async fn oversized_stdin_line_is_one_error_line() {
+    let ch = channel("cli_big_stdin");
+    let input = format!("ok\n{}\n", "p".repeat(8000));
+    let out = notify_stdin(&ch, input.into_bytes()).await;
     let line = assert_one_error_line(&out);
-    assert!(line.contains("line 2"), "{line}");
+    assert!(line.contains("line 2") && line.contains("7999"), "{line}");
+}
+
+#[tokio::test]
+async fn endless_stdin_line_is_refused_without_reading_it_all() {
+    let ch = channel("cli_endless");
+    let (_listener, mut rx) = raw_listener(&ch).await;
+    // 50 MB and no newline: the old reader held all of it before checking.
+    let mut input = b"ok\n".to_vec();
+    input.resize(50 << 20, b'p');
+    let out = notify_stdin(&ch, input).await;
+    let line = assert_one_error_line(&out);
+    assert!(
+        line.contains("line 2: payload is more than 7999 bytes")
+            && line.ends_with("nothing was sent before"),
+        "{line}"
+    );
+    send_sentinel(&ch).await;
+    assert_eq!(recv_until(&mut rx, "sentinel").await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn bad_stdin_line_stops_after_the_batches_it_reports() {
+    let ch = channel("cli_bad_line");
+    let (_listener, mut rx) = raw_listener(&ch).await;
+    let good: Vec<String> = (1..=2500).map(|i| format!("line {i}")).collect();
+    let input = format!("{}\na\0b\nnever read\n", good.join("\n"));
+    let out = notify_stdin(&ch, input.into_bytes()).await;
+    let line = assert_one_error_line(&out);
+    assert!(
+        line.contains("line 2501: payload contains a NUL byte"),
+        "{line}"
+    );
+    // Batches of 1000: the first two went out whole, the third not at all.
+    assert!(line.ends_with("lines 1 to 2000 were sent before"), "{line}");
+    send_sentinel(&ch).await;
+    assert_eq!(recv_until(&mut rx, "sentinel").await, good[..2000]);
+}
+
+/// Notifies `sentinel` on `channel` after everything else committed.
+async fn send_sentinel(channel: &str) {
+    raw_client()
+        .await
+        .execute("SELECT pg_notify($1, 'sentinel')", &[&channel])
+        .await
+        .expect("notify the sentinel");
 }
 
 #[tokio::test]

@@ -429,3 +429,36 @@ async fn publishes_through_a_given_pool_and_leaves_it_open() {
     );
     drop(pool.get().await.unwrap());
 }
+
+#[tokio::test]
+async fn debug_shows_the_start_of_long_payloads() {
+    let ps = pubsub().await;
+    let ch = channel("debug");
+    let mut raw = ps.listen_raw(&ch).await.unwrap();
+    let mut typed = ps.listen::<Order>(&ch).await.unwrap();
+    let mut list = ps.listen::<Vec<u32>>(&ch).await.unwrap();
+    let long = "é".repeat(3999);
+    ps.notify_raw(&ch, &long).await.unwrap();
+    let numbers: Vec<u32> = (0..1500).collect();
+    ps.notify(&ch, &numbers).await.unwrap();
+
+    let shown = format!("{:?}", next(&mut raw).await);
+    assert!(shown.contains("… (7998 bytes)"), "{shown}");
+    assert!(shown.len() < 400, "{} bytes: {shown}", shown.len());
+    let shown = format!("{:?}", next(&mut typed).await);
+    assert!(shown.starts_with("Undecodable(DecodeError"), "{shown}");
+    assert!(shown.contains("… (7998 bytes)"), "{shown}");
+    assert!(shown.len() < 500, "{} bytes: {shown}", shown.len());
+    let _ = next(&mut list).await; // the text above
+    let shown = format!("{:?}", next(&mut list).await);
+    assert!(shown.starts_with("Message"), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "… ({} bytes)",
+            serde_json::to_string(&numbers).unwrap().len()
+        )),
+        "{shown}"
+    );
+    assert!(shown.len() < 400, "{} bytes: {shown}", shown.len());
+    ps.shutdown().await;
+}

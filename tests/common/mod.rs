@@ -9,6 +9,8 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use pg_pubsub::testing::TestServer;
 use pg_pubsub::{Builder, ConnectionEvent, Delivery, GapCause, Message, PgPubSub};
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
 
 /// How long any awaited event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -50,6 +52,65 @@ pub async fn raw_client() -> tokio_postgres::Client {
         .expect("raw connect");
     tokio::spawn(conn);
     client
+}
+
+/// A plain session listening on `channel`, forwarding (channel, payload, pid):
+/// what a foreign client receives, with nothing of this crate in between.
+pub async fn raw_listener(
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    mpsc::UnboundedReceiver<(String, String, i32)>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(server().url(), tokio_postgres::NoTls)
+        .await
+        .expect("raw connect");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = msg {
+                let item = (
+                    n.channel().to_owned(),
+                    n.payload().to_owned(),
+                    n.process_id(),
+                );
+                if tx.send(item).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
+
+/// The next item from a [`raw_listener`], failing the test after [`WAIT`].
+pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a notification")
+        .expect("listener connection ended")
+}
+
+/// The payloads a [`raw_listener`] receives until `sentinel` (excluded).
+/// Send the sentinel after the thing under test: notifications arrive in
+/// commit order, so whatever that thing committed arrives before it.
+pub async fn recv_until(
+    rx: &mut mpsc::UnboundedReceiver<(String, String, i32)>,
+    sentinel: &str,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let (_, payload, _) = recv(rx).await;
+        if payload == sentinel {
+            return got;
+        }
+        got.push(payload);
+    }
 }
 
 /// The next delivery, failing the test after [`WAIT`].
@@ -120,6 +181,27 @@ pub async fn terminate(pid: i32) {
         .await
         .expect("pg_terminate_backend");
     assert!(row.get::<_, bool>(0), "backend {pid} was not terminated");
+}
+
+/// Waits until backend `pid` has left `pg_stat_activity`, failing after [`WAIT`].
+pub async fn wait_backend_gone(pid: i32) {
+    let client = raw_client().await;
+    let gone = async {
+        loop {
+            let rows = client
+                .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await
+                .expect("pg_stat_activity");
+            if rows.is_empty() {
+                return;
+            }
+            // The server has no event for a session's end: poll.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, gone)
+        .await
+        .unwrap_or_else(|_| panic!("backend {pid} still there after {WAIT:?}"));
 }
 
 /// Backend PID holding the election lock of `channel` (the documented key).
