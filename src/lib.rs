@@ -99,6 +99,7 @@
 pub mod channel;
 mod client;
 pub mod config;
+mod connect;
 mod driver;
 mod error;
 pub mod event;
@@ -110,11 +111,13 @@ mod signal;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod tls;
 pub mod wire;
 
 pub use channel::ChannelName;
 pub use client::{Builder, IntoConfig, PgPubSub};
 pub use config::Backoff;
+pub use connect::SslMode;
 pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
 pub use message::{DecodeError, Delivery, Gap, Message};

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, Config, Notification};
+use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::channel::ChannelName;
 use crate::config::Options;
@@ -26,7 +26,8 @@ use crate::queue::Queue;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
-use live::{drive, is_fatal, open, Live, OpError};
+pub(crate) use live::Endpoint;
+use live::{drive, is_fatal, Live, OpError};
 use registry::Registry;
 pub(crate) use registry::{Leading, SubId};
 
@@ -76,7 +77,7 @@ enum Stop {
 }
 
 pub(crate) struct Driver {
-    pg: Config,
+    server: Endpoint,
     opts: Options,
     cmds: mpsc::UnboundedReceiver<Command>,
     events: broadcast::Sender<ConnectionEvent>,
@@ -89,7 +90,7 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(
-        pg: Config,
+        server: Endpoint,
         opts: Options,
         cmds: mpsc::UnboundedReceiver<Command>,
         events: broadcast::Sender<ConnectionEvent>,
@@ -99,7 +100,7 @@ impl Driver {
     ) -> Self {
         let registry = Registry::new(filter_origin, opts.single_listener, leading);
         Driver {
-            pg,
+            server,
             opts,
             cmds,
             events,
@@ -112,13 +113,8 @@ impl Driver {
 
     /// Opens the first connection; on success the task runs until shutdown.
     pub(crate) async fn start(mut self) -> Result<impl Future<Output = ()>> {
-        let (client, conn) = open(&self.pg, self.opts.connect_timeout)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connect, format!("connecting the listener: {e}")))?;
-        let live = self
-            .establish(client, conn, None)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connect, format!("starting the listener: {e}")))?;
+        let (client, conn) = self.server.open(self.opts.connect_timeout).await?;
+        let live = self.establish(client, conn, None).await?;
         self.emit(ConnectionEvent::Connected {
             process_id: live.process_id,
         });
@@ -161,14 +157,13 @@ impl Driver {
         client: tokio_postgres::Client,
         conn: live::PgConnection,
         reconnect: Option<Reconnect>,
-    ) -> Result<Live, String> {
+    ) -> Result<Live, Error> {
         let mut channels = self.registry.relisten_all();
         let control = self
             .opts
             .single_listener
             .then(|| ChannelName::new(CONTROL_CHANNEL))
-            .transpose()
-            .map_err(|e| e.to_string())?;
+            .transpose()?;
         let sql = election::listen_sql(channels.iter().chain(&control));
         let mut held = Vec::new();
         let live = Live::establish(
@@ -228,10 +223,10 @@ impl Driver {
             if !delay.is_zero() {
                 self.offline(tokio::time::sleep(delay)).await?;
             }
-            let pg = self.pg.clone();
+            let server = self.server.clone();
             let timeout = self.opts.connect_timeout;
             let error = match self
-                .offline(async move { open(&pg, timeout).await })
+                .offline(async move { server.open(timeout).await })
                 .await?
             {
                 Ok((client, conn)) => {
@@ -254,7 +249,7 @@ impl Driver {
             tracing::debug!(attempt, %error, ?delay, "pg-pubsub reconnect failed");
             self.emit(ConnectionEvent::ReconnectFailed {
                 attempt,
-                error: error.into(),
+                error: error.to_string().into(),
                 retry_in: delay,
             });
         }
@@ -375,7 +370,7 @@ impl Driver {
                     return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
                 }
                 Err(OpError::Pg(e)) => {
-                    let err = Error::db("LISTEN", e);
+                    let err = Error::pg(ErrorKind::Listen, "LISTEN", e);
                     tracing::error!(%err, "pg-pubsub: server refused LISTEN/UNLISTEN");
                     self.registry.refused(&changes, &err);
                 }
