@@ -12,17 +12,31 @@ use uuid::Uuid;
 
 use crate::channel::ChannelName;
 use crate::config::{Backoff, ListenOptions, Options};
-use crate::driver::{ChannelSet, Command, Driver, Mode, Shared, Status, CONTROL_CHANNEL};
+use crate::connect::{SslMode, Target};
+use crate::driver::{ChannelSet, Command, Driver, Endpoint, Mode, Shared, Status, CONTROL_CHANNEL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::queue::Queue;
 use crate::subscription::{Decoder, Subscription};
+use crate::tls::Connector;
 
 /// Anything that names a PostgreSQL server: a connection URL or key=value
 /// string, or a [`tokio_postgres::Config`].
+///
+/// Strings may use libpq's `sslmode=verify-ca|verify-full` and
+/// `sslrootcert=PATH`, which tokio-postgres alone rejects (see [`SslMode`]).
 pub trait IntoConfig {
-    /// Parses or converts.
+    /// Parses or converts. For a string, `sslmode` `verify-ca`/`verify-full`
+    /// come out as `require`: use [`PgPubSub::builder`] to keep the verification.
     fn into_config(self) -> Result<tokio_postgres::Config>;
+
+    #[doc(hidden)]
+    fn into_target(self) -> Result<Target>
+    where
+        Self: Sized,
+    {
+        self.into_config().map(Target::from)
+    }
 }
 
 impl IntoConfig for tokio_postgres::Config {
@@ -33,9 +47,11 @@ impl IntoConfig for tokio_postgres::Config {
 
 impl IntoConfig for &str {
     fn into_config(self) -> Result<tokio_postgres::Config> {
-        // The error never contains the string itself, so no password leaks.
-        self.parse()
-            .map_err(|e| Error::new(ErrorKind::Config, format!("{e}")))
+        self.into_target().map(|t| t.pg)
+    }
+
+    fn into_target(self) -> Result<Target> {
+        Target::parse(self)
     }
 }
 
@@ -43,11 +59,19 @@ impl IntoConfig for &String {
     fn into_config(self) -> Result<tokio_postgres::Config> {
         self.as_str().into_config()
     }
+
+    fn into_target(self) -> Result<Target> {
+        self.as_str().into_target()
+    }
 }
 
 impl IntoConfig for String {
     fn into_config(self) -> Result<tokio_postgres::Config> {
         self.as_str().into_config()
+    }
+
+    fn into_target(self) -> Result<Target> {
+        self.as_str().into_target()
     }
 }
 
@@ -79,6 +103,10 @@ pub(crate) struct Inner {
 
 /// Configures and connects a [`PgPubSub`].
 ///
+/// Precedence: an explicit call on the builder wins; otherwise what the URL
+/// or [`tokio_postgres::Config`] sets (e.g. `?application_name=x&connect_timeout=2`);
+/// otherwise the defaults documented on each method.
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), pg_pubsub::Error> {
 /// use std::time::Duration;
@@ -92,17 +120,27 @@ pub(crate) struct Inner {
 /// ```
 #[must_use = "a builder does nothing until .connect() is awaited"]
 pub struct Builder {
-    pg: tokio_postgres::Config,
+    target: Target,
     pool: Option<Pool>,
     opts: Options,
+    tls: Option<Connector>,
+    explicit: Explicit,
+}
+
+/// Options set by a builder call, which win over the URL's.
+#[derive(Debug, Default)]
+struct Explicit {
+    application_name: bool,
+    connect_timeout: bool,
 }
 
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // tokio_postgres::Config's Debug redacts the password.
         f.debug_struct("Builder")
-            .field("pg", &self.pg)
+            .field("target", &self.target)
             .field("own_pool", &self.pool.is_some())
+            .field("own_tls", &self.tls.is_some())
             .field("opts", &self.opts)
             .finish()
     }
@@ -134,16 +172,63 @@ impl Builder {
     }
 
     /// `application_name` of this crate's sessions, shown in `pg_stat_activity`.
-    /// Default: `pg-pubsub`.
+    /// Default: the connection string's `application_name`, else `pg-pubsub`.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.opts.application_name = name.into();
+        self.explicit.application_name = true;
         self
     }
 
-    /// Time allowed to open a connection. Default: 10 s.
+    /// Time allowed to open a connection. Default: the connection string's
+    /// `connect_timeout`, else 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.opts.connect_timeout = timeout;
+        self.explicit.connect_timeout = true;
         self
+    }
+
+    /// Whether to use TLS and how much to verify; wins over the connection
+    /// string's `sslmode`. Default: the connection string's, else [`SslMode::Prefer`].
+    /// Modes above `Prefer` need the `tls` feature (or [`Builder::tls`]).
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.target.ssl_mode = mode;
+        self
+    }
+
+    /// PEM file of the certificate authorities to trust (libpq's
+    /// `sslrootcert`); wins over the connection string's. Without one, the
+    /// verifying modes trust the Mozilla roots and the platform's.
+    pub fn ssl_root_cert(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.target.root_cert = Some(path.into());
+        self
+    }
+
+    /// Uses this TLS implementation for every connection (listener and
+    /// pool) instead of the built-in one, with any `sslmode` but `disable`
+    /// (the `verify-*` modes become `require`: verifying is then the
+    /// connector's job). With `prefer`, TLS is tried first.
+    pub fn tls<T>(mut self, tls: T) -> Self
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        T::Stream: Send + Sync + 'static,
+        T::TlsConnect: Send + Sync + 'static,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future:
+            Send + 'static,
+    {
+        self.tls = Some(Connector::new(tls));
+        self
+    }
+
+    /// Uses this rustls configuration (its roots, verifier, client
+    /// certificate) for every connection. As with [`Builder::tls`], the
+    /// `sslmode` only decides whether TLS is used.
+    #[cfg(feature = "tls")]
+    pub fn tls_config(self, config: rustls::ClientConfig) -> Self {
+        self.tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
     /// How long `notify` may wait (for a pooled connection and the server)
@@ -225,14 +310,32 @@ impl Builder {
     /// Fails if the first connection cannot be opened (wrong address,
     /// credentials, ...); after that, connection losses are healed in the background.
     pub async fn connect(self) -> Result<PgPubSub> {
-        let Builder { mut pg, pool, opts } = self;
+        let Builder {
+            target,
+            pool,
+            mut opts,
+            tls,
+            explicit,
+        } = self;
         opts.validate()?;
-        pg.application_name(&opts.application_name)
-            .connect_timeout(opts.connect_timeout);
+        let (mut pg, tls) = target.connector(tls.as_ref())?;
+        // The connection string wins over defaults, explicit calls over both.
+        match pg.get_application_name() {
+            Some(name) if !explicit.application_name => opts.application_name = name.to_owned(),
+            _ => {
+                pg.application_name(&opts.application_name);
+            }
+        }
+        match pg.get_connect_timeout() {
+            Some(timeout) if !explicit.connect_timeout => opts.connect_timeout = *timeout,
+            _ => {
+                pg.connect_timeout(opts.connect_timeout);
+            }
+        }
         let owns_pool = pool.is_none();
         let pool = match pool {
             Some(pool) => pool,
-            None => build_pool(pg.clone(), &opts)?,
+            None => build_pool(pg.clone(), tls.clone(), &opts)?,
         };
         // Only the dedicated listener gets keepalives tuned to notice a dead peer.
         let mut listener_pg = pg.clone();
@@ -249,7 +352,10 @@ impl Builder {
         let leading = ChannelSet::default();
         let filtering = ChannelSet::default();
         let driver = Driver::new(
-            listener_pg,
+            Endpoint {
+                config: listener_pg,
+                tls,
+            },
             opts.clone(),
             cmd_rx,
             events.clone(),
@@ -284,10 +390,10 @@ impl Builder {
     }
 }
 
-fn build_pool(pg: tokio_postgres::Config, opts: &Options) -> Result<Pool> {
+fn build_pool(pg: tokio_postgres::Config, tls: Connector, opts: &Options) -> Result<Pool> {
     let manager = Manager::from_config(
         pg,
-        tokio_postgres::NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -302,7 +408,9 @@ fn build_pool(pg: tokio_postgres::Config, opts: &Options) -> Result<Pool> {
         .create_timeout(Some(opts.connect_timeout))
         .recycle_timeout(Some(opts.notify_timeout))
         .build()
-        .map_err(|e| Error::new(ErrorKind::Config, format!("building the pool: {e}")))
+        .map_err(|e| {
+            Error::new(ErrorKind::Config, format!("building the pool: {e}")).with_source(e)
+        })
 }
 
 fn decode_json<T: DeserializeOwned>(raw: &str) -> Result<T, serde_json::Error> {
@@ -329,9 +437,11 @@ impl PgPubSub {
     /// or [`tokio_postgres::Config`]).
     pub fn builder(config: impl IntoConfig) -> Result<Builder> {
         Ok(Builder {
-            pg: config.into_config()?,
+            target: config.into_target()?,
             pool: None,
             opts: Options::default(),
+            tls: None,
+            explicit: Explicit::default(),
         })
     }
 
@@ -483,7 +593,8 @@ impl PgPubSub {
         &self.inner.pool
     }
 
-    /// The connection settings (with `application_name` and `connect_timeout` applied).
+    /// The connection settings in use (with `application_name`,
+    /// `connect_timeout` and the `sslmode` given to tokio-postgres resolved).
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.inner.pg
     }

@@ -1,11 +1,17 @@
 //! The crate's error type: an opaque [`Error`] with a [`ErrorKind`] and accessors.
 
 use std::fmt;
+use std::sync::Arc;
+
+use tokio_postgres::error::{DbError, SqlState};
 
 /// A specialised `Result` for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong, and at which stage.
+///
+/// Whether the cause was a lost or unreachable server is a separate
+/// question, answered by [`Error::is_connection`] for every kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -19,14 +25,23 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The value could not be serialized to JSON.
     Serialize,
-    /// The options are inconsistent (for example a zero queue capacity).
+    /// The options are inconsistent (for example a zero queue capacity, or
+    /// an `sslmode` that needs the `tls` feature without it).
     Config,
-    /// Opening the listener connection failed.
+    /// Opening a connection failed: unreachable or refusing server, a
+    /// database that does not exist, too many connections, ...
     Connect,
-    /// No pooled connection could be had for publishing.
-    Pool,
-    /// The server refused a statement.
-    Db,
+    /// The server rejected the credentials (SQLSTATE class 28, e.g.
+    /// `28P01` wrong password, `28000` no `pg_hba.conf` entry).
+    Authentication,
+    /// TLS could not be set up: the server's certificate did not verify
+    /// (unknown CA, wrong host name), or the server does not offer TLS.
+    Tls,
+    /// `LISTEN`/`UNLISTEN`, the single-listener lock, or another statement
+    /// on the listener connection failed.
+    Listen,
+    /// Publishing failed (the `pg_notify` statement or its connection).
+    Notify,
     /// The operation did not finish within its configured timeout.
     Timeout,
     /// The [`PgPubSub`](crate::PgPubSub) has been shut down.
@@ -35,17 +50,25 @@ pub enum ErrorKind {
     PayloadContainsNul,
 }
 
-/// An error from this crate. Use [`Error::kind`] to branch on it.
+/// An error from this crate. Use [`Error::kind`] to branch on it,
+/// [`Error::is_connection`] to decide whether to retry, and
+/// [`Error::code`] / [`Error::as_db_error`] for the server's answer.
+///
+/// The underlying error (a [`tokio_postgres::Error`], an I/O error, ...) is
+/// kept as [`source()`](std::error::Error::source). Cloning is cheap: the
+/// source is shared, so one error can be handed to several waiters.
 ///
 /// ```
 /// use pg_pubsub::{ErrorKind, ChannelName};
 /// let err = ChannelName::new("").unwrap_err();
 /// assert_eq!(err.kind(), ErrorKind::EmptyChannel);
 /// ```
+#[derive(Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    connection: bool,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl Error {
@@ -53,6 +76,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            connection: false,
             source: None,
         }
     }
@@ -61,7 +85,13 @@ impl Error {
         mut self,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        self.source = Some(Box::new(source));
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// Marks the error as a lost or unreachable server.
+    pub(crate) fn connection(mut self) -> Self {
+        self.connection = true;
         self
     }
 
@@ -75,13 +105,42 @@ impl Error {
         Error::new(ErrorKind::ShutDown, "the PgPubSub has been shut down")
     }
 
-    pub(crate) fn db(stage: &str, err: tokio_postgres::Error) -> Self {
-        let kind = if err.is_closed() || err.as_db_error().is_none() {
-            ErrorKind::Connect
-        } else {
-            ErrorKind::Db
-        };
-        Error::new(kind, format!("{stage}: {}", describe_pg_error(&err))).with_source(err)
+    /// A statement or connection failed at `stage` (the kind used unless the
+    /// error says authentication or TLS); `what` names the operation.
+    pub(crate) fn pg(stage: ErrorKind, what: &str, err: tokio_postgres::Error) -> Self {
+        let (kind, connection) = classify(stage, &err);
+        let mut message = format!("{what}: {}", describe_pg_error(&err));
+        if kind == ErrorKind::Tls && mentions_certificate(&err) {
+            message.push_str(
+                " (the server's certificate could not be verified: check sslrootcert, \
+                 the CA, and that the host name matches the certificate)",
+            );
+        }
+        Error {
+            kind,
+            message,
+            connection,
+            source: Some(Arc::new(err)),
+        }
+    }
+
+    /// The session ended without an error from the server or the socket.
+    pub(crate) fn closed(stage: ErrorKind, what: &str) -> Self {
+        Error::new(stage, format!("{what}: server closed the connection")).connection()
+    }
+
+    /// `what` did not finish within `timeout`; `last` is what the last
+    /// attempt ran into, if anything.
+    pub(crate) fn timeout(what: &str, timeout: std::time::Duration, last: Option<Error>) -> Self {
+        let mut err = Error::new(
+            ErrorKind::Timeout,
+            format!("{what}: no answer within {timeout:?} (is the server reachable?)"),
+        );
+        if let Some(last) = last {
+            err.message = format!("{}; last error: {last}", err.message);
+            err.source = Some(Arc::new(last));
+        }
+        err.connection()
     }
 
     /// What kind of error this is.
@@ -89,33 +148,116 @@ impl Error {
         self.kind
     }
 
-    /// The server's error, when the server refused a statement.
-    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
-        self.source
-            .as_deref()
-            .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
-            .and_then(|e| e.as_db_error())
+    /// The server's error, when the server answered with one (a refused
+    /// statement, a failed login, an administrator's shutdown, ...).
+    pub fn as_db_error(&self) -> Option<&DbError> {
+        self.pg_error().and_then(tokio_postgres::Error::as_db_error)
     }
 
-    /// Whether the error was caused by a lost or unreachable server
-    /// (so retrying later may succeed).
+    /// The SQLSTATE of the server's error, if there was one
+    /// (e.g. [`SqlState::INVALID_PASSWORD`] for a wrong password).
+    pub fn code(&self) -> Option<&SqlState> {
+        self.as_db_error().map(DbError::code)
+    }
+
+    /// The first [`tokio_postgres::Error`] in the source chain.
+    fn pg_error(&self) -> Option<&tokio_postgres::Error> {
+        let mut next = std::error::Error::source(self);
+        while let Some(err) = next {
+            if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+                return Some(pg);
+            }
+            next = err.source();
+        }
+        None
+    }
+
+    /// Whether the error was caused by a lost or unreachable server, so
+    /// retrying later may succeed: refused or reset connections, a session
+    /// ended by the server (`FATAL`, SQLSTATE classes 08 and 57, e.g. a
+    /// restart), and timeouts. False for refused statements, wrong
+    /// credentials and certificate problems.
     pub fn is_connection(&self) -> bool {
-        matches!(
-            self.kind,
-            ErrorKind::Connect | ErrorKind::Pool | ErrorKind::Timeout
-        )
+        self.connection || self.kind == ErrorKind::Timeout
     }
 }
 
+/// The kind and whether the connection was lost, for an error at `stage`.
+fn classify(stage: ErrorKind, err: &tokio_postgres::Error) -> (ErrorKind, bool) {
+    if let Some(db) = err.as_db_error() {
+        let class = &db.code().code()[..2];
+        if class == "28" {
+            return (ErrorKind::Authentication, false);
+        }
+        // A database that does not exist will not appear by retrying.
+        let lost = (matches!(db.severity(), "FATAL" | "PANIC")
+            && *db.code() != SqlState::INVALID_CATALOG_NAME)
+            || class == "08"
+            || (class == "57" && *db.code() != SqlState::QUERY_CANCELED);
+        return (stage, lost);
+    }
+    let text = err.to_string();
+    // tokio-postgres' own client-side authentication failures (no password given, ...).
+    if text.starts_with("authentication error") {
+        return (ErrorKind::Authentication, false);
+    }
+    if text.starts_with("timeout waiting for server") {
+        return (stage, true);
+    }
+    if is_tls(err) {
+        // A handshake cut short by the network is a connection problem; a
+        // certificate or a server without TLS will not heal by retrying.
+        return (
+            ErrorKind::Tls,
+            has_io_loss(err) && !mentions_certificate(err),
+        );
+    }
+    (stage, err.is_closed() || has_io_loss(err))
+}
+
+/// tokio-postgres does not expose its error kinds; its TLS kind always
+/// displays as this.
+fn is_tls(err: &tokio_postgres::Error) -> bool {
+    err.to_string()
+        .starts_with("error performing TLS handshake")
+}
+
+fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}
+
+fn mentions_certificate(err: &tokio_postgres::Error) -> bool {
+    chain_text(err).contains("certificate")
+}
+
+/// Whether an I/O error anywhere in the chain is a network failure.
+fn has_io_loss(err: &tokio_postgres::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            // A TLS failure arrives as InvalidData; a certificate is no network loss.
+            return !matches!(io.kind(), K::InvalidData | K::InvalidInput);
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Renders a tokio-postgres error with the server's text when there is one
-/// (tokio-postgres' own `Display` says only "db error").
+/// (tokio-postgres' own `Display` says only "db error"), or with its whole
+/// source chain (e.g. "error connecting to server: Connection refused").
 pub(crate) fn describe_pg_error(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => match std::error::Error::source(err) {
-            Some(source) => format!("{err}: {source}"),
-            None => err.to_string(),
-        },
+        None => chain_text(err),
     }
 }
 
@@ -128,7 +270,9 @@ impl fmt::Display for Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
-        d.field("kind", &self.kind).field("message", &self.message);
+        d.field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("connection", &self.is_connection());
         if let Some(source) = &self.source {
             d.field("source", source);
         }

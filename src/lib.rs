@@ -40,6 +40,39 @@
 //! * Publishing never touches the listener connection: [`PgPubSub::notify`]
 //!   uses the pool; [`PgPubSub::notify_in`] uses the caller's transaction.
 //!
+//! ## TLS
+//!
+//! With the `tls` feature (rustls, `ring` provider), the `sslmode` of the
+//! URL or key=value string is honoured as libpq does, for the listener and
+//! the pool alike: `disable`; `prefer` (the default: TLS when the server
+//! offers it, unverified); `require` (TLS, unverified, or chain-verified
+//! when `sslrootcert` is given); `verify-ca` (chain, any host name);
+//! `verify-full` (chain and host name). `sslrootcert=PATH` names a PEM file
+//! of trusted CAs; without it, or with `sslrootcert=system`, the Mozilla
+//! roots and the platform's are trusted. [`Builder::ssl_mode`] and
+//! [`Builder::ssl_root_cert`] do the same in code, `Builder::tls_config`
+//! takes an own `rustls::ClientConfig` and [`Builder::tls`] any
+//! `MakeTlsConnect`. Without the feature, a mode that needs TLS is a
+//! [`ErrorKind::Config`] error and `prefer` connects in plain text.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pg_pubsub::Error> {
+//! let pubsub = pg_pubsub::PgPubSub::connect(
+//!     "postgres://app@db.example.com/app?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Errors
+//!
+//! [`Error::kind`] says which stage failed ([`ErrorKind::Connect`],
+//! [`ErrorKind::Authentication`], [`ErrorKind::Tls`], [`ErrorKind::Listen`],
+//! [`ErrorKind::Notify`], [`ErrorKind::Timeout`], ...);
+//! [`Error::is_connection`] whether the server was lost or unreachable (so a
+//! retry may succeed); [`Error::code`] and [`Error::as_db_error`] give the
+//! server's SQLSTATE and error. The underlying error is the `source()`.
+//!
 //! ## Modules
 //! * [`channel`]: channel names and their limits.
 //! * [`wire`]: the payload format, and the size limit.
@@ -85,6 +118,7 @@
 pub mod channel;
 mod client;
 pub mod config;
+mod connect;
 mod driver;
 pub mod election;
 mod error;
@@ -97,12 +131,14 @@ mod signal;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod tls;
 mod truncate;
 pub mod wire;
 
 pub use channel::ChannelName;
 pub use client::{Builder, IntoConfig, PgPubSub};
 pub use config::{Backoff, ListenOptions};
+pub use connect::SslMode;
 pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
 pub use message::{DecodeError, Delivery, Gap, GapCause, Message};

@@ -202,32 +202,70 @@ impl PgPubSub {
             .notify_sql(channel.as_str(), &payload)
             .await
             .map(drop)
-            .map_err(|e| Error::db("notify in transaction", e))
+            .map_err(|e| Error::pg(ErrorKind::Notify, "notify in transaction", e))
     }
 
     /// Runs `f` on a pooled connection within the notify timeout.
+    ///
+    /// Getting a connection is retried (with the reconnect backoff) while the
+    /// server is unreachable, nothing having been sent yet; when the notify
+    /// timeout ends first, the error is [`ErrorKind::Timeout`] with the last
+    /// connection error as its source. A statement that was sent is never
+    /// retried: it may have been committed.
     async fn with_pool<'a, F, Fut>(&'a self, stage: &'static str, f: F) -> Result<()>
     where
         F: FnOnce(deadpool_postgres::Client) -> Fut,
         Fut: Future<Output = Result<(), tokio_postgres::Error>> + 'a,
     {
         let timeout = self.inner.opts.notify_timeout;
+        let mut last = None;
         let work = async {
-            let client = self.inner.pool.get().await.map_err(|e| {
-                Error::new(
-                    ErrorKind::Pool,
-                    format!("{stage}: no pooled connection: {e}"),
-                )
-            })?;
-            f(client).await.map_err(|e| Error::db(stage, e))
+            let mut attempt = 1;
+            let client = loop {
+                match self.inner.pool.get().await {
+                    Ok(client) => break client,
+                    Err(e) => {
+                        let err = pool_error(stage, e);
+                        if !err.is_connection() || err.kind() == ErrorKind::Timeout {
+                            return Err(err);
+                        }
+                        attempt += 1;
+                        let delay = self.inner.opts.backoff.delay(attempt);
+                        tracing::debug!(%err, ?delay, "pg-pubsub: no pooled connection; retrying");
+                        last = Some(err);
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            };
+            f(client)
+                .await
+                .map_err(|e| Error::pg(ErrorKind::Notify, stage, e))
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(res) => res,
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("{stage}: no answer within {timeout:?} (is the server reachable?)"),
-            )),
+            Err(_) => Err(Error::timeout(stage, timeout, last)),
         }
+    }
+}
+
+/// Maps the pool's error, keeping the server's error as the source.
+fn pool_error(stage: &str, err: deadpool_postgres::PoolError) -> Error {
+    use deadpool_postgres::PoolError;
+    match err {
+        // The pool opens connections on demand: this is a failed connect.
+        PoolError::Backend(e) => Error::pg(ErrorKind::Connect, &format!("{stage}: connecting"), e),
+        PoolError::Timeout(_) => Error::new(
+            ErrorKind::Timeout,
+            format!("{stage}: no pooled connection: {err}"),
+        )
+        .with_source(err)
+        .connection(),
+        PoolError::Closed => Error::shut_down().context(format!("{stage}: the pool is closed")),
+        other => Error::new(
+            ErrorKind::Connect,
+            format!("{stage}: no pooled connection: {other}"),
+        )
+        .with_source(other),
     }
 }
 

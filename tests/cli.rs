@@ -390,3 +390,30 @@ async fn listener_loss_is_reported_on_stderr_and_healed() {
     l.signal("-TERM");
     assert!(l.wait().await.success());
 }
+
+#[tokio::test]
+async fn url_sslmode_is_honoured() {
+    let server = tokio::task::spawn_blocking(|| {
+        pg_pubsub::testing::TestServer::start_with(pg_pubsub::testing::TestOptions {
+            tls: true,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("TLS cluster");
+    let port = server.port().unwrap();
+    let ca = server.ca_cert().unwrap().display().to_string();
+    let verified = format!(
+        "postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
+    );
+    let out = run(cli(&["--url", &verified, "notify", "ch", "x"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let required = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=require");
+    let out = run(cli(&["--url", &required, "notify", "ch", "x"])).await;
+    assert!(out.status.success(), "{out:?}");
+    // The certificate names localhost, not 127.0.0.1.
+    let wrong_name = verified.replace("localhost", "127.0.0.1");
+    let line = assert_one_error_line(&run(cli(&["--url", &wrong_name, "notify", "ch", "x"])).await);
+    assert!(line.contains("certificate"), "{line}");
+}

@@ -10,17 +10,15 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::time::{Instant, Sleep};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{
-    AsyncMessage, Client, Config, NoTls, Notification, SimpleQueryMessage, Socket,
-};
+use tokio_postgres::{AsyncMessage, Client, Config, Notification, SimpleQueryMessage, Socket};
 
-use crate::error::describe_pg_error;
+use crate::error::{Error, ErrorKind};
+use crate::tls::{Connector, DynStream};
 
 use super::role::Step;
 use crate::channel::ChannelName;
 
-pub(crate) type PgConnection = tokio_postgres::Connection<Socket, NoTlsStream>;
+pub(crate) type PgConnection = tokio_postgres::Connection<Socket, DynStream>;
 
 /// A statement sent on the listener connection and not yet answered.
 pub(crate) struct InFlight {
@@ -58,15 +56,22 @@ pub(crate) fn is_fatal(err: &tokio_postgres::Error) -> bool {
             .is_none_or(|db| matches!(db.severity(), "FATAL" | "PANIC"))
 }
 
-/// Opens a connection within `timeout`.
-pub(crate) async fn open(
-    config: &Config,
-    timeout: Duration,
-) -> Result<(Client, PgConnection), String> {
-    match tokio::time::timeout(timeout, config.connect(NoTls)).await {
-        Ok(Ok(pair)) => Ok(pair),
-        Ok(Err(e)) => Err(describe_pg_error(&e)),
-        Err(_) => Err(format!("connect timed out after {timeout:?}")),
+/// Where and how the listener connects.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    pub config: Config,
+    pub tls: Connector,
+}
+
+impl Endpoint {
+    /// Opens a connection within `timeout`.
+    pub(crate) async fn open(&self, timeout: Duration) -> Result<(Client, PgConnection), Error> {
+        const WHAT: &str = "connecting the listener";
+        match tokio::time::timeout(timeout, self.config.connect(self.tls.clone())).await {
+            Ok(Ok(pair)) => Ok(pair),
+            Ok(Err(e)) => Err(Error::pg(ErrorKind::Connect, WHAT, e)),
+            Err(_) => Err(Error::timeout(WHAT, timeout, None)),
+        }
     }
 }
 
@@ -76,7 +81,7 @@ pub(crate) async fn drive<F>(
     conn: &mut PgConnection,
     fut: F,
     held: &mut Vec<Notification>,
-) -> Result<F::Output, String>
+) -> Result<F::Output, Error>
 where
     F: Future,
 {
@@ -89,9 +94,14 @@ where
             match conn.poll_message(cx) {
                 Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => held.push(n),
                 Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(describe_pg_error(&e))),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(Error::pg(ErrorKind::Listen, "listener connection", e)))
+                }
                 Poll::Ready(None) => {
-                    return Poll::Ready(Err("server closed the connection".into()))
+                    return Poll::Ready(Err(Error::closed(
+                        ErrorKind::Listen,
+                        "listener connection",
+                    )))
                 }
                 Poll::Pending => break,
             }
@@ -113,14 +123,15 @@ impl Live {
         health_interval: Duration,
         retry_interval: Duration,
         held: &mut Vec<Notification>,
-    ) -> Result<Live, String> {
+    ) -> Result<Live, Error> {
+        const WHAT: &str = "LISTEN on the new listener connection";
         let sql = format!("{listen_sql}SELECT pg_backend_pid()");
         let run = drive(&mut conn, client.simple_query(&sql), held);
         let rows = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(rows))) => rows,
-            Ok(Ok(Err(e))) => return Err(describe_pg_error(&e)),
+            Ok(Ok(Err(e))) => return Err(Error::pg(ErrorKind::Listen, WHAT, e)),
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(format!("no answer to LISTEN within {timeout:?}")),
+            Err(_) => return Err(Error::timeout(WHAT, timeout, None)),
         };
         let process_id = rows
             .iter()
@@ -128,7 +139,12 @@ impl Live {
                 SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
                 _ => None,
             })
-            .ok_or_else(|| "server did not report its backend PID".to_owned())?;
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Listen,
+                    "starting the listener: server did not report its backend PID",
+                )
+            })?;
         Ok(Live {
             client: Arc::new(client),
             conn,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, Config, Notification};
+use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::channel::ChannelName;
 use crate::config::Options;
@@ -27,7 +27,8 @@ use crate::queue::Queue;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
-use live::{drive, is_fatal, open, Live, OpError, Planned};
+pub(crate) use live::Endpoint;
+use live::{drive, is_fatal, Live, OpError, Planned};
 use registry::Registry;
 pub(crate) use registry::{ChannelSet, Mode, Shared, SubId};
 use role::{Heard, Step};
@@ -107,7 +108,7 @@ enum Stop {
 }
 
 pub(crate) struct Driver {
-    pg: Config,
+    server: Endpoint,
     opts: Options,
     cmds: mpsc::UnboundedReceiver<Command>,
     events: broadcast::Sender<ConnectionEvent>,
@@ -122,7 +123,7 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(
-        pg: Config,
+        server: Endpoint,
         opts: Options,
         cmds: mpsc::UnboundedReceiver<Command>,
         events: broadcast::Sender<ConnectionEvent>,
@@ -131,7 +132,7 @@ impl Driver {
     ) -> Self {
         let registry = Registry::new(shared);
         Driver {
-            pg,
+            server,
             opts,
             cmds,
             events,
@@ -145,13 +146,8 @@ impl Driver {
 
     /// Opens the first connection; on success the task runs until shutdown.
     pub(crate) async fn start(mut self) -> Result<impl Future<Output = ()>> {
-        let (client, conn) = open(&self.pg, self.opts.connect_timeout)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connect, format!("connecting the listener: {e}")))?;
-        let live = self
-            .establish(client, conn, None)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connect, format!("starting the listener: {e}")))?;
+        let (client, conn) = self.server.open(self.opts.connect_timeout).await?;
+        let live = self.establish(client, conn, None).await?;
         self.emit(ConnectionEvent::Connected {
             process_id: live.process_id,
         });
@@ -195,12 +191,11 @@ impl Driver {
         client: tokio_postgres::Client,
         conn: live::PgConnection,
         reconnect: Option<Reconnect>,
-    ) -> Result<Live, String> {
+    ) -> Result<Live, Error> {
         let (mut channels, elected) = self.registry.relisten_all();
         let control = elected
             .then(|| ChannelName::new(CONTROL_CHANNEL))
-            .transpose()
-            .map_err(|e| e.to_string())?;
+            .transpose()?;
         let sql = election::listen_sql(channels.iter().chain(&control));
         let mut held = Vec::new();
         let live = Live::establish(
@@ -260,10 +255,10 @@ impl Driver {
             if !delay.is_zero() {
                 self.offline(tokio::time::sleep(delay)).await?;
             }
-            let pg = self.pg.clone();
+            let server = self.server.clone();
             let timeout = self.opts.connect_timeout;
             let error = match self
-                .offline(async move { open(&pg, timeout).await })
+                .offline(async move { server.open(timeout).await })
                 .await?
             {
                 Ok((client, conn)) => {
@@ -286,7 +281,7 @@ impl Driver {
             tracing::debug!(attempt, %error, ?delay, "pg-pubsub reconnect failed");
             self.emit(ConnectionEvent::ReconnectFailed {
                 attempt,
-                error: error.into(),
+                error: error.to_string().into(),
                 retry_in: delay,
             });
         }
@@ -424,7 +419,7 @@ impl Driver {
                     return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
                 }
                 Err(OpError::Pg(e)) => {
-                    let err = Error::db("LISTEN", e);
+                    let err = Error::pg(ErrorKind::Listen, "LISTEN", e);
                     tracing::error!(%err, "pg-pubsub: server refused LISTEN/UNLISTEN");
                     self.registry.refused(&steps, &err);
                 }

@@ -378,7 +378,7 @@ impl Registry {
             }
             if *step == Step::Listen {
                 for w in ch.waiters.drain(..) {
-                    let _ = w.send(Err(Error::new(err.kind(), err.to_string())));
+                    let _ = w.send(Err(err.clone()));
                 }
                 for s in ch.subs.drain(..) {
                     s.queue.close();

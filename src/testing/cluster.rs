@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::binaries::Programs;
 use super::probe::probe;
-use super::{reaper, TestServerError};
+use super::{certs, reaper, TestOptions, TestServerError};
 
 /// Seconds `pg_ctl` waits for the server to start or stop (`pg_ctl -t`).
 const PG_CTL_TIMEOUT_SECS: u64 = 60;
@@ -35,6 +35,8 @@ pub(super) struct Cluster {
     pub(super) data_dir: PathBuf,
     log_file: PathBuf,
     pub(super) port: u16,
+    /// The CA that signed the server's certificate, when TLS is on.
+    pub(super) ca_cert: Option<PathBuf>,
     /// Serialises stop / start of this cluster.
     lifecycle: Mutex<()>,
     reaper: Option<Child>,
@@ -42,7 +44,7 @@ pub(super) struct Cluster {
 }
 
 impl Cluster {
-    pub(super) fn create() -> Result<Cluster, TestServerError> {
+    pub(super) fn create(options: &TestOptions) -> Result<Cluster, TestServerError> {
         let programs = Programs::find()?;
 
         let root = std::env::temp_dir().join(format!("pg-pubsub-test-{}", uuid::Uuid::new_v4()));
@@ -54,6 +56,7 @@ impl Cluster {
             log_file: root.join("log"),
             root,
             port: 0,
+            ca_cert: None,
             lifecycle: Mutex::new(()),
             reaper: None,
             destroyed: false,
@@ -77,6 +80,12 @@ impl Cluster {
             &cluster.data_dir,
         )?);
         cluster.initdb()?;
+        if !options.hba.is_empty() {
+            cluster.prepend_hba(&options.hba)?;
+        }
+        if options.tls {
+            cluster.enable_tls()?;
+        }
 
         let mut attempt = 1;
         loop {
@@ -141,6 +150,42 @@ impl Cluster {
         );
         msg.push_str(&self.programs.run_as_hint(&self.root));
         Err(TestServerError::new(msg))
+    }
+
+    /// Puts `lines` first in `pg_hba.conf` (the first matching line wins).
+    fn prepend_hba(&self, lines: &[String]) -> Result<(), TestServerError> {
+        let path = self.data_dir.join("pg_hba.conf");
+        let old = fs::read_to_string(&path)
+            .map_err(|e| TestServerError::io(format!("cannot read {}", path.display()), e))?;
+        let new = format!("{}\n{old}", lines.join("\n"));
+        // Writing an existing file keeps its owner.
+        fs::write(&path, new)
+            .map_err(|e| TestServerError::io(format!("cannot write {}", path.display()), e))
+    }
+
+    /// Writes a new CA (`ca.pem` beside the data directory) and a server
+    /// certificate for `localhost` signed by it, and turns `ssl` on.
+    fn enable_tls(&mut self) -> Result<(), TestServerError> {
+        let certs = certs::generate(&["localhost"])?;
+        let write = |path: &Path, text: &str| {
+            fs::write(path, text)
+                .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o600)))
+                // The server checks that it owns its key.
+                .and_then(|()| self.programs.hand_over(path))
+                .map_err(|e| TestServerError::io(format!("cannot write {}", path.display()), e))
+        };
+        write(&self.data_dir.join("server.crt"), &certs.server_cert)?;
+        write(&self.data_dir.join("server.key"), &certs.server_key)?;
+        let ca = self.root.join("ca.pem");
+        write(&ca, &certs.ca)?;
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf)
+            .map_err(|e| TestServerError::io(format!("cannot read {}", conf.display()), e))?;
+        text.push_str("\nssl = on\n");
+        fs::write(&conf, text)
+            .map_err(|e| TestServerError::io(format!("cannot write {}", conf.display()), e))?;
+        self.ca_cert = Some(ca);
+        Ok(())
     }
 
     /// `pg_ctl start -w` on `self.port`. On error, also says whether the port

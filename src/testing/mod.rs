@@ -38,6 +38,7 @@
 #![cfg(unix)]
 
 mod binaries; // where initdb/pg_ctl are; running them as `postgres` when root
+mod certs; // a throwaway CA and server certificate for TLS clusters
 mod cluster; // an owned cluster: initdb, start, stop, destroy
 mod probe; // does the server accept connections yet?
 mod reaper; // cleanup when the owning process ends without dropping
@@ -82,6 +83,30 @@ impl fmt::Display for TestServerError {
 
 impl std::error::Error for TestServerError {}
 
+/// How to set up a cluster started with [`TestServer::start_with`].
+///
+/// ```no_run
+/// use pg_pubsub::testing::{TestOptions, TestServer};
+/// let server = TestServer::start_with(TestOptions { tls: true, ..Default::default() })?;
+/// let ca = server.ca_cert().expect("TLS is on");
+/// let url = format!(
+///     "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+///     server.port().expect("owned"),
+///     ca.display()
+/// );
+/// # Ok::<(), pg_pubsub::testing::TestServerError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct TestOptions {
+    /// Turn `ssl` on with a server certificate for the host name `localhost`
+    /// (not `127.0.0.1`), signed by a CA made for this cluster
+    /// ([`TestServer::ca_cert`]). Plain connections are still accepted.
+    pub tls: bool,
+    /// Lines put first in `pg_hba.conf`, e.g.
+    /// `host all alice 127.0.0.1/32 scram-sha-256`. The rest stays `trust`.
+    pub hba: Vec<String>,
+}
+
 /// A PostgreSQL server for tests: either a throwaway cluster owned by this
 /// value, or an external server named by `DATABASE_URL`.
 ///
@@ -105,7 +130,12 @@ impl TestServer {
     /// seconds). From async code, call it through
     /// `tokio::task::spawn_blocking`.
     pub fn start() -> Result<TestServer, TestServerError> {
-        let cluster = Cluster::create()?;
+        Self::start_with(TestOptions::default())
+    }
+
+    /// [`start`](Self::start), set up as `options` says (TLS, `pg_hba.conf`).
+    pub fn start_with(options: TestOptions) -> Result<TestServer, TestServerError> {
+        let cluster = Cluster::create(&options)?;
         let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
         let config = parse_config(&url)?;
         tracing::info!(
@@ -178,6 +208,17 @@ impl TestServer {
     /// The connection configuration parsed from [`url`](Self::url).
     pub fn config(&self) -> tokio_postgres::Config {
         self.config.clone()
+    }
+
+    /// The TCP port of an owned cluster (on `127.0.0.1`).
+    pub fn port(&self) -> Option<u16> {
+        self.cluster.as_ref().map(|c| c.port)
+    }
+
+    /// The PEM file of the CA that signed the server's certificate, for a
+    /// cluster started with [`TestOptions::tls`]; pass it as `sslrootcert`.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.cluster.as_ref().and_then(|c| c.ca_cert.as_deref())
     }
 
     /// Whether this value owns a throwaway cluster (`false` for a server from

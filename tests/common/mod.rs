@@ -7,7 +7,7 @@ pub mod fleet;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use pg_pubsub::testing::TestServer;
+use pg_pubsub::testing::{TestOptions, TestServer};
 use pg_pubsub::{Builder, ConnectionEvent, Delivery, GapCause, Message, PgPubSub};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
@@ -47,7 +47,12 @@ pub fn channel(prefix: &str) -> String {
 
 /// A plain connection for publishing like a foreign client (psql, a trigger).
 pub async fn raw_client() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(server().url(), tokio_postgres::NoTls)
+    raw_client_to(server()).await
+}
+
+/// A plain superuser connection to `server`.
+pub async fn raw_client_to(server: &TestServer) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(server.url(), tokio_postgres::NoTls)
         .await
         .expect("raw connect");
     tokio::spawn(conn);
@@ -113,6 +118,40 @@ pub async fn recv_until(
     }
 }
 
+/// A throwaway cluster of this test's own (to stop, restart, reconfigure).
+pub async fn own_cluster(options: TestOptions) -> TestServer {
+    tokio::task::spawn_blocking(move || TestServer::start_with(options))
+        .await
+        .expect("start task")
+        .expect("start an own cluster")
+}
+
+/// One TLS cluster per test binary (certificate for `localhost`, see
+/// [`TestOptions::tls`]).
+pub fn tls_server() -> &'static TestServer {
+    static TLS: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        TestServer::start_with(TestOptions {
+            tls: true,
+            ..Default::default()
+        })
+        .expect("start a TLS cluster")
+    })
+}
+
+/// A URL for `server` through `host`, with `query` appended.
+pub fn url_via(server: &TestServer, host: &str, query: &str) -> String {
+    let port = server.port().expect("an owned cluster");
+    format!("postgres://postgres@{host}:{port}/postgres?{query}")
+}
+
+/// Every error in `err`'s source chain, `err` first.
+pub fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source()).collect()
+}
+
 /// The next delivery, failing the test after [`WAIT`].
 pub async fn next<S: Stream + Unpin>(stream: &mut S) -> S::Item {
     tokio::time::timeout(WAIT, stream.next())
@@ -175,7 +214,12 @@ where
 
 /// Terminates a backend from a separate session.
 pub async fn terminate(pid: i32) {
-    let client = raw_client().await;
+    terminate_on(server(), pid).await
+}
+
+/// Terminates a backend of `server` from a separate session.
+pub async fn terminate_on(server: &TestServer, pid: i32) {
+    let client = raw_client_to(server).await;
     let row = client
         .query_one("SELECT pg_terminate_backend($1)", &[&pid])
         .await

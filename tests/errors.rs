@@ -1,0 +1,227 @@
+//! Errors keep their cause: SQLSTATE and the server's text reach the caller,
+//! connection losses say so, and no password leaks into errors or logs.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::*;
+use pg_pubsub::testing::TestOptions;
+use pg_pubsub::tokio_postgres::error::SqlState;
+use pg_pubsub::{Error, ErrorKind, PgPubSub};
+
+/// Everything logged in this test binary, down to `trace`.
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Capture(writer.clone()))
+            .try_init()
+            .expect("install the capturing subscriber");
+        buffer
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Display, Debug and every source's Display and Debug.
+fn all_text(err: &Error) -> String {
+    let mut text = format!("{err}\n{err:?}\n");
+    for e in chain(err) {
+        text.push_str(&format!("{e}\n{e:?}\n"));
+    }
+    text
+}
+
+#[tokio::test]
+async fn wrong_password_is_authentication_with_sqlstate_and_never_leaks() {
+    const RIGHT: &str = "Right-Pa55word-7c1f";
+    const WRONG: &str = "Wr0ng-Pa55word-93ab";
+    let logs = logs();
+    let server = own_cluster(TestOptions {
+        hba: vec!["host all pw_user 127.0.0.1/32 scram-sha-256".to_owned()],
+        ..Default::default()
+    })
+    .await;
+    raw_client_to(&server)
+        .await
+        .batch_execute(&format!(
+            "SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE pw_user LOGIN SUPERUSER PASSWORD '{RIGHT}'"
+        ))
+        .await
+        .unwrap();
+    // From here on (the setup's own CREATE ROLE is logged by tokio-postgres).
+    let from = logs.lock().unwrap().len();
+    let port = server.port().unwrap();
+    let url = |pw: &str| format!("postgres://pw_user:{pw}@127.0.0.1:{port}/postgres");
+
+    let err = PgPubSub::connect(url(WRONG)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Authentication, "{err:?}");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+    assert!(err.as_db_error().is_some());
+    assert!(!err.is_connection(), "{err:?}");
+    assert!(err.to_string().contains("28P01"), "{err}");
+
+    // The right one works (so the failure above was the password).
+    let ps = PgPubSub::connect(url(RIGHT)).await.unwrap();
+    let ch = channel("pw");
+    let mut sub = ps.listen::<u8>(&ch).await.unwrap();
+    ps.notify(&ch, &1u8).await.unwrap();
+    next_message(&mut sub).await;
+    ps.shutdown().await;
+
+    let text = all_text(&err);
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()[from..]).into_owned();
+    assert!(!logged.is_empty(), "the subscriber captured nothing");
+    for pw in [RIGHT, WRONG] {
+        assert!(!text.contains(pw), "password in the error: {text}");
+        let leaks: Vec<&str> = logged.lines().filter(|l| l.contains(pw)).collect();
+        assert!(leaks.is_empty(), "password in the logs: {leaks:#?}");
+    }
+}
+
+#[tokio::test]
+async fn connect_and_notify_errors_keep_the_server_error() {
+    let bad_db = format!(
+        "{}?dbname=no_such_db",
+        server().url().split('?').next().unwrap()
+    );
+    let err = PgPubSub::connect(bad_db).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err:?}");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{err:?}");
+    assert!(!err.is_connection(), "retrying will not create it: {err:?}");
+
+    let ps = pubsub().await;
+    let mut client = raw_client().await;
+    let tx = client.transaction().await.unwrap();
+    assert!(tx.batch_execute("SELECT 1/0").await.is_err());
+    let err = ps.notify_in(&tx, "errors", &1u8).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Notify, "{err:?}");
+    assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    assert!(err.to_string().contains("25P02"), "{err}");
+    assert!(!err.is_connection());
+    // One error, several waiters: clones share the source.
+    let copy = err.clone();
+    assert_eq!(copy.code(), err.code());
+    assert_eq!(copy.to_string(), err.to_string());
+    drop(tx);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_losses_are_connection_errors_with_their_cause() {
+    let server = own_cluster(TestOptions::default()).await;
+    let ps = PgPubSub::builder(server.url())
+        .unwrap()
+        .notify_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let ch = channel("loss");
+    ps.notify(&ch, &0u32).await.unwrap();
+
+    // Stopped: each notify gives up within its timeout, saying why.
+    let server = Arc::new(server);
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    // A pooled connection whose end was not yet noticed fails first.
+    let mut err = ps.notify(&ch, &1u32).await.unwrap_err();
+    for _ in 0..3 {
+        assert!(err.is_connection(), "{err:?}");
+        if err.kind() == ErrorKind::Timeout {
+            break;
+        }
+        err = ps.notify(&ch, &1u32).await.unwrap_err();
+    }
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(
+        chain(&err).iter().any(|e| e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)),
+        "the io error is kept: {err:?}"
+    );
+
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.start_again())
+        .await
+        .unwrap()
+        .unwrap();
+    notify_until_ok(&ps, &ch).await;
+
+    // Restart while 16 tasks publish: every failure is a connection error.
+    let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let ps = ps.clone();
+            let ch = ch.clone();
+            let restarted = restarted.clone();
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                let mut sent = 0u32;
+                loop {
+                    let after = restarted.load(std::sync::atomic::Ordering::Acquire);
+                    match ps.notify(&ch, &(i * 1_000_000 + sent)).await {
+                        Ok(()) if after => return (sent, errors),
+                        Ok(()) => sent += 1,
+                        Err(e) => errors.push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.restart())
+        .await
+        .unwrap()
+        .unwrap();
+    restarted.store(true, std::sync::atomic::Ordering::Release);
+    let mut failures = Vec::new();
+    let mut sent = 0;
+    for task in tasks {
+        let (n, errors) = tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        sent += n;
+        failures.extend(errors);
+    }
+    eprintln!(
+        "restart under load: {sent} sent, {} failed: {:?}",
+        failures.len(),
+        failures.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+    );
+    for err in &failures {
+        assert!(err.is_connection(), "{err:?}");
+    }
+    ps.shutdown().await;
+}
+
+/// Notifies until it works (the server is coming back).
+async fn notify_until_ok(ps: &PgPubSub, ch: &str) {
+    tokio::time::timeout(WAIT, async {
+        while let Err(e) = ps.notify(ch, &0u32).await {
+            assert!(e.is_connection(), "{e:?}");
+        }
+    })
+    .await
+    .expect("notify works again");
+}

@@ -1,0 +1,175 @@
+//! TLS (feature `tls`): sslmode levels against a cluster with a certificate
+//! for `localhost` signed by its own CA, and reconnects over TLS.
+#![cfg(feature = "tls")]
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use pg_pubsub::{Delivery, ErrorKind, PgPubSub};
+
+/// `sslmode=verify-full` with the cluster's CA, connecting as `host`.
+fn verified_url(host: &str, mode: &str) -> String {
+    let server = tls_server();
+    let ca = server.ca_cert().expect("TLS cluster").display().to_string();
+    url_via(server, host, &format!("sslmode={mode}&sslrootcert={ca}"))
+}
+
+/// Whether the session `pid` of the TLS cluster is encrypted.
+async fn encrypted(pid: i32) -> bool {
+    raw_client_to(tls_server())
+        .await
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = $1", &[&pid])
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
+/// A CA that signed nothing the server has.
+fn unrelated_ca() -> PathBuf {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    let path =
+        std::env::temp_dir().join(format!("pg-pubsub-other-ca-{}.pem", uuid::Uuid::new_v4()));
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn verify_full_round_trip_encrypts_listener_and_pool() {
+    let ps = PgPubSub::connect(verified_url("localhost", "verify-full"))
+        .await
+        .expect("verify-full against the right CA and name");
+    let ch = channel("tls");
+    let mut sub = ps.listen::<u32>(&ch).await.unwrap();
+    ps.notify(&ch, &7u32).await.unwrap();
+    assert_eq!(*next_message(&mut sub).await.payload(), 7);
+
+    assert!(encrypted(ps.listener_pid().unwrap()).await, "listener");
+    let pooled = ps.pool().get().await.unwrap();
+    let row = pooled
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "pool");
+    drop(pooled);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_ca_is_a_certificate_error() {
+    let ca = unrelated_ca();
+    let url = url_via(
+        tls_server(),
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    );
+    let err = PgPubSub::connect(url).await.unwrap_err();
+    std::fs::remove_file(&ca).unwrap();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err:?}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    assert!(!err.is_connection(), "{err:?}");
+    assert!(
+        chain(&err).iter().any(|e| e.is::<tokio_postgres::Error>()),
+        "the tokio-postgres error is kept: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn host_name_mismatch_fails_verify_full_but_passes_verify_ca() {
+    // The certificate names `localhost`, not `127.0.0.1`.
+    let err = PgPubSub::connect(verified_url("127.0.0.1", "verify-full"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err:?}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    let ps = PgPubSub::connect(verified_url("127.0.0.1", "verify-ca"))
+        .await
+        .expect("verify-ca ignores the host name");
+    assert!(encrypted(ps.listener_pid().unwrap()).await);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn require_encrypts_without_verifying() {
+    let url = url_via(tls_server(), "127.0.0.1", "sslmode=require");
+    let ps = PgPubSub::connect(url)
+        .await
+        .expect("require: no verification");
+    assert!(encrypted(ps.listener_pid().unwrap()).await);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn require_against_a_server_without_tls_fails_clearly() {
+    if !own_server("assume has TLS off") {
+        return;
+    }
+    let url = url_via(server(), "127.0.0.1", "sslmode=require");
+    let err = PgPubSub::connect(url).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err:?}");
+    assert!(err.to_string().contains("does not support TLS"), "{err}");
+    assert!(!err.is_connection(), "{err:?}");
+}
+
+#[tokio::test]
+async fn own_rustls_config_is_used() {
+    let server = tls_server();
+    let pem = std::fs::read(server.ca_cert().unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let ps = PgPubSub::builder(url_via(server, "localhost", "sslmode=require"))
+        .unwrap()
+        .tls_config(config.clone())
+        .connect()
+        .await
+        .expect("own config with the right roots");
+    assert!(encrypted(ps.listener_pid().unwrap()).await);
+    ps.shutdown().await;
+
+    // The same config verifies host names: 127.0.0.1 is refused.
+    let err = PgPubSub::builder(url_via(server, "127.0.0.1", "sslmode=require"))
+        .unwrap()
+        .tls_config(config)
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err:?}");
+}
+
+#[tokio::test]
+async fn reconnects_over_tls_with_a_gap() {
+    let ps = PgPubSub::connect(verified_url("localhost", "verify-full"))
+        .await
+        .unwrap();
+    let ch = channel("tls_reconnect");
+    let mut sub = ps.listen::<u32>(&ch).await.unwrap();
+    let old = ps.listener_pid().unwrap();
+    terminate_on(tls_server(), old).await;
+    match next(&mut sub).await {
+        Delivery::Gap(_) => {}
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    ps.notify(&ch, &1u32).await.unwrap();
+    assert_eq!(*next_message(&mut sub).await.payload(), 1);
+    let new = ps.listener_pid().unwrap();
+    assert_ne!(new, old);
+    assert!(encrypted(new).await);
+    ps.shutdown().await;
+}
