@@ -746,19 +746,30 @@ const SAME_PROCESS_CASES: [(&str, Receiver); 4] = [
 /// Runs every case `runs` times, interleaved so that drifting background
 /// load hits every case alike, and reports each case's median.
 async fn same_process_phase(url: &str, n: u64, runs: usize) -> Res<Vec<Row>> {
-    let mut all: Vec<Vec<Row>> = SAME_PROCESS_CASES.iter().map(|_| Vec::new()).collect();
+    // `BENCH_CASES=c` runs case (c) alone (for profiling); ratios need (a).
+    let only = std::env::var("BENCH_CASES").ok();
+    let cases: Vec<_> = SAME_PROCESS_CASES
+        .iter()
+        .filter(|(name, _)| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|c| name.starts_with(&format!("({c})"))))
+        })
+        .collect();
+    let mut all: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     for run in 1..=runs {
-        for ((name, kind), rows) in SAME_PROCESS_CASES.iter().zip(&mut all) {
+        for ((name, kind), rows) in cases.iter().zip(&mut all) {
             eprintln!("  run {run}/{runs}: {name}");
             rows.push(same_process_case(url, n, name, *kind).await?);
         }
     }
     let mut rows: Vec<Row> = all.into_iter().map(median_row).collect();
-    let base = (rows[0].rate(), rows[0].cpu);
-    rows.iter_mut().for_each(|r| r.compare_to(base));
-    let one = rows[1].wall.as_secs_f64();
-    let fanout = &mut rows[3];
-    fanout.detail += &format!("; x{:.2} the time of (b)", fanout.wall.as_secs_f64() / one);
+    if only.is_none() {
+        let base = (rows[0].rate(), rows[0].cpu);
+        rows.iter_mut().for_each(|r| r.compare_to(base));
+        let one = rows[1].wall.as_secs_f64();
+        let fanout = &mut rows[3];
+        fanout.detail += &format!("; x{:.2} the time of (b)", fanout.wall.as_secs_f64() / one);
+    }
     Ok(rows)
 }
 

@@ -16,6 +16,7 @@ use crate::driver::{Command, Driver, Leading, Status, CONTROL_CHANNEL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::queue::Queue;
+use crate::stats::{Board, Stats};
 use crate::subscription::{Decoder, Subscription};
 
 /// Anything that names a PostgreSQL server: a connection URL or key=value
@@ -71,6 +72,7 @@ pub(crate) struct Inner {
     events: broadcast::Sender<crate::ConnectionEvent>,
     status: watch::Receiver<Status>,
     leading: Leading,
+    board: Arc<Board>,
     next_id: AtomicU64,
 }
 
@@ -239,6 +241,7 @@ impl Builder {
         let (status_tx, status) = watch::channel(Status::default());
         let filter = opts.filtered.then_some(origin);
         let leading = Leading::default();
+        let board = Arc::new(Board::default());
         let driver = Driver::new(
             listener_pg,
             opts.clone(),
@@ -247,6 +250,7 @@ impl Builder {
             status_tx,
             filter,
             leading.clone(),
+            board.clone(),
         );
         let task = driver.start().await?;
         tokio::spawn(tracing::Instrument::instrument(
@@ -265,6 +269,7 @@ impl Builder {
                 events,
                 status,
                 leading,
+                board,
                 next_id: AtomicU64::new(1),
             }),
         })
@@ -352,7 +357,8 @@ impl PgPubSub {
         }
         self.check_open()?;
         let inner = &self.inner;
-        let queue = Arc::new(Queue::new(inner.opts.queue_capacity));
+        let counters = inner.board.join(&channel);
+        let queue = Arc::new(Queue::new(inner.opts.queue_capacity, counters));
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         // Created first so that a cancelled `listen` unsubscribes on drop.
         let sub = Subscription::new(
@@ -361,6 +367,7 @@ impl PgPubSub {
             queue.clone(),
             decode,
             inner.cmds.clone(),
+            inner.board.clone(),
         );
         let (reply, answer) = oneshot::channel();
         inner
@@ -409,6 +416,26 @@ impl PgPubSub {
         }
         let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
         leading.contains(channel)
+    }
+
+    /// A snapshot of this instance's counters, for metrics: per channel,
+    /// messages delivered, lagged and gaps, and subscriptions; reconnects,
+    /// led channels and the listener PID. Cheap: it reads atomics and does
+    /// not wait for the listener task.
+    ///
+    /// ```no_run
+    /// # async fn demo(pubsub: pg_pubsub::PgPubSub) {
+    /// for ch in pubsub.stats().channels {
+    ///     println!("{}: {} delivered, {} lagged", ch.channel, ch.delivered, ch.lagged);
+    /// }
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let leading = {
+            let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
+            leading.iter().cloned().collect()
+        };
+        self.inner.board.snapshot(leading, self.listener_pid())
     }
 
     /// Whether the listener connection is up.

@@ -45,6 +45,7 @@
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
+//! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
@@ -107,6 +108,7 @@ mod publish;
 mod queue;
 #[cfg(feature = "signal")]
 mod signal;
+pub mod stats;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -119,6 +121,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
 pub use message::{DecodeError, Delivery, Gap, Message};
 pub use publish::Executor;
+pub use stats::{ChannelStats, Stats};
 pub use subscription::Subscription;
 
 pub use deadpool_postgres;

@@ -11,16 +11,26 @@ use uuid::Uuid;
 
 use crate::wire;
 
-/// A notification as received, shared between the subscribers of a channel.
+/// A notification as received.
+///
+/// A channel's only subscriber owns its notifications outright (no
+/// allocation, no reference count: this is the common case and the hot
+/// path); several subscribers share one, and one decoded value.
 #[derive(Clone)]
-pub(crate) struct Received(Arc<ReceivedInner>);
+pub(crate) enum Received {
+    Own(Note),
+    Shared(Arc<SharedNote>),
+}
 
-struct ReceivedInner {
+#[derive(Clone)]
+pub(crate) struct Note {
     note: Notification,
     origin: Option<Uuid>,
     body_start: usize,
-    /// Several subscribers share it: decode once, share the value.
-    shared: bool,
+}
+
+pub(crate) struct SharedNote {
+    note: Note,
     decoded: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
@@ -28,29 +38,43 @@ impl Received {
     pub(crate) fn new(note: Notification, shared: bool) -> Self {
         let (origin, body) = wire::decode(note.payload());
         let body_start = note.payload().len() - body.len();
-        Received(Arc::new(ReceivedInner {
+        let note = Note {
             note,
             origin,
             body_start,
-            shared,
-            decoded: OnceLock::new(),
-        }))
+        };
+        if shared {
+            Received::Shared(Arc::new(SharedNote {
+                note,
+                decoded: OnceLock::new(),
+            }))
+        } else {
+            Received::Own(note)
+        }
+    }
+
+    fn note(&self) -> &Note {
+        match self {
+            Received::Own(note) => note,
+            Received::Shared(shared) => &shared.note,
+        }
     }
 
     pub(crate) fn origin(&self) -> Option<Uuid> {
-        self.0.origin
+        self.note().origin
     }
 
     fn channel(&self) -> &str {
-        self.0.note.channel()
+        self.note().note.channel()
     }
 
     pub(crate) fn body(&self) -> &str {
-        &self.0.note.payload()[self.0.body_start..]
+        let note = self.note();
+        &note.note.payload()[note.body_start..]
     }
 
     fn process_id(&self) -> i32 {
-        self.0.note.process_id()
+        self.note().note.process_id()
     }
 
     /// Decodes the body; when the channel has several subscribers, the first
@@ -60,16 +84,16 @@ impl Received {
         &self,
         decode: fn(&str) -> Result<T, serde_json::Error>,
     ) -> Result<Option<T>, serde_json::Error> {
-        if !self.0.shared {
+        let Received::Shared(shared) = self else {
             return decode(self.body()).map(Some);
-        }
-        match self.0.decoded.get() {
+        };
+        match shared.decoded.get() {
             Some(any) if any.is::<T>() => Ok(None),
             // Another subscriber decoded it as another type.
             Some(_) => decode(self.body()).map(Some),
             None => {
                 let value: Box<dyn Any + Send + Sync> = Box::new(decode(self.body())?);
-                match self.0.decoded.set(value) {
+                match shared.decoded.set(value) {
                     Ok(()) => Ok(None),
                     // Another subscriber was first: read its value if it is a `T`.
                     Err(_) if self.cached::<T>().is_some() => Ok(None),
@@ -81,7 +105,12 @@ impl Received {
 
     /// The shared decoded value, when [`Self::decode`] put a `T` there.
     fn cached<T: 'static>(&self) -> Option<&T> {
-        self.0.decoded.get().and_then(|any| any.downcast_ref::<T>())
+        match self {
+            Received::Own(_) => None,
+            Received::Shared(shared) => {
+                shared.decoded.get().and_then(|any| any.downcast_ref::<T>())
+            }
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use crate::error::{describe_pg_error, Error, ErrorKind, Result};
 use crate::event::ConnectionEvent;
 use crate::message::Gap;
 use crate::queue::Queue;
+use crate::stats::Board;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
@@ -85,9 +86,12 @@ pub(crate) struct Driver {
     wake: Vec<Waker>,
     /// Backend PID of the current listener session.
     process_id: Option<i32>,
+    board: Arc<Board>,
 }
 
 impl Driver {
+    // Each argument is a distinct piece of state shared with the handle.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pg: Config,
         opts: Options,
@@ -96,6 +100,7 @@ impl Driver {
         status: watch::Sender<Status>,
         filter_origin: Option<uuid::Uuid>,
         leading: Leading,
+        board: Arc<Board>,
     ) -> Self {
         let registry = Registry::new(filter_origin, opts.single_listener, leading);
         Driver {
@@ -107,6 +112,7 @@ impl Driver {
             registry,
             wake: Vec::new(),
             process_id: None,
+            board,
         }
     }
 
@@ -191,6 +197,9 @@ impl Driver {
             attempts,
         }) = reconnect
         {
+            self.board
+                .reconnects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let downtime = down_at.elapsed();
             tracing::info!(attempts, ?downtime, "pg-pubsub listener reconnected");
             // The event goes first, so a reader of both sees it before the gaps.

@@ -413,39 +413,47 @@ impl Registry {
         let mut run = std::mem::take(&mut self.run);
         let mut notes = staged.drain(..).peekable();
         while let Some(first) = notes.next() {
-            let found = self.channels.get_key_value(first.channel());
             // Only a leader handles an elected channel's messages, from its
             // own `ready:` on.
-            let target = found.filter(|(_, ch)| {
-                !ch.subs.is_empty() && ch.role != Role::Standby && !ch.awaiting_ready
-            });
-            let channel = target.map(|(name, _)| name.clone());
-            let shared = target.is_some_and(|(_, ch)| ch.subs.len() > 1);
+            let target = self
+                .channels
+                .get_key_value(first.channel())
+                .filter(|(_, ch)| {
+                    !ch.subs.is_empty() && ch.role != Role::Standby && !ch.awaiting_ready
+                });
+            // Not delivered: looked up again for the next message, which is
+            // rare (a channel being unlistened, or not yet led).
+            let Some((channel, ch)) = target else {
+                continue;
+            };
+            let shared = ch.subs.len() > 1;
+            let filter = self.filter_origin;
             let mut keep = |note: Notification| {
-                if channel.is_some() {
-                    let received = Received::new(note, shared);
-                    if self.filter_origin.is_none() || received.origin() != self.filter_origin {
-                        run.push(received);
-                    }
+                let received = Received::new(note, shared);
+                if filter.is_none() || received.origin() != filter {
+                    run.push(received);
                 }
             };
-            let name = first.channel().to_owned();
             keep(first);
-            while let Some(note) = notes.next_if(|n| n.channel() == name) {
+            while let Some(note) = notes.next_if(|n| n.channel() == channel.as_str()) {
                 keep(note);
             }
-            let Some(channel) = channel else { continue };
             if run.is_empty() {
                 continue;
             }
             let mut slow = false;
-            if let Some(ch) = self.channels.get(channel.as_str()) {
-                for s in &ch.subs {
-                    slow |= s.queue.push_all(&run, wake);
+            match ch.subs.as_slice() {
+                // The only subscriber takes the notifications themselves.
+                [only] => slow = only.queue.push_all(run.drain(..), wake),
+                subs => {
+                    for s in subs {
+                        slow |= s.queue.push_all(run.iter().cloned(), wake);
+                    }
+                    run.clear();
                 }
             }
-            run.clear();
             if slow {
+                let channel = channel.clone();
                 tracing::warn!(%channel, "pg-pubsub subscriber too slow; dropping its messages");
                 self.events.push(ConnectionEvent::SlowConsumer { channel });
             }
