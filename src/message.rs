@@ -22,11 +22,13 @@ pub(crate) enum Received {
     Shared(Arc<SharedNote>),
 }
 
+/// Kept small: every queued message is one, inline in the queue. The
+/// origin is parsed again on the rare call that needs it.
 #[derive(Clone)]
 pub(crate) struct Note {
     note: Notification,
-    origin: Option<Uuid>,
-    body_start: usize,
+    /// The payload starts with this crate's origin header.
+    tagged: bool,
 }
 
 pub(crate) struct SharedNote {
@@ -36,13 +38,8 @@ pub(crate) struct SharedNote {
 
 impl Received {
     pub(crate) fn new(note: Notification, shared: bool) -> Self {
-        let (origin, body) = wire::decode(note.payload());
-        let body_start = note.payload().len() - body.len();
-        let note = Note {
-            note,
-            origin,
-            body_start,
-        };
+        let tagged = wire::decode(note.payload()).0.is_some();
+        let note = Note { note, tagged };
         if shared {
             Received::Shared(Arc::new(SharedNote {
                 note,
@@ -61,7 +58,10 @@ impl Received {
     }
 
     pub(crate) fn origin(&self) -> Option<Uuid> {
-        self.note().origin
+        let note = self.note();
+        note.tagged
+            .then(|| wire::decode(note.note.payload()).0)
+            .flatten()
     }
 
     fn channel(&self) -> &str {
@@ -70,7 +70,8 @@ impl Received {
 
     pub(crate) fn body(&self) -> &str {
         let note = self.note();
-        &note.note.payload()[note.body_start..]
+        let start = if note.tagged { wire::HEADER_BYTES } else { 0 };
+        &note.note.payload()[start..]
     }
 
     fn process_id(&self) -> i32 {
@@ -292,5 +293,14 @@ impl<T> Delivery<T> {
             Delivery::Message(m) => Some(m),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn queued_messages_stay_small() {
+        // A queue holds up to its capacity of these inline (65,536 by default).
+        assert!(std::mem::size_of::<crate::queue::Entry>() <= 64);
     }
 }
