@@ -2,10 +2,16 @@
 //! publish throughput and memory. Run with `cargo bench --bench throughput`.
 //!
 //! Env: `BENCH_MESSAGES` (default 1 000 000), `BENCH_LATENCY_MESSAGES`
-//! (default 20 000), `DATABASE_URL` (else a throwaway cluster).
+//! (default 20 000), `BENCH_RUNS` (runs per case of phases 1b and 2, default
+//! 3; the median is reported), `BENCH_PHASES` (comma-separated subset of
+//! `receive,same,latency,publish,memory`; default all), `DATABASE_URL` (else
+//! a throwaway cluster).
 //!
-//! Receive phases publish from a child process (this binary re-executed in
+//! Phase 1 publishes from a child process (this binary re-executed in
 //! publisher mode), so that `getrusage(RUSAGE_SELF)` counts the consumer only.
+//! Phase 1b publishes from a task on the same runtime, as a service that
+//! publishes and listens does: publisher, listener and consumers compete for
+//! the same workers, and the CPU column includes the publisher's client.
 
 use std::error::Error;
 use std::future::Future;
@@ -70,12 +76,17 @@ fn main() -> Res<()> {
     if let Ok(url) = std::env::var(CHILD_URL_ENV) {
         return publisher_child(&url);
     }
-    let messages = env_u64("BENCH_MESSAGES", 1_000_000)?;
-    let latency_messages = env_u64("BENCH_LATENCY_MESSAGES", 20_000)?;
+    let plan = Plan {
+        messages: env_u64("BENCH_MESSAGES", 1_000_000)?,
+        latency_messages: env_u64("BENCH_LATENCY_MESSAGES", 20_000)?,
+        runs: env_u64("BENCH_RUNS", 3)?.max(1) as usize,
+        phases: std::env::var("BENCH_PHASES")
+            .unwrap_or_else(|_| "receive,same,latency,publish,memory".to_owned()),
+    };
     // Kept until the end: dropping an owned cluster removes it.
     let server = TestServer::from_env_or_start()?;
     let started = Instant::now();
-    let report = runtime()?.block_on(run_all(&server, messages, latency_messages))?;
+    let report = runtime()?.block_on(run_all(&server, &plan))?;
     println!("{report}");
     println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -94,29 +105,65 @@ fn env_u64(name: &str, default: u64) -> Res<u64> {
     }
 }
 
-async fn run_all(server: &TestServer, n: u64, m: u64) -> Res<String> {
+/// What to run (from the environment).
+struct Plan {
+    messages: u64,
+    latency_messages: u64,
+    runs: usize,
+    phases: String,
+}
+
+impl Plan {
+    fn has(&self, phase: &str) -> bool {
+        self.phases.split(',').any(|p| p.trim() == phase)
+    }
+}
+
+async fn run_all(server: &TestServer, plan: &Plan) -> Res<String> {
     let url = server.url();
+    let (n, m, runs) = (plan.messages, plan.latency_messages, plan.runs);
     let machine = describe_machine(server).await?;
     let mut sections = Vec::new();
-    eprintln!("phase 1: receive throughput, {n} messages per case");
-    let receive = receive_phase(url, n).await?;
-    let typed_peak = receive.get(1).and_then(|r| r.peak_rss_kb);
-    sections.push((
-        "1. receive throughput (publisher in a child process)",
-        receive,
-    ));
-    eprintln!("phase 2: latency, {m} messages per case");
-    sections.push((
-        "2. latency (paced single notifications)",
-        latency_phase(url, m).await?,
-    ));
-    eprintln!("phase 3: publish throughput");
-    sections.push((
-        "3. publish throughput (nobody listening)",
-        publish_phase(url).await?,
-    ));
-    eprintln!("phase 4: memory");
-    sections.push(("4. memory", vec![backlog_case(url, n, typed_peak).await?]));
+    let mut typed_peak = None;
+    if plan.has("receive") {
+        eprintln!("phase 1: receive throughput, {n} messages per case");
+        let receive = receive_phase(url, n).await?;
+        typed_peak = receive.get(1).and_then(|r| r.peak_rss_kb);
+        sections.push((
+            "1. receive throughput (publisher in a child process)".to_owned(),
+            receive,
+        ));
+    }
+    if plan.has("same") {
+        eprintln!("phase 1b: receive throughput, same process, {n} messages per case, {runs} runs");
+        sections.push((
+            format!(
+                "1b. receive throughput (publisher task on the same runtime; median of {runs})"
+            ),
+            same_process_phase(url, n, runs).await?,
+        ));
+    }
+    if plan.has("latency") {
+        eprintln!("phase 2: latency, {m} messages per case, {runs} runs");
+        sections.push((
+            format!("2. latency (paced single notifications, same process; median of {runs})"),
+            latency_phase(url, m, runs).await?,
+        ));
+    }
+    if plan.has("publish") {
+        eprintln!("phase 3: publish throughput");
+        sections.push((
+            "3. publish throughput (nobody listening)".to_owned(),
+            publish_phase(url).await?,
+        ));
+    }
+    if plan.has("memory") {
+        eprintln!("phase 4: memory");
+        sections.push((
+            "4. memory".to_owned(),
+            vec![backlog_case(url, n, typed_peak).await?],
+        ));
+    }
     Ok(format!("{machine}\n{}", render(&sections)))
 }
 
@@ -214,7 +261,7 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or(String::new(), |v| v.to_string())
 }
 
-fn render(sections: &[(&str, Vec<Row>)]) -> String {
+fn render(sections: &[(String, Vec<Row>)]) -> String {
     let header = [
         "case",
         "msgs",
@@ -245,7 +292,7 @@ fn render(sections: &[(&str, Vec<Row>)]) -> String {
     };
     let rows: Vec<(&str, Vec<[String; 11]>)> = sections
         .iter()
-        .map(|(title, rows)| (*title, rows.iter().map(cells).collect()))
+        .map(|(title, rows)| (title.as_str(), rows.iter().map(cells).collect()))
         .collect();
     let mut width = header.map(str::len);
     for row in rows.iter().flat_map(|(_, r)| r) {
@@ -582,19 +629,11 @@ fn fresh_channel(prefix: &str) -> String {
 
 fn publisher_child(url: &str) -> Res<()> {
     let channel = std::env::var(CHILD_CHANNEL_ENV)?;
-    let n: i32 = std::env::var(CHILD_COUNT_ENV)?.parse()?;
+    let n: u64 = std::env::var(CHILD_COUNT_ENV)?.parse()?;
     let sentinel = std::env::var(CHILD_SENTINEL_ENV).ok();
     runtime()?.block_on(async {
         let client = bare_client(url).await?;
-        let stmt = client.prepare(PUBLISH_SQL).await?;
-        let first = now_ns();
-        let mut lo = 1;
-        while lo <= n {
-            let hi = lo.saturating_add(CHUNK - 1).min(n);
-            client.execute(&stmt, &[&channel, &lo, &hi]).await?;
-            lo = hi + 1;
-        }
-        let last = now_ns();
+        let (first, last) = publish_chunks(&client, &channel, n).await?;
         if let Some(sentinel) = sentinel {
             // Commits after every message, so it is received after them too.
             client
@@ -604,6 +643,21 @@ fn publisher_child(url: &str) -> Res<()> {
         println!("{first} {last}");
         Ok(())
     })
+}
+
+/// Publishes seq 1..=n, `CHUNK` per transaction; returns the time just
+/// before the first statement and after the last commit.
+async fn publish_chunks(client: &Client, channel: &str, n: u64) -> Res<(u64, u64)> {
+    let n = i32::try_from(n)?;
+    let stmt = client.prepare(PUBLISH_SQL).await?;
+    let first = now_ns();
+    let mut lo = 1;
+    while lo <= n {
+        let hi = lo.saturating_add(CHUNK - 1).min(n);
+        client.execute(&stmt, &[&channel, &lo, &hi]).await?;
+        lo = hi + 1;
+    }
+    Ok((first, now_ns()))
 }
 
 /// Runs the publisher child; returns its first-publish and last-commit times.
@@ -680,21 +734,138 @@ async fn receive_case(url: &str, n: u64, name: &str, kind: Receiver) -> Res<Row>
     Ok(row)
 }
 
+// ------------------------------------- phase 1b: receive throughput, same process
+
+const SAME_PROCESS_CASES: [(&str, Receiver); 4] = [
+    ("(a) bare tokio-postgres + mpsc", Receiver::Bare),
+    ("(b) listen::<T>", Receiver::Typed),
+    ("(c) listen_raw", Receiver::Raw),
+    ("(d) 10 x listen::<T>", Receiver::Fanout),
+];
+
+/// Runs every case `runs` times, interleaved so that drifting background
+/// load hits every case alike, and reports each case's median.
+async fn same_process_phase(url: &str, n: u64, runs: usize) -> Res<Vec<Row>> {
+    // `BENCH_CASES=c` runs case (c) alone (for profiling); ratios need (a).
+    let only = std::env::var("BENCH_CASES").ok();
+    let cases: Vec<_> = SAME_PROCESS_CASES
+        .iter()
+        .filter(|(name, _)| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|c| name.starts_with(&format!("({c})"))))
+        })
+        .collect();
+    let mut all: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
+    for run in 1..=runs {
+        for ((name, kind), rows) in cases.iter().zip(&mut all) {
+            eprintln!("  run {run}/{runs}: {name}");
+            rows.push(same_process_case(url, n, name, *kind).await?);
+        }
+    }
+    let mut rows: Vec<Row> = all.into_iter().map(median_row).collect();
+    if only.is_none() {
+        let base = (rows[0].rate(), rows[0].cpu);
+        rows.iter_mut().for_each(|r| r.compare_to(base));
+        let one = rows[1].wall.as_secs_f64();
+        let fanout = &mut rows[3];
+        fanout.detail += &format!("; x{:.2} the time of (b)", fanout.wall.as_secs_f64() / one);
+    }
+    Ok(rows)
+}
+
+async fn same_process_case(url: &str, n: u64, name: &str, kind: Receiver) -> Res<Row> {
+    let channel = fresh_channel("same");
+    let (session, tasks) = start_receivers(url, &channel, n, kind).await?;
+    let publisher = bare_client(url).await?;
+    let probe = Probe::start();
+    let publish = {
+        let channel = channel.clone();
+        tokio::spawn(async move { publish_chunks(&publisher, &channel, n).await })
+    };
+    let (first, last_sent) = publish.await??;
+    let tallies = join_all(tasks).await?;
+    let (cpu, peak) = probe.stop();
+    session.close().await;
+    let last = tallies.iter().map(|t| t.last_ns).max().unwrap_or(first);
+    let mut row = Row {
+        case: name.to_owned(),
+        msgs: n,
+        wall: Duration::from_nanos(last.saturating_sub(first)),
+        cpu,
+        peak_rss_kb: peak,
+        ..Row::default()
+    };
+    summarize(&mut row, &tallies);
+    let publish_secs = (last_sent - first) as f64 / 1e9;
+    row.detail += &format!("publishing took {publish_secs:.3} s");
+    Ok(row)
+}
+
+/// The median wall and CPU of several runs of one case (each column on its
+/// own), with their spread in the detail.
+fn median_row(mut runs: Vec<Row>) -> Row {
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort_unstable();
+        v[v.len() / 2]
+    }
+    let walls: Vec<Duration> = runs.iter().map(|r| r.wall).collect();
+    let cpus: Vec<Duration> = runs.iter().map(|r| r.cpu).collect();
+    let spread = |v: &[Duration]| {
+        let (lo, hi) = (v.iter().min(), v.iter().max());
+        match (lo, hi) {
+            (Some(lo), Some(hi)) => format!("{:.3}-{:.3}", lo.as_secs_f64(), hi.as_secs_f64()),
+            _ => String::new(),
+        }
+    };
+    let detail = format!(
+        "wall {} cpu {} over {} runs; ",
+        spread(&walls),
+        spread(&cpus),
+        runs.len()
+    );
+    // The run with the median wall time supplies the other columns.
+    let wall = median(walls);
+    let i = runs.iter().position(|r| r.wall == wall).unwrap_or(0);
+    let mut row = runs.swap_remove(i);
+    row.wall = wall;
+    row.cpu = median(cpus);
+    row.detail = detail + &row.detail;
+    row
+}
+
 // ------------------------------------------------------------ phase 2: latency
 
-async fn latency_phase(url: &str, m: u64) -> Res<Vec<Row>> {
+async fn latency_phase(url: &str, m: u64, runs: usize) -> Res<Vec<Row>> {
     let cases = [
         ("bare tokio-postgres + mpsc", Receiver::Bare),
         ("listen_raw", Receiver::Raw),
         ("listen::<T>", Receiver::Typed),
     ];
+    let mut all: Vec<Vec<(Row, u64)>> = cases.iter().map(|_| Vec::new()).collect();
+    for run in 1..=runs {
+        for ((name, kind), results) in cases.iter().zip(&mut all) {
+            eprintln!("  run {run}/{runs}: {name}");
+            results.push(latency_case(url, m, name, *kind).await?);
+        }
+    }
     let mut rows = Vec::new();
     let mut bare_p99 = None;
-    for (name, kind) in cases {
-        eprintln!("  {name}");
-        let (mut row, p99) = latency_case(url, m, name, kind).await?;
+    for results in all {
+        // The run with the median p99 is the row.
+        let mut p99s: Vec<u64> = results.iter().map(|(_, p)| *p).collect();
+        p99s.sort_unstable();
+        let p99 = p99s[p99s.len() / 2];
+        let (mut row, _) = results
+            .into_iter()
+            .find(|(_, p)| *p == p99)
+            .ok_or("no latency run")?;
+        let all_p99: Vec<String> = p99s
+            .iter()
+            .map(|p| format!("{:.0}", *p as f64 / 1e3))
+            .collect();
+        row.detail += &format!("; p99 of each run (us): {}", all_p99.join(" "));
         if let Some(base) = bare_p99 {
-            row.detail += &format!(" (p99 x{:.2} bare)", p99 as f64 / base as f64);
+            row.detail += &format!(" (median p99 x{:.2} bare)", p99 as f64 / base as f64);
         }
         bare_p99.get_or_insert(p99);
         rows.push(row);

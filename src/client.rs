@@ -17,6 +17,7 @@ use crate::driver::{ChannelSet, Command, Driver, Endpoint, Mode, Shared, Status,
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::queue::Queue;
+use crate::stats::{Board, Stats};
 use crate::subscription::{Decoder, Subscription};
 use crate::tls::Connector;
 
@@ -98,6 +99,7 @@ pub(crate) struct Inner {
     /// Channels with a filtered subscription: what this instance publishes
     /// there carries its origin.
     pub(crate) filtering: ChannelSet,
+    board: Arc<Board>,
     next_id: AtomicU64,
 }
 
@@ -351,6 +353,7 @@ impl Builder {
         let (status_tx, status) = watch::channel(Status::default());
         let leading = ChannelSet::default();
         let filtering = ChannelSet::default();
+        let board = Arc::new(Board::default());
         let driver = Driver::new(
             Endpoint {
                 config: listener_pg,
@@ -364,6 +367,7 @@ impl Builder {
                 origin,
                 leading: leading.clone(),
                 filtering: filtering.clone(),
+                board: board.clone(),
             },
         );
         let task = driver.start().await?;
@@ -384,6 +388,7 @@ impl Builder {
                 status,
                 leading,
                 filtering,
+                board,
                 next_id: AtomicU64::new(1),
             }),
         })
@@ -521,7 +526,8 @@ impl PgPubSub {
                 .unwrap_or(inner.opts.single_listener),
             filtered: options.filtered.unwrap_or(inner.opts.filtered),
         };
-        let queue = Arc::new(Queue::new(inner.opts.queue_capacity));
+        let counters = inner.board.join(&channel);
+        let queue = Arc::new(Queue::new(inner.opts.queue_capacity, counters));
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         // Created first so that a cancelled `listen` unsubscribes on drop.
         let sub = Subscription::new(
@@ -530,6 +536,7 @@ impl PgPubSub {
             queue.clone(),
             decode,
             inner.cmds.clone(),
+            inner.board.clone(),
         );
         let (reply, answer) = oneshot::channel();
         inner
@@ -576,6 +583,26 @@ impl PgPubSub {
     pub fn is_leader(&self, channel: &str) -> bool {
         let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
         leading.contains(channel)
+    }
+
+    /// A snapshot of this instance's counters, for metrics: per channel,
+    /// messages delivered, lagged and gaps, and subscriptions; reconnects,
+    /// led channels and the listener PID. Cheap: it reads atomics and does
+    /// not wait for the listener task.
+    ///
+    /// ```no_run
+    /// # async fn demo(pubsub: pg_pubsub::PgPubSub) {
+    /// for ch in pubsub.stats().channels {
+    ///     println!("{}: {} delivered, {} lagged", ch.channel, ch.delivered, ch.lagged);
+    /// }
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let leading = {
+            let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
+            leading.iter().cloned().collect()
+        };
+        self.inner.board.snapshot(leading, self.listener_pid())
     }
 
     /// Whether the listener connection is up.

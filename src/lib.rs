@@ -79,6 +79,7 @@
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
+//! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
@@ -128,6 +129,7 @@ mod publish;
 mod queue;
 #[cfg(feature = "signal")]
 mod signal;
+pub mod stats;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -143,6 +145,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
 pub use message::{DecodeError, Delivery, Gap, GapCause, Message};
 pub use publish::Executor;
+pub use stats::{ChannelStats, Stats};
 pub use subscription::Subscription;
 
 pub use deadpool_postgres;

@@ -8,10 +8,12 @@
 
 use std::collections::VecDeque;
 use std::mem;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use crate::message::{Gap, Received};
+use crate::stats::ChannelCounters;
 
 pub(crate) enum Entry {
     Message(Received),
@@ -22,6 +24,9 @@ pub(crate) enum Entry {
 pub(crate) struct Queue {
     capacity: usize,
     inner: Mutex<Inner>,
+    /// The channel's counters for [`stats`](crate::PgPubSub::stats),
+    /// added to once per batch.
+    counters: Arc<ChannelCounters>,
 }
 
 #[derive(Default)]
@@ -36,10 +41,11 @@ struct Inner {
 }
 
 impl Queue {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, counters: Arc<ChannelCounters>) -> Self {
         Queue {
             capacity,
             inner: Mutex::new(Inner::default()),
+            counters,
         }
     }
 
@@ -48,32 +54,43 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues clones of `messages`, dropping what does not fit. The
-    /// consumer's waker, if it waits, is moved to `wake` so the caller can
-    /// wake once per batch. Returns true when this starts a run of drops.
-    pub(crate) fn push_all(&self, messages: &[Received], wake: &mut Vec<Waker>) -> bool {
+    /// Queues `messages` in order, dropping (and counting) what does not
+    /// fit. The consumer's waker, if it waits, is moved to `wake` so the
+    /// caller can wake once per batch. Returns true when this starts a run
+    /// of drops.
+    pub(crate) fn push_all<I>(&self, messages: I, wake: &mut Vec<Waker>) -> bool
+    where
+        I: ExactSizeIterator<Item = Received>,
+    {
+        let total = messages.len();
         let mut inner = self.lock();
         let was_dropping = inner.dropped > 0;
-        let room = self.capacity.saturating_sub(inner.messages);
-        let (fits, rest) = messages.split_at(room.min(messages.len()));
-        if !fits.is_empty() {
+        let fits = self.capacity.saturating_sub(inner.messages).min(total);
+        let dropped = total - fits;
+        if fits > 0 {
             if inner.dropped > 0 {
                 let dropped = mem::take(&mut inner.dropped);
                 inner.entries.push_back(Entry::Lagged(dropped));
             }
             inner
                 .entries
-                .extend(fits.iter().cloned().map(Entry::Message));
-            inner.messages += fits.len();
+                .extend(messages.take(fits).map(Entry::Message));
+            inner.messages += fits;
             if let Some(w) = inner.waker.take() {
                 wake.push(w);
             }
         }
-        inner.dropped += rest.len() as u64;
-        !was_dropping && !rest.is_empty()
+        inner.dropped += dropped as u64;
+        drop(inner);
+        self.counters.delivered.fetch_add(fits as u64, Relaxed);
+        if dropped > 0 {
+            self.counters.lagged.fetch_add(dropped as u64, Relaxed);
+        }
+        !was_dropping && dropped > 0
     }
 
-    /// Queues a gap marker; never dropped, consecutive gaps of one cause merge.
+    /// Queues a gap marker; never dropped, consecutive gaps of one cause
+    /// merge (and count as one).
     pub(crate) fn push_gap(&self, gap: Gap) {
         let mut inner = self.lock();
         if inner.dropped > 0 {
@@ -86,6 +103,7 @@ impl Queue {
         };
         if !absorbed {
             inner.entries.push_back(Entry::Gap(gap));
+            self.counters.gaps.fetch_add(1, Relaxed);
         }
         if let Some(w) = inner.waker.take() {
             w.wake();

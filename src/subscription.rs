@@ -14,6 +14,7 @@ use crate::channel::ChannelName;
 use crate::driver::{Command, SubId};
 use crate::message::{DecodeError, Delivery, Message};
 use crate::queue::{Entry, Queue};
+use crate::stats::Board;
 
 pub(crate) type Decoder<T> = fn(&str) -> Result<T, serde_json::Error>;
 
@@ -50,6 +51,7 @@ pub struct Subscription<T> {
     local: VecDeque<Entry>,
     decode: Decoder<T>,
     cmds: mpsc::UnboundedSender<Command>,
+    board: Arc<Board>,
     _payload: PhantomData<fn() -> T>,
 }
 
@@ -60,6 +62,7 @@ impl<T> Subscription<T> {
         queue: Arc<Queue>,
         decode: Decoder<T>,
         cmds: mpsc::UnboundedSender<Command>,
+        board: Arc<Board>,
     ) -> Self {
         Subscription {
             channel,
@@ -68,6 +71,7 @@ impl<T> Subscription<T> {
             local: VecDeque::new(),
             decode,
             cmds,
+            board,
             _payload: PhantomData,
         }
     }
@@ -120,6 +124,7 @@ impl<T: Send + Sync + 'static> Stream for Subscription<T> {
 
 impl<T> Drop for Subscription<T> {
     fn drop(&mut self) {
+        self.board.leave(&self.channel);
         // Fails only when the listener task is gone, and then there is nothing to undo.
         let _ = self.cmds.send(Command::Unsubscribe {
             channel: self.channel.clone(),

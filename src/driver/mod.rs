@@ -24,6 +24,7 @@ use crate::error::{describe_pg_error, Error, ErrorKind, Result};
 use crate::event::ConnectionEvent;
 use crate::message::{Gap, GapCause};
 use crate::queue::Queue;
+use crate::stats::Board;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
@@ -119,9 +120,11 @@ pub(crate) struct Driver {
     process_id: Option<i32>,
     /// When the next lock attempt may carry the collision probe.
     next_probe: Instant,
+    board: Arc<Board>,
 }
 
 impl Driver {
+    // Each argument is a distinct piece of state shared with the handle.
     pub(crate) fn new(
         server: Endpoint,
         opts: Options,
@@ -130,6 +133,7 @@ impl Driver {
         status: watch::Sender<Status>,
         shared: Shared,
     ) -> Self {
+        let board = shared.board.clone();
         let registry = Registry::new(shared);
         Driver {
             server,
@@ -141,6 +145,7 @@ impl Driver {
             wake: Vec::new(),
             process_id: None,
             next_probe: Instant::now(),
+            board,
         }
     }
 
@@ -218,6 +223,9 @@ impl Driver {
             attempts,
         }) = reconnect
         {
+            self.board
+                .reconnects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let downtime = down_at.elapsed();
             tracing::info!(attempts, ?downtime, "pg-pubsub listener reconnected");
             // The event goes first, so a reader of both sees it before the gaps.

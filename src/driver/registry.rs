@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub leading: ChannelSet,
     /// Channels with a filtered subscription.
     pub filtering: ChannelSet,
+    /// Counters for `stats()`.
+    pub board: Arc<crate::stats::Board>,
 }
 
 /// How one subscription wants its channel.
@@ -531,44 +533,56 @@ impl Registry {
         let mut run = std::mem::take(&mut self.run);
         let mut notes = staged.drain(..).peekable();
         while let Some(first) = notes.next() {
+            // Only a plain channel or a leader (from its own `ready:` on) delivers.
             let target = self
                 .channels
                 .get_key_value(first.channel())
                 .filter(|(_, ch)| ch.wanted() && ch.state.delivers());
-            let channel = target.map(|(name, _)| name.clone());
-            let shared = target.is_some_and(|(_, ch)| ch.subs.len() > 1);
-            let name = first.channel().to_owned();
-            if channel.is_some() {
-                run.push(Received::new(first, shared));
-                while let Some(note) = notes.next_if(|n| n.channel() == name) {
-                    run.push(Received::new(note, shared));
-                }
-            } else {
-                while notes.next_if(|n| n.channel() == name).is_some() {}
+            // Not delivered: looked up again for the next message, which is
+            // rare (a channel being unlistened, or not led here).
+            let Some((channel, ch)) = target else {
+                continue;
+            };
+            let shared = ch.subs.len() > 1;
+            run.push(Received::new(first, shared));
+            while let Some(note) = notes.next_if(|n| n.channel() == channel.as_str()) {
+                run.push(Received::new(note, shared));
             }
-            let Some(channel) = channel else { continue };
+            let origin = self.origin;
             let mut slow = false;
-            let mut others: Option<Vec<Received>> = None;
-            if let Some(ch) = self.channels.get(channel.as_str()) {
-                for s in &ch.subs {
-                    let batch = if s.filtered {
-                        // Built once per run, only when a subscriber filters.
-                        others.get_or_insert_with(|| {
-                            run.iter()
-                                .filter(|r| r.origin() != self.origin)
-                                .cloned()
-                                .collect()
-                        })
-                    } else {
-                        &run
-                    };
-                    if !batch.is_empty() {
-                        slow |= s.queue.push_all(batch, wake);
+            match ch.subs.as_slice() {
+                // The only subscriber takes the notifications themselves.
+                [only] => {
+                    if only.filtered {
+                        run.retain(|r| r.origin() != origin);
+                    }
+                    if !run.is_empty() {
+                        slow = only.queue.push_all(run.drain(..), wake);
                     }
                 }
+                subs => {
+                    // Built once per run, only when a subscriber filters.
+                    let mut others: Option<Vec<Received>> = None;
+                    for s in subs {
+                        let batch = if s.filtered {
+                            others.get_or_insert_with(|| {
+                                run.iter()
+                                    .filter(|r| r.origin() != origin)
+                                    .cloned()
+                                    .collect()
+                            })
+                        } else {
+                            &run
+                        };
+                        if !batch.is_empty() {
+                            slow |= s.queue.push_all(batch.iter().cloned(), wake);
+                        }
+                    }
+                    run.clear();
+                }
             }
-            run.clear();
             if slow {
+                let channel = channel.clone();
                 tracing::warn!(%channel, "pg-pubsub subscriber too slow; dropping its messages");
                 self.events.push(ConnectionEvent::SlowConsumer { channel });
             }
