@@ -13,7 +13,7 @@
 //! pubsub.notify("orders", &Order { id: 1 }).await?;
 //! match orders.next().await {
 //!     Some(Delivery::Message(m)) => println!("got {:?} from pid {}", m.payload(), m.process_id()),
-//!     Some(Delivery::Gap(_)) => println!("listener reconnected: re-read state"),
+//!     Some(Delivery::Gap(gap)) => println!("{gap}: re-read state"),
 //!     other => println!("{other:?}"),
 //! }
 //! pubsub.shutdown().await;
@@ -85,7 +85,8 @@
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
 //! (notify paths), `subscription.rs` and `queue.rs` (the consumer side),
 //! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
-//! payloads), `error.rs`, and `driver/`:
+//! payloads), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
+//! the connector for listener and pool), `tls.rs` (rustls), and `driver/`:
 //! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
 //! `registry.rs` (channels, subscribers, fan-out), `role.rs` (the per-channel
 //! state machines: plain and elected), `election.rs` (the SQL).
@@ -101,17 +102,22 @@
 //!
 //! ## Extending
 //!
-//! Later features build on three seams rather than on changes to the core:
-//! the [`Gap`] signal (a durable channel replays from its table when it sees
+//! Later features build on seams rather than on changes to the core: the
+//! [`Gap`] signal (a durable channel replays from its table when it sees
 //! one), publishing inside the caller's transaction ([`PgPubSub::notify_in`],
-//! so a row and its event commit together), and per-channel roles in the
-//! listener's registry (`Plain`, `Standby`, `Leader` today; a work queue or a
-//! change feed is another role with its own `Change`s on the listener session).
+//! so a row and its event commit together), per-subscription election
+//! ([`ListenOptions::single_listener`] on any channel name, e.g. one per
+//! consumer group, gives "one active consumer" with hand-over and take-over
+//! gaps for free), and the per-channel state machines in `driver/role.rs`
+//! (a new kind of channel on the listener session is another `State` with
+//! its own `Step`s).
 //!
 //! ## Delivery guarantees
-//! LISTEN/NOTIFY is at-most-once: notifications sent while the listener is
-//! disconnected are lost by the server. This crate never loses one silently:
-//! after a reconnect every subscription gets a [`Delivery::Gap`], and a slow
+//! LISTEN/NOTIFY is at-most-once: notifications sent while nobody listens
+//! are lost by the server. This crate never loses one silently: after a
+//! reconnect every subscription gets a [`Delivery::Gap`]
+//! ([`GapCause::Reconnect`]), a new leader of an elected channel that took
+//! over without a hand-over gets one too ([`GapCause::TakeOver`]), and a slow
 //! subscriber gets [`Delivery::Lagged`] with the count it missed.
 
 #![warn(missing_docs)]
