@@ -708,6 +708,28 @@ async fn receive_phase(url: &str, n: u64) -> Res<Vec<Row>> {
     Ok(rows)
 }
 
+/// A receive case's row: wall time from the first publish to the last receipt.
+fn received_row(
+    name: &str,
+    n: u64,
+    first: u64,
+    tallies: &[Tally],
+    cpu: Duration,
+    peak_rss_kb: Option<u64>,
+) -> Row {
+    let last = tallies.iter().map(|t| t.last_ns).max().unwrap_or(first);
+    let mut row = Row {
+        case: name.to_owned(),
+        msgs: n,
+        wall: Duration::from_nanos(last.saturating_sub(first)),
+        cpu,
+        peak_rss_kb,
+        ..Row::default()
+    };
+    summarize(&mut row, tallies);
+    row
+}
+
 async fn receive_case(url: &str, n: u64, name: &str, kind: Receiver) -> Res<Row> {
     let channel = fresh_channel("recv");
     let (session, tasks) = start_receivers(url, &channel, n, kind).await?;
@@ -716,16 +738,7 @@ async fn receive_case(url: &str, n: u64, name: &str, kind: Receiver) -> Res<Row>
     let tallies = join_all(tasks).await?;
     let (cpu, peak) = probe.stop();
     session.close().await;
-    let last = tallies.iter().map(|t| t.last_ns).max().unwrap_or(first);
-    let mut row = Row {
-        case: name.to_owned(),
-        msgs: n,
-        wall: Duration::from_nanos(last.saturating_sub(first)),
-        cpu,
-        peak_rss_kb: peak,
-        ..Row::default()
-    };
-    summarize(&mut row, &tallies);
+    let mut row = received_row(name, n, first, &tallies, cpu, peak);
     let publish_secs = (last_sent - first) as f64 / 1e9;
     row.detail += &format!("publisher alone {:.0}/s", n as f64 / publish_secs);
     if tallies.len() > 1 {
@@ -786,16 +799,7 @@ async fn same_process_case(url: &str, n: u64, name: &str, kind: Receiver) -> Res
     let tallies = join_all(tasks).await?;
     let (cpu, peak) = probe.stop();
     session.close().await;
-    let last = tallies.iter().map(|t| t.last_ns).max().unwrap_or(first);
-    let mut row = Row {
-        case: name.to_owned(),
-        msgs: n,
-        wall: Duration::from_nanos(last.saturating_sub(first)),
-        cpu,
-        peak_rss_kb: peak,
-        ..Row::default()
-    };
-    summarize(&mut row, &tallies);
+    let mut row = received_row(name, n, first, &tallies, cpu, peak);
     let publish_secs = (last_sent - first) as f64 / 1e9;
     row.detail += &format!("publishing took {publish_secs:.3} s");
     Ok(row)
