@@ -44,6 +44,7 @@
 //! * [`channel`]: channel names and their limits.
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
+//! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
@@ -84,6 +85,7 @@
 pub mod channel;
 mod client;
 pub mod config;
+pub mod durable;
 mod driver;
 pub mod election;
 mod error;
