@@ -85,8 +85,8 @@
 pub mod channel;
 mod client;
 pub mod config;
-pub mod durable;
 mod driver;
+pub mod durable;
 pub mod election;
 mod error;
 pub mod event;

@@ -149,7 +149,10 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             ));
         }
         if self.batch_size == 0 || self.batch_size > i32::MAX as usize {
-            return Err(Error::new(ErrorKind::Config, "batch_size must be at least 1"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                "batch_size must be at least 1",
+            ));
         }
         if self.poll_interval.is_zero() || self.ack_interval.is_zero() {
             return Err(Error::new(
@@ -457,7 +460,12 @@ impl<T: Send + 'static> Reader<T> {
         }
         if lost > 0 {
             let lost = u64::try_from(lost).unwrap_or(0);
-            if self.out.send(DurableDelivery::Truncated { lost }).await.is_err() {
+            if self
+                .out
+                .send(DurableDelivery::Truncated { lost })
+                .await
+                .is_err()
+            {
                 return Err(Error::shut_down());
             }
         }
@@ -567,9 +575,13 @@ impl<T> DurableSubscription<T> {
     /// Writes the acks given so far to the group's cursor now.
     pub async fn flush(&self) -> Result<()> {
         match self.acks.take() {
-            Some(p) => self.durable.write_ack(&self.acks, p).await.inspect_err(|_| {
-                self.acks.restore(p);
-            }),
+            Some(p) => self
+                .durable
+                .write_ack(&self.acks, p)
+                .await
+                .inspect_err(|_| {
+                    self.acks.restore(p);
+                }),
             None => Ok(()),
         }
     }

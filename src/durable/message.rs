@@ -88,10 +88,13 @@ impl<T> DurableMessage<T> {
     /// database happens exactly once. A `deadpool_postgres::Transaction`
     /// works too (it dereferences to this type).
     pub async fn ack_in(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
-        tx.execute(&self.acks.ack_sql, &self.acks.ack_params(self.position).as_params())
-            .await
-            .map(drop)
-            .map_err(|e| Error::db("acknowledging in transaction", e))
+        tx.execute(
+            &self.acks.ack_sql,
+            &self.acks.ack_params(self.position).as_params(),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| Error::db("acknowledging in transaction", e))
     }
 
     pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> DurableMessage<U> {
@@ -137,13 +140,7 @@ pub(crate) struct AckParams {
 
 impl AckParams {
     pub(crate) fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
-        [
-            &self.channel,
-            &self.group,
-            &self.tick,
-            &self.xid,
-            &self.seq,
-        ]
+        [&self.channel, &self.group, &self.tick, &self.xid, &self.seq]
     }
 }
 

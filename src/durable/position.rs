@@ -97,11 +97,13 @@ mod tests {
         let p = Position::end_of_tick(7);
         assert_eq!(p.to_string().parse::<Position>().unwrap(), p);
         assert!(Position::EARLIEST < p);
-        assert!(p < Position {
-            tick: 8,
-            xid: 1,
-            seq: 1
-        });
+        assert!(
+            p < Position {
+                tick: 8,
+                xid: 1,
+                seq: 1
+            }
+        );
         for bad in ["", "1/2", "1/2/3/4", "a/2/3", "-1/2/3", "1/-2/3"] {
             assert!(bad.parse::<Position>().is_err(), "{bad}");
         }

@@ -37,7 +37,9 @@ impl Durable {
         let sql = self.publish_sql();
         self.with_client("durable publish", |client| async move {
             let stmt = client.prepare_cached(&sql).await?;
-            client.execute(&stmt, &[&channel.as_str(), &payload]).await?;
+            client
+                .execute(&stmt, &[&channel.as_str(), &payload])
+                .await?;
             Ok(())
         })
         .await

@@ -135,7 +135,10 @@ async fn installed_version(
     client: &tokio_postgres::Client,
     schema: &SchemaName,
 ) -> Result<Option<i32>> {
-    let sql = format!("SELECT max(version) FROM {}.schema_version", schema.as_str());
+    let sql = format!(
+        "SELECT max(version) FROM {}.schema_version",
+        schema.as_str()
+    );
     match client.query_one(&sql, &[]).await {
         Ok(row) => {
             let version: Option<i32> = row.get(0);
