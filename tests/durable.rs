@@ -407,3 +407,62 @@ async fn the_schema_script_is_printable_and_rerunnable() {
     ps.durable_in(&schema).unwrap().install().await.unwrap();
     ps.shutdown().await;
 }
+
+/// `pg-pubsub durable tail` processes, SIGKILLed mid-stream.
+#[cfg(feature = "cli")]
+mod cli {
+    use super::*;
+    use common::fleet::Fleet;
+
+    fn tail_ready(line: &str) -> bool {
+        line.contains("tailing")
+    }
+
+    #[tokio::test]
+    async fn a_killed_tail_loses_nothing_and_repeats_only_unacked_lines() {
+        let (ps, d) = durable().await;
+        let ch = channel("cli_kill");
+        let all: Vec<String> = (0..400).map(|i| format!("{i:04}")).collect();
+        let args = ["durable", "tail", ch.as_str(), "--group", "g"];
+        let mut fleet = Fleet::new();
+        let first = fleet.spawn_cmd(&args, tail_ready).await;
+        d.publish_batch(&ch, &all[..200]).await.unwrap();
+        fleet.wait_for(|f| f.received[first].len() >= 50).await;
+        fleet.signal(first, "-KILL").await;
+        let printed = fleet.received[first].clone();
+        assert_eq!(printed, all[..printed.len()], "in order, no gaps");
+
+        let second = fleet.spawn_cmd(&args, tail_ready).await;
+        d.publish_batch(&ch, &all[200..]).await.unwrap();
+        fleet
+            .wait_for(|f| f.received[second].last() == all.last())
+            .await;
+        let again = &fleet.received[second];
+        // It starts at or before the first line the killed one printed
+        // after its last written ack, and never skips one.
+        let start: usize = again[0].parse().unwrap();
+        assert!(start <= printed.len(), "{start} > {}", printed.len());
+        assert_eq!(again[..], all[start..]);
+
+        // SIGTERM: exits 0 after writing its acks; nothing is repeated.
+        let status = fleet.signal(second, "-TERM").await;
+        assert!(status.success(), "{status:?}");
+        let third = fleet.spawn_cmd(&args, tail_ready).await;
+        d.publish_raw(&ch, "last").await.unwrap();
+        fleet.wait_for(|f| !f.received[third].is_empty()).await;
+        assert_eq!(fleet.received[third], ["last"]);
+        fleet.signal(third, "-KILL").await;
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_schema_command_prints_the_script() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
+            .args(["schema", "--schema", "other"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("CREATE TABLE IF NOT EXISTS other.messages"));
+    }
+}
