@@ -456,6 +456,46 @@ mod cli {
     }
 
     #[tokio::test]
+    async fn several_publisher_processes_are_each_delivered_once_in_their_order() {
+        use tokio::io::AsyncWriteExt;
+        let (ps, d) = durable().await;
+        let ch = channel("cli_pub");
+        let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+        let mut children = Vec::new();
+        for p in 0..4 {
+            let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
+                .args(["durable", "publish", &ch, "--stdin"])
+                .env("DATABASE_URL", server().url())
+                .stdin(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            // Lines one at a time, several batches per process.
+            let input: String = (0..2500).map(|i| format!("{p}:{i}\n")).collect();
+            tokio::spawn(async move {
+                stdin.write_all(input.as_bytes()).await.unwrap();
+            });
+            children.push(child);
+        }
+        for mut child in children {
+            assert!(child.wait().await.unwrap().success());
+        }
+        let mut last = [-1i64; 4];
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            let m = next_durable(&mut sub).await;
+            let (p, i) = m.payload().split_once(':').unwrap();
+            let (p, i): (usize, i64) = (p.parse().unwrap(), i.parse().unwrap());
+            assert!(seen.insert((p, i)), "{p}:{i} twice");
+            assert!(i > last[p], "{p}:{i} after {p}:{}", last[p]);
+            last[p] = i;
+        }
+        assert_quiet(&mut sub, Duration::from_millis(200)).await;
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn the_schema_command_prints_the_script() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
             .args(["schema", "--schema", "other"])

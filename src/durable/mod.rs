@@ -108,8 +108,19 @@
 //!
 //! [`Durable::retain`] deletes what every group of the channel has acked
 //! and, optionally, what is older than a maximum age (groups that had not
-//! read it get [`DurableDelivery::Truncated`]). This first version deletes
-//! rows in batches; see the crate's README for what partition rotation would add.
+//! read it get [`DurableDelivery::Truncated`]). Nothing calls it for you:
+//! run it periodically (one process is enough; concurrent calls serialise).
+//!
+//! This first version `DELETE`s rows in batches, which leaves dead tuples
+//! for autovacuum: the table and its index stay bounded only as long as
+//! autovacuum keeps up (and no long transaction holds back the xmin
+//! horizon). Rotation, as PgQ does it, would remove that dependency: keep
+//! `messages` as a few tables (or list partitions) used in turn; once every
+//! group's cursor is past every row of the oldest one (its rows are all
+//! visible in the slowest group's previous tick), `TRUNCATE` it and make it
+//! the next to fill. `TRUNCATE` returns the space at once and leaves no
+//! dead tuples, at the price of an `ACCESS EXCLUSIVE` lock on that table
+//! only, and of retention by whole tables rather than by message.
 
 mod consumer;
 mod groups;

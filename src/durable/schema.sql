@@ -106,13 +106,15 @@ BEGIN
         SELECT t.tick_id, t.snap FROM @S@.ticks t
         WHERE t.channel = p_channel ORDER BY t.tick_id DESC LIMIT 1
     ) AS l ON true
-    WHERE EXISTS (
-        SELECT 1 FROM @S@.messages m
-        WHERE m.channel = p_channel
-          AND (l.snap IS NULL
-               OR m.xid >= pg_snapshot_xmax(l.snap)
-               OR m.xid IN (SELECT pg_snapshot_xip(l.snap)))
-    );
+    -- Three separate probes, each an index lookup on (channel, xid): one
+    -- OR inside a single probe would scan all of the channel's rows.
+    WHERE (l.snap IS NULL
+           AND EXISTS (SELECT 1 FROM @S@.messages m WHERE m.channel = p_channel))
+       OR EXISTS (SELECT 1 FROM @S@.messages m
+                  WHERE m.channel = p_channel AND m.xid >= pg_snapshot_xmax(l.snap))
+       OR EXISTS (SELECT 1 FROM @S@.messages m
+                  WHERE m.channel = p_channel
+                    AND m.xid = ANY (ARRAY(SELECT pg_snapshot_xip(l.snap))));
     SELECT max(t.tick_id) INTO last_id FROM @S@.ticks t WHERE t.channel = p_channel;
     RETURN coalesce(last_id, 0);
 END $$;
@@ -176,7 +178,7 @@ BEGIN
             UNION ALL
             SELECT m2.xid, m2.seq, m2.published_at, m2.payload FROM @S@.messages m2
             WHERE m2.channel = p_channel
-              AND m2.xid IN (SELECT pg_snapshot_xip(pv))
+              AND m2.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pv)))
               AND (m2.xid, m2.seq) > (p_xid, p_seq)
         ) m
         WHERE pg_visible_in_snapshot(m.xid, nx_snap)
