@@ -161,8 +161,10 @@ async fn run(url: &str) -> Res<()> {
         d.publish_batch("backlog", &chunk).await?;
         client.execute(&stmt, &[&"backlog", &chunk]).await?;
     }
+    // One statement each: VACUUM refuses to run in a multi-statement batch.
+    client.batch_execute("VACUUM ANALYZE bench_bare").await?;
     client
-        .batch_execute("VACUUM ANALYZE bench_bare; VACUUM ANALYZE pgpubsub.messages")
+        .batch_execute("VACUUM ANALYZE pgpubsub.messages")
         .await?;
     let t = Instant::now();
     let mut last = 0i64;

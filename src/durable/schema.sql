@@ -73,8 +73,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- A function scan feeding INSERT yields array order, and the seq
+    -- default is evaluated row by row in that order (no sort needed).
     INSERT INTO @S@.messages (channel, payload)
-        SELECT p_channel, p FROM unnest(p_payloads) WITH ORDINALITY AS u(p, i) ORDER BY i;
+        SELECT p_channel, p FROM unnest(p_payloads) AS p;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 AND NOT EXISTS (SELECT 1 FROM @S@.channels c WHERE c.channel = p_channel AND c.quiet) THEN
         PERFORM pg_notify('@WAKE@', p_channel);
@@ -87,8 +89,10 @@ END $$;
 -- snapshot is taken by a statement that starts after the lock is granted,
 -- so every tick's snapshot sees at least what the previous one saw.
 -- Returns the channel's latest tick id (0: none yet).
+-- enable_seqscan = off: the probes must stay index lookups even when the
+-- statistics say one xid holds most rows (a big batch just published).
 CREATE OR REPLACE FUNCTION @S@.tick(p_channel text) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     last_id bigint;
 BEGIN
@@ -106,15 +110,18 @@ BEGIN
         SELECT t.tick_id, t.snap FROM @S@.ticks t
         WHERE t.channel = p_channel ORDER BY t.tick_id DESC LIMIT 1
     ) AS l ON true
-    -- Three separate probes, each an index lookup on (channel, xid): one
-    -- OR inside a single probe would scan all of the channel's rows.
+    -- Each probe is an index lookup on (channel, xid): the newest xid
+    -- (min/max optimisation), and one lookup per transaction that was in
+    -- progress at the last tick. A plain predicate with OR, or a range on
+    -- a value the planner cannot see, gets a sequential scan.
     WHERE (l.snap IS NULL
            AND EXISTS (SELECT 1 FROM @S@.messages m WHERE m.channel = p_channel))
-       OR EXISTS (SELECT 1 FROM @S@.messages m
-                  WHERE m.channel = p_channel AND m.xid >= pg_snapshot_xmax(l.snap))
-       OR EXISTS (SELECT 1 FROM @S@.messages m
-                  WHERE m.channel = p_channel
-                    AND m.xid = ANY (ARRAY(SELECT pg_snapshot_xip(l.snap))));
+       OR (SELECT max(m.xid) FROM @S@.messages m WHERE m.channel = p_channel)
+          >= pg_snapshot_xmax(l.snap)
+       OR EXISTS (SELECT 1 FROM pg_snapshot_xip(l.snap) AS x(xid)
+                  CROSS JOIN LATERAL (SELECT 1 FROM @S@.messages m
+                                      WHERE m.channel = p_channel AND m.xid = x.xid
+                                      LIMIT 1) AS hit);
     SELECT max(t.tick_id) INTO last_id FROM @S@.ticks t WHERE t.channel = p_channel;
     RETURN coalesce(last_id, 0);
 END $$;
@@ -143,11 +150,12 @@ $$;
 -- first non-empty later batch.
 CREATE OR REPLACE FUNCTION @S@.read(p_channel text, p_tick bigint, p_xid xid8, p_seq bigint, p_limit int)
 RETURNS TABLE (tick_id bigint, xid xid8, seq bigint, published_at timestamptz, payload text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET enable_seqscan = off AS $$
 DECLARE
     nx_id   bigint;
     nx_snap pg_snapshot;
     pv      pg_snapshot;
+    xips    xid8[];
     n       bigint;
     exact   boolean := true;
 BEGIN
@@ -167,21 +175,31 @@ BEGIN
             p_xid := '0'; p_seq := 0;
         END IF;
         pv := @S@.snap_before(p_channel, nx_id);
+        xips := ARRAY(SELECT pg_snapshot_xip(pv));
         -- Not visible in pv means: xid >= xmax(pv), or xid in progress in pv.
-        -- Both halves are index ranges / lookups on (channel, xid, seq).
+        -- Each half is ordered and limited on its own so that a page reads
+        -- at most p_limit index entries per half, whatever the batch size:
+        -- an index range scan, and one index lookup per transaction that
+        -- was in progress at the previous tick.
         RETURN QUERY
         SELECT nx_id, m.xid, m.seq, m.published_at, m.payload FROM (
-            SELECT m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
-            WHERE m1.channel = p_channel
-              AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
-              AND (m1.xid, m1.seq) > (p_xid, p_seq)
+            (SELECT m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
+             WHERE m1.channel = p_channel
+               AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
+               AND (m1.xid, m1.seq) > (p_xid, p_seq)
+               AND pg_visible_in_snapshot(m1.xid, nx_snap)
+             ORDER BY m1.xid, m1.seq LIMIT p_limit)
             UNION ALL
-            SELECT m2.xid, m2.seq, m2.published_at, m2.payload FROM @S@.messages m2
-            WHERE m2.channel = p_channel
-              AND m2.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pv)))
-              AND (m2.xid, m2.seq) > (p_xid, p_seq)
-        ) m
-        WHERE pg_visible_in_snapshot(m.xid, nx_snap)
+            (SELECT m2.xid, m2.seq, m2.published_at, m2.payload
+             FROM unnest(xips) AS x(xid)
+             CROSS JOIN LATERAL (
+                 SELECT m3.xid, m3.seq, m3.published_at, m3.payload FROM @S@.messages m3
+                 WHERE m3.channel = p_channel AND m3.xid = x.xid
+                   AND (m3.xid, m3.seq) > (p_xid, p_seq)
+                   AND pg_visible_in_snapshot(m3.xid, nx_snap)
+                 ORDER BY m3.seq LIMIT p_limit) AS m2
+             ORDER BY m2.xid, m2.seq LIMIT p_limit)
+        ) AS m
         ORDER BY m.xid, m.seq
         LIMIT p_limit;
         GET DIAGNOSTICS n = ROW_COUNT;
