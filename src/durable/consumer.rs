@@ -23,7 +23,8 @@ use crate::{ConnectionEvent, Delivery, ListenOptions};
 /// The longest group name accepted, in bytes.
 const MAX_GROUP_BYTES: usize = 200;
 
-type Decode<T> = fn(&str) -> Result<T, serde_json::Error>;
+/// Turns a payload into a `T`; on failure gives the text back with the error.
+type Decode<T> = fn(String) -> Result<T, (String, serde_json::Error)>;
 
 /// Where a new group starts. An existing group always continues from its
 /// cursor.
@@ -54,12 +55,13 @@ pub struct ConsumerBuilder<T> {
     decode: Decode<T>,
 }
 
-fn decode_text(raw: &str) -> Result<String, serde_json::Error> {
-    Ok(raw.to_owned())
+// Takes the text by value: a raw payload (up to 1 GB) is never copied.
+fn decode_text(raw: String) -> Result<String, (String, serde_json::Error)> {
+    Ok(raw)
 }
 
-fn decode_json<T: DeserializeOwned>(raw: &str) -> Result<T, serde_json::Error> {
-    serde_json::from_str(raw)
+fn decode_json<T: DeserializeOwned>(raw: String) -> Result<T, (String, serde_json::Error)> {
+    serde_json::from_str(&raw).map_err(|e| (raw, e))
 }
 
 impl Durable {
@@ -181,7 +183,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             .await?;
         let group: Arc<str> = Arc::from(self.group.as_str());
         let acks = Arc::new(Acks::new(&durable.schema, channel.clone(), group.clone()));
-        let (out, rx) = mpsc::channel(self.batch_size);
+        // Pages, not messages: one channel operation per page read. Two pages
+        // buffered: the next one is read while the consumer works.
+        let (out, rx) = mpsc::channel(2);
         let (stop_tx, stop) = watch::channel(false);
         let reader = Reader {
             durable: durable.clone(),
@@ -209,6 +213,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             election,
             acks,
             rx,
+            page: std::collections::VecDeque::new(),
             stop: stop_tx,
             task: Some(task),
             flusher: Some(flusher),
@@ -370,7 +375,7 @@ struct Reader<T> {
     poll_interval: Duration,
     decode: Decode<T>,
     acks: Arc<Acks>,
-    out: mpsc::Sender<DurableDelivery<T>>,
+    out: mpsc::Sender<Vec<DurableDelivery<T>>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -389,9 +394,12 @@ impl<T: Send + 'static> Reader<T> {
     ) {
         // Where the next read starts; None: reload the group's cursor.
         let mut cursor: Option<Position> = None;
+        let mut draining = false;
         loop {
             if self.durable.pubsub.is_leader(&self.election) {
-                match self.round(&mut cursor).await {
+                let result = self.round(&mut cursor, draining).await;
+                draining = matches!(result, Ok(true)) && cursor.is_some();
+                match result {
                     Ok(true) => continue, // a full page: more may be waiting
                     Ok(false) => {}
                     Err(e) if e.kind() == ErrorKind::ShutDown => return,
@@ -435,8 +443,9 @@ impl<T: Send + 'static> Reader<T> {
         }
     }
 
-    /// Ticks and reads one page; true when it was full.
-    async fn round(&mut self, cursor: &mut Option<Position>) -> Result<bool> {
+    /// Ticks (unless `draining`: the last page was full, so the known
+    /// ticks are not exhausted yet) and reads one page; true when it was full.
+    async fn round(&mut self, cursor: &mut Option<Position>, draining: bool) -> Result<bool> {
         let durable = &self.durable;
         let mut lost = 0;
         let at = match *cursor {
@@ -455,23 +464,21 @@ impl<T: Send + 'static> Reader<T> {
                 p
             }
         };
-        if lost == 0 {
-            lost = durable.take_lost(&self.channel, &self.group).await?;
+        let mut page = Vec::new();
+        if !draining {
+            if lost == 0 {
+                lost = durable.take_lost(&self.channel, &self.group).await?;
+            }
+            durable.tick(self.channel.as_str()).await?;
         }
         if lost > 0 {
-            let lost = u64::try_from(lost).unwrap_or(0);
-            if self
-                .out
-                .send(DurableDelivery::Truncated { lost })
-                .await
-                .is_err()
-            {
-                return Err(Error::shut_down());
-            }
+            page.push(DurableDelivery::Truncated {
+                lost: u64::try_from(lost).unwrap_or(0),
+            });
         }
-        durable.tick(self.channel.as_str()).await?;
         let rows = durable.read(&self.channel, at, self.batch_size).await?;
         let full = rows.len() == self.batch_size;
+        page.reserve(rows.len());
         for row in rows {
             *cursor = Some(row.position);
             let message = DurableMessage {
@@ -480,16 +487,17 @@ impl<T: Send + 'static> Reader<T> {
                 published_at: row.published_at,
                 acks: self.acks.clone(),
             };
-            let item = match (self.decode)(&row.payload) {
+            let item = match (self.decode)(row.payload) {
                 Ok(payload) => DurableDelivery::Message(message.map(|()| payload)),
-                Err(error) => DurableDelivery::Undecodable {
-                    message: message.map(|()| row.payload),
+                Err((raw, error)) => DurableDelivery::Undecodable {
+                    message: message.map(|()| raw),
                     error: Arc::new(error),
                 },
             };
-            if self.out.send(item).await.is_err() {
-                return Err(Error::shut_down());
-            }
+            page.push(item);
+        }
+        if !page.is_empty() && self.out.send(page).await.is_err() {
+            return Err(Error::shut_down());
         }
         Ok(full)
     }
@@ -544,7 +552,9 @@ pub struct DurableSubscription<T> {
     group: Arc<str>,
     election: String,
     acks: Arc<Acks>,
-    rx: mpsc::Receiver<DurableDelivery<T>>,
+    rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
+    /// The rest of the page being handed out.
+    page: std::collections::VecDeque<DurableDelivery<T>>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
     flusher: Option<JoinHandle<()>>,
@@ -604,15 +614,31 @@ impl<T> DurableSubscription<T> {
 
     /// The next item; `None` once the stream ended.
     pub async fn recv(&mut self) -> Option<DurableDelivery<T>> {
-        self.rx.recv().await
+        futures::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<DurableDelivery<T>>> {
+        loop {
+            if let Some(item) = self.page.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(page)) => self.page = page.into(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
+
+// Nothing in it is pinned: the page buffer and channel move freely.
+impl<T> Unpin for DurableSubscription<T> {}
 
 impl<T> Stream for DurableSubscription<T> {
     type Item = DurableDelivery<T>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        self.poll_item(cx)
     }
 }
 

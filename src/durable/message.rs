@@ -174,11 +174,15 @@ impl Acks {
 
     fn ack(&self, p: Position) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let first = pending.is_none();
         if pending.is_none_or(|q| q < p) {
             *pending = Some(p);
         }
         drop(pending);
-        self.notify.notify_one();
+        // The flusher only needs waking for the first ack since its last write.
+        if first {
+            self.notify.notify_one();
+        }
     }
 
     /// Takes what is pending.
