@@ -264,6 +264,55 @@ async fn group_of_two(
 }
 
 #[tokio::test]
+async fn a_new_group_can_start_at_a_time() {
+    let (ps, d) = durable().await;
+    let ch = channel("time");
+    d.publish_raw(&ch, "before").await.unwrap();
+    d.tick(&ch).await.unwrap(); // "before" is in a batch ticked before `at`
+    let client = raw_client().await;
+    // The server's clock, not ours.
+    let at: std::time::SystemTime = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    d.publish_raw(&ch, "after").await.unwrap();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .start(Start::Time(at))
+        .subscribe()
+        .await
+        .unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "after");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_quiet_channel_is_delivered_by_polling() {
+    let (ps, d) = durable().await;
+    let ch = channel("quiet");
+    d.set_quiet(&ch, true).await.unwrap();
+    let mut wake = ps.listen_raw(&d.schema().wake_channel()).await.unwrap();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .poll_interval(Duration::from_millis(50))
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_raw(&ch, "polled").await.unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "polled");
+    // Other tests' channels wake up meanwhile; this one never does.
+    let own = tokio::time::timeout(Duration::from_millis(100), async {
+        loop {
+            if let pg_pubsub::Delivery::Message(m) = next(&mut wake).await {
+                if m.raw() == ch {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(own.is_err(), "a quiet channel sent a wake-up");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_standby_takes_over_the_group_from_the_last_ack_on_shutdown() {
     let ch = channel("takeover");
     let (a, sub_a, b, mut sub_b) = group_of_two(&ch).await;
@@ -452,6 +501,34 @@ mod cli {
         fleet.wait_for(|f| !f.received[third].is_empty()).await;
         assert_eq!(fleet.received[third], ["last"]);
         fleet.signal(third, "-KILL").await;
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_standby_tail_process_takes_over_when_the_active_one_is_killed() {
+        let (ps, d) = durable().await;
+        let ch = channel("cli_standby");
+        let all: Vec<String> = (0..300).map(|i| format!("{i:04}")).collect();
+        let args = ["durable", "tail", ch.as_str(), "--group", "g"];
+        let mut fleet = Fleet::new();
+        let active = fleet.spawn_cmd(&args, |l| l.contains("(active)")).await;
+        let standby = fleet.spawn_cmd(&args, |l| l.contains("standing by")).await;
+        d.publish_batch(&ch, &all[..150]).await.unwrap();
+        fleet.wait_for(|f| f.received[active].len() >= 30).await;
+        fleet.signal(active, "-KILL").await;
+        fleet
+            .wait_err(|p, l| p == standby && l.contains("now the group's active consumer"))
+            .await;
+        d.publish_batch(&ch, &all[150..]).await.unwrap();
+        fleet
+            .wait_for(|f| f.received[standby].last() == all.last())
+            .await;
+        let (first, second) = (&fleet.received[active], &fleet.received[standby]);
+        assert_eq!(first[..], all[..first.len()]);
+        let start: usize = second[0].parse().unwrap();
+        assert!(start <= first.len(), "{start} > {}", first.len());
+        assert_eq!(second[..], all[start..]);
+        fleet.signal(standby, "-KILL").await;
         ps.shutdown().await;
     }
 

@@ -414,28 +414,33 @@ impl<T: Send + 'static> Reader<T> {
             } else {
                 cursor = None;
             }
-            let wait = tokio::select! {
-                _ = self.stop.changed() => Wake::Stop,
-                d = wake.next() => match d {
-                    Some(Delivery::Message(m)) if m.raw() != self.channel.as_str() => continue,
-                    // A wake-up for us, or a gap (a wake-up may be lost).
-                    Some(_) => Wake::Now,
-                    None => Wake::Stop,
-                },
-                d = elected.next() => match d {
-                    Some(_) => Wake::Now,
-                    None => Wake::Stop,
-                },
-                e = events.next() => match e {
-                    Some(ConnectionEvent::LockLost { channel, .. }) if channel.as_str() == self.election => {
-                        cursor = None;
-                        Wake::Now
-                    }
-                    Some(ConnectionEvent::LockAcquired { channel }) if channel.as_str() == self.election => Wake::Now,
-                    Some(_) => continue,
-                    None => Wake::Stop,
-                },
-                _ = tokio::time::sleep(self.poll_interval) => Wake::Now,
+            // Wake-ups for other channels and unrelated events keep waiting
+            // (until the same poll deadline) instead of costing a read.
+            let deadline = tokio::time::Instant::now() + self.poll_interval;
+            let wait = loop {
+                break tokio::select! {
+                    _ = self.stop.changed() => Wake::Stop,
+                    d = wake.next() => match d {
+                        Some(Delivery::Message(m)) if m.raw() != self.channel.as_str() => continue,
+                        // A wake-up for us, or a gap (a wake-up may be lost).
+                        Some(_) => Wake::Now,
+                        None => Wake::Stop,
+                    },
+                    d = elected.next() => match d {
+                        Some(_) => Wake::Now,
+                        None => Wake::Stop,
+                    },
+                    e = events.next() => match e {
+                        Some(ConnectionEvent::LockLost { channel, .. }) if channel.as_str() == self.election => {
+                            cursor = None;
+                            Wake::Now
+                        }
+                        Some(ConnectionEvent::LockAcquired { channel }) if channel.as_str() == self.election => Wake::Now,
+                        Some(_) => continue,
+                        None => Wake::Stop,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => Wake::Now,
+                };
             };
             if matches!(wait, Wake::Stop) || self.out.is_closed() {
                 return;
