@@ -287,23 +287,25 @@ impl Durable {
         Ok((position_of(&row, 0)?, row.get(3)))
     }
 
-    /// Reports (and clears) messages lost to max-age retention.
-    async fn take_lost(&self, channel: &ChannelName, group: &str) -> Result<i64> {
+    /// Ticks the channel and, in the same round trip, reports (and
+    /// clears) the group's messages lost to max-age retention.
+    async fn tick_and_take_lost(&self, channel: &ChannelName, group: &str) -> Result<i64> {
         let s = self.schema.as_str();
         let sql = format!(
             "WITH old AS (SELECT lost FROM {s}.groups \
-                          WHERE channel = $1 AND group_name = $2 AND lost > 0 FOR UPDATE) \
-             UPDATE {s}.groups g SET lost = 0 FROM old \
-             WHERE g.channel = $1 AND g.group_name = $2 RETURNING old.lost"
+                          WHERE channel = $1 AND group_name = $2 AND lost > 0 FOR UPDATE), \
+             upd AS (UPDATE {s}.groups g SET lost = 0 FROM old \
+                     WHERE g.channel = $1 AND g.group_name = $2 RETURNING old.lost) \
+             SELECT {s}.tick($1), coalesce((SELECT lost FROM upd), 0)"
         );
         let ch = channel.as_str();
         let row = self
-            .with_client("reading lost messages", |c| async move {
+            .with_client("ticking the durable channel", |c| async move {
                 let stmt = c.prepare_cached(&sql).await?;
-                c.query_opt(&stmt, &[&ch, &group]).await
+                c.query_one(&stmt, &[&ch, &group]).await
             })
             .await?;
-        Ok(row.map_or(0, |r| r.get(0)))
+        Ok(row.get(1))
     }
 
     async fn read(&self, channel: &ChannelName, after: Position, limit: usize) -> Result<Vec<Row>> {
@@ -471,10 +473,9 @@ impl<T: Send + 'static> Reader<T> {
         };
         let mut page = Vec::new();
         if !draining {
-            if lost == 0 {
-                lost = durable.take_lost(&self.channel, &self.group).await?;
-            }
-            durable.tick(self.channel.as_str()).await?;
+            lost += durable
+                .tick_and_take_lost(&self.channel, &self.group)
+                .await?;
         }
         if lost > 0 {
             page.push(DurableDelivery::Truncated {
