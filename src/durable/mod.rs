@@ -41,12 +41,14 @@
 //!
 //! * **Tick.** `tick(channel)` takes a transaction advisory lock for the
 //!   channel, then, in one statement, records `S_n = pg_current_snapshot()`
-//!   as tick `n = n-1 + 1`, but only if a message became visible since
-//!   `S_{n-1}` (so idle channels add no rows). Consumers call it before
-//!   reading; it must run in READ COMMITTED (it checks).
+//!   as tick `n` (the channel's previous tick id plus one), but only if a
+//!   message became visible since `S_{n-1}` (so idle channels add no rows).
+//!   Ticks are per channel. Consumers call it before reading (nobody else
+//!   has to); it must run in READ COMMITTED (it checks).
 //! * **Batch.** Batch `n` is the messages whose `xid` is visible in `S_n`
 //!   and not in `S_{n-1}` (`S_0` sees nothing). "Not visible in `S_{n-1}`"
-//!   is `xid >= xmax(S_{n-1})` or `xid ∈ xip(S_{n-1})`, so a batch is one
+//!   is `xid >= xmax(S_{n-1})` or `xid ∈ xip(S_{n-1})` (every xid below
+//!   `xmin` had ended; rows of aborted ones are invisible anyway), so a batch is one
 //!   index range scan plus one lookup per transaction that was in progress
 //!   at the previous tick. Within a batch, messages are ordered by
 //!   `(xid, seq)`: a transaction's messages are contiguous, in publish order.
@@ -103,6 +105,17 @@
 //! notification per channel per transaction. Consumers listen to it on
 //! the instance's listener connection, and also poll (default every
 //! second), so a lost notification or a reconnect only delays.
+//!
+//! Acks are cumulative: acking a message acks every message before it in
+//! delivery order. After a take-over (or a lost and regained election),
+//! messages already handed to the stream may come again: at least once.
+//!
+//! Names: channels follow [`ChannelName`](crate::ChannelName) rules (1 to 63
+//! bytes, no NUL); groups are 1 to 200 bytes without NUL; the schema is a
+//! lowercase identifier of at most 40 bytes. All wake-ups of a schema share
+//! one channel, `<schema>_wake`, with the durable channel's name as payload:
+//! SQL and Rust agree on it without any hashing, and the server still
+//! merges a transaction's wake-ups per channel.
 //!
 //! ## Retention
 //!
