@@ -77,6 +77,7 @@
 //! * [`channel`]: channel names and their limits.
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
+//! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
@@ -127,6 +128,7 @@ mod client;
 pub mod config;
 mod connect;
 mod driver;
+pub mod durable;
 pub mod election;
 mod error;
 pub mod event;

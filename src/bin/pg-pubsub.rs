@@ -21,6 +21,9 @@ use pg_pubsub::{
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+#[path = "pg-pubsub/durable_cmd.rs"]
+mod durable_cmd;
+
 /// Fail fast on a dead address instead of hanging a script.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines sent per `notify_batch` call with `--stdin` (one statement, one
@@ -54,6 +57,10 @@ enum Command {
     Listen(ListenArgs),
     /// Send a notification, or one per line of stdin.
     Notify(NotifyArgs),
+    /// Durable channels: stored messages, consumer groups.
+    Durable(durable_cmd::DurableArgs),
+    /// Print the SQL script that installs the durable schema.
+    Schema(durable_cmd::SchemaArgs),
 }
 
 #[derive(Args)]
@@ -134,6 +141,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Listen(args) => listen(&cli.conn, args).await,
         Command::Notify(args) => notify(&cli.conn, args).await,
+        Command::Durable(args) => durable_cmd::run(&cli.conn, args).await,
+        Command::Schema(args) => durable_cmd::schema(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

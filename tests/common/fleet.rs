@@ -54,9 +54,16 @@ impl Fleet {
 
     /// Starts `pg-pubsub listen ARGS...` and waits until it leads or stands by.
     pub async fn spawn_with(&mut self, args: &[&str]) -> usize {
+        let mut all = vec!["listen"];
+        all.extend_from_slice(args);
+        self.spawn_cmd(&all, |l| l.contains("leading") || l.contains("standing by"))
+            .await
+    }
+
+    /// Starts `pg-pubsub ARGS...` and waits for a stderr line matching `ready`.
+    pub async fn spawn_cmd(&mut self, args: &[&str], ready: fn(&str) -> bool) -> usize {
         let i = self.procs.len();
         let mut child = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
-            .arg("listen")
             .args(args)
             .env("DATABASE_URL", server().url())
             .stdin(Stdio::null())
@@ -83,8 +90,7 @@ impl Fleet {
         });
         self.procs.push(Some(child));
         self.received.push(Vec::new());
-        self.wait_err(|p, l| p == i && (l.contains("leading") || l.contains("standing by")))
-            .await;
+        self.wait_err(|p, l| p == i && ready(l)).await;
         i
     }
 

@@ -265,3 +265,30 @@ pub fn send_signal(pid: impl std::fmt::Display, sig: &str) {
         .is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid}");
 }
+
+/// The next durable delivery, which must be a message.
+pub async fn next_durable<T: std::fmt::Debug, S>(
+    stream: &mut S,
+) -> pg_pubsub::durable::DurableMessage<T>
+where
+    S: Stream<Item = pg_pubsub::durable::DurableDelivery<T>> + Unpin,
+{
+    match next(stream).await {
+        pg_pubsub::durable::DurableDelivery::Message(m) => m,
+        other => panic!("expected a durable message, got {other:?}"),
+    }
+}
+
+/// The next `n` durable messages' text payloads, acking each one.
+pub async fn take_acked<S>(stream: &mut S, n: usize) -> Vec<String>
+where
+    S: Stream<Item = pg_pubsub::durable::DurableDelivery<String>> + Unpin,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let m = next_durable(stream).await;
+        m.ack();
+        out.push(m.into_payload());
+    }
+    out
+}

@@ -1,0 +1,348 @@
+//! Durable channels against bare SQL on the same server: publish (one per
+//! transaction, a thousand per transaction), consuming a backlog,
+//! publish-to-receive latency, and storage under retention.
+//! Run with `cargo bench --bench durable`.
+//!
+//! Env: `BENCH_SINGLE` (messages published one per transaction, default
+//! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_BACKLOG` (default
+//! 1 000 000), `BENCH_LATENCY_SECS` (default 5), `BENCH_SOAK_SECS` (default
+//! 60), `DATABASE_URL` (else a throwaway cluster).
+
+use std::error::Error;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use pg_pubsub::durable::{Durable, DurableDelivery};
+use pg_pubsub::testing::TestServer;
+use pg_pubsub::{Delivery, PgPubSub};
+use tokio::time::MissedTickBehavior;
+
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Concurrent publishing tasks in the one-per-transaction phase.
+const TASKS: usize = 8;
+const PAYLOAD: &str = r#"{"kind":"order","amount":42,"id":"0123456789abcdef"}"#;
+/// Messages per second in the latency and soak phases.
+const RATE: u64 = 1000;
+
+/// The same columns, defaults and index as `pgpubsub.messages`, without
+/// the function, the NOTIFY, or the tick cursor.
+const BARE_SQL: &str = "
+    DROP TABLE IF EXISTS bench_bare;
+    CREATE TABLE bench_bare (
+        id bigserial,
+        channel text NOT NULL,
+        xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        published_at timestamptz NOT NULL DEFAULT now(),
+        payload text NOT NULL);
+    CREATE INDEX ON bench_bare (channel, id);";
+
+fn env_u64(name: &str, default: u64) -> Res<u64> {
+    match std::env::var(name) {
+        Ok(v) => Ok(v.replace('_', "").parse()?),
+        Err(_) => Ok(default),
+    }
+}
+
+fn main() -> Res<()> {
+    let server = TestServer::from_env_or_start()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(server.url()))
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn line(what: &str, durable: f64, bare: f64, unit: &str) {
+    println!(
+        "{what:<44} durable {durable:>10.0} {unit:<6} bare {bare:>10.0} {unit:<6} ratio {:.2}",
+        durable / bare
+    );
+}
+
+async fn run(url: &str) -> Res<()> {
+    let single = env_u64("BENCH_SINGLE", 20_000)?;
+    let batched = env_u64("BENCH_BATCHED", 200_000)?;
+    let backlog = env_u64("BENCH_BACKLOG", 1_000_000)?;
+    let latency_secs = env_u64("BENCH_LATENCY_SECS", 5)?;
+    let soak_secs = env_u64("BENCH_SOAK_SECS", 60)?;
+    let ps = PgPubSub::builder(url)?
+        .pool_size(TASKS + 2)
+        .connect()
+        .await?;
+    let d = ps.durable();
+    d.install().await?;
+    let client = ps.pool().get().await?;
+    client.batch_execute(BARE_SQL).await?;
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    println!(
+        "PostgreSQL {version}, {} CPUs",
+        std::thread::available_parallelism()?.get()
+    );
+
+    // Publish, one message per transaction, TASKS tasks.
+    let bare = timed_tasks(single, |i| {
+        let ps = ps.clone();
+        async move {
+            let c = ps.pool().get().await?;
+            let stmt = c
+                .prepare_cached("INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)")
+                .await?;
+            for _ in 0..i {
+                c.execute(&stmt, &[&"single", &PAYLOAD]).await?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let notifying = timed_tasks(single, |i| {
+        let d = d.clone();
+        async move {
+            for _ in 0..i {
+                d.publish_raw("single", PAYLOAD).await?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    d.set_quiet("single_quiet", true).await?;
+    let quiet = timed_tasks(single, |i| {
+        let d = d.clone();
+        async move {
+            for _ in 0..i {
+                d.publish_raw("single_quiet", PAYLOAD).await?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    line(
+        "publish 1/tx, 8 tasks (msg/s)",
+        rate(single, notifying),
+        rate(single, bare),
+        "msg/s",
+    );
+    line(
+        "publish 1/tx, 8 tasks, quiet channel",
+        rate(single, quiet),
+        rate(single, bare),
+        "msg/s",
+    );
+
+    // Publish, a thousand per transaction, one task.
+    let chunk: Vec<String> = (0..1000).map(|_| PAYLOAD.to_owned()).collect();
+    let t = Instant::now();
+    let stmt = client
+        .prepare("INSERT INTO bench_bare (channel, payload) SELECT $1, unnest($2::text[])")
+        .await?;
+    for _ in 0..batched / 1000 {
+        client.execute(&stmt, &[&"batched", &chunk]).await?;
+    }
+    let bare = t.elapsed();
+    let t = Instant::now();
+    for _ in 0..batched / 1000 {
+        d.publish_batch("batched", &chunk).await?;
+    }
+    let durable = t.elapsed();
+    line(
+        "publish 1000/tx (msg/s)",
+        rate(batched, durable),
+        rate(batched, bare),
+        "msg/s",
+    );
+
+    // Consume a backlog with one group vs a bare keyset loop.
+    d.set_quiet("backlog", true).await?;
+    for _ in 0..backlog / 1000 {
+        d.publish_batch("backlog", &chunk).await?;
+        client.execute(&stmt, &[&"backlog", &chunk]).await?;
+    }
+    // One statement each: VACUUM refuses to run in a multi-statement batch.
+    client.batch_execute("VACUUM ANALYZE bench_bare").await?;
+    client
+        .batch_execute("VACUUM ANALYZE pgpubsub.messages")
+        .await?;
+    let t = Instant::now();
+    let mut last = 0i64;
+    let mut read = 0u64;
+    let page = client
+        .prepare("SELECT id, payload FROM bench_bare WHERE channel = $1 AND id > $2 ORDER BY id LIMIT 1000")
+        .await?;
+    loop {
+        let rows = client.query(&page, &[&"backlog", &last]).await?;
+        let Some(row) = rows.last() else { break };
+        last = row.get(0);
+        // Decoded like the durable consumer's payloads, which any consumer needs.
+        for r in &rows {
+            std::hint::black_box(r.get::<_, String>(1));
+        }
+        read += rows.len() as u64;
+    }
+    let bare = t.elapsed();
+    assert_eq!(read, backlog);
+    let t = Instant::now();
+    let mut sub = d
+        .consumer("backlog", "bench")
+        .batch_size(1000)
+        .subscribe()
+        .await?;
+    for _ in 0..backlog {
+        match sub.next().await {
+            Some(DurableDelivery::Message(m)) => m.ack(),
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    sub.close().await?;
+    let durable = t.elapsed();
+    line(
+        "consume backlog, one group (msg/s)",
+        rate(backlog, durable),
+        rate(backlog, bare),
+        "msg/s",
+    );
+
+    latency(&ps, &d, latency_secs).await?;
+    soak(&d, &client, soak_secs).await?;
+    ps.shutdown().await;
+    Ok(())
+}
+
+/// Runs `n` units of work split over [`TASKS`] tasks; returns the wall time.
+async fn timed_tasks<F, Fut>(n: u64, f: F) -> Res<Duration>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Res<()>> + Send + 'static,
+{
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| tokio::spawn(f(n / TASKS as u64)))
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(t.elapsed())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn p99(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    v[(v.len() * 99 / 100).min(v.len() - 1)] as f64 / 1e6
+}
+
+/// p99 publish-to-receive at [`RATE`]/s: durable (NOTIFY wake-up) vs ephemeral listen.
+async fn latency(ps: &PgPubSub, d: &Durable, secs: u64) -> Res<()> {
+    let n = RATE * secs;
+    // Ephemeral.
+    let mut sub = ps.listen_raw("bench_latency").await?;
+    let publisher = {
+        let ps = ps.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+            tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+            for _ in 0..n {
+                tick.tick().await;
+                ps.notify_raw("bench_latency", &now_ns().to_string())
+                    .await?;
+            }
+            Res::Ok(())
+        })
+    };
+    let mut eph = Vec::with_capacity(n as usize);
+    while eph.len() < n as usize {
+        if let Some(Delivery::Message(m)) = sub.next().await {
+            eph.push(now_ns().saturating_sub(m.raw().parse()?));
+        }
+    }
+    publisher.await??;
+    drop(sub);
+    // Durable.
+    let mut sub = d
+        .consumer("bench_latency", "lat")
+        .start(pg_pubsub::durable::Start::Latest)
+        .subscribe()
+        .await?;
+    let publisher = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+            tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+            for _ in 0..n {
+                tick.tick().await;
+                d.publish_raw("bench_latency", &now_ns().to_string())
+                    .await?;
+            }
+            Res::Ok(())
+        })
+    };
+    let mut dur = Vec::with_capacity(n as usize);
+    while dur.len() < n as usize {
+        if let Some(DurableDelivery::Message(m)) = sub.next().await {
+            dur.push(now_ns().saturating_sub(m.payload().parse()?));
+            m.ack();
+        }
+    }
+    publisher.await??;
+    sub.close().await?;
+    let (pd, pe) = (p99(dur), p99(eph));
+    println!(
+        "{:<44} durable {pd:>10.2} ms     bare {pe:>10.2} ms     ratio {:.2}",
+        format!("latency p99 at {RATE}/s (vs ephemeral listen)"),
+        pd / pe
+    );
+    Ok(())
+}
+
+/// Publishes at [`RATE`]/s for `secs` with a consumer and retention of
+/// 10 s every 5 s; prints the table size every 10 s.
+async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()> {
+    // Start from an empty table so sizes are the soak's own.
+    client
+        .batch_execute("TRUNCATE pgpubsub.messages, pgpubsub.ticks; DELETE FROM pgpubsub.groups")
+        .await?;
+    let size_sql = "SELECT pg_total_relation_size('pgpubsub.messages'), (SELECT count(*) FROM pgpubsub.messages)";
+    let mut sub = d.consumer("soak", "g").subscribe().await?;
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let consumer = tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            if let DurableDelivery::Message(m) = item {
+                m.ack();
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sent = 0u64;
+    let per_tick: Vec<String> = (0..RATE / 10).map(|_| PAYLOAD.to_owned()).collect();
+    println!("soak: {RATE}/s for {secs} s, retain(max_age 10 s) every 5 s");
+    while start.elapsed() < Duration::from_secs(secs) {
+        tick.tick().await;
+        d.publish_batch("soak", &per_tick).await?;
+        sent += per_tick.len() as u64;
+        if sent % (RATE * 5) == 0 {
+            d.retain("soak", Some(Duration::from_secs(10))).await?;
+        }
+        if sent % (RATE * 10) == 0 {
+            let row = client.query_one(size_sql, &[]).await?;
+            let (bytes, rows): (i64, i64) = (row.get(0), row.get(1));
+            println!(
+                "  t={:>4.0}s sent {sent:>7} received {:>7} table+index {:>6} kB, {rows} rows",
+                start.elapsed().as_secs_f64(),
+                received.load(std::sync::atomic::Ordering::Relaxed),
+                bytes / 1024
+            );
+        }
+    }
+    consumer.abort();
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! `pg-pubsub durable …` and `pg-pubsub schema`: durable channels from the shell.
+
+use std::io::Write as _;
+
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use pg_pubsub::durable::{schema_sql, Durable, DurableDelivery, Position, SchemaName, Start};
+use pg_pubsub::{ConnectionEvent, PgPubSub};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::{check_channel, connect, note, report_event, ConnOpts, Failure, Result, Stop, Tuning};
+
+/// Lines published per batch with `--stdin`.
+const STDIN_CHUNK: usize = 1000;
+
+#[derive(Args)]
+pub(crate) struct DurableArgs {
+    /// Schema holding the durable tables.
+    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA, global = true)]
+    schema: String,
+    #[command(subcommand)]
+    command: DurableCommand,
+}
+
+#[derive(Subcommand)]
+enum DurableCommand {
+    /// Store a message on a durable channel, or one per line of stdin.
+    Publish(PublishArgs),
+    /// Print a durable channel's messages as a consumer group, one JSON
+    /// object per line; each is acked once its line is written.
+    Tail(TailArgs),
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Durable channel.
+    channel: String,
+    /// Payload text (any size).
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    payload: Option<String>,
+    /// Publish one message per line of standard input.
+    #[arg(long)]
+    stdin: bool,
+}
+
+#[derive(Args)]
+struct TailArgs {
+    /// Durable channel.
+    channel: String,
+    /// Consumer group: one process of the group prints at a time, and a
+    /// restarted one continues after the last line it printed.
+    #[arg(long)]
+    group: String,
+    /// Where a new group starts: earliest, latest, or a position (tick/xid/seq).
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    from: Start,
+}
+
+#[derive(Args)]
+pub(crate) struct SchemaArgs {
+    /// Schema name.
+    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA)]
+    schema: String,
+}
+
+fn parse_start(s: &str) -> Result<Start, String> {
+    match s {
+        "earliest" => Ok(Start::Earliest),
+        "latest" => Ok(Start::Latest),
+        p => p
+            .parse::<Position>()
+            .map(Start::After)
+            .map_err(|e| format!("expected earliest, latest or a position: {e}")),
+    }
+}
+
+/// `pg-pubsub schema`: prints the installation script.
+pub(crate) fn schema(args: SchemaArgs) -> Result<()> {
+    let name = SchemaName::new(&args.schema)?;
+    std::io::stdout()
+        .write_all(schema_sql(&name).as_bytes())
+        .map_err(|e| Failure(format!("writing to stdout: {e}")))
+}
+
+pub(crate) async fn run(conn: &ConnOpts, args: DurableArgs) -> Result<()> {
+    // Checked before connecting so bad input is reported as such.
+    SchemaName::new(&args.schema)?;
+    match args.command {
+        DurableCommand::Publish(p) => {
+            check_channel(&p.channel)?;
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = publish(&ps, &args.schema, p).await;
+            ps.shutdown().await;
+            result
+        }
+        DurableCommand::Tail(t) => {
+            check_channel(&t.channel)?;
+            tail(conn, &args.schema, t).await
+        }
+    }
+}
+
+async fn publish(ps: &PgPubSub, schema: &str, args: PublishArgs) -> Result<()> {
+    let durable = ps.durable_in(schema)?;
+    if let Some(payload) = args.payload {
+        return Ok(durable.publish_raw(&args.channel, &payload).await?);
+    }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut chunk = Vec::with_capacity(STDIN_CHUNK);
+    let mut sent = 0usize;
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| Failure(format!("reading stdin after {sent} messages: {e}")))?;
+        let done = line.is_none();
+        chunk.extend(line);
+        if chunk.len() == STDIN_CHUNK || (done && !chunk.is_empty()) {
+            sent += durable
+                .publish_batch(&args.channel, &chunk)
+                .await
+                .map_err(|e| Failure(format!("{e} ({sent} messages were published before)")))?;
+            chunk.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    note(&format!("published {sent} messages"));
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    channel: &'a str,
+    group: &'a str,
+    payload: &'a str,
+    position: String,
+    published_at: String,
+}
+
+async fn tail(conn: &ConnOpts, schema: &str, args: TailArgs) -> Result<()> {
+    let mut stop = Stop::new()?;
+    let ps = match stop.or(connect(conn, Tuning::default())).await {
+        Some(ps) => ps?,
+        None => return Ok(()),
+    };
+    let mut events = ps.events();
+    let result = match stop.or(subscribe(&ps, schema, &args)).await {
+        Some(Ok(sub)) => print_until_stopped(&ps, sub, &mut stop, &mut events).await,
+        Some(Err(e)) => Err(e),
+        None => Ok(()),
+    };
+    ps.shutdown().await;
+    result
+}
+
+async fn subscribe(
+    ps: &PgPubSub,
+    schema: &str,
+    args: &TailArgs,
+) -> Result<pg_pubsub::durable::DurableSubscription<String>> {
+    let durable: Durable = ps.durable_in(schema)?;
+    let sub = durable
+        .consumer(&args.channel, &args.group)
+        .start(args.from)
+        .subscribe()
+        .await?;
+    note(&format!(
+        "tailing {} as group {} ({})",
+        args.channel,
+        args.group,
+        if sub.is_active() {
+            "active"
+        } else {
+            "standing by: another process of the group is active"
+        }
+    ));
+    Ok(sub)
+}
+
+async fn print_until_stopped(
+    ps: &PgPubSub,
+    mut sub: pg_pubsub::durable::DurableSubscription<String>,
+    stop: &mut Stop,
+    events: &mut pg_pubsub::EventStream,
+) -> Result<()> {
+    let mut out = tokio::io::stdout();
+    let election = sub.election_channel().to_owned();
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = stop.recv() => break Ok(()),
+            Some(event) = events.next() => match &event {
+                ConnectionEvent::LockAcquired { channel } if channel.as_str() == election => {
+                    note("this process is now the group's active consumer");
+                }
+                ConnectionEvent::LockLost { channel, reason } if channel.as_str() == election => {
+                    note(&format!("no longer the group's active consumer: {reason}"));
+                }
+                ConnectionEvent::Standby { channel } if channel.as_str() == election => {
+                    note("standing by: another process of the group is active");
+                }
+                // The group's election is reported above, in its own words.
+                ConnectionEvent::LockAcquired { .. }
+                | ConnectionEvent::Standby { .. }
+                | ConnectionEvent::LockLost { .. }
+                | ConnectionEvent::LockReleased { .. } => {}
+                other => report_event(other),
+            },
+            item = sub.next() => match item {
+                Some(DurableDelivery::Message(m)) => {
+                    if !write_line(&mut out, &m, m.payload()).await? {
+                        break Ok(());
+                    }
+                    m.ack();
+                }
+                Some(DurableDelivery::Undecodable { message, .. }) => {
+                    if !write_line(&mut out, &message, message.payload()).await? {
+                        break Ok(());
+                    }
+                    message.ack();
+                }
+                Some(DurableDelivery::Truncated { lost }) => {
+                    note(&format!("{lost} message(s) expired before this group read them"));
+                }
+                Some(other) => note(&format!("{other:?}")),
+                None if ps.is_shut_down() => break Ok(()),
+                None => break Err(Failure("the consumer stopped unexpectedly".to_owned())),
+            },
+        }
+    };
+    // Acks of what was printed are written before exiting.
+    sub.close().await?;
+    result
+}
+
+/// Writes and flushes one line; `false` when stdout is closed.
+async fn write_line<T>(
+    out: &mut tokio::io::Stdout,
+    m: &pg_pubsub::durable::DurableMessage<T>,
+    payload: &str,
+) -> Result<bool> {
+    let published_at = epoch_seconds(m.published_at());
+    let line = Line {
+        channel: m.channel().as_str(),
+        group: m.group(),
+        payload,
+        position: m.position().to_string(),
+        published_at,
+    };
+    let mut json = serde_json::to_vec(&line).map_err(|e| format!("encoding JSON: {e}"))?;
+    json.push(b'\n');
+    let written = async {
+        out.write_all(&json).await?;
+        out.flush().await
+    };
+    match written.await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure(format!("writing to stdout: {e}"))),
+    }
+}
+
+/// Seconds since the Unix epoch with microseconds, e.g. `1700000000.123456`
+/// (no date crate needed; `jq` turns it into a date with `todate`).
+fn epoch_seconds(t: std::time::SystemTime) -> String {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => format!("{}.{:06}", d.as_secs(), d.subsec_micros()),
+        Err(_) => "0".to_owned(),
+    }
+}

@@ -1,0 +1,670 @@
+//! Consuming a durable channel as a group: [`ConsumerBuilder`],
+//! [`DurableSubscription`] and the task that reads for it.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::message::{Acks, DurableDelivery, DurableMessage};
+use super::position::Position;
+use super::schema::election_channel;
+use super::Durable;
+use crate::channel::ChannelName;
+use crate::error::{Error, ErrorKind, Result};
+use crate::{ConnectionEvent, Delivery, ListenOptions};
+
+/// The longest group name accepted, in bytes.
+const MAX_GROUP_BYTES: usize = 200;
+
+/// Turns a payload into a `T`; on failure gives the text back with the error.
+type Decode<T> = fn(String) -> Result<T, (String, serde_json::Error)>;
+
+/// Where a new group starts. An existing group always continues from its
+/// cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Start {
+    /// The oldest retained message (the default).
+    Earliest,
+    /// After everything already committed.
+    Latest,
+    /// After this position.
+    After(Position),
+    /// With the first batch ticked at or after this time (messages
+    /// published shortly before it may be included).
+    Time(SystemTime),
+}
+
+/// Options for a consumer, from [`Durable::consumer`].
+#[must_use = "a builder does nothing until .subscribe() is awaited"]
+pub struct ConsumerBuilder<T> {
+    durable: Durable,
+    channel: String,
+    group: String,
+    start: Start,
+    poll_interval: Duration,
+    batch_size: usize,
+    ack_interval: Duration,
+    decode: Decode<T>,
+}
+
+// Takes the text by value: a raw payload (up to 1 GB) is never copied.
+fn decode_text(raw: String) -> Result<String, (String, serde_json::Error)> {
+    Ok(raw)
+}
+
+fn decode_json<T: DeserializeOwned>(raw: String) -> Result<T, (String, serde_json::Error)> {
+    serde_json::from_str(&raw).map_err(|e| (raw, e))
+}
+
+impl Durable {
+    /// A consumer of `channel` in `group`, delivering payloads as text
+    /// until [`json`](ConsumerBuilder::json) is called.
+    pub fn consumer(&self, channel: &str, group: &str) -> ConsumerBuilder<String> {
+        ConsumerBuilder {
+            durable: self.clone(),
+            channel: channel.to_owned(),
+            group: group.to_owned(),
+            start: Start::Earliest,
+            poll_interval: Duration::from_secs(1),
+            batch_size: 1000,
+            ack_interval: Duration::from_millis(100),
+            decode: decode_text,
+        }
+    }
+
+    /// Joins `group` on `channel`, decoding payloads as JSON into `T`,
+    /// with the default options (a new group starts at the earliest message).
+    pub async fn subscribe<T>(&self, channel: &str, group: &str) -> Result<DurableSubscription<T>>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.consumer(channel, group).json::<T>().subscribe().await
+    }
+
+    /// Joins `group` on `channel` with text payloads.
+    pub async fn subscribe_raw(
+        &self,
+        channel: &str,
+        group: &str,
+    ) -> Result<DurableSubscription<String>> {
+        self.consumer(channel, group).subscribe().await
+    }
+}
+
+impl<T: Send + 'static> ConsumerBuilder<T> {
+    /// Decode payloads as JSON into `U`.
+    pub fn json<U: DeserializeOwned + Send + 'static>(self) -> ConsumerBuilder<U> {
+        ConsumerBuilder {
+            durable: self.durable,
+            channel: self.channel,
+            group: self.group,
+            start: self.start,
+            poll_interval: self.poll_interval,
+            batch_size: self.batch_size,
+            ack_interval: self.ack_interval,
+            decode: decode_json::<U>,
+        }
+    }
+
+    /// Where the group starts if it does not exist yet. Default: [`Start::Earliest`].
+    pub fn start(mut self, start: Start) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// How often to look for new messages without a wake-up. Default: 1 s.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Messages read per query, and buffered ahead of the consumer. Default: 1000.
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.batch_size = size;
+        self
+    }
+
+    /// How long acks are gathered before the cursor is written. Default: 100 ms.
+    pub fn ack_interval(mut self, interval: Duration) -> Self {
+        self.ack_interval = interval;
+        self
+    }
+
+    /// Creates the group if needed and starts consuming. Returns at once:
+    /// the stream yields messages while this instance is the group's
+    /// active consumer ([`DurableSubscription::is_active`]).
+    pub async fn subscribe(self) -> Result<DurableSubscription<T>> {
+        let channel = ChannelName::new(&self.channel)?;
+        if self.group.is_empty() || self.group.contains('\0') || self.group.len() > MAX_GROUP_BYTES
+        {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("group name must be 1 to {MAX_GROUP_BYTES} bytes, without NUL"),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > i32::MAX as usize {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "batch_size must be at least 1",
+            ));
+        }
+        if self.poll_interval.is_zero() || self.ack_interval.is_zero() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "poll_interval and ack_interval must be above zero",
+            ));
+        }
+        let durable = self.durable;
+        durable.install().await?;
+        let start = durable.start_position(&channel, self.start).await?;
+        durable.create_group(&channel, &self.group, start).await?;
+
+        let pubsub = durable.pubsub.clone();
+        let election = election_channel(&durable.schema, channel.as_str(), &self.group);
+        // Events first, so the election's outcome cannot be missed.
+        let events = pubsub.events();
+        let plain = ListenOptions::new().single_listener(false).filtered(false);
+        let wake = pubsub
+            .listen_raw_with(&durable.schema.wake_channel(), plain)
+            .await?;
+        let elected = pubsub
+            .listen_raw_with(
+                &election,
+                ListenOptions::new().single_listener(true).filtered(false),
+            )
+            .await?;
+        let group: Arc<str> = Arc::from(self.group.as_str());
+        let acks = Arc::new(Acks::new(&durable.schema, channel.clone(), group.clone()));
+        // Pages, not messages: one channel operation per page read. Two pages
+        // buffered: the next one is read while the consumer works.
+        let (out, rx) = mpsc::channel(2);
+        let (stop_tx, stop) = watch::channel(false);
+        let reader = Reader {
+            durable: durable.clone(),
+            channel: channel.clone(),
+            group: group.clone(),
+            election: election.clone(),
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            decode: self.decode,
+            acks: acks.clone(),
+            out,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(reader.run(wake, elected, events));
+        let flusher = tokio::spawn(flush_loop(
+            durable.clone(),
+            acks.clone(),
+            self.ack_interval,
+            stop,
+        ));
+        Ok(DurableSubscription {
+            durable,
+            channel,
+            group,
+            election,
+            acks,
+            rx,
+            page: std::collections::VecDeque::new(),
+            stop: stop_tx,
+            task: Some(task),
+            flusher: Some(flusher),
+        })
+    }
+}
+
+impl Durable {
+    async fn start_position(&self, channel: &ChannelName, start: Start) -> Result<Position> {
+        Ok(match start {
+            Start::Earliest => Position::EARLIEST,
+            Start::After(p) => p,
+            Start::Latest => match self.tick(channel.as_str()).await? {
+                0 => Position::EARLIEST,
+                t => Position::end_of_tick(t),
+            },
+            Start::Time(at) => {
+                let sql = format!(
+                    "SELECT coalesce(max(tick_id), 0) FROM {}.ticks WHERE channel = $1 AND created_at < $2",
+                    self.schema.as_str()
+                );
+                let ch = channel.as_str();
+                let t: i64 = self
+                    .with_client("durable start time", |c| async move {
+                        Ok(c.query_one(&sql, &[&ch, &at]).await?.get(0))
+                    })
+                    .await?;
+                Position::end_of_tick(t)
+            }
+        })
+    }
+
+    async fn create_group(&self, channel: &ChannelName, group: &str, p: Position) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {}.groups (channel, group_name, tick_id, xid, seq) \
+             VALUES ($1, $2, $3, $4::text::xid8, $5) ON CONFLICT DO NOTHING",
+            self.schema.as_str()
+        );
+        let (ch, xid) = (channel.as_str(), p.xid_text());
+        self.with_client("creating the durable group", |c| async move {
+            c.execute(&sql, &[&ch, &group, &p.tick, &xid, &p.seq])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The group's cursor and its count of messages lost to max-age
+    /// retention (reset to zero: the caller reports them).
+    async fn load_cursor(&self, channel: &ChannelName, group: &str) -> Result<(Position, i64)> {
+        let s = self.schema.as_str();
+        let sql = format!(
+            "WITH old AS (SELECT tick_id, xid, seq, lost FROM {s}.groups \
+                          WHERE channel = $1 AND group_name = $2 FOR UPDATE) \
+             UPDATE {s}.groups g SET lost = 0 FROM old \
+             WHERE g.channel = $1 AND g.group_name = $2 \
+             RETURNING old.tick_id, old.xid::text, old.seq, old.lost"
+        );
+        let ch = channel.as_str();
+        let row = self
+            .with_client("loading the durable cursor", |c| async move {
+                c.query_opt(&sql, &[&ch, &group]).await
+            })
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("durable group {group:?} of {ch:?} does not exist (was it removed?)"),
+                )
+            })?;
+        Ok((position_of(&row, 0)?, row.get(3)))
+    }
+
+    /// Ticks the channel and, in the same round trip, reports (and
+    /// clears) the group's messages lost to max-age retention.
+    async fn tick_and_take_lost(&self, channel: &ChannelName, group: &str) -> Result<i64> {
+        let s = self.schema.as_str();
+        let sql = format!(
+            "WITH old AS (SELECT lost FROM {s}.groups \
+                          WHERE channel = $1 AND group_name = $2 AND lost > 0 FOR UPDATE), \
+             upd AS (UPDATE {s}.groups g SET lost = 0 FROM old \
+                     WHERE g.channel = $1 AND g.group_name = $2 RETURNING old.lost) \
+             SELECT {s}.tick($1), coalesce((SELECT lost FROM upd), 0)"
+        );
+        let ch = channel.as_str();
+        let row = self
+            .with_client("ticking the durable channel", |c| async move {
+                let stmt = c.prepare_cached(&sql).await?;
+                c.query_one(&stmt, &[&ch, &group]).await
+            })
+            .await?;
+        Ok(row.get(1))
+    }
+
+    async fn read(&self, channel: &ChannelName, after: Position, limit: usize) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT tick_id, xid::text, seq, published_at, payload \
+             FROM {}.read($1, $2, $3::text::xid8, $4, $5)",
+            self.schema.as_str()
+        );
+        let (ch, xid) = (channel.as_str(), after.xid_text());
+        // Bounded by the caller's batch_size, which fits an i32.
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let rows = self
+            .with_client("reading the durable channel", |c| async move {
+                let stmt = c.prepare_cached(&sql).await?;
+                c.query(&stmt, &[&ch, &after.tick, &xid, &after.seq, &limit])
+                    .await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Row {
+                    position: position_of(r, 0)?,
+                    published_at: r.get(3),
+                    payload: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the group's cursor (never backwards).
+    async fn write_ack(&self, acks: &Acks, p: Position) -> Result<()> {
+        let params = acks.ack_params(p);
+        let sql = &acks.ack_sql;
+        self.with_client("writing acks", |c| async move {
+            let stmt = c.prepare_cached(sql).await?;
+            c.execute(&stmt, &params.as_params()).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Reads `(tick_id, xid::text, seq)` starting at column `at`.
+pub(crate) fn position_of(row: &tokio_postgres::Row, at: usize) -> Result<Position> {
+    let xid: String = row.get(at + 1);
+    let xid = xid.parse().map_err(|e| {
+        Error::new(ErrorKind::Db, format!("server sent xid {xid:?}")).with_source(e)
+    })?;
+    Ok(Position {
+        tick: row.get(at),
+        xid,
+        seq: row.get(at + 2),
+    })
+}
+
+struct Row {
+    position: Position,
+    published_at: SystemTime,
+    payload: String,
+}
+
+/// The task that reads for one subscription while it is the active consumer.
+struct Reader<T> {
+    durable: Durable,
+    channel: ChannelName,
+    group: Arc<str>,
+    election: String,
+    batch_size: usize,
+    poll_interval: Duration,
+    decode: Decode<T>,
+    acks: Arc<Acks>,
+    out: mpsc::Sender<Vec<DurableDelivery<T>>>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Why the reader should look again now.
+enum Wake {
+    Now,
+    Stop,
+}
+
+impl<T: Send + 'static> Reader<T> {
+    async fn run(
+        mut self,
+        mut wake: crate::Subscription<String>,
+        mut elected: crate::Subscription<String>,
+        mut events: crate::EventStream,
+    ) {
+        // Where the next read starts; None: reload the group's cursor.
+        let mut cursor: Option<Position> = None;
+        let mut draining = false;
+        loop {
+            if self.durable.pubsub.is_leader(&self.election) {
+                let result = self.round(&mut cursor, draining).await;
+                draining = matches!(result, Ok(true)) && cursor.is_some();
+                match result {
+                    Ok(true) => continue, // a full page: more may be waiting
+                    Ok(false) => {}
+                    Err(e) if e.kind() == ErrorKind::ShutDown => return,
+                    Err(e) => {
+                        if self.out.is_closed() {
+                            return;
+                        }
+                        tracing::warn!(channel = %self.channel, group = %self.group, "durable consumer: {e}; retrying");
+                        cursor = None;
+                    }
+                }
+            } else {
+                cursor = None;
+            }
+            // Wake-ups for other channels and unrelated events keep waiting
+            // (until the same poll deadline) instead of costing a read.
+            let deadline = tokio::time::Instant::now() + self.poll_interval;
+            let wait = loop {
+                break tokio::select! {
+                    _ = self.stop.changed() => Wake::Stop,
+                    d = wake.next() => match d {
+                        Some(Delivery::Message(m)) if m.raw() != self.channel.as_str() => continue,
+                        // A wake-up for us, or a gap (a wake-up may be lost).
+                        Some(_) => Wake::Now,
+                        None => Wake::Stop,
+                    },
+                    d = elected.next() => match d {
+                        Some(_) => Wake::Now,
+                        None => Wake::Stop,
+                    },
+                    e = events.next() => match e {
+                        Some(ConnectionEvent::LockLost { channel, .. }) if channel.as_str() == self.election => {
+                            cursor = None;
+                            Wake::Now
+                        }
+                        Some(ConnectionEvent::LockAcquired { channel }) if channel.as_str() == self.election => Wake::Now,
+                        Some(_) => continue,
+                        None => Wake::Stop,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => Wake::Now,
+                };
+            };
+            if matches!(wait, Wake::Stop) || self.out.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Ticks (unless `draining`: the last page was full, so the known
+    /// ticks are not exhausted yet) and reads one page; true when it was full.
+    async fn round(&mut self, cursor: &mut Option<Position>, draining: bool) -> Result<bool> {
+        let durable = &self.durable;
+        let mut lost = 0;
+        let at = match *cursor {
+            Some(p) => p,
+            None => {
+                // Our own pending acks first, so a reload does not go back.
+                if let Some(p) = self.acks.take() {
+                    if let Err(e) = durable.write_ack(&self.acks, p).await {
+                        self.acks.restore(p);
+                        return Err(e);
+                    }
+                }
+                let (p, l) = durable.load_cursor(&self.channel, &self.group).await?;
+                lost = l;
+                *cursor = Some(p);
+                p
+            }
+        };
+        let mut page = Vec::new();
+        if !draining {
+            lost += durable
+                .tick_and_take_lost(&self.channel, &self.group)
+                .await?;
+        }
+        if lost > 0 {
+            page.push(DurableDelivery::Truncated {
+                lost: u64::try_from(lost).unwrap_or(0),
+            });
+        }
+        let rows = durable.read(&self.channel, at, self.batch_size).await?;
+        let full = rows.len() == self.batch_size;
+        page.reserve(rows.len());
+        for row in rows {
+            *cursor = Some(row.position);
+            let message = DurableMessage {
+                payload: (),
+                position: row.position,
+                published_at: row.published_at,
+                acks: self.acks.clone(),
+            };
+            let item = match (self.decode)(row.payload) {
+                Ok(payload) => DurableDelivery::Message(message.map(|()| payload)),
+                Err((raw, error)) => DurableDelivery::Undecodable {
+                    message: message.map(|()| raw),
+                    error: Arc::new(error),
+                },
+            };
+            page.push(item);
+        }
+        if !page.is_empty() && self.out.send(page).await.is_err() {
+            return Err(Error::shut_down());
+        }
+        Ok(full)
+    }
+}
+
+/// Writes acks every `interval` while there are any, and once more on stop.
+async fn flush_loop(
+    durable: Durable,
+    acks: Arc<Acks>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let stopping = tokio::select! {
+            _ = acks.notify.notified() => false,
+            _ = stop.changed() => true,
+        };
+        if !stopping {
+            // Gather the acks that follow into one write.
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        if let Some(p) = acks.take() {
+            if let Err(e) = durable.write_ack(&acks, p).await {
+                acks.restore(p);
+                tracing::warn!(channel = %acks.channel, group = %acks.group, "durable acks not written: {e}");
+                if stopping || *stop.borrow() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+                acks.notify.notify_one();
+            }
+        }
+        if stopping || *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// A consumer group member: a [`Stream`] of [`DurableDelivery`] items.
+///
+/// Messages arrive only while this is the group's active consumer. Acks
+/// are cumulative and written in the background; call
+/// [`close`](Self::close) to stop and write the last ones (dropping also
+/// stops, and writes them if the pool is still open). The stream ends when
+/// the [`PgPubSub`](crate::PgPubSub) shuts down.
+pub struct DurableSubscription<T> {
+    durable: Durable,
+    channel: ChannelName,
+    group: Arc<str>,
+    election: String,
+    acks: Arc<Acks>,
+    rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
+    /// The rest of the page being handed out.
+    page: std::collections::VecDeque<DurableDelivery<T>>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl<T> DurableSubscription<T> {
+    /// The channel.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The elected channel that decides the group's active consumer (see
+    /// [`election_channel`](super::election_channel)).
+    pub fn election_channel(&self) -> &str {
+        &self.election
+    }
+
+    /// Whether this instance is the group's active consumer now.
+    pub fn is_active(&self) -> bool {
+        self.durable.pubsub.is_leader(&self.election)
+    }
+
+    /// Writes the acks given so far to the group's cursor now.
+    pub async fn flush(&self) -> Result<()> {
+        match self.acks.take() {
+            Some(p) => self
+                .durable
+                .write_ack(&self.acks, p)
+                .await
+                .inspect_err(|_| {
+                    self.acks.restore(p);
+                }),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops consuming (handing the group to a standby) after writing the
+    /// acks given so far.
+    pub async fn close(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            // It may wait to hand us a message nobody will read.
+            task.abort();
+            let _ = task.await;
+        }
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.await;
+        }
+        // The flusher tried once; a failure is reported here.
+        self.flush().await
+    }
+
+    /// The next item; `None` once the stream ended.
+    pub async fn recv(&mut self) -> Option<DurableDelivery<T>> {
+        futures::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<DurableDelivery<T>>> {
+        loop {
+            if let Some(item) = self.page.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(page)) => self.page = page.into(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+// Nothing in it is pinned: the page buffer and channel move freely.
+impl<T> Unpin for DurableSubscription<T> {}
+
+impl<T> Stream for DurableSubscription<T> {
+    type Item = DurableDelivery<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_item(cx)
+    }
+}
+
+impl<T> Drop for DurableSubscription<T> {
+    fn drop(&mut self) {
+        // The reader drops its subscriptions (releasing the election) and
+        // the flusher writes the last acks.
+        let _ = self.stop.send(true);
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl<T> fmt::Debug for DurableSubscription<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableSubscription")
+            .field("channel", &self.channel)
+            .field("group", &self.group)
+            .field("election", &self.election)
+            .finish()
+    }
+}

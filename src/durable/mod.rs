@@ -1,0 +1,276 @@
+//! Durable channels: at-least-once delivery with replay, gap-free under
+//! out-of-order commits, any payload size.
+//!
+//! ```no_run
+//! # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+//! use futures::StreamExt;
+//! use pg_pubsub::durable::DurableDelivery;
+//!
+//! let durable = pubsub.durable();
+//! durable.publish("orders", &serde_json::json!({"id": 1})).await?;
+//! let mut orders = durable.subscribe::<serde_json::Value>("orders", "billing").await?;
+//! while let Some(DurableDelivery::Message(m)) = orders.next().await {
+//!     println!("{} at {}", m.payload(), m.position());
+//!     m.ack();
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Messages are rows in a table; `NOTIFY` is only a wake-up hint, so a
+//! consumer that was down, slow or standing by reads what it missed.
+//! From SQL (any session, trigger or language): `SELECT pgpubsub.publish('orders', '{"id":1}')`.
+//!
+//! ## The table
+//!
+//! [`schema_sql`] prints the whole script (`pg-pubsub schema`). In schema
+//! `pgpubsub` (configurable, [`PgPubSub::durable_in`]):
+//! * `messages(channel, xid xid8 DEFAULT pg_current_xact_id(), seq, published_at, payload text)`,
+//!   indexed on `(channel, xid, seq)`;
+//! * `ticks(channel, tick_id, snap pg_snapshot, created_at)`;
+//! * `groups(channel, group_name, tick_id, xid, seq, lost, ...)`: each group's cursor;
+//! * `channels(channel, quiet)`: channels that publish without `NOTIFY`;
+//! * functions `publish`, `publish_many`, `tick`, `read`, `retain`.
+//!
+//! ## The cursor: ticks (as in PgQ)
+//!
+//! A sequence is not commit order: a transaction that took `seq` 10 may
+//! commit after 11 was read, and a "last id seen" cursor skips it. A cursor
+//! on the xmin horizon does not skip, but one transaction left open anywhere
+//! on the server stalls every consumer. This module cuts the log by
+//! snapshots instead:
+//!
+//! * **Tick.** `tick(channel)` takes a transaction advisory lock for the
+//!   channel, then, in one statement, records `S_n = pg_current_snapshot()`
+//!   as tick `n` (the channel's previous tick id plus one), but only if a
+//!   message became visible since `S_{n-1}` (so idle channels add no rows).
+//!   Ticks are per channel. Consumers call it before reading (nobody else
+//!   has to); it must run in READ COMMITTED (it checks).
+//! * **Batch.** Batch `n` is the messages whose `xid` is visible in `S_n`
+//!   and not in `S_{n-1}` (`S_0` sees nothing). "Not visible in `S_{n-1}`"
+//!   is `xid >= xmax(S_{n-1})` or `xid ∈ xip(S_{n-1})` (every xid below
+//!   `xmin` had ended; rows of aborted ones are invisible anyway), so a batch is one
+//!   index range scan plus one lookup per transaction that was in progress
+//!   at the previous tick. Within a batch, messages are ordered by
+//!   `(xid, seq)`: a transaction's messages are contiguous, in publish order.
+//! * **Position** ([`Position`]) of a message is `(n, xid, seq)`; a group's
+//!   cursor is the position of its last ack. Delivery order is position
+//!   order.
+//!
+//! **Proof sketch (no committed message is skipped or delivered in two
+//! batches).** (1) *Snapshots are monotone*: tick `n` is taken by a
+//! statement that starts after tick `n-1`'s transaction committed (the
+//! advisory lock is held until commit), and every transaction visible in
+//! `S_{n-1}` had finished before `S_{n-1}` was taken; so it is visible in
+//! `S_n`. Visibility of a given `xid` therefore goes from "not visible" to
+//! "visible" at exactly one tick and stays so. (2) A message of a committed
+//! transaction `x` is in batch `n` iff `n` is that first tick: by
+//! definition of the batch and (1). Every such `n` exists once a tick is
+//! taken after `x` commits, which the next consumer poll does (the row is
+//! new, so the tick is not skipped). (3) When a consumer reads batch `n`,
+//! every message with `xid` visible in `S_n` is committed and visible to the
+//! reader (its transaction ended before `S_n`, and tick `n` committed
+//! before the read began); rows of transactions that committed later are
+//! excluded by the `pg_visible_in_snapshot(xid, S_n)` test, not by timing.
+//! Rows of rolled-back transactions are never visible. (4) So each
+//! committed message is in exactly one batch, at one position, the same for
+//! every group, and reading batches in tick order with a `(xid, seq)`
+//! keyset within each misses nothing. A transaction left open does not
+//! stall anyone: it is in `xip` of every tick until it ends, and its rows
+//! land in the first batch after it commits, while other transactions'
+//! rows are delivered meanwhile. Top-level xids are used (also inside
+//! savepoints), matching `pg_current_snapshot()`'s `xip`.
+//!
+//! **xids and restores.** `xid8` values are per cluster and never wrap.
+//! `pg_upgrade` keeps them. A `pg_dump`/restore into a new cluster restarts
+//! them: restored rows keep their old (now future) xids and the ticks'
+//! snapshots mean nothing any more. After such a restore, delete the
+//! `ticks` and reset every group (`UPDATE pgpubsub.groups SET tick_id = 0, xid = '0', seq = 0`,
+//! which redelivers what is retained), or empty `messages` first.
+//!
+//! ## Consuming
+//!
+//! [`Durable::subscribe`] (or [`Durable::consumer`] for options) joins a
+//! consumer group. One consumer per group is active at a time, elected
+//! with the crate's single-listener election on a channel derived from
+//! `(schema, channel, group)` ([`election_channel`]) on which nothing is
+//! published: [`PgPubSub::is_leader`] on
+//! [`DurableSubscription::election_channel`] and the `LockAcquired` /
+//! `LockLost` events tell which. A standby takes over within the lock retry
+//! interval after the active one dies, from the group's last ack; what was
+//! delivered but not acked is delivered again (at least once).
+//! Different groups are independent and each get every message.
+//!
+//! Wake-up: `publish` sends `pg_notify('<schema>_wake', channel)`, the same
+//! payload for every message of a transaction, so the server sends one
+//! notification per channel per transaction. Consumers listen to it on
+//! the instance's listener connection, and also poll (default every
+//! second), so a lost notification or a reconnect only delays.
+//!
+//! Acks are cumulative: acking a message acks every message before it in
+//! delivery order. After a take-over (or a lost and regained election),
+//! messages already handed to the stream may come again: at least once.
+//!
+//! Names: channels follow [`ChannelName`](crate::ChannelName) rules (1 to 63
+//! bytes, no NUL); groups are 1 to 200 bytes without NUL; the schema is a
+//! lowercase identifier of at most 40 bytes. All wake-ups of a schema share
+//! one channel, `<schema>_wake`, with the durable channel's name as payload:
+//! SQL and Rust agree on it without any hashing, and the server still
+//! merges a transaction's wake-ups per channel.
+//!
+//! ## Retention
+//!
+//! [`Durable::retain`] deletes what every group of the channel has acked
+//! and, optionally, what is older than a maximum age (groups that had not
+//! read it get [`DurableDelivery::Truncated`]). Nothing calls it for you:
+//! run it periodically (one process is enough; concurrent calls serialise).
+//!
+//! This first version `DELETE`s rows in batches, which leaves dead tuples
+//! for autovacuum: the table and its index stay bounded only as long as
+//! autovacuum keeps up (and no long transaction holds back the xmin
+//! horizon). Rotation, as PgQ does it, would remove that dependency: keep
+//! `messages` as a few tables (or list partitions) used in turn; once every
+//! group's cursor is past every row of the oldest one (its rows are all
+//! visible in the slowest group's previous tick), `TRUNCATE` it and make it
+//! the next to fill. `TRUNCATE` returns the space at once and leaves no
+//! dead tuples, at the price of an `ACCESS EXCLUSIVE` lock on that table
+//! only, and of retention by whole tables rather than by message.
+
+mod consumer;
+mod groups;
+mod message;
+mod position;
+mod publish;
+mod schema;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::OnceCell;
+
+pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
+pub use groups::{GroupInfo, Retained};
+pub use message::{DurableDelivery, DurableMessage};
+pub use position::Position;
+pub use schema::{
+    election_channel, schema_sql, SchemaName, DEFAULT_SCHEMA, INSTALL_LOCK_KEY, SCHEMA_VERSION,
+};
+
+use crate::client::PgPubSub;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
+///
+/// Made by [`PgPubSub::durable`] or [`PgPubSub::durable_in`]. The schema
+/// is installed on first use (or by [`install`](Self::install)).
+#[derive(Clone)]
+pub struct Durable {
+    pub(crate) pubsub: PgPubSub,
+    pub(crate) schema: SchemaName,
+    installed: Arc<OnceCell<()>>,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+impl PgPubSub {
+    /// Durable channels in the default schema (`pgpubsub`).
+    pub fn durable(&self) -> Durable {
+        Durable {
+            pubsub: self.clone(),
+            schema: SchemaName::default(),
+            installed: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Durable channels in `schema` (a lowercase identifier of at most 40 bytes).
+    pub fn durable_in(&self, schema: &str) -> Result<Durable> {
+        Ok(Durable {
+            pubsub: self.clone(),
+            schema: SchemaName::new(schema)?,
+            installed: Arc::new(OnceCell::new()),
+        })
+    }
+}
+
+impl Durable {
+    /// The schema.
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// The [`PgPubSub`] this uses.
+    pub fn pubsub(&self) -> &PgPubSub {
+        &self.pubsub
+    }
+
+    /// Creates or checks the schema (see [`schema_sql`]). Safe when several
+    /// processes install at once; fails with [`ErrorKind::Config`] if the
+    /// database holds a newer schema version.
+    pub async fn install(&self) -> Result<()> {
+        self.installed
+            .get_or_try_init(|| async {
+                let client = self.pooled("installing the durable schema").await?;
+                schema::install(&client, &self.schema).await
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn pooled(&self, stage: &str) -> Result<deadpool_postgres::Client> {
+        self.pubsub.check_open()?;
+        let timeout = self.pubsub.inner.opts.notify_timeout;
+        match tokio::time::timeout(timeout, self.pubsub.inner.pool.get()).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(Error::new(
+                ErrorKind::Pool,
+                format!("{stage}: no pooled connection: {e}"),
+            )
+            .with_source(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("{stage}: no pooled connection within {timeout:?}"),
+            )),
+        }
+    }
+
+    /// Runs `f` on a pooled connection (installing the schema first) within
+    /// the notify timeout.
+    pub(crate) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
+    where
+        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        Fut: Future<Output = Result<R, tokio_postgres::Error>>,
+    {
+        self.install().await?;
+        let timeout = self.pubsub.inner.opts.notify_timeout;
+        let work = async {
+            let client = self.pooled(stage).await?;
+            f(client).await.map_err(|e| Error::db(stage, e))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(res) => res,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("{stage}: no answer within {timeout:?} (is the server reachable?)"),
+            )),
+        }
+    }
+
+    /// Takes a tick of `channel` if anything new became visible, and
+    /// returns its latest tick id. Consumers do this before each read;
+    /// call it yourself only to cut batches from elsewhere.
+    pub async fn tick(&self, channel: &str) -> Result<i64> {
+        let channel = crate::ChannelName::new(channel)?;
+        let sql = format!("SELECT {}.tick($1)", self.schema.as_str());
+        self.with_client("durable tick", |client| async move {
+            let stmt = client.prepare_cached(&sql).await?;
+            let row = client.query_one(&stmt, &[&channel.as_str()]).await?;
+            Ok(row.get::<_, i64>(0))
+        })
+        .await
+    }
+}

@@ -1,0 +1,118 @@
+//! Publishing to durable channels: through the pool, batched, or in the
+//! caller's transaction.
+
+use serde::Serialize;
+
+use super::Durable;
+use crate::channel::ChannelName;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Messages per `publish_many` statement in [`Durable::publish_batch`].
+const BATCH_SIZE: usize = 1000;
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialize,
+            format!("payload did not serialize to JSON: {e}"),
+        )
+        .with_source(e)
+    })
+}
+
+impl Durable {
+    fn publish_sql(&self) -> String {
+        format!("SELECT {}.publish($1, $2)", self.schema.as_str())
+    }
+
+    /// Publishes `value` as JSON on durable `channel`, in a transaction of
+    /// its own. Any size. Installs the schema on first use.
+    pub async fn publish<T: Serialize + ?Sized>(&self, channel: &str, value: &T) -> Result<()> {
+        self.publish_raw(channel, &to_json(value)?).await
+    }
+
+    /// Publishes `payload` as is (any text, any size) on durable `channel`.
+    pub async fn publish_raw(&self, channel: &str, payload: &str) -> Result<()> {
+        let channel = ChannelName::new(channel)?;
+        let sql = self.publish_sql();
+        self.with_client("durable publish", |client| async move {
+            let stmt = client.prepare_cached(&sql).await?;
+            client
+                .execute(&stmt, &[&channel.as_str(), &payload])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Publishes many payloads on `channel`, in order, a thousand per
+    /// statement and transaction (one wake-up per transaction). Returns how
+    /// many were published; an error says how many were before it.
+    pub async fn publish_batch<I, S>(&self, channel: &str, payloads: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let channel = ChannelName::new(channel)?;
+        let items: Vec<S> = payloads.into_iter().collect();
+        let sql = format!("SELECT {}.publish_many($1, $2)", self.schema.as_str());
+        let mut sent = 0;
+        for chunk in items.chunks(BATCH_SIZE) {
+            let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
+            let (sql, channel) = (&sql, &channel);
+            self.with_client("durable publish_batch", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                client.execute(&stmt, &[&channel.as_str(), &texts]).await?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.context(format!("{sent} were published before it")))?;
+            sent += chunk.len();
+        }
+        Ok(sent)
+    }
+
+    /// Publishes `value` as JSON inside the caller's transaction: stored and
+    /// delivered if it commits, never if it rolls back. The schema must be
+    /// installed already ([`install`](Self::install)), since installing
+    /// inside a caller's transaction would tie the DDL to it.
+    pub async fn publish_in<T: Serialize + ?Sized>(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        channel: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.publish_raw_in(tx, channel, &to_json(value)?).await
+    }
+
+    /// [`publish_in`](Self::publish_in) with a text payload.
+    pub async fn publish_raw_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        channel: &str,
+        payload: &str,
+    ) -> Result<()> {
+        let channel = ChannelName::new(channel)?;
+        tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload])
+            .await
+            .map(drop)
+            .map_err(|e| Error::db("durable publish in transaction", e))
+    }
+
+    /// Makes `channel` quiet (publish without `NOTIFY`, consumers find new
+    /// messages by polling only) or not. Quiet channels avoid the
+    /// cluster-wide lock a notifying commit takes, for heavy writers.
+    pub async fn set_quiet(&self, channel: &str, quiet: bool) -> Result<()> {
+        let channel = ChannelName::new(channel)?;
+        let sql = format!(
+            "INSERT INTO {}.channels (channel, quiet) VALUES ($1, $2) \
+             ON CONFLICT (channel) DO UPDATE SET quiet = EXCLUDED.quiet",
+            self.schema.as_str()
+        );
+        self.with_client("durable set_quiet", |client| async move {
+            client.execute(&sql, &[&channel.as_str(), &quiet]).await?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,284 @@
+-- pg-pubsub durable channels, schema version 1.
+-- Safe to run more than once and from several sessions at once: the
+-- advisory lock serialises installers, every object is IF NOT EXISTS or
+-- CREATE OR REPLACE.
+BEGIN;
+SELECT pg_advisory_xact_lock(@LOCK@);
+CREATE SCHEMA IF NOT EXISTS @S@;
+
+CREATE TABLE IF NOT EXISTS @S@.schema_version (
+    version      int PRIMARY KEY,
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE SEQUENCE IF NOT EXISTS @S@.messages_seq;
+
+-- One row per message. xid is the publishing transaction (top level, also
+-- inside savepoints); text has no size limit short of 1 GB.
+CREATE TABLE IF NOT EXISTS @S@.messages (
+    channel      text        NOT NULL,
+    xid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    seq          bigint      NOT NULL DEFAULT nextval('@S@.messages_seq'),
+    published_at timestamptz NOT NULL DEFAULT now(),
+    payload      text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_channel_xid_seq ON @S@.messages (channel, xid, seq);
+
+-- Snapshots taken by tick(): batch N of a channel is what became visible
+-- between its tick N-1 (or nothing) and tick N.
+CREATE TABLE IF NOT EXISTS @S@.ticks (
+    channel    text        NOT NULL,
+    tick_id    bigint      NOT NULL,
+    snap       pg_snapshot NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, tick_id)
+);
+
+-- One cursor per consumer group: the position (tick_id, xid, seq) of the
+-- last acked message. lost counts messages removed by max-age retention
+-- before the group read them, until its consumer reports them.
+CREATE TABLE IF NOT EXISTS @S@.groups (
+    channel    text        NOT NULL,
+    group_name text        NOT NULL,
+    tick_id    bigint      NOT NULL,
+    xid        xid8        NOT NULL,
+    seq        bigint      NOT NULL,
+    lost       bigint      NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    acked_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, group_name)
+);
+
+-- Per-channel settings. quiet: publish without NOTIFY (consumers poll).
+CREATE TABLE IF NOT EXISTS @S@.channels (
+    channel text PRIMARY KEY,
+    quiet   boolean NOT NULL DEFAULT false
+);
+
+-- Publishes one message in the caller's transaction. The wake-up payload is
+-- the channel name, identical for every message of a transaction, so the
+-- server sends one notification per channel per transaction.
+CREATE OR REPLACE FUNCTION @S@.publish(p_channel text, p_payload text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO @S@.messages (channel, payload) VALUES (p_channel, p_payload);
+    IF NOT EXISTS (SELECT 1 FROM @S@.channels c WHERE c.channel = p_channel AND c.quiet) THEN
+        PERFORM pg_notify('@WAKE@', p_channel);
+    END IF;
+END $$;
+
+-- Publishes many messages (in array order) in one statement.
+CREATE OR REPLACE FUNCTION @S@.publish_many(p_channel text, p_payloads text[]) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- A function scan feeding INSERT yields array order, and the seq
+    -- default is evaluated row by row in that order (no sort needed).
+    INSERT INTO @S@.messages (channel, payload)
+        SELECT p_channel, p FROM unnest(p_payloads) AS p;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND NOT EXISTS (SELECT 1 FROM @S@.channels c WHERE c.channel = p_channel AND c.quiet) THEN
+        PERFORM pg_notify('@WAKE@', p_channel);
+    END IF;
+    RETURN n;
+END $$;
+
+-- Takes a tick of the channel when something became visible since the last
+-- one. Ticks of a channel are serialised by the advisory lock, and the
+-- snapshot is taken by a statement that starts after the lock is granted,
+-- so every tick's snapshot sees at least what the previous one saw.
+-- Returns the channel's latest tick id (0: none yet).
+-- enable_seqscan = off: the probes must stay index lookups even when the
+-- statistics say one xid holds most rows (a big batch just published).
+CREATE OR REPLACE FUNCTION @S@.tick(p_channel text) RETURNS bigint
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
+DECLARE
+    last_id bigint;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- An older transaction snapshot could be older than the last tick.
+        RAISE EXCEPTION '@S@.tick() needs READ COMMITTED isolation';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('@S@.tick:' || p_channel, 0));
+    -- One statement, one snapshot: what it sees of the messages is exactly
+    -- what pg_current_snapshot() records.
+    INSERT INTO @S@.ticks (channel, tick_id, snap)
+    SELECT p_channel, coalesce(l.tick_id, 0) + 1, pg_current_snapshot()
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (
+        SELECT t.tick_id, t.snap FROM @S@.ticks t
+        WHERE t.channel = p_channel ORDER BY t.tick_id DESC LIMIT 1
+    ) AS l ON true
+    -- Each probe is an index lookup on (channel, xid): the newest xid
+    -- (min/max optimisation), and one lookup per transaction that was in
+    -- progress at the last tick. A plain predicate with OR, or a range on
+    -- a value the planner cannot see, gets a sequential scan.
+    WHERE (l.snap IS NULL
+           AND EXISTS (SELECT 1 FROM @S@.messages m WHERE m.channel = p_channel))
+       OR (SELECT max(m.xid) FROM @S@.messages m WHERE m.channel = p_channel)
+          >= pg_snapshot_xmax(l.snap)
+       OR EXISTS (SELECT 1 FROM pg_snapshot_xip(l.snap) AS x(xid)
+                  CROSS JOIN LATERAL (SELECT 1 FROM @S@.messages m
+                                      WHERE m.channel = p_channel AND m.xid = x.xid
+                                      LIMIT 1) AS hit);
+    SELECT max(t.tick_id) INTO last_id FROM @S@.ticks t WHERE t.channel = p_channel;
+    RETURN coalesce(last_id, 0);
+END $$;
+
+-- The snapshot of the channel's greatest tick below p_tick; '1:1:' (sees
+-- nothing) when there is none.
+CREATE OR REPLACE FUNCTION @S@.snap_before(p_channel text, p_tick bigint) RETURNS pg_snapshot
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT t.snap FROM @S@.ticks t
+         WHERE t.channel = p_channel AND t.tick_id < p_tick
+         ORDER BY t.tick_id DESC LIMIT 1),
+        '1:1:'::pg_snapshot)
+$$;
+
+-- The snapshot of tick p_tick; '1:1:' when it does not exist.
+CREATE OR REPLACE FUNCTION @S@.snap_at(p_channel text, p_tick bigint) RETURNS pg_snapshot
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT t.snap FROM @S@.ticks t WHERE t.channel = p_channel AND t.tick_id = p_tick),
+        '1:1:'::pg_snapshot)
+$$;
+
+-- Up to p_limit messages after position (p_tick, p_xid, p_seq), in
+-- delivery order, all from one batch: the rest of batch p_tick, else the
+-- first non-empty later batch.
+CREATE OR REPLACE FUNCTION @S@.read(p_channel text, p_tick bigint, p_xid xid8, p_seq bigint, p_limit int)
+RETURNS TABLE (tick_id bigint, xid xid8, seq bigint, published_at timestamptz, payload text)
+LANGUAGE plpgsql STABLE SET enable_seqscan = off AS $$
+DECLARE
+    nx_id   bigint;
+    nx_snap pg_snapshot;
+    pv      pg_snapshot;
+    xips    xid8[];
+    n       bigint;
+    exact   boolean := true;
+BEGIN
+    LOOP
+        nx_id := NULL;
+        IF exact THEN
+            SELECT t.tick_id, t.snap INTO nx_id, nx_snap FROM @S@.ticks t
+            WHERE t.channel = p_channel AND t.tick_id = p_tick;
+        END IF;
+        IF nx_id IS NULL THEN
+            SELECT t.tick_id, t.snap INTO nx_id, nx_snap FROM @S@.ticks t
+            WHERE t.channel = p_channel AND t.tick_id > p_tick
+            ORDER BY t.tick_id LIMIT 1;
+            IF nx_id IS NULL THEN
+                RETURN;
+            END IF;
+            p_xid := '0'; p_seq := 0;
+        END IF;
+        pv := @S@.snap_before(p_channel, nx_id);
+        xips := ARRAY(SELECT pg_snapshot_xip(pv));
+        -- Not visible in pv means: xid >= xmax(pv), or xid in progress in pv.
+        -- Each half is ordered and limited on its own so that a page reads
+        -- at most p_limit index entries per half, whatever the batch size:
+        -- an index range scan, and one index lookup per transaction that
+        -- was in progress at the previous tick.
+        RETURN QUERY
+        SELECT nx_id, m.xid, m.seq, m.published_at, m.payload FROM (
+            (SELECT m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
+             WHERE m1.channel = p_channel
+               AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
+               AND (m1.xid, m1.seq) > (p_xid, p_seq)
+               AND pg_visible_in_snapshot(m1.xid, nx_snap)
+             ORDER BY m1.xid, m1.seq LIMIT p_limit)
+            UNION ALL
+            (SELECT m2.xid, m2.seq, m2.published_at, m2.payload
+             FROM unnest(xips) AS x(xid)
+             CROSS JOIN LATERAL (
+                 SELECT m3.xid, m3.seq, m3.published_at, m3.payload FROM @S@.messages m3
+                 WHERE m3.channel = p_channel AND m3.xid = x.xid
+                   AND (m3.xid, m3.seq) > (p_xid, p_seq)
+                   AND pg_visible_in_snapshot(m3.xid, nx_snap)
+                 ORDER BY m3.seq LIMIT p_limit) AS m2
+             ORDER BY m2.xid, m2.seq LIMIT p_limit)
+        ) AS m
+        ORDER BY m.xid, m.seq
+        LIMIT p_limit;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            RETURN;
+        END IF;
+        p_tick := nx_id;
+        exact := false;
+    END LOOP;
+END $$;
+
+-- Whether a message (xid, seq) is at or before cursor (p_tick, p_xid, p_seq),
+-- given the cursor's tick snapshot and the one before it.
+CREATE OR REPLACE FUNCTION @S@.passed(m_xid xid8, m_seq bigint, p_xid xid8, p_seq bigint,
+                                      pv pg_snapshot, nx pg_snapshot) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT pg_visible_in_snapshot(m_xid, pv)
+        OR (pg_visible_in_snapshot(m_xid, nx) AND (m_xid, m_seq) <= (p_xid, p_seq))
+$$;
+
+-- Removes, at most p_batch rows per statement: messages every group of the
+-- channel has acked (none while the channel has no group), and, with
+-- p_max_age, messages older than that; groups that had not read the
+-- latter get them counted in lost. Returns (acked rows, expired rows).
+CREATE OR REPLACE FUNCTION @S@.retain(p_channel text, p_max_age interval, p_batch int,
+                                      OUT acked bigint, OUT expired bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    g  record;
+    pv pg_snapshot;
+    nx pg_snapshot;
+    n  bigint;
+    cutoff timestamptz := now() - p_max_age;
+BEGIN
+    acked := 0; expired := 0;
+    -- Serialised with the channel's ticks, so no tick is taken meanwhile.
+    PERFORM pg_advisory_xact_lock(hashtextextended('@S@.tick:' || p_channel, 0));
+    IF p_max_age IS NOT NULL THEN
+        FOR g IN SELECT * FROM @S@.groups WHERE channel = p_channel FOR UPDATE LOOP
+            pv := @S@.snap_before(p_channel, g.tick_id);
+            nx := @S@.snap_at(p_channel, g.tick_id);
+            UPDATE @S@.groups gr SET lost = gr.lost + (
+                SELECT count(*) FROM @S@.messages m
+                WHERE m.channel = p_channel AND m.published_at < cutoff
+                  AND NOT @S@.passed(m.xid, m.seq, g.xid, g.seq, pv, nx))
+            WHERE gr.channel = g.channel AND gr.group_name = g.group_name;
+        END LOOP;
+        LOOP
+            DELETE FROM @S@.messages WHERE ctid IN (
+                SELECT m.ctid FROM @S@.messages m
+                WHERE m.channel = p_channel AND m.published_at < cutoff LIMIT p_batch);
+            GET DIAGNOSTICS n = ROW_COUNT;
+            expired := expired + n;
+            EXIT WHEN n < p_batch;
+        END LOOP;
+    END IF;
+    -- The slowest group: its cursor is the smallest position.
+    SELECT * INTO g FROM @S@.groups WHERE channel = p_channel
+    ORDER BY tick_id, xid, seq LIMIT 1;
+    IF FOUND THEN
+        pv := @S@.snap_before(p_channel, g.tick_id);
+        nx := @S@.snap_at(p_channel, g.tick_id);
+        LOOP
+            DELETE FROM @S@.messages WHERE ctid IN (
+                SELECT m.ctid FROM @S@.messages m
+                WHERE m.channel = p_channel AND m.xid < pg_snapshot_xmax(nx)
+                  AND @S@.passed(m.xid, m.seq, g.xid, g.seq, pv, nx)
+                LIMIT p_batch);
+            GET DIAGNOSTICS n = ROW_COUNT;
+            acked := acked + n;
+            EXIT WHEN n < p_batch;
+        END LOOP;
+        -- Keep the slowest group's tick and the one before it (its batch's
+        -- lower bound); older ticks bound nothing anyone will read.
+        DELETE FROM @S@.ticks t WHERE t.channel = p_channel AND t.tick_id < (
+            SELECT coalesce(max(t2.tick_id), 0) FROM @S@.ticks t2
+            WHERE t2.channel = p_channel AND t2.tick_id < g.tick_id);
+    END IF;
+END $$;
+
+INSERT INTO @S@.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+COMMIT;

@@ -1,0 +1,585 @@
+//! Durable channels on a real server: the tick cursor under concurrent and
+//! out-of-order commits, groups, take-over, acks, retention, install.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use pg_pubsub::durable::{Durable, DurableDelivery, DurableSubscription, Position, Start};
+use pg_pubsub::{ConnectionEvent, PgPubSub};
+
+async fn durable() -> (PgPubSub, Durable) {
+    let ps = pubsub().await;
+    let d = ps.durable();
+    d.install().await.expect("install");
+    (ps, d)
+}
+
+async fn publish_sql(client: &tokio_postgres::Client, channel: &str, payload: &str) {
+    client
+        .execute("SELECT pgpubsub.publish($1, $2)", &[&channel, &payload])
+        .await
+        .expect("publish from SQL");
+}
+
+#[tokio::test]
+async fn a_transaction_opened_first_and_committed_last_is_delivered() {
+    let (ps, d) = durable().await;
+    let ch = channel("ooo");
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let a = raw_client().await;
+    let b = raw_client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    publish_sql(&a, &ch, "a").await; // takes the lower seq and xid
+    b.batch_execute("BEGIN").await.unwrap();
+    publish_sql(&b, &ch, "b").await;
+    b.batch_execute("COMMIT").await.unwrap();
+    let mb = next_durable(&mut sub).await;
+    assert_eq!(mb.payload(), "b");
+    mb.ack();
+    sub.flush().await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    let ma = next_durable(&mut sub).await;
+    assert_eq!(ma.payload(), "a");
+    assert!(
+        ma.position() > mb.position(),
+        "delivery order is position order"
+    );
+    ma.ack();
+    sub.close().await.unwrap();
+    // A restarted consumer has nothing left: both are acked.
+    let mut again = d.subscribe_raw(&ch, "g").await.unwrap();
+    d.publish_raw(&ch, "c").await.unwrap();
+    assert_eq!(next_durable(&mut again).await.payload(), "c");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn sessions_idle_in_transaction_do_not_stall_delivery() {
+    let (ps, d) = durable().await;
+    let ch = channel("idle");
+    let published = raw_client().await;
+    published.batch_execute("BEGIN").await.unwrap();
+    publish_sql(&published, &ch, "held").await;
+    // Holds back the xmin horizon without publishing.
+    let holder = raw_client().await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    for round in 0..3 {
+        let batch: Vec<String> = (0..50).map(|i| format!("{round}-{i}")).collect();
+        d.publish_batch(&ch, &batch).await.unwrap();
+        assert_eq!(take_acked(&mut sub, 50).await, batch);
+    }
+    published.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "held");
+    holder.batch_execute("COMMIT").await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_publishers_are_delivered_once_in_the_same_order_to_two_groups() {
+    let (ps, d) = durable().await;
+    let ch = channel("conc");
+    const TASKS: usize = 8;
+    const EACH: usize = 100;
+    let mut g1 = d.subscribe_raw(&ch, "one").await.unwrap();
+    let mut g2 = d
+        .consumer(&ch, "two")
+        .batch_size(7) // pages end inside batches and transactions
+        .subscribe()
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let d = d.clone();
+        let ch = ch.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                if i % 10 == 0 {
+                    // Three messages in one transaction: contiguous.
+                    let batch = [0, 1, 2].map(|k| format!("{t}:{i}:{k}"));
+                    d.publish_batch(&ch, &batch).await.unwrap();
+                } else {
+                    d.publish_raw(&ch, &format!("{t}:{i}:0")).await.unwrap();
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let total = TASKS * EACH + TASKS * (EACH / 10) * 2;
+    let mut orders = Vec::new();
+    for sub in [&mut g1, &mut g2] {
+        let mut seen = HashSet::new();
+        let mut last: Option<Position> = None;
+        let mut order = Vec::new();
+        let mut per_task = [(-1i64, -1i64); TASKS];
+        for _ in 0..total {
+            let m = next_durable(sub).await;
+            assert!(last.is_none_or(|l| l < m.position()), "positions increase");
+            last = Some(m.position());
+            let p = m.payload().clone();
+            assert!(seen.insert(p.clone()), "{p} delivered twice");
+            let parts: Vec<i64> = p.split(':').map(|x| x.parse().unwrap()).collect();
+            let (t, i, k) = (parts[0] as usize, parts[1], parts[2]);
+            // Each publisher's messages in its commit order, a
+            // transaction's messages one after another.
+            assert!((i, k) > per_task[t], "{p} after {:?}", per_task[t]);
+            if k > 0 {
+                assert_eq!(order.last(), Some(&format!("{t}:{i}:{}", k - 1)));
+            }
+            per_task[t] = (i, k);
+            order.push(p);
+            m.ack();
+        }
+        orders.push(order);
+    }
+    assert_eq!(orders[0], orders[1], "every group sees the same order");
+    assert_quiet(&mut g1, Duration::from_millis(200)).await;
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn rollback_publishes_nothing_and_commit_publishes_in_the_transaction() {
+    let (ps, d) = durable().await;
+    let ch = channel("rb");
+    let mut sub = d.subscribe::<serde_json::Value>(&ch, "g").await.unwrap();
+    let mut client = raw_client().await;
+    let tx = client.transaction().await.unwrap();
+    d.publish_in(&tx, &ch, &serde_json::json!({"n": 1}))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    d.publish_in(&tx, &ch, &serde_json::json!({"n": 2}))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload()["n"], 2);
+    assert_quiet(&mut sub, Duration::from_millis(200)).await;
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn ten_megabyte_payload_round_trips() {
+    let (ps, d) = durable().await;
+    let ch = channel("big");
+    let big: String = (0..10 * 1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    d.publish_raw(&ch, &big).await.unwrap();
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let m = next_durable(&mut sub).await;
+    assert_eq!(m.payload().len(), big.len());
+    assert!(*m.payload() == big);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_consumer_continues_after_its_last_ack() {
+    let (ps, d) = durable().await;
+    let ch = channel("restart");
+    let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    d.publish_batch(&ch, &all).await.unwrap();
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let mut got = Vec::new();
+    for i in 0..7 {
+        let m = next_durable(&mut sub).await;
+        if i == 4 {
+            m.ack(); // acks 0..=4; 5 and 6 are delivered, not acked
+        }
+        got.push(m.into_payload());
+    }
+    assert_eq!(got, all[..7]);
+    sub.close().await.unwrap();
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 5).await, all[5..]);
+    let groups = d.groups(&ch).await.unwrap();
+    sub.flush().await.unwrap();
+    assert_eq!(groups.len(), 1);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_group_can_start_at_the_latest_message_or_a_position() {
+    let (ps, d) = durable().await;
+    let ch = channel("start");
+    d.publish_batch(&ch, ["old1", "old2"]).await.unwrap();
+    let mut first = d.subscribe_raw(&ch, "first").await.unwrap();
+    let old1 = next_durable(&mut first).await;
+    let mut latest = d
+        .consumer(&ch, "latest")
+        .start(Start::Latest)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut after = d
+        .consumer(&ch, "after")
+        .start(Start::After(old1.position()))
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_raw(&ch, "new").await.unwrap();
+    assert_eq!(next_durable(&mut latest).await.payload(), "new");
+    assert_eq!(next_durable(&mut after).await.payload(), "old2");
+    assert_eq!(next_durable(&mut after).await.payload(), "new");
+    ps.shutdown().await;
+}
+
+/// Two instances in one group, `a` active, with "0".."2" acked and "3"
+/// delivered but not acked.
+async fn group_of_two(
+    ch: &str,
+) -> (
+    PgPubSub,
+    DurableSubscription<String>,
+    PgPubSub,
+    DurableSubscription<String>,
+) {
+    let (a, da) = durable().await;
+    let mut sub_a = da.subscribe_raw(ch, "g").await.unwrap();
+    assert!(sub_a.is_active());
+    let b = builder()
+        .lock_retry_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let mut sub_b = b.durable().subscribe_raw(ch, "g").await.unwrap();
+    assert!(!sub_b.is_active());
+    da.publish_batch(ch, ["0", "1", "2", "3", "4", "5"])
+        .await
+        .unwrap();
+    assert_eq!(take_acked(&mut sub_a, 3).await, ["0", "1", "2"]);
+    sub_a.flush().await.unwrap();
+    assert_eq!(next_durable(&mut sub_a).await.payload(), "3");
+    assert_quiet(&mut sub_b, Duration::from_millis(200)).await;
+    (a, sub_a, b, sub_b)
+}
+
+#[tokio::test]
+async fn a_new_group_can_start_at_a_time() {
+    let (ps, d) = durable().await;
+    let ch = channel("time");
+    d.publish_raw(&ch, "before").await.unwrap();
+    d.tick(&ch).await.unwrap(); // "before" is in a batch ticked before `at`
+    let client = raw_client().await;
+    // The server's clock, not ours.
+    let at: std::time::SystemTime = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    d.publish_raw(&ch, "after").await.unwrap();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .start(Start::Time(at))
+        .subscribe()
+        .await
+        .unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "after");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_quiet_channel_is_delivered_by_polling() {
+    let (ps, d) = durable().await;
+    let ch = channel("quiet");
+    d.set_quiet(&ch, true).await.unwrap();
+    let mut wake = ps.listen_raw(&d.schema().wake_channel()).await.unwrap();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .poll_interval(Duration::from_millis(50))
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_raw(&ch, "polled").await.unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "polled");
+    // Other tests' channels wake up meanwhile; this one never does.
+    let own = tokio::time::timeout(Duration::from_millis(100), async {
+        loop {
+            if let pg_pubsub::Delivery::Message(m) = next(&mut wake).await {
+                if m.raw() == ch {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(own.is_err(), "a quiet channel sent a wake-up");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_the_group_from_the_last_ack_on_shutdown() {
+    let ch = channel("takeover");
+    let (a, sub_a, b, mut sub_b) = group_of_two(&ch).await;
+    let mut b_events = b.events();
+    a.shutdown().await;
+    drop(sub_a);
+    wait_event(&mut b_events, |e| {
+        matches!(e, ConnectionEvent::LockAcquired { channel } if channel.as_str() == sub_b.election_channel())
+    })
+    .await;
+    assert!(sub_b.is_active());
+    assert_eq!(take_acked(&mut sub_b, 3).await, ["3", "4", "5"]);
+    sub_b.close().await.unwrap();
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_the_active_session_is_killed_the_group_resumes_from_the_last_ack() {
+    let ch = channel("killed");
+    let (a, mut sub_a, b, mut sub_b) = group_of_two(&ch).await;
+    let mut a_events = a.events();
+    terminate(a.listener_pid().unwrap()).await;
+    wait_event(&mut a_events, |e| {
+        matches!(e, ConnectionEvent::LockLost { .. })
+    })
+    .await;
+    // Either instance may win the election again (`a` reconnects at
+    // once); whichever does starts over from the last ack, "3". What `a`
+    // had buffered before may come first: duplicates, never losses.
+    let mut both = futures::stream::select(&mut sub_a, &mut sub_b);
+    let mut after_three = Vec::new();
+    while after_three.last().map(String::as_str) != Some("5") {
+        // Not acked: acks are cumulative, and acking a buffered "4" would
+        // pass the "3" this test waits for.
+        let m = next_durable(&mut both).await;
+        if m.payload() == "3" || !after_three.is_empty() {
+            after_three.push(m.into_payload());
+        }
+    }
+    assert_eq!(after_three, ["3", "4", "5"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn ack_in_moves_the_cursor_with_the_consumers_transaction() {
+    let (ps, d) = durable().await;
+    let ch = channel("ackin");
+    let mut client = raw_client().await;
+    let table = format!("work_{}", &ch);
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (payload text)"))
+        .await
+        .unwrap();
+    d.publish_batch(&ch, ["x", "y"]).await.unwrap();
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let x = next_durable(&mut sub).await;
+    let tx = client.transaction().await.unwrap();
+    tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[x.payload()])
+        .await
+        .unwrap();
+    x.ack_in(&tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let y = next_durable(&mut sub).await;
+    let tx = client.transaction().await.unwrap();
+    y.ack_in(&tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    sub.close().await.unwrap();
+
+    let groups = d.groups(&ch).await.unwrap();
+    assert_eq!(groups[0].position, x.position());
+    assert_eq!(groups[0].lag_messages, 1);
+    // Rolled back: delivered again.
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "y");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_installs_of_a_new_schema_all_succeed() {
+    let ps = pubsub().await;
+    let schema = format!("dur_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let d = ps.durable_in(&schema).unwrap();
+        tasks.push(tokio::spawn(async move { d.install().await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let d = ps.durable_in(&schema).unwrap();
+    d.publish_raw("c", "works").await.unwrap();
+    let mut sub = d.subscribe_raw("c", "g").await.unwrap();
+    assert_eq!(next_durable(&mut sub).await.payload(), "works");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn retention_removes_what_every_group_acked_and_signals_expiry() {
+    let (ps, d) = durable().await;
+    let ch = channel("retain");
+    let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    let mut g1 = d.subscribe_raw(&ch, "g1").await.unwrap();
+    let mut g2 = d.subscribe_raw(&ch, "g2").await.unwrap();
+    d.publish_batch(&ch, &all).await.unwrap();
+    take_acked(&mut g1, 10).await;
+    take_acked(&mut g2, 4).await;
+    g1.flush().await.unwrap();
+    g2.close().await.unwrap();
+    let removed = d.retain(&ch, None).await.unwrap();
+    assert_eq!((removed.acked, removed.expired), (4, 0));
+    let groups = d.groups(&ch).await.unwrap();
+    assert_eq!(
+        groups.iter().map(|g| g.lag_messages).collect::<Vec<_>>(),
+        [0, 6]
+    );
+
+    // Everything older than now: g2 loses the 6 it had not acked.
+    let removed = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
+    assert_eq!((removed.acked, removed.expired), (0, 6));
+    let mut g2 = d.subscribe_raw(&ch, "g2").await.unwrap();
+    match next(&mut g2).await {
+        DurableDelivery::Truncated { lost } => assert_eq!(lost, 6),
+        other => panic!("expected a truncation, got {other:?}"),
+    }
+    d.publish_raw(&ch, "after").await.unwrap();
+    assert_eq!(next_durable(&mut g2).await.payload(), "after");
+    assert_eq!(next_durable(&mut g1).await.payload(), "after");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_schema_script_is_printable_and_rerunnable() {
+    let ps = pubsub().await;
+    let schema = format!("dur_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let name = pg_pubsub::durable::SchemaName::new(&schema).unwrap();
+    let script = pg_pubsub::durable::schema_sql(&name);
+    let client = raw_client().await;
+    client.batch_execute(&script).await.unwrap();
+    client.batch_execute(&script).await.unwrap();
+    ps.durable_in(&schema).unwrap().install().await.unwrap();
+    ps.shutdown().await;
+}
+
+/// `pg-pubsub durable tail` processes, SIGKILLed mid-stream.
+#[cfg(feature = "cli")]
+mod cli {
+    use super::*;
+    use common::fleet::Fleet;
+
+    fn tail_ready(line: &str) -> bool {
+        line.contains("tailing")
+    }
+
+    #[tokio::test]
+    async fn a_killed_tail_loses_nothing_and_repeats_only_unacked_lines() {
+        let (ps, d) = durable().await;
+        let ch = channel("cli_kill");
+        let all: Vec<String> = (0..400).map(|i| format!("{i:04}")).collect();
+        let args = ["durable", "tail", ch.as_str(), "--group", "g"];
+        let mut fleet = Fleet::new();
+        let first = fleet.spawn_cmd(&args, tail_ready).await;
+        d.publish_batch(&ch, &all[..200]).await.unwrap();
+        fleet.wait_for(|f| f.received[first].len() >= 50).await;
+        fleet.signal(first, "-KILL").await;
+        let printed = fleet.received[first].clone();
+        assert_eq!(printed, all[..printed.len()], "in order, no gaps");
+
+        let second = fleet.spawn_cmd(&args, tail_ready).await;
+        d.publish_batch(&ch, &all[200..]).await.unwrap();
+        fleet
+            .wait_for(|f| f.received[second].last() == all.last())
+            .await;
+        let again = &fleet.received[second];
+        // It starts at or before the first line the killed one printed
+        // after its last written ack, and never skips one.
+        let start: usize = again[0].parse().unwrap();
+        assert!(start <= printed.len(), "{start} > {}", printed.len());
+        assert_eq!(again[..], all[start..]);
+
+        // SIGTERM: exits 0 after writing its acks; nothing is repeated.
+        let status = fleet.signal(second, "-TERM").await;
+        assert!(status.success(), "{status:?}");
+        let third = fleet.spawn_cmd(&args, tail_ready).await;
+        d.publish_raw(&ch, "last").await.unwrap();
+        fleet.wait_for(|f| !f.received[third].is_empty()).await;
+        assert_eq!(fleet.received[third], ["last"]);
+        fleet.signal(third, "-KILL").await;
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_standby_tail_process_takes_over_when_the_active_one_is_killed() {
+        let (ps, d) = durable().await;
+        let ch = channel("cli_standby");
+        let all: Vec<String> = (0..300).map(|i| format!("{i:04}")).collect();
+        let args = ["durable", "tail", ch.as_str(), "--group", "g"];
+        let mut fleet = Fleet::new();
+        let active = fleet.spawn_cmd(&args, |l| l.contains("(active)")).await;
+        let standby = fleet.spawn_cmd(&args, |l| l.contains("standing by")).await;
+        d.publish_batch(&ch, &all[..150]).await.unwrap();
+        fleet.wait_for(|f| f.received[active].len() >= 30).await;
+        fleet.signal(active, "-KILL").await;
+        fleet
+            .wait_err(|p, l| p == standby && l.contains("now the group's active consumer"))
+            .await;
+        d.publish_batch(&ch, &all[150..]).await.unwrap();
+        fleet
+            .wait_for(|f| f.received[standby].last() == all.last())
+            .await;
+        let (first, second) = (&fleet.received[active], &fleet.received[standby]);
+        assert_eq!(first[..], all[..first.len()]);
+        let start: usize = second[0].parse().unwrap();
+        assert!(start <= first.len(), "{start} > {}", first.len());
+        assert_eq!(second[..], all[start..]);
+        fleet.signal(standby, "-KILL").await;
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn several_publisher_processes_are_each_delivered_once_in_their_order() {
+        use tokio::io::AsyncWriteExt;
+        let (ps, d) = durable().await;
+        let ch = channel("cli_pub");
+        let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+        let mut children = Vec::new();
+        for p in 0..4 {
+            let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
+                .args(["durable", "publish", &ch, "--stdin"])
+                .env("DATABASE_URL", server().url())
+                .stdin(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            // Lines one at a time, several batches per process.
+            let input: String = (0..2500).map(|i| format!("{p}:{i}\n")).collect();
+            tokio::spawn(async move {
+                stdin.write_all(input.as_bytes()).await.unwrap();
+            });
+            children.push(child);
+        }
+        for mut child in children {
+            assert!(child.wait().await.unwrap().success());
+        }
+        let mut last = [-1i64; 4];
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            let m = next_durable(&mut sub).await;
+            let (p, i) = m.payload().split_once(':').unwrap();
+            let (p, i): (usize, i64) = (p.parse().unwrap(), i.parse().unwrap());
+            assert!(seen.insert((p, i)), "{p}:{i} twice");
+            assert!(i > last[p], "{p}:{i} after {p}:{}", last[p]);
+            last[p] = i;
+        }
+        assert_quiet(&mut sub, Duration::from_millis(200)).await;
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_schema_command_prints_the_script() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
+            .args(["schema", "--schema", "other"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("CREATE TABLE IF NOT EXISTS other.messages"));
+    }
+}
