@@ -48,6 +48,11 @@ pub enum ErrorKind {
     ShutDown,
     /// The payload contains a NUL byte, which PostgreSQL text cannot hold.
     PayloadContainsNul,
+    /// A durable-channel statement failed (publish, read, ack, retention).
+    Durable,
+    /// The durable schema could not be installed, or the database holds a
+    /// version this crate does not know.
+    Schema,
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it,

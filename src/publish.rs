@@ -115,7 +115,7 @@ impl PgPubSub {
         let channel = ChannelName::new(channel)?;
         let payload = wire::encode(self.origin_tag(&channel), payload)?;
         self.check_open()?;
-        self.with_pool("notify", |client| async move {
+        self.with_pool(ErrorKind::Notify, "notify", |client| async move {
             let stmt = client.prepare_cached(NOTIFY_SQL).await?;
             client
                 .execute(&stmt, &[&channel.as_str(), &&*payload])
@@ -152,7 +152,7 @@ impl PgPubSub {
         for chunk in split_batches(&payloads) {
             let n = chunk.len();
             let channel = &channel;
-            self.with_pool("notify_batch", |client| async move {
+            self.with_pool(ErrorKind::Notify, "notify_batch", |client| async move {
                 let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
                 client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
                 Ok(())
@@ -205,17 +205,32 @@ impl PgPubSub {
             .map_err(|e| Error::pg(ErrorKind::Notify, "notify in transaction", e))
     }
 
-    /// Runs `f` on a pooled connection within the notify timeout.
-    ///
-    /// Getting a connection is retried (with the reconnect backoff) while the
-    /// server is unreachable, nothing having been sent yet; when the notify
-    /// timeout ends first, the error is [`ErrorKind::Timeout`] with the last
-    /// connection error as its source. A statement that was sent is never
-    /// retried: it may have been committed.
-    async fn with_pool<'a, F, Fut>(&'a self, stage: &'static str, f: F) -> Result<()>
+    /// Runs `f` on a pooled connection within the notify timeout, its
+    /// server errors reported as `kind` at `stage`.
+    pub(crate) async fn with_pool<'a, R, F, Fut>(
+        &'a self,
+        kind: ErrorKind,
+        stage: &'static str,
+        f: F,
+    ) -> Result<R>
     where
         F: FnOnce(deadpool_postgres::Client) -> Fut,
-        Fut: Future<Output = Result<(), tokio_postgres::Error>> + 'a,
+        Fut: Future<Output = Result<R, tokio_postgres::Error>> + 'a,
+    {
+        self.with_pooled(stage, |client| async move {
+            f(client).await.map_err(|e| Error::pg(kind, stage, e))
+        })
+        .await
+    }
+
+    /// Runs `f` on a pooled connection within the notify timeout. While no
+    /// connection can be had, retries with backoff; the statement itself is
+    /// never retried (it may have committed). On timeout the last
+    /// connection error is the source.
+    pub(crate) async fn with_pooled<'a, R, F, Fut>(&'a self, stage: &'static str, f: F) -> Result<R>
+    where
+        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        Fut: Future<Output = Result<R>> + 'a,
     {
         let timeout = self.inner.opts.notify_timeout;
         let mut last = None;
@@ -237,9 +252,7 @@ impl PgPubSub {
                     }
                 }
             };
-            f(client)
-                .await
-                .map_err(|e| Error::pg(ErrorKind::Notify, stage, e))
+            f(client).await
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(res) => res,

@@ -352,7 +352,7 @@ impl Durable {
 pub(crate) fn position_of(row: &tokio_postgres::Row, at: usize) -> Result<Position> {
     let xid: String = row.get(at + 1);
     let xid = xid.parse().map_err(|e| {
-        Error::new(ErrorKind::Db, format!("server sent xid {xid:?}")).with_source(e)
+        Error::new(ErrorKind::Durable, format!("server sent xid {xid:?}")).with_source(e)
     })?;
     Ok(Position {
         tick: row.get(at),

@@ -118,7 +118,7 @@ impl Durable {
             .await?;
         let count = |i: usize| {
             u64::try_from(row.get::<_, i64>(i))
-                .map_err(|e| Error::new(ErrorKind::Db, "negative count").with_source(e))
+                .map_err(|e| Error::new(ErrorKind::Durable, "negative count").with_source(e))
         };
         Ok(Retained {
             acked: count(0)?,

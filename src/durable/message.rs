@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use super::position::Position;
 use super::schema::SchemaName;
 use crate::channel::ChannelName;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// One item of a [`DurableSubscription`](super::DurableSubscription).
 #[derive(Debug)]
@@ -94,7 +94,7 @@ impl<T> DurableMessage<T> {
         )
         .await
         .map(drop)
-        .map_err(|e| Error::db("acknowledging in transaction", e))
+        .map_err(|e| Error::pg(ErrorKind::Durable, "acknowledging in transaction", e))
     }
 
     pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> DurableMessage<U> {

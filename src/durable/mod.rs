@@ -156,7 +156,7 @@ pub use schema::{
 };
 
 use crate::client::PgPubSub;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
@@ -214,28 +214,15 @@ impl Durable {
     pub async fn install(&self) -> Result<()> {
         self.installed
             .get_or_try_init(|| async {
-                let client = self.pooled("installing the durable schema").await?;
-                schema::install(&client, &self.schema).await
+                let schema = &self.schema;
+                self.pubsub
+                    .with_pooled("installing the durable schema", |client| async move {
+                        schema::install(&client, schema).await
+                    })
+                    .await
             })
             .await
             .map(drop)
-    }
-
-    async fn pooled(&self, stage: &str) -> Result<deadpool_postgres::Client> {
-        self.pubsub.check_open()?;
-        let timeout = self.pubsub.inner.opts.notify_timeout;
-        match tokio::time::timeout(timeout, self.pubsub.inner.pool.get()).await {
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(Error::new(
-                ErrorKind::Pool,
-                format!("{stage}: no pooled connection: {e}"),
-            )
-            .with_source(e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("{stage}: no pooled connection within {timeout:?}"),
-            )),
-        }
     }
 
     /// Runs `f` on a pooled connection (installing the schema first) within
@@ -246,18 +233,7 @@ impl Durable {
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        let timeout = self.pubsub.inner.opts.notify_timeout;
-        let work = async {
-            let client = self.pooled(stage).await?;
-            f(client).await.map_err(|e| Error::db(stage, e))
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(res) => res,
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("{stage}: no answer within {timeout:?} (is the server reachable?)"),
-            )),
-        }
+        self.pubsub.with_pool(ErrorKind::Durable, stage, f).await
     }
 
     /// Takes a tick of `channel` if anything new became visible, and

@@ -96,7 +96,7 @@ impl Durable {
         tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload])
             .await
             .map(drop)
-            .map_err(|e| Error::db("durable publish in transaction", e))
+            .map_err(|e| Error::pg(ErrorKind::Durable, "durable publish in transaction", e))
     }
 
     /// Makes `channel` quiet (publish without `NOTIFY`, consumers find new

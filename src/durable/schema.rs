@@ -117,7 +117,7 @@ pub(crate) async fn install(client: &tokio_postgres::Client, schema: &SchemaName
     client
         .batch_execute(&schema_sql(schema))
         .await
-        .map_err(|e| Error::db("installing the durable schema", e))?;
+        .map_err(|e| Error::pg(ErrorKind::Schema, "installing the durable schema", e))?;
     match installed_version(client, schema).await? {
         Some(SCHEMA_VERSION) => Ok(()),
         other => Err(Error::new(
@@ -159,7 +159,11 @@ async fn installed_version(
         {
             Ok(None)
         }
-        Err(e) => Err(Error::db("reading the durable schema version", e)),
+        Err(e) => Err(Error::pg(
+            ErrorKind::Schema,
+            "reading the durable schema version",
+            e,
+        )),
     }
 }
 
