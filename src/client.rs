@@ -16,7 +16,7 @@ use crate::connect::{SslMode, Target};
 use crate::driver::{ChannelSet, Command, Driver, Endpoint, Mode, Shared, Status, CONTROL_CHANNEL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
-use crate::queue::Queue;
+use crate::inbox::Queue;
 use crate::stats::{Board, Stats};
 use crate::subscription::{Decoder, Subscription};
 use crate::tls::Connector;

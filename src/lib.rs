@@ -84,7 +84,7 @@
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
-//! (notify paths), `subscription.rs` and `queue.rs` (the consumer side),
+//! (notify paths), `subscription.rs` and `inbox.rs` (the consumer side: a subscriber's bounded queue),
 //! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
 //! payloads), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
 //! the connector for listener and pool), `tls.rs` (rustls), and `driver/`:
@@ -132,9 +132,9 @@ pub mod durable;
 pub mod election;
 mod error;
 pub mod event;
+mod inbox;
 mod message;
 mod publish;
-mod queue;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;

@@ -381,6 +381,6 @@ mod tests {
     #[test]
     fn queued_messages_stay_small() {
         // A queue holds up to its capacity of these (65,536 by default).
-        assert!(std::mem::size_of::<crate::queue::Entry>() <= 40);
+        assert!(std::mem::size_of::<crate::inbox::Entry>() <= 40);
     }
 }

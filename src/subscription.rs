@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
 use crate::driver::{Command, SubId};
+use crate::inbox::{Entry, Queue};
 use crate::message::{DecodeError, Delivery, Message};
-use crate::queue::{Entry, Queue};
 use crate::stats::Board;
 
 pub(crate) type Decoder<T> = fn(&str) -> Result<T, serde_json::Error>;

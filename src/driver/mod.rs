@@ -22,8 +22,8 @@ use crate::channel::ChannelName;
 use crate::config::Options;
 use crate::error::{describe_pg_error, Error, ErrorKind, Result};
 use crate::event::ConnectionEvent;
+use crate::inbox::Queue;
 use crate::message::{Gap, GapCause};
-use crate::queue::Queue;
 use crate::stats::Board;
 
 use election::Control;

@@ -16,8 +16,8 @@ use super::role::{Election, Heard, Plain, Step};
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::ConnectionEvent;
+use crate::inbox::Queue;
 use crate::message::{Gap, GapCause, Received};
-use crate::queue::Queue;
 
 pub(crate) type SubId = u64;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;

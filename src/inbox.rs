@@ -1,4 +1,4 @@
-//! A subscriber's bounded queue, filled by the listener task and drained by
+//! A subscriber's bounded queue (its inbox), filled by the listener task and
 //! the subscription.
 //!
 //! Why not `tokio::sync::mpsc`: a full queue must drop the message and report
