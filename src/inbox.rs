@@ -1,5 +1,5 @@
 //! A subscriber's bounded queue (its inbox), filled by the listener task and
-//! the subscription.
+//! drained by the subscription.
 //!
 //! Why not `tokio::sync::mpsc`: a full queue must drop the message and report
 //! how many were dropped *in order*, gaps must never be dropped, and the
