@@ -6,7 +6,10 @@
 //! Env: `BENCH_SINGLE` (messages published one per transaction, default
 //! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_BACKLOG` (default
 //! 1 000 000), `BENCH_LATENCY_SECS` (default 5), `BENCH_SOAK_SECS` (default
-//! 60), `DATABASE_URL` (else a throwaway cluster).
+//! 60), `BENCH_CONSUME_RUNS` (rounds of the consume comparison, median
+//! reported, default 3), `BENCH_PHASES` (comma-separated subset of
+//! `publish,consume,latency,soak`; default all), `DATABASE_URL` (else a
+//! throwaway cluster).
 
 use std::error::Error;
 use std::sync::Arc;
@@ -84,6 +87,41 @@ async fn run(url: &str) -> Res<()> {
         std::thread::available_parallelism()?.get()
     );
 
+    let phases =
+        std::env::var("BENCH_PHASES").unwrap_or_else(|_| "publish,consume,latency,soak".to_owned());
+    let phase = |name: &str| phases.split(',').any(|p| p.trim() == name);
+    let chunk: Vec<String> = (0..1000).map(|_| PAYLOAD.to_owned()).collect();
+    let stmt = client
+        .prepare("INSERT INTO bench_bare (channel, payload) SELECT $1, unnest($2::text[])")
+        .await?;
+    if phase("publish") {
+        publish(&ps, &d, &client, &stmt, &chunk, single, batched).await?;
+    }
+    if phase("consume") {
+        let runs = env_u64("BENCH_CONSUME_RUNS", 3)?;
+        consume(&d, &client, &stmt, &chunk, backlog, runs).await?;
+    }
+    if phase("latency") {
+        latency(&ps, &d, latency_secs).await?;
+    }
+    if phase("soak") {
+        soak(&d, &client, soak_secs).await?;
+    }
+    ps.shutdown().await;
+    Ok(())
+}
+
+/// Publish, one per transaction ([`TASKS`] tasks) and a thousand per
+/// transaction, against bare `INSERT`s.
+async fn publish(
+    ps: &PgPubSub,
+    d: &Durable,
+    client: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    chunk: &[String],
+    single: u64,
+    batched: u64,
+) -> Res<()> {
     // Publish, one message per transaction, TASKS tasks.
     let bare = timed_tasks(single, |i| {
         let ps = ps.clone();
@@ -134,18 +172,14 @@ async fn run(url: &str) -> Res<()> {
     );
 
     // Publish, a thousand per transaction, one task.
-    let chunk: Vec<String> = (0..1000).map(|_| PAYLOAD.to_owned()).collect();
     let t = Instant::now();
-    let stmt = client
-        .prepare("INSERT INTO bench_bare (channel, payload) SELECT $1, unnest($2::text[])")
-        .await?;
     for _ in 0..batched / 1000 {
-        client.execute(&stmt, &[&"batched", &chunk]).await?;
+        client.execute(stmt, &[&"batched", &chunk]).await?;
     }
     let bare = t.elapsed();
     let t = Instant::now();
     for _ in 0..batched / 1000 {
-        d.publish_batch("batched", &chunk).await?;
+        d.publish_batch("batched", chunk).await?;
     }
     let durable = t.elapsed();
     line(
@@ -155,60 +189,89 @@ async fn run(url: &str) -> Res<()> {
         "msg/s",
     );
 
-    // Consume a backlog with one group vs a bare keyset loop.
+    Ok(())
+}
+
+/// Consumes a backlog with one group vs a bare keyset loop, `runs` times
+/// alternately (a new group each time); prints each run and the medians.
+async fn consume(
+    d: &Durable,
+    client: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    chunk: &[String],
+    backlog: u64,
+    runs: u64,
+) -> Res<()> {
     d.set_quiet("backlog", true).await?;
     for _ in 0..backlog / 1000 {
-        d.publish_batch("backlog", &chunk).await?;
-        client.execute(&stmt, &[&"backlog", &chunk]).await?;
+        d.publish_batch("backlog", chunk).await?;
+        client.execute(stmt, &[&"backlog", &chunk]).await?;
     }
     // One statement each: VACUUM refuses to run in a multi-statement batch.
     client.batch_execute("VACUUM ANALYZE bench_bare").await?;
     client
         .batch_execute("VACUUM ANALYZE pgpubsub.messages")
         .await?;
-    let t = Instant::now();
-    let mut last = 0i64;
-    let mut read = 0u64;
+    // Every run's group exists before the first one acks, so automatic
+    // retention removes nothing until the last run.
+    for run in 0..runs {
+        d.consumer("backlog", &format!("bench{run}"))
+            .batch_size(1)
+            .subscribe()
+            .await?
+            .close()
+            .await?;
+    }
     let page = client
         .prepare("SELECT id, payload FROM bench_bare WHERE channel = $1 AND id > $2 ORDER BY id LIMIT 1000")
         .await?;
-    loop {
-        let rows = client.query(&page, &[&"backlog", &last]).await?;
-        let Some(row) = rows.last() else { break };
-        last = row.get(0);
-        // Decoded like the durable consumer's payloads, which any consumer needs.
-        for r in &rows {
-            std::hint::black_box(r.get::<_, String>(1));
+    let (mut bares, mut durables) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let t = Instant::now();
+        let mut last = 0i64;
+        let mut read = 0u64;
+        loop {
+            let rows = client.query(&page, &[&"backlog", &last]).await?;
+            let Some(row) = rows.last() else { break };
+            last = row.get(0);
+            // Decoded like the durable consumer's payloads, which any consumer needs.
+            for r in &rows {
+                std::hint::black_box(r.get::<_, String>(1));
+            }
+            read += rows.len() as u64;
         }
-        read += rows.len() as u64;
-    }
-    let bare = t.elapsed();
-    assert_eq!(read, backlog);
-    let t = Instant::now();
-    let mut sub = d
-        .consumer("backlog", "bench")
-        .batch_size(1000)
-        .subscribe()
-        .await?;
-    for _ in 0..backlog {
-        match sub.next().await {
-            Some(DurableDelivery::Message(m)) => m.ack(),
-            other => return Err(format!("unexpected {other:?}").into()),
+        let bare = rate(backlog, t.elapsed());
+        assert_eq!(read, backlog);
+        let t = Instant::now();
+        let mut sub = d
+            .consumer("backlog", &format!("bench{run}"))
+            .batch_size(1000)
+            .subscribe()
+            .await?;
+        for _ in 0..backlog {
+            match sub.next().await {
+                Some(DurableDelivery::Message(m)) => m.ack(),
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
         }
+        sub.close().await?;
+        let durable = rate(backlog, t.elapsed());
+        line(&format!("  consume run {run}"), durable, bare, "msg/s");
+        bares.push(bare);
+        durables.push(durable);
     }
-    sub.close().await?;
-    let durable = t.elapsed();
     line(
-        "consume backlog, one group (msg/s)",
-        rate(backlog, durable),
-        rate(backlog, bare),
+        "consume backlog, one group, median (msg/s)",
+        median(durables),
+        median(bares),
         "msg/s",
     );
-
-    latency(&ps, &d, latency_secs).await?;
-    soak(&d, &client, soak_secs).await?;
-    ps.shutdown().await;
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Runs `n` units of work split over [`TASKS`] tasks; returns the wall time.
