@@ -57,6 +57,38 @@ async fn a_transaction_opened_first_and_committed_last_is_delivered() {
 }
 
 #[tokio::test]
+async fn pages_smaller_than_a_batch_deliver_each_message_once_in_order() {
+    let (ps, d) = durable().await;
+    let ch = channel("pages");
+    let five = |p: &str| (0..5).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+    // Batch 1: b's rows, while a is in progress (so a is in its snapshot's xip).
+    let a = raw_client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    for m in five("a") {
+        publish_sql(&a, &ch, &m).await;
+    }
+    d.publish_batch(&ch, &five("b")).await.unwrap();
+    d.tick(&ch).await.unwrap();
+    // Batch 2: a's rows (in progress at tick 1) and c's (newer): pages of
+    // two need the general read; then batch 3, a plain range, in pages.
+    a.batch_execute("COMMIT").await.unwrap();
+    d.publish_batch(&ch, &five("c")).await.unwrap();
+    d.tick(&ch).await.unwrap();
+    d.publish_batch(&ch, &five("d")).await.unwrap();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .batch_size(2)
+        .subscribe()
+        .await
+        .unwrap();
+    let got = take_acked(&mut sub, 20).await;
+    let want: Vec<String> = ["b", "a", "c", "d"].iter().flat_map(|p| five(p)).collect();
+    assert_eq!(got, want);
+    assert_quiet(&mut sub, Duration::from_millis(200)).await;
+    ps.shutdown().await;
+}
+
+#[tokio::test]
 async fn sessions_idle_in_transaction_do_not_stall_delivery() {
     let (ps, d) = durable().await;
     let ch = channel("idle");

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
-use super::position::Position;
+use super::position::{Position, Snapshot, Xid8};
 use super::schema::election_channel;
 use super::Durable;
 use crate::channel::ChannelName;
@@ -198,6 +198,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             acks: acks.clone(),
             out,
             stop: stop.clone(),
+            range: None,
         };
         let task = tokio::spawn(reader.run(wake, elected, events));
         let flusher = tokio::spawn(flush_loop(
@@ -249,10 +250,10 @@ impl Durable {
     async fn create_group(&self, channel: &ChannelName, group: &str, p: Position) -> Result<()> {
         let sql = format!(
             "INSERT INTO {}.groups (channel, group_name, tick_id, xid, seq) \
-             VALUES ($1, $2, $3, $4::text::xid8, $5) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             self.schema.as_str()
         );
-        let (ch, xid) = (channel.as_str(), p.xid_text());
+        let (ch, xid) = (channel.as_str(), p.xid8());
         self.with_client("creating the durable group", |c| async move {
             c.execute(&sql, &[&ch, &group, &p.tick, &xid, &p.seq])
                 .await?;
@@ -270,7 +271,7 @@ impl Durable {
                           WHERE channel = $1 AND group_name = $2 FOR UPDATE) \
              UPDATE {s}.groups g SET lost = 0 FROM old \
              WHERE g.channel = $1 AND g.group_name = $2 \
-             RETURNING old.tick_id, old.xid::text, old.seq, old.lost"
+             RETURNING old.tick_id, old.xid, old.seq, old.lost"
         );
         let ch = channel.as_str();
         let row = self
@@ -310,11 +311,11 @@ impl Durable {
 
     async fn read(&self, channel: &ChannelName, after: Position, limit: usize) -> Result<Vec<Row>> {
         let sql = format!(
-            "SELECT tick_id, xid::text, seq, published_at, payload \
-             FROM {}.read($1, $2, $3::text::xid8, $4, $5)",
+            "SELECT tick_id, xid, seq, published_at, payload \
+             FROM {}.read($1, $2, $3, $4, $5)",
             self.schema.as_str()
         );
-        let (ch, xid) = (channel.as_str(), after.xid_text());
+        let (ch, xid) = (channel.as_str(), after.xid8());
         // Bounded by the caller's batch_size, which fits an i32.
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let rows = self
@@ -335,6 +336,81 @@ impl Durable {
             .collect()
     }
 
+    /// The bounds of batch `after.tick` when the rest of it after `after`
+    /// is one plain range scan (see `range_of` in the schema script).
+    async fn range_of(&self, channel: &ChannelName, after: Position) -> Result<Option<Range>> {
+        let sql = format!(
+            "SELECT lo, snap FROM {}.range_of($1, $2, $3, $4)",
+            self.schema.as_str()
+        );
+        let (ch, xid) = (channel.as_str(), after.xid8());
+        let row = self
+            .with_client("reading the durable batch bounds", |c| async move {
+                let stmt = c.prepare_cached(&sql).await?;
+                c.query_opt(&stmt, &[&ch, &after.tick, &xid, &after.seq])
+                    .await
+            })
+            .await?;
+        row.map(|r| {
+            Ok(Range {
+                tick: after.tick,
+                lo: r.try_get(0).map_err(|e| {
+                    Error::new(ErrorKind::Durable, "the server sent an unreadable xid")
+                        .with_source(e)
+                })?,
+                snap: r.try_get(1).map_err(|e| {
+                    Error::new(ErrorKind::Durable, "the server sent an unreadable snapshot")
+                        .with_source(e)
+                })?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The next page of batch `range.tick` after `after`, as `read` would
+    /// return it, by a plain statement.
+    async fn read_range(
+        &self,
+        channel: &ChannelName,
+        range: &Range,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT xid, seq, published_at, payload FROM {}.messages \
+             WHERE channel = $1 AND xid >= $2 AND xid < pg_snapshot_xmax($3) \
+               AND (xid, seq) > ($4, $5) AND pg_visible_in_snapshot(xid, $3) \
+             ORDER BY xid, seq LIMIT $6",
+            self.schema.as_str()
+        );
+        let (ch, xid, snap) = (channel.as_str(), after.xid8(), &range.snap);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .with_client("reading the durable channel", |c| async move {
+                let stmt = c.prepare_cached(&sql).await?;
+                c.query(&stmt, &[&ch, &range.lo, &snap, &xid, &after.seq, &limit])
+                    .await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let xid: Xid8 = r.try_get(0).map_err(|e| {
+                    Error::new(ErrorKind::Durable, "the server sent an unreadable xid")
+                        .with_source(e)
+                })?;
+                Ok(Row {
+                    position: Position {
+                        tick: range.tick,
+                        xid: xid.0,
+                        seq: r.get(1),
+                    },
+                    published_at: r.get(2),
+                    payload: r.get(3),
+                })
+            })
+            .collect()
+    }
+
     /// Writes the group's cursor (never backwards).
     async fn write_ack(&self, acks: &Acks, p: Position) -> Result<()> {
         let params = acks.ack_params(p);
@@ -348,17 +424,24 @@ impl Durable {
     }
 }
 
-/// Reads `(tick_id, xid::text, seq)` starting at column `at`.
+/// Reads `(tick_id, xid, seq)` starting at column `at`.
 pub(crate) fn position_of(row: &tokio_postgres::Row, at: usize) -> Result<Position> {
-    let xid: String = row.get(at + 1);
-    let xid = xid.parse().map_err(|e| {
-        Error::new(ErrorKind::Durable, format!("server sent xid {xid:?}")).with_source(e)
+    let xid: Xid8 = row.try_get(at + 1).map_err(|e| {
+        Error::new(ErrorKind::Durable, "the server sent an unreadable xid").with_source(e)
     })?;
     Ok(Position {
         tick: row.get(at),
-        xid,
+        xid: xid.0,
         seq: row.get(at + 2),
     })
+}
+
+/// A batch whose rest is one plain range scan: its tick, the previous
+/// tick's xmax, and its own snapshot.
+struct Range {
+    tick: i64,
+    lo: Xid8,
+    snap: Snapshot,
 }
 
 struct Row {
@@ -379,6 +462,8 @@ struct Reader<T> {
     acks: Arc<Acks>,
     out: mpsc::Sender<Vec<DurableDelivery<T>>>,
     stop: watch::Receiver<bool>,
+    /// Set while draining a batch that plain range scans can read.
+    range: Option<Range>,
 }
 
 /// Why the reader should look again now.
@@ -458,6 +543,7 @@ impl<T: Send + 'static> Reader<T> {
         let at = match *cursor {
             Some(p) => p,
             None => {
+                self.range = None;
                 // Our own pending acks first, so a reload does not go back.
                 if let Some(p) = self.acks.take() {
                     if let Err(e) = durable.write_ack(&self.acks, p).await {
@@ -482,8 +568,25 @@ impl<T: Send + 'static> Reader<T> {
                 lost: u64::try_from(lost).unwrap_or(0),
             });
         }
-        let rows = durable.read(&self.channel, at, self.batch_size).await?;
+        // A backlog is read a page at a time; `read` (a function) costs a
+        // copy of each page on the server, so the pages after the first
+        // full one of a batch take the plain statement when they can.
+        let rows = match &self.range {
+            Some(range) if range.tick == at.tick => {
+                durable
+                    .read_range(&self.channel, range, at, self.batch_size)
+                    .await?
+            }
+            _ => durable.read(&self.channel, at, self.batch_size).await?,
+        };
         let full = rows.len() == self.batch_size;
+        self.range = match rows.last() {
+            Some(last) if full => match self.range.take() {
+                Some(range) if range.tick == last.position.tick => Some(range),
+                _ => durable.range_of(&self.channel, last.position).await?,
+            },
+            _ => None,
+        };
         page.reserve(rows.len());
         for row in rows {
             *cursor = Some(row.position);

@@ -54,7 +54,7 @@ impl Durable {
         let channel = ChannelName::new(channel)?;
         let s = self.schema.as_str();
         let sql = format!(
-            "SELECT g.group_name, g.tick_id, g.xid::text, g.seq, g.acked_at, l.n, l.oldest \
+            "SELECT g.group_name, g.tick_id, g.xid, g.seq, g.acked_at, l.n, l.oldest \
              FROM {s}.groups g, \
              LATERAL (SELECT {s}.snap_before(g.channel, g.tick_id) AS pv, \
                              {s}.snap_at(g.channel, g.tick_id) AS nx) sn, \

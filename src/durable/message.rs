@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use tokio::sync::Notify;
 
-use super::position::Position;
+use super::position::{Position, Xid8};
 use super::schema::SchemaName;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
@@ -134,7 +134,7 @@ pub(crate) struct AckParams {
     channel: String,
     group: String,
     tick: i64,
-    xid: String,
+    xid: Xid8,
     seq: i64,
 }
 
@@ -153,9 +153,9 @@ impl Acks {
             // The row comparison keeps the cursor monotone whatever the
             // order in which flushes and ack_in transactions commit.
             ack_sql: format!(
-                "UPDATE {s}.groups SET tick_id = $3, xid = $4::text::xid8, seq = $5, acked_at = now() \
+                "UPDATE {s}.groups SET tick_id = $3, xid = $4, seq = $5, acked_at = now() \
                  WHERE channel = $1 AND group_name = $2 \
-                 AND (tick_id, xid, seq) < ($3, $4::text::xid8, $5)"
+                 AND (tick_id, xid, seq) < ($3, $4, $5)"
             ),
             pending: Mutex::new(None),
             notify: Notify::new(),
@@ -167,7 +167,7 @@ impl Acks {
             channel: self.channel.as_str().to_owned(),
             group: self.group.to_string(),
             tick: p.tick,
-            xid: p.xid_text(),
+            xid: p.xid8(),
             seq: p.seq,
         }
     }

@@ -175,33 +175,50 @@ BEGIN
             p_xid := '0'; p_seq := 0;
         END IF;
         pv := @S@.snap_before(p_channel, nx_id);
-        xips := ARRAY(SELECT pg_snapshot_xip(pv));
-        -- Not visible in pv means: xid >= xmax(pv), or xid in progress in pv.
-        -- Each half is ordered and limited on its own so that a page reads
-        -- at most p_limit index entries per half, whatever the batch size:
-        -- an index range scan, and one index lookup per transaction that
-        -- was in progress at the previous tick.
-        RETURN QUERY
-        SELECT nx_id, m.xid, m.seq, m.published_at, m.payload FROM (
-            (SELECT m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
-             WHERE m1.channel = p_channel
-               AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
-               AND (m1.xid, m1.seq) > (p_xid, p_seq)
-               AND pg_visible_in_snapshot(m1.xid, nx_snap)
-             ORDER BY m1.xid, m1.seq LIMIT p_limit)
-            UNION ALL
-            (SELECT m2.xid, m2.seq, m2.published_at, m2.payload
-             FROM unnest(xips) AS x(xid)
-             CROSS JOIN LATERAL (
-                 SELECT m3.xid, m3.seq, m3.published_at, m3.payload FROM @S@.messages m3
-                 WHERE m3.channel = p_channel AND m3.xid = x.xid
-                   AND (m3.xid, m3.seq) > (p_xid, p_seq)
-                   AND pg_visible_in_snapshot(m3.xid, nx_snap)
-                 ORDER BY m3.seq LIMIT p_limit) AS m2
-             ORDER BY m2.xid, m2.seq LIMIT p_limit)
-        ) AS m
-        ORDER BY m.xid, m.seq
-        LIMIT p_limit;
+        -- Only the in-progress transactions that have something left to
+        -- read here (one index probe each): usually none, and then the
+        -- page is a single ordered range scan, without union or sort.
+        xips := ARRAY(SELECT x.xid FROM pg_snapshot_xip(pv) AS x(xid)
+                      WHERE pg_visible_in_snapshot(x.xid, nx_snap)
+                        AND EXISTS (SELECT 1 FROM @S@.messages m
+                                    WHERE m.channel = p_channel AND m.xid = x.xid
+                                      AND (m.xid, m.seq) > (p_xid, p_seq)));
+        IF cardinality(xips) = 0 THEN
+            RETURN QUERY
+            SELECT nx_id, m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
+            WHERE m1.channel = p_channel
+              AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
+              AND (m1.xid, m1.seq) > (p_xid, p_seq)
+              AND pg_visible_in_snapshot(m1.xid, nx_snap)
+            ORDER BY m1.xid, m1.seq LIMIT p_limit;
+        ELSE
+            -- Not visible in pv means: xid >= xmax(pv), or xid in progress in pv.
+            -- Each half is ordered and limited on its own so that a page reads
+            -- at most p_limit index entries per half, whatever the batch size:
+            -- an index range scan, and one index lookup per transaction that
+            -- was in progress at the previous tick.
+            RETURN QUERY
+            SELECT nx_id, m.xid, m.seq, m.published_at, m.payload FROM (
+                (SELECT m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
+                 WHERE m1.channel = p_channel
+                   AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
+                   AND (m1.xid, m1.seq) > (p_xid, p_seq)
+                   AND pg_visible_in_snapshot(m1.xid, nx_snap)
+                 ORDER BY m1.xid, m1.seq LIMIT p_limit)
+                UNION ALL
+                (SELECT m2.xid, m2.seq, m2.published_at, m2.payload
+                 FROM unnest(xips) AS x(xid)
+                 CROSS JOIN LATERAL (
+                     SELECT m3.xid, m3.seq, m3.published_at, m3.payload FROM @S@.messages m3
+                     WHERE m3.channel = p_channel AND m3.xid = x.xid
+                       AND (m3.xid, m3.seq) > (p_xid, p_seq)
+                       AND pg_visible_in_snapshot(m3.xid, nx_snap)
+                     ORDER BY m3.seq LIMIT p_limit) AS m2
+                 ORDER BY m2.xid, m2.seq LIMIT p_limit)
+            ) AS m
+            ORDER BY m.xid, m.seq
+            LIMIT p_limit;
+        END IF;
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
             RETURN;
@@ -210,6 +227,30 @@ BEGIN
         exact := false;
     END LOOP;
 END $$;
+
+-- For a consumer reading batch p_tick after (p_xid, p_seq): the batch's
+-- bounds (the previous tick's xmax and this tick's snapshot) when the rest
+-- of the batch is one plain range scan, i.e. no transaction in progress at
+-- the previous tick has rows left in it; no row otherwise. The set of such
+-- transactions only shrinks as the cursor advances, so the answer holds
+-- for the rest of the batch. The rest of the batch is then:
+--   WHERE channel = p_channel AND xid >= lo AND xid < pg_snapshot_xmax(snap)
+--     AND (xid, seq) > cursor AND pg_visible_in_snapshot(xid, snap)
+--   ORDER BY xid, seq
+-- which read() also runs, but a plain statement skips the function's
+-- result materialisation.
+CREATE OR REPLACE FUNCTION @S@.range_of(p_channel text, p_tick bigint, p_xid xid8, p_seq bigint)
+RETURNS TABLE (lo xid8, snap pg_snapshot)
+LANGUAGE sql STABLE AS $$
+    SELECT pg_snapshot_xmax(pv.s), nx.snap
+    FROM (SELECT @S@.snap_before(p_channel, p_tick) AS s) AS pv, @S@.ticks nx
+    WHERE nx.channel = p_channel AND nx.tick_id = p_tick
+      AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pv.s) AS x(xid)
+                      WHERE pg_visible_in_snapshot(x.xid, nx.snap)
+                        AND EXISTS (SELECT 1 FROM @S@.messages m
+                                    WHERE m.channel = p_channel AND m.xid = x.xid
+                                      AND (m.xid, m.seq) > (p_xid, p_seq)))
+$$;
 
 -- Whether a message (xid, seq) is at or before cursor (p_tick, p_xid, p_seq),
 -- given the cursor's tick snapshot and the one before it.
