@@ -573,6 +573,14 @@ impl PgPubSub {
         EventStream::new(self.inner.events.subscribe())
     }
 
+    /// Sends `event` to the [`events`](Self::events) streams, for parts
+    /// that run outside the listener task (durable consumers).
+    pub(crate) fn emit(&self, event: crate::ConnectionEvent) {
+        tracing::debug!(?event, "pg-pubsub event");
+        // No receiver is fine: nobody is watching events.
+        let _ = self.inner.events.send(event);
+    }
+
     /// Backend PID of the listener session, or `None` while reconnecting.
     pub fn listener_pid(&self) -> Option<i32> {
         self.inner.status.borrow().process_id

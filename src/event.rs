@@ -100,6 +100,46 @@ pub enum ConnectionEvent {
         /// Backend PID of the session holding the lock.
         holder_pid: i32,
     },
+    /// Durable channels: this instance became the active consumer of
+    /// `group` on `channel` (it delivers from the group's last ack).
+    DurableActive {
+        /// The durable channel.
+        channel: ChannelName,
+        /// The consumer group.
+        group: Arc<str>,
+    },
+    /// Durable channels: this instance stands by for `group` on `channel`
+    /// (another instance is active, or this one lost the election); it takes
+    /// over when the active one goes away.
+    DurableStandby {
+        /// The durable channel.
+        channel: ChannelName,
+        /// The consumer group.
+        group: Arc<str>,
+    },
+    /// Durable channels: max-age retention removed `lost` messages of
+    /// `channel` before `group` read them. Sent when the group's active
+    /// consumer learns of it, together with the in-stream
+    /// [`DurableDelivery::Truncated`](crate::durable::DurableDelivery::Truncated).
+    DurableTruncated {
+        /// The durable channel.
+        channel: ChannelName,
+        /// The consumer group.
+        group: Arc<str>,
+        /// Messages the group will never see.
+        lost: u64,
+    },
+    /// Durable channels: automatic retention, run by an active consumer of
+    /// this instance, removed messages of `channel`. Not sent when it
+    /// removed nothing.
+    DurableRetained {
+        /// The durable channel.
+        channel: ChannelName,
+        /// Messages every group had acked.
+        acked: u64,
+        /// Messages older than the maximum age.
+        expired: u64,
+    },
     /// This event stream itself fell behind and missed this many events.
     EventsLagged {
         /// Events missed.

@@ -476,6 +476,142 @@ async fn retention_removes_what_every_group_acked_and_signals_expiry() {
     ps.shutdown().await;
 }
 
+/// Whether `e` is the durable event `kind` for (`ch`, `group`).
+fn durable_event(e: &ConnectionEvent, kind: &str, ch: &str, group: &str) -> bool {
+    let (k, c, g) = match e {
+        ConnectionEvent::DurableActive { channel, group } => ("active", channel, group),
+        ConnectionEvent::DurableStandby { channel, group } => ("standby", channel, group),
+        _ => return false,
+    };
+    k == kind && c.as_str() == ch && &**g == group
+}
+
+/// Counts what the events say automatic retention removed from `ch`,
+/// until `done(acked, expired)`.
+async fn wait_retained(
+    events: &mut pg_pubsub::EventStream,
+    ch: &str,
+    done: impl Fn(u64, u64) -> bool,
+) {
+    let (mut acked, mut expired) = (0, 0);
+    wait_event(events, |e| {
+        if let ConnectionEvent::DurableRetained {
+            channel,
+            acked: a,
+            expired: x,
+        } = e
+        {
+            if channel.as_str() == ch {
+                acked += a;
+                expired += x;
+            }
+        }
+        done(acked, expired)
+    })
+    .await;
+}
+
+async fn stored(client: &tokio_postgres::Client, ch: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pgpubsub.messages WHERE channel = $1",
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn take_over_is_reported_as_durable_active_and_standby_events() {
+    let ch = channel("events");
+    let (a, da) = durable().await;
+    let mut a_events = a.events();
+    let sub_a = da.subscribe_raw(&ch, "g").await.unwrap();
+    wait_event(&mut a_events, |e| durable_event(e, "active", &ch, "g")).await;
+    let b = builder()
+        .lock_retry_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let mut b_events = b.events();
+    let sub_b = b.durable().subscribe_raw(&ch, "g").await.unwrap();
+    wait_event(&mut b_events, |e| durable_event(e, "standby", &ch, "g")).await;
+    sub_a.close().await.unwrap();
+    wait_event(&mut b_events, |e| durable_event(e, "active", &ch, "g")).await;
+    assert!(sub_b.is_active());
+    drop(sub_b);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_active_consumer_removes_what_every_group_acked_without_a_retain_call() {
+    let (ps, d) = durable().await;
+    let ch = channel("autoretain");
+    let client = raw_client().await;
+    let mut events = ps.events();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .retain_every(Some(Duration::from_millis(50)))
+        .subscribe()
+        .await
+        .unwrap();
+    let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    d.publish_batch(&ch, &all).await.unwrap();
+    take_acked(&mut sub, 4).await;
+    sub.flush().await.unwrap();
+    wait_retained(&mut events, &ch, |acked, _| acked >= 4).await;
+    assert_eq!(stored(&client, &ch).await, 6, "unacked ones stay");
+    take_acked(&mut sub, 6).await;
+    sub.flush().await.unwrap();
+    wait_retained(&mut events, &ch, |acked, _| acked >= 6).await;
+    assert_eq!(stored(&client, &ch).await, 0);
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn automatic_max_age_retention_is_signalled_in_stream_and_as_an_event() {
+    let (ps, d) = durable().await;
+    let ch = channel("autoexpire");
+    let mut events = ps.events();
+    // "late" exists, at the earliest position, and is not running.
+    d.subscribe_raw(&ch, "late")
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    d.publish_batch(&ch, &all).await.unwrap();
+    // Another group's active consumer expires everything older than now.
+    let janitor = d
+        .consumer(&ch, "janitor")
+        .retain_every(Some(Duration::from_millis(50)))
+        .max_age(Some(Duration::ZERO))
+        .subscribe()
+        .await
+        .unwrap();
+    wait_retained(&mut events, &ch, |_, expired| expired >= 10).await;
+    let mut late = d.subscribe_raw(&ch, "late").await.unwrap();
+    match next(&mut late).await {
+        DurableDelivery::Truncated { lost } => assert_eq!(lost, 10),
+        other => panic!("expected a truncation, got {other:?}"),
+    }
+    let event = wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::DurableTruncated { channel, group, .. }
+            if channel.as_str() == ch && &**group == "late")
+    })
+    .await;
+    assert!(matches!(
+        event,
+        ConnectionEvent::DurableTruncated { lost: 10, .. }
+    ));
+    drop(janitor);
+    ps.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_schema_script_is_printable_and_rerunnable() {
     let ps = pubsub().await;

@@ -52,8 +52,13 @@ pub struct ConsumerBuilder<T> {
     poll_interval: Duration,
     batch_size: usize,
     ack_interval: Duration,
+    retain_every: Option<Duration>,
+    max_age: Option<Duration>,
     decode: Decode<T>,
 }
+
+/// How often an active consumer runs retention by default.
+const RETAIN_EVERY: Duration = Duration::from_secs(30);
 
 // Takes the text by value: a raw payload (up to 1 GB) is never copied.
 fn decode_text(raw: String) -> Result<String, (String, serde_json::Error)> {
@@ -76,6 +81,8 @@ impl Durable {
             poll_interval: Duration::from_secs(1),
             batch_size: 1000,
             ack_interval: Duration::from_millis(100),
+            retain_every: Some(RETAIN_EVERY),
+            max_age: None,
             decode: decode_text,
         }
     }
@@ -110,6 +117,8 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             poll_interval: self.poll_interval,
             batch_size: self.batch_size,
             ack_interval: self.ack_interval,
+            retain_every: self.retain_every,
+            max_age: self.max_age,
             decode: decode_json::<U>,
         }
     }
@@ -138,6 +147,26 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         self
     }
 
+    /// How often this consumer, while it is its group's active one, runs
+    /// [`Durable::retain`] on the channel with [`max_age`](Self::max_age):
+    /// messages every group acked are removed without anyone scheduling
+    /// it. Several active consumers of the channel (one per group) doing it
+    /// is harmless (calls serialise; the later ones find less to do).
+    /// `None`: never (run `retain` yourself). Default: every 30 s.
+    pub fn retain_every(mut self, interval: Option<Duration>) -> Self {
+        self.retain_every = interval;
+        self
+    }
+
+    /// With [`retain_every`](Self::retain_every), also remove messages
+    /// published longer ago than this, read or not; groups that had not
+    /// read them get [`DurableDelivery::Truncated`]. Default: `None` (keep
+    /// everything some group still needs).
+    pub fn max_age(mut self, age: Option<Duration>) -> Self {
+        self.max_age = age;
+        self
+    }
+
     /// Creates the group if needed and starts consuming. Returns at once:
     /// the stream yields messages while this instance is the group's
     /// active consumer ([`DurableSubscription::is_active`]).
@@ -156,10 +185,13 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
                 "batch_size must be at least 1",
             ));
         }
-        if self.poll_interval.is_zero() || self.ack_interval.is_zero() {
+        if self.poll_interval.is_zero()
+            || self.ack_interval.is_zero()
+            || self.retain_every.is_some_and(|d| d.is_zero())
+        {
             return Err(Error::new(
                 ErrorKind::Config,
-                "poll_interval and ack_interval must be above zero",
+                "poll_interval, ack_interval and retain_every must be above zero",
             ));
         }
         let durable = self.durable;
@@ -199,6 +231,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             out,
             stop: stop.clone(),
             range: None,
+            retain_every: self.retain_every,
+            max_age: self.max_age,
+            active: None,
         };
         let task = tokio::spawn(reader.run(wake, elected, events));
         let flusher = tokio::spawn(flush_loop(
@@ -464,6 +499,10 @@ struct Reader<T> {
     stop: watch::Receiver<bool>,
     /// Set while draining a batch that plain range scans can read.
     range: Option<Range>,
+    retain_every: Option<Duration>,
+    max_age: Option<Duration>,
+    /// Whether this is the active consumer, as last reported in events.
+    active: Option<bool>,
 }
 
 /// Why the reader should look again now.
@@ -482,8 +521,18 @@ impl<T: Send + 'static> Reader<T> {
         // Where the next read starts; None: reload the group's cursor.
         let mut cursor: Option<Position> = None;
         let mut draining = false;
+        let mut next_retain = self.retain_every.map(|d| tokio::time::Instant::now() + d);
         loop {
             if self.durable.pubsub.is_leader(&self.election) {
+                self.set_active(true);
+                if let (Some(at), Some(every)) = (next_retain, self.retain_every) {
+                    if tokio::time::Instant::now() >= at {
+                        // Tick before the next read: it takes (and reports)
+                        // what max-age removal cost this group.
+                        draining &= !self.retain().await;
+                        next_retain = Some(tokio::time::Instant::now() + every);
+                    }
+                }
                 let result = self.round(&mut cursor, draining).await;
                 draining = matches!(result, Ok(true)) && cursor.is_some();
                 match result {
@@ -500,10 +549,16 @@ impl<T: Send + 'static> Reader<T> {
                 }
             } else {
                 cursor = None;
+                if self.active == Some(true) {
+                    self.set_active(false);
+                }
             }
             // Wake-ups for other channels and unrelated events keep waiting
             // (until the same poll deadline) instead of costing a read.
-            let deadline = tokio::time::Instant::now() + self.poll_interval;
+            let mut deadline = tokio::time::Instant::now() + self.poll_interval;
+            if self.active == Some(true) {
+                deadline = next_retain.map_or(deadline, |at| at.min(deadline));
+            }
             let wait = loop {
                 break tokio::select! {
                     _ = self.stop.changed() => Wake::Stop,
@@ -523,6 +578,10 @@ impl<T: Send + 'static> Reader<T> {
                             Wake::Now
                         }
                         Some(ConnectionEvent::LockAcquired { channel }) if channel.as_str() == self.election => Wake::Now,
+                        Some(ConnectionEvent::Standby { channel }) if channel.as_str() == self.election => {
+                            self.set_active(false);
+                            continue;
+                        }
                         Some(_) => continue,
                         None => Wake::Stop,
                     },
@@ -531,6 +590,46 @@ impl<T: Send + 'static> Reader<T> {
             };
             if matches!(wait, Wake::Stop) || self.out.is_closed() {
                 return;
+            }
+        }
+    }
+
+    /// Reports a change of role in the instance's events.
+    fn set_active(&mut self, active: bool) {
+        if self.active == Some(active) {
+            return;
+        }
+        self.active = Some(active);
+        let (channel, group) = (self.channel.clone(), self.group.clone());
+        self.durable.pubsub.emit(if active {
+            ConnectionEvent::DurableActive { channel, group }
+        } else {
+            ConnectionEvent::DurableStandby { channel, group }
+        });
+    }
+
+    /// Runs retention on the channel; true when it expired messages (some
+    /// group, maybe this one, lost some). Failures are logged: the next
+    /// interval tries again.
+    async fn retain(&self) -> bool {
+        match self
+            .durable
+            .retain(self.channel.as_str(), self.max_age)
+            .await
+        {
+            Ok(r) => {
+                if r.acked > 0 || r.expired > 0 {
+                    self.durable.pubsub.emit(ConnectionEvent::DurableRetained {
+                        channel: self.channel.clone(),
+                        acked: r.acked,
+                        expired: r.expired,
+                    });
+                }
+                r.expired > 0
+            }
+            Err(e) => {
+                tracing::warn!(channel = %self.channel, group = %self.group, "durable retention: {e}");
+                false
             }
         }
     }
@@ -564,9 +663,13 @@ impl<T: Send + 'static> Reader<T> {
                 .await?;
         }
         if lost > 0 {
-            page.push(DurableDelivery::Truncated {
-                lost: u64::try_from(lost).unwrap_or(0),
+            let lost = u64::try_from(lost).unwrap_or(0);
+            self.durable.pubsub.emit(ConnectionEvent::DurableTruncated {
+                channel: self.channel.clone(),
+                group: self.group.clone(),
+                lost,
             });
+            page.push(DurableDelivery::Truncated { lost });
         }
         // A backlog is read a page at a time; `read` (a function) costs a
         // copy of each page on the server, so the pages after the first
