@@ -364,22 +364,42 @@ async fn latency(ps: &PgPubSub, d: &Durable, secs: u64) -> Res<()> {
     Ok(())
 }
 
-/// Publishes at [`RATE`]/s for `secs` with a consumer and retention of
-/// 10 s every 5 s; prints the table size every 10 s.
+/// Publishes at [`RATE`]/s for `secs` to a channel with two groups: one
+/// consuming and acking, one that never runs. The consumer's automatic
+/// retention (every 10 s, max age 60 s) is all that bounds the table;
+/// prints its size every 30 s.
 async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()> {
     // Start from an empty table so sizes are the soak's own.
     client
         .batch_execute("TRUNCATE pgpubsub.messages, pgpubsub.ticks; DELETE FROM pgpubsub.groups")
         .await?;
     let size_sql = "SELECT pg_total_relation_size('pgpubsub.messages'), (SELECT count(*) FROM pgpubsub.messages)";
-    let mut sub = d.consumer("soak", "g").subscribe().await?;
+    d.consumer("soak", "stuck")
+        .retain_every(None)
+        .subscribe()
+        .await?
+        .close()
+        .await?;
+    let mut sub = d
+        .consumer("soak", "g")
+        .retain_every(Some(Duration::from_secs(10)))
+        .max_age(Some(Duration::from_secs(60)))
+        .subscribe()
+        .await?;
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = received.clone();
+    let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (counter, lost_counter) = (received.clone(), lost.clone());
     let consumer = tokio::spawn(async move {
         while let Some(item) = sub.next().await {
-            if let DurableDelivery::Message(m) = item {
-                m.ack();
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match item {
+                DurableDelivery::Message(m) => {
+                    m.ack();
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                DurableDelivery::Truncated { lost } => {
+                    lost_counter.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                }
+                _ => {}
             }
         }
     });
@@ -387,21 +407,22 @@ async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut sent = 0u64;
     let per_tick: Vec<String> = (0..RATE / 10).map(|_| PAYLOAD.to_owned()).collect();
-    println!("soak: {RATE}/s for {secs} s, retain(max_age 10 s) every 5 s");
+    println!(
+        "soak: {RATE}/s for {secs} s, groups g (consuming) and stuck (never runs); \
+         g's consumer retains every 10 s with max age 60 s"
+    );
     while start.elapsed() < Duration::from_secs(secs) {
         tick.tick().await;
         d.publish_batch("soak", &per_tick).await?;
         sent += per_tick.len() as u64;
-        if sent % (RATE * 5) == 0 {
-            d.retain("soak", Some(Duration::from_secs(10))).await?;
-        }
-        if sent % (RATE * 10) == 0 {
+        if sent % (RATE * 30) == 0 {
             let row = client.query_one(size_sql, &[]).await?;
             let (bytes, rows): (i64, i64) = (row.get(0), row.get(1));
             println!(
-                "  t={:>4.0}s sent {sent:>7} received {:>7} table+index {:>6} kB, {rows} rows",
+                "  t={:>4.0}s sent {sent:>7} received {:>7} g lost {:>3} table+index {:>6} kB, {rows} rows",
                 start.elapsed().as_secs_f64(),
                 received.load(std::sync::atomic::Ordering::Relaxed),
+                lost.load(std::sync::atomic::Ordering::Relaxed),
                 bytes / 1024
             );
         }
