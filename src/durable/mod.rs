@@ -29,7 +29,7 @@
 //! * `ticks(channel, tick_id, snap pg_snapshot, created_at)`;
 //! * `groups(channel, group_name, tick_id, xid, seq, lost, ...)`: each group's cursor;
 //! * `channels(channel, quiet)`: channels that publish without `NOTIFY`;
-//! * functions `publish`, `publish_many`, `tick`, `read`, `retain`.
+//! * functions `publish`, `publish_many`, `tick`, `read`, `range_of`, `retain`.
 //!
 //! ## The cursor: ticks (as in PgQ)
 //!
@@ -106,6 +106,18 @@
 //! the instance's listener connection, and also poll (default every
 //! second), so a lost notification or a reconnect only delays.
 //!
+//! The instance's [`events`](PgPubSub::events) report the role of each of
+//! its consumers: `DurableActive { channel, group }` when one becomes
+//! active, `DurableStandby { .. }` when it stands by (or loses the
+//! election).
+//!
+//! Reading a backlog: a page is `read()` (the SQL function) while a batch
+//! may hold rows of transactions that were in progress at the previous
+//! tick; once a page is full and `range_of()` says none has rows left, the
+//! rest of the batch is one plain index range scan, which the consumer runs
+//! as its own statement (a function's result set is copied once more on
+//! the server). `xid8` and snapshots travel in binary.
+//!
 //! Acks are cumulative: acking a message acks every message before it in
 //! delivery order. After a take-over (or a lost and regained election),
 //! messages already handed to the stream may come again: at least once.
@@ -121,8 +133,16 @@
 //!
 //! [`Durable::retain`] deletes what every group of the channel has acked
 //! and, optionally, what is older than a maximum age (groups that had not
-//! read it get [`DurableDelivery::Truncated`]). Nothing calls it for you:
-//! run it periodically (one process is enough; concurrent calls serialise).
+//! read it get [`DurableDelivery::Truncated`], and their instance a
+//! [`ConnectionEvent::DurableTruncated`](crate::ConnectionEvent::DurableTruncated)).
+//! Each group's active consumer runs it on its channel every 30 s
+//! ([`ConsumerBuilder::retain_every`], with [`ConsumerBuilder::max_age`]),
+//! so nobody has to schedule it while the channel has a running consumer;
+//! concurrent calls serialise, and one that finds nothing to remove costs
+//! an index probe or two (with a max age, also a scan of the channel's
+//! `published_at`, which has no index: publishing stays cheaper).
+//! What it removed is reported as
+//! [`ConnectionEvent::DurableRetained`](crate::ConnectionEvent::DurableRetained).
 //!
 //! This first version `DELETE`s rows in batches, which leaves dead tuples
 //! for autovacuum: the table and its index stay bounded only as long as
