@@ -101,7 +101,9 @@ impl Durable {
     /// published longer ago than that. A group that had not read an
     /// expired message is told how many it lost
     /// ([`DurableDelivery::Truncated`](super::DurableDelivery::Truncated)).
-    /// Deletes in batches; run it periodically (e.g. every minute).
+    /// Deletes in batches. Active consumers run it on their channel on
+    /// their own ([`ConsumerBuilder::retain_every`](super::ConsumerBuilder::retain_every));
+    /// call it yourself for channels without a running consumer.
     pub async fn retain(&self, channel: &str, max_age: Option<Duration>) -> Result<Retained> {
         let channel = ChannelName::new(channel)?;
         let max_age_secs = max_age.map(|d| d.as_secs_f64());
