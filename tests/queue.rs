@@ -540,3 +540,143 @@ async fn bad_input_is_refused_before_anything_is_sent() {
     assert_eq!(err.unwrap_err().kind(), ErrorKind::Config);
     ps.shutdown().await;
 }
+
+/// Real worker processes (`pg-pubsub queue work`), each job's command
+/// sending its job id on `done` with `pg-pubsub notify`.
+#[cfg(feature = "cli")]
+mod cli {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::common::fleet::Fleet;
+
+    const BIN: &str = env!("CARGO_BIN_EXE_pg-pubsub");
+
+    async fn spawn_worker(fleet: &mut Fleet, queue: &str, done: &str, extra: &[&str]) -> usize {
+        let script = format!("exec '{BIN}' notify '{done}' \"$PGPUBSUB_JOB_ID\" >/dev/null");
+        let mut args = vec!["queue", "work", queue];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", &script]);
+        fleet
+            .spawn_cmd(&args, |l| l.contains("working on queue"))
+            .await
+    }
+
+    async fn enqueue_ids(q: &Queue, queue: &str, n: usize) -> BTreeSet<String> {
+        let payloads: Vec<String> = (0..n).map(|i| format!("job {i}")).collect();
+        q.enqueue_batch(queue, &payloads, &JobOptions::new())
+            .await
+            .unwrap();
+        let admin = raw_client().await;
+        admin
+            .query(
+                "SELECT id::text FROM pgpubsub.jobs WHERE queue = $1",
+                &[&queue],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn worker_processes_do_every_job_exactly_once() {
+        const JOBS: usize = 400;
+        let (ps, q) = queue().await;
+        let (name, done) = (channel("q_cli"), channel("q_cli_done"));
+        let (notifier, mut rx) = raw_listener(&done).await;
+        let mut fleet = Fleet::new();
+        for _ in 0..4 {
+            spawn_worker(&mut fleet, &name, &done, &["--concurrency", "4"]).await;
+        }
+        let ids = enqueue_ids(&q, &name, JOBS).await;
+        let mut seen = BTreeSet::new();
+        while seen.len() < JOBS {
+            seen.insert(recv(&mut rx).await.1);
+        }
+        for i in 0..4 {
+            let status = fleet.signal(i, "-TERM").await;
+            assert!(status.success(), "SIGTERM exits 0: {status}");
+        }
+        // Everything the commands sent arrives before the sentinel.
+        notifier
+            .execute("SELECT pg_notify($1, 'end')", &[&done])
+            .await
+            .unwrap();
+        let rest = recv_until(&mut rx, "end").await;
+        assert!(rest.is_empty(), "ran twice: {rest:?}");
+        assert_eq!(seen, ids);
+        assert!(
+            job_states(&notifier, &name).await.is_empty(),
+            "all completed"
+        );
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_sigkilled_workers_jobs_run_again_after_the_lease() {
+        const JOBS: usize = 200;
+        let (ps, q) = queue().await;
+        let (name, done) = (channel("q_kill"), channel("q_kill_done"));
+        let (notifier, mut rx) = raw_listener(&done).await;
+        let mut fleet = Fleet::new();
+        let opts = ["--concurrency", "4", "--lease", "1"];
+        for _ in 0..3 {
+            spawn_worker(&mut fleet, &name, &done, &opts).await;
+        }
+        let ids = enqueue_ids(&q, &name, JOBS).await;
+        let mut seen = BTreeSet::new();
+        while seen.len() < JOBS / 4 {
+            seen.insert(recv(&mut rx).await.1);
+        }
+        let status = fleet.signal(0, "-KILL").await;
+        assert!(!status.success());
+        while seen.len() < JOBS {
+            seen.insert(recv(&mut rx).await.1);
+        }
+        for i in 1..3 {
+            assert!(fleet.signal(i, "-TERM").await.success());
+        }
+        assert_eq!(seen, ids, "none lost");
+        assert!(
+            job_states(&notifier, &name).await.is_empty(),
+            "all completed"
+        );
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_keeps_its_stderr_as_the_error() {
+        let (ps, q) = queue().await;
+        let name = channel("q_cli_fail");
+        let id = q
+            .enqueue_raw_with(&name, "payload", &JobOptions::new().max_attempts(1))
+            .await
+            .unwrap()
+            .id()
+            .unwrap();
+        let done = channel("q_cli_fail_done");
+        let (_notifier, mut rx) = raw_listener(&done).await;
+        let script = format!(
+            "echo \"attempt $PGPUBSUB_ATTEMPT got $(cat)\" >&2; \
+             '{BIN}' notify '{done}' ran >/dev/null; exit 3"
+        );
+        let mut fleet = Fleet::new();
+        fleet
+            .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", &script], |l| {
+                l.contains("working on queue")
+            })
+            .await;
+        recv(&mut rx).await;
+        // A graceful stop waits for the command and records its failure.
+        assert!(fleet.signal(0, "-TERM").await.success());
+        let dead = q.dead_jobs(Some(&name), 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, id);
+        let err = dead[0].last_error.as_deref().unwrap();
+        assert!(err.contains("attempt 1 got payload"), "{err}");
+        assert!(err.contains("exit status: 3"), "{err}");
+        ps.shutdown().await;
+    }
+}
