@@ -435,18 +435,21 @@ async fn graceful_shutdown_finishes_running_and_gives_the_rest_back_at_once() {
     let name = channel("q_stop");
     let quick = q.enqueue_raw(&name, "quick").await.unwrap().id().unwrap();
     q.enqueue_raw(&name, "stuck").await.unwrap();
+    // Claimed ahead (prefetch) but never started: both handlers are busy.
+    q.enqueue_raw(&name, "unstarted").await.unwrap();
     let gate = Arc::new(Semaphore::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let g = gate.clone();
     let worker = fast(&q, &name)
         .concurrency(2)
+        .prefetch(2)
         .lease(Duration::from_secs(3600))
         .shutdown_timeout(Duration::from_millis(500))
         .run(move |job: Job| {
             let (g, tx) = (g.clone(), tx.clone());
             async move {
                 let _ = tx.send(());
-                if job.payload() == "stuck" {
+                if job.payload() != "quick" {
                     std::future::pending::<()>().await;
                 }
                 let _permit = g.acquire().await.map_err(|e| e.to_string())?;
@@ -463,20 +466,28 @@ async fn graceful_shutdown_finishes_running_and_gives_the_rest_back_at_once() {
     let (res, ()) = tokio::join!(worker.shutdown(), release);
     res.unwrap();
     // Right after shutdown (the lease is an hour): the quick one is done,
-    // the stuck one ready again with its attempt not counted.
+    // the stuck and the unstarted one ready again, attempts not counted.
     let admin = raw_client().await;
     let rows = admin
         .query(
-            "SELECT id, state, attempt, lease_until IS NULL FROM pgpubsub.jobs WHERE queue = $1",
+            "SELECT id, payload, state, attempt, lease_until IS NULL FROM pgpubsub.jobs \
+             WHERE queue = $1 ORDER BY id",
             &[&name],
         )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_ne!(rows[0].get::<_, i64>(0), quick);
-    assert_eq!(rows[0].get::<_, String>(1), "ready");
-    assert_eq!(rows[0].get::<_, i32>(2), 0);
-    assert!(rows[0].get::<_, bool>(3));
+    let got: Vec<(String, String, i32, bool)> = rows
+        .iter()
+        .map(|r| (r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert!(rows.iter().all(|r| r.get::<_, i64>(0) != quick));
+    assert_eq!(
+        got,
+        vec![
+            ("stuck".into(), "ready".into(), 0, true),
+            ("unstarted".into(), "ready".into(), 0, true)
+        ]
+    );
     ps.shutdown().await;
 }
 

@@ -62,10 +62,18 @@ LANGUAGE plpgsql AS $$
 DECLARE
     new_id bigint;
 BEGIN
-    INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts, unique_key)
-    VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts, p_unique_key)
-    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-    RETURNING id INTO new_id;
+    -- ON CONFLICT (a speculative insertion) only when there is a key.
+    IF p_unique_key IS NULL THEN
+        INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts)
+        VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts)
+        RETURNING id INTO new_id;
+    ELSE
+        INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts, unique_key)
+        VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts,
+                p_unique_key)
+        ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+        RETURNING id INTO new_id;
+    END IF;
     IF new_id IS NOT NULL AND (p_run_at IS NULL OR p_run_at <= now()) THEN
         PERFORM pg_notify('@JOBS@', p_queue);
     END IF;
@@ -94,11 +102,12 @@ END $$;
 -- Claims up to p_limit due jobs of a queue in one statement: SKIP LOCKED
 -- lets concurrent workers take disjoint sets without waiting on each other.
 -- (id, attempt) is the claim's token for completing, failing and extending.
+-- MATERIALIZED: the locked pick runs exactly once, never inlined.
 CREATE OR REPLACE FUNCTION @S@.claim(p_queue text, p_limit int, p_lease interval)
 RETURNS TABLE (id bigint, attempt int, max_attempts int, priority smallint,
                created_at timestamptz, payload text)
 LANGUAGE sql AS $$
-    WITH picked AS (
+    WITH picked AS MATERIALIZED (
         SELECT j.id FROM @S@.jobs j
         WHERE j.queue = p_queue AND j.state = 'ready' AND j.run_at <= now()
         ORDER BY j.priority DESC, j.run_at, j.id

@@ -2,7 +2,7 @@
 //! concurrency limit, completes them in batches, retries failures, keeps
 //! leases alive, and shuts down gracefully.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,7 @@ pub struct WorkerBuilder {
     queue: Queue,
     name: String,
     concurrency: usize,
+    prefetch: Option<usize>,
     lease: Duration,
     poll_interval: Duration,
     shutdown_timeout: Duration,
@@ -44,6 +45,7 @@ impl Queue {
             queue: self.clone(),
             name: queue.to_owned(),
             concurrency: 1,
+            prefetch: None,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
@@ -64,6 +66,16 @@ impl WorkerBuilder {
     /// Handlers running at once (and jobs claimed at most per round trip). Default 1.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
+        self
+    }
+
+    /// Jobs claimed ahead of free handlers, so that one round trip claims
+    /// (and completes) many jobs. They wait in this worker, their leases
+    /// extended; on shutdown they are given back at once. Default: the
+    /// concurrency. 0 claims only for free handlers (fairer across many
+    /// workers on a short queue, slower on a long one).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n);
         self
     }
 
@@ -107,10 +119,11 @@ impl WorkerBuilder {
         E: fmt::Display + Send + 'static,
     {
         check_queue(&self.name)?;
-        if self.concurrency == 0 || self.concurrency > i32::MAX as usize {
+        let prefetch = self.prefetch.unwrap_or(self.concurrency);
+        if self.concurrency == 0 || self.concurrency.saturating_add(prefetch) > i32::MAX as usize {
             return Err(Error::new(
                 ErrorKind::Config,
-                "concurrency must be at least 1",
+                "concurrency must be at least 1 (and with prefetch, fit an i32)",
             ));
         }
         if self.lease < Duration::from_millis(30) || self.poll_interval.is_zero() {
@@ -128,8 +141,13 @@ impl WorkerBuilder {
             .await?;
         let s = queue.schema.as_str();
         let sql = Sql {
+            // Completing what finished and claiming more in one round
+            // trip: the DELETE runs even though nothing reads it.
             claim: format!(
-                "SELECT id, attempt, max_attempts, priority, created_at, payload \
+                "WITH done AS (DELETE FROM {s}.jobs j \
+                   USING unnest($4::int8[], $5::int4[]) AS d(id, attempt) \
+                   WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running' RETURNING 1) \
+                 SELECT id, attempt, max_attempts, priority, created_at, payload \
                  FROM {s}.claim($1, $2, make_interval(secs => $3::float8))"
             ),
             complete: format!(
@@ -161,6 +179,7 @@ impl WorkerBuilder {
             name: Arc::from(self.name.as_str()),
             handler: Arc::new(handler),
             concurrency: self.concurrency,
+            capacity: self.concurrency + prefetch,
             lease: self.lease,
             poll_interval: self.poll_interval,
             shutdown_timeout: self.shutdown_timeout,
@@ -169,6 +188,7 @@ impl WorkerBuilder {
             sql,
             running: JoinSet::new(),
             slots: HashMap::new(),
+            waiting: VecDeque::new(),
             done: Vec::new(),
         };
         let task = tokio::spawn(runner.run(wake, stop));
@@ -255,6 +275,8 @@ struct Runner<F> {
     name: Arc<str>,
     handler: Arc<F>,
     concurrency: usize,
+    /// Jobs held at most: running plus waiting.
+    capacity: usize,
     lease: Duration,
     poll_interval: Duration,
     shutdown_timeout: Duration,
@@ -263,6 +285,8 @@ struct Runner<F> {
     sql: Sql,
     running: JoinSet<Outcome>,
     slots: HashMap<tokio::task::Id, Slot>,
+    /// Claimed jobs waiting for a free handler (prefetched).
+    waiting: VecDeque<Job>,
     /// Claims of jobs whose handler returned `Ok`, completed in one statement.
     done: Vec<(i64, i32)>,
 }
@@ -280,17 +304,19 @@ where
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut want = true;
         loop {
-            self.flush().await;
-            let free = self.concurrency - self.running.len();
-            if want && free > 0 {
-                // A full batch means more may be due: claim again at once.
-                want = match self.claim(free).await {
-                    Ok(n) => n == free,
+            self.start_waiting();
+            let free = self.capacity - self.running.len() - self.waiting.len();
+            let n = if want { free } else { 0 };
+            if n > 0 || !self.done.is_empty() {
+                match self.claim(n).await {
+                    // A full batch means more may be due: claim again at once.
+                    Ok(got) => want = want && got == n,
                     Err(e) => {
                         tracing::warn!(queue = %self.name, %e, "pg-pubsub: claiming jobs failed");
-                        false
+                        want = false;
                     }
-                };
+                }
+                self.start_waiting();
             }
             tokio::select! {
                 biased;
@@ -324,22 +350,27 @@ where
         self.drain(&mut extend).await;
     }
 
-    /// Claims up to `n` jobs and starts their handlers; returns how many.
+    /// Completes the jobs in `done` and claims up to `n` more (into
+    /// `waiting`) in one statement; returns how many were claimed. On
+    /// error, `done` is kept for the next try (completing twice is harmless).
     async fn claim(&mut self, n: usize) -> Result<usize> {
         let (sql, name) = (&self.sql.claim, &*self.name);
         let limit = n as i32;
         let lease = self.lease.as_secs_f64();
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = self.done.iter().copied().unzip();
         let rows = self
             .queue
             .with_client("claiming jobs", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&name, &limit, &lease]).await
+                client
+                    .query(&stmt, &[&name, &limit, &lease, &ids, &attempts])
+                    .await
             })
             .await?;
+        self.done.clear();
         let count = rows.len();
         for row in rows {
-            let completed = Arc::new(AtomicBool::new(false));
-            let job = Job {
+            self.waiting.push_back(Job {
                 id: row.get(0),
                 queue: self.name.clone(),
                 attempt: row.get(1),
@@ -348,13 +379,23 @@ where
                 created_at: row.get::<_, SystemTime>(4),
                 payload: row.get(5),
                 complete_sql: self.sql.complete_one.clone(),
-                completed: completed.clone(),
+                completed: Arc::new(AtomicBool::new(false)),
+            });
+        }
+        Ok(count)
+    }
+
+    /// Starts handlers for waiting jobs while handlers are free.
+    fn start_waiting(&mut self) {
+        while self.running.len() < self.concurrency {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
             };
             let slot = Slot {
                 id: job.id,
                 attempt: job.attempt,
                 max_attempts: job.max_attempts,
-                completed,
+                completed: job.completed.clone(),
             };
             let handler = self.handler.clone();
             let task = self
@@ -362,7 +403,6 @@ where
                 .spawn(async move { handler(job).await.map_err(|e| e.to_string()) });
             self.slots.insert(task.id(), slot);
         }
-        Ok(count)
     }
 
     /// A handler ended: queue its completion, or fail the attempt.
@@ -455,13 +495,17 @@ where
         self.queue.pubsub.emit(event);
     }
 
-    /// Extends the leases of the running jobs.
+    /// Extends the leases of the running and waiting jobs.
     async fn extend(&self) {
-        if self.slots.is_empty() {
+        if self.slots.is_empty() && self.waiting.is_empty() {
             return;
         }
-        let (ids, attempts): (Vec<i64>, Vec<i32>) =
-            self.slots.values().map(|s| (s.id, s.attempt)).unzip();
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = self
+            .slots
+            .values()
+            .map(|s| (s.id, s.attempt))
+            .chain(self.waiting.iter().map(|j| (j.id, j.attempt)))
+            .unzip();
         let (sql, lease) = (&self.sql.extend, self.lease.as_secs_f64());
         let res = self
             .queue
@@ -498,6 +542,10 @@ where
     /// Shutdown: no more claims; running handlers get the shutdown
     /// timeout; the rest are stopped and their jobs given back.
     async fn drain(&mut self, extend: &mut tokio::time::Interval) {
+        // Jobs that never started go back at once, not after the handlers.
+        let unstarted: Vec<(i64, i32)> =
+            self.waiting.drain(..).map(|j| (j.id, j.attempt)).collect();
+        self.give_back(unstarted).await;
         let deadline = tokio::time::sleep(self.shutdown_timeout);
         tokio::pin!(deadline);
         while !self.running.is_empty() {
@@ -518,6 +566,11 @@ where
         }
         self.flush().await;
         let back: Vec<(i64, i32)> = self.slots.drain().map(|(_, s)| (s.id, s.attempt)).collect();
+        self.give_back(back).await;
+    }
+
+    /// Makes claimed jobs ready again at once, their attempt not counted.
+    async fn give_back(&self, back: Vec<(i64, i32)>) {
         if back.is_empty() {
             return;
         }
