@@ -142,13 +142,20 @@ impl WorkerBuilder {
         let s = queue.schema.as_str();
         let sql = Sql {
             // Completing what finished and claiming more in one round
-            // trip: the DELETE runs even though nothing reads it.
+            // trip: the DELETE runs even though nothing reads it. The claim
+            // is `{s}.claim()` written out, so its plan is prepared once
+            // rather than at every call of the SQL function.
             claim: format!(
                 "WITH done AS (DELETE FROM {s}.jobs j \
                    USING unnest($4::int8[], $5::int4[]) AS d(id, attempt) \
-                   WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running' RETURNING 1) \
-                 SELECT id, attempt, max_attempts, priority, created_at, payload \
-                 FROM {s}.claim($1, $2, make_interval(secs => $3::float8))"
+                   WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running' RETURNING 1), \
+                 picked AS MATERIALIZED (SELECT j.id FROM {s}.jobs j \
+                   WHERE j.queue = $1 AND j.state = 'ready' AND j.run_at <= now() \
+                   ORDER BY j.priority DESC, j.run_at, j.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {s}.jobs j SET state = 'running', attempt = j.attempt + 1, \
+                   lease_until = now() + make_interval(secs => $3::float8) \
+                 FROM picked WHERE j.id = picked.id \
+                 RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload"
             ),
             complete: format!(
                 "DELETE FROM {s}.jobs j USING unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
@@ -303,17 +310,19 @@ where
         let mut extend = tokio::time::interval(self.lease / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut want = true;
+        // After a failed round trip, wait for the next poll before another.
+        let mut held = false;
         loop {
             self.start_waiting();
             let free = self.capacity - self.running.len() - self.waiting.len();
             let n = if want { free } else { 0 };
-            if n > 0 || !self.done.is_empty() {
+            if !held && (n > 0 || !self.done.is_empty()) {
                 match self.claim(n).await {
                     // A full batch means more may be due: claim again at once.
                     Ok(got) => want = want && got == n,
                     Err(e) => {
                         tracing::warn!(queue = %self.name, %e, "pg-pubsub: claiming jobs failed");
-                        want = false;
+                        held = true;
                     }
                 }
                 self.start_waiting();
@@ -342,6 +351,7 @@ where
                 },
                 _ = poll.tick() => {
                     want = true;
+                    held = false;
                     self.rescue().await;
                 }
                 _ = extend.tick() => self.extend().await,
