@@ -36,10 +36,12 @@
 //!
 //! ## Claiming, leases, retries
 //!
-//! A worker claims up to its free slots in one statement
+//! A worker claims, in one statement, up to its free handlers plus a
+//! prefetch ([`WorkerBuilder::prefetch`], default the concurrency)
 //! (`FOR UPDATE SKIP LOCKED`, setting `state`, `attempt` and `lease_until`),
-//! so workers woken together take disjoint jobs without waiting on each
-//! other. `(id, attempt)` is the claim: completing, failing and extending
+//! and completes what finished since the last round trip in the same
+//! statement; workers woken together take disjoint jobs without waiting
+//! on each other. `(id, attempt)` is the claim: completing, failing and extending
 //! the lease check it, so a worker that lost its lease cannot complete a
 //! job someone else now runs. Leases are extended every third of their
 //! length while the handler runs; every poll, a worker makes jobs whose
