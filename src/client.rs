@@ -568,6 +568,11 @@ impl PgPubSub {
         self.check_open().is_err()
     }
 
+    /// Sends `event` to every [`EventStream`] (none listening is fine).
+    pub(crate) fn emit(&self, event: crate::ConnectionEvent) {
+        let _ = self.inner.events.send(event);
+    }
+
     /// Connection-level events from now on.
     pub fn events(&self) -> EventStream {
         EventStream::new(self.inner.events.subscribe())

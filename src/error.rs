@@ -53,6 +53,9 @@ pub enum ErrorKind {
     /// The durable schema could not be installed, or the database holds a
     /// version this crate does not know.
     Schema,
+    /// A work-queue statement failed (enqueue, claim, complete, fail), or a
+    /// job's claim was lost (its lease expired and another worker took it).
+    Queue,
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it,

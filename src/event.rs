@@ -147,6 +147,31 @@ pub enum ConnectionEvent {
     },
     /// [`shutdown`](crate::PgPubSub::shutdown) finished.
     ShutDown,
+    // Work queue (`crate::queue`).
+    /// A job's attempt failed; it runs again after `retry_in`.
+    JobRetried {
+        /// The queue.
+        queue: Arc<str>,
+        /// The job.
+        job_id: i64,
+        /// The attempt that failed (from 1).
+        attempt: i32,
+        /// The handler's error (or panic) text.
+        error: Arc<str>,
+        /// The delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// A job failed its last attempt and is now dead (in `dead_jobs`).
+    JobDead {
+        /// The queue.
+        queue: Arc<str>,
+        /// The job.
+        job_id: i64,
+        /// Attempts made.
+        attempts: i32,
+        /// The last error.
+        error: Arc<str>,
+    },
 }
 
 /// A stream of [`ConnectionEvent`]s, from [`PgPubSub::events`](crate::PgPubSub::events).

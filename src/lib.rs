@@ -78,6 +78,7 @@
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
+//! * [`queue`]: work queue (jobs done once across a fleet, retries, dead jobs).
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
@@ -135,6 +136,7 @@ pub mod event;
 mod inbox;
 mod message;
 mod publish;
+pub mod queue;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;

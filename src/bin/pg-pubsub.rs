@@ -23,6 +23,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[path = "pg-pubsub/durable_cmd.rs"]
 mod durable_cmd;
+#[path = "pg-pubsub/queue_cmd.rs"]
+mod queue_cmd;
 
 /// Fail fast on a dead address instead of hanging a script.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,8 +61,10 @@ enum Command {
     Notify(NotifyArgs),
     /// Durable channels: stored messages, consumer groups.
     Durable(durable_cmd::DurableArgs),
-    /// Print the SQL script that installs the durable schema.
+    /// Print the SQL script that installs the schema (durable channels and work queue).
     Schema(durable_cmd::SchemaArgs),
+    /// Work queue: enqueue jobs, run a worker command, stats, dead jobs.
+    Queue(queue_cmd::QueueArgs),
 }
 
 #[derive(Args)]
@@ -143,6 +147,7 @@ async fn main() -> ExitCode {
         Command::Notify(args) => notify(&cli.conn, args).await,
         Command::Durable(args) => durable_cmd::run(&cli.conn, args).await,
         Command::Schema(args) => durable_cmd::schema(args),
+        Command::Queue(args) => queue_cmd::run(&cli.conn, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

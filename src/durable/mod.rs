@@ -178,6 +178,8 @@ pub use schema::{
 use crate::client::PgPubSub;
 use crate::error::{ErrorKind, Result};
 
+pub(crate) use schema::install as install_schema;
+
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
 /// Made by [`PgPubSub::durable`] or [`PgPubSub::durable_in`]. The schema

@@ -1,10 +1,11 @@
-//! The durable schema: its name, its SQL script, installing it, and the
-//! names derived from it (wake-up channel, election names).
+//! The crate's schema: its name, its versioned SQL scripts (one migration
+//! per capability: v1 durable channels, v2 the work queue), installing
+//! them, and the names derived from it (wake-up channels, election names).
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// The schema version this crate writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The schema version this crate writes and reads: the last migration.
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -16,7 +17,13 @@ pub const INSTALL_LOCK_KEY: i64 = 0x7067_7073_6475_7261;
 /// The longest schema name accepted, so derived names stay under 63 bytes.
 const MAX_SCHEMA_BYTES: usize = 40;
 
-const SCRIPT: &str = include_str!("schema.sql");
+/// The migrations, in order: `(version, script)`. Each script is one
+/// transaction that takes [`INSTALL_LOCK_KEY`], is idempotent, and records
+/// its version in `schema_version`. Append new ones; never edit old ones.
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("schema.sql")),
+    (2, include_str!("../queue/schema.sql")),
+];
 
 /// A validated schema name: a lowercase SQL identifier (`[a-z_][a-z0-9_]*`,
 /// at most 40 bytes), so it never needs quoting.
@@ -53,6 +60,12 @@ impl SchemaName {
     pub fn wake_channel(&self) -> String {
         format!("{}_wake", self.0)
     }
+
+    /// The channel on which `enqueue` sends wake-ups (payload: the queue's
+    /// name): `<schema>_jobs`.
+    pub fn jobs_channel(&self) -> String {
+        format!("{}_jobs", self.0)
+    }
 }
 
 impl Default for SchemaName {
@@ -61,8 +74,11 @@ impl Default for SchemaName {
     }
 }
 
-/// The installation script for `schema`, for DBAs to read or run (`psql -f`).
-/// It is what [`Durable::install`](super::Durable::install) runs.
+/// The installation script for `schema`, every migration in order, for DBAs
+/// to read or run (`psql -f`). It is what
+/// [`Durable::install`](super::Durable::install) and
+/// [`Queue::install`](crate::queue::Queue::install) run (only the
+/// migrations a database lacks).
 ///
 /// Grants an application role needs (replace `app`):
 ///
@@ -77,9 +93,18 @@ impl Default for SchemaName {
 /// `INSERT` on `messages`, `SELECT` on `channels` and `EXECUTE` on
 /// `publish` and `publish_many`.
 pub fn schema_sql(schema: &SchemaName) -> String {
-    SCRIPT
+    MIGRATIONS
+        .iter()
+        .map(|(_, script)| render(script, schema))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn render(script: &str, schema: &SchemaName) -> String {
+    script
         .replace("@LOCK@", &INSTALL_LOCK_KEY.to_string())
         .replace("@WAKE@", &schema.wake_channel())
+        .replace("@JOBS@", &schema.jobs_channel())
         .replace("@S@", schema.as_str())
 }
 
@@ -108,16 +133,25 @@ pub fn election_channel(schema: &SchemaName, channel: &str, group: &str) -> Stri
     format!("pgps_g_{:016x}", fnv1a64(&key))
 }
 
-/// Installs (or checks) the schema on `client`. Idempotent and safe to run
-/// from several sessions at once.
+/// Installs (or checks) the schema on `client`: applies, in order, the
+/// migrations the database lacks. Idempotent and safe to run from several
+/// sessions at once (each script takes the install lock and re-checks
+/// nothing it does not have to: every object is `IF NOT EXISTS` or
+/// `CREATE OR REPLACE`).
 pub(crate) async fn install(client: &tokio_postgres::Client, schema: &SchemaName) -> Result<()> {
-    if installed_version(client, schema).await? == Some(SCHEMA_VERSION) {
-        return Ok(());
+    let current = installed_version(client, schema).await?.unwrap_or(0);
+    for (version, script) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        client
+            .batch_execute(&render(script, schema))
+            .await
+            .map_err(|e| {
+                Error::pg(
+                    ErrorKind::Schema,
+                    &format!("installing schema version {version}"),
+                    e,
+                )
+            })?;
     }
-    client
-        .batch_execute(&schema_sql(schema))
-        .await
-        .map_err(|e| Error::pg(ErrorKind::Schema, "installing the durable schema", e))?;
     match installed_version(client, schema).await? {
         Some(SCHEMA_VERSION) => Ok(()),
         other => Err(Error::new(
@@ -187,5 +221,8 @@ mod tests {
         let sql = schema_sql(&s);
         assert!(!sql.contains('@'), "every placeholder replaced");
         assert!(sql.contains("pg_notify('pgpubsub_wake', p_channel)"));
+        assert!(sql.contains("pg_notify('pgpubsub_jobs', p_queue)"));
+        let versions: Vec<i32> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
     }
 }

@@ -292,3 +292,25 @@ where
     }
     out
 }
+
+/// A connected instance and its work queues (default schema, installed).
+pub async fn queue() -> (PgPubSub, pg_pubsub::queue::Queue) {
+    let ps = pubsub().await;
+    let q = ps.queue();
+    q.install().await.expect("install");
+    (ps, q)
+}
+
+/// `(state, attempt)` of each live job of `queue`, by id.
+pub async fn job_states(client: &tokio_postgres::Client, queue: &str) -> Vec<(String, i32)> {
+    client
+        .query(
+            "SELECT state, attempt FROM pgpubsub.jobs WHERE queue = $1 ORDER BY id",
+            &[&queue],
+        )
+        .await
+        .expect("job states")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}

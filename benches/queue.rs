@@ -1,0 +1,262 @@
+//! Work queue against bare SQL on the same server: enqueue (one per
+//! transaction from 8 tasks, a thousand per transaction) against bare
+//! `INSERT`s into an equivalent table; claim + complete with 8 concurrent
+//! do-nothing handlers against a hand-written `DELETE ... SKIP LOCKED LIMIT 1`
+//! loop on 8 connections; claim latency on a fresh table and after many
+//! jobs went through. Run with `cargo bench --bench queue`.
+//!
+//! Env: `BENCH_SINGLE` (jobs enqueued one per transaction, default
+//! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_WORK` (jobs claimed
+//! and completed, default 100 000), `BENCH_CHURN` (jobs passed through
+//! before the second latency probe, default 1 000 000), `DATABASE_URL`
+//! (else a throwaway cluster).
+
+use std::error::Error;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pg_pubsub::queue::{Job, JobOptions, Queue};
+use pg_pubsub::testing::TestServer;
+use pg_pubsub::PgPubSub;
+
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Concurrent tasks / connections / handlers.
+const TASKS: usize = 8;
+const PAYLOAD: &str = r#"{"kind":"email","to":"someone@example.com","id":"0123456789abcdef"}"#;
+
+/// The same columns, defaults and claim index as `pgpubsub.jobs`, without
+/// the function, the NOTIFY, leases or retries.
+const BARE_SQL: &str = "
+    DROP TABLE IF EXISTS bench_bare_jobs;
+    CREATE TABLE bench_bare_jobs (
+        id bigserial PRIMARY KEY,
+        queue text NOT NULL,
+        state text NOT NULL DEFAULT 'ready',
+        priority smallint NOT NULL DEFAULT 0,
+        run_at timestamptz NOT NULL DEFAULT now(),
+        attempt int NOT NULL DEFAULT 0,
+        max_attempts int NOT NULL DEFAULT 25,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        payload text NOT NULL) WITH (fillfactor = 80);
+    CREATE INDEX ON bench_bare_jobs (queue, priority DESC, run_at, id) WHERE state = 'ready';";
+
+const BARE_INSERT: &str = "INSERT INTO bench_bare_jobs (queue, payload) VALUES ($1, $2)";
+const BARE_INSERT_MANY: &str =
+    "INSERT INTO bench_bare_jobs (queue, payload) SELECT $1, p FROM unnest($2::text[]) AS p";
+const BARE_TAKE: &str = "DELETE FROM bench_bare_jobs WHERE id = (
+        SELECT id FROM bench_bare_jobs WHERE queue = $1 AND state = 'ready' AND run_at <= now()
+        ORDER BY priority DESC, run_at, id FOR UPDATE SKIP LOCKED LIMIT 1)
+    RETURNING payload";
+
+fn env_u64(name: &str, default: u64) -> Res<u64> {
+    match std::env::var(name) {
+        Ok(v) => Ok(v.replace('_', "").parse()?),
+        Err(_) => Ok(default),
+    }
+}
+
+fn main() -> Res<()> {
+    let server = TestServer::from_env_or_start()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(server.url()))
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn line(what: &str, queue: f64, bare: f64, unit: &str) {
+    println!(
+        "{what:<44} queue {queue:>10.0} {unit:<6} bare {bare:>10.0} {unit:<6} ratio {:.2}",
+        queue / bare
+    );
+}
+
+async fn run(url: &str) -> Res<()> {
+    let single = env_u64("BENCH_SINGLE", 20_000)?;
+    let batched = env_u64("BENCH_BATCHED", 200_000)?;
+    let work = env_u64("BENCH_WORK", 100_000)?;
+    let churn = env_u64("BENCH_CHURN", 1_000_000)?;
+    let ps = PgPubSub::builder(url)?
+        .pool_size(TASKS + 4)
+        .connect()
+        .await?;
+    let q = ps.queue();
+    q.install().await?;
+    let client = ps.pool().get().await?;
+    client.batch_execute(BARE_SQL).await?;
+    client
+        .batch_execute("DELETE FROM pgpubsub.jobs WHERE queue LIKE 'bench%'")
+        .await?;
+
+    // Enqueue, one job per transaction, 8 tasks.
+    let per = single / TASKS as u64;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                q.enqueue_raw("bench_single", PAYLOAD).await?;
+            }
+            Res::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let ours = rate(per * TASKS as u64, t.elapsed());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let pool = ps.pool().clone();
+        tasks.push(tokio::spawn(async move {
+            let c = pool.get().await?;
+            let stmt = c.prepare_cached(BARE_INSERT).await?;
+            for _ in 0..per {
+                c.execute(&stmt, &[&"bench_single", &PAYLOAD]).await?;
+            }
+            Res::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let bare = rate(per * TASKS as u64, t.elapsed());
+    line("enqueue, 1 per transaction, 8 tasks", ours, bare, "jobs/s");
+
+    // Enqueue, a thousand per transaction, one task.
+    let payloads: Vec<&str> = vec![PAYLOAD; 1000];
+    let t = Instant::now();
+    for _ in 0..batched / 1000 {
+        q.enqueue_batch("bench_batched", &payloads, &JobOptions::new())
+            .await?;
+    }
+    let ours = rate(batched, t.elapsed());
+    let stmt = client.prepare(BARE_INSERT_MANY).await?;
+    let t = Instant::now();
+    for _ in 0..batched / 1000 {
+        client
+            .execute(&stmt, &[&"bench_batched", &payloads])
+            .await?;
+    }
+    let bare = rate(batched, t.elapsed());
+    line("enqueue, 1000 per transaction", ours, bare, "jobs/s");
+    client
+        .batch_execute(
+            "TRUNCATE bench_bare_jobs; DELETE FROM pgpubsub.jobs WHERE queue LIKE 'bench%'",
+        )
+        .await?;
+    // VACUUM refuses to run in the implicit transaction of a multi-statement batch.
+    client.batch_execute("VACUUM ANALYZE pgpubsub.jobs").await?;
+    client
+        .batch_execute("VACUUM ANALYZE bench_bare_jobs")
+        .await?;
+
+    // Claim + complete, 8 handlers doing nothing.
+    let payloads: Vec<&str> = vec![PAYLOAD; 1000];
+    for _ in 0..work / 1000 {
+        q.enqueue_batch("bench_work", &payloads, &JobOptions::new())
+            .await?;
+        client.execute(&stmt, &[&"bench_work", &payloads]).await?;
+    }
+    let t = Instant::now();
+    drain(&q, "bench_work", work as usize).await?;
+    let ours = rate(work, t.elapsed());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let pool = ps.pool().clone();
+        tasks.push(tokio::spawn(async move {
+            let c = pool.get().await?;
+            let stmt = c.prepare_cached(BARE_TAKE).await?;
+            while c.query_opt(&stmt, &[&"bench_work"]).await?.is_some() {}
+            Res::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let bare = rate(work, t.elapsed());
+    line(
+        "claim + complete, 8 handlers / connections",
+        ours,
+        bare,
+        "jobs/s",
+    );
+
+    // Claim latency: fresh, then after `churn` jobs went through.
+    let fresh = claim_latency(&q, &client).await?;
+    let t = Instant::now();
+    let mut left = churn;
+    while left > 0 {
+        let n = left.min(100_000);
+        let chunk: Vec<&str> = vec![PAYLOAD; 1000];
+        for _ in 0..n / 1000 {
+            q.enqueue_batch("bench_churn", &chunk, &JobOptions::new())
+                .await?;
+        }
+        drain(&q, "bench_churn", (n / 1000 * 1000) as usize).await?;
+        left -= n;
+    }
+    let churned = t.elapsed();
+    let after = claim_latency(&q, &client).await?;
+    println!(
+        "claim+complete latency (median of 200)        fresh {:>8.3} ms   after {churn} jobs ({:.0} s) {:>8.3} ms   ratio {:.2}",
+        fresh.as_secs_f64() * 1e3,
+        churned.as_secs_f64(),
+        after.as_secs_f64() * 1e3,
+        after.as_secs_f64() / fresh.as_secs_f64()
+    );
+    ps.shutdown().await;
+    Ok(())
+}
+
+/// Runs a worker with 8 do-nothing handlers until `n` jobs were handled.
+async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let (c, a) = (count.clone(), all.clone());
+    let worker = q
+        .worker(queue)
+        .concurrency(TASKS)
+        .run(move |_job: Job| {
+            let (c, a) = (c.clone(), a.clone());
+            async move {
+                if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    a.notify_one();
+                }
+                Ok::<_, String>(())
+            }
+        })
+        .await?;
+    all.notified().await;
+    worker.shutdown().await?;
+    Ok(())
+}
+
+/// Median time of one job's claim and completion (the worker's SQL) on
+/// an otherwise empty queue.
+async fn claim_latency(q: &Queue, client: &deadpool_postgres::Client) -> Res<Duration> {
+    let claim = client
+        .prepare("SELECT id, attempt FROM pgpubsub.claim('bench_latency', 8, interval '30 s')")
+        .await?;
+    let complete = client
+        .prepare("DELETE FROM pgpubsub.jobs WHERE id = $1 AND attempt = $2")
+        .await?;
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        q.enqueue_raw("bench_latency", PAYLOAD).await?;
+        let t = Instant::now();
+        let row = client.query_one(&claim, &[]).await?;
+        let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
+        client.execute(&complete, &[&id, &attempt]).await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}

@@ -1,0 +1,298 @@
+//! `pg-pubsub queue …`: the work queue from the shell (enqueue, a worker
+//! that runs a command per job, stats, dead jobs).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue};
+use pg_pubsub::PgPubSub;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use super::{connect, note, ConnOpts, Failure, Result, Stop, Tuning};
+
+/// Lines enqueued per batch with `--stdin`.
+const STDIN_CHUNK: usize = 1000;
+/// Bytes of a failed command's stderr kept as the job's error.
+const STDERR_TAIL: usize = 4096;
+
+#[derive(Args)]
+pub(crate) struct QueueArgs {
+    /// Schema holding the queue tables.
+    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA, global = true)]
+    schema: String,
+    #[command(subcommand)]
+    command: QueueCommand,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Enqueue a job, or one per line of stdin; prints each new job's id.
+    Enqueue(EnqueueArgs),
+    /// Run COMMAND once per job: payload on its stdin, PGPUBSUB_JOB_ID and
+    /// PGPUBSUB_ATTEMPT in its environment. Exit 0 completes the job; any
+    /// other exit fails it with the tail of its stderr as the error.
+    /// SIGTERM/SIGINT: stop claiming, let running commands finish, exit 0.
+    Work(WorkArgs),
+    /// Per-queue counts, one JSON object per line.
+    Stats,
+    /// List dead jobs (one JSON object per line), or retry or delete one.
+    Dead(DeadArgs),
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// Queue name.
+    queue: String,
+    /// Payload text.
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    payload: Option<String>,
+    /// Enqueue one job per line of standard input (in batches of 1000).
+    #[arg(long)]
+    stdin: bool,
+    /// Run no earlier than this many seconds from now.
+    #[arg(long, value_name = "SECONDS")]
+    delay: Option<f64>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    priority: i16,
+    /// Attempts before the job is dead.
+    #[arg(long, default_value_t = 25)]
+    max_attempts: i32,
+    /// At most one ready or running job of the queue with this key.
+    #[arg(long, conflicts_with = "stdin")]
+    unique_key: Option<String>,
+}
+
+#[derive(Args)]
+struct WorkArgs {
+    /// Queue name.
+    queue: String,
+    /// Commands running at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Lease in seconds: a job of a killed worker runs again this long later.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    lease: f64,
+    /// On SIGTERM, how long running commands may take before they are
+    /// killed and their jobs given back.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    shutdown_timeout: f64,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+struct DeadArgs {
+    /// Only this queue.
+    queue: Option<String>,
+    /// Put dead job ID back in its queue with fresh attempts.
+    #[arg(long, value_name = "ID", conflicts_with = "delete")]
+    retry: Option<i64>,
+    /// Delete dead job ID.
+    #[arg(long, value_name = "ID")]
+    delete: Option<i64>,
+    /// List at most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: i64,
+}
+
+fn seconds(s: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|e| Failure(format!("--{what}: {e}")))
+}
+
+pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
+    pg_pubsub::durable::SchemaName::new(&args.schema)?;
+    if let QueueCommand::Work(w) = args.command {
+        return work(conn, &args.schema, w).await;
+    }
+    let ps = connect(conn, Tuning::default()).await?;
+    let q = ps.queue_in(&args.schema)?;
+    let result = match args.command {
+        QueueCommand::Enqueue(e) => enqueue(&q, e).await,
+        QueueCommand::Stats => stats(&q).await,
+        QueueCommand::Dead(d) => dead(&q, d).await,
+        QueueCommand::Work(_) => Ok(()),
+    };
+    ps.shutdown().await;
+    result
+}
+
+async fn enqueue(q: &Queue, args: EnqueueArgs) -> Result<()> {
+    let mut opts = JobOptions::new()
+        .priority(args.priority)
+        .max_attempts(args.max_attempts);
+    if let Some(d) = args.delay {
+        opts = opts.delay(seconds(d, "delay")?);
+    }
+    if let Some(k) = args.unique_key {
+        opts = opts.unique_key(k);
+    }
+    if let Some(payload) = args.payload {
+        match q.enqueue_raw_with(&args.queue, &payload, &opts).await? {
+            Enqueued::New(id) => println!("{id}"),
+            _ => note("not enqueued: a ready or running job holds this unique key"),
+        }
+        return Ok(());
+    }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut chunk = Vec::with_capacity(STDIN_CHUNK);
+    let mut sent = 0usize;
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| Failure(format!("reading stdin after {sent} jobs: {e}")))?;
+        let done = line.is_none();
+        chunk.extend(line);
+        if chunk.len() == STDIN_CHUNK || (done && !chunk.is_empty()) {
+            sent += q
+                .enqueue_batch(&args.queue, &chunk, &opts)
+                .await
+                .map_err(|e| Failure(format!("{e} ({sent} jobs were enqueued before)")))?;
+            chunk.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    note(&format!("enqueued {sent} jobs"));
+    Ok(())
+}
+
+async fn work(conn: &ConnOpts, schema: &str, args: WorkArgs) -> Result<()> {
+    let lease = seconds(args.lease, "lease")?;
+    let shutdown_timeout = seconds(args.shutdown_timeout, "shutdown-timeout")?;
+    let mut stop = Stop::new()?;
+    let ps: PgPubSub = match stop.or(connect(conn, Tuning::default())).await {
+        Some(ps) => ps?,
+        None => return Ok(()),
+    };
+    let command = std::sync::Arc::new(args.command);
+    let worker = ps
+        .queue_in(schema)?
+        .worker(&args.queue)
+        .concurrency(args.concurrency)
+        .lease(lease)
+        .shutdown_timeout(shutdown_timeout)
+        .run(move |job: Job| run_command(command.clone(), job))
+        .await;
+    let worker = match worker {
+        Ok(w) => w,
+        Err(e) => {
+            ps.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    note(&format!(
+        "working on queue {} with concurrency {}",
+        args.queue, args.concurrency
+    ));
+    stop.recv().await;
+    note("stopping: letting running jobs finish");
+    let result = worker.shutdown().await;
+    ps.shutdown().await;
+    Ok(result?)
+}
+
+/// Runs the command for one job; `Err` is the job's error text.
+async fn run_command(command: std::sync::Arc<Vec<String>>, job: Job) -> Result<(), String> {
+    let (program, rest) = command.split_first().ok_or("no command")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(rest)
+        .env("PGPUBSUB_JOB_ID", job.id().to_string())
+        .env("PGPUBSUB_ATTEMPT", job.attempt().to_string())
+        .env("PGPUBSUB_QUEUE", job.queue())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A job given back at shutdown must not keep running.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting {program}: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin pipe")?;
+    let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
+    let payload = job.payload().as_bytes().to_vec();
+    // Written concurrently with reading stderr: neither pipe can fill up
+    // and block the command.
+    let feed = async move {
+        // A command that does not read its stdin is fine.
+        let _ = stdin.write_all(&payload).await;
+        drop(stdin);
+    };
+    let drain = async move {
+        let mut tail = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 2 * STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+            }
+        }
+        if tail.len() > STDERR_TAIL {
+            tail.drain(..tail.len() - STDERR_TAIL);
+        }
+        tail
+    };
+    let ((), tail) = tokio::join!(feed, drain);
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("waiting for {program}: {e}"))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&tail);
+    Err(format!(
+        "{program} exited with {status}: {}",
+        text.trim_end()
+    ))
+}
+
+async fn stats(q: &Queue) -> Result<()> {
+    for s in q.stats().await? {
+        let line = serde_json::json!({
+            "queue": s.queue,
+            "ready": s.ready,
+            "scheduled": s.scheduled,
+            "running": s.running,
+            "dead": s.dead,
+            "oldest_ready_age_seconds": s.oldest_ready_age.as_secs_f64(),
+        });
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn dead(q: &Queue, args: DeadArgs) -> Result<()> {
+    if let Some(id) = args.retry {
+        if !q.retry_dead(id).await? {
+            return Err(Failure(format!("no dead job {id}")));
+        }
+        note(&format!("dead job {id} is queued again"));
+        return Ok(());
+    }
+    if let Some(id) = args.delete {
+        if !q.delete_dead(id).await? {
+            return Err(Failure(format!("no dead job {id}")));
+        }
+        note(&format!("dead job {id} deleted"));
+        return Ok(());
+    }
+    for d in q.dead_jobs(args.queue.as_deref(), args.limit).await? {
+        let line = serde_json::json!({
+            "id": d.id,
+            "queue": d.queue,
+            "attempts": d.attempts,
+            "last_error": d.last_error,
+            "payload": d.payload,
+        });
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Looking at queues: per-queue counts, and dead jobs (list, retry, delete).
+
+use std::time::{Duration, SystemTime};
+
+use super::{check_queue, Queue};
+use crate::error::Result;
+
+/// Counts for one queue, from [`Queue::stats`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: String,
+    /// Jobs due now, waiting for a worker.
+    pub ready: i64,
+    /// Jobs waiting for a later time (scheduled, or retrying after a backoff).
+    pub scheduled: i64,
+    /// Jobs claimed by a worker.
+    pub running: i64,
+    /// Dead jobs kept in `dead_jobs`.
+    pub dead: i64,
+    /// How long the oldest due job has been due; zero when none is.
+    pub oldest_ready_age: Duration,
+}
+
+/// A job that failed its last attempt, from [`Queue::dead_jobs`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DeadJob {
+    /// The job's id.
+    pub id: i64,
+    /// The queue.
+    pub queue: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When it was enqueued.
+    pub created_at: SystemTime,
+    /// When it died.
+    pub died_at: SystemTime,
+    /// The payload.
+    pub payload: String,
+}
+
+impl Queue {
+    /// Counts per queue (every queue with a live or dead job), by name.
+    pub async fn stats(&self) -> Result<Vec<QueueStats>> {
+        let s = self.schema.as_str();
+        let sql = format!(
+            "SELECT q.queue, \
+               count(*) FILTER (WHERE j.state = 'ready' AND j.run_at <= now()), \
+               count(*) FILTER (WHERE j.state = 'ready' AND j.run_at > now()), \
+               count(*) FILTER (WHERE j.state = 'running'), \
+               (SELECT count(*) FROM {s}.dead_jobs d WHERE d.queue = q.queue), \
+               coalesce(extract(epoch FROM now() - min(j.run_at) \
+                        FILTER (WHERE j.state = 'ready' AND j.run_at <= now())), 0)::float8 \
+             FROM (SELECT DISTINCT queue FROM {s}.jobs UNION SELECT DISTINCT queue FROM {s}.dead_jobs) q \
+             LEFT JOIN {s}.jobs j ON j.queue = q.queue \
+             GROUP BY q.queue ORDER BY q.queue"
+        );
+        self.with_client("queue stats", |client| async move {
+            let rows = client.query(&sql, &[]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| QueueStats {
+                    queue: r.get(0),
+                    ready: r.get(1),
+                    scheduled: r.get(2),
+                    running: r.get(3),
+                    dead: r.get(4),
+                    oldest_ready_age: Duration::from_secs_f64(r.get::<_, f64>(5).max(0.0)),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Dead jobs, of one queue or all (`None`), oldest first, at most `limit`.
+    pub async fn dead_jobs(&self, queue: Option<&str>, limit: i64) -> Result<Vec<DeadJob>> {
+        if let Some(q) = queue {
+            check_queue(q)?;
+        }
+        let sql = format!(
+            "SELECT id, queue, attempt, last_error, created_at, died_at, payload \
+             FROM {} WHERE $1::text IS NULL OR queue = $1 ORDER BY id LIMIT $2",
+            self.obj("dead_jobs")
+        );
+        self.with_client("listing dead jobs", |client| async move {
+            let rows = client.query(&sql, &[&queue, &limit]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| DeadJob {
+                    id: r.get(0),
+                    queue: r.get(1),
+                    attempts: r.get(2),
+                    last_error: r.get(3),
+                    created_at: r.get(4),
+                    died_at: r.get(5),
+                    payload: r.get(6),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Puts dead job `id` back in its queue, due now, with a fresh set of
+    /// attempts. `false` if there is no such dead job; an error if its
+    /// unique key is taken by another job meanwhile.
+    pub async fn retry_dead(&self, id: i64) -> Result<bool> {
+        let sql = format!("SELECT {}($1)", self.obj("retry_dead"));
+        self.with_client("retrying a dead job", |client| async move {
+            Ok(client.query_one(&sql, &[&id]).await?.get(0))
+        })
+        .await
+    }
+
+    /// Deletes dead job `id`; `false` if there was none.
+    pub async fn delete_dead(&self, id: i64) -> Result<bool> {
+        let sql = format!("DELETE FROM {} WHERE id = $1", self.obj("dead_jobs"));
+        self.with_client("deleting a dead job", |client| async move {
+            Ok(client.execute(&sql, &[&id]).await? == 1)
+        })
+        .await
+    }
+}

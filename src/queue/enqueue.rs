@@ -1,0 +1,326 @@
+//! Enqueueing: one job, a batch, or inside the caller's transaction.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+
+use super::{check_queue, Queue};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Jobs per `enqueue_many` statement in [`Queue::enqueue_batch`].
+const BATCH_SIZE: usize = 1000;
+
+/// Options for one enqueue. The default: due now, priority 0, 25 attempts,
+/// no unique key.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    run_at: Option<SystemTime>,
+    delay: Option<Duration>,
+    priority: i16,
+    max_attempts: Option<i32>,
+    unique_key: Option<String>,
+}
+
+impl JobOptions {
+    /// The default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Not before this time (the server's clock decides when it is due).
+    /// Replaces any [`delay`](Self::delay).
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.run_at = Some(at);
+        self.delay = None;
+        self
+    }
+
+    /// Not before this long after the start of the enqueueing transaction
+    /// (the server's `now()`). Replaces any [`run_at`](Self::run_at).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self.run_at = None;
+        self
+    }
+
+    /// Higher runs first among due jobs of a queue. Default 0.
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Attempts before the job is dead (at least 1). Default 25.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// While a job of the queue with this key is ready or running, enqueueing
+    /// another with the same key does nothing and returns [`Enqueued::Duplicate`].
+    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
+        self.unique_key = Some(key.into());
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.max_attempts.is_some_and(|n| n < 1) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "max_attempts must be at least 1",
+            ));
+        }
+        if self.unique_key.as_deref().is_some_and(|k| k.contains('\0')) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "unique key contains a NUL byte",
+            ));
+        }
+        Ok(())
+    }
+
+    fn delay_secs(&self) -> Option<f64> {
+        self.delay.map(|d| d.as_secs_f64())
+    }
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Enqueued {
+    /// A new job, with its id.
+    New(i64),
+    /// Nothing: a ready or running job of the queue holds the unique key.
+    Duplicate,
+}
+
+impl Enqueued {
+    /// The new job's id; `None` for a duplicate.
+    pub fn id(self) -> Option<i64> {
+        match self {
+            Enqueued::New(id) => Some(id),
+            Enqueued::Duplicate => None,
+        }
+    }
+}
+
+pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialize,
+            format!("payload did not serialize to JSON: {e}"),
+        )
+        .with_source(e)
+    })
+}
+
+fn check_payload(payload: &str) -> Result<()> {
+    if payload.contains('\0') {
+        return Err(Error::new(
+            ErrorKind::PayloadContainsNul,
+            "job payload contains a NUL byte",
+        ));
+    }
+    Ok(())
+}
+
+impl Queue {
+    fn enqueue_sql(&self) -> String {
+        // The delay is added to the server's now(): no clock skew between
+        // the enqueuer and the database.
+        format!(
+            "SELECT {}($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
+             $5::int2, $6::int4, $7::text)",
+            self.obj("enqueue")
+        )
+    }
+
+    /// Enqueues `value` as JSON on `queue`, in a transaction of its own.
+    pub async fn enqueue<T: Serialize + ?Sized>(&self, queue: &str, value: &T) -> Result<Enqueued> {
+        self.enqueue_raw_with(queue, &to_json(value)?, &JobOptions::default())
+            .await
+    }
+
+    /// [`enqueue`](Self::enqueue) with options.
+    pub async fn enqueue_with<T: Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        value: &T,
+        options: &JobOptions,
+    ) -> Result<Enqueued> {
+        self.enqueue_raw_with(queue, &to_json(value)?, options)
+            .await
+    }
+
+    /// Enqueues `payload` as is (any text without NUL).
+    pub async fn enqueue_raw(&self, queue: &str, payload: &str) -> Result<Enqueued> {
+        self.enqueue_raw_with(queue, payload, &JobOptions::default())
+            .await
+    }
+
+    /// [`enqueue_raw`](Self::enqueue_raw) with options.
+    pub async fn enqueue_raw_with(
+        &self,
+        queue: &str,
+        payload: &str,
+        options: &JobOptions,
+    ) -> Result<Enqueued> {
+        check_queue(queue)?;
+        check_payload(payload)?;
+        options.check()?;
+        let sql = self.enqueue_sql();
+        self.with_client("enqueue", |client| async move {
+            let stmt = client.prepare_cached(&sql).await?;
+            let row = client
+                .query_one(&stmt, &params(queue, payload, options).as_refs())
+                .await?;
+            Ok(row.get::<_, Option<i64>>(0))
+        })
+        .await
+        .map(enqueued)
+    }
+
+    /// Enqueues `value` as JSON inside the caller's transaction: the job
+    /// exists (and workers are woken) if it commits, never if it rolls
+    /// back. The schema must be installed already ([`install`](Self::install)).
+    pub async fn enqueue_in<C, T>(
+        &self,
+        tx: &C,
+        queue: &str,
+        value: &T,
+        options: &JobOptions,
+    ) -> Result<Enqueued>
+    where
+        C: tokio_postgres::GenericClient + Sync,
+        T: Serialize + ?Sized,
+    {
+        self.enqueue_raw_in(tx, queue, &to_json(value)?, options)
+            .await
+    }
+
+    /// [`enqueue_in`](Self::enqueue_in) with a text payload.
+    pub async fn enqueue_raw_in<C>(
+        &self,
+        tx: &C,
+        queue: &str,
+        payload: &str,
+        options: &JobOptions,
+    ) -> Result<Enqueued>
+    where
+        C: tokio_postgres::GenericClient + Sync,
+    {
+        check_queue(queue)?;
+        check_payload(payload)?;
+        options.check()?;
+        tx.query_one(
+            &self.enqueue_sql(),
+            &params(queue, payload, options).as_refs(),
+        )
+        .await
+        .map(|row| enqueued(row.get::<_, Option<i64>>(0)))
+        .map_err(|e| Error::pg(ErrorKind::Queue, "enqueue in transaction", e))
+    }
+
+    /// Enqueues many text payloads on `queue` with the same options (a
+    /// unique key is not allowed here), a thousand per statement and
+    /// transaction, one wake-up per transaction. Returns how many were
+    /// enqueued; an error says how many were before it.
+    pub async fn enqueue_batch<I, S>(
+        &self,
+        queue: &str,
+        payloads: I,
+        options: &JobOptions,
+    ) -> Result<usize>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        check_queue(queue)?;
+        options.check()?;
+        if options.unique_key.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "enqueue_batch takes no unique key; enqueue such jobs one by one",
+            ));
+        }
+        let items: Vec<S> = payloads.into_iter().collect();
+        for (i, p) in items.iter().enumerate() {
+            check_payload(p.as_ref()).map_err(|e| e.context(format!("payload #{i}")))?;
+        }
+        let sql = format!(
+            "SELECT {}($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
+             $5::int2, $6::int4)",
+            self.obj("enqueue_many")
+        );
+        let mut sent = 0;
+        for chunk in items.chunks(BATCH_SIZE) {
+            let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
+            let sql = &sql;
+            self.with_client("enqueue_batch", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                let delay = options.delay_secs().unwrap_or(0.0);
+                let attempts = options.max_attempts.unwrap_or(25);
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            &queue,
+                            &texts,
+                            &options.run_at,
+                            &delay,
+                            &options.priority,
+                            &attempts,
+                        ],
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.context(format!("{sent} were enqueued before it")))?;
+            sent += chunk.len();
+        }
+        Ok(sent)
+    }
+}
+
+fn enqueued(id: Option<i64>) -> Enqueued {
+    id.map_or(Enqueued::Duplicate, Enqueued::New)
+}
+
+/// The parameters of the enqueue statement, owned so they can be borrowed
+/// as `&[&dyn ToSql]`.
+struct Params<'a> {
+    queue: &'a str,
+    payload: &'a str,
+    run_at: Option<SystemTime>,
+    delay: f64,
+    priority: i16,
+    max_attempts: i32,
+    unique_key: Option<&'a str>,
+}
+
+fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a> {
+    Params {
+        queue,
+        payload,
+        run_at: o.run_at,
+        delay: o.delay_secs().unwrap_or(0.0),
+        priority: o.priority,
+        max_attempts: o.max_attempts.unwrap_or(25),
+        unique_key: o.unique_key.as_deref(),
+    }
+}
+
+impl Params<'_> {
+    fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.queue,
+            &self.payload,
+            &self.run_at,
+            &self.delay,
+            &self.priority,
+            &self.max_attempts,
+            &self.unique_key,
+        ]
+    }
+}

@@ -1,0 +1,116 @@
+//! A claimed job, as a handler sees it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::truncate::Text;
+
+/// A job claimed by a [`Worker`](super::Worker), handed to its handler.
+pub struct Job {
+    pub(super) id: i64,
+    pub(super) queue: Arc<str>,
+    pub(super) attempt: i32,
+    pub(super) max_attempts: i32,
+    pub(super) priority: i16,
+    pub(super) created_at: SystemTime,
+    pub(super) payload: String,
+    /// `DELETE ... WHERE id AND attempt` for [`Job::complete_in`].
+    pub(super) complete_sql: Arc<str>,
+    /// Set by `complete_in`: the worker need not complete it again.
+    pub(super) completed: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .field("attempt", &self.attempt)
+            .field("max_attempts", &self.max_attempts)
+            .field("payload", &Text(&self.payload))
+            .finish()
+    }
+}
+
+impl Job {
+    /// The job's id (stable across attempts, and in `dead_jobs`).
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// This attempt's number: 1 for the first run.
+    pub fn attempt(&self) -> i32 {
+        self.attempt
+    }
+
+    /// The attempts allowed before the job is dead.
+    pub fn max_attempts(&self) -> i32 {
+        self.max_attempts
+    }
+
+    /// The job's priority (higher runs first).
+    pub fn priority(&self) -> i16 {
+        self.priority
+    }
+
+    /// When the job was enqueued (server clock).
+    pub fn created_at(&self) -> SystemTime {
+        self.created_at
+    }
+
+    /// The payload text.
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    /// The payload decoded from JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_str(&self.payload).map_err(|e| {
+            Error::new(
+                ErrorKind::Serialize,
+                format!("job {} payload is not the expected JSON: {e}", self.id),
+            )
+            .with_source(e)
+        })
+    }
+
+    /// Completes the job inside the caller's transaction (on the handler's
+    /// own connection): the handler's database work and the completion
+    /// commit together, or neither does. Fails with [`ErrorKind::Queue`]
+    /// when this claim is no longer current (the lease expired and the job
+    /// was made ready or taken by another worker): roll back then.
+    ///
+    /// Once this succeeds the worker does not complete the job again when
+    /// the handler returns `Ok`; if the transaction then rolls back anyway,
+    /// the job stays running until its lease expires and then runs again.
+    pub async fn complete_in<C>(&self, tx: &C) -> Result<()>
+    where
+        C: tokio_postgres::GenericClient + Sync,
+    {
+        let n = tx
+            .execute(&*self.complete_sql, &[&self.id, &self.attempt])
+            .await
+            .map_err(|e| Error::pg(ErrorKind::Queue, "completing a job in transaction", e))?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorKind::Queue,
+                format!(
+                    "job {} attempt {}: the claim was lost (lease expired); roll back",
+                    self.id, self.attempt
+                ),
+            ));
+        }
+        self.completed.store(true, Ordering::Release);
+        Ok(())
+    }
+}

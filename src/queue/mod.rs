@@ -1,0 +1,194 @@
+//! Work queue: each job done once across a fleet of workers, with retries,
+//! leases, dead jobs, and enqueueing inside the caller's transaction.
+//!
+//! ```no_run
+//! # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+//! let queue = pubsub.queue();
+//! queue.enqueue("emails", &serde_json::json!({"to": "a@b"})).await?;
+//! let worker = queue
+//!     .worker("emails")
+//!     .concurrency(8)
+//!     .run(|job| async move {
+//!         let mail: serde_json::Value = job.json()?;
+//!         println!("attempt {}: {mail}", job.attempt());
+//!         Ok::<_, pg_pubsub::Error>(())
+//!     })
+//!     .await?;
+//! // ... later:
+//! worker.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! From SQL (a trigger, another language):
+//! `SELECT pgpubsub.enqueue('emails', '{"to":"a@b"}')`, with optional
+//! `p_run_at`, `p_priority`, `p_max_attempts`, `p_unique_key`.
+//!
+//! ## The tables
+//!
+//! Schema version 2 of the crate's schema ([`schema_sql`](crate::durable::schema_sql)):
+//! * `jobs(id, queue, state, priority, run_at, attempt, max_attempts,
+//!   lease_until, unique_key, last_error, created_at, payload)`: only jobs
+//!   that are `ready` (due or scheduled) or `running`. A completed job is
+//!   deleted, a dead one moved to `dead_jobs`: the claim index holds live
+//!   work only, so claiming costs the same after millions of jobs.
+//! * `dead_jobs`: jobs that failed their last attempt, with the error.
+//! * functions `enqueue`, `enqueue_many`, `claim`, `fail`, `rescue`, `retry_dead`.
+//!
+//! ## Claiming, leases, retries
+//!
+//! A worker claims, in one statement, up to its free handlers plus a
+//! prefetch ([`WorkerBuilder::prefetch`], default the concurrency)
+//! (`FOR UPDATE SKIP LOCKED`, setting `state`, `attempt` and `lease_until`),
+//! and completes what finished since the last round trip in the same
+//! statement; workers woken together take disjoint jobs without waiting
+//! on each other. `(id, attempt)` is the claim: completing, failing and extending
+//! the lease check it, so a worker that lost its lease cannot complete a
+//! job someone else now runs. Leases are extended every third of their
+//! length while the handler runs; every poll, a worker makes jobs whose
+//! lease expired ready again (a dead worker's jobs run again after the
+//! lease). At least once: the handler gets the attempt number
+//! ([`Job::attempt`]), and [`Job::complete_in`] completes the job in the
+//! handler's own transaction for an exactly-once effect.
+//!
+//! A failed attempt (`Err` or a panic) is retried after
+//! `min(max, base * 2^(attempt-1))` scaled by a random factor in
+//! `[0.5, 1]` (defaults: 1 s and 1 h), until `max_attempts` (default 25);
+//! then the job is dead ([`Queue::dead_jobs`], [`Queue::retry_dead`],
+//! [`Queue::delete_dead`]).
+//!
+//! ## Wake-ups
+//!
+//! `enqueue` sends `pg_notify('<schema>_jobs', queue)`: the same payload
+//! for every job of a transaction, so the server sends one notification
+//! per queue per transaction. Workers listen on the instance's listener
+//! connection and also poll (default every second), so a lost
+//! notification only delays. Jobs scheduled for later send none; they are
+//! found by the poll (so they may start up to one poll interval late,
+//! never early).
+
+mod admin;
+mod enqueue;
+mod job;
+mod worker;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::OnceCell;
+
+pub use admin::{DeadJob, QueueStats};
+pub use enqueue::{Enqueued, JobOptions};
+pub use job::Job;
+pub use worker::{Worker, WorkerBuilder};
+
+use crate::client::PgPubSub;
+use crate::durable::SchemaName;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The longest queue name accepted, in bytes.
+const MAX_QUEUE_BYTES: usize = 200;
+
+/// Work queues in one schema, through a [`PgPubSub`]. Cheap to clone.
+///
+/// Made by [`PgPubSub::queue`] or [`PgPubSub::queue_in`]. The schema is
+/// installed on first use (or by [`install`](Self::install)).
+#[derive(Clone)]
+pub struct Queue {
+    pub(crate) pubsub: PgPubSub,
+    pub(crate) schema: SchemaName,
+    installed: Arc<OnceCell<()>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+impl PgPubSub {
+    /// Work queues in the default schema (`pgpubsub`).
+    pub fn queue(&self) -> Queue {
+        Queue {
+            pubsub: self.clone(),
+            schema: SchemaName::default(),
+            installed: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Enqueues `value` as JSON on `queue` in the default schema:
+    /// `pubsub.queue().enqueue(queue, value)`. Keep a [`Queue`] to enqueue
+    /// often: each new one checks the schema version once.
+    pub async fn enqueue<T: serde::Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        value: &T,
+    ) -> Result<Enqueued> {
+        self.queue().enqueue(queue, value).await
+    }
+
+    /// Work queues in `schema` (a lowercase identifier of at most 40 bytes).
+    pub fn queue_in(&self, schema: &str) -> Result<Queue> {
+        Ok(Queue {
+            pubsub: self.clone(),
+            schema: SchemaName::new(schema)?,
+            installed: Arc::new(OnceCell::new()),
+        })
+    }
+}
+
+/// Checks a queue name: 1 to 200 bytes, no NUL.
+pub(crate) fn check_queue(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('\0') || name.len() > MAX_QUEUE_BYTES {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("queue name must be 1 to {MAX_QUEUE_BYTES} bytes, without NUL"),
+        ));
+    }
+    Ok(())
+}
+
+impl Queue {
+    /// The schema.
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// The [`PgPubSub`] this uses.
+    pub fn pubsub(&self) -> &PgPubSub {
+        &self.pubsub
+    }
+
+    /// Creates or upgrades the schema (the same installer as durable
+    /// channels). Safe when several processes install at once.
+    pub async fn install(&self) -> Result<()> {
+        self.installed
+            .get_or_try_init(|| async {
+                let schema = &self.schema;
+                self.pubsub
+                    .with_pooled("installing the schema", |client| async move {
+                        crate::durable::install_schema(&client, schema).await
+                    })
+                    .await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Runs `f` on a pooled connection (installing the schema first) within
+    /// the notify timeout.
+    pub(crate) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
+    where
+        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        Fut: Future<Output = Result<R, tokio_postgres::Error>>,
+    {
+        self.install().await?;
+        self.pubsub.with_pool(ErrorKind::Queue, stage, f).await
+    }
+
+    /// `schema.name`, for building statements.
+    pub(crate) fn obj(&self, name: &str) -> String {
+        format!("{}.{name}", self.schema.as_str())
+    }
+}

@@ -1,0 +1,205 @@
+-- pg-pubsub work queue, schema version 2 (on top of version 1).
+-- Safe to run more than once and from several sessions at once.
+BEGIN;
+SELECT pg_advisory_xact_lock(@LOCK@);
+CREATE SCHEMA IF NOT EXISTS @S@;
+
+-- The hot table: only jobs waiting (ready, possibly scheduled later) or
+-- running. Completed jobs are deleted; dead ones move to dead_jobs. So the
+-- claim index only ever holds live work, however many jobs went through.
+-- fillfactor leaves room for HOT updates (claim, lease, retry).
+CREATE TABLE IF NOT EXISTS @S@.jobs (
+    id           bigserial   PRIMARY KEY,
+    queue        text        NOT NULL,
+    state        text        NOT NULL DEFAULT 'ready' CHECK (state IN ('ready', 'running')),
+    priority     smallint    NOT NULL DEFAULT 0,
+    run_at       timestamptz NOT NULL DEFAULT now(),
+    attempt      int         NOT NULL DEFAULT 0,
+    max_attempts int         NOT NULL DEFAULT 25 CHECK (max_attempts >= 1),
+    lease_until  timestamptz,
+    unique_key   text,
+    last_error   text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    payload      text        NOT NULL
+) WITH (fillfactor = 80);
+-- Claim order: higher priority first, then run_at, then id.
+CREATE INDEX IF NOT EXISTS jobs_claim ON @S@.jobs (queue, priority DESC, run_at, id)
+    WHERE state = 'ready';
+CREATE INDEX IF NOT EXISTS jobs_lease ON @S@.jobs (queue, lease_until) WHERE state = 'running';
+-- A unique key is taken while its job is ready or running (dead and
+-- finished jobs are not in this table).
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_unique ON @S@.jobs (queue, unique_key)
+    WHERE unique_key IS NOT NULL;
+
+-- Jobs that failed max_attempts times (or lost their lease on the last
+-- attempt), kept for a person to look at, retry or delete.
+CREATE TABLE IF NOT EXISTS @S@.dead_jobs (
+    id           bigint      PRIMARY KEY,
+    queue        text        NOT NULL,
+    priority     smallint    NOT NULL,
+    attempt      int         NOT NULL,
+    max_attempts int         NOT NULL,
+    unique_key   text,
+    last_error   text,
+    created_at   timestamptz NOT NULL,
+    died_at      timestamptz NOT NULL DEFAULT now(),
+    payload      text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_jobs_queue ON @S@.dead_jobs (queue, id);
+
+-- Enqueues one job in the caller's transaction. Returns its id, or NULL
+-- when p_unique_key is already taken by a ready or running job of the
+-- queue (nothing is inserted then). The wake-up payload is the queue name,
+-- the same for every job of a transaction, so the server sends one
+-- notification per queue per transaction. Jobs scheduled later send none
+-- (workers poll).
+CREATE OR REPLACE FUNCTION @S@.enqueue(p_queue text, p_payload text,
+                                       p_run_at timestamptz DEFAULT NULL,
+                                       p_priority smallint DEFAULT 0,
+                                       p_max_attempts int DEFAULT 25,
+                                       p_unique_key text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    -- ON CONFLICT (a speculative insertion) only when there is a key.
+    IF p_unique_key IS NULL THEN
+        INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts)
+        VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts)
+        RETURNING id INTO new_id;
+    ELSE
+        INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts, unique_key)
+        VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts,
+                p_unique_key)
+        ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+        RETURNING id INTO new_id;
+    END IF;
+    IF new_id IS NOT NULL AND (p_run_at IS NULL OR p_run_at <= now()) THEN
+        PERFORM pg_notify('@JOBS@', p_queue);
+    END IF;
+    RETURN new_id;
+END $$;
+
+-- Enqueues many jobs (no unique keys) in one statement; one wake-up.
+CREATE OR REPLACE FUNCTION @S@.enqueue_many(p_queue text, p_payloads text[],
+                                            p_run_at timestamptz DEFAULT NULL,
+                                            p_priority smallint DEFAULT 0,
+                                            p_max_attempts int DEFAULT 25) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts)
+    SELECT p_queue, p, coalesce(p_run_at, now()), p_priority, p_max_attempts
+    FROM unnest(p_payloads) AS p;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND (p_run_at IS NULL OR p_run_at <= now()) THEN
+        PERFORM pg_notify('@JOBS@', p_queue);
+    END IF;
+    RETURN n;
+END $$;
+
+-- Claims up to p_limit due jobs of a queue in one statement: SKIP LOCKED
+-- lets concurrent workers take disjoint sets without waiting on each other.
+-- (id, attempt) is the claim's token for completing, failing and extending.
+-- MATERIALIZED: the locked pick runs exactly once, never inlined.
+CREATE OR REPLACE FUNCTION @S@.claim(p_queue text, p_limit int, p_lease interval)
+RETURNS TABLE (id bigint, attempt int, max_attempts int, priority smallint,
+               created_at timestamptz, payload text)
+LANGUAGE sql AS $$
+    WITH picked AS MATERIALIZED (
+        SELECT j.id FROM @S@.jobs j
+        WHERE j.queue = p_queue AND j.state = 'ready' AND j.run_at <= now()
+        ORDER BY j.priority DESC, j.run_at, j.id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE @S@.jobs j
+    SET state = 'running', attempt = j.attempt + 1, lease_until = now() + p_lease
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload
+$$;
+
+-- Records a failed attempt: back to ready at now() + p_delay, or, when it
+-- was the last attempt, moved to dead_jobs. Returns 'retry', 'dead', or
+-- NULL when the claim is not current (the lease was lost).
+CREATE OR REPLACE FUNCTION @S@.fail(p_id bigint, p_attempt int, p_error text, p_delay interval)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    j @S@.jobs;
+BEGIN
+    SELECT * INTO j FROM @S@.jobs
+    WHERE id = p_id AND attempt = p_attempt AND state = 'running' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF j.attempt >= j.max_attempts THEN
+        DELETE FROM @S@.jobs WHERE id = p_id;
+        INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
+                                   last_error, created_at, payload)
+        VALUES (j.id, j.queue, j.priority, j.attempt, j.max_attempts, j.unique_key,
+                p_error, j.created_at, j.payload);
+        RETURN 'dead';
+    END IF;
+    UPDATE @S@.jobs SET state = 'ready', lease_until = NULL, last_error = p_error,
+                        run_at = now() + p_delay
+    WHERE id = p_id;
+    RETURN 'retry';
+END $$;
+
+-- Makes running jobs whose lease expired (their worker died or lost its
+-- connection) ready again, or dead if that was their last attempt.
+-- Returns how many were rescued.
+CREATE OR REPLACE FUNCTION @S@.rescue(p_queue text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+    d bigint;
+BEGIN
+    WITH gone AS (
+        DELETE FROM @S@.jobs j
+        WHERE j.queue = p_queue AND j.state = 'running' AND j.lease_until < now()
+          AND j.attempt >= j.max_attempts
+        RETURNING j.*
+    )
+    INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
+                               last_error, created_at, payload)
+    SELECT g.id, g.queue, g.priority, g.attempt, g.max_attempts, g.unique_key,
+           'lease expired (the worker stopped or lost its connection)', g.created_at, g.payload
+    FROM gone g;
+    GET DIAGNOSTICS d = ROW_COUNT;
+    UPDATE @S@.jobs j SET state = 'ready', lease_until = NULL,
+        last_error = 'lease expired (the worker stopped or lost its connection)'
+    WHERE j.queue = p_queue AND j.state = 'running' AND j.lease_until < now();
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n + d;
+END $$;
+
+-- Moves a dead job back to the queue with a fresh set of attempts.
+-- Returns false when there is no such dead job, or when its unique key
+-- is taken again.
+CREATE OR REPLACE FUNCTION @S@.retry_dead(p_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    d @S@.dead_jobs;
+BEGIN
+    DELETE FROM @S@.dead_jobs WHERE id = p_id RETURNING * INTO d;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO @S@.jobs (id, queue, priority, max_attempts, unique_key, last_error,
+                          created_at, payload)
+    VALUES (d.id, d.queue, d.priority, d.max_attempts, d.unique_key, d.last_error,
+            d.created_at, d.payload)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unique key % of queue % is taken by another job', d.unique_key, d.queue
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    PERFORM pg_notify('@JOBS@', d.queue);
+    RETURN true;
+END $$;
+
+INSERT INTO @S@.schema_version (version) VALUES (2) ON CONFLICT DO NOTHING;
+COMMIT;

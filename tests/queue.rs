@@ -1,0 +1,693 @@
+//! Work queue on a real server: exactly-once with several workers, leases
+//! of dead workers, retries, dead jobs, scheduling, unique keys, graceful
+//! shutdown, wake-ups.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue, Worker};
+use pg_pubsub::{ConnectionEvent, ErrorKind, PgPubSub};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Fast retries and polls so tests finish quickly (no test relies on them
+/// for anything but speed).
+fn fast(q: &Queue, name: &str) -> pg_pubsub::queue::WorkerBuilder {
+    q.worker(name)
+        .poll_interval(Duration::from_millis(50))
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(40))
+}
+
+/// A worker that reports `(id, attempt, payload)` of each job it completes.
+async fn reporting(
+    q: &Queue,
+    name: &str,
+    concurrency: usize,
+) -> (Worker, mpsc::UnboundedReceiver<(i64, i32, String)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = fast(q, name)
+        .concurrency(concurrency)
+        .run(move |job: Job| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((job.id(), job.attempt(), job.payload().to_owned()));
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .expect("worker");
+    (worker, rx)
+}
+
+#[tokio::test]
+async fn every_job_done_exactly_once_by_several_workers() {
+    const JOBS: usize = 3000;
+    let name = channel("q_once");
+    let side = format!("side_{name}");
+    let admin = raw_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {side} (job_id bigint NOT NULL, payload text NOT NULL)"
+        ))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut instances = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (ps, q) = queue().await;
+        let (tx, side, pool) = (tx.clone(), side.clone(), ps.pool().clone());
+        let worker = fast(&q, &name)
+            .concurrency(4)
+            .run(move |job: Job| {
+                let (tx, side, pool) = (tx.clone(), side.clone(), pool.clone());
+                async move {
+                    // The side effect and the completion commit together.
+                    let mut client = pool.get().await.map_err(|e| e.to_string())?;
+                    let t = client.transaction().await.map_err(|e| e.to_string())?;
+                    t.execute(
+                        &format!("INSERT INTO {side} VALUES ($1, $2)"),
+                        &[&job.id(), &job.payload()],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    job.complete_in(&*t).await.map_err(|e| e.to_string())?;
+                    t.commit().await.map_err(|e| e.to_string())?;
+                    let _ = tx.send(());
+                    Ok::<_, String>(())
+                }
+            })
+            .await
+            .unwrap();
+        workers.push(worker);
+        instances.push((ps, q));
+    }
+    let payloads: Vec<String> = (0..JOBS).map(|i| i.to_string()).collect();
+    let n = instances[0]
+        .1
+        .enqueue_batch(&name, &payloads, &JobOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(n, JOBS);
+    for _ in 0..JOBS {
+        recv(&mut rx).await;
+    }
+    for w in workers {
+        w.shutdown().await.unwrap();
+    }
+    let row = admin
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT job_id), count(DISTINCT payload) FROM {side}"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (all, ids, payloads): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (all, ids, payloads),
+        (JOBS as i64, JOBS as i64, JOBS as i64)
+    );
+    assert!(
+        job_states(&admin, &name).await.is_empty(),
+        "hot table empty"
+    );
+    for (ps, _) in instances {
+        ps.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_dead_workers_jobs_run_again_after_the_lease() {
+    let (ps, q) = queue().await;
+    let name = channel("q_lease");
+    q.enqueue_batch(&name, ["a", "b", "c"], &JobOptions::new())
+        .await
+        .unwrap();
+    // A worker that claims and then vanishes: only the SQL, a short lease.
+    let admin = raw_client().await;
+    let claimed = admin
+        .query(
+            "SELECT id FROM pgpubsub.claim($1, 10, interval '300 milliseconds')",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let (worker, mut rx) = reporting(&q, &name, 2).await;
+    let mut got: Vec<(i32, String)> = Vec::new();
+    for _ in 0..3 {
+        let (_, attempt, payload) = recv(&mut rx).await;
+        got.push((attempt, payload));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![(2, "a".into()), (2, "b".into()), (2, "c".into())],
+        "each job ran once more, as its second attempt"
+    );
+    worker.shutdown().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn leases_are_extended_while_the_handler_runs() {
+    let (ps, q) = queue().await;
+    let name = channel("q_extend");
+    q.enqueue_raw(&name, "slow").await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let r = runs.clone();
+    let worker = fast(&q, &name)
+        .concurrency(2)
+        .lease(Duration::from_millis(300))
+        .run(move |job: Job| {
+            let (r, tx) = (r.clone(), tx.clone());
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                // Work lasting several leases.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = tx.send(job.attempt());
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, 1);
+    worker.shutdown().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "never claimed twice");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn failures_retry_with_backoff_then_succeed() {
+    let (ps, q) = queue().await;
+    let name = channel("q_retry");
+    let mut events = ps.events();
+    let id = q.enqueue_raw(&name, "x").await.unwrap().id().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let worker = fast(&q, &name)
+        .run(move |job: Job| {
+            let tx = tx.clone();
+            async move {
+                if job.attempt() == 2 {
+                    panic!("boom on attempt 2");
+                }
+                if job.attempt() < 3 {
+                    return Err(format!("failing attempt {}", job.attempt()));
+                }
+                let _ = tx.send(job.attempt());
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    for want in 1..=2 {
+        match wait_event(&mut events, |e| {
+            matches!(e, ConnectionEvent::JobRetried { .. })
+        })
+        .await
+        {
+            ConnectionEvent::JobRetried {
+                job_id,
+                attempt,
+                error,
+                ..
+            } => {
+                assert_eq!((job_id, attempt), (id, want));
+                let expected = if want == 1 {
+                    "failing attempt 1"
+                } else {
+                    "panicked: boom on attempt 2"
+                };
+                assert!(error.contains(expected), "{error}");
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(recv(&mut rx).await, 3);
+    worker.shutdown().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted() {
+    let (ps, q) = queue().await;
+    let name = channel("q_dead");
+    let mut events = ps.events();
+    let opts = JobOptions::new().max_attempts(3);
+    let a = q
+        .enqueue_raw_with(&name, "a", &opts)
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    let b = q
+        .enqueue_raw_with(&name, "b", &opts)
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    let worker = fast(&q, &name)
+        .concurrency(2)
+        .run(|job: Job| async move { Err(format!("cannot do {}", job.payload())) })
+        .await
+        .unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..2 {
+        match wait_event(&mut events, |e| {
+            matches!(e, ConnectionEvent::JobDead { .. })
+        })
+        .await
+        {
+            ConnectionEvent::JobDead {
+                job_id, attempts, ..
+            } => dead.push((job_id, attempts)),
+            _ => unreachable!(),
+        }
+    }
+    dead.sort();
+    assert_eq!(dead, vec![(a, 3), (b, 3)]);
+    worker.shutdown().await.unwrap();
+
+    let listed = q.dead_jobs(Some(&name), 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].id, a);
+    assert_eq!(listed[0].attempts, 3);
+    assert_eq!(listed[0].last_error.as_deref(), Some("cannot do a"));
+    let stats = q.stats().await.unwrap();
+    let s = stats.iter().find(|s| s.queue == name).unwrap();
+    assert_eq!((s.ready, s.running, s.dead), (0, 0, 2));
+
+    assert!(q.delete_dead(b).await.unwrap());
+    assert!(!q.delete_dead(b).await.unwrap());
+    assert!(q.retry_dead(a).await.unwrap());
+    assert!(!q.retry_dead(a).await.unwrap());
+    let (worker, mut rx) = reporting(&q, &name, 1).await;
+    let (id, attempt, _) = recv(&mut rx).await;
+    assert_eq!((id, attempt), (a, 1), "a retried dead job starts afresh");
+    worker.shutdown().await.unwrap();
+    assert!(q.dead_jobs(Some(&name), 10).await.unwrap().is_empty());
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn scheduled_jobs_do_not_run_early() {
+    let (ps, q) = queue().await;
+    let name = channel("q_sched");
+    let delay = Duration::from_millis(1500);
+    let start = Instant::now();
+    q.enqueue_raw_with(&name, "later", &JobOptions::new().delay(delay))
+        .await
+        .unwrap();
+    q.enqueue_raw(&name, "now").await.unwrap();
+    let stats = q.stats().await.unwrap();
+    let s = stats.iter().find(|s| s.queue == name).unwrap();
+    assert_eq!((s.ready, s.scheduled), (1, 1));
+    let (worker, mut rx) = reporting(&q, &name, 2).await;
+    assert_eq!(recv(&mut rx).await.2, "now");
+    assert_eq!(recv(&mut rx).await.2, "later");
+    assert!(start.elapsed() >= delay, "ran after {:?}", start.elapsed());
+    worker.shutdown().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn unique_keys_while_pending_or_running() {
+    let (ps, q) = queue().await;
+    let name = channel("q_unique");
+    let opts = JobOptions::new().unique_key("user-1");
+    let first = q.enqueue_raw_with(&name, "1", &opts).await.unwrap();
+    assert!(matches!(first, Enqueued::New(_)));
+    assert_eq!(
+        q.enqueue_raw_with(&name, "2", &opts).await.unwrap(),
+        Enqueued::Duplicate
+    );
+    // Same key, other queue: independent.
+    let other = channel("q_unique_other");
+    assert!(q
+        .enqueue_raw_with(&other, "3", &opts)
+        .await
+        .unwrap()
+        .id()
+        .is_some());
+    // From SQL, a duplicate is NULL.
+    let admin = raw_client().await;
+    let row = admin
+        .query_one(
+            "SELECT pgpubsub.enqueue($1, 'x', p_unique_key => 'user-1')",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<i64>>(0), None);
+    // While running, still taken; once done, free again.
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let g = gate.clone();
+    let worker = fast(&q, &name)
+        .run(move |job: Job| {
+            let (g, tx) = (g.clone(), tx.clone());
+            async move {
+                let _ = tx.send(job.id());
+                let _permit = g.acquire().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(Some(recv(&mut rx).await), first.id());
+    assert_eq!(
+        q.enqueue_raw_with(&name, "4", &opts).await.unwrap(),
+        Enqueued::Duplicate
+    );
+    gate.add_permits(1);
+    worker.shutdown().await.unwrap();
+    assert!(q
+        .enqueue_raw_with(&name, "5", &opts)
+        .await
+        .unwrap()
+        .id()
+        .is_some());
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn enqueue_in_a_transaction_is_nothing_on_rollback() {
+    let (ps, q) = queue().await;
+    let name = channel("q_tx");
+    let mut client = raw_client().await;
+    let t = client.transaction().await.unwrap();
+    q.enqueue_in(&t, &name, &"no", &JobOptions::new())
+        .await
+        .unwrap();
+    t.rollback().await.unwrap();
+    let t = client.transaction().await.unwrap();
+    q.enqueue_in(&t, &name, &"yes", &JobOptions::new())
+        .await
+        .unwrap();
+    t.commit().await.unwrap();
+    let (worker, mut rx) = reporting(&q, &name, 1).await;
+    assert_eq!(recv(&mut rx).await.2, "\"yes\"");
+    worker.shutdown().await.unwrap();
+    assert!(job_states(&client, &name).await.is_empty());
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn enqueue_wakes_an_idle_worker_without_polling() {
+    let (ps, q) = queue().await;
+    let name = channel("q_wake");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let worker = q
+        .worker(&name)
+        .poll_interval(Duration::from_secs(3600))
+        .run(move |job: Job| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(job.payload().to_owned());
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .unwrap();
+    // The first poll tick is immediate; after it only a wake-up can help.
+    q.enqueue_raw(&name, "one").await.unwrap();
+    assert_eq!(recv(&mut rx).await, "one");
+    // From SQL, as a trigger would.
+    let admin = raw_client().await;
+    admin
+        .execute("SELECT pgpubsub.enqueue($1, 'two')", &[&name])
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, "two");
+    worker.shutdown().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_running_and_gives_the_rest_back_at_once() {
+    let (ps, q) = queue().await;
+    let name = channel("q_stop");
+    let quick = q.enqueue_raw(&name, "quick").await.unwrap().id().unwrap();
+    q.enqueue_raw(&name, "stuck").await.unwrap();
+    // Claimed ahead (prefetch) but never started: both handlers are busy.
+    q.enqueue_raw(&name, "unstarted").await.unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let g = gate.clone();
+    let worker = fast(&q, &name)
+        .concurrency(2)
+        .prefetch(2)
+        .lease(Duration::from_secs(3600))
+        .shutdown_timeout(Duration::from_millis(500))
+        .run(move |job: Job| {
+            let (g, tx) = (g.clone(), tx.clone());
+            async move {
+                let _ = tx.send(());
+                if job.payload() != "quick" {
+                    std::future::pending::<()>().await;
+                }
+                let _permit = g.acquire().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .unwrap();
+    recv(&mut rx).await;
+    recv(&mut rx).await;
+    let release = async {
+        gate.add_permits(1);
+    };
+    let (res, ()) = tokio::join!(worker.shutdown(), release);
+    res.unwrap();
+    // Right after shutdown (the lease is an hour): the quick one is done,
+    // the stuck and the unstarted one ready again, attempts not counted.
+    let admin = raw_client().await;
+    let rows = admin
+        .query(
+            "SELECT id, payload, state, attempt, lease_until IS NULL FROM pgpubsub.jobs \
+             WHERE queue = $1 ORDER BY id",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, i32, bool)> = rows
+        .iter()
+        .map(|r| (r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert!(rows.iter().all(|r| r.get::<_, i64>(0) != quick));
+    assert_eq!(
+        got,
+        vec![
+            ("stuck".into(), "ready".into(), 0, true),
+            ("unstarted".into(), "ready".into(), 0, true)
+        ]
+    );
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn complete_in_fails_when_the_claim_was_lost() {
+    let (ps, q) = queue().await;
+    let name = channel("q_lost");
+    q.enqueue_raw(&name, "x").await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let pool = ps.pool().clone();
+    let worker = fast(&q, &name)
+        .run(move |job: Job| {
+            let (tx, pool) = (tx.clone(), pool.clone());
+            async move {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                // Someone else took the job over meanwhile.
+                client
+                    .execute(
+                        "UPDATE pgpubsub.jobs SET attempt = attempt + 1 WHERE id = $1",
+                        &[&job.id()],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let err = job.complete_in(&**client).await.unwrap_err();
+                let _ = tx.send(err.kind());
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, ErrorKind::Queue);
+    worker.shutdown().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_sent() {
+    let ps: PgPubSub = pubsub().await;
+    let q = ps.queue();
+    assert_eq!(
+        q.enqueue_raw("", "x").await.unwrap_err().kind(),
+        ErrorKind::Config
+    );
+    assert_eq!(
+        q.enqueue_raw("q", "a\0b").await.unwrap_err().kind(),
+        ErrorKind::PayloadContainsNul
+    );
+    let zero = JobOptions::new().max_attempts(0);
+    assert_eq!(
+        q.enqueue_raw_with("q", "x", &zero)
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Config
+    );
+    let err = q
+        .worker("q")
+        .concurrency(0)
+        .run(|_job: Job| async { Ok::<_, String>(()) })
+        .await;
+    assert_eq!(err.unwrap_err().kind(), ErrorKind::Config);
+    ps.shutdown().await;
+}
+
+/// Real worker processes (`pg-pubsub queue work`), each job's command
+/// sending its job id on `done` with `pg-pubsub notify`.
+#[cfg(feature = "cli")]
+mod cli {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::common::fleet::Fleet;
+
+    const BIN: &str = env!("CARGO_BIN_EXE_pg-pubsub");
+
+    async fn spawn_worker(fleet: &mut Fleet, queue: &str, done: &str, extra: &[&str]) -> usize {
+        let script = format!("exec '{BIN}' notify '{done}' \"$PGPUBSUB_JOB_ID\" >/dev/null");
+        let mut args = vec!["queue", "work", queue];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", &script]);
+        fleet
+            .spawn_cmd(&args, |l| l.contains("working on queue"))
+            .await
+    }
+
+    async fn enqueue_ids(q: &Queue, queue: &str, n: usize) -> BTreeSet<String> {
+        let payloads: Vec<String> = (0..n).map(|i| format!("job {i}")).collect();
+        q.enqueue_batch(queue, &payloads, &JobOptions::new())
+            .await
+            .unwrap();
+        let admin = raw_client().await;
+        admin
+            .query(
+                "SELECT id::text FROM pgpubsub.jobs WHERE queue = $1",
+                &[&queue],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn worker_processes_do_every_job_exactly_once() {
+        const JOBS: usize = 400;
+        let (ps, q) = queue().await;
+        let (name, done) = (channel("q_cli"), channel("q_cli_done"));
+        let (notifier, mut rx) = raw_listener(&done).await;
+        let mut fleet = Fleet::new();
+        for _ in 0..4 {
+            spawn_worker(&mut fleet, &name, &done, &["--concurrency", "4"]).await;
+        }
+        let ids = enqueue_ids(&q, &name, JOBS).await;
+        let mut seen = BTreeSet::new();
+        while seen.len() < JOBS {
+            seen.insert(recv(&mut rx).await.1);
+        }
+        for i in 0..4 {
+            let status = fleet.signal(i, "-TERM").await;
+            assert!(status.success(), "SIGTERM exits 0: {status}");
+        }
+        // Everything the commands sent arrives before the sentinel.
+        notifier
+            .execute("SELECT pg_notify($1, 'end')", &[&done])
+            .await
+            .unwrap();
+        let rest = recv_until(&mut rx, "end").await;
+        assert!(rest.is_empty(), "ran twice: {rest:?}");
+        assert_eq!(seen, ids);
+        assert!(
+            job_states(&notifier, &name).await.is_empty(),
+            "all completed"
+        );
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_sigkilled_workers_jobs_run_again_after_the_lease() {
+        const JOBS: usize = 200;
+        let (ps, q) = queue().await;
+        let (name, done) = (channel("q_kill"), channel("q_kill_done"));
+        let (notifier, mut rx) = raw_listener(&done).await;
+        let mut fleet = Fleet::new();
+        let opts = ["--concurrency", "4", "--lease", "1"];
+        for _ in 0..3 {
+            spawn_worker(&mut fleet, &name, &done, &opts).await;
+        }
+        let ids = enqueue_ids(&q, &name, JOBS).await;
+        let mut seen = BTreeSet::new();
+        while seen.len() < JOBS / 4 {
+            seen.insert(recv(&mut rx).await.1);
+        }
+        let status = fleet.signal(0, "-KILL").await;
+        assert!(!status.success());
+        while seen.len() < JOBS {
+            seen.insert(recv(&mut rx).await.1);
+        }
+        for i in 1..3 {
+            assert!(fleet.signal(i, "-TERM").await.success());
+        }
+        assert_eq!(seen, ids, "none lost");
+        assert!(
+            job_states(&notifier, &name).await.is_empty(),
+            "all completed"
+        );
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_keeps_its_stderr_as_the_error() {
+        let (ps, q) = queue().await;
+        let name = channel("q_cli_fail");
+        let id = q
+            .enqueue_raw_with(&name, "payload", &JobOptions::new().max_attempts(1))
+            .await
+            .unwrap()
+            .id()
+            .unwrap();
+        let done = channel("q_cli_fail_done");
+        let (_notifier, mut rx) = raw_listener(&done).await;
+        let script = format!(
+            "echo \"attempt $PGPUBSUB_ATTEMPT got $(cat)\" >&2; \
+             '{BIN}' notify '{done}' ran >/dev/null; exit 3"
+        );
+        let mut fleet = Fleet::new();
+        fleet
+            .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", &script], |l| {
+                l.contains("working on queue")
+            })
+            .await;
+        recv(&mut rx).await;
+        // A graceful stop waits for the command and records its failure.
+        assert!(fleet.signal(0, "-TERM").await.success());
+        let dead = q.dead_jobs(Some(&name), 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, id);
+        let err = dead[0].last_error.as_deref().unwrap();
+        assert!(err.contains("attempt 1 got payload"), "{err}");
+        assert!(err.contains("exit status: 3"), "{err}");
+        ps.shutdown().await;
+    }
+}
