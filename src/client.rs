@@ -568,18 +568,13 @@ impl PgPubSub {
         self.check_open().is_err()
     }
 
-    /// Sends `event` to every [`EventStream`] (none listening is fine).
-    pub(crate) fn emit(&self, event: crate::ConnectionEvent) {
-        let _ = self.inner.events.send(event);
-    }
-
     /// Connection-level events from now on.
     pub fn events(&self) -> EventStream {
         EventStream::new(self.inner.events.subscribe())
     }
 
     /// Sends `event` to the [`events`](Self::events) streams, for parts
-    /// that run outside the listener task (durable consumers).
+    /// that run outside the listener task (durable consumers, workers).
     pub(crate) fn emit(&self, event: crate::ConnectionEvent) {
         tracing::debug!(?event, "pg-pubsub event");
         // No receiver is fine: nobody is watching events.
