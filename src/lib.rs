@@ -24,9 +24,13 @@
 //!
 //! ```text
 //!  PgPubSub (Clone) ──commands──▶ listener task ──▶ dedicated connection (poll_message)
-//!       │                          │   registry: channel → subscriber queues
-//!       │                          └─ fan-out ──▶ Queue ──▶ Subscription<T> (Stream, decodes)
-//!       └── notify ──▶ deadpool pool (or the caller's transaction)
+//!       │                          │   registry: channel → plain | elected state
+//!       │                          └─ fan-out ──▶ inbox ──▶ Subscription<T> (Stream, decodes)
+//!       ├── notify ──▶ deadpool pool (or the caller's transaction)
+//!       ├── durable() ─▶ pool: tables + snapshot ticks; wake-ups and the
+//!       │                one-consumer-per-group election go through the listener
+//!       └── queue() / worker() ─▶ pool: jobs claimed with SKIP LOCKED; wake-ups
+//!                                  through the listener
 //! ```
 //!
 //! * One task (private module `driver`, in `src/driver/`) owns the listener
