@@ -11,17 +11,17 @@
 //! `publish,consume,latency,soak`; default all), `DATABASE_URL` (else a
 //! throwaway cluster).
 
-use std::error::Error;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{env_u64, line, rate, run_main, Res};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use pg_pubsub::durable::{Durable, DurableDelivery};
-use pg_pubsub::testing::TestServer;
 use pg_pubsub::{Delivery, PgPubSub};
 use tokio::time::MissedTickBehavior;
-
-type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 /// Concurrent publishing tasks in the one-per-transaction phase.
 const TASKS: usize = 8;
@@ -41,30 +41,13 @@ const BARE_SQL: &str = "
         payload text NOT NULL);
     CREATE INDEX ON bench_bare (channel, id);";
 
-fn env_u64(name: &str, default: u64) -> Res<u64> {
-    match std::env::var(name) {
-        Ok(v) => Ok(v.replace('_', "").parse()?),
-        Err(_) => Ok(default),
-    }
+/// A ratio line of this bench.
+fn line_of(what: &str, ours: f64, bare: f64, unit: &str) {
+    line(what, "durable", ours, bare, unit);
 }
 
 fn main() -> Res<()> {
-    let server = TestServer::from_env_or_start()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run(server.url()))
-}
-
-fn rate(n: u64, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-fn line(what: &str, durable: f64, bare: f64, unit: &str) {
-    println!(
-        "{what:<44} durable {durable:>10.0} {unit:<6} bare {bare:>10.0} {unit:<6} ratio {:.2}",
-        durable / bare
-    );
+    run_main(|url| async move { run(&url).await })
 }
 
 async fn run(url: &str) -> Res<()> {
@@ -158,13 +141,13 @@ async fn publish(
         }
     })
     .await?;
-    line(
+    line_of(
         "publish 1/tx, 8 tasks (msg/s)",
         rate(single, notifying),
         rate(single, bare),
         "msg/s",
     );
-    line(
+    line_of(
         "publish 1/tx, 8 tasks, quiet channel",
         rate(single, quiet),
         rate(single, bare),
@@ -182,7 +165,7 @@ async fn publish(
         d.publish_batch("batched", chunk).await?;
     }
     let durable = t.elapsed();
-    line(
+    line_of(
         "publish 1000/tx (msg/s)",
         rate(batched, durable),
         rate(batched, bare),
@@ -256,12 +239,12 @@ async fn consume(
         }
         sub.close().await?;
         let durable = rate(backlog, t.elapsed());
-        line(&format!("  consume run {run}"), durable, bare, "msg/s");
+        line_of(&format!("  consume run {run}"), durable, bare, "msg/s");
         bares.push(bare);
         durables.push(durable);
     }
     let ratios = durables.iter().zip(&bares).map(|(d, b)| d / b).collect();
-    line(
+    line_of(
         "consume backlog, one group, median (msg/s)",
         median(durables),
         median(bares),

@@ -11,16 +11,16 @@
 //! before the second latency probe, default 1 000 000), `DATABASE_URL`
 //! (else a throwaway cluster).
 
-use std::error::Error;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{env_u64, line, rate, run_main, Res};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pg_pubsub::queue::{Job, JobOptions, Queue};
-use pg_pubsub::testing::TestServer;
 use pg_pubsub::PgPubSub;
-
-type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 /// Concurrent tasks / connections / handlers.
 const TASKS: usize = 8;
@@ -50,30 +50,13 @@ const BARE_TAKE: &str = "DELETE FROM bench_bare_jobs WHERE id = (
         ORDER BY priority DESC, run_at, id FOR UPDATE SKIP LOCKED LIMIT 1)
     RETURNING payload";
 
-fn env_u64(name: &str, default: u64) -> Res<u64> {
-    match std::env::var(name) {
-        Ok(v) => Ok(v.replace('_', "").parse()?),
-        Err(_) => Ok(default),
-    }
+/// A ratio line of this bench.
+fn line_of(what: &str, ours: f64, bare: f64, unit: &str) {
+    line(what, "queue", ours, bare, unit);
 }
 
 fn main() -> Res<()> {
-    let server = TestServer::from_env_or_start()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run(server.url()))
-}
-
-fn rate(n: u64, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-fn line(what: &str, queue: f64, bare: f64, unit: &str) {
-    println!(
-        "{what:<44} queue {queue:>10.0} {unit:<6} bare {bare:>10.0} {unit:<6} ratio {:.2}",
-        queue / bare
-    );
+    run_main(|url| async move { run(&url).await })
 }
 
 async fn run(url: &str) -> Res<()> {
@@ -127,7 +110,7 @@ async fn run(url: &str) -> Res<()> {
         t.await??;
     }
     let bare = rate(per * TASKS as u64, t.elapsed());
-    line("enqueue, 1 per transaction, 8 tasks", ours, bare, "jobs/s");
+    line_of("enqueue, 1 per transaction, 8 tasks", ours, bare, "jobs/s");
 
     // Enqueue, a thousand per transaction, one task.
     let payloads: Vec<&str> = vec![PAYLOAD; 1000];
@@ -145,7 +128,7 @@ async fn run(url: &str) -> Res<()> {
             .await?;
     }
     let bare = rate(batched, t.elapsed());
-    line("enqueue, 1000 per transaction", ours, bare, "jobs/s");
+    line_of("enqueue, 1000 per transaction", ours, bare, "jobs/s");
     client
         .batch_execute(
             "TRUNCATE bench_bare_jobs; DELETE FROM pgpubsub.jobs WHERE queue LIKE 'bench%'",
@@ -182,7 +165,7 @@ async fn run(url: &str) -> Res<()> {
         t.await??;
     }
     let bare = rate(work, t.elapsed());
-    line(
+    line_of(
         "claim + complete, 8 handlers / connections",
         ours,
         bare,

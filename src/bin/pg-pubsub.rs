@@ -211,6 +211,56 @@ async fn notify(conn: &ConnOpts, args: NotifyArgs) -> Result<()> {
     result
 }
 
+/// Sends standard input line by line, `STDIN_CHUNK` lines per `send` call
+/// (each call one batch, all or nothing); returns how many were sent. An
+/// error says how many `what` (e.g. "messages") went out before it. Lines
+/// are read whole: durable messages and jobs have no size limit.
+pub(crate) async fn send_stdin_lines<F, Fut>(what: &str, mut send: F) -> Result<usize>
+where
+    F: FnMut(Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = pg_pubsub::Result<usize>>,
+{
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut chunk = Vec::with_capacity(STDIN_CHUNK);
+    let mut sent = 0usize;
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| Failure(format!("reading stdin after {sent} {what}: {e}")))?;
+        let done = line.is_none();
+        chunk.extend(line);
+        if chunk.len() == STDIN_CHUNK || (done && !chunk.is_empty()) {
+            let batch = std::mem::replace(&mut chunk, Vec::with_capacity(STDIN_CHUNK));
+            sent += send(batch)
+                .await
+                .map_err(|e| Failure(format!("{e} ({sent} {what} were sent before)")))?;
+        }
+        if done {
+            return Ok(sent);
+        }
+    }
+}
+
+/// Writes `line` as one JSON line, flushed so a reader sees it at once;
+/// `false` when stdout is closed (e.g. `| head`).
+pub(crate) async fn write_json_line<T: serde::Serialize>(
+    out: &mut tokio::io::Stdout,
+    line: &T,
+) -> Result<bool> {
+    let mut json = serde_json::to_vec(line).map_err(|e| format!("encoding JSON: {e}"))?;
+    json.push(b'\n');
+    let written = async {
+        out.write_all(&json).await?;
+        out.flush().await
+    };
+    match written.await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure(format!("writing to stdout: {e}"))),
+    }
+}
+
 /// Streams stdin in batches of at most [`STDIN_CHUNK`] lines, each sent
 /// with one `notify_batch` call that is one statement and one transaction
 /// (a batch ends before a repeated line, which the server would merge), so
@@ -465,18 +515,7 @@ async fn print_delivery(
             return Ok(true);
         }
     };
-    let mut json = serde_json::to_vec(&line).map_err(|e| format!("encoding JSON: {e}"))?;
-    json.push(b'\n');
-    // Flushed per line so a reader sees each message as it arrives.
-    let written = async {
-        out.write_all(&json).await?;
-        out.flush().await
-    };
-    match written.await {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(Failure(format!("writing to stdout: {e}"))),
-    }
+    write_json_line(out, &line).await
 }
 
 fn report_event(event: &ConnectionEvent) {

@@ -178,7 +178,7 @@ pub use schema::{
 use crate::client::PgPubSub;
 use crate::error::{ErrorKind, Result};
 
-pub(crate) use schema::install as install_schema;
+pub(crate) use schema::ensure as ensure_schema;
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
@@ -234,17 +234,7 @@ impl Durable {
     /// processes install at once; fails with [`ErrorKind::Config`] if the
     /// database holds a newer schema version.
     pub async fn install(&self) -> Result<()> {
-        self.installed
-            .get_or_try_init(|| async {
-                let schema = &self.schema;
-                self.pubsub
-                    .with_pooled("installing the durable schema", |client| async move {
-                        schema::install(&client, schema).await
-                    })
-                    .await
-            })
-            .await
-            .map(drop)
+        schema::ensure(&self.pubsub, &self.schema, &self.installed).await
     }
 
     /// Runs `f` on a pooled connection (installing the schema first) within

@@ -2,6 +2,9 @@
 //! per capability: v1 durable channels, v2 the work queue), installing
 //! them, and the names derived from it (wake-up channels, election names).
 
+use tokio::sync::OnceCell;
+
+use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The schema version this crate writes and reads: the last migration.
@@ -131,6 +134,24 @@ pub fn election_channel(schema: &SchemaName, channel: &str, group: &str) -> Stri
     key.push(0);
     key.extend_from_slice(group.as_bytes());
     format!("pgps_g_{:016x}", fnv1a64(&key))
+}
+
+/// Installs `schema` through `pubsub`'s pool once per `done` (every clone
+/// of a `Durable` or `Queue` handle shares one).
+pub(crate) async fn ensure(
+    pubsub: &PgPubSub,
+    schema: &SchemaName,
+    done: &OnceCell<()>,
+) -> Result<()> {
+    done.get_or_try_init(|| async {
+        pubsub
+            .with_pooled("installing the schema", |client| async move {
+                install(&client, schema).await
+            })
+            .await
+    })
+    .await
+    .map(drop)
 }
 
 /// Installs (or checks) the schema on `client`: applies, in order, the

@@ -163,17 +163,7 @@ impl Queue {
     /// Creates or upgrades the schema (the same installer as durable
     /// channels). Safe when several processes install at once.
     pub async fn install(&self) -> Result<()> {
-        self.installed
-            .get_or_try_init(|| async {
-                let schema = &self.schema;
-                self.pubsub
-                    .with_pooled("installing the schema", |client| async move {
-                        crate::durable::install_schema(&client, schema).await
-                    })
-                    .await
-            })
-            .await
-            .map(drop)
+        crate::durable::ensure_schema(&self.pubsub, &self.schema, &self.installed).await
     }
 
     /// Runs `f` on a pooled connection (installing the schema first) within

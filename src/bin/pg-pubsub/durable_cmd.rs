@@ -6,12 +6,11 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use pg_pubsub::durable::{schema_sql, Durable, DurableDelivery, Position, SchemaName, Start};
 use pg_pubsub::{ConnectionEvent, PgPubSub};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::{check_channel, connect, note, report_event, ConnOpts, Failure, Result, Stop, Tuning};
-
-/// Lines published per batch with `--stdin`.
-const STDIN_CHUNK: usize = 1000;
+use super::{
+    check_channel, connect, note, report_event, send_stdin_lines, write_json_line, ConnOpts,
+    Failure, Result, Stop, Tuning,
+};
 
 #[derive(Args)]
 pub(crate) struct DurableArgs {
@@ -105,27 +104,12 @@ async fn publish(ps: &PgPubSub, schema: &str, args: PublishArgs) -> Result<()> {
     if let Some(payload) = args.payload {
         return Ok(durable.publish_raw(&args.channel, &payload).await?);
     }
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut chunk = Vec::with_capacity(STDIN_CHUNK);
-    let mut sent = 0usize;
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| Failure(format!("reading stdin after {sent} messages: {e}")))?;
-        let done = line.is_none();
-        chunk.extend(line);
-        if chunk.len() == STDIN_CHUNK || (done && !chunk.is_empty()) {
-            sent += durable
-                .publish_batch(&args.channel, &chunk)
-                .await
-                .map_err(|e| Failure(format!("{e} ({sent} messages were published before)")))?;
-            chunk.clear();
-        }
-        if done {
-            break;
-        }
-    }
+    let durable = &durable;
+    let channel = args.channel.as_str();
+    let sent = send_stdin_lines("messages", |chunk| async move {
+        durable.publish_batch(channel, &chunk).await
+    })
+    .await?;
     note(&format!("published {sent} messages"));
     Ok(())
 }
@@ -249,17 +233,7 @@ async fn write_line<T>(
         position: m.position().to_string(),
         published_at,
     };
-    let mut json = serde_json::to_vec(&line).map_err(|e| format!("encoding JSON: {e}"))?;
-    json.push(b'\n');
-    let written = async {
-        out.write_all(&json).await?;
-        out.flush().await
-    };
-    match written.await {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(Failure(format!("writing to stdout: {e}"))),
-    }
+    write_json_line(out, &line).await
 }
 
 /// Seconds since the Unix epoch with microseconds, e.g. `1700000000.123456`

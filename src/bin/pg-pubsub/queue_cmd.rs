@@ -7,12 +7,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue};
 use pg_pubsub::PgPubSub;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{connect, note, ConnOpts, Failure, Result, Stop, Tuning};
+use super::{connect, note, send_stdin_lines, ConnOpts, Failure, Result, Stop, Tuning};
 
-/// Lines enqueued per batch with `--stdin`.
-const STDIN_CHUNK: usize = 1000;
 /// Bytes of a failed command's stderr kept as the job's error.
 const STDERR_TAIL: usize = 4096;
 
@@ -136,27 +134,11 @@ async fn enqueue(q: &Queue, args: EnqueueArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut chunk = Vec::with_capacity(STDIN_CHUNK);
-    let mut sent = 0usize;
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| Failure(format!("reading stdin after {sent} jobs: {e}")))?;
-        let done = line.is_none();
-        chunk.extend(line);
-        if chunk.len() == STDIN_CHUNK || (done && !chunk.is_empty()) {
-            sent += q
-                .enqueue_batch(&args.queue, &chunk, &opts)
-                .await
-                .map_err(|e| Failure(format!("{e} ({sent} jobs were enqueued before)")))?;
-            chunk.clear();
-        }
-        if done {
-            break;
-        }
-    }
+    let (queue, opts) = (args.queue.as_str(), &opts);
+    let sent = send_stdin_lines("jobs", |chunk| async move {
+        q.enqueue_batch(queue, &chunk, opts).await
+    })
+    .await?;
     note(&format!("enqueued {sent} jobs"));
     Ok(())
 }

@@ -1,0 +1,44 @@
+//! What the capability benches (`durable`, `queue`) share: sizes from the
+//! environment, a throwaway server and runtime, and the ratio line format.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use pg_pubsub::testing::TestServer;
+
+pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// `name` from the environment (underscores allowed: `1_000_000`), else `default`.
+pub fn env_u64(name: &str, default: u64) -> Res<u64> {
+    match std::env::var(name) {
+        Ok(v) => Ok(v.replace('_', "").parse()?),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Runs `bench` on a multi-threaded runtime against a throwaway server
+/// (or `DATABASE_URL`).
+pub fn run_main<F, Fut>(bench: F) -> Res<()>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Res<()>>,
+{
+    let server = TestServer::from_env_or_start()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(server.url().to_owned()))
+}
+
+pub fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+/// One measured line: this crate (`ours`, labelled `label`) against bare SQL.
+pub fn line(what: &str, label: &str, ours: f64, bare: f64, unit: &str) {
+    println!(
+        "{what:<44} {label} {ours:>10.0} {unit:<6} bare {bare:>10.0} {unit:<6} ratio {:.2}",
+        ours / bare
+    );
+}
