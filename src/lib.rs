@@ -83,6 +83,7 @@
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
 //! * [`queue`]: work queue (jobs done once across a fleet, retries, dead jobs).
+//! * [`changes`]: change feeds (row changes from triggers and from the WAL).
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
@@ -128,6 +129,7 @@
 
 #![warn(missing_docs)]
 
+pub mod changes;
 pub mod channel;
 mod client;
 pub mod config;
