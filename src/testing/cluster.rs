@@ -201,7 +201,8 @@ impl Cluster {
         };
         let options = format!(
             "-p {} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+             -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20",
             self.port
         );
         let mut cmd = self.command("pg_ctl");

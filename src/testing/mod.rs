@@ -111,7 +111,8 @@ pub struct TestOptions {
 /// value, or an external server named by `DATABASE_URL`.
 ///
 /// An owned cluster listens on `127.0.0.1` on a free port, accepts the
-/// superuser `postgres` without a password and is destroyed (server stopped,
+/// superuser `postgres` without a password, runs with `wal_level=logical`
+/// (for the WAL change feed) and is destroyed (server stopped,
 /// directory removed) when the value is dropped, or by a reaper process when
 /// the test process ends without dropping it.
 ///
