@@ -101,6 +101,7 @@ pub(crate) struct Inner {
     pub(crate) filtering: ChannelSet,
     board: Arc<Board>,
     next_id: AtomicU64,
+    pub(crate) wakes: crate::wake::Wakes,
 }
 
 /// Configures and connects a [`PgPubSub`].
@@ -375,23 +376,25 @@ impl Builder {
             task,
             tracing::info_span!("pg_pubsub_listener", %origin),
         ));
-        Ok(PgPubSub {
-            inner: Arc::new(Inner {
-                cmds,
-                pool,
-                pg,
-                opts,
-                origin,
-                shut_down: AtomicBool::new(false),
-                owns_pool,
-                events,
-                status,
-                leading,
-                filtering,
-                board,
-                next_id: AtomicU64::new(1),
-            }),
-        })
+        let (wakes, wake_queue) = crate::wake::Wakes::new();
+        let inner = Arc::new(Inner {
+            cmds,
+            pool,
+            pg,
+            opts,
+            origin,
+            shut_down: AtomicBool::new(false),
+            owns_pool,
+            events,
+            status,
+            leading,
+            filtering,
+            board,
+            next_id: AtomicU64::new(1),
+            wakes,
+        });
+        crate::wake::spawn(wake_queue, &inner);
+        Ok(PgPubSub { inner })
     }
 }
 

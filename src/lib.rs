@@ -151,6 +151,7 @@ mod subscription;
 pub mod testing;
 mod tls;
 mod truncate;
+mod wake;
 pub mod wire;
 
 pub use channel::ChannelName;

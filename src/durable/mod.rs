@@ -100,9 +100,13 @@
 //! delivered but not acked is delivered again (at least once).
 //! Different groups are independent and each get every message.
 //!
-//! Wake-up: `publish` sends `pg_notify('<schema>_wake', channel)`, the same
-//! payload for every message of a transaction, so the server sends one
-//! notification per channel per transaction. Consumers listen to it on
+//! Wake-up: the SQL `publish` sends `pg_notify('<schema>_wake', channel)`,
+//! the same payload for every message of a transaction, so the server sends
+//! one notification per channel per transaction. [`Durable::publish`], which
+//! commits by itself, sends it after the commit instead, merged with what
+//! its handle publishes meanwhile (one notifying commit for many
+//! publishers: NOTIFY's commit lock is what limits one-message
+//! transactions). Consumers listen to it on
 //! the instance's listener connection, and also poll (default every
 //! second), so a lost notification or a reconnect only delays.
 //!

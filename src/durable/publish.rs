@@ -21,12 +21,18 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
 }
 
 impl Durable {
+    /// `$3`: send the wake-up in the transaction (else return whether one
+    /// is due).
     fn publish_sql(&self) -> String {
-        format!("SELECT {}.publish($1, $2)", self.schema.as_str())
+        format!("SELECT {}.publish($1, $2, $3)", self.schema.as_str())
     }
 
     /// Publishes `value` as JSON on durable `channel`, in a transaction of
     /// its own. Any size. Installs the schema on first use.
+    ///
+    /// The wake-up `NOTIFY` is sent after the commit, in a transaction
+    /// shared with whatever this handle publishes meanwhile, so concurrent
+    /// publishers do not each take the cluster-wide notify lock.
     pub async fn publish<T: Serialize + ?Sized>(&self, channel: &str, value: &T) -> Result<()> {
         self.publish_raw(channel, &to_json(value)?).await
     }
@@ -35,14 +41,20 @@ impl Durable {
     pub async fn publish_raw(&self, channel: &str, payload: &str) -> Result<()> {
         let channel = ChannelName::new(channel)?;
         let sql = self.publish_sql();
-        self.with_client("durable publish", |client| async move {
-            let stmt = client.prepare_cached(&sql).await?;
-            client
-                .execute(&stmt, &[&channel.as_str(), &payload])
-                .await?;
-            Ok(())
-        })
-        .await
+        let name = channel.as_str();
+        let due = self
+            .with_client("durable publish", |client| async move {
+                let stmt = client.prepare_cached(&sql).await?;
+                let row = client.query_one(&stmt, &[&name, &payload, &false]).await?;
+                Ok(row.get::<_, bool>(0))
+            })
+            .await?;
+        // Committed: the wake-up follows, merged with concurrent publishers'.
+        if due {
+            self.pubsub
+                .wake_after_commit(self.schema.wake_channel(), channel.as_str().to_owned());
+        }
+        Ok(())
     }
 
     /// Publishes many payloads on `channel`, in order, a thousand per
@@ -93,7 +105,7 @@ impl Durable {
         payload: &str,
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload])
+        tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload, &true])
             .await
             .map(drop)
             .map_err(|e| Error::pg(ErrorKind::Durable, "durable publish in transaction", e))

@@ -57,17 +57,18 @@ CREATE TABLE IF NOT EXISTS @S@.channels (
 
 -- Publishes one message in the caller's transaction. The wake-up payload is
 -- the channel name, identical for every message of a transaction, so the
--- server sends one notification per channel per transaction.
-CREATE OR REPLACE FUNCTION @S@.publish(p_channel text, p_payload text) RETURNS void
+-- server sends one notification per channel per transaction. With p_wake
+-- false it sends none and returns whether one is due (the channel is not
+-- quiet): the crate sends it after commit, merged with other publishers'.
+CREATE OR REPLACE FUNCTION @S@.publish(p_channel text, p_payload text,
+                                       p_wake boolean DEFAULT true) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO @S@.messages (channel, payload) VALUES (p_channel, p_payload);
-    IF NOT EXISTS (SELECT 1 FROM @S@.channels c WHERE c.channel = p_channel AND c.quiet) THEN
-        PERFORM pg_notify('@WAKE@', p_channel);
-    END IF;
+    RETURN @S@.wake(p_channel, p_wake);
 END $$;
 
--- Publishes many messages (in array order) in one statement.
+-- Publishes many messages (in array order) in one statement, one wake-up.
 CREATE OR REPLACE FUNCTION @S@.publish_many(p_channel text, p_payloads text[]) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -78,10 +79,25 @@ BEGIN
     INSERT INTO @S@.messages (channel, payload)
         SELECT p_channel, p FROM unnest(p_payloads) AS p;
     GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 AND NOT EXISTS (SELECT 1 FROM @S@.channels c WHERE c.channel = p_channel AND c.quiet) THEN
-        PERFORM pg_notify('@WAKE@', p_channel);
+    IF n > 0 THEN
+        PERFORM @S@.wake(p_channel, true);
     END IF;
     RETURN n;
+END $$;
+
+-- Sends the channel's wake-up now (p_now) unless it is quiet; returns true
+-- when one is due but was not sent.
+CREATE OR REPLACE FUNCTION @S@.wake(p_channel text, p_now boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM @S@.channels c WHERE c.channel = p_channel AND c.quiet) THEN
+        RETURN false;
+    END IF;
+    IF p_now THEN
+        PERFORM pg_notify('@WAKE@', p_channel);
+        RETURN false;
+    END IF;
+    RETURN true;
 END $$;
 
 -- Takes a tick of the channel when something became visible since the last

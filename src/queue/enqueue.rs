@@ -79,6 +79,13 @@ impl JobOptions {
         Ok(())
     }
 
+    /// Due at once by this process's clock (a wrong guess only costs a
+    /// spurious wake-up, or a poll interval).
+    fn due_now(&self) -> bool {
+        self.delay.is_none_or(|d| d.is_zero())
+            && self.run_at.is_none_or(|at| at <= SystemTime::now())
+    }
+
     fn delay_secs(&self) -> Option<f64> {
         self.delay.map(|d| d.as_secs_f64())
     }
@@ -130,7 +137,7 @@ impl Queue {
         // the enqueuer and the database.
         format!(
             "SELECT {}($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
-             $5::int2, $6::int4, $7::text)",
+             $5::int2, $6::int4, $7::text, $8)",
             self.obj("enqueue")
         )
     }
@@ -169,15 +176,22 @@ impl Queue {
         check_payload(payload)?;
         options.check()?;
         let sql = self.enqueue_sql();
-        self.with_client("enqueue", |client| async move {
-            let stmt = client.prepare_cached(&sql).await?;
-            let row = client
-                .query_one(&stmt, &params(queue, payload, options).as_refs())
-                .await?;
-            Ok(row.get::<_, Option<i64>>(0))
-        })
-        .await
-        .map(enqueued)
+        let done = self
+            .with_client("enqueue", |client| async move {
+                let stmt = client.prepare_cached(&sql).await?;
+                let row = client
+                    .query_one(&stmt, &params(queue, payload, options, false).as_refs())
+                    .await?;
+                Ok(row.get::<_, Option<i64>>(0))
+            })
+            .await
+            .map(enqueued)?;
+        // Committed: the wake-up follows, merged with concurrent enqueuers'.
+        if done.id().is_some() && options.due_now() {
+            self.pubsub
+                .wake_after_commit(self.schema.jobs_channel(), queue.to_owned());
+        }
+        Ok(done)
     }
 
     /// Enqueues `value` as JSON inside the caller's transaction: the job
@@ -214,7 +228,7 @@ impl Queue {
         options.check()?;
         tx.query_one(
             &self.enqueue_sql(),
-            &params(queue, payload, options).as_refs(),
+            &params(queue, payload, options, true).as_refs(),
         )
         .await
         .map(|row| enqueued(row.get::<_, Option<i64>>(0)))
@@ -297,9 +311,10 @@ struct Params<'a> {
     priority: i16,
     max_attempts: i32,
     unique_key: Option<&'a str>,
+    wake: bool,
 }
 
-fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a> {
+fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions, wake: bool) -> Params<'a> {
     Params {
         queue,
         payload,
@@ -308,11 +323,12 @@ fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a>
         priority: o.priority,
         max_attempts: o.max_attempts.unwrap_or(25),
         unique_key: o.unique_key.as_deref(),
+        wake,
     }
 }
 
 impl Params<'_> {
-    fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
+    fn as_refs(&self) -> [&(dyn ToSql + Sync); 8] {
         [
             &self.queue,
             &self.payload,
@@ -321,6 +337,7 @@ impl Params<'_> {
             &self.priority,
             &self.max_attempts,
             &self.unique_key,
+            &self.wake,
         ]
     }
 }

@@ -60,7 +60,9 @@
 //!
 //! `enqueue` sends `pg_notify('<schema>_jobs', queue)`: the same payload
 //! for every job of a transaction, so the server sends one notification
-//! per queue per transaction. Workers listen on the instance's listener
+//! per queue per transaction. [`Queue::enqueue`], which commits by itself,
+//! sends it after the commit instead, merged with what its handle enqueues
+//! meanwhile (one notifying commit for many enqueuers). Workers listen on the instance's listener
 //! connection and also poll (default every second), so a lost
 //! notification only delays. Jobs scheduled for later send none; they are
 //! found by the poll (so they may start up to one poll interval late,

@@ -1,0 +1,81 @@
+//! Wake-ups sent after commit, coalesced across publishers.
+//!
+//! `NOTIFY` makes every notifying commit in the cluster take one lock in
+//! turn (see the durable and queue docs). When this crate commits a publish
+//! or an enqueue itself (not in the caller's transaction), the row is
+//! already visible when the statement returns, so the wake-up can follow in
+//! a transaction of its own: one task sends, in one statement, every
+//! distinct `(channel, payload)` asked for while its previous statement was
+//! in flight. Concurrent publishers then share notifying commits instead of
+//! taking one each. A wake-up that fails is only logged: consumers poll, so
+//! a lost one delays and never loses.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::mpsc;
+
+use crate::client::{Inner, PgPubSub};
+use crate::error::ErrorKind;
+
+/// The sending side, kept in the handle's shared state.
+#[derive(Debug)]
+pub(crate) struct Wakes {
+    tx: mpsc::UnboundedSender<(String, String)>,
+}
+
+/// What [`Wakes::new`] gives the task to start with [`spawn`].
+pub(crate) struct WakeQueue(mpsc::UnboundedReceiver<(String, String)>);
+
+impl Wakes {
+    pub(crate) fn new() -> (Wakes, WakeQueue) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Wakes { tx }, WakeQueue(rx))
+    }
+}
+
+impl PgPubSub {
+    /// Sends `NOTIFY channel, payload` soon, in its own transaction, merged
+    /// with identical ones asked for meanwhile. Call only after the data it
+    /// announces has committed.
+    pub(crate) fn wake_after_commit(&self, channel: String, payload: String) {
+        // Fails only once the task is gone, i.e. the handle is shutting down.
+        let _ = self.inner.wakes.tx.send((channel, payload));
+    }
+}
+
+/// Starts the sender task. It holds the handle weakly: it ends when the
+/// last handle is dropped (the channel closes) or the handle shuts down.
+pub(crate) fn spawn(queue: WakeQueue, inner: &Arc<Inner>) {
+    tokio::spawn(run(queue.0, Arc::downgrade(inner)));
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<(String, String)>, inner: Weak<Inner>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = BTreeSet::from([first]);
+        while let Ok(next) = rx.try_recv() {
+            batch.insert(next);
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let pubsub = PgPubSub { inner };
+        if pubsub.is_shut_down() {
+            return;
+        }
+        let (channels, payloads): (Vec<String>, Vec<String>) = batch.into_iter().unzip();
+        let sent = pubsub
+            .with_pool(ErrorKind::Notify, "wake-up", |client| async move {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+                    )
+                    .await?;
+                client.execute(&stmt, &[&channels, &payloads]).await
+            })
+            .await;
+        if let Err(err) = sent {
+            tracing::warn!(%err, "pg-pubsub: wake-up not sent; consumers will find the data by polling");
+        }
+    }
+}
