@@ -137,8 +137,26 @@ impl Queue {
         // the enqueuer and the database.
         format!(
             "SELECT {}($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
-             $5::int2, $6::int4, $7::text, $8)",
+             $5::int2, $6::int4, $7::text)",
             self.obj("enqueue")
+        )
+    }
+
+    /// The `enqueue` SQL function's insert without the function (a
+    /// PL/pgSQL call costs about as much as the insert) and without its
+    /// `NOTIFY` (sent after commit). `ON CONFLICT` only with a key: a
+    /// speculative insertion costs too.
+    fn insert_sql(&self, unique: bool) -> String {
+        format!(
+            "INSERT INTO {} (queue, payload, run_at, priority, max_attempts, unique_key) \
+             VALUES ($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
+             $5::int2, $6::int4, $7::text) {} RETURNING id",
+            self.obj("jobs"),
+            if unique {
+                "ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
+            } else {
+                ""
+            }
         )
     }
 
@@ -175,14 +193,14 @@ impl Queue {
         check_queue(queue)?;
         check_payload(payload)?;
         options.check()?;
-        let sql = self.enqueue_sql();
+        let sql = self.insert_sql(options.unique_key.is_some());
         let done = self
             .with_client("enqueue", |client| async move {
                 let stmt = client.prepare_cached(&sql).await?;
                 let row = client
-                    .query_one(&stmt, &params(queue, payload, options, false).as_refs())
+                    .query_opt(&stmt, &params(queue, payload, options).as_refs())
                     .await?;
-                Ok(row.get::<_, Option<i64>>(0))
+                Ok(row.map(|row| row.get::<_, i64>(0)))
             })
             .await
             .map(enqueued)?;
@@ -228,7 +246,7 @@ impl Queue {
         options.check()?;
         tx.query_one(
             &self.enqueue_sql(),
-            &params(queue, payload, options, true).as_refs(),
+            &params(queue, payload, options).as_refs(),
         )
         .await
         .map(|row| enqueued(row.get::<_, Option<i64>>(0)))
@@ -311,10 +329,9 @@ struct Params<'a> {
     priority: i16,
     max_attempts: i32,
     unique_key: Option<&'a str>,
-    wake: bool,
 }
 
-fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions, wake: bool) -> Params<'a> {
+fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a> {
     Params {
         queue,
         payload,
@@ -323,12 +340,11 @@ fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions, wake: bool) -
         priority: o.priority,
         max_attempts: o.max_attempts.unwrap_or(25),
         unique_key: o.unique_key.as_deref(),
-        wake,
     }
 }
 
 impl Params<'_> {
-    fn as_refs(&self) -> [&(dyn ToSql + Sync); 8] {
+    fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
         [
             &self.queue,
             &self.payload,
@@ -337,7 +353,6 @@ impl Params<'_> {
             &self.priority,
             &self.max_attempts,
             &self.unique_key,
-            &self.wake,
         ]
     }
 }

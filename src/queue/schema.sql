@@ -52,14 +52,13 @@ CREATE INDEX IF NOT EXISTS dead_jobs_queue ON @S@.dead_jobs (queue, id);
 -- queue (nothing is inserted then). The wake-up payload is the queue name,
 -- the same for every job of a transaction, so the server sends one
 -- notification per queue per transaction. Jobs scheduled later send none
--- (workers poll). p_wake false sends none: the crate sends it after commit,
--- merged with other enqueuers'.
+-- (workers poll). Queue::enqueue runs the same insert as a statement and
+-- sends the wake-up after commit, merged with other enqueuers'.
 CREATE OR REPLACE FUNCTION @S@.enqueue(p_queue text, p_payload text,
                                        p_run_at timestamptz DEFAULT NULL,
                                        p_priority smallint DEFAULT 0,
                                        p_max_attempts int DEFAULT 25,
-                                       p_unique_key text DEFAULT NULL,
-                                       p_wake boolean DEFAULT true) RETURNS bigint
+                                       p_unique_key text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     new_id bigint;
@@ -76,7 +75,7 @@ BEGIN
         ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
         RETURNING id INTO new_id;
     END IF;
-    IF p_wake AND new_id IS NOT NULL AND (p_run_at IS NULL OR p_run_at <= now()) THEN
+    IF new_id IS NOT NULL AND (p_run_at IS NULL OR p_run_at <= now()) THEN
         PERFORM pg_notify('@JOBS@', p_queue);
     END IF;
     RETURN new_id;
