@@ -751,3 +751,23 @@ mod cli {
         assert!(script.contains("CREATE TABLE IF NOT EXISTS other.messages"));
     }
 }
+
+#[tokio::test]
+async fn publish_wakes_consumers_after_commit_but_not_for_a_quiet_channel() {
+    let (_ps, d) = durable().await;
+    let (_listener, mut rx) = raw_listener(&d.schema().wake_channel()).await;
+    let (loud, quiet, sentinel) = (channel("loud"), channel("quiet"), channel("end"));
+    d.set_quiet(&quiet, true).await.expect("quiet");
+    let (d2, loud2) = (&d, &loud);
+    futures::future::try_join_all((0..5).map(|i| async move { d2.publish(loud2, &i).await }))
+        .await
+        .expect("publish");
+    d.publish(&quiet, &1).await.expect("publish quiet");
+    d.publish(&sentinel, &1).await.expect("publish sentinel");
+    let woken = recv_until(&mut rx, &sentinel).await;
+    assert!(woken.contains(&loud), "no wake-up for {loud}: {woken:?}");
+    assert!(
+        !woken.contains(&quiet),
+        "a quiet channel was woken: {woken:?}"
+    );
+}

@@ -691,3 +691,19 @@ mod cli {
         ps.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn enqueue_wakes_workers_after_commit_but_not_for_later_jobs() {
+    let (_ps, q) = queue().await;
+    let (_listener, mut rx) = raw_listener(&q.schema().jobs_channel()).await;
+    let (now, later, sentinel) = (channel("now"), channel("later"), channel("end"));
+    q.enqueue(&now, &1).await.expect("enqueue");
+    let in_an_hour = JobOptions::new().delay(Duration::from_secs(3600));
+    q.enqueue_with(&later, &1, &in_an_hour)
+        .await
+        .expect("enqueue later");
+    q.enqueue(&sentinel, &1).await.expect("enqueue sentinel");
+    let woken = recv_until(&mut rx, &sentinel).await;
+    assert!(woken.contains(&now), "no wake-up for {now}: {woken:?}");
+    assert!(!woken.contains(&later), "woken for a later job: {woken:?}");
+}
