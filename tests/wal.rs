@@ -499,3 +499,116 @@ async fn drop_slot_when_free(ps: &PgPubSub, slot: &str) {
     }
     ps.drop_slot(slot).await.expect("drop slot");
 }
+
+#[allow(dead_code)]
+#[path = "../examples/outbox_relay.rs"]
+mod outbox_relay;
+
+/// Set in a child process of `outbox_relay_two_processes_one_elected`:
+/// `URL SLOT PREFIX CHANNEL`, space-separated.
+const RELAY_CHILD: &str = "PG_PUBSUB_TEST_RELAY_CHILD";
+
+/// Not a test on its own: the relay process the test below runs (twice),
+/// this test binary started again with only this test selected.
+#[tokio::test]
+async fn outbox_relay_child() {
+    let Ok(args) = std::env::var(RELAY_CHILD) else {
+        return;
+    };
+    let a: Vec<&str> = args.split(' ').collect();
+    outbox_relay::relay(a[0], a[1], a[2], a[3])
+        .await
+        .expect("relay");
+}
+
+#[tokio::test]
+async fn outbox_relay_two_processes_one_elected_no_loss_after_sigkill() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let slot = channel("wal_relay");
+    let prefix = format!("{slot}.");
+    let durable_channel = channel("outbox");
+    let ps = pubsub().await;
+    ps.durable().install().await.expect("install");
+
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let mut children = Vec::new();
+    for i in 0..2 {
+        let mut child = tokio::process::Command::new(std::env::current_exe().expect("exe"))
+            .args(["outbox_relay_child", "--exact", "--nocapture"])
+            .env(
+                RELAY_CHILD,
+                format!("{} {slot} {prefix} {durable_channel}", server().url()),
+            )
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn relay");
+        let out = child.stdout.take().expect("stdout");
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut out = BufReader::new(out).lines();
+            while let Ok(Some(line)) = out.next_line().await {
+                let _ = tx.send((i, line));
+            }
+        });
+        children.push(child);
+    }
+    let leader = wait_line(&mut lines, "relaying").await;
+
+    let mut client = raw_client().await;
+    let mut emit = async |range: std::ops::Range<usize>| {
+        for i in range {
+            let t = client.transaction().await.expect("tx");
+            emit_in(&t, &prefix, format!("m{i}").as_bytes())
+                .await
+                .expect("emit");
+            t.commit().await.expect("commit");
+        }
+    };
+    emit(0..100).await;
+    wait_line(&mut lines, "relayed").await;
+    // Kill the active relay mid-stream; the other one takes the slot over.
+    send_signal(children[leader].id().expect("pid"), "-KILL");
+    let next_leader = wait_line(&mut lines, "relaying").await;
+    assert_ne!(next_leader, leader);
+    emit(100..200).await;
+
+    let mut sub = ps
+        .durable()
+        .subscribe_raw(&durable_channel, "check")
+        .await
+        .expect("subscribe");
+    let mut seen = HashSet::new();
+    let mut received = 0;
+    while seen.len() < 200 {
+        let m = next_durable(&mut sub).await;
+        m.ack();
+        received += 1;
+        seen.insert(m.into_payload());
+    }
+    let want: HashSet<String> = (0..200).map(|i| format!("m{i}")).collect();
+    assert_eq!(seen, want, "every message relayed");
+    eprintln!("relayed 200 messages as {received} (duplicates only after the kill)");
+    for c in &mut children {
+        let _ = c.kill().await;
+    }
+    drop_slot_when_free(&ps, &slot).await;
+}
+
+/// The index of the first relay that prints a line starting with `want`.
+async fn wait_line(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, String)>,
+    want: &str,
+) -> usize {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (i, line) = lines.recv().await.expect("relay output");
+            if line.starts_with(want) {
+                return i;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no relay printed {want:?}"))
+}

@@ -243,7 +243,8 @@ pub struct WalFeedBuilder {
     pubsub: PgPubSub,
     slot: String,
     publication: Option<String>,
-    tables: Vec<String>,
+    /// `None`: all tables; `Some(empty)`: none (messages only).
+    tables: Option<Vec<String>>,
     messages: Option<String>,
     heartbeat: Option<Duration>,
     lag_warning: Option<u64>,
@@ -260,7 +261,7 @@ impl PgPubSub {
             pubsub: self.clone(),
             slot: slot.to_owned(),
             publication: None,
-            tables: Vec::new(),
+            tables: None,
             messages: None,
             heartbeat: Some(Duration::from_secs(10)),
             lag_warning: None,
@@ -282,9 +283,10 @@ impl WalFeedBuilder {
 
     /// The tables of a new publication: `table`, `schema.table`, or quoted
     /// parts (`"Sales"."Order"`); unquoted names are quoted as given, so case
-    /// is kept. None: all tables.
+    /// is kept. An empty list makes a publication without tables (a feed of
+    /// logical messages only, like an outbox relay). Not called: all tables.
     pub fn tables(mut self, tables: &[&str]) -> Self {
-        self.tables = tables.iter().map(|t| (*t).to_owned()).collect();
+        self.tables = Some(tables.iter().map(|t| (*t).to_owned()).collect());
         self
     }
 
@@ -341,7 +343,7 @@ impl WalFeedBuilder {
             .clone()
             .unwrap_or_else(|| self.slot.clone());
         self.pubsub
-            .ensure_publication(&publication, &self.tables)
+            .ensure_publication(&publication, self.tables.as_deref())
             .await?;
         self.pubsub.ensure_slot(&self.slot).await?;
         let shared = Arc::new(Shared {

@@ -61,29 +61,42 @@ pub(crate) fn stream_hint(text: &str) -> Option<&'static str> {
 }
 
 impl PgPubSub {
-    /// Creates the publication if missing: `FOR TABLE` the given tables, or
-    /// `FOR ALL TABLES` when none are given. An existing publication is used
-    /// as it is.
-    pub(crate) async fn ensure_publication(&self, name: &str, tables: &[String]) -> Result<()> {
-        let target = if tables.is_empty() {
-            "ALL TABLES".to_owned()
-        } else {
-            let list: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
-            format!("TABLE {}", list.join(", "))
+    /// Creates the publication if missing: `FOR TABLE` the given tables,
+    /// without tables for an empty list, or `FOR ALL TABLES` for `None`. An
+    /// existing publication is used as it is.
+    pub(crate) async fn ensure_publication(
+        &self,
+        name: &str,
+        tables: Option<&[String]>,
+    ) -> Result<()> {
+        let target = match tables {
+            None => " FOR ALL TABLES".to_owned(),
+            Some([]) => String::new(),
+            Some(tables) => {
+                let list: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
+                format!(" FOR TABLE {}", list.join(", "))
+            }
         };
         let sql = format!(
             "DO $$ BEGIN \
                IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {lit}) THEN \
-                 CREATE PUBLICATION {ident} FOR {target}; \
+                 CREATE PUBLICATION {ident}{target}; \
                END IF; END $$",
             lit = quote_literal(name),
             ident = quote_ident(name),
         );
         let client = self.wal_client("WAL feed: create publication").await?;
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| setup_error("WAL feed: create publication", e))
+        match client.batch_execute(&sql).await {
+            Ok(()) => Ok(()),
+            // Two feeds creating the same publication at once: the other won.
+            Err(e)
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                    || e.code() == Some(&SqlState::DUPLICATE_OBJECT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(setup_error("WAL feed: create publication", e)),
+        }
     }
 
     /// Creates the logical slot (pgoutput) if missing.
@@ -99,7 +112,12 @@ impl PgPubSub {
         match res {
             Ok(_) => Ok(()),
             // Two feeds creating the same slot at once: the other one won.
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+            Err(e)
+                if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
+                    || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(setup_error("WAL feed: create slot", e)),
         }
     }
