@@ -612,3 +612,55 @@ async fn wait_line(
     .await
     .unwrap_or_else(|_| panic!("no relay printed {want:?}"))
 }
+
+#[tokio::test]
+async fn concurrent_workload_on_three_tables_arrives_once_in_commit_order() {
+    let (ps, slot, t) = setup(3).await;
+    let mut feed = start(&ps, &slot, &t).await;
+    const WRITERS: i64 = 4;
+    const TXS: i64 = 100;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let t = t.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = raw_client().await;
+            for i in 0..TXS {
+                let id = w * TXS + i;
+                let tx = client.transaction().await.expect("tx");
+                // pgbench-like: one row in each table, then an update.
+                for table in &t {
+                    tx.execute(&format!("INSERT INTO {table} VALUES ($1, 'new')"), &[&id])
+                        .await
+                        .expect("insert");
+                }
+                tx.execute(
+                    &format!("UPDATE {} SET v = 'upd' WHERE id = $1", t[0]),
+                    &[&id],
+                )
+                .await
+                .expect("update");
+                tx.commit().await.expect("commit");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let mut seen = HashSet::new();
+    let mut last_commit = Lsn(0);
+    for _ in 0..WRITERS * TXS {
+        let (changes, end) = next_tx(&mut feed).await;
+        assert!(end > last_commit, "commits in order");
+        last_commit = end;
+        assert_eq!(changes.len(), 4, "a transaction's changes together");
+        let id = changes[0].new.as_ref().expect("new")["id"].clone();
+        assert!(changes
+            .iter()
+            .all(|c| c.new.as_ref().expect("new")["id"] == id));
+        assert_eq!(changes[3].op, Op::Update);
+        assert!(seen.insert(id), "each transaction once");
+    }
+    feed.ack(last_commit);
+    feed.close().await.expect("close");
+    drop_slot_when_free(&ps, &slot).await;
+}

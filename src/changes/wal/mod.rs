@@ -48,7 +48,7 @@
 //!   Its TLS feature pulls rustls' default `aws-lc-rs` (C + cmake), which
 //!   this crate avoids, so the feed connects **without TLS**: an
 //!   `sslmode=require` (or stricter) connection string is refused with
-//!   [`ErrorKind::Config`](crate::ErrorKind::Config).
+//!   [`ErrorKind::Config`].
 //! * **`pg_walstream`**: full pgoutput v1–4 decoding, but its connection
 //!   needs either `libpq` (C) or `aws-lc-rs` (C), its newest release does
 //!   not resolve against the registry here, and its API is much larger than
@@ -123,7 +123,7 @@
 //! `wal_level = logical`, a role with `REPLICATION` (and rights to create
 //! the publication, or an existing one), `max_replication_slots` and
 //! `max_wal_senders` with room for one more. Both problems are reported as
-//! [`ErrorKind::Wal`](crate::ErrorKind::Wal) naming the fix. A slot that is
+//! [`ErrorKind::Wal`] naming the fix. A slot that is
 //! no longer used must be dropped ([`PgPubSub::drop_slot`]) or it keeps WAL
 //! forever.
 
