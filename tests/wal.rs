@@ -32,7 +32,7 @@ async fn start(ps: &PgPubSub, slot: &str, tables: &[String]) -> WalFeed {
     let refs: Vec<&str> = tables.iter().map(String::as_str).collect();
     ps.wal_feed(slot)
         .tables(&refs)
-        .messages("test.")
+        .messages(&format!("{slot}."))
         .start()
         .await
         .expect("start feed")
@@ -296,13 +296,15 @@ async fn emit_in_is_delivered_after_commit_and_never_after_rollback() {
     let big = vec![7u8; 10 * 1024 * 1024];
 
     let tx = client.transaction().await.expect("tx");
-    emit_in(&tx, "test.rolled_back", b"never")
+    emit_in(&tx, &format!("{slot}.rolled_back"), b"never")
         .await
         .expect("emit");
     tx.rollback().await.expect("rollback");
 
     let tx = client.transaction().await.expect("tx");
-    emit_in(&tx, "test.big", &big).await.expect("emit");
+    emit_in(&tx, &format!("{slot}.big"), &big)
+        .await
+        .expect("emit");
     emit_in(&tx, "other.prefix", b"filtered out")
         .await
         .expect("emit");
@@ -318,7 +320,7 @@ async fn emit_in_is_delivered_after_commit_and_never_after_rollback() {
         }
     };
     assert_eq!(got.len(), 1, "only the committed message under the prefix");
-    assert_eq!(got[0].prefix, "test.big");
+    assert_eq!(got[0].prefix, format!("{slot}.big"));
     assert!(got[0].transactional);
     assert_eq!(got[0].payload.len(), big.len());
     assert!(got[0].payload.iter().all(|&b| b == 7));

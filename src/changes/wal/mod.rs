@@ -149,7 +149,8 @@ use crate::PgPubSub;
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum WalItem<T = serde_json::Value> {
-    /// A transaction starts.
+    /// A transaction starts (sent once it has a change or message for this
+    /// feed: transactions with nothing for it are not delivered at all).
     Begin {
         /// Its transaction id (32 bits, as pgoutput sends it).
         xid: u32,

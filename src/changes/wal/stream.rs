@@ -182,6 +182,7 @@ impl StreamTask {
         let mut decoder = Decoder::default();
         let mut xid = 0u32;
         let mut commit_time = None;
+        let mut pending_begin: Option<RawItem> = None;
         // The highest ack-able position handed to the consumer.
         let mut delivered = self.shared.acked.load(Ordering::Acquire);
         loop {
@@ -203,7 +204,7 @@ impl StreamTask {
                 }
                 Err(e) => return End::Lost(stream_error(&self.slot, e)),
             };
-            let items: Vec<RawItem> = match event {
+            let mut items: Vec<RawItem> = match event {
                 ReplicationEvent::Begin {
                     final_lsn,
                     xid: x,
@@ -212,17 +213,23 @@ impl StreamTask {
                     xid = x;
                     let t = pg_time(commit_time_micros);
                     commit_time = Some(t);
-                    vec![WalItem::Begin {
+                    // Held back until the transaction has something for this
+                    // feed: one with only other prefixes' messages is skipped.
+                    pending_begin = Some(WalItem::Begin {
                         xid: x,
                         final_lsn: Lsn(final_lsn.0),
                         commit_time: t,
-                    }]
+                    });
+                    continue;
                 }
                 ReplicationEvent::Commit {
                     lsn,
                     end_lsn,
                     commit_time_micros,
                 } => {
+                    if pending_begin.take().is_some() {
+                        continue; // nothing of it was delivered
+                    }
                     delivered = delivered.max(end_lsn.0);
                     vec![WalItem::Commit {
                         xid,
@@ -285,6 +292,9 @@ impl StreamTask {
                 ReplicationEvent::KeepAlive { .. } => continue,
                 ReplicationEvent::StoppedAt { .. } => return End::Stopped,
             };
+            if let Some(begin) = pending_begin.take() {
+                items.insert(0, begin);
+            }
             for item in items {
                 // Pass acks on while the consumer is slow to take items.
                 loop {
