@@ -464,7 +464,7 @@ impl<T> WalFeed<T> {
         loop {
             match self.pubsub.advance_slot(&self.slot, acked).await {
                 Err(e)
-                    if attempt < 50
+                    if attempt < 25
                         && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
                 {
                     attempt += 1;
