@@ -56,6 +56,10 @@ pub enum ErrorKind {
     /// A work-queue statement failed (enqueue, claim, complete, fail), or a
     /// job's claim was lost (its lease expired and another worker took it).
     Queue,
+    /// The WAL change feed failed: `wal_level` is not `logical` (SQLSTATE
+    /// 55000), the role lacks `REPLICATION` (42501), the slot or publication
+    /// could not be set up, or the replication stream broke.
+    Wal,
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it,

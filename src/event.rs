@@ -172,6 +172,39 @@ pub enum ConnectionEvent {
         /// The last error.
         error: Arc<str>,
     },
+    // WAL change feed (`crate::changes::wal`, feature `wal`).
+    /// WAL feed: the replication stream of `slot` is up (first time or
+    /// after a loss); it streams from the last ack.
+    WalStreaming {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// Where the server starts (the last ack, or the slot's confirmed
+        /// position the first time).
+        from: crate::changes::Lsn,
+    },
+    /// WAL feed: the replication stream of `slot` was lost; reconnecting
+    /// after `retry_in` (forever, with the crate's [`Backoff`](crate::Backoff)).
+    WalDisconnected {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// Why.
+        reason: Arc<str>,
+        /// Attempt number since the last good stream (from 1).
+        attempt: u32,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// WAL feed: the slot holds more WAL than the configured warning level
+    /// (`pg_current_wal_lsn() - confirmed_flush_lsn`). Reported at each
+    /// check while above it.
+    WalLag {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// Bytes of WAL the slot keeps.
+        lag_bytes: u64,
+        /// The configured warning level.
+        warn_bytes: u64,
+    },
 }
 
 /// A stream of [`ConnectionEvent`]s, from [`PgPubSub::events`](crate::PgPubSub::events).

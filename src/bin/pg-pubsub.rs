@@ -25,6 +25,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 mod durable_cmd;
 #[path = "pg-pubsub/queue_cmd.rs"]
 mod queue_cmd;
+#[path = "pg-pubsub/wal_cmd.rs"]
+mod wal_cmd;
 
 /// Fail fast on a dead address instead of hanging a script.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,3 +10,7 @@
 mod event;
 
 pub use event::{ChangeEvent, Lsn, Op};
+
+#[cfg(feature = "wal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "wal")))]
+pub mod wal;

@@ -1,0 +1,224 @@
+//! Change feeds, same run, ratios.
+//!
+//! WAL feed phases (feature `wal`):
+//! * `wal_throughput`: `BENCH_WAL_ROWS` inserts (default 200 000, a
+//!   thousand per transaction) already in the WAL, streamed by the WAL feed
+//!   (decoded into JSON rows) against `pg_recvlogical` with `test_decoding`
+//!   (`BENCH_RECVLOGICAL`, default the PostgreSQL 15 binary) writing to a
+//!   pipe this bench counts lines from, each from its own slot: changes/s, ratio ours/`pg_recvlogical`.
+//! * `wal_lag`: one-row transactions at `BENCH_WAL_RATE` per second
+//!   (default 1000) for `BENCH_LAG_SECS` (default 5): commit (server
+//!   clock) → Commit item received, p50/p99 (the writer with
+//!   `synchronous_commit = on`).
+//!
+//! `BENCH_PHASES`: comma-separated subset of the phases (default all).
+//! Trigger-feed phases go in their own functions next to these.
+//! `DATABASE_URL`, else a throwaway cluster.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{env_u64, line, rate, run_main, Res};
+use futures::StreamExt;
+use pg_pubsub::changes::wal::{WalFeed, WalItem};
+use pg_pubsub::PgPubSub;
+
+fn main() -> Res<()> {
+    run_main(|url| async move {
+        let phases =
+            std::env::var("BENCH_PHASES").unwrap_or_else(|_| "wal_throughput,wal_lag".to_owned());
+        let phase = |name: &str| phases.split(',').any(|p| p.trim() == name);
+        let ps = PgPubSub::connect(url.as_str()).await?;
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        if phase("wal_throughput") {
+            let rows = env_u64("BENCH_WAL_ROWS", 200_000)?;
+            wal_throughput(&ps, &client, &url, rows).await?;
+        }
+        if phase("wal_lag") {
+            let per_sec = env_u64("BENCH_WAL_RATE", 1000)?;
+            let secs = env_u64("BENCH_LAG_SECS", 5)?;
+            wal_lag(&ps, &client, &url, per_sec, secs).await?;
+        }
+        ps.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wal_throughput(
+    ps: &PgPubSub,
+    client: &tokio_postgres::Client,
+    url: &str,
+    rows: u64,
+) -> Res<()> {
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS bench_wal;
+             CREATE TABLE bench_wal (id bigint PRIMARY KEY, v text, n int);
+             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+               WHERE slot_name IN ('bench_ours', 'bench_recv');
+             DROP PUBLICATION IF EXISTS bench_ours;
+             CREATE PUBLICATION bench_ours FOR TABLE bench_wal;",
+        )
+        .await?;
+    client
+        .batch_execute(
+            "SELECT pg_create_logical_replication_slot('bench_ours', 'pgoutput');
+             SELECT pg_create_logical_replication_slot('bench_recv', 'test_decoding');",
+        )
+        .await?;
+    for start in (0..rows).step_by(1000) {
+        let end = (start + 1000).min(rows);
+        client
+            .execute(
+                "INSERT INTO bench_wal SELECT g, 'payload ' || g, g % 100
+                 FROM generate_series($1::bigint, $2::bigint) g",
+                &[&(start as i64), &(end as i64 - 1)],
+            )
+            .await?;
+    }
+
+    // Ours: from start to the last change received.
+    let began = Instant::now();
+    let mut feed: WalFeed = ps
+        .wal_feed("bench_ours")
+        .publication("bench_ours")
+        .heartbeat(None)
+        .start()
+        .await?;
+    let mut got = 0u64;
+    while got < rows {
+        match feed.next().await {
+            Some(WalItem::Change { .. }) => got += 1,
+            Some(WalItem::Commit { end_lsn, .. }) => feed.ack(end_lsn),
+            Some(_) => {}
+            None => return Err("feed ended".into()),
+        }
+    }
+    let ours = began.elapsed();
+    feed.close().await?;
+
+    // pg_recvlogical, test_decoding, to a file, until the same end.
+    let bin = std::env::var("BENCH_RECVLOGICAL")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
+    let began = Instant::now();
+    let mut child = tokio::process::Command::new(&bin)
+        .args([
+            "-d",
+            url,
+            "--slot",
+            "bench_recv",
+            "--start",
+            "--no-loop",
+            "-f",
+            "-",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut recv_rows = 0u64;
+    while recv_rows < rows {
+        match lines.next_line().await? {
+            Some(l) if l.starts_with("table ") => recv_rows += 1,
+            Some(_) => {}
+            None => return Err(format!("{bin} ended after {recv_rows} changes").into()),
+        }
+    }
+    let bare = began.elapsed();
+    child.kill().await?;
+    line(
+        &format!("WAL feed changes/s ({rows} inserts)"),
+        "ours",
+        rate(rows, ours),
+        rate(rows, bare),
+        "ch/s",
+    );
+    println!("  (bare = pg_recvlogical + test_decoding, lines read from its stdout)");
+    client
+        .batch_execute(
+            "SELECT pg_drop_replication_slot('bench_ours');
+             SELECT pg_drop_replication_slot('bench_recv');",
+        )
+        .await?;
+    Ok(())
+}
+
+async fn wal_lag(
+    ps: &PgPubSub,
+    client: &tokio_postgres::Client,
+    url: &str,
+    per_sec: u64,
+    secs: u64,
+) -> Res<()> {
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS bench_lag;
+             CREATE TABLE bench_lag (id bigserial PRIMARY KEY, v text);
+             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+               WHERE slot_name = 'bench_lag';
+             DROP PUBLICATION IF EXISTS bench_lag;",
+        )
+        .await?;
+    let mut feed: WalFeed = ps
+        .wal_feed("bench_lag")
+        .tables(&["bench_lag"])
+        .heartbeat(None)
+        .start()
+        .await?;
+    let total = per_sec * secs;
+    let writer = {
+        let url = url.to_owned();
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            // Throwaway clusters run with synchronous_commit=off, where WAL
+            // reaches the walsender only at the WAL writer's next flush
+            // (200 ms): measure what a durable commit sees.
+            client.batch_execute("SET synchronous_commit = on").await?;
+            let stmt = client
+                .prepare("INSERT INTO bench_lag (v) VALUES ('x')")
+                .await?;
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / per_sec as u32);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for _ in 0..total {
+                tick.tick().await;
+                client.execute(&stmt, &[]).await?;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+    };
+    let mut lags = Vec::with_capacity(total as usize);
+    while (lags.len() as u64) < total {
+        match feed.next().await {
+            Some(WalItem::Commit {
+                end_lsn,
+                commit_time,
+                ..
+            }) => {
+                let lag = SystemTime::now()
+                    .duration_since(commit_time)
+                    .unwrap_or_default();
+                lags.push(lag);
+                feed.ack(end_lsn);
+            }
+            Some(_) => {}
+            None => return Err("feed ended".into()),
+        }
+    }
+    writer.await??;
+    feed.close().await?;
+    ps.drop_slot("bench_lag").await?;
+    lags.sort();
+    let pct = |p: f64| lags[((lags.len() as f64 * p) as usize).min(lags.len() - 1)];
+    println!(
+        "WAL feed lag, commit -> received ({per_sec}/s, {secs} s)   p50 {:?}  p99 {:?}  max {:?}",
+        pct(0.50),
+        pct(0.99),
+        lags[lags.len() - 1]
+    );
+    Ok(())
+}

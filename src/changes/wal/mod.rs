@@ -1,0 +1,598 @@
+//! The WAL change feed (feature `wal`): row changes and logical messages
+//! from a logical replication slot, in commit order, resumable from the last
+//! ack.
+//!
+//! ```no_run
+//! # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+//! use futures::StreamExt;
+//! use pg_pubsub::changes::wal::WalItem;
+//!
+//! #[derive(Debug, serde::Deserialize)]
+//! struct Order { id: i64, status: String }
+//!
+//! let mut feed = pubsub
+//!     .wal_feed("orders_feed")
+//!     .publication("orders_pub")
+//!     .tables(&["public.orders"])
+//!     .messages("outbox.")
+//!     .start::<Order>()
+//!     .await?;
+//! while let Some(item) = feed.next().await {
+//!     match &item {
+//!         WalItem::Change { event, lsn } => println!("{lsn} {} {:?}", event.op, event.row()),
+//!         WalItem::Message(m) => println!("{} {} bytes", m.prefix, m.payload.len()),
+//!         _ => {}
+//!     }
+//!     // Cumulative: everything up to this position is done.
+//!     if let Some(lsn) = item.ack_lsn() {
+//!         feed.ack(lsn);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Why `pgwire-replication`
+//!
+//! tokio-postgres 0.7 has no replication protocol (CopyBoth). Three ways
+//! were weighed:
+//!
+//! * **`pgwire-replication`** (chosen): a small tokio replication client
+//!   (pure Rust with SCRAM/MD5 and no TLS feature), maintained, with the
+//!   parts that are easy to get wrong done: standby status updates with
+//!   a separate *applied* position that moves only when told
+//!   (`update_applied_lsn`, which is exactly "confirm on ack"), keepalive
+//!   replies, `messages 'true'` with `pg_logical_emit_message` decoded,
+//!   Begin/Commit decoded, a cancellation-safe reader. It leaves row
+//!   messages (Relation/Insert/Update/Delete/Truncate) raw by design: the
+//!   ~200 lines of pgoutput tuple parsing are in `decode.rs`.
+//!   Its TLS feature pulls rustls' default `aws-lc-rs` (C + cmake), which
+//!   this crate avoids, so the feed connects **without TLS**: an
+//!   `sslmode=require` (or stricter) connection string is refused with
+//!   [`ErrorKind::Config`].
+//! * **`pg_walstream`**: full pgoutput v1–4 decoding, but its connection
+//!   needs either `libpq` (C) or `aws-lc-rs` (C), its newest release does
+//!   not resolve against the registry here, and its API is much larger than
+//!   needed. Its parser alone would have pulled its whole dependency tree
+//!   (chrono, ...) for 200 lines.
+//! * **SQL functions** (`pg_logical_slot_peek_binary_changes` +
+//!   `pg_replication_slot_advance` on a pooled connection): TLS for free,
+//!   but polling, and every call decodes again from the slot's restart
+//!   point, so an unacked backlog is decoded over and over (quadratic), and
+//!   a 100k-row transaction comes back as one result set. It cannot reach
+//!   the `pg_recvlogical` throughput the issue asks for.
+//!
+//! # Delivery
+//!
+//! At least once, in commit order. Each transaction arrives as
+//! [`WalItem::Begin`], its changes and transactional messages, then
+//! [`WalItem::Commit`]. The slot's confirmed position moves only on
+//! [`WalFeed::ack`] (cumulative: acking a commit's `end_lsn` confirms it
+//! and everything before). Acks are sent to the server in batches (every
+//! [`ack_interval`](WalFeedBuilder::ack_interval)), and on
+//! [`WalFeed::close`]. After a crash, a restart, or a reconnect, the feed
+//! streams again from the last ack the server has: transactions after it
+//! come again (**duplicates are possible**; dedupe on the commit LSN).
+//!
+//! A heartbeat (a non-transactional `pg_logical_emit_message` under the
+//! prefix `pg-pubsub.heartbeat`, every
+//! [`heartbeat`](WalFeedBuilder::heartbeat) interval) lets a feed whose
+//! tables are idle, or whose changes are filtered out, confirm past WAL it
+//! does not need: when the consumer has acked everything it was given, the
+//! feed acks the heartbeat itself. Slot lag (bytes of WAL held:
+//! `pg_current_wal_lsn() - confirmed_flush_lsn`) is in [`WalFeed::stats`]
+//! and, above [`lag_warning`](WalFeedBuilder::lag_warning), a
+//! [`ConnectionEvent::WalLag`](crate::ConnectionEvent::WalLag).
+//!
+//! # Values
+//!
+//! pgoutput sends each column as its text output; `new` and `old` are JSON
+//! objects built from it by the column's type, then decoded into `T`:
+//!
+//! | type | JSON |
+//! | --- | --- |
+//! | `bool` | `true` / `false` |
+//! | `int2`, `int4`, `int8`, `oid` | number |
+//! | `float4`, `float8` | number; `NaN`, `Infinity` stay strings |
+//! | `numeric` | **string** (`"12.30"`: exact; parse it with a decimal type) |
+//! | `json`, `jsonb` | the parsed JSON |
+//! | one-dimensional arrays of the above and of `text`/`varchar` | JSON arrays (`NULL` → `null`); other arrays and several dimensions: the literal string (`{{1,2},{3,4}}`) |
+//! | `bytea` | string `\x0a1b...` (hex output) |
+//! | `timestamptz` and everything else | the text output, e.g. `"2026-11-22 03:48:36.5+00"` (the server's `DateStyle`/`TimeZone`) |
+//! | `NULL` | `null` |
+//!
+//! An **unchanged TOASTed column** in an update (a large value the update
+//! did not touch) is not sent by the server: it is **left out** of `new`
+//! (make that field `#[serde(default)]` or `Option`).
+//!
+//! `old`, by the table's `REPLICA IDENTITY`:
+//! * `DEFAULT` (primary key): deletes carry the key columns only; updates
+//!   carry them only when the key changed, else `old` is `None`;
+//! * `FULL`: deletes and updates carry the whole old row (TOASTed columns
+//!   included);
+//! * `USING INDEX`: like `DEFAULT`, with the index's columns;
+//! * `NOTHING`: `old` is always `None` (and PostgreSQL refuses updates and
+//!   deletes on a published table without an identity).
+//!
+//! Truncates arrive as one [`Op::Truncate`](crate::changes::Op) change per
+//! table, `old` and `new` both `None`. `xid` is the 32-bit transaction id of
+//! the Begin message, `committed_at` the commit time; `changed_at` is `None`
+//! (pgoutput does not send it).
+//!
+//! # Requirements
+//!
+//! `wal_level = logical`, a role with `REPLICATION` (and rights to create
+//! the publication, or an existing one), `max_replication_slots` and
+//! `max_wal_senders` with room for one more. Both problems are reported as
+//! [`ErrorKind::Wal`] naming the fix. A slot that is
+//! no longer used must be dropped ([`PgPubSub::drop_slot`]) or it keeps WAL
+//! forever.
+
+mod decode;
+mod slot;
+mod stream;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::changes::{ChangeEvent, Lsn};
+use crate::error::{Error, ErrorKind, Result};
+use crate::PgPubSub;
+
+/// One item of a [`WalFeed`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WalItem<T = serde_json::Value> {
+    /// A transaction starts (sent once it has a change or message for this
+    /// feed: transactions with nothing for it are not delivered at all).
+    Begin {
+        /// Its transaction id (32 bits, as pgoutput sends it).
+        xid: u32,
+        /// The LSN of its commit record.
+        final_lsn: Lsn,
+        /// When it committed.
+        commit_time: SystemTime,
+    },
+    /// A row change of the current transaction.
+    Change {
+        /// Where the change is in the WAL.
+        lsn: Lsn,
+        /// The change, its rows decoded into `T`.
+        event: ChangeEvent<T>,
+    },
+    /// A `pg_logical_emit_message` under the feed's
+    /// [`messages`](WalFeedBuilder::messages) prefix.
+    Message(WalMessage),
+    /// The current transaction committed.
+    Commit {
+        /// Its transaction id.
+        xid: u32,
+        /// The LSN of the commit record.
+        lsn: Lsn,
+        /// The end of the commit record: what to [`ack`](WalFeed::ack).
+        end_lsn: Lsn,
+        /// When it committed.
+        commit_time: SystemTime,
+    },
+    /// A change whose rows do not decode into `T` (or a pgoutput message
+    /// this crate cannot read). The stream goes on; ack past it to skip it.
+    Undecodable {
+        /// Where it is in the WAL.
+        lsn: Lsn,
+        /// Why.
+        error: Error,
+        /// The change with JSON rows, when it got that far.
+        raw: Option<ChangeEvent<serde_json::Value>>,
+    },
+    /// The replication stream was lost; the feed reconnects (forever, with
+    /// the backoff) and streams again from the last ack.
+    Error(Error),
+}
+
+impl<T> WalItem<T> {
+    /// The position to [`ack`](WalFeed::ack) once this item (and all before
+    /// it) is processed: a commit's `end_lsn`, a non-transactional message's
+    /// LSN; `None` inside a transaction (ack its commit).
+    pub fn ack_lsn(&self) -> Option<Lsn> {
+        match self {
+            WalItem::Commit { end_lsn, .. } => Some(*end_lsn),
+            WalItem::Message(m) if !m.transactional => Some(m.lsn),
+            _ => None,
+        }
+    }
+}
+
+/// A logical decoding message (`pg_logical_emit_message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalMessage {
+    /// Its prefix.
+    pub prefix: String,
+    /// Its content.
+    pub payload: bytes::Bytes,
+    /// Where it is in the WAL.
+    pub lsn: Lsn,
+    /// Emitted in a transaction (delivered between its Begin and Commit,
+    /// only if it committed) or not (delivered at once).
+    pub transactional: bool,
+}
+
+/// Slot figures from [`WalFeed::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalStats {
+    /// The slot.
+    pub slot: String,
+    /// The slot's `confirmed_flush_lsn` (what the server has of the acks).
+    pub confirmed_lsn: Lsn,
+    /// Bytes of WAL the slot holds: `pg_current_wal_lsn() - confirmed_flush_lsn`.
+    pub lag_bytes: u64,
+    /// The highest position acked on this feed (may be ahead of `confirmed_lsn`
+    /// until the next status update).
+    pub acked_lsn: Lsn,
+}
+
+/// Configures a [`WalFeed`]; from [`PgPubSub::wal_feed`].
+#[must_use = "a builder does nothing until .start() is awaited"]
+pub struct WalFeedBuilder {
+    pubsub: PgPubSub,
+    slot: String,
+    publication: Option<String>,
+    /// `None`: all tables; `Some(empty)`: none (messages only).
+    tables: Option<Vec<String>>,
+    messages: Option<String>,
+    heartbeat: Option<Duration>,
+    lag_warning: Option<u64>,
+    ack_interval: Duration,
+    capacity: usize,
+    standby: bool,
+}
+
+impl PgPubSub {
+    /// A WAL change feed reading the logical replication slot `slot`
+    /// (created with `pgoutput` if missing). See [`changes::wal`](crate::changes::wal).
+    pub fn wal_feed(&self, slot: &str) -> WalFeedBuilder {
+        WalFeedBuilder {
+            pubsub: self.clone(),
+            slot: slot.to_owned(),
+            publication: None,
+            tables: None,
+            messages: None,
+            heartbeat: Some(Duration::from_secs(10)),
+            lag_warning: None,
+            ack_interval: Duration::from_secs(1),
+            capacity: 8192,
+            standby: false,
+        }
+    }
+}
+
+impl WalFeedBuilder {
+    /// The publication to stream (created if missing, `FOR TABLE` the
+    /// [`tables`](Self::tables) or `FOR ALL TABLES`; an existing one is used
+    /// as it is). Default: the slot's name.
+    pub fn publication(mut self, name: &str) -> Self {
+        self.publication = Some(name.to_owned());
+        self
+    }
+
+    /// The tables of a new publication: `table`, `schema.table`, or quoted
+    /// parts (`"Sales"."Order"`); unquoted names are quoted as given, so case
+    /// is kept. An empty list makes a publication without tables (a feed of
+    /// logical messages only, like an outbox relay). Not called: all tables.
+    pub fn tables(mut self, tables: &[&str]) -> Self {
+        self.tables = Some(tables.iter().map(|t| (*t).to_owned()).collect());
+        self
+    }
+
+    /// Deliver logical messages whose prefix starts with `prefix` (`""`: all
+    /// but the feed's heartbeats). Default: none.
+    pub fn messages(mut self, prefix: &str) -> Self {
+        self.messages = Some(prefix.to_owned());
+        self
+    }
+
+    /// How often to emit a heartbeat and check the slot's lag; `None` turns
+    /// both off. Default 10 s.
+    pub fn heartbeat(mut self, interval: Option<Duration>) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// Report [`ConnectionEvent::WalLag`](crate::ConnectionEvent::WalLag)
+    /// when the slot holds more than `bytes` of WAL (checked at each
+    /// heartbeat). Default: off.
+    pub fn lag_warning(mut self, bytes: u64) -> Self {
+        self.lag_warning = Some(bytes);
+        self
+    }
+
+    /// How often acks are sent to the server at most. Default 1 s.
+    pub fn ack_interval(mut self, interval: Duration) -> Self {
+        self.ack_interval = interval;
+        self
+    }
+
+    /// When another process streams from the slot (the server allows one
+    /// stream per slot), wait for it to go away, retrying with the backoff,
+    /// instead of failing: run the same feed in several processes and the
+    /// server elects one. Default: fail.
+    pub fn standby(mut self, standby: bool) -> Self {
+        self.standby = standby;
+        self
+    }
+
+    /// Items buffered ahead of the consumer. Default 8192.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Creates or reuses the publication and the slot, starts streaming
+    /// from the slot's confirmed position, and returns the feed. Fails
+    /// (without retrying) when the server refuses: `wal_level`,
+    /// `REPLICATION`, no free slot or WAL sender.
+    pub async fn start<T: DeserializeOwned>(self) -> Result<WalFeed<T>> {
+        let publication = self
+            .publication
+            .clone()
+            .unwrap_or_else(|| self.slot.clone());
+        self.pubsub
+            .ensure_publication(&publication, self.tables.as_deref())
+            .await?;
+        self.pubsub.ensure_slot(&self.slot).await?;
+        let shared = Arc::new(Shared {
+            acked: AtomicU64::new(0),
+            ack_wake: Notify::new(),
+        });
+        let cfg = stream::replication_config(&self.pubsub, &self.slot, &publication)?
+            .with_status_interval(self.ack_interval);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(self.capacity);
+        let task = stream::StreamTask {
+            pubsub: self.pubsub.clone(),
+            slot: Arc::from(self.slot.as_str()),
+            cfg,
+            messages: self.messages,
+            shared: shared.clone(),
+            out: tx,
+            stop: stop_rx.clone(),
+        };
+        let first = task.connect_first(self.standby).await?;
+        let handle = tokio::spawn(task.run(first));
+        if let Some(every) = self.heartbeat {
+            tokio::spawn(stream::heartbeat(
+                self.pubsub.clone(),
+                self.slot.clone(),
+                every,
+                self.lag_warning,
+                stop_rx,
+            ));
+        }
+        Ok(WalFeed {
+            pubsub: self.pubsub,
+            slot: self.slot,
+            rx,
+            shared,
+            stop: stop_tx,
+            task: Some(handle),
+            _t: std::marker::PhantomData,
+        })
+    }
+}
+
+pub(crate) struct Shared {
+    /// The highest acked position (cumulative).
+    pub(crate) acked: AtomicU64,
+    /// Wakes the stream task to pass a new ack on.
+    pub(crate) ack_wake: Notify,
+}
+
+/// What the stream task hands the feed: rows still JSON.
+pub(crate) type RawItem = WalItem<serde_json::Value>;
+
+/// A running WAL change feed: a [`Stream`] of [`WalItem`]s. Dropping it
+/// stops the stream; [`close`](Self::close) also makes the last acks
+/// durable first.
+pub struct WalFeed<T = serde_json::Value> {
+    pubsub: PgPubSub,
+    slot: String,
+    rx: mpsc::Receiver<RawItem>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> WalFeed<T> {
+    /// Confirms everything up to `lsn` (cumulative; a lower `lsn` than
+    /// before is ignored). Use [`WalItem::ack_lsn`]. Sent to the server within
+    /// the ack interval.
+    pub fn ack(&self, lsn: Lsn) {
+        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+        self.shared.ack_wake.notify_one();
+    }
+
+    /// A handle to ack from elsewhere (another task).
+    pub fn acker(&self) -> WalAcker {
+        WalAcker {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The slot's name.
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    /// The slot's confirmed position and lag, read from the server.
+    pub async fn stats(&self) -> Result<WalStats> {
+        let (confirmed_lsn, lag_bytes) = self
+            .pubsub
+            .slot_position(&self.slot)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::Wal, format!("slot {:?} is gone", self.slot)))?;
+        Ok(WalStats {
+            slot: self.slot.clone(),
+            confirmed_lsn,
+            lag_bytes,
+            acked_lsn: Lsn(self.shared.acked.load(Ordering::Acquire)),
+        })
+    }
+
+    /// Stops streaming and moves the slot to the last ack, so a new feed
+    /// starts right after it.
+    pub async fn close(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let acked = Lsn(self.shared.acked.load(Ordering::Acquire));
+        if acked.0 == 0 {
+            return Ok(());
+        }
+        // The walsender may take a moment to release the slot after the
+        // stream ended: "slot is active" (55006) until then.
+        let backoff = crate::Backoff::default();
+        let mut attempt = 1;
+        loop {
+            match self.pubsub.advance_slot(&self.slot, acked).await {
+                Err(e)
+                    if attempt < 25
+                        && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(backoff.delay(attempt).min(Duration::from_millis(200)))
+                        .await;
+                }
+                res => return res,
+            }
+        }
+    }
+}
+
+impl<T> Drop for WalFeed<T> {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl<T: DeserializeOwned> Stream for WalFeed<T> {
+    type Item = WalItem<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WalItem<T>>> {
+        self.rx.poll_recv(cx).map(|item| item.map(typed))
+    }
+}
+
+/// A cloneable handle that acks for a [`WalFeed`].
+#[derive(Clone)]
+pub struct WalAcker {
+    shared: Arc<Shared>,
+}
+
+impl WalAcker {
+    /// Like [`WalFeed::ack`].
+    pub fn ack(&self, lsn: Lsn) {
+        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+        self.shared.ack_wake.notify_one();
+    }
+}
+
+/// Emits `payload` under `prefix` into the WAL as part of `tx`'s
+/// transaction (`pg_logical_emit_message(true, ...)`): a WAL feed with a
+/// matching [`messages`](WalFeedBuilder::messages) prefix receives it after
+/// the commit, and never if the transaction rolls back. Any size (it is not
+/// a NOTIFY). Returns the message's LSN.
+///
+/// ```no_run
+/// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut client = pubsub.pool().get().await?;
+/// let tx = client.transaction().await?;
+/// tx.execute("UPDATE orders SET status = 'paid' WHERE id = 7", &[]).await?;
+/// pg_pubsub::changes::wal::emit_in(&*tx, "outbox.orders", br#"{"id":7}"#).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+pub async fn emit_in<C: tokio_postgres::GenericClient>(
+    tx: &C,
+    prefix: &str,
+    payload: &[u8],
+) -> Result<Lsn> {
+    let row = tx
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)::text",
+            &[&prefix, &payload],
+        )
+        .await
+        .map_err(|e| slot::setup_error("WAL feed: emit message", e))?;
+    let text: String = row.get(0);
+    text.parse()
+}
+
+fn typed<T: DeserializeOwned>(item: RawItem) -> WalItem<T> {
+    match item {
+        WalItem::Change { lsn, event } => {
+            let rows = (
+                event.old.as_ref().map(T::deserialize).transpose(),
+                event.new.as_ref().map(T::deserialize).transpose(),
+            );
+            match rows {
+                (Ok(old), Ok(new)) => WalItem::Change {
+                    lsn,
+                    event: ChangeEvent {
+                        op: event.op,
+                        schema: event.schema,
+                        table: event.table,
+                        old,
+                        new,
+                        xid: event.xid,
+                        changed_at: event.changed_at,
+                        committed_at: event.committed_at,
+                    },
+                },
+                (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
+                    lsn,
+                    error: Error::new(
+                        ErrorKind::Wal,
+                        format!(
+                            "a change of {}.{} does not decode into the feed's type: {e}",
+                            event.schema, event.table
+                        ),
+                    )
+                    .with_source(e),
+                    raw: Some(event),
+                },
+            }
+        }
+        WalItem::Begin {
+            xid,
+            final_lsn,
+            commit_time,
+        } => WalItem::Begin {
+            xid,
+            final_lsn,
+            commit_time,
+        },
+        WalItem::Message(m) => WalItem::Message(m),
+        WalItem::Commit {
+            xid,
+            lsn,
+            end_lsn,
+            commit_time,
+        } => WalItem::Commit {
+            xid,
+            lsn,
+            end_lsn,
+            commit_time,
+        },
+        WalItem::Undecodable { lsn, error, raw } => WalItem::Undecodable { lsn, error, raw },
+        WalItem::Error(e) => WalItem::Error(e),
+    }
+}
