@@ -22,6 +22,15 @@ CREATE TABLE IF NOT EXISTS @S@.jobs (
     created_at   timestamptz NOT NULL DEFAULT now(),
     payload      text        NOT NULL
 ) WITH (fillfactor = 80);
+-- Every job leaves two dead row versions (claim, completion) and dead
+-- entries at the head of the claim index, which each claim walks past
+-- until vacuum removes them: vacuum this small, hot table as soon as
+-- autovacuum looks at it (every autovacuum_naptime), unthrottled.
+ALTER TABLE @S@.jobs SET (autovacuum_vacuum_scale_factor = 0,
+                          autovacuum_vacuum_threshold = 5000,
+                          autovacuum_vacuum_insert_scale_factor = 0,
+                          autovacuum_vacuum_insert_threshold = 5000,
+                          autovacuum_vacuum_cost_delay = 0);
 -- Claim order: higher priority first, then run_at, then id.
 CREATE INDEX IF NOT EXISTS jobs_claim ON @S@.jobs (queue, priority DESC, run_at, id)
     WHERE state = 'ready';
