@@ -57,14 +57,15 @@ impl PgPubSub {
 }
 
 impl WorkerBuilder {
-    /// Handlers running at once (and jobs claimed at most per round trip). Default 1.
+    /// Handlers running at once. Default 1. A claim takes up to the free
+    /// handlers plus the [`prefetch`](Self::prefetch) in one round trip.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
         self
     }
 
     /// Jobs claimed ahead of free handlers, so that one round trip claims
-    /// (and completes) many jobs. They wait in this worker, their leases
+    /// many jobs and a handler that finishes starts the next job at once. They wait in this worker, their leases
     /// extended; on shutdown they are given back at once. Default: the
     /// concurrency. 0 claims only for free handlers (fairer across many
     /// workers on a short queue, slower on a long one).
