@@ -2,14 +2,17 @@
 //! transaction from 8 tasks, a thousand per transaction) against bare
 //! `INSERT`s into an equivalent table; claim + complete with 8 concurrent
 //! do-nothing handlers against a hand-written `DELETE ... SKIP LOCKED LIMIT 1`
-//! loop on 8 connections; claim latency on a fresh table and after many
-//! jobs went through. Run with `cargo bench --bench queue`.
+//! loop on 8 connections; claim latency (p50 / p99 of single claims) on a
+//! fresh table and after millions of jobs went through it. Run with
+//! `cargo bench --bench queue`.
 //!
 //! Env: `BENCH_SINGLE` (jobs enqueued one per transaction, default
 //! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_WORK` (jobs claimed
-//! and completed, default 100 000), `BENCH_CHURN` (jobs passed through
-//! before the second latency probe, default 1 000 000), `DATABASE_URL`
-//! (else a throwaway cluster).
+//! and completed, default 100 000), `BENCH_PREFETCH` (the worker's
+//! prefetch, default the worker's own), `BENCH_CHURN` (jobs passed through
+//! before the second latency probe, default 5 000 000, a few minutes; 0
+//! skips the latency phase),
+//! `DATABASE_URL` (else a throwaway cluster).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -63,7 +66,7 @@ async fn run(url: &str) -> Res<()> {
     let single = env_u64("BENCH_SINGLE", 20_000)?;
     let batched = env_u64("BENCH_BATCHED", 200_000)?;
     let work = env_u64("BENCH_WORK", 100_000)?;
-    let churn = env_u64("BENCH_CHURN", 1_000_000)?;
+    let churn = env_u64("BENCH_CHURN", 5_000_000)?;
     let ps = PgPubSub::builder(url)?
         .pool_size(TASKS + 4)
         .connect()
@@ -172,29 +175,10 @@ async fn run(url: &str) -> Res<()> {
         "jobs/s",
     );
 
-    // Claim latency: fresh, then after `churn` jobs went through.
-    let fresh = claim_latency(&q, &client).await?;
-    let t = Instant::now();
-    let mut left = churn;
-    while left > 0 {
-        let n = left.min(100_000);
-        let chunk: Vec<&str> = vec![PAYLOAD; 1000];
-        for _ in 0..n / 1000 {
-            q.enqueue_batch("bench_churn", &chunk, &JobOptions::new())
-                .await?;
-        }
-        drain(&q, "bench_churn", (n / 1000 * 1000) as usize).await?;
-        left -= n;
+    // Claim latency: on a fresh table, then after `churn` jobs went through it.
+    if churn > 0 {
+        latency_after_churn(&ps, churn).await?;
     }
-    let churned = t.elapsed();
-    let after = claim_latency(&q, &client).await?;
-    println!(
-        "claim+complete latency (median of 200)        fresh {:>8.3} ms   after {churn} jobs ({:.0} s) {:>8.3} ms   ratio {:.2}",
-        fresh.as_secs_f64() * 1e3,
-        churned.as_secs_f64(),
-        after.as_secs_f64() * 1e3,
-        after.as_secs_f64() / fresh.as_secs_f64()
-    );
     ps.shutdown().await;
     Ok(())
 }
@@ -204,9 +188,12 @@ async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
     let count = Arc::new(AtomicUsize::new(0));
     let all = Arc::new(tokio::sync::Notify::new());
     let (c, a) = (count.clone(), all.clone());
-    let worker = q
-        .worker(queue)
-        .concurrency(TASKS)
+    let worker = q.worker(queue).concurrency(TASKS);
+    let worker = match std::env::var("BENCH_PREFETCH") {
+        Ok(p) => worker.prefetch(p.parse()?),
+        Err(_) => worker,
+    };
+    let worker = worker
         .run(move |_job: Job| {
             let (c, a) = (c.clone(), a.clone());
             async move {
@@ -222,24 +209,164 @@ async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
     Ok(())
 }
 
-/// Median time of one job's claim and completion (the worker's SQL) on
-/// an otherwise empty queue.
-async fn claim_latency(q: &Queue, client: &deadpool_postgres::Client) -> Res<Duration> {
+/// The schema (fresh tables of its own) of the claim-latency phase.
+const LAT: &str = "bench_claim";
+/// Latency samples per probe.
+const SAMPLES: usize = 500;
+/// Jobs per statement while churning.
+const CHURN_BATCH: usize = 1000;
+/// Tasks (connections) churning at once.
+const CHURNERS: usize = 4;
+
+/// Claim latency (p50, p99) on a fresh table, then after `churn` jobs went
+/// through it by the queue's own SQL (`enqueue_many`, `claim`, the
+/// worker's batched `DELETE`): the table and its indexes see the inserts,
+/// claim updates and deletes of real traffic, and autovacuum as the server
+/// is configured.
+async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
+    let client = ps.pool().get().await?;
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {LAT} CASCADE"))
+        .await?;
+    let q = ps.queue_in(LAT)?;
+    q.install().await?;
+    let fresh = claim_latency(&client).await?;
+    let t = Instant::now();
+    let left = Arc::new(std::sync::atomic::AtomicU64::new(churn));
+    let mut tasks = Vec::new();
+    for _ in 0..CHURNERS {
+        let (pool, left) = (ps.pool().clone(), left.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = pool.get().await?;
+            let enqueue = c
+                .prepare(&format!("SELECT {LAT}.enqueue_many('{LAT}', $1)"))
+                .await?;
+            let claim = c
+                .prepare(&format!(
+                    "SELECT id, attempt FROM {LAT}.claim('{LAT}', $1, interval '30 s')"
+                ))
+                .await?;
+            let complete = c
+                .prepare(&format!(
+                    "DELETE FROM {LAT}.jobs j USING unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
+                     WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"
+                ))
+                .await?;
+            let payloads: Vec<&str> = vec![PAYLOAD; CHURN_BATCH];
+            let batch = CHURN_BATCH as u64;
+            loop {
+                let more = left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(batch))
+                    .is_ok();
+                if more {
+                    c.execute(&enqueue, &[&payloads]).await?;
+                }
+                let rows = c.query(&claim, &[&(CHURN_BATCH as i32)]).await?;
+                if rows.is_empty() && !more {
+                    return Res::Ok(());
+                }
+                let (ids, attempts): (Vec<i64>, Vec<i32>) =
+                    rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1))).unzip();
+                c.execute(&complete, &[&ids, &attempts]).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let churned = t.elapsed();
+    let vacuums = autovacuums(&client).await?;
+    let after = claim_latency(&client).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "claim latency, 1 job, p50 / p99 of {SAMPLES}: fresh {:.3} / {:.3} ms; \
+         after {churn} jobs ({:.0} s, {:.0} jobs/s) {:.3} / {:.3} ms; ratio {:.2} / {:.2}",
+        ms(fresh.0),
+        ms(fresh.1),
+        churned.as_secs_f64(),
+        rate(churn, churned),
+        ms(after.0),
+        ms(after.1),
+        ms(after.0) / ms(fresh.0),
+        ms(after.1) / ms(fresh.1),
+    );
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT pg_total_relation_size('{LAT}.jobs'), n_dead_tup, autovacuum_count \
+                 FROM pg_stat_user_tables WHERE relid = '{LAT}.jobs'::regclass"
+            ),
+            &[],
+        )
+        .await?;
+    println!(
+        "  {LAT}.jobs after the churn: {} kB with indexes, {} dead tuples, {} autovacuums",
+        row.get::<_, i64>(0) / 1024,
+        row.get::<_, i64>(1),
+        row.get::<_, i64>(2)
+    );
+    // Once autovacuum (as the server and the table are configured) went
+    // over the table after the churn: what a quieter moment sees.
+    let t = Instant::now();
+    while autovacuums(&client).await? == vacuums && t.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let waited = t.elapsed();
+    let settled = claim_latency(&client).await?;
+    println!(
+        "  after the next autovacuum ({:.0} s later): {:.3} / {:.3} ms; ratio {:.2} / {:.2}",
+        waited.as_secs_f64(),
+        ms(settled.0),
+        ms(settled.1),
+        ms(settled.0) / ms(fresh.0),
+        ms(settled.1) / ms(fresh.1),
+    );
+    client
+        .batch_execute(&format!("DROP SCHEMA {LAT} CASCADE"))
+        .await?;
+    Ok(())
+}
+
+/// Autovacuum runs of the latency phase's jobs table so far.
+async fn autovacuums(client: &deadpool_postgres::Client) -> Res<i64> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT autovacuum_count FROM pg_stat_user_tables \
+                 WHERE relid = '{LAT}.jobs'::regclass"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// p50 and p99 of claiming one job (the `claim` function) on the
+/// otherwise empty queue of [`LAT`]; enqueueing and completing it are not
+/// timed.
+async fn claim_latency(client: &deadpool_postgres::Client) -> Res<(Duration, Duration)> {
+    let enqueue = client
+        .prepare(&format!("SELECT {LAT}.enqueue('{LAT}', $1)"))
+        .await?;
     let claim = client
-        .prepare("SELECT id, attempt FROM pgpubsub.claim('bench_latency', 8, interval '30 s')")
+        .prepare(&format!(
+            "SELECT id, attempt FROM {LAT}.claim('{LAT}', 1, interval '30 s')"
+        ))
         .await?;
     let complete = client
-        .prepare("DELETE FROM pgpubsub.jobs WHERE id = $1 AND attempt = $2")
+        .prepare(&format!(
+            "DELETE FROM {LAT}.jobs WHERE id = $1 AND attempt = $2"
+        ))
         .await?;
-    let mut times = Vec::new();
-    for _ in 0..200 {
-        q.enqueue_raw("bench_latency", PAYLOAD).await?;
+    let mut times = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        client.execute(&enqueue, &[&PAYLOAD]).await?;
         let t = Instant::now();
         let row = client.query_one(&claim, &[]).await?;
+        times.push(t.elapsed());
         let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
         client.execute(&complete, &[&id, &attempt]).await?;
-        times.push(t.elapsed());
     }
     times.sort();
-    Ok(times[times.len() / 2])
+    Ok((times[SAMPLES / 2], times[SAMPLES * 99 / 100]))
 }

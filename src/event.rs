@@ -148,7 +148,9 @@ pub enum ConnectionEvent {
     /// [`shutdown`](crate::PgPubSub::shutdown) finished.
     ShutDown,
     // Work queue (`crate::queue`).
-    /// A job's attempt failed; it runs again after `retry_in`.
+    /// A job's attempt failed; it runs again after `retry_in`. Also sent
+    /// by the worker that found a job whose lease expired (its worker died
+    /// or lost its connection): `retry_in` is zero, the error says so.
     JobRetried {
         /// The queue.
         queue: Arc<str>,
@@ -161,7 +163,8 @@ pub enum ConnectionEvent {
         /// The delay before the next attempt.
         retry_in: Duration,
     },
-    /// A job failed its last attempt and is now dead (in `dead_jobs`).
+    /// A job failed its last attempt, or its lease expired on its last
+    /// attempt, and is now dead (in `dead_jobs`).
     JobDead {
         /// The queue.
         queue: Arc<str>,

@@ -155,6 +155,62 @@ async fn a_dead_workers_jobs_run_again_after_the_lease() {
 }
 
 #[tokio::test]
+async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
+    let (ps, q) = queue().await;
+    let name = channel("q_lease_dead");
+    let mut events = ps.events();
+    let last = q
+        .enqueue_raw_with(&name, "last", &JobOptions::new().max_attempts(1))
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    let again = q
+        .enqueue_raw_with(&name, "again", &JobOptions::new().max_attempts(2))
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    // Claimed by a worker that then vanishes: only the SQL, a short lease.
+    let admin = raw_client().await;
+    let claimed = admin
+        .query(
+            "SELECT id FROM pgpubsub.claim($1, 10, interval '200 milliseconds')",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let (worker, mut rx) = reporting(&q, &name, 1).await;
+    // The worker's rescue reports both: one dead, one back to ready.
+    match wait_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::JobDead { .. })
+    })
+    .await
+    {
+        ConnectionEvent::JobDead {
+            job_id,
+            attempts,
+            error,
+            ..
+        } => {
+            assert_eq!((job_id, attempts), (last, 1));
+            assert!(error.contains("lease expired after 1 attempts"), "{error}");
+        }
+        _ => unreachable!(),
+    }
+    let (id, attempt, _) = recv(&mut rx).await;
+    assert_eq!((id, attempt), (again, 2));
+    worker.shutdown().await.unwrap();
+    let dead = q.dead_jobs(Some(&name), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id, dead[0].attempts), (last, 1));
+    let error = dead[0].last_error.as_deref().unwrap();
+    assert!(error.contains("lease expired after 1 attempts"), "{error}");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
 async fn leases_are_extended_while_the_handler_runs() {
     let (ps, q) = queue().await;
     let name = channel("q_extend");

@@ -32,22 +32,29 @@
 //!   deleted, a dead one moved to `dead_jobs`: the claim index holds live
 //!   work only, so claiming costs the same after millions of jobs.
 //! * `dead_jobs`: jobs that failed their last attempt, with the error.
-//! * functions `enqueue`, `enqueue_many`, `claim`, `fail`, `rescue`, `retry_dead`.
+//! * functions `enqueue`, `enqueue_many`, `claim`, `fail`, `rescue` (returns
+//!   the rescued jobs: id, attempt, dead, error), `retry_dead`.
 //!
 //! ## Claiming, leases, retries
 //!
 //! A worker claims, in one statement, up to its free handlers plus a
 //! prefetch ([`WorkerBuilder::prefetch`], default the concurrency)
-//! (`FOR UPDATE SKIP LOCKED`, setting `state`, `attempt` and `lease_until`),
-//! and completes what finished since the last round trip in the same
-//! statement; workers woken together take disjoint jobs without waiting
-//! on each other. `(id, attempt)` is the claim: completing, failing and extending
-//! the lease check it, so a worker that lost its lease cannot complete a
-//! job someone else now runs. Leases are extended every third of their
-//! length while the handler runs; every poll, a worker makes jobs whose
-//! lease expired ready again (a dead worker's jobs run again after the
-//! lease). At least once: the handler gets the attempt number
-//! ([`Job::attempt`]), and [`Job::complete_in`] completes the job in the
+//! (`FOR UPDATE SKIP LOCKED`, setting `state`, `attempt` and `lease_until`);
+//! workers woken together take disjoint jobs without waiting on each
+//! other. Each job's handler runs in a task of its own; finished jobs are
+//! deleted in batches by a completer task on another pooled connection
+//! (whatever finished while its last `DELETE` ran goes in the next one),
+//! so completing overlaps with claiming. `(id, attempt)` is the claim:
+//! completing, failing and extending the lease check it, so a worker that
+//! lost its lease cannot complete a job someone else now runs. Leases are
+//! extended every third of their length while the handler runs (one
+//! statement for all the worker's jobs); every poll, a worker makes jobs
+//! whose lease expired ready again, or dead if that was their last attempt
+//! (a dead worker's jobs run again after the lease), and emits
+//! [`JobRetried`](crate::ConnectionEvent::JobRetried) or
+//! [`JobDead`](crate::ConnectionEvent::JobDead) for them. At least once:
+//! the handler gets the attempt number ([`Job::attempt`]), and
+//! [`Job::complete_in`] completes the job in the
 //! handler's own transaction for an exactly-once effect.
 //!
 //! A failed attempt (`Err` or a panic) is retried after
@@ -69,8 +76,11 @@
 //! never early).
 
 mod admin;
+mod attempt;
+mod completer;
 mod enqueue;
 mod job;
+mod runner;
 mod worker;
 
 use std::future::Future;

@@ -22,6 +22,15 @@ CREATE TABLE IF NOT EXISTS @S@.jobs (
     created_at   timestamptz NOT NULL DEFAULT now(),
     payload      text        NOT NULL
 ) WITH (fillfactor = 80);
+-- Every job leaves two dead row versions (claim, completion) and dead
+-- entries at the head of the claim index, which each claim walks past
+-- until vacuum removes them: vacuum this small, hot table as soon as
+-- autovacuum looks at it (every autovacuum_naptime), unthrottled.
+ALTER TABLE @S@.jobs SET (autovacuum_vacuum_scale_factor = 0,
+                          autovacuum_vacuum_threshold = 5000,
+                          autovacuum_vacuum_insert_scale_factor = 0,
+                          autovacuum_vacuum_insert_threshold = 5000,
+                          autovacuum_vacuum_cost_delay = 0);
 -- Claim order: higher priority first, then run_at, then id.
 CREATE INDEX IF NOT EXISTS jobs_claim ON @S@.jobs (queue, priority DESC, run_at, id)
     WHERE state = 'ready';
@@ -150,32 +159,43 @@ BEGIN
 END $$;
 
 -- Makes running jobs whose lease expired (their worker died or lost its
--- connection) ready again, or dead if that was their last attempt.
--- Returns how many were rescued.
-CREATE OR REPLACE FUNCTION @S@.rescue(p_queue text) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    n bigint;
-    d bigint;
-BEGIN
-    WITH gone AS (
-        DELETE FROM @S@.jobs j
+-- connection) ready again, or dead if that was their last attempt. Returns
+-- each one (its attempt, whether it is now dead, the error kept) so that
+-- the worker that ran it can report them. SKIP LOCKED: workers rescuing
+-- at once take disjoint rows and never wait on each other.
+DROP FUNCTION IF EXISTS @S@.rescue(text);
+CREATE FUNCTION @S@.rescue(p_queue text)
+RETURNS TABLE (job_id bigint, attempt int, dead boolean, error text)
+LANGUAGE sql AS $$
+    WITH expired AS MATERIALIZED (
+        SELECT j.id FROM @S@.jobs j
         WHERE j.queue = p_queue AND j.state = 'running' AND j.lease_until < now()
-          AND j.attempt >= j.max_attempts
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM @S@.jobs j USING expired e
+        WHERE j.id = e.id AND j.attempt >= j.max_attempts
         RETURNING j.*
+    ), buried AS (
+        INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
+                                   last_error, created_at, payload)
+        SELECT g.id, g.queue, g.priority, g.attempt, g.max_attempts, g.unique_key,
+               format('lease expired after %s attempts (the worker stopped or lost its '
+                      'connection)', g.attempt),
+               g.created_at, g.payload
+        FROM gone g
+        RETURNING id, attempt, last_error
+    ), back AS (
+        UPDATE @S@.jobs j SET state = 'ready', lease_until = NULL,
+            last_error = format('lease expired on attempt %s (the worker stopped or lost '
+                                'its connection)', j.attempt)
+        FROM expired e
+        WHERE j.id = e.id AND j.attempt < j.max_attempts
+        RETURNING j.id, j.attempt, j.last_error
     )
-    INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
-                               last_error, created_at, payload)
-    SELECT g.id, g.queue, g.priority, g.attempt, g.max_attempts, g.unique_key,
-           'lease expired (the worker stopped or lost its connection)', g.created_at, g.payload
-    FROM gone g;
-    GET DIAGNOSTICS d = ROW_COUNT;
-    UPDATE @S@.jobs j SET state = 'ready', lease_until = NULL,
-        last_error = 'lease expired (the worker stopped or lost its connection)'
-    WHERE j.queue = p_queue AND j.state = 'running' AND j.lease_until < now();
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n + d;
-END $$;
+    SELECT b.id, b.attempt, true, b.last_error FROM buried b
+    UNION ALL
+    SELECT k.id, k.attempt, false, k.last_error FROM back k
+$$;
 
 -- Moves a dead job back to the queue with a fresh set of attempts.
 -- Returns false when there is no such dead job, or when its unique key

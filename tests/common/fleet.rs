@@ -1,5 +1,6 @@
-//! Several `pg-pubsub listen --single-listener` processes: a fleet, for
-//! election tests with real processes and real faults.
+//! Several processes (`pg-pubsub listen --single-listener`, `pg-pubsub
+//! queue work`, or the test binary itself as a queue worker): a fleet, for
+//! tests with real processes and real faults.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,6 +30,9 @@ pub struct Fleet {
     pub lost: Vec<usize>,
     /// Who reported a gap (`gap on <channel>`), in order.
     pub gaps: Vec<usize>,
+    /// Every stderr line read so far, with its process, in order (lines
+    /// read while waiting for another process to start are kept here).
+    pub stderr: Vec<(usize, String)>,
 }
 
 impl Fleet {
@@ -42,6 +46,7 @@ impl Fleet {
             leaders: Vec::new(),
             lost: Vec::new(),
             gaps: Vec::new(),
+            stderr: Vec::new(),
         }
     }
 
@@ -62,25 +67,49 @@ impl Fleet {
 
     /// Starts `pg-pubsub ARGS...` and waits for a stderr line matching `ready`.
     pub async fn spawn_cmd(&mut self, args: &[&str], ready: fn(&str) -> bool) -> usize {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"));
+        cmd.args(args).stdout(Stdio::piped());
+        self.spawn_command(cmd, ready).await
+    }
+
+    /// Starts this test binary again running only the test `entry`, with
+    /// `envs` (the entry does nothing unless they are set), and waits for
+    /// a stderr line matching `ready`. Its stdout (libtest's) is dropped:
+    /// the child talks on stderr.
+    pub async fn spawn_self(
+        &mut self,
+        entry: &str,
+        envs: &[(&str, &str)],
+        ready: fn(&str) -> bool,
+    ) -> usize {
+        let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+        cmd.args([entry, "--exact", "--test-threads=1", "--nocapture"])
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null());
+        self.spawn_command(cmd, ready).await
+    }
+
+    /// Starts `cmd` against the test server (stdout as the caller set it:
+    /// piped lines are JSON payloads) and waits for a stderr line matching `ready`.
+    async fn spawn_command(&mut self, mut cmd: Command, ready: fn(&str) -> bool) -> usize {
         let i = self.procs.len();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
-            .args(args)
+        let mut child = cmd
             .env("DATABASE_URL", server().url())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn pg-pubsub");
-        let out = child.stdout.take().expect("stdout");
+            .expect("spawn a fleet process");
         let err = child.stderr.take().expect("stderr");
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let mut out = BufReader::new(out).lines();
-            while let Ok(Some(l)) = out.next_line().await {
-                let _ = tx.send(Line::Out(i, l));
-            }
-        });
+        if let Some(out) = child.stdout.take() {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let mut out = BufReader::new(out).lines();
+                while let Ok(Some(l)) = out.next_line().await {
+                    let _ = tx.send(Line::Out(i, l));
+                }
+            });
+        }
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let mut err = BufReader::new(err).lines();
@@ -95,6 +124,9 @@ impl Fleet {
     }
 
     fn record(&mut self, line: &Line) {
+        if let Line::Err(i, l) = line {
+            self.stderr.push((*i, l.clone()));
+        }
         match line {
             Line::Out(i, l) => {
                 let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");

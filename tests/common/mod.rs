@@ -248,6 +248,32 @@ pub async fn wait_backend_gone(pid: i32) {
         .unwrap_or_else(|_| panic!("backend {pid} still there after {WAIT:?}"));
 }
 
+/// Waits until no session with `application_name` is left (the process
+/// that had them was killed: what they were committing is committed or
+/// rolled back), failing after [`WAIT`].
+pub async fn wait_sessions_gone(application_name: &str) {
+    let client = raw_client().await;
+    let gone = async {
+        loop {
+            let rows = client
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1",
+                    &[&application_name],
+                )
+                .await
+                .expect("pg_stat_activity");
+            if rows.is_empty() {
+                return;
+            }
+            // The server has no event for a session's end: poll.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, gone)
+        .await
+        .unwrap_or_else(|_| panic!("sessions of {application_name} still there after {WAIT:?}"));
+}
+
 /// Backend PID holding the election lock of `channel` (the documented key).
 pub async fn lock_holder(client: &tokio_postgres::Client, channel: &str) -> Option<i32> {
     client

@@ -1,0 +1,139 @@
+//! One attempt at a job, in a task of its own: run the handler, then hand
+//! the completion to the completer, or record the failure (retry or dead).
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::mpsc;
+
+use super::job::Job;
+use super::runner::Ctx;
+use crate::ConnectionEvent;
+
+/// Longest error text kept for a failed attempt, in bytes.
+const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// Runs `handler` on `job`. `Ok` sends the claim to the completer (unless
+/// [`Job::complete_in`] completed it already); `Err` or a panic fails the
+/// attempt in its own statement.
+pub(super) async fn run<F, Fut, E>(
+    ctx: Arc<Ctx>,
+    handler: Arc<F>,
+    job: Job,
+    done: mpsc::UnboundedSender<(i64, i32)>,
+) where
+    F: Fn(Job) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: fmt::Display + Send + 'static,
+{
+    let (id, attempt, max_attempts) = (job.id, job.attempt, job.max_attempts);
+    let completed = job.completed.clone();
+    // The handler is called inside the guarded future: a panic while
+    // building its future fails the attempt too.
+    let outcome = AssertUnwindSafe(async move { handler(job).await })
+        .catch_unwind()
+        .await;
+    let error = match outcome {
+        Ok(Ok(())) => {
+            if !completed.load(Ordering::Acquire) {
+                // Closed only once every attempt task has ended.
+                let _ = done.send((id, attempt));
+            }
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic_text(panic),
+    };
+    drop(done);
+    fail(&ctx, id, attempt, max_attempts, error).await;
+}
+
+/// Records a failed attempt: ready again after the backoff, or dead.
+async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String) {
+    let mut error: String = text.replace('\0', "\u{FFFD}");
+    if error.len() > MAX_ERROR_BYTES {
+        let mut cut = MAX_ERROR_BYTES;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    let delay = retry_delay(ctx.retry_base, ctx.retry_max, attempt);
+    let (sql, secs, err) = (&ctx.sql.fail, delay.as_secs_f64(), &error);
+    let res = ctx
+        .queue
+        .with_client("failing a job", |client| async move {
+            let stmt = client.prepare_cached(sql).await?;
+            let row = client
+                .query_one(&stmt, &[&id, &attempt, err, &secs])
+                .await?;
+            Ok(row.get::<_, Option<String>>(0))
+        })
+        .await;
+    let event = match res.as_ref().map(Option::as_deref) {
+        Ok(Some("retry")) => ConnectionEvent::JobRetried {
+            queue: ctx.name.clone(),
+            job_id: id,
+            attempt,
+            error: Arc::from(error.as_str()),
+            retry_in: delay,
+        },
+        Ok(Some("dead")) => ConnectionEvent::JobDead {
+            queue: ctx.name.clone(),
+            job_id: id,
+            attempts: attempt,
+            error: Arc::from(error.as_str()),
+        },
+        Ok(_) => {
+            tracing::debug!(queue = %ctx.name, id, attempt, "pg-pubsub: failed job's claim was lost");
+            return;
+        }
+        Err(e) => {
+            // The job runs again once its lease expires.
+            tracing::warn!(queue = %ctx.name, id, %e, "pg-pubsub: recording a failed job failed");
+            return;
+        }
+    };
+    tracing::info!(queue = %ctx.name, id, attempt, max = max_attempts, %error, "pg-pubsub: job failed");
+    ctx.queue.pubsub.emit(event);
+}
+
+/// The delay before retrying after failed attempt `attempt` (from 1).
+pub(crate) fn retry_delay(base: Duration, max: Duration, attempt: i32) -> Duration {
+    let exp = attempt.saturating_sub(1).clamp(0, 62) as u32;
+    let full = base
+        .checked_mul(1u32.checked_shl(exp.min(31)).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max);
+    // Jitter in [0.5, 1]: failing jobs of one batch spread out.
+    full.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".to_owned());
+    format!("the handler panicked: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let (b, m) = (Duration::from_secs(1), Duration::from_secs(60));
+        for (attempt, full) in [(1, 1), (2, 2), (3, 4), (7, 60), (1000, 60)] {
+            let d = retry_delay(b, m, attempt);
+            let full = Duration::from_secs(full);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+    }
+}

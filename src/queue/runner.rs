@@ -1,0 +1,372 @@
+//! The worker's loop: claims jobs in batches sized to its free capacity,
+//! starts an attempt per job, extends all leases in one statement, rescues
+//! expired leases, and shuts down gracefully.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+
+use super::job::Job;
+use super::{attempt, completer, Queue};
+use crate::error::Result;
+use crate::{ConnectionEvent, Delivery, Subscription};
+
+/// What a worker's tasks share.
+pub(super) struct Ctx {
+    pub(super) queue: Queue,
+    pub(super) name: Arc<str>,
+    pub(super) sql: Sql,
+    pub(super) retry_base: Duration,
+    pub(super) retry_max: Duration,
+}
+
+/// The worker's statements, for one schema.
+pub(super) struct Sql {
+    claim: String,
+    pub(super) complete: String,
+    complete_one: Arc<str>,
+    extend: String,
+    pub(super) fail: String,
+    rescue: String,
+    give_back: String,
+}
+
+impl Sql {
+    pub(super) fn new(s: &str) -> Self {
+        Sql {
+            // `{s}.claim()` written out, so its plan is prepared once rather
+            // than at every call of the SQL function.
+            claim: format!(
+                "WITH picked AS MATERIALIZED (SELECT j.id FROM {s}.jobs j \
+                   WHERE j.queue = $1 AND j.state = 'ready' AND j.run_at <= now() \
+                   ORDER BY j.priority DESC, j.run_at, j.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {s}.jobs j SET state = 'running', attempt = j.attempt + 1, \
+                   lease_until = now() + make_interval(secs => $3::float8) \
+                 FROM picked WHERE j.id = picked.id \
+                 RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload"
+            ),
+            complete: format!(
+                "DELETE FROM {s}.jobs j USING unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
+                 WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"
+            ),
+            complete_one: Arc::from(format!(
+                "DELETE FROM {s}.jobs WHERE id = $1 AND attempt = $2 AND state = 'running'"
+            )),
+            extend: format!(
+                "UPDATE {s}.jobs j SET lease_until = now() + make_interval(secs => $3::float8) \
+                 FROM unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
+                 WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"
+            ),
+            fail: format!("SELECT {s}.fail($1, $2, $3, make_interval(secs => $4::float8))"),
+            rescue: format!("SELECT job_id, attempt, dead, error FROM {s}.rescue($1)"),
+            // Given-back jobs did not really get their attempt; others are
+            // woken at once rather than at their next poll.
+            give_back: format!(
+                "WITH u AS (UPDATE {s}.jobs j SET state = 'ready', attempt = j.attempt - 1, \
+                 lease_until = NULL FROM unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
+                 WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running' RETURNING 1) \
+                 SELECT count(*), pg_notify($3, $4) FROM u HAVING count(*) > 0"
+            ),
+        }
+    }
+}
+
+pub(super) struct Runner<F> {
+    ctx: Arc<Ctx>,
+    handler: Arc<F>,
+    concurrency: usize,
+    /// Jobs held at most: running plus waiting.
+    capacity: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    shutdown_timeout: Duration,
+    /// One task per running attempt.
+    running: JoinSet<()>,
+    /// The claim `(id, attempt)` of each running attempt.
+    slots: HashMap<tokio::task::Id, (i64, i32)>,
+    /// Claimed jobs waiting for a free handler (prefetched).
+    waiting: VecDeque<Job>,
+    /// Claims of jobs whose handler returned `Ok`, to the completer.
+    done: Option<mpsc::UnboundedSender<(i64, i32)>>,
+    completer: Option<JoinHandle<()>>,
+}
+
+impl<F, Fut, E> Runner<F>
+where
+    F: Fn(Job) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: fmt::Display + Send + 'static,
+{
+    pub(super) fn new(
+        ctx: Arc<Ctx>,
+        handler: Arc<F>,
+        concurrency: usize,
+        capacity: usize,
+        lease: Duration,
+        poll_interval: Duration,
+        shutdown_timeout: Duration,
+    ) -> Self {
+        Runner {
+            ctx,
+            handler,
+            concurrency,
+            capacity,
+            lease,
+            poll_interval,
+            shutdown_timeout,
+            running: JoinSet::new(),
+            slots: HashMap::new(),
+            waiting: VecDeque::new(),
+            done: None,
+            completer: None,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut wake: Subscription<String>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // Completions go to their own task (and pooled connection): they
+        // are deleted in batches while the next claim is under way.
+        let (done, rx) = mpsc::unbounded_channel();
+        self.done = Some(done);
+        self.completer = Some(tokio::spawn(completer::run(self.ctx.clone(), rx)));
+        let mut poll = tokio::time::interval(self.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut extend = tokio::time::interval(self.lease / 3);
+        extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut want = true;
+        // After a failed round trip, wait for the next poll before another.
+        let mut held = false;
+        loop {
+            self.start_waiting();
+            let free = self.capacity - self.running.len() - self.waiting.len();
+            if !held && want && free > 0 {
+                match self.claim(free).await {
+                    // A full batch means more may be due: claim again at once.
+                    Ok(got) => want = got == free,
+                    Err(e) => {
+                        tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: claiming jobs failed");
+                        held = true;
+                    }
+                }
+                self.start_waiting();
+            }
+            tokio::select! {
+                biased;
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                Some(res) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    self.reap(res);
+                    while let Some(res) = self.running.try_join_next_with_id() {
+                        self.reap(res);
+                    }
+                    want = true;
+                }
+                d = wake.next() => match d {
+                    Some(Delivery::Message(m)) if *m.payload() == *self.ctx.name => want = true,
+                    // Notifications may have been missed while reconnecting.
+                    Some(Delivery::Gap(_) | Delivery::Lagged(_)) => want = true,
+                    Some(_) => {}
+                    None => break, // the PgPubSub shut down
+                },
+                _ = poll.tick() => {
+                    want = true;
+                    held = false;
+                    self.rescue().await;
+                }
+                _ = extend.tick() => self.extend().await,
+            }
+        }
+        self.drain(&mut extend).await;
+    }
+
+    /// Claims up to `n` jobs (into `waiting`) in one statement; returns
+    /// how many were claimed.
+    async fn claim(&mut self, n: usize) -> Result<usize> {
+        let (sql, name) = (&self.ctx.sql.claim, &*self.ctx.name);
+        let limit = n as i32;
+        let lease = self.lease.as_secs_f64();
+        let rows = self
+            .ctx
+            .queue
+            .with_client("claiming jobs", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                client.query(&stmt, &[&name, &limit, &lease]).await
+            })
+            .await?;
+        let count = rows.len();
+        for row in rows {
+            self.waiting.push_back(Job {
+                id: row.get(0),
+                queue: self.ctx.name.clone(),
+                attempt: row.get(1),
+                max_attempts: row.get(2),
+                priority: row.get(3),
+                created_at: row.get::<_, SystemTime>(4),
+                payload: row.get(5),
+                complete_sql: self.ctx.sql.complete_one.clone(),
+                completed: Arc::new(AtomicBool::new(false)),
+            });
+        }
+        Ok(count)
+    }
+
+    /// Starts an attempt for each waiting job while handlers are free.
+    fn start_waiting(&mut self) {
+        let Some(done) = &self.done else { return };
+        while self.running.len() < self.concurrency {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            let claim = (job.id, job.attempt);
+            let run = attempt::run(self.ctx.clone(), self.handler.clone(), job, done.clone());
+            let task = self.running.spawn(run);
+            self.slots.insert(task.id(), claim);
+        }
+    }
+
+    /// An attempt's task ended (it completed or failed its job itself).
+    /// A task stopped at shutdown keeps its slot: its job is given back.
+    fn reap(&mut self, res: std::result::Result<(tokio::task::Id, ()), JoinError>) {
+        let task = match res {
+            Ok((task, ())) => task,
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => e.id(),
+        };
+        self.slots.remove(&task);
+    }
+
+    /// Extends the leases of the running and waiting jobs in one statement.
+    async fn extend(&self) {
+        if self.slots.is_empty() && self.waiting.is_empty() {
+            return;
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = self
+            .slots
+            .values()
+            .copied()
+            .chain(self.waiting.iter().map(|j| (j.id, j.attempt)))
+            .unzip();
+        let (sql, lease) = (&self.ctx.sql.extend, self.lease.as_secs_f64());
+        let res = self
+            .ctx
+            .queue
+            .with_client("extending leases", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                client.execute(&stmt, &[&ids, &attempts, &lease]).await
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: extending leases failed");
+        }
+    }
+
+    /// Makes jobs whose lease expired ready again (or dead), and says so
+    /// with the same events as handler failures.
+    async fn rescue(&self) {
+        let (sql, name) = (&self.ctx.sql.rescue, &*self.ctx.name);
+        let res = self
+            .ctx
+            .queue
+            .with_client("rescuing expired jobs", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                client.query(&stmt, &[&name]).await
+            })
+            .await;
+        let rows = match res {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: rescuing jobs failed");
+                return;
+            }
+        };
+        for row in rows {
+            let (job_id, attempt, dead): (i64, i32, bool) = (row.get(0), row.get(1), row.get(2));
+            let error: Arc<str> = Arc::from(row.get::<_, &str>(3));
+            tracing::info!(queue = %self.ctx.name, job_id, attempt, dead, %error, "pg-pubsub: job's lease expired");
+            let queue = self.ctx.name.clone();
+            self.ctx.queue.pubsub.emit(if dead {
+                ConnectionEvent::JobDead {
+                    queue,
+                    job_id,
+                    attempts: attempt,
+                    error,
+                }
+            } else {
+                ConnectionEvent::JobRetried {
+                    queue,
+                    job_id,
+                    attempt,
+                    error,
+                    retry_in: Duration::ZERO,
+                }
+            });
+        }
+    }
+
+    /// Shutdown: no more claims; running handlers get the shutdown
+    /// timeout; the rest are stopped and their jobs given back, after the
+    /// pending completions are written.
+    async fn drain(&mut self, extend: &mut tokio::time::Interval) {
+        // Jobs that never started go back at once, not after the handlers.
+        let unstarted: Vec<(i64, i32)> =
+            self.waiting.drain(..).map(|j| (j.id, j.attempt)).collect();
+        self.give_back(unstarted).await;
+        let deadline = tokio::time::sleep(self.shutdown_timeout);
+        tokio::pin!(deadline);
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(res) = self.running.join_next_with_id() => self.reap(res),
+                _ = &mut deadline => break,
+                _ = extend.tick() => self.extend().await,
+            }
+        }
+        self.running.abort_all();
+        while let Some(res) = self.running.join_next_with_id().await {
+            self.reap(res);
+        }
+        // The last sender: the completer flushes what is pending and ends.
+        self.done = None;
+        if let Some(completer) = self.completer.take() {
+            if let Err(e) = completer.await {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: the completer task failed");
+            }
+        }
+        let back: Vec<(i64, i32)> = self.slots.drain().map(|(_, claim)| claim).collect();
+        self.give_back(back).await;
+    }
+
+    /// Makes claimed jobs ready again at once, their attempt not counted.
+    async fn give_back(&self, back: Vec<(i64, i32)>) {
+        if back.is_empty() {
+            return;
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = back.into_iter().unzip();
+        let sql = &self.ctx.sql.give_back;
+        let (channel, name) = (self.ctx.queue.schema.jobs_channel(), &*self.ctx.name);
+        let res = self
+            .ctx
+            .queue
+            .with_client("giving jobs back", |client| async move {
+                client
+                    .execute(sql.as_str(), &[&ids, &attempts, &channel, &name])
+                    .await
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: giving jobs back failed; they run again after the lease");
+        }
+    }
+}
