@@ -56,6 +56,9 @@ pub enum ErrorKind {
     /// A work-queue statement failed (enqueue, claim, complete, fail), or a
     /// job's claim was lost (its lease expired and another worker took it).
     Queue,
+    /// A change-feed statement failed (installing or removing a feed's
+    /// triggers, looking a feed up), or the table has no feed.
+    Changes,
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it,
