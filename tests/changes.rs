@@ -673,9 +673,13 @@ mod cli {
             "g",
         ];
         let first = fleet.spawn_cmd(&args, tail_ready).await;
-        for i in 0..200 {
+        // 40 transactions of 5 rows.
+        for i in (0..200).step_by(5) {
             client
-                .execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&i])
+                .execute(
+                    &format!("INSERT INTO {table} SELECT g FROM generate_series($1, $1 + 4) g"),
+                    &[&i],
+                )
                 .await
                 .unwrap();
         }

@@ -52,6 +52,22 @@ LANGUAGE sql VOLATILE AS $$
         || CASE WHEN key_only THEN '{"key_only": true}'::jsonb ELSE '{}'::jsonb END)::text
 $$;
 
+-- The event for a durable channel: json (not jsonb: no key sorting, no
+-- binary round trip, columns in table order), with the transaction id and
+-- time computed once per statement by the caller.
+CREATE OR REPLACE FUNCTION @S@.change_text(op text, sch text, tbl text, o json, n json,
+                                           xid bigint, ts text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT json_build_object('op', op, 'schema', sch, 'table', tbl, 'old', o, 'new', n,
+                             'xid', xid, 'changed_at', ts, 'committed_at', NULL)::text
+$$;
+
+-- Now, as ChangeEvent writes times: RFC 3339 in UTC, microseconds.
+CREATE OR REPLACE FUNCTION @S@.change_now() RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+$$;
+
 -- Sends one event over NOTIFY; when it is 8000 bytes or more (the server's
 -- limit), sends old/new reduced to the primary key with "key_only": true.
 CREATE OR REPLACE FUNCTION @S@.change_notify(ch text, op text, sch text, tbl text,
@@ -83,6 +99,14 @@ DECLARE
     o   jsonb;
     n   jsonb;
 BEGIN
+    IF TG_ARGV[0] = 'durable' AND inc IS NULL AND exc IS NULL THEN
+        -- The common case, without a jsonb round trip.
+        PERFORM @S@.publish(TG_ARGV[1], @S@.change_text(lower(TG_OP), TG_ARGV[2], TG_ARGV[3],
+            CASE WHEN TG_OP <> 'INSERT' THEN to_json(OLD) END,
+            CASE WHEN TG_OP <> 'DELETE' THEN to_json(NEW) END,
+            pg_current_xact_id()::text::bigint, @S@.change_now()));
+        RETURN NULL;
+    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         o := @S@.change_cols(to_jsonb(OLD), inc, exc);
     END IF;
@@ -120,6 +144,9 @@ DECLARE
     exc text[] := @S@.change_argv(TG_ARGV[5]);
     pk  text[] := @S@.change_argv(TG_ARGV[6]);
     filtered boolean := inc IS NOT NULL OR exc IS NOT NULL;
+    -- One transaction id and one time for the statement's changes.
+    xid bigint := pg_current_xact_id()::text::bigint;
+    ts  text := @S@.change_now();
     os  jsonb[];
     ns  jsonb[];
 BEGIN
@@ -127,10 +154,28 @@ BEGIN
         IF TG_ARGV[0] = 'notify' THEN
             PERFORM @S@.change_notify(ch, op, sch, tbl, NULL, NULL, pk);
         ELSE
-            PERFORM @S@.publish(ch, @S@.change_json(op, sch, tbl, NULL, NULL));
+            PERFORM @S@.publish(ch, @S@.change_text(op, sch, tbl, NULL, NULL, xid, ts));
         END IF;
         RETURN NULL;
-    ELSIF TG_OP = 'INSERT' THEN
+    END IF;
+    IF TG_ARGV[0] = 'durable' AND TG_OP <> 'UPDATE' THEN
+        -- Inserts and deletes straight from the transition table to text.
+        IF TG_OP = 'INSERT' THEN
+            PERFORM @S@.publish_many(ch, ARRAY(
+                SELECT @S@.change_text(op, sch, tbl, NULL,
+                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                         ELSE to_json(r) END, xid, ts)
+                FROM pgps_new AS r));
+        ELSE
+            PERFORM @S@.publish_many(ch, ARRAY(
+                SELECT @S@.change_text(op, sch, tbl,
+                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                         ELSE to_json(r) END, NULL, xid, ts)
+                FROM pgps_old AS r));
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
         SELECT array_agg(NULL::jsonb), array_agg(@S@.change_cols(to_jsonb(r), inc, exc))
         INTO os, ns FROM pgps_new AS r;
     ELSIF TG_OP = 'DELETE' THEN
@@ -139,7 +184,8 @@ BEGIN
     ELSE
         SELECT array_agg(p.o ORDER BY p.rn), array_agg(p.n ORDER BY p.rn) INTO os, ns
         FROM (
-            SELECT @S@.change_cols(po.j, inc, exc) AS o, @S@.change_cols(pn.j, inc, exc) AS n,
+            SELECT CASE WHEN filtered THEN @S@.change_cols(po.j, inc, exc) ELSE po.j END AS o,
+                   CASE WHEN filtered THEN @S@.change_cols(pn.j, inc, exc) ELSE pn.j END AS n,
                    coalesce(pn.rn, 4611686018427387904 + po.rn) AS rn
             FROM (SELECT x.j, x.rn,
                          ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
@@ -165,7 +211,7 @@ BEGIN
         FROM unnest(os, ns) WITH ORDINALITY AS u(o, n, i) ORDER BY u.i;
     ELSE
         PERFORM @S@.publish_many(ch, ARRAY(
-            SELECT @S@.change_json(op, sch, tbl, u.o, u.n)
+            SELECT @S@.change_text(op, sch, tbl, u.o::json, u.n::json, xid, ts)
             FROM unnest(os, ns) WITH ORDINALITY AS u(o, n, i) ORDER BY u.i));
     END IF;
     RETURN NULL;
@@ -279,7 +325,7 @@ CREATE OR REPLACE FUNCTION @S@.install_change_feed(p_table regclass, p_channel t
                                                    p_exclude text[] DEFAULT NULL,
                                                    p_ops text[] DEFAULT NULL,
                                                    p_level text DEFAULT 'statement') RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE @S@.change_feed_sql(p_table, p_channel, p_notify, p_columns, p_exclude, p_ops, p_level);
     RETURN (SELECT f.channel FROM @S@.change_feeds f WHERE f.tbl = p_table);
@@ -297,7 +343,7 @@ $$;
 
 -- Removes a feed; its durable channel and its messages stay.
 CREATE OR REPLACE FUNCTION @S@.uninstall_change_feed(p_table regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE @S@.uninstall_change_feed_sql(p_table);
 END $$;
