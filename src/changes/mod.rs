@@ -21,9 +21,12 @@
 //!   partitions), `old` (updates and deletes: the whole old row), `new`,
 //!   `xid` (`pg_current_xact_id()`), `changed_at` (`clock_timestamp()`);
 //!   `committed_at` is null (a trigger cannot know it). Rows are
-//!   `to_jsonb(row)`: numbers stay JSON numbers (numeric at full
-//!   precision), timestamps are strings, `bytea` is `"\\x…"` hex, arrays
-//!   are JSON arrays, json/jsonb nest.
+//!   `to_json(row)` (`to_jsonb` with a column filter or over NOTIFY):
+//!   numbers stay JSON numbers (numeric at full precision), timestamps are
+//!   strings in the session's time zone, `bytea` is `"\\x…"` hex, arrays
+//!   are JSON arrays, json/jsonb nest, NULL is null.
+//! * **Order**: the durable channel's (see [`Changes::subscribe`]): per
+//!   row, commit order by the positions' `(tick, seq)`.
 //! * **Target**: a durable channel (default `changes.<schema>.<table>`):
 //!   at least once, replayable, any size, in the writer's transaction (a
 //!   rollback sends nothing). Or plain NOTIFY ([`FeedOptions::notify`]):
