@@ -46,6 +46,14 @@
 //!   (`UPDATE OF a, b`) are not used: PostgreSQL refuses them on triggers
 //!   with transition tables.
 //!
+//! **Privileges.** The triggers run as the role that writes to the table,
+//! which therefore needs what a publish-only role needs
+//! ([`schema_sql`](crate::durable::schema_sql) lists it) plus `EXECUTE` on
+//! the `change_*` functions; installing needs ownership of the table
+//! (`CREATE TRIGGER`) and `INSERT`/`UPDATE` on `change_feeds`. A dropped
+//! table loses its triggers with it; its `change_feeds` row stays until
+//! `uninstall_change_feed` or a `DELETE`.
+//!
 //! ## Consuming
 //!
 //! [`Changes::subscribe`] reads the durable channel as a consumer group
