@@ -716,3 +716,49 @@ mod cli {
         ps.shutdown().await;
     }
 }
+
+/// A statement-level UPDATE that changes the primary key cannot be paired:
+/// it arrives as an update with only `new`, then one with only `old`.
+/// Row-level triggers see the pair.
+#[tokio::test]
+async fn an_update_of_the_primary_key() {
+    let (ps, changes, client, s) = setup("pkupd").await;
+    for level in LEVELS {
+        let table = format!("{s}.k_{level}");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, v text);
+                 INSERT INTO {table} VALUES (1, 'a')"
+            ))
+            .await
+            .unwrap();
+        let options = FeedOptions::new().level(level).ops([Op::Update]);
+        changes.install_change_feed(&table, &options).await.unwrap();
+        let mut sub = changes.subscribe::<Value>(&table, "g").await.unwrap();
+        client
+            .batch_execute(&format!("UPDATE {table} SET id = 10"))
+            .await
+            .unwrap();
+        let (old, new) = (json!({"id": 1, "v": "a"}), json!({"id": 10, "v": "a"}));
+        match level {
+            TriggerLevel::Row => {
+                let m = next_durable(&mut sub).await;
+                assert_eq!(
+                    (m.payload().old.clone(), m.payload().new.clone()),
+                    (Some(old), Some(new))
+                );
+            }
+            _ => {
+                let got = take(&mut sub, 2).await;
+                let pairs: Vec<_> = got
+                    .iter()
+                    .map(|m| (m.payload().old.clone(), m.payload().new.clone()))
+                    .collect();
+                assert_eq!(pairs, [(None, Some(new)), (Some(old), None)]);
+                assert!(got.iter().all(|m| m.payload().op == Op::Update));
+            }
+        }
+        sub.close().await.unwrap();
+    }
+    ps.shutdown().await;
+}
