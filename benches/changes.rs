@@ -1,6 +1,9 @@
 //! Change feeds, same run, ratios.
 //!
-//! WAL feed phases (feature `wal`):
+//! Trigger feed phase `trigger`: what a feed costs the writer (see
+//! `changes/trigger.rs` for its cases and sizes).
+//!
+//! WAL feed phases:
 //! * `wal_throughput`: `BENCH_WAL_ROWS` inserts (default 200 000, a
 //!   thousand per transaction) already in the WAL, streamed by the WAL feed
 //!   (decoded into JSON rows) against `pg_recvlogical` with `test_decoding`
@@ -12,11 +15,12 @@
 //!   `synchronous_commit = on`).
 //!
 //! `BENCH_PHASES`: comma-separated subset of the phases (default all).
-//! Trigger-feed phases go in their own functions next to these.
 //! `DATABASE_URL`, else a throwaway cluster.
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "changes/trigger.rs"]
+mod trigger;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,12 +31,23 @@ use pg_pubsub::PgPubSub;
 
 fn main() -> Res<()> {
     run_main(|url| async move {
-        let phases =
-            std::env::var("BENCH_PHASES").unwrap_or_else(|_| "wal_throughput,wal_lag".to_owned());
+        let phases = std::env::var("BENCH_PHASES")
+            .unwrap_or_else(|_| "trigger,wal_throughput,wal_lag".to_owned());
         let phase = |name: &str| phases.split(',').any(|p| p.trim() == name);
-        let ps = PgPubSub::connect(url.as_str()).await?;
+        let ps = PgPubSub::builder(url.as_str())?
+            .pool_size(trigger::TASKS + 2)
+            .connect()
+            .await?;
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
+        let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+        println!(
+            "PostgreSQL {version}, {} CPUs",
+            std::thread::available_parallelism()?.get()
+        );
+        if phase("trigger") {
+            trigger::run(&ps).await?;
+        }
         if phase("wal_throughput") {
             let rows = env_u64("BENCH_WAL_ROWS", 200_000)?;
             wal_throughput(&ps, &client, &url, rows).await?;

@@ -60,6 +60,9 @@ pub enum ErrorKind {
     /// 55000), the role lacks `REPLICATION` (42501), the slot or publication
     /// could not be set up, or the replication stream broke.
     Wal,
+    /// A change-feed statement failed (installing or removing a feed's
+    /// triggers, looking a feed up), or the table has no feed.
+    Changes,
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it,

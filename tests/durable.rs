@@ -295,6 +295,28 @@ async fn group_of_two(
     (a, sub_a, b, sub_b)
 }
 
+/// A new group catching up on many small batches (one tick each) reads
+/// them back to back: with an hour-long poll interval and no wake-up for
+/// old messages, it would otherwise wait an interval per batch.
+#[tokio::test]
+async fn a_new_group_reads_many_small_batches_without_waiting_for_polls() {
+    let (ps, d) = durable().await;
+    let ch = channel("small_batches");
+    for i in 0..30 {
+        d.publish_raw(&ch, &i.to_string()).await.unwrap();
+        d.tick(&ch).await.unwrap();
+    }
+    let mut sub = d
+        .consumer(&ch, "late")
+        .poll_interval(Duration::from_secs(3600))
+        .subscribe()
+        .await
+        .unwrap();
+    let got = take_acked(&mut sub, 30).await;
+    assert_eq!(got, (0..30).map(|i| i.to_string()).collect::<Vec<_>>());
+    ps.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_new_group_can_start_at_a_time() {
     let (ps, d) = durable().await;

@@ -42,3 +42,20 @@ pub fn line(what: &str, label: &str, ours: f64, bare: f64, unit: &str) {
         ours / bare
     );
 }
+
+/// Runs `n` units of work split over `tasks` tasks (`f(share)` each);
+/// returns the wall time.
+pub async fn timed_tasks<F, Fut>(tasks: usize, n: u64, f: F) -> Res<Duration>
+where
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = Res<()>> + Send + 'static,
+{
+    let t = std::time::Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| tokio::spawn(f(n / tasks as u64)))
+        .collect();
+    for h in handles {
+        h.await??;
+    }
+    Ok(t.elapsed())
+}

@@ -21,6 +21,8 @@ use pg_pubsub::{
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+#[path = "pg-pubsub/changes_cmd.rs"]
+mod changes_cmd;
 #[path = "pg-pubsub/durable_cmd.rs"]
 mod durable_cmd;
 #[path = "pg-pubsub/queue_cmd.rs"]
@@ -67,6 +69,8 @@ enum Command {
     Schema(durable_cmd::SchemaArgs),
     /// Work queue: enqueue jobs, run a worker command, stats, dead jobs.
     Queue(queue_cmd::QueueArgs),
+    /// Change feeds: install triggers on a table, print its changes.
+    Changes(changes_cmd::ChangesArgs),
 }
 
 #[derive(Args)]
@@ -150,6 +154,7 @@ async fn main() -> ExitCode {
         Command::Durable(args) => durable_cmd::run(&cli.conn, args).await,
         Command::Schema(args) => durable_cmd::schema(args),
         Command::Queue(args) => queue_cmd::run(&cli.conn, args).await,
+        Command::Changes(args) => changes_cmd::run(&cli.conn, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

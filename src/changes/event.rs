@@ -34,6 +34,24 @@ impl fmt::Display for Op {
     }
 }
 
+impl FromStr for Op {
+    type Err = Error;
+
+    /// Parses `insert`, `update`, `delete` or `truncate`.
+    fn from_str(s: &str) -> Result<Op> {
+        match s {
+            "insert" => Ok(Op::Insert),
+            "update" => Ok(Op::Update),
+            "delete" => Ok(Op::Delete),
+            "truncate" => Ok(Op::Truncate),
+            other => Err(Error::new(
+                ErrorKind::Config,
+                format!("{other:?} is not an operation (insert, update, delete, truncate)"),
+            )),
+        }
+    }
+}
+
 /// One change of one row (or a `TRUNCATE` of a table), with the row decoded
 /// as `T` (any serde type; `serde_json::Value` by default).
 ///
@@ -81,6 +99,16 @@ pub struct ChangeEvent<T = serde_json::Value> {
     /// When its transaction committed (WAL feed only).
     #[serde(default, with = "rfc3339")]
     pub committed_at: Option<SystemTime>,
+    /// Set when `old` and `new` hold only the row's primary key: a trigger
+    /// feed in NOTIFY mode whose event would not fit in a notification
+    /// (8000 bytes). Read the row from the table. Absent from the JSON
+    /// when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub key_only: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn none<T>() -> Option<T> {
@@ -89,6 +117,7 @@ fn none<T>() -> Option<T> {
 
 impl<T> ChangeEvent<T> {
     /// A change with no rows and no times, for feeds to fill in.
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))] // the WAL feed builds its events with it
     pub(crate) fn new(op: Op, schema: impl Into<String>, table: impl Into<String>) -> Self {
         ChangeEvent {
             op,
@@ -99,6 +128,23 @@ impl<T> ChangeEvent<T> {
             xid: None,
             changed_at: None,
             committed_at: None,
+            key_only: false,
+        }
+    }
+
+    /// The same change with its rows replaced (decoded into another type).
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
+    pub(crate) fn with_rows<U>(self, old: Option<U>, new: Option<U>) -> ChangeEvent<U> {
+        ChangeEvent {
+            op: self.op,
+            schema: self.schema,
+            table: self.table,
+            old,
+            new,
+            xid: self.xid,
+            changed_at: self.changed_at,
+            committed_at: self.committed_at,
+            key_only: self.key_only,
         }
     }
 

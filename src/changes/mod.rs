@@ -6,10 +6,68 @@
 //! * the **WAL feed** (feature `wal`): logical decoding of the write-ahead
 //!   log through a replication slot, in commit order, resumable from the
 //!   last ack.
+//!
+//! ## Trigger feed
+//!
+//! [`Changes::install_change_feed`] (or, from any SQL session,
+//! `SELECT pgpubsub.install_change_feed('shop.orders')`) creates `AFTER`
+//! triggers on the table that call generic functions of the schema's
+//! migration v3 (`change_stmt`, `change_row`), parameterised by the
+//! trigger's arguments: installing is only `CREATE TRIGGER`.
+//! [`Changes::install_change_feed_sql`] returns the script for a DBA.
+//!
+//! * **Event**: exactly [`ChangeEvent`]'s JSON: `op`, `schema`, `table`
+//!   (the table the feed was installed on, also for rows of its
+//!   partitions), `old` (updates and deletes: the whole old row), `new`,
+//!   `xid` (`pg_current_xact_id()`), `changed_at` (`clock_timestamp()`);
+//!   `committed_at` is null (a trigger cannot know it). Rows are
+//!   `to_json(row)` (`to_jsonb` with a column filter or over NOTIFY):
+//!   numbers stay JSON numbers (numeric at full precision), timestamps are
+//!   strings in the session's time zone, `bytea` is `"\\x…"` hex, arrays
+//!   are JSON arrays, json/jsonb nest, NULL is null.
+//! * **Order**: the durable channel's (see [`Changes::subscribe`]): per
+//!   row, commit order by the positions' `(tick, seq)`.
+//! * **Target**: a durable channel (default `changes.<schema>.<table>`):
+//!   at least once, replayable, any size, in the writer's transaction (a
+//!   rollback sends nothing). Or plain NOTIFY ([`FeedOptions::notify`]):
+//!   at most once; an event of 8000 bytes or more is sent with `old`/`new`
+//!   reduced to the primary key and `"key_only": true`.
+//! * **Triggers**: statement-level with transition tables by default (one
+//!   `publish_many` per statement), or row-level ([`TriggerLevel`]).
+//!   `UPDATE`'s transition tables do not link a row's old and new
+//!   versions, so they are paired on the primary key; on a table without
+//!   one the `UPDATE` trigger is row-level. `TRUNCATE` is always a
+//!   statement trigger (one event, no rows). Partitioned tables: the
+//!   parent's statement triggers see the rows of every partition
+//!   (transition tables are allowed on the partitioned root, not on a
+//!   partition); row triggers on the parent are cloned onto partitions.
+//! * **Column filter**: [`FeedOptions::columns`] / [`FeedOptions::exclude`];
+//!   an update that changes no kept column sends nothing. Column lists
+//!   (`UPDATE OF a, b`) are not used: PostgreSQL refuses them on triggers
+//!   with transition tables.
+//!
+//! **Privileges.** The triggers run as the role that writes to the table,
+//! which therefore needs what a publish-only role needs
+//! ([`schema_sql`](crate::durable::schema_sql) lists it) plus `EXECUTE` on
+//! the `change_*` functions; installing needs ownership of the table
+//! (`CREATE TRIGGER`) and `INSERT`/`UPDATE` on `change_feeds`. A dropped
+//! table loses its triggers with it; its `change_feeds` row stays until
+//! `uninstall_change_feed` or a `DELETE`.
+//!
+//! ## Consuming
+//!
+//! [`Changes::subscribe`] reads the durable channel as a consumer group
+//! (`durable().subscribe::<ChangeEvent<Row>>(channel, group)` is the same);
+//! [`Changes::listen`] reads a NOTIFY feed. The CLI: `pg-pubsub changes
+//! tail --table T --durable GROUP`.
 
 mod event;
+mod options;
+mod trigger;
 
 pub use event::{ChangeEvent, Lsn, Op};
+pub use options::{FeedInfo, FeedOptions, TriggerLevel};
+pub use trigger::Changes;
 
 #[cfg(feature = "wal")]
 #[cfg_attr(docsrs, doc(cfg(feature = "wal")))]

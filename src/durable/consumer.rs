@@ -536,7 +536,7 @@ impl<T: Send + 'static> Reader<T> {
                 let result = self.round(&mut cursor, draining).await;
                 draining = matches!(result, Ok(true)) && cursor.is_some();
                 match result {
-                    Ok(true) => continue, // a full page: more may be waiting
+                    Ok(true) => continue, // rows read: more may be waiting
                     Ok(false) => {}
                     Err(e) if e.kind() == ErrorKind::ShutDown => return,
                     Err(e) => {
@@ -634,8 +634,9 @@ impl<T: Send + 'static> Reader<T> {
         }
     }
 
-    /// Ticks (unless `draining`: the last page was full, so the known
-    /// ticks are not exhausted yet) and reads one page; true when it was full.
+    /// Ticks (unless `draining`: the last page had rows, so the known
+    /// ticks may not be exhausted yet) and reads one page; true when it
+    /// had rows.
     async fn round(&mut self, cursor: &mut Option<Position>, draining: bool) -> Result<bool> {
         let durable = &self.durable;
         let mut lost = 0;
@@ -683,6 +684,7 @@ impl<T: Send + 'static> Reader<T> {
             _ => durable.read(&self.channel, at, self.batch_size).await?,
         };
         let full = rows.len() == self.batch_size;
+        let got_rows = !rows.is_empty();
         self.range = match rows.last() {
             Some(last) if full => match self.range.take() {
                 Some(range) if range.tick == last.position.tick => Some(range),
@@ -711,7 +713,11 @@ impl<T: Send + 'static> Reader<T> {
         if !page.is_empty() && self.out.send(page).await.is_err() {
             return Err(Error::shut_down());
         }
-        Ok(full)
+        // `read` returns one batch (tick) at most: a short page may be
+        // followed by more ticked batches (a group catching up on many
+        // small transactions), so read on until a read finds nothing
+        // instead of waiting a poll interval per batch.
+        Ok(full || got_rows)
     }
 }
 

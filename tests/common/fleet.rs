@@ -130,7 +130,12 @@ impl Fleet {
         match line {
             Line::Out(i, l) => {
                 let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
-                let payload = v["payload"].as_str().expect("payload").to_owned();
+                // `listen`/`durable tail` lines carry a payload; other
+                // commands' lines (e.g. `changes tail`) are kept whole.
+                let payload = match v["payload"].as_str() {
+                    Some(p) => p.to_owned(),
+                    None => l.clone(),
+                };
                 self.received[*i].push(payload);
             }
             Line::Err(i, l) if l.contains("leading") => self.leaders.push(*i),

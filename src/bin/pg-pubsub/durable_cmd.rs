@@ -62,7 +62,7 @@ pub(crate) struct SchemaArgs {
     schema: String,
 }
 
-fn parse_start(s: &str) -> Result<Start, String> {
+pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
     match s {
         "earliest" => Ok(Start::Earliest),
         "latest" => Ok(Start::Latest),

@@ -20,7 +20,6 @@ struct Line<'a> {
 /// (created with its publication, named like the slot, if missing), one
 /// JSON line per change with `lsn`; acks each transaction once its lines
 /// are written, and makes the acks durable on SIGINT/SIGTERM (exit 0).
-#[allow(dead_code)] // called from `changes_cmd.rs`
 pub(crate) async fn tail(conn: &ConnOpts, tables: &[String], slot: &str) -> Result<()> {
     let mut stop = Stop::new()?;
     let ps = match stop.or(connect(conn, Tuning::default())).await {

@@ -546,16 +546,7 @@ fn typed<T: DeserializeOwned>(item: RawItem) -> WalItem<T> {
             match rows {
                 (Ok(old), Ok(new)) => WalItem::Change {
                     lsn,
-                    event: ChangeEvent {
-                        op: event.op,
-                        schema: event.schema,
-                        table: event.table,
-                        old,
-                        new,
-                        xid: event.xid,
-                        changed_at: event.changed_at,
-                        committed_at: event.committed_at,
-                    },
+                    event: event.with_rows(old, new),
                 },
                 (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
                     lsn,

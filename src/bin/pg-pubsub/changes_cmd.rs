@@ -1,0 +1,278 @@
+//! `pg-pubsub changes …`: trigger change feeds from the shell.
+
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
+use pg_pubsub::durable::{DurableDelivery, DurableMessage, DurableSubscription, Start};
+use pg_pubsub::{ConnectionEvent, PgPubSub};
+
+use super::durable_cmd::parse_start;
+use super::{
+    connect, note, report_event, write_json_line, ConnOpts, Failure, Result, Stop, Tuning,
+};
+
+#[derive(Args)]
+pub(crate) struct ChangesArgs {
+    /// Schema holding the change-feed functions and durable tables.
+    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA, global = true)]
+    schema: String,
+    #[command(subcommand)]
+    command: ChangesCommand,
+}
+
+#[derive(Subcommand)]
+enum ChangesCommand {
+    /// Install (or re-install with new options) the trigger feed of a table.
+    Install(InstallArgs),
+    /// Remove the trigger feed of a table (its durable channel stays).
+    Uninstall(UninstallArgs),
+    /// Print a table's changes as a consumer group, one JSON object per
+    /// line (op, schema, table, old, new, xid, changed_at, position); each
+    /// is acked once its line is written.
+    Tail(TailArgs),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// The table: `orders`, `shop.orders`, `'"Weird Schema"."Order Items"'`.
+    #[arg(long)]
+    table: String,
+    /// Send events over plain NOTIFY (ephemeral) instead of a durable channel.
+    #[arg(long)]
+    notify: bool,
+    /// Channel name instead of `changes.<schema>.<table>`.
+    #[arg(long)]
+    channel: Option<String>,
+    /// Only these columns (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    columns: Option<Vec<String>>,
+    /// Leave these columns out (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    exclude: Option<Vec<String>>,
+    /// Only these operations (comma-separated: insert,update,delete,truncate).
+    #[arg(long, value_delimiter = ',', value_parser = parse_op)]
+    ops: Option<Vec<Op>>,
+    /// Trigger level: statement (transition tables) or row.
+    #[arg(long, default_value = "statement", value_parser = parse_level)]
+    level: TriggerLevel,
+    /// Print the SQL instead of running it.
+    #[arg(long)]
+    print: bool,
+}
+
+#[derive(Args)]
+struct UninstallArgs {
+    /// The table.
+    #[arg(long)]
+    table: String,
+    /// Print the SQL instead of running it.
+    #[arg(long)]
+    print: bool,
+}
+
+/// `changes tail`'s arguments; `--wal --slot S` is served by the WAL feed.
+#[derive(Args)]
+pub(crate) struct TailArgs {
+    /// The table whose changes to print.
+    #[arg(long)]
+    pub(crate) table: String,
+    /// Read the trigger feed's durable channel as this consumer group.
+    #[arg(long, required_unless_present = "wal", conflicts_with = "wal")]
+    pub(crate) durable: Option<String>,
+    /// Read the WAL through a logical replication slot (feature `wal`).
+    #[arg(long, requires = "slot")]
+    pub(crate) wal: bool,
+    /// The replication slot for `--wal`.
+    #[arg(long, requires = "wal")]
+    pub(crate) slot: Option<String>,
+    /// Where a new group starts: earliest, latest, or a position (tick/xid/seq).
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    pub(crate) from: Start,
+}
+
+fn parse_op(s: &str) -> Result<Op, String> {
+    s.parse().map_err(|e: pg_pubsub::Error| e.to_string())
+}
+
+fn parse_level(s: &str) -> Result<TriggerLevel, String> {
+    s.parse().map_err(|e: pg_pubsub::Error| e.to_string())
+}
+
+pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
+    pg_pubsub::durable::SchemaName::new(&args.schema)?;
+    match args.command {
+        ChangesCommand::Install(a) => {
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = install(&ps.changes_in(&args.schema)?, a).await;
+            ps.shutdown().await;
+            result
+        }
+        ChangesCommand::Uninstall(a) => {
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = uninstall(&ps.changes_in(&args.schema)?, a).await;
+            ps.shutdown().await;
+            result
+        }
+        ChangesCommand::Tail(t) if t.wal => wal_tail(conn, &args.schema, t).await,
+        ChangesCommand::Tail(t) => tail(conn, &args.schema, t).await,
+    }
+}
+
+/// `changes tail --wal --slot S`: the WAL feed of the table.
+async fn wal_tail(conn: &ConnOpts, _schema: &str, args: TailArgs) -> Result<()> {
+    let slot = args.slot.unwrap_or_default(); // clap: --wal requires --slot
+    super::wal_cmd::tail(conn, &[args.table], &slot).await
+}
+
+async fn install(changes: &Changes, a: InstallArgs) -> Result<()> {
+    let mut options = FeedOptions::new().notify(a.notify).level(a.level);
+    if let Some(channel) = a.channel {
+        options = options.channel(channel);
+    }
+    if let Some(columns) = a.columns {
+        options = options.columns(columns);
+    }
+    if let Some(exclude) = a.exclude {
+        options = options.exclude(exclude);
+    }
+    if let Some(ops) = a.ops {
+        options = options.ops(ops);
+    }
+    if a.print {
+        print!(
+            "{}",
+            changes.install_change_feed_sql(&a.table, &options).await?
+        );
+        return Ok(());
+    }
+    let feed = changes.install_change_feed(&a.table, &options).await?;
+    note(&format!(
+        "change feed on {} -> {} {} ({}-level triggers)",
+        feed.table,
+        if feed.notify {
+            "NOTIFY"
+        } else {
+            "durable channel"
+        },
+        feed.channel,
+        feed.level
+    ));
+    Ok(())
+}
+
+async fn uninstall(changes: &Changes, a: UninstallArgs) -> Result<()> {
+    if a.print {
+        print!("{}", changes.uninstall_change_feed_sql(&a.table).await?);
+        return Ok(());
+    }
+    changes.uninstall_change_feed(&a.table).await?;
+    note(&format!("removed the change feed on {}", a.table));
+    Ok(())
+}
+
+type Sub = DurableSubscription<ChangeEvent<serde_json::Value>>;
+
+async fn tail(conn: &ConnOpts, schema: &str, args: TailArgs) -> Result<()> {
+    let mut stop = Stop::new()?;
+    let ps = match stop.or(connect(conn, Tuning::default())).await {
+        Some(ps) => ps?,
+        None => return Ok(()),
+    };
+    let mut events = ps.events();
+    let result = match stop.or(subscribe(&ps, schema, &args)).await {
+        Some(Ok(sub)) => print_until_stopped(&ps, sub, &mut stop, &mut events).await,
+        Some(Err(e)) => Err(e),
+        None => Ok(()),
+    };
+    ps.shutdown().await;
+    result
+}
+
+async fn subscribe(ps: &PgPubSub, schema: &str, args: &TailArgs) -> Result<Sub> {
+    let group = args.durable.as_deref().unwrap_or_default();
+    let sub = ps
+        .changes_in(schema)?
+        .subscribe_from(&args.table, group, args.from)
+        .await?;
+    note(&format!(
+        "tailing changes of {} (channel {}) as group {group} ({})",
+        args.table,
+        sub.channel(),
+        if sub.is_active() {
+            "active"
+        } else {
+            "standing by: another process of the group is active"
+        }
+    ));
+    Ok(sub)
+}
+
+async fn print_until_stopped(
+    ps: &PgPubSub,
+    mut sub: Sub,
+    stop: &mut Stop,
+    events: &mut pg_pubsub::EventStream,
+) -> Result<()> {
+    let mut out = tokio::io::stdout();
+    let election = sub.election_channel().to_owned();
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = stop.recv() => break Ok(()),
+            Some(event) = events.next() => match &event {
+                ConnectionEvent::LockAcquired { channel } if channel.as_str() == election => {
+                    note("this process is now the group's active consumer");
+                }
+                ConnectionEvent::LockLost { channel, reason } if channel.as_str() == election => {
+                    note(&format!("no longer the group's active consumer: {reason}"));
+                }
+                ConnectionEvent::LockAcquired { .. }
+                | ConnectionEvent::Standby { .. }
+                | ConnectionEvent::LockLost { .. }
+                | ConnectionEvent::LockReleased { .. } => {}
+                other => report_event(other),
+            },
+            item = sub.next() => match item {
+                Some(DurableDelivery::Message(m)) => {
+                    if !write_change(&mut out, &m).await? {
+                        break Ok(());
+                    }
+                    m.ack();
+                }
+                Some(DurableDelivery::Undecodable { message, error }) => {
+                    // Not a change event (something else published on the
+                    // channel): said on stderr, and passed.
+                    note(&format!("not a change event at {}: {error}", message.position()));
+                    message.ack();
+                }
+                Some(DurableDelivery::Truncated { lost }) => {
+                    note(&format!("{lost} change(s) expired before this group read them"));
+                }
+                Some(other) => note(&format!("{other:?}")),
+                None if ps.is_shut_down() => break Ok(()),
+                None => break Err(Failure("the consumer stopped unexpectedly".to_owned())),
+            },
+        }
+    };
+    // Acks of what was printed are written before exiting.
+    sub.close().await?;
+    result
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    #[serde(flatten)]
+    change: &'a ChangeEvent<serde_json::Value>,
+    position: String,
+}
+
+async fn write_change(
+    out: &mut tokio::io::Stdout,
+    m: &DurableMessage<ChangeEvent<serde_json::Value>>,
+) -> Result<bool> {
+    let line = Line {
+        change: m.payload(),
+        position: m.position().to_string(),
+    };
+    write_json_line(out, &line).await
+}

@@ -1,0 +1,352 @@
+-- pg-pubsub trigger change feeds, schema version 3 (on top of 1 and 2).
+-- Safe to run more than once and from several sessions at once.
+--
+-- Installing a feed is only CREATE TRIGGER: the trigger functions below are
+-- generic, parameterised by their arguments (TG_ARGV):
+--   [0] target: 'durable' (publish_many into a durable channel) or 'notify'
+--   [1] channel
+--   [2] schema and [3] table the feed was installed on (events name the
+--       partitioned parent, not the partition a row landed in)
+--   [4] columns to keep ('' = all), [5] columns to drop ('' = none),
+--   [6] primary key columns ('' = none): pairs old and new rows of an
+--       UPDATE in the statement-level trigger, and is what a NOTIFY carries
+--       when the whole event would not fit in 8000 bytes.
+BEGIN;
+SELECT pg_advisory_xact_lock(@LOCK@);
+CREATE SCHEMA IF NOT EXISTS @S@;
+
+-- One row per installed feed; change_feed_sql() keeps it up to date.
+CREATE TABLE IF NOT EXISTS @S@.change_feeds (
+    tbl          regclass    PRIMARY KEY,
+    channel      text        NOT NULL,
+    target       text        NOT NULL CHECK (target IN ('durable', 'notify')),
+    level        text        NOT NULL CHECK (level IN ('statement', 'row')),
+    ops          text[]      NOT NULL,
+    columns      text[],
+    exclude      text[],
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- A row image with the column filter applied.
+CREATE OR REPLACE FUNCTION @S@.change_cols(j jsonb, inc text[], exc text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN j IS NULL THEN NULL
+        WHEN inc IS NULL THEN j - coalesce(exc, '{}')
+        ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}')
+              FROM jsonb_each(j) AS e WHERE e.key = ANY (inc)) - coalesce(exc, '{}')
+    END
+$$;
+
+-- The event, exactly ChangeEvent's JSON shape. key_only: old/new hold the
+-- primary key only (NOTIFY payloads that would not fit).
+CREATE OR REPLACE FUNCTION @S@.change_json(op text, sch text, tbl text, o jsonb, n jsonb,
+                                           key_only boolean DEFAULT false) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT (jsonb_build_object(
+        'op', op, 'schema', sch, 'table', tbl, 'old', o, 'new', n,
+        'xid', pg_current_xact_id()::text::bigint,
+        'changed_at', to_char(clock_timestamp() AT TIME ZONE 'UTC',
+                              'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'committed_at', NULL)
+        || CASE WHEN key_only THEN '{"key_only": true}'::jsonb ELSE '{}'::jsonb END)::text
+$$;
+
+-- The event for a durable channel: json (not jsonb: no key sorting, no
+-- binary round trip, columns in table order), with the transaction id and
+-- time computed once per statement by the caller.
+CREATE OR REPLACE FUNCTION @S@.change_text(op text, sch text, tbl text, o json, n json,
+                                           xid bigint, ts text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT json_build_object('op', op, 'schema', sch, 'table', tbl, 'old', o, 'new', n,
+                             'xid', xid, 'changed_at', ts, 'committed_at', NULL)::text
+$$;
+
+-- Now, as ChangeEvent writes times: RFC 3339 in UTC, microseconds.
+CREATE OR REPLACE FUNCTION @S@.change_now() RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+$$;
+
+-- Sends one event over NOTIFY; when it is 8000 bytes or more (the server's
+-- limit), sends old/new reduced to the primary key with "key_only": true.
+CREATE OR REPLACE FUNCTION @S@.change_notify(ch text, op text, sch text, tbl text,
+                                             o jsonb, n jsonb, pk text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    payload text := @S@.change_json(op, sch, tbl, o, n);
+BEGIN
+    IF octet_length(payload) >= 8000 THEN
+        payload := @S@.change_json(op, sch, tbl,
+            (SELECT jsonb_object_agg(k, o -> k) FROM unnest(pk) AS k WHERE o IS NOT NULL),
+            (SELECT jsonb_object_agg(k, n -> k) FROM unnest(pk) AS k WHERE n IS NOT NULL),
+            true);
+    END IF;
+    PERFORM pg_notify(ch, payload);
+END $$;
+
+CREATE OR REPLACE FUNCTION @S@.change_argv(arg text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN arg = '' THEN NULL ELSE arg::text[] END
+$$;
+
+-- Row-level trigger function: one event per row (AFTER ... FOR EACH ROW).
+CREATE OR REPLACE FUNCTION @S@.change_row() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    inc text[] := @S@.change_argv(TG_ARGV[4]);
+    exc text[] := @S@.change_argv(TG_ARGV[5]);
+    o   jsonb;
+    n   jsonb;
+BEGIN
+    IF TG_ARGV[0] = 'durable' AND inc IS NULL AND exc IS NULL THEN
+        -- The common case, without a jsonb round trip.
+        PERFORM @S@.publish(TG_ARGV[1], @S@.change_text(lower(TG_OP), TG_ARGV[2], TG_ARGV[3],
+            CASE WHEN TG_OP <> 'INSERT' THEN to_json(OLD) END,
+            CASE WHEN TG_OP <> 'DELETE' THEN to_json(NEW) END,
+            pg_current_xact_id()::text::bigint, @S@.change_now()));
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        o := @S@.change_cols(to_jsonb(OLD), inc, exc);
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        n := @S@.change_cols(to_jsonb(NEW), inc, exc);
+    END IF;
+    -- With a column filter, an update of other columns only is no change.
+    IF TG_OP = 'UPDATE' AND (inc IS NOT NULL OR exc IS NOT NULL) AND o = n THEN
+        RETURN NULL;
+    END IF;
+    IF TG_ARGV[0] = 'notify' THEN
+        PERFORM @S@.change_notify(TG_ARGV[1], lower(TG_OP), TG_ARGV[2], TG_ARGV[3], o, n,
+                                  @S@.change_argv(TG_ARGV[6]));
+    ELSE
+        PERFORM @S@.publish(TG_ARGV[1], @S@.change_json(lower(TG_OP), TG_ARGV[2], TG_ARGV[3], o, n));
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Statement-level trigger function: the statement's rows from its
+-- transition tables (pgps_old, pgps_new), published with one publish_many
+-- in statement order. Also TRUNCATE (one event, no rows). UPDATE pairs old
+-- and new rows on the primary key (installed only on tables that have
+-- one): transition tables hold no link between a row's old and new
+-- version. An update that changed the key gives an update with only
+-- "new" and, after the paired ones, one with only "old".
+CREATE OR REPLACE FUNCTION @S@.change_stmt() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    op  text := lower(TG_OP);
+    ch  text := TG_ARGV[1];
+    sch text := TG_ARGV[2];
+    tbl text := TG_ARGV[3];
+    inc text[] := @S@.change_argv(TG_ARGV[4]);
+    exc text[] := @S@.change_argv(TG_ARGV[5]);
+    pk  text[] := @S@.change_argv(TG_ARGV[6]);
+    filtered boolean := inc IS NOT NULL OR exc IS NOT NULL;
+    -- One transaction id and one time for the statement's changes.
+    xid bigint := pg_current_xact_id()::text::bigint;
+    ts  text := @S@.change_now();
+    os  jsonb[];
+    ns  jsonb[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        IF TG_ARGV[0] = 'notify' THEN
+            PERFORM @S@.change_notify(ch, op, sch, tbl, NULL, NULL, pk);
+        ELSE
+            PERFORM @S@.publish(ch, @S@.change_text(op, sch, tbl, NULL, NULL, xid, ts));
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_ARGV[0] = 'durable' AND TG_OP <> 'UPDATE' THEN
+        -- Inserts and deletes straight from the transition table to text.
+        IF TG_OP = 'INSERT' THEN
+            PERFORM @S@.publish_many(ch, ARRAY(
+                SELECT @S@.change_text(op, sch, tbl, NULL,
+                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                         ELSE to_json(r) END, xid, ts)
+                FROM pgps_new AS r));
+        ELSE
+            PERFORM @S@.publish_many(ch, ARRAY(
+                SELECT @S@.change_text(op, sch, tbl,
+                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                         ELSE to_json(r) END, NULL, xid, ts)
+                FROM pgps_old AS r));
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(NULL::jsonb), array_agg(@S@.change_cols(to_jsonb(r), inc, exc))
+        INTO os, ns FROM pgps_new AS r;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(@S@.change_cols(to_jsonb(r), inc, exc)), array_agg(NULL::jsonb)
+        INTO os, ns FROM pgps_old AS r;
+    ELSE
+        SELECT array_agg(p.o ORDER BY p.rn), array_agg(p.n ORDER BY p.rn) INTO os, ns
+        FROM (
+            SELECT CASE WHEN filtered THEN @S@.change_cols(po.j, inc, exc) ELSE po.j END AS o,
+                   CASE WHEN filtered THEN @S@.change_cols(pn.j, inc, exc) ELSE pn.j END AS n,
+                   coalesce(pn.rn, 4611686018427387904 + po.rn) AS rn
+            FROM (SELECT x.j, x.rn,
+                         ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
+                               ORDER BY u.i) AS key
+                  FROM (SELECT to_jsonb(r) AS j, row_number() OVER () AS rn
+                        FROM pgps_new AS r) AS x) AS pn
+            FULL JOIN
+                 (SELECT x.j, x.rn,
+                         ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
+                               ORDER BY u.i) AS key
+                  FROM (SELECT to_jsonb(r) AS j, row_number() OVER () AS rn
+                        FROM pgps_old AS r) AS x) AS po
+            ON pn.key = po.key
+        ) AS p
+        -- With a column filter, an update of other columns only is no change.
+        WHERE NOT (filtered AND p.o IS NOT DISTINCT FROM p.n);
+    END IF;
+    IF ns IS NULL THEN
+        RETURN NULL;  -- no rows
+    END IF;
+    IF TG_ARGV[0] = 'notify' THEN
+        PERFORM @S@.change_notify(ch, op, sch, tbl, u.o, u.n, pk)
+        FROM unnest(os, ns) WITH ORDINALITY AS u(o, n, i) ORDER BY u.i;
+    ELSE
+        PERFORM @S@.publish_many(ch, ARRAY(
+            SELECT @S@.change_text(op, sch, tbl, u.o::json, u.n::json, xid, ts)
+            FROM unnest(os, ns) WITH ORDINALITY AS u(o, n, i) ORDER BY u.i));
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- The trigger name for one operation of a feed.
+CREATE OR REPLACE FUNCTION @S@.change_trigger_name(op text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT '@S@_changes_' || op $$;
+
+-- The script that installs (or re-installs, replacing the options) a feed
+-- on p_table, for a DBA to read or run; install_change_feed() runs it.
+--   p_channel: durable channel or NOTIFY channel; default
+--              'changes.<schema>.<table>' (must stay under 64 bytes)
+--   p_notify:  plain NOTIFY instead of a durable channel
+--   p_columns / p_exclude: column filter (NULL: all / none)
+--   p_ops:     subset of {insert,update,delete,truncate} (NULL: all)
+--   p_level:   'statement' (transition tables) or 'row'; UPDATE on a table
+--              without a primary key is always row-level
+CREATE OR REPLACE FUNCTION @S@.change_feed_sql(p_table regclass, p_channel text DEFAULT NULL,
+                                               p_notify boolean DEFAULT false,
+                                               p_columns text[] DEFAULT NULL,
+                                               p_exclude text[] DEFAULT NULL,
+                                               p_ops text[] DEFAULT NULL,
+                                               p_level text DEFAULT 'statement') RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    sch  text;
+    tbl  text;
+    kind "char";
+    ch   text;
+    pk   text[];
+    ops  text[] := coalesce(p_ops, ARRAY['insert', 'update', 'delete', 'truncate']);
+    cols text[];
+    bad  text;
+    op   text;
+    lvl  text;
+    args text;
+    sql  text := '';
+BEGIN
+    SELECT n.nspname, c.relname, c.relkind INTO sch, tbl, kind
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', p_table;
+    END IF;
+    IF p_level NOT IN ('statement', 'row') THEN
+        RAISE EXCEPTION 'level must be statement or row, not %', p_level;
+    END IF;
+    ch := coalesce(p_channel, 'changes.' || sch || '.' || tbl);
+    IF ch = '' OR octet_length(ch) > 63 THEN
+        RAISE EXCEPTION 'channel name % must be 1 to 63 bytes; give one for table %', ch, p_table;
+    END IF;
+    SELECT bad_op INTO bad FROM unnest(ops) AS bad_op
+    WHERE bad_op NOT IN ('insert', 'update', 'delete', 'truncate') LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown operation % (insert, update, delete, truncate)', bad;
+    END IF;
+    cols := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                  WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped);
+    SELECT c INTO bad FROM unnest(coalesce(p_columns, '{}') || coalesce(p_exclude, '{}')) AS c
+    WHERE c <> ALL (cols) LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'table % has no column %', p_table, bad;
+    END IF;
+    pk := ARRAY(SELECT a.attname::text
+                FROM pg_index i
+                CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                WHERE i.indrelid = p_table AND i.indisprimary ORDER BY k.ord);
+    args := format('%L, %L, %L, %L, %L, %L, %L',
+                   CASE WHEN p_notify THEN 'notify' ELSE 'durable' END, ch, sch, tbl,
+                   coalesce(p_columns::text, ''), coalesce(p_exclude::text, ''),
+                   CASE WHEN cardinality(pk) > 0 THEN pk::text ELSE '' END);
+    sql := format(E'-- pg-pubsub change feed on %s -> %s %s\n',
+                  p_table, CASE WHEN p_notify THEN 'NOTIFY' ELSE 'durable channel' END, ch);
+    sql := sql || format(E'SELECT pg_advisory_xact_lock(%s);\n', @LOCK@);
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        sql := sql || format(E'DROP TRIGGER IF EXISTS %I ON %s;\n',
+                             @S@.change_trigger_name(op), p_table);
+    END LOOP;
+    FOREACH op IN ARRAY ops LOOP
+        lvl := p_level;
+        IF op = 'truncate' OR (op = 'update' AND cardinality(pk) = 0) THEN
+            lvl := CASE WHEN op = 'truncate' THEN 'statement' ELSE 'row' END;
+        END IF;
+        sql := sql || format(E'CREATE TRIGGER %I AFTER %s ON %s\n    %sFOR EACH %s EXECUTE FUNCTION @S@.%s(%s);\n',
+            @S@.change_trigger_name(op), upper(op), p_table,
+            CASE WHEN lvl = 'statement' AND op <> 'truncate'
+                 THEN format('REFERENCING %s TABLE AS %s ',
+                             CASE op WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD'
+                                     ELSE 'OLD TABLE AS pgps_old NEW' END,
+                             CASE op WHEN 'delete' THEN 'pgps_old' ELSE 'pgps_new' END)
+                 ELSE '' END,
+            upper(lvl), CASE WHEN lvl = 'statement' THEN 'change_stmt' ELSE 'change_row' END,
+            args);
+    END LOOP;
+    sql := sql || format(E'INSERT INTO @S@.change_feeds (tbl, channel, target, level, ops, columns, exclude)\n'
+                         '    VALUES (%L::regclass, %L, %L, %L, %L, %L, %L)\n'
+                         '    ON CONFLICT (tbl) DO UPDATE SET channel = EXCLUDED.channel, target = EXCLUDED.target,\n'
+                         '        level = EXCLUDED.level, ops = EXCLUDED.ops, columns = EXCLUDED.columns,\n'
+                         '        exclude = EXCLUDED.exclude, installed_at = now();\n',
+                         p_table::text, ch, CASE WHEN p_notify THEN 'notify' ELSE 'durable' END,
+                         p_level, ops, p_columns, p_exclude);
+    RETURN sql;
+END $$;
+
+-- Installs a feed (runs change_feed_sql) and returns its channel.
+-- SELECT @S@.install_change_feed('"Weird Schema"."Order Items"');
+CREATE OR REPLACE FUNCTION @S@.install_change_feed(p_table regclass, p_channel text DEFAULT NULL,
+                                                   p_notify boolean DEFAULT false,
+                                                   p_columns text[] DEFAULT NULL,
+                                                   p_exclude text[] DEFAULT NULL,
+                                                   p_ops text[] DEFAULT NULL,
+                                                   p_level text DEFAULT 'statement') RETURNS text
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
+BEGIN
+    EXECUTE @S@.change_feed_sql(p_table, p_channel, p_notify, p_columns, p_exclude, p_ops, p_level);
+    RETURN (SELECT f.channel FROM @S@.change_feeds f WHERE f.tbl = p_table);
+END $$;
+
+-- The script that removes a feed's triggers and its change_feeds row.
+CREATE OR REPLACE FUNCTION @S@.uninstall_change_feed_sql(p_table regclass) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format(E'-- pg-pubsub: remove the change feed on %s\n', p_table)
+        || string_agg(format(E'DROP TRIGGER IF EXISTS %I ON %s;\n',
+                             @S@.change_trigger_name(op), p_table), '' ORDER BY ord)
+        || format(E'DELETE FROM @S@.change_feeds WHERE tbl = %L::regclass;\n', p_table::text)
+    FROM unnest(ARRAY['insert', 'update', 'delete', 'truncate']) WITH ORDINALITY AS o(op, ord)
+$$;
+
+-- Removes a feed; its durable channel and its messages stay.
+CREATE OR REPLACE FUNCTION @S@.uninstall_change_feed(p_table regclass) RETURNS void
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
+BEGIN
+    EXECUTE @S@.uninstall_change_feed_sql(p_table);
+END $$;
+
+INSERT INTO @S@.schema_version (version) VALUES (3) ON CONFLICT DO NOTHING;
+COMMIT;

@@ -1,0 +1,309 @@
+//! [`Changes`]: installing, removing and consuming trigger change feeds.
+
+use serde::de::DeserializeOwned;
+
+use super::event::{ChangeEvent, Op};
+use super::options::{FeedInfo, FeedOptions, TriggerLevel};
+use crate::client::PgPubSub;
+use crate::durable::{Durable, DurableSubscription, Start};
+use crate::error::{Error, ErrorKind, Result};
+use crate::subscription::Subscription;
+
+/// Trigger change feeds in one schema, through a [`PgPubSub`]. Cheap to
+/// clone. Made by [`PgPubSub::changes`] or [`PgPubSub::changes_in`].
+///
+/// ```no_run
+/// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+/// use futures::StreamExt;
+/// use pg_pubsub::changes::FeedOptions;
+/// use pg_pubsub::durable::DurableDelivery;
+///
+/// #[derive(serde::Deserialize, Debug)]
+/// struct Order { id: i64, total: f64 }
+///
+/// let changes = pubsub.changes();
+/// changes.install_change_feed("shop.orders", &FeedOptions::new()).await?;
+/// let mut feed = changes.subscribe::<Order>("shop.orders", "billing").await?;
+/// while let Some(DurableDelivery::Message(m)) = feed.next().await {
+///     let change = m.payload();
+///     println!("{} {:?} -> {:?}", change.op, change.old, change.new);
+///     m.ack();
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Changes {
+    durable: Durable,
+}
+
+impl PgPubSub {
+    /// Trigger change feeds whose functions live in the default schema
+    /// (`pgpubsub`, shared with durable channels).
+    pub fn changes(&self) -> Changes {
+        Changes {
+            durable: self.durable(),
+        }
+    }
+
+    /// Trigger change feeds in `schema` (a lowercase identifier of at most
+    /// 40 bytes).
+    pub fn changes_in(&self, schema: &str) -> Result<Changes> {
+        Ok(Changes {
+            durable: self.durable_in(schema)?,
+        })
+    }
+}
+
+/// Maps a failed statement to a [`ErrorKind::Changes`] error, keeping the cause.
+fn pg_err(stage: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    move |e| Error::pg(ErrorKind::Changes, stage, e)
+}
+
+impl Changes {
+    /// The durable channels the feeds write to.
+    pub fn durable(&self) -> &Durable {
+        &self.durable
+    }
+
+    async fn pooled(&self) -> Result<deadpool_postgres::Client> {
+        self.durable.install().await?;
+        self.durable
+            .pubsub()
+            .with_pooled("change feed", |client| async move { Ok(client) })
+            .await
+    }
+
+    /// The script [`install_change_feed`](Self::install_change_feed) runs
+    /// (`DROP TRIGGER IF EXISTS`, `CREATE TRIGGER`, and a row in
+    /// `change_feeds`), in a transaction, for a DBA to read or run with
+    /// `psql` (the schema must be installed: `pg-pubsub schema`). `table`
+    /// is any name `regclass` accepts: `orders`, `shop.orders`,
+    /// `"Weird Schema"."Order Items"`.
+    pub async fn install_change_feed_sql(
+        &self,
+        table: &str,
+        options: &FeedOptions,
+    ) -> Result<String> {
+        options.check()?;
+        let client = self.pooled().await?;
+        let sql = format!(
+            "SELECT {}.change_feed_sql($1::text::regclass, $2, $3, $4, $5, $6, $7)",
+            self.durable.schema().as_str()
+        );
+        let row = client
+            .query_one(&sql, &install_params(table, options).as_refs())
+            .await
+            .map_err(pg_err("generating the change feed script"))?;
+        Ok(format!("BEGIN;\n{}COMMIT;\n", row.get::<_, String>(0)))
+    }
+
+    /// Installs (or re-installs with new options) the change feed of
+    /// `table`: triggers that turn each `INSERT`, `UPDATE`, `DELETE` (and
+    /// `TRUNCATE`, as one event) into a [`ChangeEvent`] in a durable
+    /// channel or a NOTIFY (see [`FeedOptions`]). Works on tables in any
+    /// schema and on partitioned tables (events name the parent). The same
+    /// from SQL: `SELECT pgpubsub.install_change_feed('shop.orders')`.
+    pub async fn install_change_feed(
+        &self,
+        table: &str,
+        options: &FeedOptions,
+    ) -> Result<FeedInfo> {
+        options.check()?;
+        let client = self.pooled().await?;
+        let sql = format!(
+            "SELECT {}.install_change_feed($1::text::regclass, $2, $3, $4, $5, $6, $7)",
+            self.durable.schema().as_str()
+        );
+        client
+            .execute(&sql, &install_params(table, options).as_refs())
+            .await
+            .map_err(pg_err("installing the change feed"))?;
+        self.feed_on(&client, table).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Changes,
+                format!("no feed on {table} after installing it"),
+            )
+        })
+    }
+
+    /// The script [`uninstall_change_feed`](Self::uninstall_change_feed) runs.
+    pub async fn uninstall_change_feed_sql(&self, table: &str) -> Result<String> {
+        let client = self.pooled().await?;
+        let sql = format!(
+            "SELECT {}.uninstall_change_feed_sql($1::text::regclass)",
+            self.durable.schema().as_str()
+        );
+        let row = client
+            .query_one(&sql, &[&table])
+            .await
+            .map_err(pg_err("generating the uninstall script"))?;
+        Ok(format!("BEGIN;\n{}COMMIT;\n", row.get::<_, String>(0)))
+    }
+
+    /// Removes the feed's triggers (nothing is sent for later changes).
+    /// The durable channel keeps its messages and consumer groups.
+    pub async fn uninstall_change_feed(&self, table: &str) -> Result<()> {
+        let client = self.pooled().await?;
+        let sql = format!(
+            "SELECT {}.uninstall_change_feed($1::text::regclass)",
+            self.durable.schema().as_str()
+        );
+        client
+            .execute(&sql, &[&table])
+            .await
+            .map_err(pg_err("removing the change feed"))?;
+        Ok(())
+    }
+
+    /// The feed installed on `table`, if any.
+    pub async fn feed(&self, table: &str) -> Result<Option<FeedInfo>> {
+        let client = self.pooled().await?;
+        self.feed_on(&client, table).await
+    }
+
+    async fn feed_on(
+        &self,
+        client: &tokio_postgres::Client,
+        table: &str,
+    ) -> Result<Option<FeedInfo>> {
+        let sql = format!(
+            "SELECT tbl::text, channel, target = 'notify', level, ops, columns, exclude \
+             FROM {}.change_feeds WHERE tbl = $1::text::regclass",
+            self.durable.schema().as_str()
+        );
+        let Some(row) = client
+            .query_opt(&sql, &[&table])
+            .await
+            .map_err(pg_err("looking the change feed up"))?
+        else {
+            return Ok(None);
+        };
+        let ops = row
+            .get::<_, Vec<String>>(4)
+            .iter()
+            .map(|op| op.parse())
+            .collect::<Result<Vec<Op>>>()?;
+        Ok(Some(FeedInfo {
+            table: row.get(0),
+            channel: row.get(1),
+            notify: row.get(2),
+            level: row.get::<_, String>(3).parse::<TriggerLevel>()?,
+            ops,
+            columns: row.get(5),
+            exclude: row.get(6),
+        }))
+    }
+
+    async fn require_feed(&self, table: &str, notify: bool) -> Result<FeedInfo> {
+        let feed = self.feed(table).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Changes,
+                format!("table {table} has no change feed"),
+            )
+        })?;
+        if feed.notify != notify {
+            let (has, wants) = if feed.notify {
+                ("NOTIFY", "subscribe (durable)")
+            } else {
+                ("durable", "listen (NOTIFY)")
+            };
+            return Err(Error::new(
+                ErrorKind::Changes,
+                format!("the change feed of {table} is a {has} feed; {wants} cannot read it"),
+            ));
+        }
+        Ok(feed)
+    }
+
+    /// Joins consumer `group` on the durable feed of `table`, decoding
+    /// `old` and `new` into `T`. A new group starts at the oldest retained
+    /// change; see [`subscribe_from`](Self::subscribe_from).
+    ///
+    /// Order: the durable channel's, i.e. transaction by transaction, each
+    /// transaction's changes in statement order. Within one batch (one
+    /// tick, [`Position::tick`](crate::durable::Position)) transactions
+    /// come in xid order, which is not always commit order; two changes of
+    /// the same row are in commit order when sorted by `(tick, seq)` of
+    /// their positions (the second writer of a row writes only after the
+    /// first committed, so it draws a later `seq`).
+    pub async fn subscribe<T>(
+        &self,
+        table: &str,
+        group: &str,
+    ) -> Result<DurableSubscription<ChangeEvent<T>>>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.subscribe_from(table, group, Start::Earliest).await
+    }
+
+    /// [`subscribe`](Self::subscribe) with where a new group starts.
+    pub async fn subscribe_from<T>(
+        &self,
+        table: &str,
+        group: &str,
+        start: Start,
+    ) -> Result<DurableSubscription<ChangeEvent<T>>>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        let feed = self.require_feed(table, false).await?;
+        self.durable
+            .consumer(&feed.channel, group)
+            .json::<ChangeEvent<T>>()
+            .start(start)
+            .subscribe()
+            .await
+    }
+
+    /// Listens to the NOTIFY feed of `table` ([`FeedOptions::notify`]).
+    /// At most once: changes made while not listening are not seen, and
+    /// a reconnect yields a [`Gap`](crate::Gap).
+    pub async fn listen<T>(&self, table: &str) -> Result<Subscription<ChangeEvent<T>>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        let feed = self.require_feed(table, true).await?;
+        self.durable
+            .pubsub()
+            .listen::<ChangeEvent<T>>(&feed.channel)
+            .await
+    }
+}
+
+/// The parameters of `change_feed_sql` / `install_change_feed`.
+struct InstallParams<'a> {
+    table: &'a str,
+    channel: Option<&'a str>,
+    notify: bool,
+    columns: Option<&'a [String]>,
+    exclude: Option<&'a [String]>,
+    ops: Option<Vec<String>>,
+    level: &'static str,
+}
+
+fn install_params<'a>(table: &'a str, options: &'a FeedOptions) -> InstallParams<'a> {
+    InstallParams {
+        table,
+        channel: options.channel.as_deref(),
+        notify: options.notify,
+        columns: options.columns.as_deref(),
+        exclude: options.exclude.as_deref(),
+        ops: options.ops_text(),
+        level: options.level.as_str(),
+    }
+}
+
+impl InstallParams<'_> {
+    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 7] {
+        [
+            &self.table,
+            &self.channel,
+            &self.notify,
+            &self.columns,
+            &self.exclude,
+            &self.ops,
+            &self.level,
+        ]
+    }
+}

@@ -1,0 +1,764 @@
+//! Trigger change feeds on a real server: a pgbench-like workload, quoted
+//! and partitioned tables, TRUNCATE, column filters, rollbacks, a 100k-row
+//! statement, the type matrix, NOTIFY mode, uninstall, and the CLI.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use common::*;
+use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
+use pg_pubsub::durable::{DurableMessage, Position};
+use pg_pubsub::{Delivery, PgPubSub};
+use serde_json::{json, Value};
+
+/// An instance, its change feeds, a plain client and a schema of its own.
+async fn setup(prefix: &str) -> (PgPubSub, Changes, tokio_postgres::Client, String) {
+    let ps = pubsub().await;
+    let changes = ps.changes();
+    changes.durable().install().await.expect("install");
+    let client = raw_client().await;
+    let schema = channel(prefix);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .expect("schema");
+    (ps, changes, client, schema)
+}
+
+type Change = DurableMessage<ChangeEvent<Value>>;
+
+/// The next `n` changes of a durable feed, acked.
+async fn take<S>(sub: &mut S, n: usize) -> Vec<Change>
+where
+    S: futures::Stream<Item = pg_pubsub::durable::DurableDelivery<ChangeEvent<Value>>> + Unpin,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let m = next_durable(sub).await;
+        m.ack();
+        out.push(m);
+    }
+    out
+}
+
+fn ops(changes: &[Change]) -> Vec<Op> {
+    changes.iter().map(|m| m.payload().op).collect()
+}
+
+const LEVELS: [TriggerLevel; 2] = [TriggerLevel::Statement, TriggerLevel::Row];
+
+/// A pgbench-like workload (accounts, tellers, history) from several
+/// tasks: each change arrives once per group, both groups see the same
+/// order, each transaction's changes are contiguous, and per row the
+/// updates chain (old of one = new of the one before) in `(tick, seq)`
+/// order up to the row's final state.
+async fn pgbench_like(level: TriggerLevel) {
+    let (ps, changes, client, s) = setup("bench").await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {s}.accounts (aid int PRIMARY KEY, abalance bigint NOT NULL);
+             CREATE TABLE {s}.tellers (tid int PRIMARY KEY, tbalance bigint NOT NULL);
+             CREATE TABLE {s}.history (hid bigserial PRIMARY KEY, tid int, aid int,
+                                       delta int, mtime timestamptz DEFAULT now());"
+        ))
+        .await
+        .unwrap();
+    let tables = ["accounts", "tellers", "history"].map(|t| format!("{s}.{t}"));
+    for t in &tables {
+        let feed = changes
+            .install_change_feed(t, &FeedOptions::new().level(level))
+            .await
+            .unwrap();
+        assert_eq!(feed.level, level);
+        assert_eq!(feed.channel, format!("changes.{t}"));
+    }
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.accounts SELECT g, 0 FROM generate_series(1, 20) g;
+             INSERT INTO {s}.tellers SELECT g, 0 FROM generate_series(1, 4) g;"
+        ))
+        .await
+        .unwrap();
+
+    const TASKS: usize = 6;
+    const TXS: usize = 40;
+    let mut writers = Vec::new();
+    for task in 0..TASKS {
+        let s = s.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = raw_client().await;
+            for i in 0..TXS {
+                let aid = ((task * 7 + i * 3) % 20 + 1) as i32;
+                let tid = ((task + i) % 4 + 1) as i32;
+                let delta = (task * 100 + i) as i32;
+                let tx = client.transaction().await.unwrap();
+                tx.execute(
+                    &format!("UPDATE {s}.accounts SET abalance = abalance + $1 WHERE aid = $2"),
+                    &[&i64::from(delta), &aid],
+                )
+                .await
+                .unwrap();
+                tx.execute(
+                    &format!("UPDATE {s}.tellers SET tbalance = tbalance + $1 WHERE tid = $2"),
+                    &[&i64::from(delta), &tid],
+                )
+                .await
+                .unwrap();
+                tx.execute(
+                    &format!("INSERT INTO {s}.history (tid, aid, delta) VALUES ($1, $2, $3)"),
+                    &[&tid, &aid, &delta],
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    let expected = [20 + TASKS * TXS, 4 + TASKS * TXS, TASKS * TXS];
+    let mut seen = Vec::new();
+    for group in ["g1", "g2"] {
+        let mut per_table = Vec::new();
+        for (t, n) in tables.iter().zip(expected) {
+            let mut sub = changes.subscribe::<Value>(t, group).await.unwrap();
+            per_table.push(take(&mut sub, n).await);
+            sub.close().await.unwrap();
+        }
+        seen.push(per_table);
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    for (t, table) in tables.iter().enumerate() {
+        let (a, b) = (&seen[0][t], &seen[1][t]);
+        let pos = |v: &[Change]| v.iter().map(|m| m.position()).collect::<Vec<_>>();
+        assert_eq!(pos(a), pos(b), "{table}: same order for both groups");
+        assert!(
+            pos(a).windows(2).all(|w| w[0] < w[1]),
+            "{table}: once, in order"
+        );
+        // Transaction by transaction: an xid never comes back.
+        let mut done = HashSet::new();
+        let mut last = None;
+        for m in a {
+            let xid = m.payload().xid.expect("xid");
+            assert_eq!(xid, m.position().xid, "the event's xid is the publisher's");
+            if last != Some(xid) {
+                assert!(done.insert(xid), "{table}: transaction {xid} split");
+                last = Some(xid);
+            }
+        }
+    }
+    // Per row: updates chain in (tick, seq) order to the final state.
+    for (t, (key, col)) in [("aid", "abalance"), ("tid", "tbalance")]
+        .iter()
+        .enumerate()
+    {
+        let mut rows: BTreeMap<i64, Vec<&Change>> = BTreeMap::new();
+        for m in &seen[0][t] {
+            let id = m.payload().row().unwrap()[key].as_i64().unwrap();
+            rows.entry(id).or_default().push(m);
+        }
+        for (id, mut events) in rows {
+            events.sort_by_key(|m| (m.position().tick, m.position().seq));
+            assert_eq!(events[0].payload().op, Op::Insert);
+            for w in events.windows(2) {
+                assert_eq!(w[1].payload().op, Op::Update);
+                assert_eq!(w[1].payload().old, w[0].payload().new, "row {id} chains");
+            }
+            let final_balance: i64 = client
+                .query_one(
+                    &format!(
+                        "SELECT {col} FROM {}.{} WHERE {key} = $1",
+                        s,
+                        tables[t].split('.').nth(1).unwrap()
+                    ),
+                    &[&(id as i32)],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let last = events.last().unwrap().payload().new.as_ref().unwrap();
+            assert_eq!(
+                last[*col],
+                json!(final_balance),
+                "row {id} ends as the table"
+            );
+        }
+    }
+    let history: HashSet<i64> = seen[0][2]
+        .iter()
+        .map(|m| m.payload().new.as_ref().unwrap()["hid"].as_i64().unwrap())
+        .collect();
+    assert_eq!(history.len(), TASKS * TXS, "every insert once");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn pgbench_like_workload_statement_level() {
+    pgbench_like(TriggerLevel::Statement).await;
+}
+
+#[tokio::test]
+async fn pgbench_like_workload_row_level() {
+    pgbench_like(TriggerLevel::Row).await;
+}
+
+/// Quoted schema and table names, a partitioned table (rows of both
+/// partitions, events naming the parent), a delete, and TRUNCATE as one
+/// event, at both trigger levels.
+#[tokio::test]
+async fn quoted_names_and_partitioned_tables_at_both_levels() {
+    let (ps, changes, client, _) = setup("quoted").await;
+    for level in LEVELS {
+        let schema = format!("Weird Schema {}", channel("x"));
+        client
+            .batch_execute(&format!(
+                r#"CREATE SCHEMA "{schema}";
+                   CREATE TABLE "{schema}"."Order Items" (id int, "Region" text, qty int,
+                       PRIMARY KEY (id, "Region")) PARTITION BY LIST ("Region");
+                   CREATE TABLE "{schema}"."items EU" PARTITION OF "{schema}"."Order Items"
+                       FOR VALUES IN ('eu');
+                   CREATE TABLE "{schema}"."items US" PARTITION OF "{schema}"."Order Items"
+                       FOR VALUES IN ('us');"#
+            ))
+            .await
+            .unwrap();
+        let table = format!(r#""{schema}"."Order Items""#);
+        let options = FeedOptions::new().channel(channel("weird")).level(level);
+        let feed = changes.install_change_feed(&table, &options).await.unwrap();
+        assert_eq!(feed.table, table);
+        let mut sub = changes.subscribe::<Value>(&table, "g").await.unwrap();
+        client
+            .batch_execute(&format!(
+                r#"INSERT INTO {table} VALUES (1, 'eu', 1), (2, 'us', 2);
+                   UPDATE {table} SET qty = qty + 10;
+                   DELETE FROM {table} WHERE id = 2;
+                   TRUNCATE {table};"#
+            ))
+            .await
+            .unwrap();
+        let got = take(&mut sub, 6).await;
+        assert_eq!(
+            ops(&got),
+            [
+                Op::Insert,
+                Op::Insert,
+                Op::Update,
+                Op::Update,
+                Op::Delete,
+                Op::Truncate
+            ],
+            "{level}"
+        );
+        for m in &got {
+            assert_eq!(m.payload().schema, schema);
+            assert_eq!(m.payload().table, "Order Items");
+        }
+        let regions: HashSet<&str> = got[..2]
+            .iter()
+            .map(|m| {
+                m.payload().new.as_ref().unwrap()["Region"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(regions, HashSet::from(["eu", "us"]), "both partitions");
+        let updated: HashMap<i64, (i64, i64)> = got[2..4]
+            .iter()
+            .map(|m| {
+                let (o, n) = (
+                    m.payload().old.as_ref().unwrap(),
+                    m.payload().new.as_ref().unwrap(),
+                );
+                (
+                    n["id"].as_i64().unwrap(),
+                    (o["qty"].as_i64().unwrap(), n["qty"].as_i64().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            updated,
+            HashMap::from([(1, (1, 11)), (2, (2, 12))]),
+            "old and new paired"
+        );
+        assert_eq!(got[4].payload().old.as_ref().unwrap()["id"], 2);
+        assert_eq!(got[5].payload().row(), None, "truncate has no rows");
+        sub.close().await.unwrap();
+    }
+    ps.shutdown().await;
+}
+
+/// Publishes a sentinel straight on the feed's channel: whatever the
+/// table's triggers committed before comes before it.
+async fn sentinel(changes: &Changes, table: &str) {
+    let feed = changes.feed(table).await.unwrap().expect("feed");
+    let e = json!({"op": "insert", "schema": "-", "table": "sentinel"});
+    changes.durable().publish(&feed.channel, &e).await.unwrap();
+}
+
+fn is_sentinel(m: &Change) -> bool {
+    m.payload().table == "sentinel"
+}
+
+/// Rolled-back changes send nothing; a column filter keeps and drops
+/// columns and skips updates of dropped columns only; ops limit what is
+/// captured; after uninstall nothing is sent; the SQL entry point works.
+#[tokio::test]
+async fn rollback_filter_ops_and_uninstall() {
+    let (ps, changes, mut client, s) = setup("life").await;
+    for level in LEVELS {
+        let table = format!("{s}.t_{level}");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, name text, secret text, n int)"
+            ))
+            .await
+            .unwrap();
+        let options = FeedOptions::new()
+            .exclude(["secret"])
+            .ops([Op::Insert, Op::Update])
+            .level(level);
+        changes.install_change_feed(&table, &options).await.unwrap();
+        let mut sub = changes.subscribe::<Value>(&table, "g").await.unwrap();
+
+        let tx = client.transaction().await.unwrap();
+        tx.execute(&format!("INSERT INTO {table} VALUES (1, 'a', 's', 0)"), &[])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} VALUES (2, 'b', 's', 0);
+                 UPDATE {table} SET secret = 'changed';
+                 UPDATE {table} SET n = 1;
+                 DELETE FROM {table};"
+            ))
+            .await
+            .unwrap();
+        sentinel(&changes, &table).await;
+        let got = take(&mut sub, 3).await;
+        assert_eq!(ops(&got[..2]), [Op::Insert, Op::Update], "{level}");
+        assert_eq!(
+            got[0].payload().new,
+            Some(json!({"id": 2, "name": "b", "n": 0}))
+        );
+        assert_eq!(
+            got[1].payload().old,
+            Some(json!({"id": 2, "name": "b", "n": 0}))
+        );
+        assert_eq!(
+            got[1].payload().new,
+            Some(json!({"id": 2, "name": "b", "n": 1}))
+        );
+        assert!(
+            is_sentinel(&got[2]),
+            "rollback, secret-only update, delete: nothing"
+        );
+
+        // Only some columns, installed from SQL.
+        client
+            .execute(
+                "SELECT pgpubsub.install_change_feed($1::text::regclass, p_columns => '{id,n}',
+                                                     p_level => $2)",
+                &[&table, &level.as_str()],
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute(&format!("INSERT INTO {table} VALUES (3, 'c', 's', 5)"))
+            .await
+            .unwrap();
+        let m = next_durable(&mut sub).await;
+        assert_eq!(m.payload().new, Some(json!({"id": 3, "n": 5})));
+
+        changes.uninstall_change_feed(&table).await.unwrap();
+        assert_eq!(changes.feed(&table).await.unwrap(), None);
+        client
+            .batch_execute(&format!("INSERT INTO {table} VALUES (4, 'd', 's', 0)"))
+            .await
+            .unwrap();
+        let channel = format!("changes.{table}");
+        changes
+            .durable()
+            .publish(
+                &channel,
+                &json!({"op": "insert", "schema": "-", "table": "sentinel"}),
+            )
+            .await
+            .unwrap();
+        assert!(
+            is_sentinel(&next_durable(&mut sub).await),
+            "nothing after uninstall"
+        );
+        sub.close().await.unwrap();
+    }
+    ps.shutdown().await;
+}
+
+/// One transaction of 100,000 rows: every row, once, in statement order,
+/// then the same rows updated in one statement (paired on the key).
+#[tokio::test]
+async fn a_100k_row_transaction() {
+    let (ps, changes, client, s) = setup("big").await;
+    let table = format!("{s}.big");
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY, v int)"))
+        .await
+        .unwrap();
+    changes
+        .install_change_feed(&table, &FeedOptions::new())
+        .await
+        .unwrap();
+    let mut sub = changes.subscribe::<Value>(&table, "g").await.unwrap();
+    const N: i64 = 100_000;
+    client
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {N}) g;
+             UPDATE {table} SET v = id; COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let mut xid = None;
+    for phase in [Op::Insert, Op::Update] {
+        for i in 1..=N {
+            let m = next_durable(&mut sub).await;
+            let c = m.payload();
+            assert_eq!(c.op, phase);
+            assert_eq!(c.new.as_ref().unwrap()["id"], i);
+            if phase == Op::Update {
+                assert_eq!(c.old.as_ref().unwrap()["v"], 0);
+                assert_eq!(c.new.as_ref().unwrap()["v"], i);
+            }
+            assert_eq!(*xid.get_or_insert(c.xid), c.xid, "one transaction");
+            m.ack();
+        }
+    }
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+/// The types a row holds, as `to_jsonb` writes them, decoded into a `T`.
+#[derive(serde::Deserialize, Debug, PartialEq)]
+struct Typed {
+    id: i64,
+    amount: f64,
+    big: serde_json::Number,
+    at: String,
+    doc: Value,
+    docb: Value,
+    ints: Vec<i32>,
+    texts: Vec<Option<String>>,
+    raw: String,
+    missing: Option<String>,
+    flag: Option<bool>,
+}
+
+#[tokio::test]
+async fn the_type_matrix_decodes_into_a_typed_row() {
+    let (ps, changes, client, s) = setup("types").await;
+    let table = format!("{s}.typed");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id bigint PRIMARY KEY, amount numeric(12,2), big numeric,
+                 at timestamptz, doc json, docb jsonb, ints int[], texts text[], raw bytea,
+                 missing text, flag boolean)"
+        ))
+        .await
+        .unwrap();
+    changes
+        .install_change_feed(&table, &FeedOptions::new())
+        .await
+        .unwrap();
+    let mut sub = changes.subscribe::<Typed>(&table, "g").await.unwrap();
+    client
+        .batch_execute(&format!(
+            r#"SET TIME ZONE 'Europe/Paris';
+               INSERT INTO {table} VALUES (1, 1234.50, 12345678901234567890,
+                 '2024-02-29 23:59:59.123456+00', '{{"a": [1, 2]}}', '{{"b": null}}',
+                 '{{1,2,3}}', ARRAY['x', NULL, 'z"q'], '\x00ff10', NULL, NULL)"#
+        ))
+        .await
+        .unwrap();
+    let m = next_durable(&mut sub).await;
+    let row = m.payload().new.as_ref().expect("new");
+    assert_eq!(
+        *row,
+        Typed {
+            id: 1,
+            amount: 1234.5,
+            big: "12345678901234567890".parse().unwrap(),
+            at: "2024-03-01T00:59:59.123456+01:00".into(),
+            doc: json!({"a": [1, 2]}),
+            docb: json!({"b": null}),
+            ints: vec![1, 2, 3],
+            texts: vec![Some("x".into()), None, Some("z\"q".into())],
+            raw: "\\x00ff10".into(),
+            missing: None,
+            flag: None,
+        }
+    );
+    assert!(m.payload().changed_at.is_some() && m.payload().xid.is_some());
+    m.ack();
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+/// NOTIFY mode: small changes whole; a row over 8000 bytes as its key
+/// with `key_only`; an update too; at both levels.
+#[tokio::test]
+async fn notify_mode_sends_the_key_only_when_the_event_is_too_big() {
+    let (ps, changes, client, s) = setup("notify").await;
+    for level in LEVELS {
+        let table = format!("{s}.n_{level}");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int, k text, body text, PRIMARY KEY (id, k))"
+            ))
+            .await
+            .unwrap();
+        let options = FeedOptions::new().notify(true).level(level);
+        let feed = changes.install_change_feed(&table, &options).await.unwrap();
+        assert!(feed.notify);
+        assert!(
+            changes.subscribe::<Value>(&table, "g").await.is_err(),
+            "not durable"
+        );
+        let mut sub = changes.listen::<Value>(&table).await.unwrap();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} VALUES (1, 'a', 'small');
+                 INSERT INTO {table} VALUES (2, 'b', repeat('x', 9000));
+                 UPDATE {table} SET body = 'tiny' WHERE id = 2;"
+            ))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match next(&mut sub).await {
+                Delivery::Message(m) => got.push(m.payload().clone()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(!got[0].key_only);
+        assert_eq!(
+            got[0].new,
+            Some(json!({"id": 1, "k": "a", "body": "small"}))
+        );
+        assert!(got[1].key_only, "{level}");
+        assert_eq!(got[1].new, Some(json!({"id": 2, "k": "b"})));
+        assert_eq!(got[1].op, Op::Insert);
+        assert!(got[2].key_only, "old too big");
+        assert_eq!(got[2].old, Some(json!({"id": 2, "k": "b"})));
+        assert_eq!(got[2].new, Some(json!({"id": 2, "k": "b"})));
+    }
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_install_script_is_printable_and_bad_input_is_refused() {
+    let (ps, changes, client, s) = setup("print").await;
+    let table = format!("{s}.p");
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (a int, b text)"))
+        .await
+        .unwrap();
+    let sql = changes
+        .install_change_feed_sql(&table, &FeedOptions::new())
+        .await
+        .unwrap();
+    assert!(sql.contains("REFERENCING NEW TABLE AS pgps_new"), "{sql}");
+    assert!(
+        sql.contains("AFTER UPDATE ON")
+            && sql.contains("FOR EACH ROW EXECUTE FUNCTION pgpubsub.change_row"),
+        "no primary key: UPDATE is row-level\n{sql}"
+    );
+    assert_eq!(
+        changes.feed(&table).await.unwrap(),
+        None,
+        "printing installs nothing"
+    );
+    client.batch_execute(&sql).await.expect("the script runs");
+    assert!(changes.feed(&table).await.unwrap().is_some());
+    let e = changes
+        .install_change_feed(&table, &FeedOptions::new().columns(["nope"]))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no column nope"), "{e}");
+    let e = changes
+        .install_change_feed(&format!("{s}.missing"), &FeedOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), pg_pubsub::ErrorKind::Changes, "{e}");
+    let un = changes.uninstall_change_feed_sql(&table).await.unwrap();
+    assert!(un.contains("DROP TRIGGER IF EXISTS"), "{un}");
+    ps.shutdown().await;
+}
+
+/// `pg-pubsub changes install` / `tail`, SIGKILLed mid-stream and
+/// restarted: nothing lost; SIGTERM exits 0.
+#[cfg(feature = "cli")]
+mod cli {
+    use super::*;
+    use common::fleet::Fleet;
+
+    fn tail_ready(line: &str) -> bool {
+        line.contains("tailing")
+    }
+
+    fn ids(lines: &[String]) -> Vec<i64> {
+        lines
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                for key in [
+                    "op",
+                    "schema",
+                    "table",
+                    "old",
+                    "new",
+                    "position",
+                    "xid",
+                    "changed_at",
+                ] {
+                    assert!(v.get(key).is_some(), "{key} in {l}");
+                }
+                v["position"].as_str().unwrap().parse::<Position>().unwrap();
+                v["new"]["id"].as_i64().unwrap()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_killed_changes_tail_resumes_without_loss() {
+        let (ps, _changes, client, s) = setup("cli").await;
+        let table = format!("{s}.t");
+        client
+            .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+            .await
+            .unwrap();
+        let cli = |args: &[&str]| {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"));
+            cmd.args(args).env("DATABASE_URL", server().url());
+            cmd
+        };
+        let printed = cli(&["changes", "install", "--table", &table, "--print"])
+            .output()
+            .await
+            .unwrap();
+        assert!(printed.status.success(), "{printed:?}");
+        let script = String::from_utf8(printed.stdout).unwrap();
+        assert!(script.contains("CREATE TRIGGER"), "{script}");
+        let installed = cli(&["changes", "install", "--table", &table, "--level", "row"])
+            .output()
+            .await
+            .unwrap();
+        assert!(installed.status.success(), "{installed:?}");
+        let wal = cli(&["changes", "tail", "--table", &table, "--wal", "--slot", "s"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!wal.status.success());
+        assert!(
+            String::from_utf8_lossy(&wal.stderr).contains("`wal` feature"),
+            "{wal:?}"
+        );
+        let mut fleet = Fleet::new();
+        let args = [
+            "changes",
+            "tail",
+            "--table",
+            table.as_str(),
+            "--durable",
+            "g",
+        ];
+        let first = fleet.spawn_cmd(&args, tail_ready).await;
+        // 40 transactions of 5 rows.
+        for i in (0..200).step_by(5) {
+            client
+                .execute(
+                    &format!("INSERT INTO {table} SELECT g FROM generate_series($1, $1 + 4) g"),
+                    &[&i],
+                )
+                .await
+                .unwrap();
+        }
+        fleet.wait_for(|f| f.received[first].len() >= 50).await;
+        fleet.signal(first, "-KILL").await;
+
+        let second = fleet.spawn_cmd(&args, tail_ready).await;
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} SELECT g FROM generate_series(200, 399) g"
+            ))
+            .await
+            .unwrap();
+        fleet
+            .wait_for(|f| {
+                f.received[second]
+                    .last()
+                    .is_some_and(|l| l.contains(r#""id":399"#))
+            })
+            .await;
+        // Every line the killed one printed has been read by now.
+        let before = ids(&fleet.received[first]);
+        assert_eq!(before, (0..before.len() as i64).collect::<Vec<_>>());
+        let after = ids(&fleet.received[second]);
+        let start = after[0];
+        assert!(start as usize <= before.len(), "{start} > {}", before.len());
+        assert_eq!(
+            after,
+            (start..400).collect::<Vec<_>>(),
+            "resumed without loss"
+        );
+        let status = fleet.signal(second, "-TERM").await;
+        assert!(status.success(), "{status:?}");
+        ps.shutdown().await;
+    }
+}
+
+/// A statement-level UPDATE that changes the primary key cannot be paired:
+/// it arrives as an update with only `new`, then one with only `old`.
+/// Row-level triggers see the pair.
+#[tokio::test]
+async fn an_update_of_the_primary_key() {
+    let (ps, changes, client, s) = setup("pkupd").await;
+    for level in LEVELS {
+        let table = format!("{s}.k_{level}");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, v text);
+                 INSERT INTO {table} VALUES (1, 'a')"
+            ))
+            .await
+            .unwrap();
+        let options = FeedOptions::new().level(level).ops([Op::Update]);
+        changes.install_change_feed(&table, &options).await.unwrap();
+        let mut sub = changes.subscribe::<Value>(&table, "g").await.unwrap();
+        client
+            .batch_execute(&format!("UPDATE {table} SET id = 10"))
+            .await
+            .unwrap();
+        let (old, new) = (json!({"id": 1, "v": "a"}), json!({"id": 10, "v": "a"}));
+        match level {
+            TriggerLevel::Row => {
+                let m = next_durable(&mut sub).await;
+                assert_eq!(
+                    (m.payload().old.clone(), m.payload().new.clone()),
+                    (Some(old), Some(new))
+                );
+            }
+            _ => {
+                let got = take(&mut sub, 2).await;
+                let pairs: Vec<_> = got
+                    .iter()
+                    .map(|m| (m.payload().old.clone(), m.payload().new.clone()))
+                    .collect();
+                assert_eq!(pairs, [(None, Some(new)), (Some(old), None)]);
+                assert!(got.iter().all(|m| m.payload().op == Op::Update));
+            }
+        }
+        sub.close().await.unwrap();
+    }
+    ps.shutdown().await;
+}
