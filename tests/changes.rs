@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use common::*;
-use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
+use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Lsn, Op, TriggerLevel};
 use pg_pubsub::durable::{DurableMessage, Position};
 use pg_pubsub::{Delivery, PgPubSub};
 use serde_json::{json, Value};
@@ -654,15 +654,6 @@ mod cli {
             .await
             .unwrap();
         assert!(installed.status.success(), "{installed:?}");
-        let wal = cli(&["changes", "tail", "--table", &table, "--wal", "--slot", "s"])
-            .output()
-            .await
-            .unwrap();
-        assert!(!wal.status.success());
-        assert!(
-            String::from_utf8_lossy(&wal.stderr).contains("`wal` feature"),
-            "{wal:?}"
-        );
         let mut fleet = Fleet::new();
         let args = [
             "changes",
@@ -713,6 +704,49 @@ mod cli {
         );
         let status = fleet.signal(second, "-TERM").await;
         assert!(status.success(), "{status:?}");
+        ps.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn changes_tail_over_the_wal_prints_each_change_with_its_lsn() {
+        let (ps, _changes, client, s) = setup("walcli").await;
+        let table = format!("{s}.t");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, v text)"
+            ))
+            .await
+            .unwrap();
+        let slot = format!("{s}_slot");
+        let mut fleet = Fleet::new();
+        let args = [
+            "changes", "tail", "--table", &table, "--wal", "--slot", &slot,
+        ];
+        let tail = fleet.spawn_cmd(&args, tail_ready).await;
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} VALUES (1, 'a'); UPDATE {table} SET v = 'b'; DELETE FROM {table}"
+            ))
+            .await
+            .unwrap();
+        fleet.wait_for(|f| f.received[tail].len() >= 3).await;
+        let lines: Vec<Value> = fleet.received[tail]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ops: Vec<&str> = lines.iter().map(|l| l["op"].as_str().unwrap()).collect();
+        assert_eq!(ops, ["insert", "update", "delete"]);
+        assert_eq!(lines[1]["new"]["v"], "b");
+        assert_eq!(lines[2]["old"]["id"], 1);
+        for line in &lines {
+            assert!(
+                line["lsn"].as_str().unwrap().parse::<Lsn>().is_ok(),
+                "{line}"
+            );
+        }
+        let status = fleet.signal(tail, "-TERM").await;
+        assert!(status.success(), "{status:?}");
+        ps.drop_slot(&slot).await.unwrap();
         ps.shutdown().await;
     }
 }
