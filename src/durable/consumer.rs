@@ -618,11 +618,13 @@ impl<T: Send + 'static> Reader<T> {
             .await
         {
             Ok(r) => {
-                if r.acked > 0 || r.expired > 0 {
+                if r.acked > 0 || r.expired > 0 || r.truncated > 0 {
                     self.durable.pubsub.emit(ConnectionEvent::DurableRetained {
                         channel: self.channel.clone(),
                         acked: r.acked,
                         expired: r.expired,
+                        truncated: r.truncated,
+                        carried: r.carried,
                     });
                 }
                 r.expired > 0
