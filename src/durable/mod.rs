@@ -156,17 +156,20 @@
 //!    this waits for nobody and nobody waits for it.
 //! 2. `retain(channel, max_age)`: store `max_age` as the channel's
 //!    (`channels.max_age`; each rotation applies every channel's own),
-//!    then, for every other partition `P` that holds rows: take
-//!    `LOCK P IN ACCESS EXCLUSIVE MODE NOWAIT` (retried for ~100 ms, then
-//!    left for the next call) and lock the cursors of the groups of the
-//!    channels in `P`. Give each row of `P` a verdict: *old* (published
-//!    before `now() - max_age` of its channel), or *needed* (not old, and
-//!    some group of its channel has not passed it, or its channel has no
-//!    group at all). If more than 1000 rows (or a tenth of `P`) are
-//!    needed, leave `P` for later. Otherwise copy the needed rows
-//!    unchanged (same `xid`, `seq`, `published_at`) into the current
-//!    partition, add to each group's `lost` the old rows of its channel it
-//!    had not passed, and `TRUNCATE P`. All of it commits at once.
+//!    then, for every other partition `P` that holds rows: give each row
+//!    a verdict: *old* (published before `now() - max_age` of its
+//!    channel), or *needed* (not old, and some group of its channel has
+//!    not passed it, or its channel has no group at all). A first look
+//!    without locks skips `P` as soon as it finds more than 1000 needed
+//!    rows (a group is still reading it). Otherwise take
+//!    `LOCK P IN SHARE MODE NOWAIT` (retried for ~100 ms, then left for
+//!    the next call; `SHARE` keeps writers out, not readers), lock the
+//!    cursors of the groups of the channels in `P`, and judge again. If
+//!    at most 1000 rows are needed, copy them unchanged (same `xid`,
+//!    `seq`, `published_at`) into the current partition, add to each
+//!    group's `lost` the old rows of its channel it had not passed, take
+//!    `ACCESS EXCLUSIVE` on `P` (`NOWAIT`, between readers' statements)
+//!    and `TRUNCATE P`. All of it commits at once.
 //!
 //! `TRUNCATE` returns the space at once and leaves no dead tuples, so the
 //! table's size does not depend on autovacuum or on the xmin horizon; the
@@ -176,10 +179,11 @@
 //! group, or past the max age, before it goes).
 //!
 //! **Proof sketch (no unacked message of a registered group is removed,
-//! except by max age, which is counted).** (1) *Once the lock on `P` is
-//! granted, every row ever inserted into `P` is committed or aborted*:
-//! inserting into a partition takes `ROW EXCLUSIVE` on it, held until the
-//! inserting transaction ends, and that conflicts with our lock. A
+//! except by max age, which is counted).** (1) *Once the `SHARE` lock on
+//! `P` is granted, every row ever inserted into `P` is committed or
+//! aborted, and none can be added until we commit*: inserting into a
+//! partition takes `ROW EXCLUSIVE` on it, held until the inserting
+//! transaction ends, and that conflicts with `SHARE`. A
 //! transaction that had read the old `rotation.cur` but had not yet
 //! inserted waits for our commit and then inserts into the emptied `P`:
 //! its rows survive there and are judged by a later call, so which
@@ -198,9 +202,10 @@
 //! neither: (4) every reader of `messages` (`tick`, `read`, `range_of`,
 //! the consumer's range scan, `groups()`) is a plain statement or a
 //! `VOLATILE` function whose statements lock all partitions before taking
-//! their snapshot, so a reader either holds its lock before ours (then
-//! `NOWAIT` fails and nothing is removed) or takes its snapshot after our
-//! commit (and sees the copies, not the emptied partition). That is why
+//! their snapshot, so a reader either holds its lock before our
+//! `ACCESS EXCLUSIVE` (then `NOWAIT` fails and nothing is removed) or
+//! takes its snapshot after our commit (and sees the copies, not the
+//! emptied partition). That is why
 //! `read` and `range_of` are not `STABLE`: a `STABLE` function reuses its
 //! caller's snapshot, which could predate a `TRUNCATE` that locks the
 //! partition later (`TRUNCATE` is not MVCC-safe). Do not read `messages`

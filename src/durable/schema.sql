@@ -354,11 +354,10 @@ $$;
 -- records p_max_age as the channel's maximum age, then empties every
 -- partition but the current one whose rows are all passed by every group
 -- of their channel or older than their channel's max_age; the few rows
--- still needed (at most 1000 or a tenth of the partition) are carried
--- into the current partition first, unchanged (same xid, seq: same
--- position). A partition is locked NOWAIT, a few times over 100 ms, so
--- this never queues ahead of readers or writers; one still in use stays
--- for the next call. Groups that had not read an expired row get it
+-- still needed (at most 1000) are carried into the current partition
+-- first, unchanged (same xid, seq: same position). A partition is locked
+-- NOWAIT, retried for about 100 ms, so this never queues ahead of readers
+-- or writers; one still in use stays for the next call. Groups that had not read an expired row get it
 -- counted in lost. Returns, for p_channel, the rows removed that every
 -- group had acked (acked) and those removed by max-age (expired); and, for
 -- all channels, the partitions emptied and the rows carried.
@@ -375,6 +374,7 @@ DECLARE
     n_old    bigint;
     n_mine_old   bigint;
     n_mine_acked bigint;
+    upgraded boolean;
     g        record;
 BEGIN
     acked := 0; expired := 0; truncated := 0; carried := 0;
@@ -390,12 +390,18 @@ BEGIN
     SELECT r.cur INTO c FROM @S@.rotation r;
     FOR k IN 0 .. 3 LOOP
         CONTINUE WHEN k = c OR NOT @S@.part_has_rows(k);
+        -- A first look without any lock: a partition a group is still
+        -- reading is left alone at the cost of a short scan.
+        CONTINUE WHEN (SELECT count(*) FROM (SELECT 1 FROM @S@.verdicts(k) v
+                                             WHERE v.needed LIMIT 1001) AS x) > 1000;
         FOR attempt IN 1 .. 50 LOOP
             BEGIN
-                -- Held by every transaction that wrote to it until it
-                -- ends: once granted, every row in it is committed (or
-                -- aborted), and the statements below see them all.
-                EXECUTE format('LOCK TABLE @S@.messages_%s IN ACCESS EXCLUSIVE MODE NOWAIT', k);
+                -- SHARE: conflicts with the ROW EXCLUSIVE lock every
+                -- transaction that wrote to the partition holds until it
+                -- ends, not with readers. Once granted, every row in it is
+                -- committed (or aborted), the statements below see them
+                -- all, and no row can be added until we commit.
+                EXECUTE format('LOCK TABLE @S@.messages_%s IN SHARE MODE NOWAIT', k);
                 -- Cursors stay put while lost is counted against them.
                 PERFORM 1 FROM @S@.groups gr
                 WHERE gr.channel IN (SELECT DISTINCT m.channel FROM @S@.messages m WHERE m.part = k)
@@ -405,7 +411,7 @@ BEGIN
                        count(*) FILTER (WHERE NOT v.old AND NOT v.needed AND v.channel = p_channel)
                 INTO n_total, n_needed, n_old, n_mine_old, n_mine_acked
                 FROM @S@.verdicts(k) v;
-                IF n_needed > greatest(1000, n_total / 10) THEN
+                IF n_needed > 1000 THEN
                     -- Too much still needed: wait for the groups (or the
                     -- max age) rather than copy it. Releases the locks.
                     RAISE EXCEPTION USING ERRCODE = 'PGPS1';
@@ -430,6 +436,21 @@ BEGIN
                             AND NOT @S@.passed(m.xid, m.seq, gg.xid, gg.seq, sn.pv, sn.nx)
                           GROUP BY gg.channel, gg.group_name) AS l
                     WHERE gr.channel = l.channel AND gr.group_name = l.group_name;
+                END IF;
+                -- TRUNCATE needs ACCESS EXCLUSIVE: taken only now, NOWAIT,
+                -- between readers' statements, so none ever waits long.
+                upgraded := false;
+                FOR i IN 1 .. 100 LOOP
+                    BEGIN
+                        EXECUTE format('LOCK TABLE @S@.messages_%s IN ACCESS EXCLUSIVE MODE NOWAIT', k);
+                        upgraded := true;
+                        EXIT;
+                    EXCEPTION WHEN lock_not_available THEN
+                        PERFORM pg_sleep(0.001);
+                    END;
+                END LOOP;
+                IF NOT upgraded THEN
+                    RAISE EXCEPTION USING ERRCODE = 'PGPS1';
                 END IF;
                 EXECUTE format('TRUNCATE @S@.messages_%s', k);
                 truncated := truncated + 1;
