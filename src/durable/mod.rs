@@ -115,12 +115,17 @@
 //! active, `DurableStandby { .. }` when it stands by (or loses the
 //! election).
 //!
-//! Reading a backlog: a page is `read()` (the SQL function) while a batch
-//! may hold rows of transactions that were in progress at the previous
-//! tick; once a page is full and `range_of()` says none has rows left, the
-//! rest of the batch is one plain index range scan, which the consumer runs
-//! as its own statement (a function's result set is copied once more on
-//! the server). `xid8` and snapshots travel in binary.
+//! Reading: after a wake-up the consumer sends `tick` and `read()` in one
+//! pipelined write (one round trip; the server runs them in order, each in
+//! its own transaction, so the read sees the new tick). A page is `read()`
+//! (the SQL function) while a batch may hold rows of transactions that
+//! were in progress at the previous tick; once a page is full and
+//! `range_of()` says none has rows left, the rest of the batch is one
+//! plain index range scan, which the consumer runs as its own statement
+//! (a function's result set is copied once more on the server), eight
+//! pages per statement, streamed: each page goes to the subscription as
+//! soon as its rows arrived, while the server produces the next ones.
+//! `xid8` and snapshots travel in binary.
 //!
 //! Acks are cumulative: acking a message acks every message before it in
 //! delivery order. After a take-over (or a lost and regained election),
