@@ -139,7 +139,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         self
     }
 
-    /// Messages read per query, and buffered ahead of the consumer. Default: 1000.
+    /// Messages per page handed to the stream. Reading a backlog, a query
+    /// reads up to eight pages and up to ten may be buffered ahead of the
+    /// consumer: lower it for very large payloads. Default: 1000.
     pub fn batch_size(mut self, size: usize) -> Self {
         self.batch_size = size;
         self
