@@ -363,7 +363,12 @@ async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()
     client
         .batch_execute("TRUNCATE pgpubsub.messages, pgpubsub.ticks; DELETE FROM pgpubsub.groups")
         .await?;
-    let size_sql = "SELECT pg_total_relation_size('pgpubsub.messages'), (SELECT count(*) FROM pgpubsub.messages)";
+    // Every partition with its indexes and TOAST: the parent stores nothing.
+    let size_sql = "SELECT (SELECT sum(pg_total_relation_size(relid)) \
+                    FROM pg_partition_tree('pgpubsub.messages'))::bigint, \
+                    (SELECT count(*) FROM pgpubsub.messages), \
+                    (SELECT string_agg(n::text, '/' ORDER BY k) FROM \
+                     (SELECT part AS k, count(*) AS n FROM pgpubsub.messages GROUP BY part) p)";
     d.consumer("soak", "stuck")
         .retain_every(None)
         .subscribe()
@@ -408,12 +413,14 @@ async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()
         if sent % (RATE * 30) == 0 {
             let row = client.query_one(size_sql, &[]).await?;
             let (bytes, rows): (i64, i64) = (row.get(0), row.get(1));
+            let parts: Option<String> = row.get(2);
             println!(
-                "  t={:>4.0}s sent {sent:>7} received {:>7} g lost {:>3} table+index {:>6} kB, {rows} rows",
+                "  t={:>4.0}s sent {sent:>7} received {:>7} g lost {:>3} table+index {:>6} kB, {rows} rows (per non-empty partition {})",
                 start.elapsed().as_secs_f64(),
                 received.load(std::sync::atomic::Ordering::Relaxed),
                 lost.load(std::sync::atomic::Ordering::Relaxed),
-                bytes / 1024
+                bytes / 1024,
+                parts.unwrap_or_default()
             );
         }
     }

@@ -129,16 +129,20 @@ pub enum ConnectionEvent {
         /// Messages the group will never see.
         lost: u64,
     },
-    /// Durable channels: automatic retention, run by an active consumer of
-    /// this instance, removed messages of `channel`. Not sent when it
-    /// removed nothing.
+    /// Durable channels: automatic retention (a rotation), run by an
+    /// active consumer of `channel` in this instance, emptied partitions
+    /// or removed messages of `channel`. Not sent when it did nothing.
     DurableRetained {
-        /// The durable channel.
+        /// The durable channel whose consumer ran it.
         channel: ChannelName,
-        /// Messages every group had acked.
+        /// Messages of `channel` every group had acked.
         acked: u64,
-        /// Messages older than the maximum age.
+        /// Messages of `channel` older than the maximum age.
         expired: u64,
+        /// Partitions emptied, for all channels of the schema.
+        truncated: u64,
+        /// Messages still needed, carried into the current partition.
+        carried: u64,
     },
     /// This event stream itself fell behind and missed this many events.
     EventsLagged {

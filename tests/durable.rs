@@ -17,6 +17,27 @@ async fn durable() -> (PgPubSub, Durable) {
     (ps, d)
 }
 
+/// A durable handle on a schema of its own: rotation empties partitions
+/// shared by every channel of a schema, so exact counts need one that
+/// other tests' open transactions and unacked messages do not touch.
+async fn durable_alone(prefix: &str) -> (PgPubSub, Durable, String) {
+    let ps = pubsub().await;
+    let schema = channel(prefix);
+    let d = ps.durable_in(&schema).expect("schema name");
+    d.install().await.expect("install");
+    (ps, d, schema)
+}
+
+/// Rows stored per partition of `schema`.messages, in partition order.
+async fn rows_per_partition(client: &tokio_postgres::Client, schema: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for k in 0..4 {
+        let sql = format!("SELECT count(*) FROM {schema}.messages_{k}");
+        out.push(client.query_one(&sql, &[]).await.unwrap().get(0));
+    }
+    out
+}
+
 async fn publish_sql(client: &tokio_postgres::Client, channel: &str, payload: &str) {
     client
         .execute("SELECT pgpubsub.publish($1, $2)", &[&channel, &payload])
@@ -466,7 +487,8 @@ async fn concurrent_installs_of_a_new_schema_all_succeed() {
 
 #[tokio::test]
 async fn retention_removes_what_every_group_acked_and_signals_expiry() {
-    let (ps, d) = durable().await;
+    let (ps, d, schema) = durable_alone("retain").await;
+    let client = raw_client().await;
     let ch = channel("retain");
     let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     let mut g1 = d.subscribe_raw(&ch, "g1").await.unwrap();
@@ -478,6 +500,9 @@ async fn retention_removes_what_every_group_acked_and_signals_expiry() {
     g2.close().await.unwrap();
     let removed = d.retain(&ch, None).await.unwrap();
     assert_eq!((removed.acked, removed.expired), (4, 0));
+    // The partition was emptied; the 6 g2 still needs were carried over.
+    assert_eq!((removed.truncated, removed.carried), (1, 6));
+    assert_eq!(rows_per_partition(&client, &schema).await, [0, 6, 0, 0]);
     let groups = d.groups(&ch).await.unwrap();
     assert_eq!(
         groups.iter().map(|g| g.lag_messages).collect::<Vec<_>>(),
@@ -487,6 +512,7 @@ async fn retention_removes_what_every_group_acked_and_signals_expiry() {
     // Everything older than now: g2 loses the 6 it had not acked.
     let removed = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
     assert_eq!((removed.acked, removed.expired), (0, 6));
+    assert_eq!(rows_per_partition(&client, &schema).await, [0, 0, 0, 0]);
     let mut g2 = d.subscribe_raw(&ch, "g2").await.unwrap();
     match next(&mut g2).await {
         DurableDelivery::Truncated { lost } => assert_eq!(lost, 6),
@@ -495,6 +521,76 @@ async fn retention_removes_what_every_group_acked_and_signals_expiry() {
     d.publish_raw(&ch, "after").await.unwrap();
     assert_eq!(next_durable(&mut g2).await.payload(), "after");
     assert_eq!(next_durable(&mut g1).await.payload(), "after");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_idle_in_transaction_while_partitions_rotate_loses_nothing() {
+    let (ps, d, schema) = durable_alone("idlerot").await;
+    let ch = channel("idlerot");
+    let client = raw_client().await;
+    let mut sub = d
+        .consumer(&ch, "g")
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    // Publishes into the current partition, then stays open throughout.
+    let mut idle_client = raw_client().await;
+    let idle = idle_client.transaction().await.unwrap();
+    idle.execute(&format!("SELECT {schema}.publish($1, 'idle')"), &[&ch])
+        .await
+        .unwrap();
+    let mut truncated = 0;
+    for round in 0..6 {
+        let batch: Vec<String> = (0..5).map(|i| format!("{round}.{i}")).collect();
+        d.publish_batch(&ch, &batch).await.unwrap();
+        assert_eq!(take_acked(&mut sub, 5).await, batch);
+        sub.flush().await.unwrap();
+        truncated += d.retain(&ch, None).await.unwrap().truncated;
+    }
+    // The partition the open transaction wrote to cannot be emptied (it
+    // keeps round 0 too); the others rotated, each emptied once read.
+    assert_eq!(truncated, 5);
+    assert_eq!(stored(&client, &schema, &ch).await, 5);
+    idle.commit().await.unwrap();
+    let m = next_durable(&mut sub).await;
+    assert_eq!(m.payload(), "idle");
+    m.ack();
+    sub.flush().await.unwrap();
+    d.retain(&ch, None).await.unwrap();
+    d.retain(&ch, None).await.unwrap();
+    assert_eq!(stored(&client, &schema, &ch).await, 0);
+    assert_eq!(rows_per_partition(&client, &schema).await, [0, 0, 0, 0]);
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_of_a_channel_without_groups_survive_rotations() {
+    let (ps, d, _schema) = durable_alone("nogroup").await;
+    let (lonely, busy) = (channel("lonely"), channel("busy"));
+    d.publish_raw(&lonely, "kept").await.unwrap();
+    let mut sub = d
+        .consumer(&busy, "g")
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut carried = 0;
+    for round in 0..5 {
+        d.publish_raw(&busy, &round.to_string()).await.unwrap();
+        take_acked(&mut sub, 1).await;
+        sub.flush().await.unwrap();
+        carried += d.retain(&busy, None).await.unwrap().carried;
+    }
+    assert!(
+        carried >= 4,
+        "carried from partition to partition: {carried}"
+    );
+    let mut late = d.subscribe_raw(&lonely, "late").await.unwrap();
+    assert_eq!(next_durable(&mut late).await.payload(), "kept");
+    sub.close().await.unwrap();
     ps.shutdown().await;
 }
 
@@ -521,6 +617,7 @@ async fn wait_retained(
             channel,
             acked: a,
             expired: x,
+            ..
         } = e
         {
             if channel.as_str() == ch {
@@ -533,10 +630,10 @@ async fn wait_retained(
     .await;
 }
 
-async fn stored(client: &tokio_postgres::Client, ch: &str) -> i64 {
+async fn stored(client: &tokio_postgres::Client, schema: &str, ch: &str) -> i64 {
     client
         .query_one(
-            "SELECT count(*) FROM pgpubsub.messages WHERE channel = $1",
+            &format!("SELECT count(*) FROM {schema}.messages WHERE channel = $1"),
             &[&ch],
         )
         .await
@@ -569,7 +666,7 @@ async fn take_over_is_reported_as_durable_active_and_standby_events() {
 
 #[tokio::test]
 async fn the_active_consumer_removes_what_every_group_acked_without_a_retain_call() {
-    let (ps, d) = durable().await;
+    let (ps, d, schema) = durable_alone("autoretain").await;
     let ch = channel("autoretain");
     let client = raw_client().await;
     let mut events = ps.events();
@@ -584,18 +681,18 @@ async fn the_active_consumer_removes_what_every_group_acked_without_a_retain_cal
     take_acked(&mut sub, 4).await;
     sub.flush().await.unwrap();
     wait_retained(&mut events, &ch, |acked, _| acked >= 4).await;
-    assert_eq!(stored(&client, &ch).await, 6, "unacked ones stay");
+    assert_eq!(stored(&client, &schema, &ch).await, 6, "unacked ones stay");
     take_acked(&mut sub, 6).await;
     sub.flush().await.unwrap();
     wait_retained(&mut events, &ch, |acked, _| acked >= 6).await;
-    assert_eq!(stored(&client, &ch).await, 0);
+    assert_eq!(stored(&client, &schema, &ch).await, 0);
     sub.close().await.unwrap();
     ps.shutdown().await;
 }
 
 #[tokio::test]
 async fn automatic_max_age_retention_is_signalled_in_stream_and_as_an_event() {
-    let (ps, d) = durable().await;
+    let (ps, d, _schema) = durable_alone("autoexpire").await;
     let ch = channel("autoexpire");
     let mut events = ps.events();
     // "late" exists, at the earliest position, and is not running.

@@ -11,6 +11,7 @@ use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
 use super::position::{Position, Snapshot, Xid8};
@@ -56,6 +57,9 @@ pub struct ConsumerBuilder<T> {
     max_age: Option<Duration>,
     decode: Decode<T>,
 }
+
+/// Pages a consumer reads with one statement while draining a batch.
+const STREAM_PAGES: usize = 8;
 
 /// How often an active consumer runs retention by default.
 const RETAIN_EVERY: Duration = Duration::from_secs(30);
@@ -135,7 +139,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         self
     }
 
-    /// Messages read per query, and buffered ahead of the consumer. Default: 1000.
+    /// Messages per page handed to the stream. Reading a backlog, a query
+    /// reads up to eight pages and up to ten may be buffered ahead of the
+    /// consumer: lower it for very large payloads. Default: 1000.
     pub fn batch_size(mut self, size: usize) -> Self {
         self.batch_size = size;
         self
@@ -323,17 +329,29 @@ impl Durable {
         Ok((position_of(&row, 0)?, row.get(3)))
     }
 
-    /// Ticks the channel and, in the same round trip, reports (and
-    /// clears) the group's messages lost to max-age retention.
-    async fn tick_and_take_lost(&self, channel: &ChannelName, group: &str) -> Result<i64> {
+    fn tick_sql(&self) -> String {
         let s = self.schema.as_str();
-        let sql = format!(
+        format!(
             "WITH old AS (SELECT lost FROM {s}.groups \
                           WHERE channel = $1 AND group_name = $2 AND lost > 0 FOR UPDATE), \
              upd AS (UPDATE {s}.groups g SET lost = 0 FROM old \
                      WHERE g.channel = $1 AND g.group_name = $2 RETURNING old.lost) \
              SELECT {s}.tick($1), coalesce((SELECT lost FROM upd), 0)"
-        );
+        )
+    }
+
+    fn read_sql(&self) -> String {
+        format!(
+            "SELECT tick_id, xid, seq, published_at, payload \
+             FROM {}.read($1, $2, $3, $4, $5)",
+            self.schema.as_str()
+        )
+    }
+
+    /// Ticks the channel and, in the same round trip, reports (and
+    /// clears) the group's messages lost to max-age retention.
+    async fn tick_and_take_lost(&self, channel: &ChannelName, group: &str) -> Result<i64> {
+        let sql = self.tick_sql();
         let ch = channel.as_str();
         let row = self
             .with_client("ticking the durable channel", |c| async move {
@@ -344,12 +362,37 @@ impl Durable {
         Ok(row.get(1))
     }
 
+    /// [`tick_and_take_lost`](Self::tick_and_take_lost) then
+    /// [`read`](Self::read), pipelined: both statements leave in one write
+    /// and the server runs them in order (each in its own transaction, so
+    /// the read sees the new tick), one round trip instead of two between
+    /// a wake-up and its messages.
+    async fn tick_and_read(
+        &self,
+        channel: &ChannelName,
+        group: &str,
+        after: Position,
+        limit: usize,
+    ) -> Result<(i64, Vec<Row>)> {
+        let (tick_sql, read_sql) = (self.tick_sql(), self.read_sql());
+        let (ch, xid) = (channel.as_str(), after.xid8());
+        // Bounded by the caller's batch_size, which fits an i32.
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let (tick, rows) = self
+            .with_client("ticking and reading the durable channel", |c| async move {
+                let (ts, rs) =
+                    futures::try_join!(c.prepare_cached(&tick_sql), c.prepare_cached(&read_sql))?;
+                let tick_params: [&(dyn ToSql + Sync); 2] = [&ch, &group];
+                let read_params: [&(dyn ToSql + Sync); 5] =
+                    [&ch, &after.tick, &xid, &after.seq, &limit];
+                futures::try_join!(c.query_one(&ts, &tick_params), c.query(&rs, &read_params))
+            })
+            .await?;
+        Ok((tick.get(1), rows_of(&rows)?))
+    }
+
     async fn read(&self, channel: &ChannelName, after: Position, limit: usize) -> Result<Vec<Row>> {
-        let sql = format!(
-            "SELECT tick_id, xid, seq, published_at, payload \
-             FROM {}.read($1, $2, $3, $4, $5)",
-            self.schema.as_str()
-        );
+        let sql = self.read_sql();
         let (ch, xid) = (channel.as_str(), after.xid8());
         // Bounded by the caller's batch_size, which fits an i32.
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
@@ -360,15 +403,7 @@ impl Durable {
                     .await
             })
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Row {
-                    position: position_of(r, 0)?,
-                    published_at: r.get(3),
-                    payload: r.get(4),
-                })
-            })
-            .collect()
+        rows_of(&rows)
     }
 
     /// The bounds of batch `after.tick` when the rest of it after `after`
@@ -402,50 +437,6 @@ impl Durable {
         .transpose()
     }
 
-    /// The next page of batch `range.tick` after `after`, as `read` would
-    /// return it, by a plain statement.
-    async fn read_range(
-        &self,
-        channel: &ChannelName,
-        range: &Range,
-        after: Position,
-        limit: usize,
-    ) -> Result<Vec<Row>> {
-        let sql = format!(
-            "SELECT xid, seq, published_at, payload FROM {}.messages \
-             WHERE channel = $1 AND xid >= $2 AND xid < pg_snapshot_xmax($3) \
-               AND (xid, seq) > ($4, $5) AND pg_visible_in_snapshot(xid, $3) \
-             ORDER BY xid, seq LIMIT $6",
-            self.schema.as_str()
-        );
-        let (ch, xid, snap) = (channel.as_str(), after.xid8(), &range.snap);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .with_client("reading the durable channel", |c| async move {
-                let stmt = c.prepare_cached(&sql).await?;
-                c.query(&stmt, &[&ch, &range.lo, &snap, &xid, &after.seq, &limit])
-                    .await
-            })
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let xid: Xid8 = r.try_get(0).map_err(|e| {
-                    Error::new(ErrorKind::Durable, "the server sent an unreadable xid")
-                        .with_source(e)
-                })?;
-                Ok(Row {
-                    position: Position {
-                        tick: range.tick,
-                        xid: xid.0,
-                        seq: r.get(1),
-                    },
-                    published_at: r.get(2),
-                    payload: r.get(3),
-                })
-            })
-            .collect()
-    }
-
     /// Writes the group's cursor (never backwards).
     async fn write_ack(&self, acks: &Acks, p: Position) -> Result<()> {
         let params = acks.ack_params(p);
@@ -457,6 +448,19 @@ impl Durable {
         })
         .await
     }
+}
+
+/// Rows of `read()`: position, publish time, payload.
+fn rows_of(rows: &[tokio_postgres::Row]) -> Result<Vec<Row>> {
+    rows.iter()
+        .map(|r| {
+            Ok(Row {
+                position: position_of(r, 0)?,
+                published_at: r.get(3),
+                payload: r.get(4),
+            })
+        })
+        .collect()
 }
 
 /// Reads `(tick_id, xid, seq)` starting at column `at`.
@@ -618,11 +622,13 @@ impl<T: Send + 'static> Reader<T> {
             .await
         {
             Ok(r) => {
-                if r.acked > 0 || r.expired > 0 {
+                if r.acked > 0 || r.expired > 0 || r.truncated > 0 {
                     self.durable.pubsub.emit(ConnectionEvent::DurableRetained {
                         channel: self.channel.clone(),
                         acked: r.acked,
                         expired: r.expired,
+                        truncated: r.truncated,
+                        carried: r.carried,
                     });
                 }
                 r.expired > 0
@@ -658,10 +664,18 @@ impl<T: Send + 'static> Reader<T> {
             }
         };
         let mut page = Vec::new();
-        if !draining {
+        let ranged = self.range.as_ref().is_some_and(|r| r.tick == at.tick);
+        let mut rows = None;
+        if !draining && ranged {
             lost += durable
                 .tick_and_take_lost(&self.channel, &self.group)
                 .await?;
+        } else if !draining {
+            let (l, r) = durable
+                .tick_and_read(&self.channel, &self.group, at, self.batch_size)
+                .await?;
+            lost += l;
+            rows = Some(r);
         }
         if lost > 0 {
             let lost = u64::try_from(lost).unwrap_or(0);
@@ -673,42 +687,32 @@ impl<T: Send + 'static> Reader<T> {
             page.push(DurableDelivery::Truncated { lost });
         }
         // A backlog is read a page at a time; `read` (a function) costs a
-        // copy of each page on the server, so the pages after the first
-        // full one of a batch take the plain statement when they can.
-        let rows = match &self.range {
-            Some(range) if range.tick == at.tick => {
-                durable
-                    .read_range(&self.channel, range, at, self.batch_size)
-                    .await?
-            }
-            _ => durable.read(&self.channel, at, self.batch_size).await?,
+        // copy of each page on the server, so the rest of a batch whose
+        // first page was full takes the plain statement when it can,
+        // streamed several pages per statement.
+        let rows = match rows {
+            Some(rows) => rows,
+            None => match self.range.take().filter(|r| r.tick == at.tick) {
+                Some(range) => return self.stream_range(range, at, cursor, page).await,
+                None => durable.read(&self.channel, at, self.batch_size).await?,
+            },
         };
         let full = rows.len() == self.batch_size;
         let got_rows = !rows.is_empty();
         self.range = match rows.last() {
-            Some(last) if full => match self.range.take() {
-                Some(range) if range.tick == last.position.tick => Some(range),
-                _ => durable.range_of(&self.channel, last.position).await?,
-            },
+            Some(last) if full => durable.range_of(&self.channel, last.position).await?,
             _ => None,
         };
         page.reserve(rows.len());
         for row in rows {
             *cursor = Some(row.position);
-            let message = DurableMessage {
-                payload: (),
-                position: row.position,
-                published_at: row.published_at,
-                acks: self.acks.clone(),
-            };
-            let item = match (self.decode)(row.payload) {
-                Ok(payload) => DurableDelivery::Message(message.map(|()| payload)),
-                Err((raw, error)) => DurableDelivery::Undecodable {
-                    message: message.map(|()| raw),
-                    error: Arc::new(error),
-                },
-            };
-            page.push(item);
+            page.push(deliver(
+                self.decode,
+                &self.acks,
+                row.position,
+                row.published_at,
+                row.payload,
+            ));
         }
         if !page.is_empty() && self.out.send(page).await.is_err() {
             return Err(Error::shut_down());
@@ -718,6 +722,122 @@ impl<T: Send + 'static> Reader<T> {
         // small transactions), so read on until a read finds nothing
         // instead of waiting a poll interval per batch.
         Ok(full || got_rows)
+    }
+
+    /// Reads up to [`STREAM_PAGES`] pages of batch `range.tick` after `at`
+    /// with one statement, handing each page to the stream as soon as its
+    /// rows arrived: the server produces the next rows while these are
+    /// decoded and consumed, and a backlog costs one round trip per
+    /// [`STREAM_PAGES`] pages. `page` holds what goes first (a truncation
+    /// notice). True when it read the most it could (more may follow).
+    async fn stream_range(
+        &mut self,
+        range: Range,
+        at: Position,
+        cursor: &mut Option<Position>,
+        page: Vec<DurableDelivery<T>>,
+    ) -> Result<bool> {
+        let size = self.batch_size;
+        let limit = size.saturating_mul(STREAM_PAGES);
+        let sql = format!(
+            "SELECT xid, seq, published_at, payload FROM {}.messages \
+             WHERE channel = $1 AND xid >= $2 AND xid < pg_snapshot_xmax($3) \
+               AND (xid, seq) > ($4, $5) AND pg_visible_in_snapshot(xid, $3) \
+             ORDER BY xid, seq LIMIT $6",
+            self.durable.schema.as_str()
+        );
+        let (decode, acks, out) = (self.decode, self.acks.clone(), self.out.clone());
+        let (ch, xid) = (self.channel.as_str(), at.xid8());
+        let (tick, lo, snap) = (range.tick, &range.lo, &range.snap);
+        let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (read, last, held, closed) = self
+            .durable
+            .with_client("reading the durable channel", |c| async move {
+                let stmt = c.prepare_cached(&sql).await?;
+                let params: [&(dyn ToSql + Sync); 6] = [&ch, lo, snap, &xid, &at.seq, &limit_param];
+                let rows = c.query_raw(&stmt, params).await?;
+                futures::pin_mut!(rows);
+                let (mut page, mut held, mut read, mut last) = (page, Vec::new(), 0, None);
+                let mut closed = false;
+                while let Some(row) = rows.next().await {
+                    let row = row?;
+                    let xid: Xid8 = row.try_get(0)?;
+                    let position = Position {
+                        tick,
+                        xid: xid.0,
+                        seq: row.try_get(1)?,
+                    };
+                    page.push(deliver(
+                        decode,
+                        &acks,
+                        position,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                    ));
+                    read += 1;
+                    last = Some(position);
+                    if page.len() >= size {
+                        let full = std::mem::replace(&mut page, Vec::with_capacity(size));
+                        // Never wait for the consumer here (the statement
+                        // runs under the pool's timeout): hold pages back.
+                        if !held.is_empty() {
+                            held.push(full);
+                        } else if let Err(e) = out.try_send(full) {
+                            match e {
+                                mpsc::error::TrySendError::Full(full) => held.push(full),
+                                mpsc::error::TrySendError::Closed(_) => {
+                                    closed = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                if !page.is_empty() {
+                    held.push(page);
+                }
+                Ok((read, last, held, closed))
+            })
+            .await?;
+        if closed {
+            return Err(Error::shut_down());
+        }
+        for page in held {
+            if self.out.send(page).await.is_err() {
+                return Err(Error::shut_down());
+            }
+        }
+        if let Some(last) = last {
+            *cursor = Some(last);
+        }
+        let full = read == limit;
+        if full {
+            self.range = Some(range);
+        }
+        Ok(full)
+    }
+}
+
+/// A row as the stream's item: decoded, or handed over as text with the error.
+fn deliver<T>(
+    decode: Decode<T>,
+    acks: &Arc<Acks>,
+    position: Position,
+    published_at: SystemTime,
+    payload: String,
+) -> DurableDelivery<T> {
+    let message = DurableMessage {
+        payload: (),
+        position,
+        published_at,
+        acks: acks.clone(),
+    };
+    match decode(payload) {
+        Ok(payload) => DurableDelivery::Message(message.map(|()| payload)),
+        Err((raw, error)) => DurableDelivery::Undecodable {
+            message: message.map(|()| raw),
+            error: Arc::new(error),
+        },
     }
 }
 

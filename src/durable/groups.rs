@@ -8,10 +8,6 @@ use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Rows deleted per statement by [`Durable::retain`], so one call never
-/// holds a huge delete in one statement.
-const RETAIN_BATCH: i32 = 10_000;
-
 /// One consumer group of a channel, from [`Durable::groups`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -41,10 +37,16 @@ impl GroupInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Retained {
-    /// Messages every group had acked.
+    /// Messages of the channel removed because every group had acked them.
     pub acked: u64,
-    /// Messages older than the maximum age (some groups may not have read them).
+    /// Messages of the channel removed for being older than the maximum
+    /// age (some groups may not have read them).
     pub expired: u64,
+    /// Partitions emptied (`TRUNCATE`), for all channels of the schema.
+    pub truncated: u64,
+    /// Messages still needed that were carried into the current partition
+    /// so that theirs could be emptied (all channels).
+    pub carried: u64,
 }
 
 impl Durable {
@@ -96,26 +98,35 @@ impl Durable {
         .await
     }
 
-    /// Deletes the messages of `channel` that every group has acked (none
-    /// while the channel has no group), and, with `max_age`, those
-    /// published longer ago than that. A group that had not read an
-    /// expired message is told how many it lost
+    /// Runs a rotation (see the [module docs](super#retention-by-rotation)):
+    /// records `max_age` as `channel`'s maximum age, switches publishers
+    /// to an empty partition, then empties (`TRUNCATE`) every other
+    /// partition whose messages every group of their channel has acked or
+    /// that are older than their channel's maximum age. A group that had
+    /// not read an expired message is told how many it lost
     /// ([`DurableDelivery::Truncated`](super::DurableDelivery::Truncated)).
-    /// Deletes in batches. Active consumers run it on their channel on
-    /// their own ([`ConsumerBuilder::retain_every`](super::ConsumerBuilder::retain_every));
-    /// call it yourself for channels without a running consumer.
+    /// Messages of a channel without any group are kept (up to its maximum
+    /// age). Counts in [`Retained::acked`] and [`Retained::expired`] are
+    /// `channel`'s; the removal covers every channel of the schema.
+    /// Active consumers run it on their channel on their own
+    /// ([`ConsumerBuilder::retain_every`](super::ConsumerBuilder::retain_every));
+    /// call it yourself when no consumer runs.
     pub async fn retain(&self, channel: &str, max_age: Option<Duration>) -> Result<Retained> {
         let channel = ChannelName::new(channel)?;
         let max_age_secs = max_age.map(|d| d.as_secs_f64());
+        let s = self.schema.as_str();
+        let rotate = format!("SELECT {s}.rotate()");
         let sql = format!(
-            "SELECT acked, expired FROM {}.retain($1, make_interval(secs => $2), $3)",
-            self.schema.as_str()
+            "SELECT acked, expired, truncated, carried \
+             FROM {s}.retain($1, make_interval(secs => $2))"
         );
         let ch = channel.as_str();
         let row = self
             .with_client("durable retention", |c| async move {
-                c.query_one(&sql, &[&ch, &max_age_secs, &RETAIN_BATCH])
-                    .await
+                // Two transactions: a partition is emptied only once
+                // publishers have been told to write elsewhere.
+                c.execute(&rotate, &[]).await?;
+                c.query_one(&sql, &[&ch, &max_age_secs]).await
             })
             .await?;
         let count = |i: usize| {
@@ -125,6 +136,9 @@ impl Durable {
         Ok(Retained {
             acked: count(0)?,
             expired: count(1)?,
+            truncated: u64::try_from(row.get::<_, i32>(2))
+                .map_err(|e| Error::new(ErrorKind::Durable, "negative count").with_source(e))?,
+            carried: count(3)?,
         })
     }
 }

@@ -24,12 +24,16 @@
 //!
 //! [`schema_sql`] prints the whole script (`pg-pubsub schema`). In schema
 //! `pgpubsub` (configurable, [`PgPubSub::durable_in`]):
-//! * `messages(channel, xid xid8 DEFAULT pg_current_xact_id(), seq, published_at, payload text)`,
-//!   indexed on `(channel, xid, seq)`;
+//! * `messages(channel, xid xid8 DEFAULT pg_current_xact_id(), seq, published_at, payload text, part)`,
+//!   indexed on `(channel, xid, seq)`, list-partitioned on `part` into
+//!   `messages_0` to `messages_3` (see [retention](#retention-by-rotation));
+//! * `rotation(cur)`: the partition publishers write to;
 //! * `ticks(channel, tick_id, snap pg_snapshot, created_at)`;
 //! * `groups(channel, group_name, tick_id, xid, seq, lost, ...)`: each group's cursor;
-//! * `channels(channel, quiet)`: channels that publish without `NOTIFY`;
-//! * functions `publish`, `publish_many`, `tick`, `read`, `range_of`, `retain`.
+//! * `channels(channel, quiet, max_age)`: channels that publish without
+//!   `NOTIFY`, and each channel's maximum age;
+//! * functions `publish`, `publish_many`, `tick`, `read`, `range_of`,
+//!   `rotate`, `retain`.
 //!
 //! ## The cursor: ticks (as in PgQ)
 //!
@@ -115,12 +119,17 @@
 //! active, `DurableStandby { .. }` when it stands by (or loses the
 //! election).
 //!
-//! Reading a backlog: a page is `read()` (the SQL function) while a batch
-//! may hold rows of transactions that were in progress at the previous
-//! tick; once a page is full and `range_of()` says none has rows left, the
-//! rest of the batch is one plain index range scan, which the consumer runs
-//! as its own statement (a function's result set is copied once more on
-//! the server). `xid8` and snapshots travel in binary.
+//! Reading: after a wake-up the consumer sends `tick` and `read()` in one
+//! pipelined write (one round trip; the server runs them in order, each in
+//! its own transaction, so the read sees the new tick). A page is `read()`
+//! (the SQL function) while a batch may hold rows of transactions that
+//! were in progress at the previous tick; once a page is full and
+//! `range_of()` says none has rows left, the rest of the batch is one
+//! plain index range scan, which the consumer runs as its own statement
+//! (a function's result set is copied once more on the server), eight
+//! pages per statement, streamed: each page goes to the subscription as
+//! soon as its rows arrived, while the server produces the next ones.
+//! `xid8` and snapshots travel in binary.
 //!
 //! Acks are cumulative: acking a message acks every message before it in
 //! delivery order. After a take-over (or a lost and regained election),
@@ -133,31 +142,93 @@
 //! SQL and Rust agree on it without any hashing, and the server still
 //! merges a transaction's wake-ups per channel.
 //!
-//! ## Retention
+//! ## Retention by rotation
 //!
-//! [`Durable::retain`] deletes what every group of the channel has acked
+//! [`Durable::retain`] removes what every group of a channel has acked
 //! and, optionally, what is older than a maximum age (groups that had not
 //! read it get [`DurableDelivery::Truncated`], and their instance a
 //! [`ConnectionEvent::DurableTruncated`](crate::ConnectionEvent::DurableTruncated)).
 //! Each group's active consumer runs it on its channel every 30 s
 //! ([`ConsumerBuilder::retain_every`], with [`ConsumerBuilder::max_age`]),
-//! so nobody has to schedule it while the channel has a running consumer;
-//! concurrent calls serialise, and one that finds nothing to remove costs
-//! an index probe or two (with a max age, also a scan of the channel's
-//! `published_at`, which has no index: publishing stays cheaper).
-//! What it removed is reported as
+//! so nobody has to schedule it while the channel has a running consumer.
+//! What it did is reported as
 //! [`ConnectionEvent::DurableRetained`](crate::ConnectionEvent::DurableRetained).
 //!
-//! This first version `DELETE`s rows in batches, which leaves dead tuples
-//! for autovacuum: the table and its index stay bounded only as long as
-//! autovacuum keeps up (and no long transaction holds back the xmin
-//! horizon). Rotation, as PgQ does it, would remove that dependency: keep
-//! `messages` as a few tables (or list partitions) used in turn; once every
-//! group's cursor is past every row of the oldest one (its rows are all
-//! visible in the slowest group's previous tick), `TRUNCATE` it and make it
-//! the next to fill. `TRUNCATE` returns the space at once and leaves no
-//! dead tuples, at the price of an `ACCESS EXCLUSIVE` lock on that table
-//! only, and of retention by whole tables rather than by message.
+//! It never deletes rows: `messages` is a ring of four list partitions
+//! (`messages_0` to `messages_3`, on a column `part`), created at install;
+//! no DDL runs on the table afterwards. `rotation.cur` names the partition
+//! publishers write to (`publish_many` reads it once per statement; the
+//! column default reads it for single rows). A call is two transactions:
+//!
+//! 1. `rotate()`: if the current partition holds rows and another one is
+//!    empty, make that one current. Publishers only read `rotation`, so
+//!    this waits for nobody and nobody waits for it.
+//! 2. `retain(channel, max_age)`: store `max_age` as the channel's
+//!    (`channels.max_age`; each rotation applies every channel's own),
+//!    then, for every other partition `P` that holds rows: give each row
+//!    a verdict: *old* (published before `now() - max_age` of its
+//!    channel), or *needed* (not old, and some group of its channel has
+//!    not passed it, or its channel has no group at all). A first look
+//!    without locks skips `P` as soon as it finds more than 1000 needed
+//!    rows (a group is still reading it). Otherwise take
+//!    `LOCK P IN SHARE MODE NOWAIT` (retried for ~100 ms, then left for
+//!    the next call; `SHARE` keeps writers out, not readers), lock the
+//!    cursors of the groups of the channels in `P`, and judge again. If
+//!    at most 1000 rows are needed, copy them unchanged (same `xid`,
+//!    `seq`, `published_at`) into the current partition, add to each
+//!    group's `lost` the old rows of its channel it had not passed, take
+//!    `ACCESS EXCLUSIVE` on `P` (`NOWAIT`, between readers' statements)
+//!    and `TRUNCATE P`. All of it commits at once.
+//!
+//! `TRUNCATE` returns the space at once and leaves no dead tuples, so the
+//! table's size does not depend on autovacuum or on the xmin horizon; the
+//! small `ticks` and `groups` tables are still updated row by row.
+//! Storage is about what groups still need plus up to four rotation
+//! intervals of traffic (a partition's newest row must be past every
+//! group, or past the max age, before it goes).
+//!
+//! **Proof sketch (no unacked message of a registered group is removed,
+//! except by max age, which is counted).** (1) *Once the `SHARE` lock on
+//! `P` is granted, every row ever inserted into `P` is committed or
+//! aborted, and none can be added until we commit*: inserting into a
+//! partition takes `ROW EXCLUSIVE` on it, held until the inserting
+//! transaction ends, and that conflicts with `SHARE`. A
+//! transaction that had read the old `rotation.cur` but had not yet
+//! inserted waits for our commit and then inserts into the emptied `P`:
+//! its rows survive there and are judged by a later call, so which
+//! partition a row is in never matters, only its content. (2) *The
+//! verdicts see every such row*: each statement of `retain` (a `VOLATILE`
+//! function in READ COMMITTED, which it checks) takes its snapshot after
+//! the lock was granted, so every committed row of `P` is visible. (3) A
+//! row is removed only if it is old (then every group that had not passed
+//! it gets it counted in `lost`, under the lock on its cursor), or every
+//! group of its channel had passed it: its cursor is at or after the
+//! row's position, and cursors only move forward (acks use a row
+//! comparison). Rows still needed are re-inserted in the same transaction
+//! with the same `(xid, seq)`, so their position (`tick` comes from
+//! whether `xid` is visible in the tick snapshots, not from where the row
+//! lives) and order are unchanged, and nobody sees both copies or
+//! neither: (4) every reader of `messages` (`tick`, `read`, `range_of`,
+//! the consumer's range scan, `groups()`) is a plain statement or a
+//! `VOLATILE` function whose statements lock all partitions before taking
+//! their snapshot, so a reader either holds its lock before our
+//! `ACCESS EXCLUSIVE` (then `NOWAIT` fails and nothing is removed) or
+//! takes its snapshot after our commit (and sees the copies, not the
+//! emptied partition). That is why
+//! `read` and `range_of` are not `STABLE`: a `STABLE` function reuses its
+//! caller's snapshot, which could predate a `TRUNCATE` that locks the
+//! partition later (`TRUNCATE` is not MVCC-safe). Do not read `messages`
+//! in a REPEATABLE READ transaction for the same reason (`read` refuses).
+//!
+//! Costs and limits: the ring is shared by every channel of the schema; a
+//! channel with no group keeps its messages (carried forward while few;
+//! set a max age with a `retain` call for it); a transaction left open
+//! after publishing keeps its partition (the other three keep rotating);
+//! a session that read `messages` and stays open in a transaction holds
+//! every partition (rotation waits for it). No lock is ever queued: a
+//! publisher is delayed only if its statement read `rotation.cur` before a
+//! switch committed and inserts while that partition is being emptied,
+//! for the rest of that `retain` transaction (milliseconds).
 
 mod consumer;
 mod groups;

@@ -89,14 +89,16 @@ impl Default for SchemaName {
 ///
 /// ```sql
 /// GRANT USAGE ON SCHEMA pgpubsub TO app;
-/// GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgpubsub TO app;
+/// GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA pgpubsub TO app;
 /// GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgpubsub TO app;
 /// GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgpubsub TO app;
 /// ```
 ///
-/// A publish-only role needs `USAGE` on the schema and the sequence,
-/// `INSERT` on `messages`, `SELECT` on `channels` and `EXECUTE` on
-/// `publish` and `publish_many`.
+/// (`TRUNCATE` is for durable retention, which empties the partitions of
+/// `messages`.) A publish-only role needs `USAGE` on the schema and the
+/// sequence, `INSERT` on `messages`, `SELECT` on `channels` and
+/// `rotation`, and `EXECUTE` on `publish`, `publish_many` and
+/// `current_part`.
 pub fn schema_sql(schema: &SchemaName) -> String {
     MIGRATIONS
         .iter()
