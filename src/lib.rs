@@ -31,8 +31,12 @@
 //!       │                one-consumer-per-group election go through the listener
 //!       ├── queue() / worker() ─▶ pool: jobs claimed with SKIP LOCKED; wake-ups
 //!       │                          through the listener
-//!       └── changes() ─▶ triggers on users' tables publish ChangeEvents into
-//!                        durable channels (or NOTIFY); read through durable()
+//!       ├── changes() ─▶ triggers on users' tables publish ChangeEvents into
+//!       │                durable channels (or NOTIFY); read through durable()
+//!       ├── wal_feed() ─▶ own replication connection (feature `wal`):
+//!       │                pgoutput from a slot, acked to the server on ack()
+//!       └── wake task ─▶ pool: NOTIFY after publish()/enqueue() committed,
+//!                        merged across concurrent publishers
 //! ```
 //!
 //! * One task (private module `driver`, in `src/driver/`) owns the listener
@@ -94,7 +98,7 @@
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
 //! (notify paths), `subscription.rs` and `inbox.rs` (the consumer side: a subscriber's bounded queue),
 //! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
-//! payloads), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
+//! payloads), `wake.rs` (wake-ups sent after commit, merged), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
 //! the connector for listener and pool), `tls.rs` (rustls), and `driver/`:
 //! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
 //! `registry.rs` (channels, subscribers, fan-out), `role.rs` (the per-channel
