@@ -21,10 +21,21 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
 }
 
 impl Durable {
-    /// `$3`: send the wake-up in the transaction (else return whether one
-    /// is due).
     fn publish_sql(&self) -> String {
-        format!("SELECT {}.publish($1, $2, $3)", self.schema.as_str())
+        format!("SELECT {}.publish($1, $2)", self.schema.as_str())
+    }
+
+    /// The `publish` SQL function's insert as one statement, without its
+    /// `NOTIFY` (sent after commit): returns whether a wake-up is due (the
+    /// channel is not quiet). A PL/pgSQL call costs about a quarter of the
+    /// insert's throughput. A data-modifying CTE always runs in full.
+    fn insert_sql(&self) -> String {
+        let s = self.schema.as_str();
+        format!(
+            "WITH m AS (INSERT INTO {s}.messages (part, channel, payload) \
+             SELECT r.cur, $1, $2 FROM {s}.rotation r) \
+             SELECT NOT EXISTS (SELECT 1 FROM {s}.channels c WHERE c.channel = $1 AND c.quiet)"
+        )
     }
 
     /// Publishes `value` as JSON on durable `channel`, in a transaction of
@@ -40,12 +51,12 @@ impl Durable {
     /// Publishes `payload` as is (any text, any size) on durable `channel`.
     pub async fn publish_raw(&self, channel: &str, payload: &str) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        let sql = self.publish_sql();
+        let sql = self.insert_sql();
         let name = channel.as_str();
         let due = self
             .with_client("durable publish", |client| async move {
                 let stmt = client.prepare_cached(&sql).await?;
-                let row = client.query_one(&stmt, &[&name, &payload, &false]).await?;
+                let row = client.query_one(&stmt, &[&name, &payload]).await?;
                 Ok(row.get::<_, bool>(0))
             })
             .await?;
@@ -105,7 +116,7 @@ impl Durable {
         payload: &str,
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload, &true])
+        tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload])
             .await
             .map(drop)
             .map_err(|e| Error::pg(ErrorKind::Durable, "durable publish in transaction", e))

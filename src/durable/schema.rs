@@ -97,7 +97,7 @@ impl Default for SchemaName {
 /// (`TRUNCATE` is for durable retention, which empties the partitions of
 /// `messages`.) A publish-only role needs `USAGE` on the schema and the
 /// sequence, `INSERT` on `messages`, `SELECT` on `channels` and
-/// `rotation`, and `EXECUTE` on `publish`, `publish_many` and
+/// `rotation`, and `EXECUTE` on `publish`, `publish_many`, `wake` and
 /// `current_part`.
 pub fn schema_sql(schema: &SchemaName) -> String {
     MIGRATIONS
