@@ -9,8 +9,14 @@
 //! in flight. Concurrent publishers then share notifying commits instead of
 //! taking one each. A wake-up that fails is only logged: consumers poll, so
 //! a lost one delays and never loses.
+//!
+//! Deferring costs a round trip of latency, so it is done only under
+//! contention: a publish that starts while no other publish of the handle
+//! is in flight notifies inside its own transaction, as the SQL functions
+//! do.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use tokio::sync::mpsc;
@@ -22,6 +28,28 @@ use crate::error::ErrorKind;
 #[derive(Debug)]
 pub(crate) struct Wakes {
     tx: mpsc::UnboundedSender<(String, String)>,
+    /// Publishes (and enqueues) of the handle in flight.
+    busy: Arc<AtomicUsize>,
+}
+
+/// One publish in flight; see [`PgPubSub::start_publish`].
+pub(crate) struct Publishing {
+    busy: Arc<AtomicUsize>,
+    alone: bool,
+}
+
+impl Publishing {
+    /// No other publish of the handle was in flight when this one started:
+    /// notify inside the transaction rather than after it.
+    pub(crate) fn alone(&self) -> bool {
+        self.alone
+    }
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What [`Wakes::new`] gives the task to start with [`spawn`].
@@ -30,11 +58,19 @@ pub(crate) struct WakeQueue(mpsc::UnboundedReceiver<(String, String)>);
 impl Wakes {
     pub(crate) fn new() -> (Wakes, WakeQueue) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Wakes { tx }, WakeQueue(rx))
+        let busy = Arc::new(AtomicUsize::new(0));
+        (Wakes { tx, busy }, WakeQueue(rx))
     }
 }
 
 impl PgPubSub {
+    /// Counts a publish in flight until the returned value is dropped.
+    pub(crate) fn start_publish(&self) -> Publishing {
+        let busy = Arc::clone(&self.inner.wakes.busy);
+        let alone = busy.fetch_add(1, Ordering::AcqRel) == 0;
+        Publishing { busy, alone }
+    }
+
     /// Sends `NOTIFY channel, payload` soon, in its own transaction, merged
     /// with identical ones asked for meanwhile. Call only after the data it
     /// announces has committed.

@@ -753,7 +753,11 @@ async fn enqueue_wakes_workers_after_commit_but_not_for_later_jobs() {
     let (_ps, q) = queue().await;
     let (_listener, mut rx) = raw_listener(&q.schema().jobs_channel()).await;
     let (now, later, sentinel) = (channel("now"), channel("later"), channel("end"));
-    q.enqueue(&now, &1).await.expect("enqueue");
+    // Concurrent: all but the first are woken after commit, merged.
+    let (q2, now2) = (&q, &now);
+    futures::future::try_join_all((0..3).map(|i| async move { q2.enqueue(now2, &i).await }))
+        .await
+        .expect("enqueue");
     let in_an_hour = JobOptions::new().delay(Duration::from_secs(3600));
     q.enqueue_with(&later, &1, &in_an_hour)
         .await

@@ -25,25 +25,30 @@ impl Durable {
         format!("SELECT {}.publish($1, $2)", self.schema.as_str())
     }
 
-    /// The `publish` SQL function's insert as one statement, without its
-    /// `NOTIFY` (sent after commit): returns whether a wake-up is due (the
-    /// channel is not quiet). A PL/pgSQL call costs about a quarter of the
-    /// insert's throughput. A data-modifying CTE always runs in full.
+    /// The `publish` SQL function as one statement (a PL/pgSQL call costs
+    /// about a quarter of the insert's throughput; a data-modifying CTE
+    /// always runs in full). Returns whether a wake-up is due (the channel
+    /// is not quiet); sends it in the transaction only if `$3`.
     fn insert_sql(&self) -> String {
         let s = self.schema.as_str();
         format!(
             "WITH m AS (INSERT INTO {s}.messages (part, channel, payload) \
              SELECT r.cur, $1, $2 FROM {s}.rotation r) \
-             SELECT NOT EXISTS (SELECT 1 FROM {s}.channels c WHERE c.channel = $1 AND c.quiet)"
+             SELECT q.due, CASE WHEN q.due AND $3 THEN pg_notify('{}', $1) END \
+             FROM (SELECT NOT EXISTS (SELECT 1 FROM {s}.channels c \
+                   WHERE c.channel = $1 AND c.quiet) AS due) q",
+            self.schema.wake_channel()
         )
     }
 
     /// Publishes `value` as JSON on durable `channel`, in a transaction of
     /// its own. Any size. Installs the schema on first use.
     ///
-    /// The wake-up `NOTIFY` is sent after the commit, in a transaction
-    /// shared with whatever this handle publishes meanwhile, so concurrent
-    /// publishers do not each take the cluster-wide notify lock.
+    /// While other publishes of this handle are in flight, the wake-up
+    /// `NOTIFY` is sent after the commit, in a transaction shared with
+    /// whatever the handle publishes meanwhile, so concurrent publishers do
+    /// not each take the cluster-wide notify lock; alone, it is sent in the
+    /// transaction (one round trip less before consumers hear of it).
     pub async fn publish<T: Serialize + ?Sized>(&self, channel: &str, value: &T) -> Result<()> {
         self.publish_raw(channel, &to_json(value)?).await
     }
@@ -53,15 +58,18 @@ impl Durable {
         let channel = ChannelName::new(channel)?;
         let sql = self.insert_sql();
         let name = channel.as_str();
+        let publishing = self.pubsub.start_publish();
+        let now = publishing.alone();
         let due = self
             .with_client("durable publish", |client| async move {
                 let stmt = client.prepare_cached(&sql).await?;
-                let row = client.query_one(&stmt, &[&name, &payload]).await?;
+                let row = client.query_one(&stmt, &[&name, &payload, &now]).await?;
                 Ok(row.get::<_, bool>(0))
             })
             .await?;
+        drop(publishing);
         // Committed: the wake-up follows, merged with concurrent publishers'.
-        if due {
+        if due && !now {
             self.pubsub
                 .wake_after_commit(self.schema.wake_channel(), channel.as_str().to_owned());
         }

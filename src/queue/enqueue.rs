@@ -146,17 +146,21 @@ impl Queue {
     /// PL/pgSQL call costs about as much as the insert) and without its
     /// `NOTIFY` (sent after commit). `ON CONFLICT` only with a key: a
     /// speculative insertion costs too.
+    /// `$8`: send the wake-up in the transaction (when nothing else of the
+    /// handle is being published: see `wake.rs`).
     fn insert_sql(&self, unique: bool) -> String {
         format!(
-            "INSERT INTO {} (queue, payload, run_at, priority, max_attempts, unique_key) \
+            "WITH j AS (INSERT INTO {} (queue, payload, run_at, priority, max_attempts, unique_key) \
              VALUES ($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
-             $5::int2, $6::int4, $7::text) {} RETURNING id",
+             $5::int2, $6::int4, $7::text) {} RETURNING id) \
+             SELECT j.id, CASE WHEN $8 THEN pg_notify('{}', $1) END FROM j",
             self.obj("jobs"),
             if unique {
                 "ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
             } else {
                 ""
-            }
+            },
+            self.schema.jobs_channel()
         )
     }
 
@@ -194,18 +198,22 @@ impl Queue {
         check_payload(payload)?;
         options.check()?;
         let sql = self.insert_sql(options.unique_key.is_some());
+        let publishing = self.pubsub.start_publish();
+        let now = publishing.alone() && options.due_now();
         let done = self
             .with_client("enqueue", |client| async move {
                 let stmt = client.prepare_cached(&sql).await?;
-                let row = client
-                    .query_opt(&stmt, &params(queue, payload, options).as_refs())
-                    .await?;
+                let p = params(queue, payload, options);
+                let mut refs = p.as_refs().to_vec();
+                refs.push(&now);
+                let row = client.query_opt(&stmt, &refs).await?;
                 Ok(row.map(|row| row.get::<_, i64>(0)))
             })
             .await
             .map(enqueued)?;
+        drop(publishing);
         // Committed: the wake-up follows, merged with concurrent enqueuers'.
-        if done.id().is_some() && options.due_now() {
+        if done.id().is_some() && options.due_now() && !now {
             self.pubsub
                 .wake_after_commit(self.schema.jobs_channel(), queue.to_owned());
         }
