@@ -6,8 +6,8 @@
 //! Env: `BENCH_SINGLE` (messages published one per transaction, default
 //! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_BACKLOG` (default
 //! 1 000 000), `BENCH_LATENCY_SECS` (default 5), `BENCH_SOAK_SECS` (default
-//! 60), `BENCH_CONSUME_RUNS` (rounds of the consume comparison, median
-//! reported, default 3), `BENCH_PHASES` (comma-separated subset of
+//! 60), `BENCH_CONSUME_RUNS` and `BENCH_PUBLISH_RUNS` (rounds of those
+//! comparisons, median reported, default 3), `BENCH_PHASES` (comma-separated subset of
 //! `publish,consume,latency,soak`; default all), `DATABASE_URL` (else a
 //! throwaway cluster).
 
@@ -105,73 +105,72 @@ async fn publish(
     single: u64,
     batched: u64,
 ) -> Res<()> {
-    // Publish, one message per transaction, TASKS tasks.
-    let bare = timed_tasks(single, |i| {
-        let ps = ps.clone();
-        async move {
-            let c = ps.pool().get().await?;
-            let stmt = c
-                .prepare_cached("INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)")
-                .await?;
-            for _ in 0..i {
-                c.execute(&stmt, &[&"single", &PAYLOAD]).await?;
-            }
-            Ok(())
-        }
-    })
-    .await?;
-    let notifying = timed_tasks(single, |i| {
-        let d = d.clone();
-        async move {
-            for _ in 0..i {
-                d.publish_raw("single", PAYLOAD).await?;
-            }
-            Ok(())
-        }
-    })
-    .await?;
+    let runs = env_u64("BENCH_PUBLISH_RUNS", 3)?;
     d.set_quiet("single_quiet", true).await?;
-    let quiet = timed_tasks(single, |i| {
-        let d = d.clone();
-        async move {
-            for _ in 0..i {
-                d.publish_raw("single_quiet", PAYLOAD).await?;
+    // Interleaved rounds, median ratio: the machine's speed drifts more
+    // between phases than the difference measured.
+    let (mut loud, mut quiet, mut batch) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        // One message per transaction, TASKS tasks.
+        let bare = timed_tasks(single, |i| {
+            let ps = ps.clone();
+            async move {
+                let c = ps.pool().get().await?;
+                let stmt = c
+                    .prepare_cached("INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)")
+                    .await?;
+                for _ in 0..i {
+                    c.execute(&stmt, &[&"single", &PAYLOAD]).await?;
+                }
+                Ok(())
             }
-            Ok(())
+        })
+        .await?;
+        let publish_on = |channel: &'static str| {
+            timed_tasks(single, move |i| {
+                let d = d.clone();
+                async move {
+                    for _ in 0..i {
+                        d.publish_raw(channel, PAYLOAD).await?;
+                    }
+                    Ok(())
+                }
+            })
+        };
+        let notifying = publish_on("single").await?;
+        let silent = publish_on("single_quiet").await?;
+        line_of(
+            &format!("  publish 1/tx, 8 tasks, run {run}"),
+            rate(single, notifying),
+            rate(single, bare),
+            "msg/s",
+        );
+        loud.push(bare.as_secs_f64() / notifying.as_secs_f64());
+        quiet.push(bare.as_secs_f64() / silent.as_secs_f64());
+
+        // A thousand per transaction, one task.
+        let t = Instant::now();
+        for _ in 0..batched / 1000 {
+            client.execute(stmt, &[&"batched", &chunk]).await?;
         }
-    })
-    .await?;
-    line_of(
-        "publish 1/tx, 8 tasks (msg/s)",
-        rate(single, notifying),
-        rate(single, bare),
-        "msg/s",
-    );
-    line_of(
-        "publish 1/tx, 8 tasks, quiet channel",
-        rate(single, quiet),
-        rate(single, bare),
-        "msg/s",
-    );
-
-    // Publish, a thousand per transaction, one task.
-    let t = Instant::now();
-    for _ in 0..batched / 1000 {
-        client.execute(stmt, &[&"batched", &chunk]).await?;
+        let bare = t.elapsed();
+        let t = Instant::now();
+        for _ in 0..batched / 1000 {
+            d.publish_batch("batched", chunk).await?;
+        }
+        batch.push(bare.as_secs_f64() / t.elapsed().as_secs_f64());
     }
-    let bare = t.elapsed();
-    let t = Instant::now();
-    for _ in 0..batched / 1000 {
-        d.publish_batch("batched", chunk).await?;
-    }
-    let durable = t.elapsed();
-    line_of(
-        "publish 1000/tx (msg/s)",
-        rate(batched, durable),
-        rate(batched, bare),
-        "msg/s",
-    );
-
+    let show = |what: &str, v: Vec<f64>| {
+        let runs: Vec<String> = v.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{what:<44} median ratio {:.2}   (runs: {})",
+            median(v),
+            runs.join(" ")
+        );
+    };
+    show("publish 1/tx, 8 tasks", loud);
+    show("publish 1/tx, 8 tasks, quiet channel", quiet);
+    show("publish 1000/tx", batch);
     Ok(())
 }
 
