@@ -14,7 +14,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{env_u64, line, rate, run_main, Res};
+use common::{env_u64, line, median, rate, run_main, timed_tasks, Res};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -112,7 +112,7 @@ async fn publish(
     let (mut loud, mut quiet, mut batch) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         // One message per transaction, TASKS tasks.
-        let bare = timed_tasks(single, |i| {
+        let bare = timed_tasks(TASKS, single, |i| {
             let ps = ps.clone();
             async move {
                 let c = ps.pool().get().await?;
@@ -127,7 +127,7 @@ async fn publish(
         })
         .await?;
         let publish_on = |channel: &'static str| {
-            timed_tasks(single, move |i| {
+            timed_tasks(TASKS, single, move |i| {
                 let d = d.clone();
                 async move {
                     for _ in 0..i {
@@ -256,27 +256,6 @@ async fn consume(
         median(ratios)
     );
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Runs `n` units of work split over [`TASKS`] tasks; returns the wall time.
-async fn timed_tasks<F, Fut>(n: u64, f: F) -> Res<Duration>
-where
-    F: Fn(u64) -> Fut,
-    Fut: std::future::Future<Output = Res<()>> + Send + 'static,
-{
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| tokio::spawn(f(n / TASKS as u64)))
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    Ok(t.elapsed())
 }
 
 fn now_ns() -> u64 {

@@ -43,6 +43,12 @@ pub fn line(what: &str, label: &str, ours: f64, bare: f64, unit: &str) {
     );
 }
 
+/// The median (upper of the middle two); `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Runs `n` units of work split over `tasks` tasks (`f(share)` each);
 /// returns the wall time.
 pub async fn timed_tasks<F, Fut>(tasks: usize, n: u64, f: F) -> Res<Duration>
