@@ -74,6 +74,9 @@ pub async fn relay(
                     feed.ack(m.lsn);
                 }
             }
+            // After a reconnect a transaction is streamed again from its
+            // Begin: what was collected of it before is dropped.
+            WalItem::Begin { .. } => batch.clear(),
             WalItem::Commit { end_lsn, .. } => {
                 if !batch.is_empty() {
                     let n = durable.publish_batch(channel, batch.drain(..)).await?;

@@ -890,3 +890,30 @@ async fn publish_wakes_consumers_after_commit_but_not_for_a_quiet_channel() {
         "a quiet channel was woken: {woken:?}"
     );
 }
+
+#[tokio::test]
+async fn a_retain_without_max_age_keeps_the_channels_max_age() {
+    let (ps, d, schema) = durable_alone("keepage").await;
+    let ch = channel("aged");
+    d.publish(&ch, &1).await.expect("publish");
+    let max_age = || async {
+        let client = raw_client().await;
+        let row = client
+            .query_one(
+                &format!("SELECT extract(epoch FROM max_age)::float8 FROM {schema}.channels WHERE channel = $1"),
+                &[&ch],
+            )
+            .await
+            .expect("max_age");
+        row.get::<_, Option<f64>>(0)
+    };
+    d.retain(&ch, Some(Duration::from_secs(60)))
+        .await
+        .expect("retain");
+    assert_eq!(max_age().await, Some(60.0));
+    // A consumer without a max age (the default) retains too: it must not
+    // undo what another set.
+    d.retain(&ch, None).await.expect("retain");
+    assert_eq!(max_age().await, Some(60.0));
+    ps.shutdown().await;
+}

@@ -99,7 +99,9 @@ impl Durable {
     }
 
     /// Runs a rotation (see the [module docs](super#retention-by-rotation)):
-    /// records `max_age` as `channel`'s maximum age, switches publishers
+    /// records `max_age` as `channel`'s maximum age (`None` keeps the one
+    /// recorded before; `UPDATE pgpubsub.channels SET max_age = NULL`
+    /// clears it), switches publishers
     /// to an empty partition, then empties (`TRUNCATE`) every other
     /// partition whose messages every group of their channel has acked or
     /// that are older than their channel's maximum age. A group that had

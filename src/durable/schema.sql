@@ -392,9 +392,11 @@ BEGIN
         -- The verdicts must see every row committed before the lock.
         RAISE EXCEPTION '@S@.retain() needs READ COMMITTED isolation';
     END IF;
+    -- A call without a max age keeps the channel's (a consumer without one
+    -- must not undo another's); clear it with UPDATE channels.
     INSERT INTO @S@.channels AS ch (channel, max_age) VALUES (p_channel, p_max_age)
     ON CONFLICT (channel) DO UPDATE SET max_age = EXCLUDED.max_age
-        WHERE ch.max_age IS DISTINCT FROM EXCLUDED.max_age;
+        WHERE EXCLUDED.max_age IS NOT NULL AND ch.max_age IS DISTINCT FROM EXCLUDED.max_age;
     -- Serialised with rotate(): the current partition stays current.
     PERFORM pg_advisory_xact_lock(hashtextextended('@S@.rotate', 0));
     SELECT r.cur INTO c FROM @S@.rotation r;

@@ -199,7 +199,8 @@ impl Decoder {
             b'T' => {
                 let n = r.u32()?;
                 let _options = r.u8()?;
-                let mut events = Vec::with_capacity(n as usize);
+                // n comes from the wire: each relation takes 4 bytes of it.
+                let mut events = Vec::with_capacity((n as usize).min(r.buf.len() / 4));
                 for _ in 0..n {
                     let rel = self.relation(r.u32()?)?;
                     events.push(ChangeEvent::new(Op::Truncate, &rel.schema, &rel.table));

@@ -450,6 +450,9 @@ impl<T> WalFeed<T> {
     /// starts right after it.
     pub async fn close(mut self) -> Result<()> {
         let _ = self.stop.send(true);
+        // Nobody reads any more: a task blocked on a full buffer gets an
+        // error at once instead of waiting forever.
+        self.rx.close();
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }

@@ -15,18 +15,6 @@ pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// `schema.table` (quoted) for `table`, which is `table`, `schema.table`, or
-/// already quoted parts (`"My Schema"."Orders"`).
-pub(crate) fn quote_table(table: &str) -> String {
-    if table.contains('"') {
-        return table.to_owned(); // the caller quoted it
-    }
-    match table.split_once('.') {
-        Some((schema, name)) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
-        None => quote_ident(table),
-    }
-}
-
 /// Maps a setup statement's failure, naming the fix for the two
 /// configuration problems users hit first.
 pub(crate) fn setup_error(what: &str, err: tokio_postgres::Error) -> Error {
@@ -69,36 +57,54 @@ impl PgPubSub {
         name: &str,
         tables: Option<&[String]>,
     ) -> Result<()> {
-        let target = match tables {
-            None => " FOR ALL TABLES".to_owned(),
-            Some([]) => String::new(),
-            Some(tables) => {
-                let list: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
-                format!(" FOR TABLE {}", list.join(", "))
+        const STAGE: &str = "WAL feed: create publication";
+        self.with_pooled(STAGE, |client| async move {
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+                .await
+                .map_err(|e| setup_error(STAGE, e))?;
+            if exists.is_some() {
+                return Ok(());
             }
-        };
-        let sql = format!(
-            "DO $$ BEGIN \
-               IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {lit}) THEN \
-                 CREATE PUBLICATION {ident}{target}; \
-               END IF; END $$",
-            lit = quote_literal(name),
-            ident = quote_ident(name),
-        );
-        let client = self.wal_client("WAL feed: create publication").await?;
-        match client.batch_execute(&sql).await {
-            Ok(()) => Ok(()),
-            // Two feeds creating the same publication at once: the other won.
-            Err(e)
-                if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                    || e.code() == Some(&SqlState::DUPLICATE_OBJECT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(setup_error("WAL feed: create publication", e)),
-        }
+            let target = match tables {
+                None => " FOR ALL TABLES".to_owned(),
+                Some([]) => String::new(),
+                // The server resolves and quotes the names (any name
+                // `regclass` accepts); nothing of them reaches the SQL text.
+                Some(tables) => {
+                    let row = client
+                        .query_one(
+                            "SELECT string_agg(t::regclass::text, ', ') FROM unnest($1::text[]) AS t",
+                            &[&tables],
+                        )
+                        .await
+                        .map_err(|e| setup_error(STAGE, e))?;
+                    format!(" FOR TABLE {}", row.get::<_, String>(0))
+                }
+            };
+            let sql = format!("CREATE PUBLICATION {}{target}", quote_ident(name));
+            create_publication(&client, &sql).await
+        })
+        .await
     }
+}
 
+/// Runs `CREATE PUBLICATION`; another feed creating it first is success.
+async fn create_publication(client: &tokio_postgres::Client, sql: &str) -> Result<()> {
+    match client.batch_execute(sql).await {
+        Ok(()) => Ok(()),
+        // Two feeds creating the same publication at once: the other won.
+        Err(e)
+            if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                || e.code() == Some(&SqlState::DUPLICATE_OBJECT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(setup_error("WAL feed: create publication", e)),
+    }
+}
+
+impl PgPubSub {
     /// Creates the logical slot (pgoutput) if missing.
     pub(crate) async fn ensure_slot(&self, slot: &str) -> Result<()> {
         let client = self.wal_client("WAL feed: create slot").await?;
@@ -195,15 +201,13 @@ impl PgPubSub {
         Ok(())
     }
 
-    async fn wal_client(&self, stage: &str) -> Result<deadpool_postgres::Client> {
-        self.pool().get().await.map_err(|e| {
-            Error::new(ErrorKind::Connect, format!("{stage}: no pooled connection")).with_source(e)
-        })
+    /// A pooled connection, waited for like every pooled statement of the
+    /// crate (backoff while the server is unreachable, up to the notify
+    /// timeout).
+    async fn wal_client(&self, stage: &'static str) -> Result<deadpool_postgres::Client> {
+        self.with_pooled(stage, |client| async move { Ok(client) })
+            .await
     }
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 #[cfg(test)]
@@ -212,9 +216,6 @@ mod tests {
 
     #[test]
     fn tables_are_quoted() {
-        assert_eq!(quote_table("orders"), r#""orders""#);
-        assert_eq!(quote_table("Sales.Order"), r#""Sales"."Order""#);
-        assert_eq!(quote_table(r#""a.b"."c""#), r#""a.b"."c""#);
         assert_eq!(quote_ident(r#"x"y"#), r#""x""y""#);
     }
 

@@ -13,6 +13,10 @@ use super::decode::{Decoded, Decoder};
 use super::slot::{stream_hint, HEARTBEAT_PREFIX};
 use super::{RawItem, Shared, WalItem, WalMessage};
 use crate::changes::Lsn;
+
+/// A stream that ran this long was healthy: the next loss backs off from
+/// the start again.
+const STEADY: Duration = Duration::from_secs(10);
 use crate::error::{Error, ErrorKind, Result};
 use crate::{ConnectionEvent, PgPubSub};
 
@@ -132,8 +136,14 @@ impl StreamTask {
         let backoff = self.pubsub.inner.opts.backoff;
         loop {
             if let Some(mut c) = client.take() {
-                attempt = 0;
-                match self.stream(&mut c).await {
+                // Backoff starts over only after a stream that lasted: one
+                // that fails at once (a dropped publication) keeps backing off.
+                let started = tokio::time::Instant::now();
+                let end = self.stream(&mut c).await;
+                if started.elapsed() >= STEADY {
+                    attempt = 0;
+                }
+                match end {
                     End::Stopped => {
                         let _ = c.shutdown().await;
                         return;
@@ -169,8 +179,14 @@ impl StreamTask {
             attempt: *attempt,
             retry_in,
         });
-        if *attempt == 1 && self.out.send(WalItem::Error(err)).await.is_err() {
-            return false;
+        if *attempt == 1 {
+            let sent = tokio::select! {
+                sent = self.out.send(WalItem::Error(err)) => sent.is_ok(),
+                _ = self.stop.wait_for(|s| *s) => false,
+            };
+            if !sent {
+                return false;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(retry_in) => true,
