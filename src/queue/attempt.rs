@@ -41,6 +41,7 @@ pub(super) async fn run<F, Fut, E>(
     let error = match outcome {
         Ok(Ok(())) => {
             if !completed.load(Ordering::Acquire) {
+                ctx.completing(|set| set.insert((id, attempt)));
                 // Closed only once every attempt task has ended.
                 let _ = done.send((id, attempt));
             }

@@ -40,6 +40,11 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<(i64, i32
         }
         match complete(&ctx, &batch).await {
             Ok(n) => {
+                ctx.completing(|set| {
+                    for claim in &batch {
+                        set.remove(claim);
+                    }
+                });
                 if n < batch.len() as u64 {
                     // Their lease expired meanwhile: they run (or ran) again.
                     tracing::debug!(queue = %ctx.name, lost = batch.len() as u64 - n, "pg-pubsub: completed jobs whose claim was lost");

@@ -2,7 +2,7 @@
 //! starts an attempt per job, extends all leases in one statement, rescues
 //! expired leases, and shuts down gracefully.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
@@ -25,6 +25,21 @@ pub(super) struct Ctx {
     pub(super) sql: Sql,
     pub(super) retry_base: Duration,
     pub(super) retry_max: Duration,
+    /// Claims handed to the completer and not yet written: their leases
+    /// are still extended, so a slow completion cannot make them run again.
+    pub(super) completing: std::sync::Mutex<HashSet<(i64, i32)>>,
+}
+
+impl Ctx {
+    /// Runs `f` on the set of claims being completed.
+    pub(super) fn completing<R>(&self, f: impl FnOnce(&mut HashSet<(i64, i32)>) -> R) -> R {
+        // A panic elsewhere cannot leave the set half-changed: use it anyway.
+        let mut set = self
+            .completing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut set)
+    }
 }
 
 /// The worker's statements, for one schema.
@@ -250,7 +265,8 @@ where
 
     /// Extends the leases of the running and waiting jobs in one statement.
     async fn extend(&self) {
-        if self.slots.is_empty() && self.waiting.is_empty() {
+        let completing: Vec<(i64, i32)> = self.ctx.completing(|set| set.iter().copied().collect());
+        if self.slots.is_empty() && self.waiting.is_empty() && completing.is_empty() {
             return;
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = self
@@ -258,6 +274,7 @@ where
             .values()
             .copied()
             .chain(self.waiting.iter().map(|j| (j.id, j.attempt)))
+            .chain(completing)
             .unzip();
         let (sql, lease) = (&self.ctx.sql.extend, self.lease.as_secs_f64());
         let res = self

@@ -140,6 +140,7 @@ impl WorkerBuilder {
             queue,
             retry_base: self.retry_base,
             retry_max: self.retry_max,
+            completing: Default::default(),
         });
         let (stop_tx, stop) = watch::channel(false);
         let runner = Runner::new(
