@@ -718,6 +718,15 @@ mod cli {
             .await
             .unwrap();
         let slot = format!("{s}_slot");
+        // An existing publication (named like the slot) with another table:
+        // only the asked-for table is printed.
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {s}.other (id int PRIMARY KEY);
+                 CREATE PUBLICATION {slot} FOR TABLE {table}, {s}.other"
+            ))
+            .await
+            .unwrap();
         let mut fleet = Fleet::new();
         let args = [
             "changes", "tail", "--table", &table, "--wal", "--slot", &slot,
@@ -725,7 +734,8 @@ mod cli {
         let tail = fleet.spawn_cmd(&args, tail_ready).await;
         client
             .batch_execute(&format!(
-                "INSERT INTO {table} VALUES (1, 'a'); UPDATE {table} SET v = 'b'; DELETE FROM {table}"
+                "INSERT INTO {s}.other VALUES (1); INSERT INTO {table} VALUES (1, 'a');
+                 UPDATE {table} SET v = 'b'; INSERT INTO {s}.other VALUES (2); DELETE FROM {table}"
             ))
             .await
             .unwrap();

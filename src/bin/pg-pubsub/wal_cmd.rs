@@ -38,6 +38,15 @@ pub(crate) async fn tail(conn: &ConnOpts, tables: &[String], slot: &str) -> Resu
             return Ok(());
         }
     };
+    // An existing publication may hold other tables: print only ours.
+    let wanted = match resolve(&ps, tables).await {
+        Ok(wanted) => wanted,
+        Err(e) => {
+            let _ = feed.close().await;
+            ps.shutdown().await;
+            return Err(e);
+        }
+    };
     note(&format!("tailing the WAL from slot {slot}"));
     let mut out = tokio::io::stdout();
     let result = loop {
@@ -45,6 +54,8 @@ pub(crate) async fn tail(conn: &ConnOpts, tables: &[String], slot: &str) -> Resu
             biased;
             _ = stop.recv() => break Ok(()),
             item = feed.next() => match item {
+                Some(WalItem::Change { event, .. })
+                    if !wanted.is_empty() && !wanted.contains(&(event.schema.clone(), event.table.clone())) => {}
                 Some(WalItem::Change { lsn, event }) => {
                     if !write_json_line(&mut out, &Line { event: &event, lsn }).await? {
                         break Ok(());
@@ -63,4 +74,25 @@ pub(crate) async fn tail(conn: &ConnOpts, tables: &[String], slot: &str) -> Resu
     let closed = feed.close().await;
     ps.shutdown().await;
     result.and(Ok(closed?))
+}
+
+/// `(schema, table)` of each of `tables` (any name `regclass` accepts).
+async fn resolve(
+    ps: &pg_pubsub::PgPubSub,
+    tables: &[String],
+) -> Result<std::collections::HashSet<(String, String)>> {
+    if tables.is_empty() {
+        return Ok(Default::default());
+    }
+    let failed = |e: &dyn std::fmt::Display| super::Failure(format!("looking up {tables:?}: {e}"));
+    let client = ps.pool().get().await.map_err(|e| failed(&e))?;
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM unnest($1::text[]) AS t \
+             JOIN pg_class c ON c.oid = t::regclass JOIN pg_namespace n ON n.oid = c.relnamespace",
+            &[&tables],
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
