@@ -71,7 +71,8 @@ cached_executor!(
     deadpool_postgres::Transaction<'_>
 );
 
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+/// `value` as JSON text, or a `Serialize` error keeping serde's as its source.
+pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| {
         Error::new(
             ErrorKind::Serialize,

@@ -6,19 +6,10 @@ use serde::Serialize;
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::publish::to_json;
 
 /// Messages per `publish_many` statement in [`Durable::publish_batch`].
 const BATCH_SIZE: usize = 1000;
-
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| {
-        Error::new(
-            ErrorKind::Serialize,
-            format!("payload did not serialize to JSON: {e}"),
-        )
-        .with_source(e)
-    })
-}
 
 impl Durable {
     fn publish_sql(&self) -> String {

@@ -7,6 +7,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{check_queue, Queue};
 use crate::error::{Error, ErrorKind, Result};
+use crate::publish::to_json;
 
 /// Jobs per `enqueue_many` statement in [`Queue::enqueue_batch`].
 const BATCH_SIZE: usize = 1000;
@@ -109,16 +110,6 @@ impl Enqueued {
             Enqueued::Duplicate => None,
         }
     }
-}
-
-pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| {
-        Error::new(
-            ErrorKind::Serialize,
-            format!("payload did not serialize to JSON: {e}"),
-        )
-        .with_source(e)
-    })
 }
 
 fn check_payload(payload: &str) -> Result<()> {
