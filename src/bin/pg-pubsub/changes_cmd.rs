@@ -1,15 +1,12 @@
 //! `pg-pubsub changes …`: trigger change feeds from the shell.
 
 use clap::{Args, Subcommand};
-use futures::StreamExt;
 use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
-use pg_pubsub::durable::{DurableDelivery, DurableMessage, DurableSubscription, Start};
-use pg_pubsub::{ConnectionEvent, PgPubSub};
+use pg_pubsub::durable::{DurableSubscription, Start};
+use pg_pubsub::PgPubSub;
 
-use super::durable_cmd::parse_start;
-use super::{
-    connect, note, report_event, write_json_line, ConnOpts, Failure, Result, Stop, Tuning,
-};
+use super::durable_cmd::{parse_start, print_group};
+use super::{connect, note, ConnOpts, Result, Stop, Tuning};
 
 #[derive(Args)]
 pub(crate) struct ChangesArgs {
@@ -180,7 +177,15 @@ async fn tail(conn: &ConnOpts, schema: &str, args: TailArgs) -> Result<()> {
     };
     let mut events = ps.events();
     let result = match stop.or(subscribe(&ps, schema, &args)).await {
-        Some(Ok(sub)) => print_until_stopped(&ps, sub, &mut stop, &mut events).await,
+        Some(Ok(sub)) => {
+            print_group(&ps, sub, &mut stop, &mut events, "change", |m| {
+                serde_json::to_value(Line {
+                    change: m.payload(),
+                    position: m.position().to_string(),
+                })
+            })
+            .await
+        }
         Some(Err(e)) => Err(e),
         None => Ok(()),
     };
@@ -207,72 +212,9 @@ async fn subscribe(ps: &PgPubSub, schema: &str, args: &TailArgs) -> Result<Sub> 
     Ok(sub)
 }
 
-async fn print_until_stopped(
-    ps: &PgPubSub,
-    mut sub: Sub,
-    stop: &mut Stop,
-    events: &mut pg_pubsub::EventStream,
-) -> Result<()> {
-    let mut out = tokio::io::stdout();
-    let election = sub.election_channel().to_owned();
-    let result = loop {
-        tokio::select! {
-            biased;
-            _ = stop.recv() => break Ok(()),
-            Some(event) = events.next() => match &event {
-                ConnectionEvent::LockAcquired { channel } if channel.as_str() == election => {
-                    note("this process is now the group's active consumer");
-                }
-                ConnectionEvent::LockLost { channel, reason } if channel.as_str() == election => {
-                    note(&format!("no longer the group's active consumer: {reason}"));
-                }
-                ConnectionEvent::LockAcquired { .. }
-                | ConnectionEvent::Standby { .. }
-                | ConnectionEvent::LockLost { .. }
-                | ConnectionEvent::LockReleased { .. } => {}
-                other => report_event(other),
-            },
-            item = sub.next() => match item {
-                Some(DurableDelivery::Message(m)) => {
-                    if !write_change(&mut out, &m).await? {
-                        break Ok(());
-                    }
-                    m.ack();
-                }
-                Some(DurableDelivery::Undecodable { message, error }) => {
-                    // Not a change event (something else published on the
-                    // channel): said on stderr, and passed.
-                    note(&format!("not a change event at {}: {error}", message.position()));
-                    message.ack();
-                }
-                Some(DurableDelivery::Truncated { lost }) => {
-                    note(&format!("{lost} change(s) expired before this group read them"));
-                }
-                Some(other) => note(&format!("{other:?}")),
-                None if ps.is_shut_down() => break Ok(()),
-                None => break Err(Failure("the consumer stopped unexpectedly".to_owned())),
-            },
-        }
-    };
-    // Acks of what was printed are written before exiting.
-    sub.close().await?;
-    result
-}
-
 #[derive(serde::Serialize)]
 struct Line<'a> {
     #[serde(flatten)]
     change: &'a ChangeEvent<serde_json::Value>,
     position: String,
-}
-
-async fn write_change(
-    out: &mut tokio::io::Stdout,
-    m: &DurableMessage<ChangeEvent<serde_json::Value>>,
-) -> Result<bool> {
-    let line = Line {
-        change: m.payload(),
-        position: m.position().to_string(),
-    };
-    write_json_line(out, &line).await
 }

@@ -4,7 +4,10 @@ use std::io::Write as _;
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use pg_pubsub::durable::{schema_sql, Durable, DurableDelivery, Position, SchemaName, Start};
+use pg_pubsub::durable::{
+    schema_sql, Durable, DurableDelivery, DurableMessage, DurableSubscription, Position,
+    SchemaName, Start,
+};
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
 use super::{
@@ -143,7 +146,7 @@ async fn subscribe(
     ps: &PgPubSub,
     schema: &str,
     args: &TailArgs,
-) -> Result<pg_pubsub::durable::DurableSubscription<String>> {
+) -> Result<DurableSubscription<String>> {
     let durable: Durable = ps.durable_in(schema)?;
     let sub = durable
         .consumer(&args.channel, &args.group)
@@ -165,10 +168,38 @@ async fn subscribe(
 
 async fn print_until_stopped(
     ps: &PgPubSub,
-    mut sub: pg_pubsub::durable::DurableSubscription<String>,
+    sub: DurableSubscription<String>,
     stop: &mut Stop,
     events: &mut pg_pubsub::EventStream,
 ) -> Result<()> {
+    print_group(ps, sub, stop, events, "message", |m| {
+        serde_json::to_value(Line {
+            channel: m.channel().as_str(),
+            group: m.group(),
+            payload: m.payload(),
+            position: m.position().to_string(),
+            published_at: epoch_seconds(m.published_at()),
+        })
+    })
+    .await
+}
+
+/// Prints each message of a group's subscription as the JSON `line` makes
+/// of it, acking it once written; election and connection events go to
+/// stderr. Ends on SIGINT/SIGTERM or when stdout closes, after the acks of
+/// what was printed are written. `noun` names the items in notes.
+pub(crate) async fn print_group<T, F>(
+    ps: &PgPubSub,
+    mut sub: DurableSubscription<T>,
+    stop: &mut Stop,
+    events: &mut pg_pubsub::EventStream,
+    noun: &str,
+    line: F,
+) -> Result<()>
+where
+    T: serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(&DurableMessage<T>) -> serde_json::Result<serde_json::Value>,
+{
     let mut out = tokio::io::stdout();
     let election = sub.election_channel().to_owned();
     let result = loop {
@@ -194,19 +225,20 @@ async fn print_until_stopped(
             },
             item = sub.next() => match item {
                 Some(DurableDelivery::Message(m)) => {
-                    if !write_line(&mut out, &m, m.payload()).await? {
+                    let value = line(&m).map_err(|e| Failure(format!("printing {noun} {}: {e}", m.position())))?;
+                    if !write_json_line(&mut out, &value).await? {
                         break Ok(());
                     }
                     m.ack();
                 }
-                Some(DurableDelivery::Undecodable { message, .. }) => {
-                    if !write_line(&mut out, &message, message.payload()).await? {
-                        break Ok(());
-                    }
+                Some(DurableDelivery::Undecodable { message, error }) => {
+                    // Something else was published on the channel: said on
+                    // stderr, and passed.
+                    note(&format!("not a {noun} at {}: {error}", message.position()));
                     message.ack();
                 }
                 Some(DurableDelivery::Truncated { lost }) => {
-                    note(&format!("{lost} message(s) expired before this group read them"));
+                    note(&format!("{lost} {noun}(s) expired before this group read them"));
                 }
                 Some(other) => note(&format!("{other:?}")),
                 None if ps.is_shut_down() => break Ok(()),
@@ -217,23 +249,6 @@ async fn print_until_stopped(
     // Acks of what was printed are written before exiting.
     sub.close().await?;
     result
-}
-
-/// Writes and flushes one line; `false` when stdout is closed.
-async fn write_line<T>(
-    out: &mut tokio::io::Stdout,
-    m: &pg_pubsub::durable::DurableMessage<T>,
-    payload: &str,
-) -> Result<bool> {
-    let published_at = epoch_seconds(m.published_at());
-    let line = Line {
-        channel: m.channel().as_str(),
-        group: m.group(),
-        payload,
-        position: m.position().to_string(),
-        published_at,
-    };
-    write_json_line(out, &line).await
 }
 
 /// Seconds since the Unix epoch with microseconds, e.g. `1700000000.123456`
