@@ -229,39 +229,29 @@ pub async fn terminate_on(server: &TestServer, pid: i32) {
 
 /// Waits until backend `pid` has left `pg_stat_activity`, failing after [`WAIT`].
 pub async fn wait_backend_gone(pid: i32) {
-    let client = raw_client().await;
-    let gone = async {
-        loop {
-            let rows = client
-                .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
-                .await
-                .expect("pg_stat_activity");
-            if rows.is_empty() {
-                return;
-            }
-            // The server has no event for a session's end: poll.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, gone)
-        .await
-        .unwrap_or_else(|_| panic!("backend {pid} still there after {WAIT:?}"));
+    wait_no_session("pid = $1", &pid, &format!("backend {pid}")).await;
 }
 
 /// Waits until no session with `application_name` is left (the process
 /// that had them was killed: what they were committing is committed or
 /// rolled back), failing after [`WAIT`].
 pub async fn wait_sessions_gone(application_name: &str) {
+    let what = format!("sessions of {application_name}");
+    wait_no_session("application_name = $1", &application_name, &what).await;
+}
+
+/// Waits until no row of `pg_stat_activity` matches `filter` (with `$1`
+/// bound to `arg`), failing after [`WAIT`] and naming `what`.
+async fn wait_no_session(
+    filter: &str,
+    arg: &(dyn tokio_postgres::types::ToSql + Sync),
+    what: &str,
+) {
     let client = raw_client().await;
+    let sql = format!("SELECT 1 FROM pg_stat_activity WHERE {filter}");
     let gone = async {
         loop {
-            let rows = client
-                .query(
-                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1",
-                    &[&application_name],
-                )
-                .await
-                .expect("pg_stat_activity");
+            let rows = client.query(&sql, &[arg]).await.expect("pg_stat_activity");
             if rows.is_empty() {
                 return;
             }
@@ -271,7 +261,7 @@ pub async fn wait_sessions_gone(application_name: &str) {
     };
     tokio::time::timeout(WAIT, gone)
         .await
-        .unwrap_or_else(|_| panic!("sessions of {application_name} still there after {WAIT:?}"));
+        .unwrap_or_else(|_| panic!("{what} still there after {WAIT:?}"));
 }
 
 /// Backend PID holding the election lock of `channel` (the documented key).
