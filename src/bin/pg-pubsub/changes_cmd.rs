@@ -5,8 +5,8 @@ use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
 use pg_pubsub::durable::{DurableSubscription, Start};
 use pg_pubsub::PgPubSub;
 
-use super::durable_cmd::{parse_start, print_group};
-use super::{connect, note, ConnOpts, Result, Stop, Tuning};
+use super::durable_cmd::{parse_start, tail_group};
+use super::{connect, note, ConnOpts, Result, Tuning};
 
 #[derive(Args)]
 pub(crate) struct ChangesArgs {
@@ -170,27 +170,18 @@ async fn uninstall(changes: &Changes, a: UninstallArgs) -> Result<()> {
 type Sub = DurableSubscription<ChangeEvent<serde_json::Value>>;
 
 async fn tail(conn: &ConnOpts, schema: &str, args: TailArgs) -> Result<()> {
-    let mut stop = Stop::new()?;
-    let ps = match stop.or(connect(conn, Tuning::default())).await {
-        Some(ps) => ps?,
-        None => return Ok(()),
-    };
-    let mut events = ps.events();
-    let result = match stop.or(subscribe(&ps, schema, &args)).await {
-        Some(Ok(sub)) => {
-            print_group(&ps, sub, &mut stop, &mut events, "change", |m| {
-                serde_json::to_value(Line {
-                    change: m.payload(),
-                    position: m.position().to_string(),
-                })
+    tail_group(
+        conn,
+        |ps| async move { subscribe(&ps, schema, &args).await },
+        "change",
+        |m| {
+            serde_json::to_value(Line {
+                change: m.payload(),
+                position: m.position().to_string(),
             })
-            .await
-        }
-        Some(Err(e)) => Err(e),
-        None => Ok(()),
-    };
-    ps.shutdown().await;
-    result
+        },
+    )
+    .await
 }
 
 async fn subscribe(ps: &PgPubSub, schema: &str, args: &TailArgs) -> Result<Sub> {

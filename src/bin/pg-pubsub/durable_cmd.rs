@@ -127,19 +127,21 @@ struct Line<'a> {
 }
 
 async fn tail(conn: &ConnOpts, schema: &str, args: TailArgs) -> Result<()> {
-    let mut stop = Stop::new()?;
-    let ps = match stop.or(connect(conn, Tuning::default())).await {
-        Some(ps) => ps?,
-        None => return Ok(()),
-    };
-    let mut events = ps.events();
-    let result = match stop.or(subscribe(&ps, schema, &args)).await {
-        Some(Ok(sub)) => print_until_stopped(&ps, sub, &mut stop, &mut events).await,
-        Some(Err(e)) => Err(e),
-        None => Ok(()),
-    };
-    ps.shutdown().await;
-    result
+    tail_group(
+        conn,
+        |ps| async move { subscribe(&ps, schema, &args).await },
+        "message",
+        |m| {
+            serde_json::to_value(Line {
+                channel: m.channel().as_str(),
+                group: m.group(),
+                payload: m.payload(),
+                position: m.position().to_string(),
+                published_at: epoch_seconds(m.published_at()),
+            })
+        },
+    )
+    .await
 }
 
 async fn subscribe(
@@ -166,29 +168,40 @@ async fn subscribe(
     Ok(sub)
 }
 
-async fn print_until_stopped(
-    ps: &PgPubSub,
-    sub: DurableSubscription<String>,
-    stop: &mut Stop,
-    events: &mut pg_pubsub::EventStream,
-) -> Result<()> {
-    print_group(ps, sub, stop, events, "message", |m| {
-        serde_json::to_value(Line {
-            channel: m.channel().as_str(),
-            group: m.group(),
-            payload: m.payload(),
-            position: m.position().to_string(),
-            published_at: epoch_seconds(m.published_at()),
-        })
-    })
-    .await
+/// Connects, subscribes with `subscribe` and prints the group's messages
+/// with [`print_group`] until SIGINT/SIGTERM, then shuts down.
+pub(crate) async fn tail_group<T, S, Fut, F>(
+    conn: &ConnOpts,
+    subscribe: S,
+    noun: &str,
+    line: F,
+) -> Result<()>
+where
+    T: serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    S: FnOnce(PgPubSub) -> Fut,
+    Fut: std::future::Future<Output = Result<DurableSubscription<T>>>,
+    F: Fn(&DurableMessage<T>) -> serde_json::Result<serde_json::Value>,
+{
+    let mut stop = Stop::new()?;
+    let ps = match stop.or(connect(conn, Tuning::default())).await {
+        Some(ps) => ps?,
+        None => return Ok(()),
+    };
+    let mut events = ps.events();
+    let result = match stop.or(subscribe(ps.clone())).await {
+        Some(Ok(sub)) => print_group(&ps, sub, &mut stop, &mut events, noun, line).await,
+        Some(Err(e)) => Err(e),
+        None => Ok(()),
+    };
+    ps.shutdown().await;
+    result
 }
 
 /// Prints each message of a group's subscription as the JSON `line` makes
 /// of it, acking it once written; election and connection events go to
 /// stderr. Ends on SIGINT/SIGTERM or when stdout closes, after the acks of
 /// what was printed are written. `noun` names the items in notes.
-pub(crate) async fn print_group<T, F>(
+async fn print_group<T, F>(
     ps: &PgPubSub,
     mut sub: DurableSubscription<T>,
     stop: &mut Stop,
