@@ -3,11 +3,14 @@
 //! publish-to-receive latency, and storage under retention.
 //! Run with `cargo bench --bench durable`.
 //!
-//! Env: `BENCH_SINGLE` (messages published one per transaction, default
-//! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_BACKLOG` (default
-//! 1 000 000), `BENCH_LATENCY_SECS` (default 5), `BENCH_SOAK_SECS` (default
-//! 60), `BENCH_CONSUME_RUNS` and `BENCH_PUBLISH_RUNS` (rounds of those
-//! comparisons, median reported, default 3), `BENCH_PHASES` (comma-separated subset of
+//! Env: `BENCH_SINGLE` (messages published one per transaction per
+//! round, default 3 000), `BENCH_BATCHED` (per round, default 20 000),
+//! `BENCH_PUBLISH_RUNS` (rounds, default 20: many short interleaved rounds
+//! and their median ratio, since this machine's speed drifts by more than
+//! the differences measured), `BENCH_BACKLOG` (default 1 000 000),
+//! `BENCH_LATENCY_SECS` (default 5), `BENCH_SOAK_SECS` (default 60),
+//! `BENCH_CONSUME_RUNS` (rounds of that comparison, median reported,
+//! default 3), `BENCH_PHASES` (comma-separated subset of
 //! `publish,consume,latency,soak`; default all), `DATABASE_URL` (else a
 //! throwaway cluster).
 
@@ -51,8 +54,8 @@ fn main() -> Res<()> {
 }
 
 async fn run(url: &str) -> Res<()> {
-    let single = env_u64("BENCH_SINGLE", 20_000)?;
-    let batched = env_u64("BENCH_BATCHED", 200_000)?;
+    let single = env_u64("BENCH_SINGLE", 3_000)?;
+    let batched = env_u64("BENCH_BATCHED", 20_000)?;
     let backlog = env_u64("BENCH_BACKLOG", 1_000_000)?;
     let latency_secs = env_u64("BENCH_LATENCY_SECS", 5)?;
     let soak_secs = env_u64("BENCH_SOAK_SECS", 60)?;
@@ -105,27 +108,28 @@ async fn publish(
     single: u64,
     batched: u64,
 ) -> Res<()> {
-    let runs = env_u64("BENCH_PUBLISH_RUNS", 3)?;
+    let runs = env_u64("BENCH_PUBLISH_RUNS", 20)?;
     d.set_quiet("single_quiet", true).await?;
     // Interleaved rounds, median ratio: the machine's speed drifts more
     // between phases than the difference measured.
     let (mut loud, mut quiet, mut batch) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         // One message per transaction, TASKS tasks.
-        let bare = timed_tasks(TASKS, single, |i| {
-            let ps = ps.clone();
-            async move {
-                let c = ps.pool().get().await?;
-                let stmt = c
-                    .prepare_cached("INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)")
-                    .await?;
-                for _ in 0..i {
-                    c.execute(&stmt, &[&"single", &PAYLOAD]).await?;
+        let bare = || {
+            timed_tasks(TASKS, single, |i| {
+                let ps = ps.clone();
+                async move {
+                    let c = ps.pool().get().await?;
+                    let stmt = c
+                        .prepare_cached("INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)")
+                        .await?;
+                    for _ in 0..i {
+                        c.execute(&stmt, &[&"single", &PAYLOAD]).await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
-        .await?;
+            })
+        };
         let publish_on = |channel: &'static str| {
             timed_tasks(TASKS, single, move |i| {
                 let d = d.clone();
@@ -137,8 +141,19 @@ async fn publish(
                 }
             })
         };
-        let notifying = publish_on("single").await?;
-        let silent = publish_on("single_quiet").await?;
+        // Alternate which goes first: the tables grow, the machine drifts.
+        let (bare, notifying, silent) = if run % 2 == 0 {
+            let bare = bare().await?;
+            (
+                bare,
+                publish_on("single").await?,
+                publish_on("single_quiet").await?,
+            )
+        } else {
+            let silent = publish_on("single_quiet").await?;
+            let notifying = publish_on("single").await?;
+            (bare().await?, notifying, silent)
+        };
         line_of(
             &format!("  publish 1/tx, 8 tasks, run {run}"),
             rate(single, notifying),

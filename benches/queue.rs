@@ -6,18 +6,21 @@
 //! fresh table and after millions of jobs went through it. Run with
 //! `cargo bench --bench queue`.
 //!
-//! Env: `BENCH_SINGLE` (jobs enqueued one per transaction, default
-//! 20 000), `BENCH_BATCHED` (default 200 000), `BENCH_WORK` (jobs claimed
+//! Env: `BENCH_SINGLE` (jobs enqueued one per transaction per round,
+//! default 3 000), `BENCH_BATCHED` (default 200 000), `BENCH_WORK` (jobs claimed
 //! and completed, default 100 000), `BENCH_PREFETCH` (the worker's
 //! prefetch, default the worker's own), `BENCH_CHURN` (jobs passed through
 //! before the second latency probe, default 5 000 000, a few minutes; 0
 //! skips the latency phase),
-//! `DATABASE_URL` (else a throwaway cluster).
+//! `BENCH_ENQUEUE_RUNS` (interleaved rounds of the one-per-transaction
+//! enqueue comparison, median reported, default 20: many short rounds,
+//! since this machine's speed drifts by more than the difference measured), `DATABASE_URL` (else a
+//! throwaway cluster).
 
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{env_u64, line, rate, run_main, Res};
+use common::{env_u64, line, median, rate, run_main, timed_tasks, Res};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +66,7 @@ fn main() -> Res<()> {
 }
 
 async fn run(url: &str) -> Res<()> {
-    let single = env_u64("BENCH_SINGLE", 20_000)?;
+    let single = env_u64("BENCH_SINGLE", 3_000)?;
     let batched = env_u64("BENCH_BATCHED", 200_000)?;
     let work = env_u64("BENCH_WORK", 100_000)?;
     let churn = env_u64("BENCH_CHURN", 5_000_000)?;
@@ -79,41 +82,55 @@ async fn run(url: &str) -> Res<()> {
         .batch_execute("DELETE FROM pgpubsub.jobs WHERE queue LIKE 'bench%'")
         .await?;
 
-    // Enqueue, one job per transaction, 8 tasks.
-    let per = single / TASKS as u64;
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..TASKS {
-        let q = q.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..per {
-                q.enqueue_raw("bench_single", PAYLOAD).await?;
-            }
-            Res::Ok(())
-        }));
+    // Enqueue, one job per transaction, 8 tasks: interleaved rounds, median
+    // ratio (the machine's speed drifts more between phases than the
+    // difference measured).
+    let mut ratios = Vec::new();
+    for run in 0..env_u64("BENCH_ENQUEUE_RUNS", 20)? {
+        let ours = || {
+            timed_tasks(TASKS, single, |n| {
+                let q = q.clone();
+                async move {
+                    for _ in 0..n {
+                        q.enqueue_raw("bench_single", PAYLOAD).await?;
+                    }
+                    Ok(())
+                }
+            })
+        };
+        let bare = || {
+            timed_tasks(TASKS, single, |n| {
+                let pool = ps.pool().clone();
+                async move {
+                    let c = pool.get().await?;
+                    let stmt = c.prepare_cached(BARE_INSERT).await?;
+                    for _ in 0..n {
+                        c.execute(&stmt, &[&"bench_single", &PAYLOAD]).await?;
+                    }
+                    Ok(())
+                }
+            })
+        };
+        // Alternate which goes first: the tables grow, the machine drifts.
+        let (ours, bare) = if run % 2 == 0 {
+            (ours().await?, bare().await?)
+        } else {
+            let bare = bare().await?;
+            (ours().await?, bare)
+        };
+        line_of(
+            &format!("  enqueue 1/tx, 8 tasks, run {run}"),
+            rate(single, ours),
+            rate(single, bare),
+            "jobs/s",
+        );
+        ratios.push(bare.as_secs_f64() / ours.as_secs_f64());
     }
-    for t in tasks {
-        t.await??;
-    }
-    let ours = rate(per * TASKS as u64, t.elapsed());
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..TASKS {
-        let pool = ps.pool().clone();
-        tasks.push(tokio::spawn(async move {
-            let c = pool.get().await?;
-            let stmt = c.prepare_cached(BARE_INSERT).await?;
-            for _ in 0..per {
-                c.execute(&stmt, &[&"bench_single", &PAYLOAD]).await?;
-            }
-            Res::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let bare = rate(per * TASKS as u64, t.elapsed());
-    line_of("enqueue, 1 per transaction, 8 tasks", ours, bare, "jobs/s");
+    println!(
+        "{:<44} median ratio {:.2}",
+        "enqueue, 1 per transaction, 8 tasks",
+        median(ratios)
+    );
 
     // Enqueue, a thousand per transaction, one task.
     let payloads: Vec<&str> = vec![PAYLOAD; 1000];

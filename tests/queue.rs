@@ -599,6 +599,21 @@ async fn bad_input_is_refused_before_anything_is_sent() {
             .kind(),
         ErrorKind::Config
     );
+    // The SQL functions check it too (the table has no CHECK constraint).
+    q.install().await.unwrap();
+    let client = ps.pool().get().await.unwrap();
+    for sql in [
+        "SELECT pgpubsub.enqueue('q', 'x', NULL, 0::int2, 0)",
+        "SELECT pgpubsub.enqueue_many('q', ARRAY['x'], NULL, 0::int2, -1)",
+    ] {
+        let err = client.query_one(sql, &[]).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE),
+            "{sql}: {err}"
+        );
+    }
+    drop(client);
     let err = q
         .worker("q")
         .concurrency(0)

@@ -235,6 +235,7 @@ mod groups;
 mod message;
 mod position;
 mod publish;
+mod quiet;
 mod schema;
 
 use std::future::Future;
@@ -258,12 +259,15 @@ pub(crate) use schema::ensure as ensure_schema;
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
 /// Made by [`PgPubSub::durable`] or [`PgPubSub::durable_in`]. The schema
-/// is installed on first use (or by [`install`](Self::install)).
+/// is installed on first use (or by [`install`](Self::install)). Keep one
+/// (and clone it) rather than making one per publish: it remembers that
+/// the schema is installed and, for a second, each channel's quiet flag.
 #[derive(Clone)]
 pub struct Durable {
     pub(crate) pubsub: PgPubSub,
     pub(crate) schema: SchemaName,
     installed: Arc<OnceCell<()>>,
+    publishing: Arc<publish::Publishing>,
 }
 
 impl std::fmt::Debug for Durable {
@@ -277,24 +281,25 @@ impl std::fmt::Debug for Durable {
 impl PgPubSub {
     /// Durable channels in the default schema (`pgpubsub`).
     pub fn durable(&self) -> Durable {
-        Durable {
-            pubsub: self.clone(),
-            schema: SchemaName::default(),
-            installed: Arc::new(OnceCell::new()),
-        }
+        Durable::new(self.clone(), SchemaName::default())
     }
 
     /// Durable channels in `schema` (a lowercase identifier of at most 40 bytes).
     pub fn durable_in(&self, schema: &str) -> Result<Durable> {
-        Ok(Durable {
-            pubsub: self.clone(),
-            schema: SchemaName::new(schema)?,
-            installed: Arc::new(OnceCell::new()),
-        })
+        Ok(Durable::new(self.clone(), SchemaName::new(schema)?))
     }
 }
 
 impl Durable {
+    fn new(pubsub: PgPubSub, schema: SchemaName) -> Durable {
+        Durable {
+            publishing: Arc::new(publish::Publishing::new(&schema)),
+            pubsub,
+            schema,
+            installed: Arc::new(OnceCell::new()),
+        }
+    }
+
     /// The schema.
     pub fn schema(&self) -> &SchemaName {
         &self.schema

@@ -1,9 +1,12 @@
 //! Publishing to durable channels: through the pool, batched, or in the
 //! caller's transaction.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
-use super::Durable;
+use super::quiet::QuietFlags;
+use super::{Durable, SchemaName};
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
 use crate::publish::to_json;
@@ -11,25 +14,48 @@ use crate::publish::to_json;
 /// Messages per `publish_many` statement in [`Durable::publish_batch`].
 const BATCH_SIZE: usize = 1000;
 
+/// The publish statements of one schema, and the quiet flags they need.
+#[derive(Debug)]
+pub(super) struct Publishing {
+    /// Inserts and reads the channel's quiet flag; notifies in the
+    /// transaction only if `$3` and the channel is not quiet. Returns
+    /// whether a wake-up is due. For channels whose flag is not known.
+    check: String,
+    /// Inserts only.
+    plain: String,
+    /// Inserts and notifies in the transaction.
+    notify: String,
+    quiet: QuietFlags,
+}
+
+impl Publishing {
+    /// The `publish` SQL function's insert as plain statements: a PL/pgSQL
+    /// call costs about a quarter of the insert's throughput, a
+    /// data-modifying CTE a tenth, the quiet-flag lookup another tenth.
+    pub(super) fn new(schema: &SchemaName) -> Publishing {
+        let s = schema.as_str();
+        let wake = schema.wake_channel();
+        let insert = format!(
+            "INSERT INTO {s}.messages (part, channel, payload) \
+             SELECT r.cur, $1, $2 FROM {s}.rotation r"
+        );
+        Publishing {
+            check: format!(
+                "WITH m AS ({insert}) \
+                 SELECT q.due, CASE WHEN q.due AND $3 THEN pg_notify('{wake}', $1) END \
+                 FROM (SELECT NOT EXISTS (SELECT 1 FROM {s}.channels c \
+                       WHERE c.channel = $1 AND c.quiet) AS due) q"
+            ),
+            notify: format!("{insert} RETURNING pg_notify('{wake}', $1)"),
+            plain: insert,
+            quiet: QuietFlags::default(),
+        }
+    }
+}
+
 impl Durable {
     fn publish_sql(&self) -> String {
         format!("SELECT {}.publish($1, $2)", self.schema.as_str())
-    }
-
-    /// The `publish` SQL function as one statement (a PL/pgSQL call costs
-    /// about a quarter of the insert's throughput; a data-modifying CTE
-    /// always runs in full). Returns whether a wake-up is due (the channel
-    /// is not quiet); sends it in the transaction only if `$3`.
-    fn insert_sql(&self) -> String {
-        let s = self.schema.as_str();
-        format!(
-            "WITH m AS (INSERT INTO {s}.messages (part, channel, payload) \
-             SELECT r.cur, $1, $2 FROM {s}.rotation r) \
-             SELECT q.due, CASE WHEN q.due AND $3 THEN pg_notify('{}', $1) END \
-             FROM (SELECT NOT EXISTS (SELECT 1 FROM {s}.channels c \
-                   WHERE c.channel = $1 AND c.quiet) AS due) q",
-            self.schema.wake_channel()
-        )
     }
 
     /// Publishes `value` as JSON on durable `channel`, in a transaction of
@@ -47,20 +73,37 @@ impl Durable {
     /// Publishes `payload` as is (any text, any size) on durable `channel`.
     pub async fn publish_raw(&self, channel: &str, payload: &str) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        let sql = self.insert_sql();
         let name = channel.as_str();
+        let p = &*self.publishing;
+        let quiet = p.quiet.get(name, Instant::now());
         let publishing = self.pubsub.start_publish();
         let now = publishing.alone();
         let due = self
             .with_client("durable publish", |client| async move {
-                let stmt = client.prepare_cached(&sql).await?;
-                let row = client.query_one(&stmt, &[&name, &payload, &now]).await?;
-                Ok(row.get::<_, bool>(0))
+                match quiet {
+                    None => {
+                        let stmt = client.prepare_cached(&p.check).await?;
+                        let row = client.query_one(&stmt, &[&name, &payload, &now]).await?;
+                        let due = row.get::<_, bool>(0);
+                        p.quiet.set(name, !due, Instant::now());
+                        Ok(due && !now)
+                    }
+                    Some(false) if now => {
+                        let stmt = client.prepare_cached(&p.notify).await?;
+                        client.execute(&stmt, &[&name, &payload]).await?;
+                        Ok(false)
+                    }
+                    Some(quiet) => {
+                        let stmt = client.prepare_cached(&p.plain).await?;
+                        client.execute(&stmt, &[&name, &payload]).await?;
+                        Ok(!quiet)
+                    }
+                }
             })
             .await?;
         drop(publishing);
         // Committed: the wake-up follows, merged with concurrent publishers'.
-        if due && !now {
+        if due {
             self.pubsub
                 .wake_after_commit(self.schema.wake_channel(), channel.as_str().to_owned());
         }
@@ -124,6 +167,8 @@ impl Durable {
     /// Makes `channel` quiet (publish without `NOTIFY`, consumers find new
     /// messages by polling only) or not. Quiet channels avoid the
     /// cluster-wide lock a notifying commit takes, for heavy writers.
+    /// Publishers of this `Durable` follow the change at once, those of
+    /// other processes within a second (they remember the flag that long).
     pub async fn set_quiet(&self, channel: &str, quiet: bool) -> Result<()> {
         let channel = ChannelName::new(channel)?;
         let sql = format!(
@@ -131,10 +176,15 @@ impl Durable {
              ON CONFLICT (channel) DO UPDATE SET quiet = EXCLUDED.quiet",
             self.schema.as_str()
         );
+        let channel = &channel;
         self.with_client("durable set_quiet", |client| async move {
             client.execute(&sql, &[&channel.as_str(), &quiet]).await?;
             Ok(())
         })
-        .await
+        .await?;
+        self.publishing
+            .quiet
+            .set(channel.as_str(), quiet, Instant::now());
+        Ok(())
     }
 }

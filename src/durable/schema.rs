@@ -1,6 +1,6 @@
 //! The crate's schema: its name, its versioned SQL scripts (one migration
 //! per capability: v1 durable channels, v2 the work queue, v3 trigger
-//! change feeds), installing them, and the names derived from it (wake-up
+//! change feeds, v4 the jobs table without CHECK constraints), installing them, and the names derived from it (wake-up
 //! channels, election names).
 
 use tokio::sync::OnceCell;
@@ -9,7 +9,7 @@ use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The schema version this crate writes and reads: the last migration.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("schema.sql")),
     (2, include_str!("../queue/schema.sql")),
     (3, include_str!("../changes/schema.sql")),
+    (4, include_str!("../queue/schema_v4.sql")),
 ];
 
 /// A validated schema name: a lowercase SQL identifier (`[a-z_][a-z0-9_]*`,

@@ -56,58 +56,7 @@ CREATE TABLE IF NOT EXISTS @S@.dead_jobs (
 );
 CREATE INDEX IF NOT EXISTS dead_jobs_queue ON @S@.dead_jobs (queue, id);
 
--- Enqueues one job in the caller's transaction. Returns its id, or NULL
--- when p_unique_key is already taken by a ready or running job of the
--- queue (nothing is inserted then). The wake-up payload is the queue name,
--- the same for every job of a transaction, so the server sends one
--- notification per queue per transaction. Jobs scheduled later send none
--- (workers poll). Queue::enqueue runs the same insert as a statement and
--- sends the wake-up after commit, merged with other enqueuers'.
-CREATE OR REPLACE FUNCTION @S@.enqueue(p_queue text, p_payload text,
-                                       p_run_at timestamptz DEFAULT NULL,
-                                       p_priority smallint DEFAULT 0,
-                                       p_max_attempts int DEFAULT 25,
-                                       p_unique_key text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    new_id bigint;
-BEGIN
-    -- ON CONFLICT (a speculative insertion) only when there is a key.
-    IF p_unique_key IS NULL THEN
-        INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts)
-        VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts)
-        RETURNING id INTO new_id;
-    ELSE
-        INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts, unique_key)
-        VALUES (p_queue, p_payload, coalesce(p_run_at, now()), p_priority, p_max_attempts,
-                p_unique_key)
-        ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-        RETURNING id INTO new_id;
-    END IF;
-    IF new_id IS NOT NULL AND (p_run_at IS NULL OR p_run_at <= now()) THEN
-        PERFORM pg_notify('@JOBS@', p_queue);
-    END IF;
-    RETURN new_id;
-END $$;
-
--- Enqueues many jobs (no unique keys) in one statement; one wake-up.
-CREATE OR REPLACE FUNCTION @S@.enqueue_many(p_queue text, p_payloads text[],
-                                            p_run_at timestamptz DEFAULT NULL,
-                                            p_priority smallint DEFAULT 0,
-                                            p_max_attempts int DEFAULT 25) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    n bigint;
-BEGIN
-    INSERT INTO @S@.jobs (queue, payload, run_at, priority, max_attempts)
-    SELECT p_queue, p, coalesce(p_run_at, now()), p_priority, p_max_attempts
-    FROM unnest(p_payloads) AS p;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 AND (p_run_at IS NULL OR p_run_at <= now()) THEN
-        PERFORM pg_notify('@JOBS@', p_queue);
-    END IF;
-    RETURN n;
-END $$;
+-- enqueue() and enqueue_many() are defined by version 4.
 
 -- Claims up to p_limit due jobs of a queue in one statement: SKIP LOCKED
 -- lets concurrent workers take disjoint sets without waiting on each other.
