@@ -11,7 +11,8 @@
 //! and completed, default 100 000), `BENCH_PREFETCH` (the worker's
 //! prefetch, default the worker's own), `BENCH_CHURN` (jobs passed through
 //! before the second latency probe, default 5 000 000, a few minutes; 0
-//! skips the latency phase),
+//! skips the latency phase), `BENCH_WORKER_VACUUM` (0: the churning worker
+//! leaves vacuuming to autovacuum; default 1),
 //! `BENCH_ENQUEUE_RUNS` (interleaved rounds of the one-per-transaction
 //! enqueue comparison, median reported, default 20: many short rounds,
 //! since this machine's speed drifts by more than the difference measured), `DATABASE_URL` (else a
@@ -230,16 +231,17 @@ async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
 const LAT: &str = "bench_claim";
 /// Latency samples per probe.
 const SAMPLES: usize = 500;
-/// Jobs per statement while churning.
+/// Jobs per enqueue statement while churning.
 const CHURN_BATCH: usize = 1000;
-/// Tasks (connections) churning at once.
-const CHURNERS: usize = 4;
+/// Ready jobs at most while churning: enqueueing waits for the worker.
+const CHURN_BACKLOG: u64 = 20_000;
 
 /// Claim latency (p50, p99) on a fresh table, then after `churn` jobs went
-/// through it by the queue's own SQL (`enqueue_many`, `claim`, the
-/// worker's batched `DELETE`): the table and its indexes see the inserts,
-/// claim updates and deletes of real traffic, and autovacuum as the server
-/// is configured.
+/// through it: enqueued a thousand per statement and run by a worker with
+/// 8 do-nothing handlers, as real traffic would (claims, lease extensions,
+/// batched deletes, the worker's own vacuums, autovacuum as the server and
+/// the table are configured). The worker is shut down the moment the last
+/// job is done, so whatever it had not vacuumed yet is still there.
 async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
     let client = ps.pool().get().await?;
     client
@@ -249,48 +251,37 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
     q.install().await?;
     let fresh = claim_latency(&client).await?;
     let t = Instant::now();
-    let left = Arc::new(std::sync::atomic::AtomicU64::new(churn));
-    let mut tasks = Vec::new();
-    for _ in 0..CHURNERS {
-        let (pool, left) = (ps.pool().clone(), left.clone());
-        tasks.push(tokio::spawn(async move {
-            let c = pool.get().await?;
-            let enqueue = c
-                .prepare(&format!("SELECT {LAT}.enqueue_many('{LAT}', $1)"))
-                .await?;
-            let claim = c
-                .prepare(&format!(
-                    "SELECT id, attempt FROM {LAT}.claim('{LAT}', $1, interval '30 s')"
-                ))
-                .await?;
-            let complete = c
-                .prepare(&format!(
-                    "DELETE FROM {LAT}.jobs j USING unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
-                     WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"
-                ))
-                .await?;
-            let payloads: Vec<&str> = vec![PAYLOAD; CHURN_BATCH];
-            let batch = CHURN_BATCH as u64;
-            loop {
-                let more = left
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(batch))
-                    .is_ok();
-                if more {
-                    c.execute(&enqueue, &[&payloads]).await?;
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let (d, a) = (done.clone(), all.clone());
+    let worker = q
+        .worker(LAT)
+        .concurrency(TASKS)
+        .vacuum(env_u64("BENCH_WORKER_VACUUM", 1)? == 1)
+        .run(move |_job: Job| {
+            let (d, a) = (d.clone(), a.clone());
+            async move {
+                if d.fetch_add(1, Ordering::Relaxed) + 1 == churn {
+                    a.notify_one();
                 }
-                let rows = c.query(&claim, &[&(CHURN_BATCH as i32)]).await?;
-                if rows.is_empty() && !more {
-                    return Res::Ok(());
-                }
-                let (ids, attempts): (Vec<i64>, Vec<i32>) =
-                    rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1))).unzip();
-                c.execute(&complete, &[&ids, &attempts]).await?;
+                Ok::<_, String>(())
             }
-        }));
+        })
+        .await?;
+    let payloads: Vec<&str> = vec![PAYLOAD; CHURN_BATCH];
+    let mut enqueued = 0u64;
+    while enqueued < churn {
+        if enqueued - done.load(Ordering::Relaxed) >= CHURN_BACKLOG {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let n = (churn - enqueued).min(CHURN_BATCH as u64) as usize;
+        q.enqueue_batch(LAT, &payloads[..n], &JobOptions::new())
+            .await?;
+        enqueued += n as u64;
     }
-    for t in tasks {
-        t.await??;
-    }
+    all.notified().await;
+    worker.shutdown().await?;
     let churned = t.elapsed();
     let vacuums = autovacuums(&client).await?;
     let after = claim_latency(&client).await?;
@@ -310,17 +301,19 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
     let row = client
         .query_one(
             &format!(
-                "SELECT pg_total_relation_size('{LAT}.jobs'), n_dead_tup, autovacuum_count \
-                 FROM pg_stat_user_tables WHERE relid = '{LAT}.jobs'::regclass"
+                "SELECT pg_total_relation_size('{LAT}.jobs'), n_dead_tup, autovacuum_count, \
+                 vacuum_count FROM pg_stat_user_tables WHERE relid = '{LAT}.jobs'::regclass"
             ),
             &[],
         )
         .await?;
     println!(
-        "  {LAT}.jobs after the churn: {} kB with indexes, {} dead tuples, {} autovacuums",
+        "  {LAT}.jobs after the churn: {} kB with indexes, {} dead tuples, {} autovacuums, \
+         {} vacuums by the worker",
         row.get::<_, i64>(0) / 1024,
         row.get::<_, i64>(1),
-        row.get::<_, i64>(2)
+        row.get::<_, i64>(2),
+        row.get::<_, i64>(3)
     );
     // Once autovacuum (as the server and the table are configured) went
     // over the table after the churn: what a quieter moment sees.

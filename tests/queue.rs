@@ -782,3 +782,91 @@ async fn enqueue_wakes_workers_after_commit_but_not_for_later_jobs() {
     assert!(woken.contains(&now), "no wake-up for {now}: {woken:?}");
     assert!(!woken.contains(&later), "woken for a later job: {woken:?}");
 }
+
+/// Runs `jobs` jobs through one worker of `q` (a schema of its own, so a
+/// jobs table of its own) and shuts it down; returns how many times the
+/// table was vacuumed outside autovacuum by then. Shutdown waits for a
+/// vacuum the worker started, so the count is final.
+async fn vacuums_after(q: &Queue, jobs: usize, vacuum: bool) -> i64 {
+    let name = channel("q_vac");
+    let payloads: Vec<String> = (0..jobs).map(|i| i.to_string()).collect();
+    q.enqueue_batch(&name, &payloads, &JobOptions::new())
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let worker = fast(q, &name)
+        .concurrency(8)
+        .vacuum(vacuum)
+        .run(move |_job: Job| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .unwrap();
+    for _ in 0..jobs {
+        recv(&mut rx).await;
+    }
+    worker.shutdown().await.unwrap();
+    let admin = raw_client().await;
+    let table = format!("{}.jobs", q.schema().as_str());
+    assert!(
+        job_states_in(&admin, &table, &name).await.is_empty(),
+        "all completed"
+    );
+    admin
+        .query_one(
+            "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A queue in a schema no other test uses, installed.
+async fn own_schema_queue(ps: &PgPubSub) -> Queue {
+    let q = ps.queue_in(&channel("q_schema")).unwrap();
+    q.install().await.unwrap();
+    q
+}
+
+#[tokio::test]
+async fn a_worker_vacuums_the_jobs_table_after_many_jobs_unless_told_not_to() {
+    let ps = pubsub().await;
+    // Just over the threshold: one vacuum, before the queue falls quiet.
+    let jobs = 5_100;
+    let q = own_schema_queue(&ps).await;
+    assert!(vacuums_after(&q, jobs, true).await >= 1);
+    let q = own_schema_queue(&ps).await;
+    assert_eq!(vacuums_after(&q, jobs, false).await, 0);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_whose_role_does_not_own_the_table_leaves_vacuum_to_autovacuum() {
+    let admin_ps = pubsub().await;
+    let q = own_schema_queue(&admin_ps).await;
+    let (schema, role) = (q.schema().as_str().to_owned(), channel("q_role"));
+    let admin = raw_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {schema} TO {role};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role};
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role};"
+        ))
+        .await
+        .unwrap();
+    let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
+    let ps = PgPubSub::connect(url.as_str()).await.expect("connect");
+    let q = ps.queue_in(&schema).unwrap();
+    // Past the quiet-moment minimum: the worker tries, finds it may not,
+    // and goes on working.
+    assert_eq!(vacuums_after(&q, 600, true).await, 0);
+    ps.shutdown().await;
+    admin_ps.shutdown().await;
+}

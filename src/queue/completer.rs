@@ -20,8 +20,13 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// previous statement ran goes in the next one, so batches grow with the
 /// load and an idle worker completes a job at once. Ends when every sender
 /// is gone and what they sent is written (or, once they are gone, a write
-/// failed: those jobs run again after their lease).
-pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<(i64, i32)>) {
+/// failed: those jobs run again after their lease). How many jobs each
+/// statement deleted goes to `finished` (the vacuum task), if any.
+pub(super) async fn run(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<(i64, i32)>,
+    finished: Option<mpsc::UnboundedSender<u64>>,
+) {
     let mut batch: Vec<(i64, i32)> = Vec::new();
     let mut open = true;
     loop {
@@ -40,6 +45,10 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<(i64, i32
         }
         match complete(&ctx, &batch).await {
             Ok(n) => {
+                if let Some(finished) = &finished {
+                    // Closed only if the vacuum task gave up: nothing to tell.
+                    let _ = finished.send(n);
+                }
                 ctx.completing(|set| {
                     for claim in &batch {
                         set.remove(claim);

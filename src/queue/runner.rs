@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 
 use super::job::Job;
-use super::{attempt, completer, Queue};
+use super::{attempt, completer, vacuum, Queue};
 use crate::error::Result;
 use crate::{ConnectionEvent, Delivery, Subscription};
 
@@ -51,6 +51,9 @@ pub(super) struct Sql {
     pub(super) fail: String,
     rescue: String,
     give_back: String,
+    pub(super) may_vacuum: String,
+    pub(super) vacuum: String,
+    pub(super) live_jobs: String,
 }
 
 impl Sql {
@@ -89,6 +92,17 @@ impl Sql {
                  WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running' RETURNING 1) \
                  SELECT count(*), pg_notify($3, $4) FROM u HAVING count(*) > 0"
             ),
+            // VACUUM's own rule: the table's owner, the database's, or a
+            // superuser (a member of every role).
+            may_vacuum: format!(
+                "SELECT pg_has_role(c.relowner, 'MEMBER') OR pg_has_role(d.datdba, 'MEMBER') \
+                 FROM pg_class c, pg_database d \
+                 WHERE c.oid = '{s}.jobs'::regclass AND d.datname = current_database()"
+            ),
+            vacuum: format!("VACUUM (SKIP_LOCKED) {s}.jobs"),
+            live_jobs: format!(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = '{s}.jobs'::regclass"
+            ),
         }
     }
 }
@@ -111,6 +125,9 @@ pub(super) struct Runner<F> {
     /// Claims of jobs whose handler returned `Ok`, to the completer.
     done: Option<mpsc::UnboundedSender<(i64, i32)>>,
     completer: Option<JoinHandle<()>>,
+    /// Whether to vacuum the jobs table (see `vacuum`), and the task doing it.
+    vacuum: bool,
+    vacuumer: Option<JoinHandle<()>>,
 }
 
 impl<F, Fut, E> Runner<F>
@@ -141,7 +158,15 @@ where
             waiting: VecDeque::new(),
             done: None,
             completer: None,
+            vacuum: false,
+            vacuumer: None,
         }
+    }
+
+    /// Vacuum the jobs table from this worker (see `vacuum`).
+    pub(super) fn vacuum(mut self, on: bool) -> Self {
+        self.vacuum = on;
+        self
     }
 
     pub(super) async fn run(
@@ -153,7 +178,12 @@ where
         // are deleted in batches while the next claim is under way.
         let (done, rx) = mpsc::unbounded_channel();
         self.done = Some(done);
-        self.completer = Some(tokio::spawn(completer::run(self.ctx.clone(), rx)));
+        let finished = self.vacuum.then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.vacuumer = Some(tokio::spawn(vacuum::run(self.ctx.clone(), rx)));
+            tx
+        });
+        self.completer = Some(tokio::spawn(completer::run(self.ctx.clone(), rx, finished)));
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut extend = tokio::time::interval(self.lease / 3);
@@ -363,6 +393,12 @@ where
         }
         let back: Vec<(i64, i32)> = self.slots.drain().map(|(_, claim)| claim).collect();
         self.give_back(back).await;
+        // Ends with the completer; a vacuum under way is short and finished.
+        if let Some(vacuumer) = self.vacuumer.take() {
+            if let Err(e) = vacuumer.await {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: the vacuum task failed");
+            }
+        }
     }
 
     /// Makes claimed jobs ready again at once, their attempt not counted.

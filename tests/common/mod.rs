@@ -319,9 +319,18 @@ pub async fn queue() -> (PgPubSub, pg_pubsub::queue::Queue) {
 
 /// `(state, attempt)` of each live job of `queue`, by id.
 pub async fn job_states(client: &tokio_postgres::Client, queue: &str) -> Vec<(String, i32)> {
+    job_states_in(client, "pgpubsub.jobs", queue).await
+}
+
+/// [`job_states`] in the jobs table `table` (`schema.jobs`).
+pub async fn job_states_in(
+    client: &tokio_postgres::Client,
+    table: &str,
+    queue: &str,
+) -> Vec<(String, i32)> {
     client
         .query(
-            "SELECT state, attempt FROM pgpubsub.jobs WHERE queue = $1 ORDER BY id",
+            &format!("SELECT state, attempt FROM {table} WHERE queue = $1 ORDER BY id"),
             &[&queue],
         )
         .await
