@@ -227,29 +227,37 @@ async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
     Ok(())
 }
 
-/// The schema (fresh tables of its own) of the claim-latency phase.
+/// The schema (fresh tables of its own) of the claim-latency phase, and
+/// one that never sees traffic, probed alongside it.
 const LAT: &str = "bench_claim";
-/// Latency samples per probe.
+const FRESH: &str = "bench_claim_fresh";
+/// Latency samples per probe and table.
 const SAMPLES: usize = 500;
 /// Jobs per enqueue statement while churning.
 const CHURN_BATCH: usize = 1000;
 /// Ready jobs at most while churning: enqueueing waits for the worker.
 const CHURN_BACKLOG: u64 = 20_000;
 
-/// Claim latency (p50, p99) on a fresh table, then after `churn` jobs went
-/// through it: enqueued a thousand per statement and run by a worker with
-/// 8 do-nothing handlers, as real traffic would (claims, lease extensions,
+/// Claim latency (p50, p99) of the table of [`LAT`] before and after
+/// `churn` jobs went through it, each time against a fresh table probed at
+/// the same moment (samples interleaved: the machine's speed drifts more
+/// in the minutes of the churn than the difference measured). The jobs are
+/// enqueued a thousand per statement and run by a worker with 8
+/// do-nothing handlers, as real traffic would be (claims, lease extensions,
 /// batched deletes, the worker's own vacuums, autovacuum as the server and
 /// the table are configured). The worker is shut down the moment the last
 /// job is done, so whatever it had not vacuumed yet is still there.
 async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
     let client = ps.pool().get().await?;
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {LAT} CASCADE"))
-        .await?;
+    for schema in [LAT, FRESH] {
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await?;
+        ps.queue_in(schema)?.install().await?;
+    }
     let q = ps.queue_in(LAT)?;
-    q.install().await?;
-    let fresh = claim_latency(&client).await?;
+    settle(&client).await?;
+    probe(&client, "before the churn (both fresh)").await?;
     let t = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let all = Arc::new(tokio::sync::Notify::new());
@@ -284,20 +292,6 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
     worker.shutdown().await?;
     let churned = t.elapsed();
     let vacuums = autovacuums(&client).await?;
-    let after = claim_latency(&client).await?;
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "claim latency, 1 job, p50 / p99 of {SAMPLES}: fresh {:.3} / {:.3} ms; \
-         after {churn} jobs ({:.0} s, {:.0} jobs/s) {:.3} / {:.3} ms; ratio {:.2} / {:.2}",
-        ms(fresh.0),
-        ms(fresh.1),
-        churned.as_secs_f64(),
-        rate(churn, churned),
-        ms(after.0),
-        ms(after.1),
-        ms(after.0) / ms(fresh.0),
-        ms(after.1) / ms(fresh.1),
-    );
     let row = client
         .query_one(
             &format!(
@@ -308,32 +302,78 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
         )
         .await?;
     println!(
-        "  {LAT}.jobs after the churn: {} kB with indexes, {} dead tuples, {} autovacuums, \
-         {} vacuums by the worker",
+        "  {churn} jobs in {:.0} s ({:.0} jobs/s); then {LAT}.jobs: {} kB with indexes, \
+         {} dead tuples, {} autovacuums, {} vacuums by the worker",
+        churned.as_secs_f64(),
+        rate(churn, churned),
         row.get::<_, i64>(0) / 1024,
         row.get::<_, i64>(1),
         row.get::<_, i64>(2),
         row.get::<_, i64>(3)
     );
+    settle(&client).await?;
+    probe(&client, &format!("right after {churn} jobs")).await?;
     // Once autovacuum (as the server and the table are configured) went
     // over the table after the churn: what a quieter moment sees.
     let t = Instant::now();
     while autovacuums(&client).await? == vacuums && t.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let waited = t.elapsed();
-    let settled = claim_latency(&client).await?;
-    println!(
-        "  after the next autovacuum ({:.0} s later): {:.3} / {:.3} ms; ratio {:.2} / {:.2}",
-        waited.as_secs_f64(),
-        ms(settled.0),
-        ms(settled.1),
-        ms(settled.0) / ms(fresh.0),
-        ms(settled.1) / ms(fresh.1),
+    let what = format!(
+        "after the next autovacuum ({:.0} s later)",
+        t.elapsed().as_secs_f64()
     );
+    probe(&client, &what).await?;
     client
-        .batch_execute(&format!("DROP SCHEMA {LAT} CASCADE"))
+        .batch_execute(&format!(
+            "DROP SCHEMA {LAT} CASCADE; DROP SCHEMA {FRESH} CASCADE"
+        ))
         .await?;
+    Ok(())
+}
+
+/// Prints the claim latency of [`LAT`] against [`FRESH`], measured together.
+async fn probe(client: &deadpool_postgres::Client, when: &str) -> Res<()> {
+    let [(lat50, lat99), (fresh50, fresh99)] = claim_latency(client, [LAT, FRESH]).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "claim latency {when:<40} p50 / p99 {:.3} / {:.3} ms; fresh table {:.3} / {:.3} ms; ratio {:.2} / {:.2}",
+        ms(lat50),
+        ms(lat99),
+        ms(fresh50),
+        ms(fresh99),
+        ms(lat50) / ms(fresh50),
+        ms(lat99) / ms(fresh99),
+    );
+    Ok(())
+}
+
+/// Waits until no autovacuum worker runs (at most a minute), and says what
+/// it waited for: on 2 cores, one running beside the probe takes half the
+/// machine, which is not what the probe is about (the table's state).
+async fn settle(client: &deadpool_postgres::Client) -> Res<()> {
+    let t = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while t.elapsed() < Duration::from_secs(60) {
+        let rows = client
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'",
+                &[],
+            )
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !seen.is_empty() {
+        println!(
+            "  waited {:.1} s before probing for: {}",
+            t.elapsed().as_secs_f64(),
+            seen.into_iter().collect::<Vec<_>>().join("; ")
+        );
+    }
     Ok(())
 }
 
@@ -352,31 +392,43 @@ async fn autovacuums(client: &deadpool_postgres::Client) -> Res<i64> {
 }
 
 /// p50 and p99 of claiming one job (the `claim` function) on the
-/// otherwise empty queue of [`LAT`]; enqueueing and completing it are not
-/// timed.
-async fn claim_latency(client: &deadpool_postgres::Client) -> Res<(Duration, Duration)> {
-    let enqueue = client
-        .prepare(&format!("SELECT {LAT}.enqueue('{LAT}', $1)"))
-        .await?;
-    let claim = client
-        .prepare(&format!(
-            "SELECT id, attempt FROM {LAT}.claim('{LAT}', 1, interval '30 s')"
-        ))
-        .await?;
-    let complete = client
-        .prepare(&format!(
-            "DELETE FROM {LAT}.jobs WHERE id = $1 AND attempt = $2"
-        ))
-        .await?;
-    let mut times = Vec::with_capacity(SAMPLES);
-    for _ in 0..SAMPLES {
-        client.execute(&enqueue, &[&PAYLOAD]).await?;
-        let t = Instant::now();
-        let row = client.query_one(&claim, &[]).await?;
-        times.push(t.elapsed());
-        let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
-        client.execute(&complete, &[&id, &attempt]).await?;
+/// otherwise empty queue of each schema, samples interleaved; enqueueing
+/// and completing it are not timed.
+async fn claim_latency<const N: usize>(
+    client: &deadpool_postgres::Client,
+    schemas: [&str; N],
+) -> Res<[(Duration, Duration); N]> {
+    let mut stmts = Vec::new();
+    for s in schemas {
+        stmts.push((
+            client
+                .prepare(&format!("SELECT {s}.enqueue('{LAT}', $1)"))
+                .await?,
+            client
+                .prepare(&format!(
+                    "SELECT id, attempt FROM {s}.claim('{LAT}', 1, interval '30 s')"
+                ))
+                .await?,
+            client
+                .prepare(&format!(
+                    "DELETE FROM {s}.jobs WHERE id = $1 AND attempt = $2"
+                ))
+                .await?,
+        ));
     }
-    times.sort();
-    Ok((times[SAMPLES / 2], times[SAMPLES * 99 / 100]))
+    let mut times = vec![Vec::with_capacity(SAMPLES); N];
+    for _ in 0..SAMPLES {
+        for ((enqueue, claim, complete), times) in stmts.iter().zip(&mut times) {
+            client.execute(enqueue, &[&PAYLOAD]).await?;
+            let t = Instant::now();
+            let row = client.query_one(claim, &[]).await?;
+            times.push(t.elapsed());
+            let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
+            client.execute(complete, &[&id, &attempt]).await?;
+        }
+    }
+    Ok(std::array::from_fn(|i| {
+        times[i].sort();
+        (times[i][SAMPLES / 2], times[i][SAMPLES * 99 / 100])
+    }))
 }

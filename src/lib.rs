@@ -29,8 +29,9 @@
 //!       ├── notify ──▶ deadpool pool (or the caller's transaction)
 //!       ├── durable() ─▶ pool: tables + snapshot ticks; wake-ups and the
 //!       │                one-consumer-per-group election go through the listener
-//!       ├── queue() / worker() ─▶ pool: jobs claimed with SKIP LOCKED; wake-ups
-//!       │                          through the listener
+//!       ├── queue() / worker() ─▶ pool: jobs claimed with SKIP LOCKED, deleted
+//!       │                          in batches, the table vacuumed by workers;
+//!       │                          wake-ups through the listener
 //!       ├── changes() ─▶ triggers on users' tables publish ChangeEvents into
 //!       │                durable channels (or NOTIFY); read through durable()
 //!       ├── wal_feed() ─▶ own replication connection (feature `wal`):

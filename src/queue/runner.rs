@@ -60,14 +60,13 @@ impl Sql {
     pub(super) fn new(s: &str) -> Self {
         Sql {
             // `{s}.claim()` written out, so its plan is prepared once rather
-            // than at every call of the SQL function.
+            // than at every call of the SQL function (see it for `ANY`).
             claim: format!(
-                "WITH picked AS MATERIALIZED (SELECT j.id FROM {s}.jobs j \
-                   WHERE j.queue = $1 AND j.state = 'ready' AND j.run_at <= now() \
-                   ORDER BY j.priority DESC, j.run_at, j.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED) \
-                 UPDATE {s}.jobs j SET state = 'running', attempt = j.attempt + 1, \
+                "UPDATE {s}.jobs j SET state = 'running', attempt = j.attempt + 1, \
                    lease_until = now() + make_interval(secs => $3::float8) \
-                 FROM picked WHERE j.id = picked.id \
+                 WHERE j.id = ANY (ARRAY(SELECT p.id FROM {s}.jobs p \
+                   WHERE p.queue = $1 AND p.state = 'ready' AND p.run_at <= now() \
+                   ORDER BY p.priority DESC, p.run_at, p.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED)) \
                  RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload"
             ),
             complete: format!(
@@ -252,6 +251,9 @@ where
             })
             .await?;
         let count = rows.len();
+        // Returned in id order: start the higher priorities first.
+        let mut rows = rows;
+        rows.sort_by_key(|row| std::cmp::Reverse(row.get::<_, i16>(3)));
         for row in rows {
             self.waiting.push_back(Job {
                 id: row.get(0),

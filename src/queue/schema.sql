@@ -58,26 +58,7 @@ CREATE INDEX IF NOT EXISTS dead_jobs_queue ON @S@.dead_jobs (queue, id);
 
 -- enqueue() and enqueue_many() are defined by version 4.
 
--- Claims up to p_limit due jobs of a queue in one statement: SKIP LOCKED
--- lets concurrent workers take disjoint sets without waiting on each other.
--- (id, attempt) is the claim's token for completing, failing and extending.
--- MATERIALIZED: the locked pick runs exactly once, never inlined.
-CREATE OR REPLACE FUNCTION @S@.claim(p_queue text, p_limit int, p_lease interval)
-RETURNS TABLE (id bigint, attempt int, max_attempts int, priority smallint,
-               created_at timestamptz, payload text)
-LANGUAGE sql AS $$
-    WITH picked AS MATERIALIZED (
-        SELECT j.id FROM @S@.jobs j
-        WHERE j.queue = p_queue AND j.state = 'ready' AND j.run_at <= now()
-        ORDER BY j.priority DESC, j.run_at, j.id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE @S@.jobs j
-    SET state = 'running', attempt = j.attempt + 1, lease_until = now() + p_lease
-    FROM picked WHERE j.id = picked.id
-    RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload
-$$;
+-- claim() is defined by version 4.
 
 -- Records a failed attempt: back to ready at now() + p_delay, or, when it
 -- was the last attempt, moved to dead_jobs. Returns 'retry', 'dead', or
