@@ -279,9 +279,9 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn p99(mut v: Vec<u64>) -> f64 {
-    v.sort_unstable();
-    v[(v.len() * 99 / 100).min(v.len() - 1)] as f64 / 1e6
+/// The `pct` percentile of `v` (nanoseconds), in milliseconds; `v` sorted.
+fn pct(v: &[u64], pct: usize) -> f64 {
+    v[(v.len() * pct / 100).min(v.len() - 1)] as f64 / 1e6
 }
 
 /// p99 publish-to-receive at [`RATE`]/s: durable (NOTIFY wake-up) vs ephemeral listen.
@@ -338,7 +338,17 @@ async fn latency(ps: &PgPubSub, d: &Durable, secs: u64) -> Res<()> {
     }
     publisher.await??;
     sub.close().await?;
-    let (pd, pe) = (p99(dur), p99(eph));
+    dur.sort_unstable();
+    eph.sort_unstable();
+    println!(
+        "{:<44} durable {:.2} / {:.2} ms   ephemeral {:.2} / {:.2} ms",
+        "  latency p50 / p90",
+        pct(&dur, 50),
+        pct(&dur, 90),
+        pct(&eph, 50),
+        pct(&eph, 90)
+    );
+    let (pd, pe) = (pct(&dur, 99), pct(&eph, 99));
     println!(
         "{:<44} durable {pd:>10.2} ms     bare {pe:>10.2} ms     ratio {:.2}",
         format!("latency p99 at {RATE}/s (vs ephemeral listen)"),
