@@ -17,7 +17,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{env_u64, line, median, rate, run_main, timed_tasks, Res};
+use common::{bare_inserts, env_u64, line, median, rate, run_main, timed_tasks, Res};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -116,19 +116,13 @@ async fn publish(
     for run in 0..runs {
         // One message per transaction, TASKS tasks.
         let bare = || {
-            timed_tasks(TASKS, single, |i| {
-                let ps = ps.clone();
-                async move {
-                    let c = ps.pool().get().await?;
-                    let stmt = c
-                        .prepare_cached("INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)")
-                        .await?;
-                    for _ in 0..i {
-                        c.execute(&stmt, &[&"single", &PAYLOAD]).await?;
-                    }
-                    Ok(())
-                }
-            })
+            bare_inserts(
+                ps.pool(),
+                TASKS,
+                single,
+                "INSERT INTO bench_bare (channel, payload) VALUES ($1, $2)",
+                ["single", PAYLOAD],
+            )
         };
         let publish_on = |channel: &'static str| {
             timed_tasks(TASKS, single, move |i| {

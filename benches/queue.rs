@@ -21,7 +21,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{env_u64, line, median, rate, run_main, timed_tasks, Res};
+use common::{bare_inserts, env_u64, line, median, rate, run_main, timed_tasks, Res};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,17 +100,13 @@ async fn run(url: &str) -> Res<()> {
             })
         };
         let bare = || {
-            timed_tasks(TASKS, single, |n| {
-                let pool = ps.pool().clone();
-                async move {
-                    let c = pool.get().await?;
-                    let stmt = c.prepare_cached(BARE_INSERT).await?;
-                    for _ in 0..n {
-                        c.execute(&stmt, &[&"bench_single", &PAYLOAD]).await?;
-                    }
-                    Ok(())
-                }
-            })
+            bare_inserts(
+                ps.pool(),
+                TASKS,
+                single,
+                BARE_INSERT,
+                ["bench_single", PAYLOAD],
+            )
         };
         // Alternate which goes first: the tables grow, the machine drifts.
         let (ours, bare) = if run % 2 == 0 {

@@ -65,3 +65,27 @@ where
     }
     Ok(t.elapsed())
 }
+
+/// The bare side of a one-per-transaction comparison: `n` executions of
+/// `sql` with `params` (two texts), split over `tasks` tasks that each hold
+/// one pooled connection throughout; returns the wall time.
+pub async fn bare_inserts(
+    pool: &deadpool_postgres::Pool,
+    tasks: usize,
+    n: u64,
+    sql: &'static str,
+    params: [&'static str; 2],
+) -> Res<Duration> {
+    timed_tasks(tasks, n, |share| {
+        let pool = pool.clone();
+        async move {
+            let c = pool.get().await?;
+            let stmt = c.prepare_cached(sql).await?;
+            for _ in 0..share {
+                c.execute(&stmt, &[&params[0], &params[1]]).await?;
+            }
+            Ok(())
+        }
+    })
+    .await
+}

@@ -267,7 +267,7 @@ pub struct Durable {
     pub(crate) pubsub: PgPubSub,
     pub(crate) schema: SchemaName,
     installed: Arc<OnceCell<()>>,
-    publishing: Arc<publish::Publishing>,
+    publisher: Arc<publish::Publisher>,
 }
 
 impl std::fmt::Debug for Durable {
@@ -293,7 +293,7 @@ impl PgPubSub {
 impl Durable {
     fn new(pubsub: PgPubSub, schema: SchemaName) -> Durable {
         Durable {
-            publishing: Arc::new(publish::Publishing::new(&schema)),
+            publisher: Arc::new(publish::Publisher::new(&schema)),
             pubsub,
             schema,
             installed: Arc::new(OnceCell::new()),

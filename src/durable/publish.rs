@@ -16,7 +16,7 @@ const BATCH_SIZE: usize = 1000;
 
 /// The publish statements of one schema, and the quiet flags they need.
 #[derive(Debug)]
-pub(super) struct Publishing {
+pub(super) struct Publisher {
     /// Inserts and reads the channel's quiet flag; notifies in the
     /// transaction only if `$3` and the channel is not quiet. Returns
     /// whether a wake-up is due. For channels whose flag is not known.
@@ -28,18 +28,18 @@ pub(super) struct Publishing {
     quiet: QuietFlags,
 }
 
-impl Publishing {
+impl Publisher {
     /// The `publish` SQL function's insert as plain statements: a PL/pgSQL
     /// call costs about a quarter of the insert's throughput, a
     /// data-modifying CTE a tenth, the quiet-flag lookup another tenth.
-    pub(super) fn new(schema: &SchemaName) -> Publishing {
+    pub(super) fn new(schema: &SchemaName) -> Publisher {
         let s = schema.as_str();
         let wake = schema.wake_channel();
         let insert = format!(
             "INSERT INTO {s}.messages (part, channel, payload) \
              SELECT r.cur, $1, $2 FROM {s}.rotation r"
         );
-        Publishing {
+        Publisher {
             check: format!(
                 "WITH m AS ({insert}) \
                  SELECT q.due, CASE WHEN q.due AND $3 THEN pg_notify('{wake}', $1) END \
@@ -74,7 +74,7 @@ impl Durable {
     pub async fn publish_raw(&self, channel: &str, payload: &str) -> Result<()> {
         let channel = ChannelName::new(channel)?;
         let name = channel.as_str();
-        let p = &*self.publishing;
+        let p = &*self.publisher;
         let quiet = p.quiet.get(name, Instant::now());
         let publishing = self.pubsub.start_publish();
         let now = publishing.alone();
@@ -182,7 +182,7 @@ impl Durable {
             Ok(())
         })
         .await?;
-        self.publishing
+        self.publisher
             .quiet
             .set(channel.as_str(), quiet, Instant::now());
         Ok(())

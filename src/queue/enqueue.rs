@@ -149,20 +149,20 @@ impl Queue {
 
     /// The `enqueue` SQL function's insert without the function (a
     /// PL/pgSQL call costs about as much as the insert) and without a
-    /// data-modifying CTE (a tenth). With default options only `$1, $2`
-    /// are sent and the table's defaults fill the rest (another tenth of a
+    /// data-modifying CTE (a tenth). `lean` (default options): only `$1,
+    /// $2` are sent and the table's defaults fill the rest (another tenth of a
     /// one-job enqueue). `ON CONFLICT` only with a key: a speculative
     /// insertion costs too. With `notify`, the wake-up is sent in the
     /// transaction (when nothing else of the handle is being published: see
     /// `wake.rs`); a duplicate inserts no row and sends none.
-    fn insert_sql(&self, options: &JobOptions, notify: bool) -> String {
+    fn insert_sql(&self, options: &JobOptions, lean: bool, notify: bool) -> String {
         let notify = if notify {
             format!(", pg_notify('{}', $1)", self.schema.jobs_channel())
         } else {
             String::new()
         };
         let jobs = self.obj("jobs");
-        if options.is_default() {
+        if lean {
             return format!(
                 "INSERT INTO {jobs} (queue, payload) VALUES ($1, $2) RETURNING id{notify}"
             );
@@ -214,17 +214,14 @@ impl Queue {
         options.check()?;
         let publishing = self.pubsub.start_publish();
         let now = publishing.alone() && options.due_now();
-        let sql = self.insert_sql(options, now);
+        let lean = options.is_default();
+        let sql = self.insert_sql(options, lean, now);
         let done = self
             .with_client("enqueue", |client| async move {
                 let stmt = client.prepare_cached(&sql).await?;
                 let p = params(queue, payload, options);
                 let all = p.as_refs();
-                let refs = if options.is_default() {
-                    &all[..2]
-                } else {
-                    &all[..]
-                };
+                let refs = if lean { &all[..2] } else { &all[..] };
                 let row = client.query_opt(&stmt, refs).await?;
                 Ok(row.map(|row| row.get::<_, i64>(0)))
             })

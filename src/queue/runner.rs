@@ -242,7 +242,7 @@ where
         let (sql, name) = (&self.ctx.sql.claim, &*self.ctx.name);
         let limit = n as i32;
         let lease = self.lease.as_secs_f64();
-        let rows = self
+        let mut rows = self
             .ctx
             .queue
             .with_client("claiming jobs", |client| async move {
@@ -252,7 +252,6 @@ where
             .await?;
         let count = rows.len();
         // Returned in id order: start the higher priorities first.
-        let mut rows = rows;
         rows.sort_by_key(|row| std::cmp::Reverse(row.get::<_, i16>(3)));
         for row in rows {
             self.waiting.push_back(Job {
