@@ -8,7 +8,7 @@
 //! `BENCH_PUBLISH_RUNS` (rounds, default 20: many short interleaved rounds
 //! and their median ratio, since this machine's speed drifts by more than
 //! the differences measured), `BENCH_BACKLOG` (default 1 000 000),
-//! `BENCH_LATENCY_SECS` (default 5), `BENCH_SOAK_SECS` (default 60),
+//! `BENCH_LATENCY_SECS` (per side and round, default 3), `BENCH_LATENCY_RUNS` (rounds, median ratio reported, default 3), `BENCH_SOAK_SECS` (default 60),
 //! `BENCH_CONSUME_RUNS` (rounds of that comparison, median reported,
 //! default 3), `BENCH_PHASES` (comma-separated subset of
 //! `publish,consume,latency,soak`; default all), `DATABASE_URL` (else a
@@ -57,7 +57,7 @@ async fn run(url: &str) -> Res<()> {
     let single = env_u64("BENCH_SINGLE", 3_000)?;
     let batched = env_u64("BENCH_BATCHED", 20_000)?;
     let backlog = env_u64("BENCH_BACKLOG", 1_000_000)?;
-    let latency_secs = env_u64("BENCH_LATENCY_SECS", 5)?;
+    let latency_secs = env_u64("BENCH_LATENCY_SECS", 3)?;
     let soak_secs = env_u64("BENCH_SOAK_SECS", 60)?;
     let ps = PgPubSub::builder(url)?
         .pool_size(TASKS + 2)
@@ -278,77 +278,119 @@ fn pct(v: &[u64], pct: usize) -> f64 {
     v[(v.len() * pct / 100).min(v.len() - 1)] as f64 / 1e6
 }
 
-/// p99 publish-to-receive at [`RATE`]/s: durable (NOTIFY wake-up) vs ephemeral listen.
+/// p99 publish-to-receive at [`RATE`]/s: durable (NOTIFY wake-up) vs
+/// ephemeral listen, in `BENCH_LATENCY_RUNS` rounds of `secs` each side
+/// (alternating which goes first), and the median of the rounds' ratios:
+/// a p99 of a few thousand samples swings with the machine.
 async fn latency(ps: &PgPubSub, d: &Durable, secs: u64) -> Res<()> {
+    let runs = env_u64("BENCH_LATENCY_RUNS", 3)?;
+    let mut ratios = Vec::new();
+    for run in 0..runs {
+        let (mut dur, mut eph) = if run % 2 == 0 {
+            let eph = ephemeral_latencies(ps, secs).await?;
+            (durable_latencies(d, secs).await?, eph)
+        } else {
+            let dur = durable_latencies(d, secs).await?;
+            (dur, ephemeral_latencies(ps, secs).await?)
+        };
+        dur.sort_unstable();
+        eph.sort_unstable();
+        println!(
+            "{:<44} durable {:.2} / {:.2} / {:.2} ms   ephemeral {:.2} / {:.2} / {:.2} ms",
+            format!("  latency p50 / p90 / p99, run {run}"),
+            pct(&dur, 50),
+            pct(&dur, 90),
+            pct(&dur, 99),
+            pct(&eph, 50),
+            pct(&eph, 90),
+            pct(&eph, 99)
+        );
+        ratios.push(pct(&dur, 99) / pct(&eph, 99));
+    }
+    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    println!(
+        "{:<44} median ratio {:.2}   (runs: {})",
+        format!("latency p99 at {RATE}/s (vs ephemeral listen)"),
+        median(ratios),
+        shown.join(" ")
+    );
+    Ok(())
+}
+
+/// Publishes at [`RATE`]/s for `secs` from one task; returns how long each
+/// message took from before its publish call to its arrival on `stream`
+/// (`sent` reads the publish time from an item, if it is a message).
+async fn timed_stream<P, Fut, S, F>(secs: u64, publish: P, stream: &mut S, sent: F) -> Res<Vec<u64>>
+where
+    P: Fn(String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Res<()>> + Send,
+    S: futures::Stream + Unpin,
+    F: Fn(S::Item) -> Option<String>,
+{
     let n = RATE * secs;
-    // Ephemeral.
-    let mut sub = ps.listen_raw("bench_latency").await?;
-    let publisher = {
-        let ps = ps.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-            tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-            for _ in 0..n {
-                tick.tick().await;
-                ps.notify_raw("bench_latency", &now_ns().to_string())
-                    .await?;
-            }
-            Res::Ok(())
-        })
-    };
-    let mut eph = Vec::with_capacity(n as usize);
-    while eph.len() < n as usize {
-        if let Some(Delivery::Message(m)) = sub.next().await {
-            eph.push(now_ns().saturating_sub(m.raw().parse()?));
+    let publisher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        for _ in 0..n {
+            tick.tick().await;
+            publish(now_ns().to_string()).await?;
+        }
+        Res::Ok(())
+    });
+    let mut times = Vec::with_capacity(n as usize);
+    while times.len() < n as usize {
+        let item = stream.next().await.ok_or("the stream ended")?;
+        if let Some(at) = sent(item) {
+            times.push(now_ns().saturating_sub(at.parse()?));
         }
     }
     publisher.await??;
-    drop(sub);
-    // Durable.
+    Ok(times)
+}
+
+async fn ephemeral_latencies(ps: &PgPubSub, secs: u64) -> Res<Vec<u64>> {
+    let mut sub = ps.listen_raw("bench_latency").await?;
+    let p = ps.clone();
+    timed_stream(
+        secs,
+        move |t| {
+            let p = p.clone();
+            async move { Ok(p.notify_raw("bench_latency", &t).await?) }
+        },
+        &mut sub,
+        |d| match d {
+            Delivery::Message(m) => Some(m.raw().to_owned()),
+            _ => None,
+        },
+    )
+    .await
+}
+
+async fn durable_latencies(d: &Durable, secs: u64) -> Res<Vec<u64>> {
     let mut sub = d
         .consumer("bench_latency", "lat")
         .start(pg_pubsub::durable::Start::Latest)
         .subscribe()
         .await?;
-    let publisher = {
-        let d = d.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-            tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-            for _ in 0..n {
-                tick.tick().await;
-                d.publish_raw("bench_latency", &now_ns().to_string())
-                    .await?;
+    let p = d.clone();
+    let times = timed_stream(
+        secs,
+        move |t| {
+            let p = p.clone();
+            async move { Ok(p.publish_raw("bench_latency", &t).await?) }
+        },
+        &mut sub,
+        |d| match d {
+            DurableDelivery::Message(m) => {
+                m.ack();
+                Some(m.payload().to_owned())
             }
-            Res::Ok(())
-        })
-    };
-    let mut dur = Vec::with_capacity(n as usize);
-    while dur.len() < n as usize {
-        if let Some(DurableDelivery::Message(m)) = sub.next().await {
-            dur.push(now_ns().saturating_sub(m.payload().parse()?));
-            m.ack();
-        }
-    }
-    publisher.await??;
+            _ => None,
+        },
+    )
+    .await?;
     sub.close().await?;
-    dur.sort_unstable();
-    eph.sort_unstable();
-    println!(
-        "{:<44} durable {:.2} / {:.2} ms   ephemeral {:.2} / {:.2} ms",
-        "  latency p50 / p90",
-        pct(&dur, 50),
-        pct(&dur, 90),
-        pct(&eph, 50),
-        pct(&eph, 90)
-    );
-    let (pd, pe) = (pct(&dur, 99), pct(&eph, 99));
-    println!(
-        "{:<44} durable {pd:>10.2} ms     bare {pe:>10.2} ms     ratio {:.2}",
-        format!("latency p99 at {RATE}/s (vs ephemeral listen)"),
-        pd / pe
-    );
-    Ok(())
+    Ok(times)
 }
 
 /// Publishes at [`RATE`]/s for `secs` to a channel with two groups: one

@@ -54,6 +54,15 @@ impl Position {
         }
     }
 
+    /// Before every message of batch `tick`.
+    pub(crate) fn start_of_tick(tick: i64) -> Position {
+        Position {
+            tick,
+            xid: 0,
+            seq: 0,
+        }
+    }
+
     /// The `xid` as a statement parameter.
     pub(crate) fn xid8(&self) -> Xid8 {
         Xid8(self.xid)
