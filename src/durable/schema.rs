@@ -1,7 +1,8 @@
-//! The crate's schema: its name, its versioned SQL scripts (one migration
-//! per capability: v1 durable channels, v2 the work queue, v3 trigger
-//! change feeds, v4 the jobs table without CHECK constraints), installing them, and the names derived from it (wake-up
-//! channels, election names).
+//! The crate's schema: its name, its versioned SQL scripts (v1 durable
+//! channels, v2 the work queue, v3 trigger change feeds, v4 the jobs table
+//! without CHECK constraints and a stable claim plan, v5 `read` starting its
+//! scan at the batch), installing them, and the names derived from it
+//! (wake-up channels, election names).
 
 use tokio::sync::OnceCell;
 
@@ -9,7 +10,7 @@ use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The schema version this crate writes and reads: the last migration.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -29,6 +30,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../queue/schema.sql")),
     (3, include_str!("../changes/schema.sql")),
     (4, include_str!("../queue/schema_v4.sql")),
+    (5, include_str!("schema_v5.sql")),
 ];
 
 /// A validated schema name: a lowercase SQL identifier (`[a-z_][a-z0-9_]*`,
