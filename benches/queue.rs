@@ -22,11 +22,11 @@
 mod common;
 
 use common::{bare_inserts, env_u64, line, median, rate, run_main, timed_tasks, Res};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_pubsub::queue::{Job, JobOptions, Queue};
+use pg_pubsub::queue::{Job, JobOptions, Queue, WorkerBuilder};
 use pg_pubsub::PgPubSub;
 
 /// Concurrent tasks / connections / handlers.
@@ -199,28 +199,53 @@ async fn run(url: &str) -> Res<()> {
 
 /// Runs a worker with 8 do-nothing handlers until `n` jobs were handled.
 async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
-    let count = Arc::new(AtomicUsize::new(0));
-    let all = Arc::new(tokio::sync::Notify::new());
-    let (c, a) = (count.clone(), all.clone());
     let worker = q.worker(queue).concurrency(TASKS);
     let worker = match std::env::var("BENCH_PREFETCH") {
         Ok(p) => worker.prefetch(p.parse()?),
         Err(_) => worker,
     };
-    let worker = worker
-        .run(move |_job: Job| {
-            let (c, a) = (c.clone(), a.clone());
-            async move {
-                if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                    a.notify_one();
+    let counted = Counted::start(worker, n as u64).await?;
+    counted.finish().await
+}
+
+/// A worker whose do-nothing handlers count the jobs they ran, and say when
+/// the `n`th is done.
+struct Counted {
+    worker: pg_pubsub::queue::Worker,
+    done: Arc<AtomicU64>,
+    all: Arc<tokio::sync::Notify>,
+}
+
+impl Counted {
+    async fn start(builder: WorkerBuilder, n: u64) -> Res<Counted> {
+        let done = Arc::new(AtomicU64::new(0));
+        let all = Arc::new(tokio::sync::Notify::new());
+        let (d, a) = (done.clone(), all.clone());
+        let worker = builder
+            .run(move |_job: Job| {
+                let (d, a) = (d.clone(), a.clone());
+                async move {
+                    if d.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                        a.notify_one();
+                    }
+                    Ok::<_, String>(())
                 }
-                Ok::<_, String>(())
-            }
-        })
-        .await?;
-    all.notified().await;
-    worker.shutdown().await?;
-    Ok(())
+            })
+            .await?;
+        Ok(Counted { worker, done, all })
+    }
+
+    /// Jobs run so far.
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the `n`th job, then shuts the worker down.
+    async fn finish(self) -> Res<()> {
+        self.all.notified().await;
+        self.worker.shutdown().await?;
+        Ok(())
+    }
 }
 
 /// The schema (fresh tables of its own) of the claim-latency phase, and
@@ -255,27 +280,15 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
     settle(&client).await?;
     probe(&client, "before the churn (both fresh)").await?;
     let t = Instant::now();
-    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let all = Arc::new(tokio::sync::Notify::new());
-    let (d, a) = (done.clone(), all.clone());
     let worker = q
         .worker(LAT)
         .concurrency(TASKS)
-        .vacuum(env_u64("BENCH_WORKER_VACUUM", 1)? == 1)
-        .run(move |_job: Job| {
-            let (d, a) = (d.clone(), a.clone());
-            async move {
-                if d.fetch_add(1, Ordering::Relaxed) + 1 == churn {
-                    a.notify_one();
-                }
-                Ok::<_, String>(())
-            }
-        })
-        .await?;
+        .vacuum(env_u64("BENCH_WORKER_VACUUM", 1)? == 1);
+    let counted = Counted::start(worker, churn).await?;
     let payloads: Vec<&str> = vec![PAYLOAD; CHURN_BATCH];
     let mut enqueued = 0u64;
     while enqueued < churn {
-        if enqueued - done.load(Ordering::Relaxed) >= CHURN_BACKLOG {
+        if enqueued - counted.done() >= CHURN_BACKLOG {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
@@ -284,8 +297,7 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
             .await?;
         enqueued += n as u64;
     }
-    all.notified().await;
-    worker.shutdown().await?;
+    counted.finish().await?;
     let churned = t.elapsed();
     let vacuums = autovacuums(&client).await?;
     let row = client

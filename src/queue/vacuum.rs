@@ -23,13 +23,13 @@ use tokio::sync::mpsc;
 use super::runner::Ctx;
 
 /// Jobs a worker finishes between two of its vacuums, at least.
-pub(super) const MIN_JOBS: u64 = 5_000;
+const MIN_JOBS: u64 = 5_000;
 /// Of the live jobs in the table: the threshold grows with them.
 const LIVE_SHARE: f64 = 0.05;
 /// Jobs finished since the last vacuum that make a quiet moment worth one.
-pub(super) const IDLE_MIN_JOBS: u64 = 500;
+const IDLE_MIN_JOBS: u64 = 500;
 /// No job finished for this long: the queue is quiet.
-pub(super) const IDLE_AFTER: Duration = Duration::from_millis(200);
+const IDLE_AFTER: Duration = Duration::from_millis(200);
 
 /// When to vacuum: counts the jobs finished since the last vacuum.
 #[derive(Debug, Clone, PartialEq)]
