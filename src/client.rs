@@ -241,6 +241,17 @@ impl Builder {
         self
     }
 
+    /// Whether the first use of a durable, queue or change-feed handle may
+    /// apply pending schema migrations itself (default: `true`). With
+    /// `false`, a handle only checks the schema and fails with
+    /// [`ErrorKind::Schema`](crate::ErrorKind::Schema) while anything is
+    /// pending: migrate from a deploy step with [`PgPubSub::migrate`] or
+    /// `pg-pubsub migrate up`. See [`schema`](crate::schema).
+    pub fn auto_migrate(mut self, auto: bool) -> Self {
+        self.opts.auto_migrate = auto;
+        self
+    }
+
     /// Bound on [`PgPubSub::shutdown`] talking to the server. Default: 5 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.opts.shutdown_timeout = timeout;
@@ -557,6 +568,11 @@ impl PgPubSub {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::shut_down()),
         }
+    }
+
+    /// Whether capability handles may migrate the schema on first use.
+    pub(crate) fn auto_migrate(&self) -> bool {
+        self.inner.opts.auto_migrate
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {

@@ -102,6 +102,7 @@ pub(crate) struct Options {
     pub lock_retry_interval: Duration,
     pub handover_timeout: Duration,
     pub event_capacity: usize,
+    pub auto_migrate: bool,
 }
 
 impl Default for Options {
@@ -121,6 +122,7 @@ impl Default for Options {
             lock_retry_interval: Duration::from_millis(500),
             handover_timeout: Duration::from_secs(1),
             event_capacity: 1024,
+            auto_migrate: true,
         }
     }
 }

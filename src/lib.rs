@@ -150,6 +150,7 @@ mod inbox;
 mod message;
 mod publish;
 pub mod queue;
+pub mod schema;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;

@@ -731,19 +731,6 @@ async fn automatic_max_age_retention_is_signalled_in_stream_and_as_an_event() {
     ps.shutdown().await;
 }
 
-#[tokio::test]
-async fn the_schema_script_is_printable_and_rerunnable() {
-    let ps = pubsub().await;
-    let schema = format!("dur_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let name = pg_pubsub::durable::SchemaName::new(&schema).unwrap();
-    let script = pg_pubsub::durable::schema_sql(&name);
-    let client = raw_client().await;
-    client.batch_execute(&script).await.unwrap();
-    client.batch_execute(&script).await.unwrap();
-    ps.durable_in(&schema).unwrap().install().await.unwrap();
-    ps.shutdown().await;
-}
-
 /// `pg-pubsub durable tail` processes, SIGKILLed mid-stream.
 #[cfg(feature = "cli")]
 mod cli {
@@ -857,17 +844,6 @@ mod cli {
         }
         assert_quiet(&mut sub, Duration::from_millis(200)).await;
         ps.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn the_schema_command_prints_the_script() {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
-            .args(["schema", "--schema", "other"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let script = String::from_utf8(out.stdout).unwrap();
-        assert!(script.contains("CREATE TABLE IF NOT EXISTS other.messages"));
     }
 }
 

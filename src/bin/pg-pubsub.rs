@@ -25,6 +25,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 mod changes_cmd;
 #[path = "pg-pubsub/durable_cmd.rs"]
 mod durable_cmd;
+#[path = "pg-pubsub/migrate_cmd.rs"]
+mod migrate_cmd;
 #[path = "pg-pubsub/queue_cmd.rs"]
 mod queue_cmd;
 #[path = "pg-pubsub/wal_cmd.rs"]
@@ -65,8 +67,8 @@ enum Command {
     Notify(NotifyArgs),
     /// Durable channels: stored messages, consumer groups.
     Durable(durable_cmd::DurableArgs),
-    /// Print the SQL script that installs the schema (durable channels and work queue).
-    Schema(durable_cmd::SchemaArgs),
+    /// The schema's migrations: status, apply pending ones, print the script.
+    Migrate(migrate_cmd::MigrateArgs),
     /// Work queue: enqueue jobs, run a worker command, stats, dead jobs.
     Queue(queue_cmd::QueueArgs),
     /// Change feeds: install triggers on a table, print its changes.
@@ -152,7 +154,7 @@ async fn main() -> ExitCode {
         Command::Listen(args) => listen(&cli.conn, args).await,
         Command::Notify(args) => notify(&cli.conn, args).await,
         Command::Durable(args) => durable_cmd::run(&cli.conn, args).await,
-        Command::Schema(args) => durable_cmd::schema(args),
+        Command::Migrate(args) => migrate_cmd::run(&cli.conn, args).await,
         Command::Queue(args) => queue_cmd::run(&cli.conn, args).await,
         Command::Changes(args) => changes_cmd::run(&cli.conn, args).await,
     };

@@ -48,7 +48,7 @@
 //!
 //! **Privileges.** The triggers run as the role that writes to the table,
 //! which therefore needs what a publish-only role needs
-//! ([`schema_sql`](crate::durable::schema_sql) lists it) plus `EXECUTE` on
+//! ([`schema_sql`](crate::schema::schema_sql) lists it) plus `EXECUTE` on
 //! the `change_*` functions; installing needs ownership of the table
 //! (`CREATE TRIGGER`) and `INSERT`/`UPDATE` on `change_feeds`. A dropped
 //! table loses its triggers with it; its `change_feeds` row stays until

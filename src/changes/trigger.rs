@@ -76,7 +76,7 @@ impl Changes {
     /// The script [`install_change_feed`](Self::install_change_feed) runs
     /// (`DROP TRIGGER IF EXISTS`, `CREATE TRIGGER`, and a row in
     /// `change_feeds`), in a transaction, for a DBA to read or run with
-    /// `psql` (the schema must be installed: `pg-pubsub schema`). `table`
+    /// `psql` (the schema must be installed: `pg-pubsub migrate up`). `table`
     /// is any name `regclass` accepts: `orders`, `shop.orders`,
     /// `"Weird Schema"."Order Items"`.
     pub async fn install_change_feed_sql(

@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
 use super::position::{Position, Snapshot, Xid8};
-use super::schema::election_channel;
+use crate::schema::election_channel;
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};

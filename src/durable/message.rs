@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use tokio::sync::Notify;
 
 use super::position::{Position, Xid8};
-use super::schema::SchemaName;
+use crate::schema::SchemaName;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
 

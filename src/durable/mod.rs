@@ -22,7 +22,7 @@
 //!
 //! ## The table
 //!
-//! [`schema_sql`] prints the whole script (`pg-pubsub schema`). In schema
+//! [`schema_sql`](crate::schema::schema_sql) prints the whole script (`pg-pubsub migrate print`). In schema
 //! `pgpubsub` (configurable, [`PgPubSub::durable_in`]):
 //! * `messages(channel, xid xid8 DEFAULT pg_current_xact_id(), seq, published_at, payload text, part)`,
 //!   indexed on `(channel, xid, seq)`, list-partitioned on `part` into
@@ -236,7 +236,6 @@ mod message;
 mod position;
 mod publish;
 mod quiet;
-mod schema;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -247,14 +246,12 @@ pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
 pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
-pub use schema::{
-    election_channel, schema_sql, SchemaName, DEFAULT_SCHEMA, INSTALL_LOCK_KEY, SCHEMA_VERSION,
-};
+pub use crate::schema::election_channel;
+pub(crate) use crate::schema::SchemaName;
 
 use crate::client::PgPubSub;
 use crate::error::{ErrorKind, Result};
 
-pub(crate) use schema::ensure as ensure_schema;
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
@@ -310,11 +307,11 @@ impl Durable {
         &self.pubsub
     }
 
-    /// Creates or checks the schema (see [`schema_sql`]). Safe when several
+    /// Creates or checks the schema (see [`crate::schema`]). Safe when several
     /// processes install at once; fails with [`ErrorKind::Config`] if the
     /// database holds a newer schema version.
     pub async fn install(&self) -> Result<()> {
-        schema::ensure(&self.pubsub, &self.schema, &self.installed).await
+        crate::schema::ensure(&self.pubsub, &self.schema, &self.installed).await
     }
 
     /// Runs `f` on a pooled connection (installing the schema first) within

@@ -25,7 +25,7 @@
 //!
 //! ## The tables
 //!
-//! Schema versions 2 and 4 of the crate's schema ([`schema_sql`](crate::durable::schema_sql)):
+//! In the crate's schema ([`schema_sql`](crate::schema::schema_sql)):
 //! * `jobs(id, queue, state, priority, run_at, attempt, max_attempts,
 //!   lease_until, unique_key, last_error, created_at, payload)`: only jobs
 //!   that are `ready` (due or scheduled) or `running`. A completed job is
@@ -99,7 +99,7 @@ pub use job::Job;
 pub use worker::{Worker, WorkerBuilder};
 
 use crate::client::PgPubSub;
-use crate::durable::SchemaName;
+use crate::schema::SchemaName;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The longest queue name accepted, in bytes.
@@ -180,7 +180,7 @@ impl Queue {
     /// Creates or upgrades the schema (the same installer as durable
     /// channels). Safe when several processes install at once.
     pub async fn install(&self) -> Result<()> {
-        crate::durable::ensure_schema(&self.pubsub, &self.schema, &self.installed).await
+        crate::schema::ensure(&self.pubsub, &self.schema, &self.installed).await
     }
 
     /// Runs `f` on a pooled connection (installing the schema first) within

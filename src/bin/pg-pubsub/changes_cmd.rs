@@ -11,7 +11,7 @@ use super::{connect, note, ConnOpts, Result, Tuning};
 #[derive(Args)]
 pub(crate) struct ChangesArgs {
     /// Schema holding the change-feed functions and durable tables.
-    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA, global = true)]
+    #[arg(long, default_value = pg_pubsub::schema::DEFAULT_SCHEMA, global = true)]
     schema: String,
     #[command(subcommand)]
     command: ChangesCommand,
@@ -96,7 +96,7 @@ fn parse_level(s: &str) -> Result<TriggerLevel, String> {
 }
 
 pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
-    pg_pubsub::durable::SchemaName::new(&args.schema)?;
+    pg_pubsub::schema::SchemaName::new(&args.schema)?;
     match args.command {
         ChangesCommand::Install(a) => {
             let ps = connect(conn, Tuning::default()).await?;

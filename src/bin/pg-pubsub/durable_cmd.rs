@@ -1,13 +1,12 @@
-//! `pg-pubsub durable …` and `pg-pubsub schema`: durable channels from the shell.
+//! `pg-pubsub durable …`: durable channels from the shell.
 
-use std::io::Write as _;
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use pg_pubsub::durable::{
-    schema_sql, Durable, DurableDelivery, DurableMessage, DurableSubscription, Position,
-    SchemaName, Start,
+    Durable, DurableDelivery, DurableMessage, DurableSubscription, Position, Start,
 };
+use pg_pubsub::schema::SchemaName;
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
 use super::{
@@ -18,7 +17,7 @@ use super::{
 #[derive(Args)]
 pub(crate) struct DurableArgs {
     /// Schema holding the durable tables.
-    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA, global = true)]
+    #[arg(long, default_value = pg_pubsub::schema::DEFAULT_SCHEMA, global = true)]
     schema: String,
     #[command(subcommand)]
     command: DurableCommand,
@@ -58,13 +57,6 @@ struct TailArgs {
     from: Start,
 }
 
-#[derive(Args)]
-pub(crate) struct SchemaArgs {
-    /// Schema name.
-    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA)]
-    schema: String,
-}
-
 pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
     match s {
         "earliest" => Ok(Start::Earliest),
@@ -74,14 +66,6 @@ pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
             .map(Start::After)
             .map_err(|e| format!("expected earliest, latest or a position: {e}")),
     }
-}
-
-/// `pg-pubsub schema`: prints the installation script.
-pub(crate) fn schema(args: SchemaArgs) -> Result<()> {
-    let name = SchemaName::new(&args.schema)?;
-    std::io::stdout()
-        .write_all(schema_sql(&name).as_bytes())
-        .map_err(|e| Failure(format!("writing to stdout: {e}")))
 }
 
 pub(crate) async fn run(conn: &ConnOpts, args: DurableArgs) -> Result<()> {

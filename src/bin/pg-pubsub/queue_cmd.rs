@@ -17,7 +17,7 @@ const STDERR_TAIL: usize = 4096;
 #[derive(Args)]
 pub(crate) struct QueueArgs {
     /// Schema holding the queue tables.
-    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA, global = true)]
+    #[arg(long, default_value = pg_pubsub::schema::DEFAULT_SCHEMA, global = true)]
     schema: String,
     #[command(subcommand)]
     command: QueueCommand,
@@ -101,7 +101,7 @@ fn seconds(s: f64, what: &str) -> Result<Duration> {
 }
 
 pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
-    pg_pubsub::durable::SchemaName::new(&args.schema)?;
+    pg_pubsub::schema::SchemaName::new(&args.schema)?;
     if let QueueCommand::Work(w) = args.command {
         return work(conn, &args.schema, w).await;
     }

@@ -1,83 +1,6 @@
--- pg-pubsub durable channels, schema version 1.
--- Safe to run more than once and from several sessions at once: the
--- advisory lock serialises installers, every object is IF NOT EXISTS or
--- CREATE OR REPLACE.
-BEGIN;
-SELECT pg_advisory_xact_lock(@LOCK@);
-CREATE SCHEMA IF NOT EXISTS @S@;
-
-CREATE TABLE IF NOT EXISTS @S@.schema_version (
-    version      int PRIMARY KEY,
-    installed_at timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE SEQUENCE IF NOT EXISTS @S@.messages_seq;
-
--- Rotation (see the module docs): messages is a ring of four list
--- partitions; publishers write to rotation.cur, and retain() empties the
--- others with TRUNCATE once nothing in them is needed. Nothing else ever
--- runs DDL on messages after install.
-CREATE TABLE IF NOT EXISTS @S@.rotation (
-    one         boolean     PRIMARY KEY DEFAULT true CHECK (one),
-    cur         int         NOT NULL DEFAULT 0,
-    switched_at timestamptz NOT NULL DEFAULT now()
-);
-INSERT INTO @S@.rotation DEFAULT VALUES ON CONFLICT DO NOTHING;
-
--- The partition publishers write to now (the default of messages.part).
-CREATE OR REPLACE FUNCTION @S@.current_part() RETURNS int
-LANGUAGE sql STABLE AS $$ SELECT r.cur FROM @S@.rotation r $$;
-
--- One row per message. xid is the publishing transaction (top level, also
--- inside savepoints); text has no size limit short of 1 GB. part only
--- says where the row is stored: positions and order never depend on it.
-CREATE TABLE IF NOT EXISTS @S@.messages (
-    channel      text        NOT NULL,
-    xid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
-    seq          bigint      NOT NULL DEFAULT nextval('@S@.messages_seq'),
-    published_at timestamptz NOT NULL DEFAULT now(),
-    payload      text        NOT NULL,
-    part         int         NOT NULL DEFAULT @S@.current_part()
-) PARTITION BY LIST (part);
-CREATE TABLE IF NOT EXISTS @S@.messages_0 PARTITION OF @S@.messages FOR VALUES IN (0);
-CREATE TABLE IF NOT EXISTS @S@.messages_1 PARTITION OF @S@.messages FOR VALUES IN (1);
-CREATE TABLE IF NOT EXISTS @S@.messages_2 PARTITION OF @S@.messages FOR VALUES IN (2);
-CREATE TABLE IF NOT EXISTS @S@.messages_3 PARTITION OF @S@.messages FOR VALUES IN (3);
-CREATE INDEX IF NOT EXISTS messages_channel_xid_seq ON @S@.messages (channel, xid, seq);
-
--- Snapshots taken by tick(): batch N of a channel is what became visible
--- between its tick N-1 (or nothing) and tick N.
-CREATE TABLE IF NOT EXISTS @S@.ticks (
-    channel    text        NOT NULL,
-    tick_id    bigint      NOT NULL,
-    snap       pg_snapshot NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (channel, tick_id)
-);
-
--- One cursor per consumer group: the position (tick_id, xid, seq) of the
--- last acked message. lost counts messages removed by max-age retention
--- before the group read them, until its consumer reports them.
-CREATE TABLE IF NOT EXISTS @S@.groups (
-    channel    text        NOT NULL,
-    group_name text        NOT NULL,
-    tick_id    bigint      NOT NULL,
-    xid        xid8        NOT NULL,
-    seq        bigint      NOT NULL,
-    lost       bigint      NOT NULL DEFAULT 0,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    acked_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (channel, group_name)
-);
-
--- Per-channel settings. quiet: publish without NOTIFY (consumers poll).
--- max_age: the maximum age its last retain() call asked for, which every
--- rotation applies to the channel's messages.
-CREATE TABLE IF NOT EXISTS @S@.channels (
-    channel text PRIMARY KEY,
-    quiet   boolean NOT NULL DEFAULT false,
-    max_age interval
-);
+-- pg-pubsub functions of durable channels (publish, tick, read, retain).
+-- Re-applied by the installer whenever this file changes (see
+-- src/schema/mod.rs for the rule: a change ships with a new migration).
 
 -- Publishes one message in the caller's transaction. The wake-up payload is
 -- the channel name, identical for every message of a transaction, so the
@@ -180,8 +103,6 @@ LANGUAGE sql STABLE AS $$
         (SELECT t.snap FROM @S@.ticks t WHERE t.channel = p_channel AND t.tick_id = p_tick),
         '1:1:'::pg_snapshot)
 $$;
-
--- read() is defined by version 5.
 
 -- For a consumer reading batch p_tick after (p_xid, p_seq): the batch's
 -- bounds (the previous tick's xmax and this tick's snapshot) when the rest
@@ -402,5 +323,104 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO @S@.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
-COMMIT;
+-- Up to p_limit messages after position (p_tick, p_xid, p_seq), in
+-- delivery order, all from one batch: the rest of batch p_tick, else the
+-- first non-empty later batch.
+CREATE OR REPLACE FUNCTION @S@.read(p_channel text, p_tick bigint, p_xid xid8, p_seq bigint, p_limit int)
+RETURNS TABLE (tick_id bigint, xid xid8, seq bigint, published_at timestamptz, payload text)
+-- VOLATILE on purpose, like range_of: each statement then takes its
+-- snapshot after locking the partitions, so a rotation that committed
+-- meanwhile is seen whole (TRUNCATE is not MVCC-safe for older snapshots).
+LANGUAGE plpgsql VOLATILE SET enable_seqscan = off AS $$
+DECLARE
+    nx_id   bigint;
+    nx_snap pg_snapshot;
+    pv      pg_snapshot;
+    xips    xid8[];
+    n       bigint;
+    exact   boolean := true;
+    lo_xid  xid8;
+    lo_seq  bigint;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '@S@.read() needs READ COMMITTED isolation';
+    END IF;
+    LOOP
+        nx_id := NULL;
+        IF exact THEN
+            SELECT t.tick_id, t.snap INTO nx_id, nx_snap FROM @S@.ticks t
+            WHERE t.channel = p_channel AND t.tick_id = p_tick;
+        END IF;
+        IF nx_id IS NULL THEN
+            SELECT t.tick_id, t.snap INTO nx_id, nx_snap FROM @S@.ticks t
+            WHERE t.channel = p_channel AND t.tick_id > p_tick
+            ORDER BY t.tick_id LIMIT 1;
+            IF nx_id IS NULL THEN
+                RETURN;
+            END IF;
+            p_xid := '0'; p_seq := 0;
+        END IF;
+        pv := @S@.snap_before(p_channel, nx_id);
+        -- Only the in-progress transactions that have something left to
+        -- read here (one index probe each): usually none, and then the
+        -- page is a single ordered range scan, without union or sort.
+        xips := ARRAY(SELECT x.xid FROM pg_snapshot_xip(pv) AS x(xid)
+                      WHERE pg_visible_in_snapshot(x.xid, nx_snap)
+                        AND EXISTS (SELECT 1 FROM @S@.messages m
+                                    WHERE m.channel = p_channel AND m.xid = x.xid
+                                      AND (m.xid, m.seq) > (p_xid, p_seq)));
+        -- The range half starts at the later of the cursor and the batch's
+        -- lower bound (messages have seq >= 1, so (xmax, 0) is before the
+        -- first message of xid xmax). With the cursor alone, the start of
+        -- a batch ('0', 0) made the index scan begin at the channel's first
+        -- message and walk every earlier one: reads slowed down as the
+        -- channel grew.
+        IF (p_xid, p_seq) < (pg_snapshot_xmax(pv), 0::bigint) THEN
+            lo_xid := pg_snapshot_xmax(pv); lo_seq := 0;
+        ELSE
+            lo_xid := p_xid; lo_seq := p_seq;
+        END IF;
+        IF cardinality(xips) = 0 THEN
+            RETURN QUERY
+            SELECT nx_id, m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
+            WHERE m1.channel = p_channel
+              AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
+              AND (m1.xid, m1.seq) > (lo_xid, lo_seq)
+              AND pg_visible_in_snapshot(m1.xid, nx_snap)
+            ORDER BY m1.xid, m1.seq LIMIT p_limit;
+        ELSE
+            -- Not visible in pv means: xid >= xmax(pv), or xid in progress in pv.
+            -- Each half is ordered and limited on its own so that a page reads
+            -- at most p_limit index entries per half, whatever the batch size:
+            -- an index range scan, and one index lookup per transaction that
+            -- was in progress at the previous tick.
+            RETURN QUERY
+            SELECT nx_id, m.xid, m.seq, m.published_at, m.payload FROM (
+                (SELECT m1.xid, m1.seq, m1.published_at, m1.payload FROM @S@.messages m1
+                 WHERE m1.channel = p_channel
+                   AND m1.xid >= pg_snapshot_xmax(pv) AND m1.xid < pg_snapshot_xmax(nx_snap)
+                   AND (m1.xid, m1.seq) > (lo_xid, lo_seq)
+                   AND pg_visible_in_snapshot(m1.xid, nx_snap)
+                 ORDER BY m1.xid, m1.seq LIMIT p_limit)
+                UNION ALL
+                (SELECT m2.xid, m2.seq, m2.published_at, m2.payload
+                 FROM unnest(xips) AS x(xid)
+                 CROSS JOIN LATERAL (
+                     SELECT m3.xid, m3.seq, m3.published_at, m3.payload FROM @S@.messages m3
+                     WHERE m3.channel = p_channel AND m3.xid = x.xid
+                       AND (m3.xid, m3.seq) > (p_xid, p_seq)
+                       AND pg_visible_in_snapshot(m3.xid, nx_snap)
+                     ORDER BY m3.seq LIMIT p_limit) AS m2
+                 ORDER BY m2.xid, m2.seq LIMIT p_limit)
+            ) AS m
+            ORDER BY m.xid, m.seq
+            LIMIT p_limit;
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            RETURN;
+        END IF;
+        p_tick := nx_id;
+        exact := false;
+    END LOOP;
+END $$;

@@ -1,5 +1,6 @@
--- pg-pubsub trigger change feeds, schema version 3 (on top of 1 and 2).
--- Safe to run more than once and from several sessions at once.
+-- pg-pubsub functions of trigger change feeds.
+-- Re-applied by the installer whenever this file changes (see
+-- src/schema/mod.rs for the rule: a change ships with a new migration).
 --
 -- Installing a feed is only CREATE TRIGGER: the trigger functions below are
 -- generic, parameterised by their arguments (TG_ARGV):
@@ -11,21 +12,6 @@
 --   [6] primary key columns ('' = none): pairs old and new rows of an
 --       UPDATE in the statement-level trigger, and is what a NOTIFY carries
 --       when the whole event would not fit in 8000 bytes.
-BEGIN;
-SELECT pg_advisory_xact_lock(@LOCK@);
-CREATE SCHEMA IF NOT EXISTS @S@;
-
--- One row per installed feed; change_feed_sql() keeps it up to date.
-CREATE TABLE IF NOT EXISTS @S@.change_feeds (
-    tbl          regclass    PRIMARY KEY,
-    channel      text        NOT NULL,
-    target       text        NOT NULL CHECK (target IN ('durable', 'notify')),
-    level        text        NOT NULL CHECK (level IN ('statement', 'row')),
-    ops          text[]      NOT NULL,
-    columns      text[],
-    exclude      text[],
-    installed_at timestamptz NOT NULL DEFAULT now()
-);
 
 -- A row image with the column filter applied.
 CREATE OR REPLACE FUNCTION @S@.change_cols(j jsonb, inc text[], exc text[]) RETURNS jsonb
@@ -347,6 +333,3 @@ LANGUAGE plpgsql SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE @S@.uninstall_change_feed_sql(p_table);
 END $$;
-
-INSERT INTO @S@.schema_version (version) VALUES (3) ON CONFLICT DO NOTHING;
-COMMIT;

@@ -1,15 +1,99 @@
--- pg-pubsub schema version 4 (on top of version 3): the jobs table without
--- CHECK constraints, and a claim whose plan does not depend on statistics. PostgreSQL re-reads and re-plans a table's CHECK
--- expressions in every statement that writes it, which cost a fifth of a
--- one-job INSERT. `state` is written only by this schema's functions and
--- the crate's statements; max_attempts is checked where jobs are made (the
--- functions below, and Queue::enqueue* before sending).
--- Safe to run more than once and from several sessions at once.
-BEGIN;
-SELECT pg_advisory_xact_lock(@LOCK@);
+-- pg-pubsub functions of the work queue (enqueue, claim, fail, rescue).
+-- Re-applied by the installer whenever this file changes (see
+-- src/schema/mod.rs for the rule: a change ships with a new migration).
 
-ALTER TABLE @S@.jobs DROP CONSTRAINT IF EXISTS jobs_state_check,
-                     DROP CONSTRAINT IF EXISTS jobs_max_attempts_check;
+-- Records a failed attempt: back to ready at now() + p_delay, or, when it
+-- was the last attempt, moved to dead_jobs. Returns 'retry', 'dead', or
+-- NULL when the claim is not current (the lease was lost).
+CREATE OR REPLACE FUNCTION @S@.fail(p_id bigint, p_attempt int, p_error text, p_delay interval)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    j @S@.jobs;
+BEGIN
+    SELECT * INTO j FROM @S@.jobs
+    WHERE id = p_id AND attempt = p_attempt AND state = 'running' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF j.attempt >= j.max_attempts THEN
+        DELETE FROM @S@.jobs WHERE id = p_id;
+        INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
+                                   last_error, created_at, payload)
+        VALUES (j.id, j.queue, j.priority, j.attempt, j.max_attempts, j.unique_key,
+                p_error, j.created_at, j.payload);
+        RETURN 'dead';
+    END IF;
+    UPDATE @S@.jobs SET state = 'ready', lease_until = NULL, last_error = p_error,
+                        run_at = now() + p_delay
+    WHERE id = p_id;
+    RETURN 'retry';
+END $$;
+
+-- Makes running jobs whose lease expired (their worker died or lost its
+-- connection) ready again, or dead if that was their last attempt. Returns
+-- each one (its attempt, whether it is now dead, the error kept) so that
+-- the worker that ran it can report them. SKIP LOCKED: workers rescuing
+-- at once take disjoint rows and never wait on each other.
+DROP FUNCTION IF EXISTS @S@.rescue(text);
+
+CREATE FUNCTION @S@.rescue(p_queue text)
+RETURNS TABLE (job_id bigint, attempt int, dead boolean, error text)
+LANGUAGE sql AS $$
+    WITH expired AS MATERIALIZED (
+        SELECT j.id FROM @S@.jobs j
+        WHERE j.queue = p_queue AND j.state = 'running' AND j.lease_until < now()
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM @S@.jobs j USING expired e
+        WHERE j.id = e.id AND j.attempt >= j.max_attempts
+        RETURNING j.*
+    ), buried AS (
+        INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
+                                   last_error, created_at, payload)
+        SELECT g.id, g.queue, g.priority, g.attempt, g.max_attempts, g.unique_key,
+               format('lease expired after %s attempts (the worker stopped or lost its '
+                      'connection)', g.attempt),
+               g.created_at, g.payload
+        FROM gone g
+        RETURNING id, attempt, last_error
+    ), back AS (
+        UPDATE @S@.jobs j SET state = 'ready', lease_until = NULL,
+            last_error = format('lease expired on attempt %s (the worker stopped or lost '
+                                'its connection)', j.attempt)
+        FROM expired e
+        WHERE j.id = e.id AND j.attempt < j.max_attempts
+        RETURNING j.id, j.attempt, j.last_error
+    )
+    SELECT b.id, b.attempt, true, b.last_error FROM buried b
+    UNION ALL
+    SELECT k.id, k.attempt, false, k.last_error FROM back k
+$$;
+
+-- Moves a dead job back to the queue with a fresh set of attempts.
+-- Returns false when there is no such dead job, or when its unique key
+-- is taken again.
+CREATE OR REPLACE FUNCTION @S@.retry_dead(p_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    d @S@.dead_jobs;
+BEGIN
+    DELETE FROM @S@.dead_jobs WHERE id = p_id RETURNING * INTO d;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO @S@.jobs (id, queue, priority, max_attempts, unique_key, last_error,
+                          created_at, payload)
+    VALUES (d.id, d.queue, d.priority, d.max_attempts, d.unique_key, d.last_error,
+            d.created_at, d.payload)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unique key % of queue % is taken by another job', d.unique_key, d.queue
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    PERFORM pg_notify('@JOBS@', d.queue);
+    RETURN true;
+END $$;
 
 -- Raises invalid_parameter_value unless n >= 1.
 CREATE OR REPLACE FUNCTION @S@.check_max_attempts(n int) RETURNS void
@@ -97,6 +181,3 @@ LANGUAGE sql AS $$
         FOR UPDATE SKIP LOCKED))
     RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload
 $$;
-
-INSERT INTO @S@.schema_version (version) VALUES (4) ON CONFLICT DO NOTHING;
-COMMIT;
