@@ -59,6 +59,7 @@ async fn main() -> Result<(), pg_pubsub::Error> {
             Delivery::Lagged(n) => println!("{n} notifications dropped for this subscriber"),
             // Someone sent a payload that is not an `Order`: here is its text.
             Delivery::Undecodable(e) => println!("skipped {:?}: {e}", e.raw()),
+            // Kinds added in later versions (the enum is non-exhaustive).
             other => println!("{other:?}"),
         }
     }
