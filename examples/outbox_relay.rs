@@ -86,7 +86,19 @@ pub async fn relay(
                 feed.ack(end_lsn);
             }
             WalItem::Error(e) => eprintln!("stream lost, reconnecting: {e}"),
-            _ => {}
+            // The commit's ack passes these too: never without a word.
+            WalItem::Undecodable { lsn, error, .. } => {
+                eprintln!("skipping an unreadable item at {lsn}: {error}");
+            }
+            WalItem::Change { lsn, event } => {
+                // `tables(&[])` asks for none; a publication changed by
+                // hand could still send some.
+                eprintln!(
+                    "not relaying a change of {}.{} at {lsn}",
+                    event.schema, event.table
+                );
+            }
+            other => eprintln!("not relaying {other:?}"),
         }
     }
     Ok(())

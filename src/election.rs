@@ -36,7 +36,7 @@
 //!   unless, in queue order before its own `ready:`, it read a `release:`
 //!   not followed by another session's `ready:` or a `stopped:`. So a crash,
 //!   a lost connection, a hand-over timeout and the very first election
-//!   (no previous leader we know of) give a gap; a graceful hand-over does not.
+//!   (no known previous leader) give a gap; a graceful hand-over does not.
 //! * **Retries.** Standbys retry at once on `release:` and `stopped:`
 //!   (once more shortly after, in case the unlock had not happened yet),
 //!   and every [`Builder::lock_retry_interval`](crate::Builder::lock_retry_interval)

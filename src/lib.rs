@@ -53,27 +53,19 @@
 //!
 //! ## TLS
 //!
-//! With the `tls` feature (rustls, `ring` provider), the `sslmode` of the
-//! URL or key=value string is honoured as libpq does, for the listener and
-//! the pool alike: `disable`; `prefer` (the default: TLS when the server
-//! offers it, unverified); `require` (TLS, unverified, or chain-verified
-//! when `sslrootcert` is given); `verify-ca` (chain, any host name);
-//! `verify-full` (chain and host name). `sslrootcert=PATH` names a PEM file
-//! of trusted CAs; without it, or with `sslrootcert=system`, the Mozilla
-//! roots and the platform's are trusted. [`Builder::ssl_mode`] and
-//! [`Builder::ssl_root_cert`] do the same in code, `Builder::tls_config`
-//! takes an own `rustls::ClientConfig` and [`Builder::tls`] any
-//! `MakeTlsConnect`. Without the feature, a mode that needs TLS is a
-//! [`ErrorKind::Config`] error and `prefer` connects in plain text.
+//! With the `tls` feature, the `sslmode` (`disable` to `verify-full`) and
+//! `sslrootcert` of the connection string are honoured as libpq does, for
+//! the listener and the pool: see [`SslMode`], [`Builder::ssl_mode`],
+//! [`Builder::ssl_root_cert`] and [`Builder::tls`], and the README's TLS
+//! section for what each mode checks.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), pg_pubsub::Error> {
-//! let pubsub = pg_pubsub::PgPubSub::connect(
-//!     "postgres://app@db.example.com/app?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
-//! )
-//! .await?;
-//! # Ok(()) }
-//! ```
+//! ## Logging
+//!
+//! The crate logs through [`tracing`](https://docs.rs/tracing) under the
+//! target `pg_pubsub` (e.g. `RUST_LOG=pg_pubsub=debug` with
+//! `tracing-subscriber`'s `EnvFilter`): lost connections and failures at
+//! `warn`/`error`, reconnects at `info`, every [`ConnectionEvent`] at
+//! `debug`. Programs should act on events and deliveries, not on logs.
 //!
 //! ## Errors
 //!

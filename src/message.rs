@@ -283,8 +283,8 @@ pub enum GapCause {
     },
     /// This instance became leader of an elected channel without a graceful
     /// hand-over from the previous leader: it crashed, lost its connection,
-    /// stopped with nobody taking over in time, or there was none we know
-    /// of (the first election also gives this gap). How long nobody
+    /// stopped with nobody taking over in time, or no previous leader is
+    /// known (the first election also gives this gap). How long nobody
     /// delivered is not known.
     TakeOver,
 }

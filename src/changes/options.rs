@@ -9,9 +9,9 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// How the triggers of a feed run.
 ///
-/// Measured (`benches/changes.rs`, README "Change feeds"): statement-level
-/// triggers are the cheaper choice as soon as statements touch more than a
-/// row, and about as cheap for one row, so they are the default.
+/// Statement-level triggers are the cheaper choice as soon as statements
+/// touch more than a row, and about as cheap for one row, so they are the
+/// default (figures in the repository's `BENCHMARKS.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum TriggerLevel {

@@ -24,10 +24,23 @@ use crate::subscription::Subscription;
 /// let changes = pubsub.changes();
 /// changes.install_change_feed("shop.orders", &FeedOptions::new()).await?;
 /// let mut feed = changes.subscribe::<Order>("shop.orders", "billing").await?;
-/// while let Some(DurableDelivery::Message(m)) = feed.next().await {
-///     let change = m.payload();
-///     println!("{} {:?} -> {:?}", change.op, change.old, change.new);
-///     m.ack();
+/// while let Some(item) = feed.next().await {
+///     match item {
+///         DurableDelivery::Message(m) => {
+///             let change = m.payload();
+///             println!("{} {:?} -> {:?}", change.op, change.old, change.new);
+///             m.ack();
+///         }
+///         // Rows that are not an `Order`: this change is not applied. Say
+///         // so and ack it, or stop without acking, fix the type, and it is
+///         // delivered again.
+///         DurableDelivery::Undecodable { message, error } => {
+///             eprintln!("change at {} not applied: {error}", message.position());
+///             message.ack();
+///         }
+///         DurableDelivery::Truncated { lost } => eprintln!("{lost} changes expired unread"),
+///         other => eprintln!("{other:?}"),
+///     }
 /// }
 /// # Ok(()) }
 /// ```

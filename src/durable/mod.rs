@@ -9,12 +9,28 @@
 //! let durable = pubsub.durable();
 //! durable.publish("orders", &serde_json::json!({"id": 1})).await?;
 //! let mut orders = durable.subscribe::<serde_json::Value>("orders", "billing").await?;
-//! while let Some(DurableDelivery::Message(m)) = orders.next().await {
-//!     println!("{} at {}", m.payload(), m.position());
-//!     m.ack();
+//! while let Some(item) = orders.next().await {
+//!     match item {
+//!         DurableDelivery::Message(m) => {
+//!             println!("{} at {}", m.payload(), m.position());
+//!             m.ack();
+//!         }
+//!         // Not JSON (published with `publish_raw`): it never will be, so
+//!         // say so and ack it; the next ack would pass it anyway.
+//!         DurableDelivery::Undecodable { message, error } => {
+//!             eprintln!("skipping the message at {}: {error}", message.position());
+//!             message.ack();
+//!         }
+//!         DurableDelivery::Truncated { lost } => eprintln!("{lost} messages expired unread"),
+//!         other => eprintln!("{other:?}"),
+//!     }
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! A loop written `while let Some(DurableDelivery::Message(m)) = ...` ends
+//! at the first item that is not a message, and as that item stays unacked,
+//! every restart ends at it again.
 //!
 //! Messages are rows in a table; `NOTIFY` is only a wake-up hint, so a
 //! consumer that was down, slow or standing by reads what it missed.

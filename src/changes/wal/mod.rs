@@ -2,26 +2,62 @@
 //! from a logical replication slot, in commit order, resumable from the last
 //! ack.
 //!
+//! Rows arrive as JSON (`serde_json::Value`, the default) and are decoded
+//! per table, since each table has its own type, and per operation: with
+//! `REPLICA IDENTITY DEFAULT` a `DELETE`'s `old` row holds only the key
+//! columns. An item the consumer does not handle is still acked with its
+//! transaction's commit (acks are cumulative), so it is reported, never
+//! passed silently.
+//!
 //! ```no_run
 //! # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
 //! use futures::StreamExt;
 //! use pg_pubsub::changes::wal::WalItem;
+//! use pg_pubsub::changes::{ChangeEvent, Op};
+//! use serde::Deserialize;
+//! use serde_json::Value;
 //!
-//! #[derive(Debug, serde::Deserialize)]
+//! #[derive(Debug, Deserialize)]
 //! struct Order { id: i64, status: String }
+//! #[derive(Debug, Deserialize)]
+//! struct Line { order_id: i64, sku: String, qty: i32 }
+//! // What a DELETE's `old` holds: the primary key.
+//! #[derive(Debug, Deserialize)]
+//! struct OrderKey { id: i64 }
+//! #[derive(Debug, Deserialize)]
+//! struct LineKey { order_id: i64, sku: String }
+//!
+//! fn apply(event: &ChangeEvent) -> serde_json::Result<()> {
+//!     let row = |r: &Option<Value>| r.clone().unwrap_or(Value::Null);
+//!     match (event.table.as_str(), event.op) {
+//!         ("orders", Op::Insert | Op::Update) => println!("upsert {:?}", Order::deserialize(row(&event.new))?),
+//!         ("orders", Op::Delete) => println!("delete {:?}", OrderKey::deserialize(row(&event.old))?),
+//!         ("lines", Op::Insert | Op::Update) => println!("upsert {:?}", Line::deserialize(row(&event.new))?),
+//!         ("lines", Op::Delete) => println!("delete {:?}", LineKey::deserialize(row(&event.old))?),
+//!         (table, Op::Truncate) => println!("truncate {table}"),
+//!         (table, op) => eprintln!("{op} on {table}: not handled"),
+//!     }
+//!     Ok(())
+//! }
 //!
 //! let mut feed = pubsub
 //!     .wal_feed("orders_feed")
 //!     .publication("orders_pub")
-//!     .tables(&["public.orders"])
+//!     .tables(&["public.orders", "public.lines"])
 //!     .messages("outbox.")
-//!     .start::<Order>()
+//!     .start::<Value>()
 //!     .await?;
 //! while let Some(item) = feed.next().await {
 //!     match &item {
-//!         WalItem::Change { event, lsn } => println!("{lsn} {} {:?}", event.op, event.row()),
+//!         WalItem::Change { event, lsn } => {
+//!             if let Err(e) = apply(event) {
+//!                 eprintln!("change at {lsn} on {} not applied: {e}", event.table);
+//!             }
+//!         }
 //!         WalItem::Message(m) => println!("{} {} bytes", m.prefix, m.payload.len()),
-//!         _ => {}
+//!         WalItem::Undecodable { lsn, error, .. } => eprintln!("unreadable change at {lsn}: {error}"),
+//!         WalItem::Error(e) => eprintln!("stream lost, resuming from the last ack: {e}"),
+//!         _ => {} // Begin, Commit
 //!     }
 //!     // Cumulative: everything up to this position is done.
 //!     if let Some(lsn) = item.ack_lsn() {
@@ -30,36 +66,6 @@
 //! }
 //! # Ok(()) }
 //! ```
-//!
-//! # Why `pgwire-replication`
-//!
-//! tokio-postgres 0.7 has no replication protocol (CopyBoth). Three ways
-//! were weighed:
-//!
-//! * **`pgwire-replication`** (chosen): a small tokio replication client
-//!   (pure Rust with SCRAM/MD5 and no TLS feature), maintained, with the
-//!   parts that are easy to get wrong done: standby status updates with
-//!   a separate *applied* position that moves only when told
-//!   (`update_applied_lsn`, which is exactly "confirm on ack"), keepalive
-//!   replies, `messages 'true'` with `pg_logical_emit_message` decoded,
-//!   Begin/Commit decoded, a cancellation-safe reader. It leaves row
-//!   messages (Relation/Insert/Update/Delete/Truncate) raw by design: the
-//!   ~200 lines of pgoutput tuple parsing are in `decode.rs`.
-//!   Its TLS feature pulls rustls' default `aws-lc-rs` (C + cmake), which
-//!   this crate avoids, so the feed connects **without TLS**: an
-//!   `sslmode=require` (or stricter) connection string is refused with
-//!   [`ErrorKind::Config`].
-//! * **`pg_walstream`**: full pgoutput v1–4 decoding, but its connection
-//!   needs either `libpq` (C) or `aws-lc-rs` (C), its newest release does
-//!   not resolve against the registry here, and its API is much larger than
-//!   needed. Its parser alone would have pulled its whole dependency tree
-//!   (chrono, ...) for 200 lines.
-//! * **SQL functions** (`pg_logical_slot_peek_binary_changes` +
-//!   `pg_replication_slot_advance` on a pooled connection): TLS for free,
-//!   but polling, and every call decodes again from the slot's restart
-//!   point, so an unacked backlog is decoded over and over (quadratic), and
-//!   a 100k-row transaction comes back as one result set. It cannot reach
-//!   the `pg_recvlogical` throughput the issue asks for.
 //!
 //! # Delivery
 //!
@@ -126,6 +132,44 @@
 //! [`ErrorKind::Wal`] naming the fix. A slot that is
 //! no longer used must be dropped ([`PgPubSub::drop_slot`]) or it keeps WAL
 //! forever.
+//!
+//! # TLS
+//!
+//! The replication connection has no TLS (the replication client's TLS
+//! would pull a C crypto library into every build): a connection string
+//! with `sslmode=require` or stricter is refused with
+//! [`ErrorKind::Config`], and `prefer` connects in plain text. Run the feed
+//! over a trusted network, or a local socket.
+
+// Why `pgwire-replication` (for maintainers)
+//
+// tokio-postgres 0.7 has no replication protocol (CopyBoth). Three ways
+// were weighed:
+//
+// * **`pgwire-replication`** (chosen): a small tokio replication client
+//   (pure Rust with SCRAM/MD5 and no TLS feature), maintained, with the
+//   parts that are easy to get wrong done: standby status updates with
+//   a separate *applied* position that moves only when told
+//   (`update_applied_lsn`, which is exactly "confirm on ack"), keepalive
+//   replies, `messages 'true'` with `pg_logical_emit_message` decoded,
+//   Begin/Commit decoded, a cancellation-safe reader. It leaves row
+//   messages (Relation/Insert/Update/Delete/Truncate) raw by design: the
+//   ~200 lines of pgoutput tuple parsing are in `decode.rs`.
+//   Its TLS feature pulls rustls' default `aws-lc-rs` (C + cmake), which
+//   this crate avoids, so the feed connects **without TLS**: an
+//   `sslmode=require` (or stricter) connection string is refused with
+//   `ErrorKind::Config`.
+// * **`pg_walstream`**: full pgoutput v1–4 decoding, but its connection
+//   needs either `libpq` (C) or `aws-lc-rs` (C), its newest release does
+//   not resolve against the registry here, and its API is much larger than
+//   needed. Its parser alone would have pulled its whole dependency tree
+//   (chrono, ...) for 200 lines.
+// * **SQL functions** (`pg_logical_slot_peek_binary_changes` +
+//   `pg_replication_slot_advance` on a pooled connection): TLS for free,
+//   but polling, and every call decodes again from the slot's restart
+//   point, so an unacked backlog is decoded over and over (quadratic), and
+//   a 100k-row transaction comes back as one result set. It cannot reach
+//   the `pg_recvlogical` throughput the issue asks for.
 
 mod decode;
 mod slot;
