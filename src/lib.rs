@@ -23,33 +23,56 @@
 //! ## Architecture
 //!
 //! ```text
-//!  PgPubSub (Clone) ──commands──▶ listener task ──▶ dedicated connection (poll_message)
-//!       │                          │   registry: channel → plain | elected state
-//!       │                          └─ fan-out ──▶ inbox ──▶ Subscription<T> (Stream, decodes)
-//!       ├── notify ──▶ deadpool pool (or the caller's transaction)
-//!       ├── durable() ─▶ pool: tables + snapshot ticks; wake-ups and the
-//!       │                one-consumer-per-group election go through the listener
-//!       ├── queue() / worker() ─▶ pool: jobs claimed with SKIP LOCKED, deleted
-//!       │                          in batches, the table vacuumed by workers;
-//!       │                          wake-ups through the listener
-//!       ├── changes() ─▶ triggers on users' tables publish ChangeEvents into
-//!       │                durable channels (or NOTIFY); read through durable()
-//!       ├── wal_feed() ─▶ own replication connection (feature `wal`):
-//!       │                pgoutput from a slot, acked to the server on ack()
-//!       └── wake task ─▶ pool: NOTIFY after publish()/enqueue() committed,
-//!                        merged across concurrent publishers
+//!              ┌──────────────────────── PgPubSub (Clone) ───────────────────────┐
+//!  core        │ listen ─▶ listener task ─▶ one connection; registry; fan-out    │
+//!  (pubsub/)   │             └─▶ inbox ─▶ Subscription<T> (Stream, decodes)      │
+//!              │ notify ─▶ pool (or the caller's transaction)                    │
+//!              ├─────────────────────────────────────────────────────────────────┤
+//!  capabilities│ durable() ─▶ Durable: tables + snapshot ticks, consumer groups  │
+//!              │ queue()/worker() ─▶ Queue, Worker: SKIP LOCKED claims, retries  │
+//!              │ changes() ─▶ trigger feeds into durable channels or NOTIFY      │
+//!              │ wal_feed() ─▶ own replication connection (feature `wal`)        │
+//!              ├─────────────────────────────────────────────────────────────────┤
+//!  plumbing    │ schema/ (migrations, installer) · pool + timeouts · wake task   │
+//!              │ (NOTIFY after commit, merged) · events · stats · errors · TLS   │
+//!              └─────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! * One task (private module `driver`, in `src/driver/`) owns the listener
-//!   connection and everything about it: it serves `listen`/drop/shutdown
-//!   commands, batches `LISTEN`/`UNLISTEN` into one round trip, health-checks
-//!   the session, and reconnects forever with backoff, re-`LISTEN`ing every
-//!   channel before telling each subscriber about the [`Gap`].
+//! * The core knows nothing of the capabilities. They use it through two
+//!   seams: a wake-up is a plain notification on `<schema>_wake` or
+//!   `<schema>_jobs`, and "one active consumer" is an elected subscription
+//!   ([`ListenOptions::single_listener`]) on a derived channel name.
+//! * One task (`src/pubsub/driver/`) owns the listener connection: it serves
+//!   `listen`/drop/shutdown commands, batches `LISTEN`/`UNLISTEN` into one
+//!   round trip, health-checks the session, and reconnects forever with
+//!   backoff, re-`LISTEN`ing every channel before telling each subscriber
+//!   about the [`Gap`].
 //! * Each [`Subscription`] has its own bounded queue. A full queue drops and
 //!   counts ([`Delivery::Lagged`]); the listener never waits for a consumer.
 //!   Payloads are decoded in the consumer's task, not the listener's.
 //! * Publishing never touches the listener connection: [`PgPubSub::notify`]
 //!   uses the pool; [`PgPubSub::notify_in`] uses the caller's transaction.
+//! * Every table and function lives in one schema ([`schema`]): numbered
+//!   migrations plus per-capability function scripts, checksummed, applied
+//!   lazily or by [`PgPubSub::migrate`].
+//!
+//! ## Source layout
+//!
+//! ```text
+//! src/lib.rs        this overview; the public re-exports
+//! src/client.rs     PgPubSub and its Builder: the handle every capability hangs off
+//! src/pubsub/       the core: channel names, wire format, publish, subscriptions,
+//!                   driver/ (listener task: connection, registry, per-channel
+//!                   state machines in role.rs, election SQL)
+//! src/schema/       SchemaName, migrations/*.sql, functions/*.sql, the installer
+//! src/durable/      durable channels: handle, publish, consumer, groups, retention
+//! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
+//!                   completer, vacuum), admin
+//! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/)
+//! src/{config,connect,tls,error,event,stats,wake,signal}.rs   plumbing
+//! src/testing/      throwaway PostgreSQL clusters (feature `testing`)
+//! src/bin/          the `pg-pubsub` CLI (feature `cli`)
+//! ```
 //!
 //! ## TLS
 //!
@@ -77,25 +100,17 @@
 //! server's SQLSTATE and error. The underlying error is the `source()`.
 //!
 //! ## Modules
-//! * [`channel`]: channel names and their limits.
-//! * [`wire`]: the payload format, and the size limit.
-//! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
 //! * [`queue`]: work queue (jobs done once across a fleet, retries, dead jobs).
 //! * [`changes`]: change feeds (row changes from triggers and from the WAL).
+//! * [`schema`]: the schema's name, migrations and installer.
+//! * [`channel`]: channel names and their limits.
+//! * [`wire`]: the payload format, and the size limit.
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
+//! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
 //! * [`event`]: connection events ([`ConnectionEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
-//!
-//! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
-//! (notify paths), `subscription.rs` and `inbox.rs` (the consumer side: a subscriber's bounded queue),
-//! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
-//! payloads), `wake.rs` (wake-ups sent after commit, merged), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
-//! the connector for listener and pool), `tls.rs` (rustls), and `driver/`:
-//! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
-//! `registry.rs` (channels, subscribers, fan-out), `role.rs` (the per-channel
-//! state machines: plain and elected), `election.rs` (the SQL).
 //!
 //! ## Single listener
 //!
@@ -114,7 +129,7 @@
 //! so a row and its event commit together), per-subscription election
 //! ([`ListenOptions::single_listener`] on any channel name, e.g. one per
 //! consumer group, gives "one active consumer" with hand-over and take-over
-//! gaps for free), and the per-channel state machines in `driver/role.rs`
+//! gaps for free), and the per-channel state machines in `pubsub/driver/role.rs`
 //! (a new kind of channel on the listener session is another `State` with
 //! its own `Step`s).
 //!
@@ -128,31 +143,31 @@
 
 #![warn(missing_docs)]
 
+// Capabilities (each a folder: handle and docs in mod.rs, statements in its
+// store, one file per background task).
 pub mod changes;
-pub mod channel;
+pub mod durable;
+pub mod queue;
+pub mod schema;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+// The core: LISTEN/NOTIFY (src/pubsub/).
+mod pubsub;
+pub use pubsub::{channel, election, wire};
+use pubsub::{driver, inbox, message, publish, subscription, truncate};
+
+// Plumbing shared by the core and the capabilities.
 mod client;
 pub mod config;
 mod connect;
-mod driver;
-pub mod durable;
-pub mod election;
 mod error;
 pub mod event;
-mod inbox;
-mod message;
-mod publish;
-pub mod queue;
-pub mod schema;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;
-mod subscription;
-#[cfg(feature = "testing")]
-pub mod testing;
 mod tls;
-mod truncate;
 mod wake;
-pub mod wire;
 
 pub use channel::ChannelName;
 pub use client::{Builder, IntoConfig, PgPubSub};

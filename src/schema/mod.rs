@@ -15,7 +15,7 @@
 //! [`INSTALL_LOCK_KEY`], safe from many processes at once). Teams that
 //! forbid DDL at run time turn that off with
 //! [`Builder::auto_migrate(false)`](crate::Builder::auto_migrate) and run
-//! [`PgPubSub::migrate`] or `pg-pubsub migrate up` from a deploy step; a
+//! [`PgPubSub::migrate`](crate::PgPubSub::migrate) or `pg-pubsub migrate up` from a deploy step; a
 //! handle then only checks the schema and fails with
 //! [`ErrorKind::Schema`] naming what is pending.
 //!
