@@ -274,9 +274,9 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
         client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .await?;
-        ps.queue_in(schema)?.install().await?;
+        ps.queue().with_schema(schema)?.install().await?;
     }
-    let q = ps.queue_in(LAT)?;
+    let q = ps.queue().with_schema(LAT)?;
     settle(&client).await?;
     probe(&client, "before the churn (both fresh)").await?;
     let t = Instant::now();

@@ -1,5 +1,5 @@
 //! An outbox relay: reads the messages that transactions wrote into the WAL
-//! with [`emit_in`](pg_pubsub::changes::wal::emit_in) under a prefix, and
+//! with [`emit_tx`](pg_pubsub::changes::wal::emit_tx) under a prefix, and
 //! republishes each to a durable channel, acking the WAL only after the
 //! durable publish committed (at-least-once: a crash between the two
 //! publishes again, it never loses).
@@ -18,7 +18,7 @@
 //! ```text
 //! let tx = client.transaction().await?;
 //! tx.execute("INSERT INTO orders ...", &[]).await?;
-//! pg_pubsub::changes::wal::emit_in(&tx, "outbox.", br#"{"order": 7}"#).await?;
+//! pg_pubsub::changes::wal::emit_tx(&tx, "outbox.", br#"{"order": 7}"#).await?;
 //! tx.commit().await?; // the relay sees it now; on rollback, never
 //! ```
 

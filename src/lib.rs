@@ -51,7 +51,7 @@
 //!   counts ([`Delivery::Lagged`]); the listener never waits for a consumer.
 //!   Payloads are decoded in the consumer's task, not the listener's.
 //! * Publishing never touches the listener connection: [`PgPubSub::notify`]
-//!   uses the pool; [`PgPubSub::notify_in`] uses the caller's transaction.
+//!   uses the pool; [`PgPubSub::notify_tx`] uses the caller's transaction.
 //! * Every table and function lives in one schema ([`schema`]): numbered
 //!   migrations plus per-capability function scripts, checksummed, applied
 //!   lazily or by [`PgPubSub::migrate`].
@@ -125,7 +125,7 @@
 //!
 //! Later features build on seams rather than on changes to the core: the
 //! [`Gap`] signal (a durable channel replays from its table when it sees
-//! one), publishing inside the caller's transaction ([`PgPubSub::notify_in`],
+//! one), publishing inside the caller's transaction ([`PgPubSub::notify_tx`],
 //! so a row and its event commit together), per-subscription election
 //! ([`ListenOptions::single_listener`] on any channel name, e.g. one per
 //! consumer group, gives "one active consumer" with hand-over and take-over
@@ -163,6 +163,7 @@ pub mod config;
 mod connect;
 mod error;
 pub mod event;
+mod executor;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;
@@ -175,8 +176,8 @@ pub use config::{Backoff, ListenOptions};
 pub use connect::SslMode;
 pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
+pub use executor::Executor;
 pub use message::{DecodeError, Delivery, Gap, GapCause, Message};
-pub use publish::Executor;
 pub use stats::{ChannelStats, Stats};
 pub use subscription::Subscription;
 

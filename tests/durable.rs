@@ -23,7 +23,7 @@ async fn durable() -> (PgPubSub, Durable) {
 async fn durable_alone(prefix: &str) -> (PgPubSub, Durable, String) {
     let ps = pubsub().await;
     let schema = channel(prefix);
-    let d = ps.durable_in(&schema).expect("schema name");
+    let d = ps.durable().with_schema(&schema).expect("schema name");
     d.install().await.expect("install");
     (ps, d, schema)
 }
@@ -206,12 +206,12 @@ async fn rollback_publishes_nothing_and_commit_publishes_in_the_transaction() {
     let mut sub = d.subscribe::<serde_json::Value>(&ch, "g").await.unwrap();
     let mut client = raw_client().await;
     let tx = client.transaction().await.unwrap();
-    d.publish_in(&tx, &ch, &serde_json::json!({"n": 1}))
+    d.publish_tx(&tx, &ch, &serde_json::json!({"n": 1}))
         .await
         .unwrap();
     tx.rollback().await.unwrap();
     let tx = client.transaction().await.unwrap();
-    d.publish_in(&tx, &ch, &serde_json::json!({"n": 2}))
+    d.publish_tx(&tx, &ch, &serde_json::json!({"n": 2}))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -449,11 +449,11 @@ async fn ack_in_moves_the_cursor_with_the_consumers_transaction() {
     tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[x.payload()])
         .await
         .unwrap();
-    x.ack_in(&tx).await.unwrap();
+    x.ack_tx(&tx).await.unwrap();
     tx.commit().await.unwrap();
     let y = next_durable(&mut sub).await;
     let tx = client.transaction().await.unwrap();
-    y.ack_in(&tx).await.unwrap();
+    y.ack_tx(&tx).await.unwrap();
     tx.rollback().await.unwrap();
     sub.close().await.unwrap();
 
@@ -472,13 +472,13 @@ async fn concurrent_installs_of_a_new_schema_all_succeed() {
     let schema = format!("dur_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let mut tasks = Vec::new();
     for _ in 0..6 {
-        let d = ps.durable_in(&schema).unwrap();
+        let d = ps.durable().with_schema(&schema).unwrap();
         tasks.push(tokio::spawn(async move { d.install().await }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    let d = ps.durable_in(&schema).unwrap();
+    let d = ps.durable().with_schema(&schema).unwrap();
     d.publish_raw("c", "works").await.unwrap();
     let mut sub = d.subscribe_raw("c", "g").await.unwrap();
     assert_eq!(next_durable(&mut sub).await.payload(), "works");

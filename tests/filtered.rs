@@ -21,7 +21,7 @@ async fn own_messages_are_filtered_on_every_publishing_path() {
     me.notify_batch(&ch, ["batch1", "batch2"]).await.unwrap();
     let mut client = raw_client().await;
     let tx = client.transaction().await.unwrap();
-    me.notify_raw_in(&tx, &ch, "tx").await.unwrap();
+    me.notify_raw_tx(&tx, &ch, "tx").await.unwrap();
     tx.commit().await.unwrap();
     for expected in ["pool", "batch1", "batch2", "tx"] {
         let m = next_message(&mut theirs).await;

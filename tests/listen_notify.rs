@@ -255,11 +255,11 @@ async fn transactional_notify_on_commit_only() {
     let mut client = raw_client().await;
 
     let tx = client.transaction().await.unwrap();
-    ps.notify_raw_in(&tx, &ch, "rolled back").await.unwrap();
+    ps.notify_raw_tx(&tx, &ch, "rolled back").await.unwrap();
     tx.rollback().await.unwrap();
 
     let tx = client.transaction().await.unwrap();
-    ps.notify_in(&tx, &ch, &"committed").await.unwrap();
+    ps.notify_tx(&tx, &ch, &"committed").await.unwrap();
     assert_quiet(&mut sub, Duration::from_millis(200)).await;
     tx.commit().await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload(), "\"committed\"");
@@ -267,10 +267,10 @@ async fn transactional_notify_on_commit_only() {
     // The same through a pooled deadpool client and its transaction.
     let mut pooled = ps.pool().get().await.unwrap();
     let tx = pooled.transaction().await.unwrap();
-    ps.notify_raw_in(&tx, &ch, "pooled rollback").await.unwrap();
+    ps.notify_raw_tx(&tx, &ch, "pooled rollback").await.unwrap();
     tx.rollback().await.unwrap();
     let tx = pooled.transaction().await.unwrap();
-    ps.notify_raw_in(&tx, &ch, "pooled commit").await.unwrap();
+    ps.notify_raw_tx(&tx, &ch, "pooled commit").await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload(), "pooled commit");
     assert_quiet(&mut sub, Duration::from_millis(200)).await;

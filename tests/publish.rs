@@ -12,7 +12,7 @@ async fn nul_payload_is_refused_by_the_crate() {
     let err = ps.notify_raw(&ch, "ab\0cd").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PayloadContainsNul, "{err:?}");
     let client = raw_client().await;
-    let err = ps.notify_raw_in(&client, &ch, "ab\0cd").await.unwrap_err();
+    let err = ps.notify_raw_tx(&client, &ch, "ab\0cd").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PayloadContainsNul, "{err:?}");
     ps.shutdown().await;
 }
@@ -58,20 +58,20 @@ async fn notify_in_prepares_once_per_pooled_connection() {
     let (_listener, mut rx) = raw_listener(&ch).await;
     let mut pooled = ps.pool().get().await.unwrap();
     for i in 0..3 {
-        ps.notify_raw_in(&pooled, &ch, &i.to_string())
+        ps.notify_raw_tx(&pooled, &ch, &i.to_string())
             .await
             .unwrap();
     }
     let tx = pooled.transaction().await.unwrap();
-    ps.notify_raw_in(&tx, &ch, "in tx").await.unwrap();
+    ps.notify_raw_tx(&tx, &ch, "in tx").await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(prepared_notifies(&pooled).await, 1);
 
     // A bare client has no statement cache: nothing is left prepared on it.
     let mut client = raw_client().await;
-    ps.notify_raw_in(&client, &ch, "bare").await.unwrap();
+    ps.notify_raw_tx(&client, &ch, "bare").await.unwrap();
     let tx = client.transaction().await.unwrap();
-    ps.notify_raw_in(&tx, &ch, "bare tx").await.unwrap();
+    ps.notify_raw_tx(&tx, &ch, "bare tx").await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(prepared_notifies(&client).await, 0);
 

@@ -74,7 +74,7 @@ async fn every_job_done_exactly_once_by_several_workers() {
                     )
                     .await
                     .map_err(|e| e.to_string())?;
-                    job.complete_in(&*t).await.map_err(|e| e.to_string())?;
+                    job.complete_tx(&*t).await.map_err(|e| e.to_string())?;
                     t.commit().await.map_err(|e| e.to_string())?;
                     let _ = tx.send(());
                     Ok::<_, String>(())
@@ -438,12 +438,12 @@ async fn enqueue_in_a_transaction_is_nothing_on_rollback() {
     let name = channel("q_tx");
     let mut client = raw_client().await;
     let t = client.transaction().await.unwrap();
-    q.enqueue_in(&t, &name, &"no", &JobOptions::new())
+    q.enqueue_tx(&t, &name, &"no", &JobOptions::new())
         .await
         .unwrap();
     t.rollback().await.unwrap();
     let t = client.transaction().await.unwrap();
-    q.enqueue_in(&t, &name, &"yes", &JobOptions::new())
+    q.enqueue_tx(&t, &name, &"yes", &JobOptions::new())
         .await
         .unwrap();
     t.commit().await.unwrap();
@@ -567,7 +567,7 @@ async fn complete_in_fails_when_the_claim_was_lost() {
                     )
                     .await
                     .map_err(|e| e.to_string())?;
-                let err = job.complete_in(&**client).await.unwrap_err();
+                let err = job.complete_tx(&**client).await.unwrap_err();
                 let _ = tx.send(err.kind());
                 Ok::<_, String>(())
             }
@@ -828,7 +828,7 @@ async fn vacuums_after(q: &Queue, jobs: usize, vacuum: bool) -> i64 {
 
 /// A queue in a schema no other test uses, installed.
 async fn own_schema_queue(ps: &PgPubSub) -> Queue {
-    let q = ps.queue_in(&channel("q_schema")).unwrap();
+    let q = ps.queue().with_schema(&channel("q_schema")).unwrap();
     q.install().await.unwrap();
     q
 }
@@ -863,7 +863,7 @@ async fn a_worker_whose_role_does_not_own_the_table_leaves_vacuum_to_autovacuum(
         .unwrap();
     let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
     let ps = PgPubSub::connect(url.as_str()).await.expect("connect");
-    let q = ps.queue_in(&schema).unwrap();
+    let q = ps.queue().with_schema(&schema).unwrap();
     // Past the quiet-moment minimum: the worker tries, finds it may not,
     // and goes on working.
     assert_eq!(vacuums_after(&q, 600, true).await, 0);

@@ -1,6 +1,6 @@
 //! A fleet of worker processes with a Rust handler: four processes with
 //! concurrency 4 and 10,000 jobs, each job's handler writing a row into a
-//! side table in the transaction that completes the job (`complete_in`).
+//! side table in the transaction that completes the job (`complete_tx`).
 //! Every job is done exactly once, also when workers are SIGKILLed
 //! mid-run and restarted (their jobs run again after the lease).
 //!
@@ -196,7 +196,7 @@ async fn queue_worker_child() {
                     eprintln_now(&format!("duplicate {}: {e}", job.id()));
                     return Err(e.to_string());
                 }
-                job.complete_in(&*tx).await.map_err(|e| e.to_string())?;
+                job.complete_tx(&*tx).await.map_err(|e| e.to_string())?;
                 tx.commit().await.map_err(|e| e.to_string())?;
                 eprintln_now(&format!("done {}", job.id()));
                 Ok::<_, String>(())

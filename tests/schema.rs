@@ -78,13 +78,13 @@ async fn without_auto_migrate_a_handle_names_what_is_pending() {
         .await
         .expect("connect");
     let schema = fresh_schema();
-    let durable = ps.durable_in(schema.as_str()).expect("durable");
+    let durable = ps.durable().with_schema(schema.as_str()).expect("durable");
     let err = durable.publish("c", &1).await.expect_err("not migrated");
     assert_eq!(err.kind(), ErrorKind::Schema, "{err}");
     assert!(err.to_string().contains("pg-pubsub migrate up"), "{err}");
     ps.migrator(schema.clone()).up().await.expect("up");
     // A new handle (the old one remembers nothing failed) now works.
-    let durable = ps.durable_in(schema.as_str()).expect("durable");
+    let durable = ps.durable().with_schema(schema.as_str()).expect("durable");
     durable
         .publish("c", &1)
         .await
@@ -117,10 +117,14 @@ async fn an_older_build_runs_on_a_compatible_newer_schema_and_writes_nothing() {
     assert_eq!(status.database_version, SCHEMA_VERSION + 1);
     // Restarting (a new handle) and working: publish, consume, enqueue.
     let restarted = pubsub().await;
-    let durable = restarted.durable_in(schema.as_str()).expect("durable");
+    let durable = restarted
+        .durable()
+        .with_schema(schema.as_str())
+        .expect("durable");
     durable.publish("c", &"hello").await.expect("publish");
     restarted
-        .queue_in(schema.as_str())
+        .queue()
+        .with_schema(schema.as_str())
         .expect("queue")
         .enqueue("q", &1)
         .await
@@ -149,7 +153,8 @@ async fn an_incompatible_newer_schema_is_a_schema_error_naming_the_version() {
 
     let restarted = pubsub().await;
     let err = restarted
-        .durable_in(schema.as_str())
+        .durable()
+        .with_schema(schema.as_str())
         .expect("durable")
         .publish("c", &1)
         .await
@@ -204,7 +209,8 @@ async fn an_edited_migration_and_a_0_2_schema_are_refused() {
         .await
         .expect("0.2 schema");
     let err = ps
-        .durable_in(legacy.as_str())
+        .durable()
+        .with_schema(legacy.as_str())
         .expect("durable")
         .install()
         .await

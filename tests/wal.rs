@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use pg_pubsub::changes::wal::{emit_in, WalFeed, WalItem};
+use pg_pubsub::changes::wal::{emit_tx, WalFeed, WalItem};
 use pg_pubsub::changes::{Lsn, Op};
 use pg_pubsub::{ConnectionEvent, ErrorKind, PgPubSub};
 use serde_json::{json, Value};
@@ -296,16 +296,16 @@ async fn emit_in_is_delivered_after_commit_and_never_after_rollback() {
     let big = vec![7u8; 10 * 1024 * 1024];
 
     let tx = client.transaction().await.expect("tx");
-    emit_in(&tx, &format!("{slot}.rolled_back"), b"never")
+    emit_tx(&tx, &format!("{slot}.rolled_back"), b"never")
         .await
         .expect("emit");
     tx.rollback().await.expect("rollback");
 
     let tx = client.transaction().await.expect("tx");
-    emit_in(&tx, &format!("{slot}.big"), &big)
+    emit_tx(&tx, &format!("{slot}.big"), &big)
         .await
         .expect("emit");
-    emit_in(&tx, "other.prefix", b"filtered out")
+    emit_tx(&tx, "other.prefix", b"filtered out")
         .await
         .expect("emit");
     tx.commit().await.expect("commit");
@@ -562,7 +562,7 @@ async fn outbox_relay_two_processes_one_elected_no_loss_after_sigkill() {
     let mut emit = async |range: std::ops::Range<usize>| {
         for i in range {
             let t = client.transaction().await.expect("tx");
-            emit_in(&t, &prefix, format!("m{i}").as_bytes())
+            emit_tx(&t, &prefix, format!("m{i}").as_bytes())
                 .await
                 .expect("emit");
             t.commit().await.expect("commit");

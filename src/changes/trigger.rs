@@ -10,7 +10,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::subscription::Subscription;
 
 /// Trigger change feeds in one schema, through a [`PgPubSub`]. Cheap to
-/// clone. Made by [`PgPubSub::changes`] or [`PgPubSub::changes_in`].
+/// clone. Made by [`PgPubSub::changes`] or [`Changes::with_schema`].
 ///
 /// ```no_run
 /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
@@ -57,14 +57,6 @@ impl PgPubSub {
             durable: self.durable(),
         }
     }
-
-    /// Trigger change feeds in `schema` (a lowercase identifier of at most
-    /// 40 bytes).
-    pub fn changes_in(&self, schema: &str) -> Result<Changes> {
-        Ok(Changes {
-            durable: self.durable_in(schema)?,
-        })
-    }
 }
 
 /// Maps a failed statement to a [`ErrorKind::Changes`] error, keeping the cause.
@@ -73,6 +65,14 @@ fn pg_err(stage: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
 }
 
 impl Changes {
+    /// Trigger change feeds of the same handle in another `schema` (a
+    /// lowercase identifier of at most 40 bytes).
+    pub fn with_schema(&self, schema: &str) -> Result<Changes> {
+        Ok(Changes {
+            durable: self.durable.with_schema(schema)?,
+        })
+    }
+
     /// The durable channels the feeds write to.
     pub fn durable(&self) -> &Durable {
         &self.durable

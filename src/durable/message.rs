@@ -5,10 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use tokio::sync::Notify;
+use tokio_postgres::types::Type;
 
 use super::position::{Position, Xid8};
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::executor::Executor;
 use crate::schema::SchemaName;
 
 /// One item of a [`DurableSubscription`](super::DurableSubscription).
@@ -85,16 +87,14 @@ impl<T> DurableMessage<T> {
     /// Acknowledges (like [`ack`](Self::ack)) inside the caller's
     /// transaction: the group's cursor moves if and only if `tx` commits,
     /// together with whatever else `tx` did, so work done in the same
-    /// database happens exactly once. A `deadpool_postgres::Transaction`
-    /// works too (it dereferences to this type).
-    pub async fn ack_in(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
-        tx.execute(
-            &self.acks.ack_sql,
-            &self.acks.ack_params(self.position).as_params(),
-        )
-        .await
-        .map(drop)
-        .map_err(|e| Error::pg(ErrorKind::Durable, "acknowledging in transaction", e))
+    /// database happens exactly once. Any [`Executor`]: tokio-postgres' or
+    /// deadpool's transaction (or client, to ack on its own).
+    pub async fn ack_tx<E: Executor + ?Sized>(&self, tx: &E) -> Result<()> {
+        let p = self.acks.ack_params(self.position);
+        crate::executor::execute(tx, &self.acks.ack_sql, &p.typed())
+            .await
+            .map(drop)
+            .map_err(|e| Error::pg(ErrorKind::Durable, "acknowledging in transaction", e))
     }
 
     pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> DurableMessage<U> {
@@ -139,6 +139,16 @@ pub(crate) struct AckParams {
 }
 
 impl AckParams {
+    pub(crate) fn typed(&self) -> [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 5] {
+        [
+            (&self.channel, Type::TEXT),
+            (&self.group, Type::TEXT),
+            (&self.tick, Type::INT8),
+            (&self.xid, Type::XID8),
+            (&self.seq, Type::INT8),
+        ]
+    }
+
     pub(crate) fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
         [&self.channel, &self.group, &self.tick, &self.xid, &self.seq]
     }
@@ -151,7 +161,7 @@ impl Acks {
             channel,
             group,
             // The row comparison keeps the cursor monotone whatever the
-            // order in which flushes and ack_in transactions commit.
+            // order in which flushes and ack_tx transactions commit.
             ack_sql: format!(
                 "UPDATE {s}.groups SET tick_id = $3, xid = $4, seq = $5, acked_at = now() \
                  WHERE channel = $1 AND group_name = $2 \

@@ -39,7 +39,7 @@
 //! ## The table
 //!
 //! [`schema_sql`](crate::schema::schema_sql) prints the whole script (`pg-pubsub migrate print`). In schema
-//! `pgpubsub` (configurable, [`PgPubSub::durable_in`]):
+//! `pgpubsub` (configurable, [`Durable::with_schema`]):
 //! * `messages(channel, xid xid8 DEFAULT pg_current_xact_id(), seq, published_at, payload text, part)`,
 //!   indexed on `(channel, xid, seq)`, list-partitioned on `part` into
 //!   `messages_0` to `messages_3` (see [retention](#retention-by-rotation));
@@ -270,7 +270,7 @@ use crate::error::{ErrorKind, Result};
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
-/// Made by [`PgPubSub::durable`] or [`PgPubSub::durable_in`]. The schema
+/// Made by [`PgPubSub::durable`] or [`Durable::with_schema`]. The schema
 /// is installed on first use (or by [`install`](Self::install)). Keep one
 /// (and clone it) rather than making one per publish: it remembers that
 /// the schema is installed and, for a second, each channel's quiet flag.
@@ -295,14 +295,15 @@ impl PgPubSub {
     pub fn durable(&self) -> Durable {
         Durable::new(self.clone(), SchemaName::default())
     }
-
-    /// Durable channels in `schema` (a lowercase identifier of at most 40 bytes).
-    pub fn durable_in(&self, schema: &str) -> Result<Durable> {
-        Ok(Durable::new(self.clone(), SchemaName::new(schema)?))
-    }
 }
 
 impl Durable {
+    /// Durable channels of the same handle in another `schema` (a
+    /// lowercase identifier of at most 40 bytes).
+    pub fn with_schema(&self, schema: &str) -> Result<Durable> {
+        Ok(Durable::new(self.pubsub.clone(), SchemaName::new(schema)?))
+    }
+
     fn new(pubsub: PgPubSub, schema: SchemaName) -> Durable {
         Durable {
             publisher: Arc::new(publish::Publisher::new(&schema)),

@@ -4,11 +4,13 @@
 use std::time::Instant;
 
 use serde::Serialize;
+use tokio_postgres::types::Type;
 
 use super::quiet::QuietFlags;
 use super::{Durable, SchemaName};
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::executor::Executor;
 use crate::publish::to_json;
 
 /// Messages per `publish_many` statement in [`Durable::publish_batch`].
@@ -141,27 +143,30 @@ impl Durable {
     /// delivered if it commits, never if it rolls back. The schema must be
     /// installed already ([`install`](Self::install)), since installing
     /// inside a caller's transaction would tie the DDL to it.
-    pub async fn publish_in<T: Serialize + ?Sized>(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        channel: &str,
-        value: &T,
-    ) -> Result<()> {
-        self.publish_raw_in(tx, channel, &to_json(value)?).await
+    pub async fn publish_tx<E, T>(&self, tx: &E, channel: &str, value: &T) -> Result<()>
+    where
+        E: Executor + ?Sized,
+        T: Serialize + ?Sized,
+    {
+        self.publish_raw_tx(tx, channel, &to_json(value)?).await
     }
 
-    /// [`publish_in`](Self::publish_in) with a text payload.
-    pub async fn publish_raw_in(
+    /// [`publish_tx`](Self::publish_tx) with a text payload.
+    pub async fn publish_raw_tx<E: Executor + ?Sized>(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &E,
         channel: &str,
         payload: &str,
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        tx.execute(&self.publish_sql(), &[&channel.as_str(), &payload])
-            .await
-            .map(drop)
-            .map_err(|e| Error::pg(ErrorKind::Durable, "durable publish in transaction", e))
+        crate::executor::execute(
+            tx,
+            &self.publish_sql(),
+            &[(&channel.as_str(), Type::TEXT), (&payload, Type::TEXT)],
+        )
+        .await
+        .map(drop)
+        .map_err(|e| Error::pg(ErrorKind::Durable, "durable publish in transaction", e))
     }
 
     /// Makes `channel` quiet (publish without `NOTIFY`, consumers find new

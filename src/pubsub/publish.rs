@@ -9,6 +9,7 @@ use tokio_postgres::types::Type;
 use crate::channel::ChannelName;
 use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};
+use crate::executor::Executor;
 use crate::wire;
 
 const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
@@ -16,60 +17,6 @@ const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
 const NOTIFY_MANY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 /// Notifications per batch statement.
 const BATCH_SIZE: usize = 1000;
-
-mod sealed {
-    pub trait Sealed {}
-}
-
-/// A connection or transaction to publish on with [`PgPubSub::notify_in`]:
-/// `tokio_postgres::{Client, Transaction}` and `deadpool_postgres::{Client, Transaction}`.
-///
-/// Each call is one round trip: deadpool's types prepare the statement once
-/// per connection (`prepare_cached`); tokio-postgres' types, which keep no
-/// statement cache, send it unnamed with its parameter types
-/// (`execute_typed`), so nothing is prepared beforehand or left on the session.
-pub trait Executor: sealed::Sealed + Sync {
-    #[doc(hidden)]
-    fn notify_sql(
-        &self,
-        channel: &str,
-        payload: &str,
-    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
-}
-
-/// A statement cache keyed by client identity (its address) could hand a
-/// statement to another session after a move or drop, and the error would
-/// abort the caller's transaction. The unnamed statement also takes one round
-/// trip; the server parses it each time, which is cheap for this one.
-macro_rules! unnamed_executor {
-    ($($ty:ty),*) => {$(
-        impl sealed::Sealed for $ty {}
-        impl Executor for $ty {
-            async fn notify_sql(&self, channel: &str, payload: &str) -> Result<u64, tokio_postgres::Error> {
-                self.execute_typed(NOTIFY_SQL, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
-                    .await
-            }
-        }
-    )*};
-}
-
-macro_rules! cached_executor {
-    ($($ty:ty),*) => {$(
-        impl sealed::Sealed for $ty {}
-        impl Executor for $ty {
-            async fn notify_sql(&self, channel: &str, payload: &str) -> Result<u64, tokio_postgres::Error> {
-                let stmt = self.prepare_cached(NOTIFY_SQL).await?;
-                self.execute(&stmt, &[&channel, &payload]).await
-            }
-        }
-    )*};
-}
-
-unnamed_executor!(tokio_postgres::Client, tokio_postgres::Transaction<'_>);
-cached_executor!(
-    deadpool_postgres::Client,
-    deadpool_postgres::Transaction<'_>
-);
 
 /// `value` as JSON text, or a `Serialize` error keeping serde's as its source.
 pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
@@ -177,21 +124,21 @@ impl PgPubSub {
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub, mut client: tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
     /// let tx = client.transaction().await?;
     /// tx.execute("UPDATE orders SET state = 'paid' WHERE id = 1", &[]).await?;
-    /// pubsub.notify_in(&tx, "orders", &serde_json::json!({"id": 1, "state": "paid"})).await?;
+    /// pubsub.notify_tx(&tx, "orders", &serde_json::json!({"id": 1, "state": "paid"})).await?;
     /// tx.commit().await?; // the notification is sent now
     /// # Ok(()) }
     /// ```
-    pub async fn notify_in<E, T>(&self, executor: &E, channel: &str, value: &T) -> Result<()>
+    pub async fn notify_tx<E, T>(&self, executor: &E, channel: &str, value: &T) -> Result<()>
     where
-        E: Executor,
+        E: Executor + ?Sized,
         T: Serialize + ?Sized,
     {
-        self.notify_raw_in(executor, channel, &to_json(value)?)
+        self.notify_raw_tx(executor, channel, &to_json(value)?)
             .await
     }
 
-    /// [`notify_in`](Self::notify_in) with a text payload.
-    pub async fn notify_raw_in<E: Executor>(
+    /// [`notify_tx`](Self::notify_tx) with a text payload.
+    pub async fn notify_raw_tx<E: Executor + ?Sized>(
         &self,
         executor: &E,
         channel: &str,
@@ -199,11 +146,17 @@ impl PgPubSub {
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
         let payload = wire::encode(self.origin_tag(&channel), payload)?;
-        executor
-            .notify_sql(channel.as_str(), &payload)
-            .await
-            .map(drop)
-            .map_err(|e| Error::pg(ErrorKind::Notify, "notify in transaction", e))
+        crate::executor::execute(
+            executor,
+            NOTIFY_SQL,
+            &[
+                (&channel.as_str(), Type::TEXT),
+                (&payload.as_ref(), Type::TEXT),
+            ],
+        )
+        .await
+        .map(drop)
+        .map_err(|e| Error::pg(ErrorKind::Notify, "notify in transaction", e))
     }
 
     /// Runs `f` on a pooled connection within the notify timeout, its

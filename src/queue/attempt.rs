@@ -19,7 +19,7 @@ use crate::ConnectionEvent;
 const MAX_ERROR_BYTES: usize = 8 * 1024;
 
 /// Runs `handler` on `job`. `Ok` sends the claim to the completer (unless
-/// [`Job::complete_in`] completed it already); `Err` or a panic fails the
+/// [`Job::complete_tx`] completed it already); `Err` or a panic fails the
 /// attempt in its own statement.
 pub(super) async fn run<F, Fut, E>(
     ctx: Arc<Ctx>,

@@ -3,10 +3,11 @@
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::{check_queue, Queue};
 use crate::error::{Error, ErrorKind, Result};
+use crate::executor::Executor;
 use crate::publish::to_json;
 
 /// Attempts before a job is dead, unless its options say otherwise; the
@@ -239,42 +240,44 @@ impl Queue {
     /// Enqueues `value` as JSON inside the caller's transaction: the job
     /// exists (and workers are woken) if it commits, never if it rolls
     /// back. The schema must be installed already ([`install`](Self::install)).
-    pub async fn enqueue_in<C, T>(
+    pub async fn enqueue_tx<E, T>(
         &self,
-        tx: &C,
+        tx: &E,
         queue: &str,
         value: &T,
         options: &JobOptions,
     ) -> Result<Enqueued>
     where
-        C: tokio_postgres::GenericClient + Sync,
+        E: Executor + ?Sized,
         T: Serialize + ?Sized,
     {
-        self.enqueue_raw_in(tx, queue, &to_json(value)?, options)
+        self.enqueue_raw_tx(tx, queue, &to_json(value)?, options)
             .await
     }
 
-    /// [`enqueue_in`](Self::enqueue_in) with a text payload.
-    pub async fn enqueue_raw_in<C>(
+    /// [`enqueue_tx`](Self::enqueue_tx) with a text payload.
+    pub async fn enqueue_raw_tx<E: Executor + ?Sized>(
         &self,
-        tx: &C,
+        tx: &E,
         queue: &str,
         payload: &str,
         options: &JobOptions,
-    ) -> Result<Enqueued>
-    where
-        C: tokio_postgres::GenericClient + Sync,
-    {
+    ) -> Result<Enqueued> {
         check_queue(queue)?;
         check_payload(payload)?;
         options.check()?;
-        tx.query_one(
+        let rows = crate::executor::query(
+            tx,
             &self.enqueue_sql(),
-            &params(queue, payload, options).as_refs(),
+            &params(queue, payload, options).typed(),
         )
         .await
-        .map(|row| enqueued(row.get::<_, Option<i64>>(0)))
-        .map_err(|e| Error::pg(ErrorKind::Queue, "enqueue in transaction", e))
+        .map_err(|e| Error::pg(ErrorKind::Queue, "enqueue in transaction", e))?;
+        // `SELECT enqueue(..)`: one row, the id (NULL: unique key taken).
+        let row = rows.first().ok_or_else(|| {
+            Error::new(ErrorKind::Queue, "enqueue in transaction returned no row")
+        })?;
+        Ok(enqueued(row.get::<_, Option<i64>>(0)))
     }
 
     /// Enqueues many text payloads on `queue` with the same options (a
@@ -368,6 +371,19 @@ fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a>
 }
 
 impl Params<'_> {
+    /// The parameters of [`Queue::enqueue_sql`] with their types.
+    fn typed(&self) -> [(&(dyn ToSql + Sync), Type); 7] {
+        [
+            (&self.queue, Type::TEXT),
+            (&self.payload, Type::TEXT),
+            (&self.run_at, Type::TIMESTAMPTZ),
+            (&self.delay, Type::FLOAT8),
+            (&self.priority, Type::INT2),
+            (&self.max_attempts, Type::INT4),
+            (&self.unique_key, Type::TEXT),
+        ]
+    }
+
     fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
         [
             &self.queue,

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
+use tokio_postgres::types::Type;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::executor::Executor;
 use crate::truncate::Text;
 
 /// A job claimed by a [`Worker`](super::Worker), handed to its handler.
@@ -19,9 +21,9 @@ pub struct Job {
     pub(super) priority: i16,
     pub(super) created_at: SystemTime,
     pub(super) payload: String,
-    /// `DELETE ... WHERE id AND attempt` for [`Job::complete_in`].
+    /// `DELETE ... WHERE id AND attempt` for [`Job::complete_tx`].
     pub(super) complete_sql: Arc<str>,
-    /// Set by `complete_in`: the worker need not complete it again.
+    /// Set by `complete_tx`: the worker need not complete it again.
     pub(super) completed: Arc<AtomicBool>,
 }
 
@@ -93,14 +95,14 @@ impl Job {
     /// Once this succeeds the worker does not complete the job again when
     /// the handler returns `Ok`; if the transaction then rolls back anyway,
     /// the job stays running until its lease expires and then runs again.
-    pub async fn complete_in<C>(&self, tx: &C) -> Result<()>
-    where
-        C: tokio_postgres::GenericClient + Sync,
-    {
-        let n = tx
-            .execute(&*self.complete_sql, &[&self.id, &self.attempt])
-            .await
-            .map_err(|e| Error::pg(ErrorKind::Queue, "completing a job in transaction", e))?;
+    pub async fn complete_tx<E: Executor + ?Sized>(&self, tx: &E) -> Result<()> {
+        let n = crate::executor::execute(
+            tx,
+            &self.complete_sql,
+            &[(&self.id, Type::INT8), (&self.attempt, Type::INT4)],
+        )
+        .await
+        .map_err(|e| Error::pg(ErrorKind::Queue, "completing a job in transaction", e))?;
         if n == 0 {
             return Err(Error::new(
                 ErrorKind::Queue,

@@ -58,7 +58,7 @@
 //! [`JobRetried`](crate::ConnectionEvent::JobRetried) or
 //! [`JobDead`](crate::ConnectionEvent::JobDead) for them. At least once:
 //! the handler gets the attempt number ([`Job::attempt`]), and
-//! [`Job::complete_in`] completes the job in the
+//! [`Job::complete_tx`] completes the job in the
 //! handler's own transaction for an exactly-once effect.
 //!
 //! A failed attempt (`Err` or a panic) is retried after
@@ -107,7 +107,7 @@ const MAX_QUEUE_BYTES: usize = 200;
 
 /// Work queues in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
-/// Made by [`PgPubSub::queue`] or [`PgPubSub::queue_in`]. The schema is
+/// Made by [`PgPubSub::queue`] or [`Queue::with_schema`]. The schema is
 /// installed on first use (or by [`install`](Self::install)).
 #[derive(Clone)]
 pub struct Queue {
@@ -144,15 +144,6 @@ impl PgPubSub {
     ) -> Result<Enqueued> {
         self.queue().enqueue(queue, value).await
     }
-
-    /// Work queues in `schema` (a lowercase identifier of at most 40 bytes).
-    pub fn queue_in(&self, schema: &str) -> Result<Queue> {
-        Ok(Queue {
-            pubsub: self.clone(),
-            schema: SchemaName::new(schema)?,
-            installed: Arc::new(OnceCell::new()),
-        })
-    }
 }
 
 /// Checks a queue name: 1 to 200 bytes, no NUL.
@@ -167,6 +158,16 @@ pub(crate) fn check_queue(name: &str) -> Result<()> {
 }
 
 impl Queue {
+    /// Work queues of the same handle in another `schema` (a lowercase
+    /// identifier of at most 40 bytes).
+    pub fn with_schema(&self, schema: &str) -> Result<Queue> {
+        Ok(Queue {
+            pubsub: self.pubsub.clone(),
+            schema: SchemaName::new(schema)?,
+            installed: Arc::new(OnceCell::new()),
+        })
+    }
+
     /// The schema.
     pub fn schema(&self) -> &SchemaName {
         &self.schema

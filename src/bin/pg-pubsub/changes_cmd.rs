@@ -100,13 +100,13 @@ pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
     match args.command {
         ChangesCommand::Install(a) => {
             let ps = connect(conn, Tuning::default()).await?;
-            let result = install(&ps.changes_in(&args.schema)?, a).await;
+            let result = install(&ps.changes().with_schema(&args.schema)?, a).await;
             ps.shutdown().await;
             result
         }
         ChangesCommand::Uninstall(a) => {
             let ps = connect(conn, Tuning::default()).await?;
-            let result = uninstall(&ps.changes_in(&args.schema)?, a).await;
+            let result = uninstall(&ps.changes().with_schema(&args.schema)?, a).await;
             ps.shutdown().await;
             result
         }
@@ -187,7 +187,8 @@ async fn tail(conn: &ConnOpts, schema: &str, args: TailArgs) -> Result<()> {
 async fn subscribe(ps: &PgPubSub, schema: &str, args: &TailArgs) -> Result<Sub> {
     let group = args.durable.as_deref().unwrap_or_default();
     let sub = ps
-        .changes_in(schema)?
+        .changes()
+        .with_schema(schema)?
         .subscribe_from(&args.table, group, args.from)
         .await?;
     note(&format!(

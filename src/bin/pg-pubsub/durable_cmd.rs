@@ -86,7 +86,7 @@ pub(crate) async fn run(conn: &ConnOpts, args: DurableArgs) -> Result<()> {
 }
 
 async fn publish(ps: &PgPubSub, schema: &str, args: PublishArgs) -> Result<()> {
-    let durable = ps.durable_in(schema)?;
+    let durable = ps.durable().with_schema(schema)?;
     if let Some(payload) = args.payload {
         return Ok(durable.publish_raw(&args.channel, &payload).await?);
     }
@@ -132,7 +132,7 @@ async fn subscribe(
     schema: &str,
     args: &TailArgs,
 ) -> Result<DurableSubscription<String>> {
-    let durable: Durable = ps.durable_in(schema)?;
+    let durable: Durable = ps.durable().with_schema(schema)?;
     let sub = durable
         .consumer(&args.channel, &args.group)
         .start(args.from)

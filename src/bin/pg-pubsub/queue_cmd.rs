@@ -106,7 +106,7 @@ pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
         return work(conn, &args.schema, w).await;
     }
     let ps = connect(conn, Tuning::default()).await?;
-    let q = ps.queue_in(&args.schema)?;
+    let q = ps.queue().with_schema(&args.schema)?;
     let result = match args.command {
         QueueCommand::Enqueue(e) => enqueue(&q, e).await,
         QueueCommand::Stats => stats(&q).await,
@@ -153,7 +153,8 @@ async fn work(conn: &ConnOpts, schema: &str, args: WorkArgs) -> Result<()> {
     };
     let command = std::sync::Arc::new(args.command);
     let worker = ps
-        .queue_in(schema)?
+        .queue()
+        .with_schema(schema)?
         .worker(&args.queue)
         .concurrency(args.concurrency)
         .lease(lease)

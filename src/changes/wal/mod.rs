@@ -563,23 +563,27 @@ impl WalAcker {
 /// let mut client = pubsub.pool().get().await?;
 /// let tx = client.transaction().await?;
 /// tx.execute("UPDATE orders SET status = 'paid' WHERE id = 7", &[]).await?;
-/// pg_pubsub::changes::wal::emit_in(&*tx, "outbox.orders", br#"{"id":7}"#).await?;
+/// pg_pubsub::changes::wal::emit_tx(&tx, "outbox.orders", br#"{"id":7}"#).await?;
 /// tx.commit().await?;
 /// # Ok(()) }
 /// ```
-pub async fn emit_in<C: tokio_postgres::GenericClient>(
-    tx: &C,
+pub async fn emit_tx<E: crate::Executor + ?Sized>(
+    tx: &E,
     prefix: &str,
     payload: &[u8],
 ) -> Result<Lsn> {
-    let row = tx
-        .query_one(
-            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)::text",
-            &[&prefix, &payload],
-        )
-        .await
-        .map_err(|e| slot::setup_error("WAL feed: emit message", e))?;
-    let text: String = row.get(0);
+    use tokio_postgres::types::Type;
+    let rows = crate::executor::query(
+        tx,
+        "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)::text",
+        &[(&prefix, Type::TEXT), (&payload, Type::BYTEA)],
+    )
+    .await
+    .map_err(|e| slot::setup_error("WAL feed: emit message", e))?;
+    let text: String = rows
+        .first()
+        .map(|row| row.get(0))
+        .ok_or_else(|| Error::new(ErrorKind::Wal, "WAL feed: emit message returned no row"))?;
     text.parse()
 }
 
