@@ -1,7 +1,7 @@
 //! [`PgPubSub`], the handle, and its [`Builder`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,12 +87,14 @@ pub struct PgPubSub {
 
 pub(crate) struct Inner {
     pub(crate) cmds: mpsc::UnboundedSender<Command>,
-    pub(crate) pool: Pool,
+    /// Every pooled statement runs through it (and the shut-down flag is its).
+    pub(crate) exec: crate::exec::Exec,
     pub(crate) pg: tokio_postgres::Config,
     pub(crate) opts: Options,
     pub(crate) origin: Uuid,
-    pub(crate) shut_down: AtomicBool,
     owns_pool: bool,
+    /// The capability tasks started from this handle, stopped by `shutdown`.
+    pub(crate) services: Arc<crate::service::Services>,
     events: broadcast::Sender<crate::ConnectionEvent>,
     status: watch::Receiver<Status>,
     leading: ChannelSet,
@@ -355,6 +357,7 @@ impl Builder {
         let leading = ChannelSet::default();
         let filtering = ChannelSet::default();
         let board = Arc::new(Board::default());
+        let exec = crate::exec::Exec::new(pool, opts.notify_timeout, opts.backoff, tls.clone());
         let driver = Driver::new(
             Endpoint {
                 config: listener_pg,
@@ -379,12 +382,12 @@ impl Builder {
         let (wakes, wake_queue) = crate::wake::Wakes::new();
         let inner = Arc::new(Inner {
             cmds,
-            pool,
+            exec: exec.clone(),
             pg,
             opts,
             origin,
-            shut_down: AtomicBool::new(false),
             owns_pool,
+            services: Arc::new(crate::service::Services::default()),
             events,
             status,
             leading,
@@ -393,7 +396,7 @@ impl Builder {
             next_id: AtomicU64::new(1),
             wakes,
         });
-        crate::wake::spawn(wake_queue, &inner);
+        crate::wake::spawn(wake_queue, exec);
         Ok(PgPubSub { inner })
     }
 }
@@ -560,7 +563,7 @@ impl PgPubSub {
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
-        if self.inner.shut_down.load(Ordering::Acquire) || self.inner.cmds.is_closed() {
+        if self.inner.exec.is_shut_down() || self.inner.cmds.is_closed() {
             return Err(Error::shut_down());
         }
         Ok(())
@@ -628,7 +631,12 @@ impl PgPubSub {
 
     /// The publishing pool.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        self.inner.exec.pool()
+    }
+
+    /// The executor every pooled statement runs through.
+    pub(crate) fn exec(&self) -> &crate::exec::Exec {
+        &self.inner.exec
     }
 
     /// The connection settings in use (with `application_name`,
@@ -637,13 +645,25 @@ impl PgPubSub {
         &self.inner.pg
     }
 
-    /// Stops: ends every subscription (after what it already queued is read),
-    /// `UNLISTEN`s, closes the listener and the pool (unless it was given with [`Builder::pool`]). Returns within the
-    /// shutdown timeout even when the server is unreachable. Afterwards
-    /// `listen` and `notify` return [`ErrorKind::ShutDown`]. Idempotent.
+    /// Stops, in order: first every worker, durable consumer and WAL feed
+    /// started from this handle (they stop claiming and reading, let
+    /// running jobs finish or give them back, write their acks and confirm
+    /// the WAL they acked), then every subscription (after what it already
+    /// queued is read), `UNLISTEN`s, closes the listener and the pool
+    /// (unless it was given with [`Builder::pool`]). Each step is bounded by
+    /// the shutdown timeout, even when the server is unreachable.
+    /// Afterwards `listen` and `notify` return [`ErrorKind::ShutDown`], and
+    /// starting a worker, consumer or feed fails the same way. Idempotent.
     pub async fn shutdown(&self) {
         let inner = &self.inner;
-        inner.shut_down.store(true, Ordering::Release);
+        inner.exec.set_shut_down();
+        let by = tokio::time::Instant::now() + inner.opts.shutdown_timeout;
+        if !inner.services.stop_all(by).await {
+            tracing::warn!(
+                "pg-pubsub: shutdown: workers, consumers or feeds still running after {:?}",
+                inner.opts.shutdown_timeout
+            );
+        }
         let (reply, done) = oneshot::channel();
         if inner.cmds.send(Command::Shutdown { reply }).is_ok() {
             // The task bounds its whole shutdown by the timeout; the margin
@@ -654,7 +674,7 @@ impl PgPubSub {
             }
         }
         if inner.owns_pool {
-            inner.pool.close();
+            inner.exec.pool().close();
         }
     }
 }

@@ -146,10 +146,12 @@ pub mod durable;
 pub mod election;
 mod error;
 pub mod event;
+mod exec;
 mod inbox;
 mod message;
 mod publish;
 pub mod queue;
+mod service;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;

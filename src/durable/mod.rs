@@ -321,11 +321,11 @@ impl Durable {
     /// the notify timeout.
     pub(crate) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
     where
-        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        F: FnOnce(crate::exec::Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.with_pool(ErrorKind::Durable, stage, f).await
+        self.pubsub.exec().run(ErrorKind::Durable, stage, f).await
     }
 
     /// Takes a tick of `channel` if anything new became visible, and

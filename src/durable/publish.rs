@@ -76,7 +76,7 @@ impl Durable {
         let name = channel.as_str();
         let p = &*self.publisher;
         let quiet = p.quiet.get(name, Instant::now());
-        let publishing = self.pubsub.start_publish();
+        let publishing = self.pubsub.inner.wakes.start_publish();
         let now = publishing.alone();
         let due = self
             .with_client("durable publish", |client| async move {
@@ -105,6 +105,8 @@ impl Durable {
         // Committed: the wake-up follows, merged with concurrent publishers'.
         if due {
             self.pubsub
+                .inner
+                .wakes
                 .wake_after_commit(self.schema.wake_channel(), channel.as_str().to_owned());
         }
         Ok(())

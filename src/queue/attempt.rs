@@ -12,7 +12,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use super::job::Job;
-use super::runner::Ctx;
+use super::context::Ctx;
 use crate::ConnectionEvent;
 
 /// Longest error text kept for a failed attempt, in bytes.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
-use super::runner::Ctx;
+use super::context::Ctx;
 
 /// Claims completed per statement at most.
 const MAX_BATCH: usize = 1000;

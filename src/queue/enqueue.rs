@@ -212,7 +212,7 @@ impl Queue {
         check_queue(queue)?;
         check_payload(payload)?;
         options.check()?;
-        let publishing = self.pubsub.start_publish();
+        let publishing = self.pubsub.inner.wakes.start_publish();
         let now = publishing.alone() && options.due_now();
         let lean = options.is_default();
         let sql = self.insert_sql(options, lean, now);
@@ -231,6 +231,8 @@ impl Queue {
         // Committed: the wake-up follows, merged with concurrent enqueuers'.
         if done.id().is_some() && options.due_now() && !now {
             self.pubsub
+                .inner
+                .wakes
                 .wake_after_commit(self.schema.jobs_channel(), queue.to_owned());
         }
         Ok(done)

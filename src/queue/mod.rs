@@ -81,10 +81,12 @@
 
 mod admin;
 mod attempt;
+mod context;
 mod completer;
 mod enqueue;
 mod job;
 mod runner;
+mod store;
 mod vacuum;
 mod worker;
 
@@ -187,11 +189,11 @@ impl Queue {
     /// the notify timeout.
     pub(crate) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
     where
-        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        F: FnOnce(crate::exec::Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.with_pool(ErrorKind::Queue, stage, f).await
+        self.pubsub.exec().run(ErrorKind::Queue, stage, f).await
     }
 
     /// `schema.name`, for building statements.

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::runner::Ctx;
+use super::context::Ctx;
 
 /// Jobs a worker finishes between two of its vacuums, at least.
 const MIN_JOBS: u64 = 5_000;

@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::job::Job;
-use super::runner::{Ctx, Runner, Sql};
+use super::context::Ctx;
+use super::runner::Runner;
+use super::store::Sql;
 use super::{check_queue, Queue};
 use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};

@@ -58,7 +58,7 @@ impl PgPubSub {
         tables: Option<&[String]>,
     ) -> Result<()> {
         const STAGE: &str = "WAL feed: create publication";
-        self.with_pooled(STAGE, |client| async move {
+        self.exec().run_with(STAGE, |client| async move {
             let exists = client
                 .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
                 .await
@@ -107,14 +107,19 @@ async fn create_publication(client: &tokio_postgres::Client, sql: &str) -> Resul
 impl PgPubSub {
     /// Creates the logical slot (pgoutput) if missing.
     pub(crate) async fn ensure_slot(&self, slot: &str) -> Result<()> {
-        let client = self.wal_client("WAL feed: create slot").await?;
-        let res = client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&slot],
-            )
-            .await;
+        const STAGE: &str = "WAL feed: create slot";
+        let res = self
+            .exec()
+            .run_with(STAGE, |client| async move {
+                Ok(client
+                    .execute(
+                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
+                         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                        &[&slot],
+                    )
+                    .await)
+            })
+            .await?;
         match res {
             Ok(_) => Ok(()),
             // Two feeds creating the same slot at once: the other one won.
@@ -137,46 +142,60 @@ impl PgPubSub {
     /// # Ok(()) }
     /// ```
     pub async fn drop_slot(&self, slot: &str) -> Result<bool> {
-        let client = self.wal_client("WAL feed: drop slot").await?;
-        let n = client
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: drop slot", e))?;
+        const STAGE: &str = "WAL feed: drop slot";
+        let n = self
+            .exec()
+            .run_with(STAGE, |client| async move {
+                client
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))
+            })
+            .await?;
         Ok(n > 0)
     }
 
     /// Moves the slot's confirmed position to `lsn` while no stream uses it
     /// (used on close, so acks the stream had not reported yet count).
     pub(crate) async fn advance_slot(&self, slot: &str, lsn: Lsn) -> Result<()> {
-        let client = self.wal_client("WAL feed: advance slot").await?;
-        client
-            .execute(
-                "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) \
-                 FROM pg_replication_slots \
-                 WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
-                &[&slot, &lsn.to_string()],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: advance slot", e))?;
+        const STAGE: &str = "WAL feed: advance slot";
+        self.exec()
+            .run_with(STAGE, |client| async move {
+                client
+                    .execute(
+                        "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) \
+                         FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                        &[&slot, &lsn.to_string()],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))
+            })
+            .await?;
         Ok(())
     }
 
     /// The slot's confirmed position and the bytes of WAL it holds.
     pub(crate) async fn slot_position(&self, slot: &str) -> Result<Option<(Lsn, u64)>> {
-        let client = self.wal_client("WAL feed: slot lag").await?;
-        let row = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text, \
-                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: slot lag", e))?;
+        const STAGE: &str = "WAL feed: slot lag";
+        let row = self
+            .exec()
+            .run_with(STAGE, |client| async move {
+                client
+                    .query_opt(
+                        "SELECT confirmed_flush_lsn::text, \
+                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))
+            })
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let confirmed: Option<String> = row.get(0);
         let lag: Option<i64> = row.get(1);
@@ -190,24 +209,21 @@ impl PgPubSub {
     /// A non-transactional message under [`HEARTBEAT_PREFIX`]: it reaches
     /// every slot at once, so an idle or filtered feed can confirm past it.
     pub(crate) async fn emit_heartbeat(&self) -> Result<()> {
-        let client = self.wal_client("WAL feed: heartbeat").await?;
-        client
-            .execute(
-                "SELECT pg_logical_emit_message(false, $1, ''::bytea)",
-                &[&HEARTBEAT_PREFIX],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: heartbeat", e))?;
+        const STAGE: &str = "WAL feed: heartbeat";
+        self.exec()
+            .run_with(STAGE, |client| async move {
+                client
+                    .execute(
+                        "SELECT pg_logical_emit_message(false, $1, ''::bytea)",
+                        &[&HEARTBEAT_PREFIX],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))
+            })
+            .await?;
         Ok(())
     }
 
-    /// A pooled connection, waited for like every pooled statement of the
-    /// crate (backoff while the server is unreachable, up to the notify
-    /// timeout).
-    async fn wal_client(&self, stage: &'static str) -> Result<deadpool_postgres::Client> {
-        self.with_pooled(stage, |client| async move { Ok(client) })
-            .await
-    }
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ impl StreamTask {
     /// The first connect: errors are returned, except (with `standby`)
     /// "slot is active for PID" (55006), which is waited out.
     pub(crate) async fn connect_first(&self, standby: bool) -> Result<ReplicationClient> {
-        let backoff = self.pubsub.inner.opts.backoff;
+        let backoff = self.pubsub.exec().backoff();
         let mut attempt = 1;
         loop {
             match self.connect(true).await {
@@ -133,7 +133,7 @@ impl StreamTask {
     pub(crate) async fn run(mut self, first: ReplicationClient) {
         let mut client = Some(first);
         let mut attempt = 0u32;
-        let backoff = self.pubsub.inner.opts.backoff;
+        let backoff = self.pubsub.exec().backoff();
         loop {
             if let Some(mut c) = client.take() {
                 // Backoff starts over only after a stream that lasted: one
