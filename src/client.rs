@@ -13,7 +13,9 @@ use uuid::Uuid;
 use crate::channel::ChannelName;
 use crate::config::{Backoff, ListenOptions, Options};
 use crate::connect::{SslMode, Target};
-use crate::driver::{ChannelSet, Command, Driver, Endpoint, Mode, Shared, Status, CONTROL_CHANNEL};
+use crate::driver::{
+    ChannelSet, Command, Driver, Endpoint, Leading, Mode, Shared, Status, CONTROL_CHANNEL,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::inbox::Queue;
@@ -95,9 +97,12 @@ pub(crate) struct Inner {
     owns_pool: bool,
     /// The capability tasks started from this handle, stopped by `shutdown`.
     pub(crate) services: Arc<crate::service::Services>,
+    /// The capabilities' own event streams.
+    pub(crate) buses: crate::event::Buses,
     events: broadcast::Sender<crate::ConnectionEvent>,
     status: watch::Receiver<Status>,
-    leading: ChannelSet,
+    /// Channels this instance leads (read by durable readers too).
+    pub(crate) leading: Leading,
     /// Channels with a filtered subscription: what this instance publishes
     /// there carries its origin.
     pub(crate) filtering: ChannelSet,
@@ -354,7 +359,7 @@ impl Builder {
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(opts.event_capacity);
         let (status_tx, status) = watch::channel(Status::default());
-        let leading = ChannelSet::default();
+        let leading = Leading::default();
         let filtering = ChannelSet::default();
         let board = Arc::new(Board::default());
         let exec = crate::exec::Exec::new(pool, opts.notify_timeout, opts.backoff, tls.clone());
@@ -380,6 +385,7 @@ impl Builder {
             tracing::info_span!("pg_pubsub_listener", %origin),
         ));
         let (wakes, wake_queue) = crate::wake::Wakes::new();
+        let buses = crate::event::Buses::new(opts.event_capacity);
         let inner = Arc::new(Inner {
             cmds,
             exec: exec.clone(),
@@ -388,6 +394,7 @@ impl Builder {
             origin,
             owns_pool,
             services: Arc::new(crate::service::Services::default()),
+            buses,
             events,
             status,
             leading,
@@ -574,17 +581,12 @@ impl PgPubSub {
         self.check_open().is_err()
     }
 
-    /// Connection-level events from now on.
+    /// Connection-level events from now on: the listener connection, its
+    /// subscriptions and elections. Durable consumers, workers and WAL
+    /// feeds report on their own streams ([`Durable::events`](crate::durable::Durable::events),
+    /// [`Queue::events`](crate::queue::Queue::events), `WalFeed::events`).
     pub fn events(&self) -> EventStream {
         EventStream::new(self.inner.events.subscribe())
-    }
-
-    /// Sends `event` to the [`events`](Self::events) streams, for parts
-    /// that run outside the listener task (durable consumers, workers).
-    pub(crate) fn emit(&self, event: crate::ConnectionEvent) {
-        tracing::debug!(?event, "pg-pubsub event");
-        // No receiver is fine: nobody is watching events.
-        let _ = self.inner.events.send(event);
     }
 
     /// Backend PID of the listener session, or `None` while reconnecting.
@@ -595,8 +597,7 @@ impl PgPubSub {
     /// Whether this instance currently leads `channel` (always false for a
     /// channel that is not elected).
     pub fn is_leader(&self, channel: &str) -> bool {
-        let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
-        leading.contains(channel)
+        self.inner.leading.contains(channel)
     }
 
     /// A snapshot of this instance's counters, for metrics: per channel,
@@ -612,10 +613,7 @@ impl PgPubSub {
     /// # }
     /// ```
     pub fn stats(&self) -> Stats {
-        let leading = {
-            let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
-            leading.iter().cloned().collect()
-        };
+        let leading = self.inner.leading.channels();
         self.inner.board.snapshot(leading, self.listener_pid())
     }
 

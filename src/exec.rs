@@ -77,7 +77,12 @@ impl Exec {
 
     /// Runs `f` on a pooled connection within the timeout, its server
     /// errors reported as `kind` at `stage`.
-    pub(crate) async fn run<R, F, Fut>(&self, kind: ErrorKind, stage: &'static str, f: F) -> Result<R>
+    pub(crate) async fn run<R, F, Fut>(
+        &self,
+        kind: ErrorKind,
+        stage: &'static str,
+        f: F,
+    ) -> Result<R>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
@@ -228,7 +233,10 @@ impl Drop for Lease {
             detach(obj);
         }
         let stage = self.stage;
-        tracing::debug!(stage, "pg-pubsub: statement abandoned; cancelling it on the server");
+        tracing::debug!(
+            stage,
+            "pg-pubsub: statement abandoned; cancelling it on the server"
+        );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Err(e) = token.cancel_query(tls).await {

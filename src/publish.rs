@@ -116,14 +116,16 @@ impl PgPubSub {
         let channel = ChannelName::new(channel)?;
         let payload = wire::encode(self.origin_tag(&channel), payload)?;
         self.check_open()?;
-        self.inner.exec.run(ErrorKind::Notify, "notify", |client| async move {
-            let stmt = client.prepare_cached(NOTIFY_SQL).await?;
-            client
-                .execute(&stmt, &[&channel.as_str(), &&*payload])
-                .await?;
-            Ok(())
-        })
-        .await
+        self.inner
+            .exec
+            .run(ErrorKind::Notify, "notify", |client| async move {
+                let stmt = client.prepare_cached(NOTIFY_SQL).await?;
+                client
+                    .execute(&stmt, &[&channel.as_str(), &&*payload])
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     /// Publishes many text payloads on `channel`, a thousand per round trip
@@ -153,18 +155,20 @@ impl PgPubSub {
         for chunk in split_batches(&payloads) {
             let n = chunk.len();
             let channel = &channel;
-            self.inner.exec.run(ErrorKind::Notify, "notify_batch", |client| async move {
-                let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
-                client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| {
-                e.context(format!(
-                    "{sent} of this batch's {} were sent before it",
-                    payloads.len()
-                ))
-            })?;
+            self.inner
+                .exec
+                .run(ErrorKind::Notify, "notify_batch", |client| async move {
+                    let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
+                    client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "{sent} of this batch's {} were sent before it",
+                        payloads.len()
+                    ))
+                })?;
             sent += n;
         }
         Ok(sent)

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue, Worker};
-use pg_pubsub::{ConnectionEvent, ErrorKind, PgPubSub};
+use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue, QueueEvent, Worker};
+use pg_pubsub::{ErrorKind, PgPubSub};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Fast retries and polls so tests finish quickly (no test relies on them
@@ -158,7 +158,7 @@ async fn a_dead_workers_jobs_run_again_after_the_lease() {
 async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
     let (ps, q) = queue().await;
     let name = channel("q_lease_dead");
-    let mut events = ps.events();
+    let mut events = ps.queue().events();
     let last = q
         .enqueue_raw_with(&name, "last", &JobOptions::new().max_attempts(1))
         .await
@@ -183,12 +183,8 @@ async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
     assert_eq!(claimed.len(), 2);
     let (worker, mut rx) = reporting(&q, &name, 1).await;
     // The worker's rescue reports both: one dead, one back to ready.
-    match wait_event(&mut events, |e| {
-        matches!(e, ConnectionEvent::JobDead { .. })
-    })
-    .await
-    {
-        ConnectionEvent::JobDead {
+    match wait_event(&mut events, |e| matches!(e, QueueEvent::JobDead { .. })).await {
+        QueueEvent::JobDead {
             job_id,
             attempts,
             error,
@@ -243,7 +239,7 @@ async fn leases_are_extended_while_the_handler_runs() {
 async fn failures_retry_with_backoff_then_succeed() {
     let (ps, q) = queue().await;
     let name = channel("q_retry");
-    let mut events = ps.events();
+    let mut events = ps.queue().events();
     let id = q.enqueue_raw(&name, "x").await.unwrap().id().unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let worker = fast(&q, &name)
@@ -263,12 +259,8 @@ async fn failures_retry_with_backoff_then_succeed() {
         .await
         .unwrap();
     for want in 1..=2 {
-        match wait_event(&mut events, |e| {
-            matches!(e, ConnectionEvent::JobRetried { .. })
-        })
-        .await
-        {
-            ConnectionEvent::JobRetried {
+        match wait_event(&mut events, |e| matches!(e, QueueEvent::JobRetried { .. })).await {
+            QueueEvent::JobRetried {
                 job_id,
                 attempt,
                 error,
@@ -294,7 +286,7 @@ async fn failures_retry_with_backoff_then_succeed() {
 async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted() {
     let (ps, q) = queue().await;
     let name = channel("q_dead");
-    let mut events = ps.events();
+    let mut events = ps.queue().events();
     let opts = JobOptions::new().max_attempts(3);
     let a = q
         .enqueue_raw_with(&name, "a", &opts)
@@ -315,12 +307,8 @@ async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted()
         .unwrap();
     let mut dead = Vec::new();
     for _ in 0..2 {
-        match wait_event(&mut events, |e| {
-            matches!(e, ConnectionEvent::JobDead { .. })
-        })
-        .await
-        {
-            ConnectionEvent::JobDead {
+        match wait_event(&mut events, |e| matches!(e, QueueEvent::JobDead { .. })).await {
+            QueueEvent::JobDead {
                 job_id, attempts, ..
             } => dead.push((job_id, attempts)),
             _ => unreachable!(),

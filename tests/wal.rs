@@ -6,9 +6,9 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use pg_pubsub::changes::wal::{emit_in, WalFeed, WalItem};
+use pg_pubsub::changes::wal::{emit_in, WalEvent, WalFeed, WalItem};
 use pg_pubsub::changes::{Lsn, Op};
-use pg_pubsub::{ConnectionEvent, ErrorKind, PgPubSub};
+use pg_pubsub::{ErrorKind, PgPubSub};
 use serde_json::{json, Value};
 
 /// A fresh slot name and tables `{slot}_a`, `{slot}_b`, `{slot}_c` (id
@@ -369,8 +369,8 @@ async fn a_new_feed_resumes_from_the_last_ack() {
 #[tokio::test]
 async fn reconnects_after_the_walsender_is_terminated() {
     let (ps, slot, t) = setup(1).await;
-    let mut events = ps.events();
     let mut feed = start(&ps, &slot, &t).await;
+    let mut events = feed.events();
     let client = raw_client().await;
     client
         .execute(&format!("INSERT INTO {} VALUES (1, 'before')", t[0]), &[])
@@ -392,9 +392,10 @@ async fn reconnects_after_the_walsender_is_terminated() {
         WalItem::Error(e) => assert!(e.is_connection() || e.kind() == ErrorKind::Wal),
         other => panic!("expected the loss, got {other:?}"),
     }
-    wait_event(&mut events, |e| {
-        matches!(e, ConnectionEvent::WalStreaming { slot: s, from } if **s == *slot && *from >= end)
-    })
+    wait_event(
+        &mut events,
+        |e| matches!(e, WalEvent::Streaming { slot: s, from } if **s == *slot && *from >= end),
+    )
     .await;
     client
         .execute(&format!("INSERT INTO {} VALUES (2, 'after')", t[0]), &[])
@@ -439,7 +440,6 @@ async fn a_role_without_replication_gets_a_clear_error() {
 #[tokio::test]
 async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
     let (ps, slot, t) = setup(2).await;
-    let mut events = ps.events();
     // The feed publishes only table a; table b's writes hold WAL it never sees.
     let feed: WalFeed = ps
         .wal_feed(&slot)
@@ -450,6 +450,7 @@ async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
         .start()
         .await
         .expect("start");
+    let mut events = feed.events();
     let client = raw_client().await;
     client
         .execute(
@@ -469,16 +470,16 @@ async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
     let after: Lsn = after.parse().expect("lsn");
     wait_event(
         &mut events,
-        |e| matches!(e, ConnectionEvent::WalLag { slot: s, .. } if **s == *slot),
+        |e| matches!(e, WalEvent::Lag { slot: s, .. } if **s == *slot),
     )
     .await;
     // The slot's confirmed position moves past the filtered writes on its own.
-    let mut events = ps.events();
+    let mut events = feed.events();
     loop {
         if feed.stats().await.expect("stats").confirmed_lsn > after {
             break;
         }
-        wait_event(&mut events, |e| matches!(e, ConnectionEvent::WalLag { .. })).await;
+        wait_event(&mut events, |e| matches!(e, WalEvent::Lag { .. })).await;
     }
     drop(feed);
     drop_slot_when_free(&ps, &slot).await;

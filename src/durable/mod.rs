@@ -243,6 +243,7 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
+pub use crate::event::DurableEvent;
 pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
 pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
@@ -326,6 +327,13 @@ impl Durable {
     {
         self.install().await?;
         self.pubsub.exec().run(ErrorKind::Durable, stage, f).await
+    }
+
+    /// Events of the durable consumers of this handle's [`PgPubSub`] (every
+    /// schema) from now on: which consumer is active, truncations,
+    /// retention. Bounded and lossy (see [`Events`](crate::event::Events)).
+    pub fn events(&self) -> crate::event::Events<DurableEvent> {
+        self.pubsub.inner.buses.durable.subscribe()
     }
 
     /// Takes a tick of `channel` if anything new became visible, and

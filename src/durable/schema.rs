@@ -152,7 +152,8 @@ pub(crate) async fn ensure(
 ) -> Result<()> {
     done.get_or_try_init(|| async {
         pubsub
-            .exec().run_with("installing the schema", |client| async move {
+            .exec()
+            .run_with("installing the schema", |client| async move {
                 install(&client, schema).await
             })
             .await

@@ -30,4 +30,3 @@ impl Ctx {
         f(&mut set)
     }
 }
-

@@ -81,8 +81,8 @@
 
 mod admin;
 mod attempt;
-mod context;
 mod completer;
+mod context;
 mod enqueue;
 mod job;
 mod runner;
@@ -95,6 +95,7 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
+pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
 pub use enqueue::{Enqueued, JobOptions};
 pub use job::Job;
@@ -194,6 +195,13 @@ impl Queue {
     {
         self.install().await?;
         self.pubsub.exec().run(ErrorKind::Queue, stage, f).await
+    }
+
+    /// Job events (retries, dead jobs) of the workers of this handle's
+    /// [`PgPubSub`] (every schema) from now on. Bounded and lossy (see
+    /// [`Events`](crate::event::Events)).
+    pub fn events(&self) -> crate::event::Events<QueueEvent> {
+        self.pubsub.inner.buses.queue.subscribe()
     }
 
     /// `schema.name`, for building statements.

@@ -12,12 +12,14 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::Instant;
 
-use super::job::Job;
 use super::context::Ctx;
+use super::job::Job;
 use super::{attempt, completer, vacuum};
 use crate::error::Result;
-use crate::{ConnectionEvent, Delivery, Subscription};
+use crate::event::QueueEvent;
+use crate::{Delivery, Subscription};
 
 pub(super) struct Runner<F> {
     ctx: Arc<Ctx>,
@@ -84,7 +86,7 @@ where
     pub(super) async fn run(
         mut self,
         mut wake: Subscription<String>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<Option<Instant>>,
     ) {
         // Completions go to their own task (and pooled connection): they
         // are deleted in batches while the next claim is under way.
@@ -120,7 +122,7 @@ where
             tokio::select! {
                 biased;
                 changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
+                    if changed.is_err() || stop.borrow().is_some() {
                         break;
                     }
                 }
@@ -146,7 +148,11 @@ where
                 _ = extend.tick() => self.extend().await,
             }
         }
-        self.drain(&mut extend).await;
+        // Dropped handle: its own shutdown timeout.
+        let by = stop
+            .borrow()
+            .unwrap_or_else(|| Instant::now() + self.shutdown_timeout);
+        self.drain(&mut extend, by).await;
     }
 
     /// Claims up to `n` jobs (into `waiting`) in one statement; returns
@@ -258,15 +264,15 @@ where
             let error: Arc<str> = Arc::from(row.get::<_, &str>(3));
             tracing::info!(queue = %self.ctx.name, job_id, attempt, dead, %error, "pg-pubsub: job's lease expired");
             let queue = self.ctx.name.clone();
-            self.ctx.queue.pubsub.emit(if dead {
-                ConnectionEvent::JobDead {
+            self.ctx.queue.pubsub.inner.buses.queue.emit(if dead {
+                QueueEvent::JobDead {
                     queue,
                     job_id,
                     attempts: attempt,
                     error,
                 }
             } else {
-                ConnectionEvent::JobRetried {
+                QueueEvent::JobRetried {
                     queue,
                     job_id,
                     attempt,
@@ -277,15 +283,14 @@ where
         }
     }
 
-    /// Shutdown: no more claims; running handlers get the shutdown
-    /// timeout; the rest are stopped and their jobs given back, after the
+    /// Shutdown: no more claims; running handlers get until `by`; the rest are stopped and their jobs given back, after the
     /// pending completions are written.
-    async fn drain(&mut self, extend: &mut tokio::time::Interval) {
+    async fn drain(&mut self, extend: &mut tokio::time::Interval, by: Instant) {
         // Jobs that never started go back at once, not after the handlers.
         let unstarted: Vec<(i64, i32)> =
             self.waiting.drain(..).map(|j| (j.id, j.attempt)).collect();
         self.give_back(unstarted).await;
-        let deadline = tokio::time::sleep(self.shutdown_timeout);
+        let deadline = tokio::time::sleep_until(by);
         tokio::pin!(deadline);
         while !self.running.is_empty() {
             tokio::select! {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pg_pubsub::testing::{TestOptions, TestServer};
-use pg_pubsub::{Builder, ConnectionEvent, Delivery, GapCause, Message, PgPubSub};
+use pg_pubsub::{Builder, Delivery, GapCause, Message, PgPubSub};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
@@ -185,10 +185,10 @@ where
 }
 
 /// Waits for the first event matching `pred`.
-pub async fn wait_event<S, F>(events: &mut S, mut pred: F) -> ConnectionEvent
+pub async fn wait_event<S, E, F>(events: &mut S, mut pred: F) -> E
 where
-    S: Stream<Item = ConnectionEvent> + Unpin,
-    F: FnMut(&ConnectionEvent) -> bool,
+    S: Stream<Item = E> + Unpin,
+    F: FnMut(&E) -> bool,
 {
     tokio::time::timeout(WAIT, async {
         while let Some(e) = events.next().await {

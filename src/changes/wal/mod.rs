@@ -143,6 +143,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::changes::{ChangeEvent, Lsn};
 use crate::error::{Error, ErrorKind, Result};
+pub use crate::event::WalEvent;
 use crate::PgPubSub;
 
 /// One item of a [`WalFeed`].
@@ -353,7 +354,8 @@ impl WalFeedBuilder {
         });
         let cfg = stream::replication_config(&self.pubsub, &self.slot, &publication)?
             .with_status_interval(self.ack_interval);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = Arc::new(watch::Sender::new(false));
+        let stop_rx = stop_tx.subscribe();
         let (tx, rx) = mpsc::channel(self.capacity);
         let task = stream::StreamTask {
             pubsub: self.pubsub.clone(),
@@ -365,17 +367,37 @@ impl WalFeedBuilder {
             stop: stop_rx.clone(),
         };
         let first = task.connect_first(self.standby).await?;
-        let handle = tokio::spawn(task.run(first));
+        // Stopped by the handle's shutdown too, which waits until the
+        // stream has ended and the slot is moved to the last ack.
+        let services = &self.pubsub.inner.services;
+        let stopper = |stop: &Arc<watch::Sender<bool>>| {
+            let stop = stop.clone();
+            move |_| {
+                stop.send_replace(true);
+            }
+        };
+        let registration = services.register("WAL feed", stopper(&stop_tx))?;
+        let handle = tokio::spawn(async move {
+            let res = task.run(first).await;
+            drop(registration);
+            res
+        });
         if let Some(every) = self.heartbeat {
-            tokio::spawn(stream::heartbeat(
+            let registration = services.register("WAL feed heartbeat", stopper(&stop_tx))?;
+            let beat = stream::heartbeat(
                 self.pubsub.clone(),
                 self.slot.clone(),
                 every,
                 self.lag_warning,
                 stop_rx,
-            ));
+            );
+            tokio::spawn(async move {
+                beat.await;
+                drop(registration);
+            });
         }
         Ok(WalFeed {
+            events: self.pubsub.inner.buses.wal.clone(),
             pubsub: self.pubsub,
             slot: self.slot,
             rx,
@@ -405,8 +427,9 @@ pub struct WalFeed<T = serde_json::Value> {
     slot: String,
     rx: mpsc::Receiver<RawItem>,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: Arc<watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
+    events: crate::event::Bus<WalEvent>,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -424,6 +447,13 @@ impl<T> WalFeed<T> {
         WalAcker {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Events of the WAL feeds of this feed's [`PgPubSub`] from now on
+    /// (stream up, lost, slot lag). Bounded and lossy (see
+    /// [`Events`](crate::event::Events)).
+    pub fn events(&self) -> crate::event::Events<WalEvent> {
+        self.events.subscribe()
     }
 
     /// The slot's name.
@@ -453,30 +483,13 @@ impl<T> WalFeed<T> {
         // Nobody reads any more: a task blocked on a full buffer gets an
         // error at once instead of waiting forever.
         self.rx.close();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        let acked = Lsn(self.shared.acked.load(Ordering::Acquire));
-        if acked.0 == 0 {
+        let Some(task) = self.task.take() else {
             return Ok(());
-        }
-        // The walsender may take a moment to release the slot after the
-        // stream ended: "slot is active" (55006) until then.
-        let backoff = crate::Backoff::default();
-        let mut attempt = 1;
-        loop {
-            match self.pubsub.advance_slot(&self.slot, acked).await {
-                Err(e)
-                    if attempt < 25
-                        && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(backoff.delay(attempt).min(Duration::from_millis(200)))
-                        .await;
-                }
-                res => return res,
-            }
-        }
+        };
+        // The task moves the slot to the last ack as it ends.
+        task.await.map_err(|e| {
+            Error::new(ErrorKind::Wal, format!("the WAL feed task failed: {e}")).with_source(e)
+        })?
     }
 }
 

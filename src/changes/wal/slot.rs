@@ -223,7 +223,6 @@ impl PgPubSub {
             .await?;
         Ok(())
     }
-
 }
 
 #[cfg(test)]

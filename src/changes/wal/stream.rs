@@ -18,7 +18,8 @@ use crate::changes::Lsn;
 /// the start again.
 const STEADY: Duration = Duration::from_secs(10);
 use crate::error::{Error, ErrorKind, Result};
-use crate::{ConnectionEvent, PgPubSub};
+use crate::event::WalEvent;
+use crate::PgPubSub;
 
 /// The replication connection's settings, from the handle's connection
 /// settings (host, port, user, password, database).
@@ -102,7 +103,7 @@ impl StreamTask {
             .await
             .map_err(|e| stream_error(&self.slot, e))?;
         tracing::debug!(slot = %self.slot, from = %Lsn(from), first, "pg-pubsub: WAL feed streaming");
-        self.pubsub.emit(ConnectionEvent::WalStreaming {
+        self.pubsub.inner.buses.wal.emit(WalEvent::Streaming {
             slot: self.slot.clone(),
             from: Lsn(from),
         });
@@ -130,7 +131,38 @@ impl StreamTask {
         }
     }
 
-    pub(crate) async fn run(mut self, first: ReplicationClient) {
+    /// Streams until stopped (or the feed is dropped), then moves the slot
+    /// to the last ack: what the stream had not reported yet counts too.
+    pub(crate) async fn run(mut self, first: ReplicationClient) -> Result<()> {
+        self.stream_loop(first).await;
+        self.confirm().await
+    }
+
+    async fn confirm(&self) -> Result<()> {
+        let acked = Lsn(self.shared.acked.load(Ordering::Acquire));
+        if acked.0 == 0 {
+            return Ok(());
+        }
+        // The walsender may take a moment to release the slot after the
+        // stream ended: "slot is active" (55006) until then.
+        let backoff = crate::Backoff::default();
+        let mut attempt = 1;
+        loop {
+            match self.pubsub.advance_slot(&self.slot, acked).await {
+                Err(e)
+                    if attempt < 25
+                        && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(backoff.delay(attempt).min(Duration::from_millis(200)))
+                        .await;
+                }
+                res => return res,
+            }
+        }
+    }
+
+    async fn stream_loop(&mut self, first: ReplicationClient) {
         let mut client = Some(first);
         let mut attempt = 0u32;
         let backoff = self.pubsub.exec().backoff();
@@ -173,7 +205,7 @@ impl StreamTask {
         // The first attempt after a good stream is immediate; later ones back off.
         let retry_in = backoff.delay(*attempt + 1);
         tracing::warn!(slot = %self.slot, %err, ?retry_in, "pg-pubsub: WAL feed lost its stream");
-        self.pubsub.emit(ConnectionEvent::WalDisconnected {
+        self.pubsub.inner.buses.wal.emit(WalEvent::Disconnected {
             slot: self.slot.clone(),
             reason: Arc::from(err.to_string()),
             attempt: *attempt,
@@ -377,7 +409,7 @@ pub(crate) async fn heartbeat(
                     lag_bytes,
                     "pg-pubsub: WAL feed slot lag above warning level"
                 );
-                pubsub.emit(ConnectionEvent::WalLag {
+                pubsub.inner.buses.wal.emit(WalEvent::Lag {
                     slot: slot_name.clone(),
                     lag_bytes,
                     warn_bytes,
