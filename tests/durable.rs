@@ -916,3 +916,28 @@ async fn a_retain_without_max_age_keeps_the_channels_max_age() {
     assert_eq!(max_age().await, Some(60.0));
     ps.shutdown().await;
 }
+
+/// `PgPubSub::shutdown` stops its durable consumers before the pool
+/// closes: acks not yet written (a long ack interval) are flushed, so a
+/// fresh consumer of the group starts after them.
+#[tokio::test]
+async fn acks_are_flushed_when_the_pubsub_shuts_down() {
+    let ch = channel("shutdown_acks");
+    let (ps, d) = durable().await;
+    let mut sub = d
+        .consumer(&ch, "g")
+        .ack_interval(Duration::from_secs(3600))
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_batch(&ch, ["1", "2", "3"]).await.unwrap();
+    assert_eq!(take_acked(&mut sub, 2).await, ["1", "2"]);
+    ps.shutdown().await;
+
+    let (ps2, d2) = durable().await;
+    let mut fresh = d2.subscribe_raw(&ch, "g").await.unwrap();
+    assert_eq!(next_durable(&mut fresh).await.payload(), "3");
+    drop(sub);
+    fresh.close().await.unwrap();
+    ps2.shutdown().await;
+}

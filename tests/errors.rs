@@ -225,3 +225,63 @@ async fn notify_until_ok(ps: &PgPubSub, ch: &str) {
     .await
     .expect("notify works again");
 }
+
+/// A statement past the notify timeout is cancelled on the server and its
+/// connection leaves the pool: with a pool of one, the next call gets a new
+/// connection instead of queueing behind the abandoned statement.
+#[tokio::test]
+async fn a_statement_past_the_timeout_is_cancelled_and_does_not_block_the_pool() {
+    let app = channel("exec_timeout");
+    let ps = builder()
+        .application_name(app.as_str())
+        .notify_timeout(Duration::from_millis(500))
+        .pool_size(1)
+        .connect()
+        .await
+        .expect("connect");
+    let q = ps.queue_in(&app).expect("schema");
+    q.install().await.expect("install");
+    let mut locker = raw_client().await;
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute(&format!("LOCK TABLE {app}.jobs IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .expect("lock");
+
+    let err = q.enqueue("q", &1).await.expect_err("blocked by the lock");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(err.may_have_committed(), "it was sent: {err:?}");
+    // Cancelled while the lock is still held: nothing else could end it.
+    wait_lock_waits_gone(&app).await;
+    // Not stuck behind it: the only pooled connection was replaced.
+    ps.notify(&app, &"after")
+        .await
+        .expect("notify after the timeout");
+
+    tx.rollback().await.expect("rollback");
+    let jobs: i64 = locker
+        .query_one(&format!("SELECT count(*) FROM {app}.jobs"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(jobs, 0, "the cancelled enqueue did not commit");
+    ps.shutdown().await;
+}
+
+/// Nothing was sent when no connection could be had.
+#[tokio::test]
+async fn a_timeout_without_a_connection_did_not_commit() {
+    let ps = PgPubSub::builder(server().url())
+        .expect("url")
+        .notify_timeout(Duration::from_millis(300))
+        .pool_size(1)
+        .connect()
+        .await
+        .expect("connect");
+    // Hold the only pooled connection in a call that outlasts the timeout.
+    let held = ps.pool().get().await.expect("pooled");
+    let err = ps.notify("exec_none", &1).await.expect_err("no connection");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(!err.may_have_committed(), "{err:?}");
+    drop(held);
+    ps.shutdown().await;
+}

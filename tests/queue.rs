@@ -858,3 +858,78 @@ async fn a_worker_whose_role_does_not_own_the_table_leaves_vacuum_to_autovacuum(
     ps.shutdown().await;
     admin_ps.shutdown().await;
 }
+
+/// `PgPubSub::shutdown` stops its workers before the pool closes: a job
+/// running when it is called finishes, its completion is written, and it
+/// never runs again (a worker started afterwards does not get it).
+#[tokio::test]
+async fn a_job_running_at_shutdown_completes_once() {
+    let name = channel("q_shutdown");
+    let runs = format!("runs_{name}");
+    let admin = raw_client().await;
+    admin
+        .batch_execute(&format!("CREATE TABLE {runs} (job_id bigint NOT NULL)"))
+        .await
+        .unwrap();
+    let (ps, q) = queue().await;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let recorder = Arc::new(raw_client().await);
+    let worker = {
+        let (recorder, runs) = (recorder.clone(), runs.clone());
+        fast(&q, &name)
+            // Short: a job whose completion was lost would soon run again.
+            .lease(Duration::from_secs(1))
+            .run(move |job: Job| {
+                let (started, recorder) = (started_tx.clone(), recorder.clone());
+                let sql = format!("INSERT INTO {runs} VALUES ($1)");
+                async move {
+                    recorder
+                        .execute(&sql, &[&job.id()])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = started.send(job.id());
+                    // Still running when shutdown starts (which waits for it).
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok::<_, String>(())
+                }
+            })
+            .await
+            .unwrap()
+    };
+    let first = q
+        .enqueue(&name, &"first")
+        .await
+        .unwrap()
+        .id()
+        .expect("new job");
+    assert_eq!(recv(&mut started).await, first);
+
+    ps.shutdown().await;
+    worker.wait().await.unwrap();
+    assert!(
+        job_states(&admin, &name).await.is_empty(),
+        "the completion was written before the pool closed"
+    );
+
+    // A later worker on the same queue runs the next job, never the first.
+    let (ps2, q2) = queue().await;
+    let (_worker2, mut done) = reporting(&q2, &name, 1).await;
+    let second = q2
+        .enqueue(&name, &"second")
+        .await
+        .unwrap()
+        .id()
+        .expect("new job");
+    let (id, _, _) = recv(&mut done).await;
+    assert_eq!(id, second);
+    let count: i64 = admin
+        .query_one(
+            &format!("SELECT count(*) FROM {runs} WHERE job_id = $1"),
+            &[&first],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1, "the job running at shutdown ran once");
+    ps2.shutdown().await;
+}

@@ -240,6 +240,14 @@ pub async fn wait_sessions_gone(application_name: &str) {
     wait_no_session("application_name = $1", &application_name, &what).await;
 }
 
+/// Waits until no session with `application_name` waits for a lock (its
+/// statement was cancelled, or got the lock), failing after [`WAIT`].
+pub async fn wait_lock_waits_gone(application_name: &str) {
+    let what = format!("lock waits of {application_name}");
+    let filter = "application_name = $1 AND wait_event_type = 'Lock'";
+    wait_no_session(filter, &application_name, &what).await;
+}
+
 /// Waits until no row of `pg_stat_activity` matches `filter` (with `$1`
 /// bound to `arg`), failing after [`WAIT`] and naming `what`.
 async fn wait_no_session(
