@@ -309,7 +309,9 @@ impl Builder {
         self
     }
 
-    /// Capacity of the [`PgPubSub::events`] buffer. Default: 1024.
+    /// Capacity of the [`PgPubSub::events`] buffer, and of each
+    /// capability's event buffer ([`Durable::events`](crate::durable::Durable::events),
+    /// [`Queue::events`](crate::queue::Queue::events), `WalFeed::events`). Default: 1024.
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.opts.event_capacity = capacity;
         self

@@ -92,14 +92,17 @@
 //! * [`queue`]: work queue (jobs done once across a fleet, retries, dead jobs).
 //! * [`changes`]: change feeds (row changes from triggers and from the WAL).
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
-//! * [`event`]: connection events ([`ConnectionEvent`]).
+//! * [`event`]: connection events ([`ConnectionEvent`]) and each capability's
+//!   own event stream ([`event::DurableEvent`], [`event::QueueEvent`], [`event::WalEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! Private, by file: `client.rs` ([`PgPubSub`], [`Builder`]), `publish.rs`
 //! (notify paths), `subscription.rs` and `inbox.rs` (the consumer side: a subscriber's bounded queue),
 //! `message.rs` ([`Delivery`] and friends), `truncate.rs` (short `Debug` of
-//! payloads), `wake.rs` (wake-ups sent after commit, merged), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
+//! payloads), `wake.rs` (wake-ups sent after commit, merged), `exec.rs` (how every pooled
+//! statement runs: timeout, backoff, cancel on the server), `service.rs` (the
+//! workers, consumers and feeds a handle started, stopped by its shutdown), `error.rs`, `connect.rs` (what to connect to: `sslmode`,
 //! the connector for listener and pool), `tls.rs` (rustls), and `driver/`:
 //! `mod.rs` (task loop, reconnect, shutdown), `live.rs` (one connection),
 //! `registry.rs` (channels, subscribers, fan-out), `role.rs` (the per-channel

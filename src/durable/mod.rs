@@ -114,10 +114,11 @@
 //! the instance's listener connection, and also poll (default every
 //! second), so a lost notification or a reconnect only delays.
 //!
-//! The instance's [`events`](PgPubSub::events) report the role of each of
-//! its consumers: `DurableActive { channel, group }` when one becomes
-//! active, `DurableStandby { .. }` when it stands by (or loses the
-//! election).
+//! [`Durable::events`] reports the role of each of the instance's
+//! consumers: [`DurableEvent::Active`] when one becomes active,
+//! [`DurableEvent::Standby`] when it stands by (or loses the election). The
+//! consumer itself reads its role from the handle's state, never from this
+//! (lossy) stream.
 //!
 //! Reading: after a wake-up the consumer sends `tick` and `read()` in one
 //! pipelined write (one round trip; the server runs them in order, each in
@@ -147,12 +148,12 @@
 //! [`Durable::retain`] removes what every group of a channel has acked
 //! and, optionally, what is older than a maximum age (groups that had not
 //! read it get [`DurableDelivery::Truncated`], and their instance a
-//! [`ConnectionEvent::DurableTruncated`](crate::ConnectionEvent::DurableTruncated)).
+//! [`DurableEvent::Truncated`]).
 //! Each group's active consumer runs it on its channel every 30 s
 //! ([`ConsumerBuilder::retain_every`], with [`ConsumerBuilder::max_age`]),
 //! so nobody has to schedule it while the channel has a running consumer.
 //! What it did is reported as
-//! [`ConnectionEvent::DurableRetained`](crate::ConnectionEvent::DurableRetained).
+//! [`DurableEvent::Retained`].
 //!
 //! It never deletes rows: `messages` is a ring of four list partitions
 //! (`messages_0` to `messages_3`, on a column `part`), created at install;

@@ -55,8 +55,8 @@
 //! statement for all the worker's jobs); every poll, a worker makes jobs
 //! whose lease expired ready again, or dead if that was their last attempt
 //! (a dead worker's jobs run again after the lease), and emits
-//! [`JobRetried`](crate::ConnectionEvent::JobRetried) or
-//! [`JobDead`](crate::ConnectionEvent::JobDead) for them. At least once:
+//! [`JobRetried`](crate::event::QueueEvent::JobRetried) or
+//! [`JobDead`](crate::event::QueueEvent::JobDead) for them. At least once:
 //! the handler gets the attempt number ([`Job::attempt`]), and
 //! [`Job::complete_in`] completes the job in the
 //! handler's own transaction for an exactly-once effect.

@@ -81,7 +81,7 @@
 //! feed acks the heartbeat itself. Slot lag (bytes of WAL held:
 //! `pg_current_wal_lsn() - confirmed_flush_lsn`) is in [`WalFeed::stats`]
 //! and, above [`lag_warning`](WalFeedBuilder::lag_warning), a
-//! [`ConnectionEvent::WalLag`](crate::ConnectionEvent::WalLag).
+//! [`WalEvent::Lag`].
 //!
 //! # Values
 //!
@@ -306,7 +306,7 @@ impl WalFeedBuilder {
         self
     }
 
-    /// Report [`ConnectionEvent::WalLag`](crate::ConnectionEvent::WalLag)
+    /// Report [`WalEvent::Lag`]
     /// when the slot holds more than `bytes` of WAL (checked at each
     /// heartbeat). Default: off.
     pub fn lag_warning(mut self, bytes: u64) -> Self {
