@@ -487,6 +487,45 @@ async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
 
 /// Drops `slot` once its walsender is gone (dropping a feed ends it
 /// asynchronously).
+/// `PgPubSub::shutdown` stops its WAL feeds before the pool closes and
+/// confirms their last ack on the slot, even one the stream had not
+/// reported yet (a long ack interval).
+#[tokio::test]
+async fn shutdown_confirms_the_last_ack() {
+    let (ps, slot, t) = setup(1).await;
+    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+    let mut feed: WalFeed = ps
+        .wal_feed(&slot)
+        .tables(&refs)
+        .ack_interval(std::time::Duration::from_secs(3600))
+        .heartbeat(None)
+        .start()
+        .await
+        .expect("start feed");
+    let client = raw_client().await;
+    for i in 1..=2 {
+        client
+            .execute(&format!("INSERT INTO {} VALUES ({i}, 'v')", t[0]), &[])
+            .await
+            .expect("insert");
+    }
+    let (_, first) = next_tx(&mut feed).await;
+    feed.ack(first);
+    ps.shutdown().await;
+    let confirmed: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    let confirmed: Lsn = confirmed.parse().expect("lsn");
+    assert!(confirmed >= first, "confirmed {confirmed} < acked {first}");
+    drop(feed);
+    drop_slot_when_free(&pubsub().await, &slot).await;
+}
+
 async fn drop_slot_when_free(ps: &PgPubSub, slot: &str) {
     let client = raw_client().await;
     let pid: Option<i32> = client
