@@ -250,6 +250,8 @@ async fn a_statement_past_the_timeout_is_cancelled_and_does_not_block_the_pool()
     let err = q.enqueue("q", &1).await.expect_err("blocked by the lock");
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
     assert!(err.may_have_committed(), "it was sent: {err:?}");
+    // Its connection left the pool rather than going back to it.
+    assert_eq!(ps.pool().status().size, 0, "{:?}", ps.pool().status());
     // Cancelled while the lock is still held: nothing else could end it.
     wait_lock_waits_gone(&app).await;
     // Not stuck behind it: the only pooled connection was replaced.
