@@ -67,7 +67,6 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
     let delay = retry_delay(ctx.retry_base, ctx.retry_max, attempt);
     let (sql, secs, err) = (&ctx.sql.fail, delay.as_secs_f64(), &error);
     let res = ctx
-        .queue
         .with_client("failing a job", |client| async move {
             let stmt = client.prepare_cached(sql).await?;
             let row = client
@@ -101,7 +100,7 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
         }
     };
     tracing::info!(queue = %ctx.name, id, attempt, max = max_attempts, %error, "pg-pubsub: job failed");
-    ctx.queue.pubsub.inner.buses.queue.emit(event);
+    ctx.events.emit(event);
 }
 
 /// The delay before retrying after failed attempt `attempt` (from 1).

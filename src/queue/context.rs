@@ -1,15 +1,24 @@
-//! [`Ctx`]: what a worker's tasks (runner, attempts, completer, vacuum) share.
+//! [`Ctx`]: what a worker's tasks (runner, attempts, completer, vacuum)
+//! share. Narrow on purpose: the executor, the statements and the event
+//! bus; not the handle (the tasks cannot reach the listener or the pool
+//! other than through the executor).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::store::Sql;
-use super::Queue;
+use crate::error::{ErrorKind, Result};
+use crate::event::{Bus, QueueEvent};
+use crate::exec::{Conn, Exec};
 
 /// What a worker's tasks share.
 pub(super) struct Ctx {
-    pub(super) queue: Queue,
+    pub(super) exec: Exec,
+    /// The schema's wake-up channel for jobs.
+    pub(super) jobs_channel: String,
+    pub(super) events: Bus<QueueEvent>,
     pub(super) name: Arc<str>,
     pub(super) sql: Sql,
     pub(super) retry_base: Duration,
@@ -20,6 +29,16 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
+    /// Runs `f` on a pooled connection (the schema was installed before
+    /// the worker started).
+    pub(super) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<R, tokio_postgres::Error>>,
+    {
+        self.exec.run(ErrorKind::Queue, stage, f).await
+    }
+
     /// Runs `f` on the set of claims being completed.
     pub(super) fn completing<R>(&self, f: impl FnOnce(&mut HashSet<(i64, i32)>) -> R) -> R {
         // A panic elsewhere cannot leave the set half-changed: use it anyway.

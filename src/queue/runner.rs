@@ -163,7 +163,6 @@ where
         let lease = self.lease.as_secs_f64();
         let mut rows = self
             .ctx
-            .queue
             .with_client("claiming jobs", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.query(&stmt, &[&name, &limit, &lease]).await
@@ -229,7 +228,6 @@ where
         let (sql, lease) = (&self.ctx.sql.extend, self.lease.as_secs_f64());
         let res = self
             .ctx
-            .queue
             .with_client("extending leases", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.execute(&stmt, &[&ids, &attempts, &lease]).await
@@ -246,7 +244,6 @@ where
         let (sql, name) = (&self.ctx.sql.rescue, &*self.ctx.name);
         let res = self
             .ctx
-            .queue
             .with_client("rescuing expired jobs", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.query(&stmt, &[&name]).await
@@ -264,7 +261,7 @@ where
             let error: Arc<str> = Arc::from(row.get::<_, &str>(3));
             tracing::info!(queue = %self.ctx.name, job_id, attempt, dead, %error, "pg-pubsub: job's lease expired");
             let queue = self.ctx.name.clone();
-            self.ctx.queue.pubsub.inner.buses.queue.emit(if dead {
+            self.ctx.events.emit(if dead {
                 QueueEvent::JobDead {
                     queue,
                     job_id,
@@ -327,10 +324,9 @@ where
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = back.into_iter().unzip();
         let sql = &self.ctx.sql.give_back;
-        let (channel, name) = (self.ctx.queue.schema.jobs_channel(), &*self.ctx.name);
+        let (channel, name) = (&self.ctx.jobs_channel, &*self.ctx.name);
         let res = self
             .ctx
-            .queue
             .with_client("giving jobs back", |client| async move {
                 client
                     .execute(sql.as_str(), &[&ids, &attempts, &channel, &name])

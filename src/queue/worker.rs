@@ -154,7 +154,9 @@ impl WorkerBuilder {
         let ctx = Arc::new(Ctx {
             sql: Sql::new(queue.schema.as_str()),
             name: Arc::from(self.name.as_str()),
-            queue,
+            exec: queue.pubsub.exec().clone(),
+            jobs_channel: queue.schema.jobs_channel(),
+            events: queue.pubsub.inner.buses.queue.clone(),
             retry_base: self.retry_base,
             retry_max: self.retry_max,
             completing: Default::default(),
