@@ -144,6 +144,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::changes::{ChangeEvent, Lsn};
 use crate::error::{Error, ErrorKind, Result};
 pub use crate::event::WalEvent;
+use crate::exec::Exec;
 use crate::PgPubSub;
 
 /// One item of a [`WalFeed`].
@@ -344,10 +345,10 @@ impl WalFeedBuilder {
             .publication
             .clone()
             .unwrap_or_else(|| self.slot.clone());
-        self.pubsub
-            .ensure_publication(&publication, self.tables.as_deref())
-            .await?;
-        self.pubsub.ensure_slot(&self.slot).await?;
+        let exec = self.pubsub.exec().clone();
+        slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
+        slot::ensure_slot(&exec, &self.slot).await?;
+        let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
             ack_wake: Notify::new(),
@@ -358,7 +359,8 @@ impl WalFeedBuilder {
         let stop_rx = stop_tx.subscribe();
         let (tx, rx) = mpsc::channel(self.capacity);
         let task = stream::StreamTask {
-            pubsub: self.pubsub.clone(),
+            exec: exec.clone(),
+            events: events.clone(),
             slot: Arc::from(self.slot.as_str()),
             cfg,
             messages: self.messages,
@@ -385,7 +387,8 @@ impl WalFeedBuilder {
         if let Some(every) = self.heartbeat {
             let registration = services.register("WAL feed heartbeat", stopper(&stop_tx))?;
             let beat = stream::heartbeat(
-                self.pubsub.clone(),
+                exec.clone(),
+                events.clone(),
                 self.slot.clone(),
                 every,
                 self.lag_warning,
@@ -397,8 +400,8 @@ impl WalFeedBuilder {
             });
         }
         Ok(WalFeed {
-            events: self.pubsub.inner.buses.wal.clone(),
-            pubsub: self.pubsub,
+            events,
+            exec,
             slot: self.slot,
             rx,
             shared,
@@ -423,7 +426,7 @@ pub(crate) type RawItem = WalItem<serde_json::Value>;
 /// stops the stream; [`close`](Self::close) also makes the last acks
 /// durable first.
 pub struct WalFeed<T = serde_json::Value> {
-    pubsub: PgPubSub,
+    exec: Exec,
     slot: String,
     rx: mpsc::Receiver<RawItem>,
     shared: Arc<Shared>,
@@ -463,9 +466,7 @@ impl<T> WalFeed<T> {
 
     /// The slot's confirmed position and lag, read from the server.
     pub async fn stats(&self) -> Result<WalStats> {
-        let (confirmed_lsn, lag_bytes) = self
-            .pubsub
-            .slot_position(&self.slot)
+        let (confirmed_lsn, lag_bytes) = slot::slot_position(&self.exec, &self.slot)
             .await?
             .ok_or_else(|| Error::new(ErrorKind::Wal, format!("slot {:?} is gone", self.slot)))?;
         Ok(WalStats {

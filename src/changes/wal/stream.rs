@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 
 use super::decode::{Decoded, Decoder};
-use super::slot::{stream_hint, HEARTBEAT_PREFIX};
+use super::slot::{advance_slot, emit_heartbeat, slot_position, stream_hint, HEARTBEAT_PREFIX};
 use super::{RawItem, Shared, WalItem, WalMessage};
 use crate::changes::Lsn;
 
@@ -18,7 +18,8 @@ use crate::changes::Lsn;
 /// the start again.
 const STEADY: Duration = Duration::from_secs(10);
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::WalEvent;
+use crate::event::{Bus, WalEvent};
+use crate::exec::Exec;
 use crate::PgPubSub;
 
 /// The replication connection's settings, from the handle's connection
@@ -69,7 +70,8 @@ fn pg_time(micros: i64) -> SystemTime {
 }
 
 pub(crate) struct StreamTask {
-    pub(crate) pubsub: PgPubSub,
+    pub(crate) exec: Exec,
+    pub(crate) events: Bus<WalEvent>,
     pub(crate) slot: Arc<str>,
     pub(crate) cfg: ReplicationConfig,
     pub(crate) messages: Option<String>,
@@ -103,7 +105,7 @@ impl StreamTask {
             .await
             .map_err(|e| stream_error(&self.slot, e))?;
         tracing::debug!(slot = %self.slot, from = %Lsn(from), first, "pg-pubsub: WAL feed streaming");
-        self.pubsub.inner.buses.wal.emit(WalEvent::Streaming {
+        self.events.emit(WalEvent::Streaming {
             slot: self.slot.clone(),
             from: Lsn(from),
         });
@@ -113,7 +115,7 @@ impl StreamTask {
     /// The first connect: errors are returned, except (with `standby`)
     /// "slot is active for PID" (55006), which is waited out.
     pub(crate) async fn connect_first(&self, standby: bool) -> Result<ReplicationClient> {
-        let backoff = self.pubsub.exec().backoff();
+        let backoff = self.exec.backoff();
         let mut attempt = 1;
         loop {
             match self.connect(true).await {
@@ -148,7 +150,7 @@ impl StreamTask {
         let backoff = crate::Backoff::default();
         let mut attempt = 1;
         loop {
-            match self.pubsub.advance_slot(&self.slot, acked).await {
+            match advance_slot(&self.exec, &self.slot, acked).await {
                 Err(e)
                     if attempt < 25
                         && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
@@ -165,7 +167,7 @@ impl StreamTask {
     async fn stream_loop(&mut self, first: ReplicationClient) {
         let mut client = Some(first);
         let mut attempt = 0u32;
-        let backoff = self.pubsub.exec().backoff();
+        let backoff = self.exec.backoff();
         loop {
             if let Some(mut c) = client.take() {
                 // Backoff starts over only after a stream that lasted: one
@@ -205,7 +207,7 @@ impl StreamTask {
         // The first attempt after a good stream is immediate; later ones back off.
         let retry_in = backoff.delay(*attempt + 1);
         tracing::warn!(slot = %self.slot, %err, ?retry_in, "pg-pubsub: WAL feed lost its stream");
-        self.pubsub.inner.buses.wal.emit(WalEvent::Disconnected {
+        self.events.emit(WalEvent::Disconnected {
             slot: self.slot.clone(),
             reason: Arc::from(err.to_string()),
             attempt: *attempt,
@@ -384,7 +386,8 @@ fn stream_error(slot: &str, err: pgwire_replication::PgWireError) -> Error {
 
 /// Emits a heartbeat and checks the slot's lag every `every` until stopped.
 pub(crate) async fn heartbeat(
-    pubsub: PgPubSub,
+    exec: Exec,
+    events: Bus<WalEvent>,
     slot: String,
     every: Duration,
     warn: Option<u64>,
@@ -398,18 +401,18 @@ pub(crate) async fn heartbeat(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(err) = pubsub.emit_heartbeat().await {
+        if let Err(err) = emit_heartbeat(&exec).await {
             tracing::debug!(%err, "pg-pubsub: WAL feed heartbeat failed");
         }
         let Some(warn_bytes) = warn else { continue };
-        match pubsub.slot_position(&slot).await {
+        match slot_position(&exec, &slot).await {
             Ok(Some((_, lag_bytes))) if lag_bytes > warn_bytes => {
                 tracing::warn!(
                     slot,
                     lag_bytes,
                     "pg-pubsub: WAL feed slot lag above warning level"
                 );
-                pubsub.inner.buses.wal.emit(WalEvent::Lag {
+                events.emit(WalEvent::Lag {
                     slot: slot_name.clone(),
                     lag_bytes,
                     warn_bytes,
