@@ -1,7 +1,7 @@
 //! [`PgPubSub`], the handle, and its [`Builder`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,9 @@ use uuid::Uuid;
 use crate::channel::ChannelName;
 use crate::config::{Backoff, ListenOptions, Options};
 use crate::connect::{SslMode, Target};
-use crate::driver::{ChannelSet, Command, Driver, Endpoint, Mode, Shared, Status, CONTROL_CHANNEL};
+use crate::driver::{
+    ChannelSet, Command, Driver, Endpoint, Leading, Mode, Shared, Status, CONTROL_CHANNEL,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventStream;
 use crate::inbox::Queue;
@@ -87,15 +89,20 @@ pub struct PgPubSub {
 
 pub(crate) struct Inner {
     pub(crate) cmds: mpsc::UnboundedSender<Command>,
-    pub(crate) pool: Pool,
+    /// Every pooled statement runs through it (and the shut-down flag is its).
+    pub(crate) exec: crate::exec::Exec,
     pub(crate) pg: tokio_postgres::Config,
     pub(crate) opts: Options,
     pub(crate) origin: Uuid,
-    pub(crate) shut_down: AtomicBool,
     owns_pool: bool,
+    /// The capability tasks started from this handle, stopped by `shutdown`.
+    pub(crate) services: Arc<crate::service::Services>,
+    /// The capabilities' own event streams.
+    pub(crate) buses: crate::event::Buses,
     events: broadcast::Sender<crate::ConnectionEvent>,
     status: watch::Receiver<Status>,
-    leading: ChannelSet,
+    /// Channels this instance leads (read by durable readers too).
+    pub(crate) leading: Leading,
     /// Channels with a filtered subscription: what this instance publishes
     /// there carries its origin.
     pub(crate) filtering: ChannelSet,
@@ -313,7 +320,9 @@ impl Builder {
         self
     }
 
-    /// Capacity of the [`PgPubSub::events`] buffer. Default: 1024.
+    /// Capacity of the [`PgPubSub::events`] buffer, and of each
+    /// capability's event buffer ([`Durable::events`](crate::durable::Durable::events),
+    /// [`Queue::events`](crate::queue::Queue::events), `WalFeed::events`). Default: 1024.
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.opts.event_capacity = capacity;
         self
@@ -363,9 +372,10 @@ impl Builder {
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(opts.event_capacity);
         let (status_tx, status) = watch::channel(Status::default());
-        let leading = ChannelSet::default();
+        let leading = Leading::default();
         let filtering = ChannelSet::default();
         let board = Arc::new(Board::default());
+        let exec = crate::exec::Exec::new(pool, opts.notify_timeout, opts.backoff, tls.clone());
         let driver = Driver::new(
             Endpoint {
                 config: listener_pg,
@@ -388,14 +398,16 @@ impl Builder {
             tracing::info_span!("pg_pubsub_listener", %origin),
         ));
         let (wakes, wake_queue) = crate::wake::Wakes::new();
+        let buses = crate::event::Buses::new(opts.event_capacity);
         let inner = Arc::new(Inner {
             cmds,
-            pool,
+            exec: exec.clone(),
             pg,
             opts,
             origin,
-            shut_down: AtomicBool::new(false),
             owns_pool,
+            services: Arc::new(crate::service::Services::default()),
+            buses,
             events,
             status,
             leading,
@@ -404,7 +416,7 @@ impl Builder {
             next_id: AtomicU64::new(1),
             wakes,
         });
-        crate::wake::spawn(wake_queue, &inner);
+        crate::wake::spawn(wake_queue, exec);
         Ok(PgPubSub { inner })
     }
 }
@@ -576,7 +588,7 @@ impl PgPubSub {
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
-        if self.inner.shut_down.load(Ordering::Acquire) || self.inner.cmds.is_closed() {
+        if self.inner.exec.is_shut_down() || self.inner.cmds.is_closed() {
             return Err(Error::shut_down());
         }
         Ok(())
@@ -587,17 +599,12 @@ impl PgPubSub {
         self.check_open().is_err()
     }
 
-    /// Connection-level events from now on.
+    /// Connection-level events from now on: the listener connection, its
+    /// subscriptions and elections. Durable consumers, workers and WAL
+    /// feeds report on their own streams ([`Durable::events`](crate::durable::Durable::events),
+    /// [`Queue::events`](crate::queue::Queue::events), `WalFeed::events`).
     pub fn events(&self) -> EventStream {
         EventStream::new(self.inner.events.subscribe())
-    }
-
-    /// Sends `event` to the [`events`](Self::events) streams, for parts
-    /// that run outside the listener task (durable consumers, workers).
-    pub(crate) fn emit(&self, event: crate::ConnectionEvent) {
-        tracing::debug!(?event, "pg-pubsub event");
-        // No receiver is fine: nobody is watching events.
-        let _ = self.inner.events.send(event);
     }
 
     /// Backend PID of the listener session, or `None` while reconnecting.
@@ -608,8 +615,7 @@ impl PgPubSub {
     /// Whether this instance currently leads `channel` (always false for a
     /// channel that is not elected).
     pub fn is_leader(&self, channel: &str) -> bool {
-        let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
-        leading.contains(channel)
+        self.inner.leading.contains(channel)
     }
 
     /// A snapshot of this instance's counters, for metrics: per channel,
@@ -625,10 +631,7 @@ impl PgPubSub {
     /// # }
     /// ```
     pub fn stats(&self) -> Stats {
-        let leading = {
-            let leading = self.inner.leading.lock().unwrap_or_else(|e| e.into_inner());
-            leading.iter().cloned().collect()
-        };
+        let leading = self.inner.leading.channels();
         self.inner.board.snapshot(leading, self.listener_pid())
     }
 
@@ -644,7 +647,12 @@ impl PgPubSub {
 
     /// The publishing pool.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        self.inner.exec.pool()
+    }
+
+    /// The executor every pooled statement runs through.
+    pub(crate) fn exec(&self) -> &crate::exec::Exec {
+        &self.inner.exec
     }
 
     /// The connection settings in use (with `application_name`,
@@ -653,13 +661,25 @@ impl PgPubSub {
         &self.inner.pg
     }
 
-    /// Stops: ends every subscription (after what it already queued is read),
-    /// `UNLISTEN`s, closes the listener and the pool (unless it was given with [`Builder::pool`]). Returns within the
-    /// shutdown timeout even when the server is unreachable. Afterwards
-    /// `listen` and `notify` return [`ErrorKind::ShutDown`]. Idempotent.
+    /// Stops, in order: first every worker, durable consumer and WAL feed
+    /// started from this handle (they stop claiming and reading, let
+    /// running jobs finish or give them back, write their acks and confirm
+    /// the WAL they acked), then every subscription (after what it already
+    /// queued is read), `UNLISTEN`s, closes the listener and the pool
+    /// (unless it was given with [`Builder::pool`]). Each step is bounded by
+    /// the shutdown timeout, even when the server is unreachable.
+    /// Afterwards `listen` and `notify` return [`ErrorKind::ShutDown`], and
+    /// starting a worker, consumer or feed fails the same way. Idempotent.
     pub async fn shutdown(&self) {
         let inner = &self.inner;
-        inner.shut_down.store(true, Ordering::Release);
+        inner.exec.set_shut_down();
+        let by = tokio::time::Instant::now() + inner.opts.shutdown_timeout;
+        if !inner.services.stop_all(by).await {
+            tracing::warn!(
+                "pg-pubsub: shutdown: workers, consumers or feeds still running after {:?}",
+                inner.opts.shutdown_timeout
+            );
+        }
         let (reply, done) = oneshot::channel();
         if inner.cmds.send(Command::Shutdown { reply }).is_ok() {
             // The task bounds its whole shutdown by the timeout; the margin
@@ -670,7 +690,7 @@ impl PgPubSub {
             }
         }
         if inner.owns_pool {
-            inner.pool.close();
+            inner.exec.pool().close();
         }
     }
 }

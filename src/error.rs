@@ -83,6 +83,8 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     connection: bool,
+    /// The statement had been sent when the call failed.
+    sent: bool,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -92,6 +94,7 @@ impl Error {
             kind,
             message: message.into(),
             connection: false,
+            sent: false,
             source: None,
         }
     }
@@ -107,6 +110,12 @@ impl Error {
     /// Marks the error as a lost or unreachable server.
     pub(crate) fn connection(mut self) -> Self {
         self.connection = true;
+        self
+    }
+
+    /// Marks the error as one that hit after the statement was sent.
+    pub(crate) fn sent(mut self) -> Self {
+        self.sent = true;
         self
     }
 
@@ -135,6 +144,7 @@ impl Error {
             kind,
             message,
             connection,
+            sent: false,
             source: Some(Arc::new(err)),
         }
     }
@@ -194,6 +204,16 @@ impl Error {
     /// credentials and certificate problems.
     pub fn is_connection(&self) -> bool {
         self.connection || self.kind == ErrorKind::Timeout
+    }
+
+    /// Whether the failed call may still have taken effect: it timed out
+    /// or lost its connection after its statement was sent to the server
+    /// (the statement was then cancelled, but it may have committed before
+    /// the cancel arrived). False when nothing was sent (no connection
+    /// could be had, a check failed) or the server refused the statement.
+    /// Check before retrying something that must not happen twice.
+    pub fn may_have_committed(&self) -> bool {
+        self.sent
     }
 }
 
@@ -287,7 +307,8 @@ impl fmt::Debug for Error {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind)
             .field("message", &self.message)
-            .field("connection", &self.is_connection());
+            .field("connection", &self.is_connection())
+            .field("may_have_committed", &self.sent);
         if let Some(source) = &self.source {
             d.field("source", source);
         }

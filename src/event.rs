@@ -1,4 +1,13 @@
-//! Connection-level events, for logs, metrics and tests.
+//! Events, for logs, metrics and tests: [`ConnectionEvent`]s of the
+//! listener connection on [`PgPubSub::events`](crate::PgPubSub::events),
+//! and each capability's on its own stream ([`DurableEvent`],
+//! [`QueueEvent`], [`WalEvent`]).
+//!
+//! Why separate streams: every stream is bounded and lossy (a slow reader
+//! gets a `Lagged`/`EventsLagged` count instead of slowing the crate
+//! down), so a burst of job or WAL events must not push connection events
+//! out of a reader's buffer, nor the other way round. Nothing in the crate
+//! relies on these streams for its own coordination.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -100,50 +109,6 @@ pub enum ConnectionEvent {
         /// Backend PID of the session holding the lock.
         holder_pid: i32,
     },
-    /// Durable channels: this instance became the active consumer of
-    /// `group` on `channel` (it delivers from the group's last ack).
-    DurableActive {
-        /// The durable channel.
-        channel: ChannelName,
-        /// The consumer group.
-        group: Arc<str>,
-    },
-    /// Durable channels: this instance stands by for `group` on `channel`
-    /// (another instance is active, or this one lost the election); it takes
-    /// over when the active one goes away.
-    DurableStandby {
-        /// The durable channel.
-        channel: ChannelName,
-        /// The consumer group.
-        group: Arc<str>,
-    },
-    /// Durable channels: max-age retention removed `lost` messages of
-    /// `channel` before `group` read them. Sent when the group's active
-    /// consumer learns of it, together with the in-stream
-    /// [`DurableDelivery::Truncated`](crate::durable::DurableDelivery::Truncated).
-    DurableTruncated {
-        /// The durable channel.
-        channel: ChannelName,
-        /// The consumer group.
-        group: Arc<str>,
-        /// Messages the group will never see.
-        lost: u64,
-    },
-    /// Durable channels: automatic retention (a rotation), run by an
-    /// active consumer of `channel` in this instance, emptied partitions
-    /// or removed messages of `channel`. Not sent when it did nothing.
-    DurableRetained {
-        /// The durable channel whose consumer ran it.
-        channel: ChannelName,
-        /// Messages of `channel` every group had acked.
-        acked: u64,
-        /// Messages of `channel` older than the maximum age.
-        expired: u64,
-        /// Partitions emptied, for all channels of the schema.
-        truncated: u64,
-        /// Messages still needed, carried into the current partition.
-        carried: u64,
-    },
     /// This event stream itself fell behind and missed this many events.
     EventsLagged {
         /// Events missed.
@@ -151,67 +116,6 @@ pub enum ConnectionEvent {
     },
     /// [`shutdown`](crate::PgPubSub::shutdown) finished.
     ShutDown,
-    // Work queue (`crate::queue`).
-    /// A job's attempt failed; it runs again after `retry_in`. Also sent
-    /// by the worker that found a job whose lease expired (its worker died
-    /// or lost its connection): `retry_in` is zero, the error says so.
-    JobRetried {
-        /// The queue.
-        queue: Arc<str>,
-        /// The job.
-        job_id: i64,
-        /// The attempt that failed (from 1).
-        attempt: i32,
-        /// The handler's error (or panic) text.
-        error: Arc<str>,
-        /// The delay before the next attempt.
-        retry_in: Duration,
-    },
-    /// A job failed its last attempt, or its lease expired on its last
-    /// attempt, and is now dead (in `dead_jobs`).
-    JobDead {
-        /// The queue.
-        queue: Arc<str>,
-        /// The job.
-        job_id: i64,
-        /// Attempts made.
-        attempts: i32,
-        /// The last error.
-        error: Arc<str>,
-    },
-    // WAL change feed (`crate::changes::wal`, feature `wal`).
-    /// WAL feed: the replication stream of `slot` is up (first time or
-    /// after a loss); it streams from the last ack.
-    WalStreaming {
-        /// The replication slot.
-        slot: Arc<str>,
-        /// Where the server starts (the last ack, or the slot's confirmed
-        /// position the first time).
-        from: crate::changes::Lsn,
-    },
-    /// WAL feed: the replication stream of `slot` was lost; reconnecting
-    /// after `retry_in` (forever, with the crate's [`Backoff`](crate::Backoff)).
-    WalDisconnected {
-        /// The replication slot.
-        slot: Arc<str>,
-        /// Why.
-        reason: Arc<str>,
-        /// Attempt number since the last good stream (from 1).
-        attempt: u32,
-        /// Delay before the next attempt.
-        retry_in: Duration,
-    },
-    /// WAL feed: the slot holds more WAL than the configured warning level
-    /// (`pg_current_wal_lsn() - confirmed_flush_lsn`). Reported at each
-    /// check while above it.
-    WalLag {
-        /// The replication slot.
-        slot: Arc<str>,
-        /// Bytes of WAL the slot keeps.
-        lag_bytes: u64,
-        /// The configured warning level.
-        warn_bytes: u64,
-    },
 }
 
 /// A stream of [`ConnectionEvent`]s, from [`PgPubSub::events`](crate::PgPubSub::events).
@@ -242,5 +146,238 @@ impl Stream for EventStream {
                 }
             })
         })
+    }
+}
+
+/// What the durable consumers started from one [`PgPubSub`](crate::PgPubSub)
+/// report, from [`Durable::events`](crate::durable::Durable::events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DurableEvent {
+    /// This instance became the active consumer of
+    /// `group` on `channel` (it delivers from the group's last ack).
+    Active {
+        /// The durable channel.
+        channel: ChannelName,
+        /// The consumer group.
+        group: Arc<str>,
+    },
+    /// This instance stands by for `group` on `channel`
+    /// (another instance is active, or this one lost the election); it takes
+    /// over when the active one goes away.
+    Standby {
+        /// The durable channel.
+        channel: ChannelName,
+        /// The consumer group.
+        group: Arc<str>,
+    },
+    /// Max-age retention removed `lost` messages of
+    /// `channel` before `group` read them. Sent when the group's active
+    /// consumer learns of it, together with the in-stream
+    /// [`DurableDelivery::Truncated`](crate::durable::DurableDelivery::Truncated).
+    Truncated {
+        /// The durable channel.
+        channel: ChannelName,
+        /// The consumer group.
+        group: Arc<str>,
+        /// Messages the group will never see.
+        lost: u64,
+    },
+    /// Automatic retention (a rotation), run by an
+    /// active consumer of `channel` in this instance, emptied partitions
+    /// or removed messages of `channel`. Not sent when it did nothing.
+    Retained {
+        /// The durable channel whose consumer ran it.
+        channel: ChannelName,
+        /// Messages of `channel` every group had acked.
+        acked: u64,
+        /// Messages of `channel` older than the maximum age.
+        expired: u64,
+        /// Partitions emptied, for all channels of the schema.
+        truncated: u64,
+        /// Messages still needed, carried into the current partition.
+        carried: u64,
+    },
+    /// This event stream fell behind and missed this many events.
+    Lagged {
+        /// Events missed.
+        missed: u64,
+    },
+}
+
+/// What the workers started from one [`PgPubSub`](crate::PgPubSub) report,
+/// from [`Queue::events`](crate::queue::Queue::events) or
+/// [`Worker::events`](crate::queue::Worker::events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueEvent {
+    /// A job's attempt failed; it runs again after `retry_in`. Also sent
+    /// by the worker that found a job whose lease expired (its worker died
+    /// or lost its connection): `retry_in` is zero, the error says so.
+    JobRetried {
+        /// The queue.
+        queue: Arc<str>,
+        /// The job.
+        job_id: i64,
+        /// The attempt that failed (from 1).
+        attempt: i32,
+        /// The handler's error (or panic) text.
+        error: Arc<str>,
+        /// The delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// A job failed its last attempt, or its lease expired on its last
+    /// attempt, and is now dead (in `dead_jobs`).
+    JobDead {
+        /// The queue.
+        queue: Arc<str>,
+        /// The job.
+        job_id: i64,
+        /// Attempts made.
+        attempts: i32,
+        /// The last error.
+        error: Arc<str>,
+    },
+    /// This event stream fell behind and missed this many events.
+    Lagged {
+        /// Events missed.
+        missed: u64,
+    },
+}
+
+/// What the WAL feeds started from one [`PgPubSub`](crate::PgPubSub)
+/// report, from `WalFeed::events` (feature `wal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WalEvent {
+    /// The replication stream of `slot` is up (first time or
+    /// after a loss); it streams from the last ack.
+    Streaming {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// Where the server starts (the last ack, or the slot's confirmed
+        /// position the first time).
+        from: crate::changes::Lsn,
+    },
+    /// The replication stream of `slot` was lost; reconnecting
+    /// after `retry_in` (forever, with the crate's [`Backoff`](crate::Backoff)).
+    Disconnected {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// Why.
+        reason: Arc<str>,
+        /// Attempt number since the last good stream (from 1).
+        attempt: u32,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// The slot holds more WAL than the configured warning level
+    /// (`pg_current_wal_lsn() - confirmed_flush_lsn`). Reported at each
+    /// check while above it.
+    Lag {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// Bytes of WAL the slot keeps.
+        lag_bytes: u64,
+        /// The configured warning level.
+        warn_bytes: u64,
+    },
+    /// This event stream fell behind and missed this many events.
+    Lagged {
+        /// Events missed.
+        missed: u64,
+    },
+}
+
+/// An event type with a variant for "the reader missed `missed` events".
+pub trait Lagging: Clone + Send + 'static {
+    #[doc(hidden)]
+    fn lagged(missed: u64) -> Self;
+}
+
+impl Lagging for DurableEvent {
+    fn lagged(missed: u64) -> Self {
+        DurableEvent::Lagged { missed }
+    }
+}
+
+impl Lagging for QueueEvent {
+    fn lagged(missed: u64) -> Self {
+        QueueEvent::Lagged { missed }
+    }
+}
+
+impl Lagging for WalEvent {
+    fn lagged(missed: u64) -> Self {
+        WalEvent::Lagged { missed }
+    }
+}
+
+/// A stream of a capability's events ([`DurableEvent`], [`QueueEvent`],
+/// [`WalEvent`]) from now on. Bounded like [`EventStream`]: a reader that
+/// falls behind gets a `Lagged { missed }` item.
+pub struct Events<E> {
+    inner: BroadcastStream<E>,
+}
+
+impl<E: Lagging> Stream for Events<E> {
+    type Item = E;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<E>> {
+        Pin::new(&mut self.inner).poll_next(cx).map(|item| {
+            item.map(|res| match res {
+                Ok(event) => event,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => E::lagged(missed),
+            })
+        })
+    }
+}
+
+impl<E> std::fmt::Debug for Events<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+/// One capability's event bus, kept in the handle's shared state.
+#[derive(Clone)]
+pub(crate) struct Bus<E> {
+    tx: broadcast::Sender<E>,
+}
+
+impl<E: Lagging + std::fmt::Debug> Bus<E> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Bus {
+            tx: broadcast::channel(capacity).0,
+        }
+    }
+
+    pub(crate) fn emit(&self, event: E) {
+        tracing::debug!(?event, "pg-pubsub event");
+        // No receiver is fine: nobody is watching.
+        let _ = self.tx.send(event);
+    }
+
+    pub(crate) fn subscribe(&self) -> Events<E> {
+        Events {
+            inner: BroadcastStream::new(self.tx.subscribe()),
+        }
+    }
+}
+
+/// The capabilities' buses of one handle.
+pub(crate) struct Buses {
+    pub(crate) durable: Bus<DurableEvent>,
+    pub(crate) queue: Bus<QueueEvent>,
+    pub(crate) wal: Bus<WalEvent>,
+}
+
+impl Buses {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Buses {
+            durable: Bus::new(capacity),
+            queue: Bus::new(capacity),
+            wal: Bus::new(capacity),
+        }
     }
 }

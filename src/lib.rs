@@ -33,8 +33,9 @@
 //!              │ changes() ─▶ trigger feeds into durable channels or NOTIFY      │
 //!              │ wal_feed() ─▶ own replication connection (feature `wal`)        │
 //!              ├─────────────────────────────────────────────────────────────────┤
-//!  plumbing    │ schema/ (migrations, installer) · pool + timeouts · wake task   │
-//!              │ (NOTIFY after commit, merged) · events · stats · errors · TLS   │
+//!  plumbing    │ schema/ (migrations, installer) · exec (pool, timeout, cancel)  │
+//!              │ services (stopped in order by shutdown) · wake task (NOTIFY     │
+//!              │ after commit, merged) · events per capability · errors · TLS    │
 //!              └─────────────────────────────────────────────────────────────────┘
 //! ```
 //!
@@ -69,6 +70,11 @@
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
 //!                   completer, vacuum), admin
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/)
+//! src/exec.rs       how every pooled statement runs: timeout, backoff, cancel on
+//!                   the server, connection detached when a statement may still run
+//! src/service.rs    the workers, consumers and feeds a handle started, stopped
+//!                   in order by its shutdown
+//! src/tx.rs         Executor: the caller's connection or transaction (`*_tx`)
 //! src/{config,connect,tls,error,event,stats,wake,signal}.rs   plumbing
 //! src/testing/      throwaway PostgreSQL clusters (feature `testing`)
 //! src/bin/          the `pg-pubsub` CLI (feature `cli`)
@@ -108,7 +114,8 @@
 //! * [`wire`]: the payload format, and the size limit.
 //! * [`election`]: the single-listener protocol (lock keys, control messages).
 //! * [`config`]: [`Backoff`] and the option defaults (set via [`Builder`]).
-//! * [`event`]: connection events ([`ConnectionEvent`]).
+//! * [`event`]: connection events ([`ConnectionEvent`]) and each capability's
+//!   own event stream ([`event::DurableEvent`], [`event::QueueEvent`], [`event::WalEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
@@ -163,11 +170,13 @@ pub mod config;
 mod connect;
 mod error;
 pub mod event;
-mod executor;
+mod exec;
+mod service;
 #[cfg(feature = "signal")]
 mod signal;
 pub mod stats;
 mod tls;
+mod tx;
 mod wake;
 
 pub use channel::ChannelName;
@@ -176,10 +185,10 @@ pub use config::{Backoff, ListenOptions};
 pub use connect::SslMode;
 pub use error::{Error, ErrorKind, Result};
 pub use event::{ConnectionEvent, EventStream};
-pub use executor::Executor;
 pub use message::{DecodeError, Delivery, Gap, GapCause, Message};
 pub use stats::{ChannelStats, Stats};
 pub use subscription::Subscription;
+pub use tx::Executor;
 
 pub use deadpool_postgres;
 pub use tokio_postgres;

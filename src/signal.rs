@@ -6,7 +6,9 @@ use crate::client::PgPubSub;
 
 impl PgPubSub {
     /// Spawns a task that calls [`shutdown`](PgPubSub::shutdown) on the first
-    /// SIGINT or SIGTERM (Ctrl-C on other platforms). Subscriptions then end
+    /// SIGINT or SIGTERM (Ctrl-C on other platforms): the handle's workers,
+    /// durable consumers and WAL feeds stop first (jobs finished or given
+    /// back, acks written), then subscriptions end
     /// after what they received, so a consumer loop `while let Some(d) =
     /// sub.next().await` finishes by itself; with single listener, the
     /// standbys take over first. The handle completes after the shutdown.

@@ -23,13 +23,13 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::client::{Inner, PgPubSub};
 use crate::error::ErrorKind;
+use crate::exec::Exec;
 
 /// The least time between the starts of two wake-up statements.
 const MIN_GAP: Duration = Duration::from_millis(10);
@@ -42,7 +42,7 @@ pub(crate) struct Wakes {
     busy: Arc<AtomicUsize>,
 }
 
-/// One publish in flight; see [`PgPubSub::start_publish`].
+/// One publish in flight; see [`Wakes::start_publish`].
 pub(crate) struct Publishing {
     busy: Arc<AtomicUsize>,
     alone: bool,
@@ -73,10 +73,10 @@ impl Wakes {
     }
 }
 
-impl PgPubSub {
+impl Wakes {
     /// Counts a publish in flight until the returned value is dropped.
     pub(crate) fn start_publish(&self) -> Publishing {
-        let busy = Arc::clone(&self.inner.wakes.busy);
+        let busy = Arc::clone(&self.busy);
         let alone = busy.fetch_add(1, Ordering::AcqRel) == 0;
         Publishing { busy, alone }
     }
@@ -86,33 +86,29 @@ impl PgPubSub {
     /// announces has committed.
     pub(crate) fn wake_after_commit(&self, channel: String, payload: String) {
         // Fails only once the task is gone, i.e. the handle is shutting down.
-        let _ = self.inner.wakes.tx.send((channel, payload));
+        let _ = self.tx.send((channel, payload));
     }
 }
 
-/// Starts the sender task. It holds the handle weakly: it ends when the
-/// last handle is dropped (the channel closes) or the handle shuts down.
-pub(crate) fn spawn(queue: WakeQueue, inner: &Arc<Inner>) {
-    tokio::spawn(run(queue.0, Arc::downgrade(inner)));
+/// Starts the sender task. It ends when the handle's shared state (and
+/// with it the sending side) is dropped, or the handle shuts down.
+pub(crate) fn spawn(queue: WakeQueue, exec: Exec) {
+    tokio::spawn(run(queue.0, exec));
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<(String, String)>, inner: Weak<Inner>) {
+async fn run(mut rx: mpsc::UnboundedReceiver<(String, String)>, exec: Exec) {
     while let Some(first) = rx.recv().await {
         let mut batch = BTreeSet::from([first]);
         while let Ok(next) = rx.try_recv() {
             batch.insert(next);
         }
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let pubsub = PgPubSub { inner };
-        if pubsub.is_shut_down() {
+        if exec.is_shut_down() {
             return;
         }
         let started = tokio::time::Instant::now();
         let (channels, payloads): (Vec<String>, Vec<String>) = batch.into_iter().unzip();
-        let sent = pubsub
-            .with_pool(ErrorKind::Notify, "wake-up", |client| async move {
+        let sent = exec
+            .run(ErrorKind::Notify, "wake-up", |client| async move {
                 let stmt = client
                     .prepare_cached(
                         "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
@@ -124,7 +120,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<(String, String)>, inner: Weak<Inne
         if let Err(err) = sent {
             tracing::warn!(%err, "pg-pubsub: wake-up not sent; consumers will find the data by polling");
         }
-        drop(pubsub);
         // What arrives meanwhile goes into the next statement.
         tokio::time::sleep_until(started + MIN_GAP).await;
     }

@@ -806,3 +806,40 @@ async fn an_update_of_the_primary_key() {
     }
     ps.shutdown().await;
 }
+
+/// Change-feed statements are bounded by the notify timeout like every
+/// pooled statement (they ran unbounded on a pooled connection before),
+/// and one that times out is cancelled on the server.
+#[tokio::test]
+async fn a_change_feed_statement_blocked_by_a_lock_times_out_and_is_cancelled() {
+    let app = channel("feed_timeout");
+    let ps = builder()
+        .application_name(app.as_str())
+        .notify_timeout(std::time::Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("connect");
+    let changes = ps.changes();
+    changes.durable().install().await.expect("install");
+    let mut client = raw_client().await;
+    let table = format!("public.{app}");
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .expect("table");
+    let tx = client.transaction().await.expect("begin");
+    tx.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .expect("lock");
+    let options = FeedOptions::new();
+    let install = changes.install_change_feed(&table, &options);
+    let err = tokio::time::timeout(WAIT, install)
+        .await
+        .expect("bounded by the notify timeout")
+        .expect_err("blocked by the lock");
+    assert_eq!(err.kind(), pg_pubsub::ErrorKind::Timeout, "{err:?}");
+    wait_lock_waits_gone(&app).await;
+    tx.rollback().await.expect("rollback");
+    assert!(changes.feed(&table).await.expect("feed").is_none());
+    ps.shutdown().await;
+}

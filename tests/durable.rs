@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use pg_pubsub::durable::{Durable, DurableDelivery, DurableSubscription, Position, Start};
+use pg_pubsub::durable::{
+    Durable, DurableDelivery, DurableEvent, DurableSubscription, Position, Start,
+};
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
 async fn durable() -> (PgPubSub, Durable) {
@@ -595,10 +597,10 @@ async fn messages_of_a_channel_without_groups_survive_rotations() {
 }
 
 /// Whether `e` is the durable event `kind` for (`ch`, `group`).
-fn durable_event(e: &ConnectionEvent, kind: &str, ch: &str, group: &str) -> bool {
+fn durable_event(e: &DurableEvent, kind: &str, ch: &str, group: &str) -> bool {
     let (k, c, g) = match e {
-        ConnectionEvent::DurableActive { channel, group } => ("active", channel, group),
-        ConnectionEvent::DurableStandby { channel, group } => ("standby", channel, group),
+        DurableEvent::Active { channel, group } => ("active", channel, group),
+        DurableEvent::Standby { channel, group } => ("standby", channel, group),
         _ => return false,
     };
     k == kind && c.as_str() == ch && &**g == group
@@ -607,13 +609,13 @@ fn durable_event(e: &ConnectionEvent, kind: &str, ch: &str, group: &str) -> bool
 /// Counts what the events say automatic retention removed from `ch`,
 /// until `done(acked, expired)`.
 async fn wait_retained(
-    events: &mut pg_pubsub::EventStream,
+    events: &mut pg_pubsub::event::Events<DurableEvent>,
     ch: &str,
     done: impl Fn(u64, u64) -> bool,
 ) {
     let (mut acked, mut expired) = (0, 0);
     wait_event(events, |e| {
-        if let ConnectionEvent::DurableRetained {
+        if let DurableEvent::Retained {
             channel,
             acked: a,
             expired: x,
@@ -645,7 +647,7 @@ async fn stored(client: &tokio_postgres::Client, schema: &str, ch: &str) -> i64 
 async fn take_over_is_reported_as_durable_active_and_standby_events() {
     let ch = channel("events");
     let (a, da) = durable().await;
-    let mut a_events = a.events();
+    let mut a_events = da.events();
     let sub_a = da.subscribe_raw(&ch, "g").await.unwrap();
     wait_event(&mut a_events, |e| durable_event(e, "active", &ch, "g")).await;
     let b = builder()
@@ -653,7 +655,7 @@ async fn take_over_is_reported_as_durable_active_and_standby_events() {
         .connect()
         .await
         .unwrap();
-    let mut b_events = b.events();
+    let mut b_events = b.durable().events();
     let sub_b = b.durable().subscribe_raw(&ch, "g").await.unwrap();
     wait_event(&mut b_events, |e| durable_event(e, "standby", &ch, "g")).await;
     sub_a.close().await.unwrap();
@@ -669,7 +671,7 @@ async fn the_active_consumer_removes_what_every_group_acked_without_a_retain_cal
     let (ps, d, schema) = durable_alone("autoretain").await;
     let ch = channel("autoretain");
     let client = raw_client().await;
-    let mut events = ps.events();
+    let mut events = d.events();
     let mut sub = d
         .consumer(&ch, "g")
         .retain_every(Some(Duration::from_millis(50)))
@@ -694,7 +696,7 @@ async fn the_active_consumer_removes_what_every_group_acked_without_a_retain_cal
 async fn automatic_max_age_retention_is_signalled_in_stream_and_as_an_event() {
     let (ps, d, _schema) = durable_alone("autoexpire").await;
     let ch = channel("autoexpire");
-    let mut events = ps.events();
+    let mut events = d.events();
     // "late" exists, at the earliest position, and is not running.
     d.subscribe_raw(&ch, "late")
         .await
@@ -719,14 +721,11 @@ async fn automatic_max_age_retention_is_signalled_in_stream_and_as_an_event() {
         other => panic!("expected a truncation, got {other:?}"),
     }
     let event = wait_event(&mut events, |e| {
-        matches!(e, ConnectionEvent::DurableTruncated { channel, group, .. }
+        matches!(e, DurableEvent::Truncated { channel, group, .. }
             if channel.as_str() == ch && &**group == "late")
     })
     .await;
-    assert!(matches!(
-        event,
-        ConnectionEvent::DurableTruncated { lost: 10, .. }
-    ));
+    assert!(matches!(event, DurableEvent::Truncated { lost: 10, .. }));
     drop(janitor);
     ps.shutdown().await;
 }
@@ -892,4 +891,29 @@ async fn a_retain_without_max_age_keeps_the_channels_max_age() {
     d.retain(&ch, None).await.expect("retain");
     assert_eq!(max_age().await, Some(60.0));
     ps.shutdown().await;
+}
+
+/// `PgPubSub::shutdown` stops its durable consumers before the pool
+/// closes: acks not yet written (a long ack interval) are flushed, so a
+/// fresh consumer of the group starts after them.
+#[tokio::test]
+async fn acks_are_flushed_when_the_pubsub_shuts_down() {
+    let ch = channel("shutdown_acks");
+    let (ps, d) = durable().await;
+    let mut sub = d
+        .consumer(&ch, "g")
+        .ack_interval(Duration::from_secs(3600))
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_batch(&ch, ["1", "2", "3"]).await.unwrap();
+    assert_eq!(take_acked(&mut sub, 2).await, ["1", "2"]);
+    ps.shutdown().await;
+
+    let (ps2, d2) = durable().await;
+    let mut fresh = d2.subscribe_raw(&ch, "g").await.unwrap();
+    assert_eq!(next_durable(&mut fresh).await.payload(), "3");
+    drop(sub);
+    fresh.close().await.unwrap();
+    ps2.shutdown().await;
 }

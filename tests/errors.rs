@@ -225,3 +225,119 @@ async fn notify_until_ok(ps: &PgPubSub, ch: &str) {
     .await
     .expect("notify works again");
 }
+
+/// An instance named `app` (for `pg_stat_activity`) with a pool of one and
+/// `timeout`, a queue schema `app`, and a session holding an exclusive lock
+/// on its jobs table (`ROLLBACK` on it releases the lock).
+async fn locked_jobs(
+    app: &str,
+    timeout: Duration,
+) -> (PgPubSub, pg_pubsub::queue::Queue, tokio_postgres::Client) {
+    let ps = builder()
+        .application_name(app)
+        .notify_timeout(timeout)
+        .pool_size(1)
+        .connect()
+        .await
+        .expect("connect");
+    let q = ps.queue().with_schema(app).expect("schema");
+    q.install().await.expect("install");
+    let locker = raw_client().await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {app}.jobs IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .expect("lock");
+    (ps, q, locker)
+}
+
+/// Waits until a session of `app` waits for a lock, failing after [`WAIT`].
+async fn wait_lock_wait(client: &tokio_postgres::Client, app: &str) {
+    let sql = "SELECT 1 FROM pg_stat_activity \
+               WHERE application_name = $1 AND wait_event_type = 'Lock'";
+    let seen = async {
+        // The server has no event for it: poll.
+        while client
+            .query(sql, &[&app])
+            .await
+            .expect("pg_stat_activity")
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, seen)
+        .await
+        .expect("the statement never waited for the lock");
+}
+
+/// The statement abandoned by the call left no trace: its connection is
+/// out of the pool (size 0), the server no longer runs it (while the lock
+/// is still held: only a cancel could end it), the next call is not stuck
+/// behind it, and it did not commit.
+async fn assert_abandoned_statement_gone(
+    ps: &PgPubSub,
+    app: &str,
+    locker: &tokio_postgres::Client,
+) {
+    assert_eq!(ps.pool().status().size, 0, "{:?}", ps.pool().status());
+    wait_lock_waits_gone(app).await;
+    ps.notify(app, &"after")
+        .await
+        .expect("notify after the abandoned call");
+    locker.batch_execute("ROLLBACK").await.expect("rollback");
+    let jobs: i64 = locker
+        .query_one(&format!("SELECT count(*) FROM {app}.jobs"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(jobs, 0, "the cancelled enqueue did not commit");
+}
+
+/// A statement past the notify timeout is cancelled on the server and its
+/// connection leaves the pool: with a pool of one, the next call gets a new
+/// connection instead of queueing behind the abandoned statement.
+#[tokio::test]
+async fn a_statement_past_the_timeout_is_cancelled_and_does_not_block_the_pool() {
+    let app = channel("exec_timeout");
+    let (ps, q, locker) = locked_jobs(&app, Duration::from_millis(500)).await;
+    let err = q.enqueue("q", &1).await.expect_err("blocked by the lock");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(err.may_have_committed(), "it was sent: {err:?}");
+    assert_abandoned_statement_gone(&ps, &app, &locker).await;
+    ps.shutdown().await;
+}
+
+/// The same when the caller gives up first (drops the call).
+#[tokio::test]
+async fn a_statement_whose_call_is_dropped_is_cancelled_too() {
+    let app = channel("exec_dropped");
+    let (ps, q, locker) = locked_jobs(&app, Duration::from_secs(60)).await;
+    // Dropped once the server shows the statement waiting for the lock.
+    tokio::select! {
+        res = q.enqueue("q", &1) => panic!("blocked by the lock, yet: {res:?}"),
+        () = wait_lock_wait(&locker, &app) => {}
+    }
+    assert_abandoned_statement_gone(&ps, &app, &locker).await;
+    ps.shutdown().await;
+}
+
+/// Nothing was sent when no connection could be had.
+#[tokio::test]
+async fn a_timeout_without_a_connection_did_not_commit() {
+    let ps = PgPubSub::builder(server().url())
+        .expect("url")
+        .notify_timeout(Duration::from_millis(300))
+        .pool_size(1)
+        .connect()
+        .await
+        .expect("connect");
+    // Hold the only pooled connection in a call that outlasts the timeout.
+    let held = ps.pool().get().await.expect("pooled");
+    let err = ps.notify("exec_none", &1).await.expect_err("no connection");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(!err.may_have_committed(), "{err:?}");
+    drop(held);
+    ps.shutdown().await;
+}

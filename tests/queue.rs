@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue, Worker};
-use pg_pubsub::{ConnectionEvent, ErrorKind, PgPubSub};
+use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue, QueueEvent, Worker};
+use pg_pubsub::{ErrorKind, PgPubSub};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Fast retries and polls so tests finish quickly (no test relies on them
@@ -158,7 +158,7 @@ async fn a_dead_workers_jobs_run_again_after_the_lease() {
 async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
     let (ps, q) = queue().await;
     let name = channel("q_lease_dead");
-    let mut events = ps.events();
+    let mut events = ps.queue().events();
     let last = q
         .enqueue_raw_with(&name, "last", &JobOptions::new().max_attempts(1))
         .await
@@ -183,12 +183,8 @@ async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
     assert_eq!(claimed.len(), 2);
     let (worker, mut rx) = reporting(&q, &name, 1).await;
     // The worker's rescue reports both: one dead, one back to ready.
-    match wait_event(&mut events, |e| {
-        matches!(e, ConnectionEvent::JobDead { .. })
-    })
-    .await
-    {
-        ConnectionEvent::JobDead {
+    match wait_event(&mut events, |e| matches!(e, QueueEvent::JobDead { .. })).await {
+        QueueEvent::JobDead {
             job_id,
             attempts,
             error,
@@ -243,7 +239,7 @@ async fn leases_are_extended_while_the_handler_runs() {
 async fn failures_retry_with_backoff_then_succeed() {
     let (ps, q) = queue().await;
     let name = channel("q_retry");
-    let mut events = ps.events();
+    let mut events = ps.queue().events();
     let id = q.enqueue_raw(&name, "x").await.unwrap().id().unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let worker = fast(&q, &name)
@@ -263,12 +259,8 @@ async fn failures_retry_with_backoff_then_succeed() {
         .await
         .unwrap();
     for want in 1..=2 {
-        match wait_event(&mut events, |e| {
-            matches!(e, ConnectionEvent::JobRetried { .. })
-        })
-        .await
-        {
-            ConnectionEvent::JobRetried {
+        match wait_event(&mut events, |e| matches!(e, QueueEvent::JobRetried { .. })).await {
+            QueueEvent::JobRetried {
                 job_id,
                 attempt,
                 error,
@@ -294,7 +286,7 @@ async fn failures_retry_with_backoff_then_succeed() {
 async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted() {
     let (ps, q) = queue().await;
     let name = channel("q_dead");
-    let mut events = ps.events();
+    let mut events = ps.queue().events();
     let opts = JobOptions::new().max_attempts(3);
     let a = q
         .enqueue_raw_with(&name, "a", &opts)
@@ -315,12 +307,8 @@ async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted()
         .unwrap();
     let mut dead = Vec::new();
     for _ in 0..2 {
-        match wait_event(&mut events, |e| {
-            matches!(e, ConnectionEvent::JobDead { .. })
-        })
-        .await
-        {
-            ConnectionEvent::JobDead {
+        match wait_event(&mut events, |e| matches!(e, QueueEvent::JobDead { .. })).await {
+            QueueEvent::JobDead {
                 job_id, attempts, ..
             } => dead.push((job_id, attempts)),
             _ => unreachable!(),
@@ -869,4 +857,79 @@ async fn a_worker_whose_role_does_not_own_the_table_leaves_vacuum_to_autovacuum(
     assert_eq!(vacuums_after(&q, 600, true).await, 0);
     ps.shutdown().await;
     admin_ps.shutdown().await;
+}
+
+/// `PgPubSub::shutdown` stops its workers before the pool closes: a job
+/// running when it is called finishes, its completion is written, and it
+/// never runs again (a worker started afterwards does not get it).
+#[tokio::test]
+async fn a_job_running_at_shutdown_completes_once() {
+    let name = channel("q_shutdown");
+    let runs = format!("runs_{name}");
+    let admin = raw_client().await;
+    admin
+        .batch_execute(&format!("CREATE TABLE {runs} (job_id bigint NOT NULL)"))
+        .await
+        .unwrap();
+    let (ps, q) = queue().await;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let recorder = Arc::new(raw_client().await);
+    let worker = {
+        let (recorder, runs) = (recorder.clone(), runs.clone());
+        fast(&q, &name)
+            // Short: a job whose completion was lost would soon run again.
+            .lease(Duration::from_secs(1))
+            .run(move |job: Job| {
+                let (started, recorder) = (started_tx.clone(), recorder.clone());
+                let sql = format!("INSERT INTO {runs} VALUES ($1)");
+                async move {
+                    recorder
+                        .execute(&sql, &[&job.id()])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = started.send(job.id());
+                    // Still running when shutdown starts (which waits for it).
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok::<_, String>(())
+                }
+            })
+            .await
+            .unwrap()
+    };
+    let first = q
+        .enqueue(&name, &"first")
+        .await
+        .unwrap()
+        .id()
+        .expect("new job");
+    assert_eq!(recv(&mut started).await, first);
+
+    ps.shutdown().await;
+    worker.wait().await.unwrap();
+    assert!(
+        job_states(&admin, &name).await.is_empty(),
+        "the completion was written before the pool closed"
+    );
+
+    // A later worker on the same queue runs the next job, never the first.
+    let (ps2, q2) = queue().await;
+    let (_worker2, mut done) = reporting(&q2, &name, 1).await;
+    let second = q2
+        .enqueue(&name, &"second")
+        .await
+        .unwrap()
+        .id()
+        .expect("new job");
+    let (id, _, _) = recv(&mut done).await;
+    assert_eq!(id, second);
+    let count: i64 = admin
+        .query_one(
+            &format!("SELECT count(*) FROM {runs} WHERE job_id = $1"),
+            &[&first],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1, "the job running at shutdown ran once");
+    ps2.shutdown().await;
 }

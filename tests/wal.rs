@@ -6,9 +6,10 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use pg_pubsub::changes::wal::{emit_tx, WalFeed, WalItem};
+use pg_pubsub::changes::wal::{emit_tx, WalEvent, WalFeed, WalItem};
 use pg_pubsub::changes::{Lsn, Op};
-use pg_pubsub::{ConnectionEvent, ErrorKind, PgPubSub};
+use pg_pubsub::tokio_postgres::error::SqlState;
+use pg_pubsub::{ErrorKind, PgPubSub};
 use serde_json::{json, Value};
 
 /// A fresh slot name and tables `{slot}_a`, `{slot}_b`, `{slot}_c` (id
@@ -369,8 +370,8 @@ async fn a_new_feed_resumes_from_the_last_ack() {
 #[tokio::test]
 async fn reconnects_after_the_walsender_is_terminated() {
     let (ps, slot, t) = setup(1).await;
-    let mut events = ps.events();
     let mut feed = start(&ps, &slot, &t).await;
+    let mut events = feed.events();
     let client = raw_client().await;
     client
         .execute(&format!("INSERT INTO {} VALUES (1, 'before')", t[0]), &[])
@@ -392,9 +393,10 @@ async fn reconnects_after_the_walsender_is_terminated() {
         WalItem::Error(e) => assert!(e.is_connection() || e.kind() == ErrorKind::Wal),
         other => panic!("expected the loss, got {other:?}"),
     }
-    wait_event(&mut events, |e| {
-        matches!(e, ConnectionEvent::WalStreaming { slot: s, from } if **s == *slot && *from >= end)
-    })
+    wait_event(
+        &mut events,
+        |e| matches!(e, WalEvent::Streaming { slot: s, from } if **s == *slot && *from >= end),
+    )
     .await;
     client
         .execute(&format!("INSERT INTO {} VALUES (2, 'after')", t[0]), &[])
@@ -439,7 +441,6 @@ async fn a_role_without_replication_gets_a_clear_error() {
 #[tokio::test]
 async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
     let (ps, slot, t) = setup(2).await;
-    let mut events = ps.events();
     // The feed publishes only table a; table b's writes hold WAL it never sees.
     let feed: WalFeed = ps
         .wal_feed(&slot)
@@ -450,6 +451,7 @@ async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
         .start()
         .await
         .expect("start");
+    let mut events = feed.events();
     let client = raw_client().await;
     client
         .execute(
@@ -469,16 +471,16 @@ async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
     let after: Lsn = after.parse().expect("lsn");
     wait_event(
         &mut events,
-        |e| matches!(e, ConnectionEvent::WalLag { slot: s, .. } if **s == *slot),
+        |e| matches!(e, WalEvent::Lag { slot: s, .. } if **s == *slot),
     )
     .await;
     // The slot's confirmed position moves past the filtered writes on its own.
-    let mut events = ps.events();
+    let mut events = feed.events();
     loop {
         if feed.stats().await.expect("stats").confirmed_lsn > after {
             break;
         }
-        wait_event(&mut events, |e| matches!(e, ConnectionEvent::WalLag { .. })).await;
+        wait_event(&mut events, |e| matches!(e, WalEvent::Lag { .. })).await;
     }
     drop(feed);
     drop_slot_when_free(&ps, &slot).await;
@@ -486,20 +488,64 @@ async fn heartbeats_let_a_filtered_feed_confirm_and_lag_is_reported() {
 
 /// Drops `slot` once its walsender is gone (dropping a feed ends it
 /// asynchronously).
-async fn drop_slot_when_free(ps: &PgPubSub, slot: &str) {
+/// `PgPubSub::shutdown` stops its WAL feeds before the pool closes and
+/// confirms their last ack on the slot, even one the stream had not
+/// reported yet (a long ack interval).
+#[tokio::test]
+async fn shutdown_confirms_the_last_ack() {
+    let (ps, slot, t) = setup(1).await;
+    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+    let mut feed: WalFeed = ps
+        .wal_feed(&slot)
+        .tables(&refs)
+        .ack_interval(std::time::Duration::from_secs(3600))
+        .heartbeat(None)
+        .start()
+        .await
+        .expect("start feed");
     let client = raw_client().await;
-    let pid: Option<i32> = client
+    for i in 1..=2 {
+        client
+            .execute(&format!("INSERT INTO {} VALUES ({i}, 'v')", t[0]), &[])
+            .await
+            .expect("insert");
+    }
+    let (_, first) = next_tx(&mut feed).await;
+    feed.ack(first);
+    ps.shutdown().await;
+    let confirmed: String = client
         .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .expect("slot")
         .get(0);
-    if let Some(pid) = pid {
-        wait_backend_gone(pid).await;
-    }
-    ps.drop_slot(slot).await.expect("drop slot");
+    let confirmed: Lsn = confirmed.parse().expect("lsn");
+    assert!(confirmed >= first, "confirmed {confirmed} < acked {first}");
+    drop(feed);
+    drop_slot_when_free(&pubsub().await, &slot).await;
+}
+
+/// Drops `slot` once nothing uses it: the stopped feed's walsender, or
+/// the pooled session that moves the slot to the feed's last ack as it
+/// stops (either shows as the slot's `active_pid`).
+async fn drop_slot_when_free(ps: &PgPubSub, slot: &str) {
+    let dropped = async {
+        loop {
+            match ps.drop_slot(slot).await {
+                Ok(_) => return,
+                Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => {
+                    // The server has no event for a slot's release: poll.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("drop slot: {e:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, dropped)
+        .await
+        .expect("the slot stayed in use");
 }
 
 #[allow(dead_code)]

@@ -78,12 +78,15 @@ impl Changes {
         &self.durable
     }
 
-    async fn pooled(&self) -> Result<deadpool_postgres::Client> {
+    /// Runs `f` on a pooled connection (installing the schema first),
+    /// bounded by the notify timeout like every pooled statement.
+    async fn run<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
+    where
+        F: FnOnce(crate::exec::Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<R>>,
+    {
         self.durable.install().await?;
-        self.durable
-            .pubsub()
-            .with_pooled("change feed", |client| async move { Ok(client) })
-            .await
+        self.durable.pubsub().exec().run_with(stage, f).await
     }
 
     /// The script [`install_change_feed`](Self::install_change_feed) runs
@@ -98,15 +101,19 @@ impl Changes {
         options: &FeedOptions,
     ) -> Result<String> {
         options.check()?;
-        let client = self.pooled().await?;
         let sql = format!(
             "SELECT {}.change_feed_sql($1::text::regclass, $2, $3, $4, $5, $6, $7)",
             self.durable.schema().as_str()
         );
-        let row = client
-            .query_one(&sql, &install_params(table, options).as_refs())
-            .await
-            .map_err(pg_err("generating the change feed script"))?;
+        const STAGE: &str = "generating the change feed script";
+        let row = self
+            .run(STAGE, |client| async move {
+                client
+                    .query_one(&sql, &install_params(table, options).as_refs())
+                    .await
+                    .map_err(pg_err(STAGE))
+            })
+            .await?;
         Ok(format!("BEGIN;\n{}COMMIT;\n", row.get::<_, String>(0)))
     }
 
@@ -122,16 +129,21 @@ impl Changes {
         options: &FeedOptions,
     ) -> Result<FeedInfo> {
         options.check()?;
-        let client = self.pooled().await?;
         let sql = format!(
             "SELECT {}.install_change_feed($1::text::regclass, $2, $3, $4, $5, $6, $7)",
             self.durable.schema().as_str()
         );
-        client
-            .execute(&sql, &install_params(table, options).as_refs())
-            .await
-            .map_err(pg_err("installing the change feed"))?;
-        self.feed_on(&client, table).await?.ok_or_else(|| {
+        const STAGE: &str = "installing the change feed";
+        let feed = self
+            .run(STAGE, |client| async move {
+                client
+                    .execute(&sql, &install_params(table, options).as_refs())
+                    .await
+                    .map_err(pg_err(STAGE))?;
+                self.feed_on(&client, table).await
+            })
+            .await?;
+        feed.ok_or_else(|| {
             Error::new(
                 ErrorKind::Changes,
                 format!("no feed on {table} after installing it"),
@@ -141,37 +153,46 @@ impl Changes {
 
     /// The script [`uninstall_change_feed`](Self::uninstall_change_feed) runs.
     pub async fn uninstall_change_feed_sql(&self, table: &str) -> Result<String> {
-        let client = self.pooled().await?;
         let sql = format!(
             "SELECT {}.uninstall_change_feed_sql($1::text::regclass)",
             self.durable.schema().as_str()
         );
-        let row = client
-            .query_one(&sql, &[&table])
-            .await
-            .map_err(pg_err("generating the uninstall script"))?;
+        const STAGE: &str = "generating the uninstall script";
+        let row = self
+            .run(STAGE, |client| async move {
+                client
+                    .query_one(&sql, &[&table])
+                    .await
+                    .map_err(pg_err(STAGE))
+            })
+            .await?;
         Ok(format!("BEGIN;\n{}COMMIT;\n", row.get::<_, String>(0)))
     }
 
     /// Removes the feed's triggers (nothing is sent for later changes).
     /// The durable channel keeps its messages and consumer groups.
     pub async fn uninstall_change_feed(&self, table: &str) -> Result<()> {
-        let client = self.pooled().await?;
         let sql = format!(
             "SELECT {}.uninstall_change_feed($1::text::regclass)",
             self.durable.schema().as_str()
         );
-        client
-            .execute(&sql, &[&table])
-            .await
-            .map_err(pg_err("removing the change feed"))?;
-        Ok(())
+        const STAGE: &str = "removing the change feed";
+        self.run(STAGE, |client| async move {
+            client
+                .execute(&sql, &[&table])
+                .await
+                .map_err(pg_err(STAGE))
+                .map(drop)
+        })
+        .await
     }
 
     /// The feed installed on `table`, if any.
     pub async fn feed(&self, table: &str) -> Result<Option<FeedInfo>> {
-        let client = self.pooled().await?;
-        self.feed_on(&client, table).await
+        self.run("looking the change feed up", |client| async move {
+            self.feed_on(&client, table).await
+        })
+        .await
     }
 
     async fn feed_on(

@@ -18,8 +18,9 @@ use super::position::{Position, Snapshot, Xid8};
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::event::DurableEvent;
 use crate::schema::election_channel;
-use crate::{ConnectionEvent, Delivery, ListenOptions};
+use crate::{Delivery, ListenOptions};
 
 /// The longest group name accepted, in bytes.
 const MAX_GROUP_BYTES: usize = 200;
@@ -207,8 +208,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
 
         let pubsub = durable.pubsub.clone();
         let election = election_channel(&durable.schema, channel.as_str(), &self.group);
-        // Events first, so the election's outcome cannot be missed.
-        let events = pubsub.events();
+        // Leadership is read from the handle's shared state (not the lossy
+        // public events): watched first, so no change can be missed.
+        let lead = pubsub.inner.leading.watch();
         let plain = ListenOptions::new().single_listener(false).filtered(false);
         let wake = pubsub
             .listen_raw_with(&durable.schema.wake_channel(), plain)
@@ -224,7 +226,8 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         // Pages, not messages: one channel operation per page read. Two pages
         // buffered: the next one is read while the consumer works.
         let (out, rx) = mpsc::channel(2);
-        let (stop_tx, stop) = watch::channel(false);
+        let stop_tx = Arc::new(watch::Sender::new(false));
+        let stop = stop_tx.subscribe();
         let reader = Reader {
             durable: durable.clone(),
             channel: channel.clone(),
@@ -241,14 +244,33 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             retain_every: self.retain_every,
             max_age: self.max_age,
             active: None,
+            term: None,
         };
-        let task = tokio::spawn(reader.run(wake, elected, events));
-        let flusher = tokio::spawn(flush_loop(
-            durable.clone(),
-            acks.clone(),
-            self.ack_interval,
-            stop,
-        ));
+        // Both tasks are stopped by the handle's shutdown too, which waits
+        // for the flusher to write the last acks.
+        let stopper = |stop: &Arc<watch::Sender<bool>>| {
+            let stop = stop.clone();
+            move |_| {
+                stop.send_replace(true);
+            }
+        };
+        let services = &pubsub.inner.services;
+        let reading = services.register("durable consumer", stopper(&stop_tx))?;
+        let flushing = services.register("durable ack flusher", stopper(&stop_tx))?;
+        let mut stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            // A reader blocked handing over a page nobody reads stops too.
+            tokio::select! {
+                () = reader.run(wake, elected, lead) => {}
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+            drop(reading);
+        });
+        let flush = flush_loop(durable.clone(), acks.clone(), self.ack_interval, stop);
+        let flusher = tokio::spawn(async move {
+            flush.await;
+            drop(flushing);
+        });
         Ok(DurableSubscription {
             durable,
             channel,
@@ -511,6 +533,9 @@ struct Reader<T> {
     max_age: Option<Duration>,
     /// Whether this is the active consumer, as last reported in events.
     active: Option<bool>,
+    /// The leadership term this reader's cursor belongs to: a new term
+    /// (the lock was lost and won back) reloads the group's cursor.
+    term: Option<u64>,
 }
 
 /// Why the reader should look again now.
@@ -524,14 +549,22 @@ impl<T: Send + 'static> Reader<T> {
         mut self,
         mut wake: crate::Subscription<String>,
         mut elected: crate::Subscription<String>,
-        mut events: crate::EventStream,
+        mut lead: watch::Receiver<()>,
     ) {
+        let leading = self.durable.pubsub.inner.leading.clone();
         // Where the next read starts; None: reload the group's cursor.
         let mut cursor: Option<Position> = None;
         let mut draining = false;
         let mut next_retain = self.retain_every.map(|d| tokio::time::Instant::now() + d);
         loop {
-            if self.durable.pubsub.is_leader(&self.election) {
+            lead.mark_unchanged();
+            let term = leading.term(&self.election);
+            if term.is_some() && term != self.term {
+                // Another consumer may have moved the group meanwhile.
+                cursor = None;
+            }
+            self.term = term;
+            if term.is_some() {
                 self.set_active(true);
                 if let (Some(at), Some(every)) = (next_retain, self.retain_every) {
                     if tokio::time::Instant::now() >= at {
@@ -556,10 +589,9 @@ impl<T: Send + 'static> Reader<T> {
                     }
                 }
             } else {
+                // `listen` of the election returned: not leading is standing by.
                 cursor = None;
-                if self.active == Some(true) {
-                    self.set_active(false);
-                }
+                self.set_active(false);
             }
             // Wake-ups for other channels and unrelated events keep waiting
             // (until the same poll deadline) instead of costing a read.
@@ -580,18 +612,11 @@ impl<T: Send + 'static> Reader<T> {
                         Some(_) => Wake::Now,
                         None => Wake::Stop,
                     },
-                    e = events.next() => match e {
-                        Some(ConnectionEvent::LockLost { channel, .. }) if channel.as_str() == self.election => {
-                            cursor = None;
-                            Wake::Now
-                        }
-                        Some(ConnectionEvent::LockAcquired { channel }) if channel.as_str() == self.election => Wake::Now,
-                        Some(ConnectionEvent::Standby { channel }) if channel.as_str() == self.election => {
-                            self.set_active(false);
-                            continue;
-                        }
-                        Some(_) => continue,
-                        None => Wake::Stop,
+                    changed = lead.changed() => match changed {
+                        // Another channel's leadership changed: keep waiting.
+                        Ok(()) if leading.term(&self.election) == self.term => continue,
+                        Ok(()) => Wake::Now,
+                        Err(_) => Wake::Stop,
                     },
                     _ = tokio::time::sleep_until(deadline) => Wake::Now,
                 };
@@ -609,10 +634,10 @@ impl<T: Send + 'static> Reader<T> {
         }
         self.active = Some(active);
         let (channel, group) = (self.channel.clone(), self.group.clone());
-        self.durable.pubsub.emit(if active {
-            ConnectionEvent::DurableActive { channel, group }
+        self.durable.pubsub.inner.buses.durable.emit(if active {
+            DurableEvent::Active { channel, group }
         } else {
-            ConnectionEvent::DurableStandby { channel, group }
+            DurableEvent::Standby { channel, group }
         });
     }
 
@@ -627,13 +652,18 @@ impl<T: Send + 'static> Reader<T> {
         {
             Ok(r) => {
                 if r.acked > 0 || r.expired > 0 || r.truncated > 0 {
-                    self.durable.pubsub.emit(ConnectionEvent::DurableRetained {
-                        channel: self.channel.clone(),
-                        acked: r.acked,
-                        expired: r.expired,
-                        truncated: r.truncated,
-                        carried: r.carried,
-                    });
+                    self.durable
+                        .pubsub
+                        .inner
+                        .buses
+                        .durable
+                        .emit(DurableEvent::Retained {
+                            channel: self.channel.clone(),
+                            acked: r.acked,
+                            expired: r.expired,
+                            truncated: r.truncated,
+                            carried: r.carried,
+                        });
                 }
                 r.expired > 0
             }
@@ -691,11 +721,16 @@ impl<T: Send + 'static> Reader<T> {
         }
         if lost > 0 {
             let lost = u64::try_from(lost).unwrap_or(0);
-            self.durable.pubsub.emit(ConnectionEvent::DurableTruncated {
-                channel: self.channel.clone(),
-                group: self.group.clone(),
-                lost,
-            });
+            self.durable
+                .pubsub
+                .inner
+                .buses
+                .durable
+                .emit(DurableEvent::Truncated {
+                    channel: self.channel.clone(),
+                    group: self.group.clone(),
+                    lost,
+                });
             page.push(DurableDelivery::Truncated { lost });
         }
         // A backlog is read a page at a time; `read` (a function) costs a
@@ -908,7 +943,7 @@ pub struct DurableSubscription<T> {
     rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
     /// The rest of the page being handed out.
     page: std::collections::VecDeque<DurableDelivery<T>>,
-    stop: watch::Sender<bool>,
+    stop: Arc<watch::Sender<bool>>,
     task: Option<JoinHandle<()>>,
     flusher: Option<JoinHandle<()>>,
 }
@@ -933,6 +968,12 @@ impl<T> DurableSubscription<T> {
     /// Whether this instance is the group's active consumer now.
     pub fn is_active(&self) -> bool {
         self.durable.pubsub.is_leader(&self.election)
+    }
+
+    /// Events of the durable consumers of this subscription's
+    /// [`PgPubSub`](crate::PgPubSub) (see [`Durable::events`]).
+    pub fn events(&self) -> crate::event::Events<DurableEvent> {
+        self.durable.events()
     }
 
     /// Writes the acks given so far to the group's cursor now.

@@ -10,8 +10,8 @@ use tokio_postgres::types::Type;
 use super::position::{Position, Xid8};
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
-use crate::executor::Executor;
 use crate::schema::SchemaName;
+use crate::tx::Executor;
 
 /// One item of a [`DurableSubscription`](super::DurableSubscription).
 #[derive(Debug)]
@@ -91,7 +91,7 @@ impl<T> DurableMessage<T> {
     /// deadpool's transaction (or client, to ack on its own).
     pub async fn ack_tx<E: Executor + ?Sized>(&self, tx: &E) -> Result<()> {
         let p = self.acks.ack_params(self.position);
-        crate::executor::execute(tx, &self.acks.ack_sql, &p.typed())
+        crate::tx::execute(tx, &self.acks.ack_sql, &p.typed())
             .await
             .map(drop)
             .map_err(|e| Error::pg(ErrorKind::Durable, "acknowledging in transaction", e))

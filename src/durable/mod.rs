@@ -130,10 +130,11 @@
 //! the instance's listener connection, and also poll (default every
 //! second), so a lost notification or a reconnect only delays.
 //!
-//! The instance's [`events`](PgPubSub::events) report the role of each of
-//! its consumers: `DurableActive { channel, group }` when one becomes
-//! active, `DurableStandby { .. }` when it stands by (or loses the
-//! election).
+//! [`Durable::events`] reports the role of each of the instance's
+//! consumers: [`DurableEvent::Active`] when one becomes active,
+//! [`DurableEvent::Standby`] when it stands by (or loses the election). The
+//! consumer itself reads its role from the handle's state, never from this
+//! (lossy) stream.
 //!
 //! Reading: after a wake-up the consumer sends `tick` and `read()` in one
 //! pipelined write (one round trip; the server runs them in order, each in
@@ -163,12 +164,12 @@
 //! [`Durable::retain`] removes what every group of a channel has acked
 //! and, optionally, what is older than a maximum age (groups that had not
 //! read it get [`DurableDelivery::Truncated`], and their instance a
-//! [`ConnectionEvent::DurableTruncated`](crate::ConnectionEvent::DurableTruncated)).
+//! [`DurableEvent::Truncated`]).
 //! Each group's active consumer runs it on its channel every 30 s
 //! ([`ConsumerBuilder::retain_every`], with [`ConsumerBuilder::max_age`]),
 //! so nobody has to schedule it while the channel has a running consumer.
 //! What it did is reported as
-//! [`ConnectionEvent::DurableRetained`](crate::ConnectionEvent::DurableRetained).
+//! [`DurableEvent::Retained`].
 //!
 //! It never deletes rows: `messages` is a ring of four list partitions
 //! (`messages_0` to `messages_3`, on a column `part`), created at install;
@@ -258,6 +259,7 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
+pub use crate::event::DurableEvent;
 pub use crate::schema::election_channel;
 pub(crate) use crate::schema::SchemaName;
 pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
@@ -334,11 +336,18 @@ impl Durable {
     /// the notify timeout.
     pub(crate) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
     where
-        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        F: FnOnce(crate::exec::Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.with_pool(ErrorKind::Durable, stage, f).await
+        self.pubsub.exec().run(ErrorKind::Durable, stage, f).await
+    }
+
+    /// Events of the durable consumers of this handle's [`PgPubSub`] (every
+    /// schema) from now on: which consumer is active, truncations,
+    /// retention. Bounded and lossy (see [`Events`](crate::event::Events)).
+    pub fn events(&self) -> crate::event::Events<DurableEvent> {
+        self.pubsub.inner.buses.durable.subscribe()
     }
 
     /// Takes a tick of `channel` if anything new became visible, and

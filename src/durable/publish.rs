@@ -10,8 +10,8 @@ use super::quiet::QuietFlags;
 use super::{Durable, SchemaName};
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
-use crate::executor::Executor;
 use crate::publish::to_json;
+use crate::tx::Executor;
 
 /// Messages per `publish_many` statement in [`Durable::publish_batch`].
 const BATCH_SIZE: usize = 1000;
@@ -78,7 +78,7 @@ impl Durable {
         let name = channel.as_str();
         let p = &*self.publisher;
         let quiet = p.quiet.get(name, Instant::now());
-        let publishing = self.pubsub.start_publish();
+        let publishing = self.pubsub.inner.wakes.start_publish();
         let now = publishing.alone();
         let due = self
             .with_client("durable publish", |client| async move {
@@ -107,6 +107,8 @@ impl Durable {
         // Committed: the wake-up follows, merged with concurrent publishers'.
         if due {
             self.pubsub
+                .inner
+                .wakes
                 .wake_after_commit(self.schema.wake_channel(), channel.as_str().to_owned());
         }
         Ok(())
@@ -159,7 +161,7 @@ impl Durable {
         payload: &str,
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        crate::executor::execute(
+        crate::tx::execute(
             tx,
             &self.publish_sql(),
             &[(&channel.as_str(), Type::TEXT), (&payload, Type::TEXT)],

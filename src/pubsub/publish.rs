@@ -1,7 +1,6 @@
 //! Publishing: through the pool, in batches, or inside the caller's transaction.
 
 use std::collections::HashSet;
-use std::future::Future;
 
 use serde::Serialize;
 use tokio_postgres::types::Type;
@@ -9,7 +8,7 @@ use tokio_postgres::types::Type;
 use crate::channel::ChannelName;
 use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};
-use crate::executor::Executor;
+use crate::tx::Executor;
 use crate::wire;
 
 const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
@@ -63,14 +62,16 @@ impl PgPubSub {
         let channel = ChannelName::new(channel)?;
         let payload = wire::encode(self.origin_tag(&channel), payload)?;
         self.check_open()?;
-        self.with_pool(ErrorKind::Notify, "notify", |client| async move {
-            let stmt = client.prepare_cached(NOTIFY_SQL).await?;
-            client
-                .execute(&stmt, &[&channel.as_str(), &&*payload])
-                .await?;
-            Ok(())
-        })
-        .await
+        self.inner
+            .exec
+            .run(ErrorKind::Notify, "notify", |client| async move {
+                let stmt = client.prepare_cached(NOTIFY_SQL).await?;
+                client
+                    .execute(&stmt, &[&channel.as_str(), &&*payload])
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     /// Publishes many text payloads on `channel`, a thousand per round trip
@@ -100,18 +101,20 @@ impl PgPubSub {
         for chunk in split_batches(&payloads) {
             let n = chunk.len();
             let channel = &channel;
-            self.with_pool(ErrorKind::Notify, "notify_batch", |client| async move {
-                let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
-                client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| {
-                e.context(format!(
-                    "{sent} of this batch's {} were sent before it",
-                    payloads.len()
-                ))
-            })?;
+            self.inner
+                .exec
+                .run(ErrorKind::Notify, "notify_batch", |client| async move {
+                    let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
+                    client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "{sent} of this batch's {} were sent before it",
+                        payloads.len()
+                    ))
+                })?;
             sent += n;
         }
         Ok(sent)
@@ -146,7 +149,7 @@ impl PgPubSub {
     ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
         let payload = wire::encode(self.origin_tag(&channel), payload)?;
-        crate::executor::execute(
+        crate::tx::execute(
             executor,
             NOTIFY_SQL,
             &[
@@ -157,82 +160,6 @@ impl PgPubSub {
         .await
         .map(drop)
         .map_err(|e| Error::pg(ErrorKind::Notify, "notify in transaction", e))
-    }
-
-    /// Runs `f` on a pooled connection within the notify timeout, its
-    /// server errors reported as `kind` at `stage`.
-    pub(crate) async fn with_pool<'a, R, F, Fut>(
-        &'a self,
-        kind: ErrorKind,
-        stage: &'static str,
-        f: F,
-    ) -> Result<R>
-    where
-        F: FnOnce(deadpool_postgres::Client) -> Fut,
-        Fut: Future<Output = Result<R, tokio_postgres::Error>> + 'a,
-    {
-        self.with_pooled(stage, |client| async move {
-            f(client).await.map_err(|e| Error::pg(kind, stage, e))
-        })
-        .await
-    }
-
-    /// Runs `f` on a pooled connection within the notify timeout. While no
-    /// connection can be had, retries with backoff; the statement itself is
-    /// never retried (it may have committed). On timeout the last
-    /// connection error is the source.
-    pub(crate) async fn with_pooled<'a, R, F, Fut>(&'a self, stage: &'static str, f: F) -> Result<R>
-    where
-        F: FnOnce(deadpool_postgres::Client) -> Fut,
-        Fut: Future<Output = Result<R>> + 'a,
-    {
-        let timeout = self.inner.opts.notify_timeout;
-        let mut last = None;
-        let work = async {
-            let mut attempt = 1;
-            let client = loop {
-                match self.inner.pool.get().await {
-                    Ok(client) => break client,
-                    Err(e) => {
-                        let err = pool_error(stage, e);
-                        if !err.is_connection() || err.kind() == ErrorKind::Timeout {
-                            return Err(err);
-                        }
-                        attempt += 1;
-                        let delay = self.inner.opts.backoff.delay(attempt);
-                        tracing::debug!(%err, ?delay, "pg-pubsub: no pooled connection; retrying");
-                        last = Some(err);
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-            };
-            f(client).await
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(res) => res,
-            Err(_) => Err(Error::timeout(stage, timeout, last)),
-        }
-    }
-}
-
-/// Maps the pool's error, keeping the server's error as the source.
-fn pool_error(stage: &str, err: deadpool_postgres::PoolError) -> Error {
-    use deadpool_postgres::PoolError;
-    match err {
-        // The pool opens connections on demand: this is a failed connect.
-        PoolError::Backend(e) => Error::pg(ErrorKind::Connect, &format!("{stage}: connecting"), e),
-        PoolError::Timeout(_) => Error::new(
-            ErrorKind::Timeout,
-            format!("{stage}: no pooled connection: {err}"),
-        )
-        .with_source(err)
-        .connection(),
-        PoolError::Closed => Error::shut_down().context(format!("{stage}: the pool is closed")),
-        other => Error::new(
-            ErrorKind::Connect,
-            format!("{stage}: no pooled connection: {other}"),
-        )
-        .with_source(other),
     }
 }
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 
+use super::context::Ctx;
 use super::job::Job;
-use super::runner::Ctx;
-use crate::ConnectionEvent;
+use crate::event::QueueEvent;
 
 /// Longest error text kept for a failed attempt, in bytes.
 const MAX_ERROR_BYTES: usize = 8 * 1024;
@@ -67,7 +67,6 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
     let delay = retry_delay(ctx.retry_base, ctx.retry_max, attempt);
     let (sql, secs, err) = (&ctx.sql.fail, delay.as_secs_f64(), &error);
     let res = ctx
-        .queue
         .with_client("failing a job", |client| async move {
             let stmt = client.prepare_cached(sql).await?;
             let row = client
@@ -77,14 +76,14 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
         })
         .await;
     let event = match res.as_ref().map(Option::as_deref) {
-        Ok(Some("retry")) => ConnectionEvent::JobRetried {
+        Ok(Some("retry")) => QueueEvent::JobRetried {
             queue: ctx.name.clone(),
             job_id: id,
             attempt,
             error: Arc::from(error.as_str()),
             retry_in: delay,
         },
-        Ok(Some("dead")) => ConnectionEvent::JobDead {
+        Ok(Some("dead")) => QueueEvent::JobDead {
             queue: ctx.name.clone(),
             job_id: id,
             attempts: attempt,
@@ -101,7 +100,7 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
         }
     };
     tracing::info!(queue = %ctx.name, id, attempt, max = max_attempts, %error, "pg-pubsub: job failed");
-    ctx.queue.pubsub.emit(event);
+    ctx.events.emit(event);
 }
 
 /// The delay before retrying after failed attempt `attempt` (from 1).

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
-use super::runner::Ctx;
+use super::context::Ctx;
 
 /// Claims completed per statement at most.
 const MAX_BATCH: usize = 1000;
@@ -76,10 +76,9 @@ pub(super) async fn run(
 async fn complete(ctx: &Ctx, batch: &[(i64, i32)]) -> crate::error::Result<u64> {
     let (ids, attempts): (Vec<i64>, Vec<i32>) = batch.iter().copied().unzip();
     let sql = &ctx.sql.complete;
-    ctx.queue
-        .with_client("completing jobs", |client| async move {
-            let stmt = client.prepare_cached(sql).await?;
-            client.execute(&stmt, &[&ids, &attempts]).await
-        })
-        .await
+    ctx.with_client("completing jobs", |client| async move {
+        let stmt = client.prepare_cached(sql).await?;
+        client.execute(&stmt, &[&ids, &attempts]).await
+    })
+    .await
 }

@@ -7,8 +7,8 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::{check_queue, Queue};
 use crate::error::{Error, ErrorKind, Result};
-use crate::executor::Executor;
 use crate::publish::to_json;
+use crate::tx::Executor;
 
 /// Attempts before a job is dead, unless its options say otherwise; the
 /// jobs table's column default too.
@@ -213,7 +213,7 @@ impl Queue {
         check_queue(queue)?;
         check_payload(payload)?;
         options.check()?;
-        let publishing = self.pubsub.start_publish();
+        let publishing = self.pubsub.inner.wakes.start_publish();
         let now = publishing.alone() && options.due_now();
         let lean = options.is_default();
         let sql = self.insert_sql(options, lean, now);
@@ -232,6 +232,8 @@ impl Queue {
         // Committed: the wake-up follows, merged with concurrent enqueuers'.
         if done.id().is_some() && options.due_now() && !now {
             self.pubsub
+                .inner
+                .wakes
                 .wake_after_commit(self.schema.jobs_channel(), queue.to_owned());
         }
         Ok(done)
@@ -266,7 +268,7 @@ impl Queue {
         check_queue(queue)?;
         check_payload(payload)?;
         options.check()?;
-        let rows = crate::executor::query(
+        let rows = crate::tx::query(
             tx,
             &self.enqueue_sql(),
             &params(queue, payload, options).typed(),

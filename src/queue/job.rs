@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::types::Type;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::executor::Executor;
 use crate::truncate::Text;
+use crate::tx::Executor;
 
 /// A job claimed by a [`Worker`](super::Worker), handed to its handler.
 pub struct Job {
@@ -96,7 +96,7 @@ impl Job {
     /// the handler returns `Ok`; if the transaction then rolls back anyway,
     /// the job stays running until its lease expires and then runs again.
     pub async fn complete_tx<E: Executor + ?Sized>(&self, tx: &E) -> Result<()> {
-        let n = crate::executor::execute(
+        let n = crate::tx::execute(
             tx,
             &self.complete_sql,
             &[(&self.id, Type::INT8), (&self.attempt, Type::INT4)],

@@ -55,8 +55,8 @@
 //! statement for all the worker's jobs); every poll, a worker makes jobs
 //! whose lease expired ready again, or dead if that was their last attempt
 //! (a dead worker's jobs run again after the lease), and emits
-//! [`JobRetried`](crate::ConnectionEvent::JobRetried) or
-//! [`JobDead`](crate::ConnectionEvent::JobDead) for them. At least once:
+//! [`JobRetried`](crate::event::QueueEvent::JobRetried) or
+//! [`JobDead`](crate::event::QueueEvent::JobDead) for them. At least once:
 //! the handler gets the attempt number ([`Job::attempt`]), and
 //! [`Job::complete_tx`] completes the job in the
 //! handler's own transaction for an exactly-once effect.
@@ -82,9 +82,11 @@
 mod admin;
 mod attempt;
 mod completer;
+mod context;
 mod enqueue;
 mod job;
 mod runner;
+mod store;
 mod vacuum;
 mod worker;
 
@@ -93,6 +95,7 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
+pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
 pub use enqueue::{Enqueued, JobOptions};
 pub use job::Job;
@@ -188,11 +191,18 @@ impl Queue {
     /// the notify timeout.
     pub(crate) async fn with_client<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
     where
-        F: FnOnce(deadpool_postgres::Client) -> Fut,
+        F: FnOnce(crate::exec::Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.with_pool(ErrorKind::Queue, stage, f).await
+        self.pubsub.exec().run(ErrorKind::Queue, stage, f).await
+    }
+
+    /// Job events (retries, dead jobs) of the workers of this handle's
+    /// [`PgPubSub`] (every schema) from now on. Bounded and lossy (see
+    /// [`Events`](crate::event::Events)).
+    pub fn events(&self) -> crate::event::Events<QueueEvent> {
+        self.pubsub.inner.buses.queue.subscribe()
     }
 
     /// `schema.name`, for building statements.

@@ -2,7 +2,7 @@
 //! starts an attempt per job, extends all leases in one statement, rescues
 //! expired leases, and shuts down gracefully.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
@@ -12,99 +12,14 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::Instant;
 
+use super::context::Ctx;
 use super::job::Job;
-use super::{attempt, completer, vacuum, Queue};
+use super::{attempt, completer, vacuum};
 use crate::error::Result;
-use crate::{ConnectionEvent, Delivery, Subscription};
-
-/// What a worker's tasks share.
-pub(super) struct Ctx {
-    pub(super) queue: Queue,
-    pub(super) name: Arc<str>,
-    pub(super) sql: Sql,
-    pub(super) retry_base: Duration,
-    pub(super) retry_max: Duration,
-    /// Claims handed to the completer and not yet written: their leases
-    /// are still extended, so a slow completion cannot make them run again.
-    pub(super) completing: std::sync::Mutex<HashSet<(i64, i32)>>,
-}
-
-impl Ctx {
-    /// Runs `f` on the set of claims being completed.
-    pub(super) fn completing<R>(&self, f: impl FnOnce(&mut HashSet<(i64, i32)>) -> R) -> R {
-        // A panic elsewhere cannot leave the set half-changed: use it anyway.
-        let mut set = self
-            .completing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut set)
-    }
-}
-
-/// The worker's statements, for one schema.
-pub(super) struct Sql {
-    claim: String,
-    pub(super) complete: String,
-    complete_one: Arc<str>,
-    extend: String,
-    pub(super) fail: String,
-    rescue: String,
-    give_back: String,
-    pub(super) may_vacuum: String,
-    pub(super) vacuum: String,
-    pub(super) live_jobs: String,
-}
-
-impl Sql {
-    pub(super) fn new(s: &str) -> Self {
-        Sql {
-            // `{s}.claim()` written out, so its plan is prepared once rather
-            // than at every call of the SQL function (see it for `ANY`).
-            claim: format!(
-                "UPDATE {s}.jobs j SET state = 'running', attempt = j.attempt + 1, \
-                   lease_until = now() + make_interval(secs => $3::float8) \
-                 WHERE j.id = ANY (ARRAY(SELECT p.id FROM {s}.jobs p \
-                   WHERE p.queue = $1 AND p.state = 'ready' AND p.run_at <= now() \
-                   ORDER BY p.priority DESC, p.run_at, p.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED)) \
-                 RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload"
-            ),
-            complete: format!(
-                "DELETE FROM {s}.jobs j USING unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
-                 WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"
-            ),
-            complete_one: Arc::from(format!(
-                "DELETE FROM {s}.jobs WHERE id = $1 AND attempt = $2 AND state = 'running'"
-            )),
-            extend: format!(
-                "UPDATE {s}.jobs j SET lease_until = now() + make_interval(secs => $3::float8) \
-                 FROM unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
-                 WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"
-            ),
-            fail: format!("SELECT {s}.fail($1, $2, $3, make_interval(secs => $4::float8))"),
-            rescue: format!("SELECT job_id, attempt, dead, error FROM {s}.rescue($1)"),
-            // Given-back jobs did not really get their attempt; others are
-            // woken at once rather than at their next poll.
-            give_back: format!(
-                "WITH u AS (UPDATE {s}.jobs j SET state = 'ready', attempt = j.attempt - 1, \
-                 lease_until = NULL FROM unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
-                 WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running' RETURNING 1) \
-                 SELECT count(*), pg_notify($3, $4) FROM u HAVING count(*) > 0"
-            ),
-            // VACUUM's own rule: the table's owner, the database's, or a
-            // superuser (a member of every role).
-            may_vacuum: format!(
-                "SELECT pg_has_role(c.relowner, 'MEMBER') OR pg_has_role(d.datdba, 'MEMBER') \
-                 FROM pg_class c, pg_database d \
-                 WHERE c.oid = '{s}.jobs'::regclass AND d.datname = current_database()"
-            ),
-            vacuum: format!("VACUUM (SKIP_LOCKED) {s}.jobs"),
-            live_jobs: format!(
-                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = '{s}.jobs'::regclass"
-            ),
-        }
-    }
-}
+use crate::event::QueueEvent;
+use crate::{Delivery, Subscription};
 
 pub(super) struct Runner<F> {
     ctx: Arc<Ctx>,
@@ -171,7 +86,7 @@ where
     pub(super) async fn run(
         mut self,
         mut wake: Subscription<String>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<Option<Instant>>,
     ) {
         // Completions go to their own task (and pooled connection): they
         // are deleted in batches while the next claim is under way.
@@ -207,7 +122,7 @@ where
             tokio::select! {
                 biased;
                 changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
+                    if changed.is_err() || stop.borrow().is_some() {
                         break;
                     }
                 }
@@ -233,7 +148,11 @@ where
                 _ = extend.tick() => self.extend().await,
             }
         }
-        self.drain(&mut extend).await;
+        // Dropped handle: its own shutdown timeout.
+        let by = stop
+            .borrow()
+            .unwrap_or_else(|| Instant::now() + self.shutdown_timeout);
+        self.drain(&mut extend, by).await;
     }
 
     /// Claims up to `n` jobs (into `waiting`) in one statement; returns
@@ -244,7 +163,6 @@ where
         let lease = self.lease.as_secs_f64();
         let mut rows = self
             .ctx
-            .queue
             .with_client("claiming jobs", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.query(&stmt, &[&name, &limit, &lease]).await
@@ -310,7 +228,6 @@ where
         let (sql, lease) = (&self.ctx.sql.extend, self.lease.as_secs_f64());
         let res = self
             .ctx
-            .queue
             .with_client("extending leases", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.execute(&stmt, &[&ids, &attempts, &lease]).await
@@ -327,7 +244,6 @@ where
         let (sql, name) = (&self.ctx.sql.rescue, &*self.ctx.name);
         let res = self
             .ctx
-            .queue
             .with_client("rescuing expired jobs", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.query(&stmt, &[&name]).await
@@ -345,15 +261,15 @@ where
             let error: Arc<str> = Arc::from(row.get::<_, &str>(3));
             tracing::info!(queue = %self.ctx.name, job_id, attempt, dead, %error, "pg-pubsub: job's lease expired");
             let queue = self.ctx.name.clone();
-            self.ctx.queue.pubsub.emit(if dead {
-                ConnectionEvent::JobDead {
+            self.ctx.events.emit(if dead {
+                QueueEvent::JobDead {
                     queue,
                     job_id,
                     attempts: attempt,
                     error,
                 }
             } else {
-                ConnectionEvent::JobRetried {
+                QueueEvent::JobRetried {
                     queue,
                     job_id,
                     attempt,
@@ -364,15 +280,14 @@ where
         }
     }
 
-    /// Shutdown: no more claims; running handlers get the shutdown
-    /// timeout; the rest are stopped and their jobs given back, after the
+    /// Shutdown: no more claims; running handlers get until `by`; the rest are stopped and their jobs given back, after the
     /// pending completions are written.
-    async fn drain(&mut self, extend: &mut tokio::time::Interval) {
+    async fn drain(&mut self, extend: &mut tokio::time::Interval, by: Instant) {
         // Jobs that never started go back at once, not after the handlers.
         let unstarted: Vec<(i64, i32)> =
             self.waiting.drain(..).map(|j| (j.id, j.attempt)).collect();
         self.give_back(unstarted).await;
-        let deadline = tokio::time::sleep(self.shutdown_timeout);
+        let deadline = tokio::time::sleep_until(by);
         tokio::pin!(deadline);
         while !self.running.is_empty() {
             tokio::select! {
@@ -409,10 +324,9 @@ where
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = back.into_iter().unzip();
         let sql = &self.ctx.sql.give_back;
-        let (channel, name) = (self.ctx.queue.schema.jobs_channel(), &*self.ctx.name);
+        let (channel, name) = (&self.ctx.jobs_channel, &*self.ctx.name);
         let res = self
             .ctx
-            .queue
             .with_client("giving jobs back", |client| async move {
                 client
                     .execute(sql.as_str(), &[&ids, &attempts, &channel, &name])

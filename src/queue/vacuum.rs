@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::runner::Ctx;
+use super::context::Ctx;
 
 /// Jobs a worker finishes between two of its vacuums, at least.
 const MIN_JOBS: u64 = 5_000;
@@ -111,7 +111,6 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<u64>) {
 async fn may_vacuum(ctx: &Ctx) -> bool {
     let sql = &ctx.sql.may_vacuum;
     let res = ctx
-        .queue
         .with_client("checking vacuum rights", |client| async move {
             Ok(client.query_one(sql.as_str(), &[]).await?.get::<_, bool>(0))
         })
@@ -132,14 +131,13 @@ async fn may_vacuum(ctx: &Ctx) -> bool {
 /// `VACUUM (SKIP_LOCKED)` of the jobs table; returns its live rows after.
 async fn vacuum(ctx: &Ctx) -> crate::error::Result<u64> {
     let (vacuum, live) = (&ctx.sql.vacuum, &ctx.sql.live_jobs);
-    ctx.queue
-        .with_client("vacuuming the jobs table", |client| async move {
-            // Not in a transaction block: a simple query of its own.
-            client.batch_execute(vacuum).await?;
-            let n: i64 = client.query_one(live.as_str(), &[]).await?.get(0);
-            Ok(n.max(0) as u64)
-        })
-        .await
+    ctx.with_client("vacuuming the jobs table", |client| async move {
+        // Not in a transaction block: a simple query of its own.
+        client.batch_execute(vacuum).await?;
+        let n: i64 = client.query_one(live.as_str(), &[]).await?.get(0);
+        Ok(n.max(0) as u64)
+    })
+    .await
 }
 
 #[cfg(test)]

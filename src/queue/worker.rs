@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use super::context::Ctx;
 use super::job::Job;
-use super::runner::{Ctx, Runner, Sql};
+use super::runner::Runner;
+use super::store::Sql;
 use super::{check_queue, Queue};
 use crate::client::PgPubSub;
 use crate::error::{Error, ErrorKind, Result};
@@ -151,12 +154,32 @@ impl WorkerBuilder {
         let ctx = Arc::new(Ctx {
             sql: Sql::new(queue.schema.as_str()),
             name: Arc::from(self.name.as_str()),
-            queue,
+            exec: queue.pubsub.exec().clone(),
+            jobs_channel: queue.schema.jobs_channel(),
+            events: queue.pubsub.inner.buses.queue.clone(),
             retry_base: self.retry_base,
             retry_max: self.retry_max,
             completing: Default::default(),
         });
-        let (stop_tx, stop) = watch::channel(false);
+        let stop_tx = Arc::new(watch::Sender::new(None::<Instant>));
+        let stop = stop_tx.subscribe();
+        // Stopped by the handle's shutdown: handlers get the lesser of the
+        // worker's shutdown timeout and three quarters of what is left of
+        // the handle's, the rest is for completing and giving jobs back.
+        let registration = {
+            let stop_tx = stop_tx.clone();
+            let own = self.shutdown_timeout;
+            self.queue
+                .pubsub
+                .inner
+                .services
+                .register("worker", move |by| {
+                    let now = Instant::now();
+                    let left = by.saturating_duration_since(now);
+                    let until = now + own.min(left - left / 4);
+                    stop_tx.send_if_modified(|s| s.is_none() && s.replace(until).is_none());
+                })?
+        };
         let runner = Runner::new(
             ctx,
             Arc::new(handler),
@@ -167,11 +190,16 @@ impl WorkerBuilder {
             self.shutdown_timeout,
         )
         .vacuum(self.vacuum);
-        let task = tokio::spawn(runner.run(wake, stop));
+        let task = tokio::spawn(async move {
+            runner.run(wake, stop).await;
+            drop(registration);
+        });
         Ok(Worker {
             queue: self.name,
             stop: stop_tx,
-            task,
+            shutdown_timeout: self.shutdown_timeout,
+            events: self.queue.pubsub.inner.buses.queue.clone(),
+            task: Some(task),
         })
     }
 }
@@ -179,20 +207,25 @@ impl WorkerBuilder {
 /// A running worker, from [`WorkerBuilder::run`]. Dropping it stops the
 /// worker as [`shutdown`](Self::shutdown) does, without waiting.
 ///
-/// Shut workers down before their [`PgPubSub`]: once the pool is closed
-/// a worker cannot complete or give back jobs (they run again after the
-/// lease).
+/// [`PgPubSub::shutdown`] stops it too, before the pool closes: running
+/// handlers get the worker's shutdown timeout or three quarters of the
+/// handle's, whichever is shorter, then their jobs are given back.
 pub struct Worker {
     queue: String,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    stop: Arc<watch::Sender<Option<Instant>>>,
+    shutdown_timeout: Duration,
+    events: crate::event::Bus<crate::event::QueueEvent>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
             .field("queue", &self.queue)
-            .field("finished", &self.task.is_finished())
+            .field(
+                "finished",
+                &self.task.as_ref().is_none_or(JoinHandle::is_finished),
+            )
             .finish()
     }
 }
@@ -206,22 +239,41 @@ impl Worker {
     /// Stops claiming, lets running handlers finish within the shutdown
     /// timeout, completes what finished, then stops the rest and gives
     /// their jobs back at once (ready again, the attempt not counted).
-    pub async fn shutdown(self) -> Result<()> {
-        let _ = self.stop.send(true);
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.stop(Instant::now() + self.shutdown_timeout);
         self.join().await
     }
 
     /// Waits until the worker ends by itself (its [`PgPubSub`] shut down).
-    pub async fn wait(self) -> Result<()> {
+    pub async fn wait(mut self) -> Result<()> {
         self.join().await
     }
 
-    async fn join(self) -> Result<()> {
-        let Worker { task, stop, .. } = self;
-        let res = task.await;
-        drop(stop);
-        res.map_err(|e| {
+    /// Job events of the workers of this worker's [`PgPubSub`] (see
+    /// [`Queue::events`]).
+    pub fn events(&self) -> crate::event::Events<crate::event::QueueEvent> {
+        self.events.subscribe()
+    }
+
+    fn stop(&self, by: Instant) {
+        self.stop
+            .send_if_modified(|s| s.is_none() && s.replace(by).is_none());
+    }
+
+    async fn join(&mut self) -> Result<()> {
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        task.await.map_err(|e| {
             Error::new(ErrorKind::Queue, format!("the worker task failed: {e}")).with_source(e)
         })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            self.stop(Instant::now() + self.shutdown_timeout);
+        }
     }
 }

@@ -110,8 +110,9 @@ impl Migrator {
     pub async fn status(&self) -> Result<MigrationStatus> {
         let schema = self.schema.clone();
         self.pubsub
-            .with_pooled("reading the schema's migrations", |client| async move {
-                let recorded = read_recorded(&**client, &schema).await?;
+            .exec()
+            .run_with("reading the schema's migrations", |client| async move {
+                let recorded = read_recorded(&***client, &schema).await?;
                 status_of(&schema, &recorded)
             })
             .await
@@ -122,9 +123,10 @@ impl Migrator {
     pub async fn up(&self) -> Result<MigrationStatus> {
         let schema = self.schema.clone();
         self.pubsub
-            .with_pooled("migrating the schema", |mut client| async move {
+            .exec()
+            .run_with("migrating the schema", |mut client| async move {
                 apply(&mut client, &schema, &CATALOG).await?;
-                let recorded = read_recorded(&**client, &schema).await?;
+                let recorded = read_recorded(&***client, &schema).await?;
                 status_of(&schema, &recorded)
             })
             .await
@@ -400,11 +402,12 @@ pub(crate) async fn ensure(
     let auto = pubsub.auto_migrate();
     done.get_or_try_init(|| async {
         pubsub
-            .with_pooled("installing the schema", |mut client| async move {
+            .exec()
+            .run_with("installing the schema", |mut client| async move {
                 if auto {
                     apply(&mut client, schema, &CATALOG).await.map(drop)
                 } else {
-                    let recorded = read_recorded(&**client, schema).await?;
+                    let recorded = read_recorded(&***client, schema).await?;
                     let status = status_of(schema, &recorded)?;
                     match status.state {
                         SchemaState::Current | SchemaState::AheadCompatible => Ok(()),

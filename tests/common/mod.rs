@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pg_pubsub::testing::{TestOptions, TestServer};
-use pg_pubsub::{Builder, ConnectionEvent, Delivery, GapCause, Message, PgPubSub};
+use pg_pubsub::{Builder, Delivery, GapCause, Message, PgPubSub};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
@@ -185,10 +185,10 @@ where
 }
 
 /// Waits for the first event matching `pred`.
-pub async fn wait_event<S, F>(events: &mut S, mut pred: F) -> ConnectionEvent
+pub async fn wait_event<S, E, F>(events: &mut S, mut pred: F) -> E
 where
-    S: Stream<Item = ConnectionEvent> + Unpin,
-    F: FnMut(&ConnectionEvent) -> bool,
+    S: Stream<Item = E> + Unpin,
+    F: FnMut(&E) -> bool,
 {
     tokio::time::timeout(WAIT, async {
         while let Some(e) = events.next().await {
@@ -238,6 +238,14 @@ pub async fn wait_backend_gone(pid: i32) {
 pub async fn wait_sessions_gone(application_name: &str) {
     let what = format!("sessions of {application_name}");
     wait_no_session("application_name = $1", &application_name, &what).await;
+}
+
+/// Waits until no session with `application_name` waits for a lock (its
+/// statement was cancelled, or got the lock), failing after [`WAIT`].
+pub async fn wait_lock_waits_gone(application_name: &str) {
+    let what = format!("lock waits of {application_name}");
+    let filter = "application_name = $1 AND wait_event_type = 'Lock'";
+    wait_no_session(filter, &application_name, &what).await;
 }
 
 /// Waits until no row of `pg_stat_activity` matches `filter` (with `$1`

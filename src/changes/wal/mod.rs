@@ -87,7 +87,7 @@
 //! feed acks the heartbeat itself. Slot lag (bytes of WAL held:
 //! `pg_current_wal_lsn() - confirmed_flush_lsn`) is in [`WalFeed::stats`]
 //! and, above [`lag_warning`](WalFeedBuilder::lag_warning), a
-//! [`ConnectionEvent::WalLag`](crate::ConnectionEvent::WalLag).
+//! [`WalEvent::Lag`].
 //!
 //! # Values
 //!
@@ -187,6 +187,8 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::changes::{ChangeEvent, Lsn};
 use crate::error::{Error, ErrorKind, Result};
+pub use crate::event::WalEvent;
+use crate::exec::Exec;
 use crate::PgPubSub;
 
 /// One item of a [`WalFeed`].
@@ -349,7 +351,7 @@ impl WalFeedBuilder {
         self
     }
 
-    /// Report [`ConnectionEvent::WalLag`](crate::ConnectionEvent::WalLag)
+    /// Report [`WalEvent::Lag`]
     /// when the slot holds more than `bytes` of WAL (checked at each
     /// heartbeat). Default: off.
     pub fn lag_warning(mut self, bytes: u64) -> Self {
@@ -387,20 +389,22 @@ impl WalFeedBuilder {
             .publication
             .clone()
             .unwrap_or_else(|| self.slot.clone());
-        self.pubsub
-            .ensure_publication(&publication, self.tables.as_deref())
-            .await?;
-        self.pubsub.ensure_slot(&self.slot).await?;
+        let exec = self.pubsub.exec().clone();
+        slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
+        slot::ensure_slot(&exec, &self.slot).await?;
+        let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
             ack_wake: Notify::new(),
         });
         let cfg = stream::replication_config(&self.pubsub, &self.slot, &publication)?
             .with_status_interval(self.ack_interval);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = Arc::new(watch::Sender::new(false));
+        let stop_rx = stop_tx.subscribe();
         let (tx, rx) = mpsc::channel(self.capacity);
         let task = stream::StreamTask {
-            pubsub: self.pubsub.clone(),
+            exec: exec.clone(),
+            events: events.clone(),
             slot: Arc::from(self.slot.as_str()),
             cfg,
             messages: self.messages,
@@ -409,18 +413,39 @@ impl WalFeedBuilder {
             stop: stop_rx.clone(),
         };
         let first = task.connect_first(self.standby).await?;
-        let handle = tokio::spawn(task.run(first));
+        // Stopped by the handle's shutdown too, which waits until the
+        // stream has ended and the slot is moved to the last ack.
+        let services = &self.pubsub.inner.services;
+        let stopper = |stop: &Arc<watch::Sender<bool>>| {
+            let stop = stop.clone();
+            move |_| {
+                stop.send_replace(true);
+            }
+        };
+        let registration = services.register("WAL feed", stopper(&stop_tx))?;
+        let handle = tokio::spawn(async move {
+            let res = task.run(first).await;
+            drop(registration);
+            res
+        });
         if let Some(every) = self.heartbeat {
-            tokio::spawn(stream::heartbeat(
-                self.pubsub.clone(),
+            let registration = services.register("WAL feed heartbeat", stopper(&stop_tx))?;
+            let beat = stream::heartbeat(
+                exec.clone(),
+                events.clone(),
                 self.slot.clone(),
                 every,
                 self.lag_warning,
                 stop_rx,
-            ));
+            );
+            tokio::spawn(async move {
+                beat.await;
+                drop(registration);
+            });
         }
         Ok(WalFeed {
-            pubsub: self.pubsub,
+            events,
+            exec,
             slot: self.slot,
             rx,
             shared,
@@ -445,12 +470,13 @@ pub(crate) type RawItem = WalItem<serde_json::Value>;
 /// stops the stream; [`close`](Self::close) also makes the last acks
 /// durable first.
 pub struct WalFeed<T = serde_json::Value> {
-    pubsub: PgPubSub,
+    exec: Exec,
     slot: String,
     rx: mpsc::Receiver<RawItem>,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: Arc<watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
+    events: crate::event::Bus<WalEvent>,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -470,6 +496,13 @@ impl<T> WalFeed<T> {
         }
     }
 
+    /// Events of the WAL feeds of this feed's [`PgPubSub`] from now on
+    /// (stream up, lost, slot lag). Bounded and lossy (see
+    /// [`Events`](crate::event::Events)).
+    pub fn events(&self) -> crate::event::Events<WalEvent> {
+        self.events.subscribe()
+    }
+
     /// The slot's name.
     pub fn slot(&self) -> &str {
         &self.slot
@@ -477,9 +510,7 @@ impl<T> WalFeed<T> {
 
     /// The slot's confirmed position and lag, read from the server.
     pub async fn stats(&self) -> Result<WalStats> {
-        let (confirmed_lsn, lag_bytes) = self
-            .pubsub
-            .slot_position(&self.slot)
+        let (confirmed_lsn, lag_bytes) = slot::slot_position(&self.exec, &self.slot)
             .await?
             .ok_or_else(|| Error::new(ErrorKind::Wal, format!("slot {:?} is gone", self.slot)))?;
         Ok(WalStats {
@@ -497,30 +528,13 @@ impl<T> WalFeed<T> {
         // Nobody reads any more: a task blocked on a full buffer gets an
         // error at once instead of waiting forever.
         self.rx.close();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        let acked = Lsn(self.shared.acked.load(Ordering::Acquire));
-        if acked.0 == 0 {
+        let Some(task) = self.task.take() else {
             return Ok(());
-        }
-        // The walsender may take a moment to release the slot after the
-        // stream ended: "slot is active" (55006) until then.
-        let backoff = crate::Backoff::default();
-        let mut attempt = 1;
-        loop {
-            match self.pubsub.advance_slot(&self.slot, acked).await {
-                Err(e)
-                    if attempt < 25
-                        && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(backoff.delay(attempt).min(Duration::from_millis(200)))
-                        .await;
-                }
-                res => return res,
-            }
-        }
+        };
+        // The task moves the slot to the last ack as it ends.
+        task.await.map_err(|e| {
+            Error::new(ErrorKind::Wal, format!("the WAL feed task failed: {e}")).with_source(e)
+        })?
     }
 }
 
@@ -573,7 +587,7 @@ pub async fn emit_tx<E: crate::Executor + ?Sized>(
     payload: &[u8],
 ) -> Result<Lsn> {
     use tokio_postgres::types::Type;
-    let rows = crate::executor::query(
+    let rows = crate::tx::query(
         tx,
         "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)::text",
         &[(&prefix, Type::TEXT), (&payload, Type::BYTEA)],

@@ -5,6 +5,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::changes::Lsn;
 use crate::error::{Error, ErrorKind, Result};
+use crate::exec::Exec;
 use crate::PgPubSub;
 
 /// The prefix of the feed's own heartbeat messages; never delivered.
@@ -48,45 +49,43 @@ pub(crate) fn stream_hint(text: &str) -> Option<&'static str> {
     }
 }
 
-impl PgPubSub {
-    /// Creates the publication if missing: `FOR TABLE` the given tables,
-    /// without tables for an empty list, or `FOR ALL TABLES` for `None`. An
-    /// existing publication is used as it is.
-    pub(crate) async fn ensure_publication(
-        &self,
-        name: &str,
-        tables: Option<&[String]>,
-    ) -> Result<()> {
-        const STAGE: &str = "WAL feed: create publication";
-        self.with_pooled(STAGE, |client| async move {
-            let exists = client
-                .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-                .await
-                .map_err(|e| setup_error(STAGE, e))?;
-            if exists.is_some() {
-                return Ok(());
+/// Creates the publication if missing: `FOR TABLE` the given tables,
+/// without tables for an empty list, or `FOR ALL TABLES` for `None`. An
+/// existing publication is used as it is.
+pub(crate) async fn ensure_publication(
+    exec: &Exec,
+    name: &str,
+    tables: Option<&[String]>,
+) -> Result<()> {
+    const STAGE: &str = "WAL feed: create publication";
+    exec.run_with(STAGE, |client| async move {
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+            .await
+            .map_err(|e| setup_error(STAGE, e))?;
+        if exists.is_some() {
+            return Ok(());
+        }
+        let target = match tables {
+            None => " FOR ALL TABLES".to_owned(),
+            Some([]) => String::new(),
+            // The server resolves and quotes the names (any name
+            // `regclass` accepts); nothing of them reaches the SQL text.
+            Some(tables) => {
+                let row = client
+                    .query_one(
+                        "SELECT string_agg(t::regclass::text, ', ') FROM unnest($1::text[]) AS t",
+                        &[&tables],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))?;
+                format!(" FOR TABLE {}", row.get::<_, String>(0))
             }
-            let target = match tables {
-                None => " FOR ALL TABLES".to_owned(),
-                Some([]) => String::new(),
-                // The server resolves and quotes the names (any name
-                // `regclass` accepts); nothing of them reaches the SQL text.
-                Some(tables) => {
-                    let row = client
-                        .query_one(
-                            "SELECT string_agg(t::regclass::text, ', ') FROM unnest($1::text[]) AS t",
-                            &[&tables],
-                        )
-                        .await
-                        .map_err(|e| setup_error(STAGE, e))?;
-                    format!(" FOR TABLE {}", row.get::<_, String>(0))
-                }
-            };
-            let sql = format!("CREATE PUBLICATION {}{target}", quote_ident(name));
-            create_publication(&client, &sql).await
-        })
-        .await
-    }
+        };
+        let sql = format!("CREATE PUBLICATION {}{target}", quote_ident(name));
+        create_publication(&client, &sql).await
+    })
+    .await
 }
 
 /// Runs `CREATE PUBLICATION`; another feed creating it first is success.
@@ -104,30 +103,96 @@ async fn create_publication(client: &tokio_postgres::Client, sql: &str) -> Resul
     }
 }
 
-impl PgPubSub {
-    /// Creates the logical slot (pgoutput) if missing.
-    pub(crate) async fn ensure_slot(&self, slot: &str) -> Result<()> {
-        let client = self.wal_client("WAL feed: create slot").await?;
-        let res = client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&slot],
-            )
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            // Two feeds creating the same slot at once: the other one won.
-            Err(e)
-                if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
-                    || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(setup_error("WAL feed: create slot", e)),
+/// Creates the logical slot (pgoutput) if missing.
+pub(crate) async fn ensure_slot(exec: &Exec, slot: &str) -> Result<()> {
+    const STAGE: &str = "WAL feed: create slot";
+    let res = exec
+            .run_with(STAGE, |client| async move {
+                Ok(client
+                    .execute(
+                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
+                         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                        &[&slot],
+                    )
+                    .await)
+            })
+            .await?;
+    match res {
+        Ok(_) => Ok(()),
+        // Two feeds creating the same slot at once: the other one won.
+        Err(e)
+            if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
+                || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
         }
+        Err(e) => Err(setup_error("WAL feed: create slot", e)),
     }
+}
 
+/// Moves the slot's confirmed position to `lsn` while no stream uses it
+/// (used on close, so acks the stream had not reported yet count).
+pub(crate) async fn advance_slot(exec: &Exec, slot: &str, lsn: Lsn) -> Result<()> {
+    const STAGE: &str = "WAL feed: advance slot";
+    exec.run_with(STAGE, |client| async move {
+        client
+            .execute(
+                "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) \
+                         FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                &[&slot, &lsn.to_string()],
+            )
+            .await
+            .map_err(|e| setup_error(STAGE, e))
+    })
+    .await?;
+    Ok(())
+}
+
+/// The slot's confirmed position and the bytes of WAL it holds.
+pub(crate) async fn slot_position(exec: &Exec, slot: &str) -> Result<Option<(Lsn, u64)>> {
+    const STAGE: &str = "WAL feed: slot lag";
+    let row = exec
+        .run_with(STAGE, |client| async move {
+            client
+                .query_opt(
+                    "SELECT confirmed_flush_lsn::text, \
+                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| setup_error(STAGE, e))
+        })
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let confirmed: Option<String> = row.get(0);
+    let lag: Option<i64> = row.get(1);
+    let confirmed = match confirmed {
+        Some(text) => text.parse()?,
+        None => Lsn(0),
+    };
+    Ok(Some((confirmed, lag.unwrap_or(0).max(0) as u64)))
+}
+
+/// A non-transactional message under [`HEARTBEAT_PREFIX`]: it reaches
+/// every slot at once, so an idle or filtered feed can confirm past it.
+pub(crate) async fn emit_heartbeat(exec: &Exec) -> Result<()> {
+    const STAGE: &str = "WAL feed: heartbeat";
+    exec.run_with(STAGE, |client| async move {
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, ''::bytea)",
+                &[&HEARTBEAT_PREFIX],
+            )
+            .await
+            .map_err(|e| setup_error(STAGE, e))
+    })
+    .await?;
+    Ok(())
+}
+
+impl PgPubSub {
     /// Drops the replication slot `slot` (and with it the WAL it holds).
     /// Fails while a feed streams from it. `Ok(false)` if there was none.
     ///
@@ -137,76 +202,21 @@ impl PgPubSub {
     /// # Ok(()) }
     /// ```
     pub async fn drop_slot(&self, slot: &str) -> Result<bool> {
-        let client = self.wal_client("WAL feed: drop slot").await?;
-        let n = client
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: drop slot", e))?;
+        let exec = self.exec();
+        const STAGE: &str = "WAL feed: drop slot";
+        let n = exec
+            .run_with(STAGE, |client| async move {
+                client
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))
+            })
+            .await?;
         Ok(n > 0)
-    }
-
-    /// Moves the slot's confirmed position to `lsn` while no stream uses it
-    /// (used on close, so acks the stream had not reported yet count).
-    pub(crate) async fn advance_slot(&self, slot: &str, lsn: Lsn) -> Result<()> {
-        let client = self.wal_client("WAL feed: advance slot").await?;
-        client
-            .execute(
-                "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) \
-                 FROM pg_replication_slots \
-                 WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
-                &[&slot, &lsn.to_string()],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: advance slot", e))?;
-        Ok(())
-    }
-
-    /// The slot's confirmed position and the bytes of WAL it holds.
-    pub(crate) async fn slot_position(&self, slot: &str) -> Result<Option<(Lsn, u64)>> {
-        let client = self.wal_client("WAL feed: slot lag").await?;
-        let row = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text, \
-                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: slot lag", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let confirmed: Option<String> = row.get(0);
-        let lag: Option<i64> = row.get(1);
-        let confirmed = match confirmed {
-            Some(text) => text.parse()?,
-            None => Lsn(0),
-        };
-        Ok(Some((confirmed, lag.unwrap_or(0).max(0) as u64)))
-    }
-
-    /// A non-transactional message under [`HEARTBEAT_PREFIX`]: it reaches
-    /// every slot at once, so an idle or filtered feed can confirm past it.
-    pub(crate) async fn emit_heartbeat(&self) -> Result<()> {
-        let client = self.wal_client("WAL feed: heartbeat").await?;
-        client
-            .execute(
-                "SELECT pg_logical_emit_message(false, $1, ''::bytea)",
-                &[&HEARTBEAT_PREFIX],
-            )
-            .await
-            .map_err(|e| setup_error("WAL feed: heartbeat", e))?;
-        Ok(())
-    }
-
-    /// A pooled connection, waited for like every pooled statement of the
-    /// crate (backoff while the server is unreachable, up to the notify
-    /// timeout).
-    async fn wal_client(&self, stage: &'static str) -> Result<deadpool_postgres::Client> {
-        self.with_pooled(stage, |client| async move { Ok(client) })
-            .await
     }
 }
 

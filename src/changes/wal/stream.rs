@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 
 use super::decode::{Decoded, Decoder};
-use super::slot::{stream_hint, HEARTBEAT_PREFIX};
+use super::slot::{advance_slot, emit_heartbeat, slot_position, stream_hint, HEARTBEAT_PREFIX};
 use super::{RawItem, Shared, WalItem, WalMessage};
 use crate::changes::Lsn;
 
@@ -18,7 +18,9 @@ use crate::changes::Lsn;
 /// the start again.
 const STEADY: Duration = Duration::from_secs(10);
 use crate::error::{Error, ErrorKind, Result};
-use crate::{ConnectionEvent, PgPubSub};
+use crate::event::{Bus, WalEvent};
+use crate::exec::Exec;
+use crate::PgPubSub;
 
 /// The replication connection's settings, from the handle's connection
 /// settings (host, port, user, password, database).
@@ -68,7 +70,8 @@ fn pg_time(micros: i64) -> SystemTime {
 }
 
 pub(crate) struct StreamTask {
-    pub(crate) pubsub: PgPubSub,
+    pub(crate) exec: Exec,
+    pub(crate) events: Bus<WalEvent>,
     pub(crate) slot: Arc<str>,
     pub(crate) cfg: ReplicationConfig,
     pub(crate) messages: Option<String>,
@@ -102,7 +105,7 @@ impl StreamTask {
             .await
             .map_err(|e| stream_error(&self.slot, e))?;
         tracing::debug!(slot = %self.slot, from = %Lsn(from), first, "pg-pubsub: WAL feed streaming");
-        self.pubsub.emit(ConnectionEvent::WalStreaming {
+        self.events.emit(WalEvent::Streaming {
             slot: self.slot.clone(),
             from: Lsn(from),
         });
@@ -112,7 +115,7 @@ impl StreamTask {
     /// The first connect: errors are returned, except (with `standby`)
     /// "slot is active for PID" (55006), which is waited out.
     pub(crate) async fn connect_first(&self, standby: bool) -> Result<ReplicationClient> {
-        let backoff = self.pubsub.inner.opts.backoff;
+        let backoff = self.exec.backoff();
         let mut attempt = 1;
         loop {
             match self.connect(true).await {
@@ -130,10 +133,41 @@ impl StreamTask {
         }
     }
 
-    pub(crate) async fn run(mut self, first: ReplicationClient) {
+    /// Streams until stopped (or the feed is dropped), then moves the slot
+    /// to the last ack: what the stream had not reported yet counts too.
+    pub(crate) async fn run(mut self, first: ReplicationClient) -> Result<()> {
+        self.stream_loop(first).await;
+        self.confirm().await
+    }
+
+    async fn confirm(&self) -> Result<()> {
+        let acked = Lsn(self.shared.acked.load(Ordering::Acquire));
+        if acked.0 == 0 {
+            return Ok(());
+        }
+        // The walsender may take a moment to release the slot after the
+        // stream ended: "slot is active" (55006) until then.
+        let backoff = crate::Backoff::default();
+        let mut attempt = 1;
+        loop {
+            match advance_slot(&self.exec, &self.slot, acked).await {
+                Err(e)
+                    if attempt < 25
+                        && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(backoff.delay(attempt).min(Duration::from_millis(200)))
+                        .await;
+                }
+                res => return res,
+            }
+        }
+    }
+
+    async fn stream_loop(&mut self, first: ReplicationClient) {
         let mut client = Some(first);
         let mut attempt = 0u32;
-        let backoff = self.pubsub.inner.opts.backoff;
+        let backoff = self.exec.backoff();
         loop {
             if let Some(mut c) = client.take() {
                 // Backoff starts over only after a stream that lasted: one
@@ -173,7 +207,7 @@ impl StreamTask {
         // The first attempt after a good stream is immediate; later ones back off.
         let retry_in = backoff.delay(*attempt + 1);
         tracing::warn!(slot = %self.slot, %err, ?retry_in, "pg-pubsub: WAL feed lost its stream");
-        self.pubsub.emit(ConnectionEvent::WalDisconnected {
+        self.events.emit(WalEvent::Disconnected {
             slot: self.slot.clone(),
             reason: Arc::from(err.to_string()),
             attempt: *attempt,
@@ -352,7 +386,8 @@ fn stream_error(slot: &str, err: pgwire_replication::PgWireError) -> Error {
 
 /// Emits a heartbeat and checks the slot's lag every `every` until stopped.
 pub(crate) async fn heartbeat(
-    pubsub: PgPubSub,
+    exec: Exec,
+    events: Bus<WalEvent>,
     slot: String,
     every: Duration,
     warn: Option<u64>,
@@ -366,18 +401,18 @@ pub(crate) async fn heartbeat(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(err) = pubsub.emit_heartbeat().await {
+        if let Err(err) = emit_heartbeat(&exec).await {
             tracing::debug!(%err, "pg-pubsub: WAL feed heartbeat failed");
         }
         let Some(warn_bytes) = warn else { continue };
-        match pubsub.slot_position(&slot).await {
+        match slot_position(&exec, &slot).await {
             Ok(Some((_, lag_bytes))) if lag_bytes > warn_bytes => {
                 tracing::warn!(
                     slot,
                     lag_bytes,
                     "pg-pubsub: WAL feed slot lag above warning level"
                 );
-                pubsub.emit(ConnectionEvent::WalLag {
+                events.emit(WalEvent::Lag {
                     slot: slot_name.clone(),
                     lag_bytes,
                     warn_bytes,

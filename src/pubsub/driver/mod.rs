@@ -5,6 +5,7 @@
 //! never waits on a consumer (queues are bounded and drop when full).
 
 mod election;
+mod leading;
 mod live;
 mod registry;
 mod role;
@@ -28,6 +29,7 @@ use crate::stats::Board;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
+pub(crate) use leading::Leading;
 pub(crate) use live::Endpoint;
 use live::{drive, is_fatal, Live, OpError, Planned};
 use registry::Registry;

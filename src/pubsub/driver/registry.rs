@@ -31,7 +31,7 @@ pub(crate) struct Shared {
     /// This instance's origin: filtered subscribers skip messages tagged with it.
     pub origin: Uuid,
     /// Channels this instance leads.
-    pub leading: ChannelSet,
+    pub leading: super::Leading,
     /// Channels with a filtered subscription.
     pub filtering: ChannelSet,
     /// Counters for `stats()`.
@@ -126,7 +126,7 @@ pub(crate) struct Registry {
     dirty: bool,
     /// This instance's origin: filtered subscribers skip messages tagged with it.
     origin: Option<Uuid>,
-    leading: ChannelSet,
+    leading: super::Leading,
     filtering: ChannelSet,
     /// The session listens to the election's control channel.
     control: bool,
@@ -359,12 +359,7 @@ impl Registry {
     }
 
     fn set_leading(&self, channel: &ChannelName, leads: bool) {
-        let mut leading = lock(&self.leading);
-        if leads {
-            leading.insert(channel.clone());
-        } else {
-            leading.remove(channel);
-        }
+        self.leading.set(channel, leads);
     }
 
     /// The server refused plain `steps` (the session is still up): their
@@ -455,7 +450,7 @@ impl Registry {
                 let _ = w.send(Ok(()));
             }
         }
-        lock(&self.leading).clear();
+        self.leading.clear();
         self.channels.retain(|_, ch| ch.wanted());
     }
 
@@ -502,7 +497,7 @@ impl Registry {
                 s.queue.close();
             }
         }
-        lock(&self.leading).remove(channel);
+        self.leading.remove(channel);
     }
 
     /// Ends every subscription and fails waiting `listen` calls.
@@ -516,7 +511,7 @@ impl Registry {
             }
         }
         self.channels.clear();
-        lock(&self.leading).clear();
+        self.leading.clear();
         lock(&self.filtering).clear();
     }
 

@@ -1,0 +1,269 @@
+//! [`Exec`]: how every pooled statement of the crate runs.
+//!
+//! One path for every capability (notify, wake-ups, durable channels, the
+//! queue, change feeds, WAL slot statements), so that all of them get the
+//! same guarantees:
+//!
+//! - the whole call (waiting for a connection and the statements) is
+//!   bounded by the notify timeout;
+//! - while no connection can be had it retries with the handle's backoff;
+//!   the statements themselves are never retried (they may have committed);
+//! - a call that times out, or is dropped, while its statements run has
+//!   them **cancelled on the server** and its connection **detached from the
+//!   pool**, so the next call never queues behind a statement that may still
+//!   run; the error says whether it [may have
+//!   committed](crate::Error::may_have_committed).
+//!
+//! Capabilities and the wake-up task hold an `Exec`, not the whole handle:
+//! it is the narrow dependency they share.
+
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::CancelToken;
+
+use crate::config::Backoff;
+use crate::error::{Error, ErrorKind, Result};
+use crate::tls::Connector;
+
+/// Runs statements on the pool. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Exec {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    timeout: Duration,
+    backoff: Backoff,
+    /// For cancel requests: the connector the pool's connections use.
+    tls: Connector,
+    /// Set when the handle starts shutting down.
+    shut_down: AtomicBool,
+}
+
+impl Exec {
+    pub(crate) fn new(pool: Pool, timeout: Duration, backoff: Backoff, tls: Connector) -> Exec {
+        Exec {
+            inner: Arc::new(Inner {
+                pool,
+                timeout,
+                backoff,
+                tls,
+                shut_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        self.inner.backoff
+    }
+
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.inner.shut_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_shut_down(&self) {
+        self.inner.shut_down.store(true, Ordering::Release);
+    }
+
+    /// Runs `f` on a pooled connection within the timeout, its server
+    /// errors reported as `kind` at `stage`.
+    pub(crate) async fn run<R, F, Fut>(
+        &self,
+        kind: ErrorKind,
+        stage: &'static str,
+        f: F,
+    ) -> Result<R>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<R, tokio_postgres::Error>>,
+    {
+        self.run_with(stage, |client| async move {
+            f(client).await.map_err(|e| Error::pg(kind, stage, e))
+        })
+        .await
+    }
+
+    /// [`run`](Self::run) for bodies that map their own errors.
+    pub(crate) async fn run_with<R, F, Fut>(&self, stage: &'static str, f: F) -> Result<R>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<R>>,
+    {
+        let timeout = self.inner.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        let client = match tokio::time::timeout_at(deadline, self.get(stage, &mut last)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::timeout(stage, timeout, last)),
+        };
+        let shared = Arc::new(Mutex::new(Lent {
+            obj: None,
+            abandoned: false,
+        }));
+        let mut lease = Lease {
+            shared: shared.clone(),
+            cancel: Some((client.cancel_token(), self.inner.tls.clone())),
+            stage,
+        };
+        let conn = Conn {
+            obj: Some(client),
+            shared,
+        };
+        let res = match tokio::time::timeout_at(deadline, f(conn)).await {
+            Ok(res) => {
+                lease.cancel = None;
+                // A lost connection may have lost the answer to a COMMIT.
+                res.map_err(|e| if e.is_connection() { e.sent() } else { e })
+            }
+            Err(_) => Err(Error::timeout(stage, timeout, None).sent()),
+        };
+        drop(lease);
+        res
+    }
+
+    /// A pooled connection; while none can be opened, retries with backoff
+    /// (the caller bounds the wait). `last` is the last failure.
+    async fn get(&self, stage: &'static str, last: &mut Option<Error>) -> Result<Object> {
+        let mut attempt = 1;
+        loop {
+            match self.inner.pool.get().await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    let err = pool_error(stage, e);
+                    if !err.is_connection() || err.kind() == ErrorKind::Timeout {
+                        return Err(err);
+                    }
+                    attempt += 1;
+                    let delay = self.inner.backoff.delay(attempt);
+                    tracing::debug!(%err, ?delay, "pg-pubsub: no pooled connection; retrying");
+                    *last = Some(err);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// The pooled connection lent to a statement body. Derefs to
+/// [`deadpool_postgres::Client`].
+pub(crate) struct Conn {
+    obj: Option<Object>,
+    shared: Arc<Mutex<Lent>>,
+}
+
+/// What the body's [`Conn`] and the executor's [`Lease`] share; whichever
+/// is dropped last decides the connection's fate (the drop order of an
+/// abandoned call is not ours to choose).
+struct Lent {
+    /// The connection, once the body dropped its `Conn` first.
+    obj: Option<Object>,
+    /// The call ended (timeout, or dropped) while the body still ran.
+    abandoned: bool,
+}
+
+fn lock(m: &Mutex<Lent>) -> std::sync::MutexGuard<'_, Lent> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes a connection whose statement may still run out of the pool; it
+/// closes when dropped and the pool opens a new one when needed.
+fn detach(obj: Object) {
+    drop(Object::take(obj));
+}
+
+impl Deref for Conn {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `Drop` takes it out.
+        self.obj.as_ref().expect("connection present until drop")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.obj.as_mut().expect("connection present until drop")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(obj) = self.obj.take() else { return };
+        let mut lent = lock(&self.shared);
+        if lent.abandoned {
+            detach(obj);
+        } else {
+            lent.obj = Some(obj);
+        }
+    }
+}
+
+/// The executor's side of a lent connection. Dropped with `cancel` still
+/// set (the body timed out or the caller dropped the call), the body's
+/// statement may still run: it is cancelled on the server and the
+/// connection is detached from the pool instead of being reused.
+struct Lease {
+    shared: Arc<Mutex<Lent>>,
+    cancel: Option<(CancelToken, Connector)>,
+    stage: &'static str,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut lent = lock(&self.shared);
+        let obj = lent.obj.take();
+        let Some((token, tls)) = self.cancel.take() else {
+            // Finished: `obj` (if the body let it go) returns to the pool.
+            return;
+        };
+        lent.abandoned = true;
+        drop(lent);
+        if let Some(obj) = obj {
+            detach(obj);
+        }
+        let stage = self.stage;
+        tracing::debug!(
+            stage,
+            "pg-pubsub: statement abandoned; cancelling it on the server"
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = token.cancel_query(tls).await {
+                    tracing::warn!(stage, %e, "pg-pubsub: cancelling an abandoned statement failed");
+                }
+            });
+        }
+    }
+}
+
+/// Maps the pool's error, keeping the server's error as the source.
+fn pool_error(stage: &str, err: deadpool_postgres::PoolError) -> Error {
+    use deadpool_postgres::PoolError;
+    match err {
+        // The pool opens connections on demand: this is a failed connect.
+        PoolError::Backend(e) => Error::pg(ErrorKind::Connect, &format!("{stage}: connecting"), e),
+        PoolError::Timeout(_) => Error::new(
+            ErrorKind::Timeout,
+            format!("{stage}: no pooled connection: {err}"),
+        )
+        .with_source(err)
+        .connection(),
+        PoolError::Closed => Error::shut_down().context(format!("{stage}: the pool is closed")),
+        other => Error::new(
+            ErrorKind::Connect,
+            format!("{stage}: no pooled connection: {other}"),
+        )
+        .with_source(other),
+    }
+}
