@@ -893,3 +893,255 @@ async fn a_retain_without_max_age_keeps_the_channels_max_age() {
     assert_eq!(max_age().await, Some(60.0));
     ps.shutdown().await;
 }
+
+/// Ticks stored for `ch` in `schema`.
+async fn tick_count(client: &tokio_postgres::Client, schema: &str, ch: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.ticks WHERE channel = $1"),
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_row_with_a_future_xid_neither_adds_ticks_nor_stalls_and_is_reported() {
+    let (ps, d, schema) = durable_alone("forged").await;
+    let client = raw_client().await;
+    let ch = channel("forged");
+    let mut sub = d
+        .consumer(&ch, "g")
+        .poll_interval(Duration::from_millis(50))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_raw(&ch, "before").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 1).await, ["before"]);
+    // What a restore into another cluster, logical replication or an
+    // INSERT by hand leaves: a row whose xid no transaction here has.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.messages (channel, xid, payload) \
+                 VALUES ($1, '1000000000000'::xid8, 'forged')"
+            ),
+            &[&ch],
+        )
+        .await
+        .unwrap();
+    let ticks = tick_count(&client, &schema, &ch).await;
+    for _ in 0..50 {
+        d.tick(&ch).await.unwrap();
+    }
+    let added = tick_count(&client, &schema, &ch).await - ticks;
+    assert!(added <= 1, "{added} ticks for one foreign row");
+    d.publish_raw(&ch, "after").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 1).await, ["after"]);
+    sub.flush().await.unwrap();
+    // Its partition is emptied once rotated away from; the group, which
+    // could never read it, is told it lost one message.
+    let mut foreign = 0;
+    for _ in 0..2 {
+        foreign += d.retain(&ch, None).await.unwrap().foreign;
+    }
+    assert_eq!(foreign, 1);
+    assert_eq!(stored(&client, &schema, &ch).await, 0);
+    match next(&mut sub).await {
+        DurableDelivery::Truncated { lost } => assert_eq!(lost, 1),
+        other => panic!("expected a truncation, got {other:?}"),
+    }
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publish_only_role_publishes_through_the_functions_and_cannot_insert() {
+    let (ps, d, schema) = durable_alone("pubonly").await;
+    let ch = channel("pubonly");
+    let role = channel("publisher");
+    let admin = raw_client().await;
+    // Exactly the grants the docs list for a publish-only role.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT EXECUTE ON FUNCTION {schema}.publish(text, text),
+                                       {schema}.publish_many(text, text[]) TO {role};"
+        ))
+        .await
+        .unwrap();
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
+    let (publisher, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect as the publish-only role");
+    tokio::spawn(conn);
+    publisher
+        .execute(&format!("SELECT {schema}.publish($1, 'one')"), &[&ch])
+        .await
+        .expect("publish");
+    publisher
+        .execute(
+            &format!("SELECT {schema}.publish_many($1, ARRAY['two', 'three'])"),
+            &[&ch],
+        )
+        .await
+        .expect("publish_many");
+    let err = publisher
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.messages (channel, xid, payload) \
+                 VALUES ($1, '1000000000000'::xid8, 'forged')"
+            ),
+            &[&ch],
+        )
+        .await
+        .expect_err("a publish-only role must not insert rows");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    assert_eq!(take_acked(&mut sub, 3).await, ["one", "two", "three"]);
+    sub.close().await.unwrap();
+    drop(publisher);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn acks_do_not_wait_for_retention_of_a_large_partition_with_many_groups() {
+    const ROWS: i64 = 150_000;
+    const GROUPS: i64 = 100;
+    let (ps, d, schema) = durable_alone("bigretain").await;
+    let client = raw_client().await;
+    let ch = channel("bigretain");
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
+            ),
+            &[&ch, &ROWS],
+        )
+        .await
+        .unwrap();
+    let tick = d.tick(&ch).await.unwrap();
+    // Every group has acked everything: the whole partition can go.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.groups (channel, group_name, tick_id, xid, seq) \
+                 SELECT $1, 'g' || i, $2, m.xid, m.seq \
+                 FROM generate_series(1, $3::bigint) i, \
+                      (SELECT xid, seq FROM {schema}.messages WHERE channel = $1 \
+                       ORDER BY xid DESC, seq DESC LIMIT 1) m"
+            ),
+            &[&ch, &tick, &GROUPS],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let retain = {
+        let (d, ch) = (d.clone(), ch.clone());
+        tokio::spawn(async move { d.retain(&ch, None).await })
+    };
+    // A plain ack every 50 ms for as long as retention runs.
+    let ack = format!(
+        "UPDATE {schema}.groups SET acked_at = now() WHERE channel = $1 AND group_name = 'g1'"
+    );
+    let mut slowest = Duration::ZERO;
+    while !retain.is_finished() {
+        let t = std::time::Instant::now();
+        client.execute(&ack, &[&ch]).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retained = retain.await.unwrap().unwrap();
+    eprintln!(
+        "retain of {ROWS} acked rows x {GROUPS} groups: {:?}; slowest ack meanwhile: {slowest:?}",
+        started.elapsed()
+    );
+    assert_eq!(retained.acked, ROWS as u64);
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an ack waited {slowest:?} for retention"
+    );
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_max_age_is_the_channels_and_a_group_asking_for_another_is_refused() {
+    let (ps, d, _schema) = durable_alone("maxage").await;
+    let ch = channel("maxage");
+    let (hour, minute) = (Duration::from_secs(3600), Duration::from_secs(60));
+    let a = d
+        .consumer(&ch, "a")
+        .max_age(Some(hour))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    // Another group's shorter max age would remove what "a" has not read.
+    let err = d
+        .consumer(&ch, "b")
+        .max_age(Some(minute))
+        .subscribe()
+        .await
+        .expect_err("a second max age is refused");
+    assert_eq!(err.kind(), pg_pubsub::ErrorKind::Config, "{err}");
+    let err = d.retain(&ch, Some(minute)).await.expect_err("refused");
+    assert_eq!(err.kind(), pg_pubsub::ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("max_age"), "{err}");
+    // The same one, or none, is fine.
+    d.retain(&ch, Some(hour)).await.unwrap();
+    d.retain(&ch, None).await.unwrap();
+    // Changed for everyone on purpose: then it is the channel's.
+    d.set_max_age(&ch, Some(minute)).await.unwrap();
+    let b = d
+        .consumer(&ch, "b")
+        .max_age(Some(minute))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_channel_without_groups_is_kept_for_a_day_and_reported_while_it_blocks_a_partition() {
+    let (ps, d, schema) = durable_alone("unclaimed").await;
+    let client = raw_client().await;
+    let lonely = channel("lonely");
+    // More rows than retention carries forward: their partition stays.
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, 1001) i))"
+            ),
+            &[&lonely],
+        )
+        .await
+        .unwrap();
+    let r = d.retain(&lonely, None).await.unwrap();
+    assert_eq!((r.truncated, r.blocked), (0, 1));
+    assert_eq!(stored(&client, &schema, &lonely).await, 1001);
+    // Two days old: past the one day a channel without groups (and without
+    // a max age of its own) keeps its messages.
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.messages SET published_at = now() - interval '2 days' \
+                 WHERE channel = $1"
+            ),
+            &[&lonely],
+        )
+        .await
+        .unwrap();
+    let r = d.retain(&lonely, None).await.unwrap();
+    assert_eq!((r.truncated, r.blocked), (1, 0));
+    assert_eq!(stored(&client, &schema, &lonely).await, 0);
+    ps.shutdown().await;
+}
