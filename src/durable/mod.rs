@@ -172,7 +172,7 @@
 //! group asking for another one than the channel's would cost the others
 //! their unread messages: [`Durable::retain`] with another `max_age`, and
 //! a consumer built with one, fail with
-//! [`ErrorKind::Config`](crate::ErrorKind::Config); the first one given is
+//! [`ErrorKind::Config`]; the first one given is
 //! recorded, and [`Durable::set_max_age`] changes it for everyone.
 //! **A channel without any group** (say a change feed installed before its
 //! consumers) keeps its messages for its max age, or one day when it has
