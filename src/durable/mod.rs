@@ -50,9 +50,14 @@
 //!   as tick `n` (the channel's previous tick id plus one), but only if a
 //!   message became visible since `S_{n-1}`: a row whose `xid` is visible
 //!   in `S_n` and not in `S_{n-1}` (two index probes, see below). So idle
-//!   channels add no rows and every tick's batch holds a message: `read`
-//!   never walks empty ticks, and ticks are at most as many as the
-//!   transactions that published.
+//!   channels add no rows, every tick's batch holds a message when it is
+//!   taken, and ticks are at most as many as the transactions that
+//!   published. A batch can still lose its rows later (max-age retention
+//!   of a group that was away): `read` then finds the next batch holding
+//!   a message by bisection over the ticks (`next_batch`: whether some
+//!   row is visible in `S_t` and not in `S_p` only turns from false to
+//!   true as `t` grows), a few index probes however many empty batches
+//!   lie between.
 //!   Ticks are per channel. Consumers call it before reading (nobody else
 //!   has to); it must run in READ COMMITTED (it checks).
 //! * **Batch.** Batch `n` is the messages whose `xid` is visible in `S_n`

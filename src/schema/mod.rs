@@ -240,7 +240,7 @@ mod tests {
 
     const PINS: &[(&str, i32, &str)] = &[
         ("baseline", 1, "44a286f1589b1733"),
-        ("durable", 1, "518437660e15b336"),
+        ("durable", 1, "01dcebcad518634e"),
         ("queue", 1, "6c814984697f6c28"),
         ("changes", 1, "c00be0e33672b611"),
     ];

@@ -464,6 +464,56 @@ BEGIN
     END IF;
 END $$;
 
+-- The first tick after p_after whose batch holds a message (NULL: none
+-- yet), when the batches up to p_after are read. "Some message is visible
+-- in tick t's snapshot and not in p_after's" only turns from false to true
+-- as t grows (snapshots are monotone), so bisection finds it: a few index
+-- probes, however many empty batches lie between. A tick id that
+-- retention deleted stands for the greatest tick below it. VOLATILE, like
+-- read(): each statement locks the partitions before taking its snapshot.
+CREATE OR REPLACE FUNCTION @S@.next_batch(p_channel text, p_after bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET enable_seqscan = off AS $$
+DECLARE
+    base pg_snapshot;
+    snap pg_snapshot;
+    lo   bigint := p_after;
+    hi   bigint;
+    mid  bigint;
+    hit  boolean;
+BEGIN
+    base := @S@.snap_before(p_channel, p_after + 1);
+    SELECT max(t.tick_id) INTO hi FROM @S@.ticks t WHERE t.channel = p_channel;
+    IF hi IS NULL OR hi <= lo THEN
+        RETURN NULL;
+    END IF;
+    mid := hi;
+    LOOP
+        snap := @S@.snap_before(p_channel, mid + 1);
+        SELECT EXISTS (SELECT 1 FROM @S@.messages m
+                       WHERE m.channel = p_channel
+                         AND m.xid >= pg_snapshot_xmax(base) AND m.xid < pg_snapshot_xmax(snap)
+                         AND pg_visible_in_snapshot(m.xid, snap))
+            OR EXISTS (SELECT 1 FROM pg_snapshot_xip(base) AS x(xid)
+                       WHERE pg_visible_in_snapshot(x.xid, snap)
+                         AND EXISTS (SELECT 1 FROM @S@.messages m
+                                     WHERE m.channel = p_channel AND m.xid = x.xid))
+        INTO hit;
+        IF mid = hi AND NOT hit THEN
+            RETURN NULL;
+        END IF;
+        IF hit THEN
+            hi := mid;
+        ELSE
+            lo := mid;
+        END IF;
+        EXIT WHEN hi - lo <= 1;
+        mid := lo + (hi - lo) / 2;
+    END LOOP;
+    SELECT max(t.tick_id) INTO hi FROM @S@.ticks t
+    WHERE t.channel = p_channel AND t.tick_id <= hi;
+    RETURN hi;
+END $$;
+
 -- Up to p_limit messages after position (p_tick, p_xid, p_seq), in
 -- delivery order, all from one batch: the rest of batch p_tick, else the
 -- first non-empty later batch.
@@ -560,6 +610,17 @@ BEGIN
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
             RETURN;
+        END IF;
+        IF NOT exact THEN
+            -- A later batch without rows (retention removed them): find
+            -- the next one that holds a message by bisection over the
+            -- ticks, not one tick at a time, so many of them cost a few
+            -- probes instead of a read each.
+            nx_id := @S@.next_batch(p_channel, nx_id);
+            IF nx_id IS NULL THEN
+                RETURN;
+            END IF;
+            nx_id := nx_id - 1;
         END IF;
         p_tick := nx_id;
         exact := false;
