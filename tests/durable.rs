@@ -1236,3 +1236,117 @@ async fn batches_between_runs_of_empty_ones_are_each_read_once_in_order() {
     sub.close().await.unwrap();
     ps.shutdown().await;
 }
+
+/// Each group's `lost` count, by group name.
+async fn lost_by_group(client: &tokio_postgres::Client, schema: &str, ch: &str) -> Vec<(String, i64)> {
+    client
+        .query(
+            &format!("SELECT group_name, lost FROM {schema}.groups WHERE channel = $1 ORDER BY group_name"),
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn max_age_expiry_of_many_rows_for_many_groups_fits_in_the_statement_timeout() {
+    const ROWS: i64 = 50_000;
+    const GROUPS: i64 = 100;
+    let (ps, d, schema) = durable_alone("bigexpire").await;
+    let client = raw_client().await;
+    let ch = channel("bigexpire");
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
+            ),
+            &[&ch, &ROWS],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.groups (channel, group_name, tick_id, xid, seq) \
+                 SELECT $1, 'g' || i, 0, '0', 0 FROM generate_series(1, $2::bigint) i"
+            ),
+            &[&ch, &GROUPS],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
+    eprintln!(
+        "max-age expiry of {ROWS} rows x {GROUPS} groups: {:?}",
+        started.elapsed()
+    );
+    assert_eq!((r.expired, r.truncated), (ROWS as u64, 1));
+    let lost = lost_by_group(&client, &schema, &ch).await;
+    assert_eq!(lost.len(), GROUPS as usize);
+    assert!(lost.iter().all(|(_, n)| *n == ROWS), "{lost:?}");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_age_expiry_counts_for_each_group_exactly_what_it_had_not_passed() {
+    let (ps, d, schema) = durable_alone("lostcount").await;
+    let client = raw_client().await;
+    let ch = channel("lostcount");
+    // Ten batches of five messages, and an open transaction across some.
+    let open = raw_client().await;
+    for batch in 0..10 {
+        if batch == 3 {
+            open.batch_execute("BEGIN").await.unwrap();
+            open.execute(&format!("SELECT {schema}.publish($1, 'slow')"), &[&ch])
+                .await
+                .unwrap();
+        }
+        if batch == 6 {
+            open.batch_execute("COMMIT").await.unwrap();
+        }
+        let msgs: Vec<String> = (0..5).map(|i| format!("{batch}.{i}")).collect();
+        d.publish_batch(&ch, &msgs).await.unwrap();
+        d.tick(&ch).await.unwrap();
+    }
+    // Cursors everywhere: at each message, at each batch's start and end.
+    client
+        .execute(
+            &format!(
+                "WITH ticks AS (SELECT tick_id FROM {schema}.ticks WHERE channel = $1), \
+                 pos AS (SELECT 0::bigint AS tick_id, '0'::xid8 AS xid, 0::bigint AS seq \
+                         UNION ALL SELECT tick_id, '0', 0 FROM ticks \
+                         UNION ALL SELECT tick_id, '18446744073709551615', 9223372036854775807 FROM ticks \
+                         UNION ALL SELECT r.tick_id, r.xid, r.seq FROM ticks t, \
+                              LATERAL {schema}.read($1, t.tick_id, '0', 0, 100) r) \
+                 INSERT INTO {schema}.groups (channel, group_name, tick_id, xid, seq) \
+                 SELECT $1, 'g' || lpad(row_number() OVER ()::text, 4, '0'), tick_id, xid, seq FROM pos"
+            ),
+            &[&ch],
+        )
+        .await
+        .unwrap();
+    // What passed() says each group had not passed: the definition.
+    let expected: Vec<(String, i64)> = client
+        .query(
+            &format!(
+                "SELECT g.group_name, count(m.*) FILTER (WHERE NOT {schema}.passed(m.xid, m.seq, g.xid, g.seq, \
+                        {schema}.snap_before(g.channel, g.tick_id), {schema}.snap_at(g.channel, g.tick_id))) \
+                 FROM {schema}.groups g LEFT JOIN {schema}.messages m ON m.channel = g.channel \
+                 WHERE g.channel = $1 GROUP BY g.group_name ORDER BY g.group_name"
+            ),
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(expected.len() > 60, "{expected:?}");
+    let r = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
+    assert_eq!(r.truncated, 1);
+    assert_eq!(lost_by_group(&client, &schema, &ch).await, expected);
+    ps.shutdown().await;
+}

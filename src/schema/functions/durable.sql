@@ -381,21 +381,45 @@ BEGIN
                               ON gr.channel = p.channel AND gr.group_name = p.group_name
                             FOR UPDATE OF gr;
                         END IF;
+                        -- A row's position is (the first tick that sees its
+                        -- xid, xid, seq), and a group has passed it iff
+                        -- its cursor is at or after that position. So one
+                        -- sort of rows and cursors per channel counts, for
+                        -- every group, the rows after its cursor: no
+                        -- row-by-group comparison.
                         WITH gone AS MATERIALIZED (
                             SELECT * FROM unnest(gone_ch, gone_xid, gone_seq) AS r(channel, xid, seq)
-                        ), gg AS MATERIALIZED (
-                            SELECT gr.channel, gr.group_name, gr.tick_id, gr.xid, gr.seq,
-                                   @S@.snap_before(gr.channel, gr.tick_id) AS pv,
-                                   @S@.snap_at(gr.channel, gr.tick_id) AS nx
+                        ), xt AS MATERIALIZED (
+                            SELECT d.channel, d.xid,
+                                   (SELECT t.tick_id FROM @S@.ticks t
+                                    WHERE t.channel = d.channel AND t.snap_xmax > d.xid
+                                      AND pg_visible_in_snapshot(d.xid, t.snap)
+                                    ORDER BY t.snap_xmax, t.tick_id LIMIT 1) AS tick
+                            FROM (SELECT DISTINCT gone.channel, gone.xid FROM gone) AS d
+                        ), ev AS (
+                            -- kind 0: a removed row (no tick sees it: after
+                            -- every cursor); kind 1: a cursor, sorted after
+                            -- a row at its own position (it passed that one).
+                            SELECT gone.channel, coalesce(xt.tick, 9223372036854775807) AS tick,
+                                   gone.xid, gone.seq, 0 AS kind, NULL::text AS group_name
+                            FROM gone JOIN xt ON xt.channel = gone.channel AND xt.xid = gone.xid
+                            UNION ALL
+                            SELECT gr.channel, gr.tick_id, gr.xid, gr.seq, 1, gr.group_name
                             FROM @S@.groups gr
                             JOIN unnest(p_ch, p_gr) AS p(channel, group_name)
                               ON gr.channel = p.channel AND gr.group_name = p.group_name
+                        ), run AS (
+                            SELECT ev.*,
+                                   count(*) FILTER (WHERE ev.kind = 0)
+                                       OVER (PARTITION BY ev.channel) AS total,
+                                   count(*) FILTER (WHERE ev.kind = 0)
+                                       OVER (PARTITION BY ev.channel
+                                             ORDER BY ev.tick, ev.xid, ev.seq, ev.kind) AS passed
+                            FROM ev
                         ), n AS MATERIALIZED (
-                            SELECT gg.channel, gg.group_name, gg.tick_id, gg.xid, gg.seq,
-                                   count(*) AS n
-                            FROM gg JOIN gone ON gone.channel = gg.channel
-                            WHERE NOT @S@.passed(gone.xid, gone.seq, gg.xid, gg.seq, gg.pv, gg.nx)
-                            GROUP BY 1, 2, 3, 4, 5
+                            SELECT run.channel, run.group_name, run.tick AS tick_id, run.xid, run.seq,
+                                   run.total - run.passed AS n
+                            FROM run WHERE run.kind = 1 AND run.total > run.passed
                         ), upd AS (
                             UPDATE @S@.groups gr SET lost = gr.lost + n.n
                             FROM n
