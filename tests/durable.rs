@@ -1238,7 +1238,11 @@ async fn batches_between_runs_of_empty_ones_are_each_read_once_in_order() {
 }
 
 /// Each group's `lost` count, by group name.
-async fn lost_by_group(client: &tokio_postgres::Client, schema: &str, ch: &str) -> Vec<(String, i64)> {
+async fn lost_by_group(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    ch: &str,
+) -> Vec<(String, i64)> {
     client
         .query(
             &format!("SELECT group_name, lost FROM {schema}.groups WHERE channel = $1 ORDER BY group_name"),
