@@ -240,7 +240,7 @@ mod tests {
 
     const PINS: &[(&str, i32, &str)] = &[
         ("baseline", 1, "d84467b772c712c5"),
-        ("durable", 1, "7753da45089cc5f6"),
+        ("durable", 1, "1ce3a488ea845295"),
         ("queue", 1, "6c814984697f6c28"),
         ("changes", 1, "c00be0e33672b611"),
     ];

@@ -456,7 +456,8 @@ BEGIN
                     END;
                 END LOOP;
                 IF NOT upgraded THEN
-                    RAISE EXCEPTION USING ERRCODE = 'PGPS1';
+                    -- Busy with readers: left for the next call.
+                    RAISE EXCEPTION USING ERRCODE = 'PGPS3';
                 END IF;
                 EXECUTE format('TRUNCATE @S@.messages_%s', k);
                 IF n_foreign > 0 THEN
@@ -473,6 +474,8 @@ BEGIN
                     PERFORM pg_sleep(0.002);
                 WHEN SQLSTATE 'PGPS1' THEN
                     blocked := blocked + 1;
+                    EXIT;
+                WHEN SQLSTATE 'PGPS3' THEN
                     EXIT;
             END;
         END LOOP;
