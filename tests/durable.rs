@@ -917,3 +917,464 @@ async fn acks_are_flushed_when_the_pubsub_shuts_down() {
     fresh.close().await.unwrap();
     ps2.shutdown().await;
 }
+
+/// Ticks stored for `ch` in `schema`.
+async fn tick_count(client: &tokio_postgres::Client, schema: &str, ch: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.ticks WHERE channel = $1"),
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_row_with_a_future_xid_neither_adds_ticks_nor_stalls_and_is_reported() {
+    let (ps, d, schema) = durable_alone("forged").await;
+    let client = raw_client().await;
+    let ch = channel("forged");
+    let mut sub = d
+        .consumer(&ch, "g")
+        .poll_interval(Duration::from_millis(50))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_raw(&ch, "before").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 1).await, ["before"]);
+    // What a restore into another cluster, logical replication or an
+    // INSERT by hand leaves: a row whose xid no transaction here has.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.messages (channel, xid, payload) \
+                 VALUES ($1, '1000000000000'::xid8, 'forged')"
+            ),
+            &[&ch],
+        )
+        .await
+        .unwrap();
+    let ticks = tick_count(&client, &schema, &ch).await;
+    for _ in 0..50 {
+        d.tick(&ch).await.unwrap();
+    }
+    let added = tick_count(&client, &schema, &ch).await - ticks;
+    assert!(added <= 1, "{added} ticks for one foreign row");
+    d.publish_raw(&ch, "after").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 1).await, ["after"]);
+    sub.flush().await.unwrap();
+    // Its partition is emptied once rotated away from; the group, which
+    // could never read it, is told it lost one message.
+    let mut foreign = 0;
+    for _ in 0..2 {
+        foreign += d.retain(&ch, None).await.unwrap().foreign;
+    }
+    assert_eq!(foreign, 1);
+    assert_eq!(stored(&client, &schema, &ch).await, 0);
+    match next(&mut sub).await {
+        DurableDelivery::Truncated { lost } => assert_eq!(lost, 1),
+        other => panic!("expected a truncation, got {other:?}"),
+    }
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publish_only_role_publishes_through_the_functions_and_cannot_insert() {
+    let (ps, d, schema) = durable_alone("pubonly").await;
+    let ch = channel("pubonly");
+    let role = channel("publisher");
+    let admin = raw_client().await;
+    // Exactly the grants the docs list for a publish-only role.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT EXECUTE ON FUNCTION {schema}.publish(text, text),
+                                       {schema}.publish_many(text, text[]) TO {role};"
+        ))
+        .await
+        .unwrap();
+    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
+    let (publisher, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect as the publish-only role");
+    tokio::spawn(conn);
+    publisher
+        .execute(&format!("SELECT {schema}.publish($1, 'one')"), &[&ch])
+        .await
+        .expect("publish");
+    publisher
+        .execute(
+            &format!("SELECT {schema}.publish_many($1, ARRAY['two', 'three'])"),
+            &[&ch],
+        )
+        .await
+        .expect("publish_many");
+    let err = publisher
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.messages (channel, xid, payload) \
+                 VALUES ($1, '1000000000000'::xid8, 'forged')"
+            ),
+            &[&ch],
+        )
+        .await
+        .expect_err("a publish-only role must not insert rows");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    assert_eq!(take_acked(&mut sub, 3).await, ["one", "two", "three"]);
+    sub.close().await.unwrap();
+    drop(publisher);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn acks_do_not_wait_for_retention_of_a_large_partition_with_many_groups() {
+    const ROWS: i64 = 150_000;
+    const GROUPS: i64 = 100;
+    let (ps, d, schema) = durable_alone("bigretain").await;
+    let client = raw_client().await;
+    let ch = channel("bigretain");
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
+            ),
+            &[&ch, &ROWS],
+        )
+        .await
+        .unwrap();
+    let tick = d.tick(&ch).await.unwrap();
+    // Every group has acked everything: the whole partition can go.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.groups (channel, group_name, tick_id, xid, seq) \
+                 SELECT $1, 'g' || i, $2, m.xid, m.seq \
+                 FROM generate_series(1, $3::bigint) i, \
+                      (SELECT xid, seq FROM {schema}.messages WHERE channel = $1 \
+                       ORDER BY xid DESC, seq DESC LIMIT 1) m"
+            ),
+            &[&ch, &tick, &GROUPS],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let retain = {
+        let (d, ch) = (d.clone(), ch.clone());
+        tokio::spawn(async move { d.retain(&ch, None).await })
+    };
+    // A plain ack every 50 ms for as long as retention runs.
+    let ack = format!(
+        "UPDATE {schema}.groups SET acked_at = now() WHERE channel = $1 AND group_name = 'g1'"
+    );
+    let mut slowest = Duration::ZERO;
+    while !retain.is_finished() {
+        let t = std::time::Instant::now();
+        client.execute(&ack, &[&ch]).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retained = retain.await.unwrap().unwrap();
+    eprintln!(
+        "retain of {ROWS} acked rows x {GROUPS} groups: {:?}; slowest ack meanwhile: {slowest:?}",
+        started.elapsed()
+    );
+    assert_eq!(retained.acked, ROWS as u64);
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an ack waited {slowest:?} for retention"
+    );
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_max_age_is_the_channels_and_a_group_asking_for_another_is_refused() {
+    let (ps, d, _schema) = durable_alone("maxage").await;
+    let ch = channel("maxage");
+    let (hour, minute) = (Duration::from_secs(3600), Duration::from_secs(60));
+    let a = d
+        .consumer(&ch, "a")
+        .max_age(Some(hour))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    // Another group's shorter max age would remove what "a" has not read.
+    let err = d
+        .consumer(&ch, "b")
+        .max_age(Some(minute))
+        .subscribe()
+        .await
+        .expect_err("a second max age is refused");
+    assert_eq!(err.kind(), pg_pubsub::ErrorKind::Config, "{err}");
+    let err = d.retain(&ch, Some(minute)).await.expect_err("refused");
+    assert_eq!(err.kind(), pg_pubsub::ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("max_age"), "{err}");
+    // The same one, or none, is fine.
+    d.retain(&ch, Some(hour)).await.unwrap();
+    d.retain(&ch, None).await.unwrap();
+    // Changed for everyone on purpose: then it is the channel's.
+    d.set_max_age(&ch, Some(minute)).await.unwrap();
+    let b = d
+        .consumer(&ch, "b")
+        .max_age(Some(minute))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_channel_without_groups_is_kept_for_a_day_and_reported_while_it_blocks_a_partition() {
+    let (ps, d, schema) = durable_alone("unclaimed").await;
+    let client = raw_client().await;
+    let lonely = channel("lonely");
+    // More rows than retention carries forward: their partition stays.
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, 1001) i))"
+            ),
+            &[&lonely],
+        )
+        .await
+        .unwrap();
+    let r = d.retain(&lonely, None).await.unwrap();
+    assert_eq!((r.truncated, r.blocked), (0, 1));
+    assert_eq!(stored(&client, &schema, &lonely).await, 1001);
+    // Two days old: past the one day a channel without groups (and without
+    // a max age of its own) keeps its messages.
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.messages SET published_at = now() - interval '2 days' \
+                 WHERE channel = $1"
+            ),
+            &[&lonely],
+        )
+        .await
+        .unwrap();
+    let r = d.retain(&lonely, None).await.unwrap();
+    assert_eq!((r.truncated, r.blocked), (1, 0));
+    assert_eq!(stored(&client, &schema, &lonely).await, 0);
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_after_many_empty_batches_is_read_without_walking_them() {
+    const EMPTY: i64 = 300_000;
+    let (ps, d, schema) = durable_alone("emptyticks").await;
+    let client = raw_client().await;
+    let ch = channel("emptyticks");
+    let mut sub = d
+        .consumer(&ch, "g")
+        .poll_interval(Duration::from_millis(50))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    d.publish_raw(&ch, "first").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 1).await, ["first"]);
+    sub.flush().await.unwrap();
+    // Batches whose rows are gone, as max-age retention leaves them for a
+    // group that was away (and as foreign rows made them before ticks
+    // ignored those): valid ticks, none holding a message.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.ticks (channel, tick_id, snap) \
+                 SELECT $1, t.last + i, pg_current_snapshot() \
+                 FROM (SELECT max(tick_id) AS last FROM {schema}.ticks WHERE channel = $1) t, \
+                      generate_series(1, $2::bigint) i"
+            ),
+            &[&ch, &EMPTY],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    d.publish_raw(&ch, "after").await.unwrap();
+    assert_eq!(take_acked(&mut sub, 1).await, ["after"]);
+    eprintln!(
+        "delivery past {EMPTY} empty batches: {:?}",
+        started.elapsed()
+    );
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn batches_between_runs_of_empty_ones_are_each_read_once_in_order() {
+    let (ps, d, schema) = durable_alone("emptyruns").await;
+    let client = raw_client().await;
+    let ch = channel("emptyruns");
+    let empty_ticks = format!(
+        "INSERT INTO {schema}.ticks (channel, tick_id, snap) \
+         SELECT $1, coalesce(t.last, 0) + i, pg_current_snapshot() \
+         FROM (SELECT max(tick_id) AS last FROM {schema}.ticks WHERE channel = $1) t, \
+              generate_series(1, 1000) i"
+    );
+    // A transaction in progress across a run of empty batches: its message
+    // is in the first batch after it commits.
+    let mut open_client = raw_client().await;
+    let mut open = Some(open_client.transaction().await.unwrap());
+    let tx = open.as_ref().unwrap();
+    tx.execute(&format!("SELECT {schema}.publish($1, 'slow')"), &[&ch])
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for round in 0..4 {
+        client.execute(&empty_ticks, &[&ch]).await.unwrap();
+        let m = format!("r{round}");
+        d.publish_raw(&ch, &m).await.unwrap();
+        d.tick(&ch).await.unwrap();
+        expected.push(m);
+        if round == 1 {
+            let tx = open.take().expect("still open");
+            tx.commit().await.unwrap();
+            client.execute(&empty_ticks, &[&ch]).await.unwrap();
+            d.tick(&ch).await.unwrap();
+            expected.push("slow".to_owned());
+        }
+    }
+    client.execute(&empty_ticks, &[&ch]).await.unwrap();
+    let mut sub = d
+        .consumer(&ch, "g")
+        .start(Start::Earliest)
+        .batch_size(2)
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap();
+    assert_eq!(take_acked(&mut sub, expected.len()).await, expected);
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    sub.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+/// Each group's `lost` count, by group name.
+async fn lost_by_group(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    ch: &str,
+) -> Vec<(String, i64)> {
+    client
+        .query(
+            &format!("SELECT group_name, lost FROM {schema}.groups WHERE channel = $1 ORDER BY group_name"),
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn max_age_expiry_of_many_rows_for_many_groups_fits_in_the_statement_timeout() {
+    const ROWS: i64 = 50_000;
+    const GROUPS: i64 = 100;
+    let (ps, d, schema) = durable_alone("bigexpire").await;
+    let client = raw_client().await;
+    let ch = channel("bigexpire");
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
+            ),
+            &[&ch, &ROWS],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.groups (channel, group_name, tick_id, xid, seq) \
+                 SELECT $1, 'g' || i, 0, '0', 0 FROM generate_series(1, $2::bigint) i"
+            ),
+            &[&ch, &GROUPS],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
+    eprintln!(
+        "max-age expiry of {ROWS} rows x {GROUPS} groups: {:?}",
+        started.elapsed()
+    );
+    assert_eq!((r.expired, r.truncated), (ROWS as u64, 1));
+    let lost = lost_by_group(&client, &schema, &ch).await;
+    assert_eq!(lost.len(), GROUPS as usize);
+    assert!(lost.iter().all(|(_, n)| *n == ROWS), "{lost:?}");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_age_expiry_counts_for_each_group_exactly_what_it_had_not_passed() {
+    let (ps, d, schema) = durable_alone("lostcount").await;
+    let client = raw_client().await;
+    let ch = channel("lostcount");
+    // Ten batches of five messages, and an open transaction across some.
+    let open = raw_client().await;
+    for batch in 0..10 {
+        if batch == 3 {
+            open.batch_execute("BEGIN").await.unwrap();
+            open.execute(&format!("SELECT {schema}.publish($1, 'slow')"), &[&ch])
+                .await
+                .unwrap();
+        }
+        if batch == 6 {
+            open.batch_execute("COMMIT").await.unwrap();
+        }
+        let msgs: Vec<String> = (0..5).map(|i| format!("{batch}.{i}")).collect();
+        d.publish_batch(&ch, &msgs).await.unwrap();
+        d.tick(&ch).await.unwrap();
+    }
+    // Cursors everywhere: at each message, at each batch's start and end.
+    client
+        .execute(
+            &format!(
+                "WITH ticks AS (SELECT tick_id FROM {schema}.ticks WHERE channel = $1), \
+                 pos AS (SELECT 0::bigint AS tick_id, '0'::xid8 AS xid, 0::bigint AS seq \
+                         UNION ALL SELECT tick_id, '0', 0 FROM ticks \
+                         UNION ALL SELECT tick_id, '18446744073709551615', 9223372036854775807 FROM ticks \
+                         UNION ALL SELECT r.tick_id, r.xid, r.seq FROM ticks t, \
+                              LATERAL {schema}.read($1, t.tick_id, '0', 0, 100) r) \
+                 INSERT INTO {schema}.groups (channel, group_name, tick_id, xid, seq) \
+                 SELECT $1, 'g' || lpad(row_number() OVER ()::text, 4, '0'), tick_id, xid, seq FROM pos"
+            ),
+            &[&ch],
+        )
+        .await
+        .unwrap();
+    // What passed() says each group had not passed: the definition.
+    let expected: Vec<(String, i64)> = client
+        .query(
+            &format!(
+                "SELECT g.group_name, count(m.*) FILTER (WHERE NOT {schema}.passed(m.xid, m.seq, g.xid, g.seq, \
+                        {schema}.snap_before(g.channel, g.tick_id), {schema}.snap_at(g.channel, g.tick_id))) \
+                 FROM {schema}.groups g LEFT JOIN {schema}.messages m ON m.channel = g.channel \
+                 WHERE g.channel = $1 GROUP BY g.group_name ORDER BY g.group_name"
+            ),
+            &[&ch],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(expected.len() > 60, "{expected:?}");
+    let r = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
+    assert_eq!(r.truncated, 1);
+    assert_eq!(lost_by_group(&client, &schema, &ch).await, expected);
+    ps.shutdown().await;
+}

@@ -158,7 +158,8 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
     /// [`Durable::retain`] on the channel with [`max_age`](Self::max_age):
     /// messages every group acked are removed without anyone scheduling
     /// it. Several active consumers of the channel (one per group) doing it
-    /// is harmless (calls serialise; the later ones find less to do).
+    /// is harmless: one that finds a retention running skips its round
+    /// rather than wait, so reads never queue behind retention.
     /// `None`: never (run `retain` yourself). Default: every 30 s.
     pub fn retain_every(mut self, interval: Option<Duration>) -> Self {
         self.retain_every = interval;
@@ -168,7 +169,10 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
     /// With [`retain_every`](Self::retain_every), also remove messages
     /// published longer ago than this, read or not; groups that had not
     /// read them get [`DurableDelivery::Truncated`]. Default: `None` (keep
-    /// everything some group still needs).
+    /// everything some group still needs). The max age is the channel's,
+    /// for every group: [`subscribe`](Self::subscribe) records it when the
+    /// channel has none and fails with [`ErrorKind::Config`] when it has
+    /// another one ([`Durable::set_max_age`] changes it).
     pub fn max_age(mut self, age: Option<Duration>) -> Self {
         self.max_age = age;
         self
@@ -203,6 +207,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         }
         let durable = self.durable;
         durable.install().await?;
+        if let Some(age) = self.max_age {
+            durable.claim_max_age(channel.as_str(), age).await?;
+        }
         let start = durable.start_position(&channel, self.start).await?;
         durable.create_group(&channel, &self.group, start).await?;
 
@@ -647,7 +654,7 @@ impl<T: Send + 'static> Reader<T> {
     async fn retain(&self) -> bool {
         match self
             .durable
-            .retain(self.channel.as_str(), self.max_age)
+            .retain_with(self.channel.as_str(), self.max_age, false)
             .await
         {
             Ok(r) => {

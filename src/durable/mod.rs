@@ -44,12 +44,14 @@
 //!   indexed on `(channel, xid, seq)`, list-partitioned on `part` into
 //!   `messages_0` to `messages_3` (see [retention](#retention-by-rotation));
 //! * `rotation(cur)`: the partition publishers write to;
-//! * `ticks(channel, tick_id, snap pg_snapshot, created_at)`;
+//! * `ticks(channel, tick_id, snap pg_snapshot, created_at, snap_xmax)`;
 //! * `groups(channel, group_name, tick_id, xid, seq, lost, ...)`: each group's cursor;
 //! * `channels(channel, quiet, max_age)`: channels that publish without
 //!   `NOTIFY`, and each channel's maximum age;
-//! * functions `publish`, `publish_many`, `tick`, `read`, `range_of`,
-//!   `rotate`, `retain`.
+//! * functions `publish`, `publish_many` (`SECURITY DEFINER`: a role that
+//!   only publishes needs `EXECUTE` on them, not `INSERT` on `messages`;
+//!   see [`schema_sql`](crate::schema::schema_sql) for grants), `tick`,
+//!   `read`, `range_of`, `rotate`, `retain`.
 //!
 //! ## The cursor: ticks (as in PgQ)
 //!
@@ -62,7 +64,16 @@
 //! * **Tick.** `tick(channel)` takes a transaction advisory lock for the
 //!   channel, then, in one statement, records `S_n = pg_current_snapshot()`
 //!   as tick `n` (the channel's previous tick id plus one), but only if a
-//!   message became visible since `S_{n-1}` (so idle channels add no rows).
+//!   message became visible since `S_{n-1}`: a row whose `xid` is visible
+//!   in `S_n` and not in `S_{n-1}` (two index probes, see below). So idle
+//!   channels add no rows, every tick's batch holds a message when it is
+//!   taken, and ticks are at most as many as the transactions that
+//!   published. A batch can still lose its rows later (max-age retention
+//!   of a group that was away): `read` then finds the next batch holding
+//!   a message by bisection over the ticks (`next_batch`: whether some
+//!   row is visible in `S_t` and not in `S_p` only turns from false to
+//!   true as `t` grows), a few index probes however many empty batches
+//!   lie between.
 //!   Ticks are per channel. Consumers call it before reading (nobody else
 //!   has to); it must run in READ COMMITTED (it checks).
 //! * **Batch.** Batch `n` is the messages whose `xid` is visible in `S_n`
@@ -106,6 +117,14 @@
 //! snapshots mean nothing any more. After such a restore, delete the
 //! `ticks` and reset every group (`UPDATE pgpubsub.groups SET tick_id = 0, xid = '0', seq = 0`,
 //! which redelivers what is retained), or empty `messages` first.
+//! A row whose `xid` is not below the current snapshot's `xmax` (restored,
+//! replicated from another cluster, or inserted by hand with a chosen
+//! `xid`) is *foreign*: no tick counts it (it cannot stall a channel with
+//! empty ticks), no batch holds it, and retention removes it with its
+//! partition, counting it as lost for every group (so it is reported as
+//! [`DurableDelivery::Truncated`], [`Retained::foreign`] and a server
+//! `WARNING`, never kept forever). Publishers that go through
+//! `publish`/`publish_many` cannot choose an `xid`.
 //!
 //! ## Consuming
 //!
@@ -167,7 +186,21 @@
 //! [`DurableEvent::Truncated`]).
 //! Each group's active consumer runs it on its channel every 30 s
 //! ([`ConsumerBuilder::retain_every`], with [`ConsumerBuilder::max_age`]),
-//! so nobody has to schedule it while the channel has a running consumer.
+//! so nobody has to schedule it while the channel has a running consumer;
+//! a consumer that finds another session retaining skips its round
+//! (`pg_try_advisory_xact_lock`) instead of waiting before its next read.
+//!
+//! **One max age per channel.** It removes messages for every group, so a
+//! group asking for another one than the channel's would cost the others
+//! their unread messages: [`Durable::retain`] with another `max_age`, and
+//! a consumer built with one, fail with
+//! [`ErrorKind::Config`]; the first one given is
+//! recorded, and [`Durable::set_max_age`] changes it for everyone.
+//! **A channel without any group** (say a change feed installed before its
+//! consumers) keeps its messages for its max age, or one day when it has
+//! none (`unclaimed_max_age()` in SQL); while more than 1000 of them keep a
+//! partition from being emptied, retention logs a warning naming the
+//! channels, and [`Retained::blocked`] counts the partitions left.
 //! What it did is reported as
 //! [`DurableEvent::Retained`].
 //!
@@ -180,22 +213,32 @@
 //! 1. `rotate()`: if the current partition holds rows and another one is
 //!    empty, make that one current. Publishers only read `rotation`, so
 //!    this waits for nobody and nobody waits for it.
-//! 2. `retain(channel, max_age)`: store `max_age` as the channel's
-//!    (`channels.max_age`; each rotation applies every channel's own),
-//!    then, for every other partition `P` that holds rows: give each row
-//!    a verdict: *old* (published before `now() - max_age` of its
-//!    channel), or *needed* (not old, and some group of its channel has
-//!    not passed it, or its channel has no group at all). A first look
+//! 2. `retain(channel, max_age)`: record `max_age` as the channel's
+//!    (`channels.max_age`, one per channel; each rotation applies every
+//!    channel's own), then, for every other partition `P` that holds
+//!    rows: give each row a verdict, the first that applies: *foreign*
+//!    (see above), *acked* (passed by the channel's slowest cursor),
+//!    *old* (published before `now() - max_age` of its channel), or
+//!    *needed* (its channel has no group, or a group has not passed it).
+//!    Positions are totally ordered and "passed" is monotone in the
+//!    cursor, so "passed by every group" is "passed by the slowest": one
+//!    comparison per row, whatever the number of groups. A first look
 //!    without locks skips `P` as soon as it finds more than 1000 needed
 //!    rows (a group is still reading it). Otherwise take
 //!    `LOCK P IN SHARE MODE NOWAIT` (retried for ~100 ms, then left for
-//!    the next call; `SHARE` keeps writers out, not readers), lock the
-//!    cursors of the groups of the channels in `P`, and judge again. If
-//!    at most 1000 rows are needed, copy them unchanged (same `xid`,
-//!    `seq`, `published_at`) into the current partition, add to each
-//!    group's `lost` the old rows of its channel it had not passed, take
-//!    `ACCESS EXCLUSIVE` on `P` (`NOWAIT`, between readers' statements)
-//!    and `TRUNCATE P`. All of it commits at once.
+//!    the next call; `SHARE` keeps writers out, not readers) and judge
+//!    again. If at most 1000 rows are needed, copy them unchanged (same
+//!    `xid`, `seq`, `published_at`) into the current partition, add to
+//!    each group's `lost` the old and foreign rows of its channel it had
+//!    not passed, take `ACCESS EXCLUSIVE` on `P` (`NOWAIT`, between
+//!    readers' statements) and `TRUNCATE P`. All of it commits at once.
+//!    No cursor is locked to judge: only the rows of groups that lose
+//!    messages are, by the `lost` update, so acks of every other group
+//!    never wait for retention. A row's position is (the first tick that
+//!    sees its `xid`: one probe of `ticks (channel, snap_xmax)` per
+//!    transaction, `xid`, `seq`), so `lost` is counted for every group by
+//!    one sort of the removed rows and the cursors, not row by group
+//!    (50,000 expired rows, 100 groups: under a second).
 //!
 //! `TRUNCATE` returns the space at once and leaves no dead tuples, so the
 //! table's size does not depend on autovacuum or on the xmin horizon; the
@@ -217,11 +260,12 @@
 //! verdicts see every such row*: each statement of `retain` (a `VOLATILE`
 //! function in READ COMMITTED, which it checks) takes its snapshot after
 //! the lock was granted, so every committed row of `P` is visible. (3) A
-//! row is removed only if it is old (then every group that had not passed
-//! it gets it counted in `lost`, under the lock on its cursor), or every
-//! group of its channel had passed it: its cursor is at or after the
-//! row's position, and cursors only move forward (acks use a row
-//! comparison). Rows still needed are re-inserted in the same transaction
+//! row is removed only if it is old or foreign (then every group that had
+//! not passed it gets it counted in `lost`: the count is written only if
+//! the cursor is still the one it was counted against, else counted
+//! again, so an ack in between never makes it wrong), or every group of
+//! its channel had passed it: the slowest cursor is at or after the row's
+//! position, and cursors only move forward (acks use a row comparison). Rows still needed are re-inserted in the same transaction
 //! with the same `(xid, seq)`, so their position (`tick` comes from
 //! whether `xid` is visible in the tick snapshots, not from where the row
 //! lives) and order are unchanged, and nobody sees both copies or
@@ -238,8 +282,8 @@
 //! in a REPEATABLE READ transaction for the same reason (`read` refuses).
 //!
 //! Costs and limits: the ring is shared by every channel of the schema; a
-//! channel with no group keeps its messages (carried forward while few;
-//! set a max age with a `retain` call for it); a transaction left open
+//! channel with no group keeps its messages for its max age or a day
+//! (carried forward while few); a transaction left open
 //! after publishing keeps its partition (the other three keep rotating);
 //! a session that read `messages` and stays open in a transaction holds
 //! every partition (rotation waits for it). No lock is ever queued: a

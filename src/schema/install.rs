@@ -387,6 +387,23 @@ fn script(schema: &SchemaName, catalog: &Catalog) -> String {
 }
 
 /// The script [`Migrator::script`] returns for `schema`.
+///
+/// Grants an application role needs (replace `app`):
+///
+/// ```sql
+/// GRANT USAGE ON SCHEMA pgpubsub TO app;
+/// GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA pgpubsub TO app;
+/// GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgpubsub TO app;
+/// GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgpubsub TO app;
+/// ```
+///
+/// (`TRUNCATE` is for durable retention, which empties the partitions of
+/// `messages`.) A publish-only role needs `USAGE` on the schema and
+/// `EXECUTE` on `publish(text, text)` and `publish_many(text, text[])`,
+/// nothing else: both run as the schema's owner (`SECURITY DEFINER`), so
+/// such a role cannot `INSERT` rows with an `xid` or position of its
+/// choosing. (The Rust [`Durable::publish`](crate::durable::Durable::publish)
+/// inserts directly, for speed: it needs the application grants.)
 pub fn schema_sql(schema: &SchemaName) -> String {
     script(schema, &CATALOG)
 }

@@ -239,9 +239,9 @@ mod tests {
     }
 
     const PINS: &[(&str, i32, &str)] = &[
-        ("baseline", 1, "44a286f1589b1733"),
-        ("durable", 1, "23435e79112a108f"),
-        ("queue", 1, "1d53b028f2d3a37d"),
+        ("baseline", 1, "d84467b772c712c5"),
+        ("durable", 1, "1ce3a488ea845295"),
+        ("queue", 1, "6c814984697f6c28"),
         ("changes", 1, "c00be0e33672b611"),
     ];
 }

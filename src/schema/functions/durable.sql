@@ -7,8 +7,13 @@
 -- server sends one notification per channel per transaction. The partition
 -- is read in the statement (as publish_many does): the column default,
 -- a function call per row, costs a quarter of an insert's throughput.
+--
+-- publish and publish_many run as the schema's owner (SECURITY DEFINER,
+-- with a fixed search_path and schema-qualified names), so a role that
+-- only publishes needs EXECUTE on them and USAGE on the schema, not
+-- INSERT on messages: it cannot choose a row's xid, seq or partition.
 CREATE OR REPLACE FUNCTION @S@.publish(p_channel text, p_payload text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO @S@.messages (part, channel, payload)
         SELECT r.cur, p_channel, p_payload FROM @S@.rotation r;
@@ -17,7 +22,7 @@ END $$;
 
 -- Publishes many messages (in array order) in one statement, one wake-up.
 CREATE OR REPLACE FUNCTION @S@.publish_many(p_channel text, p_payloads text[]) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n bigint;
 BEGIN
@@ -34,6 +39,11 @@ BEGIN
     RETURN n;
 END $$;
 
+-- Definer functions are executable by PUBLIC by default: only roles
+-- granted EXECUTE may publish.
+REVOKE ALL ON FUNCTION @S@.publish(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @S@.publish_many(text, text[]) FROM PUBLIC;
+
 -- Sends the channel's wake-up unless the channel is quiet.
 CREATE OR REPLACE FUNCTION @S@.wake(p_channel text) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -43,11 +53,16 @@ BEGIN
     END IF;
 END $$;
 
--- Takes a tick of the channel when something became visible since the last
--- one. Ticks of a channel are serialised by the advisory lock, and the
+-- Takes a tick of the channel when a message became visible since the
+-- last one. Ticks of a channel are serialised by the advisory lock, and the
 -- snapshot is taken by a statement that starts after the lock is granted,
 -- so every tick's snapshot sees at least what the previous one saw.
 -- Returns the channel's latest tick id (0: none yet).
+-- Only rows whose xid is visible in the new snapshot count: a row with a
+-- foreign or future xid (a restore, logical replication from another
+-- cluster, an INSERT by hand) is not below its xmax and never makes a
+-- tick, so every tick's batch holds a message and ticks stay as few as
+-- the transactions that published (retain() reports such rows).
 -- enable_seqscan = off: the probes must stay index lookups even when the
 -- statistics say one xid holds most rows (a big batch just published).
 CREATE OR REPLACE FUNCTION @S@.tick(p_channel text) RETURNS bigint
@@ -63,24 +78,26 @@ BEGIN
     -- One statement, one snapshot: what it sees of the messages is exactly
     -- what pg_current_snapshot() records.
     INSERT INTO @S@.ticks (channel, tick_id, snap)
-    SELECT p_channel, coalesce(l.tick_id, 0) + 1, pg_current_snapshot()
-    FROM (SELECT 1) AS one
+    SELECT p_channel, coalesce(l.tick_id, 0) + 1, cur.s
+    FROM (SELECT pg_current_snapshot() AS s) AS cur
     LEFT JOIN LATERAL (
         SELECT t.tick_id, t.snap FROM @S@.ticks t
         WHERE t.channel = p_channel ORDER BY t.tick_id DESC LIMIT 1
     ) AS l ON true
-    -- Each probe is an index lookup on (channel, xid): the newest xid
-    -- (min/max optimisation), and one lookup per transaction that was in
-    -- progress at the last tick. A plain predicate with OR, or a range on
-    -- a value the planner cannot see, gets a sequential scan.
-    WHERE (l.snap IS NULL
-           AND EXISTS (SELECT 1 FROM @S@.messages m WHERE m.channel = p_channel))
-       OR (SELECT max(m.xid) FROM @S@.messages m WHERE m.channel = p_channel)
-          >= pg_snapshot_xmax(l.snap)
+    -- Each probe is an index lookup on (channel, xid): the range from the
+    -- last tick's xmax to this one's (bounded on both sides, so rows past
+    -- this snapshot are never walked), and one lookup per transaction that
+    -- was in progress at the last tick and has ended since.
+    WHERE EXISTS (SELECT 1 FROM @S@.messages m
+                  WHERE m.channel = p_channel
+                    AND m.xid >= coalesce(pg_snapshot_xmax(l.snap), '0'::xid8)
+                    AND m.xid < pg_snapshot_xmax(cur.s)
+                    AND pg_visible_in_snapshot(m.xid, cur.s))
        OR EXISTS (SELECT 1 FROM pg_snapshot_xip(l.snap) AS x(xid)
                   CROSS JOIN LATERAL (SELECT 1 FROM @S@.messages m
                                       WHERE m.channel = p_channel AND m.xid = x.xid
-                                      LIMIT 1) AS hit);
+                                      LIMIT 1) AS hit
+                  WHERE pg_visible_in_snapshot(x.xid, cur.s));
     SELECT max(t.tick_id) INTO last_id FROM @S@.ticks t WHERE t.channel = p_channel;
     RETURN coalesce(last_id, 0);
 END $$;
@@ -146,17 +163,27 @@ LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM @S@.messages m WHERE m.part = p_part)
 $$;
 
+-- Signatures that changed: dropped so that calls stay unambiguous.
+DROP FUNCTION IF EXISTS @S@.rotate();
+DROP FUNCTION IF EXISTS @S@.retain(text, interval);
+DROP FUNCTION IF EXISTS @S@.verdicts(int);
+
 -- Step one of a rotation, in a transaction of its own: when the partition
 -- publishers write to holds rows and another one is empty, make the empty
 -- one current. Publishers only read rotation, so this never waits for
--- them. Returns whether it switched.
-CREATE OR REPLACE FUNCTION @S@.rotate() RETURNS boolean
+-- them. Without p_wait, returns at once when a retention runs. Returns
+-- whether it switched.
+CREATE OR REPLACE FUNCTION @S@.rotate(p_wait boolean DEFAULT true) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     c  int;
     nx int;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended('@S@.rotate', 0));
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('@S@.rotate', 0));
+    ELSIF NOT pg_try_advisory_xact_lock(hashtextextended('@S@.rotate', 0)) THEN
+        RETURN false;
+    END IF;
     SELECT r.cur INTO c FROM @S@.rotation r;
     IF NOT @S@.part_has_rows(c) THEN
         RETURN false;
@@ -171,75 +198,145 @@ BEGIN
     RETURN true;
 END $$;
 
--- The rows of partition p_part with their retention verdict. old: older
--- than its channel's max_age. needed: not old, and some group of its
--- channel has not passed it, or its channel has no group (kept for
--- groups to come).
-CREATE OR REPLACE FUNCTION @S@.verdicts(p_part int)
-RETURNS TABLE (row_id tid, channel text, old boolean, needed boolean)
+-- How long messages of a channel without any group are kept when the
+-- channel has no max_age of its own.
+CREATE OR REPLACE FUNCTION @S@.unclaimed_max_age() RETURNS interval
+LANGUAGE sql IMMUTABLE AS $$ SELECT interval '1 day' $$;
+
+-- The slowest cursor of each channel that has groups, with the snapshots
+-- passed() needs. Positions are totally ordered and passed() is monotone
+-- in the cursor, so "passed by every group" is "passed by the slowest":
+-- one comparison per row, whatever the number of groups.
+CREATE OR REPLACE FUNCTION @S@.slowest()
+RETURNS TABLE (channel text, xid xid8, seq bigint, pv pg_snapshot, nx pg_snapshot)
 LANGUAGE sql STABLE AS $$
-    WITH g AS MATERIALIZED (
-        SELECT gr.channel, gr.xid, gr.seq,
-               @S@.snap_before(gr.channel, gr.tick_id) AS pv,
-               @S@.snap_at(gr.channel, gr.tick_id) AS nx
-        FROM @S@.groups gr
-    )
-    SELECT m.ctid, m.channel, o.old,
-           NOT o.old AND (NOT EXISTS (SELECT 1 FROM g WHERE g.channel = m.channel)
-                          OR EXISTS (SELECT 1 FROM g WHERE g.channel = m.channel
-                                     AND NOT @S@.passed(m.xid, m.seq, g.xid, g.seq, g.pv, g.nx)))
+    SELECT s.channel, s.xid, s.seq, @S@.snap_before(s.channel, s.tick_id),
+           @S@.snap_at(s.channel, s.tick_id)
+    FROM (SELECT DISTINCT ON (gr.channel) gr.channel, gr.tick_id, gr.xid, gr.seq
+          FROM @S@.groups gr ORDER BY gr.channel, gr.tick_id, gr.xid, gr.seq) AS s
+$$;
+
+-- The rows of partition p_part with their retention verdict, the first
+-- that applies:
+--   foreign:   xid not below the snapshot's xmax, so not from a transaction
+--              of this cluster (a restore, replication from another
+--              cluster, an INSERT by hand): no tick will ever hold it.
+--   acked:     every group of its channel has passed it.
+--   old:       older than its channel's max_age (a channel without groups
+--              and without max_age: unclaimed_max_age()).
+--   unclaimed: its channel has no group (kept for groups to come).
+--   needed:    some group has not passed it.
+CREATE OR REPLACE FUNCTION @S@.verdicts(p_part int)
+RETURNS TABLE (row_id tid, channel text, xid xid8, seq bigint, verdict text)
+LANGUAGE sql STABLE AS $$
+    WITH s AS MATERIALIZED (SELECT * FROM @S@.slowest()),
+    k AS MATERIALIZED (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS xmax, now() AS t)
+    SELECT m.ctid, m.channel, m.xid, m.seq,
+           CASE WHEN m.xid >= k.xmax THEN 'foreign'
+                WHEN s.channel IS NOT NULL
+                     AND @S@.passed(m.xid, m.seq, s.xid, s.seq, s.pv, s.nx) THEN 'acked'
+                WHEN m.published_at < k.t - coalesce(c.max_age, CASE WHEN s.channel IS NULL
+                                                          THEN @S@.unclaimed_max_age() END)
+                     THEN 'old'
+                WHEN s.channel IS NULL THEN 'unclaimed'
+                ELSE 'needed' END
     FROM @S@.messages m
+    CROSS JOIN k
+    LEFT JOIN s ON s.channel = m.channel
     LEFT JOIN @S@.channels c ON c.channel = m.channel
-    CROSS JOIN LATERAL (SELECT coalesce(m.published_at < now() - c.max_age, false) AS old) AS o
     WHERE m.part = p_part
 $$;
 
 -- Step two of a rotation (run rotate() first, in its own transaction):
--- records p_max_age as the channel's maximum age, then empties every
--- partition but the current one whose rows are all passed by every group
--- of their channel or older than their channel's max_age; the few rows
--- still needed (at most 1000) are carried into the current partition
--- first, unchanged (same xid, seq: same position). A partition is locked
--- NOWAIT, retried for about 100 ms, so this never queues ahead of readers
--- or writers; one still in use stays for the next call. Groups that had not read an expired row get it
--- counted in lost. Returns, for p_channel, the rows removed that every
--- group had acked (acked) and those removed by max-age (expired); and, for
--- all channels, the partitions emptied and the rows carried.
+-- records p_max_age as the channel's maximum age (one per channel: a
+-- different one than recorded raises PGPS2), then empties every partition
+-- but the current one whose rows are all acked, old or foreign (see
+-- verdicts); the few rows still needed (at most 1000) are carried into the
+-- current partition first, unchanged (same xid, seq: same position). A
+-- partition is locked NOWAIT, retried for about 100 ms, so this never
+-- queues ahead of readers or writers; one still in use stays for the next
+-- call. Groups that had not passed an old or foreign row get it counted in
+-- lost. Without p_wait, returns at once (zeros) when another retention
+-- runs. Returns, for p_channel, the rows removed that every group had
+-- acked (acked) and those removed by max-age (expired); for all channels,
+-- the partitions emptied, the rows carried, the foreign rows removed, the
+-- partitions left because more than 1000 rows were still needed (blocked)
+-- and the channels without groups among the rows that kept them.
 CREATE OR REPLACE FUNCTION @S@.retain(p_channel text, p_max_age interval,
+                                      p_wait boolean DEFAULT true,
                                       OUT acked bigint, OUT expired bigint,
-                                      OUT truncated int, OUT carried bigint)
+                                      OUT truncated int, OUT carried bigint,
+                                      OUT foreign_rows bigint, OUT blocked int,
+                                      OUT unclaimed_channels text[])
 LANGUAGE plpgsql AS $$
 DECLARE
     c        int;
     k        int;
     attempt  int;
-    n_total  bigint;
     n_needed bigint;
-    n_old    bigint;
+    n_gone   bigint;
+    n_foreign    bigint;
     n_mine_old   bigint;
     n_mine_acked bigint;
+    recorded interval;
     upgraded boolean;
+    chans    text[];
+    gone_ch  text[];
+    gone_xid xid8[];
+    gone_seq bigint[];
+    p_ch     text[];
+    p_gr     text[];
+    tries    int;
     g        record;
 BEGIN
     acked := 0; expired := 0; truncated := 0; carried := 0;
+    foreign_rows := 0; blocked := 0; unclaimed_channels := '{}';
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         -- The verdicts must see every row committed before the lock.
         RAISE EXCEPTION '@S@.retain() needs READ COMMITTED isolation';
     END IF;
-    -- A call without a max age keeps the channel's (a consumer without one
-    -- must not undo another's); clear it with UPDATE channels.
-    INSERT INTO @S@.channels AS ch (channel, max_age) VALUES (p_channel, p_max_age)
-    ON CONFLICT (channel) DO UPDATE SET max_age = EXCLUDED.max_age
-        WHERE EXCLUDED.max_age IS NOT NULL AND ch.max_age IS DISTINCT FROM EXCLUDED.max_age;
-    -- Serialised with rotate(): the current partition stays current.
-    PERFORM pg_advisory_xact_lock(hashtextextended('@S@.rotate', 0));
+    -- One max age per channel: it removes rows for every group, so a group
+    -- asking for another one would cost the others their unread messages.
+    -- A call without one keeps the channel's. Change it with
+    -- UPDATE channels (Durable::set_max_age).
+    IF p_max_age IS NOT NULL THEN
+        SELECT ch.max_age INTO recorded FROM @S@.channels ch WHERE ch.channel = p_channel;
+        IF recorded IS NULL THEN
+            INSERT INTO @S@.channels AS ch (channel, max_age) VALUES (p_channel, p_max_age)
+            ON CONFLICT (channel) DO UPDATE SET max_age = EXCLUDED.max_age
+                WHERE ch.max_age IS NULL;
+            SELECT ch.max_age INTO recorded FROM @S@.channels ch WHERE ch.channel = p_channel;
+        END IF;
+        IF recorded IS DISTINCT FROM p_max_age THEN
+            RAISE EXCEPTION USING ERRCODE = 'PGPS2',
+                MESSAGE = format('durable channel %s has max_age %s, not %s', p_channel,
+                                 recorded, p_max_age),
+                HINT = 'a max age is per channel and removes messages for every group; '
+                       'change it for all with set_max_age';
+        END IF;
+    END IF;
+    -- Serialised with rotate(): the current partition stays current. A
+    -- consumer (p_wait false) leaves it to whoever runs it now.
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('@S@.rotate', 0));
+    ELSIF NOT pg_try_advisory_xact_lock(hashtextextended('@S@.rotate', 0)) THEN
+        RETURN;
+    END IF;
     SELECT r.cur INTO c FROM @S@.rotation r;
     FOR k IN 0 .. 3 LOOP
         CONTINUE WHEN k = c OR NOT @S@.part_has_rows(k);
         -- A first look without any lock: a partition a group is still
         -- reading is left alone at the cost of a short scan.
-        CONTINUE WHEN (SELECT count(*) FROM (SELECT 1 FROM @S@.verdicts(k) v
-                                             WHERE v.needed LIMIT 1001) AS x) > 1000;
+        SELECT count(*), array_agg(DISTINCT x.channel) FILTER (WHERE x.verdict = 'unclaimed')
+        INTO n_needed, chans
+        FROM (SELECT v.channel, v.verdict FROM @S@.verdicts(k) v
+              WHERE v.verdict IN ('needed', 'unclaimed') LIMIT 1001) AS x;
+        IF n_needed > 1000 THEN
+            blocked := blocked + 1;
+            unclaimed_channels := ARRAY(SELECT DISTINCT u FROM
+                unnest(unclaimed_channels || coalesce(chans, '{}')) AS u ORDER BY u);
+            CONTINUE;
+        END IF;
         FOR attempt IN 1 .. 50 LOOP
             BEGIN
                 -- SHARE: conflicts with the ROW EXCLUSIVE lock every
@@ -248,40 +345,103 @@ BEGIN
                 -- committed (or aborted), the statements below see them
                 -- all, and no row can be added until we commit.
                 EXECUTE format('LOCK TABLE @S@.messages_%s IN SHARE MODE NOWAIT', k);
-                -- Cursors stay put while lost is counted against them.
-                PERFORM 1 FROM @S@.groups gr
-                WHERE gr.channel IN (SELECT DISTINCT m.channel FROM @S@.messages m WHERE m.part = k)
-                FOR UPDATE NOWAIT;
-                SELECT count(*), count(*) FILTER (WHERE v.needed), count(*) FILTER (WHERE v.old),
-                       count(*) FILTER (WHERE v.old AND v.channel = p_channel),
-                       count(*) FILTER (WHERE NOT v.old AND NOT v.needed AND v.channel = p_channel)
-                INTO n_total, n_needed, n_old, n_mine_old, n_mine_acked
+                SELECT count(*) FILTER (WHERE v.verdict IN ('needed', 'unclaimed')),
+                       count(*) FILTER (WHERE v.verdict = 'foreign'),
+                       count(*) FILTER (WHERE v.verdict = 'old' AND v.channel = p_channel),
+                       count(*) FILTER (WHERE v.verdict = 'acked' AND v.channel = p_channel),
+                       array_agg(v.channel) FILTER (WHERE v.verdict IN ('old', 'foreign')),
+                       array_agg(v.xid) FILTER (WHERE v.verdict IN ('old', 'foreign')),
+                       array_agg(v.seq) FILTER (WHERE v.verdict IN ('old', 'foreign'))
+                INTO n_needed, n_foreign, n_mine_old, n_mine_acked, gone_ch, gone_xid, gone_seq
                 FROM @S@.verdicts(k) v;
                 IF n_needed > 1000 THEN
                     -- Too much still needed: wait for the groups (or the
                     -- max age) rather than copy it. Releases the locks.
                     RAISE EXCEPTION USING ERRCODE = 'PGPS1';
                 END IF;
+                n_gone := coalesce(cardinality(gone_ch), 0);
+                IF n_gone > 0 THEN
+                    -- Each group gets, in lost, the removed rows it had not
+                    -- passed. No cursor is locked to count: the count is
+                    -- written only if the cursor is still the one counted
+                    -- against (an ack in between moved it: count again).
+                    -- Only the rows of groups that lose messages are
+                    -- locked (by the UPDATE, until commit); acks of every
+                    -- other group never wait for retention.
+                    SELECT array_agg(gr.channel), array_agg(gr.group_name) INTO p_ch, p_gr
+                    FROM @S@.groups gr WHERE gr.channel = ANY (gone_ch);
+                    tries := 0;
+                    WHILE coalesce(cardinality(p_ch), 0) > 0 LOOP
+                        tries := tries + 1;
+                        IF tries > 3 THEN
+                            -- Acked again and again: hold these cursors
+                            -- still (an ack is one short statement).
+                            PERFORM 1 FROM @S@.groups gr
+                            JOIN unnest(p_ch, p_gr) AS p(channel, group_name)
+                              ON gr.channel = p.channel AND gr.group_name = p.group_name
+                            FOR UPDATE OF gr;
+                        END IF;
+                        -- A row's position is (the first tick that sees its
+                        -- xid, xid, seq), and a group has passed it iff
+                        -- its cursor is at or after that position. So one
+                        -- sort of rows and cursors per channel counts, for
+                        -- every group, the rows after its cursor: no
+                        -- row-by-group comparison.
+                        WITH gone AS MATERIALIZED (
+                            SELECT * FROM unnest(gone_ch, gone_xid, gone_seq) AS r(channel, xid, seq)
+                        ), xt AS MATERIALIZED (
+                            SELECT d.channel, d.xid,
+                                   (SELECT t.tick_id FROM @S@.ticks t
+                                    WHERE t.channel = d.channel AND t.snap_xmax > d.xid
+                                      AND pg_visible_in_snapshot(d.xid, t.snap)
+                                    ORDER BY t.snap_xmax, t.tick_id LIMIT 1) AS tick
+                            FROM (SELECT DISTINCT gone.channel, gone.xid FROM gone) AS d
+                        ), ev AS (
+                            -- kind 0: a removed row (no tick sees it: after
+                            -- every cursor); kind 1: a cursor, sorted after
+                            -- a row at its own position (it passed that one).
+                            SELECT gone.channel, coalesce(xt.tick, 9223372036854775807) AS tick,
+                                   gone.xid, gone.seq, 0 AS kind, NULL::text AS group_name
+                            FROM gone JOIN xt ON xt.channel = gone.channel AND xt.xid = gone.xid
+                            UNION ALL
+                            SELECT gr.channel, gr.tick_id, gr.xid, gr.seq, 1, gr.group_name
+                            FROM @S@.groups gr
+                            JOIN unnest(p_ch, p_gr) AS p(channel, group_name)
+                              ON gr.channel = p.channel AND gr.group_name = p.group_name
+                        ), run AS (
+                            SELECT ev.*,
+                                   count(*) FILTER (WHERE ev.kind = 0)
+                                       OVER (PARTITION BY ev.channel) AS total,
+                                   count(*) FILTER (WHERE ev.kind = 0)
+                                       OVER (PARTITION BY ev.channel
+                                             ORDER BY ev.tick, ev.xid, ev.seq, ev.kind) AS passed
+                            FROM ev
+                        ), n AS MATERIALIZED (
+                            SELECT run.channel, run.group_name, run.tick AS tick_id, run.xid, run.seq,
+                                   run.total - run.passed AS n
+                            FROM run WHERE run.kind = 1 AND run.total > run.passed
+                        ), upd AS (
+                            UPDATE @S@.groups gr SET lost = gr.lost + n.n
+                            FROM n
+                            WHERE gr.channel = n.channel AND gr.group_name = n.group_name
+                              AND (gr.tick_id, gr.xid, gr.seq) = (n.tick_id, n.xid, n.seq)
+                            RETURNING gr.channel, gr.group_name
+                        ), missed AS (
+                            SELECT n.channel, n.group_name FROM n
+                            EXCEPT ALL
+                            SELECT upd.channel, upd.group_name FROM upd
+                        )
+                        SELECT array_agg(missed.channel), array_agg(missed.group_name)
+                        INTO p_ch, p_gr FROM missed;
+                    END LOOP;
+                END IF;
                 IF n_needed > 0 THEN
                     INSERT INTO @S@.messages (part, channel, xid, seq, published_at, payload)
                     SELECT c, m.channel, m.xid, m.seq, m.published_at, m.payload
                     FROM @S@.messages m
                     WHERE m.part = k
-                      AND m.ctid IN (SELECT v.row_id FROM @S@.verdicts(k) v WHERE v.needed);
-                END IF;
-                IF n_old > 0 THEN
-                    UPDATE @S@.groups gr SET lost = gr.lost + l.n
-                    FROM (SELECT gg.channel, gg.group_name, count(*) AS n
-                          FROM @S@.messages m
-                          JOIN @S@.channels ch ON ch.channel = m.channel
-                          JOIN @S@.groups gg ON gg.channel = m.channel
-                          CROSS JOIN LATERAL (
-                              SELECT @S@.snap_before(gg.channel, gg.tick_id) AS pv,
-                                     @S@.snap_at(gg.channel, gg.tick_id) AS nx) AS sn
-                          WHERE m.part = k AND m.published_at < now() - ch.max_age
-                            AND NOT @S@.passed(m.xid, m.seq, gg.xid, gg.seq, sn.pv, sn.nx)
-                          GROUP BY gg.channel, gg.group_name) AS l
-                    WHERE gr.channel = l.channel AND gr.group_name = l.group_name;
+                      AND m.ctid IN (SELECT v.row_id FROM @S@.verdicts(k) v
+                                     WHERE v.verdict IN ('needed', 'unclaimed'));
                 END IF;
                 -- TRUNCATE needs ACCESS EXCLUSIVE: taken only now, NOWAIT,
                 -- between readers' statements, so none ever waits long.
@@ -296,11 +456,16 @@ BEGIN
                     END;
                 END LOOP;
                 IF NOT upgraded THEN
-                    RAISE EXCEPTION USING ERRCODE = 'PGPS1';
+                    -- Busy with readers: left for the next call.
+                    RAISE EXCEPTION USING ERRCODE = 'PGPS3';
                 END IF;
                 EXECUTE format('TRUNCATE @S@.messages_%s', k);
+                IF n_foreign > 0 THEN
+                    RAISE WARNING 'pg-pubsub: removed % message(s) with an xid from no transaction of this cluster (restored or replicated rows?); groups that had not passed them count them as lost', n_foreign;
+                END IF;
                 truncated := truncated + 1;
                 carried := carried + n_needed;
+                foreign_rows := foreign_rows + n_foreign;
                 expired := expired + n_mine_old;
                 acked := acked + n_mine_acked;
                 EXIT;
@@ -308,6 +473,9 @@ BEGIN
                 WHEN lock_not_available THEN
                     PERFORM pg_sleep(0.002);
                 WHEN SQLSTATE 'PGPS1' THEN
+                    blocked := blocked + 1;
+                    EXIT;
+                WHEN SQLSTATE 'PGPS3' THEN
                     EXIT;
             END;
         END LOOP;
@@ -321,6 +489,56 @@ BEGIN
             SELECT coalesce(max(t2.tick_id), 0) FROM @S@.ticks t2
             WHERE t2.channel = p_channel AND t2.tick_id < g.tick_id);
     END IF;
+END $$;
+
+-- The first tick after p_after whose batch holds a message (NULL: none
+-- yet), when the batches up to p_after are read. "Some message is visible
+-- in tick t's snapshot and not in p_after's" only turns from false to true
+-- as t grows (snapshots are monotone), so bisection finds it: a few index
+-- probes, however many empty batches lie between. A tick id that
+-- retention deleted stands for the greatest tick below it. VOLATILE, like
+-- read(): each statement locks the partitions before taking its snapshot.
+CREATE OR REPLACE FUNCTION @S@.next_batch(p_channel text, p_after bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET enable_seqscan = off AS $$
+DECLARE
+    base pg_snapshot;
+    snap pg_snapshot;
+    lo   bigint := p_after;
+    hi   bigint;
+    mid  bigint;
+    hit  boolean;
+BEGIN
+    base := @S@.snap_before(p_channel, p_after + 1);
+    SELECT max(t.tick_id) INTO hi FROM @S@.ticks t WHERE t.channel = p_channel;
+    IF hi IS NULL OR hi <= lo THEN
+        RETURN NULL;
+    END IF;
+    mid := hi;
+    LOOP
+        snap := @S@.snap_before(p_channel, mid + 1);
+        SELECT EXISTS (SELECT 1 FROM @S@.messages m
+                       WHERE m.channel = p_channel
+                         AND m.xid >= pg_snapshot_xmax(base) AND m.xid < pg_snapshot_xmax(snap)
+                         AND pg_visible_in_snapshot(m.xid, snap))
+            OR EXISTS (SELECT 1 FROM pg_snapshot_xip(base) AS x(xid)
+                       WHERE pg_visible_in_snapshot(x.xid, snap)
+                         AND EXISTS (SELECT 1 FROM @S@.messages m
+                                     WHERE m.channel = p_channel AND m.xid = x.xid))
+        INTO hit;
+        IF mid = hi AND NOT hit THEN
+            RETURN NULL;
+        END IF;
+        IF hit THEN
+            hi := mid;
+        ELSE
+            lo := mid;
+        END IF;
+        EXIT WHEN hi - lo <= 1;
+        mid := lo + (hi - lo) / 2;
+    END LOOP;
+    SELECT max(t.tick_id) INTO hi FROM @S@.ticks t
+    WHERE t.channel = p_channel AND t.tick_id <= hi;
+    RETURN hi;
 END $$;
 
 -- Up to p_limit messages after position (p_tick, p_xid, p_seq), in
@@ -419,6 +637,17 @@ BEGIN
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
             RETURN;
+        END IF;
+        IF NOT exact THEN
+            -- A later batch without rows (retention removed them): find
+            -- the next one that holds a message by bisection over the
+            -- ticks, not one tick at a time, so many of them cost a few
+            -- probes instead of a read each.
+            nx_id := @S@.next_batch(p_channel, nx_id);
+            IF nx_id IS NULL THEN
+                RETURN;
+            END IF;
+            nx_id := nx_id - 1;
         END IF;
         p_tick := nx_id;
         exact := false;

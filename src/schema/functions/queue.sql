@@ -71,8 +71,8 @@ LANGUAGE sql AS $$
 $$;
 
 -- Moves a dead job back to the queue with a fresh set of attempts.
--- Returns false when there is no such dead job, or when its unique key
--- is taken again.
+-- Returns false when there is no such dead job; raises unique_violation
+-- (and moves nothing) when its unique key is taken again.
 CREATE OR REPLACE FUNCTION @S@.retry_dead(p_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE

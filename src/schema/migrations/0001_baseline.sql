@@ -48,14 +48,19 @@ CREATE TABLE IF NOT EXISTS @S@.messages_3 PARTITION OF @S@.messages FOR VALUES I
 CREATE INDEX IF NOT EXISTS messages_channel_xid_seq ON @S@.messages (channel, xid, seq);
 
 -- Snapshots taken by tick(): batch N of a channel is what became visible
--- between its tick N-1 (or nothing) and tick N.
+-- between its tick N-1 (or nothing) and tick N. snap_xmax grows with tick_id;
+-- its index finds the tick a message's xid became visible in (retain()
+-- counts what each group lost with it).
 CREATE TABLE IF NOT EXISTS @S@.ticks (
     channel    text        NOT NULL,
     tick_id    bigint      NOT NULL,
     snap       pg_snapshot NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
+    snap_xmax  xid8        NOT NULL GENERATED ALWAYS AS (pg_snapshot_xmax(snap)) STORED,
     PRIMARY KEY (channel, tick_id)
 );
+
+CREATE INDEX IF NOT EXISTS ticks_channel_xmax ON @S@.ticks (channel, snap_xmax, tick_id);
 
 -- One cursor per consumer group: the position (tick_id, xid, seq) of the
 -- last acked message. lost counts messages removed by max-age retention
