@@ -1,12 +1,12 @@
 //! `pg-pubsub changes tail --wal --slot S`: the WAL change feed from the
 //! shell. The `changes` command (its arguments, the trigger feed) lives in
-//! `changes_cmd.rs`, which calls [`tail`] for `--wal`.
+//! `changes.rs`, which calls [`tail`] for `--wal`.
 
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalFeed, WalItem};
 use pg_pubsub::changes::{ChangeEvent, Lsn};
 
-use super::{connect, note, write_json_line, ConnOpts, Result, Stop, Tuning};
+use crate::common::{connect, note, write_json_line, ConnOpts, Failure, Result, Stop, Tuning};
 
 /// One printed line: the change plus its position.
 #[derive(serde::Serialize)]
@@ -84,7 +84,7 @@ async fn resolve(
     if tables.is_empty() {
         return Ok(Default::default());
     }
-    let failed = |e: &dyn std::fmt::Display| super::Failure(format!("looking up {tables:?}: {e}"));
+    let failed = |e: &dyn std::fmt::Display| Failure(format!("looking up {tables:?}: {e}"));
     let client = ps.pool().get().await.map_err(|e| failed(&e))?;
     let rows = client
         .query(

@@ -1,16 +1,14 @@
-//! `pg-pubsub durable …` and `pg-pubsub schema`: durable channels from the shell.
-
-use std::io::Write as _;
+//! `pg-pubsub durable …`: durable channels from the shell, and the
+//! consumer-group printer `changes tail` shares.
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use pg_pubsub::durable::{
-    schema_sql, Durable, DurableDelivery, DurableMessage, DurableSubscription, Position,
-    SchemaName, Start,
+    Durable, DurableDelivery, DurableMessage, DurableSubscription, Position, SchemaName, Start,
 };
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
-use super::{
+use crate::common::{
     check_channel, connect, note, report_event, send_stdin_lines, write_json_line, ConnOpts,
     Failure, Result, Stop, Tuning,
 };
@@ -58,13 +56,6 @@ struct TailArgs {
     from: Start,
 }
 
-#[derive(Args)]
-pub(crate) struct SchemaArgs {
-    /// Schema name.
-    #[arg(long, default_value = pg_pubsub::durable::DEFAULT_SCHEMA)]
-    schema: String,
-}
-
 pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
     match s {
         "earliest" => Ok(Start::Earliest),
@@ -74,14 +65,6 @@ pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
             .map(Start::After)
             .map_err(|e| format!("expected earliest, latest or a position: {e}")),
     }
-}
-
-/// `pg-pubsub schema`: prints the installation script.
-pub(crate) fn schema(args: SchemaArgs) -> Result<()> {
-    let name = SchemaName::new(&args.schema)?;
-    std::io::stdout()
-        .write_all(schema_sql(&name).as_bytes())
-        .map_err(|e| Failure(format!("writing to stdout: {e}")))
 }
 
 pub(crate) async fn run(conn: &ConnOpts, args: DurableArgs) -> Result<()> {

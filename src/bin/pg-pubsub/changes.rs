@@ -5,8 +5,8 @@ use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
 use pg_pubsub::durable::{DurableSubscription, Start};
 use pg_pubsub::PgPubSub;
 
-use super::durable_cmd::{parse_start, tail_group};
-use super::{connect, note, ConnOpts, Result, Tuning};
+use crate::common::{connect, note, ConnOpts, Result, Tuning};
+use crate::durable::{parse_start, tail_group};
 
 #[derive(Args)]
 pub(crate) struct ChangesArgs {
@@ -118,7 +118,7 @@ pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
 /// `changes tail --wal --slot S`: the WAL feed of the table.
 async fn wal_tail(conn: &ConnOpts, _schema: &str, args: TailArgs) -> Result<()> {
     let slot = args.slot.unwrap_or_default(); // clap: --wal requires --slot
-    super::wal_cmd::tail(conn, &[args.table], &slot).await
+    crate::wal::tail(conn, &[args.table], &slot).await
 }
 
 async fn install(changes: &Changes, a: InstallArgs) -> Result<()> {

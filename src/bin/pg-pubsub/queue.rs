@@ -9,7 +9,7 @@ use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue};
 use pg_pubsub::PgPubSub;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{connect, note, send_stdin_lines, ConnOpts, Failure, Result, Stop, Tuning};
+use crate::common::{connect, note, send_stdin_lines, ConnOpts, Failure, Result, Stop, Tuning};
 
 /// Bytes of a failed command's stderr kept as the job's error.
 const STDERR_TAIL: usize = 4096;
