@@ -100,8 +100,9 @@ impl Target {
             }
         }
         // The error never contains the string itself, so no password leaks.
+        // The reason ("unknown option `x`") is the source: keep it.
         let mut pg: Config = rest.parse().map_err(|e: tokio_postgres::Error| {
-            Error::new(ErrorKind::Config, e.to_string()).with_source(e)
+            Error::new(ErrorKind::Config, crate::error::describe_pg_error(&e)).with_source(e)
         })?;
         pg.ssl_mode(match ssl_mode {
             SslMode::Disable => PgSslMode::Disable,

@@ -8,10 +8,12 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use clap::Args;
-use pg_pubsub::{ChannelName, ConnectionEvent, PgPubSub};
+use pg_pubsub::{ChannelName, ConnectionEvent, ErrorKind, PgPubSub};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_postgres::error::SqlState;
 
-/// Fail fast on a dead address instead of hanging a script.
+/// Fail fast on a dead address instead of hanging a script; used only when
+/// the connection string sets no `connect_timeout` of its own.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines sent per batch with `--stdin` (one statement, one transaction):
 /// with notification lines of at most 7999 bytes, at most about 8 MB is held.
@@ -39,6 +41,14 @@ pub(crate) struct Failure(pub(crate) String);
 
 impl From<pg_pubsub::Error> for Failure {
     fn from(e: pg_pubsub::Error) -> Self {
+        // 42602: e.g. `--table 'Order Items'`, which the server reads as SQL.
+        if e.code() == Some(&SqlState::INVALID_NAME) {
+            return Failure(format!(
+                "{e} (names are read as SQL: double-quote one with capitals, spaces or \
+                 other special characters, e.g. --table '\"Order Items\"' or \
+                 --table 'shop.\"Order Items\"')"
+            ));
+        }
         Failure(e.to_string())
     }
 }
@@ -70,14 +80,68 @@ pub(crate) async fn connect(conn: &ConnOpts, tuning: Tuning) -> Result<PgPubSub>
         .url
         .as_deref()
         .ok_or_else(|| Failure("no server given: pass --url or set DATABASE_URL".to_owned()))?;
-    let mut builder = PgPubSub::builder(url)?.connect_timeout(CONNECT_TIMEOUT);
+    let mut builder = PgPubSub::builder(url)?;
+    if builder.config().get_connect_timeout().is_none() {
+        builder = builder.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let server = server_name(builder.config());
     if let Some(n) = tuning.queue_capacity {
         builder = builder.queue_capacity(n.get());
     }
     builder = builder
         .single_listener(tuning.single_listener)
         .filtered(tuning.filtered);
-    Ok(builder.connect().await?)
+    builder
+        .connect()
+        .await
+        .map_err(|e| connect_failure(&server, e))
+}
+
+/// `cannot connect to HOST:PORT: why`. The first connection the library
+/// opens is its listener's, which a one-shot command does not care about.
+fn connect_failure(server: &str, e: pg_pubsub::Error) -> Failure {
+    let first_connection = matches!(
+        e.kind(),
+        ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Authentication | ErrorKind::Tls
+    );
+    if !first_connection {
+        return e.into();
+    }
+    let text = e.to_string();
+    let why = text
+        .strip_prefix("connecting the listener: ")
+        .unwrap_or(&text);
+    Failure(format!("cannot connect to {server}: {why}"))
+}
+
+/// The servers a config names: `db:5432`, `[::1]:5432`, or a socket path.
+fn server_name(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let mut names: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| match host {
+            Host::Tcp(name) if name.contains(':') => format!("[{name}]:{}", port(i)),
+            Host::Tcp(name) => format!("{name}:{}", port(i)),
+            #[cfg(unix)]
+            Host::Unix(dir) => format!("{}/.s.PGSQL.{}", dir.display(), port(i)),
+        })
+        .collect();
+    if names.is_empty() {
+        names = config
+            .get_hostaddrs()
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| std::net::SocketAddr::new(*addr, port(i)).to_string())
+            .collect();
+    }
+    match names.len() {
+        0 => "the server".to_owned(),
+        _ => names.join(", "),
+    }
 }
 
 pub(crate) fn check_channel(name: &str) -> Result<ChannelName> {
@@ -175,7 +239,27 @@ pub(crate) fn report_event(event: &ConnectionEvent) {
             channel,
             holder_pid,
         } => note(&format!(
-            "error: cannot lead {channel}: its election lock is held by backend {holder_pid},              which does not lead it (key collision or a foreign advisory lock)"
+            "error: cannot lead {channel}: its election lock is held by backend {holder_pid}, \
+             which does not lead it (key collision or a foreign advisory lock)"
+        )),
+        ConnectionEvent::JobRetried {
+            queue,
+            job_id,
+            attempt,
+            error,
+            retry_in,
+        } => note(&format!(
+            "job {job_id} of queue {queue} failed (attempt {attempt}): {error}; retrying in {}",
+            human(*retry_in)
+        )),
+        ConnectionEvent::JobDead {
+            queue,
+            job_id,
+            attempts,
+            error,
+        } => note(&format!(
+            "job {job_id} of queue {queue} is dead after {attempts} attempt(s): {error} \
+             (see pg-pubsub queue dead)"
         )),
         ConnectionEvent::EventsLagged { missed } => {
             note(&format!("{missed} connection event(s) not shown"));

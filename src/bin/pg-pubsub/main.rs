@@ -42,7 +42,8 @@ enum Command {
     Notify(notify::NotifyArgs),
     /// Durable channels: stored messages, consumer groups.
     Durable(durable::DurableArgs),
-    /// Print the SQL script that installs the schema (durable channels and work queue).
+    /// Print the SQL script that installs the schema (durable channels, work
+    /// queue and change feeds).
     Schema(schema::SchemaArgs),
     /// Work queue: enqueue jobs, run a worker command, stats, dead jobs.
     Queue(queue::QueueArgs),

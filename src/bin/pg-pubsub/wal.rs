@@ -2,9 +2,13 @@
 //! shell. The `changes` command (its arguments, the trigger feed) lives in
 //! `changes.rs`, which calls [`tail`] for `--wal`.
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalFeed, WalItem};
 use pg_pubsub::changes::{ChangeEvent, Lsn};
+use pg_pubsub::PgPubSub;
+use tokio_postgres::error::SqlState;
 
 use crate::common::{connect, note, write_json_line, ConnOpts, Failure, Result, Stop, Tuning};
 
@@ -16,11 +20,30 @@ struct Line<'a> {
     lsn: Lsn,
 }
 
+/// What becomes of the slot when `tail` exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnExit {
+    /// Kept, so the next run continues after the last ack; said on stderr
+    /// with the command that drops it (a kept slot holds WAL).
+    KeepSlot,
+    /// Dropped (a clean exit only: a killed process keeps it).
+    DropSlot,
+}
+
+/// How long an exiting `tail` waits for the server to let go of its slot.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
 /// Streams the changes of `tables` (all tables when empty) from slot `slot`
 /// (created with its publication, named like the slot, if missing), one
 /// JSON line per change with `lsn`; acks each transaction once its lines
-/// are written, and makes the acks durable on SIGINT/SIGTERM (exit 0).
-pub(crate) async fn tail(conn: &ConnOpts, tables: &[String], slot: &str) -> Result<()> {
+/// are written, and makes the acks durable on SIGINT/SIGTERM (exit 0). On
+/// exit the slot is free (no stream holds it), then kept or dropped.
+pub(crate) async fn tail(
+    conn: &ConnOpts,
+    tables: &[String],
+    slot: &str,
+    on_exit: OnExit,
+) -> Result<()> {
     let mut stop = Stop::new()?;
     let ps = match stop.or(connect(conn, Tuning::default())).await {
         Some(ps) => ps?,
@@ -71,9 +94,80 @@ pub(crate) async fn tail(conn: &ConnOpts, tables: &[String], slot: &str) -> Resu
             }
         }
     };
-    let closed = feed.close().await;
+    let closed = feed.close().await.map_err(Failure::from);
+    let done = match closed {
+        Ok(()) => finish(&ps, slot, on_exit).await,
+        Err(e) => Err(e),
+    };
+    if on_exit == OnExit::KeepSlot || done.is_err() {
+        note(&format!(
+            "slot {slot} is kept and holds WAL until a feed reads it: drop it with \
+             pg-pubsub changes drop-slot {slot}"
+        ));
+    }
     ps.shutdown().await;
-    result.and(Ok(closed?))
+    result.and(done)
+}
+
+/// Waits until the server has let go of the slot (its walsender ends after
+/// the stream does), so a drop right after this process exits works, then
+/// drops it if asked.
+async fn finish(ps: &PgPubSub, slot: &str, on_exit: OnExit) -> Result<()> {
+    let released = tokio::time::timeout(RELEASE_WAIT, async {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match active_pid(ps, slot).await? {
+                None => return Ok(()),
+                Some(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    })
+    .await;
+    match released {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(Failure(format!(
+                "slot {slot} is still held by a stream {RELEASE_WAIT:?} after this one ended"
+            )))
+        }
+    }
+    match on_exit {
+        OnExit::KeepSlot => Ok(()),
+        OnExit::DropSlot => drop_slot(ps, slot).await,
+    }
+}
+
+/// The backend streaming from `slot`, if any.
+async fn active_pid(ps: &PgPubSub, slot: &str) -> Result<Option<i32>> {
+    let failed = |e: &dyn std::fmt::Display| Failure(format!("checking slot {slot}: {e}"));
+    let client = ps.pool().get().await.map_err(|e| failed(&e))?;
+    let row = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// `pg-pubsub changes drop-slot S`, and `tail --drop-slot-on-exit`.
+pub(crate) async fn drop_slot(ps: &PgPubSub, slot: &str) -> Result<()> {
+    match ps.drop_slot(slot).await {
+        Ok(true) => {
+            note(&format!("dropped slot {slot}"));
+            Ok(())
+        }
+        Ok(false) => Err(Failure(format!("no replication slot {slot}"))),
+        Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => Err(Failure(format!(
+            "{e} (a feed streams from it, e.g. a running changes tail --wal: stop it first)"
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `(schema, table)` of each of `tables` (any name `regclass` accepts).
