@@ -690,6 +690,12 @@ async fn changes_tail_wal_keeps_its_slot_until_drop_slot() {
         "changes", "tail", "--table", &table, "--wal", "--slot", &slot,
     ];
     let tail = fleet.spawn_cmd(&args, |l| l.contains("tailing")).await;
+    let creating = format!("pg-pubsub: creating slot {slot}: waiting for the transactions");
+    assert!(
+        fleet.stderr.iter().any(|(_, l)| l.starts_with(&creating)),
+        "{:?}",
+        fleet.stderr
+    );
     // Refused while it streams, saying why.
     let line = assert_one_error_line(&run(cli(&["changes", "drop-slot", &slot])).await);
     assert!(
@@ -737,8 +743,8 @@ async fn changes_tail_wal_can_drop_its_slot_on_exit() {
         &slot,
         "--drop-slot-on-exit",
     ];
+    common::create_slot(&slot).await;
     let tail = fleet.spawn_cmd(&args, |l| l.contains("tailing")).await;
-    assert!(slot_exists(&slot).await);
     assert!(fleet.signal(tail, "-TERM").await.success());
     fleet
         .wait_err(|i, l| i == tail && l.contains(&format!("dropped slot {slot}")))

@@ -49,6 +49,18 @@ pub(crate) async fn tail(
         Some(ps) => ps?,
         None => return Ok(()),
     };
+    // The server holds a new slot back until every transaction running now
+    // has ended: a long one elsewhere makes this start slow; say why.
+    match slot_state(&ps, slot).await {
+        Ok(SlotState::Missing) => note(&format!(
+            "creating slot {slot}: waiting for the transactions running now to end"
+        )),
+        Ok(_) => {}
+        Err(e) => {
+            ps.shutdown().await;
+            return Err(e);
+        }
+    }
     let mut builder = ps.wal_feed(slot);
     if !tables.is_empty() {
         let refs: Vec<&str> = tables.iter().map(String::as_str).collect();
@@ -116,9 +128,9 @@ async fn finish(ps: &PgPubSub, slot: &str, on_exit: OnExit) -> Result<()> {
     let released = tokio::time::timeout(RELEASE_WAIT, async {
         let mut pause = Duration::from_millis(10);
         loop {
-            match active_pid(ps, slot).await? {
-                None => return Ok(()),
-                Some(_) => {
+            match slot_state(ps, slot).await? {
+                SlotState::Missing | SlotState::Free => return Ok(()),
+                SlotState::Streaming(_) => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
@@ -141,8 +153,17 @@ async fn finish(ps: &PgPubSub, slot: &str, on_exit: OnExit) -> Result<()> {
     }
 }
 
-/// The backend streaming from `slot`, if any.
-async fn active_pid(ps: &PgPubSub, slot: &str) -> Result<Option<i32>> {
+/// A replication slot as the server sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Missing,
+    /// Exists, no stream holds it.
+    Free,
+    /// A walsender (this backend pid) streams from it.
+    Streaming(i32),
+}
+
+async fn slot_state(ps: &PgPubSub, slot: &str) -> Result<SlotState> {
     let failed = |e: &dyn std::fmt::Display| Failure(format!("checking slot {slot}: {e}"));
     let client = ps.pool().get().await.map_err(|e| failed(&e))?;
     let row = client
@@ -152,7 +173,11 @@ async fn active_pid(ps: &PgPubSub, slot: &str) -> Result<Option<i32>> {
         )
         .await
         .map_err(|e| failed(&e))?;
-    Ok(row.and_then(|r| r.get(0)))
+    Ok(match row.map(|r| r.get::<_, Option<i32>>(0)) {
+        None => SlotState::Missing,
+        Some(None) => SlotState::Free,
+        Some(Some(pid)) => SlotState::Streaming(pid),
+    })
 }
 
 /// `pg-pubsub changes drop-slot S`, and `tail --drop-slot-on-exit`.
