@@ -293,6 +293,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bad_connection_string_says_why() {
+        let err = Target::parse("postgres://u:secret@db/app?bogus=1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid connection string: unknown option `bogus`"
+        );
+    }
+
+    #[test]
     fn takes_tls_settings_out_of_urls() {
         let t = Target::parse(
             "postgres://u:pw@db:5433/app?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca.pem",

@@ -131,6 +131,7 @@ async fn finish(ps: &PgPubSub, slot: &str, on_exit: OnExit) -> Result<()> {
             match slot_state(ps, slot).await? {
                 SlotState::Missing | SlotState::Free => return Ok(()),
                 SlotState::Streaming(_) => {
+                    // The server has no event for it: poll, briefly.
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
@@ -138,18 +139,22 @@ async fn finish(ps: &PgPubSub, slot: &str, on_exit: OnExit) -> Result<()> {
         }
     })
     .await;
-    match released {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(_) => {
-            return Err(Failure(format!(
-                "slot {slot} is still held by a stream {RELEASE_WAIT:?} after this one ended"
-            )))
+    match (released, on_exit) {
+        (Ok(Ok(())), OnExit::KeepSlot) => Ok(()),
+        (Ok(Ok(())), OnExit::DropSlot) => drop_slot(ps, slot).await,
+        (Ok(Err(e)), _) => Err(e),
+        // Another feed (e.g. a library one on standby) may have taken the
+        // slot over: not this run's failure, unless it was to drop it.
+        (Err(_), OnExit::KeepSlot) => {
+            note(&format!(
+                "slot {slot} is still streamed {RELEASE_WAIT:?} after this feed ended \
+                 (another feed took it over?)"
+            ));
+            Ok(())
         }
-    }
-    match on_exit {
-        OnExit::KeepSlot => Ok(()),
-        OnExit::DropSlot => drop_slot(ps, slot).await,
+        (Err(_), OnExit::DropSlot) => Err(Failure(format!(
+            "cannot drop slot {slot}: still streamed {RELEASE_WAIT:?} after this feed ended"
+        ))),
     }
 }
 
