@@ -189,6 +189,13 @@ impl Builder {
         self
     }
 
+    /// The settings parsed from the connection string, before the builder's
+    /// own are applied by [`connect`](Self::connect) (e.g. `None` from
+    /// `get_connect_timeout()` when the string sets no `connect_timeout`).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.target.pg
+    }
+
     /// Time allowed to open a connection. Default: the connection string's
     /// `connect_timeout`, else 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {

@@ -100,8 +100,9 @@ impl Target {
             }
         }
         // The error never contains the string itself, so no password leaks.
+        // The reason ("unknown option `x`") is the source: keep it.
         let mut pg: Config = rest.parse().map_err(|e: tokio_postgres::Error| {
-            Error::new(ErrorKind::Config, e.to_string()).with_source(e)
+            Error::new(ErrorKind::Config, crate::error::describe_pg_error(&e)).with_source(e)
         })?;
         pg.ssl_mode(match ssl_mode {
             SslMode::Disable => PgSslMode::Disable,
@@ -290,6 +291,15 @@ fn take_from_key_values(s: &str) -> (String, Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_connection_string_says_why() {
+        let err = Target::parse("postgres://u:secret@db/app?bogus=1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid connection string: unknown option `bogus`"
+        );
+    }
 
     #[test]
     fn takes_tls_settings_out_of_urls() {

@@ -727,6 +727,8 @@ mod cli {
             ))
             .await
             .unwrap();
+        // Created here, not by the command: see `create_slot`.
+        common::create_slot(&slot).await;
         let mut fleet = Fleet::new();
         let args = [
             "changes", "tail", "--table", &table, "--wal", "--slot", &slot,

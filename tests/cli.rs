@@ -417,3 +417,342 @@ async fn url_sslmode_is_honoured() {
     let line = assert_one_error_line(&run(cli(&["--url", &wrong_name, "notify", "ch", "x"])).await);
     assert!(line.contains("certificate"), "{line}");
 }
+
+/// A session that holds `channel`'s election lock without leading it (a
+/// foreign advisory lock on the same key): the standby says so on one line.
+#[tokio::test]
+async fn a_blocked_election_is_one_readable_line() {
+    let ch = channel("cli_blocked");
+    let holder = raw_client().await;
+    let seed = pg_pubsub::election::LOCK_SEED;
+    holder
+        .execute(
+            &format!(
+                "SELECT pg_advisory_lock((hashtextextended($1::text, {seed}) >> 32)::int4, \
+                 hashtextextended($1::text, {seed})::bit(32)::int4)"
+            ),
+            &[&ch],
+        )
+        .await
+        .expect("take the lock");
+    let (mut l, _) = Listener::start(&["--elect", &ch]).await;
+    let line = loop {
+        let line = next_line(&mut l.stderr).await;
+        if line.contains("cannot lead") {
+            break line;
+        }
+    };
+    assert!(line.contains("which does not lead it"), "{line}");
+    assert!(!line.contains("  "), "a run of spaces: {line:?}");
+    l.signal("-TERM");
+    assert!(l.wait().await.success());
+}
+
+/// A server that accepts connections and never answers; the address to
+/// give `--url` (loopback, a port of its own).
+async fn silent_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_urls_connect_timeout_wins_over_the_default() {
+    let addr = silent_server().await;
+    let url = format!("postgres://postgres@{addr}/x?connect_timeout=2");
+    for args in [
+        &["notify", "ch", "x"][..],
+        &["queue", "stats"],
+        &["listen", "ch"],
+    ] {
+        let mut cmd = cli(args);
+        cmd.env("DATABASE_URL", &url);
+        let started = std::time::Instant::now();
+        let out = run(cmd).await;
+        let took = started.elapsed();
+        let line = assert_one_error_line(&out);
+        // The CLI's own default is 10 s.
+        assert!(
+            took >= std::time::Duration::from_millis(1500)
+                && took < std::time::Duration::from_secs(7),
+            "{args:?} took {took:?}: {line}"
+        );
+        assert!(
+            line.contains(&format!("cannot connect to {addr}: ")) && line.contains("2s"),
+            "{line}"
+        );
+        assert!(!line.contains("listener"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn connection_errors_name_the_server_and_the_reason() {
+    let out = run(cli(&[
+        "--url",
+        "postgres://postgres@127.0.0.1:1/x",
+        "queue",
+        "stats",
+    ]))
+    .await;
+    let line = assert_one_error_line(&out);
+    assert!(
+        line.starts_with("pg-pubsub: error: cannot connect to 127.0.0.1:1: ")
+            && line.contains("refused"),
+        "{line}"
+    );
+    let out = run(cli(&[
+        "--url",
+        "postgres://u@h/x?bogus=1",
+        "notify",
+        "ch",
+        "x",
+    ]))
+    .await;
+    let line = assert_one_error_line(&out);
+    assert!(
+        line.ends_with("invalid connection string: unknown option `bogus`"),
+        "{line}"
+    );
+    let out = run(cli(&["--url", "host=h port=abc", "notify", "ch", "x"])).await;
+    let line = assert_one_error_line(&out);
+    assert!(line.contains("`port`"), "{line}");
+}
+
+#[tokio::test]
+async fn an_unquoted_odd_table_name_hints_at_quoting() {
+    let (ps, _q) = common::queue().await;
+    ps.changes().durable().install().await.expect("install");
+    let out = run(cli(&["changes", "install", "--table", "Order Items"])).await;
+    let line = assert_one_error_line(&out);
+    assert!(
+        line.contains("42602") && line.contains(r#"--table '"Order Items"'"#),
+        "{line}"
+    );
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn queue_work_refuses_a_command_it_cannot_run() {
+    // No server: the command is checked before connecting.
+    let unreachable = "postgres://postgres@127.0.0.1:1/x";
+    let dir = std::env::temp_dir().join(format!("pg-pubsub-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let plain = dir.join("not-executable.sh");
+    std::fs::write(&plain, "#!/bin/sh\nexit 0\n").expect("write script");
+    let plain = plain.display().to_string();
+    for (command, why) in [
+        ("pg-pubsub-no-such-command", "command not found in PATH"),
+        ("/nonexistent/handler", "No such file"),
+        (plain.as_str(), "not executable"),
+    ] {
+        let out = run(cli(&[
+            "--url",
+            unreachable,
+            "queue",
+            "work",
+            "q",
+            "--",
+            command,
+        ]))
+        .await;
+        let line = assert_one_error_line(&out);
+        assert!(
+            line.contains(&format!("cannot run {command}")) && line.contains(why),
+            "{line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn queue_work_reports_retries_and_dead_jobs() {
+    let (ps, q) = common::queue().await;
+    let name = channel("cli_retry");
+    let id = q
+        .enqueue_raw_with(
+            &name,
+            "x",
+            &pg_pubsub::queue::JobOptions::new().max_attempts(2),
+        )
+        .await
+        .expect("enqueue")
+        .id()
+        .expect("new job");
+    let mut fleet = common::fleet::Fleet::new();
+    let script = "echo \"boom on attempt $PGPUBSUB_ATTEMPT\" >&2; exit 3";
+    let worker = fleet
+        .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", script], |l| {
+            l.contains("working on queue")
+        })
+        .await;
+    fleet.wait_err(|_, l| l.contains("is dead")).await;
+    assert!(fleet.signal(worker, "-TERM").await.success());
+    let lines: Vec<&str> = fleet.stderr.iter().map(|(_, l)| l.as_str()).collect();
+    let retried = format!("pg-pubsub: job {id} of queue {name} failed (attempt 1): ");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&retried)
+            && l.contains("boom on attempt 1")
+            && l.contains("retrying in")),
+        "{lines:#?}"
+    );
+    let dead = format!("pg-pubsub: job {id} of queue {name} is dead after 2 attempt(s): ");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&dead) && l.contains("boom on attempt 2")),
+        "{lines:#?}"
+    );
+    ps.shutdown().await;
+}
+
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+fn process_ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_sigkilled_workers_command_dies_with_it() {
+    let (ps, q) = common::queue().await;
+    let name = channel("cli_orphan");
+    let started = channel("cli_orphan_started");
+    let (_listener, mut rx) = raw_listener(&started).await;
+    let mut fleet = common::fleet::Fleet::new();
+    let bin = env!("CARGO_BIN_EXE_pg-pubsub");
+    // Says its pid, then becomes a long sleep (same pid).
+    let script = format!("'{bin}' notify '{started}' $$ >/dev/null; exec sleep 300");
+    let worker = fleet
+        .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", &script], |l| {
+            l.contains("working on queue")
+        })
+        .await;
+    q.enqueue_raw(&name, "x").await.expect("enqueue");
+    let pid: i32 = recv(&mut rx).await.1.parse().expect("a pid");
+    assert!(!process_ended(pid), "the command runs");
+    assert!(!fleet.signal(worker, "-KILL").await.success());
+    let gone = async {
+        while !process_ended(pid) {
+            // No event for another process's end: poll.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT, gone).await.is_err() {
+        common::send_signal(pid, "-KILL");
+        panic!("the command {pid} outlived its SIGKILLed worker");
+    }
+    ps.shutdown().await;
+}
+
+/// A fresh table `schema.t` of its own and a slot name for it.
+async fn wal_table(prefix: &str) -> (String, String) {
+    let s = channel(prefix);
+    raw_client()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int PRIMARY KEY)"
+        ))
+        .await
+        .expect("create the table");
+    (format!("{s}.t"), format!("{s}_slot"))
+}
+
+async fn slot_exists(slot: &str) -> bool {
+    raw_client()
+        .await
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("pg_replication_slots")
+        .is_some()
+}
+
+#[tokio::test]
+async fn changes_tail_wal_keeps_its_slot_until_drop_slot() {
+    let (table, slot) = wal_table("cli_slot").await;
+    let mut fleet = common::fleet::Fleet::new();
+    let args = [
+        "changes", "tail", "--table", &table, "--wal", "--slot", &slot,
+    ];
+    let tail = fleet.spawn_cmd(&args, |l| l.contains("tailing")).await;
+    let creating = format!("pg-pubsub: creating slot {slot}: waiting for the transactions");
+    assert!(
+        fleet.stderr.iter().any(|(_, l)| l.starts_with(&creating)),
+        "{:?}",
+        fleet.stderr
+    );
+    // Refused while it streams, saying why.
+    let line = assert_one_error_line(&run(cli(&["changes", "drop-slot", &slot])).await);
+    assert!(
+        line.contains("55006") && line.contains("stop it first"),
+        "{line}"
+    );
+
+    assert!(fleet.signal(tail, "-TERM").await.success());
+    let kept = fleet
+        .wait_err(|i, l| i == tail && l.contains("is kept"))
+        .await;
+    let line = &fleet.stderr.last().expect("a line").1;
+    assert_eq!(kept, tail);
+    assert!(
+        line.contains(&format!("pg-pubsub changes drop-slot {slot}")),
+        "{line}"
+    );
+    assert!(slot_exists(&slot).await);
+    // Right after the exit: the server has let go of the slot.
+    let out = run(cli(&["changes", "drop-slot", &slot])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        [format!("pg-pubsub: dropped slot {slot}")]
+    );
+    assert!(!slot_exists(&slot).await);
+    let line = assert_one_error_line(&run(cli(&["changes", "drop-slot", &slot])).await);
+    assert!(
+        line.ends_with(&format!("no replication slot {slot}")),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn changes_tail_wal_can_drop_its_slot_on_exit() {
+    let (table, slot) = wal_table("cli_slot_exit").await;
+    let mut fleet = common::fleet::Fleet::new();
+    let args = [
+        "changes",
+        "tail",
+        "--table",
+        &table,
+        "--wal",
+        "--slot",
+        &slot,
+        "--drop-slot-on-exit",
+    ];
+    common::create_slot(&slot).await;
+    let tail = fleet.spawn_cmd(&args, |l| l.contains("tailing")).await;
+    assert!(fleet.signal(tail, "-TERM").await.success());
+    fleet
+        .wait_err(|i, l| i == tail && l.contains(&format!("dropped slot {slot}")))
+        .await;
+    assert!(!slot_exists(&slot).await);
+    assert!(
+        !fleet.stderr.iter().any(|(_, l)| l.contains("is kept")),
+        "{:?}",
+        fleet.stderr
+    );
+}

@@ -317,6 +317,20 @@ where
     out
 }
 
+/// Creates the logical slot `slot` (pgoutput), as `changes tail --wal`
+/// would. The server holds it back until every transaction of the cluster
+/// running now has ended: another test's long one (a 100k-row transaction
+/// on a loaded machine) can take far longer than [`WAIT`], so this waits
+/// for the slot with a bound of its own, and the command then starts at once.
+pub async fn create_slot(slot: &str) {
+    let client = raw_client().await;
+    let sql = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
+    tokio::time::timeout(6 * WAIT, client.execute(sql, &[&slot]))
+        .await
+        .expect("slot creation waited for a transaction that never ended")
+        .expect("create the slot");
+}
+
 /// A connected instance and its work queues (default schema, installed).
 pub async fn queue() -> (PgPubSub, pg_pubsub::queue::Queue) {
     let ps = pubsub().await;

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use clap::{Args, Subcommand};
 use pg_pubsub::schema::{MigrationStatus, SchemaName, SchemaState};
 
-use super::{connect, ConnOpts, Failure, Result, Tuning};
+use crate::common::{connect, ConnOpts, Failure, Result, Tuning};
 
 #[derive(Args)]
 pub(crate) struct MigrateArgs {

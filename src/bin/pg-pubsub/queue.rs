@@ -1,15 +1,20 @@
 //! `pg-pubsub queue …`: the work queue from the shell (enqueue, a worker
 //! that runs a command per job, stats, dead jobs).
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use futures::{FutureExt, StreamExt};
+use pg_pubsub::event::QueueEvent;
 use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue};
 use pg_pubsub::PgPubSub;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{connect, note, send_stdin_lines, ConnOpts, Failure, Result, Stop, Tuning};
+use crate::common::{
+    connect, human, note, report_event, send_stdin_lines, ConnOpts, Failure, Result, Stop, Tuning,
+};
 
 /// Bytes of a failed command's stderr kept as the job's error.
 const STDERR_TAIL: usize = 4096;
@@ -30,7 +35,9 @@ enum QueueCommand {
     /// Run COMMAND once per job: payload on its stdin, PGPUBSUB_JOB_ID and
     /// PGPUBSUB_ATTEMPT in its environment. Exit 0 completes the job; any
     /// other exit fails it with the tail of its stderr as the error.
+    /// Retries, dead jobs and connection losses are reported on stderr.
     /// SIGTERM/SIGINT: stop claiming, let running commands finish, exit 0.
+    /// A command dies with its worker, even a SIGKILLed one (Linux).
     Work(WorkArgs),
     /// Per-queue counts, one JSON object per line.
     Stats,
@@ -146,15 +153,20 @@ async fn enqueue(q: &Queue, args: EnqueueArgs) -> Result<()> {
 async fn work(conn: &ConnOpts, schema: &str, args: WorkArgs) -> Result<()> {
     let lease = seconds(args.lease, "lease")?;
     let shutdown_timeout = seconds(args.shutdown_timeout, "shutdown-timeout")?;
+    // A missing command would fail every attempt of every job it claimed.
+    let program = args.command.first().map(String::as_str).unwrap_or_default();
+    find_program(program)?;
     let mut stop = Stop::new()?;
     let ps: PgPubSub = match stop.or(connect(conn, Tuning::default())).await {
         Some(ps) => ps?,
         None => return Ok(()),
     };
+    // Subscribed before the first claim: no retry or dead job goes unreported.
+    let mut events = ps.events().fuse();
+    let queue = ps.queue().with_schema(schema)?;
+    let mut jobs = queue.events().fuse();
     let command = std::sync::Arc::new(args.command);
-    let worker = ps
-        .queue()
-        .with_schema(schema)?
+    let worker = queue
         .worker(&args.queue)
         .concurrency(args.concurrency)
         .lease(lease)
@@ -172,17 +184,139 @@ async fn work(conn: &ConnOpts, schema: &str, args: WorkArgs) -> Result<()> {
         "working on queue {} with concurrency {}",
         args.queue, args.concurrency
     ));
-    stop.recv().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.recv() => break,
+            Some(event) = events.next() => report_event(&event),
+            Some(event) = jobs.next() => report_queue_event(&event),
+        }
+    }
     note("stopping: letting running jobs finish");
     let result = worker.shutdown().await;
+    // The fates of the jobs that were running are queued by now.
+    while let Some(Some(event)) = events.next().now_or_never() {
+        report_event(&event);
+    }
+    while let Some(Some(event)) = jobs.next().now_or_never() {
+        report_queue_event(&event);
+    }
     ps.shutdown().await;
     Ok(result?)
+}
+
+/// Prints a retried or dead job as a `pg-pubsub:` line.
+fn report_queue_event(event: &QueueEvent) {
+    match event {
+        QueueEvent::JobRetried {
+            queue,
+            job_id,
+            attempt,
+            error,
+            retry_in,
+        } => note(&format!(
+            "job {job_id} of queue {queue} failed (attempt {attempt}): {error}; retrying in {}",
+            human(*retry_in)
+        )),
+        QueueEvent::JobDead {
+            queue,
+            job_id,
+            attempts,
+            error,
+        } => note(&format!(
+            "job {job_id} of queue {queue} is dead after {attempts} attempt(s): {error} \
+             (see pg-pubsub queue dead)"
+        )),
+        QueueEvent::Lagged { missed } => note(&format!("{missed} job event(s) not shown")),
+        _ => {}
+    }
+}
+
+/// Checks that `program` can be run (a name is looked up in `PATH`, as the
+/// OS does); the error names the problem.
+fn find_program(program: &str) -> Result<()> {
+    if program.is_empty() {
+        return Err(Failure("no command given after --".to_owned()));
+    }
+    if program.contains('/') {
+        return match executable(Path::new(program)) {
+            Ok(()) => Ok(()),
+            Err(why) => Err(Failure(format!("cannot run {program}: {why}"))),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut found_unrunnable = None;
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        match executable(&candidate) {
+            Ok(()) => return Ok(()),
+            Err(why) if candidate.exists() => {
+                found_unrunnable.get_or_insert(format!("{}: {why}", candidate.display()));
+            }
+            Err(_) => {}
+        }
+    }
+    Err(Failure(match found_unrunnable {
+        Some(why) => format!("cannot run {program}: {why}"),
+        None => format!("cannot run {program}: command not found in PATH"),
+    }))
+}
+
+/// `Ok` when `path` is a file this process may execute.
+fn executable(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if meta.is_dir() {
+        return Err("is a directory".to_owned());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| "contains a NUL byte".to_owned())?;
+        // SAFETY: `c_path` is a valid NUL-terminated string for the call.
+        if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
+            return Err("not executable (permission denied)".to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Makes the command's process die with the worker, however the worker
+/// ends: a SIGKILLed worker cannot kill its children, and a command left
+/// running would go on after its job was handed to another worker. Also a
+/// process group of its own, so a terminal's Ctrl-C reaches the worker
+/// (which lets the commands finish) and not the commands themselves.
+fn die_with_worker(cmd: &mut tokio::process::Command) {
+    #[cfg(unix)]
+    cmd.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getpid is async-signal-safe; read before fork.
+        let worker = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only makes async-signal-safe calls (prctl, getppid) and no
+        // allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The worker died before the line above: nobody will send it.
+                if libc::getppid() != worker {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
 }
 
 /// Runs the command for one job; `Err` is the job's error text.
 async fn run_command(command: std::sync::Arc<Vec<String>>, job: Job) -> Result<(), String> {
     let (program, rest) = command.split_first().ok_or("no command")?;
-    let mut child = tokio::process::Command::new(program)
+    let mut cmd = tokio::process::Command::new(program);
+    die_with_worker(&mut cmd);
+    let mut child = cmd
         .args(rest)
         .env("PGPUBSUB_JOB_ID", job.id().to_string())
         .env("PGPUBSUB_ATTEMPT", job.attempt().to_string())

@@ -1,4 +1,5 @@
-//! `pg-pubsub durable …`: durable channels from the shell.
+//! `pg-pubsub durable …`: durable channels from the shell, and the
+//! consumer-group printer `changes tail` shares.
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -8,7 +9,7 @@ use pg_pubsub::durable::{
 use pg_pubsub::schema::SchemaName;
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
-use super::{
+use crate::common::{
     check_channel, connect, note, report_event, send_stdin_lines, write_json_line, ConnOpts,
     Failure, Result, Stop, Tuning,
 };

@@ -5,8 +5,8 @@ use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
 use pg_pubsub::durable::{DurableSubscription, Start};
 use pg_pubsub::PgPubSub;
 
-use super::durable_cmd::{parse_start, tail_group};
-use super::{connect, note, ConnOpts, Result, Tuning};
+use crate::common::{connect, note, ConnOpts, Result, Tuning};
+use crate::durable::{parse_start, tail_group};
 
 #[derive(Args)]
 pub(crate) struct ChangesArgs {
@@ -27,6 +27,16 @@ enum ChangesCommand {
     /// line (op, schema, table, old, new, xid, changed_at, position); each
     /// is acked once its line is written.
     Tail(TailArgs),
+    /// Drop a replication slot left by `tail --wal` (it holds WAL on the
+    /// server until dropped). Fails while a feed streams from it. The
+    /// publication named like it stays (it holds no WAL).
+    DropSlot(DropSlotArgs),
+}
+
+#[derive(Args)]
+struct DropSlotArgs {
+    /// The replication slot.
+    slot: String,
 }
 
 #[derive(Args)]
@@ -79,9 +89,14 @@ pub(crate) struct TailArgs {
     /// Read the WAL through a logical replication slot (feature `wal`).
     #[arg(long, requires = "slot")]
     pub(crate) wal: bool,
-    /// The replication slot for `--wal`.
+    /// The replication slot for `--wal`. It is kept on exit (so a later run
+    /// continues where this one stopped) and holds WAL until dropped.
     #[arg(long, requires = "wal")]
     pub(crate) slot: Option<String>,
+    /// With `--wal`: drop the slot on a clean exit (SIGINT/SIGTERM, stdout
+    /// closed), so it holds no WAL; a later run starts from its own start.
+    #[arg(long, requires = "wal")]
+    pub(crate) drop_slot_on_exit: bool,
     /// Where a new group starts: earliest, latest, or a position (tick/xid/seq).
     #[arg(long, default_value = "earliest", value_parser = parse_start)]
     pub(crate) from: Start,
@@ -112,13 +127,23 @@ pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
         }
         ChangesCommand::Tail(t) if t.wal => wal_tail(conn, &args.schema, t).await,
         ChangesCommand::Tail(t) => tail(conn, &args.schema, t).await,
+        ChangesCommand::DropSlot(a) => {
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = crate::wal::drop_slot(&ps, &a.slot).await;
+            ps.shutdown().await;
+            result
+        }
     }
 }
 
 /// `changes tail --wal --slot S`: the WAL feed of the table.
 async fn wal_tail(conn: &ConnOpts, _schema: &str, args: TailArgs) -> Result<()> {
     let slot = args.slot.unwrap_or_default(); // clap: --wal requires --slot
-    super::wal_cmd::tail(conn, &[args.table], &slot).await
+    let on_exit = match args.drop_slot_on_exit {
+        true => crate::wal::OnExit::DropSlot,
+        false => crate::wal::OnExit::KeepSlot,
+    };
+    crate::wal::tail(conn, &[args.table], &slot, on_exit).await
 }
 
 async fn install(changes: &Changes, a: InstallArgs) -> Result<()> {
