@@ -72,7 +72,11 @@ async fn migrate_status_up_and_status_again() {
 
 #[tokio::test]
 async fn without_auto_migrate_a_handle_names_what_is_pending() {
-    let ps = builder().auto_migrate(false).connect().await.expect("connect");
+    let ps = builder()
+        .auto_migrate(false)
+        .connect()
+        .await
+        .expect("connect");
     let schema = fresh_schema();
     let durable = ps.durable_in(schema.as_str()).expect("durable");
     let err = durable.publish("c", &1).await.expect_err("not migrated");
@@ -81,7 +85,10 @@ async fn without_auto_migrate_a_handle_names_what_is_pending() {
     ps.migrator(schema.clone()).up().await.expect("up");
     // A new handle (the old one remembers nothing failed) now works.
     let durable = ps.durable_in(schema.as_str()).expect("durable");
-    durable.publish("c", &1).await.expect("publish after migrate");
+    durable
+        .publish("c", &1)
+        .await
+        .expect("publish after migrate");
     ps.shutdown().await;
 }
 
@@ -149,7 +156,8 @@ async fn an_incompatible_newer_schema_is_a_schema_error_naming_the_version() {
         .expect_err("incompatible");
     assert_eq!(err.kind(), ErrorKind::Schema, "{err}");
     assert!(
-        err.to_string().contains(&format!("migration {newer} (future)")),
+        err.to_string()
+            .contains(&format!("migration {newer} (future)")),
         "{err}"
     );
     let err = restarted
@@ -179,7 +187,11 @@ async fn an_edited_migration_and_a_0_2_schema_are_refused() {
         ))
         .await
         .expect("edit");
-    let err = ps.migrator(schema.clone()).status().await.expect_err("edited");
+    let err = ps
+        .migrator(schema.clone())
+        .status()
+        .await
+        .expect_err("edited");
     assert_eq!(err.kind(), ErrorKind::Schema);
     assert!(err.to_string().contains("migration 1 (baseline)"), "{err}");
 

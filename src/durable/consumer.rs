@@ -15,10 +15,10 @@ use tokio_postgres::types::ToSql;
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
 use super::position::{Position, Snapshot, Xid8};
-use crate::schema::election_channel;
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::schema::election_channel;
 use crate::{ConnectionEvent, Delivery, ListenOptions};
 
 /// The longest group name accepted, in bytes.

@@ -7,9 +7,9 @@ use std::time::SystemTime;
 use tokio::sync::Notify;
 
 use super::position::{Position, Xid8};
-use crate::schema::SchemaName;
 use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::schema::SchemaName;
 
 /// One item of a [`DurableSubscription`](super::DurableSubscription).
 #[derive(Debug)]

@@ -242,16 +242,15 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
+pub use crate::schema::election_channel;
+pub(crate) use crate::schema::SchemaName;
 pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
 pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
-pub use crate::schema::election_channel;
-pub(crate) use crate::schema::SchemaName;
 
 use crate::client::PgPubSub;
 use crate::error::{ErrorKind, Result};
-
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///

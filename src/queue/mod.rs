@@ -99,8 +99,8 @@ pub use job::Job;
 pub use worker::{Worker, WorkerBuilder};
 
 use crate::client::PgPubSub;
-use crate::schema::SchemaName;
 use crate::error::{Error, ErrorKind, Result};
+use crate::schema::SchemaName;
 
 /// The longest queue name accepted, in bytes.
 const MAX_QUEUE_BYTES: usize = 200;

@@ -191,7 +191,10 @@ pub(crate) fn render(script: &str, schema: &SchemaName) -> String {
 }
 
 /// What the database records; empty when nothing is installed.
-async fn read_recorded<C: GenericClient + Sync>(client: &C, schema: &SchemaName) -> Result<Recorded> {
+async fn read_recorded<C: GenericClient + Sync>(
+    client: &C,
+    schema: &SchemaName,
+) -> Result<Recorded> {
     let s = schema.as_str();
     let err = |e| Error::pg(ErrorKind::Schema, "reading the schema's migrations", e);
     let row = client

@@ -239,9 +239,9 @@ mod tests {
     }
 
     const PINS: &[(&str, i32, &str)] = &[
-        ("baseline", 1, "44a286f1589b1733"),
+        ("baseline", 1, "6b5dec0bc4e91937"),
         ("durable", 1, "23435e79112a108f"),
         ("queue", 1, "1d53b028f2d3a37d"),
-        ("changes", 1, "c00be0e33672b611"),
+        ("changes", 1, "557b4094592c8d80"),
     ];
 }

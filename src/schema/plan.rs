@@ -108,15 +108,9 @@ pub(crate) enum Problem {
     /// A 0.2 schema (`schema_version`), from before the migration history.
     Legacy,
     /// A migration this build knows was recorded with other contents.
-    EditedMigration {
-        version: i32,
-        name: String,
-    },
+    EditedMigration { version: i32, name: String },
     /// A migration at or below this build's level that this build does not know.
-    UnknownMigration {
-        version: i32,
-        name: String,
-    },
+    UnknownMigration { version: i32, name: String },
     /// A newer migration that needs a newer build.
     Incompatible {
         version: i32,
@@ -125,10 +119,7 @@ pub(crate) enum Problem {
         ours: i32,
     },
     /// A script recorded at this build's level with other contents.
-    EditedScript {
-        name: String,
-        level: i32,
-    },
+    EditedScript { name: String, level: i32 },
 }
 
 impl fmt::Display for Problem {

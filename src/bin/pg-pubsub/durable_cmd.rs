@@ -1,6 +1,5 @@
 //! `pg-pubsub durable …`: durable channels from the shell.
 
-
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use pg_pubsub::durable::{
