@@ -22,17 +22,8 @@
 DROP FUNCTION IF EXISTS @S@.change_json(text, text, text, jsonb, jsonb, boolean);
 DROP FUNCTION IF EXISTS @S@.change_notify(text, text, text, text, jsonb, jsonb, text[]);
 DROP FUNCTION IF EXISTS @S@.change_argv(text);
-
--- A row image with the column filter applied.
-CREATE OR REPLACE FUNCTION @S@.change_cols(j jsonb, inc text[], exc text[]) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE
-        WHEN j IS NULL THEN NULL
-        WHEN inc IS NULL THEN j - coalesce(exc, '{}')
-        ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}')
-              FROM jsonb_each(j) AS e WHERE e.key = ANY (inc)) - coalesce(exc, '{}')
-    END
-$$;
+DROP FUNCTION IF EXISTS @S@.change_cols(jsonb, text[], text[]);
+DROP FUNCTION IF EXISTS @S@.change_filter(oid, oid, text, text);
 
 -- The event, exactly ChangeEvent's JSON shape. mark: NULL, or the flag to
 -- set: 'key_only' (old/new hold the primary key only) or 'rows_omitted'
@@ -66,35 +57,37 @@ LANGUAGE sql VOLATILE AS $$
 $$;
 
 -- The primary key's column names of a table, in key order, as they are now.
+-- PL/pgSQL, not SQL, so the query's plan is cached for the session.
 CREATE OR REPLACE FUNCTION @S@.change_pk(rel oid) RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    SELECT ARRAY(SELECT a.attname::text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ARRAY(SELECT a.attname::text
                  FROM pg_index i
                  CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                 WHERE i.indrelid = rel AND i.indisprimary ORDER BY k.ord)
-$$;
+                 WHERE i.indrelid = rel AND i.indisprimary ORDER BY k.ord);
+END $$;
 
--- The column filter of a trigger (TG_ARGV[4..6]) as names, as they are now:
--- inc NULL = keep all; dropped columns are gone from both lists. stale: the
--- trigger fires on a table that is neither the one its numbers belong to
--- nor one of its partitions (a restored dump, where oids and numbers
--- change, or a copied trigger); its numbers then mean nothing.
+-- The column filter of a trigger (TG_ARGV[4..6]) as the names, as they are
+-- now, of the columns to remove from a row image (`jsonb - dropped`):
+-- those not kept and those left out; a dropped column is simply gone.
+-- stale: the trigger fires on a table that is neither the one its numbers
+-- belong to nor one of its partitions (a restored dump, where oids and
+-- numbers change, or a copied trigger); its numbers then mean nothing.
+-- PL/pgSQL, not SQL, so the plans are cached for the session.
 CREATE OR REPLACE FUNCTION @S@.change_filter(rel oid, trg oid, p_keep text, p_drop text,
-                                             OUT inc text[], OUT exc text[],
-                                             OUT stale boolean)
-LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN p_keep <> '' THEN coalesce(array_agg(a.attname::text)
-                    FILTER (WHERE a.attnum = ANY (nullif(p_keep, '')::int2[])), '{}') END,
-           coalesce(array_agg(a.attname::text)
-                    FILTER (WHERE a.attnum = ANY (nullif(p_drop, '')::int2[])), '{}'),
-           NOT (trg = rel OR EXISTS (SELECT FROM pg_partition_ancestors(trg) AS p
-                                     WHERE p.relid = rel))
-    FROM pg_attribute a
-    WHERE a.attrelid = rel AND NOT a.attisdropped
-      AND a.attnum = ANY (coalesce(nullif(p_keep, '')::int2[], '{}')
-                          || coalesce(nullif(p_drop, '')::int2[], '{}'))
-$$;
+                                             OUT dropped text[], OUT stale boolean)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    keep int2[] := nullif(p_keep, '')::int2[];
+    drp  int2[] := coalesce(nullif(p_drop, '')::int2[], '{}');
+BEGIN
+    dropped := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+                       AND (a.attnum = ANY (drp) OR a.attnum <> ALL (coalesce(keep, ARRAY[a.attnum]))));
+    stale := trg <> rel AND NOT EXISTS (SELECT FROM pg_partition_ancestors(trg) AS p
+                                        WHERE p.relid = rel);
+END $$;
 
 -- Says, once per statement or row, that a feed's trigger no longer matches
 -- its table; its events carry no rows ("rows_omitted") until reinstalled.
@@ -142,8 +135,7 @@ CREATE OR REPLACE FUNCTION @S@.change_row() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     filtered boolean := TG_ARGV[4] <> '' OR TG_ARGV[5] <> '';
-    inc   text[];
-    exc   text[];
+    dropped text[] := '{}';
     stale boolean := false;
     o     jsonb;
     n     jsonb;
@@ -157,7 +149,7 @@ BEGIN
         RETURN NULL;
     END IF;
     IF filtered THEN
-        SELECT f.inc, f.exc, f.stale INTO inc, exc, stale
+        SELECT f.dropped, f.stale INTO dropped, stale
         FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5]) AS f;
     END IF;
     IF stale THEN
@@ -173,10 +165,10 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        o := @S@.change_cols(to_jsonb(OLD), inc, exc);
+        o := to_jsonb(OLD) - dropped;
     END IF;
     IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        n := @S@.change_cols(to_jsonb(NEW), inc, exc);
+        n := to_jsonb(NEW) - dropped;
     END IF;
     -- With a column filter, an update of other columns only is no change.
     IF TG_OP = 'UPDATE' AND filtered AND o = n THEN
@@ -207,8 +199,7 @@ DECLARE
     ch  text := TG_ARGV[1];
     sch text := TG_ARGV[2];
     tbl text := TG_ARGV[3];
-    inc text[];
-    exc text[];
+    dropped text[] := '{}';
     pk  text[];
     stale boolean := false;
     nrows bigint;
@@ -228,7 +219,7 @@ BEGIN
         RETURN NULL;
     END IF;
     IF filtered THEN
-        SELECT f.inc, f.exc, f.stale INTO inc, exc, stale
+        SELECT f.dropped, f.stale INTO dropped, stale
         FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5]) AS f;
     END IF;
     IF stale THEN
@@ -255,30 +246,29 @@ BEGIN
         IF TG_OP = 'INSERT' THEN
             PERFORM @S@.publish_many(ch, ARRAY(
                 SELECT @S@.change_text(op, sch, tbl, NULL,
-                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                    CASE WHEN filtered THEN (to_jsonb(r) - dropped)::json
                          ELSE to_json(r) END, xid, ts)
                 FROM pgps_new AS r));
         ELSE
             PERFORM @S@.publish_many(ch, ARRAY(
                 SELECT @S@.change_text(op, sch, tbl,
-                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                    CASE WHEN filtered THEN (to_jsonb(r) - dropped)::json
                          ELSE to_json(r) END, NULL, xid, ts)
                 FROM pgps_old AS r));
         END IF;
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(NULL::jsonb), array_agg(@S@.change_cols(to_jsonb(r), inc, exc))
+        SELECT array_agg(NULL::jsonb), array_agg(to_jsonb(r) - dropped)
         INTO os, ns FROM pgps_new AS r;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(@S@.change_cols(to_jsonb(r), inc, exc)), array_agg(NULL::jsonb)
+        SELECT array_agg(to_jsonb(r) - dropped), array_agg(NULL::jsonb)
         INTO os, ns FROM pgps_old AS r;
     ELSE
         pk := @S@.change_pk(TG_RELID);
         SELECT array_agg(p.o ORDER BY p.rn), array_agg(p.n ORDER BY p.rn) INTO os, ns
         FROM (
-            SELECT CASE WHEN filtered THEN @S@.change_cols(po.j, inc, exc) ELSE po.j END AS o,
-                   CASE WHEN filtered THEN @S@.change_cols(pn.j, inc, exc) ELSE pn.j END AS n,
+            SELECT po.j - dropped AS o, pn.j - dropped AS n,
                    coalesce(pn.rn, 4611686018427387904 + po.rn) AS rn
             FROM (SELECT x.j, x.rn,
                          ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
