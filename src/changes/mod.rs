@@ -57,10 +57,12 @@
 //!   key from `pg_index` once per `UPDATE` statement; so a renamed kept
 //!   column is still sent (under its new name), a renamed excluded column
 //!   stays out, and a renamed key still pairs updates. A **dropped** kept
-//!   or excluded column is gone from the filter: the other kept columns
-//!   are still sent (all of them dropped: `{}` rows), and a column added
-//!   later under the same name is a new column, outside the filter
-//!   (reinstall to filter it). A dropped primary key makes a statement's
+//!   column is gone from the filter: the other kept columns are still sent
+//!   (all of them dropped: `{}` rows), and a column added later under its
+//!   name is a new column, not sent (reinstall to keep it). Excluded
+//!   columns are also left out by their names at install, so one dropped
+//!   and added again (a type change done that way) never leaks. A
+//!   dropped primary key makes a statement's
 //!   updates arrive unpaired (only `new`, then only `old`). A **restored
 //!   dump** gives tables new oids and attribute numbers: a filtered feed's
 //!   trigger whose numbers belong to another table sends events without rows

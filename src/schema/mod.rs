@@ -242,6 +242,6 @@ mod tests {
         ("baseline", 1, "6b5dec0bc4e91937"),
         ("durable", 1, "23435e79112a108f"),
         ("queue", 1, "1d53b028f2d3a37d"),
-        ("changes", 1, "15f1016941e29613"),
+        ("changes", 1, "86b5b60834a2cd18"),
     ];
 }

@@ -10,7 +10,9 @@
 --       partitioned parent, not the partition a row landed in)
 --   [4] attribute numbers of the columns to keep ('' = all), [5] of the
 --       columns to leave out ('' = none), [6] the oid of the table they
---       belong to.
+--       belong to, [7] the names of the columns to leave out at install
+--       ('' = none): also left out, so a column dropped and added again
+--       under that name (a type change done that way) never leaks.
 -- Columns are held by number, not name, and names are read from
 -- pg_attribute when a statement runs, so a feed follows
 -- ALTER TABLE .. RENAME COLUMN (numbers are never reused; a dropped column
@@ -85,7 +87,8 @@ END $$;
 -- numbers change, or a copied trigger); its numbers then mean nothing.
 -- PL/pgSQL, not SQL, so the plans are cached for the session.
 CREATE OR REPLACE FUNCTION @S@.change_filter(rel oid, trg oid, p_keep text, p_drop text,
-                                             OUT dropped text[], OUT stale boolean)
+                                             p_names text, OUT dropped text[],
+                                             OUT stale boolean)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     keep int2[] := nullif(p_keep, '')::int2[];
@@ -93,7 +96,8 @@ DECLARE
 BEGIN
     dropped := ARRAY(SELECT a.attname::text FROM pg_attribute a
                      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-                       AND (a.attnum = ANY (drp) OR a.attnum <> ALL (coalesce(keep, ARRAY[a.attnum]))));
+                       AND (a.attnum = ANY (drp) OR a.attnum <> ALL (coalesce(keep, ARRAY[a.attnum]))))
+               || coalesce(nullif(p_names, '')::text[], '{}');
     stale := trg <> rel AND NOT EXISTS (SELECT FROM pg_partition_ancestors(trg) AS p
                                         WHERE p.relid = rel);
 END $$;
@@ -159,7 +163,7 @@ BEGIN
     END IF;
     IF filtered THEN
         SELECT f.dropped, f.stale INTO dropped, stale
-        FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5]) AS f;
+        FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5], TG_ARGV[7]) AS f;
     END IF;
     IF stale THEN
         -- Never leak a column the filter meant to leave out.
@@ -229,7 +233,7 @@ BEGIN
     END IF;
     IF filtered THEN
         SELECT f.dropped, f.stale INTO dropped, stale
-        FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5]) AS f;
+        FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5], TG_ARGV[7]) AS f;
     END IF;
     IF stale THEN
         -- Never leak a column the filter meant to leave out: one event per
@@ -381,9 +385,10 @@ BEGIN
                 JOIN pg_attribute a ON a.attrelid = p_table AND a.attname = c.name
                      AND NOT a.attisdropped
                 ORDER BY c.ord) END;
-    args := format('%L, %L, %L, %L, %L, %L, %L',
+    args := format('%L, %L, %L, %L, %L, %L, %L, %L',
                    CASE WHEN p_notify THEN 'notify' ELSE 'durable' END, ch, sch, tbl,
-                   coalesce(incn::text, ''), coalesce(excn::text, ''), p_table::oid::text);
+                   coalesce(incn::text, ''), coalesce(excn::text, ''), p_table::oid::text,
+                   coalesce(p_exclude::text, ''));
     sql := format(E'-- pg-pubsub change feed on %s -> %s %s\n',
                   p_table, CASE WHEN p_notify THEN 'NOTIFY' ELSE 'durable channel' END, ch);
     sql := sql || format(E'SELECT pg_advisory_xact_lock(%s);\n', @LOCK@);
