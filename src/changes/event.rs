@@ -105,6 +105,15 @@ pub struct ChangeEvent<T = serde_json::Value> {
     /// when false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub key_only: bool,
+    /// Set when `old` and `new` were left out: a NOTIFY event that would
+    /// not fit in 8000 bytes even with the primary key alone (a long or
+    /// escape-heavy key, or an update carrying it twice), or a trigger
+    /// whose column filter no longer matches its table (see the module
+    /// docs). `op`, `schema`, `table`, `xid` and `changed_at` are still
+    /// set; read the table to learn what changed. Absent from the JSON
+    /// when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub rows_omitted: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -129,6 +138,7 @@ impl<T> ChangeEvent<T> {
             changed_at: None,
             committed_at: None,
             key_only: false,
+            rows_omitted: false,
         }
     }
 
@@ -145,7 +155,15 @@ impl<T> ChangeEvent<T> {
             changed_at: self.changed_at,
             committed_at: self.committed_at,
             key_only: self.key_only,
+            rows_omitted: self.rows_omitted,
         }
+    }
+
+    /// Whether the event does not carry the whole (filtered) rows, so the
+    /// consumer must read the table for them: [`key_only`](Self::key_only)
+    /// or [`rows_omitted`](Self::rows_omitted).
+    pub fn must_reread(&self) -> bool {
+        self.key_only || self.rows_omitted
     }
 
     /// The row as it is after the change (`new`), or as it was before a

@@ -11,8 +11,8 @@
 //!
 //! [`Changes::install_change_feed`] (or, from any SQL session,
 //! `SELECT pgpubsub.install_change_feed('shop.orders')`) creates `AFTER`
-//! triggers on the table that call generic functions of the schema's
-//! migration v3 (`change_stmt`, `change_row`), parameterised by the
+//! triggers on the table that call generic functions of the schema
+//! (`change_stmt`, `change_row`), parameterised by the
 //! trigger's arguments: installing is only `CREATE TRIGGER`.
 //! [`Changes::install_change_feed_sql`] returns the script for a DBA.
 //!
@@ -31,7 +31,12 @@
 //!   at least once, replayable, any size, in the writer's transaction (a
 //!   rollback sends nothing). Or plain NOTIFY ([`FeedOptions::notify`]):
 //!   at most once; an event of 8000 bytes or more is sent with `old`/`new`
-//!   reduced to the primary key and `"key_only": true`.
+//!   reduced to the primary key and `"key_only": true`, and when even that
+//!   does not fit (a long key, JSON escapes of control characters, an
+//!   update carrying the key twice) without rows and with
+//!   `"rows_omitted": true`. A feed never fails the writer's statement for
+//!   size; [`ChangeEvent::must_reread`] says the row must be read from the
+//!   table.
 //! * **Triggers**: statement-level with transition tables by default (one
 //!   `publish_many` per statement), or row-level ([`TriggerLevel`]).
 //!   `UPDATE`'s transition tables do not link a row's old and new
@@ -45,6 +50,25 @@
 //!   an update that changes no kept column sends nothing. Column lists
 //!   (`UPDATE OF a, b`) are not used: PostgreSQL refuses them on triggers
 //!   with transition tables.
+//! * **Schema changes** need no reinstall and are never blocked (no event
+//!   trigger). The triggers hold the filter's columns by attribute number
+//!   and read their current names from `pg_attribute` once per statement
+//!   (per row for row-level triggers, only with a filter), and the primary
+//!   key from `pg_index` once per `UPDATE` statement; so a renamed kept
+//!   column is still sent (under its new name), a renamed excluded column
+//!   stays out, and a renamed key still pairs updates. A **dropped** kept
+//!   column is gone from the filter: the other kept columns are still sent
+//!   (all of them dropped: `{}` rows), and a column added later under its
+//!   name is a new column, not sent (reinstall to keep it). Excluded
+//!   columns are also left out by their names at install, so one dropped
+//!   and added again (a type change done that way) never leaks. A
+//!   dropped primary key makes a statement's
+//!   updates arrive unpaired (only `new`, then only `old`). A **restored
+//!   dump** gives tables new oids and attribute numbers: a filtered feed's
+//!   trigger whose numbers belong to another table sends events without rows
+//!   (`rows_omitted`) and raises a `WARNING`, never leaking a column;
+//!   reinstall feeds after a restore. Events name the table as it was
+//!   at install: reinstall after renaming the table itself.
 //!
 //! **Privileges.** The triggers run as the role that writes to the table,
 //! which therefore needs what a publish-only role needs

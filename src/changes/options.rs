@@ -88,7 +88,10 @@ impl FeedOptions {
     /// Send events over plain `NOTIFY` instead of a durable channel:
     /// ephemeral (nobody listening, nothing kept), and an event of 8000
     /// bytes or more is sent with `old`/`new` reduced to the primary key
-    /// and [`key_only`](super::ChangeEvent::key_only) set.
+    /// and [`key_only`](super::ChangeEvent::key_only) set, or, when even
+    /// that does not fit, without rows and with
+    /// [`rows_omitted`](super::ChangeEvent::rows_omitted) set; the write
+    /// never fails for size.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = notify;
         self
@@ -101,7 +104,8 @@ impl FeedOptions {
     }
 
     /// Only these columns in `old` and `new`. An update that changes none
-    /// of the kept columns sends nothing.
+    /// of the kept columns sends nothing. The feed follows renames of these
+    /// columns (see the [module docs](super#trigger-feed)).
     pub fn columns<I, S>(mut self, columns: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -112,7 +116,8 @@ impl FeedOptions {
     }
 
     /// Leave these columns out of `old` and `new`. An update that changes
-    /// only left-out columns sends nothing.
+    /// only left-out columns sends nothing. A renamed left-out column stays
+    /// out.
     pub fn exclude<I, S>(mut self, columns: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -170,8 +175,10 @@ pub struct FeedInfo {
     pub level: TriggerLevel,
     /// The captured operations.
     pub ops: Vec<Op>,
-    /// The kept columns (`None`: all).
+    /// The kept columns (`None`: all), by their current names; dropped
+    /// ones are left out.
     pub columns: Option<Vec<String>>,
-    /// The left-out columns.
+    /// The left-out columns, by their current names; dropped ones are
+    /// left out.
     pub exclude: Option<Vec<String>>,
 }

@@ -200,10 +200,12 @@ impl Changes {
         client: &tokio_postgres::Client,
         table: &str,
     ) -> Result<Option<FeedInfo>> {
+        // Column names as they are now (the row holds attribute numbers).
         let sql = format!(
-            "SELECT tbl::text, channel, target = 'notify', level, ops, columns, exclude \
-             FROM {}.change_feeds WHERE tbl = $1::text::regclass",
-            self.durable.schema().as_str()
+            "SELECT tbl::text, channel, target = 'notify', level, ops, \
+                    {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
+             FROM {s}.change_feeds WHERE tbl = $1::text::regclass",
+            s = self.durable.schema().as_str()
         );
         let Some(row) = client
             .query_opt(&sql, &[&table])

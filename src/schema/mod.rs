@@ -239,9 +239,9 @@ mod tests {
     }
 
     const PINS: &[(&str, i32, &str)] = &[
-        ("baseline", 1, "d84467b772c712c5"),
+        ("baseline", 1, "fd04bb8e630fc4e1"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 1, "6c814984697f6c28"),
-        ("changes", 1, "c00be0e33672b611"),
+        ("changes", 1, "86b5b60834a2cd18"),
     ];
 }

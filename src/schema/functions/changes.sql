@@ -8,26 +8,30 @@
 --   [1] channel
 --   [2] schema and [3] table the feed was installed on (events name the
 --       partitioned parent, not the partition a row landed in)
---   [4] columns to keep ('' = all), [5] columns to drop ('' = none),
---   [6] primary key columns ('' = none): pairs old and new rows of an
---       UPDATE in the statement-level trigger, and is what a NOTIFY carries
---       when the whole event would not fit in 8000 bytes.
+--   [4] attribute numbers of the columns to keep ('' = all), [5] of the
+--       columns to leave out ('' = none), [6] the oid of the table they
+--       belong to, [7] the names of the columns to leave out at install
+--       ('' = none): also left out, so a column dropped and added again
+--       under that name (a type change done that way) never leaks.
+-- Columns are held by number, not name, and names are read from
+-- pg_attribute when a statement runs, so a feed follows
+-- ALTER TABLE .. RENAME COLUMN (numbers are never reused; a dropped column
+-- stays dropped). The primary key is read from pg_index at run time too:
+-- it pairs old and new rows of an UPDATE in the statement-level trigger and
+-- is what a NOTIFY carries when the whole event would not fit.
 
--- A row image with the column filter applied.
-CREATE OR REPLACE FUNCTION @S@.change_cols(j jsonb, inc text[], exc text[]) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE
-        WHEN j IS NULL THEN NULL
-        WHEN inc IS NULL THEN j - coalesce(exc, '{}')
-        ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}')
-              FROM jsonb_each(j) AS e WHERE e.key = ANY (inc)) - coalesce(exc, '{}')
-    END
-$$;
+-- Functions of earlier development builds whose signature changed.
+DROP FUNCTION IF EXISTS @S@.change_json(text, text, text, jsonb, jsonb, boolean);
+DROP FUNCTION IF EXISTS @S@.change_notify(text, text, text, text, jsonb, jsonb, text[]);
+DROP FUNCTION IF EXISTS @S@.change_argv(text);
+DROP FUNCTION IF EXISTS @S@.change_cols(jsonb, text[], text[]);
+DROP FUNCTION IF EXISTS @S@.change_filter(oid, oid, text, text);
 
--- The event, exactly ChangeEvent's JSON shape. key_only: old/new hold the
--- primary key only (NOTIFY payloads that would not fit).
+-- The event, exactly ChangeEvent's JSON shape. mark: NULL, or the flag to
+-- set: 'key_only' (old/new hold the primary key only) or 'rows_omitted'
+-- (old/new left out).
 CREATE OR REPLACE FUNCTION @S@.change_json(op text, sch text, tbl text, o jsonb, n jsonb,
-                                           key_only boolean DEFAULT false) RETURNS text
+                                           mark text DEFAULT NULL) RETURNS text
 LANGUAGE sql VOLATILE AS $$
     SELECT (jsonb_build_object(
         'op', op, 'schema', sch, 'table', tbl, 'old', o, 'new', n,
@@ -35,7 +39,7 @@ LANGUAGE sql VOLATILE AS $$
         'changed_at', to_char(clock_timestamp() AT TIME ZONE 'UTC',
                               'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
         'committed_at', NULL)
-        || CASE WHEN key_only THEN '{"key_only": true}'::jsonb ELSE '{}'::jsonb END)::text
+        || CASE WHEN mark IS NULL THEN '{}'::jsonb ELSE jsonb_build_object(mark, true) END)::text
 $$;
 
 -- The event for a durable channel: json (not jsonb: no key sorting, no
@@ -54,38 +58,102 @@ LANGUAGE sql VOLATILE AS $$
     SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 $$;
 
--- Sends one event over NOTIFY; when it is 8000 bytes or more (the server's
--- limit), sends old/new reduced to the primary key with "key_only": true.
+-- The primary key's column names of a table, in key order, as they are now.
+-- PL/pgSQL, not SQL, so the plans are cached for the session; one name
+-- lookup per key column is about 4x cheaper than a join over unnest(indkey).
+CREATE OR REPLACE FUNCTION @S@.change_pk(rel oid) RETURNS text[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    key   int2[];
+    nkey  int;
+    num   int2;
+    names text[] := '{}';
+BEGIN
+    SELECT i.indkey::int2[], i.indnkeyatts INTO key, nkey
+    FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary;
+    FOREACH num IN ARRAY coalesce(key, '{}') LOOP
+        EXIT WHEN cardinality(names) >= nkey;  -- INCLUDE columns are not the key
+        names := names || (SELECT a.attname::text FROM pg_attribute a
+                           WHERE a.attrelid = rel AND a.attnum = num);
+    END LOOP;
+    RETURN names;
+END $$;
+
+-- The column filter of a trigger (TG_ARGV[4..6]) as the names, as they are
+-- now, of the columns to remove from a row image (`jsonb - dropped`):
+-- those not kept and those left out; a dropped column is simply gone.
+-- stale: the trigger fires on a table that is neither the one its numbers
+-- belong to nor one of its partitions (a restored dump, where oids and
+-- numbers change, or a copied trigger); its numbers then mean nothing.
+-- PL/pgSQL, not SQL, so the plans are cached for the session.
+CREATE OR REPLACE FUNCTION @S@.change_filter(rel oid, trg oid, p_keep text, p_drop text,
+                                             p_names text, OUT dropped text[],
+                                             OUT stale boolean)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    keep int2[] := nullif(p_keep, '')::int2[];
+    drp  int2[] := coalesce(nullif(p_drop, '')::int2[], '{}');
+BEGIN
+    dropped := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+                       AND (a.attnum = ANY (drp) OR a.attnum <> ALL (coalesce(keep, ARRAY[a.attnum]))))
+               || coalesce(nullif(p_names, '')::text[], '{}');
+    stale := trg <> rel AND NOT EXISTS (SELECT FROM pg_partition_ancestors(trg) AS p
+                                        WHERE p.relid = rel);
+END $$;
+
+-- Says, once per statement or row, that a feed's trigger no longer matches
+-- its table; its events carry no rows ("rows_omitted") until reinstalled.
+CREATE OR REPLACE FUNCTION @S@.change_stale(rel text, tbl text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE WARNING 'pg-pubsub: the change feed trigger on % was made for another table (oid %): '
+                  'events carry no rows until the feed is reinstalled', tbl, rel;
+END $$;
+
+-- Sends one event over NOTIFY, never failing the writer: when it is 8000
+-- bytes or more (the server's limit), old/new reduced to the primary key
+-- ("key_only"); when even that does not fit (a long key, JSON escapes, an
+-- update sending it twice), no rows at all ("rows_omitted"), which always
+-- fits (names are at most 63 bytes). rel: the table, for its key.
 CREATE OR REPLACE FUNCTION @S@.change_notify(ch text, op text, sch text, tbl text,
-                                             o jsonb, n jsonb, pk text[]) RETURNS void
+                                             o jsonb, n jsonb, rel oid,
+                                             omitted boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    payload text := @S@.change_json(op, sch, tbl, o, n);
+    payload text;
+    pk text[];
+    ko jsonb;
+    kn jsonb;
 BEGIN
-    IF octet_length(payload) >= 8000 THEN
-        payload := @S@.change_json(op, sch, tbl,
-            (SELECT jsonb_object_agg(k, o -> k) FROM unnest(pk) AS k WHERE o IS NOT NULL),
-            (SELECT jsonb_object_agg(k, n -> k) FROM unnest(pk) AS k WHERE n IS NOT NULL),
-            true);
+    IF NOT omitted THEN
+        payload := @S@.change_json(op, sch, tbl, o, n);
+        IF octet_length(payload) >= 8000 THEN
+            pk := @S@.change_pk(rel);
+            ko := (SELECT jsonb_object_agg(k, o -> k) FROM unnest(pk) AS k WHERE o ? k);
+            kn := (SELECT jsonb_object_agg(k, n -> k) FROM unnest(pk) AS k WHERE n ? k);
+            payload := CASE WHEN ko IS NOT NULL OR kn IS NOT NULL
+                            THEN @S@.change_json(op, sch, tbl, ko, kn, 'key_only') END;
+            omitted := payload IS NULL OR octet_length(payload) >= 8000;
+        END IF;
+    END IF;
+    IF omitted THEN
+        payload := @S@.change_json(op, sch, tbl, NULL, NULL, 'rows_omitted');
     END IF;
     PERFORM pg_notify(ch, payload);
 END $$;
-
-CREATE OR REPLACE FUNCTION @S@.change_argv(arg text) RETURNS text[]
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN arg = '' THEN NULL ELSE arg::text[] END
-$$;
 
 -- Row-level trigger function: one event per row (AFTER ... FOR EACH ROW).
 CREATE OR REPLACE FUNCTION @S@.change_row() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    inc text[] := @S@.change_argv(TG_ARGV[4]);
-    exc text[] := @S@.change_argv(TG_ARGV[5]);
-    o   jsonb;
-    n   jsonb;
+    filtered boolean := TG_ARGV[4] <> '' OR TG_ARGV[5] <> '';
+    dropped text[] := '{}';
+    stale boolean := false;
+    o     jsonb;
+    n     jsonb;
 BEGIN
-    IF TG_ARGV[0] = 'durable' AND inc IS NULL AND exc IS NULL THEN
+    IF TG_ARGV[0] = 'durable' AND NOT filtered THEN
         -- The common case, without a jsonb round trip.
         PERFORM @S@.publish(TG_ARGV[1], @S@.change_text(lower(TG_OP), TG_ARGV[2], TG_ARGV[3],
             CASE WHEN TG_OP <> 'INSERT' THEN to_json(OLD) END,
@@ -93,19 +161,35 @@ BEGIN
             pg_current_xact_id()::text::bigint, @S@.change_now()));
         RETURN NULL;
     END IF;
+    IF filtered THEN
+        SELECT f.dropped, f.stale INTO dropped, stale
+        FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5], TG_ARGV[7]) AS f;
+    END IF;
+    IF stale THEN
+        -- Never leak a column the filter meant to leave out.
+        PERFORM @S@.change_stale(TG_ARGV[6], TG_RELID::regclass::text);
+        IF TG_ARGV[0] = 'notify' THEN
+            PERFORM @S@.change_notify(TG_ARGV[1], lower(TG_OP), TG_ARGV[2], TG_ARGV[3],
+                                      NULL, NULL, TG_RELID, true);
+        ELSE
+            PERFORM @S@.publish(TG_ARGV[1], @S@.change_json(lower(TG_OP), TG_ARGV[2], TG_ARGV[3],
+                                                            NULL, NULL, 'rows_omitted'));
+        END IF;
+        RETURN NULL;
+    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        o := @S@.change_cols(to_jsonb(OLD), inc, exc);
+        o := to_jsonb(OLD) - dropped;
     END IF;
     IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        n := @S@.change_cols(to_jsonb(NEW), inc, exc);
+        n := to_jsonb(NEW) - dropped;
     END IF;
     -- With a column filter, an update of other columns only is no change.
-    IF TG_OP = 'UPDATE' AND (inc IS NOT NULL OR exc IS NOT NULL) AND o = n THEN
+    IF TG_OP = 'UPDATE' AND filtered AND o = n THEN
         RETURN NULL;
     END IF;
     IF TG_ARGV[0] = 'notify' THEN
         PERFORM @S@.change_notify(TG_ARGV[1], lower(TG_OP), TG_ARGV[2], TG_ARGV[3], o, n,
-                                  @S@.change_argv(TG_ARGV[6]));
+                                  TG_RELID);
     ELSE
         PERFORM @S@.publish(TG_ARGV[1], @S@.change_json(lower(TG_OP), TG_ARGV[2], TG_ARGV[3], o, n));
     END IF;
@@ -118,7 +202,9 @@ END $$;
 -- and new rows on the primary key (installed only on tables that have
 -- one): transition tables hold no link between a row's old and new
 -- version. An update that changed the key gives an update with only
--- "new" and, after the paired ones, one with only "old".
+-- "new" and, after the paired ones, one with only "old"; so does every
+-- row if the key was dropped since (pairing on nothing would be a cross
+-- product).
 CREATE OR REPLACE FUNCTION @S@.change_stmt() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -126,10 +212,11 @@ DECLARE
     ch  text := TG_ARGV[1];
     sch text := TG_ARGV[2];
     tbl text := TG_ARGV[3];
-    inc text[] := @S@.change_argv(TG_ARGV[4]);
-    exc text[] := @S@.change_argv(TG_ARGV[5]);
-    pk  text[] := @S@.change_argv(TG_ARGV[6]);
-    filtered boolean := inc IS NOT NULL OR exc IS NOT NULL;
+    dropped text[] := '{}';
+    pk  text[];
+    stale boolean := false;
+    nrows bigint;
+    filtered boolean := TG_ARGV[4] <> '' OR TG_ARGV[5] <> '';
     -- One transaction id and one time for the statement's changes.
     xid bigint := pg_current_xact_id()::text::bigint;
     ts  text := @S@.change_now();
@@ -138,9 +225,32 @@ DECLARE
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         IF TG_ARGV[0] = 'notify' THEN
-            PERFORM @S@.change_notify(ch, op, sch, tbl, NULL, NULL, pk);
+            PERFORM @S@.change_notify(ch, op, sch, tbl, NULL, NULL, TG_RELID);
         ELSE
             PERFORM @S@.publish(ch, @S@.change_text(op, sch, tbl, NULL, NULL, xid, ts));
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF filtered THEN
+        SELECT f.dropped, f.stale INTO dropped, stale
+        FROM @S@.change_filter(TG_ARGV[6]::oid, TG_RELID, TG_ARGV[4], TG_ARGV[5], TG_ARGV[7]) AS f;
+    END IF;
+    IF stale THEN
+        -- Never leak a column the filter meant to leave out: one event per
+        -- row, without rows.
+        PERFORM @S@.change_stale(TG_ARGV[6], TG_RELID::regclass::text);
+        IF TG_OP = 'DELETE' THEN
+            SELECT count(*) INTO nrows FROM pgps_old;
+        ELSE
+            SELECT count(*) INTO nrows FROM pgps_new;
+        END IF;
+        IF TG_ARGV[0] = 'notify' THEN
+            PERFORM @S@.change_notify(ch, op, sch, tbl, NULL, NULL, TG_RELID, true)
+            FROM generate_series(1, nrows);
+        ELSE
+            PERFORM @S@.publish_many(ch, ARRAY(
+                SELECT @S@.change_json(op, sch, tbl, NULL, NULL, 'rows_omitted')
+                FROM generate_series(1, nrows)));
         END IF;
         RETURN NULL;
     END IF;
@@ -149,29 +259,29 @@ BEGIN
         IF TG_OP = 'INSERT' THEN
             PERFORM @S@.publish_many(ch, ARRAY(
                 SELECT @S@.change_text(op, sch, tbl, NULL,
-                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                    CASE WHEN filtered THEN (to_jsonb(r) - dropped)::json
                          ELSE to_json(r) END, xid, ts)
                 FROM pgps_new AS r));
         ELSE
             PERFORM @S@.publish_many(ch, ARRAY(
                 SELECT @S@.change_text(op, sch, tbl,
-                    CASE WHEN filtered THEN @S@.change_cols(to_jsonb(r), inc, exc)::json
+                    CASE WHEN filtered THEN (to_jsonb(r) - dropped)::json
                          ELSE to_json(r) END, NULL, xid, ts)
                 FROM pgps_old AS r));
         END IF;
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(NULL::jsonb), array_agg(@S@.change_cols(to_jsonb(r), inc, exc))
+        SELECT array_agg(NULL::jsonb), array_agg(to_jsonb(r) - dropped)
         INTO os, ns FROM pgps_new AS r;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(@S@.change_cols(to_jsonb(r), inc, exc)), array_agg(NULL::jsonb)
+        SELECT array_agg(to_jsonb(r) - dropped), array_agg(NULL::jsonb)
         INTO os, ns FROM pgps_old AS r;
     ELSE
+        pk := @S@.change_pk(TG_RELID);
         SELECT array_agg(p.o ORDER BY p.rn), array_agg(p.n ORDER BY p.rn) INTO os, ns
         FROM (
-            SELECT CASE WHEN filtered THEN @S@.change_cols(po.j, inc, exc) ELSE po.j END AS o,
-                   CASE WHEN filtered THEN @S@.change_cols(pn.j, inc, exc) ELSE pn.j END AS n,
+            SELECT po.j - dropped AS o, pn.j - dropped AS n,
                    coalesce(pn.rn, 4611686018427387904 + po.rn) AS rn
             FROM (SELECT x.j, x.rn,
                          ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
@@ -184,7 +294,7 @@ BEGIN
                                ORDER BY u.i) AS key
                   FROM (SELECT to_jsonb(r) AS j, row_number() OVER () AS rn
                         FROM pgps_old AS r) AS x) AS po
-            ON pn.key = po.key
+            ON cardinality(pk) > 0 AND pn.key = po.key
         ) AS p
         -- With a column filter, an update of other columns only is no change.
         WHERE NOT (filtered AND p.o IS NOT DISTINCT FROM p.n);
@@ -193,7 +303,7 @@ BEGIN
         RETURN NULL;  -- no rows
     END IF;
     IF TG_ARGV[0] = 'notify' THEN
-        PERFORM @S@.change_notify(ch, op, sch, tbl, u.o, u.n, pk)
+        PERFORM @S@.change_notify(ch, op, sch, tbl, u.o, u.n, TG_RELID)
         FROM unnest(os, ns) WITH ORDINALITY AS u(o, n, i) ORDER BY u.i;
     ELSE
         PERFORM @S@.publish_many(ch, ARRAY(
@@ -231,6 +341,8 @@ DECLARE
     pk   text[];
     ops  text[] := coalesce(p_ops, ARRAY['insert', 'update', 'delete', 'truncate']);
     cols text[];
+    incn int2[];
+    excn int2[];
     bad  text;
     op   text;
     lvl  text;
@@ -261,15 +373,22 @@ BEGIN
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'table % has no column %', p_table, bad;
     END IF;
-    pk := ARRAY(SELECT a.attname::text
-                FROM pg_index i
-                CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                WHERE i.indrelid = p_table AND i.indisprimary ORDER BY k.ord);
-    args := format('%L, %L, %L, %L, %L, %L, %L',
+    pk := @S@.change_pk(p_table);
+    -- Columns by number (see the top of this file).
+    incn := CASE WHEN p_columns IS NOT NULL THEN ARRAY(
+                SELECT a.attnum FROM unnest(p_columns) WITH ORDINALITY AS c(name, ord)
+                JOIN pg_attribute a ON a.attrelid = p_table AND a.attname = c.name
+                     AND NOT a.attisdropped
+                ORDER BY c.ord) END;
+    excn := CASE WHEN p_exclude IS NOT NULL THEN ARRAY(
+                SELECT a.attnum FROM unnest(p_exclude) WITH ORDINALITY AS c(name, ord)
+                JOIN pg_attribute a ON a.attrelid = p_table AND a.attname = c.name
+                     AND NOT a.attisdropped
+                ORDER BY c.ord) END;
+    args := format('%L, %L, %L, %L, %L, %L, %L, %L',
                    CASE WHEN p_notify THEN 'notify' ELSE 'durable' END, ch, sch, tbl,
-                   coalesce(p_columns::text, ''), coalesce(p_exclude::text, ''),
-                   CASE WHEN cardinality(pk) > 0 THEN pk::text ELSE '' END);
+                   coalesce(incn::text, ''), coalesce(excn::text, ''), p_table::oid::text,
+                   coalesce(p_exclude::text, ''));
     sql := format(E'-- pg-pubsub change feed on %s -> %s %s\n',
                   p_table, CASE WHEN p_notify THEN 'NOTIFY' ELSE 'durable channel' END, ch);
     sql := sql || format(E'SELECT pg_advisory_xact_lock(%s);\n', @LOCK@);
@@ -299,7 +418,7 @@ BEGIN
                          '        level = EXCLUDED.level, ops = EXCLUDED.ops, columns = EXCLUDED.columns,\n'
                          '        exclude = EXCLUDED.exclude, installed_at = now();\n',
                          p_table::text, ch, CASE WHEN p_notify THEN 'notify' ELSE 'durable' END,
-                         p_level, ops, p_columns, p_exclude);
+                         p_level, ops, incn, excn);
     RETURN sql;
 END $$;
 
@@ -333,3 +452,13 @@ LANGUAGE plpgsql SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE @S@.uninstall_change_feed_sql(p_table);
 END $$;
+
+-- Attribute numbers of rel as the columns' current names, in the given
+-- order; dropped columns left out. NULL stays NULL.
+CREATE OR REPLACE FUNCTION @S@.change_feed_names(rel regclass, nums int2[]) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN nums IS NOT NULL THEN ARRAY(
+        SELECT a.attname::text FROM unnest(nums) WITH ORDINALITY AS u(num, ord)
+        JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = u.num AND NOT a.attisdropped
+        ORDER BY u.ord) END
+$$;

@@ -148,13 +148,15 @@ CREATE TABLE IF NOT EXISTS @S@.dead_jobs (
 CREATE INDEX IF NOT EXISTS dead_jobs_queue ON @S@.dead_jobs (queue, id);
 
 -- One row per installed feed; change_feed_sql() keeps it up to date.
+-- columns / exclude: attribute numbers (NULL: all / none), so the row
+-- follows column renames like the triggers do.
 CREATE TABLE IF NOT EXISTS @S@.change_feeds (
     tbl          regclass    PRIMARY KEY,
     channel      text        NOT NULL,
     target       text        NOT NULL CHECK (target IN ('durable', 'notify')),
     level        text        NOT NULL CHECK (level IN ('statement', 'row')),
     ops          text[]      NOT NULL,
-    columns      text[],
-    exclude      text[],
+    columns      int2[],
+    exclude      int2[],
     installed_at timestamptz NOT NULL DEFAULT now()
 );
