@@ -238,6 +238,17 @@ pub enum QueueEvent {
         /// The last error.
         error: Arc<str>,
     },
+    /// A worker found, when it vacuumed the jobs table, that a transaction
+    /// or slot holds back the xmin horizon: VACUUM cannot remove the
+    /// entries of claimed jobs behind it, so every claim gets slower until
+    /// it ends (see [`Queue::horizon_holder`](crate::queue::Queue::horizon_holder)).
+    /// Sent once per holder, and again every 5 minutes while it stays.
+    HorizonHeld {
+        /// The worker's queue.
+        queue: Arc<str>,
+        /// The oldest holder.
+        holder: crate::queue::HorizonHolder,
+    },
     /// This event stream fell behind and missed this many events.
     Lagged {
         /// Events missed.

@@ -933,3 +933,63 @@ async fn a_job_running_at_shutdown_completes_once() {
     assert_eq!(count, 1, "the job running at shutdown ran once");
     ps2.shutdown().await;
 }
+
+/// An idle transaction holds back the xmin horizon: `horizon_holder`
+/// names it, and a worker that vacuums reports it as an event. On a cluster
+/// of its own, so no other test's session is the oldest.
+#[tokio::test]
+async fn a_transaction_holding_the_horizon_is_named_and_reported() {
+    let server = own_cluster(pg_pubsub::testing::TestOptions::default()).await;
+    let ps = PgPubSub::connect(server.url()).await.expect("connect");
+    let q = ps.queue();
+    q.install().await.expect("install");
+    let holder = raw_client_to(&server).await;
+    holder
+        .batch_execute(
+            "SET application_name = 'forgotten_begin'; BEGIN; SELECT pg_current_xact_id();",
+        )
+        .await
+        .expect("idle in transaction");
+    let found = q
+        .horizon_holder()
+        .await
+        .expect("holder")
+        .expect("some holder");
+    assert_eq!(found.kind, pg_pubsub::queue::HolderKind::Session);
+    assert_eq!(found.name, "forgotten_begin");
+    assert_eq!(found.state.as_deref(), Some("idle in transaction"));
+
+    // More than 1,000 transactions behind the holder (a claim takes many
+    // jobs in one), and 600 jobs: enough for the worker to vacuum when the
+    // queue falls quiet.
+    let other = raw_client_to(&server).await;
+    for _ in 0..1_100 {
+        other
+            .simple_query("SELECT pg_current_xact_id()")
+            .await
+            .expect("a transaction");
+    }
+    let name = channel("horizon");
+    let payloads: Vec<String> = (0..600).map(|i| i.to_string()).collect();
+    q.enqueue_batch(&name, &payloads, &JobOptions::default())
+        .await
+        .expect("enqueue");
+    let mut events = q.events();
+    let worker = fast(&q, &name)
+        .concurrency(8)
+        .horizon_warning(Duration::ZERO)
+        .run(|_job: Job| async { Ok::<_, std::convert::Infallible>(()) })
+        .await
+        .expect("worker");
+    let event = wait_event(&mut events, |e| matches!(e, QueueEvent::HorizonHeld { .. })).await;
+    let QueueEvent::HorizonHeld {
+        holder: reported, ..
+    } = event
+    else {
+        unreachable!("matched above");
+    };
+    assert_eq!(reported.name, "forgotten_begin");
+    assert!(reported.xid_age >= 1_000, "{reported:?}");
+    worker.shutdown().await.expect("shutdown");
+    ps.shutdown().await;
+}

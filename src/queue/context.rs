@@ -23,6 +23,8 @@ pub(super) struct Ctx {
     pub(super) sql: Sql,
     pub(super) retry_base: Duration,
     pub(super) retry_max: Duration,
+    /// A horizon holder open this long is reported.
+    pub(super) horizon_after: Duration,
     /// Claims handed to the completer and not yet written: their leases
     /// are still extended, so a slow completion cannot make them run again.
     pub(super) completing: std::sync::Mutex<HashSet<(i64, i32)>>,

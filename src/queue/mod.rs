@@ -33,7 +33,10 @@
 //!   work only. Its dead entries (the `ready` versions of claimed jobs)
 //!   are removed by VACUUM, which workers also run themselves
 //!   ([`WorkerBuilder::vacuum`]), so claiming costs the same after
-//!   millions of jobs. No CHECK constraints: PostgreSQL re-plans them in
+//!   millions of jobs, as long as no transaction holds back the xmin
+//!   horizon (then each claim walks over every job claimed since:
+//!   [`Queue::horizon_holder`] names it, workers report it as
+//!   [`QueueEvent::HorizonHeld`]). No CHECK constraints: PostgreSQL re-plans them in
 //!   every writing statement (a fifth of a one-job insert).
 //! * `dead_jobs`: jobs that failed their last attempt, with the error.
 //! * functions `enqueue`, `enqueue_many`, `claim`, `fail`, `rescue` (returns
@@ -84,6 +87,7 @@ mod attempt;
 mod completer;
 mod context;
 mod enqueue;
+mod horizon;
 mod job;
 mod runner;
 mod store;
@@ -98,6 +102,7 @@ use tokio::sync::OnceCell;
 pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
 pub use enqueue::{Enqueued, JobOptions};
+pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
 pub use worker::{Worker, WorkerBuilder};
 

@@ -13,7 +13,11 @@
 //! worker's, autovacuum's) is not waited for.
 //!
 //! VACUUM needs the table's owner (or the database owner, or a superuser):
-//! without that, the worker says so once and leaves it to autovacuum.
+//! without that, the worker says so once and leaves it to autovacuum. A
+//! check that fails (a restarting server) is asked again next time.
+//!
+//! Each time it is due, the worker also looks for what holds back the
+//! xmin horizon (see [`horizon`](super::horizon)) and reports it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +25,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::context::Ctx;
+use super::horizon::{holder_from, Reporter, HOLDER_SQL};
+use crate::event::QueueEvent;
 
 /// Jobs a worker finishes between two of its vacuums, at least.
 const MIN_JOBS: u64 = 5_000;
@@ -66,11 +72,34 @@ impl Plan {
     }
 }
 
+/// Whether this worker may vacuum: asked until the server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rights {
+    Unknown,
+    Allowed,
+    Denied,
+}
+
+impl Rights {
+    /// The state after a check: an error leaves it unknown (asked again).
+    fn after(self, check: Option<bool>) -> Rights {
+        match (self, check) {
+            (Rights::Unknown, Some(true)) => Rights::Allowed,
+            (Rights::Unknown, Some(false)) => Rights::Denied,
+            (state, _) => state,
+        }
+    }
+}
+
+/// How often a holder that stays the oldest is reported again.
+const HORIZON_REPEAT: Duration = Duration::from_secs(300);
+
 /// Vacuums as the counts of finished jobs arriving on `rx` call for;
 /// ends when the sender (the completer) is gone.
 pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<u64>) {
     let mut plan = Plan::default();
-    let mut allowed = None;
+    let mut rights = Rights::Unknown;
+    let mut reporter = Reporter::new(ctx.horizon_after, HORIZON_REPEAT);
     loop {
         let due = if plan.idle() {
             match tokio::time::timeout(IDLE_AFTER, rx.recv()).await {
@@ -87,11 +116,14 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<u64>) {
         if !due {
             continue;
         }
-        if allowed.is_none() {
-            allowed = Some(may_vacuum(&ctx).await);
+        check_horizon(&ctx, &mut reporter).await;
+        if rights == Rights::Unknown {
+            rights = rights.after(may_vacuum(&ctx).await);
         }
-        if allowed != Some(true) {
-            return; // the completer ignores a closed channel
+        if rights != Rights::Allowed {
+            // Denied for good, or unknown for now: counted again from zero.
+            plan.vacuumed(0);
+            continue;
         }
         let started = std::time::Instant::now();
         match vacuum(&ctx).await {
@@ -107,8 +139,38 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<u64>) {
     }
 }
 
-/// Whether this session may vacuum the jobs table; says so once if not.
-async fn may_vacuum(ctx: &Ctx) -> bool {
+/// Reports the oldest holder of the xmin horizon when it is worth it.
+async fn check_horizon(ctx: &Ctx, reporter: &mut Reporter) {
+    let found = ctx
+        .with_client("finding the xmin horizon", |client| async move {
+            Ok(client
+                .query(HOLDER_SQL, &[])
+                .await?
+                .first()
+                .map(holder_from))
+        })
+        .await;
+    match found {
+        Ok(holder) => {
+            if reporter.should_report(holder.as_ref(), tokio::time::Instant::now()) {
+                if let Some(holder) = holder {
+                    tracing::warn!(queue = %ctx.name, ?holder, "pg-pubsub: a transaction holds back the xmin horizon: claims slow down until it ends");
+                    ctx.events.emit(QueueEvent::HorizonHeld {
+                        queue: ctx.name.clone(),
+                        holder,
+                    });
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(queue = %ctx.name, %e, "pg-pubsub: could not look up the xmin horizon")
+        }
+    }
+}
+
+/// Whether this session may vacuum the jobs table (`None`: the check
+/// failed); says so once if not.
+async fn may_vacuum(ctx: &Ctx) -> Option<bool> {
     let sql = &ctx.sql.may_vacuum;
     let res = ctx
         .with_client("checking vacuum rights", |client| async move {
@@ -116,14 +178,14 @@ async fn may_vacuum(ctx: &Ctx) -> bool {
         })
         .await;
     match res {
-        Ok(true) => true,
+        Ok(true) => Some(true),
         Ok(false) => {
             tracing::info!(queue = %ctx.name, "pg-pubsub: this role does not own the jobs table, so the worker leaves vacuuming it to autovacuum");
-            false
+            Some(false)
         }
         Err(e) => {
-            tracing::warn!(queue = %ctx.name, %e, "pg-pubsub: could not check the right to vacuum the jobs table; leaving it to autovacuum");
-            false
+            tracing::warn!(queue = %ctx.name, %e, "pg-pubsub: could not check the right to vacuum the jobs table; asking again next time");
+            None
         }
     }
 }
@@ -162,6 +224,14 @@ mod tests {
         assert!(plan.finished(50_000 - MIN_JOBS));
         plan.vacuumed(10);
         assert!(plan.finished(MIN_JOBS), "back to the minimum");
+    }
+
+    #[test]
+    fn a_failed_rights_check_is_asked_again() {
+        assert_eq!(Rights::Unknown.after(None), Rights::Unknown);
+        assert_eq!(Rights::Unknown.after(Some(true)), Rights::Allowed);
+        assert_eq!(Rights::Unknown.after(Some(false)), Rights::Denied);
+        assert_eq!(Rights::Denied.after(Some(true)), Rights::Denied);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct WorkerBuilder {
     retry_base: Duration,
     retry_max: Duration,
     vacuum: bool,
+    horizon_after: Duration,
 }
 
 impl Queue {
@@ -50,6 +51,7 @@ impl Queue {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(3600),
             vacuum: true,
+            horizon_after: Duration::from_secs(60),
         }
     }
 }
@@ -121,6 +123,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long a transaction (or prepared transaction) must hold back the
+    /// xmin horizon before the worker reports it, when it vacuums, as
+    /// [`QueueEvent::HorizonHeld`](crate::event::QueueEvent::HorizonHeld).
+    /// Default: 60 s.
+    pub fn horizon_warning(mut self, after: Duration) -> Self {
+        self.horizon_after = after;
+        self
+    }
+
     /// Starts the worker in the background and returns its handle. Each
     /// job runs `handler` in a task of its own: `Ok` completes the job,
     /// `Err` (its `Display` text is kept) or a panic fails the attempt.
@@ -159,6 +170,7 @@ impl WorkerBuilder {
             events: queue.pubsub.inner.buses.queue.clone(),
             retry_base: self.retry_base,
             retry_max: self.retry_max,
+            horizon_after: self.horizon_after,
             completing: Default::default(),
         });
         let stop_tx = Arc::new(watch::Sender::new(None::<Instant>));

@@ -383,6 +383,22 @@ async fn stats(q: &Queue) -> Result<()> {
         });
         println!("{line}");
     }
+    if let Some(h) = q.horizon_holder().await? {
+        if h.is_held(Duration::from_secs(60)) {
+            let age = h
+                .age
+                .map_or(String::new(), |a| format!(" for {}", human(a)));
+            note(&format!(
+                "the xmin horizon is held by {:?} {} (pid {:?}, {}){age}, {} transactions \
+                 ago: claims slow down until it ends",
+                h.kind,
+                h.name,
+                h.pid,
+                h.state.as_deref().unwrap_or("-"),
+                h.xid_age
+            ));
+        }
+    }
     Ok(())
 }
 
