@@ -72,7 +72,12 @@ impl Listener {
     async fn start(channels: &[&str]) -> (Listener, String) {
         let mut args = vec!["listen"];
         args.extend_from_slice(channels);
-        let mut child = cli(&args).spawn().expect("spawn pg-pubsub listen");
+        Listener::spawn(&args).await
+    }
+
+    /// Starts any long-running subcommand; returns its first stderr line.
+    async fn spawn(args: &[&str]) -> (Listener, String) {
+        let mut child = cli(args).spawn().expect("spawn pg-pubsub");
         let stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let mut l = Listener {
@@ -137,6 +142,36 @@ async fn listen_prints_json_lines_and_exits_cleanly_on_sigterm() {
         assert!(line.starts_with("pg-pubsub: "), "{line}");
         assert!(!line.contains("panicked"), "{line}");
     }
+}
+
+/// `pg-pubsub dev`: a server one can connect to at the printed URL, gone
+/// (port closed) after SIGINT.
+#[tokio::test]
+async fn dev_starts_a_throwaway_server_and_removes_it_on_sigint() {
+    let (mut dev, first) = Listener::spawn(&["dev"]).await;
+    assert!(first.starts_with("pg-pubsub: starting"), "{first}");
+    let export = next_line(&mut dev.stdout).await;
+    let url = export
+        .strip_prefix("export DATABASE_URL=")
+        .unwrap_or_else(|| panic!("an export line: {export}"))
+        .to_owned();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the dev server");
+    let conn = tokio::spawn(conn);
+    let level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(level, "logical");
+    drop(client);
+    let _ = conn.await;
+    dev.signal("-INT");
+    let status = dev.wait().await;
+    assert!(status.success(), "{status:?}");
+    let gone = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
+    assert!(gone.is_err(), "the server still answers after exit");
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod changes;
 mod common;
+mod dev;
 mod durable;
 mod listen;
 mod migrate;
@@ -42,6 +43,8 @@ enum Command {
     Notify(notify::NotifyArgs),
     /// Durable channels: stored messages, consumer groups.
     Durable(durable::DurableArgs),
+    /// Start a throwaway PostgreSQL and print its URL (until Ctrl-C).
+    Dev(dev::DevArgs),
     /// The schema's migrations: status, apply pending ones, print the script.
     Migrate(migrate::MigrateArgs),
     /// Work queue: enqueue jobs, run a worker command, stats, dead jobs.
@@ -58,6 +61,7 @@ async fn main() -> ExitCode {
         Command::Listen(args) => listen::run(&cli.conn, args).await,
         Command::Notify(args) => notify::run(&cli.conn, args).await,
         Command::Durable(args) => durable::run(&cli.conn, args).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Migrate(args) => migrate::run(&cli.conn, args).await,
         Command::Queue(args) => queue::run(&cli.conn, args).await,
         Command::Changes(args) => changes::run(&cli.conn, args).await,
