@@ -190,5 +190,7 @@ pub use stats::{ChannelStats, Stats};
 pub use subscription::Subscription;
 pub use tx::Executor;
 
+pub use bytes;
 pub use deadpool_postgres;
+pub use serde_json;
 pub use tokio_postgres;

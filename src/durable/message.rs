@@ -45,6 +45,31 @@ pub struct DurableMessage<T> {
 }
 
 impl<T> DurableMessage<T> {
+    /// A message to unit-test a consumer's handling with, without a server:
+    /// published now at `position` on channel `test` for group `test`.
+    /// [`ack`](Self::ack) on it does nothing visible; `ack_tx` would
+    /// update no row.
+    ///
+    /// ```
+    /// use pg_pubsub::durable::{DurableMessage, Position};
+    /// let m = DurableMessage::for_test("hi".to_owned(), Position { tick: 1, xid: 7, seq: 1 });
+    /// assert_eq!(m.payload(), "hi");
+    /// m.ack();
+    /// ```
+    pub fn for_test(payload: T, position: Position) -> DurableMessage<T> {
+        let channel = ChannelName::new("test").expect("a valid channel name");
+        DurableMessage {
+            payload,
+            position,
+            published_at: SystemTime::now(),
+            acks: Arc::new(Acks::new(
+                &SchemaName::default(),
+                channel,
+                Arc::from("test"),
+            )),
+        }
+    }
+
     /// The decoded payload.
     pub fn payload(&self) -> &T {
         &self.payload

@@ -12,15 +12,20 @@ pub struct QueueStats {
     /// The queue.
     pub queue: String,
     /// Jobs due now, waiting for a worker.
-    pub ready: i64,
+    pub ready: u64,
     /// Jobs waiting for a later time (scheduled, or retrying after a backoff).
-    pub scheduled: i64,
+    pub scheduled: u64,
     /// Jobs claimed by a worker.
-    pub running: i64,
+    pub running: u64,
     /// Dead jobs kept in `dead_jobs`.
-    pub dead: i64,
+    pub dead: u64,
     /// How long the oldest due job has been due; zero when none is.
     pub oldest_ready_age: Duration,
+}
+
+/// A `count(*)` as the unsigned count every stats type uses.
+fn count(n: i64) -> u64 {
+    n.max(0) as u64
 }
 
 /// A job that failed its last attempt, from [`Queue::dead_jobs`].
@@ -65,10 +70,10 @@ impl Queue {
                 .iter()
                 .map(|r| QueueStats {
                     queue: r.get(0),
-                    ready: r.get(1),
-                    scheduled: r.get(2),
-                    running: r.get(3),
-                    dead: r.get(4),
+                    ready: count(r.get(1)),
+                    scheduled: count(r.get(2)),
+                    running: count(r.get(3)),
+                    dead: count(r.get(4)),
                     oldest_ready_age: Duration::from_secs_f64(r.get::<_, f64>(5).max(0.0)),
                 })
                 .collect())

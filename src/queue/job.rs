@@ -40,6 +40,29 @@ impl fmt::Debug for Job {
 }
 
 impl Job {
+    /// A job to unit-test a handler with, without a server or a worker:
+    /// id 1, attempt 1 of 25, priority 0, created now. It belongs to no
+    /// claim: [`complete_tx`](Self::complete_tx) on it fails.
+    ///
+    /// ```
+    /// let job = pg_pubsub::queue::Job::for_test("emails", r#"{"to":"a@example.com"}"#);
+    /// assert_eq!(job.queue(), "emails");
+    /// ```
+    pub fn for_test(queue: &str, payload: impl Into<String>) -> Job {
+        Job {
+            id: 1,
+            queue: Arc::from(queue),
+            attempt: 1,
+            max_attempts: 25,
+            priority: 0,
+            created_at: SystemTime::now(),
+            payload: payload.into(),
+            // Matches no row: a test job's completion is a lost claim.
+            complete_sql: Arc::from("SELECT 1 WHERE false"),
+            completed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// The job's id (stable across attempts, and in `dead_jobs`).
     pub fn id(&self) -> i64 {
         self.id
