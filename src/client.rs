@@ -16,7 +16,7 @@ use crate::connect::{SslMode, Target};
 use crate::driver::{
     ChannelSet, Command, Driver, Endpoint, Leading, Mode, Shared, Status, CONTROL_CHANNEL,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::event::EventStream;
 use crate::inbox::Queue;
 use crate::stats::{Board, Stats};
@@ -249,7 +249,7 @@ impl Builder {
     }
 
     /// How long `notify` may wait (for a pooled connection and the server)
-    /// before returning [`ErrorKind::Timeout`]. Default: 10 s.
+    /// before returning [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). Default: 10 s.
     pub fn notify_timeout(mut self, timeout: Duration) -> Self {
         self.opts.notify_timeout = timeout;
         self
@@ -446,9 +446,7 @@ fn build_pool(pg: tokio_postgres::Config, tls: Connector, opts: &Options) -> Res
         .create_timeout(Some(opts.connect_timeout))
         .recycle_timeout(Some(opts.notify_timeout))
         .build()
-        .map_err(|e| {
-            Error::new(ErrorKind::Config, format!("building the pool: {e}")).with_source(e)
-        })
+        .map_err(|e| Error::new(Origin::Config, format!("building the pool: {e}")).with_source(e))
 }
 
 fn decode_json<T: DeserializeOwned>(raw: &str) -> Result<T, serde_json::Error> {
@@ -547,7 +545,7 @@ impl PgPubSub {
         let channel = ChannelName::new(channel)?;
         if channel.as_str() == CONTROL_CHANNEL {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 format!("channel {CONTROL_CHANNEL:?} is reserved for the single-listener election"),
             ));
         }
@@ -675,7 +673,7 @@ impl PgPubSub {
     /// queued is read), `UNLISTEN`s, closes the listener and the pool
     /// (unless it was given with [`Builder::pool`]). Each step is bounded by
     /// the shutdown timeout, even when the server is unreachable.
-    /// Afterwards `listen` and `notify` return [`ErrorKind::ShutDown`], and
+    /// Afterwards `listen` and `notify` return [`ErrorKind::ShutDown`](crate::ErrorKind::ShutDown), and
     /// starting a worker, consumer or feed fails the same way. Idempotent.
     pub async fn shutdown(&self) {
         let inner = &self.inner;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// Reconnect delays: the first attempt is immediate, then `initial`, doubling
 /// up to `max`, each shortened by up to `jitter` (a fraction, 0.0 to 1.0) at
@@ -47,7 +47,7 @@ impl Backoff {
 ///
 /// A channel is either elected or not within one instance: while it has
 /// subscriptions of one mode, a subscription asking for the other fails
-/// with [`ErrorKind::Config`]. Filtering may differ between subscriptions
+/// with [`ErrorKind::Config`](crate::ErrorKind::Config). Filtering may differ between subscriptions
 /// of one channel.
 ///
 /// ```no_run
@@ -129,7 +129,7 @@ impl Default for Options {
 
 impl Options {
     pub(crate) fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::new(ErrorKind::Config, what.to_owned()));
+        let bad = |what: &str| Err(Error::new(Origin::Config, what.to_owned()));
         if self.queue_capacity == 0 {
             return bad("queue_capacity must be at least 1");
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::Config;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::tls::Connector;
 
 /// libpq's `sslmode`: whether to use TLS and how much of the server's
@@ -43,7 +43,7 @@ impl SslMode {
             "verify-full" => SslMode::VerifyFull,
             other => {
                 return Err(Error::new(
-                    ErrorKind::Config,
+                    Origin::Config,
                     format!(
                         "invalid sslmode {other:?}: expected disable, allow, prefer, require, \
                          verify-ca or verify-full"
@@ -102,7 +102,7 @@ impl Target {
         // The error never contains the string itself, so no password leaks.
         // The reason ("unknown option `x`") is the source: keep it.
         let mut pg: Config = rest.parse().map_err(|e: tokio_postgres::Error| {
-            Error::new(ErrorKind::Config, crate::error::describe_pg_error(&e)).with_source(e)
+            Error::new(Origin::Config, crate::error::describe_pg_error(&e)).with_source(e)
         })?;
         pg.ssl_mode(match ssl_mode {
             SslMode::Disable => PgSslMode::Disable,
@@ -155,7 +155,7 @@ impl Target {
     fn rustls(&self, needs_tls: bool) -> Result<Connector> {
         if needs_tls {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 format!(
                     "sslmode={} needs TLS, but pg-pubsub was built without its `tls` feature: \
                      enable it (pg-pubsub = {{ features = [\"tls\"] }}) or pass a connector \
@@ -291,6 +291,7 @@ fn take_from_key_values(s: &str) -> (String, Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
 
     #[test]
     fn a_bad_connection_string_says_why() {

@@ -1,4 +1,5 @@
-//! The crate's error type: an opaque [`Error`] with a [`ErrorKind`] and accessors.
+//! The crate's error type: an opaque [`Error`] with a kind ([`ErrorKind`]:
+//! what), a [`Stage`] (where) and predicates (retry? may it have committed?).
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,25 +9,23 @@ use tokio_postgres::error::{DbError, SqlState};
 /// A specialised `Result` for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What went wrong, and at which stage.
-///
-/// Whether the cause was a lost or unreachable server is a separate
-/// question, answered by [`Error::is_connection`] for every kind.
+/// What went wrong. Where it went wrong is a separate axis,
+/// [`Error::stage`]; whether the server was lost (so a retry may succeed)
+/// another, [`Error::is_connection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The channel name is empty.
-    EmptyChannel,
-    /// The channel name contains a NUL byte.
-    ChannelContainsNul,
-    /// The channel name is 64 bytes or longer.
-    ChannelTooLong,
-    /// The payload (after serialization and framing) is 8000 bytes or longer.
-    PayloadTooLarge,
+    /// A name was refused before anything was sent: a channel (empty, a
+    /// NUL byte, 64 bytes or longer), a consumer group, a queue, a schema.
+    /// The message names which and why.
+    InvalidName,
+    /// A documented limit: a payload of 8000 bytes or more for `NOTIFY`, a
+    /// NUL byte PostgreSQL text cannot hold, an argument out of range.
+    Limit,
     /// The value could not be serialized to JSON.
     Serialize,
-    /// The options are inconsistent (for example a zero queue capacity, or
-    /// an `sslmode` that needs the `tls` feature without it).
+    /// The options are inconsistent (a zero capacity, an `sslmode` that
+    /// needs the `tls` feature without it, two max ages for one channel).
     Config,
     /// Opening a connection failed: unreachable or refusing server, a
     /// database that does not exist, too many connections, ...
@@ -37,32 +36,106 @@ pub enum ErrorKind {
     /// TLS could not be set up: the server's certificate did not verify
     /// (unknown CA, wrong host name), or the server does not offer TLS.
     Tls,
-    /// `LISTEN`/`UNLISTEN`, the single-listener lock, or another statement
-    /// on the listener connection failed.
-    Listen,
-    /// Publishing failed (the `pg_notify` statement or its connection).
-    Notify,
+    /// An established connection was lost while a statement or stream ran
+    /// (server restart, terminated backend, network).
+    Connection,
+    /// The server refused or failed a statement: [`Error::code`] has the
+    /// SQLSTATE. Also an answer this crate could not read.
+    Server,
+    /// The operation no longer applies: a job's claim was lost (its lease
+    /// expired), a consumer group or a replication slot was removed.
+    Conflict,
     /// The operation did not finish within its configured timeout.
     Timeout,
     /// The [`PgPubSub`](crate::PgPubSub) has been shut down.
     ShutDown,
-    /// The payload contains a NUL byte, which PostgreSQL text cannot hold.
-    PayloadContainsNul,
-    /// A durable-channel statement failed (publish, read, ack, retention).
-    Durable,
-    /// The durable schema could not be installed, or the database holds a
-    /// version this crate does not know.
+    /// The schema could not be installed or used: a newer, edited or
+    /// unknown migration, or migrations pending with automatic migration off.
     Schema,
-    /// A work-queue statement failed (enqueue, claim, complete, fail), or a
-    /// job's claim was lost (its lease expired and another worker took it).
+}
+
+/// Where an error happened: which part of the crate was at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Stage {
+    /// Opening a connection (listener, pool, replication).
+    Connect,
+    /// The listener connection: `LISTEN`/`UNLISTEN`, the single-listener lock.
+    Listen,
+    /// Publishing with `notify`.
+    Notify,
+    /// A durable-channel statement (publish, tick, read, ack, retention).
+    Durable,
+    /// A work-queue statement (enqueue, claim, complete, fail, rescue).
     Queue,
-    /// The WAL change feed failed: `wal_level` is not `logical` (SQLSTATE
-    /// 55000), the role lacks `REPLICATION` (42501), the slot or publication
-    /// could not be set up, or the replication stream broke.
-    Wal,
-    /// A change-feed statement failed (installing or removing a feed's
-    /// triggers, looking a feed up), or the table has no feed.
+    /// A trigger change-feed statement (install, remove, look up).
     Changes,
+    /// The WAL change feed: slot, publication, replication stream.
+    Wal,
+    /// Installing or checking the schema.
+    Schema,
+}
+
+/// What a crate-internal constructor is told: a kind, or the stage at
+/// which a statement failed (the kind then comes from the cause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    EmptyChannel,
+    ChannelContainsNul,
+    ChannelTooLong,
+    InvalidName,
+    PayloadTooLarge,
+    PayloadContainsNul,
+    Serialize,
+    Config,
+    Connect,
+    Authentication,
+    Timeout,
+    ShutDown,
+    Schema,
+    Conflict,
+    Listen,
+    Notify,
+    Durable,
+    Queue,
+    Changes,
+    Wal,
+}
+
+impl Origin {
+    /// The kind and the stage an error of this origin has when its cause
+    /// says nothing more specific (`connection`: the server was lost).
+    fn split(self, connection: bool) -> (ErrorKind, Option<Stage>) {
+        let at = |stage| {
+            let kind = if connection {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::Server
+            };
+            (kind, Some(stage))
+        };
+        match self {
+            Origin::EmptyChannel
+            | Origin::ChannelContainsNul
+            | Origin::ChannelTooLong
+            | Origin::InvalidName => (ErrorKind::InvalidName, None),
+            Origin::PayloadTooLarge | Origin::PayloadContainsNul => (ErrorKind::Limit, None),
+            Origin::Serialize => (ErrorKind::Serialize, None),
+            Origin::Config => (ErrorKind::Config, None),
+            Origin::Connect => (ErrorKind::Connect, Some(Stage::Connect)),
+            Origin::Authentication => (ErrorKind::Authentication, Some(Stage::Connect)),
+            Origin::Timeout => (ErrorKind::Timeout, None),
+            Origin::ShutDown => (ErrorKind::ShutDown, None),
+            Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),
+            Origin::Conflict => (ErrorKind::Conflict, None),
+            Origin::Listen => at(Stage::Listen),
+            Origin::Notify => at(Stage::Notify),
+            Origin::Durable => at(Stage::Durable),
+            Origin::Queue => at(Stage::Queue),
+            Origin::Changes => at(Stage::Changes),
+            Origin::Wal => at(Stage::Wal),
+        }
+    }
 }
 
 /// An error from this crate. Use [`Error::kind`] to branch on it,
@@ -76,11 +149,12 @@ pub enum ErrorKind {
 /// ```
 /// use pg_pubsub::{ErrorKind, ChannelName};
 /// let err = ChannelName::new("").unwrap_err();
-/// assert_eq!(err.kind(), ErrorKind::EmptyChannel);
+/// assert_eq!(err.kind(), ErrorKind::InvalidName);
 /// ```
 #[derive(Clone)]
 pub struct Error {
     kind: ErrorKind,
+    stage: Option<Stage>,
     message: String,
     connection: bool,
     /// The statement had been sent when the call failed.
@@ -89,9 +163,11 @@ pub struct Error {
 }
 
 impl Error {
-    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(origin: Origin, message: impl Into<String>) -> Self {
+        let (kind, stage) = origin.split(false);
         Error {
             kind,
+            stage,
             message: message.into(),
             connection: false,
             sent: false,
@@ -110,6 +186,15 @@ impl Error {
     /// Marks the error as a lost or unreachable server.
     pub(crate) fn connection(mut self) -> Self {
         self.connection = true;
+        if self.kind == ErrorKind::Server {
+            self.kind = ErrorKind::Connection;
+        }
+        self
+    }
+
+    /// Says at which stage it happened.
+    pub(crate) fn at(mut self, stage: Stage) -> Self {
+        self.stage = Some(stage);
         self
     }
 
@@ -126,13 +211,13 @@ impl Error {
     }
 
     pub(crate) fn shut_down() -> Self {
-        Error::new(ErrorKind::ShutDown, "the PgPubSub has been shut down")
+        Error::new(Origin::ShutDown, "the PgPubSub has been shut down")
     }
 
     /// A statement or connection failed at `stage` (the kind used unless the
     /// error says authentication or TLS); `what` names the operation.
-    pub(crate) fn pg(stage: ErrorKind, what: &str, err: tokio_postgres::Error) -> Self {
-        let (kind, connection) = classify(stage, &err);
+    pub(crate) fn pg(origin: Origin, what: &str, err: tokio_postgres::Error) -> Self {
+        let (kind, stage, connection) = classify(origin, &err);
         let mut message = format!("{what}: {}", describe_pg_error(&err));
         if kind == ErrorKind::Tls && mentions_certificate(&err) {
             message.push_str(
@@ -142,6 +227,7 @@ impl Error {
         }
         Error {
             kind,
+            stage,
             message,
             connection,
             sent: false,
@@ -150,7 +236,7 @@ impl Error {
     }
 
     /// The session ended without an error from the server or the socket.
-    pub(crate) fn closed(stage: ErrorKind, what: &str) -> Self {
+    pub(crate) fn closed(stage: Origin, what: &str) -> Self {
         Error::new(stage, format!("{what}: server closed the connection")).connection()
     }
 
@@ -158,7 +244,7 @@ impl Error {
     /// attempt ran into, if anything.
     pub(crate) fn timeout(what: &str, timeout: std::time::Duration, last: Option<Error>) -> Self {
         let mut err = Error::new(
-            ErrorKind::Timeout,
+            Origin::Timeout,
             format!("{what}: no answer within {timeout:?} (is the server reachable?)"),
         );
         if let Some(last) = last {
@@ -171,6 +257,12 @@ impl Error {
     /// What kind of error this is.
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// Where it happened, when that is known (a refused name is refused
+    /// before any stage).
+    pub fn stage(&self) -> Option<Stage> {
+        self.stage
     }
 
     /// The server's error, when the server answered with one (a refused
@@ -217,37 +309,44 @@ impl Error {
     }
 }
 
-/// The kind and whether the connection was lost, for an error at `stage`.
-fn classify(stage: ErrorKind, err: &tokio_postgres::Error) -> (ErrorKind, bool) {
+/// The kind, the stage and whether the connection was lost, for an error
+/// of `origin`.
+fn classify(origin: Origin, err: &tokio_postgres::Error) -> (ErrorKind, Option<Stage>, bool) {
+    let with = |connection: bool| {
+        let (kind, stage) = origin.split(connection);
+        (kind, stage, connection)
+    };
+    let stage = origin.split(false).1;
     if let Some(db) = err.as_db_error() {
         let class = &db.code().code()[..2];
         if class == "28" {
-            return (ErrorKind::Authentication, false);
+            return (ErrorKind::Authentication, stage, false);
         }
         // A database that does not exist will not appear by retrying.
         let lost = (matches!(db.severity(), "FATAL" | "PANIC")
             && *db.code() != SqlState::INVALID_CATALOG_NAME)
             || class == "08"
             || (class == "57" && *db.code() != SqlState::QUERY_CANCELED);
-        return (stage, lost);
+        return with(lost);
     }
     let text = err.to_string();
     // tokio-postgres' own client-side authentication failures (no password given, ...).
     if text.starts_with("authentication error") {
-        return (ErrorKind::Authentication, false);
+        return (ErrorKind::Authentication, stage, false);
     }
     if text.starts_with("timeout waiting for server") {
-        return (stage, true);
+        return with(true);
     }
     if is_tls(err) {
         // A handshake cut short by the network is a connection problem; a
         // certificate or a server without TLS will not heal by retrying.
         return (
             ErrorKind::Tls,
+            stage,
             has_io_loss(err) && !mentions_certificate(err),
         );
     }
-    (stage, err.is_closed() || has_io_loss(err))
+    with(err.is_closed() || has_io_loss(err))
 }
 
 /// tokio-postgres does not expose its error kinds; its TLS kind always
@@ -306,6 +405,7 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind)
+            .field("stage", &self.stage)
             .field("message", &self.message)
             .field("connection", &self.is_connection())
             .field("may_have_committed", &self.sent);

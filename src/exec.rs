@@ -27,7 +27,7 @@ use deadpool_postgres::{Object, Pool};
 use tokio_postgres::CancelToken;
 
 use crate::config::Backoff;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Origin, Result};
 use crate::tls::Connector;
 
 /// Runs statements on the pool. Cheap to clone.
@@ -77,12 +77,7 @@ impl Exec {
 
     /// Runs `f` on a pooled connection within the timeout, its server
     /// errors reported as `kind` at `stage`.
-    pub(crate) async fn run<R, F, Fut>(
-        &self,
-        kind: ErrorKind,
-        stage: &'static str,
-        f: F,
-    ) -> Result<R>
+    pub(crate) async fn run<R, F, Fut>(&self, kind: Origin, stage: &'static str, f: F) -> Result<R>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
@@ -252,16 +247,16 @@ fn pool_error(stage: &str, err: deadpool_postgres::PoolError) -> Error {
     use deadpool_postgres::PoolError;
     match err {
         // The pool opens connections on demand: this is a failed connect.
-        PoolError::Backend(e) => Error::pg(ErrorKind::Connect, &format!("{stage}: connecting"), e),
+        PoolError::Backend(e) => Error::pg(Origin::Connect, &format!("{stage}: connecting"), e),
         PoolError::Timeout(_) => Error::new(
-            ErrorKind::Timeout,
+            Origin::Timeout,
             format!("{stage}: no pooled connection: {err}"),
         )
         .with_source(err)
         .connection(),
         PoolError::Closed => Error::shut_down().context(format!("{stage}: the pool is closed")),
         other => Error::new(
-            ErrorKind::Connect,
+            Origin::Connect,
             format!("{stage}: no pooled connection: {other}"),
         )
         .with_source(other),

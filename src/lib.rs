@@ -98,12 +98,15 @@
 //!
 //! ## Errors
 //!
-//! [`Error::kind`] says which stage failed ([`ErrorKind::Connect`],
-//! [`ErrorKind::Authentication`], [`ErrorKind::Tls`], [`ErrorKind::Listen`],
-//! [`ErrorKind::Notify`], [`ErrorKind::Timeout`], ...);
-//! [`Error::is_connection`] whether the server was lost or unreachable (so a
-//! retry may succeed); [`Error::code`] and [`Error::as_db_error`] give the
-//! server's SQLSTATE and error. The underlying error is the `source()`.
+//! One [`Error`] type, with separate axes: [`Error::kind`] says what went
+//! wrong ([`ErrorKind::InvalidName`], [`ErrorKind::Limit`],
+//! [`ErrorKind::Connect`], [`ErrorKind::Server`], [`ErrorKind::Timeout`],
+//! ...), [`Error::stage`] where ([`Stage::Listen`], [`Stage::Durable`],
+//! [`Stage::Queue`], ...), [`Error::is_connection`] whether the server was
+//! lost or unreachable (so a retry may succeed), and
+//! [`Error::may_have_committed`] whether a failed call may still have taken
+//! effect; [`Error::code`] and [`Error::as_db_error`] give the server's
+//! SQLSTATE and error. The underlying error is the `source()`.
 //!
 //! ## Modules
 //! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
@@ -183,7 +186,7 @@ pub use channel::ChannelName;
 pub use client::{Builder, IntoConfig, PgPubSub};
 pub use config::{Backoff, ListenOptions};
 pub use connect::SslMode;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result, Stage};
 pub use event::{ConnectionEvent, EventStream};
 pub use message::{DecodeError, Delivery, Gap, GapCause, Message};
 pub use stats::{ChannelStats, Stats};

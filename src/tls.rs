@@ -163,7 +163,7 @@ mod with_rustls {
     use tokio_postgres_rustls::MakeRustlsConnect;
 
     use super::Connector;
-    use crate::error::{Error, ErrorKind, Result};
+    use crate::error::{Error, Origin, Result};
 
     /// How much of the server's certificate is checked.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,7 +208,7 @@ mod with_rustls {
     }
 
     fn tls_config_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-        Error::new(ErrorKind::Config, format!("TLS: {what}: {e}")).with_source(e)
+        Error::new(Origin::Config, format!("TLS: {what}: {e}")).with_source(e)
     }
 
     fn roots(root_cert: Option<&Path>) -> Result<RootCertStore> {
@@ -218,7 +218,7 @@ mod with_rustls {
                 let shown = path.display();
                 let bytes = std::fs::read(path).map_err(|e| {
                     Error::new(
-                        ErrorKind::Config,
+                        Origin::Config,
                         format!("cannot read sslrootcert {shown}: {e}"),
                     )
                     .with_source(e)
@@ -233,7 +233,7 @@ mod with_rustls {
                 }
                 if roots.is_empty() {
                     return Err(Error::new(
-                        ErrorKind::Config,
+                        Origin::Config,
                         format!("sslrootcert {shown} holds no PEM certificate"),
                     ));
                 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::error::ErrorKind;
+use crate::error::Origin;
 use crate::exec::Exec;
 
 /// The least time between the starts of two wake-up statements.
@@ -108,7 +108,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<(String, String)>, exec: Exec) {
         let started = tokio::time::Instant::now();
         let (channels, payloads): (Vec<String>, Vec<String>) = batch.into_iter().unzip();
         let sent = exec
-            .run(ErrorKind::Notify, "wake-up", |client| async move {
+            .run(Origin::Notify, "wake-up", |client| async move {
                 let stmt = client
                     .prepare_cached(
                         "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",

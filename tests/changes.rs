@@ -589,7 +589,8 @@ async fn the_install_script_is_printable_and_bad_input_is_refused() {
         .install_change_feed(&format!("{s}.missing"), &FeedOptions::new())
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), pg_pubsub::ErrorKind::Changes, "{e}");
+    assert_eq!(e.kind(), pg_pubsub::ErrorKind::Server, "{e}");
+    assert_eq!(e.stage(), Some(pg_pubsub::Stage::Changes), "{e}");
     let un = changes.uninstall_change_feed_sql(&table).await.unwrap();
     assert!(un.contains("DROP TRIGGER IF EXISTS"), "{un}");
     ps.shutdown().await;

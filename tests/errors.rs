@@ -114,7 +114,8 @@ async fn connect_and_notify_errors_keep_the_server_error() {
     let tx = client.transaction().await.unwrap();
     assert!(tx.batch_execute("SELECT 1/0").await.is_err());
     let err = ps.notify_tx(&tx, "errors", &1u8).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Notify, "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Server, "{err:?}");
+    assert_eq!(err.stage(), Some(pg_pubsub::Stage::Notify), "{err:?}");
     assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
     assert!(err.to_string().contains("25P02"), "{err}");
     assert!(!err.is_connection());

@@ -300,7 +300,7 @@ async fn limits_are_checked_before_the_server_at_the_exact_bytes() {
     ps.notify_raw(&ch, &ok).await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload().len(), 7999);
     let err = ps.notify_raw(&ch, &"x".repeat(8000)).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    assert_eq!(err.kind(), ErrorKind::Limit);
     assert!(err.to_string().contains("8000 bytes"), "{err}");
     // Bytes, not characters: 4000 two-byte characters.
     assert_eq!(
@@ -308,12 +308,12 @@ async fn limits_are_checked_before_the_server_at_the_exact_bytes() {
             .await
             .unwrap_err()
             .kind(),
-        ErrorKind::PayloadTooLarge
+        ErrorKind::Limit
     );
     // Serialized size counts: a 7998-char string is 8000 bytes of JSON.
     assert_eq!(
         ps.notify(&ch, &"y".repeat(7998)).await.unwrap_err().kind(),
-        ErrorKind::PayloadTooLarge
+        ErrorKind::Limit
     );
     ps.notify(&ch, &"y".repeat(7997)).await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload().len(), 7999);
@@ -325,25 +325,25 @@ async fn limits_are_checked_before_the_server_at_the_exact_bytes() {
     let name64 = format!("{name63}n");
     assert_eq!(
         ps.listen_raw(&name64).await.unwrap_err().kind(),
-        ErrorKind::ChannelTooLong
+        ErrorKind::InvalidName
     );
     assert_eq!(
         ps.notify_raw(&name64, "x").await.unwrap_err().kind(),
-        ErrorKind::ChannelTooLong
+        ErrorKind::InvalidName
     );
     assert_eq!(
         ps.listen_raw("").await.unwrap_err().kind(),
-        ErrorKind::EmptyChannel
+        ErrorKind::InvalidName
     );
     assert_eq!(
         ps.notify_raw("a\0b", "x").await.unwrap_err().kind(),
-        ErrorKind::ChannelContainsNul
+        ErrorKind::InvalidName
     );
     let batch_err = ps
         .notify_batch(&ch, ["fine", &"x".repeat(8000)])
         .await
         .unwrap_err();
-    assert_eq!(batch_err.kind(), ErrorKind::PayloadTooLarge);
+    assert_eq!(batch_err.kind(), ErrorKind::Limit);
     assert!(batch_err.to_string().contains("#1"), "{batch_err}");
     // Nothing of the refused batch was sent, and the listener is unharmed.
     ps.notify_raw(&ch, "after").await.unwrap();

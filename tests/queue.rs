@@ -562,7 +562,7 @@ async fn complete_in_fails_when_the_claim_was_lost() {
         })
         .await
         .unwrap();
-    assert_eq!(recv(&mut rx).await, ErrorKind::Queue);
+    assert_eq!(recv(&mut rx).await, ErrorKind::Conflict);
     worker.shutdown().await.unwrap();
     ps.shutdown().await;
 }
@@ -577,7 +577,7 @@ async fn bad_input_is_refused_before_anything_is_sent() {
     );
     assert_eq!(
         q.enqueue_raw("q", "a\0b").await.unwrap_err().kind(),
-        ErrorKind::PayloadContainsNul
+        ErrorKind::Limit
     );
     let zero = JobOptions::new().max_attempts(0);
     assert_eq!(

@@ -55,7 +55,7 @@ async fn server_restart_gives_a_gap_and_delivery_resumes() {
     assert!(
         matches!(
             err.kind(),
-            ErrorKind::Timeout | ErrorKind::Connect | ErrorKind::Notify
+            ErrorKind::Timeout | ErrorKind::Connect | ErrorKind::Connection
         ),
         "{err:?}"
     );

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -45,7 +45,7 @@ impl FromStr for Op {
             "delete" => Ok(Op::Delete),
             "truncate" => Ok(Op::Truncate),
             other => Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 format!("{other:?} is not an operation (insert, update, delete, truncate)"),
             )),
         }
@@ -210,7 +210,7 @@ impl FromStr for Lsn {
     fn from_str(s: &str) -> Result<Lsn> {
         let bad = || {
             Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 format!("{s:?} is not an LSN (expected hex `X/Y`, e.g. 16/B374D848)"),
             )
         };

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::event::Op;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// How the triggers of a feed run.
 ///
@@ -48,7 +48,7 @@ impl FromStr for TriggerLevel {
             "statement" => Ok(TriggerLevel::Statement),
             "row" => Ok(TriggerLevel::Row),
             other => Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 format!("trigger level {other:?} is not statement or row"),
             )),
         }
@@ -145,7 +145,7 @@ impl FeedOptions {
         }
         if self.ops.as_ref().is_some_and(Vec::is_empty) {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 "a change feed needs at least one operation",
             ));
         }

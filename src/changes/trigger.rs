@@ -6,7 +6,7 @@ use super::event::{ChangeEvent, Op};
 use super::options::{FeedInfo, FeedOptions, TriggerLevel};
 use crate::client::PgPubSub;
 use crate::durable::{Durable, DurableSubscription, Start};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::subscription::Subscription;
 
 /// Trigger change feeds in one schema, through a [`PgPubSub`]. Cheap to
@@ -59,9 +59,9 @@ impl PgPubSub {
     }
 }
 
-/// Maps a failed statement to a [`ErrorKind::Changes`] error, keeping the cause.
+/// Maps a failed statement to a [`Stage::Changes`] error, keeping the cause.
 fn pg_err(stage: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
-    move |e| Error::pg(ErrorKind::Changes, stage, e)
+    move |e| Error::pg(Origin::Changes, stage, e)
 }
 
 impl Changes {
@@ -145,7 +145,7 @@ impl Changes {
             .await?;
         feed.ok_or_else(|| {
             Error::new(
-                ErrorKind::Changes,
+                Origin::Changes,
                 format!("no feed on {table} after installing it"),
             )
         })
@@ -232,10 +232,7 @@ impl Changes {
 
     async fn require_feed(&self, table: &str, notify: bool) -> Result<FeedInfo> {
         let feed = self.feed(table).await?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Changes,
-                format!("table {table} has no change feed"),
-            )
+            Error::new(Origin::Changes, format!("table {table} has no change feed"))
         })?;
         if feed.notify != notify {
             let (has, wants) = if feed.notify {
@@ -244,7 +241,7 @@ impl Changes {
                 ("durable", "listen (NOTIFY)")
             };
             return Err(Error::new(
-                ErrorKind::Changes,
+                Origin::Changes,
                 format!("the change feed of {table} is a {has} feed; {wants} cannot read it"),
             ));
         }

@@ -17,7 +17,7 @@ use super::message::{Acks, DurableDelivery, DurableMessage};
 use super::position::{Position, Snapshot, Xid8};
 use super::Durable;
 use crate::channel::ChannelName;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Origin, Result, Stage};
 use crate::event::DurableEvent;
 use crate::schema::election_channel;
 use crate::{Delivery, ListenOptions};
@@ -186,22 +186,19 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         if self.group.is_empty() || self.group.contains('\0') || self.group.len() > MAX_GROUP_BYTES
         {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::InvalidName,
                 format!("group name must be 1 to {MAX_GROUP_BYTES} bytes, without NUL"),
             ));
         }
         if self.batch_size == 0 || self.batch_size > i32::MAX as usize {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "batch_size must be at least 1",
-            ));
+            return Err(Error::new(Origin::Config, "batch_size must be at least 1"));
         }
         if self.poll_interval.is_zero()
             || self.ack_interval.is_zero()
             || self.retain_every.is_some_and(|d| d.is_zero())
         {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 "poll_interval, ack_interval and retain_every must be above zero",
             ));
         }
@@ -352,9 +349,10 @@ impl Durable {
             .await?
             .ok_or_else(|| {
                 Error::new(
-                    ErrorKind::Config,
+                    Origin::Conflict,
                     format!("durable group {group:?} of {ch:?} does not exist (was it removed?)"),
                 )
+                .at(Stage::Durable)
             })?;
         Ok((position_of(&row, 0)?, row.get(3)))
     }
@@ -455,11 +453,10 @@ impl Durable {
             Ok(Range {
                 tick: after.tick,
                 lo: r.try_get(0).map_err(|e| {
-                    Error::new(ErrorKind::Durable, "the server sent an unreadable xid")
-                        .with_source(e)
+                    Error::new(Origin::Durable, "the server sent an unreadable xid").with_source(e)
                 })?,
                 snap: r.try_get(1).map_err(|e| {
-                    Error::new(ErrorKind::Durable, "the server sent an unreadable snapshot")
+                    Error::new(Origin::Durable, "the server sent an unreadable snapshot")
                         .with_source(e)
                 })?,
             })
@@ -496,7 +493,7 @@ fn rows_of(rows: &[tokio_postgres::Row]) -> Result<Vec<Row>> {
 /// Reads `(tick_id, xid, seq)` starting at column `at`.
 pub(crate) fn position_of(row: &tokio_postgres::Row, at: usize) -> Result<Position> {
     let xid: Xid8 = row.try_get(at + 1).map_err(|e| {
-        Error::new(ErrorKind::Durable, "the server sent an unreadable xid").with_source(e)
+        Error::new(Origin::Durable, "the server sent an unreadable xid").with_source(e)
     })?;
     Ok(Position {
         tick: row.get(at),

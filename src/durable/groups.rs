@@ -6,7 +6,7 @@ use super::consumer::position_of;
 use super::position::Position;
 use super::Durable;
 use crate::channel::ChannelName;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// One consumer group of a channel, from [`Durable::groups`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +126,7 @@ impl Durable {
     ///
     /// A channel has one maximum age: it removes messages for every group.
     /// A `max_age` other than the recorded one fails with
-    /// [`ErrorKind::Config`] and changes nothing; change it for every group
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) and changes nothing; change it for every group
     /// with [`set_max_age`](Self::set_max_age).
     pub async fn retain(&self, channel: &str, max_age: Option<Duration>) -> Result<Retained> {
         self.retain_with(channel, max_age, true).await
@@ -160,11 +160,11 @@ impl Durable {
             .map_err(max_age_conflict)?;
         let count = |i: usize| {
             u64::try_from(row.get::<_, i64>(i))
-                .map_err(|e| Error::new(ErrorKind::Durable, "negative count").with_source(e))
+                .map_err(|e| Error::new(Origin::Durable, "negative count").with_source(e))
         };
         let small = |i: usize| {
             u64::try_from(row.get::<_, i32>(i))
-                .map_err(|e| Error::new(ErrorKind::Durable, "negative count").with_source(e))
+                .map_err(|e| Error::new(Origin::Durable, "negative count").with_source(e))
         };
         let unclaimed: Vec<String> = row.get(6);
         if !unclaimed.is_empty() {
@@ -233,7 +233,7 @@ impl Durable {
         }
         let recorded: Option<String> = row.get(1);
         Err(Error::new(
-            ErrorKind::Config,
+            Origin::Config,
             format!(
                 "durable channel {ch:?} has max_age {}, not {max_age:?}: a max age is per \
                  channel and removes messages for every group; change it for all with \
@@ -252,7 +252,7 @@ fn max_age_conflict(e: Error) -> Error {
             .as_db_error()
             .map(|d| format!("{}: {}", d.message(), d.hint().unwrap_or_default()))
             .unwrap_or_default();
-        return Error::new(ErrorKind::Config, message).with_source(e);
+        return Error::new(Origin::Config, message).with_source(e);
     }
     e
 }

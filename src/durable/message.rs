@@ -9,7 +9,7 @@ use tokio_postgres::types::Type;
 
 use super::position::{Position, Xid8};
 use crate::channel::ChannelName;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::schema::SchemaName;
 use crate::tx::Executor;
 
@@ -119,7 +119,7 @@ impl<T> DurableMessage<T> {
         crate::tx::execute(tx, &self.acks.ack_sql, &p.typed())
             .await
             .map(drop)
-            .map_err(|e| Error::pg(ErrorKind::Durable, "acknowledging in transaction", e))
+            .map_err(|e| Error::pg(Origin::Durable, "acknowledging in transaction", e))
     }
 
     pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> DurableMessage<U> {

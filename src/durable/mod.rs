@@ -194,7 +194,7 @@
 //! group asking for another one than the channel's would cost the others
 //! their unread messages: [`Durable::retain`] with another `max_age`, and
 //! a consumer built with one, fail with
-//! [`ErrorKind::Config`]; the first one given is
+//! [`ErrorKind::Config`](crate::ErrorKind::Config); the first one given is
 //! recorded, and [`Durable::set_max_age`] changes it for everyone.
 //! **A channel without any group** (say a change feed installed before its
 //! consumers) keeps its messages for its max age, or one day when it has
@@ -312,7 +312,7 @@ pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
 
 use crate::client::PgPubSub;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Origin, Result};
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
@@ -370,7 +370,7 @@ impl Durable {
     }
 
     /// Creates or checks the schema (see [`crate::schema`]). Safe when several
-    /// processes install at once; fails with [`ErrorKind::Config`] if the
+    /// processes install at once; fails with [`ErrorKind::Config`](crate::ErrorKind::Config) if the
     /// database holds a newer schema version.
     pub async fn install(&self) -> Result<()> {
         crate::schema::ensure(&self.pubsub, &self.schema, &self.installed).await
@@ -384,7 +384,7 @@ impl Durable {
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.exec().run(ErrorKind::Durable, stage, f).await
+        self.pubsub.exec().run(Origin::Durable, stage, f).await
     }
 
     /// Events of the durable consumers of this handle's [`PgPubSub`] (every

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use bytes::BytesMut;
 use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// The place of a message in its channel's delivery order:
 /// `(tick, xid, seq)`, compared in that order.
@@ -114,7 +114,7 @@ impl FromStr for Position {
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
             Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 format!("{s:?} is not a position (expected tick/xid/seq, e.g. 3/745/12)"),
             )
         };

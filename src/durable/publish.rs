@@ -9,7 +9,7 @@ use tokio_postgres::types::Type;
 use super::quiet::QuietFlags;
 use super::{Durable, SchemaName};
 use crate::channel::ChannelName;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::publish::to_json;
 use crate::tx::Executor;
 
@@ -168,7 +168,7 @@ impl Durable {
         )
         .await
         .map(drop)
-        .map_err(|e| Error::pg(ErrorKind::Durable, "durable publish in transaction", e))
+        .map_err(|e| Error::pg(Origin::Durable, "durable publish in transaction", e))
     }
 
     /// Makes `channel` quiet (publish without `NOTIFY`, consumers find new

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// The longest channel name PostgreSQL accepts, in bytes (`NAMEDATALEN - 1`).
 pub const MAX_CHANNEL_BYTES: usize = 63;
@@ -18,7 +18,7 @@ pub const MAX_CHANNEL_BYTES: usize = 63;
 /// use pg_pubsub::{ChannelName, ErrorKind};
 /// assert_eq!(ChannelName::new("Orders")?.as_str(), "Orders");
 /// let too_long = "x".repeat(64);
-/// assert_eq!(ChannelName::new(&too_long).unwrap_err().kind(), ErrorKind::ChannelTooLong);
+/// assert_eq!(ChannelName::new(&too_long).unwrap_err().kind(), ErrorKind::InvalidName);
 /// # Ok::<(), pg_pubsub::Error>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,17 +28,17 @@ impl ChannelName {
     /// Validates `name`.
     pub fn new(name: &str) -> Result<Self> {
         if name.is_empty() {
-            return Err(Error::new(ErrorKind::EmptyChannel, "channel name is empty"));
+            return Err(Error::new(Origin::EmptyChannel, "channel name is empty"));
         }
         if name.contains('\0') {
             return Err(Error::new(
-                ErrorKind::ChannelContainsNul,
+                Origin::ChannelContainsNul,
                 format!("channel name {name:?} contains a NUL byte"),
             ));
         }
         if name.len() > MAX_CHANNEL_BYTES {
             return Err(Error::new(
-                ErrorKind::ChannelTooLong,
+                Origin::ChannelTooLong,
                 format!(
                     "channel name is {} bytes long; PostgreSQL allows at most {MAX_CHANNEL_BYTES}",
                     name.len()
@@ -101,18 +101,19 @@ impl TryFrom<&ChannelName> for ChannelName {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
 
     #[test]
     fn limits_are_exact() {
         assert!(ChannelName::new(&"a".repeat(63)).is_ok());
         let err = ChannelName::new(&"a".repeat(64)).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::ChannelTooLong);
+        assert_eq!(err.kind(), ErrorKind::InvalidName);
         assert!(err.to_string().contains("64 bytes"), "{err}");
         // Bytes, not characters: 32 two-byte characters are 64 bytes.
         assert!(ChannelName::new(&"é".repeat(32)).is_err());
         assert_eq!(
             ChannelName::new("a\0b").unwrap_err().kind(),
-            ErrorKind::ChannelContainsNul
+            ErrorKind::InvalidName
         );
     }
 

@@ -7,7 +7,7 @@ use tokio_postgres::types::Type;
 
 use crate::channel::ChannelName;
 use crate::client::PgPubSub;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::tx::Executor;
 use crate::wire;
 
@@ -21,7 +21,7 @@ const BATCH_SIZE: usize = 1000;
 pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| {
         Error::new(
-            ErrorKind::Serialize,
+            Origin::Serialize,
             format!("payload did not serialize to JSON: {e}"),
         )
         .with_source(e)
@@ -45,7 +45,7 @@ impl PgPubSub {
     ///
     /// Checked before anything is sent: the channel name, the payload size
     /// (under 8000 bytes) and that the payload has no NUL byte. Fails with
-    /// [`ErrorKind::Timeout`] after the notify timeout when the server is
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) after the notify timeout when the server is
     /// unreachable.
     ///
     /// ```no_run
@@ -64,7 +64,7 @@ impl PgPubSub {
         self.check_open()?;
         self.inner
             .exec
-            .run(ErrorKind::Notify, "notify", |client| async move {
+            .run(Origin::Notify, "notify", |client| async move {
                 let stmt = client.prepare_cached(NOTIFY_SQL).await?;
                 client
                     .execute(&stmt, &[&channel.as_str(), &&*payload])
@@ -103,7 +103,7 @@ impl PgPubSub {
             let channel = &channel;
             self.inner
                 .exec
-                .run(ErrorKind::Notify, "notify_batch", |client| async move {
+                .run(Origin::Notify, "notify_batch", |client| async move {
                     let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
                     client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
                     Ok(())
@@ -159,7 +159,7 @@ impl PgPubSub {
         )
         .await
         .map(drop)
-        .map_err(|e| Error::pg(ErrorKind::Notify, "notify in transaction", e))
+        .map_err(|e| Error::pg(Origin::Notify, "notify in transaction", e))
     }
 }
 

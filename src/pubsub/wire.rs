@@ -22,7 +22,7 @@ use std::borrow::Cow;
 
 use uuid::Uuid;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// The largest payload PostgreSQL accepts, in bytes (it must be shorter than 8000).
 pub const MAX_PAYLOAD_BYTES: usize = 7999;
@@ -51,13 +51,13 @@ pub(crate) fn encode(origin: Option<Uuid>, body: &str) -> Result<Cow<'_, str>> {
 }
 
 /// Checks that `payload` can be sent as is, without an origin header: no NUL
-/// byte ([`ErrorKind::PayloadContainsNul`]) and at most [`MAX_PAYLOAD_BYTES`]
-/// ([`ErrorKind::PayloadTooLarge`]). The notify methods run the same checks.
+/// byte ([`ErrorKind::Limit`](crate::ErrorKind::Limit)) and at most [`MAX_PAYLOAD_BYTES`]
+/// ([`ErrorKind::Limit`](crate::ErrorKind::Limit)). The notify methods run the same checks.
 ///
 /// ```
 /// use pg_pubsub::{wire, ErrorKind};
 /// assert!(wire::check_payload("hello").is_ok());
-/// assert_eq!(wire::check_payload("a\0b").unwrap_err().kind(), ErrorKind::PayloadContainsNul);
+/// assert_eq!(wire::check_payload("a\0b").unwrap_err().kind(), ErrorKind::Limit);
 /// ```
 pub fn check_payload(payload: &str) -> Result<()> {
     check_nul(payload)?;
@@ -70,7 +70,7 @@ fn check_nul(body: &str) -> Result<()> {
     match body.find('\0') {
         None => Ok(()),
         Some(at) => Err(Error::new(
-            ErrorKind::PayloadContainsNul,
+            Origin::PayloadContainsNul,
             format!("payload contains a NUL byte at byte {at}; PostgreSQL text cannot hold one"),
         )),
     }
@@ -86,7 +86,7 @@ fn check_size(payload: &str, tagged: bool) -> Result<()> {
         String::new()
     };
     Err(Error::new(
-        ErrorKind::PayloadTooLarge,
+        Origin::PayloadTooLarge,
         format!(
             "payload is {} bytes{header}; PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}",
             payload.len()
@@ -113,6 +113,7 @@ pub(crate) fn decode(payload: &str) -> (Option<Uuid>, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
 
     #[test]
     fn round_trip_and_plain() {
@@ -129,7 +130,7 @@ mod tests {
     fn size_limit_is_exact() {
         assert!(encode(None, &"x".repeat(7999)).is_ok());
         let err = encode(None, &"x".repeat(8000)).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+        assert_eq!(err.kind(), ErrorKind::Limit);
         assert!(err.to_string().contains("8000 bytes"), "{err}");
         let body = "x".repeat(7999 - HEADER_BYTES);
         assert!(encode(Some(Uuid::new_v4()), &body).is_ok());
@@ -140,14 +141,14 @@ mod tests {
     fn nul_is_refused_before_sending() {
         for origin in [None, Some(Uuid::new_v4())] {
             let err = encode(origin, "ab\0cd").unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::PayloadContainsNul);
+            assert_eq!(err.kind(), ErrorKind::Limit);
             assert!(err.to_string().contains("at byte 2"), "{err}");
         }
         let err = check_payload("\0").unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::PayloadContainsNul);
+        assert_eq!(err.kind(), ErrorKind::Limit);
         assert_eq!(
             check_payload(&"x".repeat(8000)).unwrap_err().kind(),
-            ErrorKind::PayloadTooLarge
+            ErrorKind::Limit
         );
         assert!(check_payload(&"é".repeat(3999)).is_ok());
     }

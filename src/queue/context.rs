@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::store::Sql;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Origin, Result};
 use crate::event::{Bus, QueueEvent};
 use crate::exec::{Conn, Exec};
 
@@ -38,7 +38,7 @@ impl Ctx {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
-        self.exec.run(ErrorKind::Queue, stage, f).await
+        self.exec.run(Origin::Queue, stage, f).await
     }
 
     /// Runs `f` on the set of claims being completed.

@@ -6,7 +6,7 @@ use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{check_queue, Queue};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::publish::to_json;
 use crate::tx::Executor;
 
@@ -72,15 +72,12 @@ impl JobOptions {
     fn check(&self) -> Result<()> {
         if self.max_attempts.is_some_and(|n| n < 1) {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 "max_attempts must be at least 1",
             ));
         }
         if self.unique_key.as_deref().is_some_and(|k| k.contains('\0')) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "unique key contains a NUL byte",
-            ));
+            return Err(Error::new(Origin::Config, "unique key contains a NUL byte"));
         }
         Ok(())
     }
@@ -130,7 +127,7 @@ impl Enqueued {
 fn check_payload(payload: &str) -> Result<()> {
     if payload.contains('\0') {
         return Err(Error::new(
-            ErrorKind::PayloadContainsNul,
+            Origin::PayloadContainsNul,
             "job payload contains a NUL byte",
         ));
     }
@@ -274,11 +271,11 @@ impl Queue {
             &params(queue, payload, options).typed(),
         )
         .await
-        .map_err(|e| Error::pg(ErrorKind::Queue, "enqueue in transaction", e))?;
+        .map_err(|e| Error::pg(Origin::Queue, "enqueue in transaction", e))?;
         // `SELECT enqueue(..)`: one row, the id (NULL: unique key taken).
-        let row = rows.first().ok_or_else(|| {
-            Error::new(ErrorKind::Queue, "enqueue in transaction returned no row")
-        })?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::new(Origin::Queue, "enqueue in transaction returned no row"))?;
         Ok(enqueued(row.get::<_, Option<i64>>(0)))
     }
 
@@ -300,7 +297,7 @@ impl Queue {
         options.check()?;
         if options.unique_key.is_some() {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 "enqueue_batch takes no unique key; enqueue such jobs one by one",
             ));
         }

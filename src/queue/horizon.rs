@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use super::Queue;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Origin, Result};
 
 /// What holds the horizon back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +115,7 @@ impl Queue {
         self.pubsub
             .exec()
             .run(
-                ErrorKind::Queue,
+                Origin::Queue,
                 "finding the xmin horizon",
                 |client| async move {
                     let rows = client.query(HOLDER_SQL, &[]).await?;

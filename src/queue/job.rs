@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::Type;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result, Stage};
 use crate::truncate::Text;
 use crate::tx::Executor;
 
@@ -102,7 +102,7 @@ impl Job {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_str(&self.payload).map_err(|e| {
             Error::new(
-                ErrorKind::Serialize,
+                Origin::Serialize,
                 format!("job {} payload is not the expected JSON: {e}", self.id),
             )
             .with_source(e)
@@ -111,7 +111,7 @@ impl Job {
 
     /// Completes the job inside the caller's transaction (on the handler's
     /// own connection): the handler's database work and the completion
-    /// commit together, or neither does. Fails with [`ErrorKind::Queue`]
+    /// commit together, or neither does. Fails with [`ErrorKind::Conflict`](crate::ErrorKind::Conflict)
     /// when this claim is no longer current (the lease expired and the job
     /// was made ready or taken by another worker): roll back then.
     ///
@@ -125,15 +125,16 @@ impl Job {
             &[(&self.id, Type::INT8), (&self.attempt, Type::INT4)],
         )
         .await
-        .map_err(|e| Error::pg(ErrorKind::Queue, "completing a job in transaction", e))?;
+        .map_err(|e| Error::pg(Origin::Queue, "completing a job in transaction", e))?;
         if n == 0 {
             return Err(Error::new(
-                ErrorKind::Queue,
+                Origin::Conflict,
                 format!(
                     "job {} attempt {}: the claim was lost (lease expired); roll back",
                     self.id, self.attempt
                 ),
-            ));
+            )
+            .at(Stage::Queue));
         }
         self.completed.store(true, Ordering::Release);
         Ok(())

@@ -107,7 +107,7 @@ pub use job::Job;
 pub use worker::{Worker, WorkerBuilder};
 
 use crate::client::PgPubSub;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::schema::SchemaName;
 
 /// The longest queue name accepted, in bytes.
@@ -158,7 +158,7 @@ impl PgPubSub {
 pub(crate) fn check_queue(name: &str) -> Result<()> {
     if name.is_empty() || name.contains('\0') || name.len() > MAX_QUEUE_BYTES {
         return Err(Error::new(
-            ErrorKind::Config,
+            Origin::InvalidName,
             format!("queue name must be 1 to {MAX_QUEUE_BYTES} bytes, without NUL"),
         ));
     }
@@ -200,7 +200,7 @@ impl Queue {
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.exec().run(ErrorKind::Queue, stage, f).await
+        self.pubsub.exec().run(Origin::Queue, stage, f).await
     }
 
     /// Job events (retries, dead jobs) of the workers of this handle's

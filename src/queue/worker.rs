@@ -16,7 +16,7 @@ use super::runner::Runner;
 use super::store::Sql;
 use super::{check_queue, Queue};
 use crate::client::PgPubSub;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::ListenOptions;
 
 /// Options for a worker, from [`Queue::worker`] or [`PgPubSub::worker`].
@@ -145,13 +145,13 @@ impl WorkerBuilder {
         let prefetch = self.prefetch.unwrap_or(self.concurrency);
         if self.concurrency == 0 || self.concurrency.saturating_add(prefetch) > i32::MAX as usize {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 "concurrency must be at least 1 (and with prefetch, fit an i32)",
             ));
         }
         if self.lease < Duration::from_millis(30) || self.poll_interval.is_zero() {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::Config,
                 "lease must be at least 30 ms and poll_interval above zero",
             ));
         }
@@ -277,7 +277,7 @@ impl Worker {
             return Ok(());
         };
         task.await.map_err(|e| {
-            Error::new(ErrorKind::Queue, format!("the worker task failed: {e}")).with_source(e)
+            Error::new(Origin::Queue, format!("the worker task failed: {e}")).with_source(e)
         })
     }
 }

@@ -9,7 +9,7 @@ use super::plan::{
 };
 use super::{SchemaName, CATALOG, INSTALL_LOCK_KEY};
 use crate::client::PgPubSub;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// The bookkeeping tables. Their shape is frozen: every build, older or
 /// newer, reads them.
@@ -106,7 +106,7 @@ impl Migrator {
     }
 
     /// Reads where the schema stands; changes nothing. An edited, unknown
-    /// or incompatible newer migration is an [`ErrorKind::Schema`] error.
+    /// or incompatible newer migration is an [`ErrorKind::Schema`](crate::ErrorKind::Schema) error.
     pub async fn status(&self) -> Result<MigrationStatus> {
         let schema = self.schema.clone();
         self.pubsub
@@ -178,7 +178,7 @@ fn status_of(schema: &SchemaName, recorded: &Recorded) -> Result<MigrationStatus
 
 fn problem(schema: &SchemaName, p: Problem) -> Error {
     Error::new(
-        ErrorKind::Schema,
+        Origin::Schema,
         format!("schema {} cannot be used: {p}", schema.as_str()),
     )
 }
@@ -198,7 +198,7 @@ async fn read_recorded<C: GenericClient + Sync>(
     schema: &SchemaName,
 ) -> Result<Recorded> {
     let s = schema.as_str();
-    let err = |e| Error::pg(ErrorKind::Schema, "reading the schema's migrations", e);
+    let err = |e| Error::pg(Origin::Schema, "reading the schema's migrations", e);
     let row = client
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL",
@@ -262,9 +262,8 @@ async fn apply(
     schema: &SchemaName,
     catalog: &Catalog,
 ) -> Result<bool> {
-    let err = |what: String| {
-        move |e| Error::pg(ErrorKind::Schema, &format!("{what} in schema {schema}"), e)
-    };
+    let err =
+        |what: String| move |e| Error::pg(Origin::Schema, &format!("{what} in schema {schema}"), e);
     // Without DDL rights a current schema must still be usable: look first,
     // outside the lock.
     let before = read_recorded(&*client, schema).await?;
@@ -429,7 +428,7 @@ pub(crate) async fn ensure(
                     match status.state {
                         SchemaState::Current | SchemaState::AheadCompatible => Ok(()),
                         SchemaState::NotInstalled | SchemaState::Pending => Err(Error::new(
-                            ErrorKind::Schema,
+                            Origin::Schema,
                             format!(
                                 "schema {schema} is at level {} and this build needs level {} \
                                  (migrations pending: {}; scripts: {}); automatic migration is \

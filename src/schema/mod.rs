@@ -17,7 +17,7 @@
 //! [`Builder::auto_migrate(false)`](crate::Builder::auto_migrate) and run
 //! [`PgPubSub::migrate`](crate::PgPubSub::migrate) or `pg-pubsub migrate up` from a deploy step; a
 //! handle then only checks the schema and fails with
-//! [`ErrorKind::Schema`] naming what is pending.
+//! [`ErrorKind::Schema`](crate::ErrorKind::Schema) naming what is pending.
 //!
 //! # The rule for rolling deploys
 //!
@@ -26,7 +26,7 @@
 //! compatible with the older build's level:
 //!
 //! 1. A migration is never edited once released; its checksum is recorded,
-//!    and an edited, unknown or renumbered one is an [`ErrorKind::Schema`]
+//!    and an edited, unknown or renumbered one is an [`ErrorKind::Schema`](crate::ErrorKind::Schema)
 //!    error naming its version.
 //! 2. Each migration records `compatible_with`: the lowest schema level a
 //!    build may have to keep working once it is applied. Adding a table, a
@@ -39,7 +39,7 @@
 //!    signatures while the migration says it is compatible with them.
 //! 4. A build never applies or re-applies anything to a database that
 //!    records a migration newer than its own: it runs against it if that
-//!    migration is compatible, and refuses with [`ErrorKind::Schema`]
+//!    migration is compatible, and refuses with [`ErrorKind::Schema`](crate::ErrorKind::Schema)
 //!    otherwise. So two versions never overwrite each other's functions.
 //!
 //! Unit tests pin each file's checksum, so an edit cannot slip through
@@ -53,7 +53,7 @@ pub use install::{schema_sql, MigrationInfo, MigrationStatus, Migrator, SchemaSt
 pub(crate) use install::ensure;
 use plan::{Catalog, Migration, Script};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -110,7 +110,7 @@ impl SchemaName {
         let ok_rest = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !ok_first || !ok_rest || name.len() > MAX_SCHEMA_BYTES {
             return Err(Error::new(
-                ErrorKind::Config,
+                Origin::InvalidName,
                 format!(
                     "schema name {name:?} must be a lowercase identifier \
                      ([a-z_][a-z0-9_]*) of at most {MAX_SCHEMA_BYTES} bytes"

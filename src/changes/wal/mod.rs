@@ -129,7 +129,7 @@
 //! `wal_level = logical`, a role with `REPLICATION` (and rights to create
 //! the publication, or an existing one), `max_replication_slots` and
 //! `max_wal_senders` with room for one more. Both problems are reported as
-//! [`ErrorKind::Wal`] naming the fix. A slot that is
+//! errors at [`Stage::Wal`] naming the fix. A slot that is
 //! no longer used must be dropped ([`PgPubSub::drop_slot`]) or it keeps WAL
 //! forever.
 //!
@@ -138,7 +138,7 @@
 //! The replication connection has no TLS (the replication client's TLS
 //! would pull a C crypto library into every build): a connection string
 //! with `sslmode=require` or stricter is refused with
-//! [`ErrorKind::Config`], and `prefer` connects in plain text. Run the feed
+//! [`ErrorKind::Config`](crate::ErrorKind::Config), and `prefer` connects in plain text. Run the feed
 //! over a trusted network, or a local socket.
 
 // Why `pgwire-replication` (for maintainers)
@@ -186,7 +186,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::changes::{ChangeEvent, Lsn};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result, Stage};
 pub use crate::event::WalEvent;
 use crate::exec::Exec;
 use crate::PgPubSub;
@@ -512,7 +512,9 @@ impl<T> WalFeed<T> {
     pub async fn stats(&self) -> Result<WalStats> {
         let (confirmed_lsn, lag_bytes) = slot::slot_position(&self.exec, &self.slot)
             .await?
-            .ok_or_else(|| Error::new(ErrorKind::Wal, format!("slot {:?} is gone", self.slot)))?;
+            .ok_or_else(|| {
+                Error::new(Origin::Conflict, format!("slot {:?} is gone", self.slot)).at(Stage::Wal)
+            })?;
         Ok(WalStats {
             slot: self.slot.clone(),
             confirmed_lsn,
@@ -533,7 +535,7 @@ impl<T> WalFeed<T> {
         };
         // The task moves the slot to the last ack as it ends.
         task.await.map_err(|e| {
-            Error::new(ErrorKind::Wal, format!("the WAL feed task failed: {e}")).with_source(e)
+            Error::new(Origin::Wal, format!("the WAL feed task failed: {e}")).with_source(e)
         })?
     }
 }
@@ -597,7 +599,7 @@ pub async fn emit_tx<E: crate::Executor + ?Sized>(
     let text: String = rows
         .first()
         .map(|row| row.get(0))
-        .ok_or_else(|| Error::new(ErrorKind::Wal, "WAL feed: emit message returned no row"))?;
+        .ok_or_else(|| Error::new(Origin::Wal, "WAL feed: emit message returned no row"))?;
     text.parse()
 }
 
@@ -616,7 +618,7 @@ fn typed<T: DeserializeOwned>(item: RawItem) -> WalItem<T> {
                 (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
                     lsn,
                     error: Error::new(
-                        ErrorKind::Wal,
+                        Origin::Wal,
                         format!(
                             "a change of {}.{} does not decode into the feed's type: {e}",
                             event.schema, event.table

@@ -4,7 +4,7 @@
 use tokio_postgres::error::SqlState;
 
 use crate::changes::Lsn;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::exec::Exec;
 use crate::PgPubSub;
 
@@ -30,7 +30,7 @@ pub(crate) fn setup_error(what: &str, err: tokio_postgres::Error) -> Error {
         ),
         _ => None,
     };
-    let err = Error::pg(ErrorKind::Wal, what, err);
+    let err = Error::pg(Origin::Wal, what, err);
     match hint {
         Some(h) => err.context(h),
         None => err,

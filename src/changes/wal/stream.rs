@@ -17,7 +17,7 @@ use crate::changes::Lsn;
 /// A stream that ran this long was healthy: the next loss backs off from
 /// the start again.
 const STEADY: Duration = Duration::from_secs(10);
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::event::{Bus, WalEvent};
 use crate::exec::Exec;
 use crate::PgPubSub;
@@ -32,7 +32,7 @@ pub(crate) fn replication_config(
     let pg = pubsub.config();
     if matches!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
         return Err(Error::new(
-            ErrorKind::Config,
+            Origin::Config,
             "the WAL feed connects without TLS (see pg_pubsub::changes::wal): use sslmode=prefer \
              or disable for it, or a local connection",
         ));
@@ -249,7 +249,7 @@ impl StreamTask {
                 Ok(Some(ev)) => ev,
                 Ok(None) => {
                     return End::Lost(
-                        Error::new(ErrorKind::Wal, "the replication stream ended").connection(),
+                        Error::new(Origin::Wal, "the replication stream ended").connection(),
                     )
                 }
                 Err(e) => return End::Lost(stream_error(&self.slot, e)),
@@ -304,7 +304,7 @@ impl StreamTask {
                             .collect(),
                         Err(failure) => vec![WalItem::Undecodable {
                             lsn,
-                            error: Error::new(ErrorKind::Wal, failure.0),
+                            error: Error::new(Origin::Wal, failure.0),
                             raw: None,
                         }],
                     }
@@ -370,9 +370,9 @@ fn stream_error(slot: &str, err: pgwire_replication::PgWireError) -> Error {
     let text = err.to_string();
     let connection = err.is_transient() || err.is_io();
     let kind = if err.is_auth() {
-        ErrorKind::Authentication
+        Origin::Authentication
     } else {
-        ErrorKind::Wal
+        Origin::Wal
     };
     let mut e = Error::new(kind, format!("WAL feed on slot {slot:?}: {text}")).with_source(err);
     if let Some(hint) = stream_hint(&text) {

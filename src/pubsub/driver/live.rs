@@ -12,7 +12,7 @@ use futures::FutureExt;
 use tokio::time::{Instant, Sleep};
 use tokio_postgres::{AsyncMessage, Client, Config, Notification, SimpleQueryMessage, Socket};
 
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, Origin};
 use crate::tls::{Connector, DynStream};
 
 use super::role::Step;
@@ -69,7 +69,7 @@ impl Endpoint {
         const WHAT: &str = "connecting the listener";
         match tokio::time::timeout(timeout, self.config.connect(self.tls.clone())).await {
             Ok(Ok(pair)) => Ok(pair),
-            Ok(Err(e)) => Err(Error::pg(ErrorKind::Connect, WHAT, e)),
+            Ok(Err(e)) => Err(Error::pg(Origin::Connect, WHAT, e)),
             Err(_) => Err(Error::timeout(WHAT, timeout, None)),
         }
     }
@@ -95,13 +95,10 @@ where
                 Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => held.push(n),
                 Poll::Ready(Some(Ok(_))) => {}
                 Poll::Ready(Some(Err(e))) => {
-                    return Poll::Ready(Err(Error::pg(ErrorKind::Listen, "listener connection", e)))
+                    return Poll::Ready(Err(Error::pg(Origin::Listen, "listener connection", e)))
                 }
                 Poll::Ready(None) => {
-                    return Poll::Ready(Err(Error::closed(
-                        ErrorKind::Listen,
-                        "listener connection",
-                    )))
+                    return Poll::Ready(Err(Error::closed(Origin::Listen, "listener connection")))
                 }
                 Poll::Pending => break,
             }
@@ -129,7 +126,7 @@ impl Live {
         let run = drive(&mut conn, client.simple_query(&sql), held);
         let rows = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(rows))) => rows,
-            Ok(Ok(Err(e))) => return Err(Error::pg(ErrorKind::Listen, WHAT, e)),
+            Ok(Ok(Err(e))) => return Err(Error::pg(Origin::Listen, WHAT, e)),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::timeout(WHAT, timeout, None)),
         };
@@ -141,7 +138,7 @@ impl Live {
             })
             .ok_or_else(|| {
                 Error::new(
-                    ErrorKind::Listen,
+                    Origin::Listen,
                     "starting the listener: server did not report its backend PID",
                 )
             })?;

@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::channel::ChannelName;
 use crate::config::Options;
-use crate::error::{describe_pg_error, Error, ErrorKind, Result};
+use crate::error::{describe_pg_error, Error, Origin, Result};
 use crate::event::ConnectionEvent;
 use crate::inbox::Queue;
 use crate::message::{Gap, GapCause};
@@ -429,7 +429,7 @@ impl Driver {
                     return Poll::Ready(Stop::Lost(describe_pg_error(&e)))
                 }
                 Err(OpError::Pg(e)) => {
-                    let err = Error::pg(ErrorKind::Listen, "LISTEN", e);
+                    let err = Error::pg(Origin::Listen, "LISTEN", e);
                     tracing::error!(%err, "pg-pubsub: server refused LISTEN/UNLISTEN");
                     self.registry.refused(&steps, &err);
                 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::election::{Answer, CONTROL_CHANNEL};
 use super::role::{Election, Heard, Plain, Step};
 use crate::channel::ChannelName;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Origin, Result};
 use crate::event::ConnectionEvent;
 use crate::inbox::Queue;
 use crate::message::{Gap, GapCause, Received};
@@ -197,7 +197,7 @@ impl Registry {
                     "is still being released"
                 };
                 let _ = reply.send(Err(Error::new(
-                    ErrorKind::Config,
+                    Origin::Config,
                     format!(
                         "channel {channel:?} {why} in {has} mode on this instance; \
                          a {wants} subscription cannot share it"
