@@ -102,19 +102,16 @@ where
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut extend = tokio::time::interval(self.lease / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut want = true;
-        // After a failed round trip, wait for the next poll before another.
-        let mut held = false;
+        let mut plan = ClaimPlan::default();
         loop {
             self.start_waiting();
-            let free = self.capacity - self.running.len() - self.waiting.len();
-            if !held && want && free > 0 {
-                match self.claim(free).await {
-                    // A full batch means more may be due: claim again at once.
-                    Ok(got) => want = got == free,
+            let busy = self.running.len() + self.waiting.len();
+            if let Some(n) = plan.next(self.capacity, busy) {
+                match self.claim(n).await {
+                    Ok(got) => plan.claimed(n, got),
                     Err(e) => {
                         tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: claiming jobs failed");
-                        held = true;
+                        plan.failed();
                     }
                 }
                 self.start_waiting();
@@ -131,18 +128,17 @@ where
                     while let Some(res) = self.running.try_join_next_with_id() {
                         self.reap(res);
                     }
-                    want = true;
+                    plan.woken();
                 }
                 d = wake.next() => match d {
-                    Some(Delivery::Message(m)) if *m.payload() == *self.ctx.name => want = true,
+                    Some(Delivery::Message(m)) if *m.payload() == *self.ctx.name => plan.woken(),
                     // Notifications may have been missed while reconnecting.
-                    Some(Delivery::Gap(_) | Delivery::Lagged(_)) => want = true,
+                    Some(Delivery::Gap(_) | Delivery::Lagged(_)) => plan.woken(),
                     Some(_) => {}
                     None => break, // the PgPubSub shut down
                 },
                 _ = poll.tick() => {
-                    want = true;
-                    held = false;
+                    plan.polled();
                     self.rescue().await;
                 }
                 _ = extend.tick() => self.extend().await,
@@ -336,5 +332,80 @@ where
         if let Err(e) = res {
             tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: giving jobs back failed; they run again after the lease");
         }
+    }
+}
+/// When to claim and how many: as many as there are free handlers, again
+/// at once after a full batch (more may be due), else after a wake-up, a
+/// finished job or a poll; after a failed claim, only at the next poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClaimPlan {
+    want: bool,
+    held: bool,
+}
+
+impl Default for ClaimPlan {
+    fn default() -> Self {
+        ClaimPlan {
+            want: true,
+            held: false,
+        }
+    }
+}
+
+impl ClaimPlan {
+    /// How many jobs to claim now, with `busy` of `capacity` slots taken.
+    fn next(&self, capacity: usize, busy: usize) -> Option<usize> {
+        let free = capacity.saturating_sub(busy);
+        (self.want && !self.held && free > 0).then_some(free)
+    }
+
+    /// A claim asked for `asked` and got `got`.
+    fn claimed(&mut self, asked: usize, got: usize) {
+        self.want = got == asked;
+    }
+
+    /// A claim failed: wait for the poll.
+    fn failed(&mut self) {
+        self.held = true;
+    }
+
+    /// A wake-up for the queue, a gap, or a finished job.
+    fn woken(&mut self) {
+        self.want = true;
+    }
+
+    /// The poll interval passed.
+    fn polled(&mut self) {
+        self.want = true;
+        self.held = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_what_is_free_and_again_after_a_full_batch() {
+        let mut plan = ClaimPlan::default();
+        assert_eq!(plan.next(8, 3), Some(5));
+        plan.claimed(5, 5);
+        assert_eq!(plan.next(8, 8), None, "no free handler");
+        assert_eq!(plan.next(8, 6), Some(2), "full batch: more may be due");
+        plan.claimed(2, 1);
+        assert_eq!(plan.next(8, 2), None, "short batch: wait for a reason");
+        plan.woken();
+        assert_eq!(plan.next(8, 2), Some(6));
+    }
+
+    #[test]
+    fn a_failed_claim_waits_for_the_poll_not_for_wake_ups() {
+        let mut plan = ClaimPlan::default();
+        plan.failed();
+        plan.woken();
+        assert_eq!(plan.next(4, 0), None);
+        plan.polled();
+        assert_eq!(plan.next(4, 0), Some(4));
+        assert_eq!(plan.next(4, 9), None, "never negative");
     }
 }
