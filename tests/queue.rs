@@ -573,7 +573,7 @@ async fn bad_input_is_refused_before_anything_is_sent() {
     let q = ps.queue();
     assert_eq!(
         q.enqueue_raw("", "x").await.unwrap_err().kind(),
-        ErrorKind::Config
+        ErrorKind::InvalidName
     );
     assert_eq!(
         q.enqueue_raw("q", "a\0b").await.unwrap_err().kind(),
