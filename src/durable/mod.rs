@@ -238,6 +238,7 @@ mod position;
 mod publish;
 mod quiet;
 mod schema;
+mod wakeups;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -245,7 +246,7 @@ use std::sync::Arc;
 use tokio::sync::OnceCell;
 
 pub use crate::event::DurableEvent;
-pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
+pub use consumer::{ConsumerBuilder, ConsumerStats, DurableSubscription, Start};
 pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
@@ -257,6 +258,7 @@ use crate::client::PgPubSub;
 use crate::error::{ErrorKind, Result};
 
 pub(crate) use schema::ensure as ensure_schema;
+pub(crate) use wakeups::Dispatchers;
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///
