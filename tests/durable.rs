@@ -989,7 +989,9 @@ async fn many_consumers_in_one_process_are_woken_only_for_their_own_channel() {
     let before = settled_stats(&subs).await;
     // Separate transactions: one wake-up each.
     for i in 0..20 {
-        d.publish_raw(&names[0], &i.to_string()).await.expect("publish");
+        d.publish_raw(&names[0], &i.to_string())
+            .await
+            .expect("publish");
     }
     assert_eq!(take_acked(&mut subs[0], 20).await.len(), 20);
     // Wake-ups are dispatched in order: once channel 1's reader has its

@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
-use crate::driver::LeadWatch;
 use super::position::{Position, Snapshot, Xid8};
 use super::schema::election_channel;
 use super::Durable;
 use crate::channel::ChannelName;
+use crate::driver::LeadWatch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::DurableEvent;
 use crate::ListenOptions;
