@@ -984,7 +984,7 @@ async fn many_consumers_in_one_process_are_woken_only_for_their_own_channel() {
         d.publish_raw(name, name).await.expect("publish");
     }
     for (sub, name) in subs.iter_mut().zip(&names) {
-        assert_eq!(take_acked(sub, 1).await, [name.clone()]);
+        assert_eq!(take_acked(sub, 1).await, std::slice::from_ref(name));
     }
     let before = settled_stats(&subs).await;
     // Separate transactions: one wake-up each.

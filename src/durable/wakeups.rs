@@ -273,8 +273,10 @@ mod tests {
 
     #[test]
     fn a_reader_added_after_close_wakes_at_once() {
-        let mut w = Waiters::default();
-        w.closed = true;
+        let mut w = Waiters {
+            closed: true,
+            ..Waiters::default()
+        };
         let (_, a) = w.add("a");
         assert!(woken(&a));
     }
