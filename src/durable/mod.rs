@@ -127,9 +127,10 @@
 //!
 //! **Many consumers in one process.** Measured with 2,000 channels, one
 //! consumer each, in one handle (pool of 16) against one server on two
-//! CPUs, 1,000 messages/s in total: subscribing all took 5.6 s, every
-//! message arrived, latency p50 18 ms, p99 92 ms (`BENCH_PHASES=channels`
-//! in `benches/durable.rs`). What limits more:
+//! CPUs, 1,000 messages/s in total: subscribing all took 4 to 6 s, every
+//! message arrived, latency p50 11 to 18 ms, p99 27 to 92 ms over three
+//! runs on a busy machine (`BENCH_PHASES=channels` in `benches/durable.rs`).
+//! What limits more:
 //! * each active consumer holds its group's election lock, a session
 //!   advisory lock on the listener connection: the server's lock table
 //!   holds about `max_locks_per_transaction` × (`max_connections` +
