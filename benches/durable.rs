@@ -11,8 +11,10 @@
 //! `BENCH_LATENCY_SECS` (per side and round, default 3), `BENCH_LATENCY_RUNS` (rounds, median ratio reported, default 3), `BENCH_SOAK_SECS` (default 60),
 //! `BENCH_CONSUME_RUNS` (rounds of that comparison, median reported,
 //! default 3), `BENCH_PHASES` (comma-separated subset of
-//! `publish,consume,latency,soak`; default all), `DATABASE_URL` (else a
-//! throwaway cluster).
+//! `publish,consume,latency,soak,channels`; default all but `channels`),
+//! `BENCH_CHANNELS` (consumers in the `channels` phase, default 2 000),
+//! `BENCH_CHANNELS_SECS` (its publishing time, default 20),
+//! `DATABASE_URL` (else a throwaway cluster).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -92,6 +94,11 @@ async fn run(url: &str) -> Res<()> {
     }
     if phase("soak") {
         soak(&d, &client, soak_secs).await?;
+    }
+    if phase("channels") {
+        let n = env_u64("BENCH_CHANNELS", 2_000)?;
+        let secs = env_u64("BENCH_CHANNELS_SECS", 20)?;
+        channels(url, n as usize, secs).await?;
     }
     ps.shutdown().await;
     Ok(())
@@ -464,5 +471,125 @@ async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()
         }
     }
     consumer.abort();
+    Ok(())
+}
+
+/// Publishing tasks in the `channels` phase (one publish in flight each).
+const CHANNEL_PUBLISHERS: u64 = 4;
+
+/// `n` durable channels with one consumer each in one process (its own
+/// handle): publishes [`RATE`]/s in total for `secs`, round-robin over
+/// the channels, and checks every message arrived; prints the time to
+/// subscribe them all and publish-to-receive latency.
+async fn channels(url: &str, n: usize, secs: u64) -> Res<()> {
+    let ps = PgPubSub::builder(url)?.pool_size(16).connect().await?;
+    let d = ps.durable().with_schema("bench_channels")?;
+    d.install().await?;
+    let names: Vec<String> = (0..n).map(|i| format!("many_{i}")).collect();
+    let started = Instant::now();
+    let mut subs = Vec::with_capacity(n);
+    for name in &names {
+        subs.push(
+            d.consumer(name, "g")
+                .start(pg_pubsub::durable::Start::Latest)
+                .subscribe()
+                .await?,
+        );
+    }
+    let subscribed = started.elapsed();
+    while subs.iter().any(|s| !s.is_active()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let active = started.elapsed();
+    println!(
+        "{:<44} subscribe {:.2} s, all active after {:.2} s",
+        format!("{n} channels, one consumer each"),
+        subscribed.as_secs_f64(),
+        active.as_secs_f64()
+    );
+    // Each consumer's task sends (message number, latency) per message.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|mut sub| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(item) = sub.next().await {
+                    if let DurableDelivery::Message(m) = item {
+                        m.ack();
+                        let (k, at) = m.payload().split_once(':').unwrap_or(("", ""));
+                        let (k, at) = (k.parse().unwrap_or(u64::MAX), at.parse().unwrap_or(0));
+                        if tx.send((k, now_ns().saturating_sub(at))).is_err() {
+                            break;
+                        }
+                    }
+                }
+                sub
+            })
+        })
+        .collect();
+    drop(tx);
+    let total = RATE * secs;
+    let per_task = total / CHANNEL_PUBLISHERS;
+    let publishers: Vec<_> = (0..CHANNEL_PUBLISHERS)
+        .map(|t| {
+            let (d, names) = (d.clone(), names.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_micros(
+                    1_000_000 * CHANNEL_PUBLISHERS / RATE,
+                ));
+                tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+                for i in 0..per_task {
+                    tick.tick().await;
+                    let k = i * CHANNEL_PUBLISHERS + t;
+                    let name = &names[k as usize % names.len()];
+                    d.publish_raw(name, &format!("{k}:{}", now_ns())).await?;
+                }
+                Res::Ok(())
+            })
+        })
+        .collect();
+    let sent = per_task * CHANNEL_PUBLISHERS;
+    let mut seen = vec![false; sent as usize];
+    let (mut times, mut dupes) = (Vec::with_capacity(sent as usize), 0u64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs + 60);
+    while times.len() < sent as usize {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((k, ns))) => match seen.get_mut(k as usize) {
+                Some(s) if !*s => {
+                    *s = true;
+                    times.push(ns);
+                }
+                _ => dupes += 1,
+            },
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for p in publishers {
+        p.await??;
+    }
+    for r in readers {
+        r.abort();
+    }
+    if times.is_empty() {
+        return Err("no message was delivered".into());
+    }
+    times.sort_unstable();
+    println!(
+        "{:<44} delivered {}/{sent} ({dupes} again), latency p50 / p99 / max {:.1} / {:.1} / {:.1} ms",
+        format!("{RATE}/s over {n} channels for {secs} s"),
+        times.len(),
+        pct(&times, 50),
+        pct(&times, 99),
+        times.last().map_or(0.0, |&t| t as f64 / 1e6)
+    );
+    ps.shutdown().await;
+    if times.len() < sent as usize {
+        return Err(format!(
+            "{} of {sent} messages not delivered",
+            sent as usize - times.len()
+        )
+        .into());
+    }
     Ok(())
 }

@@ -109,6 +109,8 @@ pub(crate) struct Inner {
     board: Arc<Board>,
     next_id: AtomicU64,
     pub(crate) wakes: crate::wake::Wakes,
+    /// Durable wake-ups, one subscription per schema, handed to each channel's readers.
+    pub(crate) durable_wakeups: crate::durable::Dispatchers,
 }
 
 /// Configures and connects a [`PgPubSub`].
@@ -422,6 +424,7 @@ impl Builder {
             board,
             next_id: AtomicU64::new(1),
             wakes,
+            durable_wakeups: crate::durable::Dispatchers::default(),
         });
         crate::wake::spawn(wake_queue, exec);
         Ok(PgPubSub { inner })

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use pg_pubsub::durable::{
-    Durable, DurableDelivery, DurableEvent, DurableSubscription, Position, Start,
+    ConsumerStats, Durable, DurableDelivery, DurableEvent, DurableSubscription, Position, Start,
 };
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
@@ -1376,5 +1376,75 @@ async fn max_age_expiry_counts_for_each_group_exactly_what_it_had_not_passed() {
     let r = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
     assert_eq!(r.truncated, 1);
     assert_eq!(lost_by_group(&client, &schema, &ch).await, expected);
+    ps.shutdown().await;
+}
+
+/// Every consumer's stats, once none changed for half a second (the
+/// readers finished what they were woken for).
+async fn settled_stats(subs: &[DurableSubscription<String>]) -> Vec<ConsumerStats> {
+    let snapshot = || subs.iter().map(|s| s.stats()).collect::<Vec<_>>();
+    let mut last = snapshot();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = snapshot();
+            if now == last {
+                return;
+            }
+            last = now;
+        }
+    })
+    .await
+    .expect("the consumers settle");
+    last
+}
+
+#[tokio::test]
+async fn many_consumers_in_one_process_are_woken_only_for_their_own_channel() {
+    const CHANNELS: usize = 300;
+    let (ps, d, _schema) = durable_alone("many").await;
+    let prefix = channel("many");
+    let names: Vec<String> = (0..CHANNELS).map(|i| format!("{prefix}_{i}")).collect();
+    let mut subs = Vec::with_capacity(CHANNELS);
+    for name in &names {
+        // Only wake-ups make them look: no timer polls, no retention.
+        let sub = d
+            .consumer(name, "g")
+            .poll_interval(Duration::from_secs(3600))
+            .retain_every(None)
+            .subscribe()
+            .await
+            .expect("subscribe");
+        subs.push(sub);
+    }
+    for name in &names {
+        d.publish_raw(name, name).await.expect("publish");
+    }
+    for (sub, name) in subs.iter_mut().zip(&names) {
+        assert_eq!(take_acked(sub, 1).await, std::slice::from_ref(name));
+    }
+    let before = settled_stats(&subs).await;
+    // Separate transactions: one wake-up each.
+    for i in 0..20 {
+        d.publish_raw(&names[0], &i.to_string())
+            .await
+            .expect("publish");
+    }
+    assert_eq!(take_acked(&mut subs[0], 20).await.len(), 20);
+    // Wake-ups are dispatched in order: once channel 1's reader has its
+    // message, channel 0's wake-ups were handed out too.
+    d.publish_raw(&names[1], "last").await.expect("publish");
+    assert_eq!(take_acked(&mut subs[1], 1).await, ["last"]);
+    let after: Vec<ConsumerStats> = subs.iter().map(|s| s.stats()).collect();
+    assert!(after[0].wakeups > before[0].wakeups && after[0].reads > before[0].reads);
+    let disturbed: Vec<usize> = (2..CHANNELS).filter(|&i| after[i] != before[i]).collect();
+    assert!(
+        disturbed.is_empty(),
+        "{} other channels' consumers were woken or read, e.g. #{:?}: {:?} -> {:?}",
+        disturbed.len(),
+        disturbed.first(),
+        disturbed.first().map(|&i| before[i]),
+        disturbed.first().map(|&i| after[i]),
+    );
     ps.shutdown().await;
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -17,10 +18,11 @@ use super::message::{Acks, DurableDelivery, DurableMessage};
 use super::position::{Position, Snapshot, Xid8};
 use super::Durable;
 use crate::channel::ChannelName;
+use crate::driver::LeadWatch;
 use crate::error::{Error, ErrorKind, Origin, Result, Stage};
 use crate::event::DurableEvent;
 use crate::schema::election_channel;
-use crate::{Delivery, ListenOptions};
+use crate::ListenOptions;
 
 /// The longest group name accepted, in bytes.
 const MAX_GROUP_BYTES: usize = 200;
@@ -52,12 +54,17 @@ pub struct ConsumerBuilder<T> {
     group: String,
     start: Start,
     poll_interval: Duration,
+    max_poll_interval: Option<Duration>,
     batch_size: usize,
     ack_interval: Duration,
     retain_every: Option<Duration>,
     max_age: Option<Duration>,
     decode: Decode<T>,
 }
+
+/// An idle consumer's poll interval grows up to this many times the
+/// configured one (see [`ConsumerBuilder::max_poll_interval`]).
+const IDLE_BACKOFF: u32 = 8;
 
 /// Pages a consumer reads with one statement while draining a batch.
 const STREAM_PAGES: usize = 8;
@@ -84,6 +91,7 @@ impl Durable {
             group: group.to_owned(),
             start: Start::Earliest,
             poll_interval: Duration::from_secs(1),
+            max_poll_interval: None,
             batch_size: 1000,
             ack_interval: Duration::from_millis(100),
             retain_every: Some(RETAIN_EVERY),
@@ -120,6 +128,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             group: self.group,
             start: self.start,
             poll_interval: self.poll_interval,
+            max_poll_interval: self.max_poll_interval,
             batch_size: self.batch_size,
             ack_interval: self.ack_interval,
             retain_every: self.retain_every,
@@ -135,8 +144,24 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
     }
 
     /// How often to look for new messages without a wake-up. Default: 1 s.
+    /// An idle consumer backs off up to
+    /// [`max_poll_interval`](Self::max_poll_interval).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// The longest an idle consumer waits between looks without a
+    /// wake-up: each look that found nothing after a wait without one
+    /// doubles the wait, from [`poll_interval`](Self::poll_interval) up
+    /// to this; a wake-up, a reconnect, a change of role or a message
+    /// found sets it back. It bounds the latency of a
+    /// [quiet](Durable::set_quiet) channel (published without wake-ups)
+    /// after an idle period, and of a message whose wake-up was lost.
+    /// `Some(poll_interval)` turns the backoff off. Default: `None`, 8
+    /// times the poll interval (8 s by default).
+    pub fn max_poll_interval(mut self, interval: Option<Duration>) -> Self {
+        self.max_poll_interval = interval;
         self
     }
 
@@ -214,10 +239,11 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
         let election = election_channel(&durable.schema, channel.as_str(), &self.group);
         // Leadership is read from the handle's shared state (not the lossy
         // public events): watched first, so no change can be missed.
-        let lead = pubsub.inner.leading.watch();
-        let plain = ListenOptions::new().single_listener(false).filtered(false);
+        let lead = pubsub.inner.leading.watch(&election);
         let wake = pubsub
-            .listen_raw_with(&durable.schema.wake_channel(), plain)
+            .inner
+            .durable_wakeups
+            .register(&pubsub, &durable.schema, channel.as_str())
             .await?;
         let elected = pubsub
             .listen_raw_with(
@@ -227,6 +253,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             .await?;
         let group: Arc<str> = Arc::from(self.group.as_str());
         let acks = Arc::new(Acks::new(&durable.schema, channel.clone(), group.clone()));
+        let counts = Arc::new(Counts::default());
         // Pages, not messages: one channel operation per page read. Two pages
         // buffered: the next one is read while the consumer works.
         let (out, rx) = mpsc::channel(2);
@@ -239,8 +266,13 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             election: election.clone(),
             batch_size: self.batch_size,
             poll_interval: self.poll_interval,
+            max_poll_interval: self
+                .max_poll_interval
+                .unwrap_or(self.poll_interval.saturating_mul(IDLE_BACKOFF))
+                .max(self.poll_interval),
             decode: self.decode,
             acks: acks.clone(),
+            counts: counts.clone(),
             out,
             stop: stop.clone(),
             range: None,
@@ -281,6 +313,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             group,
             election,
             acks,
+            counts,
             rx,
             page: std::collections::VecDeque::new(),
             stop: stop_tx,
@@ -524,8 +557,10 @@ struct Reader<T> {
     election: String,
     batch_size: usize,
     poll_interval: Duration,
+    max_poll_interval: Duration,
     decode: Decode<T>,
     acks: Arc<Acks>,
+    counts: Arc<Counts>,
     out: mpsc::Sender<Vec<DurableDelivery<T>>>,
     stop: watch::Receiver<bool>,
     /// Set while draining a batch that plain range scans can read.
@@ -544,21 +579,26 @@ struct Reader<T> {
 
 /// Why the reader should look again now.
 enum Wake {
+    /// Something happened (a wake-up, a gap, a change of role).
     Now,
+    /// The poll interval passed without anything happening.
+    Timer,
     Stop,
 }
 
 impl<T: Send + 'static> Reader<T> {
     async fn run(
         mut self,
-        mut wake: crate::Subscription<String>,
+        wake: super::wakeups::Waiter,
         mut elected: crate::Subscription<String>,
-        mut lead: watch::Receiver<()>,
+        mut lead: LeadWatch,
     ) {
         let leading = self.durable.pubsub.inner.leading.clone();
         // Where the next read starts; None: reload the group's cursor.
         let mut cursor: Option<Position> = None;
         let mut draining = false;
+        // The wait before the next look without a wake-up (backs off).
+        let mut idle = self.poll_interval;
         let mut next_retain = self.retain_every.map(|d| tokio::time::Instant::now() + d);
         loop {
             lead.mark_unchanged();
@@ -578,10 +618,15 @@ impl<T: Send + 'static> Reader<T> {
                         next_retain = Some(tokio::time::Instant::now() + every);
                     }
                 }
+                self.counts.reads.fetch_add(1, Ordering::Relaxed);
                 let result = self.round(&mut cursor, draining).await;
                 draining = matches!(result, Ok(true)) && cursor.is_some();
                 match result {
-                    Ok(true) => continue, // rows read: more may be waiting
+                    Ok(true) => {
+                        // Rows read: more may be waiting.
+                        idle = self.poll_interval;
+                        continue;
+                    }
                     Ok(false) => {}
                     Err(e) if e.kind() == ErrorKind::ShutDown => return,
                     Err(e) => {
@@ -597,36 +642,30 @@ impl<T: Send + 'static> Reader<T> {
                 cursor = None;
                 self.set_active(false);
             }
-            // Wake-ups for other channels and unrelated events keep waiting
-            // (until the same poll deadline) instead of costing a read.
-            let mut deadline = tokio::time::Instant::now() + self.poll_interval;
+            // Only this channel's wake-ups and leadership changes reach
+            // here (see `wakeups`): each is worth a look.
+            let mut deadline = tokio::time::Instant::now() + idle;
             if self.active == Some(true) {
                 deadline = next_retain.map_or(deadline, |at| at.min(deadline));
             }
-            let wait = loop {
-                break tokio::select! {
-                    _ = self.stop.changed() => Wake::Stop,
-                    d = wake.next() => match d {
-                        Some(Delivery::Message(m)) if m.raw() != self.channel.as_str() => continue,
-                        // A wake-up for us, or a gap (a wake-up may be lost).
-                        Some(_) => Wake::Now,
-                        None => Wake::Stop,
-                    },
-                    d = elected.next() => match d {
-                        Some(_) => Wake::Now,
-                        None => Wake::Stop,
-                    },
-                    changed = lead.changed() => match changed {
-                        // Another channel's leadership changed: keep waiting.
-                        Ok(()) if leading.term(&self.election) == self.term => continue,
-                        Ok(()) => Wake::Now,
-                        Err(_) => Wake::Stop,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => Wake::Now,
-                };
+            let wait = tokio::select! {
+                _ = self.stop.changed() => Wake::Stop,
+                open = wake.woken() => if open { Wake::Now } else { Wake::Stop },
+                d = elected.next() => match d {
+                    Some(_) => Wake::Now,
+                    None => Wake::Stop,
+                },
+                () = lead.changed() => Wake::Now,
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
             };
-            if matches!(wait, Wake::Stop) || self.out.is_closed() {
-                return;
+            match wait {
+                Wake::Stop => return,
+                _ if self.out.is_closed() => return,
+                Wake::Now => {
+                    self.counts.wakeups.fetch_add(1, Ordering::Relaxed);
+                    idle = self.poll_interval;
+                }
+                Wake::Timer => idle = idle.saturating_mul(2).min(self.max_poll_interval),
             }
         }
     }
@@ -872,6 +911,25 @@ impl<T: Send + 'static> Reader<T> {
     }
 }
 
+/// A consumer's counters, shared by its reader and its subscription.
+#[derive(Default)]
+struct Counts {
+    reads: AtomicU64,
+    wakeups: AtomicU64,
+}
+
+/// What a consumer did so far, from [`DurableSubscription::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Times the consumer looked for messages while active (each a round
+    /// trip or two: a tick and a read, or the next page of a batch).
+    pub reads: u64,
+    /// Times it was woken to look: a wake-up of its channel, a reconnect,
+    /// or a change of role (timer-driven polls are not counted).
+    pub wakeups: u64,
+}
+
 /// A row as the stream's item: decoded, or handed over as text with the error.
 fn deliver<T>(
     decode: Decode<T>,
@@ -944,6 +1002,7 @@ pub struct DurableSubscription<T> {
     group: Arc<str>,
     election: String,
     acks: Arc<Acks>,
+    counts: Arc<Counts>,
     rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
     /// The rest of the page being handed out.
     page: std::collections::VecDeque<DurableDelivery<T>>,
@@ -978,6 +1037,15 @@ impl<T> DurableSubscription<T> {
     /// [`PgPubSub`](crate::PgPubSub) (see [`Durable::events`]).
     pub fn events(&self) -> crate::event::Events<DurableEvent> {
         self.durable.events()
+    }
+
+    /// What this consumer did so far: how often it looked for messages,
+    /// and how often it was woken to.
+    pub fn stats(&self) -> ConsumerStats {
+        ConsumerStats {
+            reads: self.counts.reads.load(Ordering::Relaxed),
+            wakeups: self.counts.wakeups.load(Ordering::Relaxed),
+        }
     }
 
     /// Writes the acks given so far to the group's cursor now.

@@ -145,9 +145,40 @@
 //! commits by itself, sends it after the commit instead, merged with what
 //! its handle publishes meanwhile (one notifying commit for many
 //! publishers: NOTIFY's commit lock is what limits one-message
-//! transactions). Consumers listen to it on
-//! the instance's listener connection, and also poll (default every
-//! second), so a lost notification or a reconnect only delays.
+//! transactions). A handle listens to it once per schema, on its listener
+//! connection, and hands each wake-up to the consumers of that channel
+//! only (a reconnect wakes them all: a wake-up may have been lost), so a
+//! publish costs each consuming process one lookup, however many
+//! consumers it runs. Consumers also poll, so a lost notification or a
+//! reconnect only delays: every second
+//! ([`ConsumerBuilder::poll_interval`]) at first, then, while polls find
+//! nothing, twice as long each time up to 8 s
+//! ([`ConsumerBuilder::max_poll_interval`]); a wake-up, a reconnect, a
+//! change of role or a message found sets it back to the poll interval.
+//! A [quiet](Durable::set_quiet) channel (no wake-ups) is thus delivered
+//! within the poll interval while busy, and within the maximum poll
+//! interval after it was idle. [`DurableSubscription::stats`] counts a
+//! consumer's reads and wake-ups.
+//!
+//! **Many consumers in one process.** Measured with 2,000 channels, one
+//! consumer each, in one handle (pool of 16) against one server on two
+//! CPUs, 1,000 messages/s in total: subscribing all took 4 to 6 s, every
+//! message arrived, latency p50 11 to 18 ms, p99 27 to 92 ms over three
+//! runs on a busy machine (`BENCH_PHASES=channels` in `benches/durable.rs`).
+//! What limits more:
+//! * each active consumer holds its group's election lock, a session
+//!   advisory lock on the listener connection: the server's lock table
+//!   holds about `max_locks_per_transaction` × (`max_connections` +
+//!   `max_prepared_transactions`) locks (6,400 with the defaults), shared
+//!   by every session, and a full table fails lock requests everywhere
+//!   ("out of shared memory"); raise `max_locks_per_transaction` for
+//!   thousands of consumers per server;
+//! * every message costs its consumer a tick and a read, and its acks a
+//!   write every [`ConsumerBuilder::ack_interval`], all through the
+//!   handle's pool; idle consumers poll through it too (one tick and read
+//!   per consumer per maximum poll interval, when idle): size the pool
+//!   ([`Builder::pool_size`](crate::Builder::pool_size)) for that, or
+//!   spread the channels over several handles.
 //!
 //! [`Durable::events`] reports the role of each of the instance's
 //! consumers: [`DurableEvent::Active`] when one becomes active,
@@ -297,6 +328,7 @@ mod message;
 mod position;
 mod publish;
 mod quiet;
+mod wakeups;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -306,13 +338,15 @@ use tokio::sync::OnceCell;
 pub use crate::event::DurableEvent;
 pub use crate::schema::election_channel;
 pub(crate) use crate::schema::SchemaName;
-pub use consumer::{ConsumerBuilder, DurableSubscription, Start};
+pub use consumer::{ConsumerBuilder, ConsumerStats, DurableSubscription, Start};
 pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
 
 use crate::client::PgPubSub;
 use crate::error::{Origin, Result};
+
+pub(crate) use wakeups::Dispatchers;
 
 /// Durable channels in one schema, through a [`PgPubSub`]. Cheap to clone.
 ///

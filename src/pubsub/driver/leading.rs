@@ -4,7 +4,9 @@
 //! here rather than from the public event stream: that stream is lossy, and
 //! a burst of other events could push a `LockLost` out of its buffer. This
 //! is state, not a queue of events, so nothing can be missed: a reader
-//! wakes on `watch` and looks at the current term.
+//! wakes on its channel's `watch` and looks at the current term. Watches
+//! are per channel so that winning one election (thousands at start-up
+//! with many durable consumers) wakes only the readers of that one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,8 +23,6 @@ pub(crate) struct Leading {
 
 struct Inner {
     state: Mutex<State>,
-    /// Signalled after every change.
-    changed: watch::Sender<()>,
 }
 
 #[derive(Default)]
@@ -31,6 +31,56 @@ struct State {
     terms: u64,
     /// Led channels, each with the term it was won in.
     led: HashMap<ChannelName, u64>,
+    /// Signalled after every change of the channel's leadership.
+    watched: HashMap<String, watch::Sender<()>>,
+}
+
+impl State {
+    fn changed(&self, channel: &str) {
+        if let Some(tx) = self.watched.get(channel) {
+            tx.send_replace(());
+        }
+    }
+}
+
+/// Wakes when one channel's leadership changes; see [`Leading::watch`].
+pub(crate) struct LeadWatch {
+    leading: Leading,
+    channel: String,
+    rx: watch::Receiver<()>,
+}
+
+impl LeadWatch {
+    /// Forgets the changes seen so far.
+    pub(crate) fn mark_unchanged(&mut self) {
+        self.rx.mark_unchanged();
+    }
+
+    /// Waits for the next change (a change since the last
+    /// [`mark_unchanged`](Self::mark_unchanged) returns at once).
+    pub(crate) async fn changed(&mut self) {
+        // The sender lives in the shared state as long as this does.
+        let _ = self.rx.changed().await;
+    }
+
+    #[cfg(test)]
+    fn has_changed(&self) -> bool {
+        self.rx.has_changed().unwrap_or(false)
+    }
+}
+
+impl Drop for LeadWatch {
+    fn drop(&mut self) {
+        let mut state = self.leading.lock();
+        // Ours is still counted: the last watch of the channel removes it.
+        if state
+            .watched
+            .get(&self.channel)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            state.watched.remove(&self.channel);
+        }
+    }
 }
 
 impl Default for Leading {
@@ -38,7 +88,6 @@ impl Default for Leading {
         Leading {
             inner: Arc::new(Inner {
                 state: Mutex::default(),
-                changed: watch::Sender::new(()),
             }),
         }
     }
@@ -47,10 +96,6 @@ impl Default for Leading {
 impl Leading {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn changed(&self) {
-        self.inner.changed.send_replace(());
     }
 
     /// Records whether this instance leads `channel`; winning it again
@@ -67,26 +112,22 @@ impl Leading {
             (false, true) => state.led.remove(channel.as_str()).is_some(),
             _ => false,
         };
-        drop(state);
         if changed {
-            self.changed();
+            state.changed(channel.as_str());
         }
     }
 
     pub(crate) fn remove(&self, channel: &str) {
-        let removed = self.lock().led.remove(channel).is_some();
-        if removed {
-            self.changed();
+        let mut state = self.lock();
+        if state.led.remove(channel).is_some() {
+            state.changed(channel);
         }
     }
 
     pub(crate) fn clear(&self) {
         let mut state = self.lock();
-        let had = !state.led.is_empty();
-        state.led.clear();
-        drop(state);
-        if had {
-            self.changed();
+        for (channel, _) in std::mem::take(&mut state.led) {
+            state.changed(channel.as_str());
         }
     }
 
@@ -103,9 +144,22 @@ impl Leading {
         self.lock().led.keys().cloned().collect()
     }
 
-    /// Wakes on every change.
-    pub(crate) fn watch(&self) -> watch::Receiver<()> {
-        self.inner.changed.subscribe()
+    /// Wakes on every change of `channel`'s leadership.
+    pub(crate) fn watch(&self, channel: &str) -> LeadWatch {
+        let mut state = self.lock();
+        let rx = match state.watched.get(channel) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(());
+                state.watched.insert(channel.to_owned(), tx);
+                rx
+            }
+        };
+        LeadWatch {
+            leading: self.clone(),
+            channel: channel.to_owned(),
+            rx,
+        }
     }
 }
 
@@ -116,19 +170,35 @@ mod tests {
     #[test]
     fn winning_again_is_a_new_term() {
         let leading = Leading::default();
-        let mut rx = leading.watch();
+        let mut rx = leading.watch("c");
         let ch = ChannelName::new("c").expect("valid");
         leading.set(&ch, true);
         let first = leading.term("c").expect("leads");
-        assert!(rx.has_changed().unwrap_or(false));
+        assert!(rx.has_changed());
         rx.mark_unchanged();
         leading.set(&ch, true);
-        assert!(!rx.has_changed().unwrap_or(true), "no change, no wake-up");
+        assert!(!rx.has_changed(), "no change, no wake-up");
         leading.set(&ch, false);
         assert_eq!(leading.term("c"), None);
         leading.set(&ch, true);
         assert_ne!(leading.term("c"), Some(first));
+        rx.mark_unchanged();
         leading.clear();
         assert!(!leading.contains("c"));
+        assert!(rx.has_changed(), "clear wakes the watchers of led channels");
+    }
+
+    #[test]
+    fn a_change_wakes_only_that_channels_watchers() {
+        let leading = Leading::default();
+        let (a, b) = (leading.watch("a"), leading.watch("b"));
+        let a2 = leading.watch("a");
+        leading.set(&ChannelName::new("a").expect("valid"), true);
+        assert!(a.has_changed() && a2.has_changed());
+        assert!(!b.has_changed(), "b's leadership did not change");
+        drop(a);
+        assert_eq!(leading.lock().watched.len(), 2, "a2 still watches a");
+        drop((a2, b));
+        assert!(leading.lock().watched.is_empty());
     }
 }

@@ -29,7 +29,7 @@ use crate::stats::Board;
 
 use election::Control;
 pub(crate) use election::CONTROL_CHANNEL;
-pub(crate) use leading::Leading;
+pub(crate) use leading::{LeadWatch, Leading};
 pub(crate) use live::Endpoint;
 use live::{drive, is_fatal, Live, OpError, Planned};
 use registry::Registry;
