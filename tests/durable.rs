@@ -1034,6 +1034,19 @@ async fn a_publish_only_role_publishes_through_the_functions_and_cannot_insert()
     ps.shutdown().await;
 }
 
+/// Publishes "1" to `rows` on `ch` in one SQL statement.
+async fn publish_numbers(client: &tokio_postgres::Client, schema: &str, ch: &str, rows: i64) {
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
+            ),
+            &[&ch, &rows],
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn acks_do_not_wait_for_retention_of_a_large_partition_with_many_groups() {
     const ROWS: i64 = 150_000;
@@ -1041,15 +1054,7 @@ async fn acks_do_not_wait_for_retention_of_a_large_partition_with_many_groups() 
     let (ps, d, schema) = durable_alone("bigretain").await;
     let client = raw_client().await;
     let ch = channel("bigretain");
-    client
-        .execute(
-            &format!(
-                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
-            ),
-            &[&ch, &ROWS],
-        )
-        .await
-        .unwrap();
+    publish_numbers(&client, &schema, &ch, ROWS).await;
     let tick = d.tick(&ch).await.unwrap();
     // Every group has acked everything: the whole partition can go.
     client
@@ -1286,15 +1291,7 @@ async fn max_age_expiry_of_many_rows_for_many_groups_fits_in_the_statement_timeo
     let (ps, d, schema) = durable_alone("bigexpire").await;
     let client = raw_client().await;
     let ch = channel("bigexpire");
-    client
-        .execute(
-            &format!(
-                "SELECT {schema}.publish_many($1, ARRAY(SELECT i::text FROM generate_series(1, $2::bigint) i))"
-            ),
-            &[&ch, &ROWS],
-        )
-        .await
-        .unwrap();
+    publish_numbers(&client, &schema, &ch, ROWS).await;
     client
         .execute(
             &format!(
