@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::consumer::position_of;
 use super::position::Position;
+use super::store::position_of;
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, Origin, Result};

@@ -322,12 +322,16 @@
 //! switch committed and inserts while that partition is being emptied,
 //! for the rest of that `retain` transaction (milliseconds).
 
+mod acks;
 mod consumer;
 mod groups;
 mod message;
 mod position;
 mod publish;
 mod quiet;
+mod reader;
+mod store;
+mod subscription;
 mod wakeups;
 
 use std::future::Future;
@@ -338,10 +342,12 @@ use tokio::sync::OnceCell;
 pub use crate::event::DurableEvent;
 pub use crate::schema::election_channel;
 pub(crate) use crate::schema::SchemaName;
-pub use consumer::{ConsumerBuilder, ConsumerStats, DurableSubscription, Start};
+pub use consumer::{ConsumerBuilder, Start};
 pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
+pub use reader::ConsumerStats;
+pub use subscription::DurableSubscription;
 
 use crate::client::PgPubSub;
 use crate::error::{Origin, Result};

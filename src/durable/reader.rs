@@ -1,0 +1,427 @@
+//! The task that reads for a subscription while it is the active consumer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::types::ToSql;
+
+use super::message::{Acks, DurableDelivery, DurableMessage};
+use super::position::{Position, Xid8};
+use super::store::Range;
+use super::Durable;
+use crate::channel::ChannelName;
+use crate::driver::LeadWatch;
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::DurableEvent;
+
+/// Turns a payload into a `T`; on failure gives the text back with the error.
+pub(super) type Decode<T> = fn(String) -> Result<T, (String, serde_json::Error)>;
+/// Pages a consumer reads with one statement while draining a batch.
+const STREAM_PAGES: usize = 8;
+
+/// The task that reads for one subscription while it is the active consumer.
+pub(super) struct Reader<T> {
+    pub(super) durable: Durable,
+    pub(super) channel: ChannelName,
+    pub(super) group: Arc<str>,
+    pub(super) election: String,
+    pub(super) batch_size: usize,
+    pub(super) poll_interval: Duration,
+    pub(super) max_poll_interval: Duration,
+    pub(super) decode: Decode<T>,
+    pub(super) acks: Arc<Acks>,
+    pub(super) counts: Arc<Counts>,
+    pub(super) out: mpsc::Sender<Vec<DurableDelivery<T>>>,
+    pub(super) stop: watch::Receiver<bool>,
+    /// Set while draining a batch that plain range scans can read.
+    pub(super) range: Option<Range>,
+    /// A tick whose batch was read to its end (a short page): the next
+    /// read starts at the following tick instead of looking for more of it.
+    pub(super) finished_tick: Option<i64>,
+    pub(super) retain_every: Option<Duration>,
+    pub(super) max_age: Option<Duration>,
+    /// Whether this is the active consumer, as last reported in events.
+    pub(super) active: Option<bool>,
+    /// The leadership term this reader's cursor belongs to: a new term
+    /// (the lock was lost and won back) reloads the group's cursor.
+    pub(super) term: Option<u64>,
+}
+
+/// Why the reader should look again now.
+enum Wake {
+    /// Something happened (a wake-up, a gap, a change of role).
+    Now,
+    /// The poll interval passed without anything happening.
+    Timer,
+    Stop,
+}
+
+impl<T: Send + 'static> Reader<T> {
+    pub(super) async fn run(
+        mut self,
+        wake: super::wakeups::Waiter,
+        mut elected: crate::Subscription<String>,
+        mut lead: LeadWatch,
+    ) {
+        let leading = self.durable.pubsub.inner.leading.clone();
+        // Where the next read starts; None: reload the group's cursor.
+        let mut cursor: Option<Position> = None;
+        let mut draining = false;
+        // The wait before the next look without a wake-up (backs off).
+        let mut idle = self.poll_interval;
+        let mut next_retain = self.retain_every.map(|d| tokio::time::Instant::now() + d);
+        loop {
+            lead.mark_unchanged();
+            let term = leading.term(&self.election);
+            if term.is_some() && term != self.term {
+                // Another consumer may have moved the group meanwhile.
+                cursor = None;
+            }
+            self.term = term;
+            if term.is_some() {
+                self.set_active(true);
+                if let (Some(at), Some(every)) = (next_retain, self.retain_every) {
+                    if tokio::time::Instant::now() >= at {
+                        // Tick before the next read: it takes (and reports)
+                        // what max-age removal cost this group.
+                        draining &= !self.retain().await;
+                        next_retain = Some(tokio::time::Instant::now() + every);
+                    }
+                }
+                self.counts.reads.fetch_add(1, Ordering::Relaxed);
+                let result = self.round(&mut cursor, draining).await;
+                draining = matches!(result, Ok(true)) && cursor.is_some();
+                match result {
+                    Ok(true) => {
+                        // Rows read: more may be waiting.
+                        idle = self.poll_interval;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) if e.kind() == ErrorKind::ShutDown => return,
+                    Err(e) => {
+                        if self.out.is_closed() {
+                            return;
+                        }
+                        tracing::warn!(channel = %self.channel, group = %self.group, "durable consumer: {e}; retrying");
+                        cursor = None;
+                    }
+                }
+            } else {
+                // `listen` of the election returned: not leading is standing by.
+                cursor = None;
+                self.set_active(false);
+            }
+            // Only this channel's wake-ups and leadership changes reach
+            // here (see `wakeups`): each is worth a look.
+            let mut deadline = tokio::time::Instant::now() + idle;
+            if self.active == Some(true) {
+                deadline = next_retain.map_or(deadline, |at| at.min(deadline));
+            }
+            let wait = tokio::select! {
+                _ = self.stop.changed() => Wake::Stop,
+                open = wake.woken() => if open { Wake::Now } else { Wake::Stop },
+                d = elected.next() => match d {
+                    Some(_) => Wake::Now,
+                    None => Wake::Stop,
+                },
+                () = lead.changed() => Wake::Now,
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+            };
+            match wait {
+                Wake::Stop => return,
+                _ if self.out.is_closed() => return,
+                Wake::Now => {
+                    self.counts.wakeups.fetch_add(1, Ordering::Relaxed);
+                    idle = self.poll_interval;
+                }
+                Wake::Timer => idle = idle.saturating_mul(2).min(self.max_poll_interval),
+            }
+        }
+    }
+
+    /// Reports a change of role in the instance's events.
+    fn set_active(&mut self, active: bool) {
+        if self.active == Some(active) {
+            return;
+        }
+        self.active = Some(active);
+        let (channel, group) = (self.channel.clone(), self.group.clone());
+        self.durable.pubsub.inner.buses.durable.emit(if active {
+            DurableEvent::Active { channel, group }
+        } else {
+            DurableEvent::Standby { channel, group }
+        });
+    }
+
+    /// Runs retention on the channel; true when it expired messages (some
+    /// group, maybe this one, lost some). Failures are logged: the next
+    /// interval tries again.
+    async fn retain(&self) -> bool {
+        match self
+            .durable
+            .retain_with(self.channel.as_str(), self.max_age, false)
+            .await
+        {
+            Ok(r) => {
+                if r.acked > 0 || r.expired > 0 || r.truncated > 0 {
+                    self.durable
+                        .pubsub
+                        .inner
+                        .buses
+                        .durable
+                        .emit(DurableEvent::Retained {
+                            channel: self.channel.clone(),
+                            acked: r.acked,
+                            expired: r.expired,
+                            truncated: r.truncated,
+                            carried: r.carried,
+                        });
+                }
+                r.expired > 0
+            }
+            Err(e) => {
+                tracing::warn!(channel = %self.channel, group = %self.group, "durable retention: {e}");
+                false
+            }
+        }
+    }
+
+    /// Ticks (unless `draining`: the last page had rows, so the known
+    /// ticks may not be exhausted yet) and reads one page; true when it
+    /// had rows.
+    async fn round(&mut self, cursor: &mut Option<Position>, draining: bool) -> Result<bool> {
+        let durable = &self.durable;
+        let mut lost = 0;
+        let at = match *cursor {
+            Some(p) => p,
+            None => {
+                self.range = None;
+                self.finished_tick = None;
+                // Our own pending acks first, so a reload does not go back.
+                if let Some(p) = self.acks.take() {
+                    if let Err(e) = durable.write_ack(&self.acks, p).await {
+                        self.acks.restore(p);
+                        return Err(e);
+                    }
+                }
+                let (p, l) = durable.load_cursor(&self.channel, &self.group).await?;
+                lost = l;
+                *cursor = Some(p);
+                p
+            }
+        };
+        let mut page = Vec::new();
+        let ranged = self.range.as_ref().is_some_and(|r| r.tick == at.tick);
+        // Batches never change once ticked: after the end of one, read the
+        // next (ticks of a channel are numbered without holes) rather than
+        // have `read` look for more of it first, which halves its work.
+        let from = match self.finished_tick {
+            Some(t) if t == at.tick => Position::start_of_tick(t + 1),
+            _ => at,
+        };
+        let mut rows = None;
+        if !draining && ranged {
+            lost += durable
+                .tick_and_take_lost(&self.channel, &self.group)
+                .await?;
+        } else if !draining {
+            let (l, r) = durable
+                .tick_and_read(&self.channel, &self.group, from, self.batch_size)
+                .await?;
+            lost += l;
+            rows = Some(r);
+        }
+        if lost > 0 {
+            let lost = u64::try_from(lost).unwrap_or(0);
+            self.durable
+                .pubsub
+                .inner
+                .buses
+                .durable
+                .emit(DurableEvent::Truncated {
+                    channel: self.channel.clone(),
+                    group: self.group.clone(),
+                    lost,
+                });
+            page.push(DurableDelivery::Truncated { lost });
+        }
+        // A backlog is read a page at a time; `read` (a function) costs a
+        // copy of each page on the server, so the rest of a batch whose
+        // first page was full takes the plain statement when it can,
+        // streamed several pages per statement.
+        let rows = match rows {
+            Some(rows) => rows,
+            None => match self.range.take().filter(|r| r.tick == at.tick) {
+                Some(range) => return self.stream_range(range, at, cursor, page).await,
+                None => durable.read(&self.channel, from, self.batch_size).await?,
+            },
+        };
+        let full = rows.len() == self.batch_size;
+        let got_rows = !rows.is_empty();
+        if let Some(last) = rows.last() {
+            self.finished_tick = (!full).then_some(last.position.tick);
+        }
+        self.range = match rows.last() {
+            Some(last) if full => durable.range_of(&self.channel, last.position).await?,
+            _ => None,
+        };
+        page.reserve(rows.len());
+        for row in rows {
+            *cursor = Some(row.position);
+            page.push(deliver(
+                self.decode,
+                &self.acks,
+                row.position,
+                row.published_at,
+                row.payload,
+            ));
+        }
+        if !page.is_empty() && self.out.send(page).await.is_err() {
+            return Err(Error::shut_down());
+        }
+        // `read` returns one batch (tick) at most: a short page may be
+        // followed by more ticked batches (a group catching up on many
+        // small transactions), so read on until a read finds nothing
+        // instead of waiting a poll interval per batch.
+        Ok(full || got_rows)
+    }
+
+    /// Reads up to [`STREAM_PAGES`] pages of batch `range.tick` after `at`
+    /// with one statement, handing each page to the stream as soon as its
+    /// rows arrived: the server produces the next rows while these are
+    /// decoded and consumed, and a backlog costs one round trip per
+    /// [`STREAM_PAGES`] pages. `page` holds what goes first (a truncation
+    /// notice). True when it read the most it could (more may follow).
+    async fn stream_range(
+        &mut self,
+        range: Range,
+        at: Position,
+        cursor: &mut Option<Position>,
+        page: Vec<DurableDelivery<T>>,
+    ) -> Result<bool> {
+        let size = self.batch_size;
+        let limit = size.saturating_mul(STREAM_PAGES);
+        let sql = format!(
+            "SELECT xid, seq, published_at, payload FROM {}.messages \
+             WHERE channel = $1 AND xid >= $2 AND xid < pg_snapshot_xmax($3) \
+               AND (xid, seq) > ($4, $5) AND pg_visible_in_snapshot(xid, $3) \
+             ORDER BY xid, seq LIMIT $6",
+            self.durable.schema.as_str()
+        );
+        let (decode, acks, out) = (self.decode, self.acks.clone(), self.out.clone());
+        let (ch, xid) = (self.channel.as_str(), at.xid8());
+        let (tick, lo, snap) = (range.tick, &range.lo, &range.snap);
+        let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (read, last, held, closed) = self
+            .durable
+            .with_client("reading the durable channel", |c| async move {
+                let stmt = c.prepare_cached(&sql).await?;
+                let params: [&(dyn ToSql + Sync); 6] = [&ch, lo, snap, &xid, &at.seq, &limit_param];
+                let rows = c.query_raw(&stmt, params).await?;
+                futures::pin_mut!(rows);
+                let (mut page, mut held, mut read, mut last) = (page, Vec::new(), 0, None);
+                let mut closed = false;
+                while let Some(row) = rows.next().await {
+                    let row = row?;
+                    let xid: Xid8 = row.try_get(0)?;
+                    let position = Position {
+                        tick,
+                        xid: xid.0,
+                        seq: row.try_get(1)?,
+                    };
+                    page.push(deliver(
+                        decode,
+                        &acks,
+                        position,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                    ));
+                    read += 1;
+                    last = Some(position);
+                    if page.len() >= size {
+                        let full = std::mem::replace(&mut page, Vec::with_capacity(size));
+                        // Never wait for the consumer here (the statement
+                        // runs under the pool's timeout): hold pages back.
+                        if !held.is_empty() {
+                            held.push(full);
+                        } else if let Err(e) = out.try_send(full) {
+                            match e {
+                                mpsc::error::TrySendError::Full(full) => held.push(full),
+                                mpsc::error::TrySendError::Closed(_) => {
+                                    closed = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                if !page.is_empty() {
+                    held.push(page);
+                }
+                Ok((read, last, held, closed))
+            })
+            .await?;
+        if closed {
+            return Err(Error::shut_down());
+        }
+        for page in held {
+            if self.out.send(page).await.is_err() {
+                return Err(Error::shut_down());
+            }
+        }
+        if let Some(last) = last {
+            *cursor = Some(last);
+        }
+        let full = read == limit;
+        if full {
+            self.range = Some(range);
+        }
+        Ok(full)
+    }
+}
+
+/// A consumer's counters, shared by its reader and its subscription.
+#[derive(Default)]
+pub(super) struct Counts {
+    pub(super) reads: AtomicU64,
+    pub(super) wakeups: AtomicU64,
+}
+
+/// What a consumer did so far, from [`DurableSubscription::stats`](super::DurableSubscription::stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Times the consumer looked for messages while active (each a round
+    /// trip or two: a tick and a read, or the next page of a batch).
+    pub reads: u64,
+    /// Times it was woken to look: a wake-up of its channel, a reconnect,
+    /// or a change of role (timer-driven polls are not counted).
+    pub wakeups: u64,
+}
+
+/// A row as the stream's item: decoded, or handed over as text with the error.
+fn deliver<T>(
+    decode: Decode<T>,
+    acks: &Arc<Acks>,
+    position: Position,
+    published_at: SystemTime,
+    payload: String,
+) -> DurableDelivery<T> {
+    let message = DurableMessage {
+        payload: (),
+        position,
+        published_at,
+        acks: acks.clone(),
+    };
+    match decode(payload) {
+        Ok(payload) => DurableDelivery::Message(message.map(|()| payload)),
+        Err((raw, error)) => DurableDelivery::Undecodable {
+            message: message.map(|()| raw),
+            error: Arc::new(error),
+        },
+    }
+}
