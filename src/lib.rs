@@ -66,7 +66,10 @@
 //!                   driver/ (listener task: connection, registry, per-channel
 //!                   state machines in role.rs, election SQL)
 //! src/schema/       SchemaName, migrations/*.sql, functions/*.sql, the installer
-//! src/durable/      durable channels: handle, publish, consumer, groups, retention
+//! src/durable/      durable channels: mod.rs (handle, docs), store.rs (every
+//!                   statement), consumer.rs (builder), reader.rs (read loop),
+//!                   acks.rs (ack flusher), subscription.rs (the Stream),
+//!                   wakeups.rs (per-channel wake-up dispatch), groups, publish
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
 //!                   completer, vacuum), admin
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/)
