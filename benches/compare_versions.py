@@ -19,7 +19,7 @@ PHASES = [
                  "BENCH_PUBLISH_RUNS": "6", "BENCH_CONSUME_RUNS": "1"}),
     ("queue", {"BENCH_SINGLE": "2000", "BENCH_BATCHED": "50000",
                "BENCH_WORK": "30000", "BENCH_CHURN": "0", "BENCH_ENQUEUE_RUNS": "6"}),
-    ("throughput", {"BENCH_PHASES": "receive", "BENCH_MESSAGES": "200000",
+    ("throughput", {"BENCH_PHASES": "receive", "BENCH_MESSAGES": "500000",
                     "BENCH_RUNS": "1"}),
 ]
 
@@ -38,7 +38,13 @@ def run(path, env):
     out = subprocess.run([path, "--bench"], env=full, capture_output=True, text=True)
     ratios = {}
     for line in out.stdout.splitlines():
-        if "ratio" in line:
+        cols = [c.strip() for c in line.split("|")]
+        # The throughput bench's table: case | msgs | wall | msgs/s | ratio | cpu | cpu ratio | ...
+        if len(cols) > 6 and cols[0].startswith("(") and re.fullmatch(r"[\d.]+", cols[4]):
+            ratios[cols[0] + " (throughput)"] = float(cols[4])
+            ratios[cols[0] + " (cpu, lower is better)"] = float(cols[6])
+            continue
+        if "ratio" in line and ", run " not in line:
             m = re.search(r"ratio\s+([\d.]+)", line)
             what = re.split(r"\s{2,}", line.strip())[0]
             if m:
@@ -51,9 +57,11 @@ def run(path, env):
 def main():
     old, new = sys.argv[1], sys.argv[2]
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    only = os.environ.get("COMPARE_ONLY")
+    phases = [p for p in PHASES if not only or p[0] in only.split(",")]
     seen = {"old": {}, "new": {}}
     for r in range(rounds):
-        for name, env in PHASES:
+        for name, env in phases:
             order = [("old", old), ("new", new)] if r % 2 == 0 else [("new", new), ("old", old)]
             for label, target in order:
                 for what, ratio in run(binary(target, name), env).items():
