@@ -22,6 +22,15 @@ use crate::{truncate, wire};
 pub(crate) enum Received {
     Own(Box<Note>),
     Shared(Arc<SharedNote>),
+    /// Made by hand ([`Message::for_test`]), not received.
+    Made(Box<Made>),
+}
+
+/// What a test double carries instead of a notification.
+#[derive(Clone)]
+pub(crate) struct Made {
+    channel: String,
+    body: String,
 }
 
 /// One allocation per notification; the origin is parsed again on the rare
@@ -52,32 +61,41 @@ impl Received {
         }
     }
 
-    fn note(&self) -> &Note {
+    fn note(&self) -> Option<&Note> {
         match self {
-            Received::Own(note) => note,
-            Received::Shared(shared) => &shared.note,
+            Received::Own(note) => Some(note),
+            Received::Shared(shared) => Some(&shared.note),
+            Received::Made(_) => None,
         }
     }
 
     pub(crate) fn origin(&self) -> Option<Uuid> {
-        let note = self.note();
+        let note = self.note()?;
         note.tagged
             .then(|| wire::decode(note.note.payload()).0)
             .flatten()
     }
 
     fn channel(&self) -> &str {
-        self.note().note.channel()
+        match self {
+            Received::Own(own) => own.note.channel(),
+            Received::Shared(shared) => shared.note.note.channel(),
+            Received::Made(made) => &made.channel,
+        }
     }
 
     pub(crate) fn body(&self) -> &str {
-        let note = self.note();
+        let note = match self {
+            Received::Own(note) => note,
+            Received::Shared(shared) => &shared.note,
+            Received::Made(made) => return &made.body,
+        };
         let start = if note.tagged { wire::HEADER_BYTES } else { 0 };
         &note.note.payload()[start..]
     }
 
     fn process_id(&self) -> i32 {
-        self.note().note.process_id()
+        self.note().map_or(0, |note| note.note.process_id())
     }
 
     /// Decodes the body; when the channel has several subscribers, the first
@@ -109,7 +127,7 @@ impl Received {
     /// The shared decoded value, when [`Self::decode`] put a `T` there.
     fn cached<T: 'static>(&self) -> Option<&T> {
         match self {
-            Received::Own(_) => None,
+            Received::Own(_) | Received::Made(_) => None,
             Received::Shared(shared) => {
                 shared.decoded.get().and_then(|any| any.downcast_ref::<T>())
             }
@@ -130,6 +148,24 @@ impl<T: 'static> Message<T> {
     /// `payload` is `None` only when `received` holds a `T` (see `Received::decode`).
     pub(crate) fn new(received: Received, payload: Option<T>) -> Self {
         Message { received, payload }
+    }
+
+    /// A message to unit-test a subscriber's handling with, without a
+    /// server: `payload` as if decoded from `raw`, sent on `channel` by
+    /// backend 0, with no origin.
+    ///
+    /// ```
+    /// let m = pg_pubsub::Message::for_test("orders", 7u32, "7");
+    /// assert_eq!((m.channel(), *m.payload(), m.raw()), ("orders", 7, "7"));
+    /// ```
+    pub fn for_test(channel: &str, payload: T, raw: impl Into<String>) -> Message<T> {
+        Message {
+            received: Received::Made(Box::new(Made {
+                channel: channel.to_owned(),
+                body: raw.into(),
+            })),
+            payload: Some(payload),
+        }
     }
 
     /// The channel it was sent on.
