@@ -930,18 +930,23 @@ async fn tick_count(client: &tokio_postgres::Client, schema: &str, ch: &str) -> 
         .get(0)
 }
 
+/// Group "g" of `ch`, polling every 50 ms, without its own retention (the
+/// test runs it).
+async fn quick_consumer(d: &Durable, ch: &str) -> DurableSubscription<String> {
+    d.consumer(ch, "g")
+        .poll_interval(Duration::from_millis(50))
+        .retain_every(None)
+        .subscribe()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_row_with_a_future_xid_neither_adds_ticks_nor_stalls_and_is_reported() {
     let (ps, d, schema) = durable_alone("forged").await;
     let client = raw_client().await;
     let ch = channel("forged");
-    let mut sub = d
-        .consumer(&ch, "g")
-        .poll_interval(Duration::from_millis(50))
-        .retain_every(None)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut sub = quick_consumer(&d, &ch).await;
     d.publish_raw(&ch, "before").await.unwrap();
     assert_eq!(take_acked(&mut sub, 1).await, ["before"]);
     // What a restore into another cluster, logical replication or an
@@ -1181,13 +1186,7 @@ async fn a_message_after_many_empty_batches_is_read_without_walking_them() {
     let (ps, d, schema) = durable_alone("emptyticks").await;
     let client = raw_client().await;
     let ch = channel("emptyticks");
-    let mut sub = d
-        .consumer(&ch, "g")
-        .poll_interval(Duration::from_millis(50))
-        .retain_every(None)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut sub = quick_consumer(&d, &ch).await;
     d.publish_raw(&ch, "first").await.unwrap();
     assert_eq!(take_acked(&mut sub, 1).await, ["first"]);
     sub.flush().await.unwrap();
