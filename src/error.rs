@@ -80,12 +80,8 @@ pub enum Stage {
 /// which a statement failed (the kind then comes from the cause).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
-    EmptyChannel,
-    ChannelContainsNul,
-    ChannelTooLong,
     InvalidName,
-    PayloadTooLarge,
-    PayloadContainsNul,
+    Limit,
     Serialize,
     Config,
     Connect,
@@ -115,11 +111,8 @@ impl Origin {
             (kind, Some(stage))
         };
         match self {
-            Origin::EmptyChannel
-            | Origin::ChannelContainsNul
-            | Origin::ChannelTooLong
-            | Origin::InvalidName => (ErrorKind::InvalidName, None),
-            Origin::PayloadTooLarge | Origin::PayloadContainsNul => (ErrorKind::Limit, None),
+            Origin::InvalidName => (ErrorKind::InvalidName, None),
+            Origin::Limit => (ErrorKind::Limit, None),
             Origin::Serialize => (ErrorKind::Serialize, None),
             Origin::Config => (ErrorKind::Config, None),
             Origin::Connect => (ErrorKind::Connect, Some(Stage::Connect)),

@@ -175,7 +175,7 @@ impl AckParams {
     }
 
     pub(crate) fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
-        [&self.channel, &self.group, &self.tick, &self.xid, &self.seq]
+        self.typed().map(|(value, _)| value)
     }
 }
 

@@ -28,17 +28,17 @@ impl ChannelName {
     /// Validates `name`.
     pub fn new(name: &str) -> Result<Self> {
         if name.is_empty() {
-            return Err(Error::new(Origin::EmptyChannel, "channel name is empty"));
+            return Err(Error::new(Origin::InvalidName, "channel name is empty"));
         }
         if name.contains('\0') {
             return Err(Error::new(
-                Origin::ChannelContainsNul,
+                Origin::InvalidName,
                 format!("channel name {name:?} contains a NUL byte"),
             ));
         }
         if name.len() > MAX_CHANNEL_BYTES {
             return Err(Error::new(
-                Origin::ChannelTooLong,
+                Origin::InvalidName,
                 format!(
                     "channel name is {} bytes long; PostgreSQL allows at most {MAX_CHANNEL_BYTES}",
                     name.len()

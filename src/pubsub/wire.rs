@@ -70,7 +70,7 @@ fn check_nul(body: &str) -> Result<()> {
     match body.find('\0') {
         None => Ok(()),
         Some(at) => Err(Error::new(
-            Origin::PayloadContainsNul,
+            Origin::Limit,
             format!("payload contains a NUL byte at byte {at}; PostgreSQL text cannot hold one"),
         )),
     }
@@ -86,7 +86,7 @@ fn check_size(payload: &str, tagged: bool) -> Result<()> {
         String::new()
     };
     Err(Error::new(
-        Origin::PayloadTooLarge,
+        Origin::Limit,
         format!(
             "payload is {} bytes{header}; PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}",
             payload.len()

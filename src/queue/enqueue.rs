@@ -126,10 +126,7 @@ impl Enqueued {
 
 fn check_payload(payload: &str) -> Result<()> {
     if payload.contains('\0') {
-        return Err(Error::new(
-            Origin::PayloadContainsNul,
-            "job payload contains a NUL byte",
-        ));
+        return Err(Error::new(Origin::Limit, "job payload contains a NUL byte"));
     }
     Ok(())
 }
@@ -384,14 +381,6 @@ impl Params<'_> {
     }
 
     fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
-        [
-            &self.queue,
-            &self.payload,
-            &self.run_at,
-            &self.delay,
-            &self.priority,
-            &self.max_attempts,
-            &self.unique_key,
-        ]
+        self.typed().map(|(value, _)| value)
     }
 }

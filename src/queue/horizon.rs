@@ -68,7 +68,7 @@ impl HorizonHolder {
 
 /// The holder with the oldest horizon, from every session of this database
 /// (but the asking one), its prepared transactions and every slot.
-pub(super) const HOLDER_SQL: &str = "\
+const HOLDER_SQL: &str = "\
 SELECT kind, pid, name, state, xid_age::int8, age_secs FROM (
   SELECT 'session' AS kind, a.pid, a.application_name AS name, a.state,
          greatest(age(a.backend_xmin), age(a.backend_xid)) AS xid_age,
@@ -85,8 +85,19 @@ SELECT kind, pid, name, state, xid_age::int8, age_secs FROM (
     FROM pg_replication_slots s WHERE s.xmin IS NOT NULL
 ) h ORDER BY xid_age DESC NULLS LAST LIMIT 1";
 
+/// Runs [`HOLDER_SQL`] on `client`.
+pub(super) async fn find_holder(
+    client: &tokio_postgres::Client,
+) -> Result<Option<HorizonHolder>, tokio_postgres::Error> {
+    Ok(client
+        .query(HOLDER_SQL, &[])
+        .await?
+        .first()
+        .map(holder_from))
+}
+
 /// Maps a row of [`HOLDER_SQL`].
-pub(super) fn holder_from(row: &tokio_postgres::Row) -> HorizonHolder {
+fn holder_from(row: &tokio_postgres::Row) -> HorizonHolder {
     let kind = match row.get::<_, &str>(0) {
         "prepared" => HolderKind::PreparedTransaction,
         "slot" => HolderKind::ReplicationSlot,
@@ -117,10 +128,7 @@ impl Queue {
             .run(
                 Origin::Queue,
                 "finding the xmin horizon",
-                |client| async move {
-                    let rows = client.query(HOLDER_SQL, &[]).await?;
-                    Ok(rows.first().map(holder_from))
-                },
+                |client| async move { find_holder(&client).await },
             )
             .await
     }

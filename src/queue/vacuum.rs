@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::context::Ctx;
-use super::horizon::{holder_from, Reporter, HOLDER_SQL};
+use super::horizon::{find_holder, Reporter};
 use crate::event::QueueEvent;
 
 /// Jobs a worker finishes between two of its vacuums, at least.
@@ -143,11 +143,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<u64>) {
 async fn check_horizon(ctx: &Ctx, reporter: &mut Reporter) {
     let found = ctx
         .with_client("finding the xmin horizon", |client| async move {
-            Ok(client
-                .query(HOLDER_SQL, &[])
-                .await?
-                .first()
-                .map(holder_from))
+            find_holder(&client).await
         })
         .await;
     match found {
