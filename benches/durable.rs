@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use pg_pubsub::durable::{Durable, DurableDelivery};
+use pg_pubsub::Text;
 use pg_pubsub::{Delivery, PgPubSub};
 use tokio::time::MissedTickBehavior;
 
@@ -136,7 +137,7 @@ async fn publish(
                 let d = d.clone();
                 async move {
                     for _ in 0..i {
-                        d.publish_raw(channel, PAYLOAD).await?;
+                        d.publish(channel, Text(PAYLOAD)).await?;
                     }
                     Ok(())
                 }
@@ -172,7 +173,7 @@ async fn publish(
         let bare = t.elapsed();
         let t = Instant::now();
         for _ in 0..batched / 1000 {
-            d.publish_batch("batched", chunk).await?;
+            d.publish_batch("batched", chunk.iter().map(Text)).await?;
         }
         batch.push(bare.as_secs_f64() / t.elapsed().as_secs_f64());
     }
@@ -202,7 +203,7 @@ async fn consume(
 ) -> Res<()> {
     d.set_quiet("backlog", true).await?;
     for _ in 0..backlog / 1000 {
-        d.publish_batch("backlog", chunk).await?;
+        d.publish_batch("backlog", chunk.iter().map(Text)).await?;
         client.execute(stmt, &[&"backlog", &chunk]).await?;
     }
     // One statement each: VACUUM refuses to run in a multi-statement batch.
@@ -213,9 +214,8 @@ async fn consume(
     // Every run's group exists before the first one acks, so automatic
     // retention removes nothing until the last run.
     for run in 0..runs {
-        d.consumer("backlog", &format!("bench{run}"))
+        d.subscribe::<Text>("backlog", &format!("bench{run}"))
             .batch_size(1)
-            .subscribe()
             .await?
             .close()
             .await?;
@@ -242,9 +242,8 @@ async fn consume(
         assert_eq!(read, backlog);
         let t = Instant::now();
         let mut sub = d
-            .consumer("backlog", &format!("bench{run}"))
+            .subscribe::<Text>("backlog", &format!("bench{run}"))
             .batch_size(1000)
-            .subscribe()
             .await?;
         for _ in 0..backlog {
             match sub.next().await {
@@ -356,13 +355,13 @@ where
 }
 
 async fn ephemeral_latencies(ps: &PgPubSub, secs: u64) -> Res<Vec<u64>> {
-    let mut sub = ps.listen_raw("bench_latency").await?;
+    let mut sub = ps.listen::<Text>("bench_latency").await?;
     let p = ps.clone();
     timed_stream(
         secs,
         move |t| {
             let p = p.clone();
-            async move { Ok(p.notify_raw("bench_latency", &t).await?) }
+            async move { Ok(p.notify("bench_latency", Text(&t)).await?) }
         },
         &mut sub,
         |d| match d {
@@ -375,22 +374,21 @@ async fn ephemeral_latencies(ps: &PgPubSub, secs: u64) -> Res<Vec<u64>> {
 
 async fn durable_latencies(d: &Durable, secs: u64) -> Res<Vec<u64>> {
     let mut sub = d
-        .consumer("bench_latency", "lat")
+        .subscribe::<Text>("bench_latency", "lat")
         .start(pg_pubsub::durable::Start::Latest)
-        .subscribe()
         .await?;
     let p = d.clone();
     let times = timed_stream(
         secs,
         move |t| {
             let p = p.clone();
-            async move { Ok(p.publish_raw("bench_latency", &t).await?) }
+            async move { Ok(p.publish("bench_latency", Text(&t)).await?) }
         },
         &mut sub,
         |d| match d {
             DurableDelivery::Message(m) => {
                 m.ack();
-                Some(m.payload().to_owned())
+                Some(m.payload().to_string())
             }
             _ => None,
         },
@@ -415,17 +413,15 @@ async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()
                     (SELECT count(*) FROM pgpubsub.messages), \
                     (SELECT string_agg(n::text, '/' ORDER BY k) FROM \
                      (SELECT part AS k, count(*) AS n FROM pgpubsub.messages GROUP BY part) p)";
-    d.consumer("soak", "stuck")
+    d.subscribe::<Text>("soak", "stuck")
         .retain_every(None)
-        .subscribe()
         .await?
         .close()
         .await?;
     let mut sub = d
-        .consumer("soak", "g")
+        .subscribe::<Text>("soak", "g")
         .retain_every(Some(Duration::from_secs(10)))
         .max_age(Some(Duration::from_secs(60)))
-        .subscribe()
         .await?;
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -454,7 +450,7 @@ async fn soak(d: &Durable, client: &tokio_postgres::Client, secs: u64) -> Res<()
     );
     while start.elapsed() < Duration::from_secs(secs) {
         tick.tick().await;
-        d.publish_batch("soak", &per_tick).await?;
+        d.publish_batch("soak", per_tick.iter().map(Text)).await?;
         sent += per_tick.len() as u64;
         if sent % (RATE * 30) == 0 {
             let row = client.query_one(size_sql, &[]).await?;
@@ -490,9 +486,8 @@ async fn channels(url: &str, n: usize, secs: u64) -> Res<()> {
     let mut subs = Vec::with_capacity(n);
     for name in &names {
         subs.push(
-            d.consumer(name, "g")
+            d.subscribe::<Text>(name, "g")
                 .start(pg_pubsub::durable::Start::Latest)
-                .subscribe()
                 .await?,
         );
     }
@@ -543,7 +538,7 @@ async fn channels(url: &str, n: usize, secs: u64) -> Res<()> {
                     tick.tick().await;
                     let k = i * CHANNEL_PUBLISHERS + t;
                     let name = &names[k as usize % names.len()];
-                    d.publish_raw(name, &format!("{k}:{}", now_ns())).await?;
+                    d.publish(name, Text(&format!("{k}:{}", now_ns()))).await?;
                 }
                 Res::Ok(())
             })

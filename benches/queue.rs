@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_pubsub::queue::{Job, JobOptions, Queue, WorkerBuilder};
+use pg_pubsub::queue::{Job, Queue, WorkerBuilder};
 use pg_pubsub::PgPubSub;
+use pg_pubsub::Text;
 
 /// Concurrent tasks / connections / handlers.
 const TASKS: usize = 8;
@@ -93,7 +94,7 @@ async fn run(url: &str) -> Res<()> {
                 let q = q.clone();
                 async move {
                     for _ in 0..n {
-                        q.enqueue_raw("bench_single", PAYLOAD).await?;
+                        q.enqueue("bench_single", Text(PAYLOAD)).await?;
                     }
                     Ok(())
                 }
@@ -133,7 +134,7 @@ async fn run(url: &str) -> Res<()> {
     let payloads: Vec<&str> = vec![PAYLOAD; 1000];
     let t = Instant::now();
     for _ in 0..batched / 1000 {
-        q.enqueue_batch("bench_batched", &payloads, &JobOptions::new())
+        q.enqueue_batch("bench_batched", payloads.iter().map(Text))
             .await?;
     }
     let ours = rate(batched, t.elapsed());
@@ -160,7 +161,7 @@ async fn run(url: &str) -> Res<()> {
     // Claim + complete, 8 handlers doing nothing.
     let payloads: Vec<&str> = vec![PAYLOAD; 1000];
     for _ in 0..work / 1000 {
-        q.enqueue_batch("bench_work", &payloads, &JobOptions::new())
+        q.enqueue_batch("bench_work", payloads.iter().map(Text))
             .await?;
         client.execute(&stmt, &[&"bench_work", &payloads]).await?;
     }
@@ -293,8 +294,7 @@ async fn latency_after_churn(ps: &PgPubSub, churn: u64) -> Res<()> {
             continue;
         }
         let n = (churn - enqueued).min(CHURN_BATCH as u64) as usize;
-        q.enqueue_batch(LAT, &payloads[..n], &JobOptions::new())
-            .await?;
+        q.enqueue_batch(LAT, payloads[..n].iter().map(Text)).await?;
         enqueued += n as u64;
     }
     counted.finish().await?;

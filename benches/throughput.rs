@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use futures::FutureExt;
 use pg_pubsub::testing::TestServer;
+use pg_pubsub::Text;
 use pg_pubsub::{Delivery, PgPubSub};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -387,7 +388,7 @@ fn seen_typed(d: Delivery<Order>) -> Seen {
 }
 
 /// Raw text: digits after `"seq":` (and `"t":`) without a JSON parser.
-fn seen_raw(d: Delivery<String>) -> Seen {
+fn seen_raw(d: Delivery<Text>) -> Seen {
     let Delivery::Message(m) = d else {
         return seen_signal(d);
     };
@@ -581,7 +582,7 @@ async fn start_receivers(
     let mut tasks = Vec::new();
     match kind {
         Receiver::Raw => {
-            let sub = pubsub.listen_raw(channel).await?;
+            let sub = pubsub.listen::<Text>(channel).await?;
             tasks.push(tokio::spawn(drain(sub, n, seen_raw)));
         }
         _ => {
@@ -967,7 +968,9 @@ async fn publish_phase(url: &str) -> Res<Vec<Row>> {
     let base = (bare.rate(), bare.cpu);
     bare.compare_to(base);
     let mut lib = timed("notify_batch (1000/stmt)", PUBLISH_COUNT, async {
-        pubsub.notify_batch(&channel, &payloads).await?;
+        pubsub
+            .notify_batch(&channel, payloads.iter().map(Text))
+            .await?;
         Ok(())
     })
     .await?;
@@ -1004,7 +1007,7 @@ async fn warm_pool(pubsub: &PgPubSub, channel: &str) -> Res<()> {
             for seq in 0..10 {
                 pubsub.notify(&channel, &order(seq)).await?;
             }
-            pubsub.notify_batch(&channel, ["warm"]).await?;
+            pubsub.notify_batch(&channel, ["warm"].map(Text)).await?;
             Ok::<_, pg_pubsub::Error>(())
         }));
     }
@@ -1097,7 +1100,7 @@ async fn backlog_case(url: &str, n: u64, reader_peak_kb: Option<u64>) -> Res<Row
     let sentinel = fresh_channel("done");
     let pubsub = PgPubSub::connect(url).await?;
     let mut idle = pubsub.listen::<Order>(&channel).await?;
-    let mut done = pubsub.listen_raw(&sentinel).await?;
+    let mut done = pubsub.listen::<Text>(&sentinel).await?;
     let rss_before = rss_kb();
     let probe = Probe::start();
     let (first, _) = publish_in_child(url, &channel, n, Some(&sentinel)).await?;

@@ -25,6 +25,7 @@
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalFeed, WalItem};
 use pg_pubsub::PgPubSub;
+use pg_pubsub::Text;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -70,7 +71,7 @@ pub async fn relay(
                 if m.transactional {
                     batch.push(text);
                 } else {
-                    durable.publish_raw(channel, &text).await?;
+                    durable.publish(channel, Text(&text)).await?;
                     feed.ack(m.lsn);
                 }
             }
@@ -79,7 +80,9 @@ pub async fn relay(
             WalItem::Begin { .. } => batch.clear(),
             WalItem::Commit { end_lsn, .. } => {
                 if !batch.is_empty() {
-                    let n = durable.publish_batch(channel, batch.drain(..)).await?;
+                    let n = durable
+                        .publish_batch(channel, batch.drain(..).map(Text))
+                        .await?;
                     println!("relayed {n}");
                 }
                 // Only now may the slot forget this transaction.

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use pg_pubsub::testing::{TestOptions, TestServer};
+use pg_pubsub::Text;
 use pg_pubsub::{Delivery, PgPubSub};
 
 #[tokio::main]
@@ -37,10 +38,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         connects.sort();
         let ps = PgPubSub::connect(url.as_str()).await?;
-        let mut sub = ps.listen_raw("tls_cost").await?;
+        let mut sub = ps.listen::<Text>("tls_cost").await?;
         let start = Instant::now();
         for i in 0..rounds {
-            ps.notify_raw("tls_cost", &i.to_string()).await?;
+            ps.notify("tls_cost", Text(&i.to_string())).await?;
             match futures::StreamExt::next(&mut sub).await {
                 Some(Delivery::Message(_)) => {}
                 other => return Err(format!("unexpected {other:?}").into()),

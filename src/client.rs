@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
@@ -19,6 +18,8 @@ use crate::driver::{
 use crate::error::{Error, Origin, Result};
 use crate::event::EventStream;
 use crate::inbox::Queue;
+use crate::listen::Listen;
+use crate::payload::Decode;
 use crate::stats::{Board, Stats};
 use crate::subscription::{Decoder, Subscription};
 use crate::tls::Connector;
@@ -288,7 +289,7 @@ impl Builder {
     }
 
     /// Default for every subscription: don't deliver this instance's own
-    /// messages to it. Per subscription: [`ListenOptions::filtered`].
+    /// messages to it. Per subscription: [`Listen::filtered`](crate::Listen::filtered).
     ///
     /// Messages this instance publishes on a channel with a filtered
     /// subscription (on every channel, with this default on) carry its origin
@@ -304,7 +305,7 @@ impl Builder {
     /// across every process that elects it on the same database, to receive
     /// that channel's messages; the others stand by and take over when it
     /// stops, dies or loses its connection. Per subscription:
-    /// [`ListenOptions::single_listener`].
+    /// [`Listen::single_listener`](crate::Listen::single_listener).
     ///
     /// The election uses a session advisory lock held on the listener
     /// connection itself, so the lock and the `LISTEN` end together. See
@@ -452,14 +453,6 @@ fn build_pool(pg: tokio_postgres::Config, tls: Connector, opts: &Options) -> Res
         .map_err(|e| Error::new(Origin::Config, format!("building the pool: {e}")).with_source(e))
 }
 
-fn decode_json<T: DeserializeOwned>(raw: &str) -> Result<T, serde_json::Error> {
-    serde_json::from_str(raw)
-}
-
-fn decode_text(raw: &str) -> Result<String, serde_json::Error> {
-    Ok(raw.to_owned())
-}
-
 impl PgPubSub {
     /// Connects with default options. Same as `PgPubSub::builder(config)?.connect()`.
     ///
@@ -484,62 +477,41 @@ impl PgPubSub {
         })
     }
 
-    /// Subscribes to `channel`, decoding each payload as JSON into `T`, with
-    /// the instance's default options.
+    /// Subscribes to `channel`: `listen::<T>` decodes each payload as JSON
+    /// into `T`, `listen::<Text>` gives it as is ([`Text`](crate::Text)).
+    /// Await the returned [`Listen`](crate::Listen), after setting this
+    /// subscription's options on it if needed.
     ///
-    /// Returns once the server listens (so anything published afterwards
-    /// is received). While the listener is reconnecting it returns at once:
-    /// the subscription takes effect on reconnect, and starts with a [`Gap`](crate::Gap).
-    /// On an elected channel ([`ListenOptions::single_listener`]) it returns
-    /// once this instance either leads the channel or knows another one
-    /// does ([`is_leader`](Self::is_leader) tells which).
-    pub async fn listen<T>(&self, channel: &str) -> Result<Subscription<T>>
-    where
-        T: DeserializeOwned + Send + Sync + 'static,
-    {
-        self.subscribe(channel, ListenOptions::new(), decode_json::<T>)
-            .await
-    }
-
-    /// [`listen`](Self::listen) with options for this subscription.
+    /// The subscription exists once the server listens (so anything
+    /// published afterwards is received). While the listener is
+    /// reconnecting it exists at once: it takes effect on reconnect, and
+    /// starts with a [`Gap`](crate::Gap). On an elected channel
+    /// ([`Listen::single_listener`](crate::Listen::single_listener)) it
+    /// exists once this instance either leads the channel or knows another
+    /// one does ([`is_leader`](Self::is_leader) tells which).
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
-    /// use pg_pubsub::ListenOptions;
+    /// use pg_pubsub::Text;
     /// #[derive(serde::Deserialize)]
     /// struct Job { id: u64 }
-    /// let jobs = pubsub
-    ///     .listen_with::<Job>("jobs", ListenOptions::new().single_listener(true))
-    ///     .await?;
+    /// let jobs = pubsub.listen::<Job>("jobs").single_listener(true).await?;
+    /// let log = pubsub.listen::<Text>("log").await?;
     /// # Ok(()) }
     /// ```
-    pub async fn listen_with<T>(
+    pub fn listen<'a, T: Decode>(&'a self, channel: &'a str) -> Listen<'a, T> {
+        Listen::new(self, channel)
+    }
+
+    pub(crate) async fn subscribe<T: Decode>(
         &self,
         channel: &str,
         options: ListenOptions,
-    ) -> Result<Subscription<T>>
-    where
-        T: DeserializeOwned + Send + Sync + 'static,
-    {
-        self.subscribe(channel, options, decode_json::<T>).await
+    ) -> Result<Subscription<T>> {
+        self.subscribe_with(channel, options, T::decode).await
     }
 
-    /// Subscribes to `channel`, giving each payload as text.
-    pub async fn listen_raw(&self, channel: &str) -> Result<Subscription<String>> {
-        self.subscribe(channel, ListenOptions::new(), decode_text)
-            .await
-    }
-
-    /// [`listen_raw`](Self::listen_raw) with options for this subscription.
-    pub async fn listen_raw_with(
-        &self,
-        channel: &str,
-        options: ListenOptions,
-    ) -> Result<Subscription<String>> {
-        self.subscribe(channel, options, decode_text).await
-    }
-
-    async fn subscribe<T>(
+    async fn subscribe_with<T>(
         &self,
         channel: &str,
         options: ListenOptions,

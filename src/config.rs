@@ -40,49 +40,12 @@ impl Backoff {
     }
 }
 
-/// How one subscription takes part, for
-/// [`PgPubSub::listen_with`](crate::PgPubSub::listen_with). Unset options
-/// take the instance defaults ([`Builder::single_listener`](crate::Builder::single_listener),
-/// [`Builder::filtered`](crate::Builder::filtered)).
-///
-/// A channel is either elected or not within one instance: while it has
-/// subscriptions of one mode, a subscription asking for the other fails
-/// with [`ErrorKind::Config`](crate::ErrorKind::Config). Filtering may differ between subscriptions
-/// of one channel.
-///
-/// ```no_run
-/// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
-/// use pg_pubsub::ListenOptions;
-/// // One instance, one listener session: `jobs` is elected, `cache` is broadcast.
-/// let jobs = pubsub.listen_raw_with("jobs", ListenOptions::new().single_listener(true)).await?;
-/// let cache = pubsub.listen_raw_with("cache", ListenOptions::new().filtered(true)).await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ListenOptions {
+/// One subscription's own options, set on a [`Listen`](crate::Listen)
+/// request; unset ones take the instance defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ListenOptions {
     pub(crate) single_listener: Option<bool>,
     pub(crate) filtered: Option<bool>,
-}
-
-impl ListenOptions {
-    /// Instance defaults for everything.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether one instance among all on the database delivers this channel
-    /// (see [`Builder::single_listener`](crate::Builder::single_listener)).
-    pub fn single_listener(mut self, elected: bool) -> Self {
-        self.single_listener = Some(elected);
-        self
-    }
-
-    /// Whether this subscription skips messages this instance published
-    /// (see [`Builder::filtered`](crate::Builder::filtered)).
-    pub fn filtered(mut self, filtered: bool) -> Self {
-        self.filtered = Some(filtered);
-        self
-    }
 }
 
 /// Everything tunable, with the defaults documented on each [`Builder`](crate::Builder) method.

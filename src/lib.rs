@@ -42,7 +42,7 @@
 //! * The core knows nothing of the capabilities. They use it through two
 //!   seams: a wake-up is a plain notification on `<schema>_wake` or
 //!   `<schema>_jobs`, and "one active consumer" is an elected subscription
-//!   ([`ListenOptions::single_listener`]) on a derived channel name.
+//!   ([`Listen::single_listener`]) on a derived channel name.
 //! * One task (`src/pubsub/driver/`) owns the listener connection: it serves
 //!   `listen`/drop/shutdown commands, batches `LISTEN`/`UNLISTEN` into one
 //!   round trip, health-checks the session, and reconnects forever with
@@ -53,6 +53,13 @@
 //!   Payloads are decoded in the consumer's task, not the listener's.
 //! * Publishing never touches the listener connection: [`PgPubSub::notify`]
 //!   uses the pool; [`PgPubSub::notify_tx`] uses the caller's transaction.
+//! * One shape for every call that sends or subscribes, in every
+//!   capability: the payload's type picks its encoding (`&value` of any
+//!   `serde` type is JSON, [`Text`] is as is; [`Encode`], [`Decode`]); a
+//!   call returns a request whose options are methods, sent when awaited
+//!   (`listen::<T>(ch).single_listener(true).await`,
+//!   `enqueue(q, &job).delay(d).await`); `_tx` writes in the caller's
+//!   transaction ([`Executor`]), `_batch` sends many.
 //! * Every table and function lives in one schema ([`schema`]): numbered
 //!   migrations plus per-capability function scripts, checksummed, applied
 //!   lazily or by [`PgPubSub::migrate`].
@@ -78,6 +85,7 @@
 //! src/service.rs    the workers, consumers and feeds a handle started, stopped
 //!                   in order by its shutdown
 //! src/tx.rs         Executor: the caller's connection or transaction (`*_tx`)
+//! src/payload.rs    Text, Encode, Decode: the type decides JSON or text
 //! src/{config,connect,tls,error,event,stats,wake,signal}.rs   plumbing
 //! src/testing/      throwaway PostgreSQL clusters (feature `testing`)
 //! src/bin/          the `pg-pubsub` CLI (feature `cli`)
@@ -127,7 +135,7 @@
 //!
 //! ## Single listener
 //!
-//! A subscription made with [`ListenOptions::single_listener`] (or on an
+//! A subscription made with [`Listen::single_listener`] (or on an
 //! instance with [`Builder::single_listener`]) elects its channel: one
 //! instance among all that elect it on the same database delivers it, and
 //! hands over on shutdown. The protocol (advisory locks on the listener
@@ -140,7 +148,7 @@
 //! [`Gap`] signal (a durable channel replays from its table when it sees
 //! one), publishing inside the caller's transaction ([`PgPubSub::notify_tx`],
 //! so a row and its event commit together), per-subscription election
-//! ([`ListenOptions::single_listener`] on any channel name, e.g. one per
+//! ([`Listen::single_listener`] on any channel name, e.g. one per
 //! consumer group, gives "one active consumer" with hand-over and take-over
 //! gaps for free), and the per-channel state machines in `pubsub/driver/role.rs`
 //! (a new kind of channel on the listener session is another `State` with
@@ -168,7 +176,7 @@ pub mod testing;
 // The core: LISTEN/NOTIFY (src/pubsub/).
 mod pubsub;
 pub use pubsub::{channel, election, wire};
-use pubsub::{driver, inbox, message, publish, subscription, truncate};
+use pubsub::{driver, inbox, listen, message, subscription, truncate};
 
 // Plumbing shared by the core and the capabilities.
 mod client;
@@ -177,6 +185,7 @@ mod connect;
 mod error;
 pub mod event;
 mod exec;
+mod payload;
 mod service;
 #[cfg(feature = "signal")]
 mod signal;
@@ -187,11 +196,13 @@ mod wake;
 
 pub use channel::ChannelName;
 pub use client::{Builder, IntoConfig, PgPubSub};
-pub use config::{Backoff, ListenOptions};
+pub use config::Backoff;
 pub use connect::SslMode;
 pub use error::{Error, ErrorKind, Result, Stage};
 pub use event::{ConnectionEvent, EventStream};
+pub use listen::Listen;
 pub use message::{DecodeError, Delivery, Gap, GapCause, Message};
+pub use payload::{Decode, Encode, Text};
 pub use stats::{ChannelStats, Stats};
 pub use subscription::Subscription;
 pub use tx::Executor;

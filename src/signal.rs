@@ -22,7 +22,7 @@ impl PgPubSub {
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
     /// use futures::StreamExt;
-    /// let mut jobs = pubsub.listen_raw("jobs").await?;
+    /// let mut jobs = pubsub.listen::<pg_pubsub::Text>("jobs").await?;
     /// pubsub.shutdown_on_signal();
     /// while let Some(delivery) = jobs.next().await {
     ///     println!("{delivery:?}");

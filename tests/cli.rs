@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use common::{channel, raw_client, raw_listener, recv, recv_until, server, WAIT};
+use pg_pubsub::Text;
 
 /// The binary with `DATABASE_URL` set; killed if the test ends before it does.
 fn cli(args: &[&str]) -> Command {
@@ -612,11 +613,8 @@ async fn queue_work_reports_retries_and_dead_jobs() {
     let (ps, q) = common::queue().await;
     let name = channel("cli_retry");
     let id = q
-        .enqueue_raw_with(
-            &name,
-            "x",
-            &pg_pubsub::queue::JobOptions::new().max_attempts(2),
-        )
+        .enqueue(&name, Text("x"))
+        .max_attempts(2)
         .await
         .expect("enqueue")
         .id()
@@ -675,7 +673,7 @@ async fn a_sigkilled_workers_command_dies_with_it() {
             l.contains("working on queue")
         })
         .await;
-    q.enqueue_raw(&name, "x").await.expect("enqueue");
+    q.enqueue(&name, Text("x")).await.expect("enqueue");
     let pid: i32 = recv(&mut rx).await.1.parse().expect("a pid");
     assert!(!process_ended(pid), "the command runs");
     assert!(!fleet.signal(worker, "-KILL").await.success());

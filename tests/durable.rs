@@ -10,6 +10,7 @@ use common::*;
 use pg_pubsub::durable::{
     ConsumerStats, Durable, DurableDelivery, DurableEvent, DurableSubscription, Position, Start,
 };
+use pg_pubsub::Text;
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
 async fn durable() -> (PgPubSub, Durable) {
@@ -51,7 +52,7 @@ async fn publish_sql(client: &tokio_postgres::Client, channel: &str, payload: &s
 async fn a_transaction_opened_first_and_committed_last_is_delivered() {
     let (ps, d) = durable().await;
     let ch = channel("ooo");
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     let a = raw_client().await;
     let b = raw_client().await;
     a.batch_execute("BEGIN").await.unwrap();
@@ -73,8 +74,8 @@ async fn a_transaction_opened_first_and_committed_last_is_delivered() {
     ma.ack();
     sub.close().await.unwrap();
     // A restarted consumer has nothing left: both are acked.
-    let mut again = d.subscribe_raw(&ch, "g").await.unwrap();
-    d.publish_raw(&ch, "c").await.unwrap();
+    let mut again = d.subscribe::<Text>(&ch, "g").await.unwrap();
+    d.publish(&ch, Text("c")).await.unwrap();
     assert_eq!(next_durable(&mut again).await.payload(), "c");
     ps.shutdown().await;
 }
@@ -90,20 +91,21 @@ async fn pages_smaller_than_a_batch_deliver_each_message_once_in_order() {
     for m in five("a") {
         publish_sql(&a, &ch, &m).await;
     }
-    d.publish_batch(&ch, &five("b")).await.unwrap();
+    d.publish_batch(&ch, five("b").iter().map(Text))
+        .await
+        .unwrap();
     d.tick(&ch).await.unwrap();
     // Batch 2: a's rows (in progress at tick 1) and c's (newer): pages of
     // two need the general read; then batch 3, a plain range, in pages.
     a.batch_execute("COMMIT").await.unwrap();
-    d.publish_batch(&ch, &five("c")).await.unwrap();
-    d.tick(&ch).await.unwrap();
-    d.publish_batch(&ch, &five("d")).await.unwrap();
-    let mut sub = d
-        .consumer(&ch, "g")
-        .batch_size(2)
-        .subscribe()
+    d.publish_batch(&ch, five("c").iter().map(Text))
         .await
         .unwrap();
+    d.tick(&ch).await.unwrap();
+    d.publish_batch(&ch, five("d").iter().map(Text))
+        .await
+        .unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").batch_size(2).await.unwrap();
     let got = take_acked(&mut sub, 20).await;
     let want: Vec<String> = ["b", "a", "c", "d"].iter().flat_map(|p| five(p)).collect();
     assert_eq!(got, want);
@@ -125,10 +127,10 @@ async fn sessions_idle_in_transaction_do_not_stall_delivery() {
         .await
         .unwrap();
 
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     for round in 0..3 {
         let batch: Vec<String> = (0..50).map(|i| format!("{round}-{i}")).collect();
-        d.publish_batch(&ch, &batch).await.unwrap();
+        d.publish_batch(&ch, batch.iter().map(Text)).await.unwrap();
         assert_eq!(take_acked(&mut sub, 50).await, batch);
     }
     published.batch_execute("COMMIT").await.unwrap();
@@ -143,11 +145,10 @@ async fn concurrent_publishers_are_delivered_once_in_the_same_order_to_two_group
     let ch = channel("conc");
     const TASKS: usize = 8;
     const EACH: usize = 100;
-    let mut g1 = d.subscribe_raw(&ch, "one").await.unwrap();
+    let mut g1 = d.subscribe::<Text>(&ch, "one").await.unwrap();
     let mut g2 = d
-        .consumer(&ch, "two")
+        .subscribe::<Text>(&ch, "two")
         .batch_size(7) // pages end inside batches and transactions
-        .subscribe()
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -159,9 +160,9 @@ async fn concurrent_publishers_are_delivered_once_in_the_same_order_to_two_group
                 if i % 10 == 0 {
                     // Three messages in one transaction: contiguous.
                     let batch = [0, 1, 2].map(|k| format!("{t}:{i}:{k}"));
-                    d.publish_batch(&ch, &batch).await.unwrap();
+                    d.publish_batch(&ch, batch.iter().map(Text)).await.unwrap();
                 } else {
-                    d.publish_raw(&ch, &format!("{t}:{i}:0")).await.unwrap();
+                    d.publish(&ch, Text(&format!("{t}:{i}:0"))).await.unwrap();
                 }
             }
         }));
@@ -180,7 +181,7 @@ async fn concurrent_publishers_are_delivered_once_in_the_same_order_to_two_group
             let m = next_durable(sub).await;
             assert!(last.is_none_or(|l| l < m.position()), "positions increase");
             last = Some(m.position());
-            let p = m.payload().clone();
+            let p = m.payload().to_string();
             assert!(seen.insert(p.clone()), "{p} delivered twice");
             let parts: Vec<i64> = p.split(':').map(|x| x.parse().unwrap()).collect();
             let (t, i, k) = (parts[0] as usize, parts[1], parts[2]);
@@ -229,8 +230,8 @@ async fn ten_megabyte_payload_round_trips() {
     let big: String = (0..10 * 1024 * 1024)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
-    d.publish_raw(&ch, &big).await.unwrap();
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    d.publish(&ch, Text(&big)).await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     let m = next_durable(&mut sub).await;
     assert_eq!(m.payload().len(), big.len());
     assert!(*m.payload() == big);
@@ -242,8 +243,8 @@ async fn a_restarted_consumer_continues_after_its_last_ack() {
     let (ps, d) = durable().await;
     let ch = channel("restart");
     let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    d.publish_batch(&ch, &all).await.unwrap();
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    d.publish_batch(&ch, all.iter().map(Text)).await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     let mut got = Vec::new();
     for i in 0..7 {
         let m = next_durable(&mut sub).await;
@@ -254,7 +255,7 @@ async fn a_restarted_consumer_continues_after_its_last_ack() {
     }
     assert_eq!(got, all[..7]);
     sub.close().await.unwrap();
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     assert_eq!(take_acked(&mut sub, 5).await, all[5..]);
     let groups = d.groups(&ch).await.unwrap();
     sub.flush().await.unwrap();
@@ -266,22 +267,22 @@ async fn a_restarted_consumer_continues_after_its_last_ack() {
 async fn a_new_group_can_start_at_the_latest_message_or_a_position() {
     let (ps, d) = durable().await;
     let ch = channel("start");
-    d.publish_batch(&ch, ["old1", "old2"]).await.unwrap();
-    let mut first = d.subscribe_raw(&ch, "first").await.unwrap();
+    d.publish_batch(&ch, ["old1", "old2"].map(Text))
+        .await
+        .unwrap();
+    let mut first = d.subscribe::<Text>(&ch, "first").await.unwrap();
     let old1 = next_durable(&mut first).await;
     let mut latest = d
-        .consumer(&ch, "latest")
+        .subscribe::<Text>(&ch, "latest")
         .start(Start::Latest)
-        .subscribe()
         .await
         .unwrap();
     let mut after = d
-        .consumer(&ch, "after")
+        .subscribe::<Text>(&ch, "after")
         .start(Start::After(old1.position()))
-        .subscribe()
         .await
         .unwrap();
-    d.publish_raw(&ch, "new").await.unwrap();
+    d.publish(&ch, Text("new")).await.unwrap();
     assert_eq!(next_durable(&mut latest).await.payload(), "new");
     assert_eq!(next_durable(&mut after).await.payload(), "old2");
     assert_eq!(next_durable(&mut after).await.payload(), "new");
@@ -294,21 +295,21 @@ async fn group_of_two(
     ch: &str,
 ) -> (
     PgPubSub,
-    DurableSubscription<String>,
+    DurableSubscription<Text>,
     PgPubSub,
-    DurableSubscription<String>,
+    DurableSubscription<Text>,
 ) {
     let (a, da) = durable().await;
-    let mut sub_a = da.subscribe_raw(ch, "g").await.unwrap();
+    let mut sub_a = da.subscribe::<Text>(ch, "g").await.unwrap();
     assert!(sub_a.is_active());
     let b = builder()
         .lock_retry_interval(Duration::from_millis(100))
         .connect()
         .await
         .unwrap();
-    let mut sub_b = b.durable().subscribe_raw(ch, "g").await.unwrap();
+    let mut sub_b = b.durable().subscribe::<Text>(ch, "g").await.unwrap();
     assert!(!sub_b.is_active());
-    da.publish_batch(ch, ["0", "1", "2", "3", "4", "5"])
+    da.publish_batch(ch, ["0", "1", "2", "3", "4", "5"].map(Text))
         .await
         .unwrap();
     assert_eq!(take_acked(&mut sub_a, 3).await, ["0", "1", "2"]);
@@ -326,13 +327,12 @@ async fn a_new_group_reads_many_small_batches_without_waiting_for_polls() {
     let (ps, d) = durable().await;
     let ch = channel("small_batches");
     for i in 0..30 {
-        d.publish_raw(&ch, &i.to_string()).await.unwrap();
+        d.publish(&ch, Text(&i.to_string())).await.unwrap();
         d.tick(&ch).await.unwrap();
     }
     let mut sub = d
-        .consumer(&ch, "late")
+        .subscribe::<Text>(&ch, "late")
         .poll_interval(Duration::from_secs(3600))
-        .subscribe()
         .await
         .unwrap();
     let got = take_acked(&mut sub, 30).await;
@@ -344,16 +344,15 @@ async fn a_new_group_reads_many_small_batches_without_waiting_for_polls() {
 async fn a_new_group_can_start_at_a_time() {
     let (ps, d) = durable().await;
     let ch = channel("time");
-    d.publish_raw(&ch, "before").await.unwrap();
+    d.publish(&ch, Text("before")).await.unwrap();
     d.tick(&ch).await.unwrap(); // "before" is in a batch ticked before `at`
     let client = raw_client().await;
     // The server's clock, not ours.
     let at: std::time::SystemTime = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
-    d.publish_raw(&ch, "after").await.unwrap();
+    d.publish(&ch, Text("after")).await.unwrap();
     let mut sub = d
-        .consumer(&ch, "g")
+        .subscribe::<Text>(&ch, "g")
         .start(Start::Time(at))
-        .subscribe()
         .await
         .unwrap();
     assert_eq!(next_durable(&mut sub).await.payload(), "after");
@@ -365,14 +364,13 @@ async fn a_quiet_channel_is_delivered_by_polling() {
     let (ps, d) = durable().await;
     let ch = channel("quiet");
     d.set_quiet(&ch, true).await.unwrap();
-    let mut wake = ps.listen_raw(&d.schema().wake_channel()).await.unwrap();
+    let mut wake = ps.listen::<Text>(&d.schema().wake_channel()).await.unwrap();
     let mut sub = d
-        .consumer(&ch, "g")
+        .subscribe::<Text>(&ch, "g")
         .poll_interval(Duration::from_millis(50))
-        .subscribe()
         .await
         .unwrap();
-    d.publish_raw(&ch, "polled").await.unwrap();
+    d.publish(&ch, Text("polled")).await.unwrap();
     assert_eq!(next_durable(&mut sub).await.payload(), "polled");
     // Other tests' channels wake up meanwhile; this one never does.
     let own = tokio::time::timeout(Duration::from_millis(100), async {
@@ -426,7 +424,7 @@ async fn after_the_active_session_is_killed_the_group_resumes_from_the_last_ack(
         // pass the "3" this test waits for.
         let m = next_durable(&mut both).await;
         if m.payload() == "3" || !after_three.is_empty() {
-            after_three.push(m.into_payload());
+            after_three.push(m.into_payload().into_string());
         }
     }
     assert_eq!(after_three, ["3", "4", "5"]);
@@ -444,13 +442,16 @@ async fn ack_in_moves_the_cursor_with_the_consumers_transaction() {
         .batch_execute(&format!("CREATE TABLE {table} (payload text)"))
         .await
         .unwrap();
-    d.publish_batch(&ch, ["x", "y"]).await.unwrap();
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    d.publish_batch(&ch, ["x", "y"].map(Text)).await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     let x = next_durable(&mut sub).await;
     let tx = client.transaction().await.unwrap();
-    tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[x.payload()])
-        .await
-        .unwrap();
+    tx.execute(
+        &format!("INSERT INTO {table} VALUES ($1)"),
+        &[&x.payload().as_str()],
+    )
+    .await
+    .unwrap();
     x.ack_tx(&tx).await.unwrap();
     tx.commit().await.unwrap();
     let y = next_durable(&mut sub).await;
@@ -463,7 +464,7 @@ async fn ack_in_moves_the_cursor_with_the_consumers_transaction() {
     assert_eq!(groups[0].position, x.position());
     assert_eq!(groups[0].lag_messages, 1);
     // Rolled back: delivered again.
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     assert_eq!(next_durable(&mut sub).await.payload(), "y");
     ps.shutdown().await;
 }
@@ -481,8 +482,8 @@ async fn concurrent_installs_of_a_new_schema_all_succeed() {
         t.await.unwrap().unwrap();
     }
     let d = ps.durable().with_schema(&schema).unwrap();
-    d.publish_raw("c", "works").await.unwrap();
-    let mut sub = d.subscribe_raw("c", "g").await.unwrap();
+    d.publish("c", Text("works")).await.unwrap();
+    let mut sub = d.subscribe::<Text>("c", "g").await.unwrap();
     assert_eq!(next_durable(&mut sub).await.payload(), "works");
     ps.shutdown().await;
 }
@@ -493,9 +494,9 @@ async fn retention_removes_what_every_group_acked_and_signals_expiry() {
     let client = raw_client().await;
     let ch = channel("retain");
     let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    let mut g1 = d.subscribe_raw(&ch, "g1").await.unwrap();
-    let mut g2 = d.subscribe_raw(&ch, "g2").await.unwrap();
-    d.publish_batch(&ch, &all).await.unwrap();
+    let mut g1 = d.subscribe::<Text>(&ch, "g1").await.unwrap();
+    let mut g2 = d.subscribe::<Text>(&ch, "g2").await.unwrap();
+    d.publish_batch(&ch, all.iter().map(Text)).await.unwrap();
     take_acked(&mut g1, 10).await;
     take_acked(&mut g2, 4).await;
     g1.flush().await.unwrap();
@@ -515,12 +516,12 @@ async fn retention_removes_what_every_group_acked_and_signals_expiry() {
     let removed = d.retain(&ch, Some(Duration::ZERO)).await.unwrap();
     assert_eq!((removed.acked, removed.expired), (0, 6));
     assert_eq!(rows_per_partition(&client, &schema).await, [0, 0, 0, 0]);
-    let mut g2 = d.subscribe_raw(&ch, "g2").await.unwrap();
+    let mut g2 = d.subscribe::<Text>(&ch, "g2").await.unwrap();
     match next(&mut g2).await {
         DurableDelivery::Truncated { lost } => assert_eq!(lost, 6),
         other => panic!("expected a truncation, got {other:?}"),
     }
-    d.publish_raw(&ch, "after").await.unwrap();
+    d.publish(&ch, Text("after")).await.unwrap();
     assert_eq!(next_durable(&mut g2).await.payload(), "after");
     assert_eq!(next_durable(&mut g1).await.payload(), "after");
     ps.shutdown().await;
@@ -532,9 +533,8 @@ async fn a_session_idle_in_transaction_while_partitions_rotate_loses_nothing() {
     let ch = channel("idlerot");
     let client = raw_client().await;
     let mut sub = d
-        .consumer(&ch, "g")
+        .subscribe::<Text>(&ch, "g")
         .retain_every(None)
-        .subscribe()
         .await
         .unwrap();
     // Publishes into the current partition, then stays open throughout.
@@ -546,7 +546,7 @@ async fn a_session_idle_in_transaction_while_partitions_rotate_loses_nothing() {
     let mut truncated = 0;
     for round in 0..6 {
         let batch: Vec<String> = (0..5).map(|i| format!("{round}.{i}")).collect();
-        d.publish_batch(&ch, &batch).await.unwrap();
+        d.publish_batch(&ch, batch.iter().map(Text)).await.unwrap();
         assert_eq!(take_acked(&mut sub, 5).await, batch);
         sub.flush().await.unwrap();
         truncated += d.retain(&ch, None).await.unwrap().truncated;
@@ -572,16 +572,15 @@ async fn a_session_idle_in_transaction_while_partitions_rotate_loses_nothing() {
 async fn messages_of_a_channel_without_groups_survive_rotations() {
     let (ps, d, _schema) = durable_alone("nogroup").await;
     let (lonely, busy) = (channel("lonely"), channel("busy"));
-    d.publish_raw(&lonely, "kept").await.unwrap();
+    d.publish(&lonely, Text("kept")).await.unwrap();
     let mut sub = d
-        .consumer(&busy, "g")
+        .subscribe::<Text>(&busy, "g")
         .retain_every(None)
-        .subscribe()
         .await
         .unwrap();
     let mut carried = 0;
     for round in 0..5 {
-        d.publish_raw(&busy, &round.to_string()).await.unwrap();
+        d.publish(&busy, Text(&round.to_string())).await.unwrap();
         take_acked(&mut sub, 1).await;
         sub.flush().await.unwrap();
         carried += d.retain(&busy, None).await.unwrap().carried;
@@ -590,7 +589,7 @@ async fn messages_of_a_channel_without_groups_survive_rotations() {
         carried >= 4,
         "carried from partition to partition: {carried}"
     );
-    let mut late = d.subscribe_raw(&lonely, "late").await.unwrap();
+    let mut late = d.subscribe::<Text>(&lonely, "late").await.unwrap();
     assert_eq!(next_durable(&mut late).await.payload(), "kept");
     sub.close().await.unwrap();
     ps.shutdown().await;
@@ -648,7 +647,7 @@ async fn take_over_is_reported_as_durable_active_and_standby_events() {
     let ch = channel("events");
     let (a, da) = durable().await;
     let mut a_events = da.events();
-    let sub_a = da.subscribe_raw(&ch, "g").await.unwrap();
+    let sub_a = da.subscribe::<Text>(&ch, "g").await.unwrap();
     wait_event(&mut a_events, |e| durable_event(e, "active", &ch, "g")).await;
     let b = builder()
         .lock_retry_interval(Duration::from_millis(100))
@@ -656,7 +655,7 @@ async fn take_over_is_reported_as_durable_active_and_standby_events() {
         .await
         .unwrap();
     let mut b_events = b.durable().events();
-    let sub_b = b.durable().subscribe_raw(&ch, "g").await.unwrap();
+    let sub_b = b.durable().subscribe::<Text>(&ch, "g").await.unwrap();
     wait_event(&mut b_events, |e| durable_event(e, "standby", &ch, "g")).await;
     sub_a.close().await.unwrap();
     wait_event(&mut b_events, |e| durable_event(e, "active", &ch, "g")).await;
@@ -673,13 +672,12 @@ async fn the_active_consumer_removes_what_every_group_acked_without_a_retain_cal
     let client = raw_client().await;
     let mut events = d.events();
     let mut sub = d
-        .consumer(&ch, "g")
+        .subscribe::<Text>(&ch, "g")
         .retain_every(Some(Duration::from_millis(50)))
-        .subscribe()
         .await
         .unwrap();
     let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    d.publish_batch(&ch, &all).await.unwrap();
+    d.publish_batch(&ch, all.iter().map(Text)).await.unwrap();
     take_acked(&mut sub, 4).await;
     sub.flush().await.unwrap();
     wait_retained(&mut events, &ch, |acked, _| acked >= 4).await;
@@ -698,24 +696,23 @@ async fn automatic_max_age_retention_is_signalled_in_stream_and_as_an_event() {
     let ch = channel("autoexpire");
     let mut events = d.events();
     // "late" exists, at the earliest position, and is not running.
-    d.subscribe_raw(&ch, "late")
+    d.subscribe::<Text>(&ch, "late")
         .await
         .unwrap()
         .close()
         .await
         .unwrap();
     let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    d.publish_batch(&ch, &all).await.unwrap();
+    d.publish_batch(&ch, all.iter().map(Text)).await.unwrap();
     // Another group's active consumer expires everything older than now.
     let janitor = d
-        .consumer(&ch, "janitor")
+        .subscribe::<Text>(&ch, "janitor")
         .retain_every(Some(Duration::from_millis(50)))
         .max_age(Some(Duration::ZERO))
-        .subscribe()
         .await
         .unwrap();
     wait_retained(&mut events, &ch, |_, expired| expired >= 10).await;
-    let mut late = d.subscribe_raw(&ch, "late").await.unwrap();
+    let mut late = d.subscribe::<Text>(&ch, "late").await.unwrap();
     match next(&mut late).await {
         DurableDelivery::Truncated { lost } => assert_eq!(lost, 10),
         other => panic!("expected a truncation, got {other:?}"),
@@ -748,14 +745,18 @@ mod cli {
         let args = ["durable", "tail", ch.as_str(), "--group", "g"];
         let mut fleet = Fleet::new();
         let first = fleet.spawn_cmd(&args, tail_ready).await;
-        d.publish_batch(&ch, &all[..200]).await.unwrap();
+        d.publish_batch(&ch, all[..200].iter().map(Text))
+            .await
+            .unwrap();
         fleet.wait_for(|f| f.received[first].len() >= 50).await;
         fleet.signal(first, "-KILL").await;
         let printed = fleet.received[first].clone();
         assert_eq!(printed, all[..printed.len()], "in order, no gaps");
 
         let second = fleet.spawn_cmd(&args, tail_ready).await;
-        d.publish_batch(&ch, &all[200..]).await.unwrap();
+        d.publish_batch(&ch, all[200..].iter().map(Text))
+            .await
+            .unwrap();
         fleet
             .wait_for(|f| f.received[second].last() == all.last())
             .await;
@@ -770,7 +771,7 @@ mod cli {
         let status = fleet.signal(second, "-TERM").await;
         assert!(status.success(), "{status:?}");
         let third = fleet.spawn_cmd(&args, tail_ready).await;
-        d.publish_raw(&ch, "last").await.unwrap();
+        d.publish(&ch, Text("last")).await.unwrap();
         fleet.wait_for(|f| !f.received[third].is_empty()).await;
         assert_eq!(fleet.received[third], ["last"]);
         fleet.signal(third, "-KILL").await;
@@ -786,13 +787,17 @@ mod cli {
         let mut fleet = Fleet::new();
         let active = fleet.spawn_cmd(&args, |l| l.contains("(active)")).await;
         let standby = fleet.spawn_cmd(&args, |l| l.contains("standing by")).await;
-        d.publish_batch(&ch, &all[..150]).await.unwrap();
+        d.publish_batch(&ch, all[..150].iter().map(Text))
+            .await
+            .unwrap();
         fleet.wait_for(|f| f.received[active].len() >= 30).await;
         fleet.signal(active, "-KILL").await;
         fleet
             .wait_err(|p, l| p == standby && l.contains("now the group's active consumer"))
             .await;
-        d.publish_batch(&ch, &all[150..]).await.unwrap();
+        d.publish_batch(&ch, all[150..].iter().map(Text))
+            .await
+            .unwrap();
         fleet
             .wait_for(|f| f.received[standby].last() == all.last())
             .await;
@@ -810,7 +815,7 @@ mod cli {
         use tokio::io::AsyncWriteExt;
         let (ps, d) = durable().await;
         let ch = channel("cli_pub");
-        let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+        let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
         let mut children = Vec::new();
         for p in 0..4 {
             let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pg-pubsub"))
@@ -901,17 +906,18 @@ async fn acks_are_flushed_when_the_pubsub_shuts_down() {
     let ch = channel("shutdown_acks");
     let (ps, d) = durable().await;
     let mut sub = d
-        .consumer(&ch, "g")
+        .subscribe::<Text>(&ch, "g")
         .ack_interval(Duration::from_secs(3600))
-        .subscribe()
         .await
         .unwrap();
-    d.publish_batch(&ch, ["1", "2", "3"]).await.unwrap();
+    d.publish_batch(&ch, ["1", "2", "3"].map(Text))
+        .await
+        .unwrap();
     assert_eq!(take_acked(&mut sub, 2).await, ["1", "2"]);
     ps.shutdown().await;
 
     let (ps2, d2) = durable().await;
-    let mut fresh = d2.subscribe_raw(&ch, "g").await.unwrap();
+    let mut fresh = d2.subscribe::<Text>(&ch, "g").await.unwrap();
     assert_eq!(next_durable(&mut fresh).await.payload(), "3");
     drop(sub);
     fresh.close().await.unwrap();
@@ -932,11 +938,10 @@ async fn tick_count(client: &tokio_postgres::Client, schema: &str, ch: &str) -> 
 
 /// Group "g" of `ch`, polling every 50 ms, without its own retention (the
 /// test runs it).
-async fn quick_consumer(d: &Durable, ch: &str) -> DurableSubscription<String> {
-    d.consumer(ch, "g")
+async fn quick_consumer(d: &Durable, ch: &str) -> DurableSubscription<Text> {
+    d.subscribe::<Text>(ch, "g")
         .poll_interval(Duration::from_millis(50))
         .retain_every(None)
-        .subscribe()
         .await
         .unwrap()
 }
@@ -947,7 +952,7 @@ async fn a_row_with_a_future_xid_neither_adds_ticks_nor_stalls_and_is_reported()
     let client = raw_client().await;
     let ch = channel("forged");
     let mut sub = quick_consumer(&d, &ch).await;
-    d.publish_raw(&ch, "before").await.unwrap();
+    d.publish(&ch, Text("before")).await.unwrap();
     assert_eq!(take_acked(&mut sub, 1).await, ["before"]);
     // What a restore into another cluster, logical replication or an
     // INSERT by hand leaves: a row whose xid no transaction here has.
@@ -967,7 +972,7 @@ async fn a_row_with_a_future_xid_neither_adds_ticks_nor_stalls_and_is_reported()
     }
     let added = tick_count(&client, &schema, &ch).await - ticks;
     assert!(added <= 1, "{added} ticks for one foreign row");
-    d.publish_raw(&ch, "after").await.unwrap();
+    d.publish(&ch, Text("after")).await.unwrap();
     assert_eq!(take_acked(&mut sub, 1).await, ["after"]);
     sub.flush().await.unwrap();
     // Its partition is emptied once rotated away from; the group, which
@@ -1002,7 +1007,7 @@ async fn a_publish_only_role_publishes_through_the_functions_and_cannot_insert()
         ))
         .await
         .unwrap();
-    let mut sub = d.subscribe_raw(&ch, "g").await.unwrap();
+    let mut sub = d.subscribe::<Text>(&ch, "g").await.unwrap();
     let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
     let (publisher, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -1110,17 +1115,15 @@ async fn a_max_age_is_the_channels_and_a_group_asking_for_another_is_refused() {
     let ch = channel("maxage");
     let (hour, minute) = (Duration::from_secs(3600), Duration::from_secs(60));
     let a = d
-        .consumer(&ch, "a")
+        .subscribe::<Text>(&ch, "a")
         .max_age(Some(hour))
         .retain_every(None)
-        .subscribe()
         .await
         .unwrap();
     // Another group's shorter max age would remove what "a" has not read.
     let err = d
-        .consumer(&ch, "b")
+        .subscribe::<Text>(&ch, "b")
         .max_age(Some(minute))
-        .subscribe()
         .await
         .expect_err("a second max age is refused");
     assert_eq!(err.kind(), pg_pubsub::ErrorKind::Config, "{err}");
@@ -1133,10 +1136,9 @@ async fn a_max_age_is_the_channels_and_a_group_asking_for_another_is_refused() {
     // Changed for everyone on purpose: then it is the channel's.
     d.set_max_age(&ch, Some(minute)).await.unwrap();
     let b = d
-        .consumer(&ch, "b")
+        .subscribe::<Text>(&ch, "b")
         .max_age(Some(minute))
         .retain_every(None)
-        .subscribe()
         .await
         .unwrap();
     a.close().await.unwrap();
@@ -1187,7 +1189,7 @@ async fn a_message_after_many_empty_batches_is_read_without_walking_them() {
     let client = raw_client().await;
     let ch = channel("emptyticks");
     let mut sub = quick_consumer(&d, &ch).await;
-    d.publish_raw(&ch, "first").await.unwrap();
+    d.publish(&ch, Text("first")).await.unwrap();
     assert_eq!(take_acked(&mut sub, 1).await, ["first"]);
     sub.flush().await.unwrap();
     // Batches whose rows are gone, as max-age retention leaves them for a
@@ -1206,7 +1208,7 @@ async fn a_message_after_many_empty_batches_is_read_without_walking_them() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    d.publish_raw(&ch, "after").await.unwrap();
+    d.publish(&ch, Text("after")).await.unwrap();
     assert_eq!(take_acked(&mut sub, 1).await, ["after"]);
     eprintln!(
         "delivery past {EMPTY} empty batches: {:?}",
@@ -1239,7 +1241,7 @@ async fn batches_between_runs_of_empty_ones_are_each_read_once_in_order() {
     for round in 0..4 {
         client.execute(&empty_ticks, &[&ch]).await.unwrap();
         let m = format!("r{round}");
-        d.publish_raw(&ch, &m).await.unwrap();
+        d.publish(&ch, Text(&m)).await.unwrap();
         d.tick(&ch).await.unwrap();
         expected.push(m);
         if round == 1 {
@@ -1252,11 +1254,10 @@ async fn batches_between_runs_of_empty_ones_are_each_read_once_in_order() {
     }
     client.execute(&empty_ticks, &[&ch]).await.unwrap();
     let mut sub = d
-        .consumer(&ch, "g")
+        .subscribe::<Text>(&ch, "g")
         .start(Start::Earliest)
         .batch_size(2)
         .retain_every(None)
-        .subscribe()
         .await
         .unwrap();
     assert_eq!(take_acked(&mut sub, expected.len()).await, expected);
@@ -1332,7 +1333,7 @@ async fn max_age_expiry_counts_for_each_group_exactly_what_it_had_not_passed() {
             open.batch_execute("COMMIT").await.unwrap();
         }
         let msgs: Vec<String> = (0..5).map(|i| format!("{batch}.{i}")).collect();
-        d.publish_batch(&ch, &msgs).await.unwrap();
+        d.publish_batch(&ch, msgs.iter().map(Text)).await.unwrap();
         d.tick(&ch).await.unwrap();
     }
     // Cursors everywhere: at each message, at each batch's start and end.
@@ -1377,7 +1378,7 @@ async fn max_age_expiry_counts_for_each_group_exactly_what_it_had_not_passed() {
 
 /// Every consumer's stats, once none changed for half a second (the
 /// readers finished what they were woken for).
-async fn settled_stats(subs: &[DurableSubscription<String>]) -> Vec<ConsumerStats> {
+async fn settled_stats(subs: &[DurableSubscription<Text>]) -> Vec<ConsumerStats> {
     let snapshot = || subs.iter().map(|s| s.stats()).collect::<Vec<_>>();
     let mut last = snapshot();
     tokio::time::timeout(WAIT, async {
@@ -1405,16 +1406,15 @@ async fn many_consumers_in_one_process_are_woken_only_for_their_own_channel() {
     for name in &names {
         // Only wake-ups make them look: no timer polls, no retention.
         let sub = d
-            .consumer(name, "g")
+            .subscribe::<Text>(name, "g")
             .poll_interval(Duration::from_secs(3600))
             .retain_every(None)
-            .subscribe()
             .await
             .expect("subscribe");
         subs.push(sub);
     }
     for name in &names {
-        d.publish_raw(name, name).await.expect("publish");
+        d.publish(name, Text(name)).await.expect("publish");
     }
     for (sub, name) in subs.iter_mut().zip(&names) {
         assert_eq!(take_acked(sub, 1).await, std::slice::from_ref(name));
@@ -1422,14 +1422,14 @@ async fn many_consumers_in_one_process_are_woken_only_for_their_own_channel() {
     let before = settled_stats(&subs).await;
     // Separate transactions: one wake-up each.
     for i in 0..20 {
-        d.publish_raw(&names[0], &i.to_string())
+        d.publish(&names[0], Text(&i.to_string()))
             .await
             .expect("publish");
     }
     assert_eq!(take_acked(&mut subs[0], 20).await.len(), 20);
     // Wake-ups are dispatched in order: once channel 1's reader has its
     // message, channel 0's wake-ups were handed out too.
-    d.publish_raw(&names[1], "last").await.expect("publish");
+    d.publish(&names[1], Text("last")).await.expect("publish");
     assert_eq!(take_acked(&mut subs[1], 1).await, ["last"]);
     let after: Vec<ConsumerStats> = subs.iter().map(|s| s.stats()).collect();
     assert!(after[0].wakeups > before[0].wakeups && after[0].reads > before[0].reads);

@@ -3,6 +3,7 @@
 mod common;
 
 use pg_pubsub::GapCause;
+use pg_pubsub::Text;
 
 use std::time::Duration;
 
@@ -13,15 +14,17 @@ async fn own_messages_are_filtered_on_every_publishing_path() {
     let me = builder().filtered(true).connect().await.unwrap();
     let other = pubsub().await;
     let ch = channel("filtered");
-    let mut mine = me.listen_raw(&ch).await.unwrap();
-    let mut theirs = other.listen_raw(&ch).await.unwrap();
+    let mut mine = me.listen::<Text>(&ch).await.unwrap();
+    let mut theirs = other.listen::<Text>(&ch).await.unwrap();
 
     // Through the pool, in a batch, and inside the caller's transaction.
-    me.notify_raw(&ch, "pool").await.unwrap();
-    me.notify_batch(&ch, ["batch1", "batch2"]).await.unwrap();
+    me.notify(&ch, Text("pool")).await.unwrap();
+    me.notify_batch(&ch, ["batch1", "batch2"].map(Text))
+        .await
+        .unwrap();
     let mut client = raw_client().await;
     let tx = client.transaction().await.unwrap();
-    me.notify_raw_tx(&tx, &ch, "tx").await.unwrap();
+    me.notify_tx(&tx, &ch, Text("tx")).await.unwrap();
     tx.commit().await.unwrap();
     for expected in ["pool", "batch1", "batch2", "tx"] {
         let m = next_message(&mut theirs).await;
@@ -33,7 +36,7 @@ async fn own_messages_are_filtered_on_every_publishing_path() {
         .execute("SELECT pg_notify($1, 'foreign')", &[&ch])
         .await
         .unwrap();
-    other.notify_raw(&ch, "from other").await.unwrap();
+    other.notify(&ch, Text("from other")).await.unwrap();
     assert_eq!(next_message(&mut mine).await.payload(), "foreign");
     assert_eq!(next_message(&mut mine).await.payload(), "from other");
     assert_quiet(&mut mine, Duration::from_millis(200)).await;
@@ -69,11 +72,11 @@ async fn filtered_leader_does_not_see_its_own_messages() {
         .await
         .unwrap();
     let ch = channel("filtered_leader");
-    let mut sub = leader.listen_raw(&ch).await.unwrap();
+    let mut sub = leader.listen::<Text>(&ch).await.unwrap();
     assert!(leader.is_leader(&ch));
     // The first leader cannot know whether someone led before it.
     expect_gap(&mut sub, GapCause::TakeOver).await;
-    leader.notify_raw(&ch, "own").await.unwrap();
+    leader.notify(&ch, Text("own")).await.unwrap();
     let client = raw_client().await;
     client
         .execute("SELECT pg_notify($1, 'foreign')", &[&ch])

@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use pg_pubsub::deadpool_postgres;
 use pg_pubsub::durable::DurableDelivery;
-use pg_pubsub::queue::{Job, JobOptions};
+use pg_pubsub::queue::Job;
+use pg_pubsub::Text;
 
 #[tokio::test]
 async fn a_pooled_transaction_works_as_it_is_and_rolls_back_with_the_caller() {
@@ -16,35 +17,38 @@ async fn a_pooled_transaction_works_as_it_is_and_rolls_back_with_the_caller() {
     durable.install().await.expect("install");
     let queue = ps.queue();
     let ch = channel("tx");
-    let mut sub = ps.listen_raw(&ch).await.expect("listen");
-    let mut stream = durable.subscribe_raw(&ch, "g").await.expect("subscribe");
+    let mut sub = ps.listen::<Text>(&ch).await.expect("listen");
+    let mut stream = durable
+        .subscribe::<Text>(&ch, "g")
+        .await
+        .expect("subscribe");
 
     let mut client = ps.pool().get().await.expect("pooled client");
     // Rolled back: nothing of it is seen.
     let tx = client.transaction().await.expect("begin");
-    ps.notify_raw_tx(&tx, &ch, "rolled back")
+    ps.notify_tx(&tx, &ch, Text("rolled back"))
         .await
         .expect("notify");
     durable
-        .publish_raw_tx(&tx, &ch, "rolled back")
+        .publish_tx(&tx, &ch, Text("rolled back"))
         .await
         .expect("publish");
     queue
-        .enqueue_raw_tx(&tx, &ch, "rolled back", &JobOptions::default())
+        .enqueue_tx(&tx, &ch, Text("rolled back"))
         .await
         .expect("enqueue");
     tx.rollback().await.expect("rollback");
     // Committed.
     let tx = client.transaction().await.expect("begin");
-    ps.notify_raw_tx(&tx, &ch, "committed")
+    ps.notify_tx(&tx, &ch, Text("committed"))
         .await
         .expect("notify");
     durable
-        .publish_raw_tx(&tx, &ch, "committed")
+        .publish_tx(&tx, &ch, Text("committed"))
         .await
         .expect("publish");
     let enqueued = queue
-        .enqueue_raw_tx(&tx, &ch, "committed", &JobOptions::default())
+        .enqueue_tx(&tx, &ch, Text("committed"))
         .await
         .expect("enqueue");
     assert!(enqueued.id().is_some());

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
+use pg_pubsub::Text;
 use pg_pubsub::{ConnectionEvent, Delivery, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +45,7 @@ async fn foreign_publishers_reach_subscribers_unchanged() {
     let ps = pubsub().await;
     let ch = channel("foreign");
     let mut typed = ps.listen::<Order>(&ch).await.unwrap();
-    let mut raw = ps.listen_raw(&ch).await.unwrap();
+    let mut raw = ps.listen::<Text>(&ch).await.unwrap();
     let client = raw_client().await;
     let payload = r#"{"id":1,"item":"from psql"}"#;
     client
@@ -70,8 +71,8 @@ async fn foreign_publishers_reach_subscribers_unchanged() {
 async fn case_is_preserved_and_hostile_names_are_just_channels() {
     let ps = pubsub().await;
     let upper = format!("Orders_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let mut sub_upper = ps.listen_raw(&upper).await.unwrap();
-    let mut sub_lower = ps.listen_raw(&upper.to_lowercase()).await.unwrap();
+    let mut sub_upper = ps.listen::<Text>(&upper).await.unwrap();
+    let mut sub_lower = ps.listen::<Text>(&upper.to_lowercase()).await.unwrap();
     let client = raw_client().await;
     client
         .execute("SELECT pg_notify($1, 'upper')", &[&upper])
@@ -84,12 +85,12 @@ async fn case_is_preserved_and_hostile_names_are_just_channels() {
         r#"a"; DROP TABLE x; -- {}"#,
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
-    let mut sub = ps.listen_raw(&hostile).await.unwrap();
-    ps.notify_raw(&hostile, "still a channel").await.unwrap();
+    let mut sub = ps.listen::<Text>(&hostile).await.unwrap();
+    ps.notify(&hostile, Text("still a channel")).await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload(), "still a channel");
     let with_quote = "it's \"quoted\" \\ and 'odd'";
-    let mut sub2 = ps.listen_raw(with_quote).await.unwrap();
-    ps.notify_raw(with_quote, "ok").await.unwrap();
+    let mut sub2 = ps.listen::<Text>(with_quote).await.unwrap();
+    ps.notify(with_quote, Text("ok")).await.unwrap();
     assert_eq!(next_message(&mut sub2).await.channel(), with_quote);
     ps.shutdown().await;
 }
@@ -103,7 +104,7 @@ async fn fan_out_shares_one_listen() {
     for _ in 0..10 {
         subs.push(ps.listen::<u32>(&ch).await.unwrap());
     }
-    ps.notify_batch(&ch, (0..100).map(|i| i.to_string()))
+    ps.notify_batch(&ch, (0..100).map(|i| i.to_string()).map(Text))
         .await
         .unwrap();
     for sub in &mut subs {
@@ -189,7 +190,7 @@ async fn slow_subscriber_does_not_delay_a_fast_one() {
     // Ten bursts of 100; the fast one takes each burst while the slow one never reads.
     for burst in 0..10u32 {
         let from = burst * 100;
-        ps.notify_batch(&ch, (from..from + 100).map(|i| i.to_string()))
+        ps.notify_batch(&ch, (from..from + 100).map(|i| i.to_string()).map(Text))
             .await
             .unwrap();
         let got = tokio::time::timeout(WAIT, fast_got.recv())
@@ -223,7 +224,7 @@ async fn undecodable_payload_is_reported_and_stream_goes_on() {
     let ch = channel("decode");
     let mut sub = ps.listen::<Order>(&ch).await.unwrap();
     let mut other = ps.listen::<Order>(&ch).await.unwrap();
-    ps.notify_raw(&ch, "not json").await.unwrap();
+    ps.notify(&ch, Text("not json")).await.unwrap();
     ps.notify(&ch, &serde_json::json!({"id": "wrong type"}))
         .await
         .unwrap();
@@ -251,11 +252,11 @@ async fn undecodable_payload_is_reported_and_stream_goes_on() {
 async fn transactional_notify_on_commit_only() {
     let ps = pubsub().await;
     let ch = channel("tx");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
     let mut client = raw_client().await;
 
     let tx = client.transaction().await.unwrap();
-    ps.notify_raw_tx(&tx, &ch, "rolled back").await.unwrap();
+    ps.notify_tx(&tx, &ch, Text("rolled back")).await.unwrap();
     tx.rollback().await.unwrap();
 
     let tx = client.transaction().await.unwrap();
@@ -267,10 +268,12 @@ async fn transactional_notify_on_commit_only() {
     // The same through a pooled deadpool client and its transaction.
     let mut pooled = ps.pool().get().await.unwrap();
     let tx = pooled.transaction().await.unwrap();
-    ps.notify_raw_tx(&tx, &ch, "pooled rollback").await.unwrap();
+    ps.notify_tx(&tx, &ch, Text("pooled rollback"))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     let tx = pooled.transaction().await.unwrap();
-    ps.notify_raw_tx(&tx, &ch, "pooled commit").await.unwrap();
+    ps.notify_tx(&tx, &ch, Text("pooled commit")).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload(), "pooled commit");
     assert_quiet(&mut sub, Duration::from_millis(200)).await;
@@ -281,9 +284,14 @@ async fn transactional_notify_on_commit_only() {
 async fn batch_delivers_repeats_in_order() {
     let ps = pubsub().await;
     let ch = channel("batch");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
     let payloads = ["a", "a", "b", "a", "c", "c"];
-    assert_eq!(ps.notify_batch(&ch, payloads).await.unwrap(), 6);
+    assert_eq!(
+        ps.notify_batch(&ch, payloads.into_iter().map(Text))
+            .await
+            .unwrap(),
+        6
+    );
     for p in payloads {
         assert_eq!(next_message(&mut sub).await.payload(), p);
     }
@@ -294,17 +302,17 @@ async fn batch_delivers_repeats_in_order() {
 async fn limits_are_checked_before_the_server_at_the_exact_bytes() {
     let ps = pubsub().await;
     let ch = channel("limits");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
 
     let ok = "x".repeat(7999);
-    ps.notify_raw(&ch, &ok).await.unwrap();
+    ps.notify(&ch, Text(&ok)).await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload().len(), 7999);
-    let err = ps.notify_raw(&ch, &"x".repeat(8000)).await.unwrap_err();
+    let err = ps.notify(&ch, Text(&"x".repeat(8000))).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Limit);
     assert!(err.to_string().contains("8000 bytes"), "{err}");
     // Bytes, not characters: 4000 two-byte characters.
     assert_eq!(
-        ps.notify_raw(&ch, &"é".repeat(4000))
+        ps.notify(&ch, Text(&"é".repeat(4000)))
             .await
             .unwrap_err()
             .kind(),
@@ -319,34 +327,34 @@ async fn limits_are_checked_before_the_server_at_the_exact_bytes() {
     assert_eq!(next_message(&mut sub).await.payload().len(), 7999);
 
     let name63 = format!("{ch}{}", "n".repeat(63 - ch.len()));
-    let mut long = ps.listen_raw(&name63).await.unwrap();
-    ps.notify_raw(&name63, "63").await.unwrap();
+    let mut long = ps.listen::<Text>(&name63).await.unwrap();
+    ps.notify(&name63, Text("63")).await.unwrap();
     assert_eq!(next_message(&mut long).await.channel(), name63);
     let name64 = format!("{name63}n");
     assert_eq!(
-        ps.listen_raw(&name64).await.unwrap_err().kind(),
+        ps.listen::<Text>(&name64).await.unwrap_err().kind(),
         ErrorKind::InvalidName
     );
     assert_eq!(
-        ps.notify_raw(&name64, "x").await.unwrap_err().kind(),
+        ps.notify(&name64, Text("x")).await.unwrap_err().kind(),
         ErrorKind::InvalidName
     );
     assert_eq!(
-        ps.listen_raw("").await.unwrap_err().kind(),
+        ps.listen::<Text>("").await.unwrap_err().kind(),
         ErrorKind::InvalidName
     );
     assert_eq!(
-        ps.notify_raw("a\0b", "x").await.unwrap_err().kind(),
+        ps.notify("a\0b", Text("x")).await.unwrap_err().kind(),
         ErrorKind::InvalidName
     );
     let batch_err = ps
-        .notify_batch(&ch, ["fine", &"x".repeat(8000)])
+        .notify_batch(&ch, ["fine", &"x".repeat(8000)].map(Text))
         .await
         .unwrap_err();
     assert_eq!(batch_err.kind(), ErrorKind::Limit);
     assert!(batch_err.to_string().contains("#1"), "{batch_err}");
     // Nothing of the refused batch was sent, and the listener is unharmed.
-    ps.notify_raw(&ch, "after").await.unwrap();
+    ps.notify(&ch, Text("after")).await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload(), "after");
     ps.shutdown().await;
 }
@@ -355,9 +363,11 @@ async fn limits_are_checked_before_the_server_at_the_exact_bytes() {
 async fn shutdown_ends_pending_subscriptions_and_refuses_new_work() {
     let ps = pubsub().await;
     let ch = channel("shutdown");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
-    let mut waiter = ps.listen_raw(&ch).await.unwrap();
-    ps.notify_raw(&ch, "queued before shutdown").await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
+    let mut waiter = ps.listen::<Text>(&ch).await.unwrap();
+    ps.notify(&ch, Text("queued before shutdown"))
+        .await
+        .unwrap();
     // Once `waiter` has it, `sub` has it queued too (same fan-out), unread.
     next_message(&mut waiter).await;
     let pending = tokio::spawn(async move {
@@ -380,11 +390,11 @@ async fn shutdown_ends_pending_subscriptions_and_refuses_new_work() {
     assert!(sub.next().await.is_none());
     wait_event(&mut events, |e| matches!(e, ConnectionEvent::ShutDown)).await;
     assert_eq!(
-        ps.listen_raw(&ch).await.unwrap_err().kind(),
+        ps.listen::<Text>(&ch).await.unwrap_err().kind(),
         ErrorKind::ShutDown
     );
     assert_eq!(
-        ps.notify_raw(&ch, "x").await.unwrap_err().kind(),
+        ps.notify(&ch, Text("x")).await.unwrap_err().kind(),
         ErrorKind::ShutDown
     );
     ps.shutdown().await; // idempotent
@@ -418,8 +428,8 @@ async fn publishes_through_a_given_pool_and_leaves_it_open() {
         .unwrap();
     let ps = builder().pool(pool.clone()).connect().await.unwrap();
     let ch = channel("own_pool");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
-    ps.notify_raw(&ch, "via your pool").await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
+    ps.notify(&ch, Text("via your pool")).await.unwrap();
     assert_eq!(next_message(&mut sub).await.payload(), "via your pool");
     assert!(pool.status().size >= 1, "the given pool was used");
     ps.shutdown().await;
@@ -434,11 +444,11 @@ async fn publishes_through_a_given_pool_and_leaves_it_open() {
 async fn debug_shows_the_start_of_long_payloads() {
     let ps = pubsub().await;
     let ch = channel("debug");
-    let mut raw = ps.listen_raw(&ch).await.unwrap();
+    let mut raw = ps.listen::<Text>(&ch).await.unwrap();
     let mut typed = ps.listen::<Order>(&ch).await.unwrap();
     let mut list = ps.listen::<Vec<u32>>(&ch).await.unwrap();
     let long = "é".repeat(3999);
-    ps.notify_raw(&ch, &long).await.unwrap();
+    ps.notify(&ch, Text(&long)).await.unwrap();
     let numbers: Vec<u32> = (0..1500).collect();
     ps.notify(&ch, &numbers).await.unwrap();
 

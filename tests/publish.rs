@@ -4,15 +4,19 @@ mod common;
 
 use common::{channel, pubsub, raw_client, raw_listener, recv_until};
 use pg_pubsub::ErrorKind;
+use pg_pubsub::Text;
 
 #[tokio::test]
 async fn nul_payload_is_refused_by_the_crate() {
     let ps = pubsub().await;
     let ch = channel("nul");
-    let err = ps.notify_raw(&ch, "ab\0cd").await.unwrap_err();
+    let err = ps.notify(&ch, Text("ab\0cd")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Limit, "{err:?}");
     let client = raw_client().await;
-    let err = ps.notify_raw_tx(&client, &ch, "ab\0cd").await.unwrap_err();
+    let err = ps
+        .notify_tx(&client, &ch, Text("ab\0cd"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Limit, "{err:?}");
     ps.shutdown().await;
 }
@@ -29,11 +33,14 @@ async fn a_bad_payload_anywhere_in_a_batch_sends_nothing() {
     for (bad, kind) in bad {
         let mut payloads: Vec<String> = (0..2500).map(|i| format!("line {i}")).collect();
         payloads.push(bad);
-        let err = ps.notify_batch(&ch, &payloads).await.unwrap_err();
+        let err = ps
+            .notify_batch(&ch, payloads.iter().map(Text))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), kind, "{err:?}");
         assert!(err.to_string().contains("payload #2500"), "{err}");
         // Anything the failed call committed would arrive before this.
-        ps.notify_raw(&ch, "sentinel").await.unwrap();
+        ps.notify(&ch, Text("sentinel")).await.unwrap();
         assert_eq!(recv_until(&mut rx, "sentinel").await, Vec::<String>::new());
     }
     ps.shutdown().await;
@@ -58,24 +65,24 @@ async fn notify_in_prepares_once_per_pooled_connection() {
     let (_listener, mut rx) = raw_listener(&ch).await;
     let mut pooled = ps.pool().get().await.unwrap();
     for i in 0..3 {
-        ps.notify_raw_tx(&pooled, &ch, &i.to_string())
+        ps.notify_tx(&pooled, &ch, Text(&i.to_string()))
             .await
             .unwrap();
     }
     let tx = pooled.transaction().await.unwrap();
-    ps.notify_raw_tx(&tx, &ch, "in tx").await.unwrap();
+    ps.notify_tx(&tx, &ch, Text("in tx")).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(prepared_notifies(&pooled).await, 1);
 
     // A bare client has no statement cache: nothing is left prepared on it.
     let mut client = raw_client().await;
-    ps.notify_raw_tx(&client, &ch, "bare").await.unwrap();
+    ps.notify_tx(&client, &ch, Text("bare")).await.unwrap();
     let tx = client.transaction().await.unwrap();
-    ps.notify_raw_tx(&tx, &ch, "bare tx").await.unwrap();
+    ps.notify_tx(&tx, &ch, Text("bare tx")).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(prepared_notifies(&client).await, 0);
 
-    ps.notify_raw(&ch, "sentinel").await.unwrap();
+    ps.notify(&ch, Text("sentinel")).await.unwrap();
     assert_eq!(
         recv_until(&mut rx, "sentinel").await,
         ["0", "1", "2", "in tx", "bare", "bare tx"]

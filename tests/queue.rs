@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue, QueueEvent, Worker};
+use pg_pubsub::queue::{Enqueued, Job, Queue, QueueEvent, Worker};
+use pg_pubsub::Text;
 use pg_pubsub::{ErrorKind, PgPubSub};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -88,7 +89,7 @@ async fn every_job_done_exactly_once_by_several_workers() {
     let payloads: Vec<String> = (0..JOBS).map(|i| i.to_string()).collect();
     let n = instances[0]
         .1
-        .enqueue_batch(&name, &payloads, &JobOptions::new())
+        .enqueue_batch(&name, payloads.iter().map(Text))
         .await
         .unwrap();
     assert_eq!(n, JOBS);
@@ -125,7 +126,7 @@ async fn every_job_done_exactly_once_by_several_workers() {
 async fn a_dead_workers_jobs_run_again_after_the_lease() {
     let (ps, q) = queue().await;
     let name = channel("q_lease");
-    q.enqueue_batch(&name, ["a", "b", "c"], &JobOptions::new())
+    q.enqueue_batch(&name, ["a", "b", "c"].map(Text))
         .await
         .unwrap();
     // A worker that claims and then vanishes: only the SQL, a short lease.
@@ -160,13 +161,15 @@ async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
     let name = channel("q_lease_dead");
     let mut events = ps.queue().events();
     let last = q
-        .enqueue_raw_with(&name, "last", &JobOptions::new().max_attempts(1))
+        .enqueue(&name, Text("last"))
+        .max_attempts(1)
         .await
         .unwrap()
         .id()
         .unwrap();
     let again = q
-        .enqueue_raw_with(&name, "again", &JobOptions::new().max_attempts(2))
+        .enqueue(&name, Text("again"))
+        .max_attempts(2)
         .await
         .unwrap()
         .id()
@@ -210,7 +213,7 @@ async fn a_job_whose_last_lease_expires_is_dead_and_reported() {
 async fn leases_are_extended_while_the_handler_runs() {
     let (ps, q) = queue().await;
     let name = channel("q_extend");
-    q.enqueue_raw(&name, "slow").await.unwrap();
+    q.enqueue(&name, Text("slow")).await.unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let r = runs.clone();
@@ -240,7 +243,7 @@ async fn failures_retry_with_backoff_then_succeed() {
     let (ps, q) = queue().await;
     let name = channel("q_retry");
     let mut events = ps.queue().events();
-    let id = q.enqueue_raw(&name, "x").await.unwrap().id().unwrap();
+    let id = q.enqueue(&name, Text("x")).await.unwrap().id().unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let worker = fast(&q, &name)
         .run(move |job: Job| {
@@ -287,15 +290,16 @@ async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted()
     let (ps, q) = queue().await;
     let name = channel("q_dead");
     let mut events = ps.queue().events();
-    let opts = JobOptions::new().max_attempts(3);
     let a = q
-        .enqueue_raw_with(&name, "a", &opts)
+        .enqueue(&name, Text("a"))
+        .max_attempts(3)
         .await
         .unwrap()
         .id()
         .unwrap();
     let b = q
-        .enqueue_raw_with(&name, "b", &opts)
+        .enqueue(&name, Text("b"))
+        .max_attempts(3)
         .await
         .unwrap()
         .id()
@@ -345,10 +349,8 @@ async fn scheduled_jobs_do_not_run_early() {
     let name = channel("q_sched");
     let delay = Duration::from_millis(1500);
     let start = Instant::now();
-    q.enqueue_raw_with(&name, "later", &JobOptions::new().delay(delay))
-        .await
-        .unwrap();
-    q.enqueue_raw(&name, "now").await.unwrap();
+    q.enqueue(&name, Text("later")).delay(delay).await.unwrap();
+    q.enqueue(&name, Text("now")).await.unwrap();
     let stats = q.stats().await.unwrap();
     let s = stats.iter().find(|s| s.queue == name).unwrap();
     assert_eq!((s.ready, s.scheduled), (1, 1));
@@ -364,17 +366,24 @@ async fn scheduled_jobs_do_not_run_early() {
 async fn unique_keys_while_pending_or_running() {
     let (ps, q) = queue().await;
     let name = channel("q_unique");
-    let opts = JobOptions::new().unique_key("user-1");
-    let first = q.enqueue_raw_with(&name, "1", &opts).await.unwrap();
+    let first = q
+        .enqueue(&name, Text("1"))
+        .unique_key("user-1")
+        .await
+        .unwrap();
     assert!(matches!(first, Enqueued::New(_)));
     assert_eq!(
-        q.enqueue_raw_with(&name, "2", &opts).await.unwrap(),
+        q.enqueue(&name, Text("2"))
+            .unique_key("user-1")
+            .await
+            .unwrap(),
         Enqueued::Duplicate
     );
     // Same key, other queue: independent.
     let other = channel("q_unique_other");
     assert!(q
-        .enqueue_raw_with(&other, "3", &opts)
+        .enqueue(&other, Text("3"))
+        .unique_key("user-1")
         .await
         .unwrap()
         .id()
@@ -406,13 +415,17 @@ async fn unique_keys_while_pending_or_running() {
         .unwrap();
     assert_eq!(Some(recv(&mut rx).await), first.id());
     assert_eq!(
-        q.enqueue_raw_with(&name, "4", &opts).await.unwrap(),
+        q.enqueue(&name, Text("4"))
+            .unique_key("user-1")
+            .await
+            .unwrap(),
         Enqueued::Duplicate
     );
     gate.add_permits(1);
     worker.shutdown().await.unwrap();
     assert!(q
-        .enqueue_raw_with(&name, "5", &opts)
+        .enqueue(&name, Text("5"))
+        .unique_key("user-1")
         .await
         .unwrap()
         .id()
@@ -426,14 +439,10 @@ async fn enqueue_in_a_transaction_is_nothing_on_rollback() {
     let name = channel("q_tx");
     let mut client = raw_client().await;
     let t = client.transaction().await.unwrap();
-    q.enqueue_tx(&t, &name, &"no", &JobOptions::new())
-        .await
-        .unwrap();
+    q.enqueue_tx(&t, &name, &"no").await.unwrap();
     t.rollback().await.unwrap();
     let t = client.transaction().await.unwrap();
-    q.enqueue_tx(&t, &name, &"yes", &JobOptions::new())
-        .await
-        .unwrap();
+    q.enqueue_tx(&t, &name, &"yes").await.unwrap();
     t.commit().await.unwrap();
     let (worker, mut rx) = reporting(&q, &name, 1).await;
     assert_eq!(recv(&mut rx).await.2, "\"yes\"");
@@ -460,7 +469,7 @@ async fn enqueue_wakes_an_idle_worker_without_polling() {
         .await
         .unwrap();
     // The first poll tick is immediate; after it only a wake-up can help.
-    q.enqueue_raw(&name, "one").await.unwrap();
+    q.enqueue(&name, Text("one")).await.unwrap();
     assert_eq!(recv(&mut rx).await, "one");
     // From SQL, as a trigger would.
     let admin = raw_client().await;
@@ -477,10 +486,10 @@ async fn enqueue_wakes_an_idle_worker_without_polling() {
 async fn graceful_shutdown_finishes_running_and_gives_the_rest_back_at_once() {
     let (ps, q) = queue().await;
     let name = channel("q_stop");
-    let quick = q.enqueue_raw(&name, "quick").await.unwrap().id().unwrap();
-    q.enqueue_raw(&name, "stuck").await.unwrap();
+    let quick = q.enqueue(&name, Text("quick")).await.unwrap().id().unwrap();
+    q.enqueue(&name, Text("stuck")).await.unwrap();
     // Claimed ahead (prefetch) but never started: both handlers are busy.
-    q.enqueue_raw(&name, "unstarted").await.unwrap();
+    q.enqueue(&name, Text("unstarted")).await.unwrap();
     let gate = Arc::new(Semaphore::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let g = gate.clone();
@@ -539,7 +548,7 @@ async fn graceful_shutdown_finishes_running_and_gives_the_rest_back_at_once() {
 async fn complete_in_fails_when_the_claim_was_lost() {
     let (ps, q) = queue().await;
     let name = channel("q_lost");
-    q.enqueue_raw(&name, "x").await.unwrap();
+    q.enqueue(&name, Text("x")).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let pool = ps.pool().clone();
     let worker = fast(&q, &name)
@@ -572,16 +581,16 @@ async fn bad_input_is_refused_before_anything_is_sent() {
     let ps: PgPubSub = pubsub().await;
     let q = ps.queue();
     assert_eq!(
-        q.enqueue_raw("", "x").await.unwrap_err().kind(),
+        q.enqueue("", Text("x")).await.unwrap_err().kind(),
         ErrorKind::InvalidName
     );
     assert_eq!(
-        q.enqueue_raw("q", "a\0b").await.unwrap_err().kind(),
+        q.enqueue("q", Text("a\0b")).await.unwrap_err().kind(),
         ErrorKind::Limit
     );
-    let zero = JobOptions::new().max_attempts(0);
     assert_eq!(
-        q.enqueue_raw_with("q", "x", &zero)
+        q.enqueue("q", Text("x"))
+            .max_attempts(0)
             .await
             .unwrap_err()
             .kind(),
@@ -634,7 +643,7 @@ mod cli {
 
     async fn enqueue_ids(q: &Queue, queue: &str, n: usize) -> BTreeSet<String> {
         let payloads: Vec<String> = (0..n).map(|i| format!("job {i}")).collect();
-        q.enqueue_batch(queue, &payloads, &JobOptions::new())
+        q.enqueue_batch(queue, payloads.iter().map(Text))
             .await
             .unwrap();
         let admin = raw_client().await;
@@ -721,7 +730,8 @@ mod cli {
         let (ps, q) = queue().await;
         let name = channel("q_cli_fail");
         let id = q
-            .enqueue_raw_with(&name, "payload", &JobOptions::new().max_attempts(1))
+            .enqueue(&name, Text("payload"))
+            .max_attempts(1)
             .await
             .unwrap()
             .id()
@@ -761,8 +771,8 @@ async fn enqueue_wakes_workers_after_commit_but_not_for_later_jobs() {
     futures::future::try_join_all((0..3).map(|i| async move { q2.enqueue(now2, &i).await }))
         .await
         .expect("enqueue");
-    let in_an_hour = JobOptions::new().delay(Duration::from_secs(3600));
-    q.enqueue_with(&later, &1, &in_an_hour)
+    q.enqueue(&later, &1)
+        .delay(Duration::from_secs(3600))
         .await
         .expect("enqueue later");
     q.enqueue(&sentinel, &1).await.expect("enqueue sentinel");
@@ -778,7 +788,7 @@ async fn enqueue_wakes_workers_after_commit_but_not_for_later_jobs() {
 async fn vacuums_after(q: &Queue, jobs: usize, vacuum: bool) -> i64 {
     let name = channel("q_vac");
     let payloads: Vec<String> = (0..jobs).map(|i| i.to_string()).collect();
-    q.enqueue_batch(&name, &payloads, &JobOptions::new())
+    q.enqueue_batch(&name, payloads.iter().map(Text))
         .await
         .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -971,7 +981,7 @@ async fn a_transaction_holding_the_horizon_is_named_and_reported() {
     }
     let name = channel("horizon");
     let payloads: Vec<String> = (0..600).map(|i| i.to_string()).collect();
-    q.enqueue_batch(&name, &payloads, &JobOptions::default())
+    q.enqueue_batch(&name, payloads.iter().map(Text))
         .await
         .expect("enqueue");
     let mut events = q.events();

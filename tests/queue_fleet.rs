@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use common::fleet::Fleet;
 use common::*;
-use pg_pubsub::queue::{Job, JobOptions};
+use pg_pubsub::queue::Job;
 use pg_pubsub::PgPubSub;
+use pg_pubsub::Text;
 
 const JOBS: usize = 10_000;
 const WORKERS: usize = 4;
@@ -39,7 +40,7 @@ async fn setup(name: &str) -> tokio_postgres::Client {
     let (ps, q) = queue().await;
     let payloads: Vec<String> = (0..JOBS).map(|i| i.to_string()).collect();
     assert_eq!(
-        q.enqueue_batch(name, &payloads, &JobOptions::new())
+        q.enqueue_batch(name, payloads.iter().map(Text))
             .await
             .unwrap(),
         JOBS

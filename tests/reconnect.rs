@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pg_pubsub::GapCause;
+use pg_pubsub::Text;
 use pg_pubsub::{ConnectionEvent, Delivery};
 
 #[tokio::test]
@@ -210,7 +211,7 @@ async fn shutdown_is_bounded_when_the_server_does_not_answer() {
         .await
         .unwrap();
     let ch = channel("stuck");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
     assert!(ps.is_leader(&ch));
     expect_gap(&mut sub, GapCause::TakeOver).await;
     let pid = ps.listener_pid().unwrap();

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{channel, next_message, pubsub, raw_client, wait_backend_gone, WAIT};
+use pg_pubsub::Text;
 
 #[tokio::test]
 async fn signal_task_does_not_keep_the_instance_alive() {
@@ -34,7 +35,7 @@ async fn signal_task_ends_with_shutdown() {
 async fn subscriptions_outliving_handles_keep_the_listener() {
     let ps = pubsub().await;
     let ch = channel("sig");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
     let pid = ps.listener_pid().expect("connected");
     let on_signal = ps.shutdown_on_signal();
     drop(ps);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{channel, pubsub, WAIT};
 use futures::StreamExt;
+use pg_pubsub::Text;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::test]
@@ -14,7 +15,7 @@ async fn signal_ends_subscriptions_that_outlived_every_handle() {
     // Ours keeps SIGTERM from killing the process whatever the crate's task does.
     let mut ours = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
     let ps = pubsub().await;
-    let mut sub = ps.listen_raw(&channel("sigterm")).await.unwrap();
+    let mut sub = ps.listen::<Text>(&channel("sigterm")).await.unwrap();
     let on_signal = ps.shutdown_on_signal();
     drop(ps);
     let ended = async {

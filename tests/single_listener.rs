@@ -6,23 +6,24 @@ use std::time::Duration;
 
 use common::*;
 use pg_pubsub::election::{LOCK_SEED, WITNESS_SEED};
-use pg_pubsub::{ConnectionEvent, Delivery, ErrorKind, GapCause, ListenOptions};
+use pg_pubsub::Text;
+use pg_pubsub::{ConnectionEvent, Delivery, ErrorKind, GapCause};
 
 #[tokio::test]
 async fn standby_takes_over_when_the_leader_shuts_down() {
     let ch = channel("inproc");
     let a = builder().single_listener(true).connect().await.unwrap();
-    let mut sub_a = a.listen_raw(&ch).await.unwrap();
+    let mut sub_a = a.listen::<Text>(&ch).await.unwrap();
     let b = builder().single_listener(true).connect().await.unwrap();
     let mut b_events = b.events();
-    let mut sub_b = b.listen_raw(&ch).await.unwrap();
+    let mut sub_b = b.listen::<Text>(&ch).await.unwrap();
     assert!(a.is_leader(&ch) && !b.is_leader(&ch));
     let client = raw_client().await;
     assert_eq!(lock_holder(&client, &ch).await, a.listener_pid());
 
     // The first leader cannot know whether someone led before it.
     expect_gap(&mut sub_a, GapCause::TakeOver).await;
-    a.notify_raw(&ch, "one").await.unwrap();
+    a.notify(&ch, Text("one")).await.unwrap();
     assert_eq!(next_message(&mut sub_a).await.payload(), "one");
     assert_quiet(&mut sub_b, Duration::from_millis(100)).await;
 
@@ -34,7 +35,7 @@ async fn standby_takes_over_when_the_leader_shuts_down() {
     .await;
     assert!(b.is_leader(&ch));
     assert_eq!(lock_holder(&client, &ch).await, b.listener_pid());
-    b.notify_raw(&ch, "two").await.unwrap();
+    b.notify(&ch, Text("two")).await.unwrap();
     // A graceful hand-over: no gap, the message comes first.
     assert_eq!(next_message(&mut sub_b).await.payload(), "two");
     b.shutdown().await;
@@ -44,7 +45,7 @@ async fn standby_takes_over_when_the_leader_shuts_down() {
 async fn dropping_without_shutdown_releases_the_lock() {
     let ch = channel("dropped");
     let a = builder().single_listener(true).connect().await.unwrap();
-    let sub = a.listen_raw(&ch).await.unwrap();
+    let sub = a.listen::<Text>(&ch).await.unwrap();
     let client = raw_client().await;
     assert!(lock_holder(&client, &ch).await.is_some());
     let mut events = a.events();
@@ -59,7 +60,7 @@ async fn dropping_without_shutdown_releases_the_lock() {
         "released with the last subscriber"
     );
 
-    let sub = a.listen_raw(&ch).await.unwrap();
+    let sub = a.listen::<Text>(&ch).await.unwrap();
     assert!(a.is_leader(&ch));
     let pid = a.listener_pid().unwrap();
     drop(sub);
@@ -84,7 +85,7 @@ async fn dropping_without_shutdown_releases_the_lock() {
 #[tokio::test]
 async fn the_control_channel_is_reserved() {
     let a = builder().single_listener(true).connect().await.unwrap();
-    let err = a.listen_raw("pg_pubsub_election").await.unwrap_err();
+    let err = a.listen::<Text>("pg_pubsub_election").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     a.shutdown().await;
 }
@@ -106,10 +107,7 @@ async fn take_over_without_hand_over_gives_a_gap_first() {
         .await
         .unwrap();
     let mut b_events = b.events();
-    let mut sub_b = b
-        .listen_raw_with(&ch, ListenOptions::new().single_listener(true))
-        .await
-        .unwrap();
+    let mut sub_b = b.listen::<Text>(&ch).single_listener(true).await.unwrap();
     assert!(!b.is_leader(&ch));
     drop(leader); // its session ends, and the locks with it
     wait_event(&mut b_events, |e| {
@@ -146,17 +144,13 @@ fn take_locks_sql(seeds: &[i64]) -> String {
 async fn election_and_filtering_per_subscription() {
     let jobs = channel("jobs");
     let cache = channel("cache");
-    let elected = ListenOptions::new().single_listener(true);
     let a = pubsub().await;
     let b = pubsub().await;
-    let mut a_jobs = a.listen_raw_with(&jobs, elected).await.unwrap();
-    let mut b_jobs = b.listen_raw_with(&jobs, elected).await.unwrap();
-    let mut a_cache = a.listen_raw(&cache).await.unwrap();
-    let mut a_cache_filtered = a
-        .listen_raw_with(&cache, ListenOptions::new().filtered(true))
-        .await
-        .unwrap();
-    let mut b_cache = b.listen_raw(&cache).await.unwrap();
+    let mut a_jobs = a.listen::<Text>(&jobs).single_listener(true).await.unwrap();
+    let mut b_jobs = b.listen::<Text>(&jobs).single_listener(true).await.unwrap();
+    let mut a_cache = a.listen::<Text>(&cache).await.unwrap();
+    let mut a_cache_filtered = a.listen::<Text>(&cache).filtered(true).await.unwrap();
+    let mut b_cache = b.listen::<Text>(&cache).await.unwrap();
     assert!(a.is_leader(&jobs) != b.is_leader(&jobs), "one leader");
     assert!(!a.is_leader(&cache) && !b.is_leader(&cache));
     let (leader, standby) = if a.is_leader(&jobs) {
@@ -165,12 +159,12 @@ async fn election_and_filtering_per_subscription() {
         (&mut b_jobs, &mut a_jobs)
     };
     expect_gap(leader, GapCause::TakeOver).await;
-    b.notify_raw(&jobs, "job").await.unwrap();
+    b.notify(&jobs, Text("job")).await.unwrap();
     assert_eq!(next_message(leader).await.payload(), "job");
     assert_quiet(standby, Duration::from_millis(100)).await;
 
-    a.notify_raw(&cache, "from a").await.unwrap();
-    b.notify_raw(&cache, "from b").await.unwrap();
+    a.notify(&cache, Text("from a")).await.unwrap();
+    b.notify(&cache, Text("from b")).await.unwrap();
     assert_eq!(next_message(&mut a_cache).await.payload(), "from a");
     assert_eq!(next_message(&mut a_cache).await.payload(), "from b");
     assert_eq!(next_message(&mut b_cache).await.payload(), "from a");
@@ -181,10 +175,14 @@ async fn election_and_filtering_per_subscription() {
     );
 
     // A channel is elected or not within one instance.
-    let err = a.listen_raw(&jobs).await.unwrap_err();
+    let err = a.listen::<Text>(&jobs).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.to_string().contains("single-listener"), "{err}");
-    let err = a.listen_raw_with(&cache, elected).await.unwrap_err();
+    let err = a
+        .listen::<Text>(&cache)
+        .single_listener(true)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     a.shutdown().await;
     b.shutdown().await;
@@ -206,8 +204,8 @@ async fn names_that_collided_in_32_bits_both_get_leaders() {
     let a = builder().single_listener(true).connect().await.unwrap();
     let b = builder().single_listener(true).connect().await.unwrap();
     // Unique to this test run: suffixes would change the hashes.
-    let _one = a.listen_raw("job_175307").await.unwrap();
-    let _two = b.listen_raw("job_230291").await.unwrap();
+    let _one = a.listen::<Text>("job_175307").await.unwrap();
+    let _two = b.listen::<Text>("job_230291").await.unwrap();
     assert!(a.is_leader("job_175307"));
     assert!(b.is_leader("job_230291"));
     a.shutdown().await;
@@ -236,10 +234,7 @@ async fn a_lock_held_by_a_non_leader_is_reported() {
         .await
         .unwrap();
     let mut events = a.events();
-    let _sub = a
-        .listen_raw_with(&ch, ListenOptions::new().single_listener(true))
-        .await
-        .unwrap();
+    let _sub = a.listen::<Text>(&ch).single_listener(true).await.unwrap();
     assert!(!a.is_leader(&ch));
     match wait_event(&mut events, |e| {
         matches!(e, ConnectionEvent::ElectionBlocked { .. })
@@ -269,7 +264,7 @@ async fn a_forged_ready_does_not_end_a_hand_over() {
         .connect()
         .await
         .unwrap();
-    let mut sub = a.listen_raw(&ch).await.unwrap();
+    let mut sub = a.listen::<Text>(&ch).await.unwrap();
     expect_gap(&mut sub, GapCause::TakeOver).await;
     let mut events = a.events();
     let shutdown = tokio::spawn({
@@ -314,7 +309,7 @@ async fn gap_downtime_counts_from_the_last_good_moment() {
         .await
         .unwrap();
     let ch = channel("halfopen");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
     let pid = ps.listener_pid().unwrap();
     send_signal(pid, "-STOP");
     let gap = match next(&mut sub).await {

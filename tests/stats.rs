@@ -4,14 +4,15 @@ mod common;
 
 use common::*;
 use futures::StreamExt;
+use pg_pubsub::Text;
 use pg_pubsub::{ConnectionEvent, Delivery};
 
 #[tokio::test]
 async fn counts_deliveries_per_subscription() {
     let ps = pubsub().await;
     let ch = channel("stats_delivered");
-    let mut one = ps.listen_raw(&ch).await.unwrap();
-    let mut two = ps.listen_raw(&ch).await.unwrap();
+    let mut one = ps.listen::<Text>(&ch).await.unwrap();
+    let mut two = ps.listen::<Text>(&ch).await.unwrap();
     let stats = ps.stats();
     let counted = stats.channel(&ch).expect("channel listed");
     assert_eq!((counted.delivered, counted.subscribers), (0, 2));
@@ -19,7 +20,9 @@ async fn counts_deliveries_per_subscription() {
     assert_eq!(stats.listener_pid, ps.listener_pid());
 
     let payloads: Vec<String> = (0..5).map(|i| i.to_string()).collect();
-    ps.notify_batch(&ch, &payloads).await.unwrap();
+    ps.notify_batch(&ch, payloads.iter().map(Text))
+        .await
+        .unwrap();
     for sub in [&mut one, &mut two] {
         for expected in &payloads {
             assert_eq!(next_message(sub).await.payload(), expected);
@@ -46,13 +49,13 @@ async fn counts_messages_dropped_for_a_full_queue() {
     let ps = builder().queue_capacity(2).connect().await.unwrap();
     let ch = channel("stats_lagged");
     let done = channel("stats_done");
-    let mut slow = ps.listen_raw(&ch).await.unwrap();
-    let mut sentinel = ps.listen_raw(&done).await.unwrap();
-    ps.notify_batch(&ch, ["1", "2", "3", "4", "5"])
+    let mut slow = ps.listen::<Text>(&ch).await.unwrap();
+    let mut sentinel = ps.listen::<Text>(&done).await.unwrap();
+    ps.notify_batch(&ch, ["1", "2", "3", "4", "5"].map(Text))
         .await
         .unwrap();
     // Committed after the batch: once it is here, the batch was fanned out.
-    ps.notify_batch(&done, ["done"]).await.unwrap();
+    ps.notify_batch(&done, ["done"].map(Text)).await.unwrap();
     next_message(&mut sentinel).await;
 
     let counted = ps.stats().channel(&ch).cloned().expect("channel listed");
@@ -68,7 +71,7 @@ async fn counts_gaps_and_reconnects() {
     let ps = pubsub().await;
     let mut events = ps.events();
     let ch = channel("stats_gaps");
-    let mut sub = ps.listen_raw(&ch).await.unwrap();
+    let mut sub = ps.listen::<Text>(&ch).await.unwrap();
     let old_pid = ps.listener_pid().unwrap();
     terminate(old_pid).await;
     assert!(matches!(next(&mut sub).await, Delivery::Gap(_)));
@@ -88,7 +91,7 @@ async fn counts_gaps_and_reconnects() {
 async fn lists_led_channels() {
     let ps = builder().single_listener(true).connect().await.unwrap();
     let ch = channel("stats_leader");
-    let _sub = ps.listen_raw(&ch).await.unwrap();
+    let _sub = ps.listen::<Text>(&ch).await.unwrap();
     assert!(ps.is_leader(&ch), "alone, so it leads");
     let leading: Vec<String> = ps.stats().leading.iter().map(|c| c.to_string()).collect();
     assert_eq!(leading, [ch]);

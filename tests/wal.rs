@@ -9,6 +9,7 @@ use common::*;
 use pg_pubsub::changes::wal::{emit_tx, WalEvent, WalFeed, WalItem};
 use pg_pubsub::changes::{Lsn, Op};
 use pg_pubsub::tokio_postgres::error::SqlState;
+use pg_pubsub::Text;
 use pg_pubsub::{ErrorKind, PgPubSub};
 use serde_json::{json, Value};
 
@@ -627,7 +628,7 @@ async fn outbox_relay_two_processes_one_elected_no_loss_after_sigkill() {
 
     let mut sub = ps
         .durable()
-        .subscribe_raw(&durable_channel, "check")
+        .subscribe::<Text>(&durable_channel, "check")
         .await
         .expect("subscribe");
     let mut seen = HashSet::new();
@@ -636,7 +637,7 @@ async fn outbox_relay_two_processes_one_elected_no_loss_after_sigkill() {
         let m = next_durable(&mut sub).await;
         m.ack();
         received += 1;
-        seen.insert(m.into_payload());
+        seen.insert(m.into_payload().into_string());
     }
     let want: HashSet<String> = (0..200).map(|i| format!("m{i}")).collect();
     assert_eq!(seen, want, "every message relayed");

@@ -265,7 +265,7 @@ impl Changes {
         group: &str,
     ) -> Result<DurableSubscription<ChangeEvent<T>>>
     where
-        T: DeserializeOwned + Send + 'static,
+        T: DeserializeOwned + Send + Sync + 'static,
     {
         self.subscribe_from(table, group, Start::Earliest).await
     }
@@ -278,14 +278,12 @@ impl Changes {
         start: Start,
     ) -> Result<DurableSubscription<ChangeEvent<T>>>
     where
-        T: DeserializeOwned + Send + 'static,
+        T: DeserializeOwned + Send + Sync + 'static,
     {
         let feed = self.require_feed(table, false).await?;
         self.durable
-            .consumer(&feed.channel, group)
-            .json::<ChangeEvent<T>>()
+            .subscribe::<ChangeEvent<T>>(&feed.channel, group)
             .start(start)
-            .subscribe()
             .await
     }
 

@@ -1,22 +1,24 @@
 //! Consuming a durable channel as a group: [`ConsumerBuilder`],
 //! [`DurableSubscription`] and the task that reads for it.
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
 use super::acks::flush_loop;
 use super::message::Acks;
 use super::position::Position;
-use super::reader::{Counts, Decode, Reader};
+use super::reader::{Counts, Reader};
 use super::subscription::DurableSubscription;
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, Origin, Result};
+use crate::payload::Decode;
 use crate::schema::election_channel;
-use crate::ListenOptions;
+use crate::Text;
 
 /// The longest group name accepted, in bytes.
 const MAX_GROUP_BYTES: usize = 200;
@@ -37,8 +39,9 @@ pub enum Start {
     Time(SystemTime),
 }
 
-/// Options for a consumer, from [`Durable::consumer`].
-#[must_use = "a builder does nothing until .subscribe() is awaited"]
+/// A consumer of a durable channel in a group, from [`Durable::subscribe`]:
+/// set options, then `.await` it for the [`DurableSubscription`].
+#[must_use = "a consumer does nothing until it is awaited"]
 pub struct ConsumerBuilder<T> {
     durable: Durable,
     channel: String,
@@ -50,7 +53,7 @@ pub struct ConsumerBuilder<T> {
     ack_interval: Duration,
     retain_every: Option<Duration>,
     max_age: Option<Duration>,
-    decode: Decode<T>,
+    decode: super::reader::Decode<T>,
 }
 
 /// An idle consumer's poll interval grows up to this many times the
@@ -60,19 +63,27 @@ const IDLE_BACKOFF: u32 = 8;
 /// How often an active consumer runs retention by default.
 const RETAIN_EVERY: Duration = Duration::from_secs(30);
 
-// Takes the text by value: a raw payload (up to 1 GB) is never copied.
-fn decode_text(raw: String) -> Result<String, (String, serde_json::Error)> {
-    Ok(raw)
-}
-
-fn decode_json<T: DeserializeOwned>(raw: String) -> Result<T, (String, serde_json::Error)> {
-    serde_json::from_str(&raw).map_err(|e| (raw, e))
-}
-
 impl Durable {
-    /// A consumer of `channel` in `group`, delivering payloads as text
-    /// until [`json`](ConsumerBuilder::json) is called.
-    pub fn consumer(&self, channel: &str, group: &str) -> ConsumerBuilder<String> {
+    /// Joins `group` on `channel`: `subscribe::<T>` decodes payloads as
+    /// JSON into `T`, `subscribe::<Text>` gives them as is
+    /// ([`Text`](crate::Text)). Await the returned [`ConsumerBuilder`],
+    /// after setting options on it if needed (a new group starts at the
+    /// earliest message).
+    ///
+    /// ```no_run
+    /// # async fn demo(durable: pg_pubsub::durable::Durable) -> Result<(), pg_pubsub::Error> {
+    /// use pg_pubsub::durable::Start;
+    /// #[derive(serde::Deserialize)]
+    /// struct Order { id: u64 }
+    /// let orders = durable.subscribe::<Order>("orders", "billing").await?;
+    /// let audit = durable
+    ///     .subscribe::<pg_pubsub::Text>("orders", "audit")
+    ///     .start(Start::Latest)
+    ///     .batch_size(100)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe<T: Decode>(&self, channel: &str, group: &str) -> ConsumerBuilder<T> {
         ConsumerBuilder {
             durable: self.clone(),
             channel: channel.to_owned(),
@@ -84,47 +95,21 @@ impl Durable {
             ack_interval: Duration::from_millis(100),
             retain_every: Some(RETAIN_EVERY),
             max_age: None,
-            decode: decode_text,
+            decode: T::decode_owned,
         }
-    }
-
-    /// Joins `group` on `channel`, decoding payloads as JSON into `T`,
-    /// with the default options (a new group starts at the earliest message).
-    pub async fn subscribe<T>(&self, channel: &str, group: &str) -> Result<DurableSubscription<T>>
-    where
-        T: DeserializeOwned + Send + 'static,
-    {
-        self.consumer(channel, group).json::<T>().subscribe().await
-    }
-
-    /// Joins `group` on `channel` with text payloads.
-    pub async fn subscribe_raw(
-        &self,
-        channel: &str,
-        group: &str,
-    ) -> Result<DurableSubscription<String>> {
-        self.consumer(channel, group).subscribe().await
     }
 }
 
-impl<T: Send + 'static> ConsumerBuilder<T> {
-    /// Decode payloads as JSON into `U`.
-    pub fn json<U: DeserializeOwned + Send + 'static>(self) -> ConsumerBuilder<U> {
-        ConsumerBuilder {
-            durable: self.durable,
-            channel: self.channel,
-            group: self.group,
-            start: self.start,
-            poll_interval: self.poll_interval,
-            max_poll_interval: self.max_poll_interval,
-            batch_size: self.batch_size,
-            ack_interval: self.ack_interval,
-            retain_every: self.retain_every,
-            max_age: self.max_age,
-            decode: decode_json::<U>,
-        }
-    }
+impl<T: Decode> IntoFuture for ConsumerBuilder<T> {
+    type Output = Result<DurableSubscription<T>>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.start_consumer())
+    }
+}
+
+impl<T: Decode> ConsumerBuilder<T> {
     /// Where the group starts if it does not exist yet. Default: [`Start::Earliest`].
     pub fn start(mut self, start: Start) -> Self {
         self.start = start;
@@ -194,7 +179,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
     /// Creates the group if needed and starts consuming. Returns at once:
     /// the stream yields messages while this instance is the group's
     /// active consumer ([`DurableSubscription::is_active`]).
-    pub async fn subscribe(self) -> Result<DurableSubscription<T>> {
+    async fn start_consumer(self) -> Result<DurableSubscription<T>> {
         let channel = ChannelName::new(&self.channel)?;
         if self.group.is_empty() || self.group.contains('\0') || self.group.len() > MAX_GROUP_BYTES
         {
@@ -234,10 +219,9 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             .register(&pubsub, &durable.schema, channel.as_str())
             .await?;
         let elected = pubsub
-            .listen_raw_with(
-                &election,
-                ListenOptions::new().single_listener(true).filtered(false),
-            )
+            .listen::<Text>(&election)
+            .single_listener(true)
+            .filtered(false)
             .await?;
         let group: Arc<str> = Arc::from(self.group.as_str());
         let acks = Arc::new(Acks::new(&durable.schema, channel.clone(), group.clone()));

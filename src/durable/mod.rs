@@ -15,7 +15,7 @@
 //!             println!("{} at {}", m.payload(), m.position());
 //!             m.ack();
 //!         }
-//!         // Not JSON (published with `publish_raw`): it never will be, so
+//!         // Not JSON (published as `Text`): it never will be, so
 //!         // say so and ack it; the next ack would pass it anyway.
 //!         DurableDelivery::Undecodable { message, error } => {
 //!             eprintln!("skipping the message at {}: {error}", message.position());

@@ -1,16 +1,16 @@
 //! Publishing to durable channels: through the pool, batched, or in the
 //! caller's transaction.
 
+use std::future::Future;
 use std::time::Instant;
 
-use serde::Serialize;
 use tokio_postgres::types::Type;
 
 use super::quiet::QuietFlags;
 use super::{Durable, SchemaName};
 use crate::channel::ChannelName;
 use crate::error::{Error, Origin, Result};
-use crate::publish::to_json;
+use crate::payload::Encode;
 use crate::tx::Executor;
 
 /// Messages per `publish_many` statement in [`Durable::publish_batch`].
@@ -60,20 +60,19 @@ impl Durable {
         format!("SELECT {}.publish($1, $2)", self.schema.as_str())
     }
 
-    /// Publishes `value` as JSON on durable `channel`, in a transaction of
-    /// its own. Any size. Installs the schema on first use.
+    /// Publishes `payload` on durable `channel`, in a transaction of its
+    /// own: `&value` for any `serde` type (stored as JSON), or
+    /// [`Text`](crate::Text) (stored as is). Any size. Installs the schema
+    /// on first use.
     ///
     /// While other publishes of this handle are in flight, the wake-up
     /// `NOTIFY` is sent after the commit, in a transaction shared with
     /// whatever the handle publishes meanwhile, so concurrent publishers do
     /// not each take the cluster-wide notify lock; alone, it is sent in the
     /// transaction (one round trip less before consumers hear of it).
-    pub async fn publish<T: Serialize + ?Sized>(&self, channel: &str, value: &T) -> Result<()> {
-        self.publish_raw(channel, &to_json(value)?).await
-    }
-
-    /// Publishes `payload` as is (any text, any size) on durable `channel`.
-    pub async fn publish_raw(&self, channel: &str, payload: &str) -> Result<()> {
+    pub async fn publish<P: Encode>(&self, channel: &str, payload: P) -> Result<()> {
+        let payload = payload.encode()?;
+        let payload: &str = &payload;
         let channel = ChannelName::new(channel)?;
         let name = channel.as_str();
         let p = &*self.publisher;
@@ -114,52 +113,65 @@ impl Durable {
         Ok(())
     }
 
-    /// Publishes many payloads on `channel`, in order, a thousand per
+    /// Publishes many payloads on `channel` (each as in
+    /// [`publish`](Self::publish)), in order, a thousand per
     /// statement and transaction (one wake-up per transaction). Returns how
     /// many were published; an error says how many were before it.
-    pub async fn publish_batch<I, S>(&self, channel: &str, payloads: I) -> Result<usize>
+    pub fn publish_batch<I>(
+        &self,
+        channel: &str,
+        payloads: I,
+    ) -> impl Future<Output = Result<usize>> + Send + '_
     where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
+        I: IntoIterator,
+        I::Item: Encode,
     {
-        let channel = ChannelName::new(channel)?;
-        let items: Vec<S> = payloads.into_iter().collect();
-        let sql = format!("SELECT {}.publish_many($1, $2)", self.schema.as_str());
-        let mut sent = 0;
-        for chunk in items.chunks(BATCH_SIZE) {
-            let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
-            let (sql, channel) = (&sql, &channel);
-            self.with_client("durable publish_batch", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.execute(&stmt, &[&channel.as_str(), &texts]).await?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.context(format!("{sent} were published before it")))?;
-            sent += chunk.len();
+        // Encoded before the future exists: it holds owned texts only, so it
+        // is `Send` whatever the payloads borrow.
+        let prepared = ChannelName::new(channel).and_then(|channel| {
+            let texts = payloads
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.encode()
+                        .map(|text| text.into_owned())
+                        .map_err(|e| e.context(format!("payload #{i}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((channel, texts))
+        });
+        async move {
+            let (channel, texts) = prepared?;
+            let sql = format!("SELECT {}.publish_many($1, $2)", self.schema.as_str());
+            let mut sent = 0;
+            for chunk in texts.chunks(BATCH_SIZE) {
+                let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
+                let (sql, channel) = (&sql, &channel);
+                self.with_client("durable publish_batch", |client| async move {
+                    let stmt = client.prepare_cached(sql).await?;
+                    client.execute(&stmt, &[&channel.as_str(), &texts]).await?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| e.context(format!("{sent} were published before it")))?;
+                sent += chunk.len();
+            }
+            Ok(sent)
         }
-        Ok(sent)
     }
 
-    /// Publishes `value` as JSON inside the caller's transaction: stored and
-    /// delivered if it commits, never if it rolls back. The schema must be
-    /// installed already ([`install`](Self::install)), since installing
-    /// inside a caller's transaction would tie the DDL to it.
-    pub async fn publish_tx<E, T>(&self, tx: &E, channel: &str, value: &T) -> Result<()>
+    /// Publishes `payload` (as in [`publish`](Self::publish)) inside the
+    /// caller's transaction: stored and delivered if it commits, never if
+    /// it rolls back. The schema must be installed already
+    /// ([`install`](Self::install)), since installing inside a caller's
+    /// transaction would tie the DDL to it.
+    pub async fn publish_tx<E, P>(&self, tx: &E, channel: &str, payload: P) -> Result<()>
     where
         E: Executor + ?Sized,
-        T: Serialize + ?Sized,
+        P: Encode,
     {
-        self.publish_raw_tx(tx, channel, &to_json(value)?).await
-    }
-
-    /// [`publish_tx`](Self::publish_tx) with a text payload.
-    pub async fn publish_raw_tx<E: Executor + ?Sized>(
-        &self,
-        tx: &E,
-        channel: &str,
-        payload: &str,
-    ) -> Result<()> {
+        let payload = payload.encode()?;
+        let payload: &str = &payload;
         let channel = ChannelName::new(channel)?;
         crate::tx::execute(
             tx,

@@ -63,7 +63,7 @@ impl<T: Send + 'static> Reader<T> {
     pub(super) async fn run(
         mut self,
         wake: super::wakeups::Waiter,
-        mut elected: crate::Subscription<String>,
+        mut elected: crate::Subscription<crate::Text>,
         mut lead: LeadWatch,
     ) {
         let leading = self.durable.pubsub.inner.leading.clone();

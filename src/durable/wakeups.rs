@@ -21,7 +21,7 @@ use tokio::sync::{watch, Notify, OnceCell};
 use crate::client::PgPubSub;
 use crate::error::Result;
 use crate::schema::SchemaName;
-use crate::{Delivery, ListenOptions};
+use crate::{Delivery, Text};
 
 /// The readers waiting on each durable channel of one schema.
 #[derive(Default)]
@@ -183,9 +183,10 @@ impl Dispatchers {
 /// Listens to the schema's wake-up channel and starts the task that
 /// dispatches it; the task holds the schema only weakly.
 async fn listen(pubsub: &PgPubSub, schema: &SchemaName, shared: &Arc<Schema>) -> Result<()> {
-    let plain = ListenOptions::new().single_listener(false).filtered(false);
     let mut sub = pubsub
-        .listen_raw_with(&schema.wake_channel(), plain)
+        .listen::<Text>(&schema.wake_channel())
+        .single_listener(false)
+        .filtered(false)
         .await?;
     let weak = Arc::downgrade(shared);
     let mut alive = shared.alive.clone();

@@ -1,7 +1,7 @@
 //! The single-listener election protocol, so that other languages (or a
 //! monitoring query) can take part.
 //!
-//! An elected channel (see [`ListenOptions::single_listener`](crate::ListenOptions::single_listener))
+//! An elected channel (see [`Listen::single_listener`](crate::Listen::single_listener))
 //! is delivered by one instance, its *leader*, among all that elect it on
 //! the same database. Everything below happens on each instance's listener
 //! session.

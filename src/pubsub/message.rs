@@ -137,7 +137,7 @@ impl Received {
 
 /// One notification, with its payload decoded as `T`.
 ///
-/// For [`listen_raw`](crate::PgPubSub::listen_raw) subscriptions `T` is `String`.
+/// For `listen::<Text>` subscriptions `T` is [`Text`](crate::Text).
 pub struct Message<T> {
     received: Received,
     /// `None`: the value is shared, in `received`'s cache.

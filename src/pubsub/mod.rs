@@ -8,6 +8,7 @@ pub mod channel;
 pub(crate) mod driver;
 pub mod election;
 pub(crate) mod inbox;
+pub(crate) mod listen;
 pub(crate) mod message;
 pub(crate) mod publish;
 pub(crate) mod subscription;

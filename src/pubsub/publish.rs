@@ -1,13 +1,14 @@
 //! Publishing: through the pool, in batches, or inside the caller's transaction.
 
 use std::collections::HashSet;
+use std::future::Future;
 
-use serde::Serialize;
 use tokio_postgres::types::Type;
 
 use crate::channel::ChannelName;
 use crate::client::PgPubSub;
 use crate::error::{Error, Origin, Result};
+use crate::payload::Encode;
 use crate::tx::Executor;
 use crate::wire;
 
@@ -16,17 +17,6 @@ const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
 const NOTIFY_MANY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 /// Notifications per batch statement.
 const BATCH_SIZE: usize = 1000;
-
-/// `value` as JSON text, or a `Serialize` error keeping serde's as its source.
-pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| {
-        Error::new(
-            Origin::Serialize,
-            format!("payload did not serialize to JSON: {e}"),
-        )
-        .with_source(e)
-    })
-}
 
 impl PgPubSub {
     /// This instance's origin, when a subscription of its own filters `channel`.
@@ -41,7 +31,8 @@ impl PgPubSub {
         tagged.then_some(self.inner.origin)
     }
 
-    /// Publishes `value` as JSON on `channel` through the pool.
+    /// Publishes `payload` on `channel` through the pool: `&value` for any
+    /// `serde` type (sent as JSON), or [`Text`](crate::Text) (sent as is).
     ///
     /// Checked before anything is sent: the channel name, the payload size
     /// (under 8000 bytes) and that the payload has no NUL byte. Fails with
@@ -50,17 +41,15 @@ impl PgPubSub {
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
+    /// use pg_pubsub::Text;
     /// pubsub.notify("orders", &serde_json::json!({"id": 1})).await?;
+    /// pubsub.notify("log", Text("plain words")).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn notify<T: Serialize + ?Sized>(&self, channel: &str, value: &T) -> Result<()> {
-        self.notify_raw(channel, &to_json(value)?).await
-    }
-
-    /// Publishes `payload` as is (any text) on `channel` through the pool.
-    pub async fn notify_raw(&self, channel: &str, payload: &str) -> Result<()> {
+    pub async fn notify<P: Encode>(&self, channel: &str, payload: P) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        let payload = wire::encode(self.origin_tag(&channel), payload)?;
+        let body = payload.encode()?;
+        let payload = wire::encode(self.origin_tag(&channel), &body)?;
         self.check_open()?;
         self.inner
             .exec
@@ -74,54 +63,68 @@ impl PgPubSub {
             .await
     }
 
-    /// Publishes many text payloads on `channel`, a thousand per round trip
+    /// Publishes many payloads on `channel` (each as in [`notify`](Self::notify):
+    /// `&value` as JSON, [`Text`](crate::Text) as is), a thousand per round trip
     /// and transaction. Every payload is delivered, in order, even repeated
     /// ones (the server merges equal payloads within one transaction, so a
     /// batch is split where a payload repeats). All payloads are checked
     /// (size, NUL bytes) before any is sent: a bad one fails the call with
     /// its index (`payload #i`, from 0) and nothing is sent. Returns how many
     /// were sent; a later server error says how many went out before it.
-    pub async fn notify_batch<I, S>(&self, channel: &str, payloads: I) -> Result<usize>
+    pub fn notify_batch<I>(
+        &self,
+        channel: &str,
+        payloads: I,
+    ) -> impl Future<Output = Result<usize>> + Send + '_
     where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
+        I: IntoIterator,
+        I::Item: Encode,
     {
-        let channel = ChannelName::new(channel)?;
-        let origin = self.origin_tag(&channel);
-        let items: Vec<S> = payloads.into_iter().collect();
-        let payloads = items
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                wire::encode(origin, p.as_ref()).map_err(|e| e.context(format!("payload #{i}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.check_open()?;
-        let mut sent = 0;
-        for chunk in split_batches(&payloads) {
-            let n = chunk.len();
-            let channel = &channel;
-            self.inner
-                .exec
-                .run(Origin::Notify, "notify_batch", |client| async move {
-                    let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
-                    client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
-                    Ok(())
+        // Encoded before the future exists: it holds owned texts only, so it
+        // is `Send` whatever the payloads borrow.
+        let prepared = ChannelName::new(channel).and_then(|channel| {
+            let origin = self.origin_tag(&channel);
+            let payloads = payloads
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.encode()
+                        .and_then(|text| wire::encode(origin, &text).map(|p| p.into_owned()))
+                        .map_err(|e| e.context(format!("payload #{i}")))
                 })
-                .await
-                .map_err(|e| {
-                    e.context(format!(
-                        "{sent} of this batch's {} were sent before it",
-                        payloads.len()
-                    ))
-                })?;
-            sent += n;
+                .collect::<Result<Vec<_>>>()?;
+            Ok((channel, payloads))
+        });
+        async move {
+            let (channel, payloads) = prepared?;
+            self.check_open()?;
+            let mut sent = 0;
+            for chunk in split_batches(&payloads) {
+                let n = chunk.len();
+                let channel = &channel;
+                self.inner
+                    .exec
+                    .run(Origin::Notify, "notify_batch", |client| async move {
+                        let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
+                        client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| {
+                        e.context(format!(
+                            "{sent} of this batch's {} were sent before it",
+                            payloads.len()
+                        ))
+                    })?;
+                sent += n;
+            }
+            Ok(sent)
         }
-        Ok(sent)
     }
 
-    /// Publishes `value` as JSON inside the caller's transaction (or on the
-    /// caller's connection): delivered when it commits, never if it rolls back.
+    /// Publishes `payload` (as in [`notify`](Self::notify)) inside the
+    /// caller's transaction (or on the caller's connection): delivered when
+    /// it commits, never if it rolls back.
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub, mut client: tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -131,24 +134,14 @@ impl PgPubSub {
     /// tx.commit().await?; // the notification is sent now
     /// # Ok(()) }
     /// ```
-    pub async fn notify_tx<E, T>(&self, executor: &E, channel: &str, value: &T) -> Result<()>
+    pub async fn notify_tx<E, P>(&self, executor: &E, channel: &str, payload: P) -> Result<()>
     where
         E: Executor + ?Sized,
-        T: Serialize + ?Sized,
+        P: Encode,
     {
-        self.notify_raw_tx(executor, channel, &to_json(value)?)
-            .await
-    }
-
-    /// [`notify_tx`](Self::notify_tx) with a text payload.
-    pub async fn notify_raw_tx<E: Executor + ?Sized>(
-        &self,
-        executor: &E,
-        channel: &str,
-        payload: &str,
-    ) -> Result<()> {
         let channel = ChannelName::new(channel)?;
-        let payload = wire::encode(self.origin_tag(&channel), payload)?;
+        let body = payload.encode()?;
+        let payload = wire::encode(self.origin_tag(&channel), &body)?;
         crate::tx::execute(
             executor,
             NOTIFY_SQL,

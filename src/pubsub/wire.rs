@@ -1,7 +1,7 @@
 //! The wire format: what a payload looks like on the server.
 //!
-//! By default a payload is sent exactly as given (JSON for [`notify`], any
-//! text for [`notify_raw`]). When the sender has origin tagging on (needed to
+//! By default a payload is sent exactly as given (JSON for `&value`, any
+//! text for [`Text`](crate::Text), through [`notify`]). When the sender has origin tagging on (needed to
 //! filter its own messages), the payload carries a 40-byte header:
 //!
 //! ```text
@@ -16,7 +16,6 @@
 //! Both kinds decode the same way for typed subscribers.
 //!
 //! [`notify`]: crate::PgPubSub::notify
-//! [`notify_raw`]: crate::PgPubSub::notify_raw
 
 use std::borrow::Cow;
 

@@ -1,13 +1,17 @@
-//! Enqueueing: one job, a batch, or inside the caller's transaction.
+//! Enqueueing: one job, a batch, or inside the caller's transaction, each
+//! a request ([`Enqueue`], [`EnqueueBatch`]) whose options are set before
+//! it is awaited.
 
+use std::borrow::Cow;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{check_queue, Queue};
 use crate::error::{Error, Origin, Result};
-use crate::publish::to_json;
+use crate::payload::Encode;
 use crate::tx::Executor;
 
 /// Attempts before a job is dead, unless its options say otherwise; the
@@ -17,10 +21,10 @@ const DEFAULT_MAX_ATTEMPTS: i32 = 25;
 /// Jobs per `enqueue_many` statement in [`Queue::enqueue_batch`].
 const BATCH_SIZE: usize = 1000;
 
-/// Options for one enqueue. The default: due now, priority 0, 25 attempts,
-/// no unique key.
+/// The options of one enqueue request. The default: due now, priority 0,
+/// 25 attempts, no unique key.
 #[derive(Debug, Clone, Default)]
-pub struct JobOptions {
+struct JobOptions {
     run_at: Option<SystemTime>,
     delay: Option<Duration>,
     priority: i16,
@@ -29,46 +33,6 @@ pub struct JobOptions {
 }
 
 impl JobOptions {
-    /// The default options.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Not before this time (the server's clock decides when it is due).
-    /// Replaces any [`delay`](Self::delay).
-    pub fn run_at(mut self, at: SystemTime) -> Self {
-        self.run_at = Some(at);
-        self.delay = None;
-        self
-    }
-
-    /// Not before this long after the start of the enqueueing transaction
-    /// (the server's `now()`). Replaces any [`run_at`](Self::run_at).
-    pub fn delay(mut self, delay: Duration) -> Self {
-        self.delay = Some(delay);
-        self.run_at = None;
-        self
-    }
-
-    /// Higher runs first among due jobs of a queue. Default 0.
-    pub fn priority(mut self, priority: i16) -> Self {
-        self.priority = priority;
-        self
-    }
-
-    /// Attempts before the job is dead (at least 1). Default 25.
-    pub fn max_attempts(mut self, attempts: i32) -> Self {
-        self.max_attempts = Some(attempts);
-        self
-    }
-
-    /// While a job of the queue with this key is ready or running, enqueueing
-    /// another with the same key does nothing and returns [`Enqueued::Duplicate`].
-    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
-        self.unique_key = Some(key.into());
-        self
-    }
-
     fn check(&self) -> Result<()> {
         if self.max_attempts.is_some_and(|n| n < 1) {
             return Err(Error::new(
@@ -174,31 +138,65 @@ impl Queue {
         )
     }
 
-    /// Enqueues `value` as JSON on `queue`, in a transaction of its own.
-    pub async fn enqueue<T: Serialize + ?Sized>(&self, queue: &str, value: &T) -> Result<Enqueued> {
-        self.enqueue_raw_with(queue, &to_json(value)?, &JobOptions::default())
-            .await
+    /// Enqueues `payload` on `queue`: `&value` for any `serde` type (stored
+    /// as JSON), or [`Text`](crate::Text) (stored as is, any text without
+    /// NUL). Set options on the returned [`Enqueue`], then await it: the
+    /// job is committed in a transaction of its own.
+    ///
+    /// ```no_run
+    /// # async fn demo(queue: pg_pubsub::queue::Queue) -> Result<(), pg_pubsub::Error> {
+    /// use std::time::Duration;
+    /// let email = serde_json::json!({"to": "a@b"});
+    /// queue.enqueue("emails", &email).await?;
+    /// queue
+    ///     .enqueue("emails", &email)
+    ///     .delay(Duration::from_secs(60))
+    ///     .priority(5)
+    ///     .unique_key("welcome:a@b")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn enqueue<'a, P: Encode>(&'a self, queue: &'a str, payload: P) -> Enqueue<'a, P> {
+        Enqueue::new(Cow::Borrowed(self), queue, payload, OwnTransaction)
     }
 
-    /// [`enqueue`](Self::enqueue) with options.
-    pub async fn enqueue_with<T: Serialize + ?Sized>(
-        &self,
-        queue: &str,
-        value: &T,
-        options: &JobOptions,
-    ) -> Result<Enqueued> {
-        self.enqueue_raw_with(queue, &to_json(value)?, options)
-            .await
+    /// Enqueues `payload` (as in [`enqueue`](Self::enqueue)) inside the
+    /// caller's transaction: the job exists (and workers are woken) if it
+    /// commits, never if it rolls back. The schema must be installed
+    /// already ([`install`](Self::install)).
+    pub fn enqueue_tx<'a, E, P>(
+        &'a self,
+        tx: &'a E,
+        queue: &'a str,
+        payload: P,
+    ) -> Enqueue<'a, P, &'a E>
+    where
+        E: Executor + ?Sized,
+        P: Encode,
+    {
+        Enqueue::new(Cow::Borrowed(self), queue, payload, tx)
     }
 
-    /// Enqueues `payload` as is (any text without NUL).
-    pub async fn enqueue_raw(&self, queue: &str, payload: &str) -> Result<Enqueued> {
-        self.enqueue_raw_with(queue, payload, &JobOptions::default())
-            .await
+    /// Enqueues many payloads on `queue` (each as in
+    /// [`enqueue`](Self::enqueue)) with the same options, a thousand per
+    /// statement and transaction, one wake-up per transaction. Awaiting the
+    /// returned [`EnqueueBatch`] gives how many were enqueued; an error says
+    /// how many were before it. There is no unique key here: enqueue such
+    /// jobs one by one.
+    pub fn enqueue_batch<'a, I>(&'a self, queue: &'a str, payloads: I) -> EnqueueBatch<'a, I>
+    where
+        I: IntoIterator,
+        I::Item: Encode,
+    {
+        EnqueueBatch {
+            queue: self,
+            name: queue,
+            payloads,
+            options: JobOptions::default(),
+        }
     }
 
-    /// [`enqueue_raw`](Self::enqueue_raw) with options.
-    pub async fn enqueue_raw_with(
+    async fn enqueue_pooled(
         &self,
         queue: &str,
         payload: &str,
@@ -233,26 +231,7 @@ impl Queue {
         Ok(done)
     }
 
-    /// Enqueues `value` as JSON inside the caller's transaction: the job
-    /// exists (and workers are woken) if it commits, never if it rolls
-    /// back. The schema must be installed already ([`install`](Self::install)).
-    pub async fn enqueue_tx<E, T>(
-        &self,
-        tx: &E,
-        queue: &str,
-        value: &T,
-        options: &JobOptions,
-    ) -> Result<Enqueued>
-    where
-        E: Executor + ?Sized,
-        T: Serialize + ?Sized,
-    {
-        self.enqueue_raw_tx(tx, queue, &to_json(value)?, options)
-            .await
-    }
-
-    /// [`enqueue_tx`](Self::enqueue_tx) with a text payload.
-    pub async fn enqueue_raw_tx<E: Executor + ?Sized>(
+    async fn enqueue_in<E: Executor + ?Sized>(
         &self,
         tx: &E,
         queue: &str,
@@ -276,39 +255,30 @@ impl Queue {
         Ok(enqueued(row.get::<_, Option<i64>>(0)))
     }
 
-    /// Enqueues many text payloads on `queue` with the same options (a
-    /// unique key is not allowed here), a thousand per statement and
-    /// transaction, one wake-up per transaction. Returns how many were
-    /// enqueued; an error says how many were before it.
-    pub async fn enqueue_batch<I, S>(
+    async fn enqueue_many<P: Encode>(
         &self,
         queue: &str,
-        payloads: I,
+        items: Vec<P>,
         options: &JobOptions,
-    ) -> Result<usize>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
+    ) -> Result<usize> {
         check_queue(queue)?;
         options.check()?;
-        if options.unique_key.is_some() {
-            return Err(Error::new(
-                Origin::Config,
-                "enqueue_batch takes no unique key; enqueue such jobs one by one",
-            ));
-        }
-        let items: Vec<S> = payloads.into_iter().collect();
-        for (i, p) in items.iter().enumerate() {
-            check_payload(p.as_ref()).map_err(|e| e.context(format!("payload #{i}")))?;
-        }
+        let texts = items
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.encode()
+                    .and_then(|text| check_payload(&text).map(|()| text))
+                    .map_err(|e| e.context(format!("payload #{i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let sql = format!(
             "SELECT {}($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
              $5::int2, $6::int4)",
             self.obj("enqueue_many")
         );
         let mut sent = 0;
-        for chunk in items.chunks(BATCH_SIZE) {
+        for chunk in texts.chunks(BATCH_SIZE) {
             let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
             let sql = &sql;
             self.with_client("enqueue_batch", |client| async move {
@@ -335,6 +305,160 @@ impl Queue {
             sent += chunk.len();
         }
         Ok(sent)
+    }
+}
+
+/// Where an [`Enqueue`] writes its job: in a transaction of its own
+/// ([`Queue::enqueue`]), or in the caller's (`&E`, [`Queue::enqueue_tx`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnTransaction;
+
+/// One job to enqueue, from [`Queue::enqueue`] or [`Queue::enqueue_tx`]:
+/// set its options, then `.await` it for what it did ([`Enqueued`]).
+#[must_use = "an enqueue does nothing until it is awaited"]
+pub struct Enqueue<'a, P, X = OwnTransaction> {
+    queue: Cow<'a, Queue>,
+    name: &'a str,
+    payload: P,
+    options: JobOptions,
+    target: X,
+}
+
+impl<'a, P: Encode, X> Enqueue<'a, P, X> {
+    pub(super) fn new(queue: Cow<'a, Queue>, name: &'a str, payload: P, target: X) -> Self {
+        Enqueue {
+            queue,
+            name,
+            payload,
+            options: JobOptions::default(),
+            target,
+        }
+    }
+
+    /// Not before this time (the server's clock decides when it is due).
+    /// Replaces any [`delay`](Self::delay).
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.options.run_at = Some(at);
+        self.options.delay = None;
+        self
+    }
+
+    /// Not before this long after the start of the enqueueing transaction
+    /// (the server's `now()`). Replaces any [`run_at`](Self::run_at).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.options.delay = Some(delay);
+        self.options.run_at = None;
+        self
+    }
+
+    /// Higher runs first among due jobs of a queue. Default 0.
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.options.priority = priority;
+        self
+    }
+
+    /// Attempts before the job is dead (at least 1). Default 25.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.options.max_attempts = Some(attempts);
+        self
+    }
+
+    /// While a job of the queue with this key is ready or running,
+    /// enqueueing another with the same key does nothing and gives
+    /// [`Enqueued::Duplicate`].
+    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
+        self.options.unique_key = Some(key.into());
+        self
+    }
+}
+
+impl<'a, P: Encode + Send + 'a> IntoFuture for Enqueue<'a, P, OwnTransaction> {
+    type Output = Result<Enqueued>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let payload = self.payload.encode()?;
+            self.queue
+                .enqueue_pooled(self.name, &payload, &self.options)
+                .await
+        })
+    }
+}
+
+impl<'a, P, E> IntoFuture for Enqueue<'a, P, &'a E>
+where
+    P: Encode + Send + 'a,
+    E: Executor + ?Sized,
+{
+    type Output = Result<Enqueued>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let payload = self.payload.encode()?;
+            self.queue
+                .enqueue_in(self.target, self.name, &payload, &self.options)
+                .await
+        })
+    }
+}
+
+/// Many jobs to enqueue with the same options, from
+/// [`Queue::enqueue_batch`]: set the options, then `.await` it for how many
+/// were enqueued.
+#[must_use = "an enqueue does nothing until it is awaited"]
+pub struct EnqueueBatch<'a, I> {
+    queue: &'a Queue,
+    name: &'a str,
+    payloads: I,
+    options: JobOptions,
+}
+
+impl<I> EnqueueBatch<'_, I> {
+    /// Not before this time. Replaces any [`delay`](Self::delay).
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.options.run_at = Some(at);
+        self.options.delay = None;
+        self
+    }
+
+    /// Not before this long after the start of each enqueueing
+    /// transaction. Replaces any [`run_at`](Self::run_at).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.options.delay = Some(delay);
+        self.options.run_at = None;
+        self
+    }
+
+    /// Higher runs first among due jobs of a queue. Default 0.
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.options.priority = priority;
+        self
+    }
+
+    /// Attempts before a job is dead (at least 1). Default 25.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.options.max_attempts = Some(attempts);
+        self
+    }
+}
+
+impl<'a, I> IntoFuture for EnqueueBatch<'a, I>
+where
+    I: IntoIterator,
+    I::Item: Encode + Send + 'a,
+{
+    type Output = Result<usize>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let items: Vec<I::Item> = self.payloads.into_iter().collect();
+        Box::pin(async move {
+            self.queue
+                .enqueue_many(self.name, items, &self.options)
+                .await
+        })
     }
 }
 

@@ -101,7 +101,7 @@ use tokio::sync::OnceCell;
 
 pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
-pub use enqueue::{Enqueued, JobOptions};
+pub use enqueue::{Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
 pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
 pub use worker::{Worker, WorkerBuilder};
@@ -142,15 +142,17 @@ impl PgPubSub {
         }
     }
 
-    /// Enqueues `value` as JSON on `queue` in the default schema:
-    /// `pubsub.queue().enqueue(queue, value)`. Keep a [`Queue`] to enqueue
-    /// often: each new one checks the schema version once.
-    pub async fn enqueue<T: serde::Serialize + ?Sized>(
-        &self,
-        queue: &str,
-        value: &T,
-    ) -> Result<Enqueued> {
-        self.queue().enqueue(queue, value).await
+    /// Enqueues `payload` on `queue` in the default schema, as
+    /// [`Queue::enqueue`] does (set options on the returned [`Enqueue`],
+    /// then await it). Keep a [`Queue`] to enqueue often: each new one
+    /// checks the schema version once.
+    pub fn enqueue<'a, P: crate::Encode>(&self, queue: &'a str, payload: P) -> Enqueue<'a, P> {
+        Enqueue::new(
+            std::borrow::Cow::Owned(self.queue()),
+            queue,
+            payload,
+            OwnTransaction,
+        )
     }
 }
 

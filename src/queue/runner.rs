@@ -85,7 +85,7 @@ where
 
     pub(super) async fn run(
         mut self,
-        mut wake: Subscription<String>,
+        mut wake: Subscription<crate::Text>,
         mut stop: watch::Receiver<Option<Instant>>,
     ) {
         // Completions go to their own task (and pooled connection): they

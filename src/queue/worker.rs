@@ -17,7 +17,7 @@ use super::store::Sql;
 use super::{check_queue, Queue};
 use crate::client::PgPubSub;
 use crate::error::{Error, Origin, Result};
-use crate::ListenOptions;
+use crate::Text;
 
 /// Options for a worker, from [`Queue::worker`] or [`PgPubSub::worker`].
 #[must_use = "a builder does nothing until .run() is awaited"]
@@ -157,10 +157,11 @@ impl WorkerBuilder {
         }
         let queue = self.queue.clone();
         queue.install().await?;
-        let plain = ListenOptions::new().single_listener(false).filtered(false);
         let wake = queue
             .pubsub
-            .listen_raw_with(&queue.schema.jobs_channel(), plain)
+            .listen::<Text>(&queue.schema.jobs_channel())
+            .single_listener(false)
+            .filtered(false)
             .await?;
         let ctx = Arc::new(Ctx {
             sql: Sql::new(queue.schema.as_str()),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pg_pubsub::testing::{TestOptions, TestServer};
+use pg_pubsub::Text;
 use pg_pubsub::{Builder, Delivery, GapCause, Message, PgPubSub};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
@@ -306,13 +307,13 @@ where
 /// The next `n` durable messages' text payloads, acking each one.
 pub async fn take_acked<S>(stream: &mut S, n: usize) -> Vec<String>
 where
-    S: Stream<Item = pg_pubsub::durable::DurableDelivery<String>> + Unpin,
+    S: Stream<Item = pg_pubsub::durable::DurableDelivery<Text>> + Unpin,
 {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let m = next_durable(stream).await;
         m.ack();
-        out.push(m.into_payload());
+        out.push(m.into_payload().into_string());
     }
     out
 }

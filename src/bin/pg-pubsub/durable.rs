@@ -7,6 +7,7 @@ use pg_pubsub::durable::{
     Durable, DurableDelivery, DurableMessage, DurableSubscription, Position, Start,
 };
 use pg_pubsub::schema::SchemaName;
+use pg_pubsub::Text;
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
 use crate::common::{
@@ -89,12 +90,12 @@ pub(crate) async fn run(conn: &ConnOpts, args: DurableArgs) -> Result<()> {
 async fn publish(ps: &PgPubSub, schema: &str, args: PublishArgs) -> Result<()> {
     let durable = ps.durable().with_schema(schema)?;
     if let Some(payload) = args.payload {
-        return Ok(durable.publish_raw(&args.channel, &payload).await?);
+        return Ok(durable.publish(&args.channel, Text(&payload)).await?);
     }
     let durable = &durable;
     let channel = args.channel.as_str();
     let sent = send_stdin_lines("messages", |chunk| async move {
-        durable.publish_batch(channel, &chunk).await
+        durable.publish_batch(channel, chunk.iter().map(Text)).await
     })
     .await?;
     note(&format!("published {sent} messages"));
@@ -132,12 +133,11 @@ async fn subscribe(
     ps: &PgPubSub,
     schema: &str,
     args: &TailArgs,
-) -> Result<DurableSubscription<String>> {
+) -> Result<DurableSubscription<Text>> {
     let durable: Durable = ps.durable().with_schema(schema)?;
     let sub = durable
-        .consumer(&args.channel, &args.group)
+        .subscribe::<Text>(&args.channel, &args.group)
         .start(args.from)
-        .subscribe()
         .await?;
     note(&format!(
         "tailing {} as group {} ({})",
@@ -161,7 +161,7 @@ pub(crate) async fn tail_group<T, S, Fut, F>(
     line: F,
 ) -> Result<()>
 where
-    T: serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: pg_pubsub::Decode + std::fmt::Debug,
     S: FnOnce(PgPubSub) -> Fut,
     Fut: std::future::Future<Output = Result<DurableSubscription<T>>>,
     F: Fn(&DurableMessage<T>) -> serde_json::Result<serde_json::Value>,
@@ -194,7 +194,7 @@ async fn print_group<T, F>(
     line: F,
 ) -> Result<()>
 where
-    T: serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: pg_pubsub::Decode + std::fmt::Debug,
     F: Fn(&DurableMessage<T>) -> serde_json::Result<serde_json::Value>,
 {
     let mut out = tokio::io::stdout();

@@ -5,7 +5,8 @@ use std::num::NonZeroUsize;
 use clap::Args;
 use futures::stream::{self, Fuse, StreamExt};
 use futures::FutureExt;
-use pg_pubsub::{ChannelName, Delivery, EventStream, GapCause, ListenOptions, PgPubSub};
+use pg_pubsub::Text;
+use pg_pubsub::{ChannelName, Delivery, EventStream, GapCause, PgPubSub};
 
 use crate::common::{
     check_channel, connect, human, note, report_event, write_json_line, ConnOpts, Failure, Result,
@@ -35,19 +36,19 @@ pub(crate) struct ListenArgs {
 
 pub(crate) async fn run(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
     // Duplicates would print every message twice.
-    let mut channels: Vec<(ChannelName, ListenOptions)> = Vec::new();
+    // Each channel with whether it is elected.
+    let mut channels: Vec<(ChannelName, bool)> = Vec::new();
     for name in &args.channels {
         let channel = check_channel(name)?;
         if !channels.iter().any(|(c, _)| *c == channel) {
-            channels.push((channel, ListenOptions::new()));
+            channels.push((channel, false));
         }
     }
     for name in &args.elect {
         let channel = check_channel(name)?;
-        let elected = ListenOptions::new().single_listener(true);
         match channels.iter_mut().find(|(c, _)| *c == channel) {
-            Some((_, options)) => *options = elected,
-            None => channels.push((channel, elected)),
+            Some((_, elected)) => *elected = true,
+            None => channels.push((channel, true)),
         }
     }
     // Installed first so a signal during connecting still ends cleanly.
@@ -80,12 +81,16 @@ pub(crate) async fn run(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
 /// Subscribes, then prints until the listener stops or stdout is closed.
 async fn serve(
     ps: &PgPubSub,
-    channels: &[(ChannelName, ListenOptions)],
+    channels: &[(ChannelName, bool)],
     events: &mut Fuse<EventStream>,
 ) -> Result<()> {
     let mut subs = Vec::with_capacity(channels.len());
-    for (channel, options) in channels {
-        let sub = ps.listen_raw_with(channel.as_str(), *options).await?;
+    for (channel, elected) in channels {
+        let mut sub = ps.listen::<Text>(channel.as_str());
+        if *elected {
+            sub = sub.single_listener(true);
+        }
+        let sub = sub.await?;
         let channel = channel.clone();
         subs.push(sub.map(move |d| (channel.clone(), d)));
     }
@@ -123,7 +128,7 @@ struct Line<'a> {
 async fn print_delivery(
     out: &mut tokio::io::Stdout,
     channel: &ChannelName,
-    delivery: Delivery<String>,
+    delivery: Delivery<Text>,
 ) -> Result<bool> {
     let line = match &delivery {
         Delivery::Message(m) => Line {

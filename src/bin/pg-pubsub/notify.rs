@@ -6,6 +6,7 @@ use std::hash::{BuildHasher, RandomState};
 use clap::Args;
 use pg_pubsub::wire::{self, MAX_PAYLOAD_BYTES};
 use pg_pubsub::PgPubSub;
+use pg_pubsub::Text;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use crate::common::{check_channel, connect, note, ConnOpts, Failure, Result, Tuning, STDIN_CHUNK};
@@ -46,7 +47,7 @@ pub(crate) async fn run(conn: &ConnOpts, args: NotifyArgs) -> Result<()> {
     let ps = connect(conn, Tuning::default()).await?;
     let result = match payload {
         Some(p) => ps
-            .notify_raw(&args.channel, &p)
+            .notify(&args.channel, Text(&p))
             .await
             .map_err(Failure::from),
         None => notify_stdin(&ps, &args.channel).await,
@@ -103,18 +104,21 @@ async fn notify_stdin(ps: &PgPubSub, channel: &str) -> Result<()> {
         let full = chunk.len() == STDIN_CHUNK || repeat || (line.is_none() && !chunk.is_empty());
         if full {
             let (first, last) = (sent + 1, sent + chunk.len());
-            let n = ps.notify_batch(channel, &chunk).await.map_err(|e| {
-                // A lost connection may have lost the commit's answer, not the commit.
-                let fate = if e.is_connection() {
-                    "may have been"
-                } else {
-                    "were not"
-                };
-                format!(
-                    "sending lines {first} to {last}: {e}; they {fate} sent; {}",
-                    sent_so_far(sent)
-                )
-            })?;
+            let n = ps
+                .notify_batch(channel, chunk.iter().map(Text))
+                .await
+                .map_err(|e| {
+                    // A lost connection may have lost the commit's answer, not the commit.
+                    let fate = if e.is_connection() {
+                        "may have been"
+                    } else {
+                        "were not"
+                    };
+                    format!(
+                        "sending lines {first} to {last}: {e}; they {fate} sent; {}",
+                        sent_so_far(sent)
+                    )
+                })?;
             sent += n;
             chunk.clear();
             seen.clear();

@@ -8,8 +8,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use futures::{FutureExt, StreamExt};
 use pg_pubsub::event::QueueEvent;
-use pg_pubsub::queue::{Enqueued, Job, JobOptions, Queue};
+use pg_pubsub::queue::{Enqueued, Job, Queue};
 use pg_pubsub::PgPubSub;
+use pg_pubsub::Text;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{
@@ -125,25 +126,39 @@ pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
 }
 
 async fn enqueue(q: &Queue, args: EnqueueArgs) -> Result<()> {
-    let mut opts = JobOptions::new()
-        .priority(args.priority)
-        .max_attempts(args.max_attempts);
-    if let Some(d) = args.delay {
-        opts = opts.delay(seconds(d, "delay")?);
-    }
-    if let Some(k) = args.unique_key {
-        opts = opts.unique_key(k);
-    }
+    let delay = args.delay.map(|d| seconds(d, "delay")).transpose()?;
     if let Some(payload) = args.payload {
-        match q.enqueue_raw_with(&args.queue, &payload, &opts).await? {
+        let mut job = q
+            .enqueue(&args.queue, Text(&payload))
+            .priority(args.priority)
+            .max_attempts(args.max_attempts);
+        if let Some(d) = delay {
+            job = job.delay(d);
+        }
+        if let Some(k) = args.unique_key {
+            job = job.unique_key(k);
+        }
+        match job.await? {
             Enqueued::New(id) => println!("{id}"),
             _ => note("not enqueued: a ready or running job holds this unique key"),
         }
         return Ok(());
     }
-    let (queue, opts) = (args.queue.as_str(), &opts);
+    if args.unique_key.is_some() {
+        return Err(Failure(
+            "--unique-key needs a PAYLOAD: jobs read from stdin are enqueued in batches".to_owned(),
+        ));
+    }
+    let (queue, priority, attempts) = (args.queue.as_str(), args.priority, args.max_attempts);
     let sent = send_stdin_lines("jobs", |chunk| async move {
-        q.enqueue_batch(queue, &chunk, opts).await
+        let mut batch = q
+            .enqueue_batch(queue, chunk.iter().map(Text))
+            .priority(priority)
+            .max_attempts(attempts);
+        if let Some(d) = delay {
+            batch = batch.delay(d);
+        }
+        batch.await
     })
     .await?;
     note(&format!("enqueued {sent} jobs"));
