@@ -362,6 +362,9 @@ pub(crate) use wakeups::Dispatchers;
 /// the schema is installed and, for a second, each channel's quiet flag.
 #[derive(Clone)]
 pub struct Durable {
+    /// Every statement runs here.
+    exec: crate::exec::Exec,
+    /// The listener (wake-ups, elections), events and services only.
     pub(crate) pubsub: PgPubSub,
     pub(crate) schema: SchemaName,
     installed: Arc<OnceCell<()>>,
@@ -393,6 +396,7 @@ impl Durable {
     fn new(pubsub: PgPubSub, schema: SchemaName) -> Durable {
         Durable {
             publisher: Arc::new(publish::Publisher::new(&schema)),
+            exec: pubsub.exec().clone(),
             pubsub,
             schema,
             installed: Arc::new(OnceCell::new()),
@@ -424,7 +428,7 @@ impl Durable {
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.exec().run(Origin::Durable, stage, f).await
+        self.exec.run(Origin::Durable, stage, f).await
     }
 
     /// Events of the durable consumers of this handle's [`PgPubSub`] (every

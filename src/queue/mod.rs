@@ -119,6 +119,9 @@ const MAX_QUEUE_BYTES: usize = 200;
 /// installed on first use (or by [`install`](Self::install)).
 #[derive(Clone)]
 pub struct Queue {
+    /// Every statement runs here.
+    pub(crate) exec: crate::exec::Exec,
+    /// The listener (wake-ups), events and services only.
     pub(crate) pubsub: PgPubSub,
     pub(crate) schema: SchemaName,
     installed: Arc<OnceCell<()>>,
@@ -136,6 +139,7 @@ impl PgPubSub {
     /// Work queues in the default schema (`pgpubsub`).
     pub fn queue(&self) -> Queue {
         Queue {
+            exec: self.exec().clone(),
             pubsub: self.clone(),
             schema: SchemaName::default(),
             installed: Arc::new(OnceCell::new()),
@@ -172,6 +176,7 @@ impl Queue {
     /// identifier of at most 40 bytes).
     pub fn with_schema(&self, schema: &str) -> Result<Queue> {
         Ok(Queue {
+            exec: self.exec.clone(),
             pubsub: self.pubsub.clone(),
             schema: SchemaName::new(schema)?,
             installed: Arc::new(OnceCell::new()),
@@ -202,7 +207,7 @@ impl Queue {
         Fut: Future<Output = Result<R, tokio_postgres::Error>>,
     {
         self.install().await?;
-        self.pubsub.exec().run(Origin::Queue, stage, f).await
+        self.exec.run(Origin::Queue, stage, f).await
     }
 
     /// Job events (retries, dead jobs) of the workers of this handle's

@@ -166,7 +166,7 @@ impl WorkerBuilder {
         let ctx = Arc::new(Ctx {
             sql: Sql::new(queue.schema.as_str()),
             name: Arc::from(self.name.as_str()),
-            exec: queue.pubsub.exec().clone(),
+            exec: queue.exec.clone(),
             jobs_channel: queue.schema.jobs_channel(),
             events: queue.pubsub.inner.buses.queue.clone(),
             retry_base: self.retry_base,
