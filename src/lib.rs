@@ -76,10 +76,12 @@
 //! src/durable/      durable channels: mod.rs (handle, docs), store.rs (every
 //!                   statement), consumer.rs (builder), reader.rs (read loop),
 //!                   acks.rs (ack flusher), subscription.rs (the Stream),
-//!                   wakeups.rs (per-channel wake-up dispatch), groups, publish
+//!                   wakeups.rs (per-channel wake-up dispatch), groups, publish,
+//!                   plan.rs (the read loop's decisions, without I/O)
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
 //!                   completer, vacuum), admin
-//! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/)
+//! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/);
+//!                   store.rs: the trigger feeds' statements
 //! src/exec.rs       how every pooled statement runs: timeout, backoff, cancel on
 //!                   the server, connection detached when a statement may still run
 //! src/service.rs    the workers, consumers and feeds a handle started, stopped

@@ -87,6 +87,7 @@
 
 mod event;
 mod options;
+mod store;
 mod trigger;
 
 pub use event::{ChangeEvent, Lsn, Op};

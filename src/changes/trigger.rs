@@ -4,6 +4,7 @@ use serde::de::DeserializeOwned;
 
 use super::event::{ChangeEvent, Op};
 use super::options::{FeedInfo, FeedOptions, TriggerLevel};
+use super::store::{InstallParams, Sql};
 use crate::client::PgPubSub;
 use crate::durable::{Durable, DurableSubscription, Start};
 use crate::error::{Error, Origin, Result};
@@ -89,6 +90,10 @@ impl Changes {
         self.durable.pubsub().exec().run_with(stage, f).await
     }
 
+    fn sql(&self) -> Sql {
+        Sql::new(self.durable.schema().as_str())
+    }
+
     /// The script [`install_change_feed`](Self::install_change_feed) runs
     /// (`DROP TRIGGER IF EXISTS`, `CREATE TRIGGER`, and a row in
     /// `change_feeds`), in a transaction, for a DBA to read or run with
@@ -101,15 +106,12 @@ impl Changes {
         options: &FeedOptions,
     ) -> Result<String> {
         options.check()?;
-        let sql = format!(
-            "SELECT {}.change_feed_sql($1::text::regclass, $2, $3, $4, $5, $6, $7)",
-            self.durable.schema().as_str()
-        );
+        let sql = self.sql().install_script;
         const STAGE: &str = "generating the change feed script";
         let row = self
             .run(STAGE, |client| async move {
                 client
-                    .query_one(&sql, &install_params(table, options).as_refs())
+                    .query_one(&sql, &InstallParams::new(table, options).as_refs())
                     .await
                     .map_err(pg_err(STAGE))
             })
@@ -129,15 +131,12 @@ impl Changes {
         options: &FeedOptions,
     ) -> Result<FeedInfo> {
         options.check()?;
-        let sql = format!(
-            "SELECT {}.install_change_feed($1::text::regclass, $2, $3, $4, $5, $6, $7)",
-            self.durable.schema().as_str()
-        );
+        let sql = self.sql().install;
         const STAGE: &str = "installing the change feed";
         let feed = self
             .run(STAGE, |client| async move {
                 client
-                    .execute(&sql, &install_params(table, options).as_refs())
+                    .execute(&sql, &InstallParams::new(table, options).as_refs())
                     .await
                     .map_err(pg_err(STAGE))?;
                 self.feed_on(&client, table).await
@@ -153,10 +152,7 @@ impl Changes {
 
     /// The script [`uninstall_change_feed`](Self::uninstall_change_feed) runs.
     pub async fn uninstall_change_feed_sql(&self, table: &str) -> Result<String> {
-        let sql = format!(
-            "SELECT {}.uninstall_change_feed_sql($1::text::regclass)",
-            self.durable.schema().as_str()
-        );
+        let sql = self.sql().uninstall_script;
         const STAGE: &str = "generating the uninstall script";
         let row = self
             .run(STAGE, |client| async move {
@@ -172,10 +168,7 @@ impl Changes {
     /// Removes the feed's triggers (nothing is sent for later changes).
     /// The durable channel keeps its messages and consumer groups.
     pub async fn uninstall_change_feed(&self, table: &str) -> Result<()> {
-        let sql = format!(
-            "SELECT {}.uninstall_change_feed($1::text::regclass)",
-            self.durable.schema().as_str()
-        );
+        let sql = self.sql().uninstall;
         const STAGE: &str = "removing the change feed";
         self.run(STAGE, |client| async move {
             client
@@ -200,13 +193,7 @@ impl Changes {
         client: &tokio_postgres::Client,
         table: &str,
     ) -> Result<Option<FeedInfo>> {
-        // Column names as they are now (the row holds attribute numbers).
-        let sql = format!(
-            "SELECT tbl::text, channel, target = 'notify', level, ops, \
-                    {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
-             FROM {s}.change_feeds WHERE tbl = $1::text::regclass",
-            s = self.durable.schema().as_str()
-        );
+        let sql = self.sql().feed;
         let Some(row) = client
             .query_opt(&sql, &[&table])
             .await
@@ -299,42 +286,5 @@ impl Changes {
             .pubsub()
             .listen::<ChangeEvent<T>>(&feed.channel)
             .await
-    }
-}
-
-/// The parameters of `change_feed_sql` / `install_change_feed`.
-struct InstallParams<'a> {
-    table: &'a str,
-    channel: Option<&'a str>,
-    notify: bool,
-    columns: Option<&'a [String]>,
-    exclude: Option<&'a [String]>,
-    ops: Option<Vec<String>>,
-    level: &'static str,
-}
-
-fn install_params<'a>(table: &'a str, options: &'a FeedOptions) -> InstallParams<'a> {
-    InstallParams {
-        table,
-        channel: options.channel.as_deref(),
-        notify: options.notify,
-        columns: options.columns.as_deref(),
-        exclude: options.exclude.as_deref(),
-        ops: options.ops_text(),
-        level: options.level.as_str(),
-    }
-}
-
-impl InstallParams<'_> {
-    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 7] {
-        [
-            &self.table,
-            &self.channel,
-            &self.notify,
-            &self.columns,
-            &self.exclude,
-            &self.ops,
-            &self.level,
-        ]
     }
 }

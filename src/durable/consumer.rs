@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::acks::flush_loop;
 use super::message::Acks;
+use super::plan::ReadPlan;
 use super::position::Position;
 use super::reader::{Counts, Reader};
 use super::subscription::DurableSubscription;
@@ -236,23 +237,21 @@ impl<T: Decode> ConsumerBuilder<T> {
             channel: channel.clone(),
             group: group.clone(),
             election: election.clone(),
-            batch_size: self.batch_size,
-            poll_interval: self.poll_interval,
-            max_poll_interval: self
-                .max_poll_interval
-                .unwrap_or(self.poll_interval.saturating_mul(IDLE_BACKOFF))
-                .max(self.poll_interval),
+            plan: ReadPlan::new(
+                self.batch_size,
+                self.poll_interval,
+                self.max_poll_interval
+                    .unwrap_or(self.poll_interval.saturating_mul(IDLE_BACKOFF))
+                    .max(self.poll_interval),
+            ),
             decode: self.decode,
             acks: acks.clone(),
             counts: counts.clone(),
             out,
             stop: stop.clone(),
-            range: None,
-            finished_tick: None,
             retain_every: self.retain_every,
             max_age: self.max_age,
             active: None,
-            term: None,
         };
         // Both tasks are stopped by the handle's shutdown too, which waits
         // for the flusher to write the last acks.

@@ -326,6 +326,7 @@ mod acks;
 mod consumer;
 mod groups;
 mod message;
+mod plan;
 mod position;
 mod publish;
 mod quiet;

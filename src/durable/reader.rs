@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::ToSql;
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
+use super::plan::{ReadPlan, Step};
 use super::position::{Position, Xid8};
 use super::store::Range;
 use super::Durable;
@@ -19,8 +20,6 @@ use crate::event::DurableEvent;
 
 /// Turns a payload into a `T`; on failure gives the text back with the error.
 pub(super) type Decode<T> = fn(String) -> Result<T, (String, serde_json::Error)>;
-/// Pages a consumer reads with one statement while draining a batch.
-const STREAM_PAGES: usize = 8;
 
 /// The task that reads for one subscription while it is the active consumer.
 pub(super) struct Reader<T> {
@@ -28,26 +27,27 @@ pub(super) struct Reader<T> {
     pub(super) channel: ChannelName,
     pub(super) group: Arc<str>,
     pub(super) election: String,
-    pub(super) batch_size: usize,
-    pub(super) poll_interval: Duration,
-    pub(super) max_poll_interval: Duration,
+    /// Where to read next and how long to wait (the decisions, no I/O).
+    pub(super) plan: ReadPlan<Range>,
     pub(super) decode: Decode<T>,
     pub(super) acks: Arc<Acks>,
     pub(super) counts: Arc<Counts>,
     pub(super) out: mpsc::Sender<Vec<DurableDelivery<T>>>,
     pub(super) stop: watch::Receiver<bool>,
-    /// Set while draining a batch that plain range scans can read.
-    pub(super) range: Option<Range>,
-    /// A tick whose batch was read to its end (a short page): the next
-    /// read starts at the following tick instead of looking for more of it.
-    pub(super) finished_tick: Option<i64>,
     pub(super) retain_every: Option<Duration>,
     pub(super) max_age: Option<Duration>,
     /// Whether this is the active consumer, as last reported in events.
     pub(super) active: Option<bool>,
-    /// The leadership term this reader's cursor belongs to: a new term
-    /// (the lock was lost and won back) reloads the group's cursor.
-    pub(super) term: Option<u64>,
+}
+
+/// What a round does after its tick, if any.
+enum Then {
+    /// The rows the tick's pipelined read returned.
+    Rows(Vec<super::store::Row>),
+    /// Read a page from here.
+    Read(Position),
+    /// Stream the rest of the batch after this position.
+    Stream(Range, Position),
 }
 
 /// Why the reader should look again now.
@@ -67,57 +67,41 @@ impl<T: Send + 'static> Reader<T> {
         mut lead: LeadWatch,
     ) {
         let leading = self.durable.pubsub.inner.leading.clone();
-        // Where the next read starts; None: reload the group's cursor.
-        let mut cursor: Option<Position> = None;
-        let mut draining = false;
-        // The wait before the next look without a wake-up (backs off).
-        let mut idle = self.poll_interval;
         let mut next_retain = self.retain_every.map(|d| tokio::time::Instant::now() + d);
         loop {
             lead.mark_unchanged();
-            let term = leading.term(&self.election);
-            if term.is_some() && term != self.term {
-                // Another consumer may have moved the group meanwhile.
-                cursor = None;
-            }
-            self.term = term;
-            if term.is_some() {
+            // `listen` of the election returned: not leading is standing by.
+            if self.plan.lead(leading.term(&self.election)) {
                 self.set_active(true);
                 if let (Some(at), Some(every)) = (next_retain, self.retain_every) {
                     if tokio::time::Instant::now() >= at {
-                        // Tick before the next read: it takes (and reports)
-                        // what max-age removal cost this group.
-                        draining &= !self.retain().await;
+                        let expired = self.retain().await;
+                        self.plan.retained(expired);
                         next_retain = Some(tokio::time::Instant::now() + every);
                     }
                 }
                 self.counts.reads.fetch_add(1, Ordering::Relaxed);
-                let result = self.round(&mut cursor, draining).await;
-                draining = matches!(result, Ok(true)) && cursor.is_some();
-                match result {
-                    Ok(true) => {
-                        // Rows read: more may be waiting.
-                        idle = self.poll_interval;
-                        continue;
+                match self.round().await {
+                    Ok(rows) => {
+                        if self.plan.round_done(rows) {
+                            continue;
+                        }
                     }
-                    Ok(false) => {}
                     Err(e) if e.kind() == ErrorKind::ShutDown => return,
                     Err(e) => {
+                        self.plan.round_failed();
                         if self.out.is_closed() {
                             return;
                         }
                         tracing::warn!(channel = %self.channel, group = %self.group, "durable consumer: {e}; retrying");
-                        cursor = None;
                     }
                 }
             } else {
-                // `listen` of the election returned: not leading is standing by.
-                cursor = None;
                 self.set_active(false);
             }
             // Only this channel's wake-ups and leadership changes reach
             // here (see `wakeups`): each is worth a look.
-            let mut deadline = tokio::time::Instant::now() + idle;
+            let mut deadline = tokio::time::Instant::now() + self.plan.idle();
             if self.active == Some(true) {
                 deadline = next_retain.map_or(deadline, |at| at.min(deadline));
             }
@@ -136,9 +120,9 @@ impl<T: Send + 'static> Reader<T> {
                 _ if self.out.is_closed() => return,
                 Wake::Now => {
                     self.counts.wakeups.fetch_add(1, Ordering::Relaxed);
-                    idle = self.poll_interval;
+                    self.plan.woken();
                 }
-                Wake::Timer => idle = idle.saturating_mul(2).min(self.max_poll_interval),
+                Wake::Timer => self.plan.timed_out(),
             }
         }
     }
@@ -190,17 +174,14 @@ impl<T: Send + 'static> Reader<T> {
         }
     }
 
-    /// Ticks (unless `draining`: the last page had rows, so the known
-    /// ticks may not be exhausted yet) and reads one page; true when it
-    /// had rows.
-    async fn round(&mut self, cursor: &mut Option<Position>, draining: bool) -> Result<bool> {
+    /// Reads one page where the plan says (ticking first unless it is
+    /// draining); true when it had rows.
+    async fn round(&mut self) -> Result<bool> {
         let durable = &self.durable;
         let mut lost = 0;
-        let at = match *cursor {
+        let at = match self.plan.cursor() {
             Some(p) => p,
             None => {
-                self.range = None;
-                self.finished_tick = None;
                 // Our own pending acks first, so a reload does not go back.
                 if let Some(p) = self.acks.take() {
                     if let Err(e) = durable.write_ack(&self.acks, p).await {
@@ -210,31 +191,30 @@ impl<T: Send + 'static> Reader<T> {
                 }
                 let (p, l) = durable.load_cursor(&self.channel, &self.group).await?;
                 lost = l;
-                *cursor = Some(p);
+                self.plan.loaded(p);
                 p
             }
         };
-        let mut page = Vec::new();
-        let ranged = self.range.as_ref().is_some_and(|r| r.tick == at.tick);
-        // Batches never change once ticked: after the end of one, read the
-        // next (ticks of a channel are numbered without holes) rather than
-        // have `read` look for more of it first, which halves its work.
-        let from = match self.finished_tick {
-            Some(t) if t == at.tick => Position::start_of_tick(t + 1),
-            _ => at,
+        let batch_size = self.plan.batch_size();
+        let then = match self.plan.step(at) {
+            Step::Read { tick: true, from } => {
+                let (l, rows) = durable
+                    .tick_and_read(&self.channel, &self.group, from, batch_size)
+                    .await?;
+                lost += l;
+                Then::Rows(rows)
+            }
+            Step::Read { tick: false, from } => Then::Read(from),
+            Step::Stream { tick, range, at } => {
+                if tick {
+                    lost += durable
+                        .tick_and_take_lost(&self.channel, &self.group)
+                        .await?;
+                }
+                Then::Stream(range, at)
+            }
         };
-        let mut rows = None;
-        if !draining && ranged {
-            lost += durable
-                .tick_and_take_lost(&self.channel, &self.group)
-                .await?;
-        } else if !draining {
-            let (l, r) = durable
-                .tick_and_read(&self.channel, &self.group, from, self.batch_size)
-                .await?;
-            lost += l;
-            rows = Some(r);
-        }
+        let mut page = Vec::new();
         if lost > 0 {
             let lost = u64::try_from(lost).unwrap_or(0);
             self.durable
@@ -253,25 +233,20 @@ impl<T: Send + 'static> Reader<T> {
         // copy of each page on the server, so the rest of a batch whose
         // first page was full takes the plain statement when it can,
         // streamed several pages per statement.
-        let rows = match rows {
-            Some(rows) => rows,
-            None => match self.range.take().filter(|r| r.tick == at.tick) {
-                Some(range) => return self.stream_range(range, at, cursor, page).await,
-                None => durable.read(&self.channel, from, self.batch_size).await?,
-            },
+        let rows = match then {
+            Then::Rows(rows) => rows,
+            Then::Read(from) => durable.read(&self.channel, from, batch_size).await?,
+            Then::Stream(range, at) => return self.stream_range(range, at, page).await,
         };
-        let full = rows.len() == self.batch_size;
-        let got_rows = !rows.is_empty();
-        if let Some(last) = rows.last() {
-            self.finished_tick = (!full).then_some(last.position.tick);
+        let end = self
+            .plan
+            .page_read(rows.len(), rows.last().map(|r| r.position));
+        if let Some(last) = end.find_range {
+            let range = durable.range_of(&self.channel, last).await?;
+            self.plan.set_range(range);
         }
-        self.range = match rows.last() {
-            Some(last) if full => durable.range_of(&self.channel, last.position).await?,
-            _ => None,
-        };
         page.reserve(rows.len());
         for row in rows {
-            *cursor = Some(row.position);
             page.push(deliver(
                 self.decode,
                 &self.acks,
@@ -283,28 +258,22 @@ impl<T: Send + 'static> Reader<T> {
         if !page.is_empty() && self.out.send(page).await.is_err() {
             return Err(Error::shut_down());
         }
-        // `read` returns one batch (tick) at most: a short page may be
-        // followed by more ticked batches (a group catching up on many
-        // small transactions), so read on until a read finds nothing
-        // instead of waiting a poll interval per batch.
-        Ok(full || got_rows)
+        Ok(end.more)
     }
 
-    /// Reads up to [`STREAM_PAGES`] pages of batch `range.tick` after `at`
+    /// Reads up to `STREAM_PAGES` pages of batch `range.tick` after `at`
     /// with one statement, handing each page to the stream as soon as its
     /// rows arrived: the server produces the next rows while these are
     /// decoded and consumed, and a backlog costs one round trip per
-    /// [`STREAM_PAGES`] pages. `page` holds what goes first (a truncation
+    /// `STREAM_PAGES` pages. `page` holds what goes first (a truncation
     /// notice). True when it read the most it could (more may follow).
     async fn stream_range(
         &mut self,
         range: Range,
         at: Position,
-        cursor: &mut Option<Position>,
         page: Vec<DurableDelivery<T>>,
     ) -> Result<bool> {
-        let size = self.batch_size;
-        let limit = size.saturating_mul(STREAM_PAGES);
+        let (size, limit) = (self.plan.batch_size(), self.plan.stream_limit());
         let sql = format!(
             "SELECT xid, seq, published_at, payload FROM {}.messages \
              WHERE channel = $1 AND xid >= $2 AND xid < pg_snapshot_xmax($3) \
@@ -373,14 +342,7 @@ impl<T: Send + 'static> Reader<T> {
                 return Err(Error::shut_down());
             }
         }
-        if let Some(last) = last {
-            *cursor = Some(last);
-        }
-        let full = read == limit;
-        if full {
-            self.range = Some(range);
-        }
-        Ok(full)
+        Ok(self.plan.streamed(range, read, last))
     }
 }
 

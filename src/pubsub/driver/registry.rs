@@ -587,3 +587,278 @@ impl Registry {
         self.run = run;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Fan-out without a server: subscriptions registered as the listener
+    //! task registers them, notifications staged and flushed as it does.
+
+    use std::collections::VecDeque;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::task::{Context, Poll};
+
+    use tokio::io::AsyncWriteExt;
+    use tokio_postgres::AsyncMessage;
+
+    use super::*;
+    use crate::inbox::Entry;
+    use crate::message::Message;
+    use crate::stats::ChannelCounters;
+    use crate::wire;
+
+    /// Notifications as tokio-postgres itself parses them (it has no public
+    /// constructor): canned backend messages on an in-memory stream,
+    /// `AuthenticationOk` and `ReadyForQuery`, then one
+    /// `NotificationResponse` per `(channel, payload)`.
+    fn notifications(notes: &[(&str, &str)]) -> Vec<Notification> {
+        fn message(wire: &mut Vec<u8>, tag: u8, body: &[u8]) {
+            let len = i32::try_from(body.len() + 4).expect("a small test message");
+            wire.push(tag);
+            wire.extend(len.to_be_bytes());
+            wire.extend(body);
+        }
+        let mut bytes = Vec::new();
+        message(&mut bytes, b'R', &0i32.to_be_bytes());
+        message(&mut bytes, b'Z', b"I");
+        for (channel, payload) in notes {
+            let mut body = 4242i32.to_be_bytes().to_vec();
+            for s in [channel, payload] {
+                body.extend(s.as_bytes());
+                body.push(0);
+            }
+            message(&mut bytes, b'A', &body);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+            theirs.write_all(&bytes).await.expect("in memory");
+            let (_client, mut connection) = tokio_postgres::Config::new()
+                .user("test")
+                .ssl_mode(tokio_postgres::config::SslMode::Disable)
+                .connect_raw(ours, tokio_postgres::NoTls)
+                .await
+                .expect("the canned start-up is accepted");
+            let mut out = Vec::new();
+            while out.len() < notes.len() {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => out.push(n),
+                    _ => panic!("expected a notification"),
+                }
+            }
+            out
+        })
+    }
+
+    fn registry(origin: Uuid) -> Registry {
+        Registry::new(Shared {
+            origin,
+            leading: super::super::Leading::default(),
+            filtering: ChannelSet::default(),
+            board: Arc::default(),
+        })
+    }
+
+    fn name(channel: &str) -> ChannelName {
+        ChannelName::new(channel).expect("a valid channel name")
+    }
+
+    /// A plain subscription, registered offline (answered at once), with
+    /// a queue of `capacity` and its own counters.
+    fn subscribe(
+        registry: &mut Registry,
+        channel: &str,
+        id: SubId,
+        capacity: usize,
+        filtered: bool,
+    ) -> (Arc<Queue>, Arc<ChannelCounters>) {
+        let counters = Arc::new(ChannelCounters::default());
+        let queue = Arc::new(Queue::new(capacity, counters.clone()));
+        let (reply, mut answer) = oneshot::channel();
+        let mode = Mode {
+            elected: false,
+            filtered,
+        };
+        registry.subscribe(name(channel), id, queue.clone(), mode, reply, false);
+        assert!(matches!(answer.try_recv(), Ok(Ok(()))));
+        (queue, counters)
+    }
+
+    fn deliver(registry: &mut Registry, notes: &[(&str, &str)]) {
+        for note in notifications(notes) {
+            registry.stage(note);
+        }
+        registry.flush(&mut Vec::new());
+    }
+
+    /// Everything queued now, as the subscription would take it.
+    fn take(queue: &Queue) -> VecDeque<Entry> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut entries = VecDeque::new();
+        match queue.poll_take(&mut cx, &mut entries) {
+            Poll::Ready(true) | Poll::Pending => entries,
+            Poll::Ready(false) => panic!("the queue was closed"),
+        }
+    }
+
+    /// The bodies of the queued messages; `Err(n)` for a lag of `n`.
+    fn bodies(entries: &VecDeque<Entry>) -> Vec<Result<&str, u64>> {
+        entries
+            .iter()
+            .map(|e| match e {
+                Entry::Message(r) => Ok(r.body()),
+                Entry::Lagged(n) => Err(*n),
+                Entry::Gap(_) => panic!("no gap expected"),
+            })
+            .collect()
+    }
+
+    fn tagged(origin: Uuid, body: &str) -> String {
+        wire::encode(Some(origin), body)
+            .expect("a valid payload")
+            .into_owned()
+    }
+
+    #[test]
+    fn every_subscription_of_a_channel_gets_each_notification_in_order() {
+        let mut registry = registry(Uuid::new_v4());
+        let subs: Vec<_> = (1..=3)
+            .map(|id| subscribe(&mut registry, "orders", id, 10, false).0)
+            .collect();
+        let (other, _) = subscribe(&mut registry, "other", 4, 10, false);
+        deliver(
+            &mut registry,
+            &[
+                ("orders", "a"),
+                ("orders", "b"),
+                ("other", "x"),
+                ("orders", "c"),
+            ],
+        );
+        for queue in &subs {
+            assert_eq!(bodies(&take(queue)), [Ok("a"), Ok("b"), Ok("c")]);
+        }
+        assert_eq!(bodies(&take(&other)), [Ok("x")]);
+        assert!(registry.events.is_empty());
+    }
+
+    #[test]
+    fn subscriptions_of_one_channel_share_one_notification_and_one_decoded_value() {
+        let mut registry = registry(Uuid::new_v4());
+        let (a, _) = subscribe(&mut registry, "orders", 1, 10, false);
+        let (b, _) = subscribe(&mut registry, "orders", 2, 10, false);
+        let (only, _) = subscribe(&mut registry, "alone", 3, 10, false);
+        deliver(&mut registry, &[("orders", "\"7\""), ("alone", "\"8\"")]);
+        let (a, b) = (take(&a).pop_front(), take(&b).pop_front());
+        let (Some(Entry::Message(a)), Some(Entry::Message(b))) = (a, b) else {
+            panic!("one message each");
+        };
+        let (Received::Shared(sa), Received::Shared(sb)) = (&a, &b) else {
+            panic!("a channel's subscribers share its notifications");
+        };
+        assert!(Arc::ptr_eq(sa, sb));
+        let decode: fn(&str) -> serde_json::Result<String> = |s| serde_json::from_str(s);
+        // The first to decode keeps the value; the other reads it.
+        assert!(matches!(a.decode(decode), Ok(None)));
+        assert!(matches!(b.decode(decode), Ok(None)));
+        assert_eq!(Message::<String>::new(b, None).payload(), "7");
+        // The only subscriber of a channel owns its notification.
+        let Some(Entry::Message(own)) = take(&only).pop_front() else {
+            panic!("one message");
+        };
+        assert!(matches!(own, Received::Own(_)));
+        assert!(matches!(own.decode(decode), Ok(Some(s)) if s == "8"));
+    }
+
+    #[test]
+    fn a_filtered_subscription_skips_its_own_origin_and_an_unfiltered_one_gets_it() {
+        let (me, them) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut registry = registry(me);
+        let (filtered, _) = subscribe(&mut registry, "orders", 1, 10, true);
+        let (unfiltered, _) = subscribe(&mut registry, "orders", 2, 10, false);
+        let (alone, _) = subscribe(&mut registry, "audit", 3, 10, true);
+        assert!(lock(&registry.filtering).contains("orders"));
+        let (mine, theirs) = (tagged(me, "mine"), tagged(them, "theirs"));
+        deliver(
+            &mut registry,
+            &[
+                ("orders", &mine),
+                ("orders", &theirs),
+                ("orders", "untagged"),
+                ("audit", &mine),
+                ("audit", &theirs),
+            ],
+        );
+        assert_eq!(bodies(&take(&filtered)), [Ok("theirs"), Ok("untagged")]);
+        assert_eq!(
+            bodies(&take(&unfiltered)),
+            [Ok("mine"), Ok("theirs"), Ok("untagged")]
+        );
+        // A channel's only subscriber filters too.
+        assert_eq!(bodies(&take(&alone)), [Ok("theirs")]);
+        // Nothing but its own: nothing queued, nobody woken.
+        deliver(&mut registry, &[("audit", &mine)]);
+        assert!(take(&alone).is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_counts_a_lag_without_holding_back_the_others() {
+        let mut registry = registry(Uuid::new_v4());
+        let (slow, slow_counts) = subscribe(&mut registry, "orders", 1, 2, false);
+        let (fast, fast_counts) = subscribe(&mut registry, "orders", 2, 10, false);
+        let notes = [
+            ("orders", "1"),
+            ("orders", "2"),
+            ("orders", "3"),
+            ("orders", "4"),
+            ("orders", "5"),
+        ];
+        deliver(&mut registry, &notes);
+        let slow_events = |registry: &Registry| {
+            let slow = |e: &&ConnectionEvent| match e {
+                ConnectionEvent::SlowConsumer { channel } => channel.as_str() == "orders",
+                _ => false,
+            };
+            registry.events.iter().filter(slow).count()
+        };
+        assert_eq!(slow_events(&registry), 1);
+        assert_eq!(
+            bodies(&take(&fast)),
+            [Ok("1"), Ok("2"), Ok("3"), Ok("4"), Ok("5")]
+        );
+        assert_eq!(bodies(&take(&slow)), [Ok("1"), Ok("2")]);
+        assert_eq!(slow_counts.lagged.load(Relaxed), 3);
+        assert_eq!(fast_counts.lagged.load(Relaxed), 0);
+        // Room again: the lag comes first, in order, and the same run of
+        // drops is reported once.
+        deliver(&mut registry, &[("orders", "6")]);
+        assert_eq!(bodies(&take(&slow)), [Err(3), Ok("6")]);
+        assert_eq!(bodies(&take(&fast)), [Ok("6")]);
+        assert_eq!(slow_events(&registry), 1);
+        assert_eq!(slow_counts.delivered.load(Relaxed), 3);
+        assert_eq!(fast_counts.delivered.load(Relaxed), 6);
+    }
+
+    #[test]
+    fn a_dropped_subscription_is_removed() {
+        let mut registry = registry(Uuid::new_v4());
+        let (gone, _) = subscribe(&mut registry, "orders", 1, 10, true);
+        let (kept, _) = subscribe(&mut registry, "orders", 2, 10, false);
+        registry.unsubscribe("orders", 1);
+        assert!(
+            !lock(&registry.filtering).contains("orders"),
+            "no filtered subscription left"
+        );
+        deliver(&mut registry, &[("orders", "a")]);
+        assert!(take(&gone).is_empty());
+        assert_eq!(bodies(&take(&kept)), [Ok("a")]);
+        // The last one: the channel is forgotten (it was never listened
+        // to, being offline) and nothing is delivered any more.
+        registry.unsubscribe("orders", 2);
+        assert!(registry.plan().is_empty());
+        assert!(registry.channels.is_empty());
+        deliver(&mut registry, &[("orders", "b")]);
+        assert!(take(&kept).is_empty());
+    }
+}

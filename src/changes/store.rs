@@ -1,0 +1,80 @@
+//! The trigger feeds' statements (script generation, install, uninstall,
+//! lookup) and their parameters, built per schema. Statements only: who
+//! runs them, and when, is `trigger.rs`'s business.
+
+use tokio_postgres::types::ToSql;
+
+use super::options::FeedOptions;
+
+/// The trigger feeds' statements, for one schema.
+pub(super) struct Sql {
+    /// The install script, as text; parameters: [`InstallParams`].
+    pub(super) install_script: String,
+    /// Installs a feed; parameters: [`InstallParams`].
+    pub(super) install: String,
+    /// The uninstall script, as text; parameter: the table.
+    pub(super) uninstall_script: String,
+    /// Removes a feed; parameter: the table.
+    pub(super) uninstall: String,
+    /// The feed of a table; parameter: the table. Columns: table, channel,
+    /// notify, level, ops, columns, exclude.
+    pub(super) feed: String,
+}
+
+impl Sql {
+    pub(super) fn new(s: &str) -> Self {
+        Sql {
+            install_script: format!(
+                "SELECT {s}.change_feed_sql($1::text::regclass, $2, $3, $4, $5, $6, $7)"
+            ),
+            install: format!(
+                "SELECT {s}.install_change_feed($1::text::regclass, $2, $3, $4, $5, $6, $7)"
+            ),
+            uninstall_script: format!("SELECT {s}.uninstall_change_feed_sql($1::text::regclass)"),
+            uninstall: format!("SELECT {s}.uninstall_change_feed($1::text::regclass)"),
+            // Column names as they are now (the row holds attribute numbers).
+            feed: format!(
+                "SELECT tbl::text, channel, target = 'notify', level, ops, \
+                        {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
+                 FROM {s}.change_feeds WHERE tbl = $1::text::regclass"
+            ),
+        }
+    }
+}
+
+/// The parameters of `change_feed_sql` / `install_change_feed`.
+pub(super) struct InstallParams<'a> {
+    table: &'a str,
+    channel: Option<&'a str>,
+    notify: bool,
+    columns: Option<&'a [String]>,
+    exclude: Option<&'a [String]>,
+    ops: Option<Vec<String>>,
+    level: &'static str,
+}
+
+impl<'a> InstallParams<'a> {
+    pub(super) fn new(table: &'a str, options: &'a FeedOptions) -> Self {
+        InstallParams {
+            table,
+            channel: options.channel.as_deref(),
+            notify: options.notify,
+            columns: options.columns.as_deref(),
+            exclude: options.exclude.as_deref(),
+            ops: options.ops_text(),
+            level: options.level.as_str(),
+        }
+    }
+
+    pub(super) fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.table,
+            &self.channel,
+            &self.notify,
+            &self.columns,
+            &self.exclude,
+            &self.ops,
+            &self.level,
+        ]
+    }
+}
