@@ -156,6 +156,8 @@
 
 #![warn(missing_docs)]
 
+// The operator's view: listings and actions across capabilities.
+pub mod admin;
 // Capabilities (each a folder: handle and docs in mod.rs, statements in its
 // store, one file per background task).
 pub mod changes;

@@ -59,6 +59,24 @@ impl PgPubSub {
     }
 }
 
+/// Maps a row of [`Changes::feed_select`].
+fn feed_of(row: &tokio_postgres::Row) -> Result<FeedInfo> {
+    let ops = row
+        .get::<_, Vec<String>>(4)
+        .iter()
+        .map(|op| op.parse())
+        .collect::<Result<Vec<Op>>>()?;
+    Ok(FeedInfo {
+        table: row.get(0),
+        channel: row.get(1),
+        notify: row.get(2),
+        level: row.get::<_, String>(3).parse::<TriggerLevel>()?,
+        ops,
+        columns: row.get(5),
+        exclude: row.get(6),
+    })
+}
+
 /// Maps a failed statement to a [`Stage::Changes`] error, keeping the cause.
 fn pg_err(stage: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
     move |e| Error::pg(Origin::Changes, stage, e)
@@ -195,39 +213,45 @@ impl Changes {
         .await
     }
 
+    /// Every feed installed in this schema, by table.
+    pub async fn feeds(&self) -> Result<Vec<FeedInfo>> {
+        let sql = format!("{} ORDER BY tbl::text", self.feed_select());
+        self.run("listing the change feeds", |client| async move {
+            client
+                .query(&sql, &[])
+                .await
+                .map_err(pg_err("listing the change feeds"))?
+                .iter()
+                .map(feed_of)
+                .collect()
+        })
+        .await
+    }
+
+    /// The `SELECT` of a feed's row (no `WHERE`); [`feed_of`] maps its rows.
+    fn feed_select(&self) -> String {
+        // Column names as they are now (the row holds attribute numbers).
+        format!(
+            "SELECT tbl::text, channel, target = 'notify', level, ops, \
+                    {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
+             FROM {s}.change_feeds",
+            s = self.durable.schema().as_str()
+        )
+    }
+
     async fn feed_on(
         &self,
         client: &tokio_postgres::Client,
         table: &str,
     ) -> Result<Option<FeedInfo>> {
-        // Column names as they are now (the row holds attribute numbers).
-        let sql = format!(
-            "SELECT tbl::text, channel, target = 'notify', level, ops, \
-                    {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
-             FROM {s}.change_feeds WHERE tbl = $1::text::regclass",
-            s = self.durable.schema().as_str()
-        );
-        let Some(row) = client
+        let sql = format!("{} WHERE tbl = $1::text::regclass", self.feed_select());
+        client
             .query_opt(&sql, &[&table])
             .await
             .map_err(pg_err("looking the change feed up"))?
-        else {
-            return Ok(None);
-        };
-        let ops = row
-            .get::<_, Vec<String>>(4)
-            .iter()
-            .map(|op| op.parse())
-            .collect::<Result<Vec<Op>>>()?;
-        Ok(Some(FeedInfo {
-            table: row.get(0),
-            channel: row.get(1),
-            notify: row.get(2),
-            level: row.get::<_, String>(3).parse::<TriggerLevel>()?,
-            ops,
-            columns: row.get(5),
-            exclude: row.get(6),
-        }))
+            .as_ref()
+            .map(feed_of)
+            .transpose()
     }
 
     async fn require_feed(&self, table: &str, notify: bool) -> Result<FeedInfo> {
