@@ -166,6 +166,8 @@ pub mod queue;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "ui")]
+pub mod ui;
 
 // The core: LISTEN/NOTIFY (src/pubsub/).
 mod pubsub;
