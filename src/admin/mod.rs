@@ -165,6 +165,11 @@ impl Page {
     /// The largest page.
     pub const MAX_LIMIT: u32 = 1000;
 
+    /// `limit` jobs with an id above `after` (`None`: from the first).
+    pub fn new(after: Option<i64>, limit: u32) -> Page {
+        Page { after, limit }
+    }
+
     /// The first `limit` jobs.
     pub fn first(limit: u32) -> Page {
         Page { after: None, limit }
