@@ -6,7 +6,7 @@
 //! use pg_pubsub::ui::{router, UiOptions};
 //! let app = router(&pubsub, UiOptions::new().admin_token("s3cret"))?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:9187").await?;
-//! axum::serve(listener, app).await?;
+//! pg_pubsub::ui::axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -576,9 +576,9 @@ pub(super) async fn logout(
 }
 
 /// Checks a mutation form; the refusal page if it fails.
-fn check(ui: &Ui, headers: &HeaderMap, form: &ActionForm) -> Result<(), Response> {
+fn refused(ui: &Ui, headers: &HeaderMap, form: &ActionForm) -> Option<Response> {
     let viewer = Viewer::of(ui, headers);
-    ui.check_form(headers, &form.csrf).map_err(|r| match r {
+    ui.check_form(headers, &form.csrf).err().map(|r| match r {
         Refusal::ReadOnly => error_page(ui, &viewer, StatusCode::FORBIDDEN, READ_ONLY),
         Refusal::Unauthorized => error_page(
             ui,
@@ -611,7 +611,7 @@ pub(super) async fn retry_dead(
     Path(id): Path<i64>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(r) = check(&ui, &headers, &form) {
+    if let Some(r) = refused(&ui, &headers, &form) {
         return r;
     }
     let viewer = Viewer::of(&ui, &headers);
@@ -637,7 +637,7 @@ pub(super) async fn delete_dead(
     Path(id): Path<i64>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(r) = check(&ui, &headers, &form) {
+    if let Some(r) = refused(&ui, &headers, &form) {
         return r;
     }
     let viewer = Viewer::of(&ui, &headers);
@@ -676,7 +676,7 @@ pub(super) async fn delete_dead_all(
 
 /// A bulk action on the dead jobs of one queue (pages always name one).
 async fn bulk(ui: Shared, headers: HeaderMap, form: ActionForm, retry: bool) -> Response {
-    if let Err(r) = check(&ui, &headers, &form) {
+    if let Some(r) = refused(&ui, &headers, &form) {
         return r;
     }
     let viewer = Viewer::of(&ui, &headers);
