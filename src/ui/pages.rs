@@ -253,7 +253,7 @@ pub(super) async fn overview(State(ui): State<Shared>, headers: HeaderMap) -> Re
         }
         @if queues.is_empty() { p { em { "No queue has jobs." } } }
     };
-    page(&ui, &viewer, StatusCode::OK, "Queues", body)
+    page(&ui, &viewer, StatusCode::OK, "Overview", body)
 }
 
 /// `GET /queues/{queue}?state=&after=&limit=`.
