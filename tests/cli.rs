@@ -891,6 +891,26 @@ async fn durable_groups_and_changes_slots_print_json_lines() {
     assert!(lines[0]["lag_messages"].is_u64());
     ps.shutdown().await;
 
+    let table = channel("cli_feeds");
+    raw_client()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .expect("table");
+    let out = run(cli(&[
+        "changes", "install", "--table", &table, "--level", "row",
+    ]))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(cli(&["changes", "feeds"])).await;
+    let lines = json_lines(&out);
+    let feed = lines
+        .iter()
+        .find(|l| l["table"] == table.as_str())
+        .unwrap_or_else(|| panic!("{table} missing: {lines:?}"));
+    assert_eq!(feed["level"], "row");
+    assert_eq!(feed["target"], "durable");
+
     let slot = channel("cli_slots");
     common::create_slot(&slot).await;
     let out = run(cli(&["changes", "slots"])).await;

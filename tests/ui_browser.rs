@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
+use futures::FutureExt;
 use pg_pubsub::ui::{router, UiOptions};
 use pg_pubsub::PgPubSub;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -195,7 +196,9 @@ async fn the_dashboard_in_a_browser_shows_queues_and_retries_a_dead_job_after_lo
 
     let (_driver, driver_url) = start_driver(&driver).await;
     let br = open_browser(&chromium, &driver_url).await;
-    let result = async {
+    // Run the steps, then close the browser whether they passed or not
+    // (a panic would leave Chromium running under the killed driver).
+    let steps = async {
         // The overview lists the queue with its counts.
         br.goto(&format!("{base}/")).await.expect("goto /");
         let row = format!("#queues tr.queue:has(a[href='/queues/{q}'])");
@@ -286,9 +289,11 @@ async fn the_dashboard_in_a_browser_shows_queues_and_retries_a_dead_job_after_lo
         retry_b.click().await.expect("click retry");
         assert!(text(&br, "#error").await.contains("Log in"));
         assert_eq!(where_is(b).await, "dead");
-    }
-    .await;
+    };
+    let outcome = std::panic::AssertUnwindSafe(steps).catch_unwind().await;
     let _ = br.close().await;
     ps.shutdown().await;
-    result
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
