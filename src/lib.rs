@@ -82,6 +82,10 @@
 //!                   completer, vacuum), admin
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/);
 //!                   store.rs: the trigger feeds' statements
+//! src/admin/        the operator's view: mod.rs (handle, serializable types),
+//!                   store.rs (statements the capabilities lack)
+//! src/ui/           feature `ui`: router (mod.rs), api.rs (JSON), pages.rs
+//!                   (maud), auth.rs (token, sessions, CSRF), history.rs (charts)
 //! src/exec.rs       how every pooled statement runs: timeout, backoff, cancel on
 //!                   the server, connection detached when a statement may still run
 //! src/service.rs    the workers, consumers and feeds a handle started, stopped
@@ -125,6 +129,8 @@
 //! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
 //! * [`queue`]: work queue (jobs done once across a fleet, retries, dead jobs).
 //! * [`changes`]: change feeds (row changes from triggers and from the WAL).
+//! * [`admin`]: the operator's view: listings and actions across capabilities.
+//! * `ui` (feature `ui`): the dashboard and admin API, an axum router.
 //! * [`schema`]: the schema's name, migrations and installer.
 //! * [`channel`]: channel names and their limits.
 //! * [`wire`]: the payload format, and the size limit.
@@ -166,6 +172,8 @@
 
 #![warn(missing_docs)]
 
+// The operator's view: listings and actions across capabilities.
+pub mod admin;
 // Capabilities (each a folder: handle and docs in mod.rs, statements in its
 // store, one file per background task).
 pub mod changes;
@@ -174,6 +182,8 @@ pub mod queue;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "ui")]
+pub mod ui;
 
 // The core: LISTEN/NOTIFY (src/pubsub/).
 mod pubsub;

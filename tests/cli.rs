@@ -789,3 +789,231 @@ async fn changes_tail_wal_can_drop_its_slot_on_exit() {
         fleet.stderr
     );
 }
+
+/// JSON lines of a successful run's stdout.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// A dead job of `queue` made by hand, as a worker would move it; its id.
+async fn make_dead_job(queue: &str, payload: &str) -> i64 {
+    let ps = common::pubsub().await;
+    ps.queue().install().await.expect("install");
+    ps.shutdown().await;
+    raw_client()
+        .await
+        .query_one(
+            "INSERT INTO pgpubsub.dead_jobs (id, queue, priority, attempt, max_attempts, \
+                 last_error, created_at, payload) \
+             VALUES (nextval('pgpubsub.jobs_id_seq'), $1, 0, 2, 2, 'exit 1', now(), $2) \
+             RETURNING id",
+            &[&queue, &payload],
+        )
+        .await
+        .expect("insert dead job")
+        .get(0)
+}
+
+#[tokio::test]
+async fn queue_jobs_and_job_print_json_lines_from_the_admin_layer() {
+    let q = channel("cli_jobs");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let out = run(cli(&["queue", "enqueue", &q, &format!("job {i}")])).await;
+        assert!(out.status.success(), "{out:?}");
+        ids.push(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<i64>()
+                .expect("id"),
+        );
+    }
+    let dead = make_dead_job(&q, "dead one").await;
+
+    let out = run(cli(&["queue", "jobs", &q, "--limit", "2"])).await;
+    let lines = json_lines(&out);
+    let got: Vec<i64> = lines
+        .iter()
+        .map(|l| l["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(got, ids[..2]);
+    assert_eq!(lines[0]["state"], "ready");
+    assert_eq!(lines[0]["payload"], "job 0");
+    let next = format!("pg-pubsub: more jobs may follow: --after {}", ids[1]);
+    assert_eq!(stderr_lines(&out), [next]);
+    let after = ids[1].to_string();
+    let out = run(cli(&["queue", "jobs", &q, "--after", &after])).await;
+    assert_eq!(json_lines(&out)[0]["id"], ids[2]);
+
+    let out = run(cli(&["queue", "jobs", &q, "--state", "dead"])).await;
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["id"], dead);
+    assert_eq!(lines[0]["last_error"], "exit 1");
+
+    let out = run(cli(&["queue", "job", &dead.to_string()])).await;
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["state"], "dead");
+    assert_eq!(lines[0]["payload"], "dead one");
+    assert!(lines[0]["died_at"].is_string());
+
+    let out = run(cli(&["queue", "job", "9223372036854775807"])).await;
+    let line = assert_one_error_line(&out);
+    assert!(line.contains("no job"), "{line}");
+    let out = run(cli(&["queue", "jobs", &q, "--state", "done"])).await;
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+}
+
+#[tokio::test]
+async fn durable_groups_and_changes_slots_print_json_lines() {
+    let ch = channel("cli_groups");
+    let ps = common::pubsub().await;
+    ps.durable()
+        .publish(&ch, &serde_json::json!(1))
+        .await
+        .expect("publish");
+    let _sub = ps
+        .durable()
+        .subscribe::<serde_json::Value>(&ch, "g")
+        .await
+        .expect("subscribe");
+    let out = run(cli(&["durable", "groups", &ch])).await;
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["channel"], ch.as_str());
+    assert_eq!(lines[0]["group"], "g");
+    assert!(lines[0]["lag_messages"].is_u64());
+    ps.shutdown().await;
+
+    let table = channel("cli_feeds");
+    raw_client()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .expect("table");
+    let out = run(cli(&[
+        "changes", "install", "--table", &table, "--level", "row",
+    ]))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(cli(&["changes", "feeds"])).await;
+    let lines = json_lines(&out);
+    let feed = lines
+        .iter()
+        .find(|l| l["table"] == table.as_str())
+        .unwrap_or_else(|| panic!("{table} missing: {lines:?}"));
+    assert_eq!(feed["level"], "row");
+    assert_eq!(feed["target"], "durable");
+
+    let slot = channel("cli_slots");
+    common::create_slot(&slot).await;
+    let out = run(cli(&["changes", "slots"])).await;
+    let lines = json_lines(&out);
+    let mine = lines
+        .iter()
+        .find(|l| l["name"] == slot.as_str())
+        .unwrap_or_else(|| panic!("{slot} missing: {lines:?}"));
+    assert_eq!(mine["plugin"], "pgoutput");
+    assert_eq!(mine["kind"], "logical");
+    raw_client()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .expect("drop slot");
+}
+
+/// `pg-pubsub serve` on a free loopback port; the process and its base URL.
+async fn start_serve(token: Option<&str>) -> (Listener, String) {
+    let mut cmd = cli(&["serve", "--listen", "127.0.0.1:0", "--sample-every", "1"]);
+    cmd.env_remove("PGPUBSUB_ADMIN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("PGPUBSUB_ADMIN_TOKEN", t);
+    }
+    let mut child = cmd.spawn().expect("spawn pg-pubsub serve");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut l = Listener {
+        child,
+        stdout,
+        stderr,
+    };
+    let first = next_line(&mut l.stderr).await;
+    let url = first
+        .strip_prefix("pg-pubsub: serving the dashboard on ")
+        .and_then(|rest| rest.split_once("/ ("))
+        .map(|(url, _)| url.to_owned())
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"));
+    let mode = if token.is_some() {
+        "(admin token set)"
+    } else {
+        "(read-only (no admin token))"
+    };
+    assert!(first.ends_with(mode), "{first}");
+    (l, url)
+}
+
+#[tokio::test]
+async fn serve_binds_loopback_is_read_only_without_a_token_and_logs_mutations() {
+    let q = channel("cli_serve");
+    let dead = make_dead_job(&q, "<script>x</script>").await;
+    let http = reqwest::Client::builder()
+        .timeout(WAIT)
+        .build()
+        .expect("client");
+
+    let (mut ro, url) = start_serve(None).await;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let resp = http
+        .get(format!("{url}/api/dead?queue={q}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["jobs"][0]["id"], dead);
+    let resp = http
+        .post(format!("{url}/api/dead/{dead}/retry"))
+        .header("authorization", "Bearer anything")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
+    ro.signal("-TERM");
+    assert!(ro.wait().await.success());
+
+    let (mut rw, url) = start_serve(Some("cli-t0ken")).await;
+    let resp = http
+        .post(format!("{url}/api/dead/{dead}/retry"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let resp = http
+        .post(format!("{url}/api/dead/{dead}/retry"))
+        .header("authorization", "Bearer cli-t0ken")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    // The mutation is logged on stderr.
+    loop {
+        let line = next_line(&mut rw.stderr).await;
+        if line.contains("admin: dead job retried") {
+            assert!(line.contains(&dead.to_string()), "{line}");
+            break;
+        }
+    }
+    let state: String = raw_client()
+        .await
+        .query_one("SELECT state FROM pgpubsub.jobs WHERE id = $1", &[&dead])
+        .await
+        .expect("retried job")
+        .get(0);
+    assert_eq!(state, "ready");
+    rw.signal("-TERM");
+    assert!(rw.wait().await.success());
+}

@@ -19,10 +19,18 @@ pub(super) struct Sql {
     /// The feed of a table; parameter: the table. Columns: table, channel,
     /// notify, level, ops, columns, exclude.
     pub(super) feed: String,
+    /// Every feed, by table; the same columns.
+    pub(super) feeds: String,
 }
 
 impl Sql {
     pub(super) fn new(s: &str) -> Self {
+        // Column names as they are now (the row holds attribute numbers).
+        let select = format!(
+            "SELECT tbl::text, channel, target = 'notify', level, ops, \
+                    {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
+             FROM {s}.change_feeds"
+        );
         Sql {
             install_script: format!(
                 "SELECT {s}.change_feed_sql($1::text::regclass, $2, $3, $4, $5, $6, $7)"
@@ -32,12 +40,8 @@ impl Sql {
             ),
             uninstall_script: format!("SELECT {s}.uninstall_change_feed_sql($1::text::regclass)"),
             uninstall: format!("SELECT {s}.uninstall_change_feed($1::text::regclass)"),
-            // Column names as they are now (the row holds attribute numbers).
-            feed: format!(
-                "SELECT tbl::text, channel, target = 'notify', level, ops, \
-                        {s}.change_feed_names(tbl, columns), {s}.change_feed_names(tbl, exclude) \
-                 FROM {s}.change_feeds WHERE tbl = $1::text::regclass"
-            ),
+            feed: format!("{select} WHERE tbl = $1::text::regclass"),
+            feeds: format!("{select} ORDER BY tbl::text"),
         }
     }
 }

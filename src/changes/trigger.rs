@@ -60,6 +60,24 @@ impl PgPubSub {
     }
 }
 
+/// Maps a row of [`Changes::feed_select`].
+fn feed_of(row: &tokio_postgres::Row) -> Result<FeedInfo> {
+    let ops = row
+        .get::<_, Vec<String>>(4)
+        .iter()
+        .map(|op| op.parse())
+        .collect::<Result<Vec<Op>>>()?;
+    Ok(FeedInfo {
+        table: row.get(0),
+        channel: row.get(1),
+        notify: row.get(2),
+        level: row.get::<_, String>(3).parse::<TriggerLevel>()?,
+        ops,
+        columns: row.get(5),
+        exclude: row.get(6),
+    })
+}
+
 /// Maps a failed statement to a [`Stage::Changes`] error, keeping the cause.
 fn pg_err(stage: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
     move |e| Error::pg(Origin::Changes, stage, e)
@@ -188,33 +206,34 @@ impl Changes {
         .await
     }
 
+    /// Every feed installed in this schema, by table.
+    pub async fn feeds(&self) -> Result<Vec<FeedInfo>> {
+        let sql = self.sql().feeds;
+        self.run("listing the change feeds", |client| async move {
+            client
+                .query(&sql, &[])
+                .await
+                .map_err(pg_err("listing the change feeds"))?
+                .iter()
+                .map(feed_of)
+                .collect()
+        })
+        .await
+    }
+
     async fn feed_on(
         &self,
         client: &tokio_postgres::Client,
         table: &str,
     ) -> Result<Option<FeedInfo>> {
         let sql = self.sql().feed;
-        let Some(row) = client
+        client
             .query_opt(&sql, &[&table])
             .await
             .map_err(pg_err("looking the change feed up"))?
-        else {
-            return Ok(None);
-        };
-        let ops = row
-            .get::<_, Vec<String>>(4)
-            .iter()
-            .map(|op| op.parse())
-            .collect::<Result<Vec<Op>>>()?;
-        Ok(Some(FeedInfo {
-            table: row.get(0),
-            channel: row.get(1),
-            notify: row.get(2),
-            level: row.get::<_, String>(3).parse::<TriggerLevel>()?,
-            ops,
-            columns: row.get(5),
-            exclude: row.get(6),
-        }))
+            .as_ref()
+            .map(feed_of)
+            .transpose()
     }
 
     async fn require_feed(&self, table: &str, notify: bool) -> Result<FeedInfo> {

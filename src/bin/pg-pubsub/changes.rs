@@ -5,7 +5,7 @@ use pg_pubsub::changes::{ChangeEvent, Changes, FeedOptions, Op, TriggerLevel};
 use pg_pubsub::durable::{DurableSubscription, Start};
 use pg_pubsub::PgPubSub;
 
-use crate::common::{connect, note, ConnOpts, Result, Tuning};
+use crate::common::{connect, note, print_json_lines, ConnOpts, Result, Tuning};
 use crate::durable::{parse_start, tail_group};
 
 #[derive(Args)]
@@ -31,6 +31,11 @@ enum ChangesCommand {
     /// server until dropped). Fails while a feed streams from it. The
     /// publication named like it stays (it holds no WAL).
     DropSlot(DropSlotArgs),
+    /// The cluster's replication slots (name, plugin, active, WAL held in
+    /// bytes), one JSON object per line.
+    Slots,
+    /// The trigger feeds installed in the schema, one JSON object per line.
+    Feeds,
 }
 
 #[derive(Args)]
@@ -127,12 +132,34 @@ pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
         }
         ChangesCommand::Tail(t) if t.wal => wal_tail(conn, &args.schema, t).await,
         ChangesCommand::Tail(t) => tail(conn, &args.schema, t).await,
+        ChangesCommand::Slots => {
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = list(&ps, &args.schema, true).await;
+            ps.shutdown().await;
+            result
+        }
+        ChangesCommand::Feeds => {
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = list(&ps, &args.schema, false).await;
+            ps.shutdown().await;
+            result
+        }
         ChangesCommand::DropSlot(a) => {
             let ps = connect(conn, Tuning::default()).await?;
             let result = crate::wal::drop_slot(&ps, &a.slot).await;
             ps.shutdown().await;
             result
         }
+    }
+}
+
+/// `changes slots` (`slots`) or `changes feeds`.
+async fn list(ps: &pg_pubsub::PgPubSub, schema: &str, slots: bool) -> Result<()> {
+    let admin = ps.admin().with_schema(schema)?;
+    if slots {
+        print_json_lines(&admin.wal_slots().await?).await
+    } else {
+        print_json_lines(&admin.change_feeds().await?).await
     }
 }
 

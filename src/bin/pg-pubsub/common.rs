@@ -308,3 +308,14 @@ impl Stop {
         }
     }
 }
+
+/// Prints `items` as JSON lines (stops quietly when stdout closes).
+pub(crate) async fn print_json_lines<T: serde::Serialize>(items: &[T]) -> Result<()> {
+    let mut out = tokio::io::stdout();
+    for item in items {
+        if !write_json_line(&mut out, item).await? {
+            break;
+        }
+    }
+    Ok(())
+}

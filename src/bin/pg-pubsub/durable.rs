@@ -11,8 +11,8 @@ use pg_pubsub::Text;
 use pg_pubsub::{ConnectionEvent, PgPubSub};
 
 use crate::common::{
-    check_channel, connect, note, report_event, send_stdin_lines, write_json_line, ConnOpts,
-    Failure, Result, Stop, Tuning,
+    check_channel, connect, note, print_json_lines, report_event, send_stdin_lines,
+    write_json_line, ConnOpts, Failure, Result, Stop, Tuning,
 };
 
 #[derive(Args)]
@@ -31,6 +31,15 @@ enum DurableCommand {
     /// Print a durable channel's messages as a consumer group, one JSON
     /// object per line; each is acked once its line is written.
     Tail(TailArgs),
+    /// The consumer groups of a channel with their position and lag, one
+    /// JSON object per line (counting the lag reads every unacked message).
+    Groups(GroupsArgs),
+}
+
+#[derive(Args)]
+struct GroupsArgs {
+    /// Durable channel.
+    channel: String,
 }
 
 #[derive(Args)]
@@ -80,11 +89,33 @@ pub(crate) async fn run(conn: &ConnOpts, args: DurableArgs) -> Result<()> {
             ps.shutdown().await;
             result
         }
+        DurableCommand::Groups(g) => {
+            check_channel(&g.channel)?;
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = groups(&ps, &args.schema, &g.channel).await;
+            ps.shutdown().await;
+            result
+        }
         DurableCommand::Tail(t) => {
             check_channel(&t.channel)?;
             tail(conn, &args.schema, t).await
         }
     }
+}
+
+async fn groups(ps: &PgPubSub, schema: &str, channel: &str) -> Result<()> {
+    let groups = ps.admin().with_schema(schema)?.groups(channel).await?;
+    let lines: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|g| {
+            let mut v = serde_json::to_value(g).unwrap_or_default();
+            if let Some(m) = v.as_object_mut() {
+                m.insert("channel".into(), channel.into());
+            }
+            v
+        })
+        .collect();
+    print_json_lines(&lines).await
 }
 
 async fn publish(ps: &PgPubSub, schema: &str, args: PublishArgs) -> Result<()> {

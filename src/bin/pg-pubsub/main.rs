@@ -19,6 +19,7 @@ mod listen;
 mod migrate;
 mod notify;
 mod queue;
+mod serve;
 mod wal;
 
 use common::{note, ConnOpts};
@@ -51,6 +52,9 @@ enum Command {
     Queue(queue::QueueArgs),
     /// Change feeds: install triggers on a table, print its changes.
     Changes(changes::ChangesArgs),
+    /// Serve the dashboard and admin API over HTTP (localhost by default;
+    /// read-only unless given an admin token).
+    Serve(serve::ServeArgs),
 }
 
 #[tokio::main]
@@ -65,6 +69,7 @@ async fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(&cli.conn, args).await,
         Command::Queue(args) => queue::run(&cli.conn, args).await,
         Command::Changes(args) => changes::run(&cli.conn, args).await,
+        Command::Serve(args) => serve::run(&cli.conn, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

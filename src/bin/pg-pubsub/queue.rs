@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use futures::{FutureExt, StreamExt};
+use pg_pubsub::admin::{JobState, Page};
 use pg_pubsub::event::QueueEvent;
 use pg_pubsub::queue::{Enqueued, Job, Queue};
 use pg_pubsub::PgPubSub;
@@ -14,7 +15,8 @@ use pg_pubsub::Text;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{
-    connect, human, note, report_event, send_stdin_lines, ConnOpts, Failure, Result, Stop, Tuning,
+    connect, human, note, print_json_lines, report_event, send_stdin_lines, ConnOpts, Failure,
+    Result, Stop, Tuning,
 };
 
 /// Bytes of a failed command's stderr kept as the job's error.
@@ -44,6 +46,37 @@ enum QueueCommand {
     Stats,
     /// List dead jobs (one JSON object per line), or retry or delete one.
     Dead(DeadArgs),
+    /// List a queue's jobs in one state, by id, one JSON object per line
+    /// (payloads cut to 200 characters). A full page ends with a note
+    /// giving the `--after` of the next one.
+    Jobs(JobsArgs),
+    /// Print one job, live or dead, with its whole payload, as JSON.
+    Job(JobArgs),
+}
+
+#[derive(Args)]
+struct JobsArgs {
+    /// Queue name.
+    queue: String,
+    /// ready, scheduled, running or dead.
+    #[arg(long, default_value = "ready", value_parser = parse_state)]
+    state: JobState,
+    /// Only jobs with a greater id (the next page).
+    #[arg(long, value_name = "ID")]
+    after: Option<i64>,
+    /// At most this many (up to 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// The job's id.
+    id: i64,
+}
+
+fn parse_state(s: &str) -> Result<JobState, String> {
+    s.parse().map_err(|e: pg_pubsub::Error| e.to_string())
 }
 
 #[derive(Args)]
@@ -119,6 +152,8 @@ pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
         QueueCommand::Enqueue(e) => enqueue(&q, e).await,
         QueueCommand::Stats => stats(&q).await,
         QueueCommand::Dead(d) => dead(&q, d).await,
+        QueueCommand::Jobs(j) => jobs(&ps, &args.schema, j).await,
+        QueueCommand::Job(j) => job(&ps, &args.schema, j).await,
         QueueCommand::Work(_) => Ok(()),
     };
     ps.shutdown().await;
@@ -443,4 +478,28 @@ async fn dead(q: &Queue, args: DeadArgs) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+async fn jobs(ps: &PgPubSub, schema: &str, args: JobsArgs) -> Result<()> {
+    let admin = ps.admin().with_schema(schema)?;
+    let page = Page::new(args.after, args.limit.clamp(1, Page::MAX_LIMIT));
+    let jobs = admin.jobs(&args.queue, args.state, page).await?;
+    print_json_lines(&jobs).await?;
+    if jobs.len() >= page.limit as usize {
+        if let Some(last) = jobs.last() {
+            note(&format!("more jobs may follow: --after {}", last.id));
+        }
+    }
+    Ok(())
+}
+
+async fn job(ps: &PgPubSub, schema: &str, args: JobArgs) -> Result<()> {
+    let admin = ps.admin().with_schema(schema)?;
+    match admin.job(args.id).await? {
+        Some(job) => print_json_lines(&[job]).await,
+        None => Err(Failure(format!(
+            "no job {} (finished jobs are deleted)",
+            args.id
+        ))),
+    }
 }
