@@ -123,6 +123,9 @@
 //! * [`event`]: connection events ([`ConnectionEvent`]) and each capability's
 //!   own event stream ([`event::DurableEvent`], [`event::QueueEvent`], [`event::WalEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
+//! * `metrics` (feature `metrics`): the same and more as Prometheus
+//!   metrics, through the `metrics` facade, with database-wide gauges
+//!   (queue depths, group lag, slot lag) read on scrape.
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! ## Single listener
@@ -160,6 +163,8 @@
 // store, one file per background task).
 pub mod changes;
 pub mod durable;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod queue;
 pub mod schema;
 #[cfg(feature = "testing")]
@@ -177,6 +182,7 @@ mod connect;
 mod error;
 pub mod event;
 mod exec;
+mod record;
 mod service;
 #[cfg(feature = "signal")]
 mod signal;

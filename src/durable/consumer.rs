@@ -261,6 +261,7 @@ impl<T: Send + 'static> ConsumerBuilder<T> {
             decode: self.decode,
             acks: acks.clone(),
             counts: counts.clone(),
+            delivered: crate::record::Count::durable_delivered(channel.as_str(), &group),
             out,
             stop: stop.clone(),
             range: None,

@@ -34,6 +34,8 @@ pub(super) struct Reader<T> {
     pub(super) decode: Decode<T>,
     pub(super) acks: Arc<Acks>,
     pub(super) counts: Arc<Counts>,
+    /// `durable_delivered_total{channel,group}`.
+    pub(super) delivered: crate::record::Count,
     pub(super) out: mpsc::Sender<Vec<DurableDelivery<T>>>,
     pub(super) stop: watch::Receiver<bool>,
     /// Set while draining a batch that plain range scans can read.
@@ -270,6 +272,7 @@ impl<T: Send + 'static> Reader<T> {
             _ => None,
         };
         page.reserve(rows.len());
+        self.delivered.add(rows.len());
         for row in rows {
             *cursor = Some(row.position);
             page.push(deliver(
@@ -373,6 +376,7 @@ impl<T: Send + 'static> Reader<T> {
                 return Err(Error::shut_down());
             }
         }
+        self.delivered.add(read);
         if let Some(last) = last {
             *cursor = Some(last);
         }

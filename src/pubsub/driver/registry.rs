@@ -543,6 +543,10 @@ impl Registry {
             while let Some(note) = notes.next_if(|n| n.channel() == channel.as_str()) {
                 run.push(Received::new(note, shared));
             }
+            // Once per run; every subscriber of a channel shares its counters.
+            if let Some(s) = ch.subs.first() {
+                s.queue.counters().metrics.received(run.len());
+            }
             let origin = self.origin;
             let mut slow = false;
             match ch.subs.as_slice() {
