@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
+use pg_pubsub::durable::Start;
 use pg_pubsub::metrics::{names, PrometheusHandle};
 use pg_pubsub::queue::{Job, QueueEvent};
 use pg_pubsub::{Delivery, GapCause};
@@ -148,25 +149,36 @@ async fn durable_publish_delivery_and_group_lag() {
     }
     // A group that joined and left: its cursor stays before all three.
     drop(d.subscribe::<Value>(&ch, "idle").await.unwrap());
+    // One that joined at the end and left: it misses the next two.
+    let late = d.consumer(&ch, "late").start(Start::Latest);
+    drop(late.subscribe().await.unwrap());
+    for n in 3..5 {
+        d.publish(&ch, &json!({ "n": n })).await.unwrap();
+    }
+    for _ in 3..5 {
+        next_durable(&mut reader).await.ack();
+    }
 
     let text = pg_pubsub::metrics::render(&ps, prometheus()).await.unwrap();
     let s = parse(&text);
-    assert_eq!(must(&s, names::DURABLE_PUBLISHED, &[("channel", &ch)]), 3.0);
+    assert_eq!(must(&s, names::DURABLE_PUBLISHED, &[("channel", &ch)]), 5.0);
     assert_eq!(
         must(
             &s,
             names::DURABLE_DELIVERED,
             &[("channel", &ch), ("group", "reader")]
         ),
-        3.0
+        5.0
     );
     let idle = [("channel", ch.as_str()), ("group", "idle")];
-    assert_eq!(must(&s, names::DURABLE_GROUP_LAG_MESSAGES, &idle), 3.0);
+    assert_eq!(must(&s, names::DURABLE_GROUP_LAG_MESSAGES, &idle), 5.0);
+    let late = [("channel", ch.as_str()), ("group", "late")];
+    assert_eq!(must(&s, names::DURABLE_GROUP_LAG_MESSAGES, &late), 2.0);
     assert!(must(&s, names::DURABLE_GROUP_LAG_SECONDS, &idle) > 0.0);
     let reader = [("channel", ch.as_str()), ("group", "reader")];
     assert!(value(&s, names::DURABLE_GROUP_LAG_MESSAGES, &reader).is_some());
 
-    // The group removed: its gauges go to zero rather than keep 3.
+    // The group removed: its gauges go to zero rather than keep 5.
     assert!(d.remove_group(&ch, "idle").await.unwrap());
     let s = parse(&pg_pubsub::metrics::render(&ps, prometheus()).await.unwrap());
     assert_eq!(must(&s, names::DURABLE_GROUP_LAG_MESSAGES, &idle), 0.0);

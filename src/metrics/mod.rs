@@ -94,12 +94,15 @@ pub mod names {
     /// Gauge `{queue}` (on scrape): how long the oldest due job has been
     /// due, in seconds; 0 when none is.
     pub const QUEUE_OLDEST_READY: &str = "pgpubsub_queue_oldest_ready_seconds";
-    /// Gauge `{channel,group}` (on scrape): messages after the group's
-    /// cursor, **an estimate** counted in `(xid, seq)` order and capped at
-    /// 10,000 (see `Durable::groups` for the exact, unbounded count).
+    /// Gauge `{channel,group}` (on scrape): messages the group has not
+    /// acked, as [`GroupInfo::lag_messages`](crate::durable::GroupInfo::lag_messages)
+    /// counts them, but reading at most 10,000 messages per group: exact
+    /// below that, **a lower bound** above it (the scan starts at the
+    /// oldest transaction the group's batch could have left behind, so a
+    /// writer transaction open for long also makes it one).
     pub const DURABLE_GROUP_LAG_MESSAGES: &str = "pgpubsub_durable_group_lag_messages";
     /// Gauge `{channel,group}` (on scrape): age of the group's oldest
-    /// unacked message (by the same estimate), in seconds; 0 when caught up.
+    /// unacked message (among those counted), in seconds; 0 when caught up.
     pub const DURABLE_GROUP_LAG_SECONDS: &str = "pgpubsub_durable_group_lag_seconds";
     /// Gauge `{slot}` (on scrape): bytes of WAL a replication slot holds
     /// back (from its confirmed position, or its restart position for a
@@ -184,7 +187,7 @@ pub fn describe() {
     );
     describe_gauge!(
         DURABLE_GROUP_LAG_MESSAGES,
-        "Messages after a consumer group's cursor (estimate, capped)"
+        "Messages a consumer group has not acked (at most 10000 counted)"
     );
     describe_gauge!(
         DURABLE_GROUP_LAG_SECONDS,

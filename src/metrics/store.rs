@@ -3,16 +3,16 @@
 
 use crate::schema::SchemaName;
 
-/// Most unacked messages counted per group: the scan per group stops
-/// there, so a scrape's cost is bounded by groups × this, however far
-/// behind a group is. A group further behind reports this many.
+/// Most messages read per group: a scrape's cost is bounded by groups ×
+/// this, however far behind a group is. A group further behind reports
+/// at most this many.
 pub(crate) const LAG_CAP: i64 = 10_000;
 
 /// The scrape's statements, for one schema.
 pub(crate) struct Sql {
     /// queue, ready, scheduled, running, dead, oldest ready age (s).
     pub(crate) jobs: String,
-    /// channel, group, lag (messages, capped at `$1`), oldest unacked age (s).
+    /// channel, group, unacked messages (at most `$1`), oldest unacked age (s).
     pub(crate) groups: String,
 }
 
@@ -37,22 +37,26 @@ impl Sql {
                    coalesce(extract(epoch FROM now() - j.oldest), 0)::float8 \
                  FROM j FULL JOIN d ON d.queue = j.queue"
             ),
-            // Per group, the messages after its cursor in (xid, seq) order,
-            // read from the (channel, xid, seq) index and at most `$1` of
-            // them. An estimate: exact when transactions commit in xid
-            // order; a transaction that began before the cursor's and
-            // committed after it is missed (its xid sorts before), one that
-            // began after and committed before is counted until the group
-            // passes the next message. `Durable::groups` counts exactly
-            // (and reads every unacked message).
+            // Per group, what `Durable::groups` counts (messages its cursor
+            // has not passed), but reading at most `$1` rows of the
+            // (channel, xid, seq) index from the oldest transaction its
+            // cursor's batch could still leave behind (the xmin of the tick
+            // before it: older ones were all passed). Exact while that
+            // window holds fewer than `$1` messages; beyond, a lower bound
+            // (a writer open for long keeps the window's start back).
             groups: format!(
                 "SELECT g.channel, g.group_name, l.n, \
                    coalesce(extract(epoch FROM now() - l.oldest), 0)::float8 \
                  FROM {s}.groups g, \
-                 LATERAL (SELECT count(*) AS n, min(x.published_at) AS oldest \
-                   FROM (SELECT m.published_at FROM {s}.messages m \
-                         WHERE m.channel = g.channel AND (m.xid, m.seq) > (g.xid, g.seq) \
-                         ORDER BY m.xid, m.seq LIMIT $1) x) l"
+                 LATERAL (SELECT {s}.snap_before(g.channel, g.tick_id) AS pv, \
+                                 {s}.snap_at(g.channel, g.tick_id) AS nx) sn, \
+                 LATERAL (SELECT count(*) FILTER (WHERE NOT w.passed) AS n, \
+                                 min(w.published_at) FILTER (WHERE NOT w.passed) AS oldest \
+                   FROM (SELECT m.published_at, \
+                           {s}.passed(m.xid, m.seq, g.xid, g.seq, sn.pv, sn.nx) AS passed \
+                         FROM {s}.messages m \
+                         WHERE m.channel = g.channel AND m.xid >= pg_snapshot_xmin(sn.pv) \
+                         ORDER BY m.xid, m.seq LIMIT $1) w) l"
             ),
         }
     }
