@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex};
 
 use ::metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 pub use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio_postgres::error::SqlState;
 
 use crate::client::PgPubSub;
 use crate::error::{Error, Origin, Result};
@@ -252,31 +251,23 @@ impl PgPubSub {
     }
 }
 
-/// Whether `e` says the schema's tables are not there (not installed yet).
-fn not_installed(e: &tokio_postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME
-    )
-}
-
-/// Rows of a statement whose tables may not exist yet (none then).
-async fn rows_or_none(
-    client: &deadpool_postgres::Client,
+/// Rows of a statement, or none when `skip` (its tables are not there).
+async fn rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    skip: bool,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     origin: Origin,
     stage: &str,
 ) -> Result<Vec<tokio_postgres::Row>> {
-    let run = async {
-        let stmt = client.prepare_cached(sql).await?;
-        client.query(&stmt, params).await
-    };
-    match run.await {
-        Ok(rows) => Ok(rows),
-        Err(e) if not_installed(&e) => Ok(Vec::new()),
-        Err(e) => Err(Error::pg(origin, stage, e)),
+    if skip {
+        return Ok(Vec::new());
     }
+    let run = async {
+        let stmt = tx.prepare_cached(sql).await?;
+        tx.query(&stmt, params).await
+    };
+    run.await.map_err(|e| Error::pg(origin, stage, e))
 }
 
 impl Metrics {
@@ -315,20 +306,65 @@ impl Metrics {
         let (jobs, groups, slots, xmin) = self
             .pubsub
             .exec()
-            .run_with("collecting metrics", |c| async move {
+            .run_with("collecting metrics", |mut c| async move {
+                const STAGE: &str = "metrics: starting";
+                let pg = |origin, stage| move |e| Error::pg(origin, stage, e);
+                let tx = c
+                    .build_transaction()
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(pg(Origin::Queue, STAGE))?;
+                // No JIT: compiling the plans of many groups costs more
+                // than running them; and no rows for tables not installed.
+                let (jobs_table, groups_table) = (&sql.jobs_table, &sql.groups_table);
+                let found = tx
+                    .query_one(
+                        "SELECT set_config('jit', 'off', true), \
+                         to_regclass($1::text) IS NULL, to_regclass($2::text) IS NULL",
+                        &[jobs_table, groups_table],
+                    )
+                    .await
+                    .map_err(pg(Origin::Queue, STAGE))?;
+                let (no_jobs, no_groups): (bool, bool) = (found.get(1), found.get(2));
                 let cap: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&LAG_CAP];
-                futures::try_join!(
-                    rows_or_none(&c, &sql.jobs, &[], Origin::Queue, "metrics: queue jobs"),
-                    rows_or_none(
-                        &c,
+                let got = futures::try_join!(
+                    rows(
+                        &tx,
+                        no_jobs,
+                        &sql.jobs,
+                        &[],
+                        Origin::Queue,
+                        "metrics: queue jobs"
+                    ),
+                    rows(
+                        &tx,
+                        no_groups,
                         &sql.groups,
                         &cap,
                         Origin::Durable,
                         "metrics: durable group lag"
                     ),
-                    rows_or_none(&c, SLOTS, &[], Origin::Wal, "metrics: replication slots"),
-                    rows_or_none(&c, OLDEST_XMIN, &[], Origin::Queue, "metrics: xmin horizon"),
-                )
+                    rows(
+                        &tx,
+                        false,
+                        SLOTS,
+                        &[],
+                        Origin::Wal,
+                        "metrics: replication slots"
+                    ),
+                    rows(
+                        &tx,
+                        false,
+                        OLDEST_XMIN,
+                        &[],
+                        Origin::Queue,
+                        "metrics: xmin horizon"
+                    ),
+                )?;
+                // Read only: ending it either way is the same.
+                tx.commit().await.map_err(pg(Origin::Queue, STAGE))?;
+                Ok(got)
             })
             .await?;
         let mut now = Seen::default();

@@ -14,12 +14,18 @@ pub(crate) struct Sql {
     pub(crate) jobs: String,
     /// channel, group, unacked messages (at most `$1`), oldest unacked age (s).
     pub(crate) groups: String,
+    /// The tables whose absence means "not installed": no queue rows, no
+    /// group rows.
+    pub(crate) jobs_table: String,
+    pub(crate) groups_table: String,
 }
 
 impl Sql {
     pub(crate) fn new(schema: &SchemaName) -> Sql {
         let s = schema.as_str();
         Sql {
+            jobs_table: format!("{s}.jobs"),
+            groups_table: format!("{s}.groups"),
             // One pass over the live jobs, one over the dead ones (the
             // same counts as `Queue::stats`, without its per-queue
             // subquery). Linear in jobs: the live table holds only waiting
@@ -38,25 +44,32 @@ impl Sql {
                  FROM j FULL JOIN d ON d.queue = j.queue"
             ),
             // Per group, what `Durable::groups` counts (messages its cursor
-            // has not passed), but reading at most `$1` rows of the
-            // (channel, xid, seq) index from the oldest transaction its
+            // has not passed), but reading at most `$1` entries of the
+            // (channel, xid, seq) index, from the oldest transaction its
             // cursor's batch could still leave behind (the xmin of the tick
             // before it: older ones were all passed). Exact while that
-            // window holds fewer than `$1` messages; beyond, a lower bound
-            // (a writer open for long keeps the window's start back).
+            // window holds fewer than `$1` messages; beyond, a lower bound.
+            // The count reads the index only; the oldest unacked message
+            // is the first not passed in index order (one heap fetch).
+            // `OFFSET 0` keeps the tick snapshots from being looked up
+            // again for every message.
             groups: format!(
-                "SELECT g.channel, g.group_name, l.n, \
-                   coalesce(extract(epoch FROM now() - l.oldest), 0)::float8 \
-                 FROM {s}.groups g, \
-                 LATERAL (SELECT {s}.snap_before(g.channel, g.tick_id) AS pv, \
-                                 {s}.snap_at(g.channel, g.tick_id) AS nx) sn, \
-                 LATERAL (SELECT count(*) FILTER (WHERE NOT w.passed) AS n, \
-                                 min(w.published_at) FILTER (WHERE NOT w.passed) AS oldest \
-                   FROM (SELECT m.published_at, \
-                           {s}.passed(m.xid, m.seq, g.xid, g.seq, sn.pv, sn.nx) AS passed \
-                         FROM {s}.messages m \
-                         WHERE m.channel = g.channel AND m.xid >= pg_snapshot_xmin(sn.pv) \
-                         ORDER BY m.xid, m.seq LIMIT $1) w) l"
+                "SELECT g.channel, g.group_name, c.n, \
+                   coalesce(extract(epoch FROM now() - o.oldest), 0)::float8 \
+                 FROM {s}.groups g \
+                 CROSS JOIN LATERAL (SELECT {s}.snap_before(g.channel, g.tick_id) AS pv, \
+                                 {s}.snap_at(g.channel, g.tick_id) AS nx OFFSET 0) sn \
+                 CROSS JOIN LATERAL (SELECT count(*) AS n FROM \
+                   (SELECT m.xid, m.seq FROM {s}.messages m \
+                    WHERE m.channel = g.channel AND m.xid >= pg_snapshot_xmin(sn.pv) \
+                    LIMIT $1) w \
+                   WHERE NOT {s}.passed(w.xid, w.seq, g.xid, g.seq, sn.pv, sn.nx)) c \
+                 LEFT JOIN LATERAL (SELECT w.published_at AS oldest FROM \
+                   (SELECT m.xid, m.seq, m.published_at FROM {s}.messages m \
+                    WHERE m.channel = g.channel AND m.xid >= pg_snapshot_xmin(sn.pv) \
+                    ORDER BY m.xid, m.seq LIMIT $1) w \
+                   WHERE NOT {s}.passed(w.xid, w.seq, g.xid, g.seq, sn.pv, sn.nx) \
+                   LIMIT 1) o ON true"
             ),
         }
     }
