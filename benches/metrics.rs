@@ -9,13 +9,14 @@
 //! `BENCH_SCRAPES` (default 20), before and after `VACUUM ANALYZE`.
 //!
 //! Phase 2 (hot paths): a recorder that can be switched off is installed
-//! once; rounds alternate on and off (`BENCH_ROUNDS` of each, default 10),
-//! each with a fresh channel or queue, so its metric handles are
-//! registered while the switch is in that round's position (off: the
-//! facade's no-op handles, as without a recorder). Measured: receiving
-//! `BENCH_NOTIFICATIONS` (default 50,000) notifications sent in one
-//! transaction, and claiming and completing `BENCH_JOBS` (default 5,000)
-//! jobs with 8 do-nothing handlers. Medians per side and their ratio.
+//! once; `BENCH_ROUNDS` (default 20) pairs of rounds, one recording and
+//! one off, in ABBA order, each round with a fresh channel and queue, so
+//! their metric handles are registered while the switch is in that
+//! round's position (off: the facade's no-op handles, as without a
+//! recorder). Measured: receiving `BENCH_NOTIFICATIONS` (default 50,000)
+//! notifications sent in one transaction, and claiming and completing
+//! `BENCH_JOBS` (default 5,000) jobs with 8 do-nothing handlers. Medians
+//! per side, and the median over pairs of the extra time recording took.
 //! `BENCH_PHASES`: `scrape`, `hot` or both (the default).
 //! Without the feature the recording points are empty inline functions
 //! on zero-sized types: nothing to measure.
@@ -209,89 +210,124 @@ async fn scrape(ps: &PgPubSub, handle: &metrics_exporter_prometheus::PrometheusH
 }
 
 async fn hot_paths(ps: &PgPubSub, on: &AtomicBool) -> Res<()> {
-    let rounds = env_u64("BENCH_ROUNDS", 10)?;
-    let notes = env_u64("BENCH_NOTIFICATIONS", 50_000)?;
-    let jobs = env_u64("BENCH_JOBS", 5_000)?;
+    let pairs = env_u64("BENCH_ROUNDS", 20)?;
+    let sizes = (
+        env_u64("BENCH_NOTIFICATIONS", 50_000)?,
+        env_u64("BENCH_JOBS", 5_000)?,
+    );
+    ps.queue().install().await?;
     let client = ps.pool().get().await?;
-    let q = ps.queue();
-    let (mut listen, mut claim) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    // Round 0 warms up (connections, prepared statements) and is not counted.
-    for round in 0..=rounds * 2 {
-        let side = (round % 2) as usize; // 1: recording, 0: off
-        on.store(side == 1, Ordering::Relaxed);
-
-        // Listen and receive.
-        let ch = format!("bench_m_{round}");
-        let mut sub = ps.listen::<serde_json::Value>(&ch).await?;
-        let t = Instant::now();
-        client
-            .execute(
-                "SELECT pg_notify($1, format('{\"n\": %s}', g)) FROM generate_series(1, $2::int8) g",
-                &[&ch, &(notes as i64)],
-            )
-            .await?;
-        let mut got = 0;
-        while got < notes {
-            let next = tokio::time::timeout(Duration::from_secs(30), sub.next());
-            match next
-                .await
-                .map_err(|_| format!("{got} of {notes} notifications"))?
-            {
-                Some(Delivery::Message(_)) => got += 1,
-                Some(other) => return Err(format!("unexpected {other:?}").into()),
-                None => return Err("subscription ended".into()),
-            }
+    // Warm-up (connections, prepared statements), not counted.
+    round(ps, &client, "warm", sizes).await?;
+    // [with, without] throughputs of each pair, listen then claim.
+    let mut pairs_seen: Vec<[(f64, f64); 2]> = Vec::new();
+    for p in 0..pairs {
+        // ABBA: recording first in even pairs, last in odd ones, so a
+        // drift of the machine's speed favours neither side.
+        let order = if p % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let mut got = [(0.0, 0.0); 2];
+        for recording in order {
+            on.store(recording, Ordering::Relaxed);
+            got[usize::from(!recording)] =
+                round(ps, &client, &format!("{p}_{recording}"), sizes).await?;
         }
-        if round > 0 {
-            listen[side].push(notes as f64 / t.elapsed().as_secs_f64());
-        }
-        drop(sub);
-
-        // Claim and complete.
-        let name = format!("bench_mq_{round}");
-        client
-            .execute(
-                "INSERT INTO pgpubsub.jobs (queue, payload) \
-                 SELECT $1, '{}' FROM generate_series(1, $2::int8)",
-                &[&name, &(jobs as i64)],
-            )
-            .await?;
-        let done = Arc::new(AtomicU64::new(0));
-        let all = Arc::new(tokio::sync::Notify::new());
-        let (d, a) = (done.clone(), all.clone());
-        let t = Instant::now();
-        let worker = q
-            .worker(&name)
-            .concurrency(8)
-            .run(move |_job: Job| {
-                let (d, a) = (d.clone(), a.clone());
-                async move {
-                    if d.fetch_add(1, Ordering::Relaxed) + 1 == jobs {
-                        a.notify_one();
-                    }
-                    Ok::<_, String>(())
-                }
-            })
-            .await?;
-        tokio::time::timeout(Duration::from_secs(120), all.notified())
-            .await
-            .map_err(|_| format!("{} of {jobs} jobs", done.load(Ordering::Relaxed)))?;
-        if round > 0 {
-            claim[side].push(jobs as f64 / t.elapsed().as_secs_f64());
-        }
-        worker.shutdown().await?;
+        pairs_seen.push([got[0], got[1]]);
     }
     on.store(true, Ordering::Relaxed);
-    for (what, unit, sides) in [
-        ("listen + receive", "notifications/s", listen),
-        ("claim + complete (8 handlers)", "jobs/s", claim),
+    for (i, what, unit) in [
+        (0, "listen + receive", "notifications/s"),
+        (1, "claim + complete (8 handlers)", "jobs/s"),
     ] {
-        let [without, with] = sides;
-        let (with, without) = (median(with), median(without));
+        let pick = |f: fn(&[(f64, f64); 2]) -> f64| pairs_seen.iter().map(f).collect::<Vec<_>>();
+        let (with, without) = if i == 0 {
+            (pick(|p| p[0].0), pick(|p| p[1].0))
+        } else {
+            (pick(|p| p[0].1), pick(|p| p[1].1))
+        };
+        // Per pair: how much longer the same work took while recording.
+        let costs: Vec<f64> = with
+            .iter()
+            .zip(&without)
+            .map(|(w, o)| o / w - 1.0)
+            .collect();
         println!(
-            "{what:<32} recording {with:>9.0} {unit}  off {without:>9.0} {unit}  cost {:+.1}%",
-            (without / with - 1.0) * 100.0
+            "{what:<32} recording {:>9.0} {unit}  off {:>9.0} {unit}  cost (median of {} pairs) {:+.1}%",
+            median(with),
+            median(without),
+            costs.len(),
+            median(costs) * 100.0
         );
     }
     Ok(())
+}
+
+/// One round: receive `notes` notifications sent in one transaction, then
+/// claim and complete `jobs` jobs with 8 do-nothing handlers. Throughputs.
+async fn round(
+    ps: &PgPubSub,
+    client: &deadpool_postgres::Client,
+    tag: &str,
+    (notes, jobs): (u64, u64),
+) -> Res<(f64, f64)> {
+    // Fresh names: their metric handles are registered now, as the switch is.
+    let ch = format!("bench_m_{tag}");
+    let mut sub = ps.listen::<serde_json::Value>(&ch).await?;
+    let t = Instant::now();
+    client
+        .execute(
+            "SELECT pg_notify($1, format('{\"n\": %s}', g)) FROM generate_series(1, $2::int8) g",
+            &[&ch, &(notes as i64)],
+        )
+        .await?;
+    let mut got = 0;
+    while got < notes {
+        let next = tokio::time::timeout(Duration::from_secs(30), sub.next());
+        match next
+            .await
+            .map_err(|_| format!("{got} of {notes} notifications"))?
+        {
+            Some(Delivery::Message(_)) => got += 1,
+            Some(other) => return Err(format!("unexpected {other:?}").into()),
+            None => return Err("subscription ended".into()),
+        }
+    }
+    let listen = notes as f64 / t.elapsed().as_secs_f64();
+    drop(sub);
+
+    let name = format!("bench_mq_{tag}");
+    client
+        .execute(
+            "INSERT INTO pgpubsub.jobs (queue, payload) \
+             SELECT $1, '{}' FROM generate_series(1, $2::int8)",
+            &[&name, &(jobs as i64)],
+        )
+        .await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let (d, a) = (done.clone(), all.clone());
+    let t = Instant::now();
+    let worker = ps
+        .queue()
+        .worker(&name)
+        .concurrency(8)
+        .run(move |_job: Job| {
+            let (d, a) = (d.clone(), a.clone());
+            async move {
+                if d.fetch_add(1, Ordering::Relaxed) + 1 == jobs {
+                    a.notify_one();
+                }
+                Ok::<_, String>(())
+            }
+        })
+        .await?;
+    tokio::time::timeout(Duration::from_secs(120), all.notified())
+        .await
+        .map_err(|_| format!("{} of {jobs} jobs", done.load(Ordering::Relaxed)))?;
+    let claim = jobs as f64 / t.elapsed().as_secs_f64();
+    worker.shutdown().await?;
+    Ok((listen, claim))
 }
