@@ -73,6 +73,9 @@
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
 //!                   completer, vacuum), admin
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/)
+//! src/metrics/      feature `metrics`: names, the Prometheus recorder, the
+//!                   database gauges read on scrape (store.rs: statements)
+//! src/record.rs     what the tasks record for metrics (empty without the feature)
 //! src/exec.rs       how every pooled statement runs: timeout, backoff, cancel on
 //!                   the server, connection detached when a statement may still run
 //! src/service.rs    the workers, consumers and feeds a handle started, stopped

@@ -126,10 +126,22 @@ async fn listener_counts_notifications_gaps_reconnects_and_drops() {
     };
     let s = scrape();
     assert!(must(&s, names::LAGGED, &[("channel", &ch)]) >= dropped as f64);
-    assert_eq!(
-        must(&s, names::NOTIFICATIONS_RECEIVED, &[("channel", &ch)]),
-        11.0
-    );
+    // All ten usually came in the batch that overflowed; if the socket
+    // split them, the rest follows: wait for the count (no event for it).
+    let received = || {
+        value(
+            &scrape(),
+            names::NOTIFICATIONS_RECEIVED,
+            &[("channel", &ch)],
+        )
+    };
+    tokio::time::timeout(WAIT, async {
+        while received() != Some(11.0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("received {:?} of 11", received()));
     ps.shutdown().await;
 }
 

@@ -213,6 +213,10 @@ pub async fn render(pubsub: &PgPubSub, prometheus: &PrometheusHandle) -> Result<
     pubsub.metrics().render(prometheus).await
 }
 
+/// The `state` label values of [`names::QUEUE_JOBS`], in the order of the
+/// jobs statement's columns.
+const STATES: [&str; 4] = ["ready", "scheduled", "running", "dead"];
+
 /// The label sets a handle reported at its last collect, per schema, so a
 /// queue, group or slot that vanished is set to 0 once rather than keep
 /// its last value.
@@ -295,9 +299,12 @@ impl Metrics {
     /// recorder: [`names::QUEUE_JOBS`], [`names::QUEUE_OLDEST_READY`],
     /// [`names::DURABLE_GROUP_LAG_MESSAGES`],
     /// [`names::DURABLE_GROUP_LAG_SECONDS`], [`names::WAL_SLOT_LAG_BYTES`],
-    /// [`names::WAL_SLOT_ACTIVE`], [`names::OLDEST_XMIN`]. Four statements
-    /// on one pooled connection, pipelined, within the notify timeout;
-    /// never installs the schema (not installed: no queue or group series).
+    /// [`names::WAL_SLOT_ACTIVE`], [`names::OLDEST_XMIN`]. One pooled
+    /// connection, within the notify timeout: a read-only transaction
+    /// that checks which tables exist (and turns JIT off: compiling the
+    /// plan of many groups costs more than running it), then the four
+    /// statements pipelined. Never installs the schema (not installed: no
+    /// queue or group series).
     /// A queue, group or slot reported by the previous collect of this
     /// [`PgPubSub`] and gone now is set to 0 (the recorder keeps every
     /// series it saw; see `PrometheusBuilder::idle_timeout` to drop them).
@@ -370,7 +377,7 @@ impl Metrics {
         let mut now = Seen::default();
         for r in &jobs {
             let queue: String = r.get(0);
-            for (i, state) in ["ready", "scheduled", "running", "dead"].iter().enumerate() {
+            for (i, state) in STATES.iter().enumerate() {
                 let n: i64 = r.get(i + 1);
                 gauge!(names::QUEUE_JOBS, "queue" => queue.clone(), "state" => *state)
                     .set(n.max(0) as f64);
@@ -410,10 +417,9 @@ impl Metrics {
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let before = all.insert(self.schema.clone(), Seen::default());
-        if let Some(before) = before {
+        if let Some(before) = all.remove(&self.schema) {
             for queue in before.queues.difference(&now.queues) {
-                for state in ["ready", "scheduled", "running", "dead"] {
+                for state in STATES {
                     gauge!(names::QUEUE_JOBS, "queue" => queue.clone(), "state" => state).set(0);
                 }
                 gauge!(names::QUEUE_OLDEST_READY, "queue" => queue.clone()).set(0);
