@@ -112,6 +112,9 @@ pub(crate) struct Inner {
     pub(crate) wakes: crate::wake::Wakes,
     /// Durable wake-ups, one subscription per schema, handed to each channel's readers.
     pub(crate) durable_wakeups: crate::durable::Dispatchers,
+    /// What the last metrics collect reported, per schema.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics_reported: crate::metrics::Reported,
 }
 
 /// Configures and connects a [`PgPubSub`].
@@ -426,6 +429,8 @@ impl Builder {
             next_id: AtomicU64::new(1),
             wakes,
             durable_wakeups: crate::durable::Dispatchers::default(),
+            #[cfg(feature = "metrics")]
+            metrics_reported: Default::default(),
         });
         crate::wake::spawn(wake_queue, exec);
         Ok(PgPubSub { inner })

@@ -86,6 +86,9 @@
 //!                   store.rs (statements the capabilities lack)
 //! src/ui/           feature `ui`: router (mod.rs), api.rs (JSON), pages.rs
 //!                   (maud), auth.rs (token, sessions, CSRF), history.rs (charts)
+//! src/metrics/      feature `metrics`: names, the Prometheus recorder, the
+//!                   database gauges read on scrape (store.rs: statements)
+//! src/record.rs     what the tasks record for metrics (empty without the feature)
 //! src/exec.rs       how every pooled statement runs: timeout, backoff, cancel on
 //!                   the server, connection detached when a statement may still run
 //! src/service.rs    the workers, consumers and feeds a handle started, stopped
@@ -139,6 +142,9 @@
 //! * [`event`]: connection events ([`ConnectionEvent`]) and each capability's
 //!   own event stream ([`event::DurableEvent`], [`event::QueueEvent`], [`event::WalEvent`]).
 //! * [`stats`]: counters for metrics ([`PgPubSub::stats`]).
+//! * `metrics` (feature `metrics`): the same and more as Prometheus
+//!   metrics, through the `metrics` facade, with database-wide gauges
+//!   (queue depths, group lag, slot lag) read on scrape.
 //! * `testing` (feature `testing`): throwaway PostgreSQL clusters for tests.
 //!
 //! ## Single listener
@@ -178,6 +184,8 @@ pub mod admin;
 // store, one file per background task).
 pub mod changes;
 pub mod durable;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod queue;
 pub mod schema;
 #[cfg(feature = "testing")]
@@ -198,6 +206,7 @@ mod error;
 pub mod event;
 mod exec;
 mod payload;
+mod record;
 mod service;
 #[cfg(feature = "signal")]
 mod signal;

@@ -63,11 +63,23 @@ pub struct ChannelStats {
 }
 
 /// One channel's counters, shared by its subscriptions' queues.
-#[derive(Default)]
 pub(crate) struct ChannelCounters {
     pub delivered: AtomicU64,
     pub lagged: AtomicU64,
     pub gaps: AtomicU64,
+    /// The channel's metric handles (nothing without the `metrics` feature).
+    pub metrics: crate::record::ChannelMetrics,
+}
+
+impl ChannelCounters {
+    pub(crate) fn new(channel: &ChannelName) -> Self {
+        ChannelCounters {
+            delivered: AtomicU64::new(0),
+            lagged: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            metrics: crate::record::ChannelMetrics::new(channel.as_str()),
+        }
+    }
 }
 
 struct Tracked {
@@ -93,7 +105,7 @@ impl Board {
     pub(crate) fn join(&self, channel: &ChannelName) -> Arc<ChannelCounters> {
         let mut channels = self.lock();
         let tracked = channels.entry(channel.clone()).or_insert_with(|| Tracked {
-            counters: Arc::default(),
+            counters: Arc::new(ChannelCounters::new(channel)),
             subscribers: 0,
         });
         tracked.subscribers += 1;

@@ -562,3 +562,36 @@ async fn durable_groups_change_feeds_slots_and_leaders() {
         .expect("drop slot");
     ps.shutdown().await;
 }
+
+/// `/metrics` is served when the router has a recorder: the database
+/// gauges are read at the scrape, with the text format's content type.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_are_served_with_the_database_gauges() {
+    // The only test of this binary that installs the process's recorder.
+    let prometheus = pg_pubsub::metrics::install_prometheus().expect("recorder");
+    let ps = common::pubsub().await;
+    let queue = channel("ui_metrics");
+    dead_job(&ps, &queue, "{}").await;
+    let without = serve(&ps, UiOptions::new()).await;
+    assert_eq!(
+        get_text(&format!("{without}/metrics")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let base = serve(&ps, UiOptions::new().prometheus(prometheus)).await;
+    let resp = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let kind = resp.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    let text = resp.text().await.expect("body");
+    let line = format!("pgpubsub_queue_jobs{{queue=\"{queue}\",state=\"dead\"}} 1");
+    assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    ps.shutdown().await;
+}

@@ -247,6 +247,7 @@ impl<T: Decode> ConsumerBuilder<T> {
             decode: self.decode,
             acks: acks.clone(),
             counts: counts.clone(),
+            delivered: crate::record::Count::durable_delivered(channel.as_str(), &group),
             out,
             stop: stop.clone(),
             retain_every: self.retain_every,

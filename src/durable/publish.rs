@@ -28,6 +28,8 @@ pub(super) struct Publisher {
     /// Inserts and notifies in the transaction.
     notify: String,
     quiet: QuietFlags,
+    /// `durable_published_total` handles, per channel.
+    published: crate::record::Published,
 }
 
 impl Publisher {
@@ -51,6 +53,7 @@ impl Publisher {
             notify: format!("{insert} RETURNING pg_notify('{wake}', $1)"),
             plain: insert,
             quiet: QuietFlags::default(),
+            published: Default::default(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl Durable {
             })
             .await?;
         drop(publishing);
+        p.published.add(name, 1);
         // Committed: the wake-up follows, merged with concurrent publishers'.
         if due {
             self.pubsub
@@ -154,6 +158,7 @@ impl Durable {
                 })
                 .await
                 .map_err(|e| e.context(format!("{sent} were published before it")))?;
+                self.publisher.published.add(channel.as_str(), chunk.len());
                 sent += chunk.len();
             }
             Ok(sent)
@@ -179,8 +184,10 @@ impl Durable {
             &[(&channel.as_str(), Type::TEXT), (&payload, Type::TEXT)],
         )
         .await
-        .map(drop)
-        .map_err(|e| Error::pg(Origin::Durable, "durable publish in transaction", e))
+        .map_err(|e| Error::pg(Origin::Durable, "durable publish in transaction", e))?;
+        // Counted when the insert ran: the caller's transaction may still roll back.
+        self.publisher.published.add(channel.as_str(), 1);
+        Ok(())
     }
 
     /// Makes `channel` quiet (publish without `NOTIFY`, consumers find new

@@ -32,6 +32,8 @@ pub(super) struct Reader<T> {
     pub(super) decode: Decode<T>,
     pub(super) acks: Arc<Acks>,
     pub(super) counts: Arc<Counts>,
+    /// `durable_delivered_total{channel,group}`.
+    pub(super) delivered: crate::record::Count,
     pub(super) out: mpsc::Sender<Vec<DurableDelivery<T>>>,
     pub(super) stop: watch::Receiver<bool>,
     pub(super) retain_every: Option<Duration>,
@@ -246,6 +248,7 @@ impl<T: Send + 'static> Reader<T> {
             self.plan.set_range(range);
         }
         page.reserve(rows.len());
+        self.delivered.add(rows.len());
         for row in rows {
             page.push(deliver(
                 self.decode,
@@ -342,6 +345,7 @@ impl<T: Send + 'static> Reader<T> {
                 return Err(Error::shut_down());
             }
         }
+        self.delivered.add(read);
         Ok(self.plan.streamed(range, read, last))
     }
 }

@@ -85,6 +85,7 @@ impl Queue {
         self.counters.delivered.fetch_add(fits as u64, Relaxed);
         if dropped > 0 {
             self.counters.lagged.fetch_add(dropped as u64, Relaxed);
+            self.counters.metrics.lagged(dropped as u64);
         }
         !was_dropping && dropped > 0
     }
@@ -104,10 +105,16 @@ impl Queue {
         if !absorbed {
             inner.entries.push_back(Entry::Gap(gap));
             self.counters.gaps.fetch_add(1, Relaxed);
+            self.counters.metrics.gap();
         }
         if let Some(w) = inner.waker.take() {
             w.wake();
         }
+    }
+
+    /// The channel's counters.
+    pub(crate) fn counters(&self) -> &ChannelCounters {
+        &self.counters
     }
 
     /// Ends the stream once the queued entries are consumed.

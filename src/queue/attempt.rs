@@ -33,11 +33,13 @@ pub(super) async fn run<F, Fut, E>(
 {
     let (id, attempt, max_attempts) = (job.id, job.attempt, job.max_attempts);
     let completed = job.completed.clone();
+    let started = crate::record::Timer::start();
     // The handler is called inside the guarded future: a panic while
     // building its future fails the attempt too.
     let outcome = AssertUnwindSafe(async move { handler(job).await })
         .catch_unwind()
         .await;
+    ctx.metrics.finished(started, matches!(outcome, Ok(Ok(()))));
     let error = match outcome {
         Ok(Ok(())) => {
             if !completed.load(Ordering::Acquire) {

@@ -78,6 +78,39 @@ pub(super) async fn readyz(State(ui): State<Shared>) -> Response {
     }
 }
 
+/// `GET /metrics`: the recorder's text, after reading the database gauges.
+/// A failed read answers 503 so the scrape is marked down.
+#[cfg(feature = "metrics")]
+pub(super) async fn metrics(State(ui): State<Shared>) -> Response {
+    let Some(handle) = ui.opts.prometheus.as_ref() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let metrics = match ui
+        .admin
+        .pubsub()
+        .metrics()
+        .with_schema(ui.admin.schema().as_str())
+    {
+        Ok(m) => m,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    };
+    match metrics.render(handle).await {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("metrics unavailable: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
 /// `GET /api/queues`.
 pub(super) async fn queues(State(ui): State<Shared>) -> ApiResult<Vec<crate::admin::QueueSummary>> {
     Ok(Json(ui.admin.queues().await?))

@@ -64,6 +64,8 @@ pub struct UiOptions {
     elected: Vec<String>,
     base_path: String,
     schema: Option<String>,
+    #[cfg(feature = "metrics")]
+    prometheus: Option<crate::metrics::PrometheusHandle>,
 }
 
 impl std::fmt::Debug for UiOptions {
@@ -88,6 +90,8 @@ impl Default for UiOptions {
             elected: Vec::new(),
             base_path: String::new(),
             schema: None,
+            #[cfg(feature = "metrics")]
+            prometheus: None,
         }
     }
 }
@@ -140,6 +144,15 @@ impl UiOptions {
     /// Another schema than the default one.
     pub fn schema(mut self, schema: &str) -> Self {
         self.schema = Some(schema.to_owned());
+        self
+    }
+
+    /// Serves `GET /metrics` (Prometheus text) from this recorder, with
+    /// the database gauges read at each scrape
+    /// ([`metrics::render`](crate::metrics::render)). Feature `metrics`.
+    #[cfg(feature = "metrics")]
+    pub fn prometheus(mut self, handle: crate::metrics::PrometheusHandle) -> Self {
+        self.prometheus = Some(handle);
         self
     }
 }
@@ -197,10 +210,15 @@ pub fn router(pubsub: &PgPubSub, options: UiOptions) -> Result<Router> {
     if tokio::runtime::Handle::try_current().is_ok() {
         tokio::spawn(history::sample(Arc::downgrade(&ui)));
     }
-    Ok(Router::new()
+    let router = Router::new();
+    #[cfg(feature = "metrics")]
+    let router = match ui.opts.prometheus.is_some() {
+        true => router.route("/metrics", get(api::metrics)),
+        false => router,
+    };
+    Ok(router
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
-        // `/metrics` (Prometheus text) is mounted here by the metrics feature.
         .route("/api/queues", get(api::queues))
         .route("/api/queues/{queue}/jobs", get(api::jobs))
         .route("/api/jobs/{id}", get(api::job))

@@ -45,6 +45,8 @@ pub(crate) async fn run(conn: &ConnOpts, args: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
+    // Before connecting: metric handles made earlier would record nothing.
+    let prometheus = pg_pubsub::metrics::install_prometheus()?;
     let mut stop = Stop::new()?;
     let ps = match stop.or(connect(conn, Tuning::default())).await {
         Some(ps) => ps?,
@@ -54,7 +56,8 @@ pub(crate) async fn run(conn: &ConnOpts, args: ServeArgs) -> Result<()> {
         .hide_payloads(args.hide_payloads)
         .sample_every(every)
         .schema(&args.schema)
-        .elected_channels(args.elected);
+        .elected_channels(args.elected)
+        .prometheus(prometheus);
     let read_only = args.admin_token.as_deref().is_none_or(str::is_empty);
     if let Some(token) = args.admin_token {
         opts = opts.admin_token(token);

@@ -411,6 +411,7 @@ impl WalFeedBuilder {
             shared: shared.clone(),
             out: tx,
             stop: stop_rx.clone(),
+            changes: crate::record::Count::wal_changes(&self.slot),
         };
         let first = task.connect_first(self.standby).await?;
         // Stopped by the handle's shutdown too, which waits until the

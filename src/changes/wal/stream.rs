@@ -78,6 +78,8 @@ pub(crate) struct StreamTask {
     pub(crate) shared: Arc<Shared>,
     pub(crate) out: mpsc::Sender<RawItem>,
     pub(crate) stop: watch::Receiver<bool>,
+    /// `wal_changes_total{slot}`.
+    pub(crate) changes: crate::record::Count,
 }
 
 /// Why the stream loop returned.
@@ -294,14 +296,17 @@ impl StreamTask {
                     let lsn = Lsn(wal_start.0);
                     match decoder.decode(&data) {
                         Ok(Decoded::Nothing) => continue,
-                        Ok(Decoded::Changes(events)) => events
-                            .into_iter()
-                            .map(|mut event| {
-                                event.xid = Some(u64::from(xid));
-                                event.committed_at = commit_time;
-                                WalItem::Change { lsn, event }
-                            })
-                            .collect(),
+                        Ok(Decoded::Changes(events)) => {
+                            self.changes.add(events.len());
+                            events
+                                .into_iter()
+                                .map(|mut event| {
+                                    event.xid = Some(u64::from(xid));
+                                    event.committed_at = commit_time;
+                                    WalItem::Change { lsn, event }
+                                })
+                                .collect()
+                        }
                         Err(failure) => vec![WalItem::Undecodable {
                             lsn,
                             error: Error::new(Origin::Wal, failure.0),

@@ -123,6 +123,15 @@ pub(crate) struct Driver {
     /// When the next lock attempt may carry the collision probe.
     next_probe: Instant,
     board: Arc<Board>,
+    /// This driver counts in the `listener_connected` gauge.
+    up: bool,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // A task aborted with its runtime never reaches `finish`.
+        self.set_up(false);
+    }
 }
 
 impl Driver {
@@ -148,6 +157,7 @@ impl Driver {
             process_id: None,
             next_probe: Instant::now(),
             board,
+            up: false,
         }
     }
 
@@ -159,6 +169,15 @@ impl Driver {
             process_id: live.process_id,
         });
         Ok(self.run(live))
+    }
+
+    /// Moves the `listener_connected` gauge on a change of state only, so
+    /// it stays a count of connected listeners across handles.
+    fn set_up(&mut self, up: bool) {
+        if self.up != up {
+            self.up = up;
+            crate::record::listener_connected(up);
+        }
     }
 
     fn emit(&self, event: ConnectionEvent) {
@@ -219,6 +238,7 @@ impl Driver {
         self.status.send_replace(Status {
             process_id: Some(live.process_id),
         });
+        self.set_up(true);
         if let Some(Reconnect {
             down_at,
             reason,
@@ -228,6 +248,7 @@ impl Driver {
             self.board
                 .reconnects
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::record::listener_reconnected();
             let downtime = down_at.elapsed();
             tracing::info!(attempts, ?downtime, "pg-pubsub listener reconnected");
             // The event goes first, so a reader of both sees it before the gaps.
@@ -252,6 +273,7 @@ impl Driver {
     async fn reconnect(&mut self, reason: String, down_at: Instant) -> Result<Live, Stop> {
         tracing::warn!(%reason, "pg-pubsub listener connection lost; reconnecting");
         self.status.send_replace(Status::default());
+        self.set_up(false);
         let reason: Arc<str> = reason.into();
         self.emit(ConnectionEvent::Disconnected {
             reason: reason.clone(),
@@ -617,6 +639,7 @@ impl Driver {
             live.close(deadline).await;
         }
         self.status.send_replace(Status::default());
+        self.set_up(false);
         self.emit(ConnectionEvent::ShutDown);
         tracing::info!("pg-pubsub listener shut down");
         if let Some(reply) = reply {

@@ -543,6 +543,10 @@ impl Registry {
             while let Some(note) = notes.next_if(|n| n.channel() == channel.as_str()) {
                 run.push(Received::new(note, shared));
             }
+            // Once per run; every subscriber of a channel shares its counters.
+            if let Some(s) = ch.subs.first() {
+                s.queue.counters().metrics.received(run.len());
+            }
             let origin = self.origin;
             let mut slow = false;
             match ch.subs.as_slice() {
@@ -673,7 +677,7 @@ mod tests {
         capacity: usize,
         filtered: bool,
     ) -> (Arc<Queue>, Arc<ChannelCounters>) {
-        let counters = Arc::new(ChannelCounters::default());
+        let counters = Arc::new(ChannelCounters::new(&name(channel)));
         let queue = Arc::new(Queue::new(capacity, counters.clone()));
         let (reply, mut answer) = oneshot::channel();
         let mode = Mode {
