@@ -188,12 +188,7 @@ impl Queue {
         I: IntoIterator,
         I::Item: Encode,
     {
-        EnqueueBatch {
-            queue: self,
-            name: queue,
-            payloads,
-            options: JobOptions::default(),
-        }
+        Enqueue::new(Cow::Borrowed(self), queue, Batch(payloads), OwnTransaction)
     }
 
     async fn enqueue_pooled(
@@ -313,8 +308,9 @@ impl Queue {
 #[derive(Debug, Clone, Copy)]
 pub struct OwnTransaction;
 
-/// One job to enqueue, from [`Queue::enqueue`] or [`Queue::enqueue_tx`]:
-/// set its options, then `.await` it for what it did ([`Enqueued`]).
+/// One job to enqueue, from [`Queue::enqueue`] or [`Queue::enqueue_tx`]
+/// (or many: [`EnqueueBatch`]): set its options, then `.await` it for what
+/// it did ([`Enqueued`]; for a batch, how many were enqueued).
 #[must_use = "an enqueue does nothing until it is awaited"]
 pub struct Enqueue<'a, P, X = OwnTransaction> {
     queue: Cow<'a, Queue>,
@@ -324,7 +320,16 @@ pub struct Enqueue<'a, P, X = OwnTransaction> {
     target: X,
 }
 
-impl<'a, P: Encode, X> Enqueue<'a, P, X> {
+/// The payloads of an [`EnqueueBatch`].
+#[derive(Debug)]
+pub struct Batch<I>(I);
+
+/// Many jobs to enqueue with the same options, from
+/// [`Queue::enqueue_batch`]: an [`Enqueue`] without
+/// [`unique_key`](Enqueue::unique_key).
+pub type EnqueueBatch<'a, I> = Enqueue<'a, Batch<I>>;
+
+impl<'a, P, X> Enqueue<'a, P, X> {
     pub(super) fn new(queue: Cow<'a, Queue>, name: &'a str, payload: P, target: X) -> Self {
         Enqueue {
             queue,
@@ -362,10 +367,12 @@ impl<'a, P: Encode, X> Enqueue<'a, P, X> {
         self.options.max_attempts = Some(attempts);
         self
     }
+}
 
+impl<P: Encode, X> Enqueue<'_, P, X> {
     /// While a job of the queue with this key is ready or running,
     /// enqueueing another with the same key does nothing and gives
-    /// [`Enqueued::Duplicate`].
+    /// [`Enqueued::Duplicate`]. Not for batches.
     pub fn unique_key(mut self, key: impl Into<String>) -> Self {
         self.options.unique_key = Some(key.into());
         self
@@ -404,46 +411,6 @@ where
     }
 }
 
-/// Many jobs to enqueue with the same options, from
-/// [`Queue::enqueue_batch`]: set the options, then `.await` it for how many
-/// were enqueued.
-#[must_use = "an enqueue does nothing until it is awaited"]
-pub struct EnqueueBatch<'a, I> {
-    queue: &'a Queue,
-    name: &'a str,
-    payloads: I,
-    options: JobOptions,
-}
-
-impl<I> EnqueueBatch<'_, I> {
-    /// Not before this time. Replaces any [`delay`](Self::delay).
-    pub fn run_at(mut self, at: SystemTime) -> Self {
-        self.options.run_at = Some(at);
-        self.options.delay = None;
-        self
-    }
-
-    /// Not before this long after the start of each enqueueing
-    /// transaction. Replaces any [`run_at`](Self::run_at).
-    pub fn delay(mut self, delay: Duration) -> Self {
-        self.options.delay = Some(delay);
-        self.options.run_at = None;
-        self
-    }
-
-    /// Higher runs first among due jobs of a queue. Default 0.
-    pub fn priority(mut self, priority: i16) -> Self {
-        self.options.priority = priority;
-        self
-    }
-
-    /// Attempts before a job is dead (at least 1). Default 25.
-    pub fn max_attempts(mut self, attempts: i32) -> Self {
-        self.options.max_attempts = Some(attempts);
-        self
-    }
-}
-
 impl<'a, I> IntoFuture for EnqueueBatch<'a, I>
 where
     I: IntoIterator,
@@ -453,7 +420,8 @@ where
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        let items: Vec<I::Item> = self.payloads.into_iter().collect();
+        // Collected here: the future holds the items, not the iterator.
+        let items: Vec<I::Item> = self.payload.0.into_iter().collect();
         Box::pin(async move {
             self.queue
                 .enqueue_many(self.name, items, &self.options)

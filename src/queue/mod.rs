@@ -101,7 +101,7 @@ use tokio::sync::OnceCell;
 
 pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
-pub use enqueue::{Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
+pub use enqueue::{Batch, Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
 pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
 pub use worker::{Worker, WorkerBuilder};
