@@ -86,9 +86,11 @@ mod admin;
 mod attempt;
 mod completer;
 mod context;
+mod control;
 mod enqueue;
 mod horizon;
 mod job;
+mod outcome;
 mod runner;
 mod store;
 mod vacuum;
@@ -101,9 +103,11 @@ use tokio::sync::OnceCell;
 
 pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
+pub use control::{Cancelled, FinishedJob, FinishedState};
 pub use enqueue::{Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
 pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
+pub use outcome::{IntoOutcome, JobOutput, Outcome, MAX_OUTPUT_BYTES};
 pub use worker::{Worker, WorkerBuilder};
 
 use crate::client::PgPubSub;
