@@ -406,17 +406,19 @@ fn die_with_worker(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// Sends `sig` to the process group `pgid` (the command and what it started).
-fn signal_group(pgid: Option<u32>, sig: i32) {
+/// Sends SIGTERM (or SIGKILL when `kill`) to the process group `pgid`: the
+/// command and what it started.
+fn signal_group(pgid: Option<u32>, kill: bool) {
     #[cfg(unix)]
     if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+        let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
         // SAFETY: kill has no memory effects; a group already gone is ESRCH.
         unsafe {
             libc::kill(-pid, sig);
         }
     }
     #[cfg(not(unix))]
-    let _ = (pgid, sig);
+    let _ = (pgid, kill);
 }
 
 /// Runs the command for one job; `Err` is the job's error text. A
@@ -479,12 +481,12 @@ async fn run_command(
         done = &mut finish => done,
         () = job.cancelled() => {
             note(&format!("job {} was cancelled: sending SIGTERM to {program}", job.id()));
-            signal_group(pgid, libc::SIGTERM);
+            signal_group(pgid, false);
             match tokio::time::timeout(grace, &mut finish).await {
                 Ok(done) => done,
                 Err(_) => {
                     note(&format!("job {}: {program} is still running after {}: sending SIGKILL", job.id(), human(grace)));
-                    signal_group(pgid, libc::SIGKILL);
+                    signal_group(pgid, true);
                     finish.await
                 }
             }
