@@ -9,7 +9,9 @@
 //! Env: `BENCH_SINGLE` (jobs enqueued one per transaction per round,
 //! default 3 000), `BENCH_BATCHED` (default 200 000), `BENCH_WORK` (jobs claimed
 //! and completed, default 100 000), `BENCH_PREFETCH` (the worker's
-//! prefetch, default the worker's own), `BENCH_CHURN` (jobs passed through
+//! prefetch, default the worker's own), `BENCH_HISTORY_SECS` (how long the
+//! claim + complete worker keeps finished jobs; default the worker's 1 day,
+//! 0 keeps none), `BENCH_CHURN` (jobs passed through
 //! before the second latency probe, default 5 000 000, a few minutes; 0
 //! skips the latency phase), `BENCH_WORKER_VACUUM` (0: the churning worker
 //! leaves vacuuming to autovacuum; default 1),
@@ -203,6 +205,10 @@ async fn drain(q: &Queue, queue: &str, n: usize) -> Res<()> {
     let worker = q.worker(queue).concurrency(TASKS);
     let worker = match std::env::var("BENCH_PREFETCH") {
         Ok(p) => worker.prefetch(p.parse()?),
+        Err(_) => worker,
+    };
+    let worker = match std::env::var("BENCH_HISTORY_SECS") {
+        Ok(s) => worker.history(Duration::from_secs(s.parse()?)),
         Err(_) => worker,
     };
     let counted = Counted::start(worker, n as u64).await?;

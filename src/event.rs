@@ -238,6 +238,25 @@ pub enum QueueEvent {
         /// The last error.
         error: Arc<str>,
     },
+    /// A job was cancelled ([`Queue::cancel`](crate::queue::Queue::cancel))
+    /// while this worker ran or held it, and has now ended as cancelled
+    /// (in `finished_jobs`, never retried).
+    JobCancelled {
+        /// The queue.
+        queue: Arc<str>,
+        /// The job.
+        job_id: i64,
+        /// The attempt that was running.
+        attempt: i32,
+    },
+    /// A worker found its queue paused or resumed ([`Queue::pause`](crate::queue::Queue::pause)):
+    /// it claims nothing while paused. Sent by each worker when it notices.
+    PauseChanged {
+        /// The queue.
+        queue: Arc<str>,
+        /// Paused now (or resumed).
+        paused: bool,
+    },
     /// A worker found, when it vacuumed the jobs table, that a transaction
     /// or slot holds back the xmin horizon: VACUUM cannot remove the
     /// entries of claimed jobs behind it, so every claim gets slower until

@@ -79,7 +79,8 @@
 //!                   wakeups.rs (per-channel wake-up dispatch), groups, publish,
 //!                   plan.rs (the read loop's decisions, without I/O)
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
-//!                   completer, vacuum), admin
+//!                   completer, vacuum), admin, control (cancel, pause,
+//!                   finished jobs), outcome (what handlers return)
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/);
 //!                   store.rs: the trigger feeds' statements
 //! src/admin/        the operator's view: mod.rs (handle, serializable types),

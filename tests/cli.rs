@@ -1017,3 +1017,154 @@ async fn serve_binds_loopback_is_read_only_without_a_token_and_logs_mutations() 
     rw.signal("-TERM");
     assert!(rw.wait().await.success());
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn queue_cancel_stops_a_running_command_with_sigterm_and_the_job_ends_cancelled() {
+    let (ps, q) = common::queue().await;
+    let name = channel("cli_cancel");
+    let said = channel("cli_cancel_said");
+    let (_listener, mut rx) = raw_listener(&said).await;
+    let mut fleet = common::fleet::Fleet::new();
+    let bin = env!("CARGO_BIN_EXE_pg-pubsub");
+    // Says it started, then sleeps; says when SIGTERM reaches it.
+    let script = format!(
+        "trap \"'{bin}' notify '{said}' term >/dev/null; exit 143\" TERM; \
+         '{bin}' notify '{said}' started >/dev/null; sleep 30 & wait"
+    );
+    let worker = fleet
+        .spawn_cmd(
+            &[
+                "queue",
+                "work",
+                &name,
+                "--cancel-grace",
+                "20",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+            |l| l.contains("working on queue"),
+        )
+        .await;
+    let id = q
+        .enqueue(&name, Text("x"))
+        .await
+        .expect("enqueue")
+        .id()
+        .expect("new");
+    assert_eq!(recv(&mut rx).await.1, "started");
+    let asked = std::time::Instant::now();
+    let out = run(cli(&["queue", "cancel", &id.to_string()])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr_lines(&out)
+            .iter()
+            .any(|l| l.contains("its worker was told")),
+        "{out:?}"
+    );
+    assert_eq!(recv(&mut rx).await.1, "term");
+    let ended = format!("pg-pubsub: job {id} of queue {name} was cancelled");
+    fleet.wait_err(|_, l| l == ended).await;
+    eprintln!("cancelled in {:?}", asked.elapsed());
+    assert!(
+        !fleet.stderr.iter().any(|(_, l)| l.contains("retrying in")),
+        "{:#?}",
+        fleet.stderr
+    );
+    let out = run(cli(&["queue", "finished", &name])).await;
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{out:?}");
+    assert_eq!(
+        (lines[0]["id"].as_i64(), lines[0]["state"].as_str()),
+        (Some(id), Some("cancelled"))
+    );
+    let out = run(cli(&["queue", "cancel", &id.to_string()])).await;
+    assert!(
+        stderr_lines(&out)
+            .iter()
+            .any(|l| l.contains("already finished")),
+        "{out:?}"
+    );
+    assert!(fleet.signal(worker, "-TERM").await.success());
+    ps.shutdown().await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn queue_pause_stops_claims_of_a_worker_process_until_resume() {
+    let (ps, q) = common::queue().await;
+    let name = channel("cli_pause");
+    let said = channel("cli_pause_said");
+    let (_listener, mut rx) = raw_listener(&said).await;
+    let dir = std::env::temp_dir().join(channel("cli_pause_gate"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let gate = dir.join("gate");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&gate)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let gate_path = gate.display().to_string();
+    let bin = env!("CARGO_BIN_EXE_pg-pubsub");
+    // A "block" job waits for a byte on the FIFO before it ends.
+    let script = format!(
+        "p=$(cat); '{bin}' notify '{said}' \"started $p\" >/dev/null; \
+         if [ \"$p\" = block ]; then head -c1 '{gate_path}' >/dev/null; fi; \
+         '{bin}' notify '{said}' \"done $p\" >/dev/null"
+    );
+    let mut fleet = common::fleet::Fleet::new();
+    let worker = fleet
+        .spawn_cmd(
+            &[
+                "queue",
+                "work",
+                &name,
+                "--concurrency",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+            |l| l.contains("working on queue"),
+        )
+        .await;
+    q.enqueue(&name, Text("block")).await.expect("enqueue");
+    assert_eq!(recv(&mut rx).await.1, "started block");
+    let out = run(cli(&["queue", "pause", &name])).await;
+    assert!(out.status.success(), "{out:?}");
+    let paused = format!("pg-pubsub: queue {name} is paused: claiming nothing until it is resumed");
+    fleet.wait_err(|_, l| l == paused).await;
+    q.enqueue(&name, Text("after")).await.expect("enqueue");
+    // The running command finishes while the queue is paused.
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&gate)?;
+        f.write_all(b"x")
+    });
+    writer.await.expect("join").expect("write the gate");
+    assert_eq!(recv(&mut rx).await.1, "done block");
+    // Nothing is claimed while paused.
+    let quiet = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
+    assert!(quiet.is_err(), "claimed while paused: {quiet:?}");
+    let out = run(cli(&["queue", "stats"])).await;
+    let stats = json_lines(&out);
+    let s = stats
+        .iter()
+        .find(|s| s["queue"] == name.as_str())
+        .expect("stats line");
+    assert_eq!(
+        (s["paused"].as_bool(), s["ready"].as_u64()),
+        (Some(true), Some(1)),
+        "{s}"
+    );
+    let out = run(cli(&["queue", "resume", &name])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(recv(&mut rx).await.1, "started after");
+    assert_eq!(recv(&mut rx).await.1, "done after");
+    assert!(fleet.signal(worker, "-TERM").await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    ps.shutdown().await;
+}

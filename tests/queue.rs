@@ -306,7 +306,7 @@ async fn always_failing_jobs_are_dead_with_their_error_then_retried_or_deleted()
         .unwrap();
     let worker = fast(&q, &name)
         .concurrency(2)
-        .run(|job: Job| async move { Err(format!("cannot do {}", job.payload())) })
+        .run(|job: Job| async move { Err::<(), _>(format!("cannot do {}", job.payload())) })
         .await
         .unwrap();
     let mut dead = Vec::new();

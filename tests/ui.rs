@@ -595,3 +595,168 @@ async fn metrics_are_served_with_the_database_gauges() {
     assert!(text.contains(&line), "no {line:?} in:\n{text}");
     ps.shutdown().await;
 }
+
+#[tokio::test]
+async fn cancel_and_pause_need_the_token_in_the_api_and_a_session_and_csrf_in_pages() {
+    let ps = common::pubsub().await;
+    let q = channel("uictl");
+    let queue = ps.queue();
+    queue.install().await.expect("install");
+    let a = queue
+        .enqueue(&q, pg_pubsub::Text("a"))
+        .delay(std::time::Duration::from_secs(3600))
+        .await
+        .expect("enqueue")
+        .id()
+        .expect("new");
+    let b = queue
+        .enqueue(&q, pg_pubsub::Text("b"))
+        .delay(std::time::Duration::from_secs(3600))
+        .await
+        .expect("enqueue")
+        .id()
+        .expect("new");
+
+    // Read-only and unauthenticated: refused, nothing changes.
+    let ro = serve(&ps, UiOptions::new()).await;
+    let resp = http()
+        .post(format!("{ro}/api/jobs/{a}/cancel"))
+        .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let rw = serve(&ps, UiOptions::new().admin_token(TOKEN)).await;
+    for path in [
+        format!("/api/jobs/{a}/cancel"),
+        format!("/api/queues/{q}/pause"),
+    ] {
+        let resp = http()
+            .post(format!("{rw}{path}"))
+            .header(AUTHORIZATION, "Bearer wrong")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(where_is(a).await, "ready");
+    assert!(!queue.is_paused(&q).await.expect("is_paused"));
+
+    // API with the token.
+    let bearer = format!("Bearer {TOKEN}");
+    let post = |path: String| {
+        http()
+            .post(format!("{rw}{path}"))
+            .header(AUTHORIZATION, &bearer)
+            .send()
+    };
+    let resp = post(format!("/api/jobs/{a}/cancel")).await.expect("POST");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["cancelled"], "removed");
+    assert_eq!(where_is(a).await, "gone");
+    let v: Value = post(format!("/api/jobs/{a}/cancel"))
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["cancelled"], "already_finished");
+    let resp = post(format!("/api/jobs/{}/cancel", i64::MAX))
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let v: Value = post(format!("/api/queues/{q}/pause"))
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (v["paused"].as_bool(), v["changed"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let queues = get_json(&format!("{rw}/api/queues")).await;
+    let s = find_queue(&queues, &q);
+    assert_eq!(
+        (s["paused"].as_bool(), s["cancelled"].as_u64()),
+        (Some(true), Some(1)),
+        "{s}"
+    );
+    let v: Value = post(format!("/api/queues/{q}/resume"))
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["changed"], true);
+    assert!(!queue.is_paused(&q).await.expect("is_paused"));
+    let job = get_json(&format!("{rw}/api/jobs/{a}")).await;
+    assert_eq!(job["state"], "cancelled");
+    let list = get_json(&format!("{rw}/api/queues/{q}/jobs?state=cancelled")).await;
+    assert_eq!(list["jobs"][0]["id"], a);
+
+    // Pages: a session and its CSRF token.
+    let cookie = log_in(&rw).await;
+    let html = http()
+        .get(format!("{rw}/queues/{q}?state=scheduled"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    assert!(html.contains("Pause") && html.contains("Cancel"), "{html}");
+    let csrf = csrf_in(&html);
+    let resp = http()
+        .post(format!("{rw}/queues/{q}/pause"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", "forged")])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = http()
+        .post(format!("{rw}/jobs/{b}/cancel"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no session");
+    assert!(!queue.is_paused(&q).await.expect("is_paused"));
+    assert_eq!(where_is(b).await, "ready");
+    let resp = http()
+        .post(format!("{rw}/queues/{q}/pause"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(queue.is_paused(&q).await.expect("is_paused"));
+    let (_, html) = get_text(&format!("{rw}/queues/{q}")).await;
+    assert!(html.contains("Paused"), "{html}");
+    let resp = http()
+        .post(format!("{rw}/jobs/{b}/cancel"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(where_is(b).await, "gone");
+    let (status, html) = get_text(&format!("{rw}/jobs/{b}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("cancelled"), "{html}");
+    let resp = http()
+        .post(format!("{rw}/queues/{q}/resume"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(!queue.is_paused(&q).await.expect("is_paused"));
+    ps.shutdown().await;
+}

@@ -88,6 +88,12 @@ pub struct QueueSummary {
     pub running: u64,
     /// Dead jobs.
     pub dead: u64,
+    /// Completed jobs still in the history.
+    pub completed: u64,
+    /// Cancelled jobs still in the history.
+    pub cancelled: u64,
+    /// Whether the queue is paused ([`Admin::pause`]).
+    pub paused: bool,
     /// How long the oldest due job has been due, in seconds (0: none).
     pub oldest_ready_age_seconds: f64,
 }
@@ -105,25 +111,41 @@ pub enum JobState {
     Running,
     /// Failed its last attempt; kept in `dead_jobs`.
     Dead,
+    /// Done; kept in `finished_jobs` for the workers' history.
+    Completed,
+    /// Cancelled; kept in `finished_jobs` for the workers' history.
+    Cancelled,
 }
 
 impl JobState {
     /// Every state, in the order a job goes through them.
-    pub const ALL: [JobState; 4] = [
+    pub const ALL: [JobState; 6] = [
         JobState::Ready,
         JobState::Scheduled,
         JobState::Running,
         JobState::Dead,
+        JobState::Completed,
+        JobState::Cancelled,
     ];
 
-    /// `ready`, `scheduled`, `running` or `dead`.
+    /// `ready`, `scheduled`, `running`, `dead`, `completed` or `cancelled`.
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Ready => "ready",
             JobState::Scheduled => "scheduled",
             JobState::Running => "running",
             JobState::Dead => "dead",
+            JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
         }
+    }
+
+    /// Whether a job in this state may still be cancelled.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            JobState::Ready | JobState::Scheduled | JobState::Running
+        )
     }
 }
 
@@ -143,7 +165,7 @@ impl FromStr for JobState {
             .ok_or_else(|| {
                 Error::new(
                     Origin::Config,
-                    format!("unknown job state {s:?}: expected ready, scheduled, running or dead"),
+                    format!("unknown job state {s:?}: expected ready, scheduled, running, dead, completed or cancelled"),
                 )
             })
     }
@@ -207,7 +229,8 @@ pub struct JobSummary {
     pub attempt: i32,
     /// Attempts allowed.
     pub max_attempts: i32,
-    /// When it is due (live jobs) or when it died (dead ones).
+    /// When it is due (live jobs), when it died (dead ones) or when it
+    /// ended (completed and cancelled ones).
     #[serde(serialize_with = "rfc3339")]
     pub at: SystemTime,
     /// When it was enqueued.
@@ -251,6 +274,12 @@ pub struct JobDetail {
     /// When it died (dead jobs).
     #[serde(serialize_with = "rfc3339_opt")]
     pub died_at: Option<SystemTime>,
+    /// When it ended (completed and cancelled jobs).
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub finished_at: Option<SystemTime>,
+    /// Its handler's output, JSON text (completed jobs; `None`: none, or
+    /// hidden by the caller with the payload).
+    pub output: Option<String>,
     /// The payload (`None`: hidden by the caller).
     pub payload: Option<String>,
 }
@@ -397,6 +426,9 @@ impl Admin {
                 scheduled: s.scheduled,
                 running: s.running,
                 dead: s.dead,
+                completed: s.completed,
+                cancelled: s.cancelled,
+                paused: s.paused,
                 oldest_ready_age_seconds: s.oldest_ready_age.as_secs_f64(),
             })
             .collect())
@@ -437,8 +469,8 @@ impl Admin {
             .await
     }
 
-    /// Job `id`, live or dead, with its whole payload; `None` when there is
-    /// none (finished jobs are deleted).
+    /// Job `id`, live, dead or finished (still in the history), with its
+    /// whole payload; `None` when there is none.
     pub async fn job(&self, id: i64) -> Result<Option<JobDetail>> {
         let sql = store::job_sql(self.schema());
         self.queue
@@ -449,6 +481,28 @@ impl Admin {
                     .map(store::job_detail))
             })
             .await
+    }
+
+    /// Cancels job `id` ([`Queue::cancel`]).
+    pub async fn cancel(&self, id: i64) -> Result<crate::queue::Cancelled> {
+        self.queue.cancel(id).await
+    }
+
+    /// Pauses `queue` for every worker ([`Queue::pause`]); `false` if it
+    /// was paused already.
+    pub async fn pause(&self, queue: &str) -> Result<bool> {
+        self.queue.pause(queue).await
+    }
+
+    /// Whether `queue` is paused ([`Queue::is_paused`]).
+    pub async fn is_paused(&self, queue: &str) -> Result<bool> {
+        self.queue.is_paused(queue).await
+    }
+
+    /// Resumes a paused `queue` ([`Queue::resume`]); `false` if it was not
+    /// paused.
+    pub async fn resume(&self, queue: &str) -> Result<bool> {
+        self.queue.resume(queue).await
     }
 
     /// Puts dead job `id` back in its queue, due now, with fresh attempts

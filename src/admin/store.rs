@@ -15,6 +15,8 @@ const LIVE_COLUMNS: &str = "id, queue, \
      priority, attempt, max_attempts, run_at, created_at, last_error, left(payload, $4)";
 const DEAD_COLUMNS: &str = "id, queue, 'dead', priority, attempt, max_attempts, died_at, \
      created_at, last_error, left(payload, $4)";
+const FINISHED_COLUMNS: &str = "id, queue, state, priority, attempt, max_attempts, finished_at, \
+     created_at, last_error, left(payload, $4)";
 
 /// Jobs of `queue` (`None`: every queue; only for dead jobs) in `state`,
 /// after the page's key, by id. Parameters: queue, after, limit, preview.
@@ -30,6 +32,8 @@ pub(super) fn jobs_sql(s: &SchemaName, state: JobState, all_queues: bool) -> Str
         JobState::Scheduled => ("jobs", LIVE_COLUMNS, "state = 'ready' AND run_at > now()"),
         JobState::Running => ("jobs", LIVE_COLUMNS, "state = 'running'"),
         JobState::Dead => ("dead_jobs", DEAD_COLUMNS, "true"),
+        JobState::Completed => ("finished_jobs", FINISHED_COLUMNS, "state = 'completed'"),
+        JobState::Cancelled => ("finished_jobs", FINISHED_COLUMNS, "state = 'cancelled'"),
     };
     format!(
         "SELECT {columns} FROM {s}.{table} \
@@ -61,19 +65,23 @@ pub(super) fn job_summary(r: &Row) -> JobSummary {
     }
 }
 
-/// One job, live or dead, by id.
+/// One job, live, dead or finished, by id.
 pub(super) fn job_sql(s: &SchemaName) -> String {
     let s = s.as_str();
     format!(
         "SELECT id, queue, CASE WHEN state = 'running' THEN 'running' \
                 WHEN run_at > now() THEN 'scheduled' ELSE 'ready' END, \
                 priority, attempt, max_attempts, run_at, lease_until, unique_key, \
-                last_error, created_at, NULL::timestamptz, payload \
+                last_error, created_at, NULL::timestamptz, payload, NULL::timestamptz, NULL::text \
            FROM {s}.jobs WHERE id = $1 \
          UNION ALL \
          SELECT id, queue, 'dead', priority, attempt, max_attempts, NULL, NULL, unique_key, \
-                last_error, created_at, died_at, payload \
+                last_error, created_at, died_at, payload, NULL, NULL \
            FROM {s}.dead_jobs WHERE id = $1 \
+         UNION ALL \
+         SELECT id, queue, state, priority, attempt, max_attempts, NULL, NULL, unique_key, \
+                last_error, created_at, NULL, payload, finished_at, output \
+           FROM {s}.finished_jobs WHERE id = $1 \
          LIMIT 1"
     )
 }
@@ -94,6 +102,8 @@ pub(super) fn job_detail(r: &Row) -> JobDetail {
         created_at: r.get(10),
         died_at: r.get(11),
         payload: Some(r.get(12)),
+        finished_at: r.get(13),
+        output: r.get(14),
     }
 }
 

@@ -19,6 +19,12 @@ pub struct QueueStats {
     pub running: u64,
     /// Dead jobs kept in `dead_jobs`.
     pub dead: u64,
+    /// Completed jobs kept in the history (`finished_jobs`).
+    pub completed: u64,
+    /// Cancelled jobs kept in the history (`finished_jobs`).
+    pub cancelled: u64,
+    /// Whether the queue is paused ([`Queue::pause`]).
+    pub paused: bool,
     /// How long the oldest due job has been due; zero when none is.
     pub oldest_ready_age: Duration,
 }
@@ -49,7 +55,8 @@ pub struct DeadJob {
 }
 
 impl Queue {
-    /// Counts per queue (every queue with a live or dead job), by name.
+    /// Counts per queue (every queue with a live, dead or finished job, or
+    /// paused), by name.
     pub async fn stats(&self) -> Result<Vec<QueueStats>> {
         let s = self.schema.as_str();
         let sql = format!(
@@ -59,8 +66,15 @@ impl Queue {
                count(*) FILTER (WHERE j.state = 'running'), \
                (SELECT count(*) FROM {s}.dead_jobs d WHERE d.queue = q.queue), \
                coalesce(extract(epoch FROM now() - min(j.run_at) \
-                        FILTER (WHERE j.state = 'ready' AND j.run_at <= now())), 0)::float8 \
-             FROM (SELECT DISTINCT queue FROM {s}.jobs UNION SELECT DISTINCT queue FROM {s}.dead_jobs) q \
+                        FILTER (WHERE j.state = 'ready' AND j.run_at <= now())), 0)::float8, \
+               (SELECT count(*) FROM {s}.finished_jobs f \
+                 WHERE f.queue = q.queue AND f.state = 'completed'), \
+               (SELECT count(*) FROM {s}.finished_jobs f \
+                 WHERE f.queue = q.queue AND f.state = 'cancelled'), \
+               EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.queue = q.queue) \
+             FROM (SELECT DISTINCT queue FROM {s}.jobs UNION SELECT DISTINCT queue FROM {s}.dead_jobs \
+                   UNION SELECT DISTINCT queue FROM {s}.finished_jobs \
+                   UNION SELECT queue FROM {s}.paused_queues) q \
              LEFT JOIN {s}.jobs j ON j.queue = q.queue \
              GROUP BY q.queue ORDER BY q.queue"
         );
@@ -75,6 +89,9 @@ impl Queue {
                     running: count(r.get(3)),
                     dead: count(r.get(4)),
                     oldest_ready_age: Duration::from_secs_f64(r.get::<_, f64>(5).max(0.0)),
+                    completed: count(r.get(6)),
+                    cancelled: count(r.get(7)),
+                    paused: r.get(8),
                 })
                 .collect())
         })

@@ -11,49 +11,104 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 
+use super::completer::Done;
 use super::context::Ctx;
 use super::job::Job;
+use super::outcome::{IntoOutcome, Outcome};
 use crate::event::QueueEvent;
 
 /// Longest error text kept for a failed attempt, in bytes.
 const MAX_ERROR_BYTES: usize = 8 * 1024;
 
-/// Runs `handler` on `job`. `Ok` sends the claim to the completer (unless
-/// [`Job::complete_tx`] completed it already); `Err` or a panic fails the
-/// attempt in its own statement.
-pub(super) async fn run<F, Fut, E>(
+/// Runs `handler` on `job`. `Ok` sends the claim (and the output) to the
+/// completer (unless [`Job::complete_tx`] completed it already), or snoozes
+/// the job; `Err` or a panic fails the attempt in its own statement. A job
+/// cancelled before or while it runs goes to the completer whatever the
+/// handler returns: the statement ends it as cancelled.
+pub(super) async fn run<F, Fut, O, E>(
     ctx: Arc<Ctx>,
     handler: Arc<F>,
     job: Job,
-    done: mpsc::UnboundedSender<(i64, i32)>,
+    done: mpsc::UnboundedSender<Done>,
 ) where
     F: Fn(Job) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    Fut: Future<Output = std::result::Result<O, E>> + Send + 'static,
+    O: IntoOutcome,
     E: fmt::Display + Send + 'static,
 {
     let (id, attempt, max_attempts) = (job.id, job.attempt, job.max_attempts);
     let completed = job.completed.clone();
+    let cancel = job.cancel.clone();
+    let complete = |output: Option<String>| {
+        if !completed.load(Ordering::Acquire) {
+            ctx.completing(|set| set.insert((id, attempt)));
+            // Closed only once every attempt task has ended.
+            let _ = done.send((id, attempt, output));
+        }
+    };
+    if *cancel.borrow() {
+        // Cancelled while it waited in this worker: it never starts.
+        complete(None);
+        return;
+    }
     let started = crate::record::Timer::start();
     // The handler is called inside the guarded future: a panic while
     // building its future fails the attempt too.
     let outcome = AssertUnwindSafe(async move { handler(job).await })
         .catch_unwind()
         .await;
-    ctx.metrics.finished(started, matches!(outcome, Ok(Ok(()))));
+    ctx.metrics.finished(started, matches!(outcome, Ok(Ok(_))));
+    if *cancel.borrow() {
+        complete(None);
+        return;
+    }
     let error = match outcome {
-        Ok(Ok(())) => {
-            if !completed.load(Ordering::Acquire) {
-                ctx.completing(|set| set.insert((id, attempt)));
-                // Closed only once every attempt task has ended.
-                let _ = done.send((id, attempt));
+        Ok(Ok(o)) => match o.into_outcome() {
+            Outcome::Snooze(delay) => {
+                if !snooze(&ctx, id, attempt, delay).await {
+                    // Cancelled meanwhile (or the claim was lost: then
+                    // the completion finds nothing).
+                    complete(None);
+                }
+                return;
             }
-            return;
-        }
+            Outcome::Output(out) => {
+                complete(Some(out.into_string()));
+                return;
+            }
+            _ => {
+                complete(None);
+                return;
+            }
+        },
         Ok(Err(e)) => e.to_string(),
         Err(panic) => panic_text(panic),
     };
     drop(done);
     fail(&ctx, id, attempt, max_attempts, error).await;
+}
+
+/// Makes the job ready again after `delay`, its attempt not spent; `false`
+/// when it was not snoozed (cancelled, claim lost, or the statement failed:
+/// then it runs again after its lease).
+async fn snooze(ctx: &Ctx, id: i64, attempt: i32, delay: Duration) -> bool {
+    let (sql, secs) = (&ctx.sql.snooze, delay.as_secs_f64());
+    let res = ctx
+        .with_client("snoozing a job", |client| async move {
+            let stmt = client.prepare_cached(sql).await?;
+            client.execute(&stmt, &[&id, &attempt, &secs]).await
+        })
+        .await;
+    match res {
+        Ok(n) => {
+            tracing::debug!(queue = %ctx.name, id, attempt, ?delay, snoozed = n == 1, "pg-pubsub: job snoozed");
+            n == 1
+        }
+        Err(e) => {
+            tracing::warn!(queue = %ctx.name, id, %e, "pg-pubsub: snoozing a job failed; it runs again after its lease");
+            true
+        }
+    }
 }
 
 /// Records a failed attempt: ready again after the backoff, or dead.
@@ -84,6 +139,11 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
             attempt,
             error: Arc::from(error.as_str()),
             retry_in: delay,
+        },
+        Ok(Some("cancelled")) => QueueEvent::JobCancelled {
+            queue: ctx.name.clone(),
+            job_id: id,
+            attempt,
         },
         Ok(Some("dead")) => QueueEvent::JobDead {
             queue: ctx.name.clone(),

@@ -1,5 +1,6 @@
-//! Batched completions: a worker's finished jobs are deleted many per
-//! statement, on a connection of their own, while the worker claims more.
+//! Batched completions: a worker's finished jobs are deleted (and kept in
+//! `finished_jobs`) many per statement, on a connection of their own,
+//! while the worker claims more.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,10 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use super::context::Ctx;
+use crate::event::QueueEvent;
+
+/// A claim `(id, attempt)` to complete, and its output.
+pub(super) type Done = (i64, i32, Option<String>);
 
 /// Claims completed per statement at most.
 const MAX_BATCH: usize = 1000;
@@ -24,10 +29,10 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// statement deleted goes to `finished` (the vacuum task), if any.
 pub(super) async fn run(
     ctx: Arc<Ctx>,
-    mut rx: mpsc::UnboundedReceiver<(i64, i32)>,
+    mut rx: mpsc::UnboundedReceiver<Done>,
     finished: Option<mpsc::UnboundedSender<u64>>,
 ) {
-    let mut batch: Vec<(i64, i32)> = Vec::new();
+    let mut batch: Vec<Done> = Vec::new();
     let mut open = true;
     loop {
         if batch.is_empty() {
@@ -44,14 +49,23 @@ pub(super) async fn run(
             }
         }
         match complete(&ctx, &batch).await {
-            Ok(n) => {
+            Ok((n, cancelled)) => {
+                for job_id in cancelled {
+                    let attempt = batch.iter().find(|d| d.0 == job_id).map_or(0, |d| d.1);
+                    tracing::info!(queue = %ctx.name, job_id, attempt, "pg-pubsub: job cancelled");
+                    ctx.events.emit(QueueEvent::JobCancelled {
+                        queue: ctx.name.clone(),
+                        job_id,
+                        attempt,
+                    });
+                }
                 if let Some(finished) = &finished {
                     // Closed only if the vacuum task gave up: nothing to tell.
                     let _ = finished.send(n);
                 }
                 ctx.completing(|set| {
-                    for claim in &batch {
-                        set.remove(claim);
+                    for (id, attempt, _) in &batch {
+                        set.remove(&(*id, *attempt));
                     }
                 });
                 if n < batch.len() as u64 {
@@ -72,13 +86,24 @@ pub(super) async fn run(
     }
 }
 
-/// One `DELETE` for the whole batch; returns how many claims were current.
-async fn complete(ctx: &Ctx, batch: &[(i64, i32)]) -> crate::error::Result<u64> {
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = batch.iter().copied().unzip();
-    let sql = &ctx.sql.complete;
+/// One statement for the whole batch; returns how many claims were
+/// current, and the ids of the jobs that ended cancelled.
+async fn complete(ctx: &Ctx, batch: &[Done]) -> crate::error::Result<(u64, Vec<i64>)> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut attempts = Vec::with_capacity(batch.len());
+    let mut outputs = Vec::with_capacity(batch.len());
+    for (id, attempt, output) in batch {
+        ids.push(*id);
+        attempts.push(*attempt);
+        outputs.push(output.as_deref());
+    }
+    let (sql, keep) = (&ctx.sql.complete, !ctx.history.is_zero());
     ctx.with_client("completing jobs", |client| async move {
         let stmt = client.prepare_cached(sql).await?;
-        client.execute(&stmt, &[&ids, &attempts]).await
+        let row = client
+            .query_one(&stmt, &[&ids, &attempts, &outputs, &keep])
+            .await?;
+        Ok((row.get::<_, i64>(0).max(0) as u64, row.get(1)))
     })
     .await
 }

@@ -23,6 +23,8 @@ pub(super) struct Ctx {
     pub(super) sql: Sql,
     pub(super) retry_base: Duration,
     pub(super) retry_max: Duration,
+    /// How long finished jobs are kept (zero: completed ones are not).
+    pub(super) history: Duration,
     /// A horizon holder open this long is reported.
     pub(super) horizon_after: Duration,
     /// Claims handed to the completer and not yet written: their leases

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 use tokio_postgres::types::Type;
 
 use crate::error::{Error, Origin, Result, Stage};
@@ -25,6 +26,8 @@ pub struct Job {
     pub(super) complete_sql: Arc<str>,
     /// Set by `complete_tx`: the worker need not complete it again.
     pub(super) completed: Arc<AtomicBool>,
+    /// Set (to `true`) when the job is cancelled while held.
+    pub(super) cancel: Arc<watch::Sender<bool>>,
 }
 
 impl fmt::Debug for Job {
@@ -60,9 +63,42 @@ impl Job {
             // Matches no row: a test job's completion is a lost claim.
             complete_sql: Arc::from("SELECT 1 WHERE false"),
             completed: Arc::new(AtomicBool::new(false)),
+            cancel: Arc::new(watch::Sender::new(false)),
         }
     }
 
+    /// A [`for_test`](Self::for_test) job, and a function that cancels it
+    /// (as [`Queue::cancel`](super::Queue::cancel) would), to test how a
+    /// handler reacts.
+    pub fn for_test_cancellable(
+        queue: &str,
+        payload: impl Into<String>,
+    ) -> (Job, impl Fn() + Send + Sync + 'static) {
+        let job = Job::for_test(queue, payload);
+        let cancel = job.cancel.clone();
+        (job, move || {
+            cancel.send_replace(true);
+        })
+    }
+
+    /// Whether the job was cancelled ([`Queue::cancel`](super::Queue::cancel))
+    /// while it ran. The job then ends as cancelled whatever the handler
+    /// returns: finish early, undo what should be undone.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Resolves once the job is cancelled (at once if it is already);
+    /// never resolves otherwise. Race it against the work:
+    /// `tokio::select! { r = work => r, _ = job.cancelled() => Ok(()) }`.
+    /// A cancellation reaches the worker running the job by a notification
+    /// (within a second, usually milliseconds), or, if that is lost, at
+    /// its next lease extension (a third of the lease).
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancel.subscribe();
+        // Err: the sender is in `self`, it cannot be gone.
+        let _ = rx.wait_for(|c| *c).await;
+    }
     /// The job's id (stable across attempts, and in `dead_jobs`).
     pub fn id(&self) -> i64 {
         self.id
@@ -114,6 +150,10 @@ impl Job {
     /// commit together, or neither does. Fails with [`ErrorKind::Conflict`](crate::ErrorKind::Conflict)
     /// when this claim is no longer current (the lease expired and the job
     /// was made ready or taken by another worker): roll back then.
+    ///
+    /// The job is kept in `finished_jobs` (without an output) whatever the
+    /// worker's history setting; a job cancelled meanwhile is kept as
+    /// cancelled.
     ///
     /// Once this succeeds the worker does not complete the job again when
     /// the handler returns `Ok`; if the transaction then rolls back anyway,

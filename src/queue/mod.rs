@@ -39,8 +39,26 @@
 //!   [`QueueEvent::HorizonHeld`]). No CHECK constraints: PostgreSQL re-plans them in
 //!   every writing statement (a fifth of a one-job insert).
 //! * `dead_jobs`: jobs that failed their last attempt, with the error.
+//! * `finished_jobs`: completed jobs (with their output) and cancelled
+//!   ones, moved there by the completion statement itself
+//!   (`WITH d AS (DELETE … RETURNING …) INSERT INTO finished_jobs …`), kept
+//!   for the workers' [`history`](WorkerBuilder::history) (default 1 day).
+//! * `paused_queues`: a row per paused queue ([`Queue::pause`]).
 //! * functions `enqueue`, `enqueue_many`, `claim`, `fail`, `rescue` (returns
-//!   the rescued jobs: id, attempt, dead, error), `retry_dead`.
+//!   the rescued jobs: id, attempt, dead, error), `retry_dead`, `cancel`.
+//!
+//! ## Control
+//!
+//! [`Queue::cancel`] removes a waiting job (it never runs) or sets
+//! `cancel_requested` on a running one and sends `cancel <id>` on
+//! `<schema>_queue_ctl`; the worker holding it sets the job's signal
+//! ([`Job::cancelled`]); the lease extension also returns cancelled ids (the
+//! fallback). Whatever the handler returns then, the job ends cancelled: the
+//! completion statement, `fail` and `rescue` all check `cancel_requested`.
+//! [`Queue::pause`] inserts into `paused_queues` and sends `pause <queue>`;
+//! workers stop claiming at once and re-read the table every poll. A handler
+//! returning [`Outcome::Snooze`] makes its job ready later with its attempt
+//! given back (as at shutdown).
 //!
 //! ## Claiming, leases, retries
 //!
@@ -64,6 +82,8 @@
 //! [`Job::complete_tx`] completes the job in the
 //! handler's own transaction for an exactly-once effect.
 //!
+//! A handler returns `Ok(())` or `Ok(`[`Outcome`]`)`: done, done with an
+//! output ([`Outcome::json`], at most [`MAX_OUTPUT_BYTES`]), or snoozed.
 //! A failed attempt (`Err` or a panic) is retried after
 //! `min(max, base * 2^(attempt-1))` scaled by a random factor in
 //! `[0.5, 1]` (defaults: 1 s and 1 h), until `max_attempts` (default 25);
@@ -86,9 +106,11 @@ mod admin;
 mod attempt;
 mod completer;
 mod context;
+mod control;
 mod enqueue;
 mod horizon;
 mod job;
+mod outcome;
 mod runner;
 mod store;
 mod vacuum;
@@ -101,9 +123,11 @@ use tokio::sync::OnceCell;
 
 pub use crate::event::QueueEvent;
 pub use admin::{DeadJob, QueueStats};
+pub use control::{Cancelled, FinishedJob, FinishedState};
 pub use enqueue::{Batch, Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
 pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
+pub use outcome::{IntoOutcome, JobOutput, Outcome, MAX_OUTPUT_BYTES};
 pub use worker::{Worker, WorkerBuilder};
 
 use crate::client::PgPubSub;

@@ -14,8 +14,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::completer::Done;
 use super::context::Ctx;
 use super::job::Job;
+use super::outcome::IntoOutcome;
+use super::store::RETAIN_BATCH;
 use super::{attempt, completer, vacuum};
 use crate::error::Result;
 use crate::event::QueueEvent;
@@ -36,18 +39,25 @@ pub(super) struct Runner<F> {
     slots: HashMap<tokio::task::Id, (i64, i32)>,
     /// Claimed jobs waiting for a free handler (prefetched).
     waiting: VecDeque<Job>,
+    /// The cancellation signal of each held job (running or waiting), by id.
+    cancels: HashMap<i64, Arc<watch::Sender<bool>>>,
+    /// The queue is paused: claim nothing.
+    paused: bool,
+    /// When finished jobs were last trimmed to the history.
+    retained: Option<Instant>,
     /// Claims of jobs whose handler returned `Ok`, to the completer.
-    done: Option<mpsc::UnboundedSender<(i64, i32)>>,
+    done: Option<mpsc::UnboundedSender<Done>>,
     completer: Option<JoinHandle<()>>,
     /// Whether to vacuum the jobs table (see `vacuum`), and the task doing it.
     vacuum: bool,
     vacuumer: Option<JoinHandle<()>>,
 }
 
-impl<F, Fut, E> Runner<F>
+impl<F, Fut, O, E> Runner<F>
 where
     F: Fn(Job) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    Fut: Future<Output = std::result::Result<O, E>> + Send + 'static,
+    O: IntoOutcome,
     E: fmt::Display + Send + 'static,
 {
     pub(super) fn new(
@@ -70,6 +80,9 @@ where
             running: JoinSet::new(),
             slots: HashMap::new(),
             waiting: VecDeque::new(),
+            cancels: HashMap::new(),
+            paused: false,
+            retained: None,
             done: None,
             completer: None,
             vacuum: false,
@@ -86,6 +99,7 @@ where
     pub(super) async fn run(
         mut self,
         mut wake: Subscription<crate::Text>,
+        mut control: Subscription<crate::Text>,
         mut stop: watch::Receiver<Option<Instant>>,
     ) {
         // Completions go to their own task (and pooled connection): they
@@ -103,10 +117,11 @@ where
         let mut extend = tokio::time::interval(self.lease / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan = ClaimPlan::default();
+        self.check_paused().await;
         loop {
             self.start_waiting();
             let busy = self.running.len() + self.waiting.len();
-            if let Some(n) = plan.next(self.capacity, busy) {
+            if let Some(n) = plan.next(self.capacity, busy).filter(|_| !self.paused) {
                 match self.claim(n).await {
                     Ok(got) => plan.claimed(n, got),
                     Err(e) => {
@@ -137,9 +152,26 @@ where
                     Some(_) => {}
                     None => break, // the PgPubSub shut down
                 },
+                d = control.next() => match d {
+                    Some(Delivery::Message(m)) => {
+                        if self.control(m.payload()) {
+                            plan.woken();
+                        }
+                    }
+                    // Missed a pause or a cancel: look now.
+                    Some(Delivery::Gap(_) | Delivery::Lagged(_)) => {
+                        self.check_paused().await;
+                        self.extend().await;
+                        plan.woken();
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
                 _ = poll.tick() => {
                     plan.polled();
+                    self.check_paused().await;
                     self.rescue().await;
+                    self.retain().await;
                 }
                 _ = extend.tick() => self.extend().await,
             }
@@ -168,6 +200,8 @@ where
         // Returned in id order: start the higher priorities first.
         rows.sort_by_key(|row| std::cmp::Reverse(row.get::<_, i16>(3)));
         for row in rows {
+            let cancel = Arc::new(watch::Sender::new(false));
+            self.cancels.insert(row.get(0), cancel.clone());
             self.waiting.push_back(Job {
                 id: row.get(0),
                 queue: self.ctx.name.clone(),
@@ -178,6 +212,7 @@ where
                 payload: row.get(5),
                 complete_sql: self.ctx.sql.complete_one.clone(),
                 completed: Arc::new(AtomicBool::new(false)),
+                cancel,
             });
         }
         Ok(count)
@@ -205,10 +240,89 @@ where
             Err(e) if e.is_cancelled() => return,
             Err(e) => e.id(),
         };
-        self.slots.remove(&task);
+        if let Some((id, _)) = self.slots.remove(&task) {
+            self.cancels.remove(&id);
+        }
     }
 
-    /// Extends the leases of the running and waiting jobs in one statement.
+    /// A control message (`cancel <id>`, `pause <queue>`, `resume <queue>`);
+    /// `true` when the queue was resumed (claim again).
+    fn control(&mut self, msg: &str) -> bool {
+        if let Some(id) = msg.strip_prefix("cancel ") {
+            if let Some(cancel) = id.parse::<i64>().ok().and_then(|id| self.cancels.get(&id)) {
+                cancel.send_replace(true);
+            }
+        } else if msg.strip_prefix("pause ") == Some(&*self.ctx.name) {
+            self.set_paused(true);
+        } else if msg.strip_prefix("resume ") == Some(&*self.ctx.name) {
+            self.set_paused(false);
+            return true;
+        }
+        false
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if paused != self.paused {
+            tracing::info!(queue = %self.ctx.name, paused, "pg-pubsub: queue pause changed");
+            self.ctx.events.emit(QueueEvent::PauseChanged {
+                queue: self.ctx.name.clone(),
+                paused,
+            });
+        }
+        self.paused = paused;
+    }
+
+    /// Reads whether the queue is paused (the fallback for lost
+    /// notifications); on an error, keeps what it knew.
+    async fn check_paused(&mut self) {
+        let (sql, name) = (&self.ctx.sql.paused, &*self.ctx.name);
+        let res = self
+            .ctx
+            .with_client("checking for a pause", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
+            })
+            .await;
+        match res {
+            Ok(paused) => self.set_paused(paused),
+            Err(e) => {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: checking for a pause failed")
+            }
+        }
+    }
+
+    /// Deletes this queue's finished jobs older than the history, a few
+    /// bounded batches at a time, at most every tenth of the history (and
+    /// at most every 10 s).
+    async fn retain(&mut self) {
+        let every = (self.ctx.history / 10).min(Duration::from_secs(10));
+        if self.retained.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.retained = Some(Instant::now());
+        let (sql, name) = (&self.ctx.sql.retain, &*self.ctx.name);
+        let secs = self.ctx.history.as_secs_f64();
+        for _ in 0..10 {
+            let res = self
+                .ctx
+                .with_client("trimming finished jobs", |client| async move {
+                    let stmt = client.prepare_cached(sql).await?;
+                    client.execute(&stmt, &[&name, &secs]).await
+                })
+                .await;
+            match res {
+                Ok(n) if n < RETAIN_BATCH as u64 => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: trimming finished jobs failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Extends the leases of the running and waiting jobs in one statement,
+    /// and tells those someone cancelled (in case the notification was lost).
     async fn extend(&self) {
         let completing: Vec<(i64, i32)> = self.ctx.completing(|set| set.iter().copied().collect());
         if self.slots.is_empty() && self.waiting.is_empty() && completing.is_empty() {
@@ -226,11 +340,20 @@ where
             .ctx
             .with_client("extending leases", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
-                client.execute(&stmt, &[&ids, &attempts, &lease]).await
+                client.query(&stmt, &[&ids, &attempts, &lease]).await
             })
             .await;
-        if let Err(e) = res {
-            tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: extending leases failed");
+        match res {
+            Ok(rows) => {
+                for row in rows {
+                    if let Some(cancel) = self.cancels.get(&row.get::<_, i64>(0)) {
+                        cancel.send_replace(true);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: extending leases failed")
+            }
         }
     }
 

@@ -34,11 +34,13 @@ pub struct WorkerBuilder {
     retry_max: Duration,
     vacuum: bool,
     horizon_after: Duration,
+    history: Duration,
 }
 
 impl Queue {
     /// A worker for `queue` (default: concurrency 1, lease 30 s, poll 1 s,
-    /// shutdown timeout 10 s, retries from 1 s doubling up to 1 h).
+    /// shutdown timeout 10 s, retries from 1 s doubling up to 1 h, finished
+    /// jobs kept 1 day).
     pub fn worker(&self, queue: &str) -> WorkerBuilder {
         WorkerBuilder {
             queue: self.clone(),
@@ -52,6 +54,7 @@ impl Queue {
             retry_max: Duration::from_secs(3600),
             vacuum: true,
             horizon_after: Duration::from_secs(60),
+            history: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -132,13 +135,30 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long finished jobs of the queue (completed, with their output,
+    /// and cancelled) stay in `finished_jobs` ([`Queue::finished_jobs`]).
+    /// Default: 1 day. The worker deletes older ones in batches of 1000
+    /// (every tenth of this, at most every 10 s); with several workers on
+    /// a queue, the shortest history wins. Zero keeps no completed job (the
+    /// completion is then a plain `DELETE`, the fastest) and cancelled ones
+    /// only until the next poll. Dead jobs are not affected: they stay in
+    /// `dead_jobs` until retried or deleted.
+    pub fn history(mut self, keep: Duration) -> Self {
+        self.history = keep;
+        self
+    }
+
     /// Starts the worker in the background and returns its handle. Each
-    /// job runs `handler` in a task of its own: `Ok` completes the job,
-    /// `Err` (its `Display` text is kept) or a panic fails the attempt.
-    pub async fn run<F, Fut, E>(self, handler: F) -> Result<Worker>
+    /// job runs `handler` in a task of its own: `Ok(())` completes the job,
+    /// `Ok(`[`Outcome`](super::Outcome)`)` completes it with an output or
+    /// snoozes it, `Err` (its `Display` text is kept) or a panic fails the
+    /// attempt. A job cancelled while it runs ends cancelled whatever the
+    /// handler returns ([`Job::cancelled`]).
+    pub async fn run<F, Fut, O, E>(self, handler: F) -> Result<Worker>
     where
         F: Fn(Job) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<O, E>> + Send + 'static,
+        O: super::IntoOutcome,
         E: fmt::Display + Send + 'static,
     {
         check_queue(&self.name)?;
@@ -163,6 +183,12 @@ impl WorkerBuilder {
             .single_listener(false)
             .filtered(false)
             .await?;
+        let control = queue
+            .pubsub
+            .listen::<Text>(&queue.schema.queue_control_channel())
+            .single_listener(false)
+            .filtered(false)
+            .await?;
         let ctx = Arc::new(Ctx {
             sql: Sql::new(queue.schema.as_str()),
             name: Arc::from(self.name.as_str()),
@@ -172,6 +198,7 @@ impl WorkerBuilder {
             retry_base: self.retry_base,
             retry_max: self.retry_max,
             horizon_after: self.horizon_after,
+            history: self.history,
             completing: Default::default(),
             metrics: crate::record::QueueMetrics::new(&self.name),
         });
@@ -205,7 +232,7 @@ impl WorkerBuilder {
         )
         .vacuum(self.vacuum);
         let task = tokio::spawn(async move {
-            runner.run(wake, stop).await;
+            runner.run(wake, control, stop).await;
             drop(registration);
         });
         Ok(Worker {

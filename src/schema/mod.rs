@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -70,12 +70,20 @@ const MAX_SCHEMA_BYTES: usize = 40;
 
 /// What this build carries. Append migrations; never edit released ones.
 const CATALOG: Catalog = Catalog {
-    migrations: &[Migration {
-        version: 1,
-        name: "baseline",
-        sql: include_str!("migrations/0001_baseline.sql"),
-        compatible_with: 1,
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "baseline",
+            sql: include_str!("migrations/0001_baseline.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 2,
+            name: "queue_control",
+            sql: include_str!("migrations/0002_queue_control.sql"),
+            compatible_with: 1,
+        },
+    ],
     scripts: &[
         Script {
             name: "durable",
@@ -85,7 +93,7 @@ const CATALOG: Catalog = Catalog {
         Script {
             name: "queue",
             sql: include_str!("functions/queue.sql"),
-            since: 1,
+            since: 2,
         },
         Script {
             name: "changes",
@@ -135,6 +143,13 @@ impl SchemaName {
     /// name): `<schema>_jobs`.
     pub fn jobs_channel(&self) -> String {
         format!("{}_jobs", self.0)
+    }
+
+    /// The channel on which queue control is announced (payloads
+    /// `cancel <job id>`, `pause <queue>`, `resume <queue>`):
+    /// `<schema>_queue_ctl`.
+    pub fn queue_control_channel(&self) -> String {
+        format!("{}_queue_ctl", self.0)
     }
 }
 
@@ -240,8 +255,9 @@ mod tests {
 
     const PINS: &[(&str, i32, &str)] = &[
         ("baseline", 1, "fd04bb8e630fc4e1"),
+        ("queue_control", 2, "1e8f462e87afda1f"),
         ("durable", 1, "1ce3a488ea845295"),
-        ("queue", 1, "6c814984697f6c28"),
+        ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),
     ];
 }

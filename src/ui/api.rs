@@ -182,6 +182,7 @@ pub(super) async fn job(
         .ok_or_else(|| not_found(format!("no job {id}")))?;
     if ui.opts.hide_payloads {
         job.payload = None;
+        job.output = None;
     }
     Ok(Json(job))
 }
@@ -198,6 +199,46 @@ pub(super) async fn retry_dead(
     }
     tracing::info!(target: "pg_pubsub::ui", via = "api", id, "admin: dead job retried");
     Ok(Json(json!({ "retried": 1 })))
+}
+
+/// `POST /api/jobs/{id}/cancel`: `{"cancelled": "removed" | "signalled" |
+/// "already_finished"}`; 404 when there is no such job.
+pub(super) async fn cancel_job(
+    State(ui): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult<serde_json::Value> {
+    ui.check_bearer(&headers)?;
+    let what = ui.admin.cancel(id).await?;
+    if what == crate::queue::Cancelled::Unknown {
+        return Err(not_found(format!("no job {id}")));
+    }
+    tracing::info!(target: "pg_pubsub::ui", via = "api", id, ?what, "admin: job cancelled");
+    Ok(Json(json!({ "cancelled": what })))
+}
+
+/// `POST /api/queues/{queue}/pause`: `{"paused": true, "changed": bool}`.
+pub(super) async fn pause_queue(
+    State(ui): State<Shared>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    ui.check_bearer(&headers)?;
+    let changed = ui.admin.pause(&queue).await?;
+    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, changed, "admin: queue paused");
+    Ok(Json(json!({ "paused": true, "changed": changed })))
+}
+
+/// `POST /api/queues/{queue}/resume`: `{"paused": false, "changed": bool}`.
+pub(super) async fn resume_queue(
+    State(ui): State<Shared>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    ui.check_bearer(&headers)?;
+    let changed = ui.admin.resume(&queue).await?;
+    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, changed, "admin: queue resumed");
+    Ok(Json(json!({ "paused": false, "changed": changed })))
 }
 
 /// `DELETE /api/dead/{id}`.

@@ -170,7 +170,7 @@ fn login_hint(ui: &Ui, viewer: &Viewer) -> Markup {
     html! {
         @if viewer.csrf.is_none() {
             @if ui.opts.admin_token.is_some() {
-                p.note { a href=(ui.url("/login")) { "Log in" } " with the admin token to retry or delete dead jobs." }
+                p.note { a href=(ui.url("/login")) { "Log in" } " with the admin token to retry or delete dead jobs, cancel jobs or pause queues." }
             } @else {
                 p.note { "Read-only: started without an admin token." }
             }
@@ -203,6 +203,10 @@ fn job_table(ui: &Ui, viewer: &Viewer, jobs: &[JobSummary], back: &str) -> Marku
                             " "
                             (action(ui, viewer, &format!("/dead/{}/delete", j.id), "Delete", back, None))
                         }
+                    } @else if j.state.is_live() && viewer.csrf.is_some() {
+                        td { (action(ui, viewer, &format!("/jobs/{}/cancel", j.id), "Cancel", back, None)) }
+                    } @else if viewer.csrf.is_some() {
+                        td { "" }
                     }
                 }
             }
@@ -237,7 +241,7 @@ pub(super) async fn overview(State(ui): State<Shared>, headers: HeaderMap) -> Re
         table #queues {
             tr {
                 th { "queue" } th { "ready" } th { "scheduled" } th { "running" } th { "dead" }
-                th { "oldest ready" }
+                th { "completed" } th { "cancelled" } th { "oldest ready" } th { "" }
             }
             @for q in &queues {
                 @let base = format!("/queues/{}", enc(&q.queue));
@@ -247,7 +251,10 @@ pub(super) async fn overview(State(ui): State<Shared>, headers: HeaderMap) -> Re
                     td.num.scheduled { a href=(ui.url(&format!("{base}?state=scheduled"))) { (q.scheduled) } }
                     td.num.running { a href=(ui.url(&format!("{base}?state=running"))) { (q.running) } }
                     td.num.dead { a href=(ui.url(&format!("{base}?state=dead"))) { (q.dead) } }
+                    td.num.completed { a href=(ui.url(&format!("{base}?state=completed"))) { (q.completed) } }
+                    td.num.cancelled { a href=(ui.url(&format!("{base}?state=cancelled"))) { (q.cancelled) } }
                     td { (age(q.oldest_ready_age_seconds)) }
+                    td.paused { @if q.paused { strong { "paused" } } }
                 }
             }
         }
@@ -273,10 +280,23 @@ pub(super) async fn queue(
         Ok(j) => j,
         Err(e) => return db_error(&ui, &viewer, &e),
     };
+    let paused = match ui.admin.is_paused(&queue).await {
+        Ok(p) => p,
+        Err(e) => return db_error(&ui, &viewer, &e),
+    };
     let base = format!("/queues/{}", enc(&queue));
     let back = ui.url(&format!("{base}?state={state}"));
     let full = jobs.len() >= page_req.limit.clamp(1, crate::admin::Page::MAX_LIMIT) as usize;
     let body = html! {
+        p #paused-state {
+            @if paused {
+                strong { "Paused: " } "workers claim nothing from this queue. "
+                (action(&ui, &viewer, &format!("{base}/resume"), "Resume", &back, None))
+            } @else {
+                "Running. "
+                (action(&ui, &viewer, &format!("{base}/pause"), "Pause", &back, None))
+            }
+        }
         p.tabs {
             @for s in JobState::ALL {
                 a class=(if s == state { "on" } else { "" })
@@ -346,7 +366,7 @@ pub(super) async fn job(
                 &ui,
                 &viewer,
                 StatusCode::NOT_FOUND,
-                &format!("No job {id}: finished jobs are deleted."),
+                &format!("No job {id}: it never existed or left the history."),
             )
         }
         Err(e) => return db_error(&ui, &viewer, &e),
@@ -363,6 +383,11 @@ pub(super) async fn job(
             dt { "unique key" } dd { (job.unique_key.as_deref().unwrap_or("-")) }
             dt { "created" } dd { (time(job.created_at)) }
             dt { "died" } dd { (opt_time(job.died_at)) }
+            dt { "finished" } dd { (opt_time(job.finished_at)) }
+        }
+        @if job.state == JobState::Completed {
+            h2 { "Output" }
+            pre #output { (payload_text(&ui, job.output.as_deref().or(Some("-")))) }
         }
         h2 { "Last error" }
         pre #last-error { (job.last_error.as_deref().unwrap_or("-")) }
@@ -375,6 +400,10 @@ pub(super) async fn job(
                 " "
                 (action(&ui, &viewer, &format!("/dead/{id}/delete"), "Delete", &back, None))
             }
+        }
+        @if job.state.is_live() {
+            (login_hint(&ui, &viewer))
+            p { (action(&ui, &viewer, &format!("/jobs/{id}/cancel"), "Cancel", &ui.url(&format!("/jobs/{id}")), None)) }
         }
     };
     page(&ui, &viewer, StatusCode::OK, &format!("Job {id}"), body)
@@ -626,6 +655,77 @@ pub(super) async fn retry_dead(
             StatusCode::NOT_FOUND,
             &format!("No dead job {id}."),
         ),
+        Err(e) => db_error(&ui, &viewer, &e),
+    }
+}
+
+/// `POST /jobs/{id}/cancel`.
+pub(super) async fn cancel_job(
+    State(ui): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Some(r) = refused(&ui, &headers, &form) {
+        return r;
+    }
+    let viewer = Viewer::of(&ui, &headers);
+    match ui.admin.cancel(id).await {
+        Ok(crate::queue::Cancelled::Unknown) => error_page(
+            &ui,
+            &viewer,
+            StatusCode::NOT_FOUND,
+            &format!("No job {id}."),
+        ),
+        Ok(what) => {
+            tracing::info!(target: "pg_pubsub::ui", via = "page", id, ?what, "admin: job cancelled");
+            back(&ui, &form, &format!("/jobs/{id}"))
+        }
+        Err(e) => db_error(&ui, &viewer, &e),
+    }
+}
+
+/// `POST /queues/{queue}/pause`.
+pub(super) async fn pause_queue(
+    State(ui): State<Shared>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    set_paused(ui, headers, queue, form, true).await
+}
+
+/// `POST /queues/{queue}/resume`.
+pub(super) async fn resume_queue(
+    State(ui): State<Shared>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    set_paused(ui, headers, queue, form, false).await
+}
+
+async fn set_paused(
+    ui: Shared,
+    headers: HeaderMap,
+    queue: String,
+    form: ActionForm,
+    pause: bool,
+) -> Response {
+    if let Some(r) = refused(&ui, &headers, &form) {
+        return r;
+    }
+    let viewer = Viewer::of(&ui, &headers);
+    let done = match pause {
+        true => ui.admin.pause(&queue).await,
+        false => ui.admin.resume(&queue).await,
+    };
+    match done {
+        Ok(changed) => {
+            let what = if pause { "paused" } else { "resumed" };
+            tracing::info!(target: "pg_pubsub::ui", via = "page", queue, changed, "admin: queue {what}");
+            back(&ui, &form, &format!("/queues/{}", enc(&queue)))
+        }
         Err(e) => db_error(&ui, &viewer, &e),
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use futures::{FutureExt, StreamExt};
 use pg_pubsub::admin::{JobState, Page};
 use pg_pubsub::event::QueueEvent;
-use pg_pubsub::queue::{Enqueued, Job, Queue};
+use pg_pubsub::queue::{Cancelled, Enqueued, Job, Queue};
 use pg_pubsub::PgPubSub;
 use pg_pubsub::Text;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,8 +40,22 @@ enum QueueCommand {
     /// other exit fails it with the tail of its stderr as the error.
     /// Retries, dead jobs and connection losses are reported on stderr.
     /// SIGTERM/SIGINT: stop claiming, let running commands finish, exit 0.
-    /// A command dies with its worker, even a SIGKILLed one (Linux).
+    /// A command dies with its worker, even a SIGKILLed one (Linux). A job
+    /// cancelled while its command runs (`queue cancel`): SIGTERM to the
+    /// command's process group, SIGKILL after --cancel-grace; the job ends
+    /// cancelled. A paused queue (`queue pause`): nothing is claimed.
     Work(WorkArgs),
+    /// Cancel job ID: a waiting job never runs; a running one's worker
+    /// stops its command; the job ends cancelled, never retried.
+    Cancel(JobArgs),
+    /// Pause QUEUE for every worker (kept in the database until resumed):
+    /// workers claim nothing from it and finish what they run.
+    Pause(QueueName),
+    /// Resume a paused QUEUE.
+    Resume(QueueName),
+    /// Completed and cancelled jobs still in the history (most recent
+    /// first), one JSON object per line, with their output.
+    Finished(FinishedArgs),
     /// Per-queue counts, one JSON object per line.
     Stats,
     /// List dead jobs (one JSON object per line), or retry or delete one.
@@ -67,6 +81,21 @@ struct JobsArgs {
     /// At most this many (up to 1000).
     #[arg(long, default_value_t = 100)]
     limit: u32,
+}
+
+#[derive(Args)]
+struct QueueName {
+    /// Queue name.
+    queue: String,
+}
+
+#[derive(Args)]
+struct FinishedArgs {
+    /// Only this queue.
+    queue: Option<String>,
+    /// List at most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: i64,
 }
 
 #[derive(Args)]
@@ -117,6 +146,10 @@ struct WorkArgs {
     /// killed and their jobs given back.
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     shutdown_timeout: f64,
+    /// When a running job is cancelled, how long its command may take
+    /// after SIGTERM before it gets SIGKILL.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    cancel_grace: f64,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -154,6 +187,10 @@ pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
         QueueCommand::Dead(d) => dead(&q, d).await,
         QueueCommand::Jobs(j) => jobs(&ps, &args.schema, j).await,
         QueueCommand::Job(j) => job(&ps, &args.schema, j).await,
+        QueueCommand::Cancel(j) => cancel(&q, j.id).await,
+        QueueCommand::Pause(n) => pause(&q, &n.queue, true).await,
+        QueueCommand::Resume(n) => pause(&q, &n.queue, false).await,
+        QueueCommand::Finished(f) => finished(&q, f).await,
         QueueCommand::Work(_) => Ok(()),
     };
     ps.shutdown().await;
@@ -203,6 +240,7 @@ async fn enqueue(q: &Queue, args: EnqueueArgs) -> Result<()> {
 async fn work(conn: &ConnOpts, schema: &str, args: WorkArgs) -> Result<()> {
     let lease = seconds(args.lease, "lease")?;
     let shutdown_timeout = seconds(args.shutdown_timeout, "shutdown-timeout")?;
+    let grace = seconds(args.cancel_grace, "cancel-grace")?;
     // A missing command would fail every attempt of every job it claimed.
     let program = args.command.first().map(String::as_str).unwrap_or_default();
     find_program(program)?;
@@ -221,7 +259,7 @@ async fn work(conn: &ConnOpts, schema: &str, args: WorkArgs) -> Result<()> {
         .concurrency(args.concurrency)
         .lease(lease)
         .shutdown_timeout(shutdown_timeout)
-        .run(move |job: Job| run_command(command.clone(), job))
+        .run(move |job: Job| run_command(command.clone(), job, grace))
         .await;
     let worker = match worker {
         Ok(w) => w,
@@ -277,6 +315,13 @@ fn report_queue_event(event: &QueueEvent) {
             "job {job_id} of queue {queue} is dead after {attempts} attempt(s): {error} \
              (see pg-pubsub queue dead)"
         )),
+        QueueEvent::JobCancelled { queue, job_id, .. } => {
+            note(&format!("job {job_id} of queue {queue} was cancelled"))
+        }
+        QueueEvent::PauseChanged { queue, paused } => note(&match paused {
+            true => format!("queue {queue} is paused: claiming nothing until it is resumed"),
+            false => format!("queue {queue} is resumed"),
+        }),
         QueueEvent::Lagged { missed } => note(&format!("{missed} job event(s) not shown")),
         _ => {}
     }
@@ -361,8 +406,28 @@ fn die_with_worker(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// Runs the command for one job; `Err` is the job's error text.
-async fn run_command(command: std::sync::Arc<Vec<String>>, job: Job) -> Result<(), String> {
+/// Sends SIGTERM (or SIGKILL when `kill`) to the process group `pgid`: the
+/// command and what it started.
+fn signal_group(pgid: Option<u32>, kill: bool) {
+    #[cfg(unix)]
+    if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+        let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+        // SAFETY: kill has no memory effects; a group already gone is ESRCH.
+        unsafe {
+            libc::kill(-pid, sig);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (pgid, kill);
+}
+
+/// Runs the command for one job; `Err` is the job's error text. A
+/// cancelled job's command gets SIGTERM, then SIGKILL after `grace`.
+async fn run_command(
+    command: std::sync::Arc<Vec<String>>,
+    job: Job,
+    grace: Duration,
+) -> Result<(), String> {
     let (program, rest) = command.split_first().ok_or("no command")?;
     let mut cmd = tokio::process::Command::new(program);
     die_with_worker(&mut cmd);
@@ -406,11 +471,28 @@ async fn run_command(command: std::sync::Arc<Vec<String>>, job: Job) -> Result<(
         }
         tail
     };
-    let ((), tail) = tokio::join!(feed, drain);
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| format!("waiting for {program}: {e}"))?;
+    let pgid = child.id();
+    let finish = async {
+        let ((), tail) = tokio::join!(feed, drain);
+        (tail, child.wait().await)
+    };
+    tokio::pin!(finish);
+    let (tail, status) = tokio::select! {
+        done = &mut finish => done,
+        () = job.cancelled() => {
+            note(&format!("job {} was cancelled: sending SIGTERM to {program}", job.id()));
+            signal_group(pgid, false);
+            match tokio::time::timeout(grace, &mut finish).await {
+                Ok(done) => done,
+                Err(_) => {
+                    note(&format!("job {}: {program} is still running after {}: sending SIGKILL", job.id(), human(grace)));
+                    signal_group(pgid, true);
+                    finish.await
+                }
+            }
+        }
+    };
+    let status = status.map_err(|e| format!("waiting for {program}: {e}"))?;
     if status.success() {
         return Ok(());
     }
@@ -429,6 +511,9 @@ async fn stats(q: &Queue) -> Result<()> {
             "scheduled": s.scheduled,
             "running": s.running,
             "dead": s.dead,
+            "completed": s.completed,
+            "cancelled": s.cancelled,
+            "paused": s.paused,
             "oldest_ready_age_seconds": s.oldest_ready_age.as_secs_f64(),
         });
         println!("{line}");
@@ -498,8 +583,39 @@ async fn job(ps: &PgPubSub, schema: &str, args: JobArgs) -> Result<()> {
     match admin.job(args.id).await? {
         Some(job) => print_json_lines(&[job]).await,
         None => Err(Failure(format!(
-            "no job {} (finished jobs are deleted)",
+            "no job {} (finished jobs are deleted: see queue finished)",
             args.id
         ))),
     }
+}
+
+async fn cancel(q: &Queue, id: i64) -> Result<()> {
+    match q.cancel(id).await? {
+        Cancelled::Removed => note(&format!("job {id} cancelled: it will not run")),
+        Cancelled::Signalled => note(&format!(
+            "job {id} is running: its worker was told to stop it; it ends cancelled"
+        )),
+        Cancelled::AlreadyFinished => {
+            note(&format!("job {id} already finished: nothing to cancel"))
+        }
+        _ => return Err(Failure(format!("no job {id}"))),
+    }
+    Ok(())
+}
+
+async fn pause(q: &Queue, queue: &str, pause: bool) -> Result<()> {
+    let (changed, done, already) = match pause {
+        true => (q.pause(queue).await?, "paused", "was paused already"),
+        false => (q.resume(queue).await?, "resumed", "was not paused"),
+    };
+    note(&match changed {
+        true => format!("queue {queue} {done}"),
+        false => format!("queue {queue} {already}"),
+    });
+    Ok(())
+}
+
+async fn finished(q: &Queue, args: FinishedArgs) -> Result<()> {
+    let jobs = q.finished_jobs(args.queue.as_deref(), args.limit).await?;
+    print_json_lines(&jobs).await
 }

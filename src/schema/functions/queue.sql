@@ -3,8 +3,9 @@
 -- src/schema/mod.rs for the rule: a change ships with a new migration).
 
 -- Records a failed attempt: back to ready at now() + p_delay, or, when it
--- was the last attempt, moved to dead_jobs. Returns 'retry', 'dead', or
--- NULL when the claim is not current (the lease was lost).
+-- was the last attempt, moved to dead_jobs, or, when it was cancelled, to
+-- finished_jobs. Returns 'retry', 'dead', 'cancelled', or NULL when the
+-- claim is not current (the lease was lost).
 CREATE OR REPLACE FUNCTION @S@.fail(p_id bigint, p_attempt int, p_error text, p_delay interval)
 RETURNS text
 LANGUAGE plpgsql AS $$
@@ -15,6 +16,15 @@ BEGIN
     WHERE id = p_id AND attempt = p_attempt AND state = 'running' FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    -- A cancelled job is never retried, whatever its handler did.
+    IF j.cancel_requested THEN
+        DELETE FROM @S@.jobs WHERE id = p_id;
+        INSERT INTO @S@.finished_jobs (id, queue, state, priority, attempt, max_attempts,
+                                       unique_key, last_error, created_at, payload)
+        VALUES (j.id, j.queue, 'cancelled', j.priority, j.attempt, j.max_attempts,
+                j.unique_key, p_error, j.created_at, j.payload);
+        RETURN 'cancelled';
     END IF;
     IF j.attempt >= j.max_attempts THEN
         DELETE FROM @S@.jobs WHERE id = p_id;
@@ -31,7 +41,8 @@ BEGIN
 END $$;
 
 -- Makes running jobs whose lease expired (their worker died or lost its
--- connection) ready again, or dead if that was their last attempt. Returns
+-- connection) ready again, or dead if that was their last attempt, or
+-- cancelled (into finished_jobs, not returned) if cancel() asked. Returns
 -- each one (its attempt, whether it is now dead, the error kept) so that
 -- the worker that ran it can report them. SKIP LOCKED: workers rescuing
 -- at once take disjoint rows and never wait on each other.
@@ -44,9 +55,20 @@ LANGUAGE sql AS $$
         SELECT j.id FROM @S@.jobs j
         WHERE j.queue = p_queue AND j.state = 'running' AND j.lease_until < now()
         FOR UPDATE SKIP LOCKED
+    ), stopped AS (
+        -- Cancelled while running: it ends cancelled, never retried.
+        DELETE FROM @S@.jobs j USING expired e
+        WHERE j.id = e.id AND j.cancel_requested
+        RETURNING j.*
+    ), stopped_kept AS (
+        INSERT INTO @S@.finished_jobs (id, queue, state, priority, attempt, max_attempts,
+                                       unique_key, last_error, created_at, payload)
+        SELECT s.id, s.queue, 'cancelled', s.priority, s.attempt, s.max_attempts,
+               s.unique_key, 'cancelled; its lease expired', s.created_at, s.payload
+        FROM stopped s
     ), gone AS (
         DELETE FROM @S@.jobs j USING expired e
-        WHERE j.id = e.id AND j.attempt >= j.max_attempts
+        WHERE j.id = e.id AND j.attempt >= j.max_attempts AND NOT j.cancel_requested
         RETURNING j.*
     ), buried AS (
         INSERT INTO @S@.dead_jobs (id, queue, priority, attempt, max_attempts, unique_key,
@@ -62,7 +84,7 @@ LANGUAGE sql AS $$
             last_error = format('lease expired on attempt %s (the worker stopped or lost '
                                 'its connection)', j.attempt)
         FROM expired e
-        WHERE j.id = e.id AND j.attempt < j.max_attempts
+        WHERE j.id = e.id AND j.attempt < j.max_attempts AND NOT j.cancel_requested
         RETURNING j.id, j.attempt, j.last_error
     )
     SELECT b.id, b.attempt, true, b.last_error FROM buried b
@@ -181,3 +203,36 @@ LANGUAGE sql AS $$
         FOR UPDATE SKIP LOCKED))
     RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload
 $$;
+
+-- Cancels job p_id. A waiting job (ready or scheduled) moves to
+-- finished_jobs as cancelled: 'removed', it never runs. A running one is
+-- marked and its worker told on <schema>_queue_ctl ('cancel <id>'):
+-- 'signalled'. 'finished' when it is already in finished_jobs or
+-- dead_jobs, 'unknown' when there is no such job.
+CREATE OR REPLACE FUNCTION @S@.cancel(p_id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    j @S@.jobs;
+BEGIN
+    SELECT * INTO j FROM @S@.jobs WHERE id = p_id FOR UPDATE;
+    IF FOUND THEN
+        IF j.state = 'ready' THEN
+            DELETE FROM @S@.jobs WHERE id = p_id;
+            INSERT INTO @S@.finished_jobs (id, queue, state, priority, attempt, max_attempts,
+                                           unique_key, last_error, created_at, payload)
+            VALUES (j.id, j.queue, 'cancelled', j.priority, j.attempt, j.max_attempts,
+                    j.unique_key, j.last_error, j.created_at, j.payload);
+            RETURN 'removed';
+        END IF;
+        IF NOT j.cancel_requested THEN
+            UPDATE @S@.jobs SET cancel_requested = true WHERE id = p_id;
+        END IF;
+        PERFORM pg_notify('@S@_queue_ctl', 'cancel ' || p_id);
+        RETURN 'signalled';
+    END IF;
+    IF EXISTS (SELECT 1 FROM @S@.finished_jobs WHERE id = p_id)
+       OR EXISTS (SELECT 1 FROM @S@.dead_jobs WHERE id = p_id) THEN
+        RETURN 'finished';
+    END IF;
+    RETURN 'unknown';
+END $$;
