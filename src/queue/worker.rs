@@ -34,6 +34,7 @@ pub struct WorkerBuilder {
     retry_max: Duration,
     vacuum: bool,
     horizon_after: Duration,
+    schedules: bool,
 }
 
 impl Queue {
@@ -52,6 +53,7 @@ impl Queue {
             retry_max: Duration::from_secs(3600),
             vacuum: true,
             horizon_after: Duration::from_secs(60),
+            schedules: true,
         }
     }
 }
@@ -132,6 +134,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Whether the worker also runs a scheduler for the schema's periodic
+    /// jobs ([`crate::cron`]), so that workers alone keep schedules firing
+    /// (once per slot however many run). Default on.
+    pub fn schedules(mut self, on: bool) -> Self {
+        self.schedules = on;
+        self
+    }
+
     /// Starts the worker in the background and returns its handle. Each
     /// job runs `handler` in a task of its own: `Ok` completes the job,
     /// `Err` (its `Display` text is kept) or a panic fails the attempt.
@@ -194,6 +204,11 @@ impl WorkerBuilder {
                     stop_tx.send_if_modified(|s| s.is_none() && s.replace(until).is_none());
                 })?
         };
+        let scheduler = if self.schedules {
+            Some(queue.schedules().run_scheduler().await?)
+        } else {
+            None
+        };
         let runner = Runner::new(
             ctx,
             Arc::new(handler),
@@ -206,6 +221,9 @@ impl WorkerBuilder {
         .vacuum(self.vacuum);
         let task = tokio::spawn(async move {
             runner.run(wake, stop).await;
+            if let Some(s) = scheduler {
+                let _ = s.shutdown().await;
+            }
             drop(registration);
         });
         Ok(Worker {
