@@ -77,8 +77,8 @@ impl Sql {
             fired: format!(
                 "UPDATE {s}.schedules SET next_at = $2, \
                    last_slot = coalesce($3, last_slot), \
-                   last_fired_at = CASE WHEN $4 > 0 THEN now() ELSE last_fired_at END, \
-                   fired = fired + $4 WHERE name = $1"
+                   last_fired_at = CASE WHEN $4::int8 > 0 THEN now() ELSE last_fired_at END, \
+                   fired = fired + $4::int8 WHERE name = $1"
             ),
             broken: format!(
                 "UPDATE {s}.schedules SET next_at = NULL, last_error = $2 WHERE name = $1"
