@@ -28,7 +28,8 @@
 //!
 //! Every [`Worker`](crate::queue::Worker) runs a scheduler unless told not
 //! to ([`WorkerBuilder::schedules`](crate::queue::WorkerBuilder::schedules)),
-//! so a fleet of workers alone keeps schedules firing;
+//! one per handle and schema however many workers it has, so a fleet of
+//! workers alone keeps schedules firing;
 //! [`Schedules::run_scheduler`] runs one without a worker. A scheduler
 //! sleeps until the earliest due slot (at most a second), then, in one
 //! transaction: takes a transaction advisory lock (schedulers take turns;
@@ -77,6 +78,7 @@ mod store;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub(crate) use scheduler::shared as shared_scheduler;
 pub use scheduler::Scheduler;
 
 use crate::error::{Error, Origin, Result};

@@ -55,6 +55,35 @@ impl Drop for Scheduler {
     }
 }
 
+/// The schedulers workers share: one per handle and schema, however many
+/// workers it runs. Keyed by the handle's address, which stays unique
+/// while a scheduler (whose task holds the handle) is alive.
+type SharedKey = (usize, String);
+static SHARED: std::sync::Mutex<
+    Option<std::collections::HashMap<SharedKey, std::sync::Weak<Scheduler>>>,
+> = std::sync::Mutex::new(None);
+
+/// The scheduler of `queue`'s handle and schema, started if none runs
+/// (the schema is installed already). Stopped when the last holder drops it.
+pub(crate) fn shared(queue: &Queue) -> Result<Arc<Scheduler>> {
+    let key = (
+        Arc::as_ptr(&queue.pubsub().inner) as usize,
+        queue.schema().as_str().to_owned(),
+    );
+    let mut map = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = map.get_or_insert_with(Default::default);
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(s) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+        return Ok(s);
+    }
+    let s = Arc::new(start(
+        queue.clone(),
+        Arc::new(Sql::new(queue.schema().as_str())),
+    )?);
+    map.insert(key, Arc::downgrade(&s));
+    Ok(s)
+}
+
 /// Starts a scheduler for `queue`'s schema, registered with its handle's
 /// services (the schema is installed already).
 pub(crate) fn start(queue: Queue, sql: Arc<Sql>) -> Result<Scheduler> {

@@ -204,8 +204,9 @@ impl WorkerBuilder {
                     stop_tx.send_if_modified(|s| s.is_none() && s.replace(until).is_none());
                 })?
         };
+        // One per handle and schema, shared by its workers.
         let scheduler = if self.schedules {
-            Some(queue.schedules().run_scheduler().await?)
+            Some(crate::cron::shared_scheduler(&queue)?)
         } else {
             None
         };
@@ -221,9 +222,9 @@ impl WorkerBuilder {
         .vacuum(self.vacuum);
         let task = tokio::spawn(async move {
             runner.run(wake, stop).await;
-            if let Some(s) = scheduler {
-                let _ = s.shutdown().await;
-            }
+            // The last worker's drop stops the scheduler (the handle's
+            // shutdown waits for it through its own registration).
+            drop(scheduler);
             drop(registration);
         });
         Ok(Worker {
