@@ -81,6 +81,8 @@
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
 //!                   completer, vacuum), admin, control (cancel, pause,
 //!                   finished jobs), outcome (what handlers return)
+//! src/cron/         periodic jobs: mod.rs (API), slot.rs (slots, DST and
+//!                   catch-up, pure), scheduler.rs (the service), store.rs
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/);
 //!                   store.rs: the trigger feeds' statements
 //! src/admin/        the operator's view: mod.rs (handle, serializable types),
@@ -133,6 +135,8 @@
 //! * [`durable`]: durable channels (a table, snapshot ticks, consumer groups).
 //! * [`queue`]: work queue (jobs done once across a fleet, retries, dead jobs).
 //! * [`changes`]: change feeds (row changes from triggers and from the WAL).
+//! * [`cron`]: periodic jobs (cron or interval schedules in the database,
+//!   fired once per slot by the workers).
 //! * [`admin`]: the operator's view: listings and actions across capabilities.
 //! * `ui` (feature `ui`): the dashboard and admin API, an axum router.
 //! * [`schema`]: the schema's name, migrations and installer.
@@ -184,6 +188,7 @@ pub mod admin;
 // Capabilities (each a folder: handle and docs in mod.rs, statements in its
 // store, one file per background task).
 pub mod changes;
+pub mod cron;
 pub mod durable;
 #[cfg(feature = "metrics")]
 pub mod metrics;

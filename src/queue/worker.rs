@@ -35,6 +35,7 @@ pub struct WorkerBuilder {
     vacuum: bool,
     horizon_after: Duration,
     history: Duration,
+    schedules: bool,
 }
 
 impl Queue {
@@ -55,6 +56,7 @@ impl Queue {
             vacuum: true,
             horizon_after: Duration::from_secs(60),
             history: Duration::from_secs(24 * 3600),
+            schedules: true,
         }
     }
 }
@@ -148,6 +150,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Whether the worker also runs a scheduler for the schema's periodic
+    /// jobs ([`crate::cron`]), so that workers alone keep schedules firing
+    /// (once per slot however many run). Default on.
+    pub fn schedules(mut self, on: bool) -> Self {
+        self.schedules = on;
+        self
+    }
+
     /// Starts the worker in the background and returns its handle. Each
     /// job runs `handler` in a task of its own: `Ok(())` completes the job,
     /// `Ok(`[`Outcome`](super::Outcome)`)` completes it with an output or
@@ -221,6 +231,12 @@ impl WorkerBuilder {
                     stop_tx.send_if_modified(|s| s.is_none() && s.replace(until).is_none());
                 })?
         };
+        // One per handle and schema, shared by its workers.
+        let scheduler = if self.schedules {
+            Some(crate::cron::shared_scheduler(&queue)?)
+        } else {
+            None
+        };
         let runner = Runner::new(
             ctx,
             Arc::new(handler),
@@ -233,6 +249,9 @@ impl WorkerBuilder {
         .vacuum(self.vacuum);
         let task = tokio::spawn(async move {
             runner.run(wake, control, stop).await;
+            // The last worker's drop stops the scheduler (the handle's
+            // shutdown waits for it through its own registration).
+            drop(scheduler);
             drop(registration);
         });
         Ok(Worker {

@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -81,6 +81,12 @@ const CATALOG: Catalog = Catalog {
             version: 2,
             name: "queue_control",
             sql: include_str!("migrations/0002_queue_control.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 3,
+            name: "schedules",
+            sql: include_str!("migrations/0003_schedules.sql"),
             compatible_with: 1,
         },
     ],
@@ -256,6 +262,7 @@ mod tests {
     const PINS: &[(&str, i32, &str)] = &[
         ("baseline", 1, "fd04bb8e630fc4e1"),
         ("queue_control", 2, "1e8f462e87afda1f"),
+        ("schedules", 3, "0f9e2f51dad6104d"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),

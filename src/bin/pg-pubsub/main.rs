@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod changes;
 mod common;
+mod cron;
 mod dev;
 mod durable;
 mod listen;
@@ -52,6 +53,8 @@ enum Command {
     Queue(queue::QueueArgs),
     /// Change feeds: install triggers on a table, print its changes.
     Changes(changes::ChangesArgs),
+    /// Periodic jobs: schedules that enqueue a job or publish a message.
+    Cron(cron::CronArgs),
     /// Serve the dashboard and admin API over HTTP (localhost by default;
     /// read-only unless given an admin token).
     Serve(serve::ServeArgs),
@@ -69,6 +72,7 @@ async fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(&cli.conn, args).await,
         Command::Queue(args) => queue::run(&cli.conn, args).await,
         Command::Changes(args) => changes::run(&cli.conn, args).await,
+        Command::Cron(args) => cron::run(&cli.conn, args).await,
         Command::Serve(args) => serve::run(&cli.conn, args).await,
     };
     match result {
