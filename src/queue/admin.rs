@@ -21,6 +21,8 @@ pub struct QueueStats {
     pub dead: u64,
     /// How long the oldest due job has been due; zero when none is.
     pub oldest_ready_age: Duration,
+    /// The queue's limits ([`Queue::set_limits`]).
+    pub limits: super::Limits,
 }
 
 /// A `count(*)` as the unsigned count every stats type uses.
@@ -49,7 +51,8 @@ pub struct DeadJob {
 }
 
 impl Queue {
-    /// Counts per queue (every queue with a live or dead job), by name.
+    /// Counts per queue (every queue with a live or dead job, or limits),
+    /// by name.
     pub async fn stats(&self) -> Result<Vec<QueueStats>> {
         let s = self.schema.as_str();
         let sql = format!(
@@ -59,10 +62,14 @@ impl Queue {
                count(*) FILTER (WHERE j.state = 'running'), \
                (SELECT count(*) FROM {s}.dead_jobs d WHERE d.queue = q.queue), \
                coalesce(extract(epoch FROM now() - min(j.run_at) \
-                        FILTER (WHERE j.state = 'ready' AND j.run_at <= now())), 0)::float8 \
-             FROM (SELECT DISTINCT queue FROM {s}.jobs UNION SELECT DISTINCT queue FROM {s}.dead_jobs) q \
+                        FILTER (WHERE j.state = 'ready' AND j.run_at <= now())), 0)::float8, \
+               l.concurrency, l.per_key, l.rate_count, \
+               extract(epoch FROM l.rate_interval)::float8 \
+             FROM (SELECT DISTINCT queue FROM {s}.jobs UNION SELECT DISTINCT queue FROM {s}.dead_jobs \
+                   UNION SELECT queue FROM {s}.queue_limits) q \
              LEFT JOIN {s}.jobs j ON j.queue = q.queue \
-             GROUP BY q.queue ORDER BY q.queue"
+             LEFT JOIN {s}.queue_limits l ON l.queue = q.queue \
+             GROUP BY q.queue, l.queue ORDER BY q.queue"
         );
         self.with_client("queue stats", |client| async move {
             let rows = client.query(&sql, &[]).await?;
@@ -75,6 +82,7 @@ impl Queue {
                     running: count(r.get(3)),
                     dead: count(r.get(4)),
                     oldest_ready_age: Duration::from_secs_f64(r.get::<_, f64>(5).max(0.0)),
+                    limits: super::limits::from_row(r, 6),
                 })
                 .collect())
         })

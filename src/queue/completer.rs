@@ -45,6 +45,7 @@ pub(super) async fn run(
         }
         match complete(&ctx, &batch).await {
             Ok(n) => {
+                ctx.completed.notify_one();
                 if let Some(finished) = &finished {
                     // Closed only if the vacuum task gave up: nothing to tell.
                     let _ = finished.send(n);

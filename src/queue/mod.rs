@@ -89,6 +89,7 @@ mod context;
 mod enqueue;
 mod horizon;
 mod job;
+mod limits;
 mod runner;
 mod store;
 mod vacuum;
@@ -104,6 +105,7 @@ pub use admin::{DeadJob, QueueStats};
 pub use enqueue::{Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
 pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
+pub use limits::{Limits, Rate};
 pub use worker::{Worker, WorkerBuilder};
 
 use crate::client::PgPubSub;

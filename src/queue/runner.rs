@@ -42,6 +42,10 @@ pub(super) struct Runner<F> {
     /// Whether to vacuum the jobs table (see `vacuum`), and the task doing it.
     vacuum: bool,
     vacuumer: Option<JoinHandle<()>>,
+    /// Whether the queue has limits (a `queue_limits` row): then claims go
+    /// through `claim_limited`. Read at start and at every poll, so a
+    /// queue without limits pays nothing.
+    limited: bool,
 }
 
 impl<F, Fut, E> Runner<F>
@@ -74,6 +78,7 @@ where
             completer: None,
             vacuum: false,
             vacuumer: None,
+            limited: false,
         }
     }
 
@@ -103,6 +108,7 @@ where
         let mut extend = tokio::time::interval(self.lease / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan = ClaimPlan::default();
+        self.refresh_limits().await;
         loop {
             self.start_waiting();
             let busy = self.running.len() + self.waiting.len();
@@ -137,8 +143,12 @@ where
                     Some(_) => {}
                     None => break, // the PgPubSub shut down
                 },
+                // A limit may have held jobs back until this worker's
+                // completions were written.
+                _ = self.ctx.completed.notified(), if self.limited => plan.woken(),
                 _ = poll.tick() => {
                     plan.polled();
+                    self.refresh_limits().await;
                     self.rescue().await;
                 }
                 _ = extend.tick() => self.extend().await,
@@ -154,7 +164,12 @@ where
     /// Claims up to `n` jobs (into `waiting`) in one statement; returns
     /// how many were claimed.
     async fn claim(&mut self, n: usize) -> Result<usize> {
-        let (sql, name) = (&self.ctx.sql.claim, &*self.ctx.name);
+        let sql = if self.limited {
+            &self.ctx.sql.claim_limited
+        } else {
+            &self.ctx.sql.claim
+        };
+        let name = &*self.ctx.name;
         let limit = n as i32;
         let lease = self.lease.as_secs_f64();
         let mut rows = self
@@ -181,6 +196,24 @@ where
             });
         }
         Ok(count)
+    }
+
+    /// Reads whether the queue has limits; on failure keeps what it knew.
+    async fn refresh_limits(&mut self) {
+        let (sql, name) = (&self.ctx.sql.has_limits, &*self.ctx.name);
+        let res = self
+            .ctx
+            .with_client("reading queue limits", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
+            })
+            .await;
+        match res {
+            Ok(limited) => self.limited = limited,
+            Err(e) => {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: reading queue limits failed")
+            }
+        }
     }
 
     /// Starts an attempt for each waiting job while handlers are free.

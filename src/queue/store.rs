@@ -7,6 +7,10 @@ use std::sync::Arc;
 /// The worker's statements, for one schema.
 pub(super) struct Sql {
     pub(super) claim: String,
+    /// The claim of a queue with limits (`claim_limited`, migration 0002).
+    pub(super) claim_limited: String,
+    /// Whether the queue has limits: which claim to use.
+    pub(super) has_limits: String,
     pub(super) complete: String,
     pub(super) complete_one: Arc<str>,
     pub(super) extend: String,
@@ -31,6 +35,9 @@ impl Sql {
                    ORDER BY p.priority DESC, p.run_at, p.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED)) \
                  RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload"
             ),
+            // Same columns as `claim`.
+            claim_limited: format!("SELECT * FROM {s}.claim_limited($1, $2::int4, $3::float8)"),
+            has_limits: format!("SELECT EXISTS (SELECT 1 FROM {s}.queue_limits WHERE queue = $1)"),
             complete: format!(
                 "DELETE FROM {s}.jobs j USING unnest($1::int8[], $2::int4[]) AS d(id, attempt) \
                  WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'"

@@ -173,6 +173,7 @@ impl WorkerBuilder {
             retry_max: self.retry_max,
             horizon_after: self.horizon_after,
             completing: Default::default(),
+            completed: Default::default(),
             metrics: crate::record::QueueMetrics::new(&self.name),
         });
         let stop_tx = Arc::new(watch::Sender::new(None::<Instant>));

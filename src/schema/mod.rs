@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -70,12 +70,20 @@ const MAX_SCHEMA_BYTES: usize = 40;
 
 /// What this build carries. Append migrations; never edit released ones.
 const CATALOG: Catalog = Catalog {
-    migrations: &[Migration {
-        version: 1,
-        name: "baseline",
-        sql: include_str!("migrations/0001_baseline.sql"),
-        compatible_with: 1,
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "baseline",
+            sql: include_str!("migrations/0001_baseline.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 2,
+            name: "limits",
+            sql: include_str!("migrations/0002_limits.sql"),
+            compatible_with: 1,
+        },
+    ],
     scripts: &[
         Script {
             name: "durable",
@@ -91,6 +99,11 @@ const CATALOG: Catalog = Catalog {
             name: "changes",
             sql: include_str!("functions/changes.sql"),
             since: 1,
+        },
+        Script {
+            name: "limits",
+            sql: include_str!("functions/limits.sql"),
+            since: 2,
         },
     ],
 };
@@ -240,8 +253,10 @@ mod tests {
 
     const PINS: &[(&str, i32, &str)] = &[
         ("baseline", 1, "fd04bb8e630fc4e1"),
+        ("limits", 2, "741d36155d7f8cb1"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 1, "6c814984697f6c28"),
         ("changes", 1, "86b5b60834a2cd18"),
+        ("limits", 2, "1770c0775b72daf2"),
     ];
 }
