@@ -257,6 +257,6 @@ mod tests {
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 1, "6c814984697f6c28"),
         ("changes", 1, "86b5b60834a2cd18"),
-        ("limits", 2, "1770c0775b72daf2"),
+        ("limits", 2, "019850ff5dd38783"),
     ];
 }

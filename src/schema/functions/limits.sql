@@ -28,7 +28,10 @@ BEGIN
     v_now := clock_timestamp();
     IF FOUND THEN
         IF l.concurrency IS NOT NULL THEN
-            v_room := least(v_room, l.concurrency - (SELECT count(*) FROM @S@.jobs r
+            -- count(attempt), not count(*): an index-only scan would fetch
+            -- the heap for every dead entry of a completed job, at every
+            -- claim; a plain index scan marks them dead once.
+            v_room := least(v_room, l.concurrency - (SELECT count(r.attempt) FROM @S@.jobs r
                 WHERE r.queue = p_queue AND r.state = 'running')::int);
         END IF;
         IF l.rate_count IS NOT NULL THEN
@@ -51,7 +54,7 @@ BEGIN
         -- order). Not locked: the UPDATE below re-checks the state.
         v_ids := ARRAY(
             WITH busy AS (
-                SELECT r.concurrency_key AS k, count(*)::int AS n FROM @S@.jobs r
+                SELECT r.concurrency_key AS k, count(r.attempt)::int AS n FROM @S@.jobs r
                 WHERE r.queue = p_queue AND r.state = 'running' AND r.concurrency_key IS NOT NULL
                 GROUP BY r.concurrency_key
             ), cand AS (
