@@ -15,6 +15,12 @@
 //! before the second latency probe, default 5 000 000, a few minutes; 0
 //! skips the latency phase), `BENCH_WORKER_VACUUM` (0: the churning worker
 //! leaves vacuuming to autovacuum; default 1),
+//! `BENCH_WORK_RUNS` (rounds of the claim + complete comparison, each
+//! draining, in a rotating order, a queue without limits, one with a
+//! global limit that never binds, one with a per-key limit of 1 over 256
+//! keys, and the bare loop; median ratios reported; default 3),
+//! `BENCH_GRAPHILE=1` (graphile-worker with batching drains the same
+//! number of jobs in each round too: run `benches/peers/setup.sh` first),
 //! `BENCH_ENQUEUE_RUNS` (interleaved rounds of the one-per-transaction
 //! enqueue comparison, median reported, default 20: many short rounds,
 //! since this machine's speed drifts by more than the difference measured), `DATABASE_URL` (else a
@@ -28,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_pubsub::queue::{Job, Queue, WorkerBuilder};
+use pg_pubsub::queue::{Job, Limits, Queue, WorkerBuilder};
 use pg_pubsub::PgPubSub;
 use pg_pubsub::Text;
 
@@ -160,43 +166,163 @@ async fn run(url: &str) -> Res<()> {
         .batch_execute("VACUUM ANALYZE bench_bare_jobs")
         .await?;
 
-    // Claim + complete, 8 handlers doing nothing.
-    let payloads: Vec<&str> = vec![PAYLOAD; 1000];
-    for _ in 0..work / 1000 {
-        q.enqueue_batch("bench_work", payloads.iter().map(Text))
-            .await?;
-        client.execute(&stmt, &[&"bench_work", &payloads]).await?;
-    }
-    let t = Instant::now();
-    drain(&q, "bench_work", work as usize).await?;
-    let ours = rate(work, t.elapsed());
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..TASKS {
-        let pool = ps.pool().clone();
-        tasks.push(tokio::spawn(async move {
-            let c = pool.get().await?;
-            let stmt = c.prepare_cached(BARE_TAKE).await?;
-            while c.query_opt(&stmt, &[&"bench_work"]).await?.is_some() {}
-            Res::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let bare = rate(work, t.elapsed());
-    line_of(
-        "claim + complete, 8 handlers / connections",
-        ours,
-        bare,
-        "jobs/s",
-    );
+    // Claim + complete, 8 handlers doing nothing: no limits, a global
+    // limit that never binds, a per-key limit of 1 (256 keys), and the bare
+    // loop, enqueued together and drained in a rotating order per round.
+    claim_complete(url, &ps, &q, &client, work, env_u64("BENCH_WORK_RUNS", 3)?).await?;
 
     // Claim latency: on a fresh table, then after `churn` jobs went through it.
     if churn > 0 {
         latency_after_churn(&ps, churn).await?;
     }
     ps.shutdown().await;
+    Ok(())
+}
+
+/// The limited queues of the claim + complete phase.
+const GLOBAL: &str = "bench_work_global";
+const KEYED: &str = "bench_work_key";
+const KEYS: i64 = 256;
+
+async fn claim_complete(
+    url: &str,
+    ps: &PgPubSub,
+    q: &Queue,
+    client: &deadpool_postgres::Client,
+    work: u64,
+    runs: u64,
+) -> Res<()> {
+    q.set_limits(GLOBAL, Limits::new().concurrency(1_000_000))
+        .await?;
+    q.set_limits(KEYED, Limits::new().per_key(1)).await?;
+    let stmt = client.prepare(BARE_INSERT_MANY).await?;
+    let payloads: Vec<&str> = vec![PAYLOAD; 1000];
+    let graphile = std::env::var("BENCH_GRAPHILE").is_ok_and(|v| v == "1");
+    let names = [
+        "plain",
+        "global limit",
+        "per-key limit",
+        "bare",
+        "graphile-worker (batching)",
+    ];
+    let contenders = if graphile { 5 } else { 4 };
+    let mut ratios: [Vec<f64>; 5] = Default::default();
+    let mut lead: Vec<f64> = Vec::new();
+    for run in 0..runs {
+        for queue in ["bench_work", GLOBAL, KEYED] {
+            for _ in 0..work / 1000 {
+                q.enqueue_batch(queue, payloads.iter().map(Text)).await?;
+            }
+        }
+        client
+            .execute(
+                "UPDATE pgpubsub.jobs SET concurrency_key = (id % $1)::text WHERE queue = $2",
+                &[&KEYS, &KEYED],
+            )
+            .await?;
+        for _ in 0..work / 1000 {
+            client.execute(&stmt, &[&"bench_work", &payloads]).await?;
+        }
+        client.batch_execute("VACUUM ANALYZE pgpubsub.jobs").await?;
+        client
+            .batch_execute("VACUUM ANALYZE bench_bare_jobs")
+            .await?;
+        let mut rates = [0.0; 5];
+        for i in 0..contenders {
+            let which = (i + run as usize) % contenders;
+            let t = Instant::now();
+            match which {
+                0 => drain(q, "bench_work", work as usize).await?,
+                1 => drain(q, GLOBAL, work as usize).await?,
+                2 => drain(q, KEYED, work as usize).await?,
+                3 => bare_take(ps, "bench_work").await?,
+                _ => {
+                    // Times itself (its own enqueue is not timed).
+                    rates[4] = graphile_drain(url, work).await?;
+                    continue;
+                }
+            }
+            rates[which] = rate(work, t.elapsed());
+        }
+        if graphile {
+            lead.push(rates[0] / rates[4]);
+        }
+        for (i, name) in names.iter().enumerate().take(contenders) {
+            line_of(
+                &format!("  claim + complete, 8 handlers, {name}, run {run}"),
+                rates[i],
+                rates[3],
+                "jobs/s",
+            );
+        }
+        for (i, r) in rates.iter().enumerate().take(contenders) {
+            ratios[i].push(r / rates[3]);
+        }
+    }
+    for (i, r) in ratios.into_iter().enumerate().take(contenders) {
+        if i == 3 {
+            continue;
+        }
+        println!(
+            "{:<60} median ratio to bare {:.2}",
+            format!("claim + complete, 8 handlers / connections, {}", names[i]),
+            median(r)
+        );
+    }
+    if graphile {
+        println!(
+            "{:<60} median ratio {:.2}",
+            "drain, pg-pubsub / graphile-worker (batching)",
+            median(lead)
+        );
+    }
+    q.set_limits(GLOBAL, Limits::new()).await?;
+    q.set_limits(KEYED, Limits::new()).await?;
+    Ok(())
+}
+
+/// Runs `benches/peers/graphile_drain.mjs` (installed by
+/// `benches/peers/setup.sh`) on the same server; its drain rate in jobs/s.
+async fn graphile_drain(url: &str, n: u64) -> Res<f64> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/peers/graphile_drain.mjs"
+    );
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .env("DATABASE_URL", url)
+        .env("N", n.to_string())
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!(
+            "graphile_drain.mjs failed (run benches/peers/setup.sh first?): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    line["rate"]
+        .as_f64()
+        .ok_or_else(|| "graphile_drain.mjs printed no rate".into())
+}
+
+/// The bare `DELETE .. SKIP LOCKED LIMIT 1` loop on 8 connections until
+/// `queue` of the bare table is empty.
+async fn bare_take(ps: &PgPubSub, queue: &'static str) -> Res<()> {
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let pool = ps.pool().clone();
+        tasks.push(tokio::spawn(async move {
+            let c = pool.get().await?;
+            let stmt = c.prepare_cached(BARE_TAKE).await?;
+            while c.query_opt(&stmt, &[&queue]).await?.is_some() {}
+            Res::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
     Ok(())
 }
 

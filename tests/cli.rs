@@ -1168,3 +1168,43 @@ async fn queue_pause_stops_claims_of_a_worker_process_until_resume() {
     let _ = std::fs::remove_dir_all(&dir);
     ps.shutdown().await;
 }
+
+#[tokio::test]
+async fn queue_limit_sets_shows_and_clears_limits() {
+    let queue = channel("cli_lim");
+    let out = run(cli(&[
+        "queue",
+        "limit",
+        &queue,
+        "--concurrency",
+        "3",
+        "--per-key",
+        "1",
+        "--rate",
+        "10/500ms",
+    ]))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let set: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(
+        set["limits"],
+        serde_json::json!({"concurrency": 3, "per_key": 1,
+                           "rate": {"count": 10, "per_seconds": 0.5}})
+    );
+    let out = run(cli(&["queue", "stats"])).await;
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&queue))
+        .map(str::to_owned)
+        .expect("the limited queue is listed");
+    let stats: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(stats["limits"], set["limits"]);
+    let out = run(cli(&["queue", "limit", &queue, "--clear"])).await;
+    let cleared: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        cleared["limits"],
+        serde_json::json!({"concurrency": null, "per_key": null, "rate": null})
+    );
+    let out = run(cli(&["queue", "limit", &queue, "--rate", "ten/s"])).await;
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+}

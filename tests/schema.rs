@@ -56,7 +56,10 @@ async fn migrate_status_up_and_status_again() {
     assert_eq!(before.state, SchemaState::NotInstalled);
     assert_eq!(before.database_version, 0);
     assert_eq!(before.pending_migrations.len(), SCHEMA_VERSION as usize);
-    assert_eq!(before.pending_scripts, ["durable", "queue", "changes"]);
+    assert_eq!(
+        before.pending_scripts,
+        ["durable", "queue", "changes", "limits"]
+    );
     let after = migrator.up().await.expect("up");
     assert_eq!(after.state, SchemaState::Current);
     assert_eq!(after.database_version, SCHEMA_VERSION);

@@ -27,6 +27,8 @@ pub struct QueueStats {
     pub paused: bool,
     /// How long the oldest due job has been due; zero when none is.
     pub oldest_ready_age: Duration,
+    /// The queue's limits ([`Queue::set_limits`]).
+    pub limits: super::Limits,
 }
 
 /// A `count(*)` as the unsigned count every stats type uses.
@@ -55,8 +57,8 @@ pub struct DeadJob {
 }
 
 impl Queue {
-    /// Counts per queue (every queue with a live, dead or finished job, or
-    /// paused), by name.
+    /// Counts per queue (every queue with a live, dead or finished job,
+    /// paused, or with limits), by name.
     pub async fn stats(&self) -> Result<Vec<QueueStats>> {
         let s = self.schema.as_str();
         let sql = format!(
@@ -71,12 +73,16 @@ impl Queue {
                  WHERE f.queue = q.queue AND f.state = 'completed'), \
                (SELECT count(*) FROM {s}.finished_jobs f \
                  WHERE f.queue = q.queue AND f.state = 'cancelled'), \
-               EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.queue = q.queue) \
+               EXISTS (SELECT 1 FROM {s}.paused_queues p WHERE p.queue = q.queue), \
+               l.concurrency, l.per_key, l.rate_count, \
+               extract(epoch FROM l.rate_interval)::float8 \
              FROM (SELECT DISTINCT queue FROM {s}.jobs UNION SELECT DISTINCT queue FROM {s}.dead_jobs \
                    UNION SELECT DISTINCT queue FROM {s}.finished_jobs \
-                   UNION SELECT queue FROM {s}.paused_queues) q \
+                   UNION SELECT queue FROM {s}.paused_queues \
+                   UNION SELECT queue FROM {s}.queue_limits) q \
              LEFT JOIN {s}.jobs j ON j.queue = q.queue \
-             GROUP BY q.queue ORDER BY q.queue"
+             LEFT JOIN {s}.queue_limits l ON l.queue = q.queue \
+             GROUP BY q.queue, l.queue ORDER BY q.queue"
         );
         self.with_client("queue stats", |client| async move {
             let rows = client.query(&sql, &[]).await?;
@@ -92,6 +98,7 @@ impl Queue {
                     completed: count(r.get(6)),
                     cancelled: count(r.get(7)),
                     paused: r.get(8),
+                    limits: super::limits::from_row(r, 9),
                 })
                 .collect())
         })

@@ -50,6 +50,7 @@ pub(super) async fn run(
         }
         match complete(&ctx, &batch).await {
             Ok((n, cancelled)) => {
+                ctx.completed.notify_one();
                 for job_id in cancelled {
                     let attempt = batch.iter().find(|d| d.0 == job_id).map_or(0, |d| d.1);
                     tracing::info!(queue = %ctx.name, job_id, attempt, "pg-pubsub: job cancelled");

@@ -30,6 +30,9 @@ pub(super) struct Ctx {
     /// Claims handed to the completer and not yet written: their leases
     /// are still extended, so a slow completion cannot make them run again.
     pub(super) completing: std::sync::Mutex<HashSet<(i64, i32)>>,
+    /// Signalled after each batch of completions is written: a worker of
+    /// a limited queue claims again then (the jobs no longer count).
+    pub(super) completed: tokio::sync::Notify,
     /// The queue's metric handles (nothing without the `metrics` feature).
     pub(super) metrics: crate::record::QueueMetrics,
 }

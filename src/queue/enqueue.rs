@@ -30,6 +30,7 @@ struct JobOptions {
     priority: i16,
     max_attempts: Option<i32>,
     unique_key: Option<String>,
+    key: Option<String>,
 }
 
 impl JobOptions {
@@ -42,6 +43,9 @@ impl JobOptions {
         }
         if self.unique_key.as_deref().is_some_and(|k| k.contains('\0')) {
             return Err(Error::new(Origin::Config, "unique key contains a NUL byte"));
+        }
+        if self.key.as_deref().is_some_and(|k| k.contains('\0')) {
+            return Err(Error::new(Origin::Config, "job key contains a NUL byte"));
         }
         Ok(())
     }
@@ -61,6 +65,7 @@ impl JobOptions {
             && self.priority == 0
             && self.max_attempts.is_none_or(|n| n == DEFAULT_MAX_ATTEMPTS)
             && self.unique_key.is_none()
+            && self.key.is_none()
     }
 
     fn delay_secs(&self) -> Option<f64> {
@@ -127,9 +132,10 @@ impl Queue {
             );
         }
         format!(
-            "INSERT INTO {jobs} (queue, payload, run_at, priority, max_attempts, unique_key) \
+            "INSERT INTO {jobs} (queue, payload, run_at, priority, max_attempts, unique_key, \
+             concurrency_key) \
              VALUES ($1, $2, coalesce($3::timestamptz, now() + make_interval(secs => $4::float8)), \
-             $5::int2, $6::int4, $7::text) {} RETURNING id{notify}",
+             $5::int2, $6::int4, $7::text, $8::text) {} RETURNING id{notify}",
             if options.unique_key.is_some() {
                 "ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
             } else {
@@ -236,13 +242,20 @@ impl Queue {
         check_queue(queue)?;
         check_payload(payload)?;
         options.check()?;
-        let rows = crate::tx::query(
-            tx,
-            &self.enqueue_sql(),
-            &params(queue, payload, options).typed(),
-        )
-        .await
-        .map_err(|e| Error::pg(Origin::Queue, "enqueue in transaction", e))?;
+        let p = params(queue, payload, options);
+        let typed = p.typed();
+        if options.key.is_some() {
+            // The `enqueue` SQL function has no key (its signature stays
+            // what older builds call): the same insert as a statement.
+            let sql = self.insert_sql(options, false, options.due_now());
+            let rows = crate::tx::query(tx, &sql, &typed)
+                .await
+                .map_err(|e| Error::pg(Origin::Queue, "enqueue in transaction", e))?;
+            return Ok(enqueued(rows.first().map(|row| row.get::<_, i64>(0))));
+        }
+        let rows = crate::tx::query(tx, &self.enqueue_sql(), &typed[..7])
+            .await
+            .map_err(|e| Error::pg(Origin::Queue, "enqueue in transaction", e))?;
         // `SELECT enqueue(..)`: one row, the id (NULL: unique key taken).
         let row = rows
             .first()
@@ -377,6 +390,15 @@ impl<P: Encode, X> Enqueue<'_, P, X> {
         self.options.unique_key = Some(key.into());
         self
     }
+
+    /// The job's key for the queue's per-key limit
+    /// ([`Limits::per_key`](super::Limits::per_key)): at most that many
+    /// jobs with the same key run at once (with 1, one at a time in claim
+    /// order). No effect on a queue without that limit.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.options.key = Some(key.into());
+        self
+    }
 }
 
 impl<'a, P: Encode + Send + 'a> IntoFuture for Enqueue<'a, P, OwnTransaction> {
@@ -444,6 +466,7 @@ struct Params<'a> {
     priority: i16,
     max_attempts: i32,
     unique_key: Option<&'a str>,
+    key: Option<&'a str>,
 }
 
 fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a> {
@@ -455,12 +478,14 @@ fn params<'a>(queue: &'a str, payload: &'a str, o: &'a JobOptions) -> Params<'a>
         priority: o.priority,
         max_attempts: o.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
         unique_key: o.unique_key.as_deref(),
+        key: o.key.as_deref(),
     }
 }
 
 impl Params<'_> {
-    /// The parameters of [`Queue::enqueue_sql`] with their types.
-    fn typed(&self) -> [(&(dyn ToSql + Sync), Type); 7] {
+    /// The parameters of [`Queue::insert_sql`] with their types (the
+    /// first seven: [`Queue::enqueue_sql`]'s).
+    fn typed(&self) -> [(&(dyn ToSql + Sync), Type); 8] {
         [
             (&self.queue, Type::TEXT),
             (&self.payload, Type::TEXT),
@@ -469,10 +494,11 @@ impl Params<'_> {
             (&self.priority, Type::INT2),
             (&self.max_attempts, Type::INT4),
             (&self.unique_key, Type::TEXT),
+            (&self.key, Type::TEXT),
         ]
     }
 
-    fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
+    fn as_refs(&self) -> [&(dyn ToSql + Sync); 8] {
         self.typed().map(|(value, _)| value)
     }
 }

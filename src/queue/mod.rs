@@ -90,6 +90,23 @@
 //! then the job is dead ([`Queue::dead_jobs`], [`Queue::retry_dead`],
 //! [`Queue::delete_dead`]).
 //!
+//! ## Limits
+//!
+//! [`Queue::set_limits`] stores a queue's [`Limits`] in `queue_limits`:
+//! at most N jobs running at once, at most N running per key
+//! ([`Enqueue::key`], column `concurrency_key`), at most N started per
+//! interval (a fixed window kept in the row). Every worker reads whether
+//! its queue has a row at start and at each poll; without one it claims
+//! with the plain statement above (no cost), with one through the
+//! `claim_limited` function, which takes a transaction advisory lock per
+//! queue and then counts the queue's running jobs (on `jobs_lease`) and
+//! the running jobs of the candidate keys. The counts come after the lock
+//! in a statement of their own, so they see every claim committed before
+//! it; jobs claimed and waiting in a worker (prefetched) count as running.
+//! Completions, failures and rescues only lower the counts and take no
+//! lock. A worker held back by a limit claims again when its own
+//! completions are written, on a wake-up, or at its next poll.
+//!
 //! ## Wake-ups
 //!
 //! `enqueue` sends `pg_notify('<schema>_jobs', queue)`: the same payload
@@ -110,6 +127,7 @@ mod control;
 mod enqueue;
 mod horizon;
 mod job;
+mod limits;
 mod outcome;
 mod runner;
 mod store;
@@ -127,6 +145,7 @@ pub use control::{Cancelled, FinishedJob, FinishedState};
 pub use enqueue::{Batch, Enqueue, EnqueueBatch, Enqueued, OwnTransaction};
 pub use horizon::{HolderKind, HorizonHolder};
 pub use job::Job;
+pub use limits::{Limits, Rate};
 pub use outcome::{IntoOutcome, JobOutput, Outcome, MAX_OUTPUT_BYTES};
 pub use worker::{Worker, WorkerBuilder};
 

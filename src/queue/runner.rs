@@ -51,6 +51,10 @@ pub(super) struct Runner<F> {
     /// Whether to vacuum the jobs table (see `vacuum`), and the task doing it.
     vacuum: bool,
     vacuumer: Option<JoinHandle<()>>,
+    /// Whether the queue has limits (a `queue_limits` row): then claims go
+    /// through `claim_limited`. Read at start and at every poll, so a
+    /// queue without limits pays nothing.
+    limited: bool,
 }
 
 impl<F, Fut, O, E> Runner<F>
@@ -87,6 +91,7 @@ where
             completer: None,
             vacuum: false,
             vacuumer: None,
+            limited: false,
         }
     }
 
@@ -118,6 +123,7 @@ where
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan = ClaimPlan::default();
         self.check_paused().await;
+        self.refresh_limits().await;
         loop {
             self.start_waiting();
             let busy = self.running.len() + self.waiting.len();
@@ -161,15 +167,20 @@ where
                     // Missed a pause or a cancel: look now.
                     Some(Delivery::Gap(_) | Delivery::Lagged(_)) => {
                         self.check_paused().await;
+                    self.refresh_limits().await;
                         self.extend().await;
                         plan.woken();
                     }
                     Some(_) => {}
                     None => break,
                 },
+                // A limit may have held jobs back until this worker's
+                // completions were written.
+                _ = self.ctx.completed.notified(), if self.limited => plan.woken(),
                 _ = poll.tick() => {
                     plan.polled();
                     self.check_paused().await;
+                    self.refresh_limits().await;
                     self.rescue().await;
                     self.retain().await;
                 }
@@ -186,7 +197,12 @@ where
     /// Claims up to `n` jobs (into `waiting`) in one statement; returns
     /// how many were claimed.
     async fn claim(&mut self, n: usize) -> Result<usize> {
-        let (sql, name) = (&self.ctx.sql.claim, &*self.ctx.name);
+        let sql = if self.limited {
+            &self.ctx.sql.claim_limited
+        } else {
+            &self.ctx.sql.claim
+        };
+        let name = &*self.ctx.name;
         let limit = n as i32;
         let lease = self.lease.as_secs_f64();
         let mut rows = self
@@ -216,6 +232,24 @@ where
             });
         }
         Ok(count)
+    }
+
+    /// Reads whether the queue has limits; on failure keeps what it knew.
+    async fn refresh_limits(&mut self) {
+        let (sql, name) = (&self.ctx.sql.has_limits, &*self.ctx.name);
+        let res = self
+            .ctx
+            .with_client("reading queue limits", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
+            })
+            .await;
+        match res {
+            Ok(limited) => self.limited = limited,
+            Err(e) => {
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: reading queue limits failed")
+            }
+        }
     }
 
     /// Starts an attempt for each waiting job while handlers are free.

@@ -22,6 +22,10 @@ const DELETED: &str = "j.id, j.queue, j.priority, j.attempt, j.max_attempts, j.u
 /// The worker's statements, for one schema.
 pub(super) struct Sql {
     pub(super) claim: String,
+    /// The claim of a queue with limits (`claim_limited`, migration 0002).
+    pub(super) claim_limited: String,
+    /// Whether the queue has limits: which claim to use.
+    pub(super) has_limits: String,
     pub(super) complete: String,
     pub(super) complete_one: Arc<str>,
     pub(super) extend: String,
@@ -49,6 +53,9 @@ impl Sql {
                    ORDER BY p.priority DESC, p.run_at, p.id LIMIT $2::int4 FOR UPDATE SKIP LOCKED)) \
                  RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.created_at, j.payload"
             ),
+            // Same columns as `claim`.
+            claim_limited: format!("SELECT * FROM {s}.claim_limited($1, $2::int4, $3::float8)"),
+            has_limits: format!("SELECT EXISTS (SELECT 1 FROM {s}.queue_limits WHERE queue = $1)"),
             // Deletes the batch and, in the same statement, keeps the jobs
             // in finished_jobs: completed ones when history is on ($4),
             // cancelled ones always. Returns how many claims were current

@@ -210,6 +210,7 @@ impl WorkerBuilder {
             horizon_after: self.horizon_after,
             history: self.history,
             completing: Default::default(),
+            completed: Default::default(),
             metrics: crate::record::QueueMetrics::new(&self.name),
         });
         let stop_tx = Arc::new(watch::Sender::new(None::<Instant>));

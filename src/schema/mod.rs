@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -89,6 +89,12 @@ const CATALOG: Catalog = Catalog {
             sql: include_str!("migrations/0003_schedules.sql"),
             compatible_with: 1,
         },
+        Migration {
+            version: 4,
+            name: "limits",
+            sql: include_str!("migrations/0004_limits.sql"),
+            compatible_with: 1,
+        },
     ],
     scripts: &[
         Script {
@@ -105,6 +111,11 @@ const CATALOG: Catalog = Catalog {
             name: "changes",
             sql: include_str!("functions/changes.sql"),
             since: 1,
+        },
+        Script {
+            name: "limits",
+            sql: include_str!("functions/limits.sql"),
+            since: 4,
         },
     ],
 };
@@ -263,8 +274,10 @@ mod tests {
         ("baseline", 1, "fd04bb8e630fc4e1"),
         ("queue_control", 2, "1e8f462e87afda1f"),
         ("schedules", 3, "0f9e2f51dad6104d"),
+        ("limits", 4, "741d36155d7f8cb1"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),
+        ("limits", 4, "019850ff5dd38783"),
     ];
 }

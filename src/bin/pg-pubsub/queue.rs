@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use futures::{FutureExt, StreamExt};
 use pg_pubsub::admin::{JobState, Page};
 use pg_pubsub::event::QueueEvent;
-use pg_pubsub::queue::{Cancelled, Enqueued, Job, Queue};
+use pg_pubsub::queue::{Cancelled, Enqueued, Job, Limits, Queue};
 use pg_pubsub::PgPubSub;
 use pg_pubsub::Text;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,6 +66,54 @@ enum QueueCommand {
     Jobs(JobsArgs),
     /// Print one job, live or dead, with its whole payload, as JSON.
     Job(JobArgs),
+    /// Set a queue's limits (replacing those it had), or print them as
+    /// JSON when no option is given. Workers take them up within a poll.
+    Limit(LimitArgs),
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Queue name.
+    queue: String,
+    /// Jobs of the queue running at once, across every worker.
+    #[arg(long, value_name = "N")]
+    concurrency: Option<u32>,
+    /// Running jobs per key (`enqueue --key`); 1 runs each key's jobs in order.
+    #[arg(long, value_name = "N")]
+    per_key: Option<u32>,
+    /// Jobs started per interval: N/INTERVAL, INTERVAL as 500ms, 1s, 5m, 1h
+    /// (or s, m, h for one).
+    #[arg(long, value_name = "N/INTERVAL", value_parser = parse_rate)]
+    rate: Option<(u32, Duration)>,
+    /// Remove every limit of the queue.
+    #[arg(long, conflicts_with_all = ["concurrency", "per_key", "rate"])]
+    clear: bool,
+}
+
+/// `N/INTERVAL`: `100/1s`, `5/500ms`, `1000/h`.
+fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("{s:?}: expected N/INTERVAL, e.g. 100/1s, 5/500ms, 1000/h");
+    let (n, per) = s.split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    let per = per.trim();
+    let split = per
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(bad)?;
+    let (num, unit) = per.split_at(split);
+    let num: f64 = if num.is_empty() {
+        1.0
+    } else {
+        num.parse().map_err(|_| bad())?
+    };
+    let unit_secs = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    let per = Duration::try_from_secs_f64(num * unit_secs).map_err(|_| bad())?;
+    Ok((n, per))
 }
 
 #[derive(Args)]
@@ -130,6 +178,9 @@ struct EnqueueArgs {
     /// At most one ready or running job of the queue with this key.
     #[arg(long, conflicts_with = "stdin")]
     unique_key: Option<String>,
+    /// The job's key for the queue's per-key limit (`queue limit --per-key`).
+    #[arg(long, conflicts_with = "stdin")]
+    key: Option<String>,
 }
 
 #[derive(Args)]
@@ -184,6 +235,7 @@ pub(crate) async fn run(conn: &ConnOpts, args: QueueArgs) -> Result<()> {
     let result = match args.command {
         QueueCommand::Enqueue(e) => enqueue(&q, e).await,
         QueueCommand::Stats => stats(&q).await,
+        QueueCommand::Limit(l) => limit(&q, l).await,
         QueueCommand::Dead(d) => dead(&q, d).await,
         QueueCommand::Jobs(j) => jobs(&ps, &args.schema, j).await,
         QueueCommand::Job(j) => job(&ps, &args.schema, j).await,
@@ -209,6 +261,9 @@ async fn enqueue(q: &Queue, args: EnqueueArgs) -> Result<()> {
         }
         if let Some(k) = args.unique_key {
             job = job.unique_key(k);
+        }
+        if let Some(k) = args.key {
+            job = job.key(k);
         }
         match job.await? {
             Enqueued::New(id) => println!("{id}"),
@@ -503,6 +558,41 @@ async fn run_command(
     ))
 }
 
+/// Limits as JSON: `null` for each one that is off.
+fn limits_json(l: &Limits) -> serde_json::Value {
+    serde_json::json!({
+        "concurrency": l.concurrency,
+        "per_key": l.per_key,
+        "rate": l.rate.map(|r| serde_json::json!({
+            "count": r.count,
+            "per_seconds": r.per.as_secs_f64(),
+        })),
+    })
+}
+
+async fn limit(q: &Queue, args: LimitArgs) -> Result<()> {
+    let given = args.concurrency.is_some() || args.per_key.is_some() || args.rate.is_some();
+    if given || args.clear {
+        let mut limits = Limits::new();
+        if let Some(n) = args.concurrency {
+            limits = limits.concurrency(n);
+        }
+        if let Some(n) = args.per_key {
+            limits = limits.per_key(n);
+        }
+        if let Some((n, per)) = args.rate {
+            limits = limits.rate(n, per);
+        }
+        q.set_limits(&args.queue, limits).await?;
+    }
+    let line = serde_json::json!({
+        "queue": args.queue,
+        "limits": limits_json(&q.limits(&args.queue).await?),
+    });
+    println!("{line}");
+    Ok(())
+}
+
 async fn stats(q: &Queue) -> Result<()> {
     for s in q.stats().await? {
         let line = serde_json::json!({
@@ -515,6 +605,7 @@ async fn stats(q: &Queue) -> Result<()> {
             "cancelled": s.cancelled,
             "paused": s.paused,
             "oldest_ready_age_seconds": s.oldest_ready_age.as_secs_f64(),
+            "limits": limits_json(&s.limits),
         });
         println!("{line}");
     }
