@@ -67,7 +67,7 @@ const RETAIN_EVERY: Duration = Duration::from_secs(30);
 impl Durable {
     /// Joins `group` on `channel`: `subscribe::<T>` decodes payloads as
     /// JSON into `T`, `subscribe::<Text>` gives them as is
-    /// ([`Text`](crate::Text)). Await the returned [`ConsumerBuilder`],
+    /// ([`Text`]). Await the returned [`ConsumerBuilder`],
     /// after setting options on it if needed (a new group starts at the
     /// earliest message).
     ///
@@ -169,7 +169,7 @@ impl<T: Decode> ConsumerBuilder<T> {
     /// published longer ago than this, read or not; groups that had not
     /// read them get [`DurableDelivery::Truncated`](super::DurableDelivery::Truncated). Default: `None` (keep
     /// everything some group still needs). The max age is the channel's,
-    /// for every group: [`subscribe`](Self::subscribe) records it when the
+    /// for every group: awaiting the consumer records it when the
     /// channel has none and fails with [`ErrorKind::Config`](crate::ErrorKind::Config) when it has
     /// another one ([`Durable::set_max_age`] changes it).
     pub fn max_age(mut self, age: Option<Duration>) -> Self {

@@ -128,7 +128,7 @@
 //!
 //! ## Consuming
 //!
-//! [`Durable::subscribe`] (or [`Durable::consumer`] for options) joins a
+//! [`Durable::subscribe`] (options are methods of the request it returns) joins a
 //! consumer group. One consumer per group is active at a time, elected
 //! with the crate's single-listener election on a channel derived from
 //! `(schema, channel, group)` ([`election_channel`]) on which nothing is
