@@ -804,18 +804,7 @@ async fn make_dead_job(queue: &str, payload: &str) -> i64 {
     let ps = common::pubsub().await;
     ps.queue().install().await.expect("install");
     ps.shutdown().await;
-    raw_client()
-        .await
-        .query_one(
-            "INSERT INTO pgpubsub.dead_jobs (id, queue, priority, attempt, max_attempts, \
-                 last_error, created_at, payload) \
-             VALUES (nextval('pgpubsub.jobs_id_seq'), $1, 0, 2, 2, 'exit 1', now(), $2) \
-             RETURNING id",
-            &[&queue, &payload],
-        )
-        .await
-        .expect("insert dead job")
-        .get(0)
+    common::insert_dead_job(queue, payload, 2, "exit 1").await
 }
 
 #[tokio::test]
@@ -1007,13 +996,7 @@ async fn serve_binds_loopback_is_read_only_without_a_token_and_logs_mutations() 
             break;
         }
     }
-    let state: String = raw_client()
-        .await
-        .query_one("SELECT state FROM pgpubsub.jobs WHERE id = $1", &[&dead])
-        .await
-        .expect("retried job")
-        .get(0);
-    assert_eq!(state, "ready");
+    assert_eq!(common::where_is(dead).await, "ready");
     rw.signal("-TERM");
     assert!(rw.wait().await.success());
 }

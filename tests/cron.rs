@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use common::fleet::Fleet;
 use common::*;
-use pg_pubsub::cron::{CatchUp, Rule, Schedules, Target};
+use pg_pubsub::cron::{CatchUp, Rule, ScheduleBuilder, Schedules, Target};
 use pg_pubsub::queue::Queue;
 use pg_pubsub::{PgPubSub, Text};
 
@@ -23,6 +23,23 @@ async fn setup(schema: &str) -> (PgPubSub, Queue, tokio_postgres::Client) {
     let q = ps.queue().with_schema(schema).expect("schema");
     q.install().await.expect("install");
     (ps, q, raw_client().await)
+}
+
+/// Schedules `skip`, `once` and `all`, each with that catch-up policy and
+/// firing every `every` into the queue of its name; `payload` sets the rest.
+async fn schedule_each_policy(
+    s: &Schedules,
+    every: Duration,
+    payload: impl Fn(ScheduleBuilder, &str) -> ScheduleBuilder,
+) {
+    for (name, policy) in [
+        ("skip", CatchUp::Skip),
+        ("once", CatchUp::Once),
+        ("all", CatchUp::All),
+    ] {
+        let b = s.schedule(name).every(every).catch_up(policy).queue(name);
+        payload(b, name).upsert().await.expect("upsert");
+    }
 }
 
 /// The slots (`run_at`, microseconds) of the jobs of `queue`, in order.
@@ -151,20 +168,7 @@ async fn catch_up_policies_after_a_ten_second_outage() {
     let schema = "cron_catch_up";
     let (ps, q, db) = setup(schema).await;
     let s = q.schedules();
-    for (name, policy) in [
-        ("skip", CatchUp::Skip),
-        ("once", CatchUp::Once),
-        ("all", CatchUp::All),
-    ] {
-        s.schedule(name)
-            .every(Duration::from_secs(1))
-            .catch_up(policy)
-            .queue(name)
-            .payload(Text(name))
-            .upsert()
-            .await
-            .expect("upsert");
-    }
+    schedule_each_policy(&s, Duration::from_secs(1), |b, name| b.payload(Text(name))).await;
     let scheduler = s.run_scheduler().await.expect("scheduler");
     for name in ["skip", "once", "all"] {
         wait_fired(&s, name, 2).await;
@@ -223,20 +227,10 @@ async fn once_fires_the_latest_of_many_missed_slots_and_all_fires_each() {
     let schema = "cron_catch_up_hours";
     let (ps, q, db) = setup(schema).await;
     let s = q.schedules();
-    for (name, policy) in [
-        ("skip", CatchUp::Skip),
-        ("once", CatchUp::Once),
-        ("all", CatchUp::All),
-    ] {
-        s.schedule(name)
-            .every(Duration::from_secs(3600))
-            .catch_up(policy)
-            .queue(name)
-            .payload(&serde_json::json!({ "policy": name }))
-            .upsert()
-            .await
-            .expect("upsert");
-    }
+    schedule_each_policy(&s, Duration::from_secs(3600), |b, name| {
+        b.payload(&serde_json::json!({ "policy": name }))
+    })
+    .await;
     db.execute(
         &format!("UPDATE {schema}.schedules SET next_at = next_at - interval '10 hours'"),
         &[],

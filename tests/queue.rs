@@ -14,33 +14,13 @@ use pg_pubsub::Text;
 use pg_pubsub::{ErrorKind, PgPubSub};
 use tokio::sync::{mpsc, Semaphore};
 
-/// Fast retries and polls so tests finish quickly (no test relies on them
-/// for anything but speed).
-fn fast(q: &Queue, name: &str) -> pg_pubsub::queue::WorkerBuilder {
-    q.worker(name)
-        .poll_interval(Duration::from_millis(50))
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(40))
-}
-
 /// A worker that reports `(id, attempt, payload)` of each job it completes.
 async fn reporting(
     q: &Queue,
     name: &str,
     concurrency: usize,
 ) -> (Worker, mpsc::UnboundedReceiver<(i64, i32, String)>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let worker = fast(q, name)
-        .concurrency(concurrency)
-        .run(move |job: Job| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send((job.id(), job.attempt(), job.payload().to_owned()));
-                Ok::<_, String>(())
-            }
-        })
-        .await
-        .expect("worker");
-    (worker, rx)
+    run_reporting(fast(q, name).concurrency(concurrency)).await
 }
 
 #[tokio::test]
@@ -455,29 +435,18 @@ async fn enqueue_in_a_transaction_is_nothing_on_rollback() {
 async fn enqueue_wakes_an_idle_worker_without_polling() {
     let (ps, q) = queue().await;
     let name = channel("q_wake");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let worker = q
-        .worker(&name)
-        .poll_interval(Duration::from_secs(3600))
-        .run(move |job: Job| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(job.payload().to_owned());
-                Ok::<_, String>(())
-            }
-        })
-        .await
-        .unwrap();
+    let (worker, mut rx) =
+        run_reporting(q.worker(&name).poll_interval(Duration::from_secs(3600))).await;
     // The first poll tick is immediate; after it only a wake-up can help.
     q.enqueue(&name, Text("one")).await.unwrap();
-    assert_eq!(recv(&mut rx).await, "one");
+    assert_eq!(recv(&mut rx).await.2, "one");
     // From SQL, as a trigger would.
     let admin = raw_client().await;
     admin
         .execute("SELECT pgpubsub.enqueue($1, 'two')", &[&name])
         .await
         .unwrap();
-    assert_eq!(recv(&mut rx).await, "two");
+    assert_eq!(recv(&mut rx).await.2, "two");
     worker.shutdown().await.unwrap();
     ps.shutdown().await;
 }
@@ -791,19 +760,7 @@ async fn vacuums_after(q: &Queue, jobs: usize, vacuum: bool) -> i64 {
     q.enqueue_batch(&name, payloads.iter().map(Text))
         .await
         .unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let worker = fast(q, &name)
-        .concurrency(8)
-        .vacuum(vacuum)
-        .run(move |_job: Job| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(());
-                Ok::<_, String>(())
-            }
-        })
-        .await
-        .unwrap();
+    let (worker, mut rx) = run_reporting(fast(q, &name).concurrency(8).vacuum(vacuum)).await;
     for _ in 0..jobs {
         recv(&mut rx).await;
     }

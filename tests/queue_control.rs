@@ -10,15 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pg_pubsub::queue::{Cancelled, FinishedState, Job, Outcome, Queue, QueueEvent};
+use pg_pubsub::queue::{Cancelled, FinishedState, Job, Outcome, QueueEvent};
 use pg_pubsub::Text;
 use tokio::sync::{mpsc, Semaphore};
-
-fn fast(q: &Queue, name: &str) -> pg_pubsub::queue::WorkerBuilder {
-    q.worker(name)
-        .poll_interval(Duration::from_millis(50))
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(40))
-}
 
 /// Polls `cond` until it holds, failing after [`WAIT`].
 async fn until<F, Fut>(what: &str, mut cond: F)
@@ -51,23 +45,13 @@ async fn a_cancelled_waiting_job_never_runs() {
     assert_eq!(q.cancel(later).await.unwrap(), Cancelled::Removed);
     assert_eq!(q.cancel(ready).await.unwrap(), Cancelled::AlreadyFinished);
     assert_eq!(q.cancel(i64::MAX).await.unwrap(), Cancelled::Unknown);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let worker = fast(&q, &name)
-        .run(move |job: Job| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(job.payload().to_owned());
-                Ok::<_, String>(())
-            }
-        })
-        .await
-        .unwrap();
+    let (worker, mut rx) = run_reporting(fast(&q, &name)).await;
     // Due after the cancelled scheduled job: it would have run first.
     q.enqueue(&name, Text("sentinel"))
         .delay(Duration::from_millis(200))
         .await
         .unwrap();
-    assert_eq!(recv(&mut rx).await, "sentinel");
+    assert_eq!(recv(&mut rx).await.2, "sentinel");
     assert!(rx.try_recv().is_err(), "a cancelled job ran");
     let f = q.finished_job(later).await.unwrap().expect("kept");
     assert_eq!((f.state, f.attempts), (FinishedState::Cancelled, 0));
@@ -233,17 +217,7 @@ async fn a_worker_started_on_a_paused_queue_waits_for_resume() {
     q.pause(&name).await.unwrap();
     q.enqueue(&name, Text("x")).await.unwrap();
     let mut events = q.events();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let worker = fast(&q, &name)
-        .run(move |job: Job| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(job.id());
-                Ok::<_, String>(())
-            }
-        })
-        .await
-        .unwrap();
+    let (worker, rx) = run_reporting(fast(&q, &name)).await;
     wait_event(&mut events, |e| {
         matches!(e, QueueEvent::PauseChanged { paused: true, .. })
     })
@@ -345,18 +319,7 @@ async fn output_is_kept_with_the_finished_job_then_removed_after_the_history() {
 async fn without_history_completed_jobs_are_not_kept() {
     let (ps, q) = queue().await;
     let name = channel("qc_nohist");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let worker = fast(&q, &name)
-        .history(Duration::ZERO)
-        .run(move |_job: Job| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(());
-                Ok::<_, String>(())
-            }
-        })
-        .await
-        .unwrap();
+    let (worker, mut rx) = run_reporting(fast(&q, &name).history(Duration::ZERO)).await;
     let id = q.enqueue(&name, Text("x")).await.unwrap().id().unwrap();
     recv(&mut rx).await;
     until("the job to complete", || async {

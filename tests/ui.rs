@@ -4,26 +4,15 @@
 
 mod common;
 
-use pg_pubsub::ui::{router, UiOptions};
-use pg_pubsub::PgPubSub;
+use pg_pubsub::ui::UiOptions;
 use reqwest::header::{AUTHORIZATION, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use common::{channel, raw_client, WAIT};
+use common::ui::{dead_job, serve};
+use common::{channel, raw_client, where_is, WAIT};
 
 const TOKEN: &str = "t0ken-for-tests";
-
-/// The router served on 127.0.0.1:0; its base URL.
-async fn serve(ps: &PgPubSub, opts: UiOptions) -> String {
-    let app = router(ps, opts).expect("router");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { pg_pubsub::ui::axum::serve(listener, app).await });
-    format!("http://{addr}")
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -45,40 +34,40 @@ async fn get_text(url: &str) -> (StatusCode, String) {
     (status, resp.text().await.expect("body"))
 }
 
-/// Installs the schema and makes a dead job of `queue` by hand (as a
-/// worker would move it); its id.
-async fn dead_job(ps: &PgPubSub, queue: &str, payload: &str) -> i64 {
-    ps.queue().install().await.expect("install");
-    raw_client()
+/// A POST or DELETE of `url` with `auth` as its Authorization header.
+async fn with_token(method: reqwest::Method, url: String, auth: &str) -> reqwest::Response {
+    http()
+        .request(method, url)
+        .header(AUTHORIZATION, auth)
+        .send()
         .await
-        .query_one(
-            "INSERT INTO pgpubsub.dead_jobs (id, queue, priority, attempt, max_attempts, \
-                 last_error, created_at, payload) \
-             VALUES (nextval('pgpubsub.jobs_id_seq'), $1, 0, 3, 3, 'boom <b>', now(), $2) \
-             RETURNING id",
-            &[&queue, &payload],
-        )
-        .await
-        .expect("insert dead job")
-        .get(0)
+        .expect("request")
 }
 
-/// Where job `id` is: `jobs.state`, `dead`, or `gone`.
-async fn where_is(id: i64) -> String {
-    let c = raw_client().await;
-    if let Some(r) = c
-        .query_opt("SELECT state FROM pgpubsub.jobs WHERE id = $1", &[&id])
-        .await
-        .expect("query")
-    {
-        return r.get(0);
+/// A form POST of `fields` to `url`, with the session `cookie` if any.
+async fn post_form(
+    url: String,
+    cookie: Option<&str>,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = http().post(url).form(fields);
+    if let Some(c) = cookie {
+        req = req.header(COOKIE, c);
     }
-    let dead = c
-        .query_opt("SELECT 1 FROM pgpubsub.dead_jobs WHERE id = $1", &[&id])
+    req.send().await.expect("POST")
+}
+
+/// The page at `url` as the session `cookie` sees it.
+async fn page_as(url: String, cookie: &str) -> String {
+    http()
+        .get(url)
+        .header(COOKIE, cookie)
+        .send()
         .await
-        .expect("query")
-        .is_some();
-    if dead { "dead" } else { "gone" }.to_owned()
+        .expect("GET")
+        .text()
+        .await
+        .expect("body")
 }
 
 fn find_queue<'a>(queues: &'a Value, name: &str) -> &'a Value {
@@ -189,12 +178,12 @@ async fn mutations_are_refused_without_a_token_and_need_it_with_one() {
 
     // Read-only: 403 with a message saying how to allow changes.
     let ro = serve(&ps, UiOptions::new()).await;
-    let resp = http()
-        .post(format!("{ro}/api/dead/{a}/retry"))
-        .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .send()
-        .await
-        .expect("POST");
+    let resp = with_token(
+        reqwest::Method::POST,
+        format!("{ro}/api/dead/{a}/retry"),
+        &format!("Bearer {TOKEN}"),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let msg: Value = resp.json().await.expect("json");
     assert!(
@@ -203,12 +192,7 @@ async fn mutations_are_refused_without_a_token_and_need_it_with_one() {
             .is_some_and(|m| m.contains("admin token")),
         "{msg}"
     );
-    let resp = http()
-        .post(format!("{ro}/dead/{a}/retry"))
-        .form(&[("csrf", "x")])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(format!("{ro}/dead/{a}/retry"), None, &[("csrf", "x")]).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(where_is(a).await, "dead");
 
@@ -224,60 +208,60 @@ async fn mutations_are_refused_without_a_token_and_need_it_with_one() {
     assert_eq!(where_is(a).await, "dead");
 
     let bearer = format!("Bearer {TOKEN}");
-    let resp = http()
-        .post(format!("{rw}/api/dead/{a}/retry"))
-        .header(AUTHORIZATION, &bearer)
-        .send()
-        .await
-        .expect("POST");
+    let resp = with_token(
+        reqwest::Method::POST,
+        format!("{rw}/api/dead/{a}/retry"),
+        &bearer,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(where_is(a).await, "ready");
     // Again: it is no longer dead.
-    let resp = http()
-        .post(format!("{rw}/api/dead/{a}/retry"))
-        .header(AUTHORIZATION, &bearer)
-        .send()
-        .await
-        .expect("POST");
+    let resp = with_token(
+        reqwest::Method::POST,
+        format!("{rw}/api/dead/{a}/retry"),
+        &bearer,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
-    let resp = http()
-        .delete(format!("{rw}/api/dead/{b}"))
-        .header(AUTHORIZATION, &bearer)
-        .send()
-        .await
-        .expect("DELETE");
+    let resp = with_token(
+        reqwest::Method::DELETE,
+        format!("{rw}/api/dead/{b}"),
+        &bearer,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(where_is(b).await, "gone");
 
     // Bulk: a queue must be named (or every queue asked for).
     let c = dead_job(&ps, &q, "c").await;
     let d = dead_job(&ps, &q, "d").await;
-    let resp = http()
-        .post(format!("{rw}/api/dead/retry"))
-        .header(AUTHORIZATION, &bearer)
-        .send()
-        .await
-        .expect("POST");
+    let resp = with_token(
+        reqwest::Method::POST,
+        format!("{rw}/api/dead/retry"),
+        &bearer,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    let resp = http()
-        .post(format!("{rw}/api/dead/retry?queue={q}"))
-        .header(AUTHORIZATION, &bearer)
-        .send()
-        .await
-        .expect("POST");
+    let resp = with_token(
+        reqwest::Method::POST,
+        format!("{rw}/api/dead/retry?queue={q}"),
+        &bearer,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let n: Value = resp.json().await.expect("json");
     assert_eq!(n["retried"], 2);
     assert_eq!(where_is(c).await, "ready");
     assert_eq!(where_is(d).await, "ready");
     let e = dead_job(&ps, &q, "e").await;
-    let resp = http()
-        .delete(format!("{rw}/api/dead?queue={q}"))
-        .header(AUTHORIZATION, &bearer)
-        .send()
-        .await
-        .expect("DELETE");
+    let resp = with_token(
+        reqwest::Method::DELETE,
+        format!("{rw}/api/dead?queue={q}"),
+        &bearer,
+    )
+    .await;
     let n: Value = resp.json().await.expect("json");
     assert_eq!(n["deleted"], 1);
     assert_eq!(where_is(e).await, "gone");
@@ -328,43 +312,33 @@ async fn page_mutations_need_a_session_and_its_csrf_token() {
     assert!(resp.headers().get(SET_COOKIE).is_none());
 
     let cookie = log_in(&base).await;
-    let html = http()
-        .get(format!("{base}/queues/{q}?state=dead"))
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("body");
+    let html = page_as(format!("{base}/queues/{q}?state=dead"), &cookie).await;
     let csrf = csrf_in(&html);
     assert!(html.contains("Retry"), "{html}");
 
     // No session; a session with a wrong CSRF token: refused.
-    let resp = http()
-        .post(format!("{base}/dead/{a}/retry"))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{base}/dead/{a}/retry"),
+        None,
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = http()
-        .post(format!("{base}/dead/{a}/retry"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", "forged")])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{base}/dead/{a}/retry"),
+        Some(&cookie),
+        &[("csrf", "forged")],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(where_is(a).await, "dead");
 
-    let resp = http()
-        .post(format!("{base}/dead/{a}/retry"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", csrf.as_str()), ("back", "//evil.example/")])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{base}/dead/{a}/retry"),
+        Some(&cookie),
+        &[("csrf", csrf.as_str()), ("back", "//evil.example/")],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()),
@@ -374,22 +348,20 @@ async fn page_mutations_need_a_session_and_its_csrf_token() {
     assert_eq!(where_is(a).await, "ready");
 
     // Logged out: the session is gone.
-    let resp = http()
-        .post(format!("{base}/logout"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{base}/logout"),
+        Some(&cookie),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let b = dead_job(&ps, &q, "b").await;
-    let resp = http()
-        .post(format!("{base}/dead/{b}/delete"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{base}/dead/{b}/delete"),
+        Some(&cookie),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(where_is(b).await, "dead");
     ps.shutdown().await;
@@ -619,24 +591,19 @@ async fn cancel_and_pause_need_the_token_in_the_api_and_a_session_and_csrf_in_pa
 
     // Read-only and unauthenticated: refused, nothing changes.
     let ro = serve(&ps, UiOptions::new()).await;
-    let resp = http()
-        .post(format!("{ro}/api/jobs/{a}/cancel"))
-        .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .send()
-        .await
-        .expect("POST");
+    let resp = with_token(
+        reqwest::Method::POST,
+        format!("{ro}/api/jobs/{a}/cancel"),
+        &format!("Bearer {TOKEN}"),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let rw = serve(&ps, UiOptions::new().admin_token(TOKEN)).await;
     for path in [
         format!("/api/jobs/{a}/cancel"),
         format!("/api/queues/{q}/pause"),
     ] {
-        let resp = http()
-            .post(format!("{rw}{path}"))
-            .header(AUTHORIZATION, "Bearer wrong")
-            .send()
-            .await
-            .expect("POST");
+        let resp = with_token(reqwest::Method::POST, format!("{rw}{path}"), "Bearer wrong").await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path}");
     }
     assert_eq!(where_is(a).await, "ready");
@@ -698,64 +665,52 @@ async fn cancel_and_pause_need_the_token_in_the_api_and_a_session_and_csrf_in_pa
 
     // Pages: a session and its CSRF token.
     let cookie = log_in(&rw).await;
-    let html = http()
-        .get(format!("{rw}/queues/{q}?state=scheduled"))
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("body");
+    let html = page_as(format!("{rw}/queues/{q}?state=scheduled"), &cookie).await;
     assert!(html.contains("Pause") && html.contains("Cancel"), "{html}");
     let csrf = csrf_in(&html);
-    let resp = http()
-        .post(format!("{rw}/queues/{q}/pause"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", "forged")])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{rw}/queues/{q}/pause"),
+        Some(&cookie),
+        &[("csrf", "forged")],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = http()
-        .post(format!("{rw}/jobs/{b}/cancel"))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{rw}/jobs/{b}/cancel"),
+        None,
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no session");
     assert!(!queue.is_paused(&q).await.expect("is_paused"));
     assert_eq!(where_is(b).await, "ready");
-    let resp = http()
-        .post(format!("{rw}/queues/{q}/pause"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{rw}/queues/{q}/pause"),
+        Some(&cookie),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert!(queue.is_paused(&q).await.expect("is_paused"));
     let (_, html) = get_text(&format!("{rw}/queues/{q}")).await;
     assert!(html.contains("Paused"), "{html}");
-    let resp = http()
-        .post(format!("{rw}/jobs/{b}/cancel"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{rw}/jobs/{b}/cancel"),
+        Some(&cookie),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(where_is(b).await, "gone");
     let (status, html) = get_text(&format!("{rw}/jobs/{b}")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("cancelled"), "{html}");
-    let resp = http()
-        .post(format!("{rw}/queues/{q}/resume"))
-        .header(COOKIE, &cookie)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .expect("POST");
+    let resp = post_form(
+        format!("{rw}/queues/{q}/resume"),
+        Some(&cookie),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert!(!queue.is_paused(&q).await.expect("is_paused"));
     ps.shutdown().await;

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use futures::FutureExt;
-use pg_pubsub::ui::{router, UiOptions};
-use pg_pubsub::PgPubSub;
+use pg_pubsub::ui::UiOptions;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use common::{channel, raw_client, WAIT};
+use common::ui::{dead_job, serve};
+use common::{channel, where_is, WAIT};
 
 const TOKEN: &str = "browser-t0ken";
 
@@ -111,45 +111,6 @@ async fn open_browser(chromium: &std::path::Path, driver_url: &str) -> Client {
     .expect("browser session")
 }
 
-async fn serve(ps: &PgPubSub, opts: UiOptions) -> String {
-    let app = router(ps, opts).expect("router");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { pg_pubsub::ui::axum::serve(listener, app).await });
-    format!("http://{addr}")
-}
-
-async fn dead_job(queue: &str, payload: &str) -> i64 {
-    raw_client()
-        .await
-        .query_one(
-            "INSERT INTO pgpubsub.dead_jobs (id, queue, priority, attempt, max_attempts, \
-                 last_error, created_at, payload) \
-             VALUES (nextval('pgpubsub.jobs_id_seq'), $1, 0, 1, 1, 'failed', now(), $2) \
-             RETURNING id",
-            &[&queue, &payload],
-        )
-        .await
-        .expect("insert dead job")
-        .get(0)
-}
-
-/// `ready`/`running` (in jobs), `dead`, or `gone`.
-async fn where_is(id: i64) -> String {
-    let c = raw_client().await;
-    let row = c
-        .query_one(
-            "SELECT coalesce((SELECT state FROM pgpubsub.jobs WHERE id = $1), \
-                    (SELECT 'dead' FROM pgpubsub.dead_jobs WHERE id = $1), 'gone')",
-            &[&id],
-        )
-        .await
-        .expect("query");
-    row.get(0)
-}
-
 /// Waits (bounded) for job `id` to be `want`.
 async fn wait_until(id: i64, want: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -177,6 +138,23 @@ async fn text(b: &Client, css: &str) -> String {
         .expect("text")
 }
 
+/// Types `token` into the login page's form and submits it.
+async fn submit_login(b: &Client, base: &str, token: &str) {
+    b.goto(&format!("{base}/login")).await.expect("login page");
+    b.find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(token)
+        .await
+        .expect("type");
+    b.find(Locator::Css("#login-submit"))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("click");
+}
+
 #[tokio::test]
 async fn the_dashboard_in_a_browser_shows_queues_and_retries_a_dead_job_after_login() {
     let Some((chromium, driver)) = browser() else {
@@ -190,8 +168,8 @@ async fn the_dashboard_in_a_browser_shows_queues_and_retries_a_dead_job_after_lo
         .await
         .expect("enqueue");
     let script = "<script>document.title='pwned'</script>";
-    let a = dead_job(&q, script).await;
-    let b = dead_job(&q, "second").await;
+    let a = dead_job(&ps, &q, script).await;
+    let b = dead_job(&ps, &q, "second").await;
     let base = serve(&ps, UiOptions::new().admin_token(TOKEN)).await;
 
     let (_driver, driver_url) = start_driver(&driver).await;
@@ -223,35 +201,11 @@ async fn the_dashboard_in_a_browser_shows_queues_and_retries_a_dead_job_after_lo
             .await
             .expect("find")
             .is_empty());
-        br.goto(&format!("{base}/login")).await.expect("login page");
-        br.find(Locator::Css("#token"))
-            .await
-            .expect("token field")
-            .send_keys("wrong")
-            .await
-            .expect("type");
-        br.find(Locator::Css("#login-submit"))
-            .await
-            .expect("submit")
-            .click()
-            .await
-            .expect("click");
+        submit_login(&br, &base, "wrong").await;
         assert!(text(&br, "#error").await.contains("Wrong admin token"));
 
         // Logged in: retry dead job `a` from the queue's dead list.
-        br.goto(&format!("{base}/login")).await.expect("login page");
-        br.find(Locator::Css("#token"))
-            .await
-            .expect("token field")
-            .send_keys(TOKEN)
-            .await
-            .expect("type");
-        br.find(Locator::Css("#login-submit"))
-            .await
-            .expect("submit")
-            .click()
-            .await
-            .expect("click");
+        submit_login(&br, &base, TOKEN).await;
         br.wait()
             .at_most(WAIT)
             .for_element(Locator::Css("form[action='/logout']"))

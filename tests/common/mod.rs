@@ -3,6 +3,8 @@
 
 #[cfg(feature = "cli")]
 pub mod fleet;
+#[cfg(feature = "ui")]
+pub mod ui;
 
 use std::time::Duration;
 
@@ -361,4 +363,66 @@ pub async fn job_states_in(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
+}
+
+/// Runs `worker` with a handler that succeeds and reports
+/// `(id, attempt, payload)` of each job it runs.
+pub async fn run_reporting(
+    worker: pg_pubsub::queue::WorkerBuilder,
+) -> (
+    pg_pubsub::queue::Worker,
+    mpsc::UnboundedReceiver<(i64, i32, String)>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = worker
+        .run(move |job: pg_pubsub::queue::Job| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((job.id(), job.attempt(), job.payload().to_owned()));
+                Ok::<_, String>(())
+            }
+        })
+        .await
+        .expect("worker");
+    (worker, rx)
+}
+
+/// A worker of `name` with fast retries and polls so tests finish quickly
+/// (no test relies on them for anything but speed).
+pub fn fast(q: &pg_pubsub::queue::Queue, name: &str) -> pg_pubsub::queue::WorkerBuilder {
+    q.worker(name)
+        .poll_interval(Duration::from_millis(50))
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(40))
+}
+
+/// A dead job of `queue` made by hand in the installed default schema, as a
+/// worker would move it after `attempts` attempts, the last failing with
+/// `last_error`; its id.
+pub async fn insert_dead_job(queue: &str, payload: &str, attempts: i32, last_error: &str) -> i64 {
+    raw_client()
+        .await
+        .query_one(
+            "INSERT INTO pgpubsub.dead_jobs (id, queue, priority, attempt, max_attempts, \
+                 last_error, created_at, payload) \
+             VALUES (nextval('pgpubsub.jobs_id_seq'), $1, 0, $3, $3, $4, now(), $2) \
+             RETURNING id",
+            &[&queue, &payload, &attempts, &last_error],
+        )
+        .await
+        .expect("insert dead job")
+        .get(0)
+}
+
+/// Where job `id` of the default schema is: its `jobs.state`, `dead`, or `gone`.
+pub async fn where_is(id: i64) -> String {
+    raw_client()
+        .await
+        .query_one(
+            "SELECT coalesce((SELECT state FROM pgpubsub.jobs WHERE id = $1), \
+                    (SELECT 'dead' FROM pgpubsub.dead_jobs WHERE id = $1), 'gone')",
+            &[&id],
+        )
+        .await
+        .expect("query")
+        .get(0)
 }
