@@ -193,12 +193,7 @@ pub(super) async fn retry_dead(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> ApiResult<serde_json::Value> {
-    ui.check_bearer(&headers)?;
-    if !ui.admin.retry_dead(id).await? {
-        return Err(not_found(format!("no dead job {id}")));
-    }
-    tracing::info!(target: "pg_pubsub::ui", via = "api", id, "admin: dead job retried");
-    Ok(Json(json!({ "retried": 1 })))
+    on_dead_job(ui, headers, id, true).await
 }
 
 /// `POST /api/jobs/{id}/cancel`: `{"cancelled": "removed" | "signalled" |
@@ -223,10 +218,7 @@ pub(super) async fn pause_queue(
     headers: HeaderMap,
     Path(queue): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    ui.check_bearer(&headers)?;
-    let changed = ui.admin.pause(&queue).await?;
-    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, changed, "admin: queue paused");
-    Ok(Json(json!({ "paused": true, "changed": changed })))
+    set_paused(ui, headers, queue, true).await
 }
 
 /// `POST /api/queues/{queue}/resume`: `{"paused": false, "changed": bool}`.
@@ -235,10 +227,7 @@ pub(super) async fn resume_queue(
     headers: HeaderMap,
     Path(queue): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    ui.check_bearer(&headers)?;
-    let changed = ui.admin.resume(&queue).await?;
-    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, changed, "admin: queue resumed");
-    Ok(Json(json!({ "paused": false, "changed": changed })))
+    set_paused(ui, headers, queue, false).await
 }
 
 /// `DELETE /api/dead/{id}`.
@@ -247,12 +236,47 @@ pub(super) async fn delete_dead(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> ApiResult<serde_json::Value> {
+    on_dead_job(ui, headers, id, false).await
+}
+
+/// Pauses (`pause`) or resumes `queue`: `{"paused": pause, "changed": bool}`.
+async fn set_paused(
+    ui: Shared,
+    headers: HeaderMap,
+    queue: String,
+    pause: bool,
+) -> ApiResult<serde_json::Value> {
     ui.check_bearer(&headers)?;
-    if !ui.admin.delete_dead(id).await? {
+    let changed = if pause {
+        ui.admin.pause(&queue).await?
+    } else {
+        ui.admin.resume(&queue).await?
+    };
+    let what = if pause { "paused" } else { "resumed" };
+    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, changed, "admin: queue {what}");
+    Ok(Json(json!({ "paused": pause, "changed": changed })))
+}
+
+/// Retries (`retry`) or deletes dead job `id`: `{"retried": 1}` or
+/// `{"deleted": 1}`; 404 when there is no such dead job.
+async fn on_dead_job(
+    ui: Shared,
+    headers: HeaderMap,
+    id: i64,
+    retry: bool,
+) -> ApiResult<serde_json::Value> {
+    ui.check_bearer(&headers)?;
+    let found = if retry {
+        ui.admin.retry_dead(id).await?
+    } else {
+        ui.admin.delete_dead(id).await?
+    };
+    if !found {
         return Err(not_found(format!("no dead job {id}")));
     }
-    tracing::info!(target: "pg_pubsub::ui", via = "api", id, "admin: dead job deleted");
-    Ok(Json(json!({ "deleted": 1 })))
+    let what = if retry { "retried" } else { "deleted" };
+    tracing::info!(target: "pg_pubsub::ui", via = "api", id, "admin: dead job {what}");
+    Ok(Json(json!({ what: 1 })))
 }
 
 /// The filter of a bulk action: a queue, or explicitly every queue.
@@ -282,11 +306,7 @@ pub(super) async fn retry_dead_all(
     headers: HeaderMap,
     Query(q): Query<BulkQuery>,
 ) -> ApiResult<serde_json::Value> {
-    ui.check_bearer(&headers)?;
-    let queue = q.queue()?;
-    let n = ui.admin.retry_dead_all(queue).await?;
-    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, count = n, "admin: dead jobs retried");
-    Ok(Json(json!({ "retried": n })))
+    bulk(ui, headers, q, true).await
 }
 
 /// `DELETE /api/dead?queue=` (or `?all=true`).
@@ -295,11 +315,27 @@ pub(super) async fn delete_dead_all(
     headers: HeaderMap,
     Query(q): Query<BulkQuery>,
 ) -> ApiResult<serde_json::Value> {
+    bulk(ui, headers, q, false).await
+}
+
+/// Retries (`retry`) or deletes the dead jobs `q` names: `{"retried": n}`
+/// or `{"deleted": n}`.
+async fn bulk(
+    ui: Shared,
+    headers: HeaderMap,
+    q: BulkQuery,
+    retry: bool,
+) -> ApiResult<serde_json::Value> {
     ui.check_bearer(&headers)?;
     let queue = q.queue()?;
-    let n = ui.admin.delete_dead_all(queue).await?;
-    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, count = n, "admin: dead jobs deleted");
-    Ok(Json(json!({ "deleted": n })))
+    let n = if retry {
+        ui.admin.retry_dead_all(queue).await?
+    } else {
+        ui.admin.delete_dead_all(queue).await?
+    };
+    let what = if retry { "retried" } else { "deleted" };
+    tracing::info!(target: "pg_pubsub::ui", via = "api", queue, count = n, "admin: dead jobs {what}");
+    Ok(Json(json!({ what: n })))
 }
 
 /// `GET /api/durable`.

@@ -640,13 +640,30 @@ pub(super) async fn retry_dead(
     Path(id): Path<i64>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    on_dead_job(ui, headers, id, form, true).await
+}
+
+/// Retries (`retry`) or deletes dead job `id`, back to the form's page.
+async fn on_dead_job(
+    ui: Shared,
+    headers: HeaderMap,
+    id: i64,
+    form: ActionForm,
+    retry: bool,
+) -> Response {
     if let Some(r) = refused(&ui, &headers, &form) {
         return r;
     }
     let viewer = Viewer::of(&ui, &headers);
-    match ui.admin.retry_dead(id).await {
+    let done = if retry {
+        ui.admin.retry_dead(id).await
+    } else {
+        ui.admin.delete_dead(id).await
+    };
+    match done {
         Ok(true) => {
-            tracing::info!(target: "pg_pubsub::ui", via = "page", id, "admin: dead job retried");
+            let what = if retry { "retried" } else { "deleted" };
+            tracing::info!(target: "pg_pubsub::ui", via = "page", id, "admin: dead job {what}");
             back(&ui, &form, "/dead")
         }
         Ok(false) => error_page(
@@ -737,23 +754,7 @@ pub(super) async fn delete_dead(
     Path(id): Path<i64>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Some(r) = refused(&ui, &headers, &form) {
-        return r;
-    }
-    let viewer = Viewer::of(&ui, &headers);
-    match ui.admin.delete_dead(id).await {
-        Ok(true) => {
-            tracing::info!(target: "pg_pubsub::ui", via = "page", id, "admin: dead job deleted");
-            back(&ui, &form, "/dead")
-        }
-        Ok(false) => error_page(
-            &ui,
-            &viewer,
-            StatusCode::NOT_FOUND,
-            &format!("No dead job {id}."),
-        ),
-        Err(e) => db_error(&ui, &viewer, &e),
-    }
+    on_dead_job(ui, headers, id, form, false).await
 }
 
 /// `POST /dead/retry-all` (field `queue`).
