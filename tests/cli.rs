@@ -621,11 +621,7 @@ async fn queue_work_reports_retries_and_dead_jobs() {
         .expect("new job");
     let mut fleet = common::fleet::Fleet::new();
     let script = "echo \"boom on attempt $PGPUBSUB_ATTEMPT\" >&2; exit 3";
-    let worker = fleet
-        .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", script], |l| {
-            l.contains("working on queue")
-        })
-        .await;
+    let worker = fleet.spawn_worker(&[&name, "--", "sh", "-c", script]).await;
     fleet.wait_err(|_, l| l.contains("is dead")).await;
     assert!(fleet.signal(worker, "-TERM").await.success());
     let lines: Vec<&str> = fleet.stderr.iter().map(|(_, l)| l.as_str()).collect();
@@ -669,9 +665,7 @@ async fn a_sigkilled_workers_command_dies_with_it() {
     // Says its pid, then becomes a long sleep (same pid).
     let script = format!("'{bin}' notify '{started}' $$ >/dev/null; exec sleep 300");
     let worker = fleet
-        .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", &script], |l| {
-            l.contains("working on queue")
-        })
+        .spawn_worker(&[&name, "--", "sh", "-c", &script])
         .await;
     q.enqueue(&name, Text("x")).await.expect("enqueue");
     let pid: i32 = recv(&mut rx).await.1.parse().expect("a pid");
@@ -1016,20 +1010,7 @@ async fn queue_cancel_stops_a_running_command_with_sigterm_and_the_job_ends_canc
          '{bin}' notify '{said}' started >/dev/null; sleep 30 & wait"
     );
     let worker = fleet
-        .spawn_cmd(
-            &[
-                "queue",
-                "work",
-                &name,
-                "--cancel-grace",
-                "20",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-            |l| l.contains("working on queue"),
-        )
+        .spawn_worker(&[&name, "--cancel-grace", "20", "--", "sh", "-c", &script])
         .await;
     let id = q
         .enqueue(&name, Text("x"))
@@ -1099,20 +1080,7 @@ async fn queue_pause_stops_claims_of_a_worker_process_until_resume() {
     );
     let mut fleet = common::fleet::Fleet::new();
     let worker = fleet
-        .spawn_cmd(
-            &[
-                "queue",
-                "work",
-                &name,
-                "--concurrency",
-                "2",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-            |l| l.contains("working on queue"),
-        )
+        .spawn_worker(&[&name, "--concurrency", "2", "--", "sh", "-c", &script])
         .await;
     q.enqueue(&name, Text("block")).await.expect("enqueue");
     assert_eq!(recv(&mut rx).await.1, "started block");

@@ -42,6 +42,16 @@ async fn schedule_each_policy(
     }
 }
 
+/// Whether upserting `schedule` (to queue `q`) fails.
+async fn rejected(schedule: ScheduleBuilder) -> bool {
+    schedule
+        .queue("q")
+        .payload(Text(""))
+        .upsert()
+        .await
+        .is_err()
+}
+
 /// The slots (`run_at`, microseconds) of the jobs of `queue`, in order.
 async fn slots(db: &tokio_postgres::Client, schema: &str, queue: &str) -> Vec<i64> {
     db.query(
@@ -100,11 +110,10 @@ async fn a_fleet_fires_each_slot_once_while_workers_are_killed_and_restarted() {
     let schema = "cron_fleet";
     let (ps, q, db) = setup(schema).await;
     let s = q.schedules();
-    let work = ["queue", "work", "--schema", schema, "idle", "--", "true"];
-    let ready = |l: &str| l.contains("working on queue");
+    let work = ["--schema", schema, "idle", "--", "true"];
     let mut fleet = Fleet::new();
     for _ in 0..3 {
-        fleet.spawn_cmd(&work, ready).await;
+        fleet.spawn_worker(&work).await;
     }
     // Added through the CLI, while the fleet runs.
     let mut add = fleet_cli(&[
@@ -135,7 +144,7 @@ async fn a_fleet_fires_each_slot_once_while_workers_are_killed_and_restarted() {
             .position(Option::is_some)
             .expect("one runs");
         assert!(!fleet.signal(victim, "-KILL").await.success());
-        fleet.spawn_cmd(&work, ready).await;
+        fleet.spawn_worker(&work).await;
     }
     wait_fired(&s, "tick", target + 3).await;
     assert!(s.pause("tick").await.expect("pause"));
@@ -386,31 +395,9 @@ async fn pause_resume_and_remove_take_effect_at_run_time() {
         .get(0);
     assert_eq!(messages, clock.fired);
     worker.shutdown().await.expect("worker shutdown");
-    assert!(s
-        .schedule("x")
-        .every(Duration::ZERO)
-        .queue("q")
-        .payload(Text(""))
-        .upsert()
-        .await
-        .is_err());
-    assert!(s
-        .schedule("x")
-        .cron("bad")
-        .queue("q")
-        .payload(Text(""))
-        .upsert()
-        .await
-        .is_err());
-    assert!(s
-        .schedule("x")
-        .cron("* * * * *")
-        .time_zone("Nowhere/Else")
-        .queue("q")
-        .payload(Text(""))
-        .upsert()
-        .await
-        .is_err());
+    assert!(rejected(s.schedule("x").every(Duration::ZERO)).await);
+    assert!(rejected(s.schedule("x").cron("bad")).await);
+    assert!(rejected(s.schedule("x").cron("* * * * *").time_zone("Nowhere/Else")).await);
     ps.shutdown().await;
 }
 

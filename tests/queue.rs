@@ -602,12 +602,10 @@ mod cli {
 
     async fn spawn_worker(fleet: &mut Fleet, queue: &str, done: &str, extra: &[&str]) -> usize {
         let script = format!("exec '{BIN}' notify '{done}' \"$PGPUBSUB_JOB_ID\" >/dev/null");
-        let mut args = vec!["queue", "work", queue];
+        let mut args = vec![queue];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--", "sh", "-c", &script]);
-        fleet
-            .spawn_cmd(&args, |l| l.contains("working on queue"))
-            .await
+        fleet.spawn_worker(&args).await
     }
 
     async fn enqueue_ids(q: &Queue, queue: &str, n: usize) -> BTreeSet<String> {
@@ -713,9 +711,7 @@ mod cli {
         );
         let mut fleet = Fleet::new();
         fleet
-            .spawn_cmd(&["queue", "work", &name, "--", "sh", "-c", &script], |l| {
-                l.contains("working on queue")
-            })
+            .spawn_worker(&[&name, "--", "sh", "-c", &script])
             .await;
         recv(&mut rx).await;
         // A graceful stop waits for the command and records its failure.

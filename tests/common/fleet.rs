@@ -65,6 +65,14 @@ impl Fleet {
             .await
     }
 
+    /// Starts `pg-pubsub queue work ARGS...` and waits until it works.
+    pub async fn spawn_worker(&mut self, args: &[&str]) -> usize {
+        let mut all = vec!["queue", "work"];
+        all.extend_from_slice(args);
+        self.spawn_cmd(&all, |l| l.contains("working on queue"))
+            .await
+    }
+
     /// Starts `pg-pubsub ARGS...` and waits for a stderr line matching `ready`.
     pub async fn spawn_cmd(&mut self, args: &[&str], ready: fn(&str) -> bool) -> usize {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg-pubsub"));
