@@ -63,8 +63,10 @@
 //! ## Claiming, leases, retries
 //!
 //! A worker claims, in one statement, up to its free handlers plus a
-//! prefetch ([`WorkerBuilder::prefetch`], default the concurrency)
-//! (`FOR UPDATE SKIP LOCKED`, setting `state`, `attempt` and `lease_until`);
+//! prefetch ([`WorkerBuilder::prefetch`]; by default it adapts, from the
+//! concurrency up to 256, so that fast handlers never wait for a claim's
+//! round trip) (`FOR UPDATE SKIP LOCKED`, setting `state`, `attempt` and
+//! `lease_until`); the claim runs while handlers finish and start;
 //! workers woken together take disjoint jobs without waiting on each
 //! other. Each job's handler runs in a task of its own; finished jobs are
 //! deleted in batches by a completer task on another pooled connection
@@ -129,6 +131,7 @@ mod horizon;
 mod job;
 mod limits;
 mod outcome;
+mod prefetch;
 mod runner;
 mod store;
 mod vacuum;

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,6 +19,7 @@ use super::completer::Done;
 use super::context::Ctx;
 use super::job::Job;
 use super::outcome::IntoOutcome;
+use super::prefetch::Prefetch;
 use super::store::RETAIN_BATCH;
 use super::{attempt, completer, vacuum};
 use crate::error::Result;
@@ -28,8 +30,8 @@ pub(super) struct Runner<F> {
     ctx: Arc<Ctx>,
     handler: Arc<F>,
     concurrency: usize,
-    /// Jobs held at most: running plus waiting.
-    capacity: usize,
+    /// Jobs held beyond the running ones (see `prefetch`).
+    prefetch: Prefetch,
     lease: Duration,
     poll_interval: Duration,
     shutdown_timeout: Duration,
@@ -55,6 +57,8 @@ pub(super) struct Runner<F> {
     /// through `claim_limited`. Read at start and at every poll, so a
     /// queue without limits pays nothing.
     limited: bool,
+    /// Whether one of them is a per-key limit.
+    keyed: bool,
 }
 
 impl<F, Fut, O, E> Runner<F>
@@ -68,7 +72,7 @@ where
         ctx: Arc<Ctx>,
         handler: Arc<F>,
         concurrency: usize,
-        capacity: usize,
+        prefetch: Prefetch,
         lease: Duration,
         poll_interval: Duration,
         shutdown_timeout: Duration,
@@ -77,7 +81,7 @@ where
             ctx,
             handler,
             concurrency,
-            capacity,
+            prefetch,
             lease,
             poll_interval,
             shutdown_timeout,
@@ -92,6 +96,7 @@ where
             vacuum: false,
             vacuumer: None,
             limited: false,
+            keyed: false,
         }
     }
 
@@ -122,26 +127,46 @@ where
         let mut extend = tokio::time::interval(self.lease / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan = ClaimPlan::default();
-        self.check_paused().await;
-        self.refresh_limits().await;
+        // The claim under way, and how many jobs it asked for. It runs
+        // alongside the loop: handlers finish and waiting jobs start while
+        // it is on the wire, rather than after it.
+        let mut claiming: Option<(usize, Claim)> = None;
+        self.refresh_state().await;
         loop {
             self.start_waiting();
-            let busy = self.running.len() + self.waiting.len();
-            if let Some(n) = plan.next(self.capacity, busy).filter(|_| !self.paused) {
-                match self.claim(n).await {
-                    Ok(got) => plan.claimed(n, got),
-                    Err(e) => {
-                        tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: claiming jobs failed");
-                        plan.failed();
-                    }
+            let asked = claiming.as_ref().map_or(0, |(n, _)| *n);
+            let busy = self.running.len() + self.waiting.len() + asked;
+            if claiming.is_some()
+                && self.waiting.is_empty()
+                && self.running.len() < self.concurrency
+            {
+                self.prefetch.starving();
+            }
+            if claiming.is_none() {
+                let capacity = self.concurrency + self.prefetch.get(self.keyed);
+                if let Some(n) = plan.next(capacity, busy).filter(|_| !self.paused) {
+                    claiming = Some((n, self.claim(n)));
                 }
-                self.start_waiting();
             }
             tokio::select! {
                 biased;
                 changed = stop.changed() => {
                     if changed.is_err() || stop.borrow().is_some() {
                         break;
+                    }
+                }
+                res = in_flight(&mut claiming) => {
+                    let n = claiming.take().map_or(0, |(n, _)| n);
+                    match res {
+                        Ok(rows) => {
+                            let got = self.accept(rows);
+                            plan.claimed(n, got);
+                            self.prefetch.claimed(n, got);
+                        }
+                        Err(e) => {
+                            tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: claiming jobs failed");
+                            plan.failed();
+                        }
                     }
                 }
                 Some(res) = self.running.join_next_with_id(), if !self.running.is_empty() => {
@@ -166,8 +191,7 @@ where
                     }
                     // Missed a pause or a cancel: look now.
                     Some(Delivery::Gap(_) | Delivery::Lagged(_)) => {
-                        self.check_paused().await;
-                    self.refresh_limits().await;
+                        self.refresh_state().await;
                         self.extend().await;
                         plan.woken();
                     }
@@ -179,12 +203,18 @@ where
                 _ = self.ctx.completed.notified(), if self.limited => plan.woken(),
                 _ = poll.tick() => {
                     plan.polled();
-                    self.check_paused().await;
-                    self.refresh_limits().await;
+                    self.refresh_state().await;
                     self.rescue().await;
                     self.retain().await;
                 }
                 _ = extend.tick() => self.extend().await,
+            }
+        }
+        // Jobs of a claim under way are held by this worker: they go back
+        // with the other unstarted ones.
+        if let Some((_, claim)) = claiming {
+            if let Ok(rows) = claim.await {
+                self.accept(rows);
             }
         }
         // Dropped handle: its own shutdown timeout.
@@ -194,24 +224,30 @@ where
         self.drain(&mut extend, by).await;
     }
 
-    /// Claims up to `n` jobs (into `waiting`) in one statement; returns
-    /// how many were claimed.
-    async fn claim(&mut self, n: usize) -> Result<usize> {
-        let sql = if self.limited {
-            &self.ctx.sql.claim_limited
-        } else {
-            &self.ctx.sql.claim
-        };
-        let name = &*self.ctx.name;
+    /// Claims up to `n` jobs in one statement, on a pooled connection: a
+    /// future that borrows nothing from the loop (see [`Runner::accept`]).
+    fn claim(&self, n: usize) -> Claim {
+        let ctx = self.ctx.clone();
+        let limited = self.limited;
         let limit = n as i32;
         let lease = self.lease.as_secs_f64();
-        let mut rows = self
-            .ctx
-            .with_client("claiming jobs", |client| async move {
+        Box::pin(async move {
+            let sql = if limited {
+                &ctx.sql.claim_limited
+            } else {
+                &ctx.sql.claim
+            };
+            let name = &*ctx.name;
+            ctx.with_client("claiming jobs", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 client.query(&stmt, &[&name, &limit, &lease]).await
             })
-            .await?;
+            .await
+        })
+    }
+
+    /// Takes the claimed `rows` into `waiting`; returns how many.
+    fn accept(&mut self, mut rows: Vec<tokio_postgres::Row>) -> usize {
         let count = rows.len();
         // Returned in id order: start the higher priorities first.
         rows.sort_by_key(|row| std::cmp::Reverse(row.get::<_, i16>(3)));
@@ -231,23 +267,36 @@ where
                 cancel,
             });
         }
-        Ok(count)
+        count
     }
 
-    /// Reads whether the queue has limits; on failure keeps what it knew.
-    async fn refresh_limits(&mut self) {
-        let (sql, name) = (&self.ctx.sql.has_limits, &*self.ctx.name);
+    /// Reads whether the queue is paused (the fallback for lost
+    /// notifications) and which limits it has (which claim to use); on an
+    /// error, keeps what it knew.
+    async fn refresh_state(&mut self) {
+        let (sql, name) = (&self.ctx.sql.queue_state, &*self.ctx.name);
         let res = self
             .ctx
-            .with_client("reading queue limits", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
-            })
+            .with_client(
+                "reading the queue's pause and limits",
+                |client| async move {
+                    let stmt = client.prepare_cached(sql).await?;
+                    let row = client.query_one(&stmt, &[&name]).await?;
+                    Ok((
+                        row.get::<_, bool>(0),
+                        row.get::<_, bool>(1),
+                        row.get::<_, bool>(2),
+                    ))
+                },
+            )
             .await;
         match res {
-            Ok(limited) => self.limited = limited,
+            Ok((paused, limited, keyed)) => {
+                self.set_paused(paused);
+                (self.limited, self.keyed) = (limited, keyed);
+            }
             Err(e) => {
-                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: reading queue limits failed")
+                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: reading the queue's pause and limits failed")
             }
         }
     }
@@ -304,25 +353,6 @@ where
             });
         }
         self.paused = paused;
-    }
-
-    /// Reads whether the queue is paused (the fallback for lost
-    /// notifications); on an error, keeps what it knew.
-    async fn check_paused(&mut self) {
-        let (sql, name) = (&self.ctx.sql.paused, &*self.ctx.name);
-        let res = self
-            .ctx
-            .with_client("checking for a pause", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
-            })
-            .await;
-        match res {
-            Ok(paused) => self.set_paused(paused),
-            Err(e) => {
-                tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: checking for a pause failed")
-            }
-        }
     }
 
     /// Deletes this queue's finished jobs older than the history, a few
@@ -491,6 +521,18 @@ where
         }
     }
 }
+/// A claim on the wire: the claimed rows.
+type Claim = Pin<Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>>> + Send>>;
+
+/// The claim under way, if any; never resolves without one (a `select!`
+/// branch that is simply not taken).
+async fn in_flight(claiming: &mut Option<(usize, Claim)>) -> Result<Vec<tokio_postgres::Row>> {
+    match claiming {
+        Some((_, claim)) => claim.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// When to claim and how many: as many as there are free handlers, again
 /// at once after a full batch (more may be due), else after a wake-up, a
 /// finished job or a poll; after a failed claim, only at the next poll.

@@ -1,5 +1,5 @@
 //! The worker's statements (claim, complete, extend, fail, rescue, give
-//! back, snooze, pause check, history retention, vacuum), built once per
+//! back, snooze, pause and limits check, history retention, vacuum), built once per
 //! schema. Statements only: who runs them is the runner's, the
 //! completer's and the vacuum task's business.
 
@@ -24,8 +24,9 @@ pub(super) struct Sql {
     pub(super) claim: String,
     /// The claim of a queue with limits (`claim_limited`, migration 0002).
     pub(super) claim_limited: String,
-    /// Whether the queue has limits: which claim to use.
-    pub(super) has_limits: String,
+    /// Whether the queue is paused, has limits (which claim to use), and
+    /// a per-key one (how much to prefetch): read at every poll.
+    pub(super) queue_state: String,
     pub(super) complete: String,
     pub(super) complete_one: Arc<str>,
     pub(super) extend: String,
@@ -33,7 +34,6 @@ pub(super) struct Sql {
     pub(super) rescue: String,
     pub(super) give_back: String,
     pub(super) snooze: String,
-    pub(super) paused: String,
     pub(super) retain: String,
     pub(super) may_vacuum: String,
     pub(super) vacuum: String,
@@ -55,7 +55,11 @@ impl Sql {
             ),
             // Same columns as `claim`.
             claim_limited: format!("SELECT * FROM {s}.claim_limited($1, $2::int4, $3::float8)"),
-            has_limits: format!("SELECT EXISTS (SELECT 1 FROM {s}.queue_limits WHERE queue = $1)"),
+            queue_state: format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1), count(*) > 0, \
+                   coalesce(bool_or(per_key IS NOT NULL), false) \
+                 FROM {s}.queue_limits WHERE queue = $1"
+            ),
             // Deletes the batch and, in the same statement, keeps the jobs
             // in finished_jobs: completed ones when history is on ($4),
             // cancelled ones always. Returns how many claims were current
@@ -107,7 +111,6 @@ impl Sql {
                    run_at = now() + make_interval(secs => $3::float8) \
                  WHERE id = $1 AND attempt = $2 AND state = 'running' AND NOT cancel_requested"
             ),
-            paused: format!("SELECT EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1)"),
             retain: format!(
                 "DELETE FROM {s}.finished_jobs WHERE id = ANY (ARRAY( \
                    SELECT f.id FROM {s}.finished_jobs f \

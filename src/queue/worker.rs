@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::context::Ctx;
 use super::job::Job;
+use super::prefetch::Prefetch;
 use super::runner::Runner;
 use super::store::Sql;
 use super::{check_queue, Queue};
@@ -77,10 +78,16 @@ impl WorkerBuilder {
     }
 
     /// Jobs claimed ahead of free handlers, so that one round trip claims
-    /// many jobs and a handler that finishes starts the next job at once. They wait in this worker, their leases
-    /// extended; on shutdown they are given back at once. Default: the
-    /// concurrency. 0 claims only for free handlers (fairer across many
-    /// workers on a short queue, slower on a long one).
+    /// many jobs and a handler that finishes starts the next job at once.
+    /// They wait in this worker, their leases extended; on shutdown they
+    /// are given back at once. Setting it fixes the number. 0 claims only
+    /// for free handlers (fairer across many workers on a short queue,
+    /// slower on a long one).
+    ///
+    /// Default: adaptive, from the concurrency up to 256. It doubles while
+    /// handlers finish faster than a claim's round trip and the queue has
+    /// more, and shrinks back when they keep up; a queue with limits keeps
+    /// the concurrency (waiting jobs count as running for the limits).
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n);
         self
@@ -242,7 +249,7 @@ impl WorkerBuilder {
             ctx,
             Arc::new(handler),
             self.concurrency,
-            self.concurrency + prefetch,
+            Prefetch::new(self.prefetch, self.concurrency),
             self.lease,
             self.poll_interval,
             self.shutdown_timeout,
