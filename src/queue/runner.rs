@@ -145,6 +145,7 @@ where
             if claiming.is_none() {
                 let capacity = self.concurrency + self.prefetch.get(self.keyed);
                 if let Some(n) = plan.next(capacity, busy).filter(|_| !self.paused) {
+                    plan.started();
                     claiming = Some((n, self.claim(n)));
                 }
             }
@@ -535,47 +536,55 @@ async fn in_flight(claiming: &mut Option<(usize, Claim)>) -> Result<Vec<tokio_po
 
 /// When to claim and how many: as many as there are free handlers, again
 /// at once after a full batch (more may be due), else after a wake-up, a
-/// finished job or a poll; after a failed claim, only at the next poll.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// finished job or a poll; after a failed claim, only at the next poll. A
+/// wake-up that arrives while a claim is on the wire counts after it: the
+/// claim's snapshot may predate the job that woke it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct ClaimPlan {
-    want: bool,
+    /// Nothing says the queue is empty (a short claim did).
+    drained: bool,
     held: bool,
-}
-
-impl Default for ClaimPlan {
-    fn default() -> Self {
-        ClaimPlan {
-            want: true,
-            held: false,
-        }
-    }
+    in_flight: bool,
+    /// Woken while a claim was on the wire.
+    woken_in_flight: bool,
 }
 
 impl ClaimPlan {
     /// How many jobs to claim now, with `busy` of `capacity` slots taken.
     fn next(&self, capacity: usize, busy: usize) -> Option<usize> {
         let free = capacity.saturating_sub(busy);
-        (self.want && !self.held && free > 0).then_some(free)
+        (!self.drained && !self.held && !self.in_flight && free > 0).then_some(free)
     }
 
-    /// A claim asked for `asked` and got `got`.
+    /// A claim went on the wire.
+    fn started(&mut self) {
+        self.in_flight = true;
+        self.woken_in_flight = false;
+    }
+
+    /// The claim asked for `asked` and got `got`.
     fn claimed(&mut self, asked: usize, got: usize) {
-        self.want = got == asked;
+        self.in_flight = false;
+        self.drained = got < asked && !std::mem::take(&mut self.woken_in_flight);
     }
 
-    /// A claim failed: wait for the poll.
+    /// The claim failed: wait for the poll.
     fn failed(&mut self) {
+        self.in_flight = false;
         self.held = true;
     }
 
     /// A wake-up for the queue, a gap, or a finished job.
     fn woken(&mut self) {
-        self.want = true;
+        self.drained = false;
+        if self.in_flight {
+            self.woken_in_flight = true;
+        }
     }
 
     /// The poll interval passed.
     fn polled(&mut self) {
-        self.want = true;
+        self.drained = false;
         self.held = false;
     }
 }
@@ -595,6 +604,23 @@ mod tests {
         assert_eq!(plan.next(8, 2), None, "short batch: wait for a reason");
         plan.woken();
         assert_eq!(plan.next(8, 2), Some(6));
+    }
+
+    #[test]
+    fn a_wake_up_during_a_claim_outlives_its_short_answer() {
+        let mut plan = ClaimPlan::default();
+        plan.started();
+        assert_eq!(plan.next(8, 0), None, "one claim at a time");
+        plan.woken();
+        plan.claimed(8, 2);
+        assert_eq!(
+            plan.next(8, 2),
+            Some(6),
+            "the job that woke it may be newer than its snapshot"
+        );
+        plan.started();
+        plan.claimed(6, 0);
+        assert_eq!(plan.next(8, 2), None, "drained, and nothing new since");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! after every [`MIN_JOBS`] jobs it finished (more once the table holds
 //! many live jobs, since a vacuum reads every index whole), and when its
 //! queue falls quiet with at least [`IDLE_MIN_JOBS`] finished since the
-//! last one. `VACUUM (SKIP_LOCKED)`: a vacuum already under way (another
-//! worker's, autovacuum's) is not waited for. A vacuum reads every index
+//! last one. `VACUUM (SKIP_LOCKED, TRUNCATE false)`: a vacuum already
+//! under way (another worker's, autovacuum's) is not waited for, and the
+//! file is not shrunk (that takes an exclusive lock on the hot table). A vacuum reads every index
 //! whole, so on a table holding a large backlog it costs far more than the
 //! jobs it cleans up after: the next one waits [`REST`] times as long as
 //! the last one took (at most a tenth of a connection's time spent
@@ -206,7 +207,7 @@ async fn may_vacuum(ctx: &Ctx) -> Option<bool> {
     }
 }
 
-/// `VACUUM (SKIP_LOCKED)` of the jobs table; returns its live rows after.
+/// `VACUUM (SKIP_LOCKED, TRUNCATE false)` of the jobs table; returns its live rows after.
 async fn vacuum(ctx: &Ctx) -> crate::error::Result<u64> {
     let (vacuum, live) = (&ctx.sql.vacuum, &ctx.sql.live_jobs);
     ctx.with_client("vacuuming the jobs table", |client| async move {

@@ -125,9 +125,10 @@ impl WorkerBuilder {
 
     /// Whether the worker vacuums the jobs table itself, so that claims
     /// stay fast under heavy traffic between autovacuum runs. Default on:
-    /// `VACUUM (SKIP_LOCKED)` after every 5,000 jobs it finished (or 5% of
-    /// the table's live jobs, if more), and when its queue falls quiet
-    /// after at least 500. Needs the role to own the table (as it does when
+    /// `VACUUM (SKIP_LOCKED, TRUNCATE false)` after every 5,000 jobs it
+    /// finished (or 5% of the table's live jobs, if more; and no sooner
+    /// than nine times as long as its last vacuum took), and when its queue
+    /// falls quiet after at least 500. Needs the role to own the table (as it does when
     /// the crate installed the schema); otherwise the worker logs once and
     /// leaves it to autovacuum.
     pub fn vacuum(mut self, on: bool) -> Self {
