@@ -57,8 +57,6 @@ pub(super) struct Runner<F> {
     /// through `claim_limited`. Read at start and at every poll, so a
     /// queue without limits pays nothing.
     limited: bool,
-    /// Whether one of them is a per-key limit.
-    keyed: bool,
 }
 
 impl<F, Fut, O, E> Runner<F>
@@ -96,7 +94,6 @@ where
             vacuum: false,
             vacuumer: None,
             limited: false,
-            keyed: false,
         }
     }
 
@@ -143,7 +140,7 @@ where
                 self.prefetch.starving();
             }
             if claiming.is_none() {
-                let capacity = self.concurrency + self.prefetch.get(self.keyed);
+                let capacity = self.concurrency + self.prefetch.get();
                 if let Some(n) = plan.next(capacity, busy).filter(|_| !self.paused) {
                     plan.started();
                     claiming = Some((n, self.claim(n)));
@@ -283,18 +280,14 @@ where
                 |client| async move {
                     let stmt = client.prepare_cached(sql).await?;
                     let row = client.query_one(&stmt, &[&name]).await?;
-                    Ok((
-                        row.get::<_, bool>(0),
-                        row.get::<_, bool>(1),
-                        row.get::<_, bool>(2),
-                    ))
+                    Ok((row.get::<_, bool>(0), row.get::<_, bool>(1)))
                 },
             )
             .await;
         match res {
-            Ok((paused, limited, keyed)) => {
+            Ok((paused, limited)) => {
                 self.set_paused(paused);
-                (self.limited, self.keyed) = (limited, keyed);
+                self.limited = limited;
             }
             Err(e) => {
                 tracing::warn!(queue = %self.ctx.name, %e, "pg-pubsub: reading the queue's pause and limits failed")

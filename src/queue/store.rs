@@ -24,8 +24,8 @@ pub(super) struct Sql {
     pub(super) claim: String,
     /// The claim of a queue with limits (`claim_limited`, migration 0002).
     pub(super) claim_limited: String,
-    /// Whether the queue is paused, has limits (which claim to use), and
-    /// a per-key one (how much to prefetch): read at every poll.
+    /// Whether the queue is paused and has limits (which claim to use):
+    /// read at every poll.
     pub(super) queue_state: String,
     pub(super) complete: String,
     pub(super) complete_one: Arc<str>,
@@ -56,9 +56,8 @@ impl Sql {
             // Same columns as `claim`.
             claim_limited: format!("SELECT * FROM {s}.claim_limited($1, $2::int4, $3::float8)"),
             queue_state: format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1), count(*) > 0, \
-                   coalesce(bool_or(per_key IS NOT NULL), false) \
-                 FROM {s}.queue_limits WHERE queue = $1"
+                "SELECT EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1), \
+                   EXISTS (SELECT 1 FROM {s}.queue_limits WHERE queue = $1)"
             ),
             // Deletes the batch and, in the same statement, keeps the jobs
             // in finished_jobs: completed ones when history is on ($4),

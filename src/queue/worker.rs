@@ -86,8 +86,9 @@ impl WorkerBuilder {
     ///
     /// Default: adaptive, from the concurrency up to 256. It doubles while
     /// handlers finish faster than a claim's round trip and the queue has
-    /// more, and shrinks back when they keep up; a queue with limits keeps
-    /// the concurrency (waiting jobs count as running for the limits).
+    /// more, and shrinks back when they keep up. Waiting jobs count as
+    /// running for the queue's limits; a limit that binds makes claims come
+    /// back short, which never grows the prefetch.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n);
         self
