@@ -661,10 +661,8 @@ mod cli {
         let rest = recv_until(&mut rx, "end").await;
         assert!(rest.is_empty(), "ran twice: {rest:?}");
         assert_eq!(seen, ids);
-        assert!(
-            job_states(&notifier, &name).await.is_empty(),
-            "all completed"
-        );
+        let left = job_states(&notifier, &name).await;
+        assert!(left.is_empty(), "all completed: left {left:?}");
         ps.shutdown().await;
     }
 
