@@ -121,7 +121,9 @@ where
         self.completer = Some(tokio::spawn(completer::run(self.ctx.clone(), rx, finished)));
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut extend = tokio::time::interval(self.lease / 3);
+        // Not at once: nothing is held yet, and a claim then under way
+        // takes fresh leases.
+        let mut extend = tokio::time::interval_at(Instant::now() + self.lease / 3, self.lease / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan = ClaimPlan::default();
         // The claim under way, and how many jobs it asked for. It runs
