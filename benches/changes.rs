@@ -9,6 +9,10 @@
 //!   (decoded into JSON rows) against `pg_recvlogical` with `test_decoding`
 //!   (`BENCH_RECVLOGICAL`, default the PostgreSQL 15 binary) writing to a
 //!   pipe this bench counts lines from, each from its own slot: changes/s, ratio ours/`pg_recvlogical`.
+//! * `wal_small`: `BENCH_WAL_TXS` (default 40 000) of pgbench's TPC-B-like
+//!   transactions (`BENCH_PGBENCH`, default the PostgreSQL 15 binary; scale
+//!   1, 4 clients), three updates and an insert each, already in the WAL,
+//!   streamed by both as above: the per-transaction cost.
 //! * `wal_lag`: one-row transactions at `BENCH_WAL_RATE` per second
 //!   (default 1000) for `BENCH_LAG_SECS` (default 5): commit (server
 //!   clock) → Commit item received, p50/p99 (the writer with
@@ -32,7 +36,7 @@ use pg_pubsub::PgPubSub;
 fn main() -> Res<()> {
     run_main(|url| async move {
         let phases = std::env::var("BENCH_PHASES")
-            .unwrap_or_else(|_| "trigger,wal_throughput,wal_lag".to_owned());
+            .unwrap_or_else(|_| "trigger,wal_throughput,wal_small,wal_lag".to_owned());
         let phase = |name: &str| phases.split(',').any(|p| p.trim() == name);
         let ps = PgPubSub::builder(url.as_str())?
             .pool_size(trigger::TASKS + 2)
@@ -51,6 +55,10 @@ fn main() -> Res<()> {
         if phase("wal_throughput") {
             let rows = env_u64("BENCH_WAL_ROWS", 200_000)?;
             wal_throughput(&ps, &client, &url, rows).await?;
+        }
+        if phase("wal_small") {
+            let txs = env_u64("BENCH_WAL_TXS", 40_000)?;
+            wal_small(&client, &ps, &url, txs).await?;
         }
         if phase("wal_lag") {
             let per_sec = env_u64("BENCH_WAL_RATE", 1000)?;
@@ -95,56 +103,8 @@ async fn wal_throughput(
             .await?;
     }
 
-    // Ours: from start to the last change received.
-    let began = Instant::now();
-    let mut feed: WalFeed = ps
-        .wal_feed("bench_ours")
-        .publication("bench_ours")
-        .heartbeat(None)
-        .start()
-        .await?;
-    let mut got = 0u64;
-    while got < rows {
-        match feed.next().await {
-            Some(WalItem::Change { .. }) => got += 1,
-            Some(WalItem::Commit { end_lsn, .. }) => feed.ack(end_lsn),
-            Some(_) => {}
-            None => return Err("feed ended".into()),
-        }
-    }
-    let ours = began.elapsed();
-    feed.close().await?;
-
-    // pg_recvlogical, test_decoding, to a file, until the same end.
-    let bin = std::env::var("BENCH_RECVLOGICAL")
-        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
-    let began = Instant::now();
-    let mut child = tokio::process::Command::new(&bin)
-        .args([
-            "-d",
-            url,
-            "--slot",
-            "bench_recv",
-            "--start",
-            "--no-loop",
-            "-f",
-            "-",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let mut recv_rows = 0u64;
-    while recv_rows < rows {
-        match lines.next_line().await? {
-            Some(l) if l.starts_with("table ") => recv_rows += 1,
-            Some(_) => {}
-            None => return Err(format!("{bin} ended after {recv_rows} changes").into()),
-        }
-    }
-    let bare = began.elapsed();
-    child.kill().await?;
+    let ours = stream_ours(ps, "bench_ours", "bench_ours", rows).await?;
+    let bare = stream_recvlogical(url, "bench_recv", rows).await?;
     line(
         &format!("WAL feed changes/s ({rows} inserts)"),
         "ours",
@@ -157,6 +117,141 @@ async fn wal_throughput(
         .batch_execute(
             "SELECT pg_drop_replication_slot('bench_ours');
              SELECT pg_drop_replication_slot('bench_recv');",
+        )
+        .await?;
+    Ok(())
+}
+
+/// Streams `slot` with the WAL feed (publication `publication`), acking
+/// every commit, until `changes` changes arrived: how long that took.
+async fn stream_ours(ps: &PgPubSub, slot: &str, publication: &str, changes: u64) -> Res<Duration> {
+    let began = Instant::now();
+    let mut feed: WalFeed = ps
+        .wal_feed(slot)
+        .publication(publication)
+        .heartbeat(None)
+        .start()
+        .await?;
+    let mut got = 0u64;
+    while got < changes {
+        match feed.next().await {
+            Some(WalItem::Change { .. }) => got += 1,
+            Some(WalItem::Commit { end_lsn, .. }) => feed.ack(end_lsn),
+            Some(_) => {}
+            None => return Err("feed ended".into()),
+        }
+    }
+    let took = began.elapsed();
+    feed.close().await?;
+    Ok(took)
+}
+
+/// `pg_recvlogical` with `test_decoding` on `slot`, writing to a pipe this
+/// reads until `changes` change lines arrived: how long that took.
+async fn stream_recvlogical(url: &str, slot: &str, changes: u64) -> Res<Duration> {
+    let bin = std::env::var("BENCH_RECVLOGICAL")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
+    let began = Instant::now();
+    let mut child = tokio::process::Command::new(&bin)
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop", "-f", "-"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut got = 0u64;
+    while got < changes {
+        match lines.next_line().await? {
+            Some(l) if l.starts_with("table ") => got += 1,
+            Some(_) => {}
+            None => return Err(format!("{bin} ended after {got} changes").into()),
+        }
+    }
+    let took = began.elapsed();
+    child.kill().await?;
+    Ok(took)
+}
+
+/// pgbench's TPC-B-like transactions (three updates and an insert each)
+/// from 4 clients, already in the WAL, streamed by both: the per-transaction
+/// cost.
+async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, txs: u64) -> Res<()> {
+    let bin = std::env::var("BENCH_PGBENCH")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pgbench".to_owned());
+    let pgbench = |args: Vec<String>| {
+        let bin = bin.clone();
+        async move {
+            let out = tokio::process::Command::new(&bin)
+                .args(&args)
+                .output()
+                .await?;
+            if !out.status.success() {
+                return Err(
+                    format!("{bin} failed: {}", String::from_utf8_lossy(&out.stderr)).into(),
+                );
+            }
+            Res::Ok(())
+        }
+    };
+    pgbench(vec![
+        "-i".into(),
+        "-q".into(),
+        "-s".into(),
+        "1".into(),
+        url.into(),
+    ])
+    .await?;
+    client
+        .batch_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+               WHERE slot_name IN ('bench_small_ours', 'bench_small_recv');
+             DROP PUBLICATION IF EXISTS bench_small;
+             CREATE PUBLICATION bench_small FOR TABLE pgbench_accounts, pgbench_tellers,
+               pgbench_branches, pgbench_history;",
+        )
+        .await?;
+    // Each in a transaction of its own (a slot is not made in one that wrote).
+    for (slot, plugin) in [
+        ("bench_small_ours", "pgoutput"),
+        ("bench_small_recv", "test_decoding"),
+    ] {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, $2)",
+                &[&slot, &plugin],
+            )
+            .await?;
+    }
+    let per_client = txs / 4;
+    pgbench(vec![
+        "-n".into(),
+        "-c".into(),
+        "4".into(),
+        "-j".into(),
+        "2".into(),
+        "-M".into(),
+        "prepared".into(),
+        "-t".into(),
+        per_client.to_string(),
+        url.into(),
+    ])
+    .await?;
+    let changes = per_client * 4 * 4;
+    let ours = stream_ours(ps, "bench_small_ours", "bench_small", changes).await?;
+    let bare = stream_recvlogical(url, "bench_small_recv", changes).await?;
+    line(
+        &format!("WAL feed changes/s ({} pgbench txs)", per_client * 4),
+        "ours",
+        rate(changes, ours),
+        rate(changes, bare),
+        "ch/s",
+    );
+    println!("  (4 changes per transaction; bare = pg_recvlogical + test_decoding)");
+    client
+        .batch_execute(
+            "SELECT pg_drop_replication_slot('bench_small_ours');
+             SELECT pg_drop_replication_slot('bench_small_recv');
+             DROP PUBLICATION bench_small;",
         )
         .await?;
     Ok(())
