@@ -28,7 +28,7 @@ mod trigger;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{env_u64, line, rate, run_main, Res};
+use common::{children_cpu_time, cpu_time, env_u64, line, rate, run_main, Res};
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalFeed, WalItem};
 use pg_pubsub::PgPubSub;
@@ -103,8 +103,8 @@ async fn wal_throughput(
             .await?;
     }
 
-    let ours = stream_ours(ps, "bench_ours", "bench_ours", rows).await?;
-    let bare = stream_recvlogical(url, "bench_recv", rows).await?;
+    let (ours, ours_cpu) = stream_ours(ps, "bench_ours", "bench_ours", rows).await?;
+    let (bare, bare_cpu) = stream_recvlogical(url, "bench_recv", rows).await?;
     line(
         &format!("WAL feed changes/s ({rows} inserts)"),
         "ours",
@@ -112,6 +112,7 @@ async fn wal_throughput(
         rate(rows, bare),
         "ch/s",
     );
+    cpu_line(rows, ours_cpu, bare_cpu);
     println!("  (bare = pg_recvlogical + test_decoding, lines read from its stdout)");
     client
         .batch_execute(
@@ -123,9 +124,15 @@ async fn wal_throughput(
 }
 
 /// Streams `slot` with the WAL feed (publication `publication`), acking
-/// every commit, until `changes` changes arrived: how long that took.
-async fn stream_ours(ps: &PgPubSub, slot: &str, publication: &str, changes: u64) -> Res<Duration> {
-    let began = Instant::now();
+/// every commit, until `changes` changes arrived: how long that took, and
+/// the CPU time this process spent on it.
+async fn stream_ours(
+    ps: &PgPubSub,
+    slot: &str,
+    publication: &str,
+    changes: u64,
+) -> Res<(Duration, Duration)> {
+    let (began, cpu) = (Instant::now(), cpu_time());
     let mut feed: WalFeed = ps
         .wal_feed(slot)
         .publication(publication)
@@ -141,17 +148,19 @@ async fn stream_ours(ps: &PgPubSub, slot: &str, publication: &str, changes: u64)
             None => return Err("feed ended".into()),
         }
     }
-    let took = began.elapsed();
+    let (took, cpu) = (began.elapsed(), cpu_time() - cpu);
     feed.close().await?;
-    Ok(took)
+    Ok((took, cpu))
 }
 
 /// `pg_recvlogical` with `test_decoding` on `slot`, writing to a pipe this
-/// reads until `changes` change lines arrived: how long that took.
-async fn stream_recvlogical(url: &str, slot: &str, changes: u64) -> Res<Duration> {
+/// reads until `changes` change lines arrived: how long that took, and the
+/// CPU time it spent (its own, read once it was reaped, plus this
+/// process's reading of its lines).
+async fn stream_recvlogical(url: &str, slot: &str, changes: u64) -> Res<(Duration, Duration)> {
     let bin = std::env::var("BENCH_RECVLOGICAL")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), cpu_time() + children_cpu_time());
     let mut child = tokio::process::Command::new(&bin)
         .args(["-d", url, "--slot", slot, "--start", "--no-loop", "-f", "-"])
         .stdout(std::process::Stdio::piped())
@@ -169,7 +178,20 @@ async fn stream_recvlogical(url: &str, slot: &str, changes: u64) -> Res<Duration
     }
     let took = began.elapsed();
     child.kill().await?;
-    Ok(took)
+    Ok((took, cpu_time() + children_cpu_time() - cpu))
+}
+
+/// Client CPU per change, ours against `pg_recvlogical`'s: steadier than
+/// wall time on a busy machine.
+fn cpu_line(changes: u64, ours: Duration, bare: Duration) {
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / changes as f64;
+    println!(
+        "{:<44} ours {:>10.2} µs    bare {:>10.2} µs    ratio {:.2}",
+        "  client CPU per change",
+        per(ours),
+        per(bare),
+        per(ours) / per(bare)
+    );
 }
 
 /// pgbench's TPC-B-like transactions (three updates and an insert each)
@@ -237,8 +259,8 @@ async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, tx
     ])
     .await?;
     let changes = per_client * 4 * 4;
-    let ours = stream_ours(ps, "bench_small_ours", "bench_small", changes).await?;
-    let bare = stream_recvlogical(url, "bench_small_recv", changes).await?;
+    let (ours, ours_cpu) = stream_ours(ps, "bench_small_ours", "bench_small", changes).await?;
+    let (bare, bare_cpu) = stream_recvlogical(url, "bench_small_recv", changes).await?;
     line(
         &format!("WAL feed changes/s ({} pgbench txs)", per_client * 4),
         "ours",
@@ -246,6 +268,7 @@ async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, tx
         rate(changes, bare),
         "ch/s",
     );
+    cpu_line(changes, ours_cpu, bare_cpu);
     println!("  (4 changes per transaction; bare = pg_recvlogical + test_decoding)");
     client
         .batch_execute(

@@ -13,6 +13,9 @@
 //! publishes and listens does: publisher, listener and consumers compete for
 //! the same workers, and the CPU column includes the publisher's client.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::error::Error;
 use std::future::Future;
 use std::process::Stdio;
@@ -181,15 +184,6 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// User + system CPU time of this process.
-fn cpu_time() -> Duration {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 fn status_kb(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status.lines().find_map(|line| {
@@ -213,14 +207,14 @@ impl Probe {
     fn start() -> Probe {
         let peak_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
         Probe {
-            cpu: cpu_time(),
+            cpu: common::cpu_time(),
             peak_reset,
         }
     }
 
     fn stop(&self) -> (Duration, Option<u64>) {
         let peak = self.peak_reset.then(|| status_kb("VmHWM:")).flatten();
-        (cpu_time().saturating_sub(self.cpu), peak)
+        (common::cpu_time().saturating_sub(self.cpu), peak)
     }
 }
 

@@ -89,3 +89,23 @@ pub async fn bare_inserts(
     })
     .await
 }
+
+/// User + system CPU time of this process (`RUSAGE_SELF`), or of its
+/// waited-for children (`RUSAGE_CHILDREN`).
+fn rusage_cpu(who: libc::c_int) -> Duration {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// User + system CPU time of this process.
+pub fn cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// User + system CPU time of this process's children that were waited for.
+pub fn children_cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_CHILDREN)
+}
