@@ -368,6 +368,7 @@ impl Builder {
                 pg.connect_timeout(opts.connect_timeout);
             }
         }
+        crate::connect::require_primary(&mut pg)?;
         let owns_pool = pool.is_none();
         let pool = match pool {
             Some(pool) => pool,

@@ -152,6 +152,8 @@ pub struct Error {
     connection: bool,
     /// The statement had been sent when the call failed.
     sent: bool,
+    /// Nothing took effect, whatever was sent.
+    nothing_done: bool,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -164,6 +166,7 @@ impl Error {
             message: message.into(),
             connection: false,
             sent: false,
+            nothing_done: false,
             source: None,
         }
     }
@@ -191,9 +194,18 @@ impl Error {
         self
     }
 
-    /// Marks the error as one that hit after the statement was sent.
+    /// Marks the error as one that hit after the statement was sent
+    /// (unless it is known that nothing took effect).
     pub(crate) fn sent(mut self) -> Self {
-        self.sent = true;
+        self.sent = !self.nothing_done;
+        self
+    }
+
+    /// Marks the error as one after which nothing took effect, although a
+    /// statement ran (a guarded statement that found a read-only server).
+    pub(crate) fn nothing_done(mut self) -> Self {
+        self.nothing_done = true;
+        self.sent = false;
         self
     }
 
@@ -224,6 +236,7 @@ impl Error {
             message,
             connection,
             sent: false,
+            nothing_done: false,
             source: Some(Arc::new(err)),
         }
     }
@@ -285,8 +298,10 @@ impl Error {
     /// Whether the error was caused by a lost or unreachable server, so
     /// retrying later may succeed: refused or reset connections, a session
     /// ended by the server (`FATAL`, SQLSTATE classes 08 and 57, e.g. a
-    /// restart), and timeouts. False for refused statements, wrong
-    /// credentials and certificate problems.
+    /// restart), a server that refuses writes because it is read-only
+    /// (SQLSTATE 25006: a standby, or a primary demoted by a failover; a
+    /// new connection finds the new primary), and timeouts. False for
+    /// refused statements, wrong credentials and certificate problems.
     pub fn is_connection(&self) -> bool {
         self.connection || self.kind == ErrorKind::Timeout
     }
@@ -316,10 +331,14 @@ fn classify(origin: Origin, err: &tokio_postgres::Error) -> (ErrorKind, Option<S
             return (ErrorKind::Authentication, stage, false);
         }
         // A database that does not exist will not appear by retrying.
+        // A read-only server (a standby, or a primary demoted or fenced by
+        // failover tooling) will not take writes again: the writes belong
+        // on the new primary, which a new connection finds.
         let lost = (matches!(db.severity(), "FATAL" | "PANIC")
             && *db.code() != SqlState::INVALID_CATALOG_NAME)
             || class == "08"
-            || (class == "57" && *db.code() != SqlState::QUERY_CANCELED);
+            || (class == "57" && *db.code() != SqlState::QUERY_CANCELED)
+            || is_read_only(db);
         return with(lost);
     }
     let text = err.to_string();
@@ -340,6 +359,13 @@ fn classify(origin: Origin, err: &tokio_postgres::Error) -> (ErrorKind, Option<S
         );
     }
     with(err.is_closed() || has_io_loss(err))
+}
+
+/// Whether the server refused a write because it is read-only: a hot
+/// standby (`cannot execute LISTEN during recovery`), or a primary demoted
+/// or fenced with `default_transaction_read_only` (SQLSTATE 25006).
+pub(crate) fn is_read_only(db: &DbError) -> bool {
+    *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION
 }
 
 /// tokio-postgres does not expose its error kinds; its TLS kind always

@@ -63,6 +63,11 @@ impl Exec {
         &self.inner.pool
     }
 
+    /// The TLS connector the pool's connections use.
+    pub(crate) fn tls(&self) -> &Connector {
+        &self.inner.tls
+    }
+
     pub(crate) fn backoff(&self) -> Backoff {
         self.inner.backoff
     }
@@ -110,6 +115,7 @@ impl Exec {
             shared: shared.clone(),
             cancel: Some((client.cancel_token(), self.inner.tls.clone())),
             stage,
+            discard: false,
         };
         let conn = Conn {
             obj: Some(client),
@@ -118,8 +124,18 @@ impl Exec {
         let res = match tokio::time::timeout_at(deadline, f(conn)).await {
             Ok(res) => {
                 lease.cancel = None;
-                // A lost connection may have lost the answer to a COMMIT.
-                res.map_err(|e| if e.is_connection() { e.sent() } else { e })
+                // A lost connection may have lost the answer to a COMMIT. A
+                // connection that is still open but refuses writes (its
+                // server was demoted or fenced) must not go back to the
+                // pool: the next call then connects anew and finds the primary.
+                res.map_err(|e| {
+                    if e.is_connection() {
+                        lease.discard = true;
+                        e.sent()
+                    } else {
+                        e
+                    }
+                })
             }
             Err(_) => Err(Error::timeout(stage, timeout, None).sent()),
         };
@@ -212,6 +228,9 @@ struct Lease {
     shared: Arc<Mutex<Lent>>,
     cancel: Option<(CancelToken, Connector)>,
     stage: &'static str,
+    /// The body finished with a connection error: close the connection
+    /// instead of returning it to the pool.
+    discard: bool,
 }
 
 impl Drop for Lease {
@@ -219,7 +238,15 @@ impl Drop for Lease {
         let mut lent = lock(&self.shared);
         let obj = lent.obj.take();
         let Some((token, tls)) = self.cancel.take() else {
-            // Finished: `obj` (if the body let it go) returns to the pool.
+            // Finished: `obj` (if the body let it go) returns to the pool,
+            // unless it failed as a connection.
+            if self.discard {
+                lent.abandoned = true;
+                drop(lent);
+                if let Some(obj) = obj {
+                    detach(obj);
+                }
+            }
             return;
         };
         lent.abandoned = true;

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cli")]
 pub mod fleet;
+pub mod ha;
 #[cfg(feature = "ui")]
 pub mod ui;
 

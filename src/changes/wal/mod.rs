@@ -412,6 +412,8 @@ impl WalFeedBuilder {
             out: tx,
             stop: stop_rx.clone(),
             changes: crate::record::Count::wal_changes(&self.slot),
+            pg: self.pubsub.config().clone(),
+            connect_timeout: self.pubsub.inner.opts.connect_timeout,
         };
         let first = task.connect_first(self.standby).await?;
         // Stopped by the handle's shutdown too, which waits until the

@@ -37,12 +37,11 @@ pub(crate) fn replication_config(
              or disable for it, or a local connection",
         ));
     }
-    let host = match pg.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(Host::Unix(dir)) => dir.to_string_lossy().into_owned(),
-        None => "localhost".to_owned(),
-    };
+    // Each connect replaces host and port by those of the current primary.
+    let host = pg
+        .get_hosts()
+        .first()
+        .map_or_else(|| "localhost".to_owned(), host_text);
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let password = pg
@@ -55,6 +54,15 @@ pub(crate) fn replication_config(
             .with_port(port)
             .with_application_name("pg-pubsub-wal"),
     )
+}
+
+/// A host as pgwire-replication takes it: a name, or a socket folder.
+fn host_text(host: &Host) -> String {
+    match host {
+        Host::Tcp(h) => h.clone(),
+        #[cfg(unix)]
+        Host::Unix(dir) => dir.to_string_lossy().into_owned(),
+    }
 }
 
 /// 2000-01-01, PostgreSQL's epoch, as seconds after the Unix epoch.
@@ -80,6 +88,10 @@ pub(crate) struct StreamTask {
     pub(crate) stop: watch::Receiver<bool>,
     /// `wal_changes_total{slot}`.
     pub(crate) changes: crate::record::Count,
+    /// The handle's connection settings: each (re)connect streams from the
+    /// first of its hosts that is a primary now.
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// Why the stream loop returned.
@@ -92,9 +104,14 @@ impl StreamTask {
     /// Opens the stream from the last ack (or the slot's confirmed position).
     pub(crate) async fn connect(&self, first: bool) -> Result<ReplicationClient> {
         let from = self.shared.acked.load(Ordering::Acquire);
-        let cfg = self
-            .cfg
-            .clone()
+        let (host, port) =
+            crate::connect::find_primary(&self.pg, self.exec.tls(), self.connect_timeout)
+                .await
+                .map_err(|e| e.at(crate::error::Stage::Wal))?;
+        let mut cfg = self.cfg.clone();
+        cfg.host = host_text(&host);
+        cfg.port = port;
+        let cfg = cfg
             .with_start_lsn(pgwire_replication::Lsn(from))
             .with_ack_lsn(pgwire_replication::Lsn(from));
         let mut client = ReplicationClient::connect(cfg)
