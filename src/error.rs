@@ -52,6 +52,13 @@ pub enum ErrorKind {
     /// The schema could not be installed or used: a newer, edited or
     /// unknown migration, or migrations pending with automatic migration off.
     Schema,
+    /// A WAL feed's replication slot is gone or unusable although the feed
+    /// created it: missing on this server (a failover to a server without
+    /// it) or invalidated (`wal_status = 'lost'`, e.g. by
+    /// `max_slot_wal_keep_size`). Changes since the last ack cannot be
+    /// replayed; the feed does not start over from "now" unless told to
+    /// (`WalFeedBuilder::recreate_lost_slot`).
+    SlotLost,
 }
 
 /// Where an error happened: which part of the crate was at work.
@@ -90,6 +97,7 @@ pub(crate) enum Origin {
     ShutDown,
     Schema,
     Conflict,
+    SlotLost,
     Listen,
     Notify,
     Durable,
@@ -121,6 +129,7 @@ impl Origin {
             Origin::ShutDown => (ErrorKind::ShutDown, None),
             Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),
             Origin::Conflict => (ErrorKind::Conflict, None),
+            Origin::SlotLost => (ErrorKind::SlotLost, Some(Stage::Wal)),
             Origin::Listen => at(Stage::Listen),
             Origin::Notify => at(Stage::Notify),
             Origin::Durable => at(Stage::Durable),

@@ -299,3 +299,199 @@ async fn a_fenced_primary_is_left_and_writes_on_it_fail_as_connection_errors() {
     only_old.shutdown().await;
     ps.shutdown().await;
 }
+
+/// The next row change of a WAL feed, acked with its commit.
+#[cfg(feature = "wal")]
+async fn next_wal_change(feed: &mut pg_pubsub::changes::wal::WalFeed) -> serde_json::Value {
+    use pg_pubsub::changes::wal::WalItem;
+    let mut row = None;
+    loop {
+        match next(feed).await {
+            WalItem::Change { event, .. } => row = event.new,
+            WalItem::Commit { end_lsn, .. } if row.is_some() => {
+                feed.ack(end_lsn);
+                return row.unwrap_or_default();
+            }
+            WalItem::Begin { .. } | WalItem::Commit { .. } => {}
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+}
+
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn a_wal_feed_whose_slot_did_not_survive_the_failover_fails_loudly() {
+    use pg_pubsub::changes::wal::WalItem;
+    let pair = Pair::start(false).await;
+    pair.wait_streaming().await;
+    let ps = ha_builder(&pair.url()).connect().await.unwrap();
+    let slot = channel("fo_wal");
+    let table = format!("{slot}_t");
+    let old = raw_client_to(&pair.primary).await;
+    old.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let mut feed = ps.wal_feed(&slot).tables(&[&table]).start().await.unwrap();
+    old.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    pair.wait_streaming().await;
+
+    // PostgreSQL 15 does not copy slots to standbys: the new primary has none.
+    pair.crash_primary().await;
+    pair.promote().await;
+    let new = raw_client_to(&pair.standby).await;
+    new.batch_execute(&format!("INSERT INTO {table} VALUES (2)"))
+        .await
+        .unwrap();
+    let err = loop {
+        match next(&mut feed).await {
+            WalItem::Error(e) if e.kind() == ErrorKind::SlotLost => break e,
+            WalItem::Error(e) => assert!(e.is_connection(), "{e:?}"),
+            other => panic!("expected the slot's loss, got {other:?}"),
+        }
+    };
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(
+        tokio::time::timeout(WAIT, feed.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "the feed ends after its slot is lost"
+    );
+
+    // A restarted feed refuses too, rather than starting from now...
+    let again = ps
+        .wal_feed(&slot)
+        .tables(&[&table])
+        .start::<serde_json::Value>()
+        .await;
+    let err = again.err().expect("a missing recorded slot is an error");
+    assert_eq!(err.kind(), ErrorKind::SlotLost, "{err:?}");
+    // ...unless told to accept the loss.
+    let mut feed = ps
+        .wal_feed(&slot)
+        .tables(&[&table])
+        .recreate_lost_slot(true)
+        .start()
+        .await
+        .unwrap();
+    new.batch_execute(&format!("INSERT INTO {table} VALUES (3)"))
+        .await
+        .unwrap();
+    assert_eq!(next_wal_change(&mut feed).await["id"], 3);
+    feed.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn a_wal_feed_whose_slot_was_invalidated_fails_loudly() {
+    let server = own_cluster(pg_pubsub::testing::TestOptions {
+        settings: vec!["max_slot_wal_keep_size=1MB".to_owned()],
+        ..Default::default()
+    })
+    .await;
+    let ps = ha_builder(server.url()).connect().await.unwrap();
+    let slot = channel("lost_wal");
+    let feed = ps
+        .wal_feed(&slot)
+        .tables(&[])
+        .start::<serde_json::Value>()
+        .await
+        .unwrap();
+    feed.close().await.unwrap();
+    // The slot holds WAL nobody reads: switch segments past the limit and
+    // checkpoint, and the server invalidates it.
+    let client = raw_client_to(&server).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        client
+            .batch_execute(
+                "CREATE TEMP TABLE IF NOT EXISTS filler (x int); INSERT INTO filler VALUES (1)",
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute("SELECT pg_switch_wal()")
+            .await
+            .unwrap();
+        client.batch_execute("CHECKPOINT").await.unwrap();
+        let status: Option<String> = client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never invalidated");
+    }
+    let err = ps
+        .wal_feed(&slot)
+        .tables(&[])
+        .start::<serde_json::Value>()
+        .await
+        .err()
+        .expect("an invalidated slot is an error");
+    assert_eq!(err.kind(), ErrorKind::SlotLost, "{err:?}");
+    assert!(err.to_string().contains("invalidated"), "{err}");
+    let mut feed = ps
+        .wal_feed(&slot)
+        .tables(&[])
+        .messages("lost.")
+        .recreate_lost_slot(true)
+        .start::<serde_json::Value>()
+        .await
+        .unwrap();
+    // The new slot streams.
+    client
+        .batch_execute("SELECT pg_logical_emit_message(false, 'lost.x', 'again')")
+        .await
+        .unwrap();
+    loop {
+        match next(&mut feed).await {
+            pg_pubsub::changes::wal::WalItem::Message(m) => {
+                assert_eq!(&m.payload[..], b"again");
+                break;
+            }
+            pg_pubsub::changes::wal::WalItem::Error(e) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    feed.close().await.unwrap();
+    ps.shutdown().await;
+}
+
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn a_wal_feed_streams_from_the_primary_whichever_host_comes_first() {
+    let pair = Pair::start(false).await;
+    let port = |s: &pg_pubsub::testing::TestServer| s.port().expect("owned");
+    // The standby first: the replication connection must skip it.
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        port(&pair.standby),
+        port(&pair.primary)
+    );
+    let ps = ha_builder(&url).connect().await.unwrap();
+    let slot = channel("first_wal");
+    let table = format!("{slot}_t");
+    let primary = raw_client_to(&pair.primary).await;
+    primary
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let mut feed = ps.wal_feed(&slot).tables(&[&table]).start().await.unwrap();
+    primary
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    feed.close().await.unwrap();
+    ps.shutdown().await;
+}

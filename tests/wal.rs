@@ -427,6 +427,16 @@ async fn a_role_without_replication_gets_a_clear_error() {
     ] {
         admin.batch_execute(&sql).await.expect("setup");
     }
+    // The feed records its slot in the crate's schema: installed by the
+    // admin, usable by the role.
+    pubsub().await.migrate().await.expect("migrate");
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA pgpubsub TO {role}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA pgpubsub TO {role}"),
+        format!("GRANT INSERT, UPDATE ON pgpubsub.wal_slots TO {role}"),
+    ] {
+        admin.batch_execute(&sql).await.expect("grant");
+    }
     let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
     let ps = PgPubSub::connect(url.as_str()).await.expect("connect");
     let err = ps

@@ -421,7 +421,19 @@ pub(crate) async fn ensure(
             .exec()
             .run_with("installing the schema", |mut client| async move {
                 if auto {
-                    apply(&mut client, schema, &CATALOG).await.map(drop)
+                    match apply(&mut client, schema, &CATALOG).await {
+                        // Two first installs at once: `CREATE SCHEMA IF NOT
+                        // EXISTS` can still collide on the catalog (the
+                        // waiter's catalog snapshot predates the other's
+                        // commit). The other one has committed now: look again.
+                        Err(e)
+                            if e.code()
+                                == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                        {
+                            apply(&mut client, schema, &CATALOG).await.map(drop)
+                        }
+                        res => res.map(drop),
+                    }
                 } else {
                     let recorded = read_recorded(&***client, schema).await?;
                     let status = status_of(schema, &recorded)?;

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 
 use super::decode::{Decoded, Decoder};
-use super::slot::{advance_slot, emit_heartbeat, slot_position, stream_hint, HEARTBEAT_PREFIX};
+use super::slot::{
+    advance_slot, emit_heartbeat, slot_position, slot_state, stream_hint, HEARTBEAT_PREFIX,
+};
 use super::{RawItem, Shared, WalItem, WalMessage};
 use crate::changes::Lsn;
 
@@ -91,6 +93,8 @@ pub(crate) struct StreamTask {
     /// The handle's connection settings: each (re)connect streams from the
     /// first of its hosts that is a primary now.
     pub(crate) pg: tokio_postgres::Config,
+    /// Where the feed's slot is recorded (see [`SlotState`]).
+    pub(crate) schema: crate::schema::SchemaName,
     pub(crate) connect_timeout: Duration,
 }
 
@@ -220,8 +224,23 @@ impl StreamTask {
         }
     }
 
-    /// Reports the loss and waits out the backoff; `false` when stopped.
+    /// Reports the loss and waits out the backoff; `false` when stopped,
+    /// or when the slot itself is lost (missing after a failover, or
+    /// invalidated): that ends the feed with an
+    /// [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost) item, as
+    /// reconnecting can never resume it.
     async fn lost(&mut self, err: Error, attempt: &mut u32, backoff: &crate::Backoff) -> bool {
+        if let Ok(state) = slot_state(&self.exec, &self.schema, &self.slot).await {
+            if let Some(gone) = state.lost_error(&self.slot, &self.schema) {
+                let gone = gone.context(format!("the stream ended with: {err}"));
+                tracing::error!(slot = %self.slot, %gone, "pg-pubsub: WAL feed slot lost");
+                tokio::select! {
+                    _ = self.out.send(WalItem::Error(gone)) => {}
+                    _ = self.stop.wait_for(|s| *s) => {}
+                }
+                return false;
+            }
+        }
         *attempt += 1;
         // The first attempt after a good stream is immediate; later ones back off.
         let retry_in = backoff.delay(*attempt + 1);
