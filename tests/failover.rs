@@ -495,3 +495,32 @@ async fn a_wal_feed_streams_from_the_primary_whichever_host_comes_first() {
     feed.close().await.unwrap();
     ps.shutdown().await;
 }
+
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn an_idle_wal_feed_does_not_hold_up_a_clean_shutdown() {
+    let pair = Pair::start(false).await;
+    let ps = ha_builder(&pair.url()).connect().await.unwrap();
+    let slot = channel("idle_wal");
+    let table = format!("{slot}_t");
+    let primary = raw_client_to(&pair.primary).await;
+    primary
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let mut feed = ps.wal_feed(&slot).tables(&[&table]).start().await.unwrap();
+    primary
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    // A switchover stops the primary cleanly: the server waits for its WAL
+    // senders' clients to confirm what was sent (pg_ctl gives up after 60 s).
+    let stopping = Instant::now();
+    pair.stop_primary().await;
+    let took = stopping.elapsed();
+    eprintln!("clean shutdown with a WAL feed attached: {took:?}");
+    assert!(took < Duration::from_secs(15), "the shutdown took {took:?}");
+    drop(feed);
+    ps.shutdown().await;
+}

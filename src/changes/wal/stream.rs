@@ -273,6 +273,9 @@ impl StreamTask {
         let mut pending_begin: Option<RawItem> = None;
         // The highest ack-able position handed to the consumer.
         let mut delivered = self.shared.acked.load(Ordering::Acquire);
+        // Between a Begin and its Commit: a keepalive's position may then be
+        // past the commit record of the transaction being sent.
+        let mut in_tx = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -298,6 +301,7 @@ impl StreamTask {
                     xid: x,
                     commit_time_micros,
                 } => {
+                    in_tx = true;
                     xid = x;
                     let t = pg_time(commit_time_micros);
                     commit_time = Some(t);
@@ -315,6 +319,7 @@ impl StreamTask {
                     end_lsn,
                     commit_time_micros,
                 } => {
+                    in_tx = false;
                     if pending_begin.take().is_some() {
                         continue; // nothing of it was delivered
                     }
@@ -380,7 +385,22 @@ impl StreamTask {
                         transactional,
                     })]
                 }
-                ReplicationEvent::KeepAlive { .. } => continue,
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    // Idle, and the consumer acked all it was given: confirm
+                    // the server's position. Every transaction committed
+                    // before it was sent already (none was for this feed, or
+                    // it was delivered and acked), so nothing is skipped; and
+                    // the slot then holds no WAL, and a clean shutdown of
+                    // the server (a switchover), which waits until the
+                    // client confirmed all that was sent, is not held up.
+                    let acked = self.shared.acked.load(Ordering::Acquire);
+                    if !in_tx && acked >= delivered && wal_end.0 > acked {
+                        delivered = wal_end.0;
+                        self.shared.acked.fetch_max(wal_end.0, Ordering::AcqRel);
+                        client.update_applied_lsn(wal_end);
+                    }
+                    continue;
+                }
                 ReplicationEvent::StoppedAt { .. } => return End::Stopped,
             };
             if let Some(begin) = pending_begin.take() {
