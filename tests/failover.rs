@@ -336,9 +336,21 @@ async fn a_wal_feed_whose_slot_did_not_survive_the_failover_fails_loudly() {
         .await
         .unwrap();
     assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    // Recorded, as a failover slot where the server has them (17+).
+    let row = old
+        .query_one(
+            "SELECT failover, current_setting('server_version_num')::int >= 170000 \
+             FROM pgpubsub.wal_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, bool>(0), row.get::<_, bool>(1));
+    eprintln!("failover slot: {}", row.get::<_, bool>(0));
     pair.wait_streaming().await;
 
-    // PostgreSQL 15 does not copy slots to standbys: the new primary has none.
+    // Slots are not copied to a standby (before 17; from 17 only failover
+    // slots to a standby that syncs them): the new primary has none.
     pair.crash_primary().await;
     pair.promote().await;
     let new = raw_client_to(&pair.standby).await;
