@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     pub(crate) filtering: ChannelSet,
     board: Arc<Board>,
     next_id: AtomicU64,
+    /// Behind a pooler in transaction mode: no LISTEN (see
+    /// [`Builder::transaction_pooling`]).
+    transaction_pooled: std::sync::atomic::AtomicBool,
     pub(crate) wakes: crate::wake::Wakes,
     /// Durable wake-ups, one subscription per schema, handed to each channel's readers.
     pub(crate) durable_wakeups: crate::durable::Dispatchers,
@@ -341,6 +344,24 @@ impl Builder {
         self
     }
 
+    /// Whether the connection goes through a pooler in transaction mode
+    /// (PgBouncer's `pool_mode = transaction`). Default: probed at connect
+    /// (a notification sent through the pool must reach the listener,
+    /// within the health-check timeout; behind transaction pooling it
+    /// never does). Declaring it skips the probe.
+    ///
+    /// Behind transaction pooling, [`notify`](PgPubSub::notify),
+    /// [`Durable::publish`](crate::durable::Durable::publish) and
+    /// [`Queue::enqueue`](crate::queue::Queue::enqueue) work, with unnamed
+    /// statements; everything that needs a session of its own (`listen`,
+    /// elections, durable consumers, workers, trigger change feeds) fails
+    /// with [`ErrorKind::Pooler`](crate::ErrorKind::Pooler). See the
+    /// README's PgBouncer table.
+    pub fn transaction_pooling(mut self, pooled: bool) -> Self {
+        self.opts.transaction_pooling = Some(pooled);
+        self
+    }
+
     /// Opens the listener connection and starts its task.
     ///
     /// Fails if the first connection cannot be opened (wrong address,
@@ -428,13 +449,30 @@ impl Builder {
             filtering,
             board,
             next_id: AtomicU64::new(1),
+            transaction_pooled: std::sync::atomic::AtomicBool::new(false),
             wakes,
             durable_wakeups: crate::durable::Dispatchers::default(),
             #[cfg(feature = "metrics")]
             metrics_reported: Default::default(),
         });
         crate::wake::spawn(wake_queue, exec);
-        Ok(PgPubSub { inner })
+        let ps = PgPubSub { inner };
+        let pooled = match ps.inner.opts.transaction_pooling {
+            Some(declared) => declared,
+            None => !ps.listen_probe().await?,
+        };
+        if pooled {
+            tracing::warn!(
+                "pg-pubsub: the connection goes through a pooler in transaction mode: \
+                 publish and enqueue only (unnamed statements); LISTEN, elections, durable \
+                 consumers and workers need a direct connection or session pooling"
+            );
+        }
+        ps.inner
+            .transaction_pooled
+            .store(pooled, std::sync::atomic::Ordering::Release);
+        ps.inner.exec.set_unnamed(pooled);
+        Ok(ps)
     }
 }
 
@@ -518,6 +556,75 @@ impl PgPubSub {
     }
 
     async fn subscribe_with<T>(
+        &self,
+        channel: &str,
+        options: ListenOptions,
+        decode: Decoder<T>,
+    ) -> Result<Subscription<T>> {
+        self.needs_session(&format!("LISTEN on {channel:?}"))?;
+        self.subscribe_unchecked(channel, options, decode).await
+    }
+
+    /// Refuses `what` behind a pooler in transaction mode, with
+    /// [`ErrorKind::Pooler`](crate::ErrorKind::Pooler).
+    pub(crate) fn needs_session(&self, what: &str) -> Result<()> {
+        if !self.is_transaction_pooled() {
+            return Ok(());
+        }
+        Err(Error::new(
+            Origin::Pooler,
+            format!(
+                "cannot {what}: the connection goes through a pooler in transaction mode \
+                 (e.g. PgBouncer pool_mode=transaction), where no server session is ours: \
+                 LISTEN, elections (session advisory locks), durable consumers, workers and \
+                 schedulers need a direct connection or session pooling. Publishing and \
+                 enqueueing work through it."
+            ),
+        ))
+    }
+
+    /// Whether this handle found (or was told) that it is behind a pooler
+    /// in transaction mode ([`Builder::transaction_pooling`]).
+    pub fn is_transaction_pooled(&self) -> bool {
+        self.inner
+            .transaction_pooled
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the listener hears what the pool sends: `LISTEN` on a
+    /// channel of its own, a notification through the pool (an unnamed
+    /// statement, which any pooler runs), and a bounded wait. Behind a
+    /// transaction-pooling PgBouncer the `LISTEN` ran on some server
+    /// connection that is not the listener's between transactions, so the
+    /// notification never arrives.
+    async fn listen_probe(&self) -> Result<bool> {
+        let channel = format!("pgps_probe_{}", self.inner.origin.simple());
+        let options = ListenOptions {
+            single_listener: Some(false),
+            filtered: Some(false),
+        };
+        let mut sub = self
+            .subscribe_unchecked(&channel, options, <crate::Text as Decode>::decode)
+            .await?;
+        let sent = channel.clone();
+        self.inner
+            .exec
+            .run(Origin::Notify, "pooler probe", |client| async move {
+                use tokio_postgres::types::Type;
+                client
+                    .query_typed(
+                        "SELECT pg_notify($1, 'probe')",
+                        &[(&sent.as_str(), Type::TEXT)],
+                    )
+                    .await
+                    .map(drop)
+            })
+            .await?;
+        let heard = tokio::time::timeout(self.inner.opts.health_check_timeout, sub.recv()).await;
+        Ok(matches!(heard, Ok(Some(crate::Delivery::Message(_)))))
+    }
+
+    async fn subscribe_unchecked<T>(
         &self,
         channel: &str,
         options: ListenOptions,

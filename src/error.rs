@@ -59,6 +59,13 @@ pub enum ErrorKind {
     /// replayed; the feed does not start over from "now" unless told to
     /// (`WalFeedBuilder::recreate_lost_slot`).
     SlotLost,
+    /// The operation needs a server session of its own (`LISTEN`, session
+    /// advisory locks, named prepared statements), but the connection goes
+    /// through a pooler in transaction mode (PgBouncer's
+    /// `pool_mode = transaction`), which hands each transaction to any
+    /// server connection. Connect the listener directly or through session
+    /// pooling; publishing and enqueueing work through it.
+    Pooler,
 }
 
 /// Where an error happened: which part of the crate was at work.
@@ -98,6 +105,7 @@ pub(crate) enum Origin {
     Schema,
     Conflict,
     SlotLost,
+    Pooler,
     Listen,
     Notify,
     Durable,
@@ -130,6 +138,7 @@ impl Origin {
             Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),
             Origin::Conflict => (ErrorKind::Conflict, None),
             Origin::SlotLost => (ErrorKind::SlotLost, Some(Stage::Wal)),
+            Origin::Pooler => (ErrorKind::Pooler, Some(Stage::Listen)),
             Origin::Listen => at(Stage::Listen),
             Origin::Notify => at(Stage::Notify),
             Origin::Durable => at(Stage::Durable),

@@ -44,6 +44,11 @@ struct Inner {
     tls: Connector,
     /// Set when the handle starts shutting down.
     shut_down: AtomicBool,
+    /// Send statements unnamed, with their parameter types (one round
+    /// trip, nothing left on the session): behind a transaction-pooling
+    /// PgBouncer a named statement prepared in one transaction is not on
+    /// the server connection the next one gets.
+    unnamed: AtomicBool,
 }
 
 impl Exec {
@@ -55,6 +60,7 @@ impl Exec {
                 backoff,
                 tls,
                 shut_down: AtomicBool::new(false),
+                unnamed: AtomicBool::new(false),
             }),
         }
     }
@@ -74,6 +80,15 @@ impl Exec {
 
     pub(crate) fn is_shut_down(&self) -> bool {
         self.inner.shut_down.load(Ordering::Acquire)
+    }
+
+    /// Whether statements go unnamed (see [`Inner::unnamed`]).
+    pub(crate) fn unnamed(&self) -> bool {
+        self.inner.unnamed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_unnamed(&self, unnamed: bool) {
+        self.inner.unnamed.store(unnamed, Ordering::Release);
     }
 
     pub(crate) fn set_shut_down(&self) {
@@ -120,6 +135,7 @@ impl Exec {
         let conn = Conn {
             obj: Some(client),
             shared,
+            unnamed: self.unnamed(),
         };
         let res = match tokio::time::timeout_at(deadline, f(conn)).await {
             Ok(res) => {
@@ -171,6 +187,40 @@ impl Exec {
 pub(crate) struct Conn {
     obj: Option<Object>,
     shared: Arc<Mutex<Lent>>,
+    /// Send statements unnamed ([`Exec::unnamed`]).
+    unnamed: bool,
+}
+
+impl Conn {
+    /// Runs `sql` with typed parameters: prepared once per connection, or,
+    /// behind a transaction pooler, sent unnamed (one round trip, nothing
+    /// left on whichever server connection ran it).
+    pub(crate) async fn query_p(
+        &self,
+        sql: &str,
+        params: &crate::tx::Params<'_>,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        if self.unnamed {
+            let pg: &tokio_postgres::Client = self;
+            return crate::tx::query(pg, sql, params).await;
+        }
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        crate::tx::query(wrapper, sql, params).await
+    }
+
+    /// [`query_p`](Self::query_p) for a statement's row count.
+    pub(crate) async fn execute_p(
+        &self,
+        sql: &str,
+        params: &crate::tx::Params<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        if self.unnamed {
+            let pg: &tokio_postgres::Client = self;
+            return crate::tx::execute(pg, sql, params).await;
+        }
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        crate::tx::execute(wrapper, sql, params).await
+    }
 }
 
 /// What the body's [`Conn`] and the executor's [`Lease`] share; whichever

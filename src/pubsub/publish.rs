@@ -78,9 +78,11 @@ impl PgPubSub {
             .exec
             .run_with("notify", |client| async move {
                 let pg = |e| Error::pg(Origin::Notify, "notify", e);
-                let stmt = client.prepare_cached(NOTIFY_POOLED_SQL).await.map_err(pg)?;
                 let sent = client
-                    .execute(&stmt, &[&channel.as_str(), &&*payload])
+                    .execute_p(
+                        NOTIFY_POOLED_SQL,
+                        &[(&channel.as_str(), Type::TEXT), (&&*payload, Type::TEXT)],
+                    )
                     .await
                     .map_err(pg)?;
                 if sent == 0 {
@@ -134,9 +136,11 @@ impl PgPubSub {
                     .exec
                     .run_with("notify_batch", |client| async move {
                         let pg = |e| Error::pg(Origin::Notify, "notify_batch", e);
-                        let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await.map_err(pg)?;
                         let done = client
-                            .execute(&stmt, &[&channel.as_str(), &chunk])
+                            .execute_p(
+                                NOTIFY_MANY_SQL,
+                                &[(&channel.as_str(), Type::TEXT), (&chunk, Type::TEXT_ARRAY)],
+                            )
                             .await
                             .map_err(pg)?;
                         if done == 0 && !chunk.is_empty() {

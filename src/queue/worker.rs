@@ -186,6 +186,7 @@ impl WorkerBuilder {
             ));
         }
         let queue = self.queue.clone();
+        queue.pubsub.needs_session("start a worker")?;
         queue.install().await?;
         let wake = queue
             .pubsub
