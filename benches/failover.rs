@@ -6,7 +6,8 @@
 //! publishes every 5 ms on each capability (notify, durable publish,
 //! enqueue; failed calls are retried), then stops the primary (`fast`, as a
 //! switchover does, or `immediate`, a crash), promotes the standby at once,
-//! and times the first delivery of anything published after the stop began.
+//! and times, from the moment the stop began, the first delivery of anything
+//! published once the old primary was down (so committed on the new one).
 //! `promoted` is when `pg_ctl promote -w` returned: the floor, the server's share.
 //!
 //! Run with `cargo bench --bench failover`. Env: `BENCH_RUNS` (per fault,
@@ -181,10 +182,11 @@ async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 4]> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    fault_seq.store(seq.load(Ordering::Acquire), Ordering::Release);
     let t0 = Instant::now();
     let p = primary.clone();
     tokio::task::spawn_blocking(move || if crash { p.crash() } else { p.stop() }).await??;
+    // Numbered from now on: committed on the new primary (the old one is down).
+    fault_seq.store(seq.load(Ordering::Acquire), Ordering::Release);
     let s = standby.clone();
     tokio::task::spawn_blocking(move || s.promote()).await??;
     let promoted = t0.elapsed();

@@ -81,8 +81,7 @@ async fn transaction_pooling_is_detected_and_publishing_works() {
         .worker(&queue)
         .run(|_job: pg_pubsub::queue::Job| async { Ok::<_, String>(()) })
         .await
-        .err()
-        .expect("a worker needs a session");
+        .expect_err("a worker needs a session");
     assert_eq!(err.kind(), ErrorKind::Pooler, "{err:?}");
 
     // Received on a direct connection.

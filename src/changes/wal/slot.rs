@@ -407,4 +407,39 @@ mod tests {
         );
         assert!(stream_hint("connection reset").is_none());
     }
+
+    #[test]
+    fn only_a_recorded_missing_or_an_invalidated_slot_is_lost() {
+        let schema = SchemaName::default();
+        for usable in [
+            SlotState::New,
+            SlotState::Usable { recorded: true },
+            SlotState::Usable { recorded: false },
+        ] {
+            assert!(usable.lost_error("s", &schema).is_none(), "{usable:?}");
+        }
+        let missing = SlotState::Missing {
+            recorded_at: "2026-01-01".to_owned(),
+        }
+        .lost_error("s", &schema)
+        .unwrap();
+        assert_eq!(missing.kind(), crate::ErrorKind::SlotLost);
+        assert_eq!(missing.stage(), Some(crate::Stage::Wal));
+        assert!(!missing.is_connection());
+        let text = missing.to_string();
+        assert!(
+            text.contains("does not exist") && text.contains("pgpubsub.wal_slots"),
+            "{text}"
+        );
+        assert!(text.contains("recreate_lost_slot"), "{text}");
+        let invalid = SlotState::Invalidated {
+            reason: "wal_status = lost".to_owned(),
+        }
+        .lost_error("s", &schema)
+        .unwrap();
+        assert!(
+            invalid.to_string().contains("wal_status = lost"),
+            "{invalid}"
+        );
+    }
 }
