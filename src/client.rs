@@ -288,7 +288,10 @@ impl Builder {
     }
 
     /// Publish through this existing pool instead of creating one.
-    /// The listener still uses its own dedicated connection.
+    /// The listener still uses its own dedicated connection. For failover,
+    /// build the pool's config with `target_session_attrs=read-write`
+    /// (pg-pubsub sets it on the connections it opens itself, not on a
+    /// pool it is given).
     pub fn pool(mut self, pool: Pool) -> Self {
         self.pool = Some(pool);
         self
@@ -459,7 +462,15 @@ impl Builder {
         let ps = PgPubSub { inner };
         let pooled = match ps.inner.opts.transaction_pooling {
             Some(declared) => declared,
-            None => !ps.listen_probe().await?,
+            // A probe that cannot run (the server went away just now) says
+            // nothing about poolers: assume none, as before the probe existed.
+            None => match ps.listen_probe().await {
+                Ok(heard) => !heard,
+                Err(err) => {
+                    tracing::warn!(%err, "pg-pubsub: the pooler probe failed; assuming a direct connection");
+                    false
+                }
+            },
         };
         if pooled {
             tracing::warn!(
@@ -475,6 +486,9 @@ impl Builder {
         Ok(ps)
     }
 }
+
+/// The channel of the pooler probe (see `listen_probe`).
+const PROBE_CHANNEL: &str = "pg_pubsub_probe";
 
 fn build_pool(pg: tokio_postgres::Config, tls: Connector, opts: &Options) -> Result<Pool> {
     let manager = Manager::from_config(
@@ -598,7 +612,9 @@ impl PgPubSub {
     /// connection that is not the listener's between transactions, so the
     /// notification never arrives.
     async fn listen_probe(&self) -> Result<bool> {
-        let channel = format!("pgps_probe_{}", self.inner.origin.simple());
+        // One name for every process (one metrics series): another
+        // process's probe heard here proves the same, that LISTEN works.
+        let channel = PROBE_CHANNEL.to_owned();
         let options = ListenOptions {
             single_listener: Some(false),
             filtered: Some(false),

@@ -242,6 +242,14 @@ impl Error {
     pub(crate) fn pg(origin: Origin, what: &str, err: tokio_postgres::Error) -> Self {
         let (kind, stage, connection) = classify(origin, &err);
         let mut message = format!("{what}: {}", describe_pg_error(&err));
+        // tokio-postgres' word for "every host is read-only" (pg-pubsub
+        // connects with target_session_attrs=read-write).
+        if message.contains("does not allow writes") {
+            message.push_str(
+                " (no host is a primary that takes writes: a standby or a read-only server; \
+                 during a failover, until the new primary is promoted)",
+            );
+        }
         if kind == ErrorKind::Tls && mentions_certificate(&err) {
             message.push_str(
                 " (the server's certificate could not be verified: check sslrootcert, \
