@@ -536,3 +536,116 @@ async fn an_idle_wal_feed_does_not_hold_up_a_clean_shutdown() {
     drop(feed);
     ps.shutdown().await;
 }
+
+/// PostgreSQL 17+: a failover slot copied to the standby survives the
+/// promotion, and the feed goes on from its last ack on the new primary.
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn a_failover_slot_synced_to_the_standby_survives_the_failover() {
+    let primary = own_cluster(pg_pubsub::testing::TestOptions::default()).await;
+    let version: i32 = raw_client_to(&primary)
+        .await
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if version < 170_000 {
+        eprintln!("skipped: failover slots need PostgreSQL 17+ (server {version}; see PG_BIN_DIR)");
+        return;
+    }
+    let primary = Arc::new(primary);
+    let p = primary.clone();
+    // Slots synced on demand (pg_sync_replication_slots), not by the worker.
+    let standby = tokio::task::spawn_blocking(move || {
+        p.start_standby(pg_pubsub::testing::TestOptions {
+            settings: vec!["hot_standby_feedback=on".to_owned()],
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let pair = Pair {
+        primary,
+        standby: Arc::new(standby),
+    };
+    pair.wait_streaming().await;
+    let ps = ha_builder(&pair.url()).connect().await.unwrap();
+    let slot = channel("synced_wal");
+    let table = format!("{slot}_t");
+    let old = raw_client_to(&pair.primary).await;
+    old.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let mut feed = ps
+        .wal_feed(&slot)
+        .tables(&[&table])
+        .ack_interval(Duration::from_millis(100))
+        .start()
+        .await
+        .unwrap();
+    old.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+
+    // Copy the slot once the primary has the ack, and the standby its WAL.
+    let standby = raw_client_to(&pair.standby).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let acked: bool = old
+            .query_one(
+                "SELECT confirmed_flush_lsn >= (SELECT replay_lsn FROM pg_stat_replication LIMIT 1) \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false);
+        if acked {
+            standby
+                .batch_execute("SELECT pg_sync_replication_slots()")
+                .await
+                .unwrap();
+            let synced: i64 = standby
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND synced",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if synced == 1 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the slot was never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    pair.crash_primary().await;
+    pair.promote().await;
+    let new = raw_client_to(&pair.standby).await;
+    new.batch_execute(&format!("INSERT INTO {table} VALUES (2)"))
+        .await
+        .unwrap();
+    // At least once: a change before the synced position may come again.
+    loop {
+        match next(&mut feed).await {
+            pg_pubsub::changes::wal::WalItem::Change { event, .. } => {
+                let id = event.new.unwrap_or_default()["id"].as_i64();
+                if id == Some(2) {
+                    break;
+                }
+                assert_eq!(id, Some(1));
+            }
+            pg_pubsub::changes::wal::WalItem::Error(e) => {
+                assert!(e.is_connection(), "{e:?}");
+            }
+            _ => {}
+        }
+    }
+    feed.close().await.unwrap();
+    ps.shutdown().await;
+}

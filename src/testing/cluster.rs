@@ -66,6 +66,10 @@ impl Cluster {
         options: &TestOptions,
     ) -> Result<Cluster, TestServerError> {
         let mut cluster = Cluster::prepare(options)?;
+        let slot = format!(
+            "standby_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let mut cmd = cluster.command("pg_basebackup");
         cmd.arg("-h")
             .arg("127.0.0.1")
@@ -75,6 +79,14 @@ impl Cluster {
             .arg("postgres")
             .arg("-D")
             .arg(&cluster.data_dir)
+            // The standby's own physical slot on the primary (written as
+            // `primary_slot_name`), and a database in `primary_conninfo`
+            // (PostgreSQL 17+ writes it there): what slot sync needs.
+            .arg("-C")
+            .arg("-S")
+            .arg(&slot)
+            .arg("-d")
+            .arg("dbname=postgres")
             .arg("-R")
             .arg("-X")
             .arg("stream")

@@ -277,7 +277,11 @@ impl TestServer {
 
     /// A streaming standby of this owned server (`pg_basebackup -R`, hot
     /// standby: read-only connections), its own throwaway cluster with
-    /// `options`' settings (not this server's). For synchronous
+    /// `options`' settings (not this server's). It streams through a
+    /// physical slot of its own on this server (`primary_slot_name`), and
+    /// its `primary_conninfo` names a database, so on PostgreSQL 17+
+    /// `sync_replication_slots=on` and `hot_standby_feedback=on` in its
+    /// settings make it keep copies of failover slots. For synchronous
     /// replication, start this server with `synchronous_standby_names=*`
     /// and `synchronous_commit=on` in [`TestOptions::settings`].
     ///
