@@ -230,7 +230,15 @@ impl StreamTask {
     /// [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost) item, as
     /// reconnecting can never resume it.
     async fn lost(&mut self, err: Error, attempt: &mut u32, backoff: &crate::Backoff) -> bool {
-        if let Ok(state) = slot_state(&self.exec, &self.schema, &self.slot).await {
+        // A server that refused the stream (no such slot, an invalidated
+        // one) is asked why; one that cannot be reached is not (the check
+        // would wait for the pool as long as the outage lasts).
+        let state = if err.is_connection() {
+            None
+        } else {
+            slot_state(&self.exec, &self.schema, &self.slot).await.ok()
+        };
+        if let Some(state) = state {
             if let Some(gone) = state.lost_error(&self.slot, &self.schema) {
                 let gone = gone.context(format!("the stream ended with: {err}"));
                 tracing::error!(slot = %self.slot, %gone, "pg-pubsub: WAL feed slot lost");
