@@ -361,8 +361,12 @@ pub(crate) async fn emit_heartbeat(exec: &Exec) -> Result<()> {
 }
 
 impl PgPubSub {
-    /// Drops the replication slot `slot` (and with it the WAL it holds).
-    /// Fails while a feed streams from it. `Ok(false)` if there was none.
+    /// Drops the replication slot `slot` (and with it the WAL it holds),
+    /// and forgets it in the default schema's `wal_slots` (so a new feed of
+    /// that name starts afresh instead of failing with
+    /// [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost); for a feed in
+    /// another schema, delete its row from `<schema>.wal_slots`). Fails
+    /// while a feed streams from it. `Ok(false)` if there was none.
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
@@ -372,16 +376,32 @@ impl PgPubSub {
     pub async fn drop_slot(&self, slot: &str) -> Result<bool> {
         let exec = self.exec();
         const STAGE: &str = "WAL feed: drop slot";
+        let records = format!("{}.wal_slots", SchemaName::default());
         let n = exec
             .run_with(STAGE, |client| async move {
-                client
+                let n = client
                     .execute(
                         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
                          WHERE slot_name = $1",
                         &[&slot],
                     )
                     .await
-                    .map_err(|e| setup_error(STAGE, e))
+                    .map_err(|e| setup_error(STAGE, e))?;
+                let recorded: bool = client
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&records])
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))?
+                    .get(0);
+                if recorded {
+                    client
+                        .execute(
+                            &format!("DELETE FROM {records} WHERE slot_name = $1"),
+                            &[&slot],
+                        )
+                        .await
+                        .map_err(|e| setup_error(STAGE, e))?;
+                }
+                Ok(n)
             })
             .await?;
         Ok(n > 0)
