@@ -354,12 +354,12 @@ impl Builder {
     /// never does). Declaring it skips the probe.
     ///
     /// Behind transaction pooling, [`notify`](PgPubSub::notify),
-    /// [`Durable::publish`](crate::durable::Durable::publish) and
-    /// [`Queue::enqueue`](crate::queue::Queue::enqueue) work, with unnamed
-    /// statements; everything that needs a session of its own (`listen`,
-    /// elections, durable consumers, workers, trigger change feeds) fails
-    /// with [`ErrorKind::Pooler`](crate::ErrorKind::Pooler). See the
-    /// README's PgBouncer table.
+    /// [`Durable::publish`](crate::durable::Durable::publish),
+    /// [`Queue::enqueue`](crate::queue::Queue::enqueue) and queue workers
+    /// (poll-only) work, with unnamed statements; what needs a session of
+    /// its own (`listen`, elections, durable consumers, trigger change
+    /// feeds) fails with [`ErrorKind::Pooler`](crate::ErrorKind::Pooler).
+    /// See the README's PgBouncer table.
     pub fn transaction_pooling(mut self, pooled: bool) -> Self {
         self.opts.transaction_pooling = Some(pooled);
         self
@@ -590,9 +590,9 @@ impl PgPubSub {
             format!(
                 "cannot {what}: the connection goes through a pooler in transaction mode \
                  (e.g. PgBouncer pool_mode=transaction), where no server session is ours: \
-                 LISTEN, elections (session advisory locks), durable consumers, workers and \
-                 schedulers need a direct connection or session pooling. Publishing and \
-                 enqueueing work through it."
+                 LISTEN, elections (session advisory locks) and durable consumers need a \
+                 direct connection or session pooling. Publishing, enqueueing and workers \
+                 (poll-only) work through it."
             ),
         ))
     }

@@ -58,8 +58,9 @@ async fn session_pooling_supports_everything() {
 
 /// Transaction pooling: detected at connect; what needs a session fails
 /// with ErrorKind::Pooler; notify, durable publish and enqueue work,
-/// concurrently, on two server connections shared by every client (named
-/// prepared statements would land on the wrong one).
+/// concurrently, and a worker runs the jobs (poll-only), all on two server
+/// connections shared by every client (named prepared statements would
+/// land on the wrong one).
 #[tokio::test]
 async fn transaction_pooling_is_detected_and_publishing_works() {
     let pgb = bouncer(PoolMode::Transaction, 2).await;
@@ -77,12 +78,8 @@ async fn transaction_pooling_is_detected_and_publishing_works() {
     assert_eq!(err.kind(), ErrorKind::Pooler, "{err:?}");
     let q = ps.queue();
     q.install().await.unwrap();
-    let err = q
-        .worker(&queue)
-        .run(|_job: pg_pubsub::queue::Job| async { Ok::<_, String>(()) })
-        .await
-        .expect_err("a worker needs a session");
-    assert_eq!(err.kind(), ErrorKind::Pooler, "{err:?}");
+    // Workers run poll-only (no LISTEN), with unnamed statements.
+    let (worker, mut ran) = run_reporting(fast(&q, &queue)).await;
 
     // Received on a direct connection.
     let direct = pubsub().await;
@@ -115,8 +112,21 @@ async fn transaction_pooling_is_detected_and_publishing_works() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let jobs = job_states(&raw_client().await, &queue).await;
-    assert_eq!(jobs.len(), N as usize);
+    let mut done = BTreeSet::new();
+    while done.len() < N as usize {
+        done.insert(recv(&mut ran).await.2);
+    }
+    worker.shutdown().await.unwrap();
+    assert!(job_states(&raw_client().await, &queue).await.is_empty());
+    // Nothing failed on the way and was retried: no statement of ours
+    // looked for a prepared statement on the wrong server connection.
+    if let Some(data) = server().data_dir() {
+        let log = std::fs::read_to_string(data.with_file_name("log")).unwrap_or_default();
+        assert!(
+            !log.contains("prepared statement"),
+            "the server log has prepared-statement errors:\n{log}"
+        );
+    }
     consumer.close().await.unwrap();
     direct.shutdown().await;
     ps.shutdown().await;

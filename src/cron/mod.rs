@@ -447,7 +447,6 @@ impl Schedules {
     /// Runs a scheduler without a worker (workers run one by default),
     /// until [`Scheduler::shutdown`], its drop, or the handle's shutdown.
     pub async fn run_scheduler(&self) -> Result<Scheduler> {
-        self.queue.pubsub.needs_session("run a scheduler")?;
         self.queue.install().await?;
         scheduler::start(self.queue.clone(), self.sql.clone())
     }

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
+use tokio_postgres::types::Type;
 
 use super::completer::Done;
 use super::context::Ctx;
@@ -103,8 +104,8 @@ where
 
     pub(super) async fn run(
         mut self,
-        mut wake: Subscription<crate::Text>,
-        mut control: Subscription<crate::Text>,
+        mut wake: Option<Subscription<crate::Text>>,
+        mut control: Option<Subscription<crate::Text>>,
         mut stop: watch::Receiver<Option<Instant>>,
     ) {
         // Completions go to their own task (and pooled connection): they
@@ -151,14 +152,14 @@ where
                     }
                     plan.woken();
                 }
-                d = wake.next() => match d {
+                d = next_of(&mut wake) => match d {
                     Some(Delivery::Message(m)) if *m.payload() == *self.ctx.name => plan.woken(),
                     // Notifications may have been missed while reconnecting.
                     Some(Delivery::Gap(_) | Delivery::Lagged(_)) => plan.woken(),
                     Some(_) => {}
                     None => break, // the PgPubSub shut down
                 },
-                d = control.next() => match d {
+                d = next_of(&mut control) => match d {
                     Some(Delivery::Message(m)) => {
                         if self.control(m.payload()) {
                             plan.woken();
@@ -208,8 +209,16 @@ where
         let mut rows = self
             .ctx
             .with_client("claiming jobs", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&name, &limit, &lease]).await
+                client
+                    .query_p(
+                        sql,
+                        &[
+                            (&name, Type::TEXT),
+                            (&limit, Type::INT4),
+                            (&lease, Type::FLOAT8),
+                        ],
+                    )
+                    .await
             })
             .await?;
         let count = rows.len();
@@ -240,8 +249,8 @@ where
         let res = self
             .ctx
             .with_client("reading queue limits", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
+                let rows = client.query_p(sql, &[(&name, Type::TEXT)]).await?;
+                Ok(rows.first().is_some_and(|row| row.get::<_, bool>(0)))
             })
             .await;
         match res {
@@ -313,8 +322,8 @@ where
         let res = self
             .ctx
             .with_client("checking for a pause", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                Ok(client.query_one(&stmt, &[&name]).await?.get::<_, bool>(0))
+                let rows = client.query_p(sql, &[(&name, Type::TEXT)]).await?;
+                Ok(rows.first().is_some_and(|row| row.get::<_, bool>(0)))
             })
             .await;
         match res {
@@ -340,8 +349,9 @@ where
             let res = self
                 .ctx
                 .with_client("trimming finished jobs", |client| async move {
-                    let stmt = client.prepare_cached(sql).await?;
-                    client.execute(&stmt, &[&name, &secs]).await
+                    client
+                        .execute_p(sql, &[(&name, Type::TEXT), (&secs, Type::FLOAT8)])
+                        .await
                 })
                 .await;
             match res {
@@ -373,8 +383,16 @@ where
         let res = self
             .ctx
             .with_client("extending leases", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&ids, &attempts, &lease]).await
+                client
+                    .query_p(
+                        sql,
+                        &[
+                            (&ids, Type::INT8_ARRAY),
+                            (&attempts, Type::INT4_ARRAY),
+                            (&lease, Type::FLOAT8),
+                        ],
+                    )
+                    .await
             })
             .await;
         match res {
@@ -398,8 +416,7 @@ where
         let res = self
             .ctx
             .with_client("rescuing expired jobs", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&name]).await
+                client.query_p(sql, &[(&name, Type::TEXT)]).await
             })
             .await;
         let rows = match res {
@@ -482,7 +499,15 @@ where
             .ctx
             .with_client("giving jobs back", |client| async move {
                 client
-                    .execute(sql.as_str(), &[&ids, &attempts, &channel, &name])
+                    .execute_p(
+                        sql,
+                        &[
+                            (&ids, Type::INT8_ARRAY),
+                            (&attempts, Type::INT4_ARRAY),
+                            (&channel, Type::TEXT),
+                            (&name, Type::TEXT),
+                        ],
+                    )
                     .await
             })
             .await;
@@ -491,6 +516,15 @@ where
         }
     }
 }
+/// The next delivery of `sub`; never, without one (poll-only behind a
+/// transaction pooler).
+async fn next_of(sub: &mut Option<Subscription<crate::Text>>) -> Option<Delivery<crate::Text>> {
+    match sub {
+        Some(sub) => sub.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// When to claim and how many: as many as there are free handlers, again
 /// at once after a full batch (more may be due), else after a wake-up, a
 /// finished job or a poll; after a failed claim, only at the next poll.

@@ -24,9 +24,12 @@ pub enum PoolMode {
 
 impl PgBouncer {
     /// Starts PgBouncer for `server`'s `postgres` database with
-    /// `pool_mode` and at most `pool_size` server connections (a small
-    /// pool makes transactions of different clients share backends, as in
-    /// production), and waits until it accepts connections.
+    /// `pool_mode` and at most `pool_size` server connections, handed out
+    /// round robin (`server_round_robin`): a small pool makes transactions
+    /// of different clients share server connections, as in production,
+    /// and round robin makes a client's consecutive transactions land on
+    /// different ones, so a named prepared statement fails at once instead
+    /// of by chance. Waits until it accepts connections.
     pub fn start(server: &TestServer, mode: PoolMode, pool_size: usize) -> PgBouncer {
         let binary = "/usr/sbin/pgbouncer";
         assert!(
@@ -54,6 +57,7 @@ impl PgBouncer {
              auth_file = {dir}/userlist.txt\n\
              pool_mode = {mode_name}\n\
              default_pool_size = {pool_size}\n\
+             server_round_robin = 1\n\
              max_client_conn = 500\n\
              ignore_startup_parameters = extra_float_digits\n\
              logfile = {dir}/log\n\
