@@ -475,8 +475,9 @@ impl Builder {
         if pooled {
             tracing::warn!(
                 "pg-pubsub: the connection goes through a pooler in transaction mode: \
-                 publish and enqueue only (unnamed statements); LISTEN, elections, durable \
-                 consumers and workers need a direct connection or session pooling"
+                 publishing, enqueueing and workers (poll-only) with unnamed statements; \
+                 LISTEN, elections and durable consumers need a direct connection or \
+                 session pooling"
             );
         }
         ps.inner
@@ -605,8 +606,8 @@ impl PgPubSub {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Whether the listener hears what the pool sends: `LISTEN` on a
-    /// channel of its own, a notification through the pool (an unnamed
+    /// Whether the listener hears what the pool sends: `LISTEN` on the
+    /// probe channel, a notification through the pool (an unnamed
     /// statement, which any pooler runs), and a bounded wait. Behind a
     /// transaction-pooling PgBouncer the `LISTEN` ran on some server
     /// connection that is not the listener's between transactions, so the
