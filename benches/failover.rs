@@ -9,6 +9,8 @@
 //! and times, from the moment the stop began, the first delivery of anything
 //! published once the old primary was down (so committed on the new one).
 //! `promoted` is when `pg_ctl promote -w` returned: the floor, the server's share.
+//! The baseline is a bare tokio-postgres listener on the same two-host URL
+//! (`target_session_attrs=read-write`) that reconnects 100 ms after a loss.
 //!
 //! Run with `cargo bench --bench failover`. Env: `BENCH_RUNS` (per fault,
 //! default 5), `BENCH_BACKOFF_MAX_MS` (the reconnect backoff's cap; default:
@@ -36,6 +38,41 @@ struct Firsts {
     notify: Option<Instant>,
     durable: Option<Instant>,
     queue: Option<Instant>,
+    /// The baseline: a hand-written tokio-postgres listener (below).
+    bare: Option<Instant>,
+}
+
+/// The baseline: a bare tokio-postgres listener on the same URL with
+/// `target_session_attrs=read-write`, as one would write it by hand: on any
+/// loss, a new connection 100 ms later, `LISTEN`, and on.
+async fn bare_listener(url: String, fault: Arc<AtomicU64>, firsts: Arc<Mutex<Firsts>>) {
+    let url = format!("{url}?target_session_attrs=read-write");
+    loop {
+        if let Ok((client, mut conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let driver = tokio::spawn(async move {
+                let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                while let Some(Ok(message)) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                        let _ = tx.send(n.payload().to_owned());
+                    }
+                }
+            });
+            if client.batch_execute("LISTEN failover_bench").await.is_ok() {
+                while let Some(payload) = rx.recv().await {
+                    let late = payload
+                        .parse::<u64>()
+                        .is_ok_and(|n| n > fault.load(Ordering::Acquire));
+                    if late {
+                        firsts.lock().unwrap().bare.get_or_insert_with(Instant::now);
+                        return;
+                    }
+                }
+            }
+            driver.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn main() -> Res<()> {
@@ -63,14 +100,14 @@ async fn bench() -> Res<()> {
         },
     );
     for crash in [false, true] {
-        let mut rows: Vec<[f64; 4]> = Vec::new();
+        let mut rows: Vec<[f64; 5]> = Vec::new();
         for _ in 0..runs {
             rows.push(run(crash, backoff_max, health).await?);
         }
         let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
         let max = |i: usize| rows.iter().map(|r| r[i]).fold(0.0, f64::max);
         println!(
-            "{:<9} promoted {:>6.0} ms | listener {:>6.0} ms (max {:>6.0}) | durable consumer {:>6.0} ms (max {:>6.0}) | worker {:>6.0} ms (max {:>6.0})  [medians of {runs}]",
+            "{:<9} promoted {:>6.0} ms | listener {:>6.0} ms (max {:>6.0}) | durable consumer {:>6.0} ms (max {:>6.0}) | worker {:>6.0} ms (max {:>6.0}) | bare listener {:>6.0} ms (max {:>6.0}); listener/bare {:.2}  [medians of {runs}]",
             if crash { "crash" } else { "stop" },
             col(0),
             col(1),
@@ -78,7 +115,10 @@ async fn bench() -> Res<()> {
             col(2),
             max(2),
             col(3),
-            max(3)
+            max(3),
+            col(4),
+            max(4),
+            col(1) / col(4)
         );
     }
     Ok(())
@@ -86,7 +126,7 @@ async fn bench() -> Res<()> {
 
 /// One failover; milliseconds from the fault to: promoted, and the first
 /// delivery per capability.
-async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 4]> {
+async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 5]> {
     let (primary, standby) = tokio::task::spawn_blocking(|| -> Res<(TestServer, TestServer)> {
         let primary = TestServer::start()?;
         let standby = primary.start_standby(TestOptions::default())?;
@@ -119,6 +159,11 @@ async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 4]> {
     let mut consumer = d.subscribe::<Text>(ch, "bench").await?;
     let fault_seq = Arc::new(AtomicU64::new(NOT_YET));
     let firsts = Arc::new(Mutex::new(Firsts::default()));
+    let bare = tokio::spawn(bare_listener(
+        url.clone(),
+        fault_seq.clone(),
+        firsts.clone(),
+    ));
     let after = |n: &str, fault: &AtomicU64| {
         n.parse::<u64>()
             .is_ok_and(|n| n > fault.load(Ordering::Acquire))
@@ -194,7 +239,7 @@ async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 4]> {
     loop {
         {
             let f = firsts.lock().unwrap();
-            if f.notify.is_some() && f.durable.is_some() && f.queue.is_some() {
+            if f.notify.is_some() && f.durable.is_some() && f.queue.is_some() && f.bare.is_some() {
                 break;
             }
         }
@@ -208,6 +253,7 @@ async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 4]> {
         let _ = l.await;
     }
     let _ = listening.await;
+    let _ = bare.await;
     let _ = consuming.await;
     let _ = worker.shutdown().await;
     ps.shutdown().await;
@@ -218,5 +264,6 @@ async fn run(crash: bool, backoff_max: u64, health: u64) -> Res<[f64; 4]> {
         ms(f.notify),
         ms(f.durable),
         ms(f.queue),
+        ms(f.bare),
     ])
 }
