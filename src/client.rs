@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     pub(crate) filtering: ChannelSet,
     board: Arc<Board>,
     next_id: AtomicU64,
+    /// Behind a pooler in transaction mode: no LISTEN (see
+    /// [`Builder::transaction_pooling`]).
+    transaction_pooled: std::sync::atomic::AtomicBool,
     pub(crate) wakes: crate::wake::Wakes,
     /// Durable wake-ups, one subscription per schema, handed to each channel's readers.
     pub(crate) durable_wakeups: crate::durable::Dispatchers,
@@ -285,7 +288,10 @@ impl Builder {
     }
 
     /// Publish through this existing pool instead of creating one.
-    /// The listener still uses its own dedicated connection.
+    /// The listener still uses its own dedicated connection. For failover,
+    /// build the pool's config with `target_session_attrs=read-write`
+    /// (pg-pubsub sets it on the connections it opens itself, not on a
+    /// pool it is given).
     pub fn pool(mut self, pool: Pool) -> Self {
         self.pool = Some(pool);
         self
@@ -341,6 +347,24 @@ impl Builder {
         self
     }
 
+    /// Whether the connection goes through a pooler in transaction mode
+    /// (PgBouncer's `pool_mode = transaction`). Default: probed at connect
+    /// (a notification sent through the pool must reach the listener,
+    /// within the health-check timeout; behind transaction pooling it
+    /// never does). Declaring it skips the probe.
+    ///
+    /// Behind transaction pooling, [`notify`](PgPubSub::notify),
+    /// [`Durable::publish`](crate::durable::Durable::publish),
+    /// [`Queue::enqueue`](crate::queue::Queue::enqueue) and queue workers
+    /// (poll-only) work, with unnamed statements; what needs a session of
+    /// its own (`listen`, elections, durable consumers, trigger change
+    /// feeds) fails with [`ErrorKind::Pooler`](crate::ErrorKind::Pooler).
+    /// See the README's PgBouncer table.
+    pub fn transaction_pooling(mut self, pooled: bool) -> Self {
+        self.opts.transaction_pooling = Some(pooled);
+        self
+    }
+
     /// Opens the listener connection and starts its task.
     ///
     /// Fails if the first connection cannot be opened (wrong address,
@@ -368,6 +392,7 @@ impl Builder {
                 pg.connect_timeout(opts.connect_timeout);
             }
         }
+        crate::connect::require_primary(&mut pg)?;
         let owns_pool = pool.is_none();
         let pool = match pool {
             Some(pool) => pool,
@@ -427,15 +452,44 @@ impl Builder {
             filtering,
             board,
             next_id: AtomicU64::new(1),
+            transaction_pooled: std::sync::atomic::AtomicBool::new(false),
             wakes,
             durable_wakeups: crate::durable::Dispatchers::default(),
             #[cfg(feature = "metrics")]
             metrics_reported: Default::default(),
         });
         crate::wake::spawn(wake_queue, exec);
-        Ok(PgPubSub { inner })
+        let ps = PgPubSub { inner };
+        let pooled = match ps.inner.opts.transaction_pooling {
+            Some(declared) => declared,
+            // A probe that cannot run (the server went away just now) says
+            // nothing about poolers: assume none, as before the probe existed.
+            None => match ps.listen_probe().await {
+                Ok(heard) => !heard,
+                Err(err) => {
+                    tracing::warn!(%err, "pg-pubsub: the pooler probe failed; assuming a direct connection");
+                    false
+                }
+            },
+        };
+        if pooled {
+            tracing::warn!(
+                "pg-pubsub: the connection goes through a pooler in transaction mode: \
+                 publishing, enqueueing and workers (poll-only) with unnamed statements; \
+                 LISTEN, elections and durable consumers need a direct connection or \
+                 session pooling"
+            );
+        }
+        ps.inner
+            .transaction_pooled
+            .store(pooled, std::sync::atomic::Ordering::Release);
+        ps.inner.exec.set_unnamed(pooled);
+        Ok(ps)
     }
 }
+
+/// The channel of the pooler probe (see `listen_probe`).
+const PROBE_CHANNEL: &str = "pg_pubsub_probe";
 
 fn build_pool(pg: tokio_postgres::Config, tls: Connector, opts: &Options) -> Result<Pool> {
     let manager = Manager::from_config(
@@ -517,6 +571,77 @@ impl PgPubSub {
     }
 
     async fn subscribe_with<T>(
+        &self,
+        channel: &str,
+        options: ListenOptions,
+        decode: Decoder<T>,
+    ) -> Result<Subscription<T>> {
+        self.needs_session(&format!("LISTEN on {channel:?}"))?;
+        self.subscribe_unchecked(channel, options, decode).await
+    }
+
+    /// Refuses `what` behind a pooler in transaction mode, with
+    /// [`ErrorKind::Pooler`](crate::ErrorKind::Pooler).
+    pub(crate) fn needs_session(&self, what: &str) -> Result<()> {
+        if !self.is_transaction_pooled() {
+            return Ok(());
+        }
+        Err(Error::new(
+            Origin::Pooler,
+            format!(
+                "cannot {what}: the connection goes through a pooler in transaction mode \
+                 (e.g. PgBouncer pool_mode=transaction), where no server session is ours: \
+                 LISTEN, elections (session advisory locks) and durable consumers need a \
+                 direct connection or session pooling. Publishing, enqueueing and workers \
+                 (poll-only) work through it."
+            ),
+        ))
+    }
+
+    /// Whether this handle found (or was told) that it is behind a pooler
+    /// in transaction mode ([`Builder::transaction_pooling`]).
+    pub fn is_transaction_pooled(&self) -> bool {
+        self.inner
+            .transaction_pooled
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the listener hears what the pool sends: `LISTEN` on the
+    /// probe channel, a notification through the pool (an unnamed
+    /// statement, which any pooler runs), and a bounded wait. Behind a
+    /// transaction-pooling PgBouncer the `LISTEN` ran on some server
+    /// connection that is not the listener's between transactions, so the
+    /// notification never arrives.
+    async fn listen_probe(&self) -> Result<bool> {
+        // One name for every process (one metrics series): another
+        // process's probe heard here proves the same, that LISTEN works.
+        let channel = PROBE_CHANNEL.to_owned();
+        let options = ListenOptions {
+            single_listener: Some(false),
+            filtered: Some(false),
+        };
+        let mut sub = self
+            .subscribe_unchecked(&channel, options, <crate::Text as Decode>::decode)
+            .await?;
+        let sent = channel.clone();
+        self.inner
+            .exec
+            .run(Origin::Notify, "pooler probe", |client| async move {
+                use tokio_postgres::types::Type;
+                client
+                    .query_typed(
+                        "SELECT pg_notify($1, 'probe')",
+                        &[(&sent.as_str(), Type::TEXT)],
+                    )
+                    .await
+                    .map(drop)
+            })
+            .await?;
+        let heard = tokio::time::timeout(self.inner.opts.health_check_timeout, sub.recv()).await;
+        Ok(matches!(heard, Ok(Some(crate::Delivery::Message(_)))))
+    }
+
+    async fn subscribe_unchecked<T>(
         &self,
         channel: &str,
         options: ListenOptions,

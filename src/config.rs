@@ -66,6 +66,8 @@ pub(crate) struct Options {
     pub handover_timeout: Duration,
     pub event_capacity: usize,
     pub auto_migrate: bool,
+    /// `Some`: declared by the user; `None`: probed at connect.
+    pub transaction_pooling: Option<bool>,
 }
 
 impl Default for Options {
@@ -86,6 +88,7 @@ impl Default for Options {
             handover_timeout: Duration::from_secs(1),
             event_capacity: 1024,
             auto_migrate: true,
+            transaction_pooling: None,
         }
     }
 }

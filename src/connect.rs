@@ -179,6 +179,85 @@ impl Target {
     }
 }
 
+/// Makes every connection of this crate check that it reached a server
+/// that takes writes (`target_session_attrs=read-write`): everything it
+/// does writes (NOTIFY, durable and queue tables) and a hot standby refuses
+/// even `LISTEN`. With several hosts (`host=a,b`, `postgres://a,b/db`) each
+/// connect tries them in order and keeps the first primary, so a failover
+/// is followed by the next reconnect. `read-only` contradicts that: refused.
+pub(crate) fn require_primary(pg: &mut Config) -> Result<()> {
+    use tokio_postgres::config::TargetSessionAttrs;
+    match pg.get_target_session_attrs() {
+        TargetSessionAttrs::ReadOnly => Err(Error::new(
+            Origin::Config,
+            "target_session_attrs=read-only: pg-pubsub writes on every connection (NOTIFY, \
+             its tables) and LISTEN fails on a standby; use read-write (the default here)",
+        )),
+        _ => {
+            pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
+            Ok(())
+        }
+    }
+}
+
+/// The host (a TCP name or a Unix socket folder) and port of the first of
+/// `pg`'s hosts that is a primary, found by connecting to each in turn with
+/// `target_session_attrs=read-write`. For connections tokio-postgres does not
+/// open itself (the WAL feed's replication connection), which would
+/// otherwise go to the first host, whatever it is now.
+pub(crate) async fn find_primary(
+    pg: &Config,
+    tls: &Connector,
+    timeout: std::time::Duration,
+) -> Result<(tokio_postgres::config::Host, u16)> {
+    use tokio_postgres::config::{Host, TargetSessionAttrs};
+    const WHAT: &str = "finding the primary";
+    let mut last = None;
+    for (i, host) in pg.get_hosts().iter().enumerate() {
+        let port = pg
+            .get_ports()
+            .get(i)
+            .or_else(|| pg.get_ports().first())
+            .copied()
+            .unwrap_or(5432);
+        let mut one = Config::new();
+        match host {
+            Host::Tcp(name) => one.host(name),
+            #[cfg(unix)]
+            Host::Unix(dir) => one.host_path(dir),
+        };
+        one.port(port)
+            .ssl_mode(pg.get_ssl_mode())
+            .connect_timeout(pg.get_connect_timeout().copied().unwrap_or(timeout))
+            .target_session_attrs(TargetSessionAttrs::ReadWrite);
+        if let Some(user) = pg.get_user() {
+            one.user(user);
+        }
+        if let Some(password) = pg.get_password() {
+            one.password(password);
+        }
+        if let Some(db) = pg.get_dbname() {
+            one.dbname(db);
+        }
+        if let Some(name) = pg.get_application_name() {
+            one.application_name(name);
+        }
+        match tokio::time::timeout(timeout, one.connect(tls.clone())).await {
+            Ok(Ok((client, conn))) => {
+                // Dropping the client makes the connection say goodbye and end.
+                drop(client);
+                let _ = tokio::time::timeout(timeout, conn).await;
+                return Ok((host.clone(), port));
+            }
+            Ok(Err(e)) => last = Some(Error::pg(Origin::Connect, WHAT, e)),
+            Err(_) => last = Some(Error::timeout(WHAT, timeout, None)),
+        }
+    }
+    Err(last
+        .map(|e| e.context("no host is a primary that accepts writes"))
+        .unwrap_or_else(|| Error::new(Origin::Config, format!("{WHAT}: no host given"))))
+}
+
 const OURS: [&str; 2] = ["sslmode", "sslrootcert"];
 
 /// Removes `sslmode` and `sslrootcert` from a URL's query.
@@ -335,6 +414,21 @@ mod tests {
         );
         assert_eq!(t.pg.get_password(), Some(&b"a b'c"[..]));
         assert_eq!(t.pg.get_dbname(), Some("app"));
+    }
+
+    #[test]
+    fn every_connection_requires_a_primary() {
+        use tokio_postgres::config::TargetSessionAttrs;
+        let mut t = Target::parse("postgres://a:5432,b:5433/app").unwrap();
+        require_primary(&mut t.pg).unwrap();
+        assert_eq!(
+            t.pg.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        let mut t = Target::parse("host=a,b target_session_attrs=read-only").unwrap();
+        let err = require_primary(&mut t.pg).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("read-only"), "{err}");
     }
 
     #[test]

@@ -52,6 +52,20 @@ pub enum ErrorKind {
     /// The schema could not be installed or used: a newer, edited or
     /// unknown migration, or migrations pending with automatic migration off.
     Schema,
+    /// A WAL feed's replication slot is gone or unusable although the feed
+    /// created it: missing on this server (a failover to a server without
+    /// it) or invalidated (`wal_status = 'lost'`, e.g. by
+    /// `max_slot_wal_keep_size`). Changes since the last ack cannot be
+    /// replayed; the feed does not start over from "now" unless told to
+    /// (`WalFeedBuilder::recreate_lost_slot`).
+    SlotLost,
+    /// The operation needs a server session of its own (`LISTEN`, session
+    /// advisory locks, named prepared statements), but the connection goes
+    /// through a pooler in transaction mode (PgBouncer's
+    /// `pool_mode = transaction`), which hands each transaction to any
+    /// server connection. Connect the listener directly or through session
+    /// pooling; publishing and enqueueing work through it.
+    Pooler,
 }
 
 /// Where an error happened: which part of the crate was at work.
@@ -90,6 +104,8 @@ pub(crate) enum Origin {
     ShutDown,
     Schema,
     Conflict,
+    SlotLost,
+    Pooler,
     Listen,
     Notify,
     Durable,
@@ -121,6 +137,8 @@ impl Origin {
             Origin::ShutDown => (ErrorKind::ShutDown, None),
             Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),
             Origin::Conflict => (ErrorKind::Conflict, None),
+            Origin::SlotLost => (ErrorKind::SlotLost, Some(Stage::Wal)),
+            Origin::Pooler => (ErrorKind::Pooler, Some(Stage::Listen)),
             Origin::Listen => at(Stage::Listen),
             Origin::Notify => at(Stage::Notify),
             Origin::Durable => at(Stage::Durable),
@@ -152,6 +170,8 @@ pub struct Error {
     connection: bool,
     /// The statement had been sent when the call failed.
     sent: bool,
+    /// Nothing took effect, whatever was sent.
+    nothing_done: bool,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -164,6 +184,7 @@ impl Error {
             message: message.into(),
             connection: false,
             sent: false,
+            nothing_done: false,
             source: None,
         }
     }
@@ -191,9 +212,18 @@ impl Error {
         self
     }
 
-    /// Marks the error as one that hit after the statement was sent.
+    /// Marks the error as one that hit after the statement was sent
+    /// (unless it is known that nothing took effect).
     pub(crate) fn sent(mut self) -> Self {
-        self.sent = true;
+        self.sent = !self.nothing_done;
+        self
+    }
+
+    /// Marks the error as one after which nothing took effect, although a
+    /// statement ran (a guarded statement that found a read-only server).
+    pub(crate) fn nothing_done(mut self) -> Self {
+        self.nothing_done = true;
+        self.sent = false;
         self
     }
 
@@ -212,6 +242,14 @@ impl Error {
     pub(crate) fn pg(origin: Origin, what: &str, err: tokio_postgres::Error) -> Self {
         let (kind, stage, connection) = classify(origin, &err);
         let mut message = format!("{what}: {}", describe_pg_error(&err));
+        // tokio-postgres' word for "every host is read-only" (pg-pubsub
+        // connects with target_session_attrs=read-write).
+        if message.contains("does not allow writes") {
+            message.push_str(
+                " (no host is a primary that takes writes: a standby or a read-only server; \
+                 during a failover, until the new primary is promoted)",
+            );
+        }
         if kind == ErrorKind::Tls && mentions_certificate(&err) {
             message.push_str(
                 " (the server's certificate could not be verified: check sslrootcert, \
@@ -224,6 +262,7 @@ impl Error {
             message,
             connection,
             sent: false,
+            nothing_done: false,
             source: Some(Arc::new(err)),
         }
     }
@@ -285,8 +324,10 @@ impl Error {
     /// Whether the error was caused by a lost or unreachable server, so
     /// retrying later may succeed: refused or reset connections, a session
     /// ended by the server (`FATAL`, SQLSTATE classes 08 and 57, e.g. a
-    /// restart), and timeouts. False for refused statements, wrong
-    /// credentials and certificate problems.
+    /// restart), a server that refuses writes because it is read-only
+    /// (SQLSTATE 25006: a standby, or a primary demoted by a failover; a
+    /// new connection finds the new primary), and timeouts. False for
+    /// refused statements, wrong credentials and certificate problems.
     pub fn is_connection(&self) -> bool {
         self.connection || self.kind == ErrorKind::Timeout
     }
@@ -316,10 +357,14 @@ fn classify(origin: Origin, err: &tokio_postgres::Error) -> (ErrorKind, Option<S
             return (ErrorKind::Authentication, stage, false);
         }
         // A database that does not exist will not appear by retrying.
+        // A read-only server (a standby, or a primary demoted or fenced by
+        // failover tooling) will not take writes again: the writes belong
+        // on the new primary, which a new connection finds.
         let lost = (matches!(db.severity(), "FATAL" | "PANIC")
             && *db.code() != SqlState::INVALID_CATALOG_NAME)
             || class == "08"
-            || (class == "57" && *db.code() != SqlState::QUERY_CANCELED);
+            || (class == "57" && *db.code() != SqlState::QUERY_CANCELED)
+            || is_read_only(db);
         return with(lost);
     }
     let text = err.to_string();
@@ -340,6 +385,13 @@ fn classify(origin: Origin, err: &tokio_postgres::Error) -> (ErrorKind, Option<S
         );
     }
     with(err.is_closed() || has_io_loss(err))
+}
+
+/// Whether the server refused a write because it is read-only: a hot
+/// standby (`cannot execute LISTEN during recovery`), or a primary demoted
+/// or fenced with `default_transaction_read_only` (SQLSTATE 25006).
+pub(crate) fn is_read_only(db: &DbError) -> bool {
+    *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION
 }
 
 /// tokio-postgres does not expose its error kinds; its TLS kind always

@@ -44,6 +44,11 @@ struct Inner {
     tls: Connector,
     /// Set when the handle starts shutting down.
     shut_down: AtomicBool,
+    /// Send statements unnamed, with their parameter types (one round
+    /// trip, nothing left on the session): behind a transaction-pooling
+    /// PgBouncer a named statement prepared in one transaction is not on
+    /// the server connection the next one gets.
+    unnamed: AtomicBool,
 }
 
 impl Exec {
@@ -55,6 +60,7 @@ impl Exec {
                 backoff,
                 tls,
                 shut_down: AtomicBool::new(false),
+                unnamed: AtomicBool::new(false),
             }),
         }
     }
@@ -63,12 +69,26 @@ impl Exec {
         &self.inner.pool
     }
 
+    /// The TLS connector the pool's connections use.
+    pub(crate) fn tls(&self) -> &Connector {
+        &self.inner.tls
+    }
+
     pub(crate) fn backoff(&self) -> Backoff {
         self.inner.backoff
     }
 
     pub(crate) fn is_shut_down(&self) -> bool {
         self.inner.shut_down.load(Ordering::Acquire)
+    }
+
+    /// Whether statements go unnamed (see [`Inner::unnamed`]).
+    pub(crate) fn unnamed(&self) -> bool {
+        self.inner.unnamed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_unnamed(&self, unnamed: bool) {
+        self.inner.unnamed.store(unnamed, Ordering::Release);
     }
 
     pub(crate) fn set_shut_down(&self) {
@@ -110,16 +130,28 @@ impl Exec {
             shared: shared.clone(),
             cancel: Some((client.cancel_token(), self.inner.tls.clone())),
             stage,
+            discard: false,
         };
         let conn = Conn {
             obj: Some(client),
             shared,
+            unnamed: self.unnamed(),
         };
         let res = match tokio::time::timeout_at(deadline, f(conn)).await {
             Ok(res) => {
                 lease.cancel = None;
-                // A lost connection may have lost the answer to a COMMIT.
-                res.map_err(|e| if e.is_connection() { e.sent() } else { e })
+                // A lost connection may have lost the answer to a COMMIT. A
+                // connection that is still open but refuses writes (its
+                // server was demoted or fenced) must not go back to the
+                // pool: the next call then connects anew and finds the primary.
+                res.map_err(|e| {
+                    if e.is_connection() {
+                        lease.discard = true;
+                        e.sent()
+                    } else {
+                        e
+                    }
+                })
             }
             Err(_) => Err(Error::timeout(stage, timeout, None).sent()),
         };
@@ -155,6 +187,40 @@ impl Exec {
 pub(crate) struct Conn {
     obj: Option<Object>,
     shared: Arc<Mutex<Lent>>,
+    /// Send statements unnamed ([`Exec::unnamed`]).
+    unnamed: bool,
+}
+
+impl Conn {
+    /// Runs `sql` with typed parameters: prepared once per connection, or,
+    /// behind a transaction pooler, sent unnamed (one round trip, nothing
+    /// left on whichever server connection ran it).
+    pub(crate) async fn query_p(
+        &self,
+        sql: &str,
+        params: &crate::tx::Params<'_>,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        if self.unnamed {
+            let pg: &tokio_postgres::Client = self;
+            return crate::tx::query(pg, sql, params).await;
+        }
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        crate::tx::query(wrapper, sql, params).await
+    }
+
+    /// [`query_p`](Self::query_p) for a statement's row count.
+    pub(crate) async fn execute_p(
+        &self,
+        sql: &str,
+        params: &crate::tx::Params<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        if self.unnamed {
+            let pg: &tokio_postgres::Client = self;
+            return crate::tx::execute(pg, sql, params).await;
+        }
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        crate::tx::execute(wrapper, sql, params).await
+    }
 }
 
 /// What the body's [`Conn`] and the executor's [`Lease`] share; whichever
@@ -212,6 +278,9 @@ struct Lease {
     shared: Arc<Mutex<Lent>>,
     cancel: Option<(CancelToken, Connector)>,
     stage: &'static str,
+    /// The body finished with a connection error: close the connection
+    /// instead of returning it to the pool.
+    discard: bool,
 }
 
 impl Drop for Lease {
@@ -219,7 +288,15 @@ impl Drop for Lease {
         let mut lent = lock(&self.shared);
         let obj = lent.obj.take();
         let Some((token, tls)) = self.cancel.take() else {
-            // Finished: `obj` (if the body let it go) returns to the pool.
+            // Finished: `obj` (if the body let it go) returns to the pool,
+            // unless it failed as a connection.
+            if self.discard {
+                lent.abandoned = true;
+                drop(lent);
+                if let Some(obj) = obj {
+                    detach(obj);
+                }
+            }
             return;
         };
         lent.abandoned = true;

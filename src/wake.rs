@@ -109,12 +109,13 @@ async fn run(mut rx: mpsc::UnboundedReceiver<(String, String)>, exec: Exec) {
         let (channels, payloads): (Vec<String>, Vec<String>) = batch.into_iter().unzip();
         let sent = exec
             .run(Origin::Notify, "wake-up", |client| async move {
-                let stmt = client
-                    .prepare_cached(
+                use tokio_postgres::types::Type;
+                client
+                    .execute_p(
                         "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+                        &[(&channels, Type::TEXT_ARRAY), (&payloads, Type::TEXT_ARRAY)],
                     )
-                    .await?;
-                client.execute(&stmt, &[&channels, &payloads]).await
+                    .await
             })
             .await;
         if let Err(err) = sent {

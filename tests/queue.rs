@@ -641,10 +641,12 @@ mod cli {
         let (name, done) = (channel("q_cli"), channel("q_cli_done"));
         let (notifier, mut rx) = raw_listener(&done).await;
         let mut fleet = Fleet::new();
+        // Enqueued (and their ids read from the table) before any worker
+        // runs: a running one would complete, and delete, some first.
+        let ids = enqueue_ids(&q, &name, JOBS).await;
         for _ in 0..4 {
             spawn_worker(&mut fleet, &name, &done, &["--concurrency", "4"]).await;
         }
-        let ids = enqueue_ids(&q, &name, JOBS).await;
         let mut seen = BTreeSet::new();
         while seen.len() < JOBS {
             seen.insert(recv(&mut rx).await.1);
@@ -674,10 +676,11 @@ mod cli {
         let (notifier, mut rx) = raw_listener(&done).await;
         let mut fleet = Fleet::new();
         let opts = ["--concurrency", "4", "--lease", "1"];
+        // Before any worker runs (see above).
+        let ids = enqueue_ids(&q, &name, JOBS).await;
         for _ in 0..3 {
             spawn_worker(&mut fleet, &name, &done, &opts).await;
         }
-        let ids = enqueue_ids(&q, &name, JOBS).await;
         let mut seen = BTreeSet::new();
         while seen.len() < JOBS / 4 {
             seen.insert(recv(&mut rx).await.1);

@@ -427,6 +427,16 @@ async fn a_role_without_replication_gets_a_clear_error() {
     ] {
         admin.batch_execute(&sql).await.expect("setup");
     }
+    // The feed records its slot in the crate's schema: installed by the
+    // admin, usable by the role.
+    pubsub().await.migrate().await.expect("migrate");
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA pgpubsub TO {role}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA pgpubsub TO {role}"),
+        format!("GRANT INSERT, UPDATE ON pgpubsub.wal_slots TO {role}"),
+    ] {
+        admin.batch_execute(&sql).await.expect("grant");
+    }
     let url = server().url().replacen("postgres@", &format!("{role}@"), 1);
     let ps = PgPubSub::connect(url.as_str()).await.expect("connect");
     let err = ps
@@ -534,6 +544,31 @@ async fn shutdown_confirms_the_last_ack() {
 /// Drops `slot` once nothing uses it: the stopped feed's walsender, or
 /// the pooled session that moves the slot to the feed's last ack as it
 /// stops (either shows as the slot's `active_pid`).
+#[tokio::test]
+async fn a_dropped_slot_is_forgotten_and_a_new_feed_of_its_name_starts_afresh() {
+    let (ps, slot, t) = setup(1).await;
+    let feed = start(&ps, &slot, &t).await;
+    feed.close().await.unwrap();
+    let admin = raw_client().await;
+    let recorded = |admin: tokio_postgres::Client, slot: String| async move {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pgpubsub.wal_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(recorded(raw_client().await, slot.clone()).await, 1);
+    drop_slot_when_free(&ps, &slot).await;
+    assert_eq!(recorded(admin, slot.clone()).await, 0);
+    // Deliberately dropped: not a lost slot.
+    let feed = start(&ps, &slot, &t).await;
+    feed.close().await.unwrap();
+    drop_slot_when_free(&ps, &slot).await;
+}
+
 async fn drop_slot_when_free(ps: &PgPubSub, slot: &str) {
     let dropped = async {
         loop {

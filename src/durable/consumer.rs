@@ -202,6 +202,7 @@ impl<T: Decode> ConsumerBuilder<T> {
             ));
         }
         let durable = self.durable;
+        durable.pubsub.needs_session("start a durable consumer")?;
         durable.install().await?;
         if let Some(age) = self.max_age {
             durable.claim_max_age(channel.as_str(), age).await?;

@@ -84,22 +84,27 @@ impl Durable {
         let now = publishing.alone();
         let due = self
             .with_client("durable publish", |client| async move {
+                use tokio_postgres::types::Type;
+                let three: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+                    (&name, Type::TEXT),
+                    (&payload, Type::TEXT),
+                    (&now, Type::BOOL),
+                ];
+                let two = &three[..2];
                 match quiet {
                     None => {
-                        let stmt = client.prepare_cached(&p.check).await?;
-                        let row = client.query_one(&stmt, &[&name, &payload, &now]).await?;
-                        let due = row.get::<_, bool>(0);
+                        let rows = client.query_p(&p.check, &three).await?;
+                        // One row, as `query_one` would insist.
+                        let due = rows.first().is_some_and(|row| row.get::<_, bool>(0));
                         p.quiet.set(name, !due, Instant::now());
                         Ok(due && !now)
                     }
                     Some(false) if now => {
-                        let stmt = client.prepare_cached(&p.notify).await?;
-                        client.execute(&stmt, &[&name, &payload]).await?;
+                        client.execute_p(&p.notify, two).await?;
                         Ok(false)
                     }
                     Some(quiet) => {
-                        let stmt = client.prepare_cached(&p.plain).await?;
-                        client.execute(&stmt, &[&name, &payload]).await?;
+                        client.execute_p(&p.plain, two).await?;
                         Ok(!quiet)
                     }
                 }

@@ -13,8 +13,31 @@ use crate::tx::Executor;
 use crate::wire;
 
 const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
-/// One statement, one transaction: `pg_notify` runs in array order.
-const NOTIFY_MANY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+/// [`NOTIFY_SQL`] on the pool: no row, and nothing sent, on a read-only
+/// server. PostgreSQL accepts NOTIFY in a read-only transaction, so a
+/// primary fenced read-only by failover tooling (still up, its pooled
+/// sessions still open) would take notifications that no listener, moved
+/// to the new primary, ever hears.
+const NOTIFY_POOLED_SQL: &str =
+    "SELECT pg_notify($1, $2) WHERE current_setting('transaction_read_only') = 'off'";
+/// One statement, one transaction: `pg_notify` runs in array order (no row
+/// on a read-only server, as above).
+const NOTIFY_MANY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p \
+     WHERE current_setting('transaction_read_only') = 'off'";
+
+/// A pooled notify found its server read-only: a connection error, so the
+/// call is retried (and its connection replaced: the next one finds the primary).
+fn read_only(what: &str) -> Error {
+    Error::new(
+        Origin::Notify,
+        format!(
+            "{what}: the server is read-only (a standby, or a primary demoted or fenced by a \
+             failover); nothing was sent"
+        ),
+    )
+    .connection()
+    .nothing_done()
+}
 /// Notifications per batch statement.
 const BATCH_SIZE: usize = 1000;
 
@@ -53,11 +76,18 @@ impl PgPubSub {
         self.check_open()?;
         self.inner
             .exec
-            .run(Origin::Notify, "notify", |client| async move {
-                let stmt = client.prepare_cached(NOTIFY_SQL).await?;
-                client
-                    .execute(&stmt, &[&channel.as_str(), &&*payload])
-                    .await?;
+            .run_with("notify", |client| async move {
+                let pg = |e| Error::pg(Origin::Notify, "notify", e);
+                let sent = client
+                    .execute_p(
+                        NOTIFY_POOLED_SQL,
+                        &[(&channel.as_str(), Type::TEXT), (&&*payload, Type::TEXT)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if sent == 0 {
+                    return Err(read_only("notify"));
+                }
                 Ok(())
             })
             .await
@@ -104,9 +134,18 @@ impl PgPubSub {
                 let channel = &channel;
                 self.inner
                     .exec
-                    .run(Origin::Notify, "notify_batch", |client| async move {
-                        let stmt = client.prepare_cached(NOTIFY_MANY_SQL).await?;
-                        client.execute(&stmt, &[&channel.as_str(), &chunk]).await?;
+                    .run_with("notify_batch", |client| async move {
+                        let pg = |e| Error::pg(Origin::Notify, "notify_batch", e);
+                        let done = client
+                            .execute_p(
+                                NOTIFY_MANY_SQL,
+                                &[(&channel.as_str(), Type::TEXT), (&chunk, Type::TEXT_ARRAY)],
+                            )
+                            .await
+                            .map_err(pg)?;
+                        if done == 0 && !chunk.is_empty() {
+                            return Err(read_only("notify_batch"));
+                        }
                         Ok(())
                     })
                     .await

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::sync::mpsc;
+use tokio_postgres::types::Type;
 
 use super::completer::Done;
 use super::context::Ctx;
@@ -95,8 +96,16 @@ async fn snooze(ctx: &Ctx, id: i64, attempt: i32, delay: Duration) -> bool {
     let (sql, secs) = (&ctx.sql.snooze, delay.as_secs_f64());
     let res = ctx
         .with_client("snoozing a job", |client| async move {
-            let stmt = client.prepare_cached(sql).await?;
-            client.execute(&stmt, &[&id, &attempt, &secs]).await
+            client
+                .execute_p(
+                    sql,
+                    &[
+                        (&id, Type::INT8),
+                        (&attempt, Type::INT4),
+                        (&secs, Type::FLOAT8),
+                    ],
+                )
+                .await
         })
         .await;
     match res {
@@ -125,11 +134,18 @@ async fn fail(ctx: &Ctx, id: i64, attempt: i32, max_attempts: i32, text: String)
     let (sql, secs, err) = (&ctx.sql.fail, delay.as_secs_f64(), &error);
     let res = ctx
         .with_client("failing a job", |client| async move {
-            let stmt = client.prepare_cached(sql).await?;
-            let row = client
-                .query_one(&stmt, &[&id, &attempt, err, &secs])
+            let rows = client
+                .query_p(
+                    sql,
+                    &[
+                        (&id, Type::INT8),
+                        (&attempt, Type::INT4),
+                        (err, Type::TEXT),
+                        (&secs, Type::FLOAT8),
+                    ],
+                )
                 .await?;
-            Ok(row.get::<_, Option<String>>(0))
+            Ok(rows.first().and_then(|row| row.get::<_, Option<String>>(0)))
         })
         .await;
     let event = match res.as_ref().map(Option::as_deref) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
+use tokio_postgres::types::Type;
 
 use super::context::Ctx;
 use crate::event::QueueEvent;
@@ -100,11 +101,23 @@ async fn complete(ctx: &Ctx, batch: &[Done]) -> crate::error::Result<(u64, Vec<i
     }
     let (sql, keep) = (&ctx.sql.complete, !ctx.history.is_zero());
     ctx.with_client("completing jobs", |client| async move {
-        let stmt = client.prepare_cached(sql).await?;
-        let row = client
-            .query_one(&stmt, &[&ids, &attempts, &outputs, &keep])
+        let rows = client
+            .query_p(
+                sql,
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&attempts, Type::INT4_ARRAY),
+                    (&outputs, Type::TEXT_ARRAY),
+                    (&keep, Type::BOOL),
+                ],
+            )
             .await?;
-        Ok((row.get::<_, i64>(0).max(0) as u64, row.get(1)))
+        // One row (an aggregate), as `query_one` would insist.
+        let row = rows.first();
+        Ok((
+            row.map_or(0, |row| row.get::<_, i64>(0).max(0) as u64),
+            row.map(|row| row.get(1)).unwrap_or_default(),
+        ))
     })
     .await
 }

@@ -212,12 +212,11 @@ impl Queue {
         let sql = self.insert_sql(options, lean, now);
         let done = self
             .with_client("enqueue", |client| async move {
-                let stmt = client.prepare_cached(&sql).await?;
                 let p = params(queue, payload, options);
-                let all = p.as_refs();
-                let refs = if lean { &all[..2] } else { &all[..] };
-                let row = client.query_opt(&stmt, refs).await?;
-                Ok(row.map(|row| row.get::<_, i64>(0)))
+                let all = p.typed();
+                let typed = if lean { &all[..2] } else { &all[..] };
+                let rows = client.query_p(&sql, typed).await?;
+                Ok(rows.first().map(|row| row.get::<_, i64>(0)))
             })
             .await
             .map(enqueued)?;
@@ -496,9 +495,5 @@ impl Params<'_> {
             (&self.unique_key, Type::TEXT),
             (&self.key, Type::TEXT),
         ]
-    }
-
-    fn as_refs(&self) -> [&(dyn ToSql + Sync); 8] {
-        self.typed().map(|(value, _)| value)
     }
 }

@@ -89,8 +89,10 @@ SELECT kind, pid, name, state, xid_age::int8, age_secs FROM (
 pub(super) async fn find_holder(
     client: &tokio_postgres::Client,
 ) -> Result<Option<HorizonHolder>, tokio_postgres::Error> {
+    // Unnamed (one round trip, nothing left behind): also behind a
+    // transaction pooler.
     Ok(client
-        .query(HOLDER_SQL, &[])
+        .query_typed(HOLDER_SQL, &[])
         .await?
         .first()
         .map(holder_from))

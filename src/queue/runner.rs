@@ -14,6 +14,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
+use tokio_postgres::types::Type;
 
 use super::completer::Done;
 use super::context::Ctx;
@@ -105,8 +106,8 @@ where
 
     pub(super) async fn run(
         mut self,
-        mut wake: Subscription<crate::Text>,
-        mut control: Subscription<crate::Text>,
+        mut wake: Option<Subscription<crate::Text>>,
+        mut control: Option<Subscription<crate::Text>>,
         mut stop: watch::Receiver<Option<Instant>>,
     ) {
         // Completions go to their own task (and pooled connection): they
@@ -176,14 +177,14 @@ where
                     }
                     plan.woken();
                 }
-                d = wake.next() => match d {
+                d = next_of(&mut wake) => match d {
                     Some(Delivery::Message(m)) if *m.payload() == *self.ctx.name => plan.woken(),
                     // Notifications may have been missed while reconnecting.
                     Some(Delivery::Gap(_) | Delivery::Lagged(_)) => plan.woken(),
                     Some(_) => {}
                     None => break, // the PgPubSub shut down
                 },
-                d = control.next() => match d {
+                d = next_of(&mut control) => match d {
                     Some(Delivery::Message(m)) => {
                         if self.control(m.payload()) {
                             plan.woken();
@@ -239,8 +240,16 @@ where
             };
             let name = &*ctx.name;
             ctx.with_client("claiming jobs", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&name, &limit, &lease]).await
+                client
+                    .query_p(
+                        sql,
+                        &[
+                            (&name, Type::TEXT),
+                            (&limit, Type::INT4),
+                            (&lease, Type::FLOAT8),
+                        ],
+                    )
+                    .await
             })
             .await
         })
@@ -280,9 +289,10 @@ where
             .with_client(
                 "reading the queue's pause and limits",
                 |client| async move {
-                    let stmt = client.prepare_cached(sql).await?;
-                    let row = client.query_one(&stmt, &[&name]).await?;
-                    Ok((row.get::<_, bool>(0), row.get::<_, bool>(1)))
+                    let rows = client.query_p(sql, &[(&name, Type::TEXT)]).await?;
+                    Ok(rows.first().map_or((false, false), |row| {
+                        (row.get::<_, bool>(0), row.get::<_, bool>(1))
+                    }))
                 },
             )
             .await;
@@ -366,8 +376,9 @@ where
             let res = self
                 .ctx
                 .with_client("trimming finished jobs", |client| async move {
-                    let stmt = client.prepare_cached(sql).await?;
-                    client.execute(&stmt, &[&name, &secs]).await
+                    client
+                        .execute_p(sql, &[(&name, Type::TEXT), (&secs, Type::FLOAT8)])
+                        .await
                 })
                 .await;
             match res {
@@ -399,8 +410,16 @@ where
         let res = self
             .ctx
             .with_client("extending leases", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&ids, &attempts, &lease]).await
+                client
+                    .query_p(
+                        sql,
+                        &[
+                            (&ids, Type::INT8_ARRAY),
+                            (&attempts, Type::INT4_ARRAY),
+                            (&lease, Type::FLOAT8),
+                        ],
+                    )
+                    .await
             })
             .await;
         match res {
@@ -424,8 +443,7 @@ where
         let res = self
             .ctx
             .with_client("rescuing expired jobs", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
-                client.query(&stmt, &[&name]).await
+                client.query_p(sql, &[(&name, Type::TEXT)]).await
             })
             .await;
         let rows = match res {
@@ -508,7 +526,15 @@ where
             .ctx
             .with_client("giving jobs back", |client| async move {
                 client
-                    .execute(sql.as_str(), &[&ids, &attempts, &channel, &name])
+                    .execute_p(
+                        sql,
+                        &[
+                            (&ids, Type::INT8_ARRAY),
+                            (&attempts, Type::INT4_ARRAY),
+                            (&channel, Type::TEXT),
+                            (&name, Type::TEXT),
+                        ],
+                    )
                     .await
             })
             .await;
@@ -525,6 +551,15 @@ type Claim = Pin<Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>>> + Sen
 async fn in_flight(claiming: &mut Option<(usize, Claim)>) -> Result<Vec<tokio_postgres::Row>> {
     match claiming {
         Some((_, claim)) => claim.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next delivery of `sub`; never, without one (poll-only behind a
+/// transaction pooler).
+async fn next_of(sub: &mut Option<Subscription<crate::Text>>) -> Option<Delivery<crate::Text>> {
+    match sub {
+        Some(sub) => sub.next().await,
         None => std::future::pending().await,
     }
 }

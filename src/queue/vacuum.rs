@@ -191,7 +191,8 @@ async fn may_vacuum(ctx: &Ctx) -> Option<bool> {
     let sql = &ctx.sql.may_vacuum;
     let res = ctx
         .with_client("checking vacuum rights", |client| async move {
-            Ok(client.query_one(sql.as_str(), &[]).await?.get::<_, bool>(0))
+            let rows = client.query_p(sql, &[]).await?;
+            Ok(rows.first().is_some_and(|row| row.get::<_, bool>(0)))
         })
         .await;
     match res {
@@ -213,7 +214,8 @@ async fn vacuum(ctx: &Ctx) -> crate::error::Result<u64> {
     ctx.with_client("vacuuming the jobs table", |client| async move {
         // Not in a transaction block: a simple query of its own.
         client.batch_execute(vacuum).await?;
-        let n: i64 = client.query_one(live.as_str(), &[]).await?.get(0);
+        let rows = client.query_p(live, &[]).await?;
+        let n: i64 = rows.first().map_or(0, |row| row.get(0));
         Ok(n.max(0) as u64)
     })
     .await

@@ -196,18 +196,26 @@ impl WorkerBuilder {
         }
         let queue = self.queue.clone();
         queue.install().await?;
-        let wake = queue
-            .pubsub
-            .listen::<Text>(&queue.schema.jobs_channel())
-            .single_listener(false)
-            .filtered(false)
-            .await?;
-        let control = queue
-            .pubsub
-            .listen::<Text>(&queue.schema.queue_control_channel())
-            .single_listener(false)
-            .filtered(false)
-            .await?;
+        // Behind a transaction pooler there is no LISTEN: poll only (every
+        // poll interval), and find cancels by the lease extension.
+        let (wake, control) = if queue.pubsub.is_transaction_pooled() {
+            (None, None)
+        } else {
+            let listen = |channel: String| {
+                let pubsub = queue.pubsub.clone();
+                async move {
+                    pubsub
+                        .listen::<Text>(&channel)
+                        .single_listener(false)
+                        .filtered(false)
+                        .await
+                }
+            };
+            (
+                Some(listen(queue.schema.jobs_channel()).await?),
+                Some(listen(queue.schema.queue_control_channel()).await?),
+            )
+        };
         let ctx = Arc::new(Ctx {
             sql: Sql::new(queue.schema.as_str()),
             name: Arc::from(self.name.as_str()),

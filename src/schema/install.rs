@@ -255,6 +255,17 @@ async fn read_recorded<C: GenericClient + Sync>(
     })
 }
 
+/// [`read_recorded`] in a transaction of its own: behind a pooler in
+/// transaction mode, the statements it prepares and runs must stay on one
+/// server connection.
+async fn read_alone(client: &mut tokio_postgres::Client, schema: &SchemaName) -> Result<Recorded> {
+    let err = |e| Error::pg(Origin::Schema, "reading the schema's migrations", e);
+    let tx = client.transaction().await.map_err(err)?;
+    let recorded = read_recorded(&tx, schema).await?;
+    tx.commit().await.map_err(err)?;
+    Ok(recorded)
+}
+
 /// Applies, in one transaction under the install lock, what `catalog` may.
 /// Returns whether anything was applied.
 async fn apply(
@@ -266,7 +277,7 @@ async fn apply(
         |what: String| move |e| Error::pg(Origin::Schema, &format!("{what} in schema {schema}"), e);
     // Without DDL rights a current schema must still be usable: look first,
     // outside the lock.
-    let before = read_recorded(&*client, schema).await?;
+    let before = read_alone(client, schema).await?;
     if !matches!(
         plan::plan(catalog, &before).map_err(|p| problem(schema, p))?,
         Verdict::Pending { .. }
@@ -421,9 +432,21 @@ pub(crate) async fn ensure(
             .exec()
             .run_with("installing the schema", |mut client| async move {
                 if auto {
-                    apply(&mut client, schema, &CATALOG).await.map(drop)
+                    match apply(&mut client, schema, &CATALOG).await {
+                        // Two first installs at once: `CREATE SCHEMA IF NOT
+                        // EXISTS` can still collide on the catalog (the
+                        // waiter's catalog snapshot predates the other's
+                        // commit). The other one has committed now: look again.
+                        Err(e)
+                            if e.code()
+                                == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                        {
+                            apply(&mut client, schema, &CATALOG).await.map(drop)
+                        }
+                        res => res.map(drop),
+                    }
                 } else {
-                    let recorded = read_recorded(&***client, schema).await?;
+                    let recorded = read_alone(&mut client, schema).await?;
                     let status = status_of(schema, &recorded)?;
                     match status.state {
                         SchemaState::Current | SchemaState::AheadCompatible => Ok(()),

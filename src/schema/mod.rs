@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -93,6 +93,12 @@ const CATALOG: Catalog = Catalog {
             version: 4,
             name: "limits",
             sql: include_str!("migrations/0004_limits.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 5,
+            name: "wal_slots",
+            sql: include_str!("migrations/0005_wal_slots.sql"),
             compatible_with: 1,
         },
     ],
@@ -275,6 +281,7 @@ mod tests {
         ("queue_control", 2, "1e8f462e87afda1f"),
         ("schedules", 3, "0f9e2f51dad6104d"),
         ("limits", 4, "741d36155d7f8cb1"),
+        ("wal_slots", 5, "5637b22ed13b57b7"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),

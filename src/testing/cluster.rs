@@ -37,6 +37,8 @@ pub(super) struct Cluster {
     pub(super) port: u16,
     /// The CA that signed the server's certificate, when TLS is on.
     pub(super) ca_cert: Option<PathBuf>,
+    /// Extra `-c name=value` settings given at every start.
+    settings: Vec<String>,
     /// Serialises stop / start of this cluster.
     lifecycle: Mutex<()>,
     reaper: Option<Child>,
@@ -45,6 +47,106 @@ pub(super) struct Cluster {
 
 impl Cluster {
     pub(super) fn create(options: &TestOptions) -> Result<Cluster, TestServerError> {
+        let mut cluster = Cluster::prepare(options)?;
+        cluster.initdb()?;
+        if !options.hba.is_empty() {
+            cluster.prepend_hba(&options.hba)?;
+        }
+        if options.tls {
+            cluster.enable_tls()?;
+        }
+        cluster.start_on_free_port()?;
+        Ok(cluster)
+    }
+
+    /// A streaming standby of `primary`: `pg_basebackup -R` (standby.signal
+    /// and `primary_conninfo` written), started on a free port.
+    pub(super) fn create_standby(
+        primary: &Cluster,
+        options: &TestOptions,
+    ) -> Result<Cluster, TestServerError> {
+        let mut cluster = Cluster::prepare(options)?;
+        let slot = format!(
+            "standby_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut cmd = cluster.command("pg_basebackup");
+        cmd.arg("-h")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(primary.port.to_string())
+            .arg("-U")
+            .arg("postgres")
+            .arg("-D")
+            .arg(&cluster.data_dir)
+            // The standby's own physical slot on the primary (written as
+            // `primary_slot_name`), and a database in `primary_conninfo`
+            // (PostgreSQL 17+ writes it there): what slot sync needs.
+            .arg("-C")
+            .arg("-S")
+            .arg(&slot)
+            .arg("-d")
+            .arg("dbname=postgres")
+            .arg("-R")
+            .arg("-X")
+            .arg("stream")
+            .arg("-c")
+            .arg("fast")
+            .arg("--no-sync");
+        let out = cluster.output(&mut cmd, "pg_basebackup")?;
+        if !out.status.success() {
+            return Err(TestServerError::new(format!(
+                "pg_basebackup from port {} failed ({}):\n{}",
+                primary.port,
+                out.status,
+                command_output(&out)
+            )));
+        }
+        cluster.start_on_free_port()?;
+        Ok(cluster)
+    }
+
+    /// Turns this stopped cluster into a standby of the server on
+    /// `primary_port`: `standby.signal` and a `primary_conninfo` (the last
+    /// setting in `postgresql.auto.conf` wins).
+    pub(super) fn make_standby_of(&self, primary_port: u16) -> Result<(), TestServerError> {
+        let signal = self.data_dir.join("standby.signal");
+        fs::write(&signal, "")
+            .and_then(|()| self.programs.hand_over(&signal))
+            .map_err(|e| TestServerError::io(format!("cannot write {}", signal.display()), e))?;
+        let auto = self.data_dir.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\nprimary_conninfo = 'host=127.0.0.1 port={primary_port} user=postgres'\n"
+        ));
+        fs::write(&auto, text)
+            .map_err(|e| TestServerError::io(format!("cannot write {}", auto.display()), e))
+    }
+
+    /// `pg_ctl promote -w`: a standby becomes a primary.
+    pub(super) fn promote(&self) -> Result<(), TestServerError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("promote")
+            .arg("-w")
+            .arg("-t")
+            .arg(PG_CTL_TIMEOUT_SECS.to_string())
+            .arg("-D")
+            .arg(&self.data_dir);
+        let out = self.output(&mut cmd, "pg_ctl promote")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(TestServerError::new(format!(
+            "pg_ctl promote failed ({}) for {}:\n{}\n{}",
+            out.status,
+            self.data_dir.display(),
+            command_output(&out),
+            self.log_tail()
+        )))
+    }
+
+    /// A new folder with its reaper, before there is a data directory.
+    fn prepare(options: &TestOptions) -> Result<Cluster, TestServerError> {
         let programs = Programs::find()?;
 
         let root = std::env::temp_dir().join(format!("pg-pubsub-test-{}", uuid::Uuid::new_v4()));
@@ -57,6 +159,7 @@ impl Cluster {
             root,
             port: 0,
             ca_cert: None,
+            settings: options.settings.clone(),
             lifecycle: Mutex::new(()),
             reaper: None,
             destroyed: false,
@@ -79,14 +182,13 @@ impl Cluster {
             &cluster.root,
             &cluster.data_dir,
         )?);
-        cluster.initdb()?;
-        if !options.hba.is_empty() {
-            cluster.prepend_hba(&options.hba)?;
-        }
-        if options.tls {
-            cluster.enable_tls()?;
-        }
+        Ok(cluster)
+    }
 
+    /// Starts the server on a free port, picking another one when someone
+    /// else took it first, and waits until it accepts connections.
+    fn start_on_free_port(&mut self) -> Result<(), TestServerError> {
+        let cluster = self;
         let mut attempt = 1;
         loop {
             cluster.port = free_port()?;
@@ -102,8 +204,7 @@ impl Cluster {
                 }
             }
         }
-        cluster.wait_accepting()?;
-        Ok(cluster)
+        cluster.wait_accepting()
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, ()> {
@@ -199,12 +300,17 @@ impl Cluster {
             // Too long for a Unix socket path: TCP only.
             "''".to_string()
         };
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
              -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20",
             self.port
         );
+        // Later `-c` of the same setting win.
+        for setting in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(&shell_quote(OsStr::new(setting)));
+        }
         let mut cmd = self.command("pg_ctl");
         cmd.arg("start")
             .arg("-w")

@@ -105,6 +105,9 @@ pub struct TestOptions {
     /// Lines put first in `pg_hba.conf`, e.g.
     /// `host all alice 127.0.0.1/32 scram-sha-256`. The rest stays `trust`.
     pub hba: Vec<String>,
+    /// Server settings given at every start as `name=value` (`-c`), after
+    /// (so winning over) the harness' own, e.g. `synchronous_commit=on`.
+    pub settings: Vec<String>,
 }
 
 /// A PostgreSQL server for tests: either a throwaway cluster owned by this
@@ -243,6 +246,15 @@ impl TestServer {
         cluster.stop("fast")
     }
 
+    /// Stops an owned server at once (`pg_ctl stop -m immediate`: a crash,
+    /// no shutdown checkpoint, nothing more sent to standbys), blocking
+    /// until it is down. Errors for an external server.
+    pub fn crash(&self) -> Result<(), TestServerError> {
+        let cluster = self.owned("crash")?;
+        let _guard = cluster.lock();
+        cluster.stop("immediate")
+    }
+
     /// Starts a stopped owned server again, on the same port and with the
     /// same data, and blocks until it accepts connections. Errors for an
     /// external server.
@@ -259,6 +271,54 @@ impl TestServer {
         let cluster = self.owned("restart")?;
         let _guard = cluster.lock();
         cluster.stop("fast")?;
+        cluster.start_server().map_err(|(err, _)| err)?;
+        cluster.wait_accepting()
+    }
+
+    /// A streaming standby of this owned server (`pg_basebackup -R`, hot
+    /// standby: read-only connections), its own throwaway cluster with
+    /// `options`' settings (not this server's). It streams through a
+    /// physical slot of its own on this server (`primary_slot_name`), and
+    /// its `primary_conninfo` names a database, so on PostgreSQL 17+
+    /// `sync_replication_slots=on` and `hot_standby_feedback=on` in its
+    /// settings make it keep copies of failover slots. For synchronous
+    /// replication, start this server with `synchronous_standby_names=*`
+    /// and `synchronous_commit=on` in [`TestOptions::settings`].
+    ///
+    /// Blocks for the copy and the start; call through `spawn_blocking`.
+    pub fn start_standby(&self, options: TestOptions) -> Result<TestServer, TestServerError> {
+        let primary = self.owned("copy")?;
+        let cluster = Cluster::create_standby(primary, &options)?;
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+        let config = parse_config(&url)?;
+        tracing::info!(url = %url, primary = primary.port, "started throwaway standby");
+        Ok(TestServer {
+            url,
+            config,
+            cluster: Some(cluster),
+        })
+    }
+
+    /// Promotes an owned standby to a primary (`pg_ctl promote -w`),
+    /// blocking until it takes writes.
+    pub fn promote(&self) -> Result<(), TestServerError> {
+        let cluster = self.owned("promote")?;
+        let _guard = cluster.lock();
+        cluster.promote()
+    }
+
+    /// Stops this owned server (`-m fast`) and starts it again as a
+    /// streaming standby of `primary` (an old primary rejoining after a
+    /// failover, as failover tooling does). Its WAL must not be ahead of
+    /// `primary`'s: stop it before promoting the standby that replaces it.
+    pub fn restart_as_standby_of(&self, primary: &TestServer) -> Result<(), TestServerError> {
+        let cluster = self.owned("demote")?;
+        let port = primary.owned("follow")?.port;
+        let _guard = cluster.lock();
+        if cluster.data_dir.join("postmaster.pid").exists() {
+            cluster.stop("fast")?;
+        }
+        cluster.make_standby_of(port)?;
         cluster.start_server().map_err(|(err, _)| err)?;
         cluster.wait_accepting()
     }

@@ -3,6 +3,8 @@
 
 #[cfg(feature = "cli")]
 pub mod fleet;
+pub mod ha;
+pub mod pgbouncer;
 #[cfg(feature = "ui")]
 pub mod ui;
 

@@ -298,6 +298,8 @@ pub struct WalFeedBuilder {
     ack_interval: Duration,
     capacity: usize,
     standby: bool,
+    schema: crate::schema::SchemaName,
+    recreate_lost_slot: bool,
 }
 
 impl PgPubSub {
@@ -315,6 +317,8 @@ impl PgPubSub {
             ack_interval: Duration::from_secs(1),
             capacity: 8192,
             standby: false,
+            schema: crate::schema::SchemaName::default(),
+            recreate_lost_slot: false,
         }
     }
 }
@@ -374,6 +378,28 @@ impl WalFeedBuilder {
         self
     }
 
+    /// The schema whose `wal_slots` table records the feed's slot
+    /// (installed or migrated on start, as any capability's). Default: `pgpubsub`.
+    ///
+    /// The record is what makes a lost slot an error: a feed whose recorded
+    /// slot is missing (after a failover to a server without it) or
+    /// invalidated fails with [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost)
+    /// instead of silently creating a new slot that starts from now.
+    pub fn schema(mut self, schema: crate::schema::SchemaName) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// Accept the loss of a recorded slot that is missing or invalidated:
+    /// drop it if invalid, create a new one starting from now, and go on
+    /// (logged as a warning). The changes between the last ack and now are
+    /// not delivered. Default: `false`, fail with
+    /// [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost).
+    pub fn recreate_lost_slot(mut self, recreate: bool) -> Self {
+        self.recreate_lost_slot = recreate;
+        self
+    }
+
     /// Items buffered ahead of the consumer. Default 8192.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
@@ -391,7 +417,16 @@ impl WalFeedBuilder {
             .unwrap_or_else(|| self.slot.clone());
         let exec = self.pubsub.exec().clone();
         slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
-        slot::ensure_slot(&exec, &self.slot).await?;
+        let installed = tokio::sync::OnceCell::new();
+        crate::schema::ensure(&self.pubsub, &self.schema, &installed).await?;
+        slot::prepare_slot(
+            &exec,
+            &self.schema,
+            &self.slot,
+            &publication,
+            self.recreate_lost_slot,
+        )
+        .await?;
         let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
@@ -412,6 +447,9 @@ impl WalFeedBuilder {
             out: tx,
             stop: stop_rx.clone(),
             changes: crate::record::Count::wal_changes(&self.slot),
+            schema: self.schema.clone(),
+            pg: self.pubsub.config().clone(),
+            connect_timeout: self.pubsub.inner.opts.connect_timeout,
         };
         let first = task.connect_first(self.standby).await?;
         // Stopped by the handle's shutdown too, which waits until the

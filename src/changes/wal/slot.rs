@@ -6,6 +6,7 @@ use tokio_postgres::error::SqlState;
 use crate::changes::Lsn;
 use crate::error::{Error, Origin, Result};
 use crate::exec::Exec;
+use crate::schema::SchemaName;
 use crate::PgPubSub;
 
 /// The prefix of the feed's own heartbeat messages; never delivered.
@@ -103,31 +104,198 @@ async fn create_publication(client: &tokio_postgres::Client, sql: &str) -> Resul
     }
 }
 
-/// Creates the logical slot (pgoutput) if missing.
-pub(crate) async fn ensure_slot(exec: &Exec, slot: &str) -> Result<()> {
+/// What the server and the feed's record say about a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SlotState {
+    /// The slot exists and can stream; `recorded`: the feed's row exists.
+    Usable { recorded: bool },
+    /// No such slot, and no record that a feed created it: a new feed.
+    New,
+    /// No such slot, but a feed recorded it (when, as text).
+    Missing { recorded_at: String },
+    /// The server invalidated it (`wal_status`, PostgreSQL 17+'s
+    /// `invalidation_reason`).
+    Invalidated { reason: String },
+}
+
+impl SlotState {
+    /// The loud error for a slot that cannot resume, if it cannot.
+    pub(crate) fn lost_error(&self, slot: &str, schema: &SchemaName) -> Option<Error> {
+        let text = match self {
+            SlotState::Usable { .. } | SlotState::New => return None,
+            SlotState::Missing { recorded_at } => format!(
+                "WAL feed: replication slot {slot:?} does not exist on this server, but a feed \
+                 created it ({schema}.wal_slots, {recorded_at}): this is not the server it was \
+                 on (a failover to a standby without it; slots are replicated only from \
+                 PostgreSQL 17, as failover slots with sync_replication_slots on the standby) \
+                 or it was dropped"
+            ),
+            SlotState::Invalidated { reason } => format!(
+                "WAL feed: replication slot {slot:?} was invalidated by the server ({reason}; \
+                 e.g. it held more WAL than max_slot_wal_keep_size)"
+            ),
+        };
+        Some(Error::new(
+            Origin::SlotLost,
+            format!(
+                "{text}. Changes since the feed's last ack cannot be replayed; nothing was \
+                 started from \"now\" in their place. To accept the loss and start over \
+                 with a new slot, use WalFeedBuilder::recreate_lost_slot(true)"
+            ),
+        ))
+    }
+}
+
+/// Reads the slot's state and the feed's record of it. `to_jsonb` reads
+/// `invalidation_reason` where it exists (PostgreSQL 17+) and yields NULL
+/// before.
+pub(crate) async fn slot_state(exec: &Exec, schema: &SchemaName, slot: &str) -> Result<SlotState> {
+    const STAGE: &str = "WAL feed: check slot";
+    let sql = format!(
+        "SELECT s.slot_name IS NOT NULL, s.wal_status, \
+                to_jsonb(s) ->> 'invalidation_reason', \
+                (SELECT created_at::text FROM {schema}.wal_slots WHERE slot_name = $1) \
+         FROM (SELECT 1) AS one \
+         LEFT JOIN pg_replication_slots AS s ON s.slot_name = $1"
+    );
+    let row = exec
+        .run_with(STAGE, |client| async move {
+            client
+                .query_one(&sql, &[&slot])
+                .await
+                .map_err(|e| setup_error(STAGE, e))
+        })
+        .await?;
+    let exists: bool = row.get(0);
+    let wal_status: Option<String> = row.get(1);
+    let reason: Option<String> = row.get(2);
+    let recorded_at: Option<String> = row.get(3);
+    Ok(match (exists, recorded_at) {
+        (true, recorded) => match (wal_status.as_deref(), reason) {
+            (_, Some(reason)) => SlotState::Invalidated {
+                reason: format!("invalidation_reason = {reason}"),
+            },
+            (Some("lost"), None) => SlotState::Invalidated {
+                reason: "wal_status = lost".to_owned(),
+            },
+            _ => SlotState::Usable {
+                recorded: recorded.is_some(),
+            },
+        },
+        (false, None) => SlotState::New,
+        (false, Some(recorded_at)) => SlotState::Missing { recorded_at },
+    })
+}
+
+/// Makes the slot ready to stream: creates it (pgoutput; on PostgreSQL
+/// 17+ as a failover slot) when the feed is new, records it in
+/// `schema.wal_slots`, and refuses with [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost)
+/// a slot the feed recorded that is missing or invalidated, unless
+/// `recreate_lost` (then it is dropped if invalid and created anew).
+pub(crate) async fn prepare_slot(
+    exec: &Exec,
+    schema: &SchemaName,
+    slot: &str,
+    publication: &str,
+    recreate_lost: bool,
+) -> Result<()> {
+    let state = slot_state(exec, schema, slot).await?;
+    if let Some(err) = state.lost_error(slot, schema) {
+        if !recreate_lost {
+            return Err(err);
+        }
+        tracing::warn!(%err, "pg-pubsub: recreating a lost WAL slot, as configured: changes since the last ack are skipped");
+        if matches!(state, SlotState::Invalidated { .. }) {
+            drop_slot(exec, slot).await?;
+        }
+    }
+    let create = !matches!(state, SlotState::Usable { .. });
+    let failover = if create {
+        create_slot(exec, slot).await?
+    } else {
+        false
+    };
+    record_slot(exec, schema, slot, publication, failover, create).await
+}
+
+/// Creates the logical slot (pgoutput) if missing, with `failover` on
+/// PostgreSQL 17+ (kept on standbys that sync slots, so it survives a
+/// promotion). Whether it asked for `failover`.
+async fn create_slot(exec: &Exec, slot: &str) -> Result<bool> {
     const STAGE: &str = "WAL feed: create slot";
     let res = exec
-            .run_with(STAGE, |client| async move {
-                Ok(client
-                    .execute(
-                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
-                         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                        &[&slot],
-                    )
-                    .await)
-            })
-            .await?;
+        .run_with(STAGE, |client| async move {
+            let version: i32 = client
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .map_err(|e| setup_error(STAGE, e))?
+                .get(0);
+            let failover = version >= 170_000;
+            let create = if failover {
+                "pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+            } else {
+                "pg_create_logical_replication_slot($1, 'pgoutput')"
+            };
+            let sql = format!(
+                "SELECT {create} WHERE NOT EXISTS \
+                 (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)"
+            );
+            Ok(client.execute(&sql, &[&slot]).await.map(|_| failover))
+        })
+        .await?;
     match res {
-        Ok(_) => Ok(()),
+        Ok(failover) => Ok(failover),
         // Two feeds creating the same slot at once: the other one won.
         Err(e)
             if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
                 || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
         {
-            Ok(())
+            Ok(false)
         }
-        Err(e) => Err(setup_error("WAL feed: create slot", e)),
+        Err(e) => Err(setup_error(STAGE, e)),
     }
+}
+
+/// Drops an invalidated slot (before recreating it, when told to).
+async fn drop_slot(exec: &Exec, slot: &str) -> Result<()> {
+    const STAGE: &str = "WAL feed: drop invalidated slot";
+    exec.run_with(STAGE, |client| async move {
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| setup_error(STAGE, e))
+    })
+    .await
+    .map(drop)
+}
+
+/// Records that a feed uses `slot` (a new slot: anew, its time reset).
+async fn record_slot(
+    exec: &Exec,
+    schema: &SchemaName,
+    slot: &str,
+    publication: &str,
+    failover: bool,
+    created: bool,
+) -> Result<()> {
+    const STAGE: &str = "WAL feed: record slot";
+    let sql = format!(
+        "INSERT INTO {schema}.wal_slots (slot_name, publication, failover) VALUES ($1, $2, $3) \
+         ON CONFLICT (slot_name) DO UPDATE SET publication = EXCLUDED.publication, \
+         failover = EXCLUDED.failover, created_at = now() WHERE $4"
+    );
+    exec.run_with(STAGE, |client| async move {
+        client
+            .execute(&sql, &[&slot, &publication, &failover, &created])
+            .await
+            .map_err(|e| Error::pg(Origin::Wal, STAGE, e))
+    })
+    .await
+    .map(drop)
 }
 
 /// Moves the slot's confirmed position to `lsn` while no stream uses it
@@ -193,8 +361,12 @@ pub(crate) async fn emit_heartbeat(exec: &Exec) -> Result<()> {
 }
 
 impl PgPubSub {
-    /// Drops the replication slot `slot` (and with it the WAL it holds).
-    /// Fails while a feed streams from it. `Ok(false)` if there was none.
+    /// Drops the replication slot `slot` (and with it the WAL it holds),
+    /// and forgets it in the default schema's `wal_slots` (so a new feed of
+    /// that name starts afresh instead of failing with
+    /// [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost); for a feed in
+    /// another schema, delete its row from `<schema>.wal_slots`). Fails
+    /// while a feed streams from it. `Ok(false)` if there was none.
     ///
     /// ```no_run
     /// # async fn demo(pubsub: pg_pubsub::PgPubSub) -> Result<(), pg_pubsub::Error> {
@@ -204,16 +376,32 @@ impl PgPubSub {
     pub async fn drop_slot(&self, slot: &str) -> Result<bool> {
         let exec = self.exec();
         const STAGE: &str = "WAL feed: drop slot";
+        let records = format!("{}.wal_slots", SchemaName::default());
         let n = exec
             .run_with(STAGE, |client| async move {
-                client
+                let n = client
                     .execute(
                         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
                          WHERE slot_name = $1",
                         &[&slot],
                     )
                     .await
-                    .map_err(|e| setup_error(STAGE, e))
+                    .map_err(|e| setup_error(STAGE, e))?;
+                let recorded: bool = client
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&records])
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))?
+                    .get(0);
+                if recorded {
+                    client
+                        .execute(
+                            &format!("DELETE FROM {records} WHERE slot_name = $1"),
+                            &[&slot],
+                        )
+                        .await
+                        .map_err(|e| setup_error(STAGE, e))?;
+                }
+                Ok(n)
             })
             .await?;
         Ok(n > 0)
@@ -238,5 +426,40 @@ mod tests {
                 .is_some_and(|h| h.contains("wal_level"))
         );
         assert!(stream_hint("connection reset").is_none());
+    }
+
+    #[test]
+    fn only_a_recorded_missing_or_an_invalidated_slot_is_lost() {
+        let schema = SchemaName::default();
+        for usable in [
+            SlotState::New,
+            SlotState::Usable { recorded: true },
+            SlotState::Usable { recorded: false },
+        ] {
+            assert!(usable.lost_error("s", &schema).is_none(), "{usable:?}");
+        }
+        let missing = SlotState::Missing {
+            recorded_at: "2026-01-01".to_owned(),
+        }
+        .lost_error("s", &schema)
+        .unwrap();
+        assert_eq!(missing.kind(), crate::ErrorKind::SlotLost);
+        assert_eq!(missing.stage(), Some(crate::Stage::Wal));
+        assert!(!missing.is_connection());
+        let text = missing.to_string();
+        assert!(
+            text.contains("does not exist") && text.contains("pgpubsub.wal_slots"),
+            "{text}"
+        );
+        assert!(text.contains("recreate_lost_slot"), "{text}");
+        let invalid = SlotState::Invalidated {
+            reason: "wal_status = lost".to_owned(),
+        }
+        .lost_error("s", &schema)
+        .unwrap();
+        assert!(
+            invalid.to_string().contains("wal_status = lost"),
+            "{invalid}"
+        );
     }
 }

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 
 use super::decode::{Decoded, Decoder};
-use super::slot::{advance_slot, emit_heartbeat, slot_position, stream_hint, HEARTBEAT_PREFIX};
+use super::slot::{
+    advance_slot, emit_heartbeat, slot_position, slot_state, stream_hint, HEARTBEAT_PREFIX,
+};
 use super::{RawItem, Shared, WalItem, WalMessage};
 use crate::changes::Lsn;
 
@@ -37,12 +39,11 @@ pub(crate) fn replication_config(
              or disable for it, or a local connection",
         ));
     }
-    let host = match pg.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(Host::Unix(dir)) => dir.to_string_lossy().into_owned(),
-        None => "localhost".to_owned(),
-    };
+    // Each connect replaces host and port by those of the current primary.
+    let host = pg
+        .get_hosts()
+        .first()
+        .map_or_else(|| "localhost".to_owned(), host_text);
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let password = pg
@@ -55,6 +56,15 @@ pub(crate) fn replication_config(
             .with_port(port)
             .with_application_name("pg-pubsub-wal"),
     )
+}
+
+/// A host as pgwire-replication takes it: a name, or a socket folder.
+fn host_text(host: &Host) -> String {
+    match host {
+        Host::Tcp(h) => h.clone(),
+        #[cfg(unix)]
+        Host::Unix(dir) => dir.to_string_lossy().into_owned(),
+    }
 }
 
 /// 2000-01-01, PostgreSQL's epoch, as seconds after the Unix epoch.
@@ -80,6 +90,12 @@ pub(crate) struct StreamTask {
     pub(crate) stop: watch::Receiver<bool>,
     /// `wal_changes_total{slot}`.
     pub(crate) changes: crate::record::Count,
+    /// The handle's connection settings: each (re)connect streams from the
+    /// first of its hosts that is a primary now.
+    pub(crate) pg: tokio_postgres::Config,
+    /// Where the feed's slot is recorded (see [`SlotState`]).
+    pub(crate) schema: crate::schema::SchemaName,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// Why the stream loop returned.
@@ -92,9 +108,14 @@ impl StreamTask {
     /// Opens the stream from the last ack (or the slot's confirmed position).
     pub(crate) async fn connect(&self, first: bool) -> Result<ReplicationClient> {
         let from = self.shared.acked.load(Ordering::Acquire);
-        let cfg = self
-            .cfg
-            .clone()
+        let (host, port) =
+            crate::connect::find_primary(&self.pg, self.exec.tls(), self.connect_timeout)
+                .await
+                .map_err(|e| e.at(crate::error::Stage::Wal))?;
+        let mut cfg = self.cfg.clone();
+        cfg.host = host_text(&host);
+        cfg.port = port;
+        let cfg = cfg
             .with_start_lsn(pgwire_replication::Lsn(from))
             .with_ack_lsn(pgwire_replication::Lsn(from));
         let mut client = ReplicationClient::connect(cfg)
@@ -203,8 +224,31 @@ impl StreamTask {
         }
     }
 
-    /// Reports the loss and waits out the backoff; `false` when stopped.
+    /// Reports the loss and waits out the backoff; `false` when stopped,
+    /// or when the slot itself is lost (missing after a failover, or
+    /// invalidated): that ends the feed with an
+    /// [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost) item, as
+    /// reconnecting can never resume it.
     async fn lost(&mut self, err: Error, attempt: &mut u32, backoff: &crate::Backoff) -> bool {
+        // A server that refused the stream (no such slot, an invalidated
+        // one) is asked why; one that cannot be reached is not (the check
+        // would wait for the pool as long as the outage lasts).
+        let state = if err.is_connection() {
+            None
+        } else {
+            slot_state(&self.exec, &self.schema, &self.slot).await.ok()
+        };
+        if let Some(state) = state {
+            if let Some(gone) = state.lost_error(&self.slot, &self.schema) {
+                let gone = gone.context(format!("the stream ended with: {err}"));
+                tracing::error!(slot = %self.slot, %gone, "pg-pubsub: WAL feed slot lost");
+                tokio::select! {
+                    _ = self.out.send(WalItem::Error(gone)) => {}
+                    _ = self.stop.wait_for(|s| *s) => {}
+                }
+                return false;
+            }
+        }
         *attempt += 1;
         // The first attempt after a good stream is immediate; later ones back off.
         let retry_in = backoff.delay(*attempt + 1);
@@ -237,6 +281,9 @@ impl StreamTask {
         let mut pending_begin: Option<RawItem> = None;
         // The highest ack-able position handed to the consumer.
         let mut delivered = self.shared.acked.load(Ordering::Acquire);
+        // Between a Begin and its Commit: a keepalive's position may then be
+        // past the commit record of the transaction being sent.
+        let mut in_tx = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -262,6 +309,7 @@ impl StreamTask {
                     xid: x,
                     commit_time_micros,
                 } => {
+                    in_tx = true;
                     xid = x;
                     let t = pg_time(commit_time_micros);
                     commit_time = Some(t);
@@ -279,6 +327,7 @@ impl StreamTask {
                     end_lsn,
                     commit_time_micros,
                 } => {
+                    in_tx = false;
                     if pending_begin.take().is_some() {
                         continue; // nothing of it was delivered
                     }
@@ -344,7 +393,22 @@ impl StreamTask {
                         transactional,
                     })]
                 }
-                ReplicationEvent::KeepAlive { .. } => continue,
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    // Idle, and the consumer acked all it was given: confirm
+                    // the server's position. Every transaction committed
+                    // before it was sent already (none was for this feed, or
+                    // it was delivered and acked), so nothing is skipped; and
+                    // the slot then holds no WAL, and a clean shutdown of
+                    // the server (a switchover), which waits until the
+                    // client confirmed all that was sent, is not held up.
+                    let acked = self.shared.acked.load(Ordering::Acquire);
+                    if !in_tx && acked >= delivered && wal_end.0 > acked {
+                        delivered = wal_end.0;
+                        self.shared.acked.fetch_max(wal_end.0, Ordering::AcqRel);
+                        client.update_applied_lsn(wal_end);
+                    }
+                    continue;
+                }
                 ReplicationEvent::StoppedAt { .. } => return End::Stopped,
             };
             if let Some(begin) = pending_begin.take() {

@@ -157,7 +157,17 @@ pub(crate) struct Answer {
     pub granted: Vec<String>,
     /// Channels whose lock a non-leader holds, with that backend's PID.
     pub suspects: Vec<(String, i32)>,
+    /// The primary check ([`PRIMARY_CHECK`]) found the server in recovery
+    /// or read-only.
+    pub read_only: bool,
 }
+
+/// Appended to every health check: a listener must sit on the primary. A
+/// server that was demoted (restarted as a standby) drops the session
+/// anyway, but one fenced read-only by failover tooling keeps it open while
+/// publishers moved on: the listener would hear nothing, silently.
+pub(crate) const PRIMARY_CHECK: &str =
+    "SELECT 'primary', pg_is_in_recovery()::text, current_setting('transaction_read_only');";
 
 pub(crate) fn parse_answer(rows: &[SimpleQueryMessage]) -> Answer {
     let mut answer = Answer::default();
@@ -171,6 +181,9 @@ pub(crate) fn parse_answer(rows: &[SimpleQueryMessage]) -> Answer {
         }
         match (row.get(0), row.get(1), row.get(2)) {
             (Some("lock"), Some(ch), Some("t")) => answer.granted.push(ch.to_owned()),
+            (Some("primary"), Some(recovery), Some(read_only)) => {
+                answer.read_only = recovery == "true" || read_only == "on";
+            }
             (Some("suspect"), Some(ch), Some(pid)) => {
                 if let Ok(pid) = pid.parse() {
                     answer.suspects.push((ch.to_owned(), pid));

@@ -435,6 +435,13 @@ impl Driver {
             match res {
                 Ok(rows) => {
                     let answer = election::parse_answer(&rows);
+                    if answer.read_only {
+                        return Poll::Ready(Stop::Lost(
+                            "the server is in recovery or read-only (demoted or fenced by a \
+                             failover): reconnecting to the primary"
+                                .to_owned(),
+                        ));
+                    }
                     self.registry.confirmed(steps, &answer);
                     if probe {
                         self.registry.probed(&answer);
@@ -477,7 +484,10 @@ impl Driver {
                 if probe {
                     self.next_probe = now + self.opts.health_check_interval;
                 }
-                let sql = election::steps_sql(&steps, probe);
+                let mut sql = election::steps_sql(&steps, probe);
+                if health_due {
+                    sql.push_str(election::PRIMARY_CHECK);
+                }
                 live.start(
                     sql,
                     Planned { steps, probe },
