@@ -52,6 +52,9 @@ pub enum ErrorKind {
     /// The schema could not be installed or used: a newer, edited or
     /// unknown migration, or migrations pending with automatic migration off.
     Schema,
+    /// A message broker (NATS, Redis, RabbitMQ: see [`relay`](crate::relay))
+    /// could not be reached or refused what it was sent.
+    Broker,
 }
 
 /// Where an error happened: which part of the crate was at work.
@@ -74,6 +77,8 @@ pub enum Stage {
     Wal,
     /// Installing or checking the schema.
     Schema,
+    /// A relay to a broker: its source, its sink, its dead letters.
+    Relay,
 }
 
 /// What a crate-internal constructor is told: a kind, or the stage at
@@ -96,6 +101,8 @@ pub(crate) enum Origin {
     Queue,
     Changes,
     Wal,
+    Relay,
+    Broker,
 }
 
 impl Origin {
@@ -127,6 +134,8 @@ impl Origin {
             Origin::Queue => at(Stage::Queue),
             Origin::Changes => at(Stage::Changes),
             Origin::Wal => at(Stage::Wal),
+            Origin::Relay => at(Stage::Relay),
+            Origin::Broker => (ErrorKind::Broker, Some(Stage::Relay)),
         }
     }
 }

@@ -193,6 +193,7 @@ pub mod durable;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod queue;
+pub mod relay;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -374,6 +374,11 @@ impl WalFeedBuilder {
         self
     }
 
+    /// The slot's name.
+    pub fn slot_name(&self) -> &str {
+        &self.slot
+    }
+
     /// Items buffered ahead of the consumer. Default 8192.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
