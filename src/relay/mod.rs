@@ -239,12 +239,14 @@ impl RelayBuilder {
             .unwrap_or_else(|| DEFAULT_DEAD_LETTER.to_owned());
         crate::ChannelName::new(&dead_channel)?;
         let durable = self.pubsub.durable();
+        let mut election = None;
         let (reader, origin) = match self.source {
             Source::Durable { channel, group } => {
                 let sub = durable
                     .subscribe::<crate::Text>(&channel, &group)
                     .poll_interval(Duration::from_millis(500))
                     .await?;
+                election = Some((self.pubsub.clone(), sub.election_channel().to_owned()));
                 let origin = format!("pg-pubsub/{channel}/{group}");
                 (source::Reader::Durable(sub), origin)
             }
@@ -285,6 +287,7 @@ impl RelayBuilder {
             result
         });
         Ok(Relay {
+            election,
             origin,
             sink: self.sink.describe(),
             counters,
@@ -306,6 +309,9 @@ impl IntoFuture for RelayBuilder {
 /// A running relay. Dropping it stops it (what was settled is acked);
 /// [`close`](Self::close) also waits until the source's acks are written.
 pub struct Relay {
+    /// A durable source's election: whether this relay is active is
+    /// whether it leads it (a WAL source is active once it streams).
+    election: Option<(PgPubSub, String)>,
     origin: Arc<str>,
     sink: String,
     counters: Arc<run::Counters>,
@@ -355,7 +361,10 @@ impl Relay {
             retries: c.retries.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             lost: c.lost.load(Ordering::Relaxed),
-            active: c.active.load(Ordering::Relaxed),
+            active: match &self.election {
+                Some((pubsub, channel)) => pubsub.is_leader(channel),
+                None => c.active.load(Ordering::Relaxed),
+            },
             position: last.as_ref().map(|l| l.position.clone()),
             lag: last
                 .as_ref()

@@ -56,10 +56,10 @@ struct Stopped;
 impl Runner {
     pub(crate) async fn run(mut self, mut reader: Reader) -> crate::Result<()> {
         let mut stop = self.stop.clone();
+        // A WAL source streams (is active) once started; a durable one's
+        // role is read from its election by the handle.
+        self.counters.active.store(true, Ordering::Relaxed);
         loop {
-            self.counters
-                .active
-                .store(reader.is_active(), Ordering::Relaxed);
             let read = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
@@ -76,7 +76,6 @@ impl Runner {
             if read.items.is_empty() {
                 continue;
             }
-            self.counters.active.store(true, Ordering::Relaxed);
             if self.relay(&reader, read.items).await.is_err() {
                 break;
             }

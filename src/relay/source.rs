@@ -126,15 +126,6 @@ impl Reader {
         }
     }
 
-    /// Whether this relay is the source's active one.
-    pub(crate) fn is_active(&self) -> bool {
-        match self {
-            Reader::Durable(sub) => sub.is_active(),
-            #[cfg(feature = "wal")]
-            Reader::Wal(_) => true,
-        }
-    }
-
     /// Stops reading after writing the acks given so far.
     pub(crate) async fn close(self) -> crate::Result<()> {
         match self {
