@@ -53,10 +53,17 @@ impl AmqpSink {
         Ok(sink)
     }
 
-    async fn open(&self) -> std::result::Result<(Connection, Channel), SinkError> {
-        let options = ConnectionProperties::default()
+    /// Connection properties running lapin on the current tokio runtime
+    /// (lapin's own default runtime is not built), for connections of
+    /// your own to the same broker.
+    pub fn connection_properties() -> ConnectionProperties {
+        ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio::current());
+            .with_reactor(tokio_reactor_trait::Tokio::current())
+    }
+
+    async fn open(&self) -> std::result::Result<(Connection, Channel), SinkError> {
+        let options = Self::connection_properties();
         let open = async {
             let conn = Connection::connect(&self.url, options).await?;
             let channel = conn.create_channel().await?;
