@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::brokers::Rabbit;
-use common::relay::{faults, Broker};
+use common::relay::{faults, payload_id, Broker, Feed};
 use pg_pubsub::relay::lapin::options::{
     BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -108,7 +108,7 @@ impl Broker for RabbitBroker {
                 let payload: serde_json::Value = serde_json::from_slice(&d.data).expect("JSON");
                 self.got.push((
                     message_id.expect("message_id"),
-                    payload["id"].as_str().expect("id").to_owned(),
+                    payload_id(&payload).expect("id").to_owned(),
                 ));
             }
         }
@@ -130,6 +130,7 @@ async fn every_committed_message_reaches_rabbitmq_through_kills_and_restarts() {
     broker.declare().await;
     let report = faults(
         &mut broker,
+        Feed::Durable,
         &["--subject", "orders.{key}", "--key-field", "k", "--exchange", "amq.topic"],
     )
     .await;

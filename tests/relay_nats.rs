@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::brokers::Nats;
-use common::relay::{faults, Broker, KEYS};
+use common::relay::{faults, payload_id, Broker, Feed};
 use futures::StreamExt;
 use pg_pubsub::relay::async_nats::jetstream::{self, stream};
 use pg_pubsub::relay::{NatsSink, Source, HEADER_ORIGIN, HEADER_POSITION, HEADER_PUBLISHED_AT};
@@ -49,7 +49,7 @@ async fn stream_messages(js: &jetstream::Context, name: &str) -> Option<Vec<(Str
     for seq in 1..=last {
         let m = stream.get_raw_message(seq).await.ok()?;
         let payload: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
-        let id = payload["id"].as_str().unwrap_or_default().to_owned();
+        let id = payload_id(&payload).unwrap_or_default().to_owned();
         out.push((m.subject.to_string(), id, async_nats_headers::of(&m.headers)));
     }
     Some(out)
@@ -110,11 +110,26 @@ async fn every_committed_message_reaches_nats_once_through_kills_and_restarts() 
     let nats = tokio::task::block_in_place(Nats::start);
     let js = create_stream(&nats.url(), "ORDERS", "orders.>", -1).await;
     let mut broker = NatsBroker { nats, js };
-    let report = faults(&mut broker, &["--subject", "orders.{key}", "--key-field", "k"]).await;
+    let report = faults(&mut broker, Feed::Durable, &["--subject", "orders.{key}", "--key-field", "k"]).await;
     eprintln!("NATS: {report:?}");
     assert_eq!(report.duplicates, 0, "the duplicate window drops every replay: {report:?}");
     assert!(report.kills >= 3);
-    let _ = KEYS;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_change_and_outbox_message_reaches_nats_once_from_the_wal() {
+    if !common::own_server("restart") {
+        return;
+    }
+    let nats = tokio::task::block_in_place(Nats::start);
+    let js = create_stream(&nats.url(), "ORDERS", "orders.>", -1).await;
+    let mut broker = NatsBroker { nats, js };
+    let subjects = ["--subject", "orders.{key}", "--message-subject", "orders.{key}"];
+    let mut args = subjects.to_vec();
+    args.extend(["--key-field", "k"]);
+    let report = faults(&mut broker, Feed::Wal, &args).await;
+    eprintln!("NATS from the WAL: {report:?}");
+    assert_eq!(report.duplicates, 0, "the duplicate window drops every replay: {report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

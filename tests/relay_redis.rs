@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::brokers::Redis;
-use common::relay::{faults, Broker, KEYS};
+use common::relay::{faults, payload_id, payload_key, Broker, Feed, KEYS};
 use pg_pubsub::relay::redis::{self, AsyncCommands};
 use pg_pubsub::relay::{RedisSink, Source, FIELD_ID, FIELD_ORIGIN, FIELD_PAYLOAD, FIELD_POSITION};
 use pg_pubsub::Text;
@@ -79,8 +79,8 @@ impl Broker for RedisBroker {
                 assert!(e[FIELD_ID].starts_with("orders:"), "{e:?}");
                 let payload: serde_json::Value =
                     serde_json::from_str(&e[FIELD_PAYLOAD]).expect("JSON payload");
-                assert_eq!(payload["k"], k);
-                ids.push(payload["id"].as_str().expect("id").to_owned());
+                assert_eq!(payload_key(&payload), Some(k));
+                ids.push(payload_id(&payload).expect("id").to_owned());
             }
         }
         ids
@@ -94,7 +94,7 @@ async fn every_committed_message_reaches_redis_through_kills_and_restarts() {
     }
     let redis = tokio::task::block_in_place(Redis::start);
     let mut broker = RedisBroker { redis };
-    let report = faults(&mut broker, &["--subject", "orders.{key}", "--key-field", "k"]).await;
+    let report = faults(&mut broker, Feed::Durable, &["--subject", "orders.{key}", "--key-field", "k"]).await;
     // Redis keeps replays: at most what was in flight at the kills.
     eprintln!(
         "Redis: {report:?} ({} duplicates from {} kills)",

@@ -119,6 +119,7 @@ pub use sink::{
 };
 pub use source::Source;
 pub use subject::SubjectTemplate;
+use subject::Kind;
 pub use url::connect_sink;
 
 use crate::config::Backoff;
@@ -137,6 +138,7 @@ impl PgPubSub {
             source,
             sink: Arc::new(sink),
             subject: None,
+            message_subject: None,
             key_field: None,
             dead_letter: None,
             origin: None,
@@ -158,6 +160,7 @@ pub struct RelayBuilder {
     source: Source,
     sink: Arc<dyn Sink>,
     subject: Option<String>,
+    message_subject: Option<String>,
     key_field: Option<String>,
     dead_letter: Option<String>,
     origin: Option<String>,
@@ -167,13 +170,18 @@ pub struct RelayBuilder {
 }
 
 impl RelayBuilder {
-    /// Where each message goes ([`SubjectTemplate`]). Default: the channel
-    /// (`{channel}`) for a durable source, `{schema}.{table}.{op}` for
-    /// changes and `{prefix}` for messages of a WAL source (written
-    /// `{table}` ... only as far as the source has them, see
-    /// [`SubjectTemplate`]).
+    /// Where each durable message or WAL change goes ([`SubjectTemplate`]).
+    /// Default: `{channel}` for a durable source, `{schema}.{table}.{op}`
+    /// for the changes of a WAL source.
     pub fn subject(mut self, template: &str) -> Self {
         self.subject = Some(template.to_owned());
+        self
+    }
+
+    /// Where each logical message of a WAL source goes (outbox messages
+    /// from [`emit_tx`](crate::changes::wal::emit_tx)). Default: `{prefix}`.
+    pub fn message_subject(mut self, template: &str) -> Self {
+        self.message_subject = Some(template.to_owned());
         self
     }
 
@@ -226,12 +234,19 @@ impl RelayBuilder {
             None if wal => SubjectTemplate::parse("{schema}.{table}.{op}")?,
             None => SubjectTemplate::parse("{channel}")?,
         };
-        template.check_for(wal)?;
-        if template.uses_key() && self.key_field.is_none() {
-            return Err(Error::new(
-                Origin::Config,
-                format!("the subject template {template} uses {{key}}: set a key field"),
-            ));
+        template.check_for(if wal { Kind::Change } else { Kind::Durable })?;
+        let message_template =
+            SubjectTemplate::parse(self.message_subject.as_deref().unwrap_or("{prefix}"))?;
+        if wal {
+            message_template.check_for(Kind::Message)?;
+        }
+        for t in [&template, &message_template] {
+            if t.uses_key() && self.key_field.is_none() {
+                return Err(Error::new(
+                    Origin::Config,
+                    format!("the subject template {t} uses {{key}}: set a key field"),
+                ));
+            }
         }
         let dead_channel = self
             .dead_letter
@@ -265,6 +280,7 @@ impl RelayBuilder {
             sink: self.sink.clone(),
             render: source::Render {
                 template,
+                message_template,
                 key_field: self.key_field,
             },
             origin: origin.clone(),

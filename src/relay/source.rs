@@ -70,21 +70,28 @@ pub(crate) struct Item {
 
 /// What renders subjects.
 pub(crate) struct Render {
+    /// For durable messages and WAL changes.
     pub(crate) template: SubjectTemplate,
+    /// For WAL logical messages.
+    pub(crate) message_template: SubjectTemplate,
     pub(crate) key_field: Option<String>,
 }
 
 impl Render {
     fn subject(&self, fields: Fields<'_>, payload: &[u8]) -> Result<String, String> {
+        let template = match fields.prefix {
+            Some(_) => &self.message_template,
+            None => &self.template,
+        };
         // The payload is parsed only for `{key}`, and only when the
         // source has no row of its own.
         let parsed;
         let mut fields = fields;
-        if self.template.uses_key() && fields.row.is_none() {
+        if template.uses_key() && fields.row.is_none() {
             parsed = serde_json::from_slice::<serde_json::Value>(payload).ok();
             fields.row = parsed.as_ref();
         }
-        self.template.render(&fields, self.key_field.as_deref())
+        template.render(&fields, self.key_field.as_deref())
     }
 }
 

@@ -4,6 +4,17 @@ use std::fmt;
 
 use crate::error::{Error, Origin, Result};
 
+/// What kind of message a template is rendered for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A durable channel's message: `{channel}`.
+    Durable,
+    /// A WAL table change: `{schema}`, `{table}`, `{op}`.
+    Change,
+    /// A WAL logical message: `{prefix}`.
+    Message,
+}
+
 /// What a relay's source fills a template with.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Fields<'a> {
@@ -31,7 +42,8 @@ enum Part {
 ///
 /// Placeholders: `{channel}` (durable channel), `{schema}`, `{table}`,
 /// `{op}` (`insert`, `update`, `delete`, `truncate`) of a WAL change,
-/// `{prefix}` of a WAL message, and `{key}`: the value of the payload's
+/// `{prefix}` of a WAL message (which has a template of its own,
+/// [`RelayBuilder::message_subject`](super::RelayBuilder::message_subject)), and `{key}`: the value of the payload's
 /// field named by [`RelayBuilder::key_field`](super::RelayBuilder::key_field)
 /// (for a WAL change, the field of its `new` row, or `old` for a delete).
 /// `{{` and `}}` are literal braces. In a substituted value, `.`, `*`,
@@ -115,16 +127,18 @@ impl SubjectTemplate {
         self.parts.contains(&Part::Key)
     }
 
-    /// Placeholders a source of this kind can never fill (checked when a
+    /// Placeholders messages of this kind can never fill (checked when a
     /// relay is built, so a typo fails at start rather than dead-letters
     /// every message).
-    pub(crate) fn check_for(&self, wal: bool) -> Result<()> {
-        let unfillable = self.parts.iter().find_map(|p| match p {
-            Part::Channel if wal => Some("{channel} (a WAL source has no channel)"),
-            Part::Schema | Part::Table | Part::Op | Part::Prefix if !wal => {
-                Some("{schema}, {table}, {op} and {prefix} (a durable source has none)")
-            }
-            _ => None,
+    pub(crate) fn check_for(&self, kind: Kind) -> Result<()> {
+        let unfillable = self.parts.iter().find_map(|p| match (p, kind) {
+            (Part::Lit(_) | Part::Key, _)
+            | (Part::Channel, Kind::Durable)
+            | (Part::Schema | Part::Table | Part::Op, Kind::Change)
+            | (Part::Prefix, Kind::Message) => None,
+            (_, Kind::Durable) => Some("{schema}, {table}, {op} or {prefix} (durable messages have none)"),
+            (_, Kind::Change) => Some("{channel} or {prefix} (table changes have none)"),
+            (_, Kind::Message) => Some("{channel}, {schema}, {table} or {op} (WAL messages have none)"),
         });
         match unfillable {
             Some(what) => Err(Error::new(
@@ -252,11 +266,14 @@ mod tests {
     #[test]
     fn checks_placeholders_against_the_source() {
         let t = SubjectTemplate::parse("{table}.{op}").expect("parse");
-        assert!(t.check_for(true).is_ok());
-        assert!(t.check_for(false).is_err());
+        assert!(t.check_for(Kind::Change).is_ok());
+        assert!(t.check_for(Kind::Durable).is_err());
+        assert!(t.check_for(Kind::Message).is_err());
         let t = SubjectTemplate::parse("orders.{channel}.{key}").expect("parse");
-        assert!(t.check_for(false).is_ok());
-        assert!(t.check_for(true).is_err());
+        assert!(t.check_for(Kind::Durable).is_ok());
+        assert!(t.check_for(Kind::Change).is_err());
         assert!(t.uses_key());
+        let t = SubjectTemplate::parse("out.{prefix}.{key}").expect("parse");
+        assert!(t.check_for(Kind::Message).is_ok());
     }
 }

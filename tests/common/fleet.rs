@@ -162,7 +162,7 @@ impl Fleet {
 
     /// Reads lines until `pred` matches a stderr line; returns its process.
     pub async fn wait_err(&mut self, mut pred: impl FnMut(usize, &str) -> bool) -> usize {
-        tokio::time::timeout(WAIT, async {
+        let found = tokio::time::timeout(WAIT, async {
             loop {
                 let line = self.lines.recv().await.expect("line");
                 self.record(&line);
@@ -173,8 +173,14 @@ impl Fleet {
                 }
             }
         })
-        .await
-        .expect("timed out waiting for a process line")
+        .await;
+        match found {
+            Ok(i) => i,
+            Err(_) => {
+                let last = &self.stderr[self.stderr.len().saturating_sub(20)..];
+                panic!("timed out waiting for a process line; the last ones: {last:#?}")
+            }
+        }
     }
 
     /// Reads lines until `cond` holds for the fleet.

@@ -18,6 +18,30 @@ pub const CHANNEL: &str = "orders";
 /// The `{key}` values (payload field `k`): four subjects.
 pub const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 
+/// The table a WAL scenario writes (and its relay streams).
+pub const TABLE: &str = "relay_orders";
+
+/// Where the scenario's messages come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// `pgpubsub.publish` on [`CHANNEL`], relayed by `relay durable`.
+    Durable,
+    /// Rows inserted into [`TABLE`] and logical messages under `outbox.`,
+    /// taking turns, relayed by `relay wal`.
+    Wal,
+}
+
+/// The scenario's id of a relayed payload: a durable message's or
+/// outbox message's `id`, a change's `new.id`.
+pub fn payload_id(payload: &serde_json::Value) -> Option<&str> {
+    payload["id"].as_str().or(payload["new"]["id"].as_str())
+}
+
+/// The scenario's `{key}` of a relayed payload.
+pub fn payload_key(payload: &serde_json::Value) -> Option<&str> {
+    payload["k"].as_str().or(payload["new"]["k"].as_str())
+}
+
 /// What a broker test gives the scenario.
 #[allow(async_fn_in_trait)]
 pub trait Broker {
@@ -60,7 +84,7 @@ struct Publishers {
 }
 
 impl Publishers {
-    fn start(url: &str, n: usize) -> Publishers {
+    fn start(url: &str, n: usize, feed: Feed) -> Publishers {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(Mutex::new(Vec::new()));
         let uncertain = Arc::new(Mutex::new(Vec::new()));
@@ -84,7 +108,7 @@ impl Publishers {
                             let ids: Vec<String> =
                                 (0..n).map(|i| format!("p{p}-{}", seq + i)).collect();
                             seq += n;
-                            match publish(&mut client, &ids).await {
+                            match publish(&mut client, &ids, feed).await {
                                 Ok(()) => committed.lock().unwrap().extend(ids),
                                 Err(at_commit) => {
                                     if at_commit {
@@ -120,14 +144,27 @@ impl Publishers {
 
 /// One transaction publishing `ids`; `Err(true)` when the commit itself
 /// failed (its outcome unknown), `Err(false)` before it.
-async fn publish(client: &mut tokio_postgres::Client, ids: &[String]) -> Result<(), bool> {
+async fn publish(client: &mut tokio_postgres::Client, ids: &[String], feed: Feed) -> Result<(), bool> {
     let tx = client.transaction().await.map_err(|_| false)?;
     for id in ids {
         let n: usize = id.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let payload = serde_json::json!({"id": id, "k": KEYS[n % KEYS.len()]}).to_string();
-        tx.execute("SELECT pgpubsub.publish($1, $2)", &[&CHANNEL, &payload])
-            .await
-            .map_err(|_| false)?;
+        let k = KEYS[n % KEYS.len()];
+        let payload = serde_json::json!({"id": id, "k": k}).to_string();
+        let done = match (feed, n % 2) {
+            (Feed::Durable, _) => tx.execute("SELECT pgpubsub.publish($1, $2)", &[&CHANNEL, &payload]).await,
+            (Feed::Wal, 0) => {
+                let sql = format!("INSERT INTO {TABLE} (id, k) VALUES ($1, $2)");
+                tx.execute(&sql, &[id, &k]).await
+            }
+            (Feed::Wal, _) => {
+                tx.execute(
+                    "SELECT pg_logical_emit_message(true, 'outbox.orders', $1::text)",
+                    &[&payload],
+                )
+                .await
+            }
+        };
+        done.map_err(|_| false)?;
     }
     tx.commit().await.map_err(|_| true)
 }
@@ -144,7 +181,10 @@ impl Relays {
     /// Starts one more `pg-pubsub relay durable` and waits until it runs.
     async fn spawn(&mut self) -> usize {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let i = self.fleet.spawn_cmd(&args, |l| l.contains("relaying")).await;
+        let i = self
+            .fleet
+            .spawn_cmd(&args, |l| l.contains("relaying") || l.contains("waiting for slot"))
+            .await;
         self.alive.insert(i);
         i
     }
@@ -156,7 +196,7 @@ impl Relays {
             if !self.alive.contains(i) {
                 continue;
             }
-            if line.contains("now active") || line.contains("(active)") {
+            if is_active_line(line) {
                 active = Some(*i);
             } else if line.contains("standing by") && active == Some(*i) {
                 active = None;
@@ -171,7 +211,7 @@ impl Relays {
         }
         let alive = self.alive.clone();
         self.fleet
-            .wait_err(|i, l| alive.contains(&i) && l.contains("now active"))
+            .wait_err(|i, l| alive.contains(&i) && is_active_line(l))
             .await
     }
 
@@ -183,9 +223,15 @@ impl Relays {
         self.kills += 1;
         let alive = self.alive.clone();
         self.fleet
-            .wait_err(|i, l| alive.contains(&i) && l.contains("now active"))
+            .wait_err(|i, l| alive.contains(&i) && is_active_line(l))
             .await;
     }
+}
+
+/// A relay saying it is (now) the active one: a durable group's new
+/// leader, or a WAL relay that got the slot.
+fn is_active_line(l: &str) -> bool {
+    l.contains("now active") || l.contains("(active)")
 }
 
 /// Waits until the broker holds `n` messages more than `from`.
@@ -216,18 +262,28 @@ async fn probe<B: Broker>(broker: &mut B, phase: &str) {
 
 /// Runs the scenario against `broker`; `extra` are the relay's options
 /// after `--to URL` (subject, exchange, ...).
-pub async fn faults<B: Broker>(broker: &mut B, extra: &[&str]) -> Report {
+pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Report {
     let started = Instant::now();
     let server = own_cluster(TestOptions::default()).await;
     let ps = pg_pubsub::PgPubSub::connect(server.url()).await.expect("connect");
+    // The dead-letter channel is a durable one, whatever the source.
     ps.durable().install().await.expect("install");
+    if feed == Feed::Wal {
+        let sql = format!("CREATE TABLE {TABLE} (id text PRIMARY KEY, k text NOT NULL)");
+        ps.pool().get().await.expect("client").batch_execute(&sql).await.expect("table");
+    }
     ps.shutdown().await;
 
     let mut fleet = Fleet::new();
     fleet.database_url = Some(server.url().to_owned());
     let url = broker.url();
-    let mut args: Vec<String> = ["relay", "durable", CHANNEL, "--group", "relay", "--to", &url]
+    let source: &[&str] = match feed {
+        Feed::Durable => &["relay", "durable", CHANNEL, "--group", "relay"],
+        Feed::Wal => &["relay", "wal", "--slot", "relay", "--table", TABLE, "--messages", "outbox."],
+    };
+    let mut args: Vec<String> = source
         .iter()
+        .chain(&["--to", url.as_str()])
         .map(|s| s.to_string())
         .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -241,7 +297,7 @@ pub async fn faults<B: Broker>(broker: &mut B, extra: &[&str]) -> Report {
     relays.wait_active().await;
     relays.spawn().await;
 
-    let publishers = Publishers::start(server.url(), 4);
+    let publishers = Publishers::start(server.url(), 4, feed);
     let mut seen = grows(broker, 0, 100).await;
     probe(broker, "the start").await;
 
@@ -268,8 +324,22 @@ pub async fn faults<B: Broker>(broker: &mut B, extra: &[&str]) -> Report {
     seen = grows(broker, seen, 100).await;
     probe(broker, "the second kill").await;
 
-    // 4. PostgreSQL restarts under everyone.
-    tokio::task::block_in_place(|| server.restart().expect("restart PostgreSQL"));
+    // 4. PostgreSQL restarts under everyone. A WAL relay's stream is cut
+    // instead: a fast shutdown waits for every walsender's client to
+    // confirm the shutdown checkpoint, which a feed never acks (it only
+    // confirms what its consumer acked), until wal_sender_timeout.
+    match feed {
+        Feed::Durable => {
+            tokio::task::block_in_place(|| server.restart().expect("restart PostgreSQL"))
+        }
+        Feed::Wal => {
+            let client = super::raw_client_to(&server).await;
+            let sql = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                       WHERE slot_name = 'relay' AND active_pid IS NOT NULL";
+            let rows = client.query(sql, &[]).await.expect("terminate the walsender");
+            assert_eq!(rows.len(), 1, "one walsender streams the slot");
+        }
+    }
     seen = grows(broker, seen, 100).await;
     probe(broker, "PostgreSQL's restart").await;
 

@@ -37,6 +37,10 @@ struct Target {
     /// {channel} (durable) or {schema}.{table}.{op} (WAL).
     #[arg(long)]
     subject: Option<String>,
+    /// Template for the logical messages of a WAL source: {prefix}, {key}.
+    /// Default {prefix}.
+    #[arg(long)]
+    message_subject: Option<String>,
     /// The payload field {key} stands for (dotted for nested objects).
     #[arg(long)]
     key_field: Option<String>,
@@ -141,7 +145,7 @@ async fn relay(
         "relaying {what} to {describe} ({})",
         if stats.active { "active" } else { "standing by: another relay of the group is active" }
     ));
-    let result = watch(&relay, stop).await;
+    let result = watch(&relay, stop, stats.active).await;
     let closed = relay.close().await.map_err(Failure::from);
     result.and(closed)
 }
@@ -159,6 +163,9 @@ fn options(mut builder: RelayBuilder, target: &Target) -> RelayBuilder {
     if let Some(t) = &target.subject {
         builder = builder.subject(t);
     }
+    if let Some(t) = &target.message_subject {
+        builder = builder.message_subject(t);
+    }
     if let Some(f) = &target.key_field {
         builder = builder.key_field(f);
     }
@@ -167,10 +174,9 @@ fn options(mut builder: RelayBuilder, target: &Target) -> RelayBuilder {
         .batch_size(target.batch_size)
 }
 
-/// Reports changes of role and of the broker's health on stderr until a
-/// signal, or the relay ends.
-async fn watch(relay: &Relay, stop: &mut Stop) -> Result<()> {
-    let mut active = relay.stats().active;
+/// Reports changes of role (from `active`, the role last reported) and of
+/// the broker's health on stderr until a signal, or the relay ends.
+async fn watch(relay: &Relay, stop: &mut Stop, mut active: bool) -> Result<()> {
     let mut error: Option<String> = None;
     let mut dead = 0;
     loop {
