@@ -254,23 +254,22 @@ impl RelayBuilder {
             .unwrap_or_else(|| DEFAULT_DEAD_LETTER.to_owned());
         crate::ChannelName::new(&dead_channel)?;
         let durable = self.pubsub.durable();
-        let mut election = None;
-        let (reader, origin) = match self.source {
+        let (reader, origin, election) = match self.source {
             Source::Durable { channel, group } => {
                 let sub = durable
                     .subscribe::<crate::Text>(&channel, &group)
                     .poll_interval(Duration::from_millis(500))
                     .await?;
-                election = Some((self.pubsub.clone(), sub.election_channel().to_owned()));
+                let election = Some((self.pubsub.clone(), sub.election_channel().to_owned()));
                 let origin = format!("pg-pubsub/{channel}/{group}");
-                (source::Reader::Durable(sub), origin)
+                (source::Reader::Durable(sub), origin, election)
             }
             #[cfg(feature = "wal")]
             Source::Wal(feed) => {
                 let slot = feed.slot_name().to_owned();
                 let feed = feed.standby(true).start::<serde_json::Value>().await?;
                 let origin = format!("pg-pubsub/wal/{slot}");
-                (source::Reader::Wal(source::wal::WalReader::new(feed)), origin)
+                (source::Reader::Wal(source::wal::WalReader::new(feed)), origin, None)
             }
         };
         let origin: Arc<str> = Arc::from(self.origin.unwrap_or(origin));
