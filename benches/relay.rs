@@ -36,7 +36,10 @@ use pg_pubsub::{PgPubSub, Text};
 const WINDOW: usize = 512;
 
 fn payload(i: u64) -> String {
-    format!(r#"{{"id":{i},"customer":"c{}","amount":"12.30","status":"paid"}}"#, i % 16)
+    format!(
+        r#"{{"id":{i},"customer":"c{}","amount":"12.30","status":"paid"}}"#,
+        i % 16
+    )
 }
 
 fn main() -> Res<()> {
@@ -65,7 +68,10 @@ async fn run(pg: &str, nats_url: &str) -> Res<()> {
     })
     .await?;
     println!("relay to NATS JetStream: {n} messages per side and round, median of {runs} rounds");
-    for (mode, per_tx) in [("1 message per transaction", 1), ("1000 messages per transaction", 1000)] {
+    for (mode, per_tx) in [
+        ("1 message per transaction", 1),
+        ("1000 messages per transaction", 1000),
+    ] {
         let (mut ours, mut bare) = (Vec::new(), Vec::new());
         for round in 0..runs {
             ours.push(relayed(&ps, nats_url, n, per_tx, round).await?);
@@ -114,7 +120,9 @@ async fn relayed(ps: &PgPubSub, nats_url: &str, n: u64, per_tx: u64, round: u64)
     } else {
         let all: Vec<String> = (0..n).map(payload).collect();
         for chunk in all.chunks(per_tx as usize) {
-            durable.publish_batch(&channel, chunk.iter().map(Text)).await?;
+            durable
+                .publish_batch(&channel, chunk.iter().map(Text))
+                .await?;
         }
     }
     let sink = NatsSink::connect(nats_url).await?;
@@ -191,7 +199,9 @@ async fn latency(
             // Taken before the call: its commit is inside it, and the
             // relay may have the message before the call returns.
             sent.push(base.elapsed());
-            durable.publish(&channel, Text(format!(r#"{{"i":{i}}}"#))).await?;
+            durable
+                .publish(&channel, Text(format!(r#"{{"i":{i}}}"#)))
+                .await?;
         }
         Ok::<_, pg_pubsub::Error>(sent)
     });

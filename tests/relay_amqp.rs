@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use common::brokers::Rabbit;
 use common::relay::{faults, payload_id, Broker, Feed};
-use pg_pubsub::relay::lapin::options::{
-    BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use pg_pubsub::relay::lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use pg_pubsub::relay::lapin::types::FieldTable;
 use pg_pubsub::relay::lapin::{Channel, Connection};
 use pg_pubsub::relay::{AmqpSink, Source, HEADER_ORIGIN, HEADER_POSITION};
@@ -64,9 +62,15 @@ impl RabbitBroker {
         ch.queue_declare(QUEUE, durable, FieldTable::default())
             .await
             .expect("declare");
-        ch.queue_bind(QUEUE, "amq.topic", "orders.#", QueueBindOptions::default(), FieldTable::default())
-            .await
-            .expect("bind");
+        ch.queue_bind(
+            QUEUE,
+            "amq.topic",
+            "orders.#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
     }
 }
 
@@ -92,7 +96,10 @@ impl Broker for RabbitBroker {
             durable: true,
             ..Default::default()
         };
-        match ch.queue_declare(QUEUE, passive, FieldTable::default()).await {
+        match ch
+            .queue_declare(QUEUE, passive, FieldTable::default())
+            .await
+        {
             Ok(q) => self.got.len() + q.message_count() as usize,
             Err(_) => self.got.len(),
         }
@@ -131,7 +138,14 @@ async fn every_committed_message_reaches_rabbitmq_through_kills_and_restarts() {
     let report = faults(
         &mut broker,
         Feed::Durable,
-        &["--subject", "orders.{key}", "--key-field", "k", "--exchange", "amq.topic"],
+        &[
+            "--subject",
+            "orders.{key}",
+            "--key-field",
+            "k",
+            "--exchange",
+            "amq.topic",
+        ],
     )
     .await;
     // A replay has the message_id of the first copy.
@@ -162,7 +176,9 @@ async fn messages_are_persistent_with_message_id_and_headers() {
         .publish(&channel, Text(r#"{"id":"a"}"#))
         .await
         .expect("publish");
-    let sink = AmqpSink::connect(&broker.url(), "amq.topic").await.expect("sink");
+    let sink = AmqpSink::connect(&broker.url(), "amq.topic")
+        .await
+        .expect("sink");
     let relay = ps
         .relay(Source::durable(&channel, "relay"), sink)
         .subject("orders.x")
@@ -180,8 +196,16 @@ async fn messages_are_persistent_with_message_id_and_headers() {
     .await
     .expect("the message");
     assert_eq!(m.data, br#"{"id":"a"}"#);
-    let message_id = m.properties.message_id().as_ref().expect("message_id").to_string();
-    assert!(message_id.starts_with(&format!("{channel}:")), "{message_id}");
+    let message_id = m
+        .properties
+        .message_id()
+        .as_ref()
+        .expect("message_id")
+        .to_string();
+    assert!(
+        message_id.starts_with(&format!("{channel}:")),
+        "{message_id}"
+    );
     let headers = m.properties.headers().as_ref().expect("headers");
     let header = |name: &str| {
         headers

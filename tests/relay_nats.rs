@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::brokers::Nats;
 use common::relay::{faults, payload_id, Broker, Feed};
-use futures::StreamExt;
 use pg_pubsub::relay::async_nats::jetstream::{self, stream};
 use pg_pubsub::relay::{NatsSink, Source, HEADER_ORIGIN, HEADER_POSITION, HEADER_PUBLISHED_AT};
 use pg_pubsub::Text;
@@ -18,7 +17,9 @@ use pg_pubsub::Text;
 /// A JetStream stream `name` over `subjects`, created once the server's
 /// JetStream answers.
 async fn create_stream(url: &str, name: &str, subjects: &str, max_size: i32) -> jetstream::Context {
-    let client = pg_pubsub::relay::async_nats::connect(url).await.expect("connect to NATS");
+    let client = pg_pubsub::relay::async_nats::connect(url)
+        .await
+        .expect("connect to NATS");
     let js = jetstream::new(client);
     let config = stream::Config {
         name: name.to_owned(),
@@ -42,7 +43,10 @@ async fn create_stream(url: &str, name: &str, subjects: &str, max_size: i32) -> 
 }
 
 /// Every message of stream `name`: (subject, payload id, headers).
-async fn stream_messages(js: &jetstream::Context, name: &str) -> Option<Vec<(String, String, async_nats_headers::Headers)>> {
+async fn stream_messages(
+    js: &jetstream::Context,
+    name: &str,
+) -> Option<Vec<(String, String, async_nats_headers::Headers)>> {
     let mut stream = js.get_stream(name).await.ok()?;
     let last = stream.info().await.ok()?.state.last_sequence;
     let mut out = Vec::new();
@@ -50,7 +54,11 @@ async fn stream_messages(js: &jetstream::Context, name: &str) -> Option<Vec<(Str
         let m = stream.get_raw_message(seq).await.ok()?;
         let payload: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
         let id = payload_id(&payload).unwrap_or_default().to_owned();
-        out.push((m.subject.to_string(), id, async_nats_headers::of(&m.headers)));
+        out.push((
+            m.subject.to_string(),
+            id,
+            async_nats_headers::of(&m.headers),
+        ));
     }
     Some(out)
 }
@@ -87,13 +95,19 @@ impl Broker for NatsBroker {
 
     async fn count(&mut self) -> usize {
         match self.js.get_stream("ORDERS").await {
-            Ok(mut s) => s.info().await.map(|i| i.state.messages as usize).unwrap_or(0),
+            Ok(mut s) => s
+                .info()
+                .await
+                .map(|i| i.state.messages as usize)
+                .unwrap_or(0),
             Err(_) => 0,
         }
     }
 
     async fn ids(&mut self) -> Vec<String> {
-        let messages = stream_messages(&self.js, "ORDERS").await.unwrap_or_default();
+        let messages = stream_messages(&self.js, "ORDERS")
+            .await
+            .unwrap_or_default();
         for (subject, id, headers) in &messages {
             assert!(subject.starts_with("orders."), "{subject}");
             assert!(headers.contains_key("Nats-Msg-Id"), "{id}: {headers:?}");
@@ -110,9 +124,17 @@ async fn every_committed_message_reaches_nats_once_through_kills_and_restarts() 
     let nats = tokio::task::block_in_place(Nats::start);
     let js = create_stream(&nats.url(), "ORDERS", "orders.>", -1).await;
     let mut broker = NatsBroker { nats, js };
-    let report = faults(&mut broker, Feed::Durable, &["--subject", "orders.{key}", "--key-field", "k"]).await;
+    let report = faults(
+        &mut broker,
+        Feed::Durable,
+        &["--subject", "orders.{key}", "--key-field", "k"],
+    )
+    .await;
     eprintln!("NATS: {report:?}");
-    assert_eq!(report.duplicates, 0, "the duplicate window drops every replay: {report:?}");
+    assert_eq!(
+        report.duplicates, 0,
+        "the duplicate window drops every replay: {report:?}"
+    );
     assert!(report.kills >= 3);
 }
 
@@ -124,12 +146,20 @@ async fn every_committed_change_and_outbox_message_reaches_nats_once_from_the_wa
     let nats = tokio::task::block_in_place(Nats::start);
     let js = create_stream(&nats.url(), "ORDERS", "orders.>", -1).await;
     let mut broker = NatsBroker { nats, js };
-    let subjects = ["--subject", "orders.{key}", "--message-subject", "orders.{key}"];
+    let subjects = [
+        "--subject",
+        "orders.{key}",
+        "--message-subject",
+        "orders.{key}",
+    ];
     let mut args = subjects.to_vec();
     args.extend(["--key-field", "k"]);
     let report = faults(&mut broker, Feed::Wal, &args).await;
     eprintln!("NATS from the WAL: {report:?}");
-    assert_eq!(report.duplicates, 0, "the duplicate window drops every replay: {report:?}");
+    assert_eq!(
+        report.duplicates, 0,
+        "the duplicate window drops every replay: {report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +178,10 @@ async fn poison_messages_go_to_the_dead_letter_channel_with_headers_on_the_rest(
         r#"{"id":"nokey"}"#.to_owned(),
         r#"{"id":"b","k":"two"}"#.to_owned(),
     ] {
-        durable.publish(&channel, Text(&payload)).await.expect("publish");
+        durable
+            .publish(&channel, Text(&payload))
+            .await
+            .expect("publish");
     }
     let mut letters = durable
         .subscribe::<serde_json::Value>(&dead, "test")
@@ -170,14 +203,24 @@ async fn poison_messages_go_to_the_dead_letter_channel_with_headers_on_the_rest(
         let letter = m.payload();
         let payload: serde_json::Value =
             serde_json::from_str(letter["payload"].as_str().expect("payload")).expect("JSON");
-        why.push((payload["id"].as_str().expect("id").to_owned(), letter["error"].to_string()));
+        why.push((
+            payload["id"].as_str().expect("id").to_owned(),
+            letter["error"].to_string(),
+        ));
         assert_eq!(letter["origin"], "test-origin");
-        assert!(letter["id"].as_str().expect("id").starts_with(&format!("{channel}:")));
+        assert!(letter["id"]
+            .as_str()
+            .expect("id")
+            .starts_with(&format!("{channel}:")));
         m.ack();
     }
     why.sort();
     assert_eq!(why[0].0, "big");
-    assert!(why[0].1.contains("maximum") || why[0].1.contains("max"), "{}", why[0].1);
+    assert!(
+        why[0].1.contains("maximum") || why[0].1.contains("max"),
+        "{}",
+        why[0].1
+    );
     assert_eq!(why[1].0, "nokey");
     assert!(why[1].1.contains("no field"), "{}", why[1].1);
 
@@ -194,10 +237,16 @@ async fn poison_messages_go_to_the_dead_letter_channel_with_headers_on_the_rest(
     })
     .await
     .expect("two messages in the stream");
-    let got: Vec<(&str, &str)> = messages.iter().map(|(s, id, _)| (s.as_str(), id.as_str())).collect();
+    let got: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|(s, id, _)| (s.as_str(), id.as_str()))
+        .collect();
     assert_eq!(got, [("poison.one", "a"), ("poison.two", "b")]);
     for (_, _, h) in &messages {
-        assert!(h["Nats-Msg-Id"].starts_with(&format!("{channel}:")), "{h:?}");
+        assert!(
+            h["Nats-Msg-Id"].starts_with(&format!("{channel}:")),
+            "{h:?}"
+        );
         assert_eq!(h[HEADER_ORIGIN], "test-origin");
         assert_eq!(h[HEADER_POSITION].split('/').count(), 3, "{h:?}");
         assert!(h[HEADER_PUBLISHED_AT].ends_with('Z'), "{h:?}");
@@ -218,8 +267,11 @@ async fn poison_messages_go_to_the_dead_letter_channel_with_headers_on_the_rest(
     assert!(stats.lag.is_some() && stats.position.is_some());
     relay.close().await.expect("close");
     let groups = ps.admin().groups(&channel).await.expect("groups");
-    let g = groups.iter().find(|g| g.group == "relay").expect("the relay's group");
+    let g = groups
+        .iter()
+        .find(|g| g.group == "relay")
+        .expect("the relay's group");
     assert_eq!(g.lag_messages, 0, "acked past every message: {g:?}");
-    let _ = letters.next();
+    letters.close().await.expect("close the dead letters' subscription");
     ps.shutdown().await;
 }

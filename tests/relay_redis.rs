@@ -38,7 +38,9 @@ async fn entries(
             .map(|e| {
                 e.map
                     .iter()
-                    .filter_map(|(k, v)| Some((k.clone(), redis::from_redis_value::<String>(v).ok()?)))
+                    .filter_map(|(k, v)| {
+                        Some((k.clone(), redis::from_redis_value::<String>(v).ok()?))
+                    })
                     .collect()
             })
             .collect(),
@@ -64,7 +66,10 @@ impl Broker for RedisBroker {
         };
         let mut n = 0;
         for k in KEYS {
-            n += conn.xlen::<_, usize>(format!("orders.{k}")).await.unwrap_or(0);
+            n += conn
+                .xlen::<_, usize>(format!("orders.{k}"))
+                .await
+                .unwrap_or(0);
         }
         n
     }
@@ -75,7 +80,10 @@ impl Broker for RedisBroker {
         };
         let mut ids = Vec::new();
         for k in KEYS {
-            for e in entries(&mut conn, &format!("orders.{k}")).await.unwrap_or_default() {
+            for e in entries(&mut conn, &format!("orders.{k}"))
+                .await
+                .unwrap_or_default()
+            {
                 assert!(e[FIELD_ID].starts_with("orders:"), "{e:?}");
                 let payload: serde_json::Value =
                     serde_json::from_str(&e[FIELD_PAYLOAD]).expect("JSON payload");
@@ -94,7 +102,12 @@ async fn every_committed_message_reaches_redis_through_kills_and_restarts() {
     }
     let redis = tokio::task::block_in_place(Redis::start);
     let mut broker = RedisBroker { redis };
-    let report = faults(&mut broker, Feed::Durable, &["--subject", "orders.{key}", "--key-field", "k"]).await;
+    let report = faults(
+        &mut broker,
+        Feed::Durable,
+        &["--subject", "orders.{key}", "--key-field", "k"],
+    )
+    .await;
     // Redis keeps replays: at most what was in flight at the kills.
     eprintln!(
         "Redis: {report:?} ({} duplicates from {} kills)",
@@ -136,7 +149,10 @@ async fn entries_carry_the_source_id_position_and_origin() {
     .await
     .expect("three entries");
     let payloads: Vec<&str> = got.iter().map(|e| e[FIELD_PAYLOAD].as_str()).collect();
-    assert_eq!(payloads, [r#"{"id":"a"}"#, r#"{"id":"b"}"#, r#"{"id":"c"}"#]);
+    assert_eq!(
+        payloads,
+        [r#"{"id":"a"}"#, r#"{"id":"b"}"#, r#"{"id":"c"}"#]
+    );
     for e in &got {
         assert_eq!(e[FIELD_ID], format!("{channel}:{}", e[FIELD_POSITION]));
         assert_eq!(e[FIELD_ORIGIN], format!("pg-pubsub/{channel}/relay"));

@@ -190,8 +190,14 @@ pub fn describe() {
         "How long job handlers ran"
     );
     describe_counter!(WAL_CHANGES, "Row changes decoded by WAL feeds");
-    describe_counter!(RELAY_MESSAGES, "Messages relayed and confirmed by the broker");
-    describe_counter!(RELAY_DEAD_LETTERED, "Messages relays moved to their dead-letter channel");
+    describe_counter!(
+        RELAY_MESSAGES,
+        "Messages relayed and confirmed by the broker"
+    );
+    describe_counter!(
+        RELAY_DEAD_LETTERED,
+        "Messages relays moved to their dead-letter channel"
+    );
     describe_counter!(RELAY_RETRIES, "Relay publishes retried");
     describe_gauge!(
         RELAY_LAG_SECONDS,

@@ -34,8 +34,11 @@ impl NatsSink {
             .connect(url)
             .await
             .map_err(|e| {
-                Error::new(Origin::Broker, format!("connecting to NATS at {}", redact(url)))
-                    .with_source(e)
+                Error::new(
+                    Origin::Broker,
+                    format!("connecting to NATS at {}", redact(url)),
+                )
+                .with_source(e)
             })?;
         let mut sink = NatsSink::new(client);
         sink.url = redact(url);

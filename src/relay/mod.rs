@@ -118,8 +118,8 @@ pub use sink::{
     Confirm, Outgoing, Sink, SinkError, HEADER_ORIGIN, HEADER_POSITION, HEADER_PUBLISHED_AT,
 };
 pub use source::Source;
-pub use subject::SubjectTemplate;
 use subject::Kind;
+pub use subject::SubjectTemplate;
 pub use url::connect_sink;
 
 use crate::config::Backoff;
@@ -269,7 +269,11 @@ impl RelayBuilder {
                 let slot = feed.slot_name().to_owned();
                 let feed = feed.standby(true).start::<serde_json::Value>().await?;
                 let origin = format!("pg-pubsub/wal/{slot}");
-                (source::Reader::Wal(source::wal::WalReader::new(feed)), origin, None)
+                (
+                    source::Reader::Wal(source::wal::WalReader::new(feed)),
+                    origin,
+                    None,
+                )
             }
         };
         let origin: Arc<str> = Arc::from(self.origin.unwrap_or(origin));
@@ -285,7 +289,7 @@ impl RelayBuilder {
             origin: origin.clone(),
             dead_letter: durable,
             dead_channel,
-            plan: plan::RetryPlan::new(self.backoff.clone(), self.max_refusals),
+            plan: plan::RetryPlan::new(self.backoff, self.max_refusals),
             backoff: self.backoff,
             batch_size: self.batch_size,
             counters: counters.clone(),
@@ -381,11 +385,17 @@ impl Relay {
                 None => c.active.load(Ordering::Relaxed),
             },
             position: last.as_ref().map(|l| l.position.clone()),
-            lag: last
-                .as_ref()
-                .map(|l| l.settled_at.duration_since(l.published_at).unwrap_or_default()),
+            lag: last.as_ref().map(|l| {
+                l.settled_at
+                    .duration_since(l.published_at)
+                    .unwrap_or_default()
+            }),
             settled_at: last.map(|l| l.settled_at),
-            last_error: c.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            last_error: c
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -409,9 +419,9 @@ impl Relay {
     pub async fn close(mut self) -> Result<()> {
         self.stop.send_replace(true);
         match self.task.take() {
-            Some(task) => task.await.map_err(|e| {
-                Error::new(Origin::Relay, format!("the relay task failed: {e}"))
-            })?,
+            Some(task) => task
+                .await
+                .map_err(|e| Error::new(Origin::Relay, format!("the relay task failed: {e}")))?,
             None => Ok(()),
         }
     }

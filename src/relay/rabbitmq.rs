@@ -46,8 +46,11 @@ impl AmqpSink {
             channel: Mutex::new(None),
         };
         let opened = sink.open().await.map_err(|e| {
-            Error::new(Origin::Broker, format!("connecting to RabbitMQ at {}", redact(url)))
-                .with_source(e)
+            Error::new(
+                Origin::Broker,
+                format!("connecting to RabbitMQ at {}", redact(url)),
+            )
+            .with_source(e)
         })?;
         *sink.channel.lock().await = Some(opened);
         Ok(sink)
@@ -150,15 +153,17 @@ impl Sink for AmqpSink {
                 };
                 match tokio::time::timeout(TIMEOUT, confirm).await {
                     Ok(Ok(Confirmation::Ack(None))) => Ok(Confirm::Stored),
-                    Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(SinkError::retryable(format!(
-                        "RabbitMQ: no queue takes routing key {:?} on exchange {:?} ({})",
-                        returned.delivery.routing_key.as_str(),
-                        self.exchange,
-                        returned.reply_text.as_str()
-                    ))),
-                    Ok(Ok(Confirmation::Nack(_))) => {
-                        Err(SinkError::retryable("RabbitMQ: the broker nacked the message"))
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                        Err(SinkError::retryable(format!(
+                            "RabbitMQ: no queue takes routing key {:?} on exchange {:?} ({})",
+                            returned.delivery.routing_key.as_str(),
+                            self.exchange,
+                            returned.reply_text.as_str()
+                        )))
                     }
+                    Ok(Ok(Confirmation::Nack(_))) => Err(SinkError::retryable(
+                        "RabbitMQ: the broker nacked the message",
+                    )),
                     Ok(Ok(Confirmation::NotRequested)) => Err(SinkError::retryable(
                         "RabbitMQ: the channel is not in confirm mode",
                     )),
@@ -178,6 +183,10 @@ impl Sink for AmqpSink {
     }
 
     fn describe(&self) -> String {
-        format!("RabbitMQ at {} exchange {:?}", redact(&self.url), self.exchange)
+        format!(
+            "RabbitMQ at {} exchange {:?}",
+            redact(&self.url),
+            self.exchange
+        )
     }
 }

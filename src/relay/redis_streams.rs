@@ -7,8 +7,8 @@ use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError};
 
-use super::url::redact;
 use super::sink::{Confirm, Outgoing, Sink, SinkError};
+use super::url::redact;
 use crate::error::{Error, Origin, Result};
 
 /// Field of each stream entry holding the source id ([`Outgoing::id`]).
@@ -40,8 +40,11 @@ impl RedisSink {
     /// are retried.
     pub async fn connect(url: &str) -> Result<Self> {
         let failed = |e: RedisError| {
-            Error::new(Origin::Broker, format!("connecting to Redis at {}", redact(url)))
-                .with_source(e)
+            Error::new(
+                Origin::Broker,
+                format!("connecting to Redis at {}", redact(url)),
+            )
+            .with_source(e)
         };
         let client = redis::Client::open(url).map_err(failed)?;
         let config = ConnectionManagerConfig::new()

@@ -158,7 +158,9 @@ impl Runner {
             .iter()
             .map(|i| match &i.subject {
                 Ok(_) => sent.next().unwrap_or_else(|| {
-                    Err(SinkError::retryable("the sink gave no answer for this message"))
+                    Err(SinkError::retryable(
+                        "the sink gave no answer for this message",
+                    ))
                 }),
                 Err(why) => Err(SinkError::permanent(why.clone())),
             })

@@ -135,7 +135,10 @@ pub enum Confirm {
 pub trait Sink: Send + Sync + 'static {
     /// Publishes `batch` and answers for each message, in order (the
     /// answer has `batch.len()` entries).
-    fn publish<'a>(&'a self, batch: &'a [Outgoing]) -> BoxFuture<'a, Vec<Result<Confirm, SinkError>>>;
+    fn publish<'a>(
+        &'a self,
+        batch: &'a [Outgoing],
+    ) -> BoxFuture<'a, Vec<Result<Confirm, SinkError>>>;
 
     /// The broker's name and address for logs, without credentials.
     fn describe(&self) -> String;

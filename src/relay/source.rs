@@ -278,7 +278,11 @@ pub(crate) mod wal {
                         (id, at, None)
                     } else {
                         // Delivered at once, outside any transaction.
-                        (format!("wal:{}:0", m.lsn), SystemTime::now(), Some(AckToken::Wal(m.lsn)))
+                        (
+                            format!("wal:{}:0", m.lsn),
+                            SystemTime::now(),
+                            Some(AckToken::Wal(m.lsn)),
+                        )
                     };
                     let subject = render.subject(
                         Fields {

@@ -136,9 +136,13 @@ impl SubjectTemplate {
             | (Part::Channel, Kind::Durable)
             | (Part::Schema | Part::Table | Part::Op, Kind::Change)
             | (Part::Prefix, Kind::Message) => None,
-            (_, Kind::Durable) => Some("{schema}, {table}, {op} or {prefix} (durable messages have none)"),
+            (_, Kind::Durable) => {
+                Some("{schema}, {table}, {op} or {prefix} (durable messages have none)")
+            }
             (_, Kind::Change) => Some("{channel} or {prefix} (table changes have none)"),
-            (_, Kind::Message) => Some("{channel}, {schema}, {table} or {op} (WAL messages have none)"),
+            (_, Kind::Message) => {
+                Some("{channel}, {schema}, {table} or {op} (WAL messages have none)")
+            }
         });
         match unfillable {
             Some(what) => Err(Error::new(
@@ -152,7 +156,11 @@ impl SubjectTemplate {
     /// The subject for one message; `key_field` names the field `{key}`
     /// reads. An error says what is missing (the message is then
     /// dead-lettered: it will never render).
-    pub(crate) fn render(&self, fields: &Fields<'_>, key_field: Option<&str>) -> Result<String, String> {
+    pub(crate) fn render(
+        &self,
+        fields: &Fields<'_>,
+        key_field: Option<&str>,
+    ) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             let (name, value) = match part {
@@ -168,10 +176,16 @@ impl SubjectTemplate {
                 Part::Key => ("key", key_value(fields.row, key_field)?),
             };
             let Some(value) = value else {
-                return Err(format!("this message has no {{{name}}} for the subject template {:?}", self.text));
+                return Err(format!(
+                    "this message has no {{{name}}} for the subject template {:?}",
+                    self.text
+                ));
             };
             if value.is_empty() {
-                return Err(format!("{{{name}}} is empty in the subject template {:?}", self.text));
+                return Err(format!(
+                    "{{{name}}} is empty in the subject template {:?}",
+                    self.text
+                ));
             }
             out.extend(value.chars().map(|c| match c {
                 '.' | '*' | '>' => '_',
@@ -185,12 +199,17 @@ impl SubjectTemplate {
 
 /// The `{key}` value: the field `key_field` of `row`, a string or a number
 /// (a dotted name reads nested objects: `customer.id`).
-fn key_value(row: Option<&serde_json::Value>, key_field: Option<&str>) -> Result<Option<String>, String> {
+fn key_value(
+    row: Option<&serde_json::Value>,
+    key_field: Option<&str>,
+) -> Result<Option<String>, String> {
     let Some(field) = key_field else {
         return Err("the subject template uses {key} but the relay has no key field".to_owned());
     };
     let Some(mut v) = row else {
-        return Err(format!("{{key}}: the payload is not a JSON object with a field {field:?}"));
+        return Err(format!(
+            "{{key}}: the payload is not a JSON object with a field {field:?}"
+        ));
     };
     for name in field.split('.') {
         v = match v.get(name) {
@@ -202,7 +221,9 @@ fn key_value(row: Option<&serde_json::Value>, key_field: Option<&str>) -> Result
         serde_json::Value::String(s) => Ok(Some(s.clone())),
         serde_json::Value::Number(n) => Ok(Some(n.to_string())),
         serde_json::Value::Bool(b) => Ok(Some(b.to_string())),
-        other => Err(format!("{{key}}: the field {field:?} is {other}, not a string or a number")),
+        other => Err(format!(
+            "{{key}}: the field {field:?} is {other}, not a string or a number"
+        )),
     }
 }
 
@@ -234,9 +255,15 @@ mod tests {
             op: Some("insert"),
             ..Fields::default()
         };
-        assert_eq!(t.render(&f, None).expect("render"), "db.public.orders.insert");
+        assert_eq!(
+            t.render(&f, None).expect("render"),
+            "db.public.orders.insert"
+        );
         let t = SubjectTemplate::parse("orders.{channel}").expect("parse");
-        let f = Fields { channel: Some("ord"), ..Fields::default() };
+        let f = Fields {
+            channel: Some("ord"),
+            ..Fields::default()
+        };
         assert_eq!(t.render(&f, None).expect("render"), "orders.ord");
     }
 
@@ -244,9 +271,15 @@ mod tests {
     fn key_reads_a_payload_field_and_cannot_add_tokens() {
         let t = SubjectTemplate::parse("c.{key}").expect("parse");
         let row = json!({"customer": {"id": 42}, "name": "a.b *>c"});
-        let f = Fields { row: Some(&row), ..Fields::default() };
+        let f = Fields {
+            row: Some(&row),
+            ..Fields::default()
+        };
         assert_eq!(t.render(&f, Some("customer.id")).expect("nested"), "c.42");
-        assert_eq!(t.render(&f, Some("name")).expect("sanitised"), "c.a_b__>c".replace('>', "_"));
+        assert_eq!(
+            t.render(&f, Some("name")).expect("sanitised"),
+            "c.a_b__>c".replace('>', "_")
+        );
         assert!(t.render(&f, Some("missing")).is_err());
         assert!(t.render(&f, None).is_err());
         let f = Fields::default();
@@ -260,7 +293,10 @@ mod tests {
         assert!(SubjectTemplate::parse("a}").is_err());
         assert!(SubjectTemplate::parse("").is_err());
         let t = SubjectTemplate::parse("lit{{x}}").expect("escaped braces");
-        assert_eq!(t.render(&Fields::default(), None).expect("render"), "lit{x}");
+        assert_eq!(
+            t.render(&Fields::default(), None).expect("render"),
+            "lit{x}"
+        );
     }
 
     #[test]

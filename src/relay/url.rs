@@ -43,7 +43,14 @@ impl Sink for Box<dyn Sink> {
 }
 
 /// `url` without its password.
-#[cfg_attr(not(any(feature = "relay-nats", feature = "relay-redis", feature = "relay-amqp")), allow(dead_code))]
+#[cfg_attr(
+    not(any(
+        feature = "relay-nats",
+        feature = "relay-redis",
+        feature = "relay-amqp"
+    )),
+    allow(dead_code)
+)]
 pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {

@@ -30,12 +30,30 @@ fn temp_dir(what: &str) -> PathBuf {
     dir
 }
 
+/// `name` on the PATH, else in /usr/sbin or /usr/bin (Debian puts the
+/// servers in /usr/sbin, which a non-root PATH may lack).
+fn program(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/sbin", "/usr/bin"].map(|d| Path::new(d).join(name)))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// `uid`, `gid` of an OS user, from /etc/passwd.
 fn os_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
-        (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+        (f.first() == Some(&name))
+            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
     })
 }
 
@@ -97,7 +115,12 @@ impl Proc {
             .stderr(err)
             .process_group(0)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {:?}: {e} (installed by .ci/run)", cmd.get_program()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {:?}: {e} (installed by .ci/run)",
+                    cmd.get_program()
+                )
+            });
         Proc { child }
     }
 
@@ -159,9 +182,16 @@ impl Nats {
     }
 
     pub fn start_again(&mut self) {
-        let mut cmd = Command::new("nats-server");
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.dir.join("store"));
+        let mut cmd = Command::new(program("nats-server"));
+        cmd.args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-sd",
+        ])
+        .arg(self.dir.join("store"));
         let log = self.dir.join("nats.log");
         let mut proc = Proc::spawn(cmd, &log);
         wait_port(self.port, "nats-server", &mut proc.child, &log);
@@ -207,10 +237,17 @@ impl Redis {
     }
 
     pub fn start_again(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(&self.dir);
+        let mut cmd = Command::new(program("redis-server"));
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+        .arg(&self.dir);
         let log = self.dir.join("redis.log");
         let mut proc = Proc::spawn(cmd, &log);
         wait_port(self.port, "redis-server", &mut proc.child, &log);
@@ -262,7 +299,7 @@ impl Rabbit {
             // The temp dir's parent must be searchable: it is /tmp.
             chown_tree(&rabbit.dir, uid, gid);
         }
-        let mut epmd = Command::new("epmd");
+        let mut epmd = Command::new(program("epmd"));
         epmd.args(["-port", &rabbit.epmd_port.to_string()])
             .env("ERL_EPMD_ADDRESS", "127.0.0.1");
         let log = rabbit.dir.join("epmd.log");
@@ -289,7 +326,10 @@ impl Rabbit {
         let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
         cmd.current_dir(d)
             .env("HOME", d)
-            .env("RABBITMQ_NODENAME", format!("pgpubsub{}@localhost", self.port))
+            .env(
+                "RABBITMQ_NODENAME",
+                format!("pgpubsub{}@localhost", self.port),
+            )
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())

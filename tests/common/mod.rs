@@ -1,7 +1,11 @@
 //! Shared helpers for the integration tests: one PostgreSQL per test binary.
 #![allow(dead_code)]
 
-#[cfg(any(feature = "relay-nats", feature = "relay-redis", feature = "relay-amqp"))]
+#[cfg(any(
+    feature = "relay-nats",
+    feature = "relay-redis",
+    feature = "relay-amqp"
+))]
 pub mod brokers;
 #[cfg(feature = "cli")]
 pub mod fleet;

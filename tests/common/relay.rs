@@ -144,14 +144,25 @@ impl Publishers {
 
 /// One transaction publishing `ids`; `Err(true)` when the commit itself
 /// failed (its outcome unknown), `Err(false)` before it.
-async fn publish(client: &mut tokio_postgres::Client, ids: &[String], feed: Feed) -> Result<(), bool> {
+async fn publish(
+    client: &mut tokio_postgres::Client,
+    ids: &[String],
+    feed: Feed,
+) -> Result<(), bool> {
     let tx = client.transaction().await.map_err(|_| false)?;
     for id in ids {
-        let n: usize = id.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let n: usize = id
+            .rsplit('-')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let k = KEYS[n % KEYS.len()];
         let payload = serde_json::json!({"id": id, "k": k}).to_string();
         let done = match (feed, n % 2) {
-            (Feed::Durable, _) => tx.execute("SELECT pgpubsub.publish($1, $2)", &[&CHANNEL, &payload]).await,
+            (Feed::Durable, _) => {
+                tx.execute("SELECT pgpubsub.publish($1, $2)", &[&CHANNEL, &payload])
+                    .await
+            }
             (Feed::Wal, 0) => {
                 let sql = format!("INSERT INTO {TABLE} (id, k) VALUES ($1, $2)");
                 tx.execute(&sql, &[id, &k]).await
@@ -183,7 +194,9 @@ impl Relays {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let i = self
             .fleet
-            .spawn_cmd(&args, |l| l.contains("relaying") || l.contains("waiting for slot"))
+            .spawn_cmd(&args, |l| {
+                l.contains("relaying") || l.contains("waiting for slot")
+            })
             .await;
         self.alive.insert(i);
         i
@@ -257,7 +270,11 @@ async fn grows<B: Broker>(broker: &mut B, from: usize, n: usize) -> usize {
 async fn probe<B: Broker>(broker: &mut B, phase: &str) {
     let ids = broker.ids().await;
     let distinct: HashSet<&String> = ids.iter().collect();
-    eprintln!("relay scenario: after {phase}: {} stored, {} distinct", ids.len(), distinct.len());
+    eprintln!(
+        "relay scenario: after {phase}: {} stored, {} distinct",
+        ids.len(),
+        distinct.len()
+    );
 }
 
 /// Runs the scenario against `broker`; `extra` are the relay's options
@@ -265,12 +282,20 @@ async fn probe<B: Broker>(broker: &mut B, phase: &str) {
 pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Report {
     let started = Instant::now();
     let server = own_cluster(TestOptions::default()).await;
-    let ps = pg_pubsub::PgPubSub::connect(server.url()).await.expect("connect");
+    let ps = pg_pubsub::PgPubSub::connect(server.url())
+        .await
+        .expect("connect");
     // The dead-letter channel is a durable one, whatever the source.
     ps.durable().install().await.expect("install");
     if feed == Feed::Wal {
         let sql = format!("CREATE TABLE {TABLE} (id text PRIMARY KEY, k text NOT NULL)");
-        ps.pool().get().await.expect("client").batch_execute(&sql).await.expect("table");
+        ps.pool()
+            .get()
+            .await
+            .expect("client")
+            .batch_execute(&sql)
+            .await
+            .expect("table");
     }
     ps.shutdown().await;
 
@@ -279,7 +304,16 @@ pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Re
     let url = broker.url();
     let source: &[&str] = match feed {
         Feed::Durable => &["relay", "durable", CHANNEL, "--group", "relay"],
-        Feed::Wal => &["relay", "wal", "--slot", "relay", "--table", TABLE, "--messages", "outbox."],
+        Feed::Wal => &[
+            "relay",
+            "wal",
+            "--slot",
+            "relay",
+            "--table",
+            TABLE,
+            "--messages",
+            "outbox.",
+        ],
     };
     let mut args: Vec<String> = source
         .iter()
@@ -336,7 +370,10 @@ pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Re
             let client = super::raw_client_to(&server).await;
             let sql = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
                        WHERE slot_name = 'relay' AND active_pid IS NOT NULL";
-            let rows = client.query(sql, &[]).await.expect("terminate the walsender");
+            let rows = client
+                .query(sql, &[])
+                .await
+                .expect("terminate the walsender");
             assert_eq!(rows.len(), 1, "one walsender streams the slot");
         }
     }
@@ -354,7 +391,10 @@ pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Re
     let ids = loop {
         let ids = broker.ids().await;
         let have: HashSet<&str> = ids.iter().map(String::as_str).collect();
-        let missing: Vec<&String> = committed.iter().filter(|c| !have.contains(c.as_str())).collect();
+        let missing: Vec<&String> = committed
+            .iter()
+            .filter(|c| !have.contains(c.as_str()))
+            .collect();
         if missing.is_empty() {
             break ids;
         }
@@ -375,7 +415,10 @@ pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Re
         .collect();
     let mut copies: HashMap<&str, usize> = HashMap::new();
     for id in &ids {
-        assert!(known.contains(id.as_str()), "{id} arrived but was never published");
+        assert!(
+            known.contains(id.as_str()),
+            "{id} arrived but was never published"
+        );
         *copies.entry(id).or_default() += 1;
     }
     let duplicates = copies.values().map(|n| n - 1).sum();

@@ -91,7 +91,10 @@ pub(crate) async fn run(conn: &ConnOpts, args: RelayArgs) -> Result<()> {
     let (target, what) = match &args.command {
         RelayCommand::Durable(d) => {
             check_channel(&d.channel)?;
-            (&d.target, format!("durable channel {} as group {}", d.channel, d.group))
+            (
+                &d.target,
+                format!("durable channel {} as group {}", d.channel, d.group),
+            )
         }
         RelayCommand::Wal(w) => (&w.target, format!("slot {}", w.slot)),
     };
@@ -131,7 +134,10 @@ async fn relay(
             if let Some(prefix) = &w.messages {
                 feed = feed.messages(prefix);
             }
-            note(&format!("waiting for slot {} (another relay may stream it)", w.slot));
+            note(&format!(
+                "waiting for slot {} (another relay may stream it)",
+                w.slot
+            ));
             Source::wal(feed)
         }
     };
@@ -143,7 +149,11 @@ async fn relay(
     let stats = relay.stats();
     note(&format!(
         "relaying {what} to {describe} ({})",
-        if stats.active { "active" } else { "standing by: another relay of the group is active" }
+        if stats.active {
+            "active"
+        } else {
+            "standing by: another relay of the group is active"
+        }
     ));
     let result = watch(&relay, stop, stats.active).await;
     let closed = relay.close().await.map_err(Failure::from);
