@@ -102,6 +102,14 @@ pub(crate) enum Origin {
     Changes,
     Wal,
     Relay,
+    #[cfg_attr(
+        not(any(
+            feature = "relay-nats",
+            feature = "relay-redis",
+            feature = "relay-amqp"
+        )),
+        allow(dead_code)
+    )]
     Broker,
 }
 

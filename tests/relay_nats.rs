@@ -272,6 +272,9 @@ async fn poison_messages_go_to_the_dead_letter_channel_with_headers_on_the_rest(
         .find(|g| g.group == "relay")
         .expect("the relay's group");
     assert_eq!(g.lag_messages, 0, "acked past every message: {g:?}");
-    letters.close().await.expect("close the dead letters' subscription");
+    letters
+        .close()
+        .await
+        .expect("close the dead letters' subscription");
     ps.shutdown().await;
 }

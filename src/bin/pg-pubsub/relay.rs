@@ -99,7 +99,16 @@ pub(crate) async fn run(conn: &ConnOpts, args: RelayArgs) -> Result<()> {
         RelayCommand::Wal(w) => (&w.target, format!("slot {}", w.slot)),
     };
     check_channel(&target.dead_letter)?;
-    let ps = match stop.or(connect(conn, Tuning::default())).await {
+    // A WAL relay standing by tries the slot at this backoff's pace: a
+    // take-over within 2 s of the active relay's death.
+    let tuning = Tuning {
+        backoff: Some(pg_pubsub::Backoff {
+            max: Duration::from_secs(2),
+            ..pg_pubsub::Backoff::default()
+        }),
+        ..Tuning::default()
+    };
+    let ps = match stop.or(connect(conn, tuning)).await {
         Some(ps) => ps?,
         None => return Ok(()),
     };
