@@ -160,3 +160,72 @@ async fn entries_carry_the_source_id_position_and_origin() {
     relay.close().await.expect("close");
     ps.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_by_sigterm_writes_its_acks_and_the_next_one_replays_nothing() {
+    let redis = tokio::task::block_in_place(Redis::start);
+    let ps = common::pubsub().await;
+    let durable = ps.durable();
+    durable.install().await.expect("install");
+    let channel = common::channel("sigterm");
+    let publish = |from: usize, to: usize| {
+        let (durable, channel) = (durable.clone(), channel.clone());
+        async move {
+            let payloads: Vec<String> = (from..to).map(|i| format!(r#"{{"id":"{i}"}}"#)).collect();
+            durable
+                .publish_batch(&channel, payloads.iter().map(Text))
+                .await
+                .expect("publish");
+        }
+    };
+    let broker = RedisBroker { redis };
+    let conn = broker.conn().await.expect("connect");
+    let key = format!("out.{channel}");
+    // Entries until the one with payload id `last` (relayed in order: all
+    // before it are in by then).
+    let until = |last: usize| {
+        let key = key.clone();
+        let mut conn = conn.clone();
+        async move {
+            let last = format!(r#"{{"id":"{last}"}}"#);
+            tokio::time::timeout(common::WAIT, async {
+                loop {
+                    let e = entries(&mut conn, &key).await.unwrap_or_default();
+                    if e.iter().any(|e| e[FIELD_PAYLOAD] == last) {
+                        return e.len();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("entries")
+        }
+    };
+    let url = broker.url();
+    let args = [
+        "relay",
+        "durable",
+        &channel,
+        "--group",
+        "g",
+        "--to",
+        &url,
+        "--subject",
+        "out.{channel}",
+    ];
+    let mut fleet = common::fleet::Fleet::new();
+    let first = fleet.spawn_cmd(&args, |l| l.contains("relaying")).await;
+    publish(0, 50).await;
+    assert_eq!(until(49).await, 50);
+    let status = fleet.signal(first, "-TERM").await;
+    assert!(status.success(), "{status}");
+    fleet
+        .wait_err(|i, l| i == first && l.contains("stopped: relayed 50 "))
+        .await;
+    fleet.spawn_cmd(&args, |l| l.contains("relaying")).await;
+    publish(50, 60).await;
+    // A replay of the first 50 would come before the new ones.
+    assert_eq!(until(59).await, 60, "no replay after a clean stop");
+    drop(conn);
+    ps.shutdown().await;
+}

@@ -165,7 +165,13 @@ async fn relay(
         }
     ));
     let result = watch(&relay, stop, stats.active).await;
+    let stats = relay.stats();
     let closed = relay.close().await.map_err(Failure::from);
+    note(&format!(
+        "stopped: relayed {} message(s) ({} the broker already had), dead-lettered {}, \
+         retried {} publish(es)",
+        stats.relayed, stats.duplicates, stats.dead_lettered, stats.retries
+    ));
     result.and(closed)
 }
 
