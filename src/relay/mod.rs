@@ -266,6 +266,8 @@ impl RelayBuilder {
             .unwrap_or_else(|| DEFAULT_DEAD_LETTER.to_owned());
         crate::ChannelName::new(&dead_channel)?;
         let durable = self.pubsub.durable();
+        #[cfg(feature = "wal")]
+        let mut wal_role = None;
         let (reader, origin, election) = match self.source {
             Source::Durable { channel, group } => {
                 let sub = durable
@@ -280,7 +282,8 @@ impl RelayBuilder {
             #[cfg(feature = "wal")]
             Source::Wal(feed) => {
                 let slot = feed.slot_name().to_owned();
-                let feed = feed.standby(true).start::<serde_json::Value>().await?;
+                let feed = start_wal(feed.standby(true), self.backoff).await?;
+                wal_role = Some((feed.events(), slot.clone()));
                 let origin = format!("pg-pubsub/wal/{slot}");
                 (
                     source::Reader::Wal(source::wal::WalReader::new(feed)),
@@ -313,6 +316,15 @@ impl RelayBuilder {
         let registration = self.pubsub.inner.services.register("relay", move |_| {
             stopper.send_replace(true);
         })?;
+        #[cfg(feature = "wal")]
+        if let Some((events, slot)) = wal_role {
+            tokio::spawn(track_wal_role(
+                events,
+                slot,
+                counters.clone(),
+                stop.subscribe(),
+            ));
+        }
         let task = tokio::spawn(async move {
             let result = runner.run(reader).await;
             drop(registration);
@@ -326,6 +338,58 @@ impl RelayBuilder {
             stop,
             task: Some(task),
         })
+    }
+}
+
+/// Starts a WAL feed in standby mode, waiting for the slot; a lost or
+/// refused connection (a PostgreSQL restart while standing by) is retried
+/// with `backoff`, anything else (`wal_level`, rights) is returned.
+#[cfg(feature = "wal")]
+async fn start_wal(
+    feed: crate::changes::wal::WalFeedBuilder,
+    backoff: Backoff,
+) -> Result<crate::changes::wal::WalFeed<serde_json::Value>> {
+    let mut attempt = 1;
+    loop {
+        match feed.clone().start::<serde_json::Value>().await {
+            Err(e) if e.is_connection() || e.kind() == crate::ErrorKind::Connect => {
+                attempt += 1;
+                let delay = backoff.delay(attempt);
+                tracing::warn!(target: "pg_pubsub", slot = feed.slot_name(),
+                    "relay: starting the WAL feed failed, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Keeps a WAL relay's `active` flag: its feed streams the slot, or lost
+/// it (and retries: another relay may have it), until the relay stops.
+#[cfg(feature = "wal")]
+async fn track_wal_role(
+    mut events: crate::event::Events<crate::event::WalEvent>,
+    slot: String,
+    counters: Arc<run::Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::event::WalEvent;
+    use futures::StreamExt;
+    loop {
+        let event = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            event = events.next() => event,
+        };
+        match event {
+            Some(WalEvent::Streaming { slot: s, .. }) if *s == *slot => {
+                counters.active.store(true, Ordering::Relaxed);
+            }
+            Some(WalEvent::Disconnected { slot: s, .. }) if *s == *slot => {
+                counters.active.store(false, Ordering::Relaxed);
+            }
+            Some(_) => {}
+            None => return,
+        }
     }
 }
 

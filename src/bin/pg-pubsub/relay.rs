@@ -161,7 +161,7 @@ async fn relay(
         if stats.active {
             "active"
         } else {
-            "standing by: another relay of the group is active"
+            "standing by: another relay is active"
         }
     ));
     let result = watch(&relay, stop, stats.active).await;
@@ -221,7 +221,7 @@ async fn watch(relay: &Relay, stop: &mut Stop, mut active: bool) -> Result<()> {
             note(if active {
                 "this relay is now active"
             } else {
-                "standing by: another relay of the group is active"
+                "standing by: another relay is active"
             });
         }
         if stats.last_error != error {

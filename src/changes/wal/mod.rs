@@ -286,6 +286,7 @@ pub struct WalStats {
 
 /// Configures a [`WalFeed`]; from [`PgPubSub::wal_feed`].
 #[must_use = "a builder does nothing until .start() is awaited"]
+#[derive(Clone)]
 pub struct WalFeedBuilder {
     pubsub: PgPubSub,
     slot: String,

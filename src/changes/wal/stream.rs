@@ -237,6 +237,8 @@ impl StreamTask {
         let mut pending_begin: Option<RawItem> = None;
         // The highest ack-able position handed to the consumer.
         let mut delivered = self.shared.acked.load(Ordering::Acquire);
+        // Between a Begin and its Commit (a keepalive there is mid-transaction).
+        let mut in_txn = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -263,6 +265,7 @@ impl StreamTask {
                     commit_time_micros,
                 } => {
                     xid = x;
+                    in_txn = true;
                     let t = pg_time(commit_time_micros);
                     commit_time = Some(t);
                     // Held back until the transaction has something for this
@@ -279,6 +282,7 @@ impl StreamTask {
                     end_lsn,
                     commit_time_micros,
                 } => {
+                    in_txn = false;
                     if pending_begin.take().is_some() {
                         continue; // nothing of it was delivered
                     }
@@ -344,7 +348,21 @@ impl StreamTask {
                         transactional,
                     })]
                 }
-                ReplicationEvent::KeepAlive { .. } => continue,
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    // Everything the server sent before `wal_end` was handed
+                    // over: when the consumer has acked all of it and no
+                    // transaction is open, confirm up to there, as the
+                    // heartbeat does. A fast shutdown waits for this: its
+                    // walsenders exit once the shutdown checkpoint is
+                    // confirmed (else only at wal_sender_timeout).
+                    let acked = self.shared.acked.load(Ordering::Acquire);
+                    if !in_txn && acked >= delivered && wal_end.0 > acked {
+                        self.shared.acked.fetch_max(wal_end.0, Ordering::AcqRel);
+                        delivered = delivered.max(wal_end.0);
+                        client.update_applied_lsn(pgwire_replication::Lsn(wal_end.0));
+                    }
+                    continue;
+                }
                 ReplicationEvent::StoppedAt { .. } => return End::Stopped,
             };
             if let Some(begin) = pending_begin.take() {
