@@ -97,6 +97,12 @@ impl Runner {
             let settled: Vec<Item> = items.drain(..step.settled).collect();
             if let Some(token) = settled.iter().rev().find_map(|i| i.ack.as_ref()) {
                 reader.ack(token);
+                // Catching up (full batches): the acks are written at once,
+                // so a relay that dies then replays one batch, not an ack
+                // interval's worth of them. One write per half batch at least.
+                if settled.len() >= self.batch_size.div_ceil(2).max(2) {
+                    reader.flush().await;
+                }
             }
             if let Some(last) = settled.last() {
                 let now = SystemTime::now();

@@ -133,6 +133,21 @@ impl Reader {
         }
     }
 
+    /// Writes a durable source's acks now rather than at its next ack
+    /// interval (a WAL feed sends its own at its interval). A failure
+    /// leaves them to the interval's write.
+    pub(crate) async fn flush(&self) {
+        match self {
+            Reader::Durable(sub) => {
+                if let Err(e) = sub.flush().await {
+                    tracing::debug!(target: "pg_pubsub", "relay: writing acks failed: {e}");
+                }
+            }
+            #[cfg(feature = "wal")]
+            Reader::Wal(_) => {}
+        }
+    }
+
     /// Stops reading after writing the acks given so far.
     pub(crate) async fn close(self) -> crate::Result<()> {
         match self {

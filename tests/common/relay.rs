@@ -266,17 +266,6 @@ async fn grows<B: Broker>(broker: &mut B, from: usize, n: usize) -> usize {
     }
 }
 
-/// Stored and distinct messages now (for the phase log).
-async fn probe<B: Broker>(broker: &mut B, phase: &str) {
-    let ids = broker.ids().await;
-    let distinct: HashSet<&String> = ids.iter().collect();
-    eprintln!(
-        "relay scenario: after {phase}: {} stored, {} distinct",
-        ids.len(),
-        distinct.len()
-    );
-}
-
 /// Runs the scenario against `broker`; `extra` are the relay's options
 /// after `--to URL` (subject, exchange, ...).
 pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Report {
@@ -333,13 +322,11 @@ pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Re
 
     let publishers = Publishers::start(server.url(), 4, feed);
     let mut seen = grows(broker, 0, 100).await;
-    probe(broker, "the start").await;
 
     // 1. The active relay dies; the standby takes over.
     relays.kill_active().await;
     relays.spawn().await;
     seen = grows(broker, seen, 100).await;
-    probe(broker, "the first kill").await;
 
     // 2. The broker goes away: the relay retries until it is back.
     tokio::task::block_in_place(|| broker.stop());
@@ -350,18 +337,15 @@ pub async fn faults<B: Broker>(broker: &mut B, feed: Feed, extra: &[&str]) -> Re
         .await;
     tokio::task::block_in_place(|| broker.start_again());
     seen = grows(broker, seen, 100).await;
-    probe(broker, "the broker's restart").await;
 
     // 3. Another kill.
     relays.kill_active().await;
     relays.spawn().await;
     seen = grows(broker, seen, 100).await;
-    probe(broker, "the second kill").await;
 
     // 4. PostgreSQL restarts under everyone.
     tokio::task::block_in_place(|| server.restart().expect("restart PostgreSQL"));
     seen = grows(broker, seen, 100).await;
-    probe(broker, "PostgreSQL's restart").await;
 
     // 5. A last kill, then the publishers stop.
     relays.kill_active().await;
