@@ -352,7 +352,13 @@ async fn start_wal(
     let mut attempt = 1;
     loop {
         match feed.clone().start::<serde_json::Value>().await {
-            Err(e) if e.is_connection() || e.kind() == crate::ErrorKind::Connect => {
+            // Class 57 (operator intervention): the server shuts down or
+            // starts up; the replication client reports it as text.
+            Err(e)
+                if e.is_connection()
+                    || e.kind() == crate::ErrorKind::Connect
+                    || e.to_string().contains("SQLSTATE 57P") =>
+            {
                 attempt += 1;
                 let delay = backoff.delay(attempt);
                 tracing::warn!(target: "pg_pubsub", slot = feed.slot_name(),

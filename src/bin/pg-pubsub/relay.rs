@@ -87,6 +87,12 @@ struct WalArgs {
 }
 
 pub(crate) async fn run(conn: &ConnOpts, args: RelayArgs) -> Result<()> {
+    // The library's warnings (a lost stream, a retried publish) on stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let mut stop = Stop::new()?;
     let (target, what) = match &args.command {
         RelayCommand::Durable(d) => {
