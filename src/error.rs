@@ -66,6 +66,9 @@ pub enum ErrorKind {
     /// server connection. Connect the listener directly or through session
     /// pooling; publishing and enqueueing work through it.
     Pooler,
+    /// A message broker (NATS, Redis, RabbitMQ: see [`relay`](crate::relay))
+    /// could not be reached or refused what it was sent.
+    Broker,
 }
 
 /// Where an error happened: which part of the crate was at work.
@@ -88,6 +91,8 @@ pub enum Stage {
     Wal,
     /// Installing or checking the schema.
     Schema,
+    /// A relay to a broker: its source, its sink, its dead letters.
+    Relay,
 }
 
 /// What a crate-internal constructor is told: a kind, or the stage at
@@ -112,6 +117,16 @@ pub(crate) enum Origin {
     Queue,
     Changes,
     Wal,
+    Relay,
+    #[cfg_attr(
+        not(any(
+            feature = "relay-nats",
+            feature = "relay-redis",
+            feature = "relay-amqp"
+        )),
+        allow(dead_code)
+    )]
+    Broker,
 }
 
 impl Origin {
@@ -145,6 +160,8 @@ impl Origin {
             Origin::Queue => at(Stage::Queue),
             Origin::Changes => at(Stage::Changes),
             Origin::Wal => at(Stage::Wal),
+            Origin::Relay => at(Stage::Relay),
+            Origin::Broker => (ErrorKind::Broker, Some(Stage::Relay)),
         }
     }
 }

@@ -32,6 +32,7 @@
 //!              │ queue()/worker() ─▶ Queue, Worker: SKIP LOCKED claims, retries  │
 //!              │ changes() ─▶ trigger feeds into durable channels or NOTIFY      │
 //!              │ wal_feed() ─▶ own replication connection (feature `wal`)        │
+//!              │ relay() ─▶ a durable group or WAL feed into a broker (Sink)     │
 //!              ├─────────────────────────────────────────────────────────────────┤
 //!  plumbing    │ schema/ (migrations, installer) · exec (pool, timeout, cancel)  │
 //!              │ services (stopped in order by shutdown) · wake task (NOTIFY     │
@@ -85,6 +86,10 @@
 //!                   catch-up, pure), scheduler.rs (the service), store.rs
 //! src/changes/      trigger feeds (trigger.rs) and the WAL feed (wal/);
 //!                   store.rs: the trigger feeds' statements
+//! src/relay/        relays to brokers: mod.rs (builder, handle, docs), source.rs
+//!                   (durable group, WAL feed), run.rs (the loop), plan.rs (its
+//!                   retry/dead-letter decisions, without I/O), subject.rs,
+//!                   sink.rs (the Sink trait) and one file per broker
 //! src/admin/        the operator's view: mod.rs (handle, serializable types),
 //!                   store.rs (statements the capabilities lack)
 //! src/ui/           feature `ui`: router (mod.rs), api.rs (JSON), pages.rs
@@ -137,6 +142,8 @@
 //! * [`changes`]: change feeds (row changes from triggers and from the WAL).
 //! * [`cron`]: periodic jobs (cron or interval schedules in the database,
 //!   fired once per slot by the workers).
+//! * [`relay`]: relays from a durable channel or a WAL feed to NATS
+//!   JetStream, Redis Streams or RabbitMQ (one feature per broker).
 //! * [`admin`]: the operator's view: listings and actions across capabilities.
 //! * `ui` (feature `ui`): the dashboard and admin API, an axum router.
 //! * [`schema`]: the schema's name, migrations and installer.
@@ -193,6 +200,7 @@ pub mod durable;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod queue;
+pub mod relay;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;

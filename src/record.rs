@@ -150,6 +150,37 @@ mod imp {
             }
         }
     }
+
+    /// Per relay: settled and dead-lettered messages, retries, lag.
+    pub(crate) struct RelayMetrics {
+        messages: Counter,
+        dead: Counter,
+        retries: Counter,
+        lag: ::metrics::Gauge,
+    }
+
+    impl RelayMetrics {
+        pub(crate) fn new(relay: &str) -> Self {
+            RelayMetrics {
+                messages: counter!(names::RELAY_MESSAGES, "relay" => relay.to_owned()),
+                dead: counter!(names::RELAY_DEAD_LETTERED, "relay" => relay.to_owned()),
+                retries: counter!(names::RELAY_RETRIES, "relay" => relay.to_owned()),
+                lag: gauge!(names::RELAY_LAG_SECONDS, "relay" => relay.to_owned()),
+            }
+        }
+
+        #[inline]
+        pub(crate) fn settled(&self, sent: u64, dead: u64, lag: std::time::Duration) {
+            self.messages.increment(sent);
+            self.dead.increment(dead);
+            self.lag.set(lag.as_secs_f64());
+        }
+
+        #[inline]
+        pub(crate) fn retry(&self) {
+            self.retries.increment(1);
+        }
+    }
 }
 
 #[cfg(not(feature = "metrics"))]
@@ -202,6 +233,20 @@ mod imp {
     }
 
     pub(crate) struct QueueMetrics;
+
+    pub(crate) struct RelayMetrics;
+
+    impl RelayMetrics {
+        pub(crate) fn new(_: &str) -> Self {
+            RelayMetrics
+        }
+
+        #[inline]
+        pub(crate) fn settled(&self, _: u64, _: u64, _: std::time::Duration) {}
+
+        #[inline]
+        pub(crate) fn retry(&self) {}
+    }
 
     #[derive(Clone, Copy)]
     pub(crate) struct Timer;

@@ -84,6 +84,18 @@ pub mod names {
     /// Counter `{slot}`: row changes (insert, update, delete, truncate)
     /// decoded by this process's WAL feeds.
     pub const WAL_CHANGES: &str = "pgpubsub_wal_changes_total";
+    /// Counter `{relay}`: messages a relay published and its broker
+    /// confirmed (the relay's throughput is its rate).
+    pub const RELAY_MESSAGES: &str = "pgpubsub_relay_messages_total";
+    /// Counter `{relay}`: messages a relay moved to its dead-letter channel.
+    pub const RELAY_DEAD_LETTERED: &str = "pgpubsub_relay_dead_lettered_total";
+    /// Counter `{relay}`: publishes a relay retried (the broker was down or
+    /// did not confirm).
+    pub const RELAY_RETRIES: &str = "pgpubsub_relay_retries_total";
+    /// Gauge `{relay}`: seconds from the publish (or commit) of the newest
+    /// message a relay settled to the broker's confirm: how far behind the
+    /// relay is.
+    pub const RELAY_LAG_SECONDS: &str = "pgpubsub_relay_lag_seconds";
 
     /// Gauge `{queue,state}` (on scrape): jobs per state: `ready` (due
     /// now), `scheduled` (due later, or retrying after a backoff),
@@ -178,6 +190,20 @@ pub fn describe() {
         "How long job handlers ran"
     );
     describe_counter!(WAL_CHANGES, "Row changes decoded by WAL feeds");
+    describe_counter!(
+        RELAY_MESSAGES,
+        "Messages relayed and confirmed by the broker"
+    );
+    describe_counter!(
+        RELAY_DEAD_LETTERED,
+        "Messages relays moved to their dead-letter channel"
+    );
+    describe_counter!(RELAY_RETRIES, "Relay publishes retried");
+    describe_gauge!(
+        RELAY_LAG_SECONDS,
+        Unit::Seconds,
+        "Publish-to-confirm time of the newest message a relay settled"
+    );
     describe_gauge!(QUEUE_JOBS, "Jobs per queue and state");
     describe_gauge!(
         QUEUE_OLDEST_READY,

@@ -33,6 +33,9 @@ pub struct Fleet {
     /// Every stderr line read so far, with its process, in order (lines
     /// read while waiting for another process to start are kept here).
     pub stderr: Vec<(usize, String)>,
+    /// The server processes connect to (`DATABASE_URL`); `None`: the
+    /// shared test server.
+    pub database_url: Option<String>,
 }
 
 impl Fleet {
@@ -47,6 +50,7 @@ impl Fleet {
             lost: Vec::new(),
             gaps: Vec::new(),
             stderr: Vec::new(),
+            database_url: None,
         }
     }
 
@@ -102,7 +106,10 @@ impl Fleet {
     async fn spawn_command(&mut self, mut cmd: Command, ready: fn(&str) -> bool) -> usize {
         let i = self.procs.len();
         let mut child = cmd
-            .env("DATABASE_URL", server().url())
+            .env(
+                "DATABASE_URL",
+                self.database_url.as_deref().unwrap_or(server().url()),
+            )
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -155,7 +162,7 @@ impl Fleet {
 
     /// Reads lines until `pred` matches a stderr line; returns its process.
     pub async fn wait_err(&mut self, mut pred: impl FnMut(usize, &str) -> bool) -> usize {
-        tokio::time::timeout(WAIT, async {
+        let found = tokio::time::timeout(WAIT, async {
             loop {
                 let line = self.lines.recv().await.expect("line");
                 self.record(&line);
@@ -166,8 +173,14 @@ impl Fleet {
                 }
             }
         })
-        .await
-        .expect("timed out waiting for a process line")
+        .await;
+        match found {
+            Ok(i) => i,
+            Err(_) => {
+                let last = &self.stderr[self.stderr.len().saturating_sub(20)..];
+                panic!("timed out waiting for a process line; the last ones: {last:#?}")
+            }
+        }
     }
 
     /// Reads lines until `cond` holds for the fleet.

@@ -1,10 +1,18 @@
 //! Shared helpers for the integration tests: one PostgreSQL per test binary.
 #![allow(dead_code)]
 
+#[cfg(any(
+    feature = "relay-nats",
+    feature = "relay-redis",
+    feature = "relay-amqp"
+))]
+pub mod brokers;
 #[cfg(feature = "cli")]
 pub mod fleet;
 pub mod ha;
 pub mod pgbouncer;
+#[cfg(feature = "cli")]
+pub mod relay;
 #[cfg(feature = "ui")]
 pub mod ui;
 

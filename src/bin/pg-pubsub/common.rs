@@ -34,6 +34,8 @@ pub(crate) struct Tuning {
     pub(crate) queue_capacity: Option<NonZeroUsize>,
     pub(crate) single_listener: bool,
     pub(crate) filtered: bool,
+    /// Reconnect (and slot standby) backoff instead of the library's.
+    pub(crate) backoff: Option<pg_pubsub::Backoff>,
 }
 
 /// A message for the user; printed as `pg-pubsub: error: <message>`.
@@ -91,6 +93,9 @@ pub(crate) async fn connect(conn: &ConnOpts, tuning: Tuning) -> Result<PgPubSub>
     builder = builder
         .single_listener(tuning.single_listener)
         .filtered(tuning.filtered);
+    if let Some(backoff) = tuning.backoff {
+        builder = builder.backoff(backoff);
+    }
     builder
         .connect()
         .await

@@ -57,6 +57,7 @@ pub(crate) async fn run(conn: &ConnOpts, args: ListenArgs) -> Result<()> {
         queue_capacity: args.queue_capacity,
         single_listener: args.single_listener,
         filtered: args.filtered,
+        backoff: None,
     };
     let ps = match stop.or(connect(conn, tuning)).await {
         Some(ps) => ps?,

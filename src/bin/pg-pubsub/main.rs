@@ -20,6 +20,7 @@ mod listen;
 mod migrate;
 mod notify;
 mod queue;
+mod relay;
 mod serve;
 mod wal;
 
@@ -58,6 +59,9 @@ enum Command {
     /// Serve the dashboard and admin API over HTTP (localhost by default;
     /// read-only unless given an admin token).
     Serve(serve::ServeArgs),
+    /// Relay a durable channel or a WAL feed to NATS JetStream, Redis
+    /// Streams or RabbitMQ, acking the source once the broker confirmed.
+    Relay(relay::RelayArgs),
 }
 
 #[tokio::main]
@@ -74,6 +78,7 @@ async fn main() -> ExitCode {
         Command::Changes(args) => changes::run(&cli.conn, args).await,
         Command::Cron(args) => cron::run(&cli.conn, args).await,
         Command::Serve(args) => serve::run(&cli.conn, args).await,
+        Command::Relay(args) => relay::run(&cli.conn, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -286,6 +286,7 @@ pub struct WalStats {
 
 /// Configures a [`WalFeed`]; from [`PgPubSub::wal_feed`].
 #[must_use = "a builder does nothing until .start() is awaited"]
+#[derive(Clone)]
 pub struct WalFeedBuilder {
     pubsub: PgPubSub,
     slot: String,
@@ -398,6 +399,11 @@ impl WalFeedBuilder {
     pub fn recreate_lost_slot(mut self, recreate: bool) -> Self {
         self.recreate_lost_slot = recreate;
         self
+    }
+
+    /// The slot's name.
+    pub fn slot_name(&self) -> &str {
+        &self.slot
     }
 
     /// Items buffered ahead of the consumer. Default 8192.
