@@ -328,14 +328,7 @@ async fn a_wal_feed_whose_slot_did_not_survive_the_failover_fails_loudly() {
     let slot = channel("fo_wal");
     let table = format!("{slot}_t");
     let old = raw_client_to(&pair.primary).await;
-    old.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
-        .await
-        .unwrap();
-    let mut feed = ps.wal_feed(&slot).tables(&[&table]).start().await.unwrap();
-    old.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
-        .await
-        .unwrap();
-    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    let mut feed = wal_feed_past_one_change(&ps, &old, &slot, |b| b).await;
     // Recorded, as a failover slot where the server has them (17+).
     let row = old
         .query_one(
@@ -492,18 +485,8 @@ async fn a_wal_feed_streams_from_the_primary_whichever_host_comes_first() {
     );
     let ps = ha_builder(&url).connect().await.unwrap();
     let slot = channel("first_wal");
-    let table = format!("{slot}_t");
     let primary = raw_client_to(&pair.primary).await;
-    primary
-        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
-        .await
-        .unwrap();
-    let mut feed = ps.wal_feed(&slot).tables(&[&table]).start().await.unwrap();
-    primary
-        .batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
-        .await
-        .unwrap();
-    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    let feed = wal_feed_past_one_change(&ps, &primary, &slot, |b| b).await;
     feed.close().await.unwrap();
     ps.shutdown().await;
 }
@@ -514,18 +497,8 @@ async fn an_idle_wal_feed_does_not_hold_up_a_clean_shutdown() {
     let pair = Pair::start(false).await;
     let ps = ha_builder(&pair.url()).connect().await.unwrap();
     let slot = channel("idle_wal");
-    let table = format!("{slot}_t");
     let primary = raw_client_to(&pair.primary).await;
-    primary
-        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
-        .await
-        .unwrap();
-    let mut feed = ps.wal_feed(&slot).tables(&[&table]).start().await.unwrap();
-    primary
-        .batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
-        .await
-        .unwrap();
-    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    let feed = wal_feed_past_one_change(&ps, &primary, &slot, |b| b).await;
     // A switchover stops the primary cleanly: the server waits for its WAL
     // senders' clients to confirm what was sent (pg_ctl gives up after 60 s).
     let stopping = Instant::now();
@@ -574,20 +547,10 @@ async fn a_failover_slot_synced_to_the_standby_survives_the_failover() {
     let slot = channel("synced_wal");
     let table = format!("{slot}_t");
     let old = raw_client_to(&pair.primary).await;
-    old.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
-        .await
-        .unwrap();
-    let mut feed = ps
-        .wal_feed(&slot)
-        .tables(&[&table])
-        .ack_interval(Duration::from_millis(100))
-        .start()
-        .await
-        .unwrap();
-    old.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
-        .await
-        .unwrap();
-    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    let mut feed = wal_feed_past_one_change(&ps, &old, &slot, |b| {
+        b.ack_interval(Duration::from_millis(100))
+    })
+    .await;
 
     // Copy the slot once the primary has the ack, and the standby its WAL.
     let standby = raw_client_to(&pair.standby).await;
@@ -648,4 +611,32 @@ async fn a_failover_slot_synced_to_the_standby_survives_the_failover() {
     }
     feed.close().await.unwrap();
     ps.shutdown().await;
+}
+
+/// A WAL feed of `ps` on a new table `{slot}_t` of `primary`,
+/// built by `build` from the builder, that has received its first change.
+#[cfg(feature = "wal")]
+async fn wal_feed_past_one_change(
+    ps: &pg_pubsub::PgPubSub,
+    primary: &tokio_postgres::Client,
+    slot: &str,
+    build: impl FnOnce(
+        pg_pubsub::changes::wal::WalFeedBuilder,
+    ) -> pg_pubsub::changes::wal::WalFeedBuilder,
+) -> pg_pubsub::changes::wal::WalFeed {
+    let table = format!("{slot}_t");
+    primary
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let mut feed = build(ps.wal_feed(slot).tables(&[&table]))
+        .start()
+        .await
+        .unwrap();
+    primary
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    assert_eq!(next_wal_change(&mut feed).await["id"], 1);
+    feed
 }

@@ -26,6 +26,18 @@ struct RabbitBroker {
 }
 
 impl RabbitBroker {
+    /// A RabbitMQ server of its own, with the test's queue declared.
+    async fn start() -> RabbitBroker {
+        let rabbit = tokio::task::block_in_place(Rabbit::start);
+        let mut broker = RabbitBroker {
+            rabbit,
+            channel: None,
+            got: Vec::new(),
+        };
+        broker.declare().await;
+        broker
+    }
+
     /// A channel, opened again after a restart; `None` while it is down.
     async fn channel(&mut self) -> Option<Channel> {
         if let Some((conn, ch)) = &self.channel {
@@ -128,13 +140,7 @@ async fn every_committed_message_reaches_rabbitmq_through_kills_and_restarts() {
     if !common::own_server("restart") {
         return;
     }
-    let rabbit = tokio::task::block_in_place(Rabbit::start);
-    let mut broker = RabbitBroker {
-        rabbit,
-        channel: None,
-        got: Vec::new(),
-    };
-    broker.declare().await;
+    let mut broker = RabbitBroker::start().await;
     let report = faults(
         &mut broker,
         Feed::Durable,
@@ -161,13 +167,7 @@ async fn every_committed_message_reaches_rabbitmq_through_kills_and_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_persistent_with_message_id_and_headers() {
-    let rabbit = tokio::task::block_in_place(Rabbit::start);
-    let mut broker = RabbitBroker {
-        rabbit,
-        channel: None,
-        got: Vec::new(),
-    };
-    broker.declare().await;
+    let mut broker = RabbitBroker::start().await;
     let ps = common::pubsub().await;
     let durable = ps.durable();
     durable.install().await.expect("install");
