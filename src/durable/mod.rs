@@ -348,6 +348,7 @@ pub use groups::{GroupInfo, Retained};
 pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
 pub use reader::ConsumerStats;
+pub(crate) use subscription::AckWriter;
 pub use subscription::DurableSubscription;
 
 use crate::client::PgPubSub;

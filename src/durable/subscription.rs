@@ -78,15 +78,15 @@ impl<T> DurableSubscription<T> {
 
     /// Writes the acks given so far to the group's cursor now.
     pub async fn flush(&self) -> Result<()> {
-        match self.acks.take() {
-            Some(p) => self
-                .durable
-                .write_ack(&self.acks, p)
-                .await
-                .inspect_err(|_| {
-                    self.acks.restore(p);
-                }),
-            None => Ok(()),
+        self.ack_writer().flush().await
+    }
+
+    /// Writes this subscription's acks from another task: the relay acks
+    /// one batch while it reads the next.
+    pub(crate) fn ack_writer(&self) -> AckWriter {
+        AckWriter {
+            durable: self.durable.clone(),
+            acks: self.acks.clone(),
         }
     }
 
@@ -121,6 +121,28 @@ impl<T> DurableSubscription<T> {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+}
+
+/// What [`DurableSubscription::flush`] needs, apart from the stream.
+pub(crate) struct AckWriter {
+    durable: Durable,
+    acks: Arc<Acks>,
+}
+
+impl AckWriter {
+    /// Writes the acks given so far to the group's cursor now.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        match self.acks.take() {
+            Some(p) => self
+                .durable
+                .write_ack(&self.acks, p)
+                .await
+                .inspect_err(|_| {
+                    self.acks.restore(p);
+                }),
+            None => Ok(()),
         }
     }
 }

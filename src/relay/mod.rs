@@ -295,13 +295,13 @@ impl RelayBuilder {
         let origin: Arc<str> = Arc::from(self.origin.unwrap_or(origin));
         let counters = Arc::new(run::Counters::default());
         let stop = Arc::new(watch::Sender::new(false));
+        let render = source::Render {
+            template,
+            message_template,
+            key_field: self.key_field,
+        };
         let runner = run::Runner {
             sink: self.sink.clone(),
-            render: source::Render {
-                template,
-                message_template,
-                key_field: self.key_field,
-            },
             origin: origin.clone(),
             dead_letter: durable,
             dead_channel,
@@ -326,7 +326,7 @@ impl RelayBuilder {
             ));
         }
         let task = tokio::spawn(async move {
-            let result = runner.run(reader).await;
+            let result = runner.run(reader, render).await;
             drop(registration);
             result
         });
