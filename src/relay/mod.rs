@@ -28,7 +28,9 @@
 //!   confirmed: a JetStream publish ack, a RabbitMQ publisher confirm of a
 //!   persistent message, a Redis `XADD` reply. Acks are cumulative and
 //!   stop at the first message not confirmed. After a crash, a take-over
-//!   or a lost connection, what was in flight is published again.
+//!   or a lost connection, what was in flight is published again: while
+//!   catching up, the batch being published and the one before it, whose
+//!   acks are written meanwhile (the next batch is read meanwhile too).
 //! * **Stable ids.** Each message carries an id of its source event that
 //!   is the same every time it is relayed ([`Outgoing::id`]): `Nats-Msg-Id`
 //!   (JetStream drops a replay within the stream's duplicate window, so

@@ -65,6 +65,8 @@ impl Runner {
         self.counters.active.store(true, Ordering::Relaxed);
         // The batch read while the previous one was relayed.
         let mut ahead: Option<Read> = None;
+        // The previous batch's acks, written while this one is published.
+        let mut flush_due = false;
         loop {
             let read = match ahead.take() {
                 Some(read) => read,
@@ -97,9 +99,18 @@ impl Runner {
                     read = reader.next_batch(batch_size, &render) => Some(read),
                 }
             };
-            let (relayed, next) = tokio::join!(self.relay(&acker, read.items), reading);
+            let flushing = async {
+                if std::mem::take(&mut flush_due) {
+                    acker.flush().await;
+                }
+            };
+            let (relayed, next, ()) =
+                tokio::join!(self.relay(&acker, read.items), reading, flushing);
             match (relayed, next) {
-                (Ok(()), Some(next)) => ahead = Some(next),
+                (Ok(due), Some(next)) => {
+                    flush_due = due;
+                    ahead = Some(next);
+                }
                 _ => break,
             }
         }
@@ -108,9 +119,13 @@ impl Runner {
     }
 
     /// Publishes `items` until every one is settled, acking the source
-    /// as they are.
-    async fn relay(&mut self, acker: &Acker, mut items: Vec<Item>) -> Result<(), Stopped> {
+    /// as they are. True if the acks should be written now rather than at
+    /// the source's ack interval: catching up (full batches), a relay that
+    /// dies then replays two batches (this one and the next, published
+    /// while they are written), not an interval's worth of them.
+    async fn relay(&mut self, acker: &Acker, mut items: Vec<Item>) -> Result<bool, Stopped> {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        let mut flush = false;
         while !items.is_empty() {
             let answers = self.publish(&items).await;
             let step = self.plan.decide(&answers, items.len());
@@ -120,12 +135,7 @@ impl Runner {
             let settled: Vec<Item> = items.drain(..step.settled).collect();
             if let Some(token) = settled.iter().rev().find_map(|i| i.ack.as_ref()) {
                 acker.ack(token);
-                // Catching up (full batches): the acks are written at once,
-                // so a relay that dies then replays one batch, not an ack
-                // interval's worth of them. One write per half batch at least.
-                if settled.len() >= self.batch_size.div_ceil(2).max(2) {
-                    acker.flush().await;
-                }
+                flush |= settled.len() >= self.batch_size.div_ceil(2).max(2);
             }
             if let Some(last) = settled.last() {
                 let now = SystemTime::now();
@@ -157,7 +167,7 @@ impl Runner {
                 self.sleep(delay).await?;
             }
         }
-        Ok(())
+        Ok(flush)
     }
 
     /// The broker's answer for each item (items that render no subject are
