@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -101,6 +101,12 @@ const CATALOG: Catalog = Catalog {
             sql: include_str!("migrations/0005_wal_slots.sql"),
             compatible_with: 1,
         },
+        Migration {
+            version: 6,
+            name: "limited_claim",
+            sql: include_str!("migrations/0006_limited_claim.sql"),
+            compatible_with: 1,
+        },
     ],
     scripts: &[
         Script {
@@ -121,7 +127,7 @@ const CATALOG: Catalog = Catalog {
         Script {
             name: "limits",
             sql: include_str!("functions/limits.sql"),
-            since: 4,
+            since: 6,
         },
     ],
 };
@@ -282,9 +288,10 @@ mod tests {
         ("schedules", 3, "0f9e2f51dad6104d"),
         ("limits", 4, "741d36155d7f8cb1"),
         ("wal_slots", 5, "5637b22ed13b57b7"),
+        ("limited_claim", 6, "966bffad689177e8"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),
-        ("limits", 4, "019850ff5dd38783"),
+        ("limits", 6, "4ebfd6336af563b4"),
     ];
 }
