@@ -365,6 +365,22 @@ impl Builder {
         self
     }
 
+    /// How long a lease lasts without renewal: the election of a durable
+    /// consumer group's active consumer behind a pooler in transaction
+    /// mode ([`transaction_pooling`](Self::transaction_pooling)), where no
+    /// session holds an advisory lock. The holder renews it every third of
+    /// this and stops delivering once this has passed since its last
+    /// successful renewal was sent; a standby tries every
+    /// [`lock_retry_interval`](Self::lock_retry_interval) and takes the
+    /// lease once the server's clock says it expired. So after the active
+    /// consumer dies, a standby takes over within this plus the retry
+    /// interval; a graceful close releases it at once. Default: 10 s; at
+    /// least 100 ms.
+    pub fn lease_duration(mut self, duration: Duration) -> Self {
+        self.opts.lease_duration = duration;
+        self
+    }
+
     /// Opens the listener connection and starts its task.
     ///
     /// Fails if the first connection cannot be opened (wrong address,

@@ -219,6 +219,7 @@ mod connect;
 mod error;
 pub mod event;
 mod exec;
+mod lease;
 mod payload;
 mod record;
 mod service;

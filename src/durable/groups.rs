@@ -2,6 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::types::Type;
+
 use super::position::Position;
 use super::store::position_of;
 use super::Durable;
@@ -77,7 +79,7 @@ impl Durable {
         let ch = channel.as_str();
         let rows = self
             .with_client("listing durable groups", |c| async move {
-                c.query(&sql, &[&ch]).await
+                c.query_p(&sql, &[(&ch, Type::TEXT)]).await
             })
             .await?;
         rows.iter()
@@ -102,7 +104,11 @@ impl Durable {
         );
         let ch = channel.as_str();
         self.with_client("removing a durable group", |c| async move {
-            Ok(c.execute(&sql, &[&ch, &group]).await? == 1)
+            Ok(
+                c.execute_p(&sql, &[(&ch, Type::TEXT), (&group, Type::TEXT)])
+                    .await?
+                    == 1,
+            )
         })
         .await
     }
@@ -153,8 +159,16 @@ impl Durable {
             .with_client("durable retention", |c| async move {
                 // Two transactions: a partition is emptied only once
                 // publishers have been told to write elsewhere.
-                c.execute(&rotate, &[&wait]).await?;
-                c.query_one(&sql, &[&ch, &max_age_secs, &wait]).await
+                c.execute_p(&rotate, &[(&wait, Type::BOOL)]).await?;
+                c.query_one_p(
+                    &sql,
+                    &[
+                        (&ch, Type::TEXT),
+                        (&max_age_secs, Type::FLOAT8),
+                        (&wait, Type::BOOL),
+                    ],
+                )
+                .await
             })
             .await
             .map_err(max_age_conflict)?;
@@ -199,7 +213,8 @@ impl Durable {
         );
         let ch = channel.as_str();
         self.with_client("setting the durable max age", |c| async move {
-            c.execute(&sql, &[&ch, &max_age_secs]).await?;
+            c.execute_p(&sql, &[(&ch, Type::TEXT), (&max_age_secs, Type::FLOAT8)])
+                .await?;
             Ok(())
         })
         .await
@@ -225,7 +240,8 @@ impl Durable {
         let ch = channel.as_str();
         let row = self
             .with_client("checking the durable max age", |c| async move {
-                c.query_one(&sql, &[&ch, &secs]).await
+                c.query_one_p(&sql, &[(&ch, Type::TEXT), (&secs, Type::FLOAT8)])
+                    .await
             })
             .await?;
         if row.get::<_, Option<bool>>(0) == Some(true) {

@@ -331,6 +331,7 @@ mod position;
 mod publish;
 mod quiet;
 mod reader;
+mod role;
 mod store;
 mod subscription;
 mod wakeups;
@@ -446,8 +447,12 @@ impl Durable {
         let channel = crate::ChannelName::new(channel)?;
         let sql = format!("SELECT {}.tick($1)", self.schema.as_str());
         self.with_client("durable tick", |client| async move {
-            let stmt = client.prepare_cached(&sql).await?;
-            let row = client.query_one(&stmt, &[&channel.as_str()]).await?;
+            let row = client
+                .query_one_p(
+                    &sql,
+                    &[(&channel.as_str(), tokio_postgres::types::Type::TEXT)],
+                )
+                .await?;
             Ok(row.get::<_, i64>(0))
         })
         .await

@@ -29,6 +29,8 @@ pub struct DurableSubscription<T> {
     pub(super) channel: ChannelName,
     pub(super) group: Arc<str>,
     pub(super) election: String,
+    /// Behind a pooler in transaction mode, the group's lease.
+    pub(super) lease: Option<crate::lease::LeaseWatch>,
     pub(super) acks: Arc<Acks>,
     pub(super) counts: Arc<Counts>,
     pub(super) rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
@@ -58,6 +60,9 @@ impl<T> DurableSubscription<T> {
 
     /// Whether this instance is the group's active consumer now.
     pub fn is_active(&self) -> bool {
+        if let Some(lease) = &self.lease {
+            return lease.term().is_some();
+        }
         self.durable.pubsub.is_leader(&self.election)
     }
 

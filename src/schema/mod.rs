@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -99,6 +99,13 @@ const CATALOG: Catalog = Catalog {
             version: 5,
             name: "wal_slots",
             sql: include_str!("migrations/0005_wal_slots.sql"),
+            compatible_with: 1,
+        },
+        // 6 and 7 are taken by other branches (renumbered at merge).
+        Migration {
+            version: 8,
+            name: "leases",
+            sql: include_str!("migrations/0008_leases.sql"),
             compatible_with: 1,
         },
     ],
