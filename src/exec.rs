@@ -240,6 +240,7 @@ macro_rules! typed_statements {
         }
 
         /// Runs `sql`; returns its rows as they arrive.
+        #[allow(dead_code)] // not every target needs every form
         pub(crate) async fn query_raw_p(
             &self,
             sql: &str,
@@ -258,6 +259,7 @@ macro_rules! typed_statements {
         }
 
         /// Whether statements go unnamed (behind a transaction pooler).
+        #[allow(dead_code)] // not every target needs every form
         pub(crate) fn unnamed(&self) -> bool {
             self.unnamed
         }

@@ -134,7 +134,9 @@ impl<T: Decode> ConsumerBuilder<T> {
     /// [quiet](Durable::set_quiet) channel (published without wake-ups)
     /// after an idle period, and of a message whose wake-up was lost.
     /// `Some(poll_interval)` turns the backoff off. Default: `None`, 8
-    /// times the poll interval (8 s by default).
+    /// times the poll interval (8 s by default); behind a pooler in
+    /// transaction mode, where no wake-up comes, the poll interval (no
+    /// backoff).
     pub fn max_poll_interval(mut self, interval: Option<Duration>) -> Self {
         self.max_poll_interval = interval;
         self
