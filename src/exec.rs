@@ -14,6 +14,10 @@
 //!   run; the error says whether it [may have
 //!   committed](crate::Error::may_have_committed).
 //!
+//! Statements go through [`Conn`]'s `query_p` family (and [`Tx`]'s, in a
+//! transaction), with typed parameters: prepared once per connection, or,
+//! behind a pooler in transaction mode, unnamed.
+//!
 //! Capabilities and the wake-up task hold an `Exec`, not the whole handle:
 //! it is the narrow dependency they share.
 
