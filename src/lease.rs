@@ -233,6 +233,8 @@ impl Holder {
         tx: watch::Sender<Option<u64>>,
         stop: &mut watch::Receiver<bool>,
     ) {
+        // Warned once per run of failures, not at every retry.
+        let mut failing = false;
         let publish = |plan: &mut Plan| {
             let term = plan.term(Instant::now());
             tx.send_if_modified(|t| std::mem::replace(t, term) != term);
@@ -247,12 +249,20 @@ impl Holder {
                     Ok(Ok(Some(term))) => Outcome::Won(term),
                     Ok(Ok(None)) => Outcome::Refused,
                     Ok(Err(e)) => {
-                        tracing::warn!(lease = %self.name, "pg-pubsub: lease attempt failed: {e}");
+                        if !failing {
+                            tracing::warn!(lease = %self.name, "pg-pubsub: lease attempt failed (retrying): {e}");
+                        }
                         Outcome::Failed
                     }
                     Err(_) => Outcome::Failed,
                 },
             };
+            if (outcome == Outcome::Failed) != failing {
+                failing = !failing;
+                if !failing {
+                    tracing::info!(lease = %self.name, "pg-pubsub: lease attempts succeed again");
+                }
+            }
             plan.attempted(sent, Instant::now(), outcome);
             publish(&mut plan);
             while Instant::now() < plan.next_attempt() {

@@ -10,6 +10,7 @@ use common::pgbouncer::{PgBouncer, PoolMode};
 use common::*;
 use futures::future::join_all;
 use futures::StreamExt;
+use pg_pubsub::cron::CatchUp;
 use pg_pubsub::durable::{DurableDelivery, DurableEvent, DurableSubscription, Start};
 use pg_pubsub::event::QueueEvent;
 use pg_pubsub::queue::{Cancelled, FinishedState, Job};
@@ -28,7 +29,8 @@ async fn pooled(url: &str) -> PgPubSub {
     PgPubSub::builder(url)
         .expect("url")
         .transaction_pooling(true)
-        .lease_duration(Duration::from_secs(1))
+        // Renewed every second: generous for a busy machine.
+        .lease_duration(Duration::from_secs(3))
         .lock_retry_interval(Duration::from_millis(100))
         .connect()
         .await
@@ -270,6 +272,32 @@ async fn durable_consumers_poll_and_hand_over_on_leases_through_transaction_pool
     d.publish(&ch, Text("a4")).await.unwrap();
     assert_eq!(take_acked(&mut c, 1).await, ["a4"]);
     c.close().await.unwrap();
+
+    // Removing a group removes its lease (released when "solo" closed).
+    let solo_lease = pg_pubsub::schema::election_channel(d.schema(), &ch, "solo");
+    let db = raw_client().await;
+    let lease = |released: bool| {
+        let (db, name) = (&db, &solo_lease);
+        async move {
+            db.query(
+                "SELECT 1 FROM pgpubsub.leases WHERE name = $1 \
+                 AND ($2 OR expires_at = '-infinity')",
+                &[name, &!released],
+            )
+            .await
+            .unwrap()
+            .len()
+        }
+    };
+    tokio::time::timeout(WAIT, async {
+        while lease(true).await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the closed consumer released its lease");
+    assert!(d.remove_group(&ch, "solo").await.unwrap());
+    assert_eq!(lease(false).await, 0, "the lease went with the group");
     assert_no_prepared_statement_errors();
     b_ps.shutdown().await;
     ps.shutdown().await;
@@ -331,8 +359,11 @@ async fn queue_control_and_schedules_through_transaction_pooling() {
     // worker's, and another handle's.
     let s = q.schedules();
     let (sched, target) = (channel("pgb_every"), channel("pgb_slots"));
+    // Every slot, even one a busy machine fires late: a gap or a double
+    // would be the schedulers' doing.
     s.schedule(&sched)
         .every(Duration::from_secs(1))
+        .catch_up(CatchUp::All)
         .queue(&target)
         .payload(Text("tick"))
         .upsert()

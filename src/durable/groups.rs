@@ -95,20 +95,25 @@ impl Durable {
             .collect()
     }
 
-    /// Removes `group` from `channel` (its cursor no longer holds messages back).
+    /// Removes `group` from `channel` (its cursor no longer holds messages
+    /// back), with its lease, if it had one (consumed behind a pooler in
+    /// transaction mode).
     pub async fn remove_group(&self, channel: &str, group: &str) -> Result<bool> {
         let channel = ChannelName::new(channel)?;
+        let s = self.schema.as_str();
         let sql = format!(
-            "DELETE FROM {}.groups WHERE channel = $1 AND group_name = $2",
-            self.schema.as_str()
+            "WITH lease AS (DELETE FROM {s}.leases WHERE name = $3) \
+             DELETE FROM {s}.groups WHERE channel = $1 AND group_name = $2"
         );
         let ch = channel.as_str();
+        let lease = crate::schema::election_channel(&self.schema, ch, group);
         self.with_client("removing a durable group", |c| async move {
-            Ok(
-                c.execute_p(&sql, &[(&ch, Type::TEXT), (&group, Type::TEXT)])
-                    .await?
-                    == 1,
-            )
+            let params: &crate::tx::Params = &[
+                (&ch, Type::TEXT),
+                (&group, Type::TEXT),
+                (&lease, Type::TEXT),
+            ];
+            Ok(c.execute_p(&sql, params).await? == 1)
         })
         .await
     }
