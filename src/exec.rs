@@ -303,6 +303,7 @@ impl<'a> Tx<'a> {
     }
 }
 
+// How the statement macros reach the transaction.
 impl<'a> Deref for Tx<'a> {
     type Target = deadpool_postgres::Transaction<'a>;
 
