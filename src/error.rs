@@ -64,7 +64,8 @@ pub enum ErrorKind {
     /// through a pooler in transaction mode (PgBouncer's
     /// `pool_mode = transaction`), which hands each transaction to any
     /// server connection. Connect the listener directly or through session
-    /// pooling; publishing and enqueueing work through it.
+    /// pooling; publishing, enqueueing, workers and durable consumers
+    /// (polling) work through it.
     Pooler,
     /// A message broker (NATS, Redis, RabbitMQ: see [`relay`](crate::relay))
     /// could not be reached or refused what it was sent.

@@ -29,6 +29,8 @@ pub struct DurableSubscription<T> {
     pub(super) channel: ChannelName,
     pub(super) group: Arc<str>,
     pub(super) election: String,
+    /// Behind a pooler in transaction mode, the group's lease.
+    pub(super) lease: Option<crate::lease::LeaseWatch>,
     pub(super) acks: Arc<Acks>,
     pub(super) counts: Arc<Counts>,
     pub(super) rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
@@ -58,7 +60,17 @@ impl<T> DurableSubscription<T> {
 
     /// Whether this instance is the group's active consumer now.
     pub fn is_active(&self) -> bool {
-        self.durable.pubsub.is_leader(&self.election)
+        self.activity().is_active()
+    }
+
+    /// What tells whether this instance is active, from another task (a
+    /// relay's stats, while the relay's task owns the subscription).
+    pub(crate) fn activity(&self) -> Activity {
+        Activity {
+            lease: self.lease.clone(),
+            pubsub: self.durable.pubsub.clone(),
+            election: self.election.clone(),
+        }
     }
 
     /// Events of the durable consumers of this subscription's
@@ -121,6 +133,23 @@ impl<T> DurableSubscription<T> {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+}
+
+/// Whether a subscription is its group's active consumer: it holds the
+/// group's lease behind a pooler, else it leads the group's election.
+pub(crate) struct Activity {
+    lease: Option<crate::lease::LeaseWatch>,
+    pubsub: crate::PgPubSub,
+    election: String,
+}
+
+impl Activity {
+    pub(crate) fn is_active(&self) -> bool {
+        match &self.lease {
+            Some(lease) => lease.term().is_some(),
+            None => self.pubsub.is_leader(&self.election),
         }
     }
 }

@@ -277,7 +277,7 @@ impl RelayBuilder {
                     .poll_interval(Duration::from_millis(500))
                     .ack_interval(self.ack_interval)
                     .await?;
-                let election = Some((self.pubsub.clone(), sub.election_channel().to_owned()));
+                let election = Some(sub.activity());
                 let origin = format!("pg-pubsub/{channel}/{group}");
                 (source::Reader::Durable(sub), origin, election)
             }
@@ -413,9 +413,10 @@ impl IntoFuture for RelayBuilder {
 /// A running relay. Dropping it stops it (what was settled is acked);
 /// [`close`](Self::close) also waits until the source's acks are written.
 pub struct Relay {
-    /// A durable source's election: whether this relay is active is
-    /// whether it leads it (a WAL source is active once it streams).
-    election: Option<(PgPubSub, String)>,
+    /// A durable source's role: this relay is active while its consumer
+    /// leads the group's election or holds its lease (a WAL source is
+    /// active once it streams).
+    election: Option<crate::durable::Activity>,
     origin: Arc<str>,
     sink: String,
     counters: Arc<run::Counters>,
@@ -466,7 +467,7 @@ impl Relay {
             batches: c.batches.load(Ordering::Relaxed),
             lost: c.lost.load(Ordering::Relaxed),
             active: match &self.election {
-                Some((pubsub, channel)) => pubsub.is_leader(channel),
+                Some(activity) => activity.is_active(),
                 None => c.active.load(Ordering::Relaxed),
             },
             position: last.as_ref().map(|l| l.position.clone()),

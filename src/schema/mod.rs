@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -105,6 +105,12 @@ const CATALOG: Catalog = Catalog {
             version: 6,
             name: "limited_claim",
             sql: include_str!("migrations/0006_limited_claim.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 7,
+            name: "leases",
+            sql: include_str!("migrations/0007_leases.sql"),
             compatible_with: 1,
         },
     ],
@@ -289,6 +295,7 @@ mod tests {
         ("limits", 4, "741d36155d7f8cb1"),
         ("wal_slots", 5, "5637b22ed13b57b7"),
         ("limited_claim", 6, "966bffad689177e8"),
+        ("leases", 7, "a026b8ec79bb7ea4"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),
