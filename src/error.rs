@@ -244,6 +244,13 @@ impl Error {
         self
     }
 
+    /// Puts `what: ` before the message, keeping kind and source.
+    #[cfg(feature = "wal")]
+    pub(crate) fn prefix(mut self, what: impl std::fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
     /// Appends `(what)` to the message, keeping kind and source.
     pub(crate) fn context(mut self, what: impl std::fmt::Display) -> Self {
         self.message = format!("{} ({what})", self.message);

@@ -90,7 +90,7 @@ mod options;
 mod store;
 mod trigger;
 
-pub use event::{ChangeEvent, Lsn, Op};
+pub use event::{ChangeEvent, Column, Lsn, Op};
 pub use options::{FeedInfo, FeedOptions, TriggerLevel};
 pub use trigger::Changes;
 

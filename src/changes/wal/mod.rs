@@ -171,6 +171,7 @@
 //   a 100k-row transaction comes back as one result set. It cannot reach
 //   the `pg_recvlogical` throughput the issue asks for.
 
+mod conn;
 mod decode;
 mod slot;
 mod stream;
@@ -183,7 +184,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use crate::changes::{ChangeEvent, Lsn};
 use crate::error::{Error, Origin, Result, Stage};
@@ -436,21 +437,23 @@ impl WalFeedBuilder {
         let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
-            ack_wake: Notify::new(),
         });
-        let cfg = stream::replication_config(&self.pubsub, &self.slot, &publication)?
-            .with_status_interval(self.ack_interval);
+        let settings = stream::replication_settings(&self.pubsub, &self.slot, &publication)?;
         let stop_tx = Arc::new(watch::Sender::new(false));
         let stop_rx = stop_tx.subscribe();
-        let (tx, rx) = mpsc::channel(self.capacity);
+        // Batches of up to 256 items: about `capacity` items in flight.
+        let batch = self.capacity.clamp(1, 256);
+        let (tx, rx) = mpsc::channel((self.capacity / batch).max(1));
         let task = stream::StreamTask {
             exec: exec.clone(),
             events: events.clone(),
             slot: Arc::from(self.slot.as_str()),
-            cfg,
+            settings,
             messages: self.messages,
             shared: shared.clone(),
             out: tx,
+            batch,
+            status_interval: self.ack_interval,
             stop: stop_rx.clone(),
             changes: crate::record::Count::wal_changes(&self.slot),
             schema: self.schema.clone(),
@@ -493,6 +496,7 @@ impl WalFeedBuilder {
             exec,
             slot: self.slot,
             rx,
+            ready: Vec::new().into_iter(),
             shared,
             stop: stop_tx,
             task: Some(handle),
@@ -502,10 +506,9 @@ impl WalFeedBuilder {
 }
 
 pub(crate) struct Shared {
-    /// The highest acked position (cumulative).
+    /// The highest acked position (cumulative): the stream task reads it
+    /// at each status update (every ack interval), so acking wakes nobody.
     pub(crate) acked: AtomicU64,
-    /// Wakes the stream task to pass a new ack on.
-    pub(crate) ack_wake: Notify,
 }
 
 /// What the stream task hands the feed: rows still JSON.
@@ -517,7 +520,9 @@ pub(crate) type RawItem = WalItem<serde_json::Value>;
 pub struct WalFeed<T = serde_json::Value> {
     exec: Exec,
     slot: String,
-    rx: mpsc::Receiver<RawItem>,
+    rx: mpsc::Receiver<Vec<RawItem>>,
+    /// The rest of the batch being read.
+    ready: std::vec::IntoIter<RawItem>,
     shared: Arc<Shared>,
     stop: Arc<watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<Result<()>>>,
@@ -531,7 +536,6 @@ impl<T> WalFeed<T> {
     /// the ack interval.
     pub fn ack(&self, lsn: Lsn) {
         self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
-        self.shared.ack_wake.notify_one();
     }
 
     /// A handle to ack from elsewhere (another task).
@@ -595,7 +599,17 @@ impl<T: DeserializeOwned> Stream for WalFeed<T> {
     type Item = WalItem<T>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WalItem<T>>> {
-        self.rx.poll_recv(cx).map(|item| item.map(typed))
+        let this = &mut *self;
+        loop {
+            if let Some(item) = this.ready.next() {
+                return Poll::Ready(Some(typed(item)));
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => this.ready = batch.into_iter(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -609,7 +623,6 @@ impl WalAcker {
     /// Like [`WalFeed::ack`].
     pub fn ack(&self, lsn: Lsn) {
         self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
-        self.shared.ack_wake.notify_one();
     }
 }
 
