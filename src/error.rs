@@ -105,6 +105,9 @@ pub(crate) enum Origin {
     Config,
     Connect,
     Authentication,
+    /// TLS could not be set up (the WAL feed's own handshake).
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
+    Tls,
     Timeout,
     ShutDown,
     Schema,
@@ -148,6 +151,7 @@ impl Origin {
             Origin::Config => (ErrorKind::Config, None),
             Origin::Connect => (ErrorKind::Connect, Some(Stage::Connect)),
             Origin::Authentication => (ErrorKind::Authentication, Some(Stage::Connect)),
+            Origin::Tls => (ErrorKind::Tls, Some(Stage::Connect)),
             Origin::Timeout => (ErrorKind::Timeout, None),
             Origin::ShutDown => (ErrorKind::ShutDown, None),
             Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),

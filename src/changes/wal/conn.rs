@@ -555,8 +555,8 @@ async fn connect(set: &Settings, host: &Host, port: u16) -> Result<Sock> {
             if answer[0] != b'S' {
                 if set.ssl_mode == SslMode::Require {
                     return Err(Error::new(
-                        Origin::Connect,
-                        format!("{name}:{port} does not accept TLS, and sslmode requires it"),
+                        Origin::Tls,
+                        format!("{name}:{port} does not support TLS, and sslmode requires it"),
                     ));
                 }
                 return Ok(Sock::Tcp(tcp));
@@ -575,7 +575,13 @@ async fn tls(set: &Settings, name: &str, tcp: TcpStream) -> Result<Sock> {
     let connect = MakeTlsConnect::<TcpStream>::make_tls_connect(&mut make.clone(), name)
         .map_err(|e| Error::new(Origin::Config, format!("TLS for {name}: {e}")).with_source(e))?;
     let stream = connect.connect(tcp).await.map_err(|e| {
-        Error::new(Origin::Connect, format!("TLS handshake with {name}: {e}"))
+        Error::new(
+            Origin::Tls,
+            format!(
+                "TLS handshake with {name}: {e} (check sslrootcert, the CA, and that the host \
+                 name matches the certificate)"
+            ),
+        )
             .with_source(e)
     })?;
     Ok(Sock::Tls(Box::new(stream)))

@@ -423,6 +423,8 @@ impl WalFeedBuilder {
             .clone()
             .unwrap_or_else(|| self.slot.clone());
         let exec = self.pubsub.exec().clone();
+        // A `sslmode` the feed cannot honour is refused before anything is made.
+        let settings = stream::replication_settings(&self.pubsub, &self.slot, &publication)?;
         slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
         let installed = tokio::sync::OnceCell::new();
         crate::schema::ensure(&self.pubsub, &self.schema, &installed).await?;
@@ -438,7 +440,6 @@ impl WalFeedBuilder {
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
         });
-        let settings = stream::replication_settings(&self.pubsub, &self.slot, &publication)?;
         let stop_tx = Arc::new(watch::Sender::new(false));
         let stop_rx = stop_tx.subscribe();
         // Batches of up to 256 items: about `capacity` items in flight.
