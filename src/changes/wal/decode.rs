@@ -525,11 +525,15 @@ fn row(rel: &Relation, cells: &[Cell<'_>], key_only: bool) -> Value {
 pub(crate) fn to_json(shape: &Shape, text: &str) -> Value {
     match shape {
         Shape::Bool => Value::Bool(text == "t"),
-        // NaN and ±Infinity have no JSON number: they stay strings.
-        Shape::Number => text
-            .parse::<serde_json::Number>()
-            .map(Value::Number)
-            .unwrap_or_else(|_| Value::String(text.to_owned())),
+        // Integers (most values) without the JSON parser; NaN and
+        // ±Infinity have no JSON number: they stay strings.
+        Shape::Number => match text.parse::<i64>() {
+            Ok(n) => Value::from(n),
+            Err(_) => text
+                .parse::<serde_json::Number>()
+                .map(Value::Number)
+                .unwrap_or_else(|_| Value::String(text.to_owned())),
+        },
         Shape::Timestamp => Value::String(xsd_timestamp(text, false)),
         Shape::TimestampTz => Value::String(xsd_timestamp(text, true)),
         Shape::Json => {

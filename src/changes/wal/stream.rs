@@ -97,6 +97,9 @@ struct Progress {
     in_tx: bool,
     batch: Vec<RawItem>,
     last_status: Instant,
+    /// Fires when the next status update is due: one timer, reset at each
+    /// update (not one per wake-up).
+    status_due: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl StreamTask {
@@ -271,6 +274,7 @@ impl StreamTask {
             in_tx: false,
             batch: Vec::with_capacity(self.batch),
             last_status: Instant::now(),
+            status_due: Box::pin(tokio::time::sleep(self.status_interval)),
         };
         let mut stop = self.stop.clone();
         loop {
@@ -298,11 +302,10 @@ impl StreamTask {
                     return end;
                 }
             }
-            let due = p.last_status + self.status_interval;
             tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => return End::Stopped,
-                _ = tokio::time::sleep_until(due) => {
+                _ = &mut p.status_due => {
                     if let Err(end) = self.status(conn, &mut p, false).await {
                         return end;
                     }
@@ -319,6 +322,9 @@ impl StreamTask {
     /// Reports the acked position to the server.
     async fn status(&self, conn: &mut Conn, p: &mut Progress, reply: bool) -> Result<(), End> {
         p.last_status = Instant::now();
+        p.status_due
+            .as_mut()
+            .reset(p.last_status + self.status_interval);
         conn.send_status(self.acked(), reply)
             .await
             .map_err(|e| End::Lost(e.prefix(format!("WAL feed on slot {:?}", self.slot))))
@@ -331,7 +337,6 @@ impl StreamTask {
         }
         let mut stop = self.stop.clone();
         loop {
-            let due = p.last_status + self.status_interval;
             tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => return Err(End::Stopped),
@@ -344,7 +349,7 @@ impl StreamTask {
                     Err(_) => return Err(End::Stopped),
                 },
                 // The consumer is slow: the server still hears from us.
-                _ = tokio::time::sleep_until(due) => self.status(conn, p, false).await?,
+                _ = &mut p.status_due => self.status(conn, p, false).await?,
             }
         }
     }
