@@ -324,7 +324,17 @@ async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, tx
     }
     let per_client = txs / 4;
     let t = per_client.to_string();
-    let workload = ["-n", "-c", "4", "-j", "2", "-M", "prepared", "-t", t.as_str()];
+    let workload = [
+        "-n",
+        "-c",
+        "4",
+        "-j",
+        "2",
+        "-M",
+        "prepared",
+        "-t",
+        t.as_str(),
+    ];
     pgbench(url, &workload, false).await?;
     let changes = per_client * 4 * 4;
     let (mut ratios, mut cpu_ratios, mut totals) = (Vec::new(), Vec::new(), Vec::new());
@@ -365,7 +375,11 @@ async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, tx
          changes per CPU second (client + walsender) ratio {}",
         median(ratios),
         median(cpu_ratios),
-        if totals.is_empty() { "n/a".to_owned() } else { format!("{:.2}", median(totals)) }
+        if totals.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.2}", median(totals))
+        }
     );
     println!("  (4 changes per transaction; bare = pg_recvlogical + test_decoding)");
     wal_small_live(client, ps, url, &workload, changes).await?;
@@ -419,7 +433,14 @@ async fn wal_small_live(
     let bin = std::env::var("BENCH_RECVLOGICAL")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
     let mut recv = std::process::Command::new(&bin)
-        .args(["-d", url, "--slot", "bench_live_recv", "--start", "--no-loop"])
+        .args([
+            "-d",
+            url,
+            "--slot",
+            "bench_live_recv",
+            "--start",
+            "--no-loop",
+        ])
         .args(["-o", "include-timestamp=on", "-f", "-"])
         .env("PGTZ", "UTC")
         .stdout(std::process::Stdio::piped())
@@ -453,43 +474,53 @@ async fn wal_small_live(
                     commit_time,
                     ..
                 }) => {
-                    lags.push(SystemTime::now().duration_since(commit_time).unwrap_or_default());
+                    lags.push(
+                        SystemTime::now()
+                            .duration_since(commit_time)
+                            .unwrap_or_default(),
+                    );
                     feed.ack(end_lsn);
                 }
                 Some(_) => {}
-                None => return Err::<_, Box<dyn std::error::Error + Send + Sync>>("feed ended".into()),
+                None => {
+                    return Err::<_, Box<dyn std::error::Error + Send + Sync>>("feed ended".into())
+                }
             }
         }
         let done = Instant::now();
         feed.close().await?;
         Ok((done, lags))
     });
-    let bare = std::thread::spawn(move || -> Result<(Instant, Vec<Duration>, Duration), String> {
-        use std::io::BufRead;
-        let mut reader = std::io::BufReader::with_capacity(128 * 1024, stdout);
-        let mut line = Vec::with_capacity(256);
-        let (mut got, mut lags) = (0u64, Vec::new());
-        while got < changes {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return Err(format!("pg_recvlogical ended after {got} changes")),
-                Ok(_) => {}
-            }
-            if line.starts_with(b"table ") {
-                got += 1;
-            } else if line.starts_with(b"COMMIT") {
-                // `COMMIT 1234 (at 2026-12-02 11:55:01.123456+00)`, in UTC.
-                let text = String::from_utf8_lossy(&line);
-                if let Some(at) = text.split("(at ").nth(1) {
-                    let at = at.trim_end().trim_end_matches(')').trim_end_matches("+00");
-                    if let Ok(t) = humantime::parse_rfc3339_weak(at) {
-                        lags.push(SystemTime::now().duration_since(t).unwrap_or_default());
+    let bare = std::thread::spawn(
+        move || -> Result<(Instant, Vec<Duration>, Duration), String> {
+            use std::io::BufRead;
+            let mut reader = std::io::BufReader::with_capacity(128 * 1024, stdout);
+            let mut line = Vec::with_capacity(256);
+            let (mut got, mut lags) = (0u64, Vec::new());
+            while got < changes {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => {
+                        return Err(format!("pg_recvlogical ended after {got} changes"))
+                    }
+                    Ok(_) => {}
+                }
+                if line.starts_with(b"table ") {
+                    got += 1;
+                } else if line.starts_with(b"COMMIT") {
+                    // `COMMIT 1234 (at 2026-12-02 11:55:01.123456+00)`, in UTC.
+                    let text = String::from_utf8_lossy(&line);
+                    if let Some(at) = text.split("(at ").nth(1) {
+                        let at = at.trim_end().trim_end_matches(')').trim_end_matches("+00");
+                        if let Ok(t) = humantime::parse_rfc3339_weak(at) {
+                            lags.push(SystemTime::now().duration_since(t).unwrap_or_default());
+                        }
                     }
                 }
             }
-        }
-        Ok((Instant::now(), lags, thread_cpu_time()))
-    });
+            Ok((Instant::now(), lags, thread_cpu_time()))
+        },
+    );
     pgbench(url, workload, true).await?;
     let written = began.elapsed();
     let (ours_done, mut ours_lags) = ours.await?.map_err(|e| e.to_string())?;
@@ -501,7 +532,11 @@ async fn wal_small_live(
     let recv_cpu = children_cpu_time() - children0 - pgbench_cpu + reader_cpu;
     let (ours_took, bare_took) = (ours_done - began, bare_done - began);
     line(
-        &format!("WAL feed live changes/s ({} txs, written in {:.1} s)", changes / 4, written.as_secs_f64()),
+        &format!(
+            "WAL feed live changes/s ({} txs, written in {:.1} s)",
+            changes / 4,
+            written.as_secs_f64()
+        ),
         "ours",
         rate(changes, ours_took),
         rate(changes, bare_took),

@@ -205,9 +205,7 @@ async fn wal_feed_streams_over_verified_tls_with_scram() {
     let ca = server.ca_cert().unwrap().display().to_string();
     let port = server.port().unwrap();
     let url = |host: &str, mode: &str| {
-        format!(
-            "postgres://wal_tls:{PW}@{host}:{port}/postgres?sslmode={mode}&sslrootcert={ca}"
-        )
+        format!("postgres://wal_tls:{PW}@{host}:{port}/postgres?sslmode={mode}&sslrootcert={ca}")
     };
     // `require` (the chain checked with a root certificate, as libpq does)
     // and `verify-full`: both stream, encrypted.
@@ -232,7 +230,11 @@ async fn wal_feed_streams_over_verified_tls_with_scram() {
                 break event;
             }
         };
-        assert_eq!(event.new, Some(serde_json::json!({"id": i, "v": "x"})), "{mode}");
+        assert_eq!(
+            event.new,
+            Some(serde_json::json!({"id": i, "v": "x"})),
+            "{mode}"
+        );
         let ssl: bool = admin
             .query_one(
                 "SELECT s.ssl FROM pg_replication_slots r JOIN pg_stat_ssl s ON s.pid = r.active_pid

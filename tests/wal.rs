@@ -241,7 +241,10 @@ async fn type_matrix_decodes_into_serde_types() {
         }
     };
     let at: String = client
-        .query_one("SELECT to_json('2026-11-22 03:48:36.5+00'::timestamptz)::text", &[])
+        .query_one(
+            "SELECT to_json('2026-11-22 03:48:36.5+00'::timestamptz)::text",
+            &[],
+        )
         .await
         .expect("to_json")
         .get(0);
@@ -404,14 +407,24 @@ async fn trigger_and_wal_feeds_give_one_row_shape() {
         }
     );
     assert_eq!(row.nan, json!("NaN"));
-    assert!(row.at.starts_with("2026-11-2") && row.at.contains('T'), "{}", row.at);
+    assert!(
+        row.at.starts_with("2026-11-2") && row.at.contains('T'),
+        "{}",
+        row.at
+    );
 
     // Column types: in WAL events, and from `Changes::columns` for triggers.
     let columns = from_wal[0].columns.as_deref().expect("columns");
     let typed = |c: &pg_pubsub::changes::Column| (c.name.clone(), c.type_name.clone(), c.type_oid);
     assert_eq!(
         columns.iter().map(typed).collect::<Vec<_>>(),
-        changes.columns(&table).await.expect("columns").iter().map(typed).collect::<Vec<_>>()
+        changes
+            .columns(&table)
+            .await
+            .expect("columns")
+            .iter()
+            .map(typed)
+            .collect::<Vec<_>>()
     );
     // `key`: the replica identity (FULL: every column) / the primary key.
     assert!(columns.iter().all(|c| c.key));

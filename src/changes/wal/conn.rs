@@ -314,9 +314,10 @@ impl Conn {
                             self.flush().await?;
                         }
                         5 => {
-                            let salt: [u8; 4] = b.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(
-                                || protocol_error("MD5 request without salt"),
-                            )?;
+                            let salt: [u8; 4] = b
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| protocol_error("MD5 request without salt"))?;
                             let hash = postgres_protocol::authentication::md5_hash(
                                 set.user.as_bytes(),
                                 password()?,
@@ -329,9 +330,7 @@ impl Conn {
                             self.flush().await?;
                         }
                         10 => {
-                            let offered = b
-                                .split(|&c| c == 0)
-                                .any(|m| m == b"SCRAM-SHA-256");
+                            let offered = b.split(|&c| c == 0).any(|m| m == b"SCRAM-SHA-256");
                             if !offered {
                                 return Err(Error::new(
                                     Origin::Authentication,
@@ -341,8 +340,12 @@ impl Conn {
                             }
                             // No channel binding ("n"): allowed whatever the server offers.
                             let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.out)
-                                .map_err(|e| io_error("SASL", e))?;
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut self.out,
+                            )
+                            .map_err(|e| io_error("SASL", e))?;
                             scram = Some(s);
                             self.flush().await?;
                         }
@@ -427,7 +430,9 @@ impl Conn {
             self.buf.reserve(READ_CHUNK);
         }
         match self.sock.read_buf(&mut self.buf).await {
-            Ok(0) => Err(protocol_error("the replication stream ended (server closed it)")),
+            Ok(0) => Err(protocol_error(
+                "the replication stream ended (server closed it)",
+            )),
             Ok(_) => Ok(()),
             Err(e) => Err(io_error("reading the stream", e)),
         }
@@ -468,7 +473,8 @@ impl Conn {
         payload[25..33].copy_from_slice(&pg_now().to_be_bytes());
         payload[33] = u8::from(reply);
         self.out.extend_from_slice(b"d");
-        self.out.extend_from_slice(&(4 + payload.len() as u32).to_be_bytes());
+        self.out
+            .extend_from_slice(&(4 + payload.len() as u32).to_be_bytes());
         self.out.extend_from_slice(&payload);
         self.flush().await?;
         self.reported = applied;
@@ -582,7 +588,7 @@ async fn tls(set: &Settings, name: &str, tcp: TcpStream) -> Result<Sock> {
                  name matches the certificate)"
             ),
         )
-            .with_source(e)
+        .with_source(e)
     })?;
     Ok(Sock::Tls(Box::new(stream)))
 }
@@ -601,12 +607,20 @@ mod tests {
         let body = b"SERROR\0C55006\0Mreplication slot \"s\" is active for PID 7\0Hwait\0\0";
         let e = server_error(body);
         let text = e.to_string();
-        assert!(text.contains("is active for PID 7 (SQLSTATE 55006)"), "{text}");
+        assert!(
+            text.contains("is active for PID 7 (SQLSTATE 55006)"),
+            "{text}"
+        );
         assert!(text.contains("hint: wait"), "{text}");
         assert_eq!(e.kind(), crate::ErrorKind::Server);
-        assert_eq!(server_error(b"C28P01\0Mbad\0\0").kind(), crate::ErrorKind::Authentication);
+        assert_eq!(
+            server_error(b"C28P01\0Mbad\0\0").kind(),
+            crate::ErrorKind::Authentication
+        );
         assert!(server_error(b"C57P01\0Mbye\0\0").is_connection());
-        assert!(server_error(b"").to_string().contains("unknown server error"));
+        assert!(server_error(b"")
+            .to_string()
+            .contains("unknown server error"));
     }
 
     #[test]
@@ -628,7 +642,10 @@ mod tests {
         k.push(1);
         assert!(matches!(
             parse_copy_data(Bytes::from(k)).unwrap(),
-            Frame::KeepAlive { wal_end: Lsn(7), reply: true }
+            Frame::KeepAlive {
+                wal_end: Lsn(7),
+                reply: true
+            }
         ));
         assert!(parse_copy_data(Bytes::from_static(b"w12")).is_err());
     }

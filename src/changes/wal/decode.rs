@@ -53,7 +53,8 @@ pub(crate) struct TypeRow {
 }
 
 /// The catalog query for [`TypeRow`]s: `$1` the type oids.
-pub(crate) const TYPES_SQL: &str = "SELECT t.oid, t.typtype::text, t.typcategory::text, t.typelem, \
+pub(crate) const TYPES_SQL: &str =
+    "SELECT t.oid, t.typtype::text, t.typcategory::text, t.typelem, \
        t.typbasetype, t.typdelim::text, format_type(t.oid, NULL), \
        COALESCE(ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = t.typrelid \
                 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), '{}'), \
@@ -808,7 +809,11 @@ mod tests {
         );
         assert_eq!(shape(&types, 90_003), Shape::Text);
         assert_eq!(shape(&types, 90_004), Shape::Text);
-        assert_eq!(shape(&types, 26), Shape::Text, "oid is not a number in to_json");
+        assert_eq!(
+            shape(&types, 26),
+            Shape::Text,
+            "oid is not a number in to_json"
+        );
         assert!(types[&90_002].refs().eq([90_001]));
     }
 }
