@@ -785,6 +785,149 @@ mod tests {
         assert_eq!(to_json(&shape, "(1"), json!("(1"));
     }
 
+    /// pgoutput messages, built as the server sends them.
+    fn msg(parts: &[&[u8]]) -> Bytes {
+        Bytes::from(parts.concat())
+    }
+
+    #[test]
+    fn messages_decode_into_bounds_changes_and_logical_messages() {
+        let mut d = Decoder::default();
+        let begin = msg(&[
+            b"B",
+            &7u64.to_be_bytes(),
+            &1_000_000i64.to_be_bytes(),
+            &42u32.to_be_bytes(),
+        ]);
+        match d.decode(&begin).unwrap() {
+            Decoded::Begin {
+                final_lsn,
+                xid,
+                commit_time,
+            } => {
+                assert_eq!((final_lsn, xid), (Lsn(7), 42));
+                assert_eq!(commit_time, pg_time(1_000_000));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Relation 9: public.t (id int8 key, v text).
+        let rel = msg(&[
+            b"R",
+            &9u32.to_be_bytes(),
+            b"public\0t\0d",
+            &2i16.to_be_bytes(),
+            &[1],
+            b"id\0",
+            &INT8.to_be_bytes(),
+            &(-1i32).to_be_bytes(),
+            &[0],
+            b"v\0",
+            &25u32.to_be_bytes(),
+            &(-1i32).to_be_bytes(),
+        ]);
+        let Decoded::Relation(raw) = d.decode(&rel).unwrap() else {
+            panic!("relation")
+        };
+        assert_eq!(raw.type_oids(), vec![INT8, 25]);
+        d.add_relation(raw, &HashMap::new());
+        let insert = msg(&[
+            b"I",
+            &9u32.to_be_bytes(),
+            b"N",
+            &2i16.to_be_bytes(),
+            b"t",
+            &2u32.to_be_bytes(),
+            b"17",
+            b"t",
+            &2u32.to_be_bytes(),
+            b"hi",
+        ]);
+        let Decoded::Change(ev) = d.decode(&insert).unwrap() else {
+            panic!("insert")
+        };
+        assert_eq!((ev.op, ev.table.as_str()), (Op::Insert, "t"));
+        assert_eq!(ev.new, Some(serde_json::json!({"id": 17, "v": "hi"})));
+        let columns = ev.columns.expect("columns");
+        assert_eq!((columns[0].name.as_str(), columns[0].key), ("id", true));
+        assert_eq!(columns[1].type_name, "oid 25", "no catalog row: the oid");
+        // A delete with the identity key: only the key column; NULL for the rest.
+        let delete = msg(&[
+            b"D",
+            &9u32.to_be_bytes(),
+            b"K",
+            &2i16.to_be_bytes(),
+            b"t",
+            &2u32.to_be_bytes(),
+            b"17",
+            b"n",
+        ]);
+        let Decoded::Change(ev) = d.decode(&delete).unwrap() else {
+            panic!("delete")
+        };
+        assert_eq!(ev.old, Some(serde_json::json!({"id": 17})));
+        // An update that left a TOASTed value out.
+        let update = msg(&[
+            b"U",
+            &9u32.to_be_bytes(),
+            b"N",
+            &2i16.to_be_bytes(),
+            b"t",
+            &2u32.to_be_bytes(),
+            b"18",
+            b"u",
+        ]);
+        let Decoded::Change(ev) = d.decode(&update).unwrap() else {
+            panic!("update")
+        };
+        assert_eq!(
+            (ev.old, ev.new),
+            (None, Some(serde_json::json!({"id": 18})))
+        );
+        let message = msg(&[
+            b"M",
+            &[1],
+            &8u64.to_be_bytes(),
+            b"app.x\0",
+            &3u32.to_be_bytes(),
+            b"abc",
+        ]);
+        match d.decode(&message).unwrap() {
+            Decoded::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                assert!(transactional);
+                assert_eq!(
+                    (lsn, prefix.as_str(), &content[..]),
+                    (Lsn(8), "app.x", &b"abc"[..])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let commit = msg(&[
+            b"C",
+            &[0],
+            &7u64.to_be_bytes(),
+            &9u64.to_be_bytes(),
+            &5i64.to_be_bytes(),
+        ]);
+        assert!(matches!(
+            d.decode(&commit).unwrap(),
+            Decoded::Commit {
+                lsn: Lsn(7),
+                end_lsn: Lsn(9),
+                ..
+            }
+        ));
+        // Unknown relation, truncated message, unknown tag: failures, not panics.
+        let orphan = msg(&[b"I", &10u32.to_be_bytes(), b"N", &0i16.to_be_bytes()]);
+        assert!(d.decode(&orphan).is_err());
+        assert!(d.decode(&msg(&[b"B", &[0, 1]])).is_err());
+        assert!(d.decode(&msg(&[b"Z"])).is_err());
+    }
+
     #[test]
     fn shapes_look_through_domains_and_arrays() {
         let row = |oid, typtype, category, elem, base| TypeRow {

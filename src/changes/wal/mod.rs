@@ -356,7 +356,9 @@ impl WalFeedBuilder {
         self
     }
 
-    /// How often acks are sent to the server at most. Default 1 s.
+    /// How often the acked position is reported to the server (a standby
+    /// status update each interval, also while idle or while the consumer
+    /// is slow). Default 1 s.
     pub fn ack_interval(mut self, interval: Duration) -> Self {
         self.ack_interval = interval;
         self
