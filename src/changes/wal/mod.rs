@@ -658,6 +658,34 @@ pub async fn emit_tx<E: crate::Executor + ?Sized>(
 
 fn typed<T: DeserializeOwned>(item: RawItem) -> WalItem<T> {
     match item {
+        // JSON rows into JSON: moved, not copied (a `Value` never fails to
+        // decode, so there is no raw event to keep). `type_name` works for
+        // any `T`; were another type ever to share the name, moving would
+        // only lose the raw copy of an undecodable change.
+        WalItem::Change { lsn, mut event }
+            if std::any::type_name::<T>() == std::any::type_name::<serde_json::Value>() =>
+        {
+            let old = event.old.take().map(T::deserialize).transpose();
+            let new = event.new.take().map(T::deserialize).transpose();
+            match (old, new) {
+                (Ok(old), Ok(new)) => WalItem::Change {
+                    lsn,
+                    event: event.with_rows(old, new),
+                },
+                (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
+                    lsn,
+                    error: Error::new(
+                        Origin::Wal,
+                        format!(
+                            "a change of {}.{} does not decode into the feed's type: {e}",
+                            event.schema, event.table
+                        ),
+                    )
+                    .with_source(e),
+                    raw: Some(event),
+                },
+            }
+        }
         WalItem::Change { lsn, event } => {
             let rows = (
                 event.old.as_ref().map(T::deserialize).transpose(),
