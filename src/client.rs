@@ -253,8 +253,9 @@ impl Builder {
     /// certificate) for every connection. As with [`Builder::tls`], the
     /// `sslmode` only decides whether TLS is used.
     #[cfg(feature = "tls")]
-    pub fn tls_config(self, config: rustls::ClientConfig) -> Self {
-        self.tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
+        self.tls = Some(crate::tls::Connector::rustls(config));
+        self
     }
 
     /// How long `notify` may wait (for a pooled connection and the server)

@@ -106,6 +106,9 @@ pub(crate) enum Origin {
     Config,
     Connect,
     Authentication,
+    /// TLS could not be set up (the WAL feed's own handshake).
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
+    Tls,
     Timeout,
     ShutDown,
     Schema,
@@ -149,6 +152,7 @@ impl Origin {
             Origin::Config => (ErrorKind::Config, None),
             Origin::Connect => (ErrorKind::Connect, Some(Stage::Connect)),
             Origin::Authentication => (ErrorKind::Authentication, Some(Stage::Connect)),
+            Origin::Tls => (ErrorKind::Tls, Some(Stage::Connect)),
             Origin::Timeout => (ErrorKind::Timeout, None),
             Origin::ShutDown => (ErrorKind::ShutDown, None),
             Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),
@@ -242,6 +246,13 @@ impl Error {
     pub(crate) fn nothing_done(mut self) -> Self {
         self.nothing_done = true;
         self.sent = false;
+        self
+    }
+
+    /// Puts `what: ` before the message, keeping kind and source.
+    #[cfg(feature = "wal")]
+    pub(crate) fn prefix(mut self, what: impl std::fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
         self
     }
 
