@@ -810,6 +810,56 @@ async fn an_update_of_the_primary_key() {
     ps.shutdown().await;
 }
 
+/// Columns named like the trigger functions' variables (`op`, `xid`,
+/// `ts`, ...) or like the statement-level function's row alias (`r`)
+/// neither fail the user's writes nor replace the row in the events.
+#[tokio::test]
+async fn columns_named_like_the_trigger_functions_own_names() {
+    let (ps, changes, client, s) = setup("names").await;
+    for level in LEVELS {
+        let table = format!("{s}.n_{level}");
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, r text, op text, xid int, ts text,
+                                       dropped text, pk text, os text, ns text)"
+            ))
+            .await
+            .unwrap();
+        let options = FeedOptions::new().level(level);
+        changes.install_change_feed(&table, &options).await.unwrap();
+        let mut sub = changes.subscribe::<Value>(&table, "g").await.unwrap();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} VALUES (1, 'r1', 'op1', 7, 'ts1', 'd', 'p', 'o', 'n');
+                 UPDATE {table} SET r = 'r2';
+                 DELETE FROM {table}"
+            ))
+            .await
+            .unwrap();
+        let row = |r: &str| {
+            json!({"id": 1, "r": r, "op": "op1", "xid": 7, "ts": "ts1",
+                   "dropped": "d", "pk": "p", "os": "o", "ns": "n"})
+        };
+        let got = take(&mut sub, 3).await;
+        assert_eq!(ops(&got), [Op::Insert, Op::Update, Op::Delete], "{level}");
+        let rows: Vec<_> = got
+            .iter()
+            .map(|m| (m.payload().old.clone(), m.payload().new.clone()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (None, Some(row("r1"))),
+                (Some(row("r1")), Some(row("r2"))),
+                (Some(row("r2")), None)
+            ],
+            "{level}"
+        );
+        sub.close().await.unwrap();
+    }
+    ps.shutdown().await;
+}
+
 /// Change-feed statements are bounded by the notify timeout like every
 /// pooled statement (they ran unbounded on a pooled connection before),
 /// and one that times out is cancelled on the server.

@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -113,6 +113,12 @@ const CATALOG: Catalog = Catalog {
             sql: include_str!("migrations/0007_leases.sql"),
             compatible_with: 1,
         },
+        Migration {
+            version: 8,
+            name: "trigger_feed_names",
+            sql: include_str!("migrations/0008_trigger_feed_names.sql"),
+            compatible_with: 1,
+        },
     ],
     scripts: &[
         Script {
@@ -128,7 +134,7 @@ const CATALOG: Catalog = Catalog {
         Script {
             name: "changes",
             sql: include_str!("functions/changes.sql"),
-            since: 1,
+            since: 8,
         },
         Script {
             name: "limits",
@@ -296,9 +302,10 @@ mod tests {
         ("wal_slots", 5, "5637b22ed13b57b7"),
         ("limited_claim", 6, "966bffad689177e8"),
         ("leases", 7, "a026b8ec79bb7ea4"),
+        ("trigger_feed_names", 8, "32df161ee6d97a3d"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
-        ("changes", 1, "86b5b60834a2cd18"),
+        ("changes", 8, "fd9ad54b627d3d1a"),
         ("limits", 6, "4ebfd6336af563b4"),
     ];
 }

@@ -207,6 +207,10 @@ END $$;
 -- product).
 CREATE OR REPLACE FUNCTION @S@.change_stmt() RETURNS trigger
 LANGUAGE plpgsql AS $$
+-- The queries below read the user's columns: a column named like a
+-- variable (op, xid, ts, ...) must not make them ambiguous, and the row
+-- is r.* (a bare r would be a column named r, if there is one).
+#variable_conflict use_variable
 DECLARE
     op  text := lower(TG_OP);
     ch  text := TG_ARGV[1];
@@ -259,23 +263,23 @@ BEGIN
         IF TG_OP = 'INSERT' THEN
             PERFORM @S@.publish_many(ch, ARRAY(
                 SELECT @S@.change_text(op, sch, tbl, NULL,
-                    CASE WHEN filtered THEN (to_jsonb(r) - dropped)::json
-                         ELSE to_json(r) END, xid, ts)
+                    CASE WHEN filtered THEN (to_jsonb(r.*) - dropped)::json
+                         ELSE to_json(r.*) END, xid, ts)
                 FROM pgps_new AS r));
         ELSE
             PERFORM @S@.publish_many(ch, ARRAY(
                 SELECT @S@.change_text(op, sch, tbl,
-                    CASE WHEN filtered THEN (to_jsonb(r) - dropped)::json
-                         ELSE to_json(r) END, NULL, xid, ts)
+                    CASE WHEN filtered THEN (to_jsonb(r.*) - dropped)::json
+                         ELSE to_json(r.*) END, NULL, xid, ts)
                 FROM pgps_old AS r));
         END IF;
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(NULL::jsonb), array_agg(to_jsonb(r) - dropped)
+        SELECT array_agg(NULL::jsonb), array_agg(to_jsonb(r.*) - dropped)
         INTO os, ns FROM pgps_new AS r;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(to_jsonb(r) - dropped), array_agg(NULL::jsonb)
+        SELECT array_agg(to_jsonb(r.*) - dropped), array_agg(NULL::jsonb)
         INTO os, ns FROM pgps_old AS r;
     ELSE
         pk := @S@.change_pk(TG_RELID);
@@ -286,13 +290,13 @@ BEGIN
             FROM (SELECT x.j, x.rn,
                          ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
                                ORDER BY u.i) AS key
-                  FROM (SELECT to_jsonb(r) AS j, row_number() OVER () AS rn
+                  FROM (SELECT to_jsonb(r.*) AS j, row_number() OVER () AS rn
                         FROM pgps_new AS r) AS x) AS pn
             FULL JOIN
                  (SELECT x.j, x.rn,
                          ARRAY(SELECT x.j ->> k FROM unnest(pk) WITH ORDINALITY AS u(k, i)
                                ORDER BY u.i) AS key
-                  FROM (SELECT to_jsonb(r) AS j, row_number() OVER () AS rn
+                  FROM (SELECT to_jsonb(r.*) AS j, row_number() OVER () AS rn
                         FROM pgps_old AS r) AS x) AS po
             ON cardinality(pk) > 0 AND pn.key = po.key
         ) AS p
