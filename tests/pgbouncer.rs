@@ -406,3 +406,50 @@ async fn queue_control_and_schedules_through_transaction_pooling() {
     other.shutdown().await;
     ps.shutdown().await;
 }
+
+/// Trigger feeds behind transaction pooling: installed, listed, looked up
+/// and subscribed to through the bouncer (unnamed statements), their
+/// events read by a poll-only durable consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_feeds_through_transaction_pooling() {
+    let pgb = bouncer(PoolMode::Transaction, 2).await;
+    let ps = pooled(&pgb.url()).await;
+    let changes = ps.changes();
+    let table = channel("pgb_feed");
+    raw_client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, v text)"
+        ))
+        .await
+        .unwrap();
+    let options = pg_pubsub::changes::FeedOptions::new();
+    let info = changes.install_change_feed(&table, &options).await.unwrap();
+    assert!(changes
+        .feeds()
+        .await
+        .unwrap()
+        .iter()
+        .any(|f| f.channel == info.channel));
+    assert_eq!(changes.columns(&table).await.unwrap().len(), 2);
+    let mut sub = changes
+        .subscribe::<serde_json::Value>(&table, "g")
+        .await
+        .unwrap();
+    raw_client()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1, 'a')"))
+        .await
+        .unwrap();
+    let m = next_durable(&mut sub).await;
+    assert_eq!(
+        m.payload().new,
+        Some(serde_json::json!({"id": 1, "v": "a"}))
+    );
+    m.ack();
+    sub.close().await.unwrap();
+    changes.uninstall_change_feed(&table).await.unwrap();
+    assert!(changes.feed(&table).await.unwrap().is_none());
+    assert_no_prepared_statement_errors();
+    ps.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! lookup) and their parameters, built per schema. Statements only: who
 //! runs them, and when, is `trigger.rs`'s business.
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::options::FeedOptions;
 
@@ -70,15 +70,16 @@ impl<'a> InstallParams<'a> {
         }
     }
 
-    pub(super) fn as_refs(&self) -> [&(dyn ToSql + Sync); 7] {
+    /// With their types: the statements go unnamed behind a pooler.
+    pub(super) fn typed(&self) -> [(&(dyn ToSql + Sync), Type); 7] {
         [
-            &self.table,
-            &self.channel,
-            &self.notify,
-            &self.columns,
-            &self.exclude,
-            &self.ops,
-            &self.level,
+            (&self.table, Type::TEXT),
+            (&self.channel, Type::TEXT),
+            (&self.notify, Type::BOOL),
+            (&self.columns, Type::TEXT_ARRAY),
+            (&self.exclude, Type::TEXT_ARRAY),
+            (&self.ops, Type::TEXT_ARRAY),
+            (&self.level, Type::TEXT),
         ]
     }
 }

@@ -1,6 +1,7 @@
 //! [`Changes`]: installing, removing and consuming trigger change feeds.
 
 use serde::de::DeserializeOwned;
+use tokio_postgres::types::Type;
 
 use super::event::{ChangeEvent, Column, Op};
 use super::options::{FeedInfo, FeedOptions, TriggerLevel};
@@ -129,7 +130,7 @@ impl Changes {
         let row = self
             .run(STAGE, |client| async move {
                 client
-                    .query_one(&sql, &InstallParams::new(table, options).as_refs())
+                    .query_one_p(&sql, &InstallParams::new(table, options).typed())
                     .await
                     .map_err(pg_err(STAGE))
             })
@@ -154,7 +155,7 @@ impl Changes {
         let feed = self
             .run(STAGE, |client| async move {
                 client
-                    .execute(&sql, &InstallParams::new(table, options).as_refs())
+                    .execute_p(&sql, &InstallParams::new(table, options).typed())
                     .await
                     .map_err(pg_err(STAGE))?;
                 self.feed_on(&client, table).await
@@ -175,7 +176,7 @@ impl Changes {
         let row = self
             .run(STAGE, |client| async move {
                 client
-                    .query_one(&sql, &[&table])
+                    .query_one_p(&sql, &[(&table, Type::TEXT)])
                     .await
                     .map_err(pg_err(STAGE))
             })
@@ -190,7 +191,7 @@ impl Changes {
         const STAGE: &str = "removing the change feed";
         self.run(STAGE, |client| async move {
             client
-                .execute(&sql, &[&table])
+                .execute_p(&sql, &[(&table, Type::TEXT)])
                 .await
                 .map_err(pg_err(STAGE))
                 .map(drop)
@@ -211,7 +212,7 @@ impl Changes {
         let sql = self.sql().feeds;
         self.run("listing the change feeds", |client| async move {
             client
-                .query(&sql, &[])
+                .query_p(&sql, &[])
                 .await
                 .map_err(pg_err("listing the change feeds"))?
                 .iter()
@@ -221,14 +222,10 @@ impl Changes {
         .await
     }
 
-    async fn feed_on(
-        &self,
-        client: &tokio_postgres::Client,
-        table: &str,
-    ) -> Result<Option<FeedInfo>> {
+    async fn feed_on(&self, client: &crate::exec::Conn, table: &str) -> Result<Option<FeedInfo>> {
         let sql = self.sql().feed;
         client
-            .query_opt(&sql, &[&table])
+            .query_opt_p(&sql, &[(&table, Type::TEXT)])
             .await
             .map_err(pg_err("looking the change feed up"))?
             .as_ref()
@@ -248,14 +245,14 @@ impl Changes {
             .exec()
             .run_with(STAGE, |client| async move {
                 client
-                    .query(
+                    .query_p(
                         "SELECT a.attname::text, format_type(a.atttypid, NULL), a.atttypid, \
                                 COALESCE(a.attnum = ANY(i.indkey), false) \
                          FROM pg_attribute a \
                          LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
                          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
                            AND NOT a.attisdropped ORDER BY a.attnum",
-                        &[&table],
+                        &[(&table, Type::TEXT)],
                     )
                     .await
                     .map_err(pg_err(STAGE))
