@@ -205,6 +205,7 @@ pub(crate) fn require_primary(pg: &mut Config) -> Result<()> {
 /// `target_session_attrs=read-write`. For connections tokio-postgres does not
 /// open itself (the WAL feed's replication connection), which would
 /// otherwise go to the first host, whatever it is now.
+#[cfg_attr(not(feature = "wal"), allow(dead_code))]
 pub(crate) async fn find_primary(
     pg: &Config,
     tls: &Connector,

@@ -105,6 +105,8 @@ pub(crate) enum Origin {
     Serialize,
     Config,
     Connect,
+    // The WAL feed's own connection reports these three.
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     Authentication,
     /// TLS could not be set up (the WAL feed's own handshake).
     #[cfg_attr(not(feature = "wal"), allow(dead_code))]
@@ -113,6 +115,7 @@ pub(crate) enum Origin {
     ShutDown,
     Schema,
     Conflict,
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     SlotLost,
     Pooler,
     Listen,
@@ -120,6 +123,7 @@ pub(crate) enum Origin {
     Durable,
     Queue,
     Changes,
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     Wal,
     Relay,
     #[cfg_attr(

@@ -399,6 +399,7 @@ impl<E: Lagging + std::fmt::Debug> Bus<E> {
 pub(crate) struct Buses {
     pub(crate) durable: Bus<DurableEvent>,
     pub(crate) queue: Bus<QueueEvent>,
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     pub(crate) wal: Bus<WalEvent>,
 }
 

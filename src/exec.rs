@@ -74,10 +74,12 @@ impl Exec {
     }
 
     /// The TLS connector the pool's connections use.
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     pub(crate) fn tls(&self) -> &Connector {
         &self.inner.tls
     }
 
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     pub(crate) fn backoff(&self) -> Backoff {
         self.inner.backoff
     }

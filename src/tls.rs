@@ -116,6 +116,7 @@ pub(crate) struct Connector {
     /// `Builder::tls_config`), for connections tokio-postgres does not open:
     /// the WAL feed's replication connection. `None` for a custom connector.
     #[cfg(feature = "tls")]
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     pub(crate) rustls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
