@@ -210,7 +210,7 @@ pub mod ui;
 // The core: LISTEN/NOTIFY (src/pubsub/).
 mod pubsub;
 pub use pubsub::{channel, election, wire};
-use pubsub::{driver, inbox, listen, message, subscription, truncate};
+use pubsub::{driver, frame, inbox, listen, message, subscription, truncate};
 
 // Plumbing shared by the core and the capabilities.
 mod client;

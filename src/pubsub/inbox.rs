@@ -72,9 +72,16 @@ impl Queue {
                 let dropped = mem::take(&mut inner.dropped);
                 inner.entries.push_back(Entry::Lagged(dropped));
             }
-            inner
-                .entries
-                .extend(messages.take(fits).map(Entry::Message));
+            if fits * 2 < total {
+                // Most of the run is dropped: do not pin it for the rest.
+                let mut kept: Vec<Received> = messages.take(fits).collect();
+                crate::message::compact(&mut kept, total);
+                inner.entries.extend(kept.into_iter().map(Entry::Message));
+            } else {
+                inner
+                    .entries
+                    .extend(messages.take(fits).map(Entry::Message));
+            }
             inner.messages += fits;
             if let Some(w) = inner.waker.take() {
                 wake.push(w);

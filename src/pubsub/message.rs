@@ -6,21 +6,21 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio_postgres::Notification;
+use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::{truncate, wire};
+use crate::{frame, truncate, wire};
 
 /// A notification as received.
 ///
 /// A channel's only subscriber owns its notifications outright (no
 /// reference count, no decode cache: the common case and the hot path);
-/// several subscribers share one, and one decoded value. Both are a pointer,
-/// so queue entries stay small: measured, a 64-byte inline `Note` made
-/// fan-out to ten subscribers use ~20% more CPU than boxing it.
+/// several subscribers share one, and one decoded value. Queue entries stay
+/// small: measured, a 64-byte inline entry made fan-out to ten subscribers
+/// use ~20% more CPU than a pointer; a `Note` is 40 bytes.
 #[derive(Clone)]
 pub(crate) enum Received {
-    Own(Box<Note>),
+    Own(Note),
     Shared(Arc<SharedNote>),
     /// Made by hand ([`Message::for_test`]), not received.
     Made(Box<Made>),
@@ -33,13 +33,47 @@ pub(crate) struct Made {
     body: String,
 }
 
-/// One allocation per notification; the origin is parsed again on the rare
-/// call that needs it rather than stored.
+/// A notification frame (see [`frame`]): a slice of the buffer its run of
+/// frames was copied into, so it needs no allocation of its own. The
+/// origin is parsed again on the rare call that needs it rather than stored.
 #[derive(Clone)]
 pub(crate) struct Note {
-    note: Notification,
+    frame: Bytes,
+    channel_len: u8,
     /// The payload starts with this crate's origin header.
     tagged: bool,
+}
+
+impl Note {
+    /// `frame` is one whole frame that [`frame::parse`] accepted.
+    pub(crate) fn new(frame: Bytes, channel_len: u8) -> Self {
+        let tagged = wire::is_tagged(frame::payload_bytes(&frame, channel_len.into()));
+        Note {
+            frame,
+            channel_len,
+            tagged,
+        }
+    }
+
+    fn channel(&self) -> &str {
+        // Checked when parsed.
+        std::str::from_utf8(frame::channel_bytes(&self.frame, self.channel_len.into()))
+            .unwrap_or_default()
+    }
+
+    fn payload(&self) -> &str {
+        // Checked when parsed.
+        std::str::from_utf8(frame::payload_bytes(&self.frame, self.channel_len.into()))
+            .unwrap_or_default()
+    }
+
+    fn body(&self) -> &str {
+        let payload = self.payload();
+        match self.tagged {
+            true => payload.get(wire::HEADER_BYTES..).unwrap_or_default(),
+            false => payload,
+        }
+    }
 }
 
 pub(crate) struct SharedNote {
@@ -48,16 +82,14 @@ pub(crate) struct SharedNote {
 }
 
 impl Received {
-    pub(crate) fn new(note: Notification, shared: bool) -> Self {
-        let tagged = wire::decode(note.payload()).0.is_some();
-        let note = Note { note, tagged };
+    pub(crate) fn new(note: Note, shared: bool) -> Self {
         if shared {
             Received::Shared(Arc::new(SharedNote {
                 note,
                 decoded: OnceLock::new(),
             }))
         } else {
-            Received::Own(Box::new(note))
+            Received::Own(note)
         }
     }
 
@@ -72,30 +104,40 @@ impl Received {
     pub(crate) fn origin(&self) -> Option<Uuid> {
         let note = self.note()?;
         note.tagged
-            .then(|| wire::decode(note.note.payload()).0)
+            .then(|| wire::decode(note.payload()).0)
             .flatten()
+    }
+
+    /// Whether it carries this origin (without parsing it as a UUID).
+    pub(crate) fn is_from(&self, origin: &[u8; 32]) -> bool {
+        self.note().is_some_and(|note| {
+            note.tagged && wire::origin_hex(note.payload().as_bytes()) == Some(origin)
+        })
+    }
+
+    /// The bytes of the frame (for copying a subset of a run).
+    pub(crate) fn frame(&self) -> Option<(&Bytes, u8)> {
+        self.note().map(|n| (&n.frame, n.channel_len))
     }
 
     fn channel(&self) -> &str {
         match self {
-            Received::Own(own) => own.note.channel(),
-            Received::Shared(shared) => shared.note.note.channel(),
+            Received::Own(own) => own.channel(),
+            Received::Shared(shared) => shared.note.channel(),
             Received::Made(made) => &made.channel,
         }
     }
 
     pub(crate) fn body(&self) -> &str {
-        let note = match self {
-            Received::Own(note) => note,
-            Received::Shared(shared) => &shared.note,
-            Received::Made(made) => return &made.body,
-        };
-        let start = if note.tagged { wire::HEADER_BYTES } else { 0 };
-        &note.note.payload()[start..]
+        match self {
+            Received::Own(note) => note.body(),
+            Received::Shared(shared) => shared.note.body(),
+            Received::Made(made) => &made.body,
+        }
     }
 
     fn process_id(&self) -> i32 {
-        self.note().map_or(0, |note| note.note.process_id())
+        self.note().map_or(0, |note| frame::process_id(&note.frame))
     }
 
     /// Decodes the body; when the channel has several subscribers, the first
@@ -132,6 +174,33 @@ impl Received {
                 shared.decoded.get().and_then(|any| any.downcast_ref::<T>())
             }
         }
+    }
+}
+
+/// Copies `kept` out of its run's buffer when it holds less than half of
+/// the run's `of` notifications (a filtered or lagging subscriber took a
+/// few): what a subscriber queues then pins no more than about twice its
+/// own size.
+pub(crate) fn compact(kept: &mut [Received], of: usize) {
+    if kept.len() * 2 >= of {
+        return;
+    }
+    let mut buf = bytes::BytesMut::new();
+    for r in kept.iter() {
+        if let Some((frame, _)) = r.frame() {
+            buf.extend_from_slice(frame);
+        }
+    }
+    let frames = buf.freeze();
+    let mut off = 0;
+    for r in kept.iter_mut() {
+        let Some((frame, channel_len)) = r.frame() else {
+            continue;
+        };
+        let len = frame.len();
+        let shared = matches!(r, Received::Shared(_));
+        *r = Received::new(Note::new(frames.slice(off..off + len), channel_len), shared);
+        off += len;
     }
 }
 

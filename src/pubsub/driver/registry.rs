@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
+use bytes::BytesMut;
 use tokio::sync::oneshot;
-use tokio_postgres::Notification;
 use uuid::Uuid;
 
 use super::election::{Answer, CONTROL_CHANNEL};
@@ -16,8 +16,10 @@ use super::role::{Election, Heard, Plain, Step};
 use crate::channel::ChannelName;
 use crate::error::{Error, Origin, Result};
 use crate::event::ConnectionEvent;
+use crate::frame::{self, Frame};
 use crate::inbox::Queue;
-use crate::message::{Gap, GapCause, Received};
+use crate::message::{compact, Gap, GapCause, Note, Received};
+use crate::wire;
 
 pub(crate) type SubId = u64;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;
@@ -124,8 +126,9 @@ pub(crate) struct Registry {
     channels: HashMap<ChannelName, Channel>,
     /// Something changed since the last `plan`.
     dirty: bool,
-    /// This instance's origin: filtered subscribers skip messages tagged with it.
-    origin: Option<Uuid>,
+    /// This instance's origin as in a header: filtered subscribers skip
+    /// messages tagged with it.
+    origin_hex: [u8; 32],
     leading: super::Leading,
     filtering: ChannelSet,
     /// The session listens to the election's control channel.
@@ -138,8 +141,10 @@ pub(crate) struct Registry {
     reported: HashSet<String>,
     /// Events for the driver to publish.
     pub events: Vec<ConnectionEvent>,
-    /// Received, not yet delivered (see `flush`).
-    staged: Vec<Notification>,
+    /// Received, not yet delivered (see `flush`): whole frames, and each
+    /// one's length and channel name length.
+    staged: BytesMut,
+    index: Vec<(u32, u8)>,
     /// Scratch space for `flush`, kept to reuse its allocation.
     run: Vec<Received>,
 }
@@ -157,7 +162,7 @@ fn lock(set: &ChannelSet) -> std::sync::MutexGuard<'_, HashSet<ChannelName>> {
 impl Registry {
     pub(crate) fn new(shared: Shared) -> Self {
         Registry {
-            origin: Some(shared.origin),
+            origin_hex: wire::hex(shared.origin),
             leading: shared.leading,
             filtering: shared.filtering,
             ..Registry::default()
@@ -515,49 +520,72 @@ impl Registry {
         lock(&self.filtering).clear();
     }
 
-    /// Queues a received notification; [`flush`](Self::flush) delivers it.
-    pub(crate) fn stage(&mut self, note: Notification) {
-        self.staged.push(note);
+    /// Queues a received notification (a frame [`frame::parse`] accepted);
+    /// [`flush`](Self::flush) delivers it.
+    pub(crate) fn stage(&mut self, note: &Frame<'_>) {
+        self.staged.extend_from_slice(note.bytes);
+        // A channel name is below 64 bytes, a frame below 8 kB.
+        self.index
+            .push((note.bytes.len() as u32, note.channel.len() as u8));
     }
 
-    /// Fans staged notifications out to subscriber queues: one lookup per
-    /// run of one channel and one lock per subscriber per run, rather than
-    /// per message. Wakers of consumers to wake are collected in `wake`.
+    /// Fans staged notifications out to subscriber queues: one lookup, one
+    /// allocation (the run's frames, copied) and one lock per subscriber
+    /// per run of one channel, rather than per message. Wakers of consumers
+    /// to wake are collected in `wake`.
     pub(crate) fn flush(&mut self, wake: &mut Vec<Waker>) {
-        let mut staged = std::mem::take(&mut self.staged);
+        let staged = std::mem::take(&mut self.staged);
+        let index = std::mem::take(&mut self.index);
         let mut run = std::mem::take(&mut self.run);
-        let mut notes = staged.drain(..).peekable();
-        while let Some(first) = notes.next() {
+        let (mut at, mut i) = (0, 0);
+        while i < index.len() {
+            // The run: this frame and the following ones of its channel.
+            let (len, channel_len) = index[i];
+            let channel = frame::channel_bytes(&staged[at..], channel_len.into());
+            let (start, mut end, first) = (at, at + len as usize, i);
+            i += 1;
+            while let Some(&(len, cl)) = index.get(i) {
+                if cl != channel_len || frame::channel_bytes(&staged[end..], cl.into()) != channel {
+                    break;
+                }
+                end += len as usize;
+                i += 1;
+            }
+            at = end;
             // Only a plain channel or a leader (from its own `ready:` on) delivers.
-            let target = self
-                .channels
-                .get_key_value(first.channel())
+            let target = std::str::from_utf8(channel)
+                .ok()
+                .and_then(|name| self.channels.get_key_value(name))
                 .filter(|(_, ch)| ch.wanted() && ch.state.delivers());
-            // Not delivered: looked up again for the next message, which is
-            // rare (a channel being unlistened, or not led here).
             let Some((channel, ch)) = target else {
                 continue;
             };
             let shared = ch.subs.len() > 1;
-            run.push(Received::new(first, shared));
-            while let Some(note) = notes.next_if(|n| n.channel() == channel.as_str()) {
+            let frames = frame::copy_run(&staged[start..end]);
+            let mut off = 0;
+            for &(len, cl) in &index[first..i] {
+                let note = Note::new(frames.slice(off..off + len as usize), cl);
                 run.push(Received::new(note, shared));
+                off += len as usize;
             }
             // Once per run; every subscriber of a channel shares its counters.
             if let Some(s) = ch.subs.first() {
                 s.queue.counters().metrics.received(run.len());
             }
-            let origin = self.origin;
+            let origin = &self.origin_hex;
             let mut slow = false;
             match ch.subs.as_slice() {
                 // The only subscriber takes the notifications themselves.
                 [only] => {
                     if only.filtered {
-                        run.retain(|r| r.origin() != origin);
+                        let before = run.len();
+                        run.retain(|r| !r.is_from(origin));
+                        compact(&mut run, before);
                     }
                     if !run.is_empty() {
                         slow = only.queue.push_all(run.drain(..), wake);
                     }
+                    run.clear();
                 }
                 subs => {
                     // Built once per run, only when a subscriber filters.
@@ -565,10 +593,10 @@ impl Registry {
                     for s in subs {
                         let batch = if s.filtered {
                             others.get_or_insert_with(|| {
-                                run.iter()
-                                    .filter(|r| r.origin() != origin)
-                                    .cloned()
-                                    .collect()
+                                let mut kept: Vec<Received> =
+                                    run.iter().filter(|r| !r.is_from(origin)).cloned().collect();
+                                compact(&mut kept, run.len());
+                                kept
                             })
                         } else {
                             &run
@@ -586,8 +614,11 @@ impl Registry {
                 self.events.push(ConnectionEvent::SlowConsumer { channel });
             }
         }
-        drop(notes);
+        let (mut staged, mut index) = (staged, index);
+        staged.clear();
+        index.clear();
         self.staged = staged;
+        self.index = index;
         self.run = run;
     }
 }
@@ -601,58 +632,19 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
     use std::task::{Context, Poll};
 
-    use tokio::io::AsyncWriteExt;
-    use tokio_postgres::AsyncMessage;
-
     use super::*;
     use crate::inbox::Entry;
     use crate::message::Message;
     use crate::stats::ChannelCounters;
     use crate::wire;
 
-    /// Notifications as tokio-postgres itself parses them (it has no public
-    /// constructor): canned backend messages on an in-memory stream,
-    /// `AuthenticationOk` and `ReadyForQuery`, then one
-    /// `NotificationResponse` per `(channel, payload)`.
-    fn notifications(notes: &[(&str, &str)]) -> Vec<Notification> {
-        fn message(wire: &mut Vec<u8>, tag: u8, body: &[u8]) {
-            let len = i32::try_from(body.len() + 4).expect("a small test message");
-            wire.push(tag);
-            wire.extend(len.to_be_bytes());
-            wire.extend(body);
-        }
-        let mut bytes = Vec::new();
-        message(&mut bytes, b'R', &0i32.to_be_bytes());
-        message(&mut bytes, b'Z', b"I");
+    /// Notification frames, as the tap takes them off the socket.
+    fn notifications(notes: &[(&str, &str)]) -> BytesMut {
+        let mut frames = BytesMut::new();
         for (channel, payload) in notes {
-            let mut body = 4242i32.to_be_bytes().to_vec();
-            for s in [channel, payload] {
-                body.extend(s.as_bytes());
-                body.push(0);
-            }
-            message(&mut bytes, b'A', &body);
+            frame::push_parts(&mut frames, 4242, channel, payload);
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("a runtime");
-        rt.block_on(async {
-            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
-            theirs.write_all(&bytes).await.expect("in memory");
-            let (_client, mut connection) = tokio_postgres::Config::new()
-                .user("test")
-                .ssl_mode(tokio_postgres::config::SslMode::Disable)
-                .connect_raw(ours, tokio_postgres::NoTls)
-                .await
-                .expect("the canned start-up is accepted");
-            let mut out = Vec::new();
-            while out.len() < notes.len() {
-                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(n))) => out.push(n),
-                    _ => panic!("expected a notification"),
-                }
-            }
-            out
-        })
+        frames
     }
 
     fn registry(origin: Uuid) -> Registry {
@@ -690,8 +682,9 @@ mod tests {
     }
 
     fn deliver(registry: &mut Registry, notes: &[(&str, &str)]) {
-        for note in notifications(notes) {
-            registry.stage(note);
+        let frames = notifications(notes);
+        for note in frame::frames(&frames) {
+            registry.stage(&note.expect("a well-formed frame"));
         }
         registry.flush(&mut Vec::new());
     }
