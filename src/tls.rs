@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use tokio_postgres::Socket;
 
+use crate::driver::MakeHandshake;
+
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 trait Stream: AsyncRead + AsyncWrite + TlsStream + Send + Sync + Unpin {}
@@ -112,6 +114,9 @@ pub(crate) struct Connector {
     /// False for the plain connector: `sslmode=prefer` then means no TLS
     /// (tokio-postgres' `NoTls` says so through a hook we cannot forward).
     pub(crate) can_tls: bool,
+    /// The same TLS over a socket the crate opens (the listener's tap);
+    /// `None` for a connector given by the user.
+    pub(crate) tap: Option<Arc<dyn MakeHandshake>>,
 }
 
 impl Connector {
@@ -125,13 +130,28 @@ impl Connector {
         Connector {
             make: Arc::new(Erase(tls)),
             can_tls: true,
+            tap: None,
+        }
+    }
+
+    /// One of the crate's own connectors, which the tap can use too.
+    pub(crate) fn ours<T>(tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + MakeHandshake + Clone + Send + Sync + 'static,
+        <T as MakeTlsConnect<Socket>>::Stream: Send + Sync + 'static,
+        <T as MakeTlsConnect<Socket>>::TlsConnect: Send + Sync + 'static,
+        <<T as MakeTlsConnect<Socket>>::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
+    {
+        Connector {
+            tap: Some(Arc::new(tls.clone())),
+            ..Connector::new(tls)
         }
     }
 
     pub(crate) fn plain() -> Self {
         Connector {
             can_tls: false,
-            ..Connector::new(tokio_postgres::NoTls)
+            ..Connector::ours(tokio_postgres::NoTls)
         }
     }
 }
@@ -204,7 +224,7 @@ mod with_rustls {
                     .with_no_client_auth()
             }
         };
-        Ok(Connector::new(MakeRustlsConnect::new(config)))
+        Ok(Connector::ours(MakeRustlsConnect::new(config)))
     }
 
     fn tls_config_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {

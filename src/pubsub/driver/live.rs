@@ -160,8 +160,13 @@ impl Endpoint {
     /// Opens a connection within `timeout`.
     pub(crate) async fn open(&self, timeout: Duration) -> Result<(Client, PgConnection), Error> {
         const WHAT: &str = "connecting the listener";
-        if tap::usable(&self.config, !self.tls.can_tls) {
-            return match tokio::time::timeout(timeout, tap::connect(&self.config)).await {
+        if let Some(tls) = self
+            .tls
+            .tap
+            .as_deref()
+            .filter(|_| tap::usable(&self.config))
+        {
+            return match tokio::time::timeout(timeout, tap::connect(&self.config, tls)).await {
                 Ok(res) => res,
                 Err(_) => Err(Error::timeout(WHAT, timeout, None)),
             };

@@ -37,6 +37,7 @@ use live::{drive, is_fatal, Live, OpError, Planned};
 use registry::Registry;
 pub(crate) use registry::{ChannelSet, Mode, Shared, SubId};
 use role::{Heard, Step};
+pub(crate) use tap::MakeHandshake;
 
 /// Notifications handled per wake-up before yielding to other tasks, when
 /// tokio-postgres reads them (the tap has its own budget).

@@ -18,20 +18,22 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
-use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
+use tokio_postgres::config::{Host, LoadBalanceHosts, TargetSessionAttrs};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use tokio_postgres::{Client, Config, SimpleQueryMessage};
 
 use crate::error::{Error, Origin};
 use crate::frame;
+use crate::tls::BoxError;
 
 use super::live::{drive, PgConnection};
 
-pub(crate) type TapConnection = tokio_postgres::Connection<TapIo, NoTlsStream>;
+pub(crate) type TapConnection = tokio_postgres::Connection<TapIo, TapIo>;
 
 /// Notification frames read from the socket, not yet taken by the listener.
 pub(crate) type Notes = Arc<Mutex<BytesMut>>;
@@ -44,11 +46,173 @@ const BUF_SIZE: usize = 64 * 1024;
 /// Larger notification frames are passed on (to tokio-postgres).
 const MAX_TAKEN: usize = 16 * 1024;
 
-enum Io {
+/// A socket the crate opened.
+pub(crate) enum RawIo {
     Tcp(TcpStream),
     #[cfg(unix)]
     Unix(UnixStream),
 }
+
+enum Io {
+    Raw(RawIo),
+    Tls(Box<dyn TlsIo>),
+}
+
+/// A TLS session over a [`RawIo`].
+pub(crate) trait TlsIo: AsyncRead + AsyncWrite + TlsStream + Send + Sync + Unpin {}
+impl<T> TlsIo for T where T: AsyncRead + AsyncWrite + TlsStream + Send + Sync + Unpin {}
+
+/// A TLS handshake over a [`RawIo`], for one host.
+pub(crate) type Handshake =
+    Box<dyn FnOnce(RawIo) -> BoxFuture<'static, Result<Box<dyn TlsIo>, BoxError>> + Send + Sync>;
+
+/// Makes [`Handshake`]s (the crate's own connectors: rustls, or none).
+pub(crate) trait MakeHandshake: Send + Sync {
+    fn make(&self, domain: &str) -> Result<Handshake, BoxError>;
+}
+
+impl<T> MakeHandshake for T
+where
+    T: MakeTlsConnect<RawIo> + Clone + Send + Sync,
+    T::Stream: Send + Sync + 'static,
+    T::TlsConnect: Send + Sync + 'static,
+    <T::TlsConnect as TlsConnect<RawIo>>::Future: Send + 'static,
+{
+    fn make(&self, domain: &str) -> Result<Handshake, BoxError> {
+        let connect = self.clone().make_tls_connect(domain).map_err(Into::into)?;
+        Ok(Box::new(move |raw| {
+            Box::pin(async move {
+                match connect.connect(raw).await {
+                    Ok(stream) => Ok(Box::new(stream) as Box<dyn TlsIo>),
+                    Err(e) => Err(e.into()),
+                }
+            })
+        }))
+    }
+}
+
+/// The TLS side of a tapped connection: the handshake runs on the raw
+/// socket, and the tap moves above it.
+pub(crate) struct TapTls {
+    handshake: Option<Handshake>,
+}
+
+impl TlsConnect<TapIo> for TapTls {
+    type Stream = TapIo;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<TapIo, BoxError>>;
+
+    fn connect(self, stream: TapIo) -> Self::Future {
+        Box::pin(async move {
+            let handshake = self.handshake.ok_or("TLS is not configured")?;
+            let TapIo {
+                io,
+                notes,
+                start,
+                end,
+                pass,
+                ..
+            } = stream;
+            let Io::Raw(raw) = io else {
+                return Err("TLS requested twice".into());
+            };
+            if start != end || !pass.is_empty() {
+                return Err("the server sent data before the TLS handshake".into());
+            }
+            Ok(TapIo::new(Io::Tls(handshake(raw).await?), notes))
+        })
+    }
+}
+
+impl TlsStream for TapIo {
+    fn channel_binding(&self) -> ChannelBinding {
+        match &self.io {
+            Io::Tls(tls) => tls.channel_binding(),
+            Io::Raw(_) => ChannelBinding::none(),
+        }
+    }
+}
+
+macro_rules! raw {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            RawIo::Tcp($s) => $e,
+            #[cfg(unix)]
+            RawIo::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for RawIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        raw!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for RawIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        raw!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        raw!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        raw!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Raw(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Raw(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Raw(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Raw(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The start of an `SSLRequest`: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
 
 /// The socket with its tap.
 pub(crate) struct TapIo {
@@ -66,6 +230,10 @@ pub(crate) struct TapIo {
     /// understand: it reports the error).
     bypass: bool,
     eof: bool,
+    /// Nothing was written yet.
+    fresh: bool,
+    /// An `SSLRequest` went out: its one-byte answer is not a frame.
+    ssl_answer: bool,
 }
 
 impl TapIo {
@@ -80,6 +248,8 @@ impl TapIo {
             passing: 0,
             bypass: false,
             eof: false,
+            fresh: true,
+            ssl_answer: false,
         }
     }
 
@@ -102,6 +272,12 @@ impl TapIo {
                 if self.passing > 0 {
                     break;
                 }
+                continue;
+            }
+            if self.ssl_answer && !avail.is_empty() {
+                self.ssl_answer = false;
+                self.pass.extend_from_slice(&avail[..1]);
+                self.start += 1;
                 continue;
             }
             let Some(len) = frame_len(avail) else { break };
@@ -182,12 +358,7 @@ impl AsyncRead for TapIo {
                 return Poll::Pending;
             }
             let mut dst = ReadBuf::new(&mut this.buf[this.end..]);
-            let res = match &mut this.io {
-                Io::Tcp(s) => Pin::new(s).poll_read(cx, &mut dst),
-                #[cfg(unix)]
-                Io::Unix(s) => Pin::new(s).poll_read(cx, &mut dst),
-            };
-            match res {
+            match Pin::new(&mut this.io).poll_read(cx, &mut dst) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
@@ -210,36 +381,25 @@ impl AsyncWrite for TapIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.io {
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            #[cfg(unix)]
-            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        if std::mem::take(&mut self.fresh) && buf.starts_with(&SSL_REQUEST) {
+            self.ssl_answer = true;
         }
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.io {
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            #[cfg(unix)]
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.io {
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            #[cfg(unix)]
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
-/// Whether the tap can open connections for `config`: no TLS, and hosts
-/// tried in order (as tokio-postgres would).
-pub(crate) fn usable(config: &Config, plain: bool) -> bool {
-    plain
-        && config.get_ssl_mode() == SslMode::Disable
-        && config.get_load_balance_hosts() == LoadBalanceHosts::Disable
+/// Whether the tap can open connections for `config` (with the crate's own
+/// TLS connector): hosts tried in order, as tokio-postgres would.
+pub(crate) fn usable(config: &Config) -> bool {
+    config.get_load_balance_hosts() == LoadBalanceHosts::Disable
         && (config.get_hostaddrs().is_empty()
             || config.get_hostaddrs().len() == config.get_hosts().len())
 }
@@ -249,7 +409,10 @@ const WHAT: &str = "connecting the listener";
 /// Opens a tapped connection as tokio-postgres' `Config::connect` would:
 /// each host (or `hostaddr`) in turn, each of its addresses, keeping the
 /// first that accepts the session attributes asked for.
-pub(crate) async fn connect(config: &Config) -> Result<(Client, PgConnection), Error> {
+pub(crate) async fn connect(
+    config: &Config,
+    tls: &dyn MakeHandshake,
+) -> Result<(Client, PgConnection), Error> {
     let hosts = config.get_hosts();
     let count = hosts.len().max(config.get_hostaddrs().len());
     if count == 0 {
@@ -270,6 +433,11 @@ pub(crate) async fn connect(config: &Config) -> Result<(Client, PgConnection), E
                 None => continue,
             },
         };
+        // As tokio-postgres: the host name is for TLS, even with a hostaddr.
+        let domain = match hosts.get(i) {
+            Some(Host::Tcp(host)) => host.clone(),
+            _ => String::new(),
+        };
         let sockets: Vec<Target> = match host {
             Host::Tcp(name) => match tokio::net::lookup_host((name.as_str(), port)).await {
                 Ok(addrs) => addrs.map(Target::Tcp).collect(),
@@ -282,7 +450,10 @@ pub(crate) async fn connect(config: &Config) -> Result<(Client, PgConnection), E
             Host::Unix(dir) => vec![Target::Unix(dir.join(format!(".s.PGSQL.{port}")))],
         };
         for target in sockets {
-            match connect_one(config, &target).await {
+            let handshake = tls.make(&domain).map_err(|e| {
+                Error::new(Origin::Connect, format!("{WHAT}: TLS for {domain:?}: {e}"))
+            })?;
+            match connect_one(config, &target, handshake).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) => last = Some(e),
             }
@@ -303,7 +474,11 @@ fn io_error(what: &str, e: io::Error) -> Error {
         .connection()
 }
 
-async fn connect_one(config: &Config, target: &Target) -> Result<(Client, PgConnection), Error> {
+async fn connect_one(
+    config: &Config,
+    target: &Target,
+    handshake: Handshake,
+) -> Result<(Client, PgConnection), Error> {
     let timeout = config.get_connect_timeout().copied();
     let io = match target {
         Target::Tcp(addr) => {
@@ -342,10 +517,10 @@ async fn connect_one(config: &Config, target: &Target) -> Result<(Client, PgConn
                 sock.set_tcp_keepalive(&keepalive)
                     .map_err(|e| io_error("keepalive", e))?;
             }
-            Io::Tcp(stream)
+            RawIo::Tcp(stream)
         }
         #[cfg(unix)]
-        Target::Unix(path) => Io::Unix(
+        Target::Unix(path) => RawIo::Unix(
             with_timeout(timeout, UnixStream::connect(path))
                 .await
                 .map_err(|e| io_error(&path.display().to_string(), e))?,
@@ -353,7 +528,12 @@ async fn connect_one(config: &Config, target: &Target) -> Result<(Client, PgConn
     };
     let notes = Notes::default();
     let (client, conn) = config
-        .connect_raw(TapIo::new(io, notes.clone()), NoTls)
+        .connect_raw(
+            TapIo::new(Io::Raw(io), notes.clone()),
+            TapTls {
+                handshake: Some(handshake),
+            },
+        )
         .await
         .map_err(|e| Error::pg(Origin::Connect, WHAT, e))?;
     let mut conn = PgConnection::Tapped(conn, notes);
