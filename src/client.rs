@@ -253,8 +253,12 @@ impl Builder {
     /// certificate) for every connection. As with [`Builder::tls`], the
     /// `sslmode` only decides whether TLS is used.
     #[cfg(feature = "tls")]
-    pub fn tls_config(self, config: rustls::ClientConfig) -> Self {
-        self.tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
+        // Ours, unlike a connector given to `tls`: the listener can use it
+        // on the socket it opens itself.
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+        self.tls = Some(Connector::ours(tls));
+        self
     }
 
     /// How long `notify` may wait (for a pooled connection and the server)
