@@ -15,13 +15,14 @@ use crate::{frame, truncate, wire};
 ///
 /// A channel's only subscriber owns its notifications outright (no
 /// reference count, no decode cache: the common case and the hot path);
-/// several subscribers share one, and one decoded value. Queue entries stay
-/// small: measured, a 64-byte inline entry made fan-out to ten subscribers
-/// use ~20% more CPU than a pointer; a `Note` is 40 bytes.
+/// several subscribers share the run it came in, and one decoded value.
+/// Queue entries stay small: measured, a 64-byte inline entry made fan-out
+/// to ten subscribers use ~20% more CPU than a pointer; a `Note` is 40 bytes.
 #[derive(Clone)]
 pub(crate) enum Received {
     Own(Note),
-    Shared(Arc<SharedNote>),
+    /// The `n`th notification of a shared run.
+    InRun(Arc<Run>, u32),
     /// Made by hand ([`Message::for_test`]), not received.
     Made(Box<Made>),
 }
@@ -67,6 +68,10 @@ impl Note {
             .unwrap_or_default()
     }
 
+    fn is_from(&self, origin: &[u8; 32]) -> bool {
+        self.tagged && wire::origin_hex(self.payload().as_bytes()) == Some(origin)
+    }
+
     fn body(&self) -> &str {
         let payload = self.payload();
         match self.tagged {
@@ -76,27 +81,38 @@ impl Note {
     }
 }
 
-pub(crate) struct SharedNote {
-    note: Note,
-    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+/// Notifications of one channel received together, shared by its
+/// subscribers: one allocation and one queue entry per run and subscriber,
+/// and one reference count per message, taken in the consumer's task.
+pub(crate) struct Run {
+    notes: Vec<Note>,
+    /// Each note's value, decoded by the first subscriber to read it.
+    decoded: Box<[OnceLock<Box<dyn Any + Send + Sync>>]>,
+}
+
+impl Run {
+    pub(crate) fn new(notes: Vec<Note>) -> Self {
+        let decoded = notes.iter().map(|_| OnceLock::new()).collect();
+        Run { notes, decoded }
+    }
+
+    pub(crate) fn len(&self) -> u32 {
+        // A run is at most a read's worth of notifications.
+        self.notes.len() as u32
+    }
+
+    pub(crate) fn is_from(&self, i: u32, origin: &[u8; 32]) -> bool {
+        self.notes
+            .get(i as usize)
+            .is_some_and(|note| note.is_from(origin))
+    }
 }
 
 impl Received {
-    pub(crate) fn new(note: Note, shared: bool) -> Self {
-        if shared {
-            Received::Shared(Arc::new(SharedNote {
-                note,
-                decoded: OnceLock::new(),
-            }))
-        } else {
-            Received::Own(note)
-        }
-    }
-
     fn note(&self) -> Option<&Note> {
         match self {
             Received::Own(note) => Some(note),
-            Received::Shared(shared) => Some(&shared.note),
+            Received::InRun(run, i) => run.notes.get(*i as usize),
             Received::Made(_) => None,
         }
     }
@@ -110,9 +126,7 @@ impl Received {
 
     /// Whether it carries this origin (without parsing it as a UUID).
     pub(crate) fn is_from(&self, origin: &[u8; 32]) -> bool {
-        self.note().is_some_and(|note| {
-            note.tagged && wire::origin_hex(note.payload().as_bytes()) == Some(origin)
-        })
+        self.note().is_some_and(|note| note.is_from(origin))
     }
 
     /// The bytes of the frame (for copying a subset of a run).
@@ -121,18 +135,26 @@ impl Received {
     }
 
     fn channel(&self) -> &str {
-        match self {
-            Received::Own(own) => own.channel(),
-            Received::Shared(shared) => shared.note.channel(),
-            Received::Made(made) => &made.channel,
+        match (self, self.note()) {
+            (Received::Made(made), _) => &made.channel,
+            (_, Some(note)) => note.channel(),
+            (_, None) => "",
         }
     }
 
     pub(crate) fn body(&self) -> &str {
+        match (self, self.note()) {
+            (Received::Made(made), _) => &made.body,
+            (_, Some(note)) => note.body(),
+            (_, None) => "",
+        }
+    }
+
+    /// The shared decode cache of this notification, if it has one.
+    fn slot(&self) -> Option<&OnceLock<Box<dyn Any + Send + Sync>>> {
         match self {
-            Received::Own(note) => note.body(),
-            Received::Shared(shared) => shared.note.body(),
-            Received::Made(made) => &made.body,
+            Received::InRun(run, i) => run.decoded.get(*i as usize),
+            Received::Own(_) | Received::Made(_) => None,
         }
     }
 
@@ -147,16 +169,16 @@ impl Received {
         &self,
         decode: fn(&str) -> Result<T, serde_json::Error>,
     ) -> Result<Option<T>, serde_json::Error> {
-        let Received::Shared(shared) = self else {
+        let Some(slot) = self.slot() else {
             return decode(self.body()).map(Some);
         };
-        match shared.decoded.get() {
+        match slot.get() {
             Some(any) if any.is::<T>() => Ok(None),
             // Another subscriber decoded it as another type.
             Some(_) => decode(self.body()).map(Some),
             None => {
                 let value: Box<dyn Any + Send + Sync> = Box::new(decode(self.body())?);
-                match shared.decoded.set(value) {
+                match slot.set(value) {
                     Ok(()) => Ok(None),
                     // Another subscriber was first: read its value if it is a `T`.
                     Err(_) if self.cached::<T>().is_some() => Ok(None),
@@ -168,12 +190,7 @@ impl Received {
 
     /// The shared decoded value, when [`Self::decode`] put a `T` there.
     fn cached<T: 'static>(&self) -> Option<&T> {
-        match self {
-            Received::Own(_) | Received::Made(_) => None,
-            Received::Shared(shared) => {
-                shared.decoded.get().and_then(|any| any.downcast_ref::<T>())
-            }
-        }
+        self.slot()?.get()?.downcast_ref::<T>()
     }
 }
 
@@ -198,8 +215,8 @@ pub(crate) fn compact(kept: &mut [Received], of: usize) {
             continue;
         };
         let len = frame.len();
-        let shared = matches!(r, Received::Shared(_));
-        *r = Received::new(Note::new(frames.slice(off..off + len), channel_len), shared);
+        // Its own copy, decoded by this subscriber alone (a rare path).
+        *r = Received::Own(Note::new(frames.slice(off..off + len), channel_len));
         off += len;
     }
 }

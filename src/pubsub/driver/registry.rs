@@ -18,7 +18,7 @@ use crate::error::{Error, Origin, Result};
 use crate::event::ConnectionEvent;
 use crate::frame::{self, Frame};
 use crate::inbox::Queue;
-use crate::message::{compact, Gap, GapCause, Note, Received};
+use crate::message::{compact, Gap, GapCause, Note, Received, Run};
 use crate::wire;
 
 pub(crate) type SubId = u64;
@@ -146,7 +146,7 @@ pub(crate) struct Registry {
     staged: BytesMut,
     index: Vec<(u32, u8)>,
     /// Scratch space for `flush`, kept to reuse its allocation.
-    run: Vec<Received>,
+    run: Vec<Note>,
 }
 
 impl Borrow<str> for ChannelName {
@@ -560,12 +560,10 @@ impl Registry {
             let Some((channel, ch)) = target else {
                 continue;
             };
-            let shared = ch.subs.len() > 1;
             let frames = frame::copy_run(&staged[start..end]);
             let mut off = 0;
             for &(len, cl) in &index[first..i] {
-                let note = Note::new(frames.slice(off..off + len as usize), cl);
-                run.push(Received::new(note, shared));
+                run.push(Note::new(frames.slice(off..off + len as usize), cl));
                 off += len as usize;
             }
             // Once per run; every subscriber of a channel shares its counters.
@@ -577,35 +575,38 @@ impl Registry {
             match ch.subs.as_slice() {
                 // The only subscriber takes the notifications themselves.
                 [only] => {
+                    let mut mine: Vec<Received> = run.drain(..).map(Received::Own).collect();
                     if only.filtered {
-                        let before = run.len();
-                        run.retain(|r| !r.is_from(origin));
-                        compact(&mut run, before);
+                        let before = mine.len();
+                        mine.retain(|r| !r.is_from(origin));
+                        compact(&mut mine, before);
                     }
-                    if !run.is_empty() {
-                        slow = only.queue.push_all(run.drain(..), wake);
+                    if !mine.is_empty() {
+                        slow = only.queue.push_all(mine.into_iter(), wake);
                     }
-                    run.clear();
                 }
+                // Several share the run: one entry each.
                 subs => {
+                    let shared = Arc::new(Run::new(run.drain(..).collect()));
                     // Built once per run, only when a subscriber filters.
                     let mut others: Option<Vec<Received>> = None;
                     for s in subs {
-                        let batch = if s.filtered {
-                            others.get_or_insert_with(|| {
-                                let mut kept: Vec<Received> =
-                                    run.iter().filter(|r| !r.is_from(origin)).cloned().collect();
-                                compact(&mut kept, run.len());
-                                kept
-                            })
-                        } else {
-                            &run
-                        };
+                        if !s.filtered {
+                            slow |= s.queue.push_run(&shared, wake);
+                            continue;
+                        }
+                        let batch = others.get_or_insert_with(|| {
+                            let mut kept: Vec<Received> = (0..shared.len())
+                                .filter(|&i| !shared.is_from(i, origin))
+                                .map(|i| Received::InRun(shared.clone(), i))
+                                .collect();
+                            compact(&mut kept, shared.len() as usize);
+                            kept
+                        });
                         if !batch.is_empty() {
                             slow |= s.queue.push_all(batch.iter().cloned(), wake);
                         }
                     }
-                    run.clear();
                 }
             }
             if slow {
@@ -700,12 +701,15 @@ mod tests {
     }
 
     /// The bodies of the queued messages; `Err(n)` for a lag of `n`.
-    fn bodies(entries: &VecDeque<Entry>) -> Vec<Result<&str, u64>> {
+    fn bodies(entries: &VecDeque<Entry>) -> Vec<Result<String, u64>> {
         entries
             .iter()
-            .map(|e| match e {
-                Entry::Message(r) => Ok(r.body()),
-                Entry::Lagged(n) => Err(*n),
+            .flat_map(|e| match e {
+                Entry::Message(r) => vec![Ok(r.body().to_owned())],
+                Entry::Run(run, start, end) => (*start..*end)
+                    .map(|i| Ok(Received::InRun(run.clone(), i).body().to_owned()))
+                    .collect(),
+                Entry::Lagged(n) => vec![Err(*n)],
                 Entry::Gap(_) => panic!("no gap expected"),
             })
             .collect()
@@ -734,9 +738,12 @@ mod tests {
             ],
         );
         for queue in &subs {
-            assert_eq!(bodies(&take(queue)), [Ok("a"), Ok("b"), Ok("c")]);
+            assert_eq!(
+                bodies(&take(queue)),
+                [Ok("a".to_owned()), Ok("b".to_owned()), Ok("c".to_owned())]
+            );
         }
-        assert_eq!(bodies(&take(&other)), [Ok("x")]);
+        assert_eq!(bodies(&take(&other)), [Ok("x".to_owned())]);
         assert!(registry.events.is_empty());
     }
 
@@ -748,13 +755,14 @@ mod tests {
         let (only, _) = subscribe(&mut registry, "alone", 3, 10, false);
         deliver(&mut registry, &[("orders", "\"7\""), ("alone", "\"8\"")]);
         let (a, b) = (take(&a).pop_front(), take(&b).pop_front());
-        let (Some(Entry::Message(a)), Some(Entry::Message(b))) = (a, b) else {
-            panic!("one message each");
+        let (Some(Entry::Run(ra, 0, 1)), Some(Entry::Run(rb, 0, 1))) = (a, b) else {
+            panic!("one run of one message each");
         };
-        let (Received::Shared(sa), Received::Shared(sb)) = (&a, &b) else {
-            panic!("a channel's subscribers share its notifications");
-        };
-        assert!(Arc::ptr_eq(sa, sb));
+        assert!(
+            Arc::ptr_eq(&ra, &rb),
+            "a channel's subscribers share its notifications"
+        );
+        let (a, b) = (Received::InRun(ra, 0), Received::InRun(rb, 0));
         let decode: fn(&str) -> serde_json::Result<String> = |s| serde_json::from_str(s);
         // The first to decode keeps the value; the other reads it.
         assert!(matches!(a.decode(decode), Ok(None)));
@@ -787,13 +795,20 @@ mod tests {
                 ("audit", &theirs),
             ],
         );
-        assert_eq!(bodies(&take(&filtered)), [Ok("theirs"), Ok("untagged")]);
+        assert_eq!(
+            bodies(&take(&filtered)),
+            [Ok("theirs".to_owned()), Ok("untagged".to_owned())]
+        );
         assert_eq!(
             bodies(&take(&unfiltered)),
-            [Ok("mine"), Ok("theirs"), Ok("untagged")]
+            [
+                Ok("mine".to_owned()),
+                Ok("theirs".to_owned()),
+                Ok("untagged".to_owned())
+            ]
         );
         // A channel's only subscriber filters too.
-        assert_eq!(bodies(&take(&alone)), [Ok("theirs")]);
+        assert_eq!(bodies(&take(&alone)), [Ok("theirs".to_owned())]);
         // Nothing but its own: nothing queued, nobody woken.
         deliver(&mut registry, &[("audit", &mine)]);
         assert!(take(&alone).is_empty());
@@ -822,19 +837,62 @@ mod tests {
         assert_eq!(slow_events(&registry), 1);
         assert_eq!(
             bodies(&take(&fast)),
-            [Ok("1"), Ok("2"), Ok("3"), Ok("4"), Ok("5")]
+            [
+                Ok("1".to_owned()),
+                Ok("2".to_owned()),
+                Ok("3".to_owned()),
+                Ok("4".to_owned()),
+                Ok("5".to_owned())
+            ]
         );
-        assert_eq!(bodies(&take(&slow)), [Ok("1"), Ok("2")]);
+        assert_eq!(
+            bodies(&take(&slow)),
+            [Ok("1".to_owned()), Ok("2".to_owned())]
+        );
         assert_eq!(slow_counts.lagged.load(Relaxed), 3);
         assert_eq!(fast_counts.lagged.load(Relaxed), 0);
         // Room again: the lag comes first, in order, and the same run of
         // drops is reported once.
         deliver(&mut registry, &[("orders", "6")]);
-        assert_eq!(bodies(&take(&slow)), [Err(3), Ok("6")]);
-        assert_eq!(bodies(&take(&fast)), [Ok("6")]);
+        assert_eq!(bodies(&take(&slow)), [Err(3), Ok("6".to_owned())]);
+        assert_eq!(bodies(&take(&fast)), [Ok("6".to_owned())]);
         assert_eq!(slow_events(&registry), 1);
         assert_eq!(slow_counts.delivered.load(Relaxed), 3);
         assert_eq!(fast_counts.delivered.load(Relaxed), 6);
+    }
+
+    #[test]
+    fn a_shared_run_yields_each_notification_in_order_to_each_subscription() {
+        use futures::StreamExt;
+        let mut registry = registry(Uuid::new_v4());
+        let (a, _) = subscribe(&mut registry, "orders", 1, 10, false);
+        let (b, _) = subscribe(&mut registry, "orders", 2, 10, false);
+        deliver(
+            &mut registry,
+            &[("orders", "1"), ("orders", "2"), ("orders", "x")],
+        );
+        let (cmds, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let decode: crate::subscription::Decoder<u32> = |s| serde_json::from_str(s);
+        for (id, queue) in [(1, a), (2, b)] {
+            let mut sub = crate::Subscription::new(
+                name("orders"),
+                id,
+                queue.clone(),
+                decode,
+                cmds.clone(),
+                Arc::default(),
+            );
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut got = Vec::new();
+            while let Poll::Ready(Some(d)) = sub.poll_next_unpin(&mut cx) {
+                got.push(match d {
+                    crate::Delivery::Message(m) => Ok(*m.payload()),
+                    crate::Delivery::Undecodable(e) => Err(e.raw().to_owned()),
+                    other => panic!("unexpected {other:?}"),
+                });
+            }
+            assert_eq!(got, [Ok(1), Ok(2), Err("x".to_owned())]);
+        }
     }
 
     #[test]
@@ -849,7 +907,7 @@ mod tests {
         );
         deliver(&mut registry, &[("orders", "a")]);
         assert!(take(&gone).is_empty());
-        assert_eq!(bodies(&take(&kept)), [Ok("a")]);
+        assert_eq!(bodies(&take(&kept)), [Ok("a".to_owned())]);
         // The last one: the channel is forgotten (it was never listened
         // to, being offline) and nothing is delivered any more.
         registry.unsubscribe("orders", 2);
