@@ -574,17 +574,16 @@ impl Registry {
             let mut slow = false;
             match ch.subs.as_slice() {
                 // The only subscriber takes the notifications themselves.
-                [only] => {
+                [only] if only.filtered => {
                     let mut mine: Vec<Received> = run.drain(..).map(Received::Own).collect();
-                    if only.filtered {
-                        let before = mine.len();
-                        mine.retain(|r| !r.is_from(origin));
-                        compact(&mut mine, before);
-                    }
+                    let before = mine.len();
+                    mine.retain(|r| !r.is_from(origin));
+                    compact(&mut mine, before);
                     if !mine.is_empty() {
                         slow = only.queue.push_all(mine.into_iter(), wake);
                     }
                 }
+                [only] => slow = only.queue.push_all(run.drain(..).map(Received::Own), wake),
                 // Several share the run: one entry each.
                 subs => {
                     let shared = Arc::new(Run::new(run.drain(..).collect()));
