@@ -586,7 +586,7 @@ impl Registry {
                 [only] => slow = only.queue.push_all(run.drain(..).map(Received::Own), wake),
                 // Several share the run: one entry each.
                 subs => {
-                    let shared = Arc::new(Run::new(run.drain(..).collect()));
+                    let shared = Arc::new(Run::new(std::mem::take(&mut run)));
                     // Built once per run, only when a subscriber filters.
                     let mut others: Option<Vec<Received>> = None;
                     for s in subs {

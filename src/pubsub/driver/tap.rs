@@ -293,8 +293,7 @@ impl TapIo {
             let mut run = 0;
             while let Some(len) = frame_len(&avail[run..]) {
                 if avail[run] != frame::TAG
-                    || len < frame::HEADER
-                    || len > MAX_TAKEN
+                    || !(frame::HEADER..=MAX_TAKEN).contains(&len)
                     || avail.len() - run < len
                 {
                     break;
