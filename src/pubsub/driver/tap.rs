@@ -577,3 +577,95 @@ fn writable(rows: &[SimpleQueryMessage]) -> bool {
         _ => false,
     })
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    //! The tap's sorting on a socket pair, without a server: bytes arrive
+    //! in arbitrary pieces; notifications go to the notes, the rest (in
+    //! order, whole) to tokio-postgres.
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend(u32::try_from(body.len() + 4).expect("small").to_be_bytes());
+        out.extend(body);
+        out
+    }
+
+    fn notification(channel: &str, payload: &str) -> Vec<u8> {
+        let mut frames = BytesMut::new();
+        frame::push_parts(&mut frames, 7, channel, payload);
+        frames.to_vec()
+    }
+
+    /// Sends `first` (if any), then `stream` in `piece`-byte writes, and
+    /// returns what the tap passed on and what it took.
+    async fn sort(first: &[u8], stream: &[u8], piece: usize, ssl: bool) -> (Vec<u8>, Vec<u8>) {
+        let (ours, mut theirs) = UnixStream::pair().expect("a socket pair");
+        let notes = Notes::default();
+        let mut tap = TapIo::new(Io::Raw(RawIo::Unix(ours)), notes.clone());
+        if ssl {
+            tap.write_all(&SSL_REQUEST).await.expect("written");
+        }
+        let stream = [first, stream].concat();
+        let writer = tokio::spawn(async move {
+            if ssl {
+                let mut request = [0; 8];
+                theirs.read_exact(&mut request).await.expect("the request");
+                assert_eq!(request, SSL_REQUEST);
+            }
+            for chunk in stream.chunks(piece) {
+                theirs.write_all(chunk).await.expect("written");
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut passed = Vec::new();
+        tap.read_to_end(&mut passed).await.expect("read to the end");
+        writer.await.expect("the writer");
+        let taken = notes.lock().expect("not poisoned").to_vec();
+        (passed, taken)
+    }
+
+    #[tokio::test]
+    async fn notifications_are_taken_and_everything_else_passed_on_in_order() {
+        let big = message(b'D', &vec![b'x'; 70_000]);
+        let parts = [
+            message(b'R', &0i32.to_be_bytes()),
+            notification("orders", "{\"id\":1}"),
+            notification("orders", ""),
+            message(b'Z', b"I"),
+            big.clone(),
+            notification("other", &"y".repeat(7990)),
+            message(b'C', b"SELECT 1\0"),
+        ];
+        let stream = parts.concat();
+        let expect_passed = [&parts[0], &parts[3], &parts[4], &parts[6]].map(|p| p.as_slice());
+        let expect_taken = [&parts[1], &parts[2], &parts[5]].map(|p| p.as_slice());
+        for piece in [3, 4096, 1 << 20] {
+            let (passed, taken) = sort(&[], &stream, piece, false).await;
+            assert_eq!(passed, expect_passed.concat(), "pieces of {piece}");
+            assert_eq!(taken, expect_taken.concat(), "pieces of {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_answer_to_an_ssl_request_is_passed_on_alone() {
+        let frames = [notification("a", "1"), message(b'Z', b"I")];
+        let (passed, taken) = sort(b"N", &frames.concat(), 1, true).await;
+        assert_eq!(passed, [b"N".as_slice(), &frames[1]].concat());
+        assert_eq!(taken, frames[0]);
+    }
+
+    #[tokio::test]
+    async fn a_frame_it_does_not_understand_goes_to_tokio_postgres_with_the_rest() {
+        // A length below the header's own: tokio-postgres reports it.
+        let bad = [b'A', 0, 0, 0, 1];
+        let after = notification("a", "1");
+        let (passed, taken) = sort(&[], &[&bad[..], &after].concat(), 2, false).await;
+        assert_eq!(passed, [&bad[..], &after].concat());
+        assert!(taken.is_empty());
+    }
+}
