@@ -68,6 +68,9 @@ impl PgConnection {
             };
             match polled {
                 Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
+                    // On the tap only for a frame it passed on (see tap.rs):
+                    // what it took before comes first.
+                    self.take_tapped(notes);
                     frame::push(notes, &note);
                     budget -= 1;
                     if budget == 0 {
@@ -89,16 +92,22 @@ impl PgConnection {
             }
         };
         // Also when lost: what arrived before the loss is delivered.
-        if let PgConnection::Tapped(_, taken) = self {
-            let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
-            if notes.is_empty() {
-                std::mem::swap(notes, &mut *taken);
-            } else {
-                notes.extend_from_slice(&taken);
-                taken.clear();
-            }
-        }
+        self.take_tapped(notes);
         res
+    }
+
+    /// Appends what the tap took off the socket to `notes`.
+    fn take_tapped(&self, notes: &mut BytesMut) {
+        let PgConnection::Tapped(_, taken) = self else {
+            return;
+        };
+        let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
+        if notes.is_empty() {
+            std::mem::swap(notes, &mut *taken);
+        } else {
+            notes.extend_from_slice(&taken);
+            taken.clear();
+        }
     }
 }
 
