@@ -22,6 +22,11 @@ use crate::message::{compact, Gap, GapCause, Note, Received, Run};
 use crate::wire;
 
 pub(crate) type SubId = u64;
+
+/// A run's buffer holds at most this much (or one frame): a message the
+/// application keeps keeps its run's buffer, so that stays small, while
+/// one allocation still serves about fifty notifications.
+const RUN_BYTES: usize = 4096;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;
 /// A set of channels shared with the handles (which this instance leads;
 /// on which it filters its own messages).
@@ -545,7 +550,10 @@ impl Registry {
             let (start, mut end, first) = (at, at + len as usize, i);
             i += 1;
             while let Some(&(len, cl)) = index.get(i) {
-                if cl != channel_len || frame::channel_bytes(&staged[end..], cl.into()) != channel {
+                if cl != channel_len
+                    || end - start + len as usize > RUN_BYTES
+                    || frame::channel_bytes(&staged[end..], cl.into()) != channel
+                {
                     break;
                 }
                 end += len as usize;
