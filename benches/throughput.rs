@@ -1,7 +1,9 @@
 //! pg-pubsub against bare tokio-postgres: receive throughput, latency,
 //! publish throughput and memory. Run with `cargo bench --bench throughput`.
 //!
-//! Env: `BENCH_MESSAGES` (default 1 000 000), `BENCH_LATENCY_MESSAGES`
+//! Env: `BENCH_ALLOCS=1` counts heap allocations per notification in phases
+//! 1b and 2 (a counter in this binary's allocator; off by default, as it
+//! costs a little everywhere), `BENCH_MESSAGES` (default 1 000 000), `BENCH_LATENCY_MESSAGES`
 //! (default 20 000), `BENCH_RUNS` (runs per case of phases 1b and 2, default
 //! 3; the median is reported), `BENCH_PHASES` (comma-separated subset of
 //! `receive,same,latency,publish,memory`; default all), `DATABASE_URL` (else
@@ -16,9 +18,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::error::Error;
 use std::future::Future;
 use std::process::Stdio;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +39,41 @@ use tokio::time::{timeout, MissedTickBehavior};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 
 type BoxError = Box<dyn Error + Send + Sync>;
+
+/// The system allocator, counting allocations when `BENCH_ALLOCS=1`.
+struct Counting;
+
+static COUNT_ALLOCS: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNT_ALLOCS.load(Relaxed) {
+            ALLOCS.fetch_add(1, Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNT_ALLOCS.load(Relaxed) {
+            ALLOCS.fetch_add(1, Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations (and reallocations) so far, when counted.
+fn allocations() -> Option<u64> {
+    COUNT_ALLOCS.load(Relaxed).then(|| ALLOCS.load(Relaxed))
+}
 type Res<T> = Result<T, BoxError>;
 
 /// Set (to the server URL) in the re-executed publisher child.
@@ -80,6 +120,7 @@ fn main() -> Res<()> {
     if let Ok(url) = std::env::var(CHILD_URL_ENV) {
         return publisher_child(&url);
     }
+    COUNT_ALLOCS.store(env_u64("BENCH_ALLOCS", 0)? == 1, Relaxed);
     let plan = Plan {
         messages: env_u64("BENCH_MESSAGES", 1_000_000)?,
         latency_messages: env_u64("BENCH_LATENCY_MESSAGES", 20_000)?,
@@ -199,6 +240,7 @@ fn rss_kb() -> Option<u64> {
 /// CPU time and peak RSS of one case.
 struct Probe {
     cpu: Duration,
+    allocs: Option<u64>,
     /// Whether VmHWM was reset, i.e. means "peak during this case".
     peak_reset: bool,
 }
@@ -208,7 +250,16 @@ impl Probe {
         let peak_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
         Probe {
             cpu: common::cpu_time(),
+            allocs: allocations(),
             peak_reset,
+        }
+    }
+
+    /// Allocations since the start, per message, as a detail.
+    fn allocs_per(&self, msgs: u64) -> String {
+        match (self.allocs, allocations()) {
+            (Some(a), Some(b)) => format!("; {:.2} allocs/msg", (b - a) as f64 / msgs as f64),
+            _ => String::new(),
         }
     }
 
@@ -421,7 +472,12 @@ struct Tally {
     lagged: u64,
     gaps: u64,
     bad: u64,
+    /// When the last message was handled (read when the consumer is about
+    /// to wait, and at the end: a clock read per message cost 14% of the
+    /// client's CPU with ten consumers).
     last_ns: u64,
+    /// A message was handled since `last_ns` was read.
+    unstamped: bool,
     latencies_ns: Vec<u64>,
 }
 
@@ -436,11 +492,19 @@ impl Tally {
             gaps: 0,
             bad: 0,
             last_ns: 0,
+            unstamped: false,
             latencies_ns: Vec::new(),
         }
     }
 
-    fn record(&mut self, seen: Seen, at_ns: u64) {
+    /// Reads the clock if a message was handled since it was last read.
+    fn stamp(&mut self) {
+        if std::mem::take(&mut self.unstamped) {
+            self.last_ns = now_ns();
+        }
+    }
+
+    fn record(&mut self, seen: Seen) {
         match seen {
             Seen::Msg { seq, sent_ns } => {
                 let i = seq.wrapping_sub(1);
@@ -454,9 +518,11 @@ impl Tally {
                     self.distinct += 1;
                 }
                 if let Some(sent) = sent_ns {
-                    self.latencies_ns.push(at_ns.saturating_sub(sent));
+                    self.last_ns = now_ns();
+                    self.latencies_ns.push(self.last_ns.saturating_sub(sent));
+                } else {
+                    self.unstamped = true;
                 }
-                self.last_ns = at_ns;
             }
             Seen::Lagged(n) => self.lagged += n,
             Seen::Gap => self.gaps += 1,
@@ -486,14 +552,18 @@ where
         // item (a runtime-handle clone each) would cost more than a delivery.
         let item = match stream.next().now_or_never() {
             Some(item) => item,
-            None => match timeout(IDLE, stream.next()).await {
-                Ok(item) => item,
-                Err(_) => break,
-            },
+            None => {
+                tally.stamp();
+                match timeout(IDLE, stream.next()).await {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            }
         };
         let Some(item) = item else { break };
-        tally.record(classify(item), now_ns());
+        tally.record(classify(item));
     }
+    tally.stamp();
     tally
 }
 
@@ -793,10 +863,11 @@ async fn same_process_case(url: &str, n: u64, name: &str, kind: Receiver) -> Res
     let (first, last_sent) = publish.await??;
     let tallies = join_all(tasks).await?;
     let (cpu, peak) = probe.stop();
+    let allocs = probe.allocs_per(n);
     session.close().await;
     let mut row = received_row(name, n, first, &tallies, cpu, peak);
     let publish_secs = (last_sent - first) as f64 / 1e9;
-    row.detail += &format!("publishing took {publish_secs:.3} s");
+    row.detail += &format!("publishing took {publish_secs:.3} s{allocs}");
     Ok(row)
 }
 
@@ -884,6 +955,7 @@ async fn latency_case(url: &str, m: u64, name: &str, kind: Receiver) -> Res<(Row
     let mut tallies = join_all(tasks).await?;
     let wall = start.elapsed();
     let (cpu, peak) = probe.stop();
+    let allocs = probe.allocs_per(m);
     session.close().await;
     let mut lat = std::mem::take(&mut tallies[0].latencies_ns);
     lat.sort_unstable();
@@ -905,6 +977,7 @@ async fn latency_case(url: &str, m: u64, name: &str, kind: Receiver) -> Res<(Row
         us(pct(0.999)),
         us(lat.last())
     );
+    row.detail += &allocs;
     Ok((row, pct(0.99).copied().unwrap_or(0)))
 }
 

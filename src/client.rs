@@ -233,6 +233,12 @@ impl Builder {
     /// pool) instead of the built-in one, with any `sslmode` but `disable`
     /// (the `verify-*` modes become `require`: verifying is then the
     /// connector's job). With `prefer`, TLS is tried first.
+    ///
+    /// With a connector of your own, tokio-postgres opens and reads the
+    /// listener's socket, which costs more CPU per notification than the
+    /// crate's own connectors (they let the listener read notifications off
+    /// the socket itself): for rustls, prefer `Builder::tls_config`
+    /// (feature `tls`).
     pub fn tls<T>(mut self, tls: T) -> Self
     where
         T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>
@@ -254,6 +260,8 @@ impl Builder {
     /// `sslmode` only decides whether TLS is used.
     #[cfg(feature = "tls")]
     pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
+        // Ours, unlike a connector given to `tls`: the listener's tap and
+        // the WAL feed can use it on the sockets they open themselves.
         self.tls = Some(crate::tls::Connector::rustls(config));
         self
     }

@@ -49,7 +49,11 @@
 //!   `listen`/drop/shutdown commands, batches `LISTEN`/`UNLISTEN` into one
 //!   round trip, health-checks the session, and reconnects forever with
 //!   backoff, re-`LISTEN`ing every channel before telling each subscriber
-//!   about the [`Gap`].
+//!   about the [`Gap`]. It opens that socket itself (`driver/tap.rs`):
+//!   tokio-postgres runs start-up, authentication and statements, while
+//!   notification frames go from the socket to the subscribers' queues
+//!   verbatim (`frame.rs`), one copy and one allocation per run of a
+//!   channel, none per notification.
 //! * Each [`Subscription`] has its own bounded queue. A full queue drops and
 //!   counts ([`Delivery::Lagged`]); the listener never waits for a consumer.
 //!   Payloads are decoded in the consumer's task, not the listener's.
@@ -72,8 +76,9 @@
 //! src/lib.rs        this overview; the public re-exports
 //! src/client.rs     PgPubSub and its Builder: the handle every capability hangs off
 //! src/pubsub/       the core: channel names, wire format, publish, subscriptions,
-//!                   driver/ (listener task: connection, registry, per-channel
-//!                   state machines in role.rs, election SQL)
+//!                   notification frames (frame.rs), driver/ (listener task:
+//!                   connection, its socket tap, registry, per-channel state
+//!                   machines in role.rs, election SQL)
 //! src/schema/       SchemaName, migrations/*.sql, functions/*.sql, the installer
 //! src/durable/      durable channels: mod.rs (handle, docs), store.rs (every
 //!                   statement), consumer.rs (builder), reader.rs (read loop),
@@ -215,7 +220,7 @@ pub mod ui;
 // The core: LISTEN/NOTIFY (src/pubsub/).
 mod pubsub;
 pub use pubsub::{channel, election, wire};
-use pubsub::{driver, inbox, listen, message, subscription, truncate};
+use pubsub::{driver, frame, inbox, listen, message, subscription, truncate};
 
 // Plumbing shared by the core and the capabilities.
 mod client;

@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use tokio_postgres::Socket;
 
+use crate::driver::MakeHandshake;
+
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 trait Stream: AsyncRead + AsyncWrite + TlsStream + Send + Sync + Unpin {}
@@ -118,6 +120,9 @@ pub(crate) struct Connector {
     #[cfg(feature = "tls")]
     #[cfg_attr(not(feature = "wal"), allow(dead_code))]
     pub(crate) rustls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// The same TLS over a socket the crate opens (the listener's tap);
+    /// `None` for a connector given by the user.
+    pub(crate) tap: Option<Arc<dyn MakeHandshake>>,
 }
 
 impl Connector {
@@ -131,25 +136,41 @@ impl Connector {
         Connector {
             make: Arc::new(Erase(tls)),
             can_tls: true,
+            tap: None,
             #[cfg(feature = "tls")]
             rustls: None,
         }
     }
 
-    /// rustls with this configuration, usable by the WAL feed too.
+    /// One of the crate's own connectors, which the tap can use too.
+    pub(crate) fn ours<T>(tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + MakeHandshake + Clone + Send + Sync + 'static,
+        <T as MakeTlsConnect<Socket>>::Stream: Send + Sync + 'static,
+        <T as MakeTlsConnect<Socket>>::TlsConnect: Send + Sync + 'static,
+        <<T as MakeTlsConnect<Socket>>::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
+    {
+        Connector {
+            tap: Some(Arc::new(tls.clone())),
+            ..Connector::new(tls)
+        }
+    }
+
+    /// rustls with this configuration: the listener's tap and the WAL
+    /// feed's replication connection can use it too.
     #[cfg(feature = "tls")]
     pub(crate) fn rustls(config: rustls::ClientConfig) -> Self {
         let make = tokio_postgres_rustls::MakeRustlsConnect::new(config);
         Connector {
             rustls: Some(make.clone()),
-            ..Connector::new(make)
+            ..Connector::ours(make)
         }
     }
 
     pub(crate) fn plain() -> Self {
         Connector {
             can_tls: false,
-            ..Connector::new(tokio_postgres::NoTls)
+            ..Connector::ours(tokio_postgres::NoTls)
         }
     }
 }

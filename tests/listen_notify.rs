@@ -472,3 +472,35 @@ async fn debug_shows_the_start_of_long_payloads() {
     assert!(shown.len() < 400, "{} bytes: {shown}", shown.len());
     ps.shutdown().await;
 }
+
+/// A connector given by the user: the listener lets tokio-postgres open
+/// and read its socket (elsewhere the crate reads it, taking notification
+/// frames off itself). Deliveries are the same.
+#[tokio::test]
+async fn a_connector_of_the_users_own_delivers_the_same() {
+    let ps = builder()
+        .tls(tokio_postgres::NoTls)
+        .connect()
+        .await
+        .expect("connect");
+    let ch = channel("own_connector");
+    let mut typed = ps.listen::<Order>(&ch).await.unwrap();
+    let mut raw = ps.listen::<Text>(&ch).await.unwrap();
+    let order = Order {
+        id: 1,
+        item: "pen".into(),
+    };
+    ps.notify(&ch, &order).await.unwrap();
+    ps.notify(&ch, Text("not json")).await.unwrap();
+    assert_eq!(next_message(&mut typed).await.payload(), &order);
+    match next(&mut typed).await {
+        Delivery::Undecodable(e) => assert_eq!(e.raw(), "not json"),
+        other => panic!("expected an undecodable payload, got {other:?}"),
+    }
+    assert_eq!(
+        next_message(&mut raw).await.payload().0,
+        r#"{"id":1,"item":"pen"}"#
+    );
+    assert_eq!(next_message(&mut raw).await.payload().0, "not json");
+    ps.shutdown().await;
+}

@@ -12,11 +12,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::message::{Gap, Received};
+use crate::message::{Gap, Received, Run};
 use crate::stats::ChannelCounters;
 
 pub(crate) enum Entry {
     Message(Received),
+    /// Notifications `start..end` of a run shared with other subscribers.
+    Run(Arc<Run>, u32, u32),
     Lagged(u64),
     Gap(Gap),
 }
@@ -72,9 +74,56 @@ impl Queue {
                 let dropped = mem::take(&mut inner.dropped);
                 inner.entries.push_back(Entry::Lagged(dropped));
             }
-            inner
-                .entries
-                .extend(messages.take(fits).map(Entry::Message));
+            if fits * 2 < total {
+                // Most of the run is dropped: do not pin it for the rest.
+                let mut kept: Vec<Received> = messages.take(fits).collect();
+                crate::message::compact(&mut kept, total);
+                inner.entries.extend(kept.into_iter().map(Entry::Message));
+            } else {
+                inner
+                    .entries
+                    .extend(messages.take(fits).map(Entry::Message));
+            }
+            inner.messages += fits;
+            if let Some(w) = inner.waker.take() {
+                wake.push(w);
+            }
+        }
+        inner.dropped += dropped as u64;
+        drop(inner);
+        self.counters.delivered.fetch_add(fits as u64, Relaxed);
+        if dropped > 0 {
+            self.counters.lagged.fetch_add(dropped as u64, Relaxed);
+            self.counters.metrics.lagged(dropped as u64);
+        }
+        !was_dropping && dropped > 0
+    }
+
+    /// Queues a shared run as one entry, dropping (and counting) what does
+    /// not fit, as [`push_all`](Self::push_all) does.
+    pub(crate) fn push_run(&self, run: &Arc<Run>, wake: &mut Vec<Waker>) -> bool {
+        let total = run.len() as usize;
+        let mut inner = self.lock();
+        let was_dropping = inner.dropped > 0;
+        let fits = self.capacity.saturating_sub(inner.messages).min(total);
+        let dropped = total - fits;
+        if fits > 0 {
+            if inner.dropped > 0 {
+                let dropped = mem::take(&mut inner.dropped);
+                inner.entries.push_back(Entry::Lagged(dropped));
+            }
+            if fits * 2 < total {
+                // Most of the run is dropped: do not pin it for the rest.
+                let mut kept: Vec<Received> = (0..fits as u32)
+                    .map(|i| Received::InRun(run.clone(), i))
+                    .collect();
+                crate::message::compact(&mut kept, total);
+                inner.entries.extend(kept.into_iter().map(Entry::Message));
+            } else {
+                inner
+                    .entries
+                    .push_back(Entry::Run(run.clone(), 0, fits as u32));
+            }
             inner.messages += fits;
             if let Some(w) = inner.waker.take() {
                 wake.push(w);

@@ -6,22 +6,23 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio_postgres::Notification;
+use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::{truncate, wire};
+use crate::{frame, truncate, wire};
 
 /// A notification as received.
 ///
 /// A channel's only subscriber owns its notifications outright (no
 /// reference count, no decode cache: the common case and the hot path);
-/// several subscribers share one, and one decoded value. Both are a pointer,
-/// so queue entries stay small: measured, a 64-byte inline `Note` made
-/// fan-out to ten subscribers use ~20% more CPU than boxing it.
+/// several subscribers share the run it came in, and one decoded value.
+/// Queue entries stay small: measured, a 64-byte inline entry made fan-out
+/// to ten subscribers use ~20% more CPU than a pointer; a `Note` is 40 bytes.
 #[derive(Clone)]
 pub(crate) enum Received {
-    Own(Box<Note>),
-    Shared(Arc<SharedNote>),
+    Own(Note),
+    /// The `n`th notification of a shared run.
+    InRun(Arc<Run>, u32),
     /// Made by hand ([`Message::for_test`]), not received.
     Made(Box<Made>),
 }
@@ -33,38 +34,85 @@ pub(crate) struct Made {
     body: String,
 }
 
-/// One allocation per notification; the origin is parsed again on the rare
-/// call that needs it rather than stored.
+/// A notification frame (see [`frame`]): a slice of the buffer its run of
+/// frames was copied into, so it needs no allocation of its own. The
+/// origin is parsed again on the rare call that needs it rather than stored.
 #[derive(Clone)]
 pub(crate) struct Note {
-    note: Notification,
+    frame: Bytes,
+    channel_len: u8,
     /// The payload starts with this crate's origin header.
     tagged: bool,
 }
 
-pub(crate) struct SharedNote {
-    note: Note,
-    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
-}
-
-impl Received {
-    pub(crate) fn new(note: Notification, shared: bool) -> Self {
-        let tagged = wire::decode(note.payload()).0.is_some();
-        let note = Note { note, tagged };
-        if shared {
-            Received::Shared(Arc::new(SharedNote {
-                note,
-                decoded: OnceLock::new(),
-            }))
-        } else {
-            Received::Own(Box::new(note))
+impl Note {
+    /// `frame` is one whole frame that [`frame::parse`] accepted.
+    pub(crate) fn new(frame: Bytes, channel_len: u8) -> Self {
+        let tagged = wire::is_tagged(frame::payload_bytes(&frame, channel_len.into()));
+        Note {
+            frame,
+            channel_len,
+            tagged,
         }
     }
 
+    fn channel(&self) -> &str {
+        // Checked when parsed.
+        std::str::from_utf8(frame::channel_bytes(&self.frame, self.channel_len.into()))
+            .unwrap_or_default()
+    }
+
+    fn payload(&self) -> &str {
+        // Checked when parsed.
+        std::str::from_utf8(frame::payload_bytes(&self.frame, self.channel_len.into()))
+            .unwrap_or_default()
+    }
+
+    fn is_from(&self, origin: &[u8; 32]) -> bool {
+        self.tagged && wire::origin_hex(self.payload().as_bytes()) == Some(origin)
+    }
+
+    fn body(&self) -> &str {
+        let payload = self.payload();
+        match self.tagged {
+            true => payload.get(wire::HEADER_BYTES..).unwrap_or_default(),
+            false => payload,
+        }
+    }
+}
+
+/// Notifications of one channel received together, shared by its
+/// subscribers: one allocation and one queue entry per run and subscriber,
+/// and one reference count per message, taken in the consumer's task.
+pub(crate) struct Run {
+    notes: Vec<Note>,
+    /// Each note's value, decoded by the first subscriber to read it.
+    decoded: Box<[OnceLock<Box<dyn Any + Send + Sync>>]>,
+}
+
+impl Run {
+    pub(crate) fn new(notes: Vec<Note>) -> Self {
+        let decoded = notes.iter().map(|_| OnceLock::new()).collect();
+        Run { notes, decoded }
+    }
+
+    pub(crate) fn len(&self) -> u32 {
+        // A run is at most a read's worth of notifications.
+        self.notes.len() as u32
+    }
+
+    pub(crate) fn is_from(&self, i: u32, origin: &[u8; 32]) -> bool {
+        self.notes
+            .get(i as usize)
+            .is_some_and(|note| note.is_from(origin))
+    }
+}
+
+impl Received {
     fn note(&self) -> Option<&Note> {
         match self {
             Received::Own(note) => Some(note),
-            Received::Shared(shared) => Some(&shared.note),
+            Received::InRun(run, i) => run.notes.get(*i as usize),
             Received::Made(_) => None,
         }
     }
@@ -72,30 +120,46 @@ impl Received {
     pub(crate) fn origin(&self) -> Option<Uuid> {
         let note = self.note()?;
         note.tagged
-            .then(|| wire::decode(note.note.payload()).0)
+            .then(|| wire::decode(note.payload()).0)
             .flatten()
     }
 
+    /// Whether it carries this origin (without parsing it as a UUID).
+    pub(crate) fn is_from(&self, origin: &[u8; 32]) -> bool {
+        self.note().is_some_and(|note| note.is_from(origin))
+    }
+
+    /// The bytes of the frame (for copying a subset of a run).
+    pub(crate) fn frame(&self) -> Option<(&Bytes, u8)> {
+        self.note().map(|n| (&n.frame, n.channel_len))
+    }
+
     fn channel(&self) -> &str {
-        match self {
-            Received::Own(own) => own.note.channel(),
-            Received::Shared(shared) => shared.note.note.channel(),
-            Received::Made(made) => &made.channel,
+        match (self, self.note()) {
+            (Received::Made(made), _) => &made.channel,
+            (_, Some(note)) => note.channel(),
+            (_, None) => "",
         }
     }
 
     pub(crate) fn body(&self) -> &str {
-        let note = match self {
-            Received::Own(note) => note,
-            Received::Shared(shared) => &shared.note,
-            Received::Made(made) => return &made.body,
-        };
-        let start = if note.tagged { wire::HEADER_BYTES } else { 0 };
-        &note.note.payload()[start..]
+        match (self, self.note()) {
+            (Received::Made(made), _) => &made.body,
+            (_, Some(note)) => note.body(),
+            (_, None) => "",
+        }
+    }
+
+    /// The shared decode cache of this notification, if it has one.
+    fn slot(&self) -> Option<&OnceLock<Box<dyn Any + Send + Sync>>> {
+        match self {
+            Received::InRun(run, i) => run.decoded.get(*i as usize),
+            Received::Own(_) | Received::Made(_) => None,
+        }
     }
 
     fn process_id(&self) -> i32 {
-        self.note().map_or(0, |note| note.note.process_id())
+        self.note().map_or(0, |note| frame::process_id(&note.frame))
     }
 
     /// Decodes the body; when the channel has several subscribers, the first
@@ -105,16 +169,16 @@ impl Received {
         &self,
         decode: fn(&str) -> Result<T, serde_json::Error>,
     ) -> Result<Option<T>, serde_json::Error> {
-        let Received::Shared(shared) = self else {
+        let Some(slot) = self.slot() else {
             return decode(self.body()).map(Some);
         };
-        match shared.decoded.get() {
+        match slot.get() {
             Some(any) if any.is::<T>() => Ok(None),
             // Another subscriber decoded it as another type.
             Some(_) => decode(self.body()).map(Some),
             None => {
                 let value: Box<dyn Any + Send + Sync> = Box::new(decode(self.body())?);
-                match shared.decoded.set(value) {
+                match slot.set(value) {
                     Ok(()) => Ok(None),
                     // Another subscriber was first: read its value if it is a `T`.
                     Err(_) if self.cached::<T>().is_some() => Ok(None),
@@ -126,12 +190,34 @@ impl Received {
 
     /// The shared decoded value, when [`Self::decode`] put a `T` there.
     fn cached<T: 'static>(&self) -> Option<&T> {
-        match self {
-            Received::Own(_) | Received::Made(_) => None,
-            Received::Shared(shared) => {
-                shared.decoded.get().and_then(|any| any.downcast_ref::<T>())
-            }
+        self.slot()?.get()?.downcast_ref::<T>()
+    }
+}
+
+/// Copies `kept` out of its run's buffer when it holds less than half of
+/// the run's `of` notifications (a filtered or lagging subscriber took a
+/// few): what a subscriber queues then pins no more than about twice its
+/// own size.
+pub(crate) fn compact(kept: &mut [Received], of: usize) {
+    if kept.len() * 2 >= of {
+        return;
+    }
+    let mut buf = bytes::BytesMut::new();
+    for r in kept.iter() {
+        if let Some((frame, _)) = r.frame() {
+            buf.extend_from_slice(frame);
         }
+    }
+    let frames = buf.freeze();
+    let mut off = 0;
+    for r in kept.iter_mut() {
+        let Some((frame, channel_len)) = r.frame() else {
+            continue;
+        };
+        let len = frame.len();
+        // Its own copy, decoded by this subscriber alone (a rare path).
+        *r = Received::Own(Note::new(frames.slice(off..off + len), channel_len));
+        off += len;
     }
 }
 

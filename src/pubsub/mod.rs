@@ -7,6 +7,7 @@
 pub mod channel;
 pub(crate) mod driver;
 pub mod election;
+pub(crate) mod frame;
 pub(crate) mod inbox;
 pub(crate) mod listen;
 pub(crate) mod message;

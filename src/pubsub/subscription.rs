@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::channel::ChannelName;
 use crate::driver::{Command, SubId};
 use crate::inbox::{Entry, Queue};
-use crate::message::{DecodeError, Delivery, Message};
+use crate::message::{DecodeError, Delivery, Message, Received};
 use crate::stats::Board;
 
 pub(crate) type Decoder<T> = fn(&str) -> Result<T, serde_json::Error>;
@@ -100,6 +100,10 @@ impl<T> Subscription<T> {
             },
             Entry::Lagged(n) => Delivery::Lagged(n),
             Entry::Gap(gap) => Delivery::Gap(gap),
+            // Its last notification (`poll_next` yields the others).
+            Entry::Run(run, _, end) => {
+                self.convert(Entry::Message(Received::InRun(run, end.saturating_sub(1))))
+            }
         }
     }
 }
@@ -110,6 +114,15 @@ impl<T: Send + Sync + 'static> Stream for Subscription<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery<T>>> {
         let this = &mut *self;
         loop {
+            // A run yields its notifications one by one; the last one
+            // takes the entry's reference.
+            if let Some(Entry::Run(run, start, end)) = this.local.front_mut() {
+                if *end - *start > 1 {
+                    let received = Received::InRun(run.clone(), *start);
+                    *start += 1;
+                    return Poll::Ready(Some(this.convert(Entry::Message(received))));
+                }
+            }
             if let Some(entry) = this.local.pop_front() {
                 return Poll::Ready(Some(this.convert(entry)));
             }

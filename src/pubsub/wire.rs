@@ -95,18 +95,40 @@ fn check_size(payload: &str, tagged: bool) -> Result<()> {
 
 /// Splits a received payload into its origin (if tagged) and body.
 pub(crate) fn decode(payload: &str) -> (Option<Uuid>, &str) {
-    let bytes = payload.as_bytes();
-    if bytes.len() >= HEADER_BYTES && payload.starts_with(MAGIC) && bytes[HEADER_BYTES - 1] == b':'
-    {
-        let hex = &payload[MAGIC.len()..HEADER_BYTES - 1];
-        // Only the documented form: lower-case hex, no dashes.
-        if hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            if let Ok(origin) = Uuid::try_parse(hex) {
-                return (Some(origin), &payload[HEADER_BYTES..]);
-            }
-        }
+    match origin_hex(payload.as_bytes()).and_then(|hex| Uuid::try_parse_ascii(hex).ok()) {
+        Some(origin) => (Some(origin), &payload[HEADER_BYTES..]),
+        None => (None, payload),
     }
-    (None, payload)
+}
+
+/// The origin's 32 hex digits when `payload` starts with a header.
+pub(crate) fn origin_hex(payload: &[u8]) -> Option<&[u8; 32]> {
+    let header = payload.get(..HEADER_BYTES)?;
+    if !header.starts_with(MAGIC.as_bytes()) || header[HEADER_BYTES - 1] != b':' {
+        return None;
+    }
+    let hex: &[u8; 32] = header[MAGIC.len()..HEADER_BYTES - 1].try_into().ok()?;
+    // Only the documented form: lower-case hex, no dashes.
+    hex.iter()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        .then_some(hex)
+}
+
+/// Whether `payload` starts with an origin header.
+pub(crate) fn is_tagged(payload: &[u8]) -> bool {
+    origin_hex(payload).is_some()
+}
+
+/// `origin` as it appears in a header.
+pub(crate) fn hex(origin: Uuid) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(
+        origin
+            .simple()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out
 }
 
 #[cfg(test)]

@@ -7,18 +7,120 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::time::{Instant, Sleep};
-use tokio_postgres::{AsyncMessage, Client, Config, Notification, SimpleQueryMessage, Socket};
+use tokio_postgres::{AsyncMessage, Client, Config, SimpleQueryMessage, Socket};
 
-use crate::error::{Error, Origin};
+use crate::error::{describe_pg_error, Error, Origin};
+use crate::frame;
 use crate::tls::{Connector, DynStream};
 
 use super::role::Step;
+use super::tap::{self, Notes, TapConnection};
 use crate::channel::ChannelName;
 
-pub(crate) type PgConnection = tokio_postgres::Connection<Socket, DynStream>;
+/// The listener connection: on the tap (plain connections) or opened by
+/// tokio-postgres (TLS).
+pub(crate) enum PgConnection {
+    Pg(tokio_postgres::Connection<Socket, DynStream>),
+    Tapped(TapConnection, Notes),
+}
+
+/// The connection is gone.
+pub(crate) enum Lost {
+    Error(tokio_postgres::Error),
+    Closed,
+}
+
+impl Lost {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Lost::Error(e) => describe_pg_error(e),
+            Lost::Closed => "server closed the connection".to_owned(),
+        }
+    }
+
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            Lost::Error(e) => Error::pg(Origin::Listen, "listener connection", e),
+            Lost::Closed => Error::closed(Origin::Listen, "listener connection"),
+        }
+    }
+}
+
+impl PgConnection {
+    /// Drives the connection (statements, their answers) and appends the
+    /// notifications received to `notes` as frames: on the tap, what its
+    /// reads took out (it yields after a budget); otherwise up to `budget`
+    /// notifications from tokio-postgres.
+    pub(crate) fn poll_notes(
+        &mut self,
+        cx: &mut Context<'_>,
+        notes: &mut BytesMut,
+        mut budget: usize,
+    ) -> Result<(), Lost> {
+        let res = loop {
+            let polled = match self {
+                PgConnection::Pg(conn) => conn.poll_message(cx),
+                PgConnection::Tapped(conn, _) => conn.poll_message(cx),
+            };
+            match polled {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
+                    // On the tap only for a frame it passed on (see tap.rs):
+                    // what it took before comes first.
+                    self.take_tapped(notes);
+                    frame::push(notes, &note);
+                    budget -= 1;
+                    if budget == 0 {
+                        cx.waker().wake_by_ref();
+                        break Ok(());
+                    }
+                }
+                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
+                    tracing::info!(
+                        severity = notice.severity(),
+                        message = notice.message(),
+                        "server notice"
+                    );
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => break Err(Lost::Error(e)),
+                Poll::Ready(None) => break Err(Lost::Closed),
+                Poll::Pending => break Ok(()),
+            }
+        };
+        // Also when lost: what arrived before the loss is delivered.
+        self.take_tapped(notes);
+        res
+    }
+
+    /// Appends what the tap took off the socket to `notes`.
+    fn take_tapped(&self, notes: &mut BytesMut) {
+        let PgConnection::Tapped(_, taken) = self else {
+            return;
+        };
+        let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
+        if notes.is_empty() {
+            std::mem::swap(notes, &mut *taken);
+        } else {
+            notes.extend_from_slice(&taken);
+            taken.clear();
+        }
+    }
+}
+
+impl Future for PgConnection {
+    type Output = Result<(), tokio_postgres::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            PgConnection::Pg(conn) => conn.poll_unpin(cx),
+            PgConnection::Tapped(conn, _) => conn.poll_unpin(cx),
+        }
+    }
+}
 
 /// A statement sent on the listener connection and not yet answered.
 pub(crate) struct InFlight {
@@ -67,8 +169,19 @@ impl Endpoint {
     /// Opens a connection within `timeout`.
     pub(crate) async fn open(&self, timeout: Duration) -> Result<(Client, PgConnection), Error> {
         const WHAT: &str = "connecting the listener";
+        if let Some(tls) = self
+            .tls
+            .tap
+            .as_deref()
+            .filter(|_| tap::usable(&self.config))
+        {
+            return match tokio::time::timeout(timeout, tap::connect(&self.config, tls)).await {
+                Ok(res) => res,
+                Err(_) => Err(Error::timeout(WHAT, timeout, None)),
+            };
+        }
         match tokio::time::timeout(timeout, self.config.connect(self.tls.clone())).await {
-            Ok(Ok(pair)) => Ok(pair),
+            Ok(Ok((client, conn))) => Ok((client, PgConnection::Pg(conn))),
             Ok(Err(e)) => Err(Error::pg(Origin::Connect, WHAT, e)),
             Err(_) => Err(Error::timeout(WHAT, timeout, None)),
         }
@@ -76,11 +189,11 @@ impl Endpoint {
 }
 
 /// Runs `fut` (a statement on this connection) while driving the connection,
-/// keeping the notifications that arrive meanwhile in `held`.
+/// keeping the notifications that arrive meanwhile in `held` (as frames).
 pub(crate) async fn drive<F>(
     conn: &mut PgConnection,
     fut: F,
-    held: &mut Vec<Notification>,
+    held: &mut BytesMut,
 ) -> Result<F::Output, Error>
 where
     F: Future,
@@ -90,18 +203,8 @@ where
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        loop {
-            match conn.poll_message(cx) {
-                Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => held.push(n),
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => {
-                    return Poll::Ready(Err(Error::pg(Origin::Listen, "listener connection", e)))
-                }
-                Poll::Ready(None) => {
-                    return Poll::Ready(Err(Error::closed(Origin::Listen, "listener connection")))
-                }
-                Poll::Pending => break,
-            }
+        if let Err(lost) = conn.poll_notes(cx, held, usize::MAX) {
+            return Poll::Ready(Err(lost.into_error()));
         }
         // The connection may have delivered the statement's answer.
         fut.as_mut().poll(cx).map(Ok)
@@ -119,7 +222,7 @@ impl Live {
         timeout: Duration,
         health_interval: Duration,
         retry_interval: Duration,
-        held: &mut Vec<Notification>,
+        held: &mut BytesMut,
     ) -> Result<Live, Error> {
         const WHAT: &str = "LISTEN on the new listener connection";
         let sql = format!("{listen_sql}SELECT pg_backend_pid()");

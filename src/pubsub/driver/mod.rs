@@ -9,20 +9,22 @@ mod leading;
 mod live;
 mod registry;
 mod role;
+mod tap;
 
 use std::future::{poll_fn, Future};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::channel::ChannelName;
 use crate::config::Options;
 use crate::error::{describe_pg_error, Error, Origin, Result};
 use crate::event::ConnectionEvent;
+use crate::frame::{self, Frame};
 use crate::inbox::Queue;
 use crate::message::{Gap, GapCause};
 use crate::stats::Board;
@@ -35,8 +37,10 @@ use live::{drive, is_fatal, Live, OpError, Planned};
 use registry::Registry;
 pub(crate) use registry::{ChannelSet, Mode, Shared, SubId};
 use role::{Heard, Step};
+pub(crate) use tap::MakeHandshake;
 
-/// Notifications handled per wake-up before yielding to other tasks.
+/// Notifications handled per wake-up before yielding to other tasks, when
+/// tokio-postgres reads them (the tap has its own budget).
 const BATCH: usize = 4096;
 /// A failed lock attempt right after a release retries this soon (the old
 /// leader unlocks just after its announcement commits).
@@ -50,17 +54,17 @@ fn elects((channel, step): &(ChannelName, Step)) -> bool {
 /// Elected channels being handed over at shutdown.
 struct Cut {
     channels: Vec<ChannelName>,
-    /// Notifications read while a statement ran, to handle first.
-    held: std::collections::VecDeque<Notification>,
+    /// Notifications (frames) read while a statement ran, to handle first.
+    held: BytesMut,
     /// We announced `stopped:` and deliver up to it.
     stopping: bool,
 }
 
 impl Cut {
-    fn new(channels: Vec<ChannelName>, held: Vec<Notification>) -> Self {
+    fn new(channels: Vec<ChannelName>, held: BytesMut) -> Self {
         Cut {
             channels,
-            held: held.into(),
+            held,
             stopping: false,
         }
     }
@@ -118,6 +122,9 @@ pub(crate) struct Driver {
     status: watch::Sender<Status>,
     registry: Registry,
     wake: Vec<Waker>,
+    /// Notifications read and not yet dispatched (frames), kept to reuse
+    /// the allocation.
+    notes: BytesMut,
     /// Backend PID of the current listener session.
     process_id: Option<i32>,
     /// When the next lock attempt may carry the collision probe.
@@ -154,6 +161,7 @@ impl Driver {
             status,
             registry,
             wake: Vec::new(),
+            notes: BytesMut::new(),
             process_id: None,
             next_probe: Instant::now(),
             board,
@@ -223,7 +231,7 @@ impl Driver {
             .then(|| ChannelName::new(CONTROL_CHANNEL))
             .transpose()?;
         let sql = election::listen_sql(channels.iter().chain(&control));
-        let mut held = Vec::new();
+        let mut held = BytesMut::new();
         let live = Live::establish(
             client,
             conn,
@@ -263,10 +271,9 @@ impl Driver {
         for channel in channels.drain(..) {
             self.emit(ConnectionEvent::Listening { channel });
         }
-        for note in held {
-            self.dispatch(note);
-        }
+        let dispatched = self.dispatch_all(&held);
         self.wake_consumers();
+        dispatched.map_err(|reason| Error::new(Origin::Listen, reason).connection())?;
         Ok(live)
     }
 
@@ -354,8 +361,19 @@ impl Driver {
         None
     }
 
-    fn dispatch(&mut self, note: Notification) {
-        if note.channel() != CONTROL_CHANNEL {
+    /// Dispatches every frame of `frames`; a malformed one ends the session.
+    fn dispatch_all(&mut self, frames: &[u8]) -> std::result::Result<(), String> {
+        for note in frame::frames(frames) {
+            match note {
+                Ok(note) => self.dispatch(&note),
+                Err(frame::Malformed(what)) => return Err(format!("the server sent {what}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, note: &Frame<'_>) {
+        if note.channel != CONTROL_CHANNEL {
             return self.registry.stage(note);
         }
         let own = Some(note.process_id()) == self.process_id;
@@ -395,36 +413,21 @@ impl Driver {
             }
         }
 
-        let mut budget = BATCH;
-        let mut received = false;
-        let lost = loop {
-            match live.conn.poll_message(cx) {
-                Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
-                    received = true;
-                    self.dispatch(note);
-                    budget -= 1;
-                    if budget == 0 {
-                        cx.waker().wake_by_ref();
-                        break None;
-                    }
-                }
-                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
-                    tracing::info!(
-                        severity = notice.severity(),
-                        message = notice.message(),
-                        "server notice"
-                    );
-                }
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => break Some(describe_pg_error(&e)),
-                Poll::Ready(None) => break Some("server closed the connection".to_owned()),
-                Poll::Pending => break None,
-            }
-        };
-        if received {
+        let mut notes = std::mem::take(&mut self.notes);
+        let mut lost = live
+            .conn
+            .poll_notes(cx, &mut notes, BATCH)
+            .err()
+            .map(|l| l.describe());
+        if !notes.is_empty() {
             // Once per batch: a clock read per message would cost more.
             live.last_good = Instant::now();
+            if let Err(reason) = self.dispatch_all(&notes) {
+                lost = lost.or(Some(reason));
+            }
+            notes.clear();
         }
+        self.notes = notes;
         self.wake_consumers();
         if let Some(reason) = lost {
             return Poll::Ready(Stop::Lost(reason));
@@ -513,7 +516,7 @@ impl Driver {
             return;
         }
         let ready_by = deadline.min(Instant::now() + self.opts.handover_timeout);
-        let mut held = Vec::new();
+        let mut held = BytesMut::new();
         let sql = election::release_sql(&pending);
         let sent = self.statement(live, &sql, &mut held, ready_by).await;
         for channel in &pending {
@@ -531,9 +534,9 @@ impl Driver {
         }
         tracing::info!(channels = ?pending.channels, "pg-pubsub: no standby took over within the hand-over timeout");
         let sql = election::stopped_sql(&pending.channels);
-        let mut later = Vec::new();
+        let mut later = BytesMut::new();
         let sent = self.statement(live, &sql, &mut later, deadline).await;
-        pending.held.extend(later);
+        pending.held.extend_from_slice(&later);
         if sent.is_some() {
             pending.stopping = true;
             self.deliver_until(live, &mut pending, deadline).await;
@@ -546,7 +549,7 @@ impl Driver {
         &self,
         live: &mut Live,
         sql: &str,
-        held: &mut Vec<Notification>,
+        held: &mut BytesMut,
         deadline: Instant,
     ) -> Option<Vec<tokio_postgres::SimpleQueryMessage>> {
         let client = live.client.clone();
@@ -562,44 +565,52 @@ impl Driver {
     async fn deliver_until(&mut self, live: &mut Live, cut: &mut Cut, deadline: Instant) {
         let own = live.process_id;
         while !cut.channels.is_empty() {
-            let note = match cut.held.pop_front() {
-                Some(note) => note,
-                None => {
-                    let next = poll_fn(|cx| loop {
-                        match live.conn.poll_message(cx) {
-                            Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
-                                return Poll::Ready(Some(n))
-                            }
-                            Poll::Ready(Some(Ok(_))) => continue,
-                            Poll::Ready(_) => return Poll::Ready(None),
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    });
-                    self.wake_consumers();
-                    match tokio::time::timeout_at(deadline, next).await {
-                        Ok(Some(note)) => note,
-                        _ => break,
-                    }
+            if cut.held.is_empty() {
+                self.wake_consumers();
+                let conn = &mut live.conn;
+                let held = &mut cut.held;
+                let next = poll_fn(|cx| match conn.poll_notes(cx, held, BATCH) {
+                    Err(_) => Poll::Ready(false),
+                    Ok(()) if held.is_empty() => Poll::Pending,
+                    Ok(()) => Poll::Ready(true),
+                });
+                match tokio::time::timeout_at(deadline, next).await {
+                    Ok(true) => {}
+                    _ => break,
+                }
+            }
+            let (note, len) = match frame::parse(&cut.held) {
+                Ok(parsed) => parsed,
+                Err(frame::Malformed(what)) => {
+                    tracing::warn!("pg-pubsub: the server sent {what} during a hand-over");
+                    break;
                 }
             };
-            if note.channel() != CONTROL_CHANNEL {
-                self.dispatch(note);
+            if note.channel != CONTROL_CHANNEL {
+                self.dispatch(&note);
+                cut.held.advance(len);
                 continue;
             }
-            let (channel, from) = match election::parse_control(note.payload()) {
-                Some(Control::Ready(ch)) if note.process_id() != own => (ch, note.process_id()),
-                Some(Control::Stopped(ch)) if cut.stopping && note.process_id() == own => (ch, own),
-                _ => continue,
+            let from = note.process_id();
+            let control = match election::parse_control(note.payload()) {
+                Some(Control::Ready(ch)) if from != own => Some(ch.to_owned()),
+                Some(Control::Stopped(ch)) if cut.stopping && from == own => Some(ch.to_owned()),
+                _ => None,
             };
+            cut.held.advance(len);
+            let Some(channel) = control else {
+                continue;
+            };
+            let channel = channel.as_str();
             let Some(i) = cut.channels.iter().position(|p| p.as_str() == channel) else {
                 continue;
             };
             if from != own {
                 // Later notifications wait in `held` while we ask.
                 let sql = election::holder_sql(channel, from);
-                let mut later = Vec::new();
+                let mut later = BytesMut::new();
                 let rows = self.statement(live, &sql, &mut later, deadline).await;
-                cut.held.extend(later);
+                cut.held.extend_from_slice(&later);
                 if !rows.is_some_and(|rows| election::is_true(&rows)) {
                     tracing::warn!(
                         channel,
@@ -638,7 +649,7 @@ impl Driver {
             }
         }
         if let Some(mut live) = live {
-            let mut held = Vec::new();
+            let mut held = BytesMut::new();
             if self
                 .statement(&mut live, "UNLISTEN *", &mut held, deadline)
                 .await

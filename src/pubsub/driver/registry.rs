@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
+use bytes::BytesMut;
 use tokio::sync::oneshot;
-use tokio_postgres::Notification;
 use uuid::Uuid;
 
 use super::election::{Answer, CONTROL_CHANNEL};
@@ -16,10 +16,17 @@ use super::role::{Election, Heard, Plain, Step};
 use crate::channel::ChannelName;
 use crate::error::{Error, Origin, Result};
 use crate::event::ConnectionEvent;
+use crate::frame::{self, Frame};
 use crate::inbox::Queue;
-use crate::message::{Gap, GapCause, Received};
+use crate::message::{compact, Gap, GapCause, Note, Received, Run};
+use crate::wire;
 
 pub(crate) type SubId = u64;
+
+/// A run's buffer holds at most this much (or one frame): a message the
+/// application keeps keeps its run's buffer, so that stays small, while
+/// one allocation still serves about fifty notifications.
+const RUN_BYTES: usize = 4096;
 pub(crate) type Reply = oneshot::Sender<Result<()>>;
 /// A set of channels shared with the handles (which this instance leads;
 /// on which it filters its own messages).
@@ -124,8 +131,9 @@ pub(crate) struct Registry {
     channels: HashMap<ChannelName, Channel>,
     /// Something changed since the last `plan`.
     dirty: bool,
-    /// This instance's origin: filtered subscribers skip messages tagged with it.
-    origin: Option<Uuid>,
+    /// This instance's origin as in a header: filtered subscribers skip
+    /// messages tagged with it.
+    origin_hex: [u8; 32],
     leading: super::Leading,
     filtering: ChannelSet,
     /// The session listens to the election's control channel.
@@ -138,10 +146,12 @@ pub(crate) struct Registry {
     reported: HashSet<String>,
     /// Events for the driver to publish.
     pub events: Vec<ConnectionEvent>,
-    /// Received, not yet delivered (see `flush`).
-    staged: Vec<Notification>,
+    /// Received, not yet delivered (see `flush`): whole frames, and each
+    /// one's length and channel name length.
+    staged: BytesMut,
+    index: Vec<(u32, u8)>,
     /// Scratch space for `flush`, kept to reuse its allocation.
-    run: Vec<Received>,
+    run: Vec<Note>,
 }
 
 impl Borrow<str> for ChannelName {
@@ -157,7 +167,7 @@ fn lock(set: &ChannelSet) -> std::sync::MutexGuard<'_, HashSet<ChannelName>> {
 impl Registry {
     pub(crate) fn new(shared: Shared) -> Self {
         Registry {
-            origin: Some(shared.origin),
+            origin_hex: wire::hex(shared.origin),
             leading: shared.leading,
             filtering: shared.filtering,
             ..Registry::default()
@@ -515,69 +525,95 @@ impl Registry {
         lock(&self.filtering).clear();
     }
 
-    /// Queues a received notification; [`flush`](Self::flush) delivers it.
-    pub(crate) fn stage(&mut self, note: Notification) {
-        self.staged.push(note);
+    /// Queues a received notification (a frame [`frame::parse`] accepted);
+    /// [`flush`](Self::flush) delivers it.
+    pub(crate) fn stage(&mut self, note: &Frame<'_>) {
+        self.staged.extend_from_slice(note.bytes);
+        // A channel name is below 64 bytes, a frame below 8 kB.
+        self.index
+            .push((note.bytes.len() as u32, note.channel.len() as u8));
     }
 
-    /// Fans staged notifications out to subscriber queues: one lookup per
-    /// run of one channel and one lock per subscriber per run, rather than
-    /// per message. Wakers of consumers to wake are collected in `wake`.
+    /// Fans staged notifications out to subscriber queues: one lookup, one
+    /// allocation (the run's frames, copied) and one lock per subscriber
+    /// per run of one channel, rather than per message. Wakers of consumers
+    /// to wake are collected in `wake`.
     pub(crate) fn flush(&mut self, wake: &mut Vec<Waker>) {
-        let mut staged = std::mem::take(&mut self.staged);
+        let staged = std::mem::take(&mut self.staged);
+        let index = std::mem::take(&mut self.index);
         let mut run = std::mem::take(&mut self.run);
-        let mut notes = staged.drain(..).peekable();
-        while let Some(first) = notes.next() {
+        let (mut at, mut i) = (0, 0);
+        while i < index.len() {
+            // The run: this frame and the following ones of its channel.
+            let (len, channel_len) = index[i];
+            let channel = frame::channel_bytes(&staged[at..], channel_len.into());
+            let (start, mut end, first) = (at, at + len as usize, i);
+            i += 1;
+            while let Some(&(len, cl)) = index.get(i) {
+                if cl != channel_len
+                    || end - start + len as usize > RUN_BYTES
+                    || frame::channel_bytes(&staged[end..], cl.into()) != channel
+                {
+                    break;
+                }
+                end += len as usize;
+                i += 1;
+            }
+            at = end;
             // Only a plain channel or a leader (from its own `ready:` on) delivers.
-            let target = self
-                .channels
-                .get_key_value(first.channel())
+            let target = std::str::from_utf8(channel)
+                .ok()
+                .and_then(|name| self.channels.get_key_value(name))
                 .filter(|(_, ch)| ch.wanted() && ch.state.delivers());
-            // Not delivered: looked up again for the next message, which is
-            // rare (a channel being unlistened, or not led here).
             let Some((channel, ch)) = target else {
                 continue;
             };
-            let shared = ch.subs.len() > 1;
-            run.push(Received::new(first, shared));
-            while let Some(note) = notes.next_if(|n| n.channel() == channel.as_str()) {
-                run.push(Received::new(note, shared));
+            let frames = frame::copy_run(&staged[start..end]);
+            let mut off = 0;
+            for &(len, cl) in &index[first..i] {
+                run.push(Note::new(frames.slice(off..off + len as usize), cl));
+                off += len as usize;
             }
             // Once per run; every subscriber of a channel shares its counters.
             if let Some(s) = ch.subs.first() {
                 s.queue.counters().metrics.received(run.len());
             }
-            let origin = self.origin;
+            let origin = &self.origin_hex;
             let mut slow = false;
             match ch.subs.as_slice() {
                 // The only subscriber takes the notifications themselves.
-                [only] => {
-                    if only.filtered {
-                        run.retain(|r| r.origin() != origin);
-                    }
-                    if !run.is_empty() {
-                        slow = only.queue.push_all(run.drain(..), wake);
+                [only] if only.filtered => {
+                    let mut mine: Vec<Received> = run.drain(..).map(Received::Own).collect();
+                    let before = mine.len();
+                    mine.retain(|r| !r.is_from(origin));
+                    compact(&mut mine, before);
+                    if !mine.is_empty() {
+                        slow = only.queue.push_all(mine.into_iter(), wake);
                     }
                 }
+                [only] => slow = only.queue.push_all(run.drain(..).map(Received::Own), wake),
+                // Several share the run: one entry each.
                 subs => {
+                    let shared = Arc::new(Run::new(std::mem::take(&mut run)));
                     // Built once per run, only when a subscriber filters.
                     let mut others: Option<Vec<Received>> = None;
                     for s in subs {
-                        let batch = if s.filtered {
-                            others.get_or_insert_with(|| {
-                                run.iter()
-                                    .filter(|r| r.origin() != origin)
-                                    .cloned()
-                                    .collect()
-                            })
-                        } else {
-                            &run
-                        };
+                        if !s.filtered {
+                            slow |= s.queue.push_run(&shared, wake);
+                            continue;
+                        }
+                        let batch = others.get_or_insert_with(|| {
+                            let mut kept: Vec<Received> = (0..shared.len())
+                                .filter(|&i| !shared.is_from(i, origin))
+                                .map(|i| Received::InRun(shared.clone(), i))
+                                .collect();
+                            compact(&mut kept, shared.len() as usize);
+                            kept
+                        });
                         if !batch.is_empty() {
                             slow |= s.queue.push_all(batch.iter().cloned(), wake);
                         }
                     }
-                    run.clear();
                 }
             }
             if slow {
@@ -586,8 +622,11 @@ impl Registry {
                 self.events.push(ConnectionEvent::SlowConsumer { channel });
             }
         }
-        drop(notes);
+        let (mut staged, mut index) = (staged, index);
+        staged.clear();
+        index.clear();
         self.staged = staged;
+        self.index = index;
         self.run = run;
     }
 }
@@ -601,58 +640,19 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
     use std::task::{Context, Poll};
 
-    use tokio::io::AsyncWriteExt;
-    use tokio_postgres::AsyncMessage;
-
     use super::*;
     use crate::inbox::Entry;
     use crate::message::Message;
     use crate::stats::ChannelCounters;
     use crate::wire;
 
-    /// Notifications as tokio-postgres itself parses them (it has no public
-    /// constructor): canned backend messages on an in-memory stream,
-    /// `AuthenticationOk` and `ReadyForQuery`, then one
-    /// `NotificationResponse` per `(channel, payload)`.
-    fn notifications(notes: &[(&str, &str)]) -> Vec<Notification> {
-        fn message(wire: &mut Vec<u8>, tag: u8, body: &[u8]) {
-            let len = i32::try_from(body.len() + 4).expect("a small test message");
-            wire.push(tag);
-            wire.extend(len.to_be_bytes());
-            wire.extend(body);
-        }
-        let mut bytes = Vec::new();
-        message(&mut bytes, b'R', &0i32.to_be_bytes());
-        message(&mut bytes, b'Z', b"I");
+    /// Notification frames, as the tap takes them off the socket.
+    fn notifications(notes: &[(&str, &str)]) -> BytesMut {
+        let mut frames = BytesMut::new();
         for (channel, payload) in notes {
-            let mut body = 4242i32.to_be_bytes().to_vec();
-            for s in [channel, payload] {
-                body.extend(s.as_bytes());
-                body.push(0);
-            }
-            message(&mut bytes, b'A', &body);
+            frame::push_parts(&mut frames, 4242, channel, payload);
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("a runtime");
-        rt.block_on(async {
-            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
-            theirs.write_all(&bytes).await.expect("in memory");
-            let (_client, mut connection) = tokio_postgres::Config::new()
-                .user("test")
-                .ssl_mode(tokio_postgres::config::SslMode::Disable)
-                .connect_raw(ours, tokio_postgres::NoTls)
-                .await
-                .expect("the canned start-up is accepted");
-            let mut out = Vec::new();
-            while out.len() < notes.len() {
-                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(n))) => out.push(n),
-                    _ => panic!("expected a notification"),
-                }
-            }
-            out
-        })
+        frames
     }
 
     fn registry(origin: Uuid) -> Registry {
@@ -690,8 +690,9 @@ mod tests {
     }
 
     fn deliver(registry: &mut Registry, notes: &[(&str, &str)]) {
-        for note in notifications(notes) {
-            registry.stage(note);
+        let frames = notifications(notes);
+        for note in frame::frames(&frames) {
+            registry.stage(&note.expect("a well-formed frame"));
         }
         registry.flush(&mut Vec::new());
     }
@@ -707,12 +708,15 @@ mod tests {
     }
 
     /// The bodies of the queued messages; `Err(n)` for a lag of `n`.
-    fn bodies(entries: &VecDeque<Entry>) -> Vec<Result<&str, u64>> {
+    fn bodies(entries: &VecDeque<Entry>) -> Vec<Result<String, u64>> {
         entries
             .iter()
-            .map(|e| match e {
-                Entry::Message(r) => Ok(r.body()),
-                Entry::Lagged(n) => Err(*n),
+            .flat_map(|e| match e {
+                Entry::Message(r) => vec![Ok(r.body().to_owned())],
+                Entry::Run(run, start, end) => (*start..*end)
+                    .map(|i| Ok(Received::InRun(run.clone(), i).body().to_owned()))
+                    .collect(),
+                Entry::Lagged(n) => vec![Err(*n)],
                 Entry::Gap(_) => panic!("no gap expected"),
             })
             .collect()
@@ -741,9 +745,12 @@ mod tests {
             ],
         );
         for queue in &subs {
-            assert_eq!(bodies(&take(queue)), [Ok("a"), Ok("b"), Ok("c")]);
+            assert_eq!(
+                bodies(&take(queue)),
+                [Ok("a".to_owned()), Ok("b".to_owned()), Ok("c".to_owned())]
+            );
         }
-        assert_eq!(bodies(&take(&other)), [Ok("x")]);
+        assert_eq!(bodies(&take(&other)), [Ok("x".to_owned())]);
         assert!(registry.events.is_empty());
     }
 
@@ -755,13 +762,14 @@ mod tests {
         let (only, _) = subscribe(&mut registry, "alone", 3, 10, false);
         deliver(&mut registry, &[("orders", "\"7\""), ("alone", "\"8\"")]);
         let (a, b) = (take(&a).pop_front(), take(&b).pop_front());
-        let (Some(Entry::Message(a)), Some(Entry::Message(b))) = (a, b) else {
-            panic!("one message each");
+        let (Some(Entry::Run(ra, 0, 1)), Some(Entry::Run(rb, 0, 1))) = (a, b) else {
+            panic!("one run of one message each");
         };
-        let (Received::Shared(sa), Received::Shared(sb)) = (&a, &b) else {
-            panic!("a channel's subscribers share its notifications");
-        };
-        assert!(Arc::ptr_eq(sa, sb));
+        assert!(
+            Arc::ptr_eq(&ra, &rb),
+            "a channel's subscribers share its notifications"
+        );
+        let (a, b) = (Received::InRun(ra, 0), Received::InRun(rb, 0));
         let decode: fn(&str) -> serde_json::Result<String> = |s| serde_json::from_str(s);
         // The first to decode keeps the value; the other reads it.
         assert!(matches!(a.decode(decode), Ok(None)));
@@ -794,13 +802,20 @@ mod tests {
                 ("audit", &theirs),
             ],
         );
-        assert_eq!(bodies(&take(&filtered)), [Ok("theirs"), Ok("untagged")]);
+        assert_eq!(
+            bodies(&take(&filtered)),
+            [Ok("theirs".to_owned()), Ok("untagged".to_owned())]
+        );
         assert_eq!(
             bodies(&take(&unfiltered)),
-            [Ok("mine"), Ok("theirs"), Ok("untagged")]
+            [
+                Ok("mine".to_owned()),
+                Ok("theirs".to_owned()),
+                Ok("untagged".to_owned())
+            ]
         );
         // A channel's only subscriber filters too.
-        assert_eq!(bodies(&take(&alone)), [Ok("theirs")]);
+        assert_eq!(bodies(&take(&alone)), [Ok("theirs".to_owned())]);
         // Nothing but its own: nothing queued, nobody woken.
         deliver(&mut registry, &[("audit", &mine)]);
         assert!(take(&alone).is_empty());
@@ -829,19 +844,62 @@ mod tests {
         assert_eq!(slow_events(&registry), 1);
         assert_eq!(
             bodies(&take(&fast)),
-            [Ok("1"), Ok("2"), Ok("3"), Ok("4"), Ok("5")]
+            [
+                Ok("1".to_owned()),
+                Ok("2".to_owned()),
+                Ok("3".to_owned()),
+                Ok("4".to_owned()),
+                Ok("5".to_owned())
+            ]
         );
-        assert_eq!(bodies(&take(&slow)), [Ok("1"), Ok("2")]);
+        assert_eq!(
+            bodies(&take(&slow)),
+            [Ok("1".to_owned()), Ok("2".to_owned())]
+        );
         assert_eq!(slow_counts.lagged.load(Relaxed), 3);
         assert_eq!(fast_counts.lagged.load(Relaxed), 0);
         // Room again: the lag comes first, in order, and the same run of
         // drops is reported once.
         deliver(&mut registry, &[("orders", "6")]);
-        assert_eq!(bodies(&take(&slow)), [Err(3), Ok("6")]);
-        assert_eq!(bodies(&take(&fast)), [Ok("6")]);
+        assert_eq!(bodies(&take(&slow)), [Err(3), Ok("6".to_owned())]);
+        assert_eq!(bodies(&take(&fast)), [Ok("6".to_owned())]);
         assert_eq!(slow_events(&registry), 1);
         assert_eq!(slow_counts.delivered.load(Relaxed), 3);
         assert_eq!(fast_counts.delivered.load(Relaxed), 6);
+    }
+
+    #[test]
+    fn a_shared_run_yields_each_notification_in_order_to_each_subscription() {
+        use futures::StreamExt;
+        let mut registry = registry(Uuid::new_v4());
+        let (a, _) = subscribe(&mut registry, "orders", 1, 10, false);
+        let (b, _) = subscribe(&mut registry, "orders", 2, 10, false);
+        deliver(
+            &mut registry,
+            &[("orders", "1"), ("orders", "2"), ("orders", "x")],
+        );
+        let (cmds, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let decode: crate::subscription::Decoder<u32> = |s| serde_json::from_str(s);
+        for (id, queue) in [(1, a), (2, b)] {
+            let mut sub = crate::Subscription::new(
+                name("orders"),
+                id,
+                queue.clone(),
+                decode,
+                cmds.clone(),
+                Arc::default(),
+            );
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut got = Vec::new();
+            while let Poll::Ready(Some(d)) = sub.poll_next_unpin(&mut cx) {
+                got.push(match d {
+                    crate::Delivery::Message(m) => Ok(*m.payload()),
+                    crate::Delivery::Undecodable(e) => Err(e.raw().to_owned()),
+                    other => panic!("unexpected {other:?}"),
+                });
+            }
+            assert_eq!(got, [Ok(1), Ok(2), Err("x".to_owned())]);
+        }
     }
 
     #[test]
@@ -856,7 +914,7 @@ mod tests {
         );
         deliver(&mut registry, &[("orders", "a")]);
         assert!(take(&gone).is_empty());
-        assert_eq!(bodies(&take(&kept)), [Ok("a")]);
+        assert_eq!(bodies(&take(&kept)), [Ok("a".to_owned())]);
         // The last one: the channel is forgotten (it was never listened
         // to, being offline) and nothing is delivered any more.
         registry.unsubscribe("orders", 2);
