@@ -30,9 +30,9 @@
 //! fn apply(event: &ChangeEvent) -> serde_json::Result<()> {
 //!     let row = |r: &Option<Value>| r.clone().unwrap_or(Value::Null);
 //!     match (event.table.as_str(), event.op) {
-//!         ("orders", Op::Insert | Op::Update) => println!("upsert {:?}", Order::deserialize(row(&event.new))?),
+//!         ("orders", Op::Insert | Op::Update | Op::Read) => println!("upsert {:?}", Order::deserialize(row(&event.new))?),
 //!         ("orders", Op::Delete) => println!("delete {:?}", OrderKey::deserialize(row(&event.old))?),
-//!         ("lines", Op::Insert | Op::Update) => println!("upsert {:?}", Line::deserialize(row(&event.new))?),
+//!         ("lines", Op::Insert | Op::Update | Op::Read) => println!("upsert {:?}", Line::deserialize(row(&event.new))?),
 //!         ("lines", Op::Delete) => println!("delete {:?}", LineKey::deserialize(row(&event.old))?),
 //!         (table, Op::Truncate) => println!("truncate {table}"),
 //!         (table, op) => eprintln!("{op} on {table}: not handled"),
@@ -88,6 +88,67 @@
 //! `pg_current_wal_lsn() - confirmed_flush_lsn`) is in [`WalFeed::stats`]
 //! and, above [`lag_warning`](WalFeedBuilder::lag_warning), a
 //! [`WalEvent::Lag`].
+//!
+//! # Snapshots and backfill
+//!
+//! A feed can deliver the rows that already exist, not only the changes
+//! from now on: [`WalFeedBuilder::snapshot`] reads every row of the
+//! feed's tables once per slot (the initial snapshot), and
+//! [`WalFeed::backfill`] (or [`PgPubSub::wal_backfill`] from any process,
+//! or `pg-pubsub changes backfill`) reads a table's rows, or those
+//! matching a SQL condition, while the feed runs: for a new consumer, or
+//! after a lost slot was recreated. Rows arrive as changes with
+//! [`Op::Read`](crate::changes::Op::Read) (`new` set; apply as an upsert),
+//! in chunks: each chunk is one transaction of xid 0 ([`WalItem::Begin`],
+//! its reads, [`WalItem::Commit`] to ack as any other), between the
+//! stream's transactions.
+//!
+//! How (DBLog's watermarks, as Debezium's incremental snapshots): the
+//! feed reads a chunk of rows in primary-key order (keyset, `LIMIT`
+//! [`snapshot_chunk_rows`](WalFeedBuilder::snapshot_chunk_rows)) in a
+//! short `REPEATABLE READ` transaction, and writes a watermark into the
+//! WAL (`pg_logical_emit_message`) after the chunk's snapshot was taken.
+//! When the stream reaches the watermark, every transaction the chunk's
+//! snapshot saw has been streamed; the chunk's rows are handed over there,
+//! except those whose key a streamed transaction changed since the
+//! previous chunk or that the chunk's snapshot did not see: for those
+//! the stream's version wins (it went out already; later changes come
+//! after the chunk). So a table of any size is read without one long
+//! transaction (vacuum is held back for one chunk at a time), without
+//! locks (writers are never blocked), and with nothing missed or doubled
+//! between the reads and the changes. Before its first chunk, and after
+//! each loss of the stream, a snapshot waits for the transactions running
+//! then to end, as creating a slot does (a commit is in the WAL before
+//! other sessions see it).
+//!
+//! Progress is recorded in `<schema>.wal_snapshots` (a row per request,
+//! served in order). The feed reads the next chunk only once the
+//! consumer acked the previous one, and records that ack with it, so:
+//!
+//! * **Each row is read at most once per completed snapshot** in what
+//!   the consumer acked, and a row that existed throughout and was not
+//!   changed while its chunk was read is read exactly once. A row changed
+//!   meanwhile may have no read: its change event carries it (so `new`
+//!   must hold the whole row: an unchanged TOASTed column is left out of
+//!   an update's `new`, see below).
+//! * After a crash (or a lost stream), a snapshot resumes at the chunk
+//!   after the last one recorded as acked, or acked as far as the slot's
+//!   confirmed position says. Like the stream's changes (at least once),
+//!   the chunk in flight at the crash may come again, read anew: at most
+//!   one chunk, and only if the consumer processed it but its ack was
+//!   recorded nowhere.
+//! * A completed snapshot is never read again; a feed started again with
+//!   [`snapshot(true)`](WalFeedBuilder::snapshot) on the same slot does
+//!   not repeat it.
+//!
+//! Requirements: a primary key on every table read, and `REPLICA
+//! IDENTITY` `DEFAULT` or `FULL` (deletes must carry the key); otherwise
+//! [`ErrorKind::Config`](crate::ErrorKind::Config) naming the table. The
+//! publication's column list and row filter (PostgreSQL 15+) apply to the
+//! reads too. Read rows are JSON exactly as the stream's (below): each
+//! column's text output, read on a pooled connection (its `TimeZone`
+//! and `DateStyle`). Progress is reported as [`WalEvent::Snapshot`];
+//! [`WalFeed::snapshots`] lists the requests.
 //!
 //! # Values
 //!
@@ -173,6 +234,7 @@
 
 mod decode;
 mod slot;
+mod snapshot;
 mod stream;
 
 use std::pin::Pin;
@@ -301,6 +363,8 @@ pub struct WalFeedBuilder {
     standby: bool,
     schema: crate::schema::SchemaName,
     recreate_lost_slot: bool,
+    snapshot: bool,
+    snapshot_chunk_rows: usize,
 }
 
 impl PgPubSub {
@@ -320,6 +384,8 @@ impl PgPubSub {
             standby: false,
             schema: crate::schema::SchemaName::default(),
             recreate_lost_slot: false,
+            snapshot: false,
+            snapshot_chunk_rows: 4096,
         }
     }
 }
@@ -401,6 +467,27 @@ impl WalFeedBuilder {
         self
     }
 
+    /// Start with every existing row of the feed's tables: an initial
+    /// snapshot, delivered as [`Op::Read`](crate::changes::Op::Read)
+    /// changes merged with the stream (see [Snapshots and
+    /// backfill](self#snapshots-and-backfill)). Requested once per slot:
+    /// when the slot is created, or on the first start with this option
+    /// of a slot that never had one; a restart resumes an unfinished one.
+    /// Every table must have a primary key ([`ErrorKind::Config`](crate::ErrorKind::Config)
+    /// otherwise, naming it). Default: `false`.
+    pub fn snapshot(mut self, snapshot: bool) -> Self {
+        self.snapshot = snapshot;
+        self
+    }
+
+    /// Rows per chunk of a snapshot or backfill: one short `REPEATABLE
+    /// READ` transaction each, held in memory until the consumer acks
+    /// it. Default 4096.
+    pub fn snapshot_chunk_rows(mut self, rows: usize) -> Self {
+        self.snapshot_chunk_rows = rows.max(1);
+        self
+    }
+
     /// The slot's name.
     pub fn slot_name(&self) -> &str {
         &self.slot
@@ -425,7 +512,7 @@ impl WalFeedBuilder {
         slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
         let installed = tokio::sync::OnceCell::new();
         crate::schema::ensure(&self.pubsub, &self.schema, &installed).await?;
-        slot::prepare_slot(
+        let created = slot::prepare_slot(
             &exec,
             &self.schema,
             &self.slot,
@@ -433,11 +520,17 @@ impl WalFeedBuilder {
             self.recreate_lost_slot,
         )
         .await?;
+        if self.snapshot {
+            snapshot::request_initial(&exec, &self.schema, &self.slot, &publication, created)
+                .await?;
+        }
         let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
             ack_wake: Notify::new(),
+            ack_watch: watch::Sender::new(0),
         });
+        let link = Arc::new(snapshot::Link::new(&self.slot));
         let cfg = stream::replication_config(&self.pubsub, &self.slot, &publication)?
             .with_status_interval(self.ack_interval);
         let stop_tx = Arc::new(watch::Sender::new(false));
@@ -456,6 +549,7 @@ impl WalFeedBuilder {
             schema: self.schema.clone(),
             pg: self.pubsub.config().clone(),
             connect_timeout: self.pubsub.inner.opts.connect_timeout,
+            link: link.clone(),
         };
         let first = task.connect_first(self.standby).await?;
         // Stopped by the handle's shutdown too, which waits until the
@@ -472,6 +566,22 @@ impl WalFeedBuilder {
             let res = task.run(first).await;
             drop(registration);
             res
+        });
+        let driver = snapshot::Driver {
+            exec: exec.clone(),
+            schema: self.schema.clone(),
+            slot: self.slot.clone(),
+            publication: publication.clone(),
+            shared: shared.clone(),
+            link: link.clone(),
+            events: events.clone(),
+            chunk_rows: self.snapshot_chunk_rows,
+            stop: stop_rx.clone(),
+        };
+        let registration = services.register("WAL feed snapshots", stopper(&stop_tx))?;
+        tokio::spawn(async move {
+            driver.run().await;
+            drop(registration);
         });
         if let Some(every) = self.heartbeat {
             let registration = services.register("WAL feed heartbeat", stopper(&stop_tx))?;
@@ -491,6 +601,9 @@ impl WalFeedBuilder {
         Ok(WalFeed {
             events,
             exec,
+            schema: self.schema,
+            publication,
+            link,
             slot: self.slot,
             rx,
             shared,
@@ -506,16 +619,37 @@ pub(crate) struct Shared {
     pub(crate) acked: AtomicU64,
     /// Wakes the stream task to pass a new ack on.
     pub(crate) ack_wake: Notify,
+    /// The same position, for the snapshot driver to wait on.
+    pub(crate) ack_watch: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Moves the acked position up to `lsn` (never down).
+    pub(crate) fn advance(&self, lsn: u64) {
+        self.acked.fetch_max(lsn, Ordering::AcqRel);
+        self.ack_watch.send_if_modified(|v| {
+            let moved = lsn > *v;
+            if moved {
+                *v = lsn;
+            }
+            moved
+        });
+    }
 }
 
 /// What the stream task hands the feed: rows still JSON.
 pub(crate) type RawItem = WalItem<serde_json::Value>;
+
+pub use snapshot::{Backfill, SnapshotInfo};
 
 /// A running WAL change feed: a [`Stream`] of [`WalItem`]s. Dropping it
 /// stops the stream; [`close`](Self::close) also makes the last acks
 /// durable first.
 pub struct WalFeed<T = serde_json::Value> {
     exec: Exec,
+    schema: crate::schema::SchemaName,
+    publication: String,
+    link: Arc<snapshot::Link>,
     slot: String,
     rx: mpsc::Receiver<RawItem>,
     shared: Arc<Shared>,
@@ -530,8 +664,37 @@ impl<T> WalFeed<T> {
     /// before is ignored). Use [`WalItem::ack_lsn`]. Sent to the server within
     /// the ack interval.
     pub fn ack(&self, lsn: Lsn) {
-        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+        self.shared.advance(lsn.0);
         self.shared.ack_wake.notify_one();
+    }
+
+    /// Requests a backfill of `table` into this feed: its rows (those
+    /// matching `filter`, a SQL condition on the table's columns, run as
+    /// written: pass only trusted text) are read while the feed runs and
+    /// delivered as [`Op::Read`](crate::changes::Op::Read) changes merged
+    /// with the stream (see [Snapshots and backfill](self#snapshots-and-backfill)).
+    /// Requests are served in order, after any unfinished one. The table
+    /// must be in the feed's publication and have a primary key, and the
+    /// condition must be valid ([`ErrorKind::Config`](crate::ErrorKind::Config)
+    /// otherwise). Returns the request's id. The same from another
+    /// process: [`PgPubSub::wal_backfill`].
+    pub async fn backfill(&self, table: &str, filter: Option<&str>) -> Result<i64> {
+        let id = snapshot::request_backfill(
+            &self.exec,
+            &self.schema,
+            &self.slot,
+            table,
+            filter,
+            &self.publication,
+        )
+        .await?;
+        self.link.wake.notify_one();
+        Ok(id)
+    }
+
+    /// The snapshots and backfills of this feed's slot, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        snapshot::list(&self.exec, &self.schema, &self.slot).await
     }
 
     /// A handle to ack from elsewhere (another task).
@@ -608,7 +771,7 @@ pub struct WalAcker {
 impl WalAcker {
     /// Like [`WalFeed::ack`].
     pub fn ack(&self, lsn: Lsn) {
-        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+        self.shared.advance(lsn.0);
         self.shared.ack_wake.notify_one();
     }
 }

@@ -13,8 +13,9 @@ use super::decode::{Decoded, Decoder};
 use super::slot::{
     advance_slot, emit_heartbeat, slot_position, slot_state, stream_hint, HEARTBEAT_PREFIX,
 };
+use super::snapshot::{Link, Mark, SNAPSHOT_PREFIX};
 use super::{RawItem, Shared, WalItem, WalMessage};
-use crate::changes::Lsn;
+use crate::changes::{ChangeEvent, Lsn, Op};
 
 /// A stream that ran this long was healthy: the next loss backs off from
 /// the start again.
@@ -96,6 +97,8 @@ pub(crate) struct StreamTask {
     /// Where the feed's slot is recorded (see [`SlotState`]).
     pub(crate) schema: crate::schema::SchemaName,
     pub(crate) connect_timeout: Duration,
+    /// Shared with the snapshot driver: tracked tables, chunks in flight.
+    pub(crate) link: Arc<Link>,
 }
 
 /// Why the stream loop returned.
@@ -275,6 +278,8 @@ impl StreamTask {
     }
 
     async fn stream(&mut self, client: &mut ReplicationClient) -> End {
+        // What a snapshot tracked of the last stream is gone with it.
+        self.link.restarted();
         let mut decoder = Decoder::default();
         let mut xid = 0u32;
         let mut commit_time = None;
@@ -303,6 +308,9 @@ impl StreamTask {
                 }
                 Err(e) => return End::Lost(stream_error(&self.slot, e)),
             };
+            // A snapshot chunk handed over by this event: its number and
+            // what the consumer must ack to have it all.
+            let mut handed = None;
             let mut items: Vec<RawItem> = match event {
                 ReplicationEvent::Begin {
                     final_lsn,
@@ -347,6 +355,7 @@ impl StreamTask {
                         Ok(Decoded::Nothing) => continue,
                         Ok(Decoded::Changes(events)) => {
                             self.changes.add(events.len());
+                            self.link.observe(xid, &events);
                             events
                                 .into_iter()
                                 .map(|mut event| {
@@ -369,29 +378,51 @@ impl StreamTask {
                     prefix,
                     content,
                 } => {
-                    if prefix == HEARTBEAT_PREFIX {
-                        // Caught up: confirm past WAL this feed does not need.
-                        let acked = self.shared.acked.load(Ordering::Acquire);
-                        if !transactional && acked >= delivered && lsn.0 > acked {
-                            self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
-                            delivered = delivered.max(lsn.0);
-                            client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                    if prefix == SNAPSHOT_PREFIX {
+                        let mut reads = Vec::new();
+                        match self.link.mark(&content) {
+                            Mark::Request => self.link.wake.notify_one(),
+                            Mark::Chunk(n) => {
+                                match self.chunk(n, Lsn(lsn.0), &mut delivered).await {
+                                    Ok(Some((items, ack))) => {
+                                        reads = items;
+                                        handed = Some((n, ack));
+                                    }
+                                    Ok(None) => {}
+                                    Err(end) => return end,
+                                }
+                            }
+                            Mark::Other => {}
                         }
-                        continue;
+                        if handed.is_none() {
+                            continue;
+                        }
+                        reads
+                    } else {
+                        if prefix == HEARTBEAT_PREFIX {
+                            // Caught up: confirm past WAL this feed does not need.
+                            let acked = self.shared.acked.load(Ordering::Acquire);
+                            if !transactional && acked >= delivered && lsn.0 > acked {
+                                self.shared.advance(lsn.0);
+                                delivered = delivered.max(lsn.0);
+                                client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                            }
+                            continue;
+                        }
+                        match &self.messages {
+                            Some(p) if prefix.starts_with(p.as_str()) => {}
+                            _ => continue,
+                        }
+                        if !transactional {
+                            delivered = delivered.max(lsn.0);
+                        }
+                        vec![WalItem::Message(WalMessage {
+                            prefix,
+                            payload: content,
+                            lsn: Lsn(lsn.0),
+                            transactional,
+                        })]
                     }
-                    match &self.messages {
-                        Some(p) if prefix.starts_with(p.as_str()) => {}
-                        _ => continue,
-                    }
-                    if !transactional {
-                        delivered = delivered.max(lsn.0);
-                    }
-                    vec![WalItem::Message(WalMessage {
-                        prefix,
-                        payload: content,
-                        lsn: Lsn(lsn.0),
-                        transactional,
-                    })]
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     // Idle, and the consumer acked all it was given: confirm
@@ -404,7 +435,7 @@ impl StreamTask {
                     let acked = self.shared.acked.load(Ordering::Acquire);
                     if !in_tx && acked >= delivered && wal_end.0 > acked {
                         delivered = wal_end.0;
-                        self.shared.acked.fetch_max(wal_end.0, Ordering::AcqRel);
+                        self.shared.advance(wal_end.0);
                         client.update_applied_lsn(wal_end);
                     }
                     continue;
@@ -429,7 +460,60 @@ impl StreamTask {
                     }
                 }
             }
+            if let Some((n, ack)) = handed {
+                self.link.handed(n, ack);
+            }
         }
+    }
+
+    /// The items of snapshot chunk `n` whose watermark is at `lsn`: its
+    /// rows the stream did not carry, as `read` changes of a transaction
+    /// of xid 0 committed at `lsn`, and the position that acks them all.
+    /// `None`: not a chunk this stream waits for (an earlier stream's).
+    async fn chunk(
+        &mut self,
+        n: u64,
+        lsn: Lsn,
+        delivered: &mut u64,
+    ) -> Result<Option<(Vec<RawItem>, Lsn)>, End> {
+        let Some(rx) = self.link.take(n) else {
+            return Ok(None);
+        };
+        // Sent once the chunk's transaction committed (it wrote the
+        // watermark just before); dropped if it failed.
+        let chunk = tokio::select! {
+            chunk = rx => chunk.ok(),
+            _ = self.stop.wait_for(|s| *s) => return Err(End::Stopped),
+        };
+        let Some(chunk) = chunk else {
+            return Ok(None);
+        };
+        let (schema, table) = chunk.table.clone();
+        let rows = self.link.merge(chunk);
+        if rows.is_empty() {
+            // Nothing to ack: what was handed before is enough.
+            return Ok(Some((Vec::new(), Lsn(*delivered))));
+        }
+        *delivered = (*delivered).max(lsn.0);
+        let now = SystemTime::now();
+        let mut items = Vec::with_capacity(rows.len() + 2);
+        items.push(WalItem::Begin {
+            xid: 0,
+            final_lsn: lsn,
+            commit_time: now,
+        });
+        items.extend(rows.into_iter().map(|row| {
+            let mut event = ChangeEvent::new(Op::Read, schema.as_str(), table.as_str());
+            event.new = Some(row);
+            WalItem::Change { lsn, event }
+        }));
+        items.push(WalItem::Commit {
+            xid: 0,
+            lsn,
+            end_lsn: lsn,
+            commit_time: now,
+        });
+        Ok(Some((items, lsn)))
     }
 }
 

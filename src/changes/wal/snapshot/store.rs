@@ -1,0 +1,501 @@
+//! The statements of snapshots and backfills: the table's shape, requests,
+//! chunks, progress. Who runs them, and when, is `driver.rs`'s business.
+
+use tokio_postgres::types::ToSql;
+
+use super::super::slot::{quote_ident, setup_error};
+use super::{request_payload, SNAPSHOT_PREFIX};
+use crate::error::{Error, Origin, Result};
+use crate::exec::Exec;
+use crate::schema::SchemaName;
+
+/// A table as a snapshot reads it: what the publication sends of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Table {
+    /// As `regclass` prints it (quoted where needed).
+    pub(crate) regclass: String,
+    pub(crate) schema: String,
+    pub(crate) name: String,
+    /// The primary key's columns, in index order.
+    pub(crate) key_columns: Vec<String>,
+    key_types: Vec<String>,
+    /// The published columns and their type OIDs, in table order.
+    pub(crate) columns: Vec<(String, u32)>,
+    /// The publication's row filter (PostgreSQL 15+), if any.
+    row_filter: Option<String>,
+}
+
+impl Table {
+    /// `(schema, table)` as the stream's events name it.
+    pub(crate) fn stream_name(&self) -> (String, String) {
+        (self.schema.clone(), self.name.clone())
+    }
+
+    /// The chunk query: the published columns then the key columns, as
+    /// text, of up to `limit` rows after the key `$1..$k` (or from the
+    /// first row, `first`), in key order.
+    pub(crate) fn chunk_sql(&self, filter: Option<&str>, first: bool, limit: usize) -> String {
+        let text = |c: &String| format!("{}::text", quote_ident(c));
+        let select: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(c, _)| text(c))
+            .chain(self.key_columns.iter().map(text))
+            .collect();
+        let keys: Vec<String> = self.key_columns.iter().map(|c| quote_ident(c)).collect();
+        let keys = keys.join(", ");
+        let mut conditions = Vec::new();
+        if !first {
+            let params: Vec<String> = self
+                .key_types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("${}::text::{t}", i + 1))
+                .collect();
+            conditions.push(format!("({keys}) > ({})", params.join(", ")));
+        }
+        if let Some(f) = &self.row_filter {
+            conditions.push(format!("({f})"));
+        }
+        if let Some(f) = filter {
+            conditions.push(format!("({f})"));
+        }
+        let r#where = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        format!(
+            "SELECT {} FROM {}{where} ORDER BY {keys} LIMIT {limit}",
+            select.join(", "),
+            self.regclass
+        )
+    }
+}
+
+fn config(text: String) -> Error {
+    Error::new(Origin::Config, text)
+}
+
+/// Reads the shape of `table` as `publication` sends it, refusing what a
+/// snapshot cannot merge: no primary key, a replica identity that does not
+/// carry it in deletes, a table the publication does not send, a key
+/// column it leaves out.
+pub(crate) async fn resolve(exec: &Exec, table: &str, publication: &str) -> Result<Table> {
+    const STAGE: &str = "WAL snapshot: read the table";
+    let sql = "SELECT c.oid::int8, c.oid::regclass::text, n.nspname::text, c.relname::text, \
+                      c.relreplident::text, \
+                      (SELECT array_agg(a.attname::text ORDER BY k.i) \
+                         FROM unnest(ix.indkey::int2[]) WITH ORDINALITY AS k(attnum, i) \
+                         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum), \
+                      (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.i) \
+                         FROM unnest(ix.indkey::int2[]) WITH ORDINALITY AS k(attnum, i) \
+                         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum), \
+                      pt.attnames::text[], pt.rowfilter, pt.pubname IS NOT NULL \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+               LEFT JOIN pg_index ix ON ix.indrelid = c.oid AND ix.indisprimary \
+               LEFT JOIN pg_publication_tables pt ON pt.pubname = $2 \
+                    AND pt.schemaname = n.nspname AND pt.tablename = c.relname \
+               WHERE c.oid = to_regclass($1)";
+    let row = exec
+        .run_with(STAGE, |client| async move {
+            client
+                .query_opt(sql, &[&table, &publication])
+                .await
+                .map_err(|e| setup_error(STAGE, e))
+        })
+        .await?
+        .ok_or_else(|| config(format!("WAL snapshot: no table {table:?}")))?;
+    let oid: i64 = row.get(0);
+    let regclass: String = row.get(1);
+    let keys: Option<Vec<String>> = row.get(5);
+    let key_types: Option<Vec<String>> = row.get(6);
+    let (Some(key_columns), Some(key_types)) = (keys, key_types) else {
+        return Err(config(format!(
+            "WAL snapshot: table {regclass} has no primary key: its chunks are read in key \
+             order and merged with the stream by key (add a primary key)"
+        )));
+    };
+    match row.get::<_, String>(4).as_str() {
+        "d" | "f" => {}
+        other => {
+            return Err(config(format!(
+                "WAL snapshot: table {regclass} has REPLICA IDENTITY {} : its deletes do not carry \
+                 the primary key the merge needs (use DEFAULT or FULL)",
+                if other == "n" { "NOTHING" } else { "USING INDEX" }
+            )))
+        }
+    }
+    if !row.get::<_, bool>(9) {
+        return Err(config(format!(
+            "WAL snapshot: table {regclass} is not in publication {publication:?}: the feed does \
+             not stream it"
+        )));
+    }
+    let published: Vec<String> = row.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
+    if let Some(k) = key_columns.iter().find(|k| !published.contains(k)) {
+        return Err(config(format!(
+            "WAL snapshot: publication {publication:?} leaves out key column {k:?} of {regclass}"
+        )));
+    }
+    let columns = exec
+        .run_with(STAGE, |client| async move {
+            client
+                .query(
+                    "SELECT attname::text, atttypid::int8 FROM pg_attribute \
+                     WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped \
+                       AND attname::text = ANY($2::text[]) ORDER BY attnum",
+                    &[&oid, &published],
+                )
+                .await
+                .map_err(|e| setup_error(STAGE, e))
+        })
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+        .collect();
+    Ok(Table {
+        regclass,
+        schema: row.get(2),
+        name: row.get(3),
+        key_columns,
+        key_types,
+        columns,
+        row_filter: row.get(8),
+    })
+}
+
+/// A request of a slot, unfinished.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub(crate) id: i64,
+    pub(crate) table: String,
+    pub(crate) filter: Option<String>,
+}
+
+/// Where a request is: the key to read after (`None`: from the start).
+pub(crate) fn resume_after(
+    done: Option<Vec<String>>,
+    pending: Option<Vec<String>>,
+    pending_confirmed: bool,
+) -> Option<Vec<String>> {
+    match (pending, pending_confirmed) {
+        (Some(p), true) => Some(p),
+        _ => done,
+    }
+}
+
+/// The statements of one schema.
+pub(crate) struct Sql {
+    pub(crate) next: String,
+    pub(crate) progress: String,
+    pub(crate) emit: String,
+    pub(crate) finish: String,
+    pub(crate) fail: String,
+    pub(crate) list: String,
+}
+
+impl Sql {
+    pub(crate) fn new(s: &SchemaName) -> Sql {
+        Sql {
+            next: format!(
+                "SELECT id, tbl, filter FROM {s}.wal_snapshots \
+                 WHERE slot_name = $1 AND finished_at IS NULL AND error IS NULL \
+                 ORDER BY id LIMIT 1"
+            ),
+            progress: format!(
+                "SELECT done_key, pending_key, coalesce(pending_lsn <= greatest( \
+                    (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $2), \
+                    $3::text::pg_lsn), false) \
+                 FROM {s}.wal_snapshots WHERE id = $1 AND finished_at IS NULL"
+            ),
+            emit: format!(
+                "UPDATE {s}.wal_snapshots SET done_key = $2, pending_key = $3, \
+                    rows_read = rows_read + $4, started_at = coalesce(started_at, now()), \
+                    pending_lsn = pg_logical_emit_message(false, '{SNAPSHOT_PREFIX}', $5::text) \
+                 WHERE id = $1 AND finished_at IS NULL RETURNING rows_read"
+            ),
+            finish: format!(
+                "UPDATE {s}.wal_snapshots SET done_key = $2, pending_key = NULL, \
+                    pending_lsn = NULL, started_at = coalesce(started_at, now()), \
+                    finished_at = now() \
+                 WHERE id = $1 AND finished_at IS NULL RETURNING rows_read"
+            ),
+            fail: format!("UPDATE {s}.wal_snapshots SET error = $2 WHERE id = $1"),
+            list: format!(
+                "SELECT id, tbl, filter, initial, rows_read, finished_at IS NOT NULL, error \
+                 FROM {s}.wal_snapshots WHERE slot_name = $1 ORDER BY id"
+            ),
+        }
+    }
+}
+
+/// The next unfinished request of `slot`.
+pub(crate) async fn next_request(exec: &Exec, sql: &Sql, slot: &str) -> Result<Option<Request>> {
+    const STAGE: &str = "WAL snapshot: next request";
+    let row = exec
+        .run_with(STAGE, |client| async move {
+            client
+                .query_opt(&sql.next, &[&slot])
+                .await
+                .map_err(|e| setup_error(STAGE, e))
+        })
+        .await?;
+    Ok(row.map(|r| Request {
+        id: r.get(0),
+        table: r.get(1),
+        filter: r.get(2),
+    }))
+}
+
+/// Records a request (its row and, in the same transaction, a message
+/// that wakes the feed streaming `slot`); checks the table and `filter`
+/// first. Its id.
+pub(crate) async fn request_backfill(
+    exec: &Exec,
+    schema: &SchemaName,
+    slot: &str,
+    table: &str,
+    filter: Option<&str>,
+    publication: &str,
+) -> Result<i64> {
+    let shape = resolve(exec, table, publication).await?;
+    const STAGE: &str = "WAL snapshot: request";
+    let insert = format!(
+        "INSERT INTO {schema}.wal_snapshots (slot_name, tbl, filter) VALUES ($1, $2, $3) \
+         RETURNING id"
+    );
+    let regclass = shape.regclass.clone();
+    exec.run_with(STAGE, |mut client| async move {
+        let err = |e| setup_error(STAGE, e);
+        let tx = client.transaction().await.map_err(err)?;
+        if let Some(f) = filter {
+            // A bad condition fails here, not in the feed.
+            let check = format!("SELECT 1 FROM {regclass} WHERE ({f}) LIMIT 0");
+            tx.execute(&check, &[])
+                .await
+                .map_err(|e| Error::pg(Origin::Config, "WAL backfill: check the condition", e))?;
+        }
+        let id: i64 = tx
+            .query_one(&insert, &[&slot, &regclass, &filter])
+            .await
+            .map_err(err)?
+            .get(0);
+        tx.execute(
+            "SELECT pg_logical_emit_message(true, $1, $2::text)",
+            &[&SNAPSHOT_PREFIX, &request_payload(slot, id)],
+        )
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(id)
+    })
+    .await
+}
+
+/// Requests the initial snapshot of every table `publication` sends,
+/// unless `slot` had one: once per slot (a new slot, `created`, forgets
+/// the requests of an old one of its name). Checks every table first.
+pub(crate) async fn request_initial(
+    exec: &Exec,
+    schema: &SchemaName,
+    slot: &str,
+    publication: &str,
+    created: bool,
+) -> Result<()> {
+    const STAGE: &str = "WAL snapshot: initial request";
+    let (tables, had) = exec
+        .run_with(STAGE, |client| async move {
+            let err = |e| setup_error(STAGE, e);
+            if created {
+                client
+                    .execute(
+                        &format!("DELETE FROM {schema}.wal_snapshots WHERE slot_name = $1"),
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(err)?;
+            }
+            let had: bool = client
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {schema}.wal_snapshots \
+                         WHERE slot_name = $1 AND initial)"
+                    ),
+                    &[&slot],
+                )
+                .await
+                .map_err(err)?
+                .get(0);
+            let tables: Vec<String> = client
+                .query(
+                    "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
+                     WHERE pubname = $1 ORDER BY 1",
+                    &[&publication],
+                )
+                .await
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            Ok((tables, had))
+        })
+        .await?;
+    if had {
+        return Ok(());
+    }
+    let mut names = Vec::with_capacity(tables.len());
+    for t in &tables {
+        names.push(resolve(exec, t, publication).await?.regclass);
+    }
+    let insert = format!(
+        "INSERT INTO {schema}.wal_snapshots (slot_name, tbl, initial) \
+         SELECT $1, t, true FROM unnest($2::text[]) WITH ORDINALITY AS x(t, i) ORDER BY i"
+    );
+    exec.run_with(STAGE, |client| async move {
+        client
+            .execute(&insert, &[&slot, &names])
+            .await
+            .map_err(|e| setup_error(STAGE, e))
+    })
+    .await
+    .map(drop)
+}
+
+/// Waits until every transaction running now has ended (polling with
+/// growing pauses), so that every commit the stream delivered before now
+/// is visible to the snapshots taken after.
+pub(crate) async fn settle(exec: &Exec) -> Result<()> {
+    const STAGE: &str = "WAL snapshot: wait for running transactions";
+    let snapshot: String = exec
+        .run_with(STAGE, |client| async move {
+            client
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await
+                .map_err(|e| setup_error(STAGE, e))
+        })
+        .await?
+        .get(0);
+    let mut pause = std::time::Duration::from_millis(5);
+    let started = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        let snapshot = &snapshot;
+        let running: i64 = exec
+            .run_with(STAGE, |client| async move {
+                client
+                    .query_one(
+                        "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) AS x \
+                         WHERE pg_xact_status(x) = 'in progress'",
+                        &[snapshot],
+                    )
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))
+            })
+            .await?
+            .get(0);
+        if running == 0 {
+            return Ok(());
+        }
+        if !said && started.elapsed() > std::time::Duration::from_secs(5) {
+            said = true;
+            tracing::info!(
+                running,
+                "pg-pubsub: WAL snapshot waits for transactions that were running when it started"
+            );
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(500));
+    }
+}
+
+/// What a chunk's transaction read.
+pub(crate) struct Read {
+    pub(crate) snapshot: String,
+    /// Each row: the published columns' text, then the key columns'.
+    pub(crate) rows: Vec<Vec<Option<String>>>,
+}
+
+/// Reads a chunk in a `REPEATABLE READ` transaction and, when it has
+/// rows, writes its watermark and the progress in the same transaction
+/// (`emit` runs between: it registers the chunk and gives the watermark's
+/// content). `Ok(None)` when the request is gone (deleted, finished).
+pub(crate) struct ChunkStatements<'a> {
+    pub(crate) select: String,
+    pub(crate) after: Option<&'a [String]>,
+    pub(crate) id: i64,
+    pub(crate) sql: &'a Sql,
+}
+
+/// The outcome of [`read_chunk`].
+pub(crate) enum Outcome {
+    /// No row left: the request is finished; its rows read in all.
+    Finished(i64),
+    /// The chunk's watermark is written; rows read so far.
+    Emitted(i64),
+    /// The request is gone.
+    Gone,
+}
+
+pub(crate) async fn read_chunk<F, T>(
+    exec: &Exec,
+    st: ChunkStatements<'_>,
+    on_rows: F,
+) -> Result<(Outcome, Option<T>)>
+where
+    F: FnOnce(&Read) -> (Vec<String>, String, T),
+{
+    const STAGE: &str = "WAL snapshot: read a chunk";
+    exec.run_with(STAGE, |mut client| async move {
+        let err = |e| setup_error(STAGE, e);
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .map_err(err)?;
+        // The first statement takes the transaction's snapshot.
+        let snapshot: String = tx
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(err)?
+            .get(0);
+        let params: Vec<&(dyn ToSql + Sync)> = st
+            .after
+            .unwrap_or_default()
+            .iter()
+            .map(|k| k as &(dyn ToSql + Sync))
+            .collect();
+        let rows: Vec<Vec<Option<String>>> = tx
+            .query(&st.select, &params)
+            .await
+            .map_err(|e| Error::pg(Origin::Wal, STAGE, e))?
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
+            .collect();
+        let done = st.after.map(<[String]>::to_vec);
+        if rows.is_empty() {
+            let row = tx
+                .query_opt(&st.sql.finish, &[&st.id, &done])
+                .await
+                .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            return Ok(match row {
+                Some(r) => (Outcome::Finished(r.get(0)), None),
+                None => (Outcome::Gone, None),
+            });
+        }
+        let n = rows.len() as i64;
+        let (last, watermark, token) = on_rows(&Read { snapshot, rows });
+        let row = tx
+            .query_opt(&st.sql.emit, &[&st.id, &done, &last, &n, &watermark])
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(match row {
+            Some(r) => (Outcome::Emitted(r.get(0)), Some(token)),
+            None => (Outcome::Gone, None),
+        })
+    })
+    .await
+}
