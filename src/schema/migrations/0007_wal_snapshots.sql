@@ -18,7 +18,11 @@ CREATE TABLE IF NOT EXISTS @S@.wal_snapshots (
     finished_at  timestamptz,
     -- Why the request was given up (the table lost its primary key, ...).
     error        text,
-    -- The primary key (each column's text) of the last row of the last
+    -- The highest primary key (each column's text) when the request was
+    -- first served: rows above it were inserted since, and the stream
+    -- carries them. NULL until then.
+    end_key      text[],
+    -- The primary key of the last row of the last
     -- chunk the consumer acked: the next chunk starts after it.
     done_key     text[],
     -- The last chunk handed to the consumer: its last key and the LSN of

@@ -172,7 +172,26 @@ impl Driver {
     }
 
     async fn serve(&mut self, sql: &Sql, req: &Request) -> Result<(), Stop> {
+        tracing::debug!(slot = %self.slot, id = req.id, table = %req.table,
+            "pg-pubsub: WAL snapshot serving");
         let table = store::resolve(&self.exec, &req.table, &self.publication).await?;
+        // Rows above the highest key at the first start were inserted
+        // since: the stream carries them (and a busy table's tail is
+        // never chased).
+        let end = match &req.end_key {
+            Some(end) => end.clone(),
+            None => {
+                let end =
+                    store::end_key(&self.exec, sql, &table, req.id, req.filter.as_deref()).await?;
+                match end {
+                    Some(end) => end,
+                    None => {
+                        self.progress_event(req, 0, true);
+                        return Ok(());
+                    }
+                }
+            }
+        };
         let select_first = table.chunk_sql(req.filter.as_deref(), true, self.chunk_rows);
         let select_next = table.chunk_sql(req.filter.as_deref(), false, self.chunk_rows);
         let mut generation = self.link.generation();
@@ -186,6 +205,7 @@ impl Driver {
                 generation.borrow_and_update();
                 phase = phase.next(Input::Restarted);
             }
+            tracing::debug!(slot = %self.slot, ?phase, "pg-pubsub: WAL snapshot phase");
             phase = match phase {
                 Phase::Settling => {
                     let g = *generation.borrow();
@@ -205,6 +225,7 @@ impl Driver {
                     };
                     let st = ChunkStatements {
                         select: select.clone(),
+                        end: &end,
                         after: after.as_deref(),
                         id: req.id,
                         sql,

@@ -32,28 +32,65 @@ impl Table {
     }
 
     /// The chunk query: the published columns then the key columns, as
-    /// text, of up to `limit` rows after the key `$1..$k` (or from the
-    /// first row, `first`), in key order.
+    /// text, of up to `limit` rows up to the end key `$1..$k`, after the
+    /// key `$k+1..$2k` (or from the first row, `first`), in key order.
     pub(crate) fn chunk_sql(&self, filter: Option<&str>, first: bool, limit: usize) -> String {
-        let text = |c: &String| format!("{}::text", quote_ident(c));
+        let k = self.key_columns.len();
+        let mut conditions = vec![format!("({}) <= ({})", self.keys(), self.params(0))];
+        if !first {
+            conditions.push(format!("({}) > ({})", self.keys(), self.params(k)));
+        }
+        self.select(&self.columns_text(), &conditions, filter, "", limit)
+    }
+
+    /// The end-key query: the key columns, as text, of the last row.
+    pub(crate) fn end_sql(&self, filter: Option<&str>) -> String {
+        let keys: Vec<String> = self
+            .key_columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| text(c, i))
+            .collect();
+        self.select(&keys.join(", "), &[], filter, " DESC", 1)
+    }
+
+    fn keys(&self) -> String {
+        let keys: Vec<String> = self.key_columns.iter().map(|c| quote_ident(c)).collect();
+        keys.join(", ")
+    }
+
+    /// `$n+1::text::type1, ...` for the key columns.
+    fn params(&self, n: usize) -> String {
+        let params: Vec<String> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::text::{t}", n + i + 1))
+            .collect();
+        params.join(", ")
+    }
+
+    fn columns_text(&self) -> String {
         let select: Vec<String> = self
             .columns
             .iter()
-            .map(|(c, _)| text(c))
-            .chain(self.key_columns.iter().map(text))
+            .map(|(c, _)| c)
+            .chain(&self.key_columns)
+            .enumerate()
+            .map(|(i, c)| text(c, i))
             .collect();
-        let keys: Vec<String> = self.key_columns.iter().map(|c| quote_ident(c)).collect();
-        let keys = keys.join(", ");
-        let mut conditions = Vec::new();
-        if !first {
-            let params: Vec<String> = self
-                .key_types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| format!("${}::text::{t}", i + 1))
-                .collect();
-            conditions.push(format!("({keys}) > ({})", params.join(", ")));
-        }
+        select.join(", ")
+    }
+
+    fn select(
+        &self,
+        columns: &str,
+        conditions: &[String],
+        filter: Option<&str>,
+        order: &str,
+        limit: usize,
+    ) -> String {
+        let mut conditions = conditions.to_vec();
         if let Some(f) = &self.row_filter {
             conditions.push(format!("({f})"));
         }
@@ -65,12 +102,23 @@ impl Table {
         } else {
             format!(" WHERE {}", conditions.join(" AND "))
         };
+        let order: Vec<String> = self
+            .key_columns
+            .iter()
+            .map(|c| format!("{}{order}", quote_ident(c)))
+            .collect();
         format!(
-            "SELECT {} FROM {}{where} ORDER BY {keys} LIMIT {limit}",
-            select.join(", "),
-            self.regclass
+            "SELECT {columns} FROM {}{where} ORDER BY {} LIMIT {limit}",
+            self.regclass,
+            order.join(", ")
         )
     }
+}
+
+/// A column as text, under a name of its own: `ORDER BY id` must sort by
+/// the column, not by an output column `id` of type text.
+fn text(column: &str, i: usize) -> String {
+    format!("{}::text AS pgpubsub_{i}", quote_ident(column))
 }
 
 fn config(text: String) -> Error {
@@ -171,6 +219,8 @@ pub(crate) struct Request {
     pub(crate) id: i64,
     pub(crate) table: String,
     pub(crate) filter: Option<String>,
+    /// The highest key to read, once the request was first served.
+    pub(crate) end_key: Option<Vec<String>>,
 }
 
 /// Where a request is: the key to read after (`None`: from the start).
@@ -192,6 +242,7 @@ pub(crate) struct Sql {
     pub(crate) emit: String,
     pub(crate) finish: String,
     pub(crate) fail: String,
+    pub(crate) set_end: String,
     pub(crate) list: String,
 }
 
@@ -199,7 +250,7 @@ impl Sql {
     pub(crate) fn new(s: &SchemaName) -> Sql {
         Sql {
             next: format!(
-                "SELECT id, tbl, filter FROM {s}.wal_snapshots \
+                "SELECT id, tbl, filter, end_key FROM {s}.wal_snapshots \
                  WHERE slot_name = $1 AND finished_at IS NULL AND error IS NULL \
                  ORDER BY id LIMIT 1"
             ),
@@ -222,6 +273,11 @@ impl Sql {
                  WHERE id = $1 AND finished_at IS NULL RETURNING rows_read"
             ),
             fail: format!("UPDATE {s}.wal_snapshots SET error = $2 WHERE id = $1"),
+            set_end: format!(
+                "UPDATE {s}.wal_snapshots SET end_key = $2::text[], started_at = now(), \
+                    finished_at = CASE WHEN $2::text[] IS NULL THEN now() END \
+                 WHERE id = $1 AND finished_at IS NULL"
+            ),
             list: format!(
                 "SELECT id, tbl, filter, initial, rows_read, finished_at IS NOT NULL, error \
                  FROM {s}.wal_snapshots WHERE slot_name = $1 ORDER BY id"
@@ -245,6 +301,7 @@ pub(crate) async fn next_request(exec: &Exec, sql: &Sql, slot: &str) -> Result<O
         id: r.get(0),
         table: r.get(1),
         filter: r.get(2),
+        end_key: r.get(3),
     }))
 }
 
@@ -362,6 +419,32 @@ pub(crate) async fn request_initial(
     .map(drop)
 }
 
+/// Reads and records the end key of request `id` (`None`: no row, and
+/// the request is finished).
+pub(crate) async fn end_key(
+    exec: &Exec,
+    sql: &Sql,
+    table: &Table,
+    id: i64,
+    filter: Option<&str>,
+) -> Result<Option<Vec<String>>> {
+    const STAGE: &str = "WAL snapshot: find the last key";
+    let select = table.end_sql(filter);
+    exec.run_with(STAGE, |client| async move {
+        let end: Option<Vec<String>> = client
+            .query_opt(&select, &[])
+            .await
+            .map_err(|e| Error::pg(Origin::Wal, STAGE, e))?
+            .map(|r| (0..r.len()).map(|i| r.get::<_, String>(i)).collect());
+        client
+            .execute(&sql.set_end, &[&id, &end])
+            .await
+            .map_err(|e| setup_error(STAGE, e))?;
+        Ok(end)
+    })
+    .await
+}
+
 /// Waits until every transaction running now has ended (polling with
 /// growing pauses), so that every commit the stream delivered before now
 /// is visible to the snapshots taken after.
@@ -422,6 +505,7 @@ pub(crate) struct Read {
 /// content). `Ok(None)` when the request is gone (deleted, finished).
 pub(crate) struct ChunkStatements<'a> {
     pub(crate) select: String,
+    pub(crate) end: &'a [String],
     pub(crate) after: Option<&'a [String]>,
     pub(crate) id: i64,
     pub(crate) sql: &'a Sql,
@@ -454,16 +538,22 @@ where
             .start()
             .await
             .map_err(err)?;
-        // The first statement takes the transaction's snapshot.
+        // The first statement takes the transaction's snapshot. The commit
+        // flushes the WAL up to the watermark (a non-transactional message
+        // is not flushed by itself), so the stream reaches it at once.
         let snapshot: String = tx
-            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .query_one(
+                "SELECT pg_current_snapshot()::text, \
+                        set_config('synchronous_commit', 'local', true)",
+                &[],
+            )
             .await
             .map_err(err)?
             .get(0);
         let params: Vec<&(dyn ToSql + Sync)> = st
-            .after
-            .unwrap_or_default()
+            .end
             .iter()
+            .chain(st.after.unwrap_or_default())
             .map(|k| k as &(dyn ToSql + Sync))
             .collect();
         let rows: Vec<Vec<Option<String>>> = tx
@@ -498,4 +588,44 @@ where
         })
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        Table {
+            regclass: "shop.\"Order\"".to_owned(),
+            schema: "shop".to_owned(),
+            name: "Order".to_owned(),
+            key_columns: vec!["id".to_owned(), "line".to_owned()],
+            key_types: vec!["bigint".to_owned(), "integer".to_owned()],
+            columns: vec![
+                ("id".to_owned(), 20),
+                ("line".to_owned(), 23),
+                ("v".to_owned(), 25),
+            ],
+            row_filter: Some("v <> ''".to_owned()),
+        }
+    }
+
+    #[test]
+    fn chunks_are_keyset_pages_up_to_the_end_key_sorted_by_the_columns() {
+        let t = table();
+        assert_eq!(
+            t.chunk_sql(Some("id > 5"), false, 100),
+            "SELECT \"id\"::text AS pgpubsub_0, \"line\"::text AS pgpubsub_1, \
+             \"v\"::text AS pgpubsub_2, \"id\"::text AS pgpubsub_3, \"line\"::text AS pgpubsub_4 \
+             FROM shop.\"Order\" WHERE (\"id\", \"line\") <= ($1::text::bigint, $2::text::integer) \
+             AND (\"id\", \"line\") > ($3::text::bigint, $4::text::integer) AND (v <> '') \
+             AND (id > 5) ORDER BY \"id\", \"line\" LIMIT 100"
+        );
+        assert!(!t.chunk_sql(None, true, 10).contains("$3"));
+        assert_eq!(
+            t.end_sql(None),
+            "SELECT \"id\"::text AS pgpubsub_0, \"line\"::text AS pgpubsub_1 FROM shop.\"Order\" \
+             WHERE (v <> '') ORDER BY \"id\" DESC, \"line\" DESC LIMIT 1"
+        );
+    }
 }

@@ -1,0 +1,288 @@
+//! Snapshots and backfills of the WAL feed against a real server: chunks
+//! merged with concurrent writes, resumed after a close, refused tables.
+//! (The CLI's `tail --snapshot`, SIGKILLed mid-snapshot, is in cli.rs.)
+#![cfg(feature = "wal")]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use futures::StreamExt;
+use pg_pubsub::changes::wal::{WalEvent, WalFeed, WalItem};
+use pg_pubsub::changes::Op;
+use pg_pubsub::{ErrorKind, PgPubSub};
+use serde_json::Value;
+
+/// A fresh slot name and table `{slot}_t` (id bigint primary key, v text)
+/// holding ids 1..=rows.
+async fn table_with_rows(rows: i64) -> (String, String) {
+    let slot = channel("snap");
+    let table = format!("{slot}_t");
+    raw_client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id bigint PRIMARY KEY, v text); \
+             INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .expect("create the table");
+    (slot, table)
+}
+
+async fn feed(ps: &PgPubSub, slot: &str, tables: &[&str], snapshot: bool) -> WalFeed {
+    ps.wal_feed(slot)
+        .tables(tables)
+        .snapshot(snapshot)
+        .snapshot_chunk_rows(1000)
+        .start()
+        .await
+        .expect("start the feed")
+}
+
+/// Random single-row writes to ids `1..=max` (updates, deletes) and new
+/// ids above it, until stopped; the ids it touched.
+fn writer(table: String, max: i64) -> (Arc<AtomicBool>, tokio::task::JoinHandle<HashSet<i64>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let client = raw_client().await;
+        let mut touched = HashSet::new();
+        let mut next_new = max + 1;
+        while !stopped.load(Ordering::Acquire) {
+            let sql = match fastrand::u8(0..3) {
+                0 => {
+                    let id = fastrand::i64(1..=max);
+                    touched.insert(id);
+                    format!("UPDATE {table} SET v = 'u' || v WHERE id = {id}")
+                }
+                1 => {
+                    let id = fastrand::i64(1..=max);
+                    touched.insert(id);
+                    format!("DELETE FROM {table} WHERE id = {id}")
+                }
+                _ => {
+                    next_new += 1;
+                    touched.insert(next_new);
+                    format!("INSERT INTO {table} VALUES ({next_new}, 'new')")
+                }
+            };
+            client.batch_execute(&sql).await.expect("write");
+            // A steady trickle, not a flood: the point is interleaving.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        touched
+    });
+    (stop, task)
+}
+
+/// What a consumer made of the feed: the table as it sees it, the reads
+/// per id.
+#[derive(Default)]
+struct Model {
+    rows: HashMap<i64, Value>,
+    reads: HashMap<i64, usize>,
+    finished: bool,
+    sentinel: bool,
+}
+
+impl Model {
+    fn apply(&mut self, op: Op, old: Option<&Value>, new: Option<&Value>) {
+        let id = |r: &Value| r["id"].as_i64().expect("an id");
+        match op {
+            Op::Insert | Op::Update | Op::Read => {
+                let new = new.expect("a row");
+                if let Some(old) = old {
+                    self.rows.remove(&id(old));
+                }
+                if op == Op::Read {
+                    *self.reads.entry(id(new)).or_default() += 1;
+                }
+                if new["v"] == "sentinel" {
+                    self.sentinel = true;
+                }
+                self.rows.insert(id(new), new["v"].clone());
+            }
+            Op::Delete => {
+                self.rows.remove(&id(old.expect("a key")));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    /// Takes items (acking each commit) until `done`; returns right after
+    /// a commit, so everything taken was acked.
+    async fn drain(
+        &mut self,
+        feed: &mut WalFeed,
+        events: &mut pg_pubsub::event::Events<WalEvent>,
+        done: impl Fn(&Model) -> bool,
+    ) {
+        let run = async {
+            loop {
+                tokio::select! {
+                    item = feed.next() => match item.expect("the feed ended") {
+                        WalItem::Change { event, .. } => {
+                            self.apply(event.op, event.old.as_ref(), event.new.as_ref())
+                        }
+                        WalItem::Commit { end_lsn, .. } => {
+                            feed.ack(end_lsn);
+                            if done(self) {
+                                return;
+                            }
+                        }
+                        WalItem::Begin { .. } => {}
+                        other => panic!("unexpected {other:?}"),
+                    },
+                    Some(event) = events.next() => {
+                        if let WalEvent::Snapshot { finished: true, .. } = event {
+                            self.finished = true;
+                        }
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(6 * WAIT, run).await.is_err() {
+            panic!(
+                "timed out draining the feed: {} reads, {} rows, finished: {}",
+                self.reads.len(),
+                self.rows.len(),
+                self.finished
+            );
+        }
+    }
+
+    /// The rows of `table` whose id `keep`s are exactly the model's.
+    async fn assert_is(&self, table: &str, keep: impl Fn(i64) -> bool) {
+        let rows = raw_client()
+            .await
+            .query(&format!("SELECT id, v FROM {table}"), &[])
+            .await
+            .expect("read the table");
+        let actual: HashMap<i64, Value> = rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), Value::from(r.get::<_, String>(1))))
+            .filter(|(id, _)| keep(*id))
+            .collect();
+        assert_eq!(self.rows.len(), actual.len(), "row count");
+        for (id, v) in &actual {
+            assert_eq!(self.rows.get(id), Some(v), "row {id}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn backfill_with_a_condition_merges_with_writes_and_resumes_after_close() {
+    const ROWS: i64 = 20_000;
+    let (slot, table) = table_with_rows(ROWS).await;
+    let ps = pubsub().await;
+    let mut first = feed(&ps, &slot, &[&table], false).await;
+    let mut events = first.events();
+    // The consumer starts from an empty copy and backfills the even rows.
+    let mut model = Model::default();
+    let (stop, writes) = writer(table.clone(), ROWS);
+    let id = first
+        .backfill(&table, Some("id % 2 = 0"))
+        .await
+        .expect("request");
+    model
+        .drain(&mut first, &mut events, |m| m.reads.len() >= 3000)
+        .await;
+    first.close().await.expect("close mid-backfill");
+
+    // A new feed on the slot resumes the request where the acks left it.
+    let mut second = feed(&ps, &slot, &[&table], false).await;
+    model.drain(&mut second, &mut events, |m| m.finished).await;
+    stop.store(true, Ordering::Release);
+    let touched = writes.await.expect("writer");
+    raw_client()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
+        .await
+        .expect("sentinel");
+    model.drain(&mut second, &mut events, |m| m.sentinel).await;
+
+    // Read once (a clean close leaves nothing to read again), only even ids,
+    // every even id nobody touched.
+    for (id, n) in &model.reads {
+        assert_eq!(*n, 1, "id {id} read {n} times");
+        assert_eq!(id % 2, 0, "id {id} does not match the condition");
+    }
+    let mut read: Vec<i64> = model.reads.keys().copied().collect();
+    read.sort();
+    eprintln!(
+        "DEBUG {} reads {:?} .. {:?}; {:?}",
+        read.len(),
+        &read[..10.min(read.len())],
+        &read[read.len().saturating_sub(10)..],
+        second.snapshots().await
+    );
+    for id in (2..=ROWS).step_by(2).filter(|id| !touched.contains(id)) {
+        assert!(model.reads.contains_key(&id), "id {id} never read");
+    }
+    // The even rows, and every row written since (the stream carried
+    // them whole), are as in the table; untouched odd rows were never seen.
+    model
+        .assert_is(&table, |id| id % 2 == 0 || touched.contains(&id) || id == 0)
+        .await;
+
+    let info = second.snapshots().await.expect("list");
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].id, id);
+    assert!(info[0].finished && info[0].error.is_none(), "{info:?}");
+    assert_eq!(info[0].filter.as_deref(), Some("id % 2 = 0"));
+    second.close().await.expect("close");
+    ps.drop_slot(&slot).await.expect("drop slot");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn tables_a_snapshot_cannot_merge_are_refused_naming_them() {
+    let (slot, table) = table_with_rows(3).await;
+    let bare = format!("{slot}_nokey");
+    let client = raw_client().await;
+    client
+        .batch_execute(&format!("CREATE TABLE {bare} (v text)"))
+        .await
+        .expect("create");
+    let ps = pubsub().await;
+
+    let err = ps
+        .wal_feed(&slot)
+        .tables(&[&table, &bare])
+        .snapshot(true)
+        .start::<Value>()
+        .await
+        .err()
+        .expect("a table without a primary key");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(
+        err.to_string().contains(&bare) && err.to_string().contains("no primary key"),
+        "{err}"
+    );
+
+    let feed = feed(&ps, &format!("{slot}_2"), &[&table], false).await;
+    let err = feed
+        .backfill(&table, Some("no_such_column > 1"))
+        .await
+        .expect_err("a bad condition");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let err = feed
+        .backfill(&bare, None)
+        .await
+        .expect_err("not in the publication");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let err = ps
+        .wal_backfill("no_such_slot", &table)
+        .await
+        .expect_err("no feed on that slot");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(feed.snapshots().await.expect("list").is_empty());
+    feed.close().await.expect("close");
+    for s in [slot.clone(), format!("{slot}_2")] {
+        let _ = ps.drop_slot(&s).await;
+    }
+    ps.shutdown().await;
+}
