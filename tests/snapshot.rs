@@ -5,14 +5,10 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
+use common::snapshot::{Replica, Writer};
 use common::*;
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalEvent, WalFeed, WalItem};
-use pg_pubsub::changes::Op;
 use pg_pubsub::{ErrorKind, PgPubSub};
 use serde_json::Value;
 
@@ -42,76 +38,16 @@ async fn feed(ps: &PgPubSub, slot: &str, tables: &[&str], snapshot: bool) -> Wal
         .expect("start the feed")
 }
 
-/// Random single-row writes to ids `1..=max` (updates, deletes) and new
-/// ids above it, until stopped; the ids it touched.
-fn writer(table: String, max: i64) -> (Arc<AtomicBool>, tokio::task::JoinHandle<HashSet<i64>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let task = tokio::spawn(async move {
-        let client = raw_client().await;
-        let mut touched = HashSet::new();
-        let mut next_new = max + 1;
-        while !stopped.load(Ordering::Acquire) {
-            let sql = match fastrand::u8(0..3) {
-                0 => {
-                    let id = fastrand::i64(1..=max);
-                    touched.insert(id);
-                    format!("UPDATE {table} SET v = 'u' || v WHERE id = {id}")
-                }
-                1 => {
-                    let id = fastrand::i64(1..=max);
-                    touched.insert(id);
-                    format!("DELETE FROM {table} WHERE id = {id}")
-                }
-                _ => {
-                    next_new += 1;
-                    touched.insert(next_new);
-                    format!("INSERT INTO {table} VALUES ({next_new}, 'new')")
-                }
-            };
-            client.batch_execute(&sql).await.expect("write");
-            // A steady trickle, not a flood: the point is interleaving.
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        touched
-    });
-    (stop, task)
-}
-
-/// What a consumer made of the feed: the table as it sees it, the reads
-/// per id.
+/// A consumer of the feed: its replica of the table, and where the
+/// snapshot and the sentinel row are.
 #[derive(Default)]
 struct Model {
-    rows: HashMap<i64, Value>,
-    reads: HashMap<i64, usize>,
+    replica: Replica,
     finished: bool,
     sentinel: bool,
 }
 
 impl Model {
-    fn apply(&mut self, op: Op, old: Option<&Value>, new: Option<&Value>) {
-        let id = |r: &Value| r["id"].as_i64().expect("an id");
-        match op {
-            Op::Insert | Op::Update | Op::Read => {
-                let new = new.expect("a row");
-                if let Some(old) = old {
-                    self.rows.remove(&id(old));
-                }
-                if op == Op::Read {
-                    *self.reads.entry(id(new)).or_default() += 1;
-                }
-                if new["v"] == "sentinel" {
-                    self.sentinel = true;
-                }
-                self.rows.insert(id(new), new["v"].clone());
-            }
-            Op::Delete => {
-                self.rows.remove(&id(old.expect("a key")));
-            }
-            other => panic!("unexpected {other}"),
-        }
-    }
-
     /// Takes items (acking each commit) until `done`; returns right after
     /// a commit, so everything taken was acked.
     async fn drain(
@@ -125,7 +61,10 @@ impl Model {
                 tokio::select! {
                     item = feed.next() => match item.expect("the feed ended") {
                         WalItem::Change { event, .. } => {
-                            self.apply(event.op, event.old.as_ref(), event.new.as_ref())
+                            if event.new.as_ref().is_some_and(|r| r["v"] == "sentinel") {
+                                self.sentinel = true;
+                            }
+                            self.replica.apply(event.op, event.old.as_ref(), event.new.as_ref())
                         }
                         WalItem::Commit { end_lsn, .. } => {
                             feed.ack(end_lsn);
@@ -147,28 +86,10 @@ impl Model {
         if tokio::time::timeout(6 * WAIT, run).await.is_err() {
             panic!(
                 "timed out draining the feed: {} reads, {} rows, finished: {}",
-                self.reads.len(),
-                self.rows.len(),
+                self.replica.reads.len(),
+                self.replica.rows.len(),
                 self.finished
             );
-        }
-    }
-
-    /// The rows of `table` whose id `keep`s are exactly the model's.
-    async fn assert_is(&self, table: &str, keep: impl Fn(i64) -> bool) {
-        let rows = raw_client()
-            .await
-            .query(&format!("SELECT id, v FROM {table}"), &[])
-            .await
-            .expect("read the table");
-        let actual: HashMap<i64, Value> = rows
-            .iter()
-            .map(|r| (r.get::<_, i64>(0), Value::from(r.get::<_, String>(1))))
-            .filter(|(id, _)| keep(*id))
-            .collect();
-        assert_eq!(self.rows.len(), actual.len(), "row count");
-        for (id, v) in &actual {
-            assert_eq!(self.rows.get(id), Some(v), "row {id}");
         }
     }
 }
@@ -182,21 +103,20 @@ async fn backfill_with_a_condition_merges_with_writes_and_resumes_after_close() 
     let mut events = first.events();
     // The consumer starts from an empty copy and backfills the even rows.
     let mut model = Model::default();
-    let (stop, writes) = writer(table.clone(), ROWS);
+    let writer = Writer::start(&table, ROWS);
     let id = first
         .backfill(&table, Some("id % 2 = 0"))
         .await
         .expect("request");
     model
-        .drain(&mut first, &mut events, |m| m.reads.len() >= 3000)
+        .drain(&mut first, &mut events, |m| m.replica.reads.len() >= 3000)
         .await;
     first.close().await.expect("close mid-backfill");
 
     // A new feed on the slot resumes the request where the acks left it.
     let mut second = feed(&ps, &slot, &[&table], false).await;
     model.drain(&mut second, &mut events, |m| m.finished).await;
-    stop.store(true, Ordering::Release);
-    let touched = writes.await.expect("writer");
+    let touched = writer.stop().await;
     raw_client()
         .await
         .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
@@ -206,25 +126,17 @@ async fn backfill_with_a_condition_merges_with_writes_and_resumes_after_close() 
 
     // Read once (a clean close leaves nothing to read again), only even ids,
     // every even id nobody touched.
-    for (id, n) in &model.reads {
+    for (id, n) in &model.replica.reads {
         assert_eq!(*n, 1, "id {id} read {n} times");
         assert_eq!(id % 2, 0, "id {id} does not match the condition");
     }
-    let mut read: Vec<i64> = model.reads.keys().copied().collect();
-    read.sort();
-    eprintln!(
-        "DEBUG {} reads {:?} .. {:?}; {:?}",
-        read.len(),
-        &read[..10.min(read.len())],
-        &read[read.len().saturating_sub(10)..],
-        second.snapshots().await
-    );
     for id in (2..=ROWS).step_by(2).filter(|id| !touched.contains(id)) {
-        assert!(model.reads.contains_key(&id), "id {id} never read");
+        assert!(model.replica.reads.contains_key(&id), "id {id} never read");
     }
     // The even rows, and every row written since (the stream carried
     // them whole), are as in the table; untouched odd rows were never seen.
     model
+        .replica
         .assert_is(&table, |id| id % 2 == 0 || touched.contains(&id) || id == 0)
         .await;
 

@@ -291,7 +291,7 @@ mod tests {
         ("schedules", 3, "0f9e2f51dad6104d"),
         ("limits", 4, "741d36155d7f8cb1"),
         ("wal_slots", 5, "5637b22ed13b57b7"),
-        ("wal_snapshots", 7, "68fab9853e9c0497"),
+        ("wal_snapshots", 7, "f8e6f4522fe080fc"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),

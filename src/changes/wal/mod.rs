@@ -579,7 +579,7 @@ impl WalFeedBuilder {
             stop: stop_rx.clone(),
         };
         let registration = services.register("WAL feed snapshots", stopper(&stop_tx))?;
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             driver.run().await;
             drop(registration);
         });
@@ -609,6 +609,7 @@ impl WalFeedBuilder {
             shared,
             stop: stop_tx,
             task: Some(handle),
+            driver: Some(driver),
             _t: std::marker::PhantomData,
         })
     }
@@ -655,6 +656,9 @@ pub struct WalFeed<T = serde_json::Value> {
     shared: Arc<Shared>,
     stop: Arc<watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The snapshot driver: stopped with the stream, awaited by `close`
+    /// so it records the last chunk the consumer acked.
+    driver: Option<tokio::task::JoinHandle<()>>,
     events: crate::event::Bus<WalEvent>,
     _t: std::marker::PhantomData<fn() -> T>,
 }
@@ -738,6 +742,9 @@ impl<T> WalFeed<T> {
         // Nobody reads any more: a task blocked on a full buffer gets an
         // error at once instead of waiting forever.
         self.rx.close();
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.await;
+        }
         let Some(task) = self.task.take() else {
             return Ok(());
         };

@@ -22,11 +22,10 @@ CREATE TABLE IF NOT EXISTS @S@.wal_snapshots (
     -- first served: rows above it were inserted since, and the stream
     -- carries them. NULL until then.
     end_key      text[],
-    -- The primary key of the last row of the last
+    -- The primary key (each column's text) of the last row of the last
     -- chunk the consumer acked: the next chunk starts after it.
     done_key     text[],
-    -- The last chunk handed to the consumer: its last key and the LSN of
-    -- its watermark. Done once the slot is confirmed at or past that LSN.
+    -- The chunk in flight: its last key and the LSN of its watermark.
     pending_key  text[],
     pending_lsn  pg_lsn,
     rows_read    bigint      NOT NULL DEFAULT 0

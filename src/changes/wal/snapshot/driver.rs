@@ -212,7 +212,10 @@ impl Driver {
                     if !self.link.begin(&table, g) {
                         continue;
                     }
-                    store::settle(&self.exec).await?;
+                    tokio::select! {
+                        settled = store::settle(&self.exec) => settled?,
+                        _ = self.stop.wait_for(|s| *s) => break Err(Stop::Stopped),
+                    }
                     let after = self.progress(sql, req.id).await?;
                     Phase::Settling.next(Input::Settled { after })
                 }
@@ -262,12 +265,22 @@ impl Driver {
                     }
                 }
                 Phase::Handed { chunk, last } => {
-                    match self.wait_acked(chunk, &mut generation).await? {
-                        true => {
+                    match self.wait_acked(chunk, &mut generation).await {
+                        Ok(true) => {
+                            self.record_done(sql, req.id, &last).await?;
                             self.progress_event(req, rows_so_far, false);
                             Phase::Handed { chunk, last }.next(Input::Acked)
                         }
-                        false => Phase::Handed { chunk, last }.next(Input::Restarted),
+                        Ok(false) => Phase::Handed { chunk, last }.next(Input::Restarted),
+                        Err(Stop::Stopped) => {
+                            // A clean close after the consumer acked the
+                            // chunk must not read it again.
+                            if self.acked_chunk(chunk) {
+                                let _ = self.record_done(sql, req.id, &last).await;
+                            }
+                            break Err(Stop::Stopped);
+                        }
+                        Err(e) => break Err(e),
                     }
                 }
                 Phase::Finished => break Ok(()),
@@ -304,24 +317,42 @@ impl Driver {
         }
     }
 
-    /// The key to resume after: the last chunk's if the consumer acked its
-    /// watermark (here, or as the slot's confirmed position says), else
-    /// the one before.
+    /// Whether the consumer acked chunk `n`, as handed over.
+    fn acked_chunk(&self, n: u64) -> bool {
+        let handed = *self.link.handed_rx().borrow();
+        handed.is_some_and(|(c, ack)| c == n && self.shared.acked.load(Ordering::Acquire) >= ack.0)
+    }
+
+    /// Records that the consumer acked the chunk ending at `last`.
+    async fn record_done(&self, sql: &Sql, id: i64, last: &[String]) -> Result<(), Stop> {
+        const STAGE: &str = "WAL snapshot: record progress";
+        self.exec
+            .run_with(STAGE, |client| async move {
+                client
+                    .execute(&sql.done, &[&id, &last])
+                    .await
+                    .map_err(|e| Error::pg(Origin::Wal, STAGE, e))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The key to resume after: the last chunk's the consumer acked (the
+    /// chunk in flight when a feed stopped without recording it is read
+    /// again).
     async fn progress(&self, sql: &Sql, id: i64) -> Result<Option<Vec<String>>, Stop> {
         const STAGE: &str = "WAL snapshot: read progress";
-        let acked = Lsn(self.shared.acked.load(Ordering::Acquire)).to_string();
-        let slot = &self.slot;
         let row = self
             .exec
             .run_with(STAGE, |client| async move {
                 client
-                    .query_opt(&sql.progress, &[&id, slot, &acked])
+                    .query_opt(&sql.progress, &[&id])
                     .await
                     .map_err(|e| Error::pg(Origin::Wal, STAGE, e))
             })
             .await?;
         match row {
-            Some(r) => Ok(store::resume_after(r.get(0), r.get(1), r.get(2))),
+            Some(r) => Ok(r.get(0)),
             None => Err(Stop::Retry(Error::new(
                 Origin::Wal,
                 format!("WAL snapshot request {id} is gone"),
@@ -430,7 +461,7 @@ mod tests {
         };
         let p = handed.next(Input::Restarted);
         assert_eq!(p, Phase::Settling);
-        // The record says where: the chunk before, or this one if acked.
+        // The record says where: after the last chunk recorded as acked.
         assert_eq!(
             p.next(Input::Settled {
                 after: Some(key("20"))
@@ -439,14 +470,5 @@ mod tests {
                 after: Some(key("20"))
             }
         );
-        assert_eq!(
-            store::resume_after(Some(key("20")), Some(key("30")), false),
-            Some(key("20"))
-        );
-        assert_eq!(
-            store::resume_after(Some(key("20")), Some(key("30")), true),
-            Some(key("30"))
-        );
-        assert_eq!(store::resume_after(None, None, false), None);
     }
 }

@@ -223,22 +223,11 @@ pub(crate) struct Request {
     pub(crate) end_key: Option<Vec<String>>,
 }
 
-/// Where a request is: the key to read after (`None`: from the start).
-pub(crate) fn resume_after(
-    done: Option<Vec<String>>,
-    pending: Option<Vec<String>>,
-    pending_confirmed: bool,
-) -> Option<Vec<String>> {
-    match (pending, pending_confirmed) {
-        (Some(p), true) => Some(p),
-        _ => done,
-    }
-}
-
 /// The statements of one schema.
 pub(crate) struct Sql {
     pub(crate) next: String,
     pub(crate) progress: String,
+    pub(crate) done: String,
     pub(crate) emit: String,
     pub(crate) finish: String,
     pub(crate) fail: String,
@@ -255,15 +244,17 @@ impl Sql {
                  ORDER BY id LIMIT 1"
             ),
             progress: format!(
-                "SELECT done_key, pending_key, coalesce(pending_lsn <= greatest( \
-                    (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $2), \
-                    $3::text::pg_lsn), false) \
-                 FROM {s}.wal_snapshots WHERE id = $1 AND finished_at IS NULL"
+                "SELECT done_key FROM {s}.wal_snapshots WHERE id = $1 AND finished_at IS NULL"
+            ),
+            done: format!(
+                "UPDATE {s}.wal_snapshots SET done_key = $2, pending_key = NULL, \
+                    pending_lsn = NULL \
+                 WHERE id = $1 AND finished_at IS NULL"
             ),
             emit: format!(
-                "UPDATE {s}.wal_snapshots SET done_key = $2, pending_key = $3, \
-                    rows_read = rows_read + $4, started_at = coalesce(started_at, now()), \
-                    pending_lsn = pg_logical_emit_message(false, '{SNAPSHOT_PREFIX}', $5::text) \
+                "UPDATE {s}.wal_snapshots SET pending_key = $2, \
+                    rows_read = rows_read + $3, started_at = coalesce(started_at, now()), \
+                    pending_lsn = pg_logical_emit_message(false, '{SNAPSHOT_PREFIX}', $4::text) \
                  WHERE id = $1 AND finished_at IS NULL RETURNING rows_read"
             ),
             finish: format!(
@@ -578,7 +569,7 @@ where
         let n = rows.len() as i64;
         let (last, watermark, token) = on_rows(&Read { snapshot, rows });
         let row = tx
-            .query_opt(&st.sql.emit, &[&st.id, &done, &last, &n, &watermark])
+            .query_opt(&st.sql.emit, &[&st.id, &last, &n, &watermark])
             .await
             .map_err(err)?;
         tx.commit().await.map_err(err)?;
