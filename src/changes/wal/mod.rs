@@ -122,21 +122,25 @@
 //! other sessions see it).
 //!
 //! Progress is recorded in `<schema>.wal_snapshots` (a row per request,
-//! served in order). The feed reads the next chunk only once the
-//! consumer acked the previous one, and records that ack with it, so:
+//! served in order): the feed reads the next chunk only once the
+//! consumer acked the previous one ([`WalFeed::ack`] of its commit), and
+//! records that ack first. So at most one chunk is in flight, and:
 //!
-//! * **Each row is read at most once per completed snapshot** in what
-//!   the consumer acked, and a row that existed throughout and was not
-//!   changed while its chunk was read is read exactly once. A row changed
-//!   meanwhile may have no read: its change event carries it (so `new`
-//!   must hold the whole row: an unchanged TOASTed column is left out of
-//!   an update's `new`, see below).
-//! * After a crash (or a lost stream), a snapshot resumes at the chunk
-//!   after the last one recorded as acked, or acked as far as the slot's
-//!   confirmed position says. Like the stream's changes (at least once),
-//!   the chunk in flight at the crash may come again, read anew: at most
-//!   one chunk, and only if the consumer processed it but its ack was
-//!   recorded nowhere.
+//! * **Within a completed snapshot, each row is read at most once**, and
+//!   a row that existed when the request started and was not changed
+//!   while it ran is read exactly once. A row changed meanwhile may have
+//!   no read: its change event carries it (so `new` must hold the whole
+//!   row: an unchanged TOASTed column is left out of an update's `new`,
+//!   see below). Rows inserted after the request started (above the
+//!   highest key it saw then) come only as changes.
+//! * **After a crash** (or a lost stream) the snapshot resumes after the
+//!   last chunk recorded as acked: the chunk in flight is read again, from
+//!   the table as it is then, under a new watermark. A consumer that had
+//!   processed it sees those rows twice (at least once, like the stream's
+//!   changes after the last confirmed position): at most one chunk, and
+//!   only if the crash came after the consumer took it and before its ack
+//!   was recorded. [`WalFeed::close`] records the last ack: a clean
+//!   restart reads nothing twice.
 //! * A completed snapshot is never read again; a feed started again with
 //!   [`snapshot(true)`](WalFeedBuilder::snapshot) on the same slot does
 //!   not repeat it.
