@@ -73,6 +73,8 @@ impl Model {
                             }
                         }
                         WalItem::Begin { .. } => {}
+                        // A lost stream: it resumes from the last ack.
+                        WalItem::Error(_) => {}
                         other => panic!("unexpected {other:?}"),
                     },
                     Some(event) = events.next() => {
@@ -146,6 +148,52 @@ async fn backfill_with_a_condition_merges_with_writes_and_resumes_after_close() 
     assert!(info[0].finished && info[0].error.is_none(), "{info:?}");
     assert_eq!(info[0].filter.as_deref(), Some("id % 2 = 0"));
     second.close().await.expect("close");
+    ps.drop_slot(&slot).await.expect("drop slot");
+    ps.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_snapshot_survives_a_lost_stream_reading_only_the_chunk_in_flight_again() {
+    const ROWS: i64 = 20_000;
+    let (slot, table) = table_with_rows(ROWS).await;
+    let ps = pubsub().await;
+    let mut feed = feed(&ps, &slot, &[&table], true).await;
+    let mut events = feed.events();
+    let mut model = Model::default();
+    let writer = Writer::start(&table, ROWS);
+    model
+        .drain(&mut feed, &mut events, |m| m.replica.reads.len() >= 5000)
+        .await;
+    let walsender: i32 = raw_client()
+        .await
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("the slot")
+        .get(0);
+    terminate(walsender).await;
+    model.drain(&mut feed, &mut events, |m| m.finished).await;
+    let touched = writer.stop().await;
+    raw_client()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
+        .await
+        .expect("sentinel");
+    model.drain(&mut feed, &mut events, |m| m.sentinel).await;
+
+    let again = model.replica.reads.values().filter(|n| **n > 1).count();
+    assert!(
+        again <= 1000,
+        "{again} rows read twice: more than the one chunk in flight"
+    );
+    assert!(model.replica.reads.values().all(|n| *n <= 2));
+    for id in (1..=ROWS).filter(|id| !touched.contains(id)) {
+        assert!(model.replica.reads.contains_key(&id), "id {id} never read");
+    }
+    model.replica.assert_is(&table, |_| true).await;
+    feed.close().await.expect("close");
     ps.drop_slot(&slot).await.expect("drop slot");
     ps.shutdown().await;
 }

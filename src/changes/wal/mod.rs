@@ -524,9 +524,12 @@ impl WalFeedBuilder {
             self.recreate_lost_slot,
         )
         .await?;
+        if created {
+            // A new slot: requests left by an old one of its name are void.
+            snapshot::forget(&exec, &self.schema, &self.slot).await?;
+        }
         if self.snapshot {
-            snapshot::request_initial(&exec, &self.schema, &self.slot, &publication, created)
-                .await?;
+            snapshot::request_initial(&exec, &self.schema, &self.slot, &publication).await?;
         }
         let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {

@@ -341,29 +341,32 @@ pub(crate) async fn request_backfill(
     .await
 }
 
+/// Forgets the requests of `slot` (a new slot of that name).
+pub(crate) async fn forget(exec: &Exec, schema: &SchemaName, slot: &str) -> Result<()> {
+    const STAGE: &str = "WAL snapshot: forget an old slot's requests";
+    let sql = format!("DELETE FROM {schema}.wal_snapshots WHERE slot_name = $1");
+    exec.run_with(STAGE, |client| async move {
+        client
+            .execute(&sql, &[&slot])
+            .await
+            .map_err(|e| setup_error(STAGE, e))
+    })
+    .await
+    .map(drop)
+}
+
 /// Requests the initial snapshot of every table `publication` sends,
-/// unless `slot` had one: once per slot (a new slot, `created`, forgets
-/// the requests of an old one of its name). Checks every table first.
+/// unless `slot` had one: once per slot. Checks every table first.
 pub(crate) async fn request_initial(
     exec: &Exec,
     schema: &SchemaName,
     slot: &str,
     publication: &str,
-    created: bool,
 ) -> Result<()> {
     const STAGE: &str = "WAL snapshot: initial request";
     let (tables, had) = exec
         .run_with(STAGE, |client| async move {
             let err = |e| setup_error(STAGE, e);
-            if created {
-                client
-                    .execute(
-                        &format!("DELETE FROM {schema}.wal_snapshots WHERE slot_name = $1"),
-                        &[&slot],
-                    )
-                    .await
-                    .map_err(err)?;
-            }
             let had: bool = client
                 .query_one(
                     &format!(
