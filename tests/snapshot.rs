@@ -222,6 +222,15 @@ async fn tables_a_snapshot_cannot_merge_are_refused_naming_them() {
         err.to_string().contains(&bare) && err.to_string().contains("no primary key"),
         "{err}"
     );
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "a slot was created for a feed that could not start");
 
     let feed = feed(&ps, &format!("{slot}_2"), &[&table], false).await;
     let err = feed

@@ -516,6 +516,11 @@ impl WalFeedBuilder {
         slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
         let installed = tokio::sync::OnceCell::new();
         crate::schema::ensure(&self.pubsub, &self.schema, &installed).await?;
+        // Checked before a slot is created for a feed that cannot start.
+        let initial = match self.snapshot {
+            true => Some(snapshot::initial_tables(&exec, &publication).await?),
+            false => None,
+        };
         let created = slot::prepare_slot(
             &exec,
             &self.schema,
@@ -528,8 +533,8 @@ impl WalFeedBuilder {
             // A new slot: requests left by an old one of its name are void.
             snapshot::forget(&exec, &self.schema, &self.slot).await?;
         }
-        if self.snapshot {
-            snapshot::request_initial(&exec, &self.schema, &self.slot, &publication).await?;
+        if let Some(tables) = &initial {
+            snapshot::request_initial(&exec, &self.schema, &self.slot, tables).await?;
         }
         let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {

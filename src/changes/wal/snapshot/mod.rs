@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch, Notify};
 
 pub(crate) use driver::Driver;
-pub(crate) use store::{forget, request_backfill, request_initial, Table};
+pub(crate) use store::{forget, initial_tables, request_backfill, request_initial, Table};
 
 use crate::changes::{ChangeEvent, Lsn};
 use merge::{Tracker, Visibility};

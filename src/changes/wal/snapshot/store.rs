@@ -355,57 +355,51 @@ pub(crate) async fn forget(exec: &Exec, schema: &SchemaName, slot: &str) -> Resu
     .map(drop)
 }
 
-/// Requests the initial snapshot of every table `publication` sends,
-/// unless `slot` had one: once per slot. Checks every table first.
-pub(crate) async fn request_initial(
-    exec: &Exec,
-    schema: &SchemaName,
-    slot: &str,
-    publication: &str,
-) -> Result<()> {
-    const STAGE: &str = "WAL snapshot: initial request";
-    let (tables, had) = exec
+/// The tables `publication` sends, as `regclass` prints them, each
+/// checked as a snapshot needs (before a slot is created for nothing).
+pub(crate) async fn initial_tables(exec: &Exec, publication: &str) -> Result<Vec<String>> {
+    const STAGE: &str = "WAL snapshot: the publication's tables";
+    let tables: Vec<String> = exec
         .run_with(STAGE, |client| async move {
-            let err = |e| setup_error(STAGE, e);
-            let had: bool = client
-                .query_one(
-                    &format!(
-                        "SELECT EXISTS (SELECT 1 FROM {schema}.wal_snapshots \
-                         WHERE slot_name = $1 AND initial)"
-                    ),
-                    &[&slot],
-                )
-                .await
-                .map_err(err)?
-                .get(0);
-            let tables: Vec<String> = client
+            client
                 .query(
                     "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
                      WHERE pubname = $1 ORDER BY 1",
                     &[&publication],
                 )
                 .await
-                .map_err(err)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            Ok((tables, had))
+                .map_err(|e| setup_error(STAGE, e))
         })
-        .await?;
-    if had {
-        return Ok(());
-    }
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let mut names = Vec::with_capacity(tables.len());
     for t in &tables {
         names.push(resolve(exec, t, publication).await?.regclass);
     }
+    Ok(names)
+}
+
+/// Requests the initial snapshot of `tables`, unless `slot` had one: once
+/// per slot.
+pub(crate) async fn request_initial(
+    exec: &Exec,
+    schema: &SchemaName,
+    slot: &str,
+    tables: &[String],
+) -> Result<()> {
+    const STAGE: &str = "WAL snapshot: initial request";
     let insert = format!(
         "INSERT INTO {schema}.wal_snapshots (slot_name, tbl, initial) \
-         SELECT $1, t, true FROM unnest($2::text[]) WITH ORDINALITY AS x(t, i) ORDER BY i"
+         SELECT $1, t, true FROM unnest($2::text[]) WITH ORDINALITY AS x(t, i) \
+         WHERE NOT EXISTS (SELECT 1 FROM {schema}.wal_snapshots \
+                           WHERE slot_name = $1 AND initial) \
+         ORDER BY i"
     );
     exec.run_with(STAGE, |client| async move {
         client
-            .execute(&insert, &[&slot, &names])
+            .execute(&insert, &[&slot, &tables])
             .await
             .map_err(|e| setup_error(STAGE, e))
     })
