@@ -230,7 +230,10 @@ async fn tables_a_snapshot_cannot_merge_are_refused_naming_them() {
         .await
         .expect("slots")
         .get(0);
-    assert_eq!(slots, 0, "a slot was created for a feed that could not start");
+    assert_eq!(
+        slots, 0,
+        "a slot was created for a feed that could not start"
+    );
 
     let feed = feed(&ps, &format!("{slot}_2"), &[&table], false).await;
     let err = feed

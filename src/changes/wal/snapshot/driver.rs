@@ -197,95 +197,99 @@ impl Driver {
         let mut generation = self.link.generation();
         let mut phase = Phase::Settling;
         let mut rows_so_far = 0;
-        let result = loop {
-            if *self.stop.borrow() {
-                break Err(Stop::Stopped);
-            }
-            if generation.has_changed().unwrap_or(true) {
-                generation.borrow_and_update();
-                phase = phase.next(Input::Restarted);
-            }
-            tracing::debug!(slot = %self.slot, ?phase, "pg-pubsub: WAL snapshot phase");
-            phase = match phase {
-                Phase::Settling => {
-                    let g = *generation.borrow();
-                    if !self.link.begin(&table, g) {
-                        continue;
-                    }
-                    tokio::select! {
-                        settled = store::settle(&self.exec) => settled?,
-                        _ = self.stop.wait_for(|s| *s) => break Err(Stop::Stopped),
-                    }
-                    let after = self.progress(sql, req.id).await?;
-                    Phase::Settling.next(Input::Settled { after })
+        // In a block of its own: tracking ends however it ends.
+        let result: Result<(), Stop> = async {
+            loop {
+                if *self.stop.borrow() {
+                    break Err(Stop::Stopped);
                 }
-                Phase::Reading { after } => {
-                    let chunk_no = self.link.next_chunk();
-                    let select = if after.is_some() {
-                        &select_next
-                    } else {
-                        &select_first
-                    };
-                    let st = ChunkStatements {
-                        select: select.clone(),
-                        end: &end,
-                        after: after.as_deref(),
-                        id: req.id,
-                        sql,
-                    };
-                    let link = &self.link;
-                    let (outcome, token) = store::read_chunk(&self.exec, st, |read| {
-                        let (chunk, last) = chunk_of(&table, read);
-                        let sender = link.expect(chunk_no);
-                        (
-                            last.clone(),
-                            link.watermark(chunk_no),
-                            (sender, chunk, last),
-                        )
-                    })
-                    .await?;
-                    match outcome {
-                        Outcome::Gone => break Ok(()),
-                        Outcome::Finished(rows) => {
-                            self.progress_event(req, rows, true);
-                            break Ok(());
+                if generation.has_changed().unwrap_or(true) {
+                    generation.borrow_and_update();
+                    phase = phase.next(Input::Restarted);
+                }
+                tracing::debug!(slot = %self.slot, ?phase, "pg-pubsub: WAL snapshot phase");
+                phase = match phase {
+                    Phase::Settling => {
+                        let g = *generation.borrow();
+                        if !self.link.begin(&table, g) {
+                            continue;
                         }
-                        Outcome::Emitted(rows) => {
-                            let Some((sender, chunk, last)) = token else {
+                        tokio::select! {
+                            settled = store::settle(&self.exec) => settled?,
+                            _ = self.stop.wait_for(|s| *s) => break Err(Stop::Stopped),
+                        }
+                        let after = self.progress(sql, req.id).await?;
+                        Phase::Settling.next(Input::Settled { after })
+                    }
+                    Phase::Reading { after } => {
+                        let chunk_no = self.link.next_chunk();
+                        let select = if after.is_some() {
+                            &select_next
+                        } else {
+                            &select_first
+                        };
+                        let st = ChunkStatements {
+                            select: select.clone(),
+                            end: &end,
+                            after: after.as_deref(),
+                            id: req.id,
+                            sql,
+                        };
+                        let link = &self.link;
+                        let (outcome, token) = store::read_chunk(&self.exec, st, |read| {
+                            let (chunk, last) = chunk_of(&table, read);
+                            let sender = link.expect(chunk_no);
+                            (
+                                last.clone(),
+                                link.watermark(chunk_no),
+                                (sender, chunk, last),
+                            )
+                        })
+                        .await?;
+                        match outcome {
+                            Outcome::Gone => break Ok(()),
+                            Outcome::Finished(rows) => {
+                                self.progress_event(req, rows, true);
                                 break Ok(());
-                            };
-                            // The stream task may already wait for it.
-                            let _ = sender.send(chunk);
-                            rows_so_far = rows;
-                            Phase::Reading { after }.next(Input::Read {
-                                chunk: chunk_no,
-                                last: Some(last),
-                            })
-                        }
-                    }
-                }
-                Phase::Handed { chunk, last } => {
-                    match self.wait_acked(chunk, &mut generation).await {
-                        Ok(true) => {
-                            self.record_done(sql, req.id, &last).await?;
-                            self.progress_event(req, rows_so_far, false);
-                            Phase::Handed { chunk, last }.next(Input::Acked)
-                        }
-                        Ok(false) => Phase::Handed { chunk, last }.next(Input::Restarted),
-                        Err(Stop::Stopped) => {
-                            // A clean close after the consumer acked the
-                            // chunk must not read it again.
-                            if self.acked_chunk(chunk) {
-                                let _ = self.record_done(sql, req.id, &last).await;
                             }
-                            break Err(Stop::Stopped);
+                            Outcome::Emitted(rows) => {
+                                let Some((sender, chunk, last)) = token else {
+                                    break Ok(());
+                                };
+                                // The stream task may already wait for it.
+                                let _ = sender.send(chunk);
+                                rows_so_far = rows;
+                                Phase::Reading { after }.next(Input::Read {
+                                    chunk: chunk_no,
+                                    last: Some(last),
+                                })
+                            }
                         }
-                        Err(e) => break Err(e),
                     }
-                }
-                Phase::Finished => break Ok(()),
-            };
-        };
+                    Phase::Handed { chunk, last } => {
+                        match self.wait_acked(chunk, &mut generation).await {
+                            Ok(true) => {
+                                self.record_done(sql, req.id, &last).await?;
+                                self.progress_event(req, rows_so_far, false);
+                                Phase::Handed { chunk, last }.next(Input::Acked)
+                            }
+                            Ok(false) => Phase::Handed { chunk, last }.next(Input::Restarted),
+                            Err(Stop::Stopped) => {
+                                // A clean close after the consumer acked the
+                                // chunk must not read it again.
+                                if self.acked_chunk(chunk) {
+                                    let _ = self.record_done(sql, req.id, &last).await;
+                                }
+                                break Err(Stop::Stopped);
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    Phase::Finished => break Ok(()),
+                };
+            }
+        }
+        .await;
         self.link.end(&table);
         result
     }
