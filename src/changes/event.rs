@@ -22,7 +22,7 @@ pub enum Op {
     /// The table was truncated: neither `old` nor `new`.
     Truncate,
     /// A row as it was read by a snapshot or backfill of the table (WAL
-    /// feed: [`changes::wal`](crate::changes::wal#snapshots-and-backfill)),
+    /// feed, feature `wal`: "Snapshots and backfill" in its module docs),
     /// not a change: `new` is set. Apply it as an upsert.
     Read,
 }
