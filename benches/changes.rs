@@ -12,7 +12,15 @@
 //! * `wal_small`: `BENCH_WAL_TXS` (default 40 000) of pgbench's TPC-B-like
 //!   transactions (`BENCH_PGBENCH`, default the PostgreSQL 15 binary; scale
 //!   1, 4 clients), three updates and an insert each, already in the WAL,
-//!   streamed by both as above: the per-transaction cost.
+//!   streamed by both as above: the per-transaction cost, in
+//!   `BENCH_WAL_ROUNDS` rounds (default 3; fresh slots each, the order
+//!   alternating) and their median ratio. Then **live**: the same number
+//!   of transactions written (with `synchronous_commit = on`) while both
+//!   read, each its own slot: changes/s from the writer's start to each
+//!   reader's last change, commit → received per transaction (p50/p99;
+//!   `pg_recvlogical` with `include-timestamp`), client CPU per change
+//!   (`pg_recvlogical`'s pipe is read on a thread whose CPU is counted as
+//!   its).
 //! * `wal_lag`: one-row transactions at `BENCH_WAL_RATE` per second
 //!   (default 1000) for `BENCH_LAG_SECS` (default 5): commit (server
 //!   clock) → Commit item received, p50/p99 (the writer with
@@ -34,7 +42,7 @@ mod trigger;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{children_cpu_time, cpu_time, env_u64, line, rate, run_main, Res};
+use common::{children_cpu_time, cpu_time, env_u64, line, median, rate, run_main, Res};
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalFeed, WalItem};
 use pg_pubsub::PgPubSub;
@@ -250,7 +258,9 @@ async fn wal_throughput(
     }
 
     let (ours, ours_cpu) = stream_ours(ps, "bench_ours", "bench_ours", rows).await?;
-    let (bare, bare_cpu) = stream_recvlogical(url, "bench_recv", rows).await?;
+    let ours_server = take_walsender();
+    let (bare, bare_cpu) = stream_recvlogical(ps, url, "bench_recv", rows).await?;
+    let bare_server = take_walsender();
     line(
         &format!("WAL feed changes/s ({rows} inserts)"),
         "ours",
@@ -259,13 +269,10 @@ async fn wal_throughput(
         "ch/s",
     );
     cpu_line(rows, ours_cpu, bare_cpu);
+    server_lines(rows, ours_cpu, ours_server, bare_cpu, bare_server);
     println!("  (bare = pg_recvlogical + test_decoding, lines read from its stdout)");
-    client
-        .batch_execute(
-            "SELECT pg_drop_replication_slot('bench_ours');
-             SELECT pg_drop_replication_slot('bench_recv');",
-        )
-        .await?;
+    drop_slot_when_free(client, "bench_ours").await?;
+    drop_slot_when_free(client, "bench_recv").await?;
     Ok(())
 }
 
@@ -279,12 +286,58 @@ async fn stream_ours(
     changes: u64,
 ) -> Res<(Duration, Duration)> {
     let (began, cpu) = (Instant::now(), cpu_time());
-    let mut feed: WalFeed = ps
+    let mut feed = start_ours(ps, slot, publication).await?;
+    drain_ours(&mut feed, changes).await?;
+    let (took, cpu) = (began.elapsed(), cpu_time() - cpu);
+    record_walsender(ps, slot).await;
+    feed.close().await?;
+    Ok((took, cpu))
+}
+
+/// CPU time of the walsender streaming `slot` (from /proc: a throwaway
+/// cluster on this machine), kept for [`take_walsender`]: what the server
+/// spent on the stream, steady however busy the machine is.
+async fn record_walsender(ps: &PgPubSub, slot: &str) {
+    let cpu = async {
+        let client = ps.pool().get().await.ok()?;
+        let pid: i32 = client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()?
+            .get::<_, Option<i32>>(0)?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the `(comm)`: utime and stime are the 12th and 13th.
+        let rest = stat.rsplit(')').next()?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Some(Duration::from_micros(ticks * 1_000_000 / hz))
+    }
+    .await;
+    *WALSENDER.lock().unwrap() = cpu;
+}
+
+static WALSENDER: std::sync::Mutex<Option<Duration>> = std::sync::Mutex::new(None);
+
+fn take_walsender() -> Option<Duration> {
+    WALSENDER.lock().unwrap().take()
+}
+
+async fn start_ours(ps: &PgPubSub, slot: &str, publication: &str) -> Res<WalFeed> {
+    Ok(ps
         .wal_feed(slot)
         .publication(publication)
         .heartbeat(None)
         .start()
-        .await?;
+        .await?)
+}
+
+/// Reads until `changes` changes arrived, acking every commit.
+async fn drain_ours(feed: &mut WalFeed, changes: u64) -> Res<()> {
     let mut got = 0u64;
     while got < changes {
         match feed.next().await {
@@ -294,37 +347,85 @@ async fn stream_ours(
             None => return Err("feed ended".into()),
         }
     }
-    let (took, cpu) = (began.elapsed(), cpu_time() - cpu);
-    feed.close().await?;
-    Ok((took, cpu))
+    Ok(())
 }
 
 /// `pg_recvlogical` with `test_decoding` on `slot`, writing to a pipe this
 /// reads until `changes` change lines arrived: how long that took, and the
 /// CPU time it spent (its own, read once it was reaped, plus this
 /// process's reading of its lines).
-async fn stream_recvlogical(url: &str, slot: &str, changes: u64) -> Res<(Duration, Duration)> {
+async fn stream_recvlogical(
+    ps: &PgPubSub,
+    url: &str,
+    slot: &str,
+    changes: u64,
+) -> Res<(Duration, Duration)> {
+    let (began, cpu) = (Instant::now(), cpu_time() + children_cpu_time());
+    let mut child = spawn_recvlogical(url, slot)?;
+    count_recvlogical(&mut child, changes).await?;
+    let took = began.elapsed();
+    record_walsender(ps, slot).await;
+    child.kill().await?;
+    Ok((took, cpu_time() + children_cpu_time() - cpu))
+}
+
+fn spawn_recvlogical(url: &str, slot: &str) -> Res<tokio::process::Child> {
     let bin = std::env::var("BENCH_RECVLOGICAL")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
-    let (began, cpu) = (Instant::now(), cpu_time() + children_cpu_time());
-    let mut child = tokio::process::Command::new(&bin)
+    Ok(tokio::process::Command::new(&bin)
         .args(["-d", url, "--slot", slot, "--start", "--no-loop", "-f", "-"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .spawn()?;
+        .spawn()?)
+}
+
+/// Reads `pg_recvlogical`'s lines (one buffer, no allocation per line)
+/// until `changes` change lines (`table ...`) arrived.
+async fn count_recvlogical(child: &mut tokio::process::Child, changes: u64) -> Res<()> {
+    use tokio::io::AsyncBufReadExt;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut reader = tokio::io::BufReader::with_capacity(128 * 1024, stdout);
+    let mut line = Vec::with_capacity(256);
     let mut got = 0u64;
     while got < changes {
-        match lines.next_line().await? {
-            Some(l) if l.starts_with("table ") => got += 1,
-            Some(_) => {}
-            None => return Err(format!("{bin} ended after {got} changes").into()),
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Err(format!("pg_recvlogical ended after {got} changes").into());
+        }
+        if line.starts_with(b"table ") {
+            got += 1;
         }
     }
-    let took = began.elapsed();
-    child.kill().await?;
-    Ok((took, cpu_time() + children_cpu_time() - cpu))
+    Ok(())
+}
+
+/// The walsenders' CPU per change, and changes per CPU second of client
+/// and walsender together (ours over bare: what a saturated machine
+/// streams), when the walsenders could be read. Returns that ratio.
+fn server_lines(
+    changes: u64,
+    ours_cpu: Duration,
+    ours_server: Option<Duration>,
+    bare_cpu: Duration,
+    bare_server: Option<Duration>,
+) -> Option<f64> {
+    let (os, bs) = (ours_server?, bare_server?);
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / changes as f64;
+    println!(
+        "{:<44} ours {:>10.2} µs    bare {:>10.2} µs    ratio {:.2}",
+        "  walsender CPU per change",
+        per(os),
+        per(bs),
+        per(os) / per(bs)
+    );
+    let ratio = per(bare_cpu + bs) / per(ours_cpu + os);
+    println!(
+        "{:<44} ours {:>10.0} ch/s  bare {:>10.0} ch/s  ratio {ratio:.2}",
+        "  changes per CPU second (client + walsender)",
+        changes as f64 / (ours_cpu + os).as_secs_f64(),
+        changes as f64 / (bare_cpu + bs).as_secs_f64(),
+    );
+    Some(ratio)
 }
 
 /// Client CPU per change, ours against `pg_recvlogical`'s: steadier than
@@ -341,47 +442,131 @@ fn cpu_line(changes: u64, ours: Duration, bare: Duration) {
 }
 
 /// pgbench's TPC-B-like transactions (three updates and an insert each)
-/// from 4 clients, already in the WAL, streamed by both: the per-transaction
-/// cost.
+/// from 4 clients: already in the WAL and streamed by both (`rounds`
+/// rounds, each reader on a slot of its own, the order alternating), then
+/// live.
 async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, txs: u64) -> Res<()> {
-    let bin = std::env::var("BENCH_PGBENCH")
-        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pgbench".to_owned());
-    let pgbench = |args: Vec<String>| {
-        let bin = bin.clone();
-        async move {
-            let out = tokio::process::Command::new(&bin)
-                .args(&args)
-                .output()
-                .await?;
-            if !out.status.success() {
-                return Err(
-                    format!("{bin} failed: {}", String::from_utf8_lossy(&out.stderr)).into(),
-                );
-            }
-            Res::Ok(())
-        }
-    };
-    pgbench(vec![
-        "-i".into(),
-        "-q".into(),
-        "-s".into(),
-        "1".into(),
-        url.into(),
-    ])
-    .await?;
+    let rounds = env_u64("BENCH_WAL_ROUNDS", 3)?.max(1) as usize;
+    pgbench(url, &["-i", "-q", "-s", "1"], false).await?;
     client
         .batch_execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-               WHERE slot_name IN ('bench_small_ours', 'bench_small_recv');
+               WHERE slot_name LIKE 'bench\\_small\\_%' OR slot_name LIKE 'bench\\_live\\_%';
              DROP PUBLICATION IF EXISTS bench_small;
              CREATE PUBLICATION bench_small FOR TABLE pgbench_accounts, pgbench_tellers,
                pgbench_branches, pgbench_history;",
         )
         .await?;
     // Each in a transaction of its own (a slot is not made in one that wrote).
+    for round in 0..rounds {
+        for (slot, plugin) in [("ours", "pgoutput"), ("recv", "test_decoding")] {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, $2)",
+                    &[&format!("bench_small_{slot}_{round}"), &plugin],
+                )
+                .await?;
+        }
+    }
+    let per_client = txs / 4;
+    let t = per_client.to_string();
+    let workload = [
+        "-n",
+        "-c",
+        "4",
+        "-j",
+        "2",
+        "-M",
+        "prepared",
+        "-t",
+        t.as_str(),
+    ];
+    pgbench(url, &workload, false).await?;
+    let changes = per_client * 4 * 4;
+    let (mut ratios, mut cpu_ratios, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let ours_slot = format!("bench_small_ours_{round}");
+        let recv_slot = format!("bench_small_recv_{round}");
+        let ours_first = round % 2 == 0;
+        let (mut o, mut b) = (None, None);
+        for ours_now in [ours_first, !ours_first] {
+            if ours_now {
+                let (took, cpu) = stream_ours(ps, &ours_slot, "bench_small", changes).await?;
+                o = Some((took, cpu, take_walsender()));
+            } else {
+                let (took, cpu) = stream_recvlogical(ps, url, &recv_slot, changes).await?;
+                b = Some((took, cpu, take_walsender()));
+            }
+        }
+        let ((ours, ours_cpu, ours_server), (bare, bare_cpu, bare_server)) =
+            (o.ok_or("no run")?, b.ok_or("no run")?);
+        line(
+            &format!("WAL feed changes/s ({} pgbench txs)", per_client * 4),
+            "ours",
+            rate(changes, ours),
+            rate(changes, bare),
+            "ch/s",
+        );
+        cpu_line(changes, ours_cpu, bare_cpu);
+        if let Some(total) = server_lines(changes, ours_cpu, ours_server, bare_cpu, bare_server) {
+            totals.push(total);
+        }
+        ratios.push(bare.as_secs_f64() / ours.as_secs_f64());
+        cpu_ratios.push(ours_cpu.as_secs_f64() / bare_cpu.as_secs_f64());
+        drop_slot_when_free(client, &ours_slot).await?;
+        drop_slot_when_free(client, &recv_slot).await?;
+    }
+    println!(
+        "  median of {rounds} rounds: changes/s ratio {:.2}, client CPU ratio {:.2}, \
+         changes per CPU second (client + walsender) ratio {}",
+        median(ratios),
+        median(cpu_ratios),
+        if totals.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.2}", median(totals))
+        }
+    );
+    println!("  (4 changes per transaction; bare = pg_recvlogical + test_decoding)");
+    wal_small_live(client, ps, url, &workload, changes).await?;
+    client.batch_execute("DROP PUBLICATION bench_small").await?;
+    Ok(())
+}
+
+/// Runs pgbench (`BENCH_PGBENCH`, default the PostgreSQL 15 binary) with
+/// `args` against `url`; `sync`: with `synchronous_commit = on`.
+async fn pgbench(url: &str, args: &[&str], sync: bool) -> Res<()> {
+    let bin = std::env::var("BENCH_PGBENCH")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pgbench".to_owned());
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.args(args).arg(url);
+    if sync {
+        cmd.env("PGOPTIONS", "-c synchronous_commit=on");
+    }
+    let out = cmd.output().await?;
+    if !out.status.success() {
+        return Err(format!("{bin} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(())
+}
+
+/// The workload written while both read, each its own slot, both streaming
+/// before pgbench starts (with `synchronous_commit = on`, so each commit
+/// reaches the walsenders at once, as a durable writer's would): changes/s
+/// from the writer's start to each reader's last change, commit → received
+/// per transaction (p50, p99), and client CPU per change. `pg_recvlogical`'s
+/// lines are read on a thread of their own, whose CPU time is counted as
+/// its, not ours.
+async fn wal_small_live(
+    client: &tokio_postgres::Client,
+    ps: &PgPubSub,
+    url: &str,
+    workload: &[&str],
+    changes: u64,
+) -> Res<()> {
     for (slot, plugin) in [
-        ("bench_small_ours", "pgoutput"),
-        ("bench_small_recv", "test_decoding"),
+        ("bench_live_ours", "pgoutput"),
+        ("bench_live_recv", "test_decoding"),
     ] {
         client
             .execute(
@@ -390,40 +575,165 @@ async fn wal_small(client: &tokio_postgres::Client, ps: &PgPubSub, url: &str, tx
             )
             .await?;
     }
-    let per_client = txs / 4;
-    pgbench(vec![
-        "-n".into(),
-        "-c".into(),
-        "4".into(),
-        "-j".into(),
-        "2".into(),
-        "-M".into(),
-        "prepared".into(),
-        "-t".into(),
-        per_client.to_string(),
-        url.into(),
-    ])
-    .await?;
-    let changes = per_client * 4 * 4;
-    let (ours, ours_cpu) = stream_ours(ps, "bench_small_ours", "bench_small", changes).await?;
-    let (bare, bare_cpu) = stream_recvlogical(url, "bench_small_recv", changes).await?;
+    let mut feed = start_ours(ps, "bench_live_ours", "bench_small").await?;
+    let bin = std::env::var("BENCH_RECVLOGICAL")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_recvlogical".to_owned());
+    let mut recv = std::process::Command::new(&bin)
+        .args([
+            "-d",
+            url,
+            "--slot",
+            "bench_live_recv",
+            "--start",
+            "--no-loop",
+        ])
+        .args(["-o", "include-timestamp=on", "-f", "-"])
+        .env("PGTZ", "UTC")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = recv.stdout.take().ok_or("no stdout")?;
+    // Both streaming before the writer starts.
+    loop {
+        let active: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots
+                 WHERE slot_name IN ('bench_live_ours', 'bench_live_recv') AND active",
+                &[],
+            )
+            .await?
+            .get(0);
+        if active == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu0, children0) = (cpu_time(), children_cpu_time());
+    let began = Instant::now();
+    let ours = tokio::spawn(async move {
+        let mut lags = Vec::new();
+        let mut got = 0u64;
+        while got < changes {
+            match feed.next().await {
+                Some(WalItem::Change { .. }) => got += 1,
+                Some(WalItem::Commit {
+                    end_lsn,
+                    commit_time,
+                    ..
+                }) => {
+                    lags.push(
+                        SystemTime::now()
+                            .duration_since(commit_time)
+                            .unwrap_or_default(),
+                    );
+                    feed.ack(end_lsn);
+                }
+                Some(_) => {}
+                None => {
+                    return Err::<_, Box<dyn std::error::Error + Send + Sync>>("feed ended".into())
+                }
+            }
+        }
+        let done = Instant::now();
+        feed.close().await?;
+        Ok((done, lags))
+    });
+    let bare = std::thread::spawn(
+        move || -> Result<(Instant, Vec<Duration>, Duration), String> {
+            use std::io::BufRead;
+            let mut reader = std::io::BufReader::with_capacity(128 * 1024, stdout);
+            let mut line = Vec::with_capacity(256);
+            let (mut got, mut lags) = (0u64, Vec::new());
+            while got < changes {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => {
+                        return Err(format!("pg_recvlogical ended after {got} changes"))
+                    }
+                    Ok(_) => {}
+                }
+                if line.starts_with(b"table ") {
+                    got += 1;
+                } else if line.starts_with(b"COMMIT") {
+                    // `COMMIT 1234 (at 2026-12-02 11:55:01.123456+00)`, in UTC.
+                    let text = String::from_utf8_lossy(&line);
+                    if let Some(at) = text.split("(at ").nth(1) {
+                        let at = at.trim_end().trim_end_matches(')').trim_end_matches("+00");
+                        if let Ok(t) = humantime::parse_rfc3339_weak(at) {
+                            lags.push(SystemTime::now().duration_since(t).unwrap_or_default());
+                        }
+                    }
+                }
+            }
+            Ok((Instant::now(), lags, thread_cpu_time()))
+        },
+    );
+    pgbench(url, workload, true).await?;
+    let written = began.elapsed();
+    let (ours_done, mut ours_lags) = ours.await?.map_err(|e| e.to_string())?;
+    let (bare_done, mut bare_lags, reader_cpu) = bare.join().map_err(|_| "reader panicked")??;
+    let ours_cpu = cpu_time() - cpu0 - reader_cpu;
+    let pgbench_cpu = children_cpu_time() - children0;
+    recv.kill()?;
+    recv.wait()?;
+    let recv_cpu = children_cpu_time() - children0 - pgbench_cpu + reader_cpu;
+    let (ours_took, bare_took) = (ours_done - began, bare_done - began);
     line(
-        &format!("WAL feed changes/s ({} pgbench txs)", per_client * 4),
+        &format!(
+            "WAL feed live changes/s ({} txs, written in {:.1} s)",
+            changes / 4,
+            written.as_secs_f64()
+        ),
         "ours",
-        rate(changes, ours),
-        rate(changes, bare),
+        rate(changes, ours_took),
+        rate(changes, bare_took),
         "ch/s",
     );
-    cpu_line(changes, ours_cpu, bare_cpu);
-    println!("  (4 changes per transaction; bare = pg_recvlogical + test_decoding)");
-    client
-        .batch_execute(
-            "SELECT pg_drop_replication_slot('bench_small_ours');
-             SELECT pg_drop_replication_slot('bench_small_recv');
-             DROP PUBLICATION bench_small;",
-        )
-        .await?;
+    let pct = |lags: &mut Vec<Duration>, p: f64| {
+        lags.sort();
+        lags.get(((lags.len() as f64 * p) as usize).min(lags.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "{:<44} ours {:>7.2} / {:>7.2} ms  bare {:>7.2} / {:>7.2} ms",
+        "  commit -> received p50 / p99",
+        pct(&mut ours_lags, 0.5),
+        pct(&mut ours_lags, 0.99),
+        pct(&mut bare_lags, 0.5),
+        pct(&mut bare_lags, 0.99),
+    );
+    cpu_line(changes, ours_cpu, recv_cpu);
+    println!("  (live: pgbench with synchronous_commit=on; bare = pg_recvlogical + its pipe reader thread)");
+    drop_slot_when_free(client, "bench_live_ours").await?;
+    drop_slot_when_free(client, "bench_live_recv").await?;
     Ok(())
+}
+
+/// Drops `slot` once its stream has let go of it (a killed reader's
+/// walsender takes a moment to exit).
+async fn drop_slot_when_free(client: &tokio_postgres::Client, slot: &str) -> Res<()> {
+    for _ in 0..500 {
+        match client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            res => return res.map(drop).map_err(Into::into),
+        }
+    }
+    Err(format!("slot {slot} stayed in use").into())
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 async fn wal_lag(

@@ -253,8 +253,9 @@ impl Builder {
     /// certificate) for every connection. As with [`Builder::tls`], the
     /// `sslmode` only decides whether TLS is used.
     #[cfg(feature = "tls")]
-    pub fn tls_config(self, config: rustls::ClientConfig) -> Self {
-        self.tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
+        self.tls = Some(crate::tls::Connector::rustls(config));
+        self
     }
 
     /// How long `notify` may wait (for a pooled connection and the server)
@@ -353,15 +354,33 @@ impl Builder {
     /// within the health-check timeout; behind transaction pooling it
     /// never does). Declaring it skips the probe.
     ///
-    /// Behind transaction pooling, [`notify`](PgPubSub::notify),
-    /// [`Durable::publish`](crate::durable::Durable::publish),
-    /// [`Queue::enqueue`](crate::queue::Queue::enqueue) and queue workers
-    /// (poll-only) work, with unnamed statements; what needs a session of
-    /// its own (`listen`, elections, durable consumers, trigger change
-    /// feeds) fails with [`ErrorKind::Pooler`](crate::ErrorKind::Pooler).
-    /// See the README's PgBouncer table.
+    /// Behind transaction pooling every statement goes unnamed (PgBouncer
+    /// before 1.21 cannot carry named prepared statements); queue workers,
+    /// their schedulers and durable consumers poll instead of waiting for
+    /// `LISTEN` wake-ups, and a durable group's active consumer is elected
+    /// by a lease row ([`lease_duration`](Self::lease_duration)) instead
+    /// of a session advisory lock. What needs a session of its own
+    /// (`listen`, elected channels) fails with
+    /// [`ErrorKind::Pooler`](crate::ErrorKind::Pooler). See the README's
+    /// PgBouncer table.
     pub fn transaction_pooling(mut self, pooled: bool) -> Self {
         self.opts.transaction_pooling = Some(pooled);
+        self
+    }
+
+    /// How long a lease lasts without renewal: the election of a durable
+    /// consumer group's active consumer behind a pooler in transaction
+    /// mode ([`transaction_pooling`](Self::transaction_pooling)), where no
+    /// session holds an advisory lock. The holder renews it every third of
+    /// this and stops delivering once this has passed since its last
+    /// successful renewal was sent; a standby tries every
+    /// [`lock_retry_interval`](Self::lock_retry_interval) and takes the
+    /// lease once the server's clock says it expired. So after the active
+    /// consumer dies, a standby takes over within this plus the retry
+    /// interval; a graceful close releases it at once. Default: 10 s; at
+    /// least 100 ms.
+    pub fn lease_duration(mut self, duration: Duration) -> Self {
+        self.opts.lease_duration = duration;
         self
     }
 
@@ -475,9 +494,10 @@ impl Builder {
         if pooled {
             tracing::warn!(
                 "pg-pubsub: the connection goes through a pooler in transaction mode: \
-                 publishing, enqueueing and workers (poll-only) with unnamed statements; \
-                 LISTEN, elections and durable consumers need a direct connection or \
-                 session pooling"
+                 unnamed statements; workers and durable consumers poll (no LISTEN \
+                 wake-ups) and durable groups elect their active consumer by a lease \
+                 row; LISTEN and elected channels need a direct connection or session \
+                 pooling"
             );
         }
         ps.inner
@@ -591,9 +611,9 @@ impl PgPubSub {
             format!(
                 "cannot {what}: the connection goes through a pooler in transaction mode \
                  (e.g. PgBouncer pool_mode=transaction), where no server session is ours: \
-                 LISTEN, elections (session advisory locks) and durable consumers need a \
-                 direct connection or session pooling. Publishing, enqueueing and workers \
-                 (poll-only) work through it."
+                 LISTEN and elected channels (session advisory locks) need a direct \
+                 connection or session pooling. Publishing, enqueueing, workers and \
+                 durable consumers (poll-only, elected by a lease row) work through it."
             ),
         ))
     }

@@ -68,6 +68,7 @@ pub(crate) struct Options {
     pub auto_migrate: bool,
     /// `Some`: declared by the user; `None`: probed at connect.
     pub transaction_pooling: Option<bool>,
+    pub lease_duration: Duration,
 }
 
 impl Default for Options {
@@ -89,6 +90,7 @@ impl Default for Options {
             event_capacity: 1024,
             auto_migrate: true,
             transaction_pooling: None,
+            lease_duration: Duration::from_secs(10),
         }
     }
 }
@@ -110,6 +112,9 @@ impl Options {
         }
         if self.lock_retry_interval.is_zero() {
             return bad("lock_retry_interval must be above zero");
+        }
+        if self.lease_duration < Duration::from_millis(100) {
+            return bad("lease_duration must be at least 100 ms");
         }
         if !(0.0..=1.0).contains(&self.backoff.jitter) {
             return bad("backoff jitter must be between 0.0 and 1.0");

@@ -64,7 +64,8 @@ pub enum ErrorKind {
     /// through a pooler in transaction mode (PgBouncer's
     /// `pool_mode = transaction`), which hands each transaction to any
     /// server connection. Connect the listener directly or through session
-    /// pooling; publishing and enqueueing work through it.
+    /// pooling; publishing, enqueueing, workers and durable consumers
+    /// (polling) work through it.
     Pooler,
     /// A message broker (NATS, Redis, RabbitMQ: see [`relay`](crate::relay))
     /// could not be reached or refused what it was sent.
@@ -105,6 +106,9 @@ pub(crate) enum Origin {
     Config,
     Connect,
     Authentication,
+    /// TLS could not be set up (the WAL feed's own handshake).
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
+    Tls,
     Timeout,
     ShutDown,
     Schema,
@@ -148,6 +152,7 @@ impl Origin {
             Origin::Config => (ErrorKind::Config, None),
             Origin::Connect => (ErrorKind::Connect, Some(Stage::Connect)),
             Origin::Authentication => (ErrorKind::Authentication, Some(Stage::Connect)),
+            Origin::Tls => (ErrorKind::Tls, Some(Stage::Connect)),
             Origin::Timeout => (ErrorKind::Timeout, None),
             Origin::ShutDown => (ErrorKind::ShutDown, None),
             Origin::Schema => (ErrorKind::Schema, Some(Stage::Schema)),
@@ -241,6 +246,13 @@ impl Error {
     pub(crate) fn nothing_done(mut self) -> Self {
         self.nothing_done = true;
         self.sent = false;
+        self
+    }
+
+    /// Puts `what: ` before the message, keeping kind and source.
+    #[cfg(feature = "wal")]
+    pub(crate) fn prefix(mut self, what: impl std::fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
         self
     }
 

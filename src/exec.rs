@@ -14,6 +14,10 @@
 //!   run; the error says whether it [may have
 //!   committed](crate::Error::may_have_committed).
 //!
+//! Statements go through [`Conn`]'s `query_p` family (and [`Tx`]'s, in a
+//! transaction), with typed parameters: prepared once per connection, or,
+//! behind a pooler in transaction mode, unnamed.
+//!
 //! Capabilities and the wake-up task hold an `Exec`, not the whole handle:
 //! it is the narrow dependency they share.
 
@@ -191,35 +195,120 @@ pub(crate) struct Conn {
     unnamed: bool,
 }
 
-impl Conn {
-    /// Runs `sql` with typed parameters: prepared once per connection, or,
-    /// behind a transaction pooler, sent unnamed (one round trip, nothing
-    /// left on whichever server connection ran it).
-    pub(crate) async fn query_p(
-        &self,
-        sql: &str,
-        params: &crate::tx::Params<'_>,
-    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        if self.unnamed {
-            let pg: &tokio_postgres::Client = self;
-            return crate::tx::query(pg, sql, params).await;
+/// Runs a `crate::tx` statement function on a connection (or transaction)
+/// as the mode says: unnamed through tokio-postgres' own type, or prepared
+/// once per connection through deadpool's statement cache.
+macro_rules! dispatch {
+    ($unnamed:expr, $plain:ty, $cached:ty, $target:expr, $f:ident($($arg:expr),*)) => {
+        if $unnamed {
+            let target: &$plain = $target;
+            crate::tx::$f(target, $($arg),*).await
+        } else {
+            let target: &$cached = $target;
+            crate::tx::$f(target, $($arg),*).await
         }
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        crate::tx::query(wrapper, sql, params).await
-    }
+    };
+}
 
-    /// [`query_p`](Self::query_p) for a statement's row count.
-    pub(crate) async fn execute_p(
-        &self,
-        sql: &str,
-        params: &crate::tx::Params<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
-        if self.unnamed {
-            let pg: &tokio_postgres::Client = self;
-            return crate::tx::execute(pg, sql, params).await;
+/// Statements with typed parameters, sent as the handle's mode says:
+/// prepared once per connection, or, behind a transaction pooler, unnamed
+/// (one round trip, nothing left on whichever server connection ran it).
+/// Every statement of the crate goes through these (see [`Exec::unnamed`]).
+macro_rules! typed_statements {
+    ($plain:ty, $cached:ty) => {
+        /// Runs `sql`; returns its rows.
+        pub(crate) async fn query_p(
+            &self,
+            sql: &str,
+            params: &crate::tx::Params<'_>,
+        ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+            dispatch!(self.unnamed, $plain, $cached, self, query(sql, params))
         }
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        crate::tx::execute(wrapper, sql, params).await
+
+        /// Runs `sql`; returns its only row (an error unless exactly one).
+        pub(crate) async fn query_one_p(
+            &self,
+            sql: &str,
+            params: &crate::tx::Params<'_>,
+        ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+            dispatch!(self.unnamed, $plain, $cached, self, query_one(sql, params))
+        }
+
+        /// Runs `sql`; returns its row, if any.
+        pub(crate) async fn query_opt_p(
+            &self,
+            sql: &str,
+            params: &crate::tx::Params<'_>,
+        ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+            dispatch!(self.unnamed, $plain, $cached, self, query_opt(sql, params))
+        }
+
+        /// Runs `sql`; returns its rows as they arrive.
+        #[allow(dead_code)] // not every target needs every form
+        pub(crate) async fn query_raw_p(
+            &self,
+            sql: &str,
+            params: &crate::tx::Params<'_>,
+        ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error> {
+            dispatch!(self.unnamed, $plain, $cached, self, query_raw(sql, params))
+        }
+
+        /// Runs `sql`; returns the number of rows it affected.
+        pub(crate) async fn execute_p(
+            &self,
+            sql: &str,
+            params: &crate::tx::Params<'_>,
+        ) -> Result<u64, tokio_postgres::Error> {
+            dispatch!(self.unnamed, $plain, $cached, self, execute(sql, params))
+        }
+
+        /// Whether statements go unnamed (behind a transaction pooler).
+        #[allow(dead_code)] // not every target needs every form
+        pub(crate) fn unnamed(&self) -> bool {
+            self.unnamed
+        }
+    };
+}
+
+impl Conn {
+    typed_statements!(tokio_postgres::Client, deadpool_postgres::ClientWrapper);
+
+    /// Starts a transaction whose statements go as this connection's do.
+    pub(crate) async fn transaction_p(&mut self) -> Result<Tx<'_>, tokio_postgres::Error> {
+        let unnamed = self.unnamed;
+        let client: &mut deadpool_postgres::Client = self;
+        Ok(Tx {
+            tx: client.transaction().await?,
+            unnamed,
+        })
+    }
+}
+
+/// A transaction on a lent connection ([`Conn::transaction_p`]). Rolled
+/// back when dropped uncommitted.
+pub(crate) struct Tx<'a> {
+    tx: deadpool_postgres::Transaction<'a>,
+    unnamed: bool,
+}
+
+impl<'a> Tx<'a> {
+    typed_statements!(
+        tokio_postgres::Transaction<'a>,
+        deadpool_postgres::Transaction<'a>
+    );
+
+    /// Commits it.
+    pub(crate) async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.tx.commit().await
+    }
+}
+
+// How the statement macros reach the transaction.
+impl<'a> Deref for Tx<'a> {
+    type Target = deadpool_postgres::Transaction<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tx
     }
 }
 

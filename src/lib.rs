@@ -43,7 +43,8 @@
 //! * The core knows nothing of the capabilities. They use it through two
 //!   seams: a wake-up is a plain notification on `<schema>_wake` or
 //!   `<schema>_jobs`, and "one active consumer" is an elected subscription
-//!   ([`Listen::single_listener`]) on a derived channel name.
+//!   ([`Listen::single_listener`]) on a derived channel name (behind a
+//!   pooler in transaction mode, a lease row of that name instead).
 //! * One task (`src/pubsub/driver/`) owns the listener connection: it serves
 //!   `listen`/drop/shutdown commands, batches `LISTEN`/`UNLISTEN` into one
 //!   round trip, health-checks the session, and reconnects forever with
@@ -78,7 +79,8 @@
 //!                   statement), consumer.rs (builder), reader.rs (read loop),
 //!                   acks.rs (ack flusher), subscription.rs (the Stream),
 //!                   wakeups.rs (per-channel wake-up dispatch), groups, publish,
-//!                   plan.rs (the read loop's decisions, without I/O)
+//!                   plan.rs (the read loop's decisions, without I/O),
+//!                   role.rs (active or standby: election or lease)
 //! src/queue/        work queue: handle, enqueue, worker (runner, attempt,
 //!                   completer, vacuum), admin, control (cancel, pause,
 //!                   finished jobs), outcome (what handlers return)
@@ -98,7 +100,10 @@
 //!                   database gauges read on scrape (store.rs: statements)
 //! src/record.rs     what the tasks record for metrics (empty without the feature)
 //! src/exec.rs       how every pooled statement runs: timeout, backoff, cancel on
-//!                   the server, connection detached when a statement may still run
+//!                   the server, connection detached when a statement may still run;
+//!                   prepared once per connection, or unnamed behind a transaction pooler
+//! src/lease.rs      elections in a table row, for transaction poolers (and
+//!                   their plan, without I/O)
 //! src/service.rs    the workers, consumers and feeds a handle started, stopped
 //!                   in order by its shutdown
 //! src/tx.rs         Executor: the caller's connection or transaction (`*_tx`)
@@ -219,6 +224,7 @@ mod connect;
 mod error;
 pub mod event;
 mod exec;
+mod lease;
 mod payload;
 mod record;
 mod service;

@@ -112,6 +112,11 @@ pub(crate) struct Connector {
     /// False for the plain connector: `sslmode=prefer` then means no TLS
     /// (tokio-postgres' `NoTls` says so through a hook we cannot forward).
     pub(crate) can_tls: bool,
+    /// The crate's own rustls set-up (from `sslmode` or
+    /// `Builder::tls_config`), for connections tokio-postgres does not open:
+    /// the WAL feed's replication connection. `None` for a custom connector.
+    #[cfg(feature = "tls")]
+    pub(crate) rustls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 impl Connector {
@@ -125,6 +130,18 @@ impl Connector {
         Connector {
             make: Arc::new(Erase(tls)),
             can_tls: true,
+            #[cfg(feature = "tls")]
+            rustls: None,
+        }
+    }
+
+    /// rustls with this configuration, usable by the WAL feed too.
+    #[cfg(feature = "tls")]
+    pub(crate) fn rustls(config: rustls::ClientConfig) -> Self {
+        let make = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+        Connector {
+            rustls: Some(make.clone()),
+            ..Connector::new(make)
         }
     }
 
@@ -160,7 +177,6 @@ mod with_rustls {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
-    use tokio_postgres_rustls::MakeRustlsConnect;
 
     use super::Connector;
     use crate::error::{Error, Origin, Result};
@@ -204,7 +220,7 @@ mod with_rustls {
                     .with_no_client_auth()
             }
         };
-        Ok(Connector::new(MakeRustlsConnect::new(config)))
+        Ok(Connector::rustls(config))
     }
 
     fn tls_config_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {

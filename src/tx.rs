@@ -119,3 +119,65 @@ pub(crate) async fn query<E: Executor + ?Sized>(
         }
     }
 }
+
+/// Runs `sql` on `executor`; returns its only row (an error unless
+/// exactly one).
+pub(crate) async fn query_one<E: Executor + ?Sized>(
+    executor: &E,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Row, tokio_postgres::Error> {
+    match executor.conn() {
+        Conn::Client(c) => c.query_typed_one(sql, params).await,
+        Conn::Transaction(t) => t.query_typed_one(sql, params).await,
+        Conn::PooledClient(c) => {
+            let stmt = c.prepare_typed_cached(sql, &types(params)).await?;
+            c.query_one(&stmt, &values(params)).await
+        }
+        Conn::PooledTransaction(t) => {
+            let stmt = t.prepare_typed_cached(sql, &types(params)).await?;
+            t.query_one(&stmt, &values(params)).await
+        }
+    }
+}
+
+/// Runs `sql` on `executor`; returns its row, if any (an error if more).
+pub(crate) async fn query_opt<E: Executor + ?Sized>(
+    executor: &E,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    match executor.conn() {
+        Conn::Client(c) => c.query_typed_opt(sql, params).await,
+        Conn::Transaction(t) => t.query_typed_opt(sql, params).await,
+        Conn::PooledClient(c) => {
+            let stmt = c.prepare_typed_cached(sql, &types(params)).await?;
+            c.query_opt(&stmt, &values(params)).await
+        }
+        Conn::PooledTransaction(t) => {
+            let stmt = t.prepare_typed_cached(sql, &types(params)).await?;
+            t.query_opt(&stmt, &values(params)).await
+        }
+    }
+}
+
+/// Runs `sql` on `executor`; returns its rows as they arrive.
+pub(crate) async fn query_raw<E: Executor + ?Sized>(
+    executor: &E,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<tokio_postgres::RowStream, tokio_postgres::Error> {
+    let typed = || params.iter().map(|(v, t)| (*v, t.clone()));
+    match executor.conn() {
+        Conn::Client(c) => c.query_typed_raw(sql, typed()).await,
+        Conn::Transaction(t) => t.query_typed_raw(sql, typed()).await,
+        Conn::PooledClient(c) => {
+            let stmt = c.prepare_typed_cached(sql, &types(params)).await?;
+            c.query_raw(&stmt, values(params)).await
+        }
+        Conn::PooledTransaction(t) => {
+            let stmt = t.prepare_typed_cached(sql, &types(params)).await?;
+            t.query_raw(&stmt, values(params)).await
+        }
+    }
+}

@@ -55,9 +55,7 @@ async fn migrate_status_up_and_status_again() {
     let before = migrator.status().await.expect("status");
     assert_eq!(before.state, SchemaState::NotInstalled);
     assert_eq!(before.database_version, 0);
-    // TODO(merge): `SCHEMA_VERSION as usize` again once 0006 (queue
-    // limits, on main) is in; this branch has 0007 without it.
-    assert_eq!(before.pending_migrations.len(), SCHEMA_VERSION as usize - 1);
+    assert_eq!(before.pending_migrations.len(), SCHEMA_VERSION as usize);
     assert_eq!(
         before.pending_scripts,
         ["durable", "queue", "changes", "limits"]

@@ -173,3 +173,115 @@ async fn reconnects_over_tls_with_a_gap() {
     assert!(encrypted(new).await);
     ps.shutdown().await;
 }
+
+/// The WAL feed's replication connection over TLS: `verify-full` with
+/// SCRAM on a cluster that refuses replication without TLS, and the
+/// walsender's session encrypted.
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn wal_feed_streams_over_verified_tls_with_scram() {
+    use pg_pubsub::changes::wal::{WalFeed, WalItem};
+    const PW: &str = "Wal-Tls-Pa55";
+    let server = own_cluster(pg_pubsub::testing::TestOptions {
+        tls: true,
+        hba: vec![
+            "hostnossl all wal_tls all reject".to_owned(),
+            "hostssl all wal_tls all scram-sha-256".to_owned(),
+            "hostnossl replication wal_tls all reject".to_owned(),
+            "hostssl replication wal_tls all scram-sha-256".to_owned(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let admin = raw_client_to(&server).await;
+    admin
+        .batch_execute(&format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE wal_tls LOGIN SUPERUSER REPLICATION PASSWORD '{PW}';
+             CREATE TABLE wal_tls_t (id int PRIMARY KEY, v text);"
+        ))
+        .await
+        .unwrap();
+    let ca = server.ca_cert().unwrap().display().to_string();
+    let port = server.port().unwrap();
+    let url = |host: &str, mode: &str| {
+        format!("postgres://wal_tls:{PW}@{host}:{port}/postgres?sslmode={mode}&sslrootcert={ca}")
+    };
+    // `require` (the chain checked with a root certificate, as libpq does)
+    // and `verify-full`: both stream, encrypted.
+    for (i, (host, mode)) in [("localhost", "verify-full"), ("127.0.0.1", "require")]
+        .into_iter()
+        .enumerate()
+    {
+        let ps = PgPubSub::connect(url(host, mode)).await.expect(mode);
+        let slot = format!("wal_tls_{i}");
+        let mut feed: WalFeed = ps
+            .wal_feed(&slot)
+            .tables(&["wal_tls_t"])
+            .start()
+            .await
+            .expect(mode);
+        admin
+            .execute("INSERT INTO wal_tls_t VALUES ($1, 'x')", &[&(i as i32)])
+            .await
+            .unwrap();
+        let event = loop {
+            if let WalItem::Change { event, .. } = next(&mut feed).await {
+                break event;
+            }
+        };
+        assert_eq!(
+            event.new,
+            Some(serde_json::json!({"id": i, "v": "x"})),
+            "{mode}"
+        );
+        let ssl: bool = admin
+            .query_one(
+                "SELECT s.ssl FROM pg_replication_slots r JOIN pg_stat_ssl s ON s.pid = r.active_pid
+                 WHERE r.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "{mode}: the walsender's session is encrypted");
+        feed.close().await.unwrap();
+        ps.drop_slot(&slot).await.unwrap();
+        ps.shutdown().await;
+    }
+}
+
+/// A connector given with `Builder::tls` cannot open the replication
+/// connection: a feed that needs TLS is refused before connecting.
+#[cfg(feature = "wal")]
+#[tokio::test]
+async fn wal_feed_with_a_custom_connector_and_required_tls_is_refused() {
+    let server = tls_server();
+    let pem = std::fs::read(server.ca_cert().unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let ps = PgPubSub::builder(url_via(server, "localhost", "sslmode=require"))
+        .unwrap()
+        .tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        .connect()
+        .await
+        .expect("custom connector");
+    let err = ps
+        .wal_feed("wal_tls_custom")
+        .start::<serde_json::Value>()
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err:?}");
+    assert!(err.to_string().contains("tls_config"), "{err}");
+    ps.shutdown().await;
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use common::*;
 use pg_pubsub::changes::wal::{emit_tx, WalEvent, WalFeed, WalItem};
@@ -11,6 +11,7 @@ use pg_pubsub::changes::{Lsn, Op};
 use pg_pubsub::tokio_postgres::error::SqlState;
 use pg_pubsub::Text;
 use pg_pubsub::{ErrorKind, PgPubSub};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// A fresh slot name and tables `{slot}_a`, `{slot}_b`, `{slot}_c` (id
@@ -185,7 +186,7 @@ async fn a_100k_row_transaction_arrives_whole() {
 #[derive(Debug, serde::Deserialize, PartialEq)]
 struct Typed {
     id: i64,
-    n: Option<String>,
+    n: Option<f64>,
     at: Option<String>,
     j: Option<Value>,
     jb: Option<Value>,
@@ -234,17 +235,25 @@ async fn type_matrix_decodes_into_serde_types() {
         .await
         .expect("update");
 
-    let row = loop {
+    let (row, columns) = loop {
         if let WalItem::Change { event, .. } = next(&mut feed).await {
-            break event.new.expect("new");
+            break (event.new.expect("new"), event.columns.expect("columns"));
         }
     };
+    let at: String = client
+        .query_one(
+            "SELECT to_json('2026-11-22 03:48:36.5+00'::timestamptz)::text",
+            &[],
+        )
+        .await
+        .expect("to_json")
+        .get(0);
     assert_eq!(
         row,
         Typed {
             id: 1,
-            n: Some("12.30".into()),
-            at: Some("2026-11-22 03:48:36.5+00".into()),
+            n: Some(12.3),
+            at: Some(at.trim_matches('"').to_owned()),
             j: Some(json!({"a": 1})),
             jb: Some(json!([1, "two"])),
             ints: Some(vec![Some(1), None, Some(3)]),
@@ -255,15 +264,179 @@ async fn type_matrix_decodes_into_serde_types() {
             big: Some(big.clone()),
         }
     );
+    let types: Vec<(&str, &str, bool)> = columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_name.as_str(), c.key))
+        .collect();
+    assert_eq!(types[0], ("id", "bigint", true));
+    assert_eq!(types[1], ("n", "numeric", false));
+    assert_eq!(types[2], ("at", "timestamp with time zone", false));
+    assert_eq!(types[5], ("ints", "integer[]", false));
     // The update did not touch the TOASTed column: it is left out of `new`.
     let updated = loop {
         if let WalItem::Change { event, .. } = next(&mut feed).await {
             break event.new.expect("new");
         }
     };
-    assert_eq!(updated.n.as_deref(), Some("1"));
+    assert_eq!(updated.n, Some(1.0));
     assert_eq!(updated.big, None, "unchanged TOAST column omitted");
     drop(feed);
+    drop_slot_when_free(&ps, &slot).await;
+}
+
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Address {
+    street: String,
+    no: i32,
+    tags: Vec<String>,
+}
+
+/// One type for rows of both feeds: PostgreSQL's `to_json` shape.
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Shaped {
+    id: i64,
+    n: f64,
+    small: i16,
+    flt: f32,
+    ok: bool,
+    at: String,
+    stamp: String,
+    d: String,
+    t: String,
+    iv: String,
+    j: Value,
+    js: Value,
+    ints: Vec<Option<i32>>,
+    grid: Vec<Vec<i32>>,
+    texts: Vec<String>,
+    b: String,
+    u: String,
+    mood: String,
+    price: f64,
+    span: String,
+    addr: Address,
+    addrs: Vec<Address>,
+    moods: Vec<String>,
+    nan: Value,
+    nothing: Option<String>,
+}
+
+#[tokio::test]
+async fn trigger_and_wal_feeds_give_one_row_shape() {
+    let slot = channel("wal_shape");
+    let table = format!("{slot}_t");
+    let client = raw_client().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TYPE {slot}_mood AS ENUM ('calm', 'odd one');
+             CREATE DOMAIN {slot}_price AS numeric(10,2) CHECK (VALUE >= 0);
+             CREATE TYPE {slot}_addr AS (street text, no int, tags text[]);
+             CREATE TABLE {table} (id bigint PRIMARY KEY, n numeric, small int2, flt real,
+               ok bool, at timestamptz, stamp timestamp, d date, t time, iv interval,
+               j jsonb, js json, ints int[], grid int[][], texts text[], b bytea, u uuid,
+               mood {slot}_mood, price {slot}_price, span int4range, addr {slot}_addr,
+               addrs {slot}_addr[], moods {slot}_mood[], nan numeric, nothing text);
+             ALTER TABLE {table} REPLICA IDENTITY FULL;"
+        ))
+        .await
+        .expect("create");
+    let ps = pubsub().await;
+    let changes = ps.changes();
+    changes
+        .install_change_feed(&table, &pg_pubsub::changes::FeedOptions::new())
+        .await
+        .expect("trigger feed");
+    let mut triggered = changes
+        .subscribe::<Value>(&table, "g")
+        .await
+        .expect("subscribe");
+    let mut wal: WalFeed = ps
+        .wal_feed(&slot)
+        .tables(&[&table])
+        .start()
+        .await
+        .expect("WAL feed");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 12345678.901, -3, 0.1, true,
+               '2026-11-22 03:48:36.5+05:30', '1999-12-31 23:59:59', '2026-02-28', '12:30:00',
+               '1 day 02:00:00', '{{\"b\": [1, 2.50], \"a\": null}}', '{{\"x\": \"y\"}}',
+               '{{1,NULL,3}}', '{{{{1,2}},{{3,4}}}}', '{{\"a b\",\"c,d\",\"e\\\\f\"}}', '\\x00ff',
+               '7f1c3a58-6a4e-4c4b-9d6c-9a7e8f0b1c2d', 'odd one', 19.90, '[1,10)',
+               ROW('Main \"St\", 1', 5, '{{a,\"b c\"}}'),
+               ARRAY[ROW('x', 1, '{{}}')::{slot}_addr], '{{calm,\"odd one\"}}', 'NaN', NULL);
+             UPDATE {table} SET n = 0.5, mood = 'calm' WHERE id = 1;
+             DELETE FROM {table} WHERE id = 1;"
+        ))
+        .await
+        .expect("write");
+
+    let mut from_wal = Vec::new();
+    while from_wal.len() < 3 {
+        if let WalItem::Change { event, .. } = next(&mut wal).await {
+            from_wal.push(event);
+        }
+    }
+    let mut from_triggers = Vec::new();
+    while from_triggers.len() < 3 {
+        let m = next_durable(&mut triggered).await;
+        m.ack();
+        from_triggers.push(m.payload().clone());
+    }
+    for (w, t) in from_wal.iter().zip(&from_triggers) {
+        assert_eq!(w.op, t.op);
+        assert_eq!(w.new, t.new, "{} new: WAL then trigger", w.op);
+        assert_eq!(w.old, t.old, "{} old: WAL then trigger", w.op);
+        for row in [&w.new, &w.old, &t.new, &t.old].into_iter().flatten() {
+            Shaped::deserialize(row).unwrap_or_else(|e| panic!("{e}: {row}"));
+        }
+    }
+    let row = Shaped::deserialize(from_wal[0].new.as_ref().expect("new")).expect("typed");
+    assert_eq!(row.n, 12345678.901);
+    assert_eq!(row.grid, vec![vec![1, 2], vec![3, 4]]);
+    assert_eq!(row.texts, vec!["a b", "c,d", "e\\f"]);
+    assert_eq!(row.mood, "odd one");
+    assert_eq!(row.price, 19.9);
+    assert_eq!(row.span, "[1,10)");
+    assert_eq!(
+        row.addr,
+        Address {
+            street: "Main \"St\", 1".into(),
+            no: 5,
+            tags: vec!["a".into(), "b c".into()]
+        }
+    );
+    assert_eq!(row.nan, json!("NaN"));
+    assert!(
+        row.at.starts_with("2026-11-2") && row.at.contains('T'),
+        "{}",
+        row.at
+    );
+
+    // Column types: in WAL events, and from `Changes::columns` for triggers.
+    let columns = from_wal[0].columns.as_deref().expect("columns");
+    let typed = |c: &pg_pubsub::changes::Column| (c.name.clone(), c.type_name.clone(), c.type_oid);
+    assert_eq!(
+        columns.iter().map(typed).collect::<Vec<_>>(),
+        changes
+            .columns(&table)
+            .await
+            .expect("columns")
+            .iter()
+            .map(typed)
+            .collect::<Vec<_>>()
+    );
+    // `key`: the replica identity (FULL: every column) / the primary key.
+    assert!(columns.iter().all(|c| c.key));
+    let named: HashMap<&str, &str> = columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_name.as_str()))
+        .collect();
+    assert_eq!(named["mood"], format!("{slot}_mood"));
+    assert_eq!(named["price"], format!("{slot}_price"));
+    assert_eq!(named["addrs"], format!("{slot}_addr[]"));
+    assert_eq!(named["span"], "int4range");
+    drop(wal);
     drop_slot_when_free(&ps, &slot).await;
 }
 

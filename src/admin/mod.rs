@@ -30,6 +30,7 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
+use tokio_postgres::types::Type;
 
 use crate::changes::Changes;
 use crate::client::PgPubSub;
@@ -462,7 +463,15 @@ impl Admin {
         self.queue
             .with_client("listing jobs", |c| async move {
                 let rows = c
-                    .query(&sql, &[&queue, &after, &limit, &store::PREVIEW_CHARS])
+                    .query_p(
+                        &sql,
+                        &[
+                            (&queue, Type::TEXT),
+                            (&after, Type::INT8),
+                            (&limit, Type::INT8),
+                            (&store::PREVIEW_CHARS, Type::INT4),
+                        ],
+                    )
                     .await?;
                 Ok(rows.iter().map(store::job_summary).collect())
             })
@@ -475,7 +484,7 @@ impl Admin {
         let sql = store::job_sql(self.schema());
         self.queue
             .with_client("looking a job up", |c| async move {
-                Ok(c.query_opt(&sql, &[&id])
+                Ok(c.query_opt_p(&sql, &[(&id, Type::INT8)])
                     .await?
                     .as_ref()
                     .map(store::job_detail))
@@ -526,7 +535,7 @@ impl Admin {
         let sql = store::retry_dead_all_sql(self.schema());
         self.queue
             .with_client("retrying dead jobs", |c| async move {
-                let n: i64 = c.query_one(&sql, &[&queue]).await?.get(0);
+                let n: i64 = c.query_one_p(&sql, &[(&queue, Type::TEXT)]).await?.get(0);
                 Ok(n.max(0) as u64)
             })
             .await
@@ -540,7 +549,7 @@ impl Admin {
         let sql = store::delete_dead_all_sql(self.schema());
         self.queue
             .with_client("deleting dead jobs", |c| async move {
-                c.execute(&sql, &[&queue]).await
+                c.execute_p(&sql, &[(&queue, Type::TEXT)]).await
             })
             .await
     }
@@ -552,7 +561,7 @@ impl Admin {
         let sql = store::jobs_finished_sql(self.schema());
         self.queue
             .with_client("reading job statistics", |c| async move {
-                Ok(c.query_opt(&sql, &[])
+                Ok(c.query_opt_p(&sql, &[])
                     .await?
                     .and_then(|r| r.get::<_, Option<i64>>(0))
                     .map(|n| n.max(0) as u64))
@@ -568,7 +577,7 @@ impl Admin {
         let mut channels: Vec<ChannelSummary> = self
             .durable()
             .with_client("listing durable channels", |c| async move {
-                Ok(c.query(&sql, &[])
+                Ok(c.query_p(&sql, &[])
                     .await?
                     .iter()
                     .map(store::channel_summary)
@@ -627,7 +636,7 @@ impl Admin {
                 Origin::Changes,
                 "listing replication slots",
                 |c| async move {
-                    Ok(c.query(store::SLOTS_SQL, &[])
+                    Ok(c.query_p(store::SLOTS_SQL, &[])
                         .await?
                         .iter()
                         .map(store::slot_info)
@@ -650,7 +659,7 @@ impl Admin {
                 Origin::Listen,
                 "looking election leaders up",
                 |c| async move {
-                    Ok(c.query(&sql, &[&channels])
+                    Ok(c.query_p(&sql, &[(&channels, Type::TEXT_ARRAY)])
                         .await?
                         .iter()
                         .map(store::elected)

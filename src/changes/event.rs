@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -120,6 +121,43 @@ pub struct ChangeEvent<T = serde_json::Value> {
     /// when false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub rows_omitted: bool,
+    /// The table's columns with their types, in table order: set by the WAL
+    /// feed (from its Relation message; shared by the table's events), absent
+    /// from trigger feed events (ask [`Changes::columns`](crate::changes::Changes::columns)).
+    /// Absent from the JSON when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Arc<[Column]>>,
+}
+
+/// A column of a change's table and its type, so a consumer can decode a
+/// value without guessing (see the module docs for each type's JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Column {
+    /// The column's name.
+    pub name: String,
+    /// Its type as `format_type(oid, NULL)` prints it: `integer`, `numeric`,
+    /// `timestamp with time zone`, `integer[]`, `shop.mood` (a type outside
+    /// the search path is schema-qualified).
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// The type's oid (fixed for built-in types; a database's own for others).
+    pub type_oid: u32,
+    /// Part of the replica identity (WAL feed) or of the primary key
+    /// ([`Changes::columns`](crate::changes::Changes::columns)).
+    #[serde(default)]
+    pub key: bool,
+}
+
+impl Column {
+    pub(crate) fn new(name: String, type_name: String, type_oid: u32, key: bool) -> Column {
+        Column {
+            name,
+            type_name,
+            type_oid,
+            key,
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -145,6 +183,7 @@ impl<T> ChangeEvent<T> {
             committed_at: None,
             key_only: false,
             rows_omitted: false,
+            columns: None,
         }
     }
 
@@ -162,6 +201,7 @@ impl<T> ChangeEvent<T> {
             committed_at: self.committed_at,
             key_only: self.key_only,
             rows_omitted: self.rows_omitted,
+            columns: self.columns,
         }
     }
 

@@ -24,10 +24,9 @@
 //!   partitions), `old` (updates and deletes: the whole old row), `new`,
 //!   `xid` (`pg_current_xact_id()`), `changed_at` (`clock_timestamp()`);
 //!   `committed_at` is null (a trigger cannot know it). Rows are
-//!   `to_json(row)` (`to_jsonb` with a column filter or over NOTIFY):
-//!   numbers stay JSON numbers (numeric at full precision), timestamps are
-//!   strings in the session's time zone, `bytea` is `"\\x…"` hex, arrays
-//!   are JSON arrays, json/jsonb nest, NULL is null.
+//!   `to_json(row)` (`to_jsonb` with a column filter or over NOTIFY): see
+//!   [Row shape](#row-shape). Column types are not in the events:
+//!   [`Changes::columns`] reads them.
 //! * **Order**: the durable channel's (see [`Changes::subscribe`]): per
 //!   row, commit order by the positions' `(tick, seq)`.
 //! * **Target**: a durable channel (default `changes.<schema>.<table>`):
@@ -81,6 +80,49 @@
 //! table loses its triggers with it; its `change_feeds` row stays until
 //! `uninstall_change_feed` or a `DELETE`.
 //!
+//! ## Row shape
+//!
+//! Both feeds give a row as the JSON object PostgreSQL's `to_json(row)`
+//! makes of it (the WAL feed turns pgoutput's text values into that same
+//! JSON by the column's type), so one serde type reads a table's rows
+//! from either feed:
+//!
+//! | column type | JSON |
+//! | --- | --- |
+//! | `boolean` | `true` / `false` |
+//! | `smallint`, `integer`, `bigint`, `real`, `double precision`, `numeric` | number (`12.30`, as PostgreSQL prints it); `NaN`, `Infinity`, `-Infinity` are strings |
+//! | `json`, `jsonb` | the JSON itself |
+//! | `timestamp with time zone` | `"2026-11-22T03:48:36.5+00:00"` (RFC 3339; the offset of the session's `TimeZone`, see below) |
+//! | `timestamp` | `"2026-11-22T03:48:36.5"` |
+//! | `date` | `"2026-11-22"` |
+//! | arrays of any type, any dimensions | JSON arrays (nested), elements by their type; explicit bounds (`[0:2]=`) are dropped |
+//! | composite types | objects of their fields, each by its type |
+//! | domains | as their base type (a domain over `numeric` is a number) |
+//! | enums, ranges, multiranges, `time`, `timetz`, `interval`, `uuid`, `text`, `oid`, `money`, `inet`, everything else | string: the type's text output |
+//! | `bytea` | string `"\\x00ff"` (the `bytea_output` hex form) |
+//! | `NULL` | `null` |
+//!
+//! **`numeric` is a JSON number**, with every digit PostgreSQL prints. It is
+//! what `to_json` gives, so the trigger feed's SQL (and any non-Rust reader
+//! of its channels) is unchanged. In Rust, `serde_json` reads numbers as
+//! `f64` (about 15 significant digits) unless the application turns on
+//! `serde_json`'s `arbitrary_precision` feature: then both feeds keep every
+//! digit, and a decimal type (e.g. `rust_decimal` with its
+//! `serde-arbitrary-precision` feature) reads the column exactly.
+//!
+//! What still differs, per field:
+//!
+//! | field | trigger feed | WAL feed |
+//! | --- | --- | --- |
+//! | `old` | the whole old row | with `REPLICA IDENTITY DEFAULT` (or `USING INDEX`): deletes carry the key columns only, updates only when the key changed (else `None`); with `FULL`, the whole old row, as the trigger feed (`ALTER TABLE t REPLICA IDENTITY FULL`) |
+//! | unchanged TOASTed columns | in the row | left out of `new` (make such fields `#[serde(default)]`) |
+//! | `timestamptz` offset | the writing session's `TimeZone` | the server's default `TimeZone` (the same instant either way) |
+//! | column filters | [`FeedOptions::columns`] / `exclude` | the publication's column list (PostgreSQL 15+) |
+//! | `xid` | 64-bit `xid8` | 32-bit xid |
+//! | `changed_at` / `committed_at` | `changed_at` | `committed_at` |
+//! | `columns` (name, type, oid, key) | not in events: [`Changes::columns`] | in every event (from the Relation message) |
+//! | a type with a cast to `json` (e.g. `hstore`) | the cast's JSON | the text output |
+//!
 //! ## Consuming
 //!
 //! [`Changes::subscribe`] reads the durable channel as a consumer group
@@ -93,7 +135,7 @@ mod options;
 mod store;
 mod trigger;
 
-pub use event::{ChangeEvent, Lsn, Op};
+pub use event::{ChangeEvent, Column, Lsn, Op};
 pub use options::{FeedInfo, FeedOptions, TriggerLevel};
 pub use trigger::Changes;
 

@@ -2,7 +2,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::event::{ChangeEvent, Op};
+use super::event::{ChangeEvent, Column, Op};
 use super::options::{FeedInfo, FeedOptions, TriggerLevel};
 use super::store::{InstallParams, Sql};
 use crate::client::PgPubSub;
@@ -234,6 +234,37 @@ impl Changes {
             .as_ref()
             .map(feed_of)
             .transpose()
+    }
+
+    /// The columns of `table` (any name `regclass` accepts) with their
+    /// types, in table order, `key` set on the primary key's: what trigger
+    /// feed events do not carry, named as the WAL feed's
+    /// [`ChangeEvent::columns`] names them (`format_type(oid, NULL)`).
+    pub async fn columns(&self, table: &str) -> Result<Vec<Column>> {
+        const STAGE: &str = "reading the table's columns";
+        let rows = self
+            .durable
+            .pubsub()
+            .exec()
+            .run_with(STAGE, |client| async move {
+                client
+                    .query(
+                        "SELECT a.attname::text, format_type(a.atttypid, NULL), a.atttypid, \
+                                COALESCE(a.attnum = ANY(i.indkey), false) \
+                         FROM pg_attribute a \
+                         LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                         WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
+                           AND NOT a.attisdropped ORDER BY a.attnum",
+                        &[&table],
+                    )
+                    .await
+                    .map_err(pg_err(STAGE))
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Column::new(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
     }
 
     async fn require_feed(&self, table: &str, notify: bool) -> Result<FeedInfo> {

@@ -78,6 +78,8 @@ mod store;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::types::Type;
+
 pub(crate) use scheduler::shared as shared_scheduler;
 pub use scheduler::Scheduler;
 
@@ -328,22 +330,22 @@ impl ScheduleBuilder {
             .schedules
             .queue
             .with_client("schedule upsert", |client| async move {
-                let now: SystemTime = client.query_one(&sql.now, &[]).await?.get(0);
+                let now: SystemTime = client.query_one_p(&sql.now, &[]).await?.get(0);
                 let next = next_after(&spec, now);
                 client
-                    .query_one(
+                    .query_one_p(
                         &sql.upsert,
                         &[
-                            name,
-                            &kind,
-                            &expr,
-                            &every_us,
-                            tz,
-                            &catch_up,
-                            &target_kind,
-                            &target,
-                            &payload,
-                            &next,
+                            (name, Type::TEXT),
+                            (&kind, Type::TEXT),
+                            (&expr, Type::TEXT),
+                            (&every_us, Type::INT8),
+                            (tz, Type::TEXT),
+                            (&catch_up, Type::TEXT),
+                            (&target_kind, Type::TEXT),
+                            (&target, Type::TEXT),
+                            (&payload, Type::TEXT),
+                            (&next, Type::TIMESTAMPTZ),
                         ],
                     )
                     .await
@@ -373,7 +375,7 @@ impl Schedules {
         let rows = self
             .queue
             .with_client("schedule list", |client| async move {
-                client.query(&sql.list, &[]).await
+                client.query_p(&sql.list, &[]).await
             })
             .await?;
         rows.iter().map(from_row).collect()
@@ -385,7 +387,7 @@ impl Schedules {
         let row = self
             .queue
             .with_client("schedule get", |client| async move {
-                client.query_opt(&sql.get, &[&name]).await
+                client.query_opt_p(&sql.get, &[(&name, Type::TEXT)]).await
             })
             .await?;
         row.as_ref().map(from_row).transpose()
@@ -398,7 +400,7 @@ impl Schedules {
         let n = self
             .queue
             .with_client("schedule remove", |client| async move {
-                client.execute(&sql.remove, &[&name]).await
+                client.execute_p(&sql.remove, &[(&name, Type::TEXT)]).await
             })
             .await?;
         Ok(n > 0)
@@ -411,7 +413,7 @@ impl Schedules {
         let n = self
             .queue
             .with_client("schedule pause", |client| async move {
-                client.execute(&sql.pause, &[&name]).await
+                client.execute_p(&sql.pause, &[(&name, Type::TEXT)]).await
             })
             .await?;
         Ok(n > 0)
@@ -424,16 +426,23 @@ impl Schedules {
         let found = self
             .queue
             .with_client("schedule resume", |mut client| async move {
-                let tx = client.transaction().await?;
-                let Some(row) = tx.query_opt(&sql.lock_one, &[&name]).await? else {
+                let tx = client.transaction_p().await?;
+                let Some(row) = tx
+                    .query_opt_p(&sql.lock_one, &[(&name, Type::TEXT)])
+                    .await?
+                else {
                     return Ok(None);
                 };
-                let now: SystemTime = tx.query_one(&sql.now, &[]).await?.get(0);
+                let now: SystemTime = tx.query_one_p(&sql.now, &[]).await?.get(0);
                 let next = match spec_of(&row) {
                     Ok(spec) => next_after(&spec, now),
                     Err(e) => return Ok(Some(Err(e))),
                 };
-                tx.execute(&sql.resume, &[&name, &next]).await?;
+                tx.execute_p(
+                    &sql.resume,
+                    &[(&name, Type::TEXT), (&next, Type::TIMESTAMPTZ)],
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(Some(Ok(())))
             })

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_postgres::types::Type;
 
 use super::store::{tick_lock_key, Sql};
 use super::{from_row, spec_of, to_ts, CatchUp, Target};
@@ -141,13 +142,16 @@ async fn round(queue: &Queue, sql: &Sql, key: i64) -> Result<Option<Duration>> {
     queue
         .exec
         .run(Origin::Queue, "schedule round", |mut client| async move {
-            let tx = client.transaction().await?;
-            let turn: bool = tx.query_one(sql.try_tick, &[&key]).await?.get(0);
+            let tx = client.transaction_p().await?;
+            let turn: bool = tx
+                .query_one_p(sql.try_tick, &[(&key, Type::INT8)])
+                .await?
+                .get(0);
             if !turn {
                 return Ok(None);
             }
-            let now: SystemTime = tx.query_one(&sql.now, &[]).await?.get(0);
-            for row in tx.query(&sql.due, &[]).await? {
+            let now: SystemTime = tx.query_one_p(&sql.now, &[]).await?.get(0);
+            for row in tx.query_p(&sql.due, &[]).await? {
                 let name: &str = row.get(0);
                 let info = from_row(&row);
                 let planned = spec_of(&row).and_then(|spec| {
@@ -164,7 +168,9 @@ async fn round(queue: &Queue, sql: &Sql, key: i64) -> Result<Option<Duration>> {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!(schedule = name, error = %e, "pg-pubsub: schedule unreadable, stopped");
-                        tx.execute(&sql.broken, &[&name, &e.to_string()]).await?;
+                        let error = e.to_string();
+                        tx.execute_p(&sql.broken, &[(&name, Type::TEXT), (&error, Type::TEXT)])
+                            .await?;
                         continue;
                     }
                 };
@@ -172,19 +178,40 @@ async fn round(queue: &Queue, sql: &Sql, key: i64) -> Result<Option<Duration>> {
                     let slot = SystemTime::from(*slot);
                     match &info.target {
                         Target::Queue(q) => {
-                            tx.execute(&sql.enqueue, &[q, &info.payload, &slot]).await?;
+                            tx.execute_p(
+                                &sql.enqueue,
+                                &[
+                                    (q, Type::TEXT),
+                                    (&info.payload, Type::TEXT),
+                                    (&slot, Type::TIMESTAMPTZ),
+                                ],
+                            )
+                            .await?;
                         }
                         Target::Channel(c) => {
-                            tx.execute(&sql.publish, &[c, &info.payload]).await?;
+                            tx.execute_p(
+                                &sql.publish,
+                                &[(c, Type::TEXT), (&info.payload, Type::TEXT)],
+                            )
+                            .await?;
                         }
                     }
                 }
                 let last = plan.fire.last().copied().map(SystemTime::from);
                 let next = plan.next.map(SystemTime::from);
                 let n = plan.fire.len() as i64;
-                tx.execute(&sql.fired, &[&name, &next, &last, &n]).await?;
+                tx.execute_p(
+                    &sql.fired,
+                    &[
+                        (&name, Type::TEXT),
+                        (&next, Type::TIMESTAMPTZ),
+                        (&last, Type::TIMESTAMPTZ),
+                        (&n, Type::INT8),
+                    ],
+                )
+                .await?;
             }
-            let wait: Option<f64> = tx.query_one(&sql.wait, &[]).await?.get(0);
+            let wait: Option<f64> = tx.query_one_p(&sql.wait, &[]).await?.get(0);
             tx.commit().await?;
             Ok(wait.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(MAX_SLEEP)))
         })

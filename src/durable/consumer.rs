@@ -13,6 +13,7 @@ use super::message::Acks;
 use super::plan::ReadPlan;
 use super::position::Position;
 use super::reader::{Counts, Reader};
+use super::role::Role;
 use super::subscription::DurableSubscription;
 use super::Durable;
 use crate::channel::ChannelName;
@@ -133,7 +134,9 @@ impl<T: Decode> ConsumerBuilder<T> {
     /// [quiet](Durable::set_quiet) channel (published without wake-ups)
     /// after an idle period, and of a message whose wake-up was lost.
     /// `Some(poll_interval)` turns the backoff off. Default: `None`, 8
-    /// times the poll interval (8 s by default).
+    /// times the poll interval (8 s by default); behind a pooler in
+    /// transaction mode, where no wake-up comes, the poll interval (no
+    /// backoff).
     pub fn max_poll_interval(mut self, interval: Option<Duration>) -> Self {
         self.max_poll_interval = interval;
         self
@@ -202,7 +205,9 @@ impl<T: Decode> ConsumerBuilder<T> {
             ));
         }
         let durable = self.durable;
-        durable.pubsub.needs_session("start a durable consumer")?;
+        // Behind a pooler in transaction mode: no LISTEN, so no wake-ups
+        // (poll only) and a lease row instead of the listener's election.
+        let pooled = durable.pubsub.is_transaction_pooled();
         durable.install().await?;
         if let Some(age) = self.max_age {
             durable.claim_max_age(channel.as_str(), age).await?;
@@ -212,19 +217,42 @@ impl<T: Decode> ConsumerBuilder<T> {
 
         let pubsub = durable.pubsub.clone();
         let election = election_channel(&durable.schema, channel.as_str(), &self.group);
-        // Leadership is read from the handle's shared state (not the lossy
-        // public events): watched first, so no change can be missed.
-        let lead = pubsub.inner.leading.watch(&election);
-        let wake = pubsub
-            .inner
-            .durable_wakeups
-            .register(&pubsub, &durable.schema, channel.as_str())
-            .await?;
-        let elected = pubsub
-            .listen::<Text>(&election)
-            .single_listener(true)
-            .filtered(false)
-            .await?;
+        let (wake, role) = if pooled {
+            let lease = crate::lease::start(&pubsub, &durable.schema, &election)?;
+            (None, Role::Leased(lease))
+        } else {
+            // Leadership is read from the handle's shared state (not the
+            // lossy public events): watched first, so no change can be missed.
+            let watch = pubsub.inner.leading.watch(&election);
+            let wake = pubsub
+                .inner
+                .durable_wakeups
+                .register(&pubsub, &durable.schema, channel.as_str())
+                .await?;
+            let subscription = pubsub
+                .listen::<Text>(&election)
+                .single_listener(true)
+                .filtered(false)
+                .await?;
+            let role = Role::Elected {
+                leading: pubsub.inner.leading.clone(),
+                election: election.clone(),
+                subscription,
+                watch,
+            };
+            (Some(wake), role)
+        };
+        let lease = match &role {
+            Role::Leased(lease) => Some(lease.clone()),
+            Role::Elected { .. } => None,
+        };
+        // Without wake-ups, backing off would only delay: poll at the poll
+        // interval unless told otherwise.
+        let max_poll_interval = match self.max_poll_interval {
+            Some(max) => max,
+            None if pooled => self.poll_interval,
+            None => self.poll_interval.saturating_mul(IDLE_BACKOFF),
+        };
         let group: Arc<str> = Arc::from(self.group.as_str());
         let acks = Arc::new(Acks::new(&durable.schema, channel.clone(), group.clone()));
         let counts = Arc::new(Counts::default());
@@ -237,13 +265,10 @@ impl<T: Decode> ConsumerBuilder<T> {
             durable: durable.clone(),
             channel: channel.clone(),
             group: group.clone(),
-            election: election.clone(),
             plan: ReadPlan::new(
                 self.batch_size,
                 self.poll_interval,
-                self.max_poll_interval
-                    .unwrap_or(self.poll_interval.saturating_mul(IDLE_BACKOFF))
-                    .max(self.poll_interval),
+                max_poll_interval.max(self.poll_interval),
             ),
             decode: self.decode,
             acks: acks.clone(),
@@ -270,7 +295,7 @@ impl<T: Decode> ConsumerBuilder<T> {
         let task = tokio::spawn(async move {
             // A reader blocked handing over a page nobody reads stops too.
             tokio::select! {
-                () = reader.run(wake, elected, lead) => {}
+                () = reader.run(wake, role) => {}
                 _ = stopped.wait_for(|s| *s) => {}
             }
             drop(reading);
@@ -285,6 +310,7 @@ impl<T: Decode> ConsumerBuilder<T> {
             channel,
             group,
             election,
+            lease,
             acks,
             counts,
             rx,

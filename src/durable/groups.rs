@@ -2,6 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::types::Type;
+
 use super::position::Position;
 use super::store::position_of;
 use super::Durable;
@@ -77,7 +79,7 @@ impl Durable {
         let ch = channel.as_str();
         let rows = self
             .with_client("listing durable groups", |c| async move {
-                c.query(&sql, &[&ch]).await
+                c.query_p(&sql, &[(&ch, Type::TEXT)]).await
             })
             .await?;
         rows.iter()
@@ -93,16 +95,25 @@ impl Durable {
             .collect()
     }
 
-    /// Removes `group` from `channel` (its cursor no longer holds messages back).
+    /// Removes `group` from `channel` (its cursor no longer holds messages
+    /// back), with its lease, if it had one (consumed behind a pooler in
+    /// transaction mode).
     pub async fn remove_group(&self, channel: &str, group: &str) -> Result<bool> {
         let channel = ChannelName::new(channel)?;
+        let s = self.schema.as_str();
         let sql = format!(
-            "DELETE FROM {}.groups WHERE channel = $1 AND group_name = $2",
-            self.schema.as_str()
+            "WITH lease AS (DELETE FROM {s}.leases WHERE name = $3) \
+             DELETE FROM {s}.groups WHERE channel = $1 AND group_name = $2"
         );
         let ch = channel.as_str();
+        let lease = crate::schema::election_channel(&self.schema, ch, group);
         self.with_client("removing a durable group", |c| async move {
-            Ok(c.execute(&sql, &[&ch, &group]).await? == 1)
+            let params: &crate::tx::Params = &[
+                (&ch, Type::TEXT),
+                (&group, Type::TEXT),
+                (&lease, Type::TEXT),
+            ];
+            Ok(c.execute_p(&sql, params).await? == 1)
         })
         .await
     }
@@ -153,8 +164,16 @@ impl Durable {
             .with_client("durable retention", |c| async move {
                 // Two transactions: a partition is emptied only once
                 // publishers have been told to write elsewhere.
-                c.execute(&rotate, &[&wait]).await?;
-                c.query_one(&sql, &[&ch, &max_age_secs, &wait]).await
+                c.execute_p(&rotate, &[(&wait, Type::BOOL)]).await?;
+                c.query_one_p(
+                    &sql,
+                    &[
+                        (&ch, Type::TEXT),
+                        (&max_age_secs, Type::FLOAT8),
+                        (&wait, Type::BOOL),
+                    ],
+                )
+                .await
             })
             .await
             .map_err(max_age_conflict)?;
@@ -199,7 +218,8 @@ impl Durable {
         );
         let ch = channel.as_str();
         self.with_client("setting the durable max age", |c| async move {
-            c.execute(&sql, &[&ch, &max_age_secs]).await?;
+            c.execute_p(&sql, &[(&ch, Type::TEXT), (&max_age_secs, Type::FLOAT8)])
+                .await?;
             Ok(())
         })
         .await
@@ -225,7 +245,8 @@ impl Durable {
         let ch = channel.as_str();
         let row = self
             .with_client("checking the durable max age", |c| async move {
-                c.query_one(&sql, &[&ch, &secs]).await
+                c.query_one_p(&sql, &[(&ch, Type::TEXT), (&secs, Type::FLOAT8)])
+                    .await
             })
             .await?;
         if row.get::<_, Option<bool>>(0) == Some(true) {

@@ -173,10 +173,6 @@ impl AckParams {
             (&self.seq, Type::INT8),
         ]
     }
-
-    pub(crate) fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
-        self.typed().map(|(value, _)| value)
-    }
 }
 
 impl Acks {

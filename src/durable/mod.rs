@@ -180,6 +180,22 @@
 //!   ([`Builder::pool_size`](crate::Builder::pool_size)) for that, or
 //!   spread the channels over several handles.
 //!
+//! **Behind a pooler in transaction mode**
+//! ([`PgPubSub::is_transaction_pooled`]) there is no session to `LISTEN`
+//! or hold a lock on: consumers poll every
+//! [`ConsumerBuilder::poll_interval`] (no idle backoff unless
+//! [`ConsumerBuilder::max_poll_interval`] asks for it), and the group's
+//! active consumer holds a lease, a row of `<schema>.leases` named by the
+//! election channel, renewed every third of
+//! [`Builder::lease_duration`](crate::Builder::lease_duration) (10 s by
+//! default). A standby takes an expired lease at its next try (every
+//! [`Builder::lock_retry_interval`](crate::Builder::lock_retry_interval)),
+//! so a dead consumer is replaced within the lease duration and the retry
+//! interval; closing or dropping a consumer, or shutting its handle down,
+//! releases its lease at once. An active consumer that cannot renew (its
+//! server unreachable) stops delivering when its lease runs out, before
+//! anyone else can take it. Every statement is sent unnamed.
+//!
 //! [`Durable::events`] reports the role of each of the instance's
 //! consumers: [`DurableEvent::Active`] when one becomes active,
 //! [`DurableEvent::Standby`] when it stands by (or loses the election). The
@@ -331,6 +347,7 @@ mod position;
 mod publish;
 mod quiet;
 mod reader;
+mod role;
 mod store;
 mod subscription;
 mod wakeups;
@@ -349,6 +366,7 @@ pub use message::{DurableDelivery, DurableMessage};
 pub use position::Position;
 pub use reader::ConsumerStats;
 pub use subscription::DurableSubscription;
+pub(crate) use subscription::{AckWriter, Activity};
 
 use crate::client::PgPubSub;
 use crate::error::{Origin, Result};
@@ -446,8 +464,12 @@ impl Durable {
         let channel = crate::ChannelName::new(channel)?;
         let sql = format!("SELECT {}.tick($1)", self.schema.as_str());
         self.with_client("durable tick", |client| async move {
-            let stmt = client.prepare_cached(&sql).await?;
-            let row = client.query_one(&stmt, &[&channel.as_str()]).await?;
+            let row = client
+                .query_one_p(
+                    &sql,
+                    &[(&channel.as_str(), tokio_postgres::types::Type::TEXT)],
+                )
+                .await?;
             Ok(row.get::<_, i64>(0))
         })
         .await

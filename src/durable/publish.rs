@@ -157,8 +157,12 @@ impl Durable {
                 let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
                 let (sql, channel) = (&sql, &channel);
                 self.with_client("durable publish_batch", |client| async move {
-                    let stmt = client.prepare_cached(sql).await?;
-                    client.execute(&stmt, &[&channel.as_str(), &texts]).await?;
+                    client
+                        .execute_p(
+                            sql,
+                            &[(&channel.as_str(), Type::TEXT), (&texts, Type::TEXT_ARRAY)],
+                        )
+                        .await?;
                     Ok(())
                 })
                 .await
@@ -209,7 +213,12 @@ impl Durable {
         );
         let channel = &channel;
         self.with_client("durable set_quiet", |client| async move {
-            client.execute(&sql, &[&channel.as_str(), &quiet]).await?;
+            client
+                .execute_p(
+                    &sql,
+                    &[(&channel.as_str(), Type::TEXT), (&quiet, Type::BOOL)],
+                )
+                .await?;
             Ok(())
         })
         .await?;

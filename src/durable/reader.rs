@@ -6,15 +6,15 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::message::{Acks, DurableDelivery, DurableMessage};
 use super::plan::{ReadPlan, Step};
 use super::position::{Position, Xid8};
+use super::role::Role;
 use super::store::Range;
 use super::Durable;
 use crate::channel::ChannelName;
-use crate::driver::LeadWatch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::DurableEvent;
 
@@ -26,7 +26,6 @@ pub(super) struct Reader<T> {
     pub(super) durable: Durable,
     pub(super) channel: ChannelName,
     pub(super) group: Arc<str>,
-    pub(super) election: String,
     /// Where to read next and how long to wait (the decisions, no I/O).
     pub(super) plan: ReadPlan<Range>,
     pub(super) decode: Decode<T>,
@@ -62,18 +61,12 @@ enum Wake {
 }
 
 impl<T: Send + 'static> Reader<T> {
-    pub(super) async fn run(
-        mut self,
-        wake: super::wakeups::Waiter,
-        mut elected: crate::Subscription<crate::Text>,
-        mut lead: LeadWatch,
-    ) {
-        let leading = self.durable.pubsub.inner.leading.clone();
+    pub(super) async fn run(mut self, wake: Option<super::wakeups::Waiter>, mut role: Role) {
         let mut next_retain = self.retain_every.map(|d| tokio::time::Instant::now() + d);
         loop {
-            lead.mark_unchanged();
+            role.mark_unchanged();
             // `listen` of the election returned: not leading is standing by.
-            if self.plan.lead(leading.term(&self.election)) {
+            if self.plan.lead(role.term()) {
                 self.set_active(true);
                 if let (Some(at), Some(every)) = (next_retain, self.retain_every) {
                     if tokio::time::Instant::now() >= at {
@@ -109,12 +102,8 @@ impl<T: Send + 'static> Reader<T> {
             }
             let wait = tokio::select! {
                 _ = self.stop.changed() => Wake::Stop,
-                open = wake.woken() => if open { Wake::Now } else { Wake::Stop },
-                d = elected.next() => match d {
-                    Some(_) => Wake::Now,
-                    None => Wake::Stop,
-                },
-                () = lead.changed() => Wake::Now,
+                open = woken(wake.as_ref()) => if open { Wake::Now } else { Wake::Stop },
+                open = role.changed() => if open { Wake::Now } else { Wake::Stop },
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
             };
             match wait {
@@ -291,9 +280,15 @@ impl<T: Send + 'static> Reader<T> {
         let (read, last, held, closed) = self
             .durable
             .with_client("reading the durable channel", |c| async move {
-                let stmt = c.prepare_cached(&sql).await?;
-                let params: [&(dyn ToSql + Sync); 6] = [&ch, lo, snap, &xid, &at.seq, &limit_param];
-                let rows = c.query_raw(&stmt, params).await?;
+                let params: [(&(dyn ToSql + Sync), Type); 6] = [
+                    (&ch, Type::TEXT),
+                    (lo, Type::XID8),
+                    (snap, Type::PG_SNAPSHOT),
+                    (&xid, Type::XID8),
+                    (&at.seq, Type::INT8),
+                    (&limit_param, Type::INT8),
+                ];
+                let rows = c.query_raw_p(&sql, &params).await?;
                 futures::pin_mut!(rows);
                 let (mut page, mut held, mut read, mut last) = (page, Vec::new(), 0, None);
                 let mut closed = false;
@@ -347,6 +342,15 @@ impl<T: Send + 'static> Reader<T> {
         }
         self.delivered.add(read);
         Ok(self.plan.streamed(range, read, last))
+    }
+}
+
+/// A wake-up of the channel; never without wake-ups (poll-only, behind a
+/// pooler in transaction mode). False once the handle shut down.
+async fn woken(wake: Option<&super::wakeups::Waiter>) -> bool {
+    match wake {
+        Some(w) => w.woken().await,
+        None => std::future::pending().await,
     }
 }
 

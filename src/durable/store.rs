@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::Type;
 
 use super::consumer::Start;
 use super::message::Acks;
@@ -11,6 +11,7 @@ use super::position::{Position, Snapshot, Xid8};
 use super::Durable;
 use crate::channel::ChannelName;
 use crate::error::{Error, Origin, Result, Stage};
+use crate::tx::Params;
 
 impl Durable {
     pub(super) async fn start_position(
@@ -33,7 +34,10 @@ impl Durable {
                 let ch = channel.as_str();
                 let t: i64 = self
                     .with_client("durable start time", |c| async move {
-                        Ok(c.query_one(&sql, &[&ch, &at]).await?.get(0))
+                        let row = c
+                            .query_one_p(&sql, &[(&ch, Type::TEXT), (&at, Type::TIMESTAMPTZ)])
+                            .await?;
+                        Ok(row.get(0))
                     })
                     .await?;
                 Position::end_of_tick(t)
@@ -54,8 +58,17 @@ impl Durable {
         );
         let (ch, xid) = (channel.as_str(), p.xid8());
         self.with_client("creating the durable group", |c| async move {
-            c.execute(&sql, &[&ch, &group, &p.tick, &xid, &p.seq])
-                .await?;
+            c.execute_p(
+                &sql,
+                &[
+                    (&ch, Type::TEXT),
+                    (&group, Type::TEXT),
+                    (&p.tick, Type::INT8),
+                    (&xid, Type::XID8),
+                    (&p.seq, Type::INT8),
+                ],
+            )
+            .await?;
             Ok(())
         })
         .await
@@ -79,7 +92,8 @@ impl Durable {
         let ch = channel.as_str();
         let row = self
             .with_client("loading the durable cursor", |c| async move {
-                c.query_opt(&sql, &[&ch, &group]).await
+                c.query_opt_p(&sql, &[(&ch, Type::TEXT), (&group, Type::TEXT)])
+                    .await
             })
             .await?
             .ok_or_else(|| {
@@ -122,8 +136,8 @@ impl Durable {
         let ch = channel.as_str();
         let row = self
             .with_client("ticking the durable channel", |c| async move {
-                let stmt = c.prepare_cached(&sql).await?;
-                c.query_one(&stmt, &[&ch, &group]).await
+                c.query_one_p(&sql, &[(&ch, Type::TEXT), (&group, Type::TEXT)])
+                    .await
             })
             .await?;
         Ok(row.get(1))
@@ -147,12 +161,25 @@ impl Durable {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let (tick, rows) = self
             .with_client("ticking and reading the durable channel", |c| async move {
-                let (ts, rs) =
-                    futures::try_join!(c.prepare_cached(&tick_sql), c.prepare_cached(&read_sql))?;
-                let tick_params: [&(dyn ToSql + Sync); 2] = [&ch, &group];
-                let read_params: [&(dyn ToSql + Sync); 5] =
-                    [&ch, &after.tick, &xid, &after.seq, &limit];
-                futures::try_join!(c.query_one(&ts, &tick_params), c.query(&rs, &read_params))
+                let tick_params: &Params = &[(&ch, Type::TEXT), (&group, Type::TEXT)];
+                let read_params: &Params = &[
+                    (&ch, Type::TEXT),
+                    (&after.tick, Type::INT8),
+                    (&xid, Type::XID8),
+                    (&after.seq, Type::INT8),
+                    (&limit, Type::INT4),
+                ];
+                if c.unnamed() {
+                    // A pooler in transaction mode may give the second
+                    // statement of a pipeline another server connection
+                    // before the first one ended: one after the other.
+                    let tick = c.query_one_p(&tick_sql, tick_params).await?;
+                    return Ok((tick, c.query_p(&read_sql, read_params).await?));
+                }
+                futures::try_join!(
+                    c.query_one_p(&tick_sql, tick_params),
+                    c.query_p(&read_sql, read_params)
+                )
             })
             .await?;
         Ok((tick.get(1), rows_of(&rows)?))
@@ -170,9 +197,17 @@ impl Durable {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let rows = self
             .with_client("reading the durable channel", |c| async move {
-                let stmt = c.prepare_cached(&sql).await?;
-                c.query(&stmt, &[&ch, &after.tick, &xid, &after.seq, &limit])
-                    .await
+                c.query_p(
+                    &sql,
+                    &[
+                        (&ch, Type::TEXT),
+                        (&after.tick, Type::INT8),
+                        (&xid, Type::XID8),
+                        (&after.seq, Type::INT8),
+                        (&limit, Type::INT4),
+                    ],
+                )
+                .await
             })
             .await?;
         rows_of(&rows)
@@ -192,9 +227,16 @@ impl Durable {
         let (ch, xid) = (channel.as_str(), after.xid8());
         let row = self
             .with_client("reading the durable batch bounds", |c| async move {
-                let stmt = c.prepare_cached(&sql).await?;
-                c.query_opt(&stmt, &[&ch, &after.tick, &xid, &after.seq])
-                    .await
+                c.query_opt_p(
+                    &sql,
+                    &[
+                        (&ch, Type::TEXT),
+                        (&after.tick, Type::INT8),
+                        (&xid, Type::XID8),
+                        (&after.seq, Type::INT8),
+                    ],
+                )
+                .await
             })
             .await?;
         row.map(|r| {
@@ -217,8 +259,7 @@ impl Durable {
         let params = acks.ack_params(p);
         let sql = &acks.ack_sql;
         self.with_client("writing acks", |c| async move {
-            let stmt = c.prepare_cached(sql).await?;
-            c.execute(&stmt, &params.as_params()).await?;
+            c.execute_p(sql, &params.typed()).await?;
             Ok(())
         })
         .await

@@ -29,6 +29,8 @@ pub struct DurableSubscription<T> {
     pub(super) channel: ChannelName,
     pub(super) group: Arc<str>,
     pub(super) election: String,
+    /// Behind a pooler in transaction mode, the group's lease.
+    pub(super) lease: Option<crate::lease::LeaseWatch>,
     pub(super) acks: Arc<Acks>,
     pub(super) counts: Arc<Counts>,
     pub(super) rx: mpsc::Receiver<Vec<DurableDelivery<T>>>,
@@ -58,7 +60,17 @@ impl<T> DurableSubscription<T> {
 
     /// Whether this instance is the group's active consumer now.
     pub fn is_active(&self) -> bool {
-        self.durable.pubsub.is_leader(&self.election)
+        self.activity().is_active()
+    }
+
+    /// What tells whether this instance is active, from another task (a
+    /// relay's stats, while the relay's task owns the subscription).
+    pub(crate) fn activity(&self) -> Activity {
+        Activity {
+            lease: self.lease.clone(),
+            pubsub: self.durable.pubsub.clone(),
+            election: self.election.clone(),
+        }
     }
 
     /// Events of the durable consumers of this subscription's
@@ -78,15 +90,15 @@ impl<T> DurableSubscription<T> {
 
     /// Writes the acks given so far to the group's cursor now.
     pub async fn flush(&self) -> Result<()> {
-        match self.acks.take() {
-            Some(p) => self
-                .durable
-                .write_ack(&self.acks, p)
-                .await
-                .inspect_err(|_| {
-                    self.acks.restore(p);
-                }),
-            None => Ok(()),
+        self.ack_writer().flush().await
+    }
+
+    /// Writes this subscription's acks from another task: the relay acks
+    /// one batch while it reads the next.
+    pub(crate) fn ack_writer(&self) -> AckWriter {
+        AckWriter {
+            durable: self.durable.clone(),
+            acks: self.acks.clone(),
         }
     }
 
@@ -121,6 +133,45 @@ impl<T> DurableSubscription<T> {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+}
+
+/// Whether a subscription is its group's active consumer: it holds the
+/// group's lease behind a pooler, else it leads the group's election.
+pub(crate) struct Activity {
+    lease: Option<crate::lease::LeaseWatch>,
+    pubsub: crate::PgPubSub,
+    election: String,
+}
+
+impl Activity {
+    pub(crate) fn is_active(&self) -> bool {
+        match &self.lease {
+            Some(lease) => lease.term().is_some(),
+            None => self.pubsub.is_leader(&self.election),
+        }
+    }
+}
+
+/// What [`DurableSubscription::flush`] needs, apart from the stream.
+pub(crate) struct AckWriter {
+    durable: Durable,
+    acks: Arc<Acks>,
+}
+
+impl AckWriter {
+    /// Writes the acks given so far to the group's cursor now.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        match self.acks.take() {
+            Some(p) => self
+                .durable
+                .write_ack(&self.acks, p)
+                .await
+                .inspect_err(|_| {
+                    self.acks.restore(p);
+                }),
+            None => Ok(()),
         }
     }
 }

@@ -46,6 +46,7 @@ use crate::client::PgPubSub;
 use crate::error::{Error, Origin, Result};
 use crate::schema::SchemaName;
 use store::{Sql, LAG_CAP, OLDEST_XMIN, SLOTS};
+use tokio_postgres::types::Type;
 
 /// The metric names, and what each one means.
 pub mod names {
@@ -282,11 +283,14 @@ impl PgPubSub {
 }
 
 /// Rows of a statement, or none when `skip` (its tables are not there).
+/// Unnamed behind a pooler in transaction mode (a statement cached on the
+/// pooled client would be missing on the next server connection).
 async fn rows(
     tx: &deadpool_postgres::Transaction<'_>,
+    unnamed: bool,
     skip: bool,
     sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    params: &crate::tx::Params<'_>,
     origin: Origin,
     stage: &str,
 ) -> Result<Vec<tokio_postgres::Row>> {
@@ -294,8 +298,12 @@ async fn rows(
         return Ok(Vec::new());
     }
     let run = async {
-        let stmt = tx.prepare_cached(sql).await?;
-        tx.query(&stmt, params).await
+        if unnamed {
+            let plain: &tokio_postgres::Transaction<'_> = tx;
+            crate::tx::query(plain, sql, params).await
+        } else {
+            crate::tx::query(tx, sql, params).await
+        }
     };
     run.await.map_err(|e| Error::pg(origin, stage, e))
 }
@@ -342,6 +350,7 @@ impl Metrics {
             .run_with("collecting metrics", |mut c| async move {
                 const STAGE: &str = "metrics: starting";
                 let pg = |origin, stage| move |e| Error::pg(origin, stage, e);
+                let unnamed = c.unnamed();
                 let tx = c
                     .build_transaction()
                     .read_only(true)
@@ -352,18 +361,19 @@ impl Metrics {
                 // than running them; and no rows for tables not installed.
                 let (jobs_table, groups_table) = (&sql.jobs_table, &sql.groups_table);
                 let found = tx
-                    .query_one(
+                    .query_typed_one(
                         "SELECT set_config('jit', 'off', true), \
                          to_regclass($1::text) IS NULL, to_regclass($2::text) IS NULL",
-                        &[jobs_table, groups_table],
+                        &[(jobs_table, Type::TEXT), (groups_table, Type::TEXT)],
                     )
                     .await
                     .map_err(pg(Origin::Queue, STAGE))?;
                 let (no_jobs, no_groups): (bool, bool) = (found.get(1), found.get(2));
-                let cap: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&LAG_CAP];
+                let cap: &crate::tx::Params = &[(&LAG_CAP, Type::INT8)];
                 let got = futures::try_join!(
                     rows(
                         &tx,
+                        unnamed,
                         no_jobs,
                         &sql.jobs,
                         &[],
@@ -372,14 +382,16 @@ impl Metrics {
                     ),
                     rows(
                         &tx,
+                        unnamed,
                         no_groups,
                         &sql.groups,
-                        &cap,
+                        cap,
                         Origin::Durable,
                         "metrics: durable group lag"
                     ),
                     rows(
                         &tx,
+                        unnamed,
                         false,
                         SLOTS,
                         &[],
@@ -388,6 +400,7 @@ impl Metrics {
                     ),
                     rows(
                         &tx,
+                        unnamed,
                         false,
                         OLDEST_XMIN,
                         &[],

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::types::Type;
+
 use super::{check_queue, Queue};
 use crate::error::Result;
 
@@ -85,7 +87,7 @@ impl Queue {
              GROUP BY q.queue, l.queue ORDER BY q.queue"
         );
         self.with_client("queue stats", |client| async move {
-            let rows = client.query(&sql, &[]).await?;
+            let rows = client.query_p(&sql, &[]).await?;
             Ok(rows
                 .iter()
                 .map(|r| QueueStats {
@@ -116,7 +118,9 @@ impl Queue {
             self.obj("dead_jobs")
         );
         self.with_client("listing dead jobs", |client| async move {
-            let rows = client.query(&sql, &[&queue, &limit]).await?;
+            let rows = client
+                .query_p(&sql, &[(&queue, Type::TEXT), (&limit, Type::INT8)])
+                .await?;
             Ok(rows
                 .iter()
                 .map(|r| DeadJob {
@@ -139,7 +143,7 @@ impl Queue {
     pub async fn retry_dead(&self, id: i64) -> Result<bool> {
         let sql = format!("SELECT {}($1)", self.obj("retry_dead"));
         self.with_client("retrying a dead job", |client| async move {
-            Ok(client.query_one(&sql, &[&id]).await?.get(0))
+            Ok(client.query_one_p(&sql, &[(&id, Type::INT8)]).await?.get(0))
         })
         .await
     }
@@ -148,7 +152,7 @@ impl Queue {
     pub async fn delete_dead(&self, id: i64) -> Result<bool> {
         let sql = format!("DELETE FROM {} WHERE id = $1", self.obj("dead_jobs"));
         self.with_client("deleting a dead job", |client| async move {
-            Ok(client.execute(&sql, &[&id]).await? == 1)
+            Ok(client.execute_p(&sql, &[(&id, Type::INT8)]).await? == 1)
         })
         .await
     }

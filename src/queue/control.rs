@@ -4,6 +4,7 @@
 use std::time::SystemTime;
 
 use serde::Serialize;
+use tokio_postgres::types::Type;
 
 use super::{check_queue, Queue};
 use crate::error::Result;
@@ -103,7 +104,7 @@ impl Queue {
     pub async fn cancel(&self, id: i64) -> Result<Cancelled> {
         let sql = format!("SELECT {}($1)", self.obj("cancel"));
         self.with_client("cancelling a job", |client| async move {
-            let row = client.query_one(&sql, &[&id]).await?;
+            let row = client.query_one_p(&sql, &[(&id, Type::INT8)]).await?;
             Ok(match row.get::<_, Option<&str>>(0) {
                 Some("removed") => Cancelled::Removed,
                 Some("signalled") => Cancelled::Signalled,
@@ -128,7 +129,10 @@ impl Queue {
         );
         let channel = self.schema.queue_control_channel();
         self.with_client("pausing a queue", |client| async move {
-            Ok(client.query_one(&sql, &[&queue, &channel]).await?.get(0))
+            Ok(client
+                .query_one_p(&sql, &[(&queue, Type::TEXT), (&channel, Type::TEXT)])
+                .await?
+                .get(0))
         })
         .await
     }
@@ -144,7 +148,10 @@ impl Queue {
         );
         let channel = self.schema.queue_control_channel();
         self.with_client("resuming a queue", |client| async move {
-            Ok(client.query_one(&sql, &[&queue, &channel]).await?.get(0))
+            Ok(client
+                .query_one_p(&sql, &[(&queue, Type::TEXT), (&channel, Type::TEXT)])
+                .await?
+                .get(0))
         })
         .await
     }
@@ -157,7 +164,10 @@ impl Queue {
             self.obj("paused_queues")
         );
         self.with_client("checking for a pause", |client| async move {
-            Ok(client.query_one(&sql, &[&queue]).await?.get(0))
+            Ok(client
+                .query_one_p(&sql, &[(&queue, Type::TEXT)])
+                .await?
+                .get(0))
         })
         .await
     }
@@ -175,7 +185,7 @@ impl Queue {
         );
         self.with_client("listing finished jobs", |client| async move {
             Ok(client
-                .query(&sql, &[&queue, &limit])
+                .query_p(&sql, &[(&queue, Type::TEXT), (&limit, Type::INT8)])
                 .await?
                 .iter()
                 .map(finished)
@@ -191,7 +201,11 @@ impl Queue {
             self.obj("finished_jobs")
         );
         self.with_client("looking a finished job up", |client| async move {
-            Ok(client.query_opt(&sql, &[&id]).await?.as_ref().map(finished))
+            Ok(client
+                .query_opt_p(&sql, &[(&id, Type::INT8)])
+                .await?
+                .as_ref()
+                .map(finished))
         })
         .await
     }

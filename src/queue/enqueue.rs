@@ -289,19 +289,18 @@ impl Queue {
             let texts: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
             let sql = &sql;
             self.with_client("enqueue_batch", |client| async move {
-                let stmt = client.prepare_cached(sql).await?;
                 let delay = options.delay_secs().unwrap_or(0.0);
                 let attempts = options.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
                 client
-                    .execute(
-                        &stmt,
+                    .execute_p(
+                        sql,
                         &[
-                            &queue,
-                            &texts,
-                            &options.run_at,
-                            &delay,
-                            &options.priority,
-                            &attempts,
+                            (&queue, Type::TEXT),
+                            (&texts, Type::TEXT_ARRAY),
+                            (&options.run_at, Type::TIMESTAMPTZ),
+                            (&delay, Type::FLOAT8),
+                            (&options.priority, Type::INT2),
+                            (&attempts, Type::INT4),
                         ],
                     )
                     .await?;

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tokio_postgres::types::Type;
+
 use super::{check_queue, Queue};
 use crate::error::{Error, Origin, Result};
 
@@ -119,7 +121,10 @@ impl Queue {
             let sql = format!("DELETE FROM {t} WHERE queue = $1");
             return self
                 .with_client("removing queue limits", |client| async move {
-                    client.execute(&sql, &[&queue]).await.map(drop)
+                    client
+                        .execute_p(&sql, &[(&queue, Type::TEXT)])
+                        .await
+                        .map(drop)
                 })
                 .await;
         }
@@ -141,7 +146,16 @@ impl Queue {
         let secs = limits.rate.map(|r| r.per.as_secs_f64());
         self.with_client("setting queue limits", |client| async move {
             client
-                .execute(&sql, &[&queue, &c, &k, &r, &secs])
+                .execute_p(
+                    &sql,
+                    &[
+                        (&queue, Type::TEXT),
+                        (&c, Type::INT4),
+                        (&k, Type::INT4),
+                        (&r, Type::INT4),
+                        (&secs, Type::FLOAT8),
+                    ],
+                )
                 .await
                 .map(drop)
         })
@@ -157,7 +171,7 @@ impl Queue {
             self.obj("queue_limits")
         );
         self.with_client("reading queue limits", |client| async move {
-            let row = client.query_opt(&sql, &[&queue]).await?;
+            let row = client.query_opt_p(&sql, &[(&queue, Type::TEXT)]).await?;
             Ok(row.map(|r| from_row(&r, 0)).unwrap_or_default())
         })
         .await

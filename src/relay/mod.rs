@@ -28,7 +28,9 @@
 //!   confirmed: a JetStream publish ack, a RabbitMQ publisher confirm of a
 //!   persistent message, a Redis `XADD` reply. Acks are cumulative and
 //!   stop at the first message not confirmed. After a crash, a take-over
-//!   or a lost connection, what was in flight is published again.
+//!   or a lost connection, what was in flight is published again: while
+//!   catching up, the batch being published and the one before it, whose
+//!   acks are written meanwhile (the next batch is read meanwhile too).
 //! * **Stable ids.** Each message carries an id of its source event that
 //!   is the same every time it is relayed ([`Outgoing::id`]): `Nats-Msg-Id`
 //!   (JetStream drops a replay within the stream's duplicate window, so
@@ -275,7 +277,7 @@ impl RelayBuilder {
                     .poll_interval(Duration::from_millis(500))
                     .ack_interval(self.ack_interval)
                     .await?;
-                let election = Some((self.pubsub.clone(), sub.election_channel().to_owned()));
+                let election = Some(sub.activity());
                 let origin = format!("pg-pubsub/{channel}/{group}");
                 (source::Reader::Durable(sub), origin, election)
             }
@@ -295,13 +297,13 @@ impl RelayBuilder {
         let origin: Arc<str> = Arc::from(self.origin.unwrap_or(origin));
         let counters = Arc::new(run::Counters::default());
         let stop = Arc::new(watch::Sender::new(false));
+        let render = source::Render {
+            template,
+            message_template,
+            key_field: self.key_field,
+        };
         let runner = run::Runner {
             sink: self.sink.clone(),
-            render: source::Render {
-                template,
-                message_template,
-                key_field: self.key_field,
-            },
             origin: origin.clone(),
             dead_letter: durable,
             dead_channel,
@@ -326,7 +328,7 @@ impl RelayBuilder {
             ));
         }
         let task = tokio::spawn(async move {
-            let result = runner.run(reader).await;
+            let result = runner.run(reader, render).await;
             drop(registration);
             result
         });
@@ -411,9 +413,10 @@ impl IntoFuture for RelayBuilder {
 /// A running relay. Dropping it stops it (what was settled is acked);
 /// [`close`](Self::close) also waits until the source's acks are written.
 pub struct Relay {
-    /// A durable source's election: whether this relay is active is
-    /// whether it leads it (a WAL source is active once it streams).
-    election: Option<(PgPubSub, String)>,
+    /// A durable source's role: this relay is active while its consumer
+    /// leads the group's election or holds its lease (a WAL source is
+    /// active once it streams).
+    election: Option<crate::durable::Activity>,
     origin: Arc<str>,
     sink: String,
     counters: Arc<run::Counters>,
@@ -464,7 +467,7 @@ impl Relay {
             batches: c.batches.load(Ordering::Relaxed),
             lost: c.lost.load(Ordering::Relaxed),
             active: match &self.election {
-                Some((pubsub, channel)) => pubsub.is_leader(channel),
+                Some(activity) => activity.is_active(),
                 None => c.active.load(Ordering::Relaxed),
             },
             position: last.as_ref().map(|l| l.position.clone()),

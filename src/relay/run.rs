@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::plan::RetryPlan;
 use super::sink::{Confirm, Outgoing, Sink, SinkError};
-use super::source::{Item, Reader, Render};
+use super::source::{Acker, Item, Read, Reader, Render};
 use crate::config::Backoff;
 use crate::durable::Durable;
 use crate::Text;
@@ -38,7 +38,6 @@ pub(crate) struct Last {
 
 pub(crate) struct Runner {
     pub(crate) sink: Arc<dyn Sink>,
-    pub(crate) render: Render,
     pub(crate) origin: Arc<str>,
     pub(crate) dead_letter: Durable,
     pub(crate) dead_channel: String,
@@ -54,21 +53,37 @@ pub(crate) struct Runner {
 struct Stopped;
 
 impl Runner {
-    pub(crate) async fn run(mut self, mut reader: Reader) -> crate::Result<()> {
+    /// Relays until stopped. Each batch is published while the next one
+    /// is read, so the source's round trips overlap the broker's; batches
+    /// still settle (and ack the source) in order.
+    pub(crate) async fn run(mut self, mut reader: Reader, render: Render) -> crate::Result<()> {
         let mut stop = self.stop.clone();
+        let batch_size = self.batch_size;
+        let acker = reader.acker();
         // A WAL source streams (is active) once started; a durable one's
         // role is read from its election by the handle.
         self.counters.active.store(true, Ordering::Relaxed);
+        // The batch read while the previous one was relayed.
+        let mut ahead: Option<Read> = None;
+        // The previous batch's acks, written while this one is published.
+        let mut flush_due = false;
         loop {
-            let read = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => break,
-                read = reader.next_batch(self.batch_size, &self.render) => read,
+            let read = match ahead.take() {
+                Some(read) => read,
+                None => tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => break,
+                    read = reader.next_batch(batch_size, &render) => read,
+                },
             };
             if read.lost > 0 {
                 tracing::warn!(target: "pg_pubsub", lost = read.lost,
                     "relay: retention removed messages before the relay read them");
                 self.counters.lost.fetch_add(read.lost, Ordering::Relaxed);
+            }
+            // Everything read before this batch is settled by now.
+            if let Some(token) = &read.ack_first {
+                acker.ack(token);
             }
             if read.ended {
                 break;
@@ -76,8 +91,27 @@ impl Runner {
             if read.items.is_empty() {
                 continue;
             }
-            if self.relay(&reader, read.items).await.is_err() {
-                break;
+            let mut stop_reading = self.stop.clone();
+            let reading = async {
+                tokio::select! {
+                    biased;
+                    _ = stop_reading.wait_for(|s| *s) => None,
+                    read = reader.next_batch(batch_size, &render) => Some(read),
+                }
+            };
+            let flushing = async {
+                if std::mem::take(&mut flush_due) {
+                    acker.flush().await;
+                }
+            };
+            let (relayed, next, ()) =
+                tokio::join!(self.relay(&acker, read.items), reading, flushing);
+            match (relayed, next) {
+                (Ok(due), Some(next)) => {
+                    flush_due = due;
+                    ahead = Some(next);
+                }
+                _ => break,
             }
         }
         self.counters.active.store(false, Ordering::Relaxed);
@@ -85,9 +119,13 @@ impl Runner {
     }
 
     /// Publishes `items` until every one is settled, acking the source
-    /// as they are.
-    async fn relay(&mut self, reader: &Reader, mut items: Vec<Item>) -> Result<(), Stopped> {
+    /// as they are. True if the acks should be written now rather than at
+    /// the source's ack interval: catching up (full batches), a relay that
+    /// dies then replays two batches (this one and the next, published
+    /// while they are written), not an interval's worth of them.
+    async fn relay(&mut self, acker: &Acker, mut items: Vec<Item>) -> Result<bool, Stopped> {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        let mut flush = false;
         while !items.is_empty() {
             let answers = self.publish(&items).await;
             let step = self.plan.decide(&answers, items.len());
@@ -96,13 +134,8 @@ impl Runner {
             }
             let settled: Vec<Item> = items.drain(..step.settled).collect();
             if let Some(token) = settled.iter().rev().find_map(|i| i.ack.as_ref()) {
-                reader.ack(token);
-                // Catching up (full batches): the acks are written at once,
-                // so a relay that dies then replays one batch, not an ack
-                // interval's worth of them. One write per half batch at least.
-                if settled.len() >= self.batch_size.div_ceil(2).max(2) {
-                    reader.flush().await;
-                }
+                acker.ack(token);
+                flush |= settled.len() >= self.batch_size.div_ceil(2).max(2);
             }
             if let Some(last) = settled.last() {
                 let now = SystemTime::now();
@@ -134,7 +167,7 @@ impl Runner {
                 self.sleep(delay).await?;
             }
         }
-        Ok(())
+        Ok(flush)
     }
 
     /// The broker's answer for each item (items that render no subject are

@@ -102,10 +102,49 @@ pub(crate) enum Reader {
     Wal(wal::WalReader),
 }
 
+/// Acks a source from the relay loop, while the reader reads the next
+/// batch.
+pub(crate) enum Acker {
+    Durable(crate::durable::AckWriter),
+    #[cfg(feature = "wal")]
+    Wal(crate::changes::wal::WalAcker),
+}
+
+impl Acker {
+    /// Acks the source up to `token` (cumulative).
+    pub(crate) fn ack(&self, token: &AckToken) {
+        match (self, token) {
+            (_, AckToken::Durable(m)) => m.ack(),
+            #[cfg(feature = "wal")]
+            (Acker::Wal(w), AckToken::Wal(lsn)) => w.ack(*lsn),
+            #[cfg(feature = "wal")]
+            (Acker::Durable(_), AckToken::Wal(_)) => {}
+        }
+    }
+
+    /// Writes a durable source's acks now rather than at its next ack
+    /// interval (a WAL feed sends its own at its interval). A failure
+    /// leaves them to the interval's write.
+    pub(crate) async fn flush(&self) {
+        match self {
+            Acker::Durable(writer) => {
+                if let Err(e) = writer.flush().await {
+                    tracing::debug!(target: "pg_pubsub", "relay: writing acks failed: {e}");
+                }
+            }
+            #[cfg(feature = "wal")]
+            Acker::Wal(_) => {}
+        }
+    }
+}
+
 /// What a source reports besides items.
 #[derive(Default)]
 pub(crate) struct Read {
     pub(crate) items: Vec<Item>,
+    /// Acks that belong to earlier batches (a commit whose changes were
+    /// all in them): given once those are settled, before these items.
+    pub(crate) ack_first: Option<AckToken>,
     /// Messages retention removed before the relay read them.
     pub(crate) lost: u64,
     /// The source ended (its handle shut down).
@@ -122,29 +161,12 @@ impl Reader {
         }
     }
 
-    /// Acks the source up to `token` (cumulative).
-    pub(crate) fn ack(&self, token: &AckToken) {
-        match (self, token) {
-            (Reader::Durable(_), AckToken::Durable(m)) => m.ack(),
-            #[cfg(feature = "wal")]
-            (Reader::Wal(w), AckToken::Wal(lsn)) => w.feed.ack(*lsn),
-            #[cfg(feature = "wal")]
-            _ => {}
-        }
-    }
-
-    /// Writes a durable source's acks now rather than at its next ack
-    /// interval (a WAL feed sends its own at its interval). A failure
-    /// leaves them to the interval's write.
-    pub(crate) async fn flush(&self) {
+    /// What acks this source while it reads on.
+    pub(crate) fn acker(&self) -> Acker {
         match self {
-            Reader::Durable(sub) => {
-                if let Err(e) = sub.flush().await {
-                    tracing::debug!(target: "pg_pubsub", "relay: writing acks failed: {e}");
-                }
-            }
+            Reader::Durable(sub) => Acker::Durable(sub.ack_writer()),
             #[cfg(feature = "wal")]
-            Reader::Wal(_) => {}
+            Reader::Wal(w) => Acker::Wal(w.feed.acker()),
         }
     }
 
@@ -319,9 +341,9 @@ pub(crate) mod wal {
                     self.txn = None;
                     match read.items.last_mut() {
                         Some(last) => last.ack = Some(AckToken::Wal(end_lsn)),
-                        // Nothing of it waits in this batch (earlier batches
-                        // are settled before the next is read).
-                        None => self.feed.ack(end_lsn),
+                        // Its changes are in the batch being relayed while
+                        // this one is read.
+                        None => read.ack_first = Some(AckToken::Wal(end_lsn)),
                     }
                 }
                 WalItem::Undecodable { lsn, error, raw } => {

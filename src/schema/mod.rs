@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -101,11 +101,22 @@ const CATALOG: Catalog = Catalog {
             sql: include_str!("migrations/0005_wal_slots.sql"),
             compatible_with: 1,
         },
-        // 0006 (queue limits) is being added on main; this branch takes 0007.
+        Migration {
+            version: 6,
+            name: "limited_claim",
+            sql: include_str!("migrations/0006_limited_claim.sql"),
+            compatible_with: 1,
+        },
         Migration {
             version: 7,
+            name: "leases",
+            sql: include_str!("migrations/0007_leases.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 8,
             name: "wal_snapshots",
-            sql: include_str!("migrations/0007_wal_snapshots.sql"),
+            sql: include_str!("migrations/0008_wal_snapshots.sql"),
             compatible_with: 1,
         },
     ],
@@ -128,7 +139,7 @@ const CATALOG: Catalog = Catalog {
         Script {
             name: "limits",
             sql: include_str!("functions/limits.sql"),
-            since: 4,
+            since: 6,
         },
     ],
 };
@@ -250,9 +261,7 @@ mod tests {
     #[test]
     fn the_catalog_is_numbered_without_holes() {
         let versions: Vec<i32> = CATALOG.migrations.iter().map(|m| m.version).collect();
-        // TODO(merge): drop the filter once 0006 (queue limits, on main) is in.
-        let expected: Vec<i32> = (1..=SCHEMA_VERSION).filter(|v| *v != 6).collect();
-        assert_eq!(versions, expected);
+        assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
         for m in CATALOG.migrations {
             assert!(m.compatible_with <= m.version, "{}", m.name);
         }
@@ -291,10 +300,12 @@ mod tests {
         ("schedules", 3, "0f9e2f51dad6104d"),
         ("limits", 4, "741d36155d7f8cb1"),
         ("wal_slots", 5, "5637b22ed13b57b7"),
-        ("wal_snapshots", 7, "f8e6f4522fe080fc"),
+        ("limited_claim", 6, "966bffad689177e8"),
+        ("leases", 7, "a026b8ec79bb7ea4"),
+        ("wal_snapshots", 8, "f8e6f4522fe080fc"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),
-        ("limits", 4, "019850ff5dd38783"),
+        ("limits", 6, "4ebfd6336af563b4"),
     ];
 }

@@ -1,15 +1,16 @@
 //! The task that owns the replication connection: decodes, hands items to
-//! the feed, passes acks on, and reconnects forever from the last ack.
+//! the feed in batches, reports acks, and reconnects forever from the last ack.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::config::Host;
+use tokio::time::Instant;
 
-use super::decode::{Decoded, Decoder};
+use super::conn::{Conn, Frame, Settings};
+use super::decode::{Decoded, Decoder, TypeRow, TYPES_SQL};
 use super::slot::{
     advance_slot, emit_heartbeat, slot_position, slot_state, stream_hint, HEARTBEAT_PREFIX,
 };
@@ -26,68 +27,46 @@ use crate::exec::Exec;
 use crate::PgPubSub;
 
 /// The replication connection's settings, from the handle's connection
-/// settings (host, port, user, password, database).
-pub(crate) fn replication_config(
+/// settings (user, password, database, `sslmode` and its rustls set-up).
+/// Host and port are those of the current primary, found at each connect.
+pub(crate) fn replication_settings(
     pubsub: &PgPubSub,
     slot: &str,
     publication: &str,
-) -> Result<ReplicationConfig> {
+) -> Result<Settings> {
     let pg = pubsub.config();
-    if matches!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-        return Err(Error::new(
-            Origin::Config,
-            "the WAL feed connects without TLS (see pg_pubsub::changes::wal): use sslmode=prefer \
-             or disable for it, or a local connection",
-        ));
-    }
-    // Each connect replaces host and port by those of the current primary.
-    let host = pg
-        .get_hosts()
-        .first()
-        .map_or_else(|| "localhost".to_owned(), host_text);
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or("postgres").to_owned();
-    let password = pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .unwrap_or_default();
-    let database = pg.get_dbname().unwrap_or(&user).to_owned();
-    Ok(
-        ReplicationConfig::new(host, user, password, database, slot, publication)
-            .with_port(port)
-            .with_application_name("pg-pubsub-wal"),
-    )
-}
-
-/// A host as pgwire-replication takes it: a name, or a socket folder.
-fn host_text(host: &Host) -> String {
-    match host {
-        Host::Tcp(h) => h.clone(),
-        #[cfg(unix)]
-        Host::Unix(dir) => dir.to_string_lossy().into_owned(),
-    }
-}
-
-/// 2000-01-01, PostgreSQL's epoch, as seconds after the Unix epoch.
-const PG_EPOCH: u64 = 946_684_800;
-
-fn pg_time(micros: i64) -> SystemTime {
-    let base = UNIX_EPOCH + Duration::from_secs(PG_EPOCH);
-    if micros >= 0 {
-        base + Duration::from_micros(micros as u64)
-    } else {
-        base - Duration::from_micros(micros.unsigned_abs())
-    }
+    let settings = Settings {
+        database: pg.get_dbname().unwrap_or(&user).to_owned(),
+        user,
+        password: pg.get_password().map(<[u8]>::to_vec),
+        slot: slot.to_owned(),
+        publication: publication.to_owned(),
+        ssl_mode: pg.get_ssl_mode(),
+        #[cfg(feature = "tls")]
+        rustls: pubsub.exec().tls().rustls.clone(),
+        connect_timeout: pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(pubsub.inner.opts.connect_timeout),
+    };
+    settings.check()?;
+    Ok(settings)
 }
 
 pub(crate) struct StreamTask {
     pub(crate) exec: Exec,
     pub(crate) events: Bus<WalEvent>,
     pub(crate) slot: Arc<str>,
-    pub(crate) cfg: ReplicationConfig,
+    pub(crate) settings: Settings,
     pub(crate) messages: Option<String>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) out: mpsc::Sender<RawItem>,
+    /// Items go to the feed in batches of at most `batch` (one channel
+    /// operation, one wake-up, for many items).
+    pub(crate) out: mpsc::Sender<Vec<RawItem>>,
+    pub(crate) batch: usize,
+    /// How often the acked position is reported to the server.
+    pub(crate) status_interval: Duration,
     pub(crate) stop: watch::Receiver<bool>,
     /// `wal_changes_total{slot}`.
     pub(crate) changes: crate::record::Count,
@@ -107,40 +86,47 @@ enum End {
     Lost(Error),
 }
 
+/// Where a stream stands between frames.
+struct Progress {
+    decoder: Decoder,
+    xid: u32,
+    commit_time: Option<std::time::SystemTime>,
+    /// A Begin held back until its transaction has something for this feed.
+    pending_begin: Option<RawItem>,
+    /// The highest ack-able position handed to the consumer.
+    delivered: u64,
+    /// Between a Begin and its Commit: a keepalive's position may then be
+    /// past the commit record of the transaction being sent.
+    in_tx: bool,
+    batch: Vec<RawItem>,
+    last_status: Instant,
+    /// Fires when the next status update is due: one timer, reset at each
+    /// update (not one per wake-up).
+    status_due: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
 impl StreamTask {
     /// Opens the stream from the last ack (or the slot's confirmed position).
-    pub(crate) async fn connect(&self, first: bool) -> Result<ReplicationClient> {
-        let from = self.shared.acked.load(Ordering::Acquire);
+    pub(crate) async fn connect(&self, first: bool) -> Result<Conn> {
+        let from = Lsn(self.shared.acked.load(Ordering::Acquire));
         let (host, port) =
             crate::connect::find_primary(&self.pg, self.exec.tls(), self.connect_timeout)
                 .await
                 .map_err(|e| e.at(crate::error::Stage::Wal))?;
-        let mut cfg = self.cfg.clone();
-        cfg.host = host_text(&host);
-        cfg.port = port;
-        let cfg = cfg
-            .with_start_lsn(pgwire_replication::Lsn(from))
-            .with_ack_lsn(pgwire_replication::Lsn(from));
-        let mut client = ReplicationClient::connect(cfg)
+        let conn = Conn::open(&self.settings, &host, port, from)
             .await
-            .map_err(|e| stream_error(&self.slot, e))?;
-        // `connect` returns before authentication and START_REPLICATION;
-        // their errors (no REPLICATION, slot in use) must surface here.
-        client
-            .wait_started()
-            .await
-            .map_err(|e| stream_error(&self.slot, e))?;
-        tracing::debug!(slot = %self.slot, from = %Lsn(from), first, "pg-pubsub: WAL feed streaming");
+            .map_err(|e| slot_error(&self.slot, e))?;
+        tracing::debug!(slot = %self.slot, %from, first, "pg-pubsub: WAL feed streaming");
         self.events.emit(WalEvent::Streaming {
             slot: self.slot.clone(),
-            from: Lsn(from),
+            from,
         });
-        Ok(client)
+        Ok(conn)
     }
 
     /// The first connect: errors are returned, except (with `standby`)
     /// "slot is active for PID" (55006), which is waited out.
-    pub(crate) async fn connect_first(&self, standby: bool) -> Result<ReplicationClient> {
+    pub(crate) async fn connect_first(&self, standby: bool) -> Result<Conn> {
         let backoff = self.exec.backoff();
         let mut attempt = 1;
         loop {
@@ -161,7 +147,7 @@ impl StreamTask {
 
     /// Streams until stopped (or the feed is dropped), then moves the slot
     /// to the last ack: what the stream had not reported yet counts too.
-    pub(crate) async fn run(mut self, first: ReplicationClient) -> Result<()> {
+    pub(crate) async fn run(mut self, first: Conn) -> Result<()> {
         self.stream_loop(first).await;
         self.confirm().await
     }
@@ -190,26 +176,26 @@ impl StreamTask {
         }
     }
 
-    async fn stream_loop(&mut self, first: ReplicationClient) {
-        let mut client = Some(first);
+    async fn stream_loop(&mut self, first: Conn) {
+        let mut conn = Some(first);
         let mut attempt = 0u32;
         let backoff = self.exec.backoff();
         loop {
-            if let Some(mut c) = client.take() {
+            if let Some(mut c) = conn.take() {
                 // Backoff starts over only after a stream that lasted: one
                 // that fails at once (a dropped publication) keeps backing off.
-                let started = tokio::time::Instant::now();
+                let started = Instant::now();
                 let end = self.stream(&mut c).await;
                 if started.elapsed() >= STEADY {
                     attempt = 0;
                 }
                 match end {
                     End::Stopped => {
-                        let _ = c.shutdown().await;
+                        c.close(self.shared.acked.load(Ordering::Acquire)).await;
                         return;
                     }
                     End::Lost(err) => {
-                        c.abort();
+                        drop(c);
                         if !self.lost(err, &mut attempt, &backoff).await {
                             return;
                         }
@@ -217,7 +203,7 @@ impl StreamTask {
                 }
             }
             match self.connect(false).await {
-                Ok(c) => client = Some(c),
+                Ok(c) => conn = Some(c),
                 Err(err) => {
                     if !self.lost(err, &mut attempt, &backoff).await {
                         return;
@@ -246,7 +232,7 @@ impl StreamTask {
                 let gone = gone.context(format!("the stream ended with: {err}"));
                 tracing::error!(slot = %self.slot, %gone, "pg-pubsub: WAL feed slot lost");
                 tokio::select! {
-                    _ = self.out.send(WalItem::Error(gone)) => {}
+                    _ = self.out.send(vec![WalItem::Error(gone)]) => {}
                     _ = self.stop.wait_for(|s| *s) => {}
                 }
                 return false;
@@ -264,7 +250,7 @@ impl StreamTask {
         });
         if *attempt == 1 {
             let sent = tokio::select! {
-                sent = self.out.send(WalItem::Error(err)) => sent.is_ok(),
+                sent = self.out.send(vec![WalItem::Error(err)]) => sent.is_ok(),
                 _ = self.stop.wait_for(|s| *s) => false,
             };
             if !sent {
@@ -277,262 +263,353 @@ impl StreamTask {
         }
     }
 
-    async fn stream(&mut self, client: &mut ReplicationClient) -> End {
+    fn acked(&self) -> u64 {
+        self.shared.acked.load(Ordering::Acquire)
+    }
+
+    async fn stream(&mut self, conn: &mut Conn) -> End {
         // What a snapshot tracked of the last stream is gone with it.
         self.link.restarted();
-        let mut decoder = Decoder::default();
-        let mut xid = 0u32;
-        let mut commit_time = None;
-        let mut pending_begin: Option<RawItem> = None;
-        // The highest ack-able position handed to the consumer.
-        let mut delivered = self.shared.acked.load(Ordering::Acquire);
-        // Between a Begin and its Commit: a keepalive's position may then be
-        // past the commit record of the transaction being sent.
-        let mut in_tx = false;
+        let mut p = Progress {
+            decoder: Decoder::default(),
+            xid: 0,
+            commit_time: None,
+            pending_begin: None,
+            delivered: self.acked(),
+            in_tx: false,
+            batch: Vec::with_capacity(self.batch),
+            last_status: Instant::now(),
+            status_due: Box::pin(tokio::time::sleep(self.status_interval)),
+        };
+        let mut stop = self.stop.clone();
         loop {
-            let event = tokio::select! {
+            // Everything already read, without I/O or select.
+            loop {
+                let frame = match conn.frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => return End::Lost(slot_error(&self.slot, e)),
+                };
+                if let Err(end) = self.frame(conn, &mut p, frame).await {
+                    return end;
+                }
+                if p.batch.len() >= self.batch {
+                    if let Err(end) = self.flush(conn, &mut p).await {
+                        return end;
+                    }
+                }
+            }
+            if let Err(end) = self.flush(conn, &mut p).await {
+                return end;
+            }
+            if p.last_status.elapsed() >= self.status_interval {
+                if let Err(end) = self.status(conn, &mut p, false).await {
+                    return end;
+                }
+            }
+            tokio::select! {
                 biased;
-                _ = self.stop.wait_for(|s| *s) => return End::Stopped,
-                _ = self.shared.ack_wake.notified() => {
-                    client.update_applied_lsn(pgwire_replication::Lsn(self.shared.acked.load(Ordering::Acquire)));
-                    continue;
-                }
-                ev = client.recv() => ev,
-            };
-            let event = match event {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    return End::Lost(
-                        Error::new(Origin::Wal, "the replication stream ended").connection(),
-                    )
-                }
-                Err(e) => return End::Lost(stream_error(&self.slot, e)),
-            };
-            // A snapshot chunk handed over by this event: its number and
-            // what the consumer must ack to have it all.
-            let mut handed = None;
-            let mut items: Vec<RawItem> = match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid: x,
-                    commit_time_micros,
-                } => {
-                    in_tx = true;
-                    xid = x;
-                    let t = pg_time(commit_time_micros);
-                    commit_time = Some(t);
-                    // Held back until the transaction has something for this
-                    // feed: one with only other prefixes' messages is skipped.
-                    pending_begin = Some(WalItem::Begin {
-                        xid: x,
-                        final_lsn: Lsn(final_lsn.0),
-                        commit_time: t,
-                    });
-                    continue;
-                }
-                ReplicationEvent::Commit {
-                    lsn,
-                    end_lsn,
-                    commit_time_micros,
-                } => {
-                    in_tx = false;
-                    if pending_begin.take().is_some() {
-                        continue; // nothing of it was delivered
-                    }
-                    delivered = delivered.max(end_lsn.0);
-                    vec![WalItem::Commit {
-                        xid,
-                        lsn: Lsn(lsn.0),
-                        end_lsn: Lsn(end_lsn.0),
-                        commit_time: pg_time(commit_time_micros),
-                    }]
-                }
-                ReplicationEvent::XLogData {
-                    wal_start, data, ..
-                } => {
-                    let lsn = Lsn(wal_start.0);
-                    match decoder.decode(&data) {
-                        Ok(Decoded::Nothing) => continue,
-                        Ok(Decoded::Changes(events)) => {
-                            self.changes.add(events.len());
-                            self.link.observe(xid, &events);
-                            events
-                                .into_iter()
-                                .map(|mut event| {
-                                    event.xid = Some(u64::from(xid));
-                                    event.committed_at = commit_time;
-                                    WalItem::Change { lsn, event }
-                                })
-                                .collect()
-                        }
-                        Err(failure) => vec![WalItem::Undecodable {
-                            lsn,
-                            error: Error::new(Origin::Wal, failure.0),
-                            raw: None,
-                        }],
+                _ = stopped(&mut stop) => return End::Stopped,
+                _ = &mut p.status_due => {
+                    if let Err(end) = self.status(conn, &mut p, false).await {
+                        return end;
                     }
                 }
-                ReplicationEvent::Message {
-                    transactional,
-                    lsn,
-                    prefix,
-                    content,
-                } => {
-                    if prefix == SNAPSHOT_PREFIX {
-                        let mut reads = Vec::new();
-                        match self.link.mark(&content) {
-                            Mark::Request => self.link.wake.notify_one(),
-                            Mark::Chunk(n) => {
-                                match self.chunk(n, Lsn(lsn.0), &mut delivered).await {
-                                    Ok(Some((items, ack))) => {
-                                        reads = items;
-                                        handed = Some((n, ack));
-                                    }
-                                    Ok(None) => {}
-                                    Err(end) => return end,
-                                }
-                            }
-                            Mark::Other => {}
-                        }
-                        if handed.is_none() {
-                            continue;
-                        }
-                        reads
-                    } else {
-                        if prefix == HEARTBEAT_PREFIX {
-                            // Caught up: confirm past WAL this feed does not need.
-                            let acked = self.shared.acked.load(Ordering::Acquire);
-                            if !transactional && acked >= delivered && lsn.0 > acked {
-                                self.shared.advance(lsn.0);
-                                delivered = delivered.max(lsn.0);
-                                client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
-                            }
-                            continue;
-                        }
-                        match &self.messages {
-                            Some(p) if prefix.starts_with(p.as_str()) => {}
-                            _ => continue,
-                        }
-                        if !transactional {
-                            delivered = delivered.max(lsn.0);
-                        }
-                        vec![WalItem::Message(WalMessage {
-                            prefix,
-                            payload: content,
-                            lsn: Lsn(lsn.0),
-                            transactional,
-                        })]
+                read = conn.read_more() => {
+                    if let Err(e) = read {
+                        return End::Lost(e.prefix(format!("WAL feed on slot {:?}", self.slot)));
                     }
                 }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    // Idle, and the consumer acked all it was given: confirm
-                    // the server's position. Every transaction committed
-                    // before it was sent already (none was for this feed, or
-                    // it was delivered and acked), so nothing is skipped; and
-                    // the slot then holds no WAL, and a clean shutdown of
-                    // the server (a switchover), which waits until the
-                    // client confirmed all that was sent, is not held up.
-                    let acked = self.shared.acked.load(Ordering::Acquire);
-                    if !in_tx && acked >= delivered && wal_end.0 > acked {
-                        delivered = wal_end.0;
-                        self.shared.advance(wal_end.0);
-                        client.update_applied_lsn(wal_end);
-                    }
-                    continue;
-                }
-                ReplicationEvent::StoppedAt { .. } => return End::Stopped,
-            };
-            if let Some(begin) = pending_begin.take() {
-                items.insert(0, begin);
-            }
-            for item in items {
-                // Pass acks on while the consumer is slow to take items.
-                loop {
-                    tokio::select! {
-                        permit = self.out.reserve() => match permit {
-                            Ok(permit) => { permit.send(item); break; }
-                            Err(_) => return End::Stopped,
-                        },
-                        _ = self.shared.ack_wake.notified() => {
-                            client.update_applied_lsn(pgwire_replication::Lsn(self.shared.acked.load(Ordering::Acquire)));
-                        }
-                        _ = self.stop.wait_for(|s| *s) => return End::Stopped,
-                    }
-                }
-            }
-            if let Some((n, ack)) = handed {
-                self.link.handed(n, ack);
             }
         }
     }
 
-    /// The items of snapshot chunk `n` whose watermark is at `lsn`: its
-    /// rows the stream did not carry, as `read` changes of a transaction
-    /// of xid 0 committed at `lsn`, and the position that acks them all.
-    /// `None`: not a chunk this stream waits for (an earlier stream's).
-    async fn chunk(
-        &mut self,
-        n: u64,
-        lsn: Lsn,
-        delivered: &mut u64,
-    ) -> Result<Option<(Vec<RawItem>, Lsn)>, End> {
+    /// Reports the acked position to the server.
+    async fn status(&self, conn: &mut Conn, p: &mut Progress, reply: bool) -> Result<(), End> {
+        p.last_status = Instant::now();
+        p.status_due
+            .as_mut()
+            .reset(p.last_status + self.status_interval);
+        conn.send_status(self.acked(), reply)
+            .await
+            .map_err(|e| End::Lost(e.prefix(format!("WAL feed on slot {:?}", self.slot))))
+    }
+
+    /// Hands the batch to the feed, reporting acks while it is full.
+    async fn flush(&self, conn: &mut Conn, p: &mut Progress) -> Result<(), End> {
+        if p.batch.is_empty() {
+            return Ok(());
+        }
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return Err(End::Stopped),
+                permit = self.out.reserve() => match permit {
+                    Ok(permit) => {
+                        let next = Vec::with_capacity(self.batch);
+                        permit.send(std::mem::replace(&mut p.batch, next));
+                        return Ok(());
+                    }
+                    Err(_) => return Err(End::Stopped),
+                },
+                // The consumer is slow: the server still hears from us.
+                _ = &mut p.status_due => self.status(conn, p, false).await?,
+            }
+        }
+    }
+
+    /// Adds a transaction's item to the batch, its Begin first if held back.
+    fn push(p: &mut Progress, item: RawItem) {
+        if let Some(begin) = p.pending_begin.take() {
+            p.batch.push(begin);
+        }
+        p.batch.push(item);
+    }
+
+    async fn frame(&self, conn: &mut Conn, p: &mut Progress, frame: Frame) -> Result<(), End> {
+        let (lsn, data) = match frame {
+            Frame::End => {
+                return Err(End::Lost(
+                    Error::new(Origin::Wal, "the replication stream ended").connection(),
+                ))
+            }
+            Frame::KeepAlive { wal_end, reply } => {
+                // Idle, and the consumer acked all it was given: confirm
+                // the server's position. Every transaction committed
+                // before it was sent already (none was for this feed, or
+                // it was delivered and acked), so nothing is skipped; and
+                // the slot then holds no WAL, and a clean shutdown of
+                // the server (a switchover), which waits until the
+                // client confirmed all that was sent, is not held up.
+                let acked = self.acked();
+                if !p.in_tx && acked >= p.delivered && wal_end.0 > acked {
+                    p.delivered = wal_end.0;
+                    self.shared.advance(wal_end.0);
+                }
+                if reply {
+                    self.status(conn, p, false).await?;
+                }
+                return Ok(());
+            }
+            Frame::XLogData { wal_start, data } => (wal_start, data),
+        };
+        let decoded = match p.decoder.decode(&data) {
+            Ok(d) => d,
+            Err(failure) => {
+                Self::push(
+                    p,
+                    WalItem::Undecodable {
+                        lsn,
+                        error: Error::new(Origin::Wal, failure.0),
+                        raw: None,
+                    },
+                );
+                return Ok(());
+            }
+        };
+        match decoded {
+            Decoded::Begin {
+                final_lsn,
+                xid,
+                commit_time,
+            } => {
+                p.in_tx = true;
+                p.xid = xid;
+                p.commit_time = Some(commit_time);
+                // Held back until the transaction has something for this
+                // feed: one with only other prefixes' messages is skipped.
+                p.pending_begin = Some(WalItem::Begin {
+                    xid,
+                    final_lsn,
+                    commit_time,
+                });
+            }
+            Decoded::Commit {
+                lsn,
+                end_lsn,
+                commit_time,
+            } => {
+                p.in_tx = false;
+                if p.pending_begin.take().is_none() {
+                    p.delivered = p.delivered.max(end_lsn.0);
+                    p.batch.push(WalItem::Commit {
+                        xid: p.xid,
+                        lsn,
+                        end_lsn,
+                        commit_time,
+                    });
+                }
+            }
+            Decoded::Change(mut event) => {
+                self.changes.add(1);
+                self.link.observe(p.xid, std::slice::from_ref(&event));
+                event.xid = Some(u64::from(p.xid));
+                event.committed_at = p.commit_time;
+                Self::push(p, WalItem::Change { lsn, event });
+            }
+            Decoded::Truncate(events) => {
+                self.changes.add(events.len());
+                self.link.observe(p.xid, &events);
+                for mut event in events {
+                    event.xid = Some(u64::from(p.xid));
+                    event.committed_at = p.commit_time;
+                    Self::push(p, WalItem::Change { lsn, event });
+                }
+            }
+            Decoded::Relation(raw) => {
+                // Rare (once per table and session): read its types now.
+                let types = self
+                    .types(raw.type_oids())
+                    .await
+                    .map_err(|e| End::Lost(e.connection()))?;
+                p.decoder.add_relation(raw, &types);
+            }
+            Decoded::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                if prefix == SNAPSHOT_PREFIX {
+                    match self.link.mark(&content) {
+                        Mark::Request => self.link.wake.notify_one(),
+                        Mark::Chunk(n) => self.chunk(p, n, lsn).await?,
+                        Mark::Other => {}
+                    }
+                    return Ok(());
+                }
+                if prefix == HEARTBEAT_PREFIX {
+                    // Caught up: confirm past WAL this feed does not need.
+                    let acked = self.acked();
+                    if !transactional && acked >= p.delivered && lsn.0 > acked {
+                        self.shared.advance(lsn.0);
+                        p.delivered = p.delivered.max(lsn.0);
+                    }
+                    return Ok(());
+                }
+                match &self.messages {
+                    Some(wanted) if prefix.starts_with(wanted.as_str()) => {}
+                    _ => return Ok(()),
+                }
+                let item = WalItem::Message(WalMessage {
+                    prefix,
+                    payload: content,
+                    lsn,
+                    transactional,
+                });
+                if transactional {
+                    Self::push(p, item);
+                } else {
+                    p.delivered = p.delivered.max(lsn.0);
+                    p.batch.push(item);
+                }
+            }
+            Decoded::Nothing => {}
+        }
+        Ok(())
+    }
+
+    /// Snapshot chunk `n`, whose watermark is at `lsn`: its rows the stream
+    /// did not carry, as `read` changes of a transaction of xid 0 committed
+    /// at `lsn`; then tells the driver what the consumer must ack to have
+    /// them all. Nothing for a chunk this stream does not wait for (an
+    /// earlier stream's).
+    async fn chunk(&self, p: &mut Progress, n: u64, lsn: Lsn) -> Result<(), End> {
         let Some(rx) = self.link.take(n) else {
-            return Ok(None);
+            return Ok(());
         };
         // Sent once the chunk's transaction committed (it wrote the
         // watermark just before); dropped if it failed.
+        let mut stop = self.stop.clone();
         let chunk = tokio::select! {
             chunk = rx => chunk.ok(),
-            _ = self.stop.wait_for(|s| *s) => return Err(End::Stopped),
+            _ = stopped(&mut stop) => return Err(End::Stopped),
         };
         let Some(chunk) = chunk else {
-            return Ok(None);
+            return Ok(());
         };
         let (schema, table) = chunk.table.clone();
         let rows = self.link.merge(chunk);
         if rows.is_empty() {
             // Nothing to ack: what was handed before is enough.
-            return Ok(Some((Vec::new(), Lsn(*delivered))));
+            self.link.handed(n, Lsn(p.delivered));
+            return Ok(());
         }
-        *delivered = (*delivered).max(lsn.0);
-        let now = SystemTime::now();
-        let mut items = Vec::with_capacity(rows.len() + 2);
-        items.push(WalItem::Begin {
+        p.delivered = p.delivered.max(lsn.0);
+        let now = std::time::SystemTime::now();
+        p.batch.push(WalItem::Begin {
             xid: 0,
             final_lsn: lsn,
             commit_time: now,
         });
-        items.extend(rows.into_iter().map(|row| {
+        for row in rows {
             let mut event = ChangeEvent::new(Op::Read, schema.as_str(), table.as_str());
             event.new = Some(row);
-            WalItem::Change { lsn, event }
-        }));
-        items.push(WalItem::Commit {
+            p.batch.push(WalItem::Change { lsn, event });
+        }
+        p.batch.push(WalItem::Commit {
             xid: 0,
             lsn,
             end_lsn: lsn,
             commit_time: now,
         });
-        Ok(Some((items, lsn)))
+        // The consumer can ack it only once the batch went out.
+        self.link.handed(n, lsn);
+        Ok(())
+    }
+
+    /// The catalog's rows for `oids` and every type they refer to.
+    async fn types(&self, oids: Vec<u32>) -> Result<HashMap<u32, TypeRow>> {
+        const STAGE: &str = "WAL feed: read column types";
+        let mut types = HashMap::new();
+        let mut want = oids;
+        want.sort_unstable();
+        want.dedup();
+        while !want.is_empty() {
+            let rows = self
+                .exec
+                .run_with(STAGE, |client| {
+                    let want = want.clone();
+                    async move {
+                        client
+                            .query(TYPES_SQL, &[&want])
+                            .await
+                            .map_err(|e| Error::pg(Origin::Wal, STAGE, e))
+                    }
+                })
+                .await?;
+            let mut next = Vec::new();
+            for row in &rows {
+                let t = TypeRow::from_row(row);
+                next.extend(t.refs());
+                types.insert(t.oid, t);
+            }
+            // Types the catalog no longer has are not asked for again.
+            for oid in want {
+                types.entry(oid).or_insert_with(|| TypeRow::unknown(oid));
+            }
+            next.retain(|t| !types.contains_key(t));
+            next.sort_unstable();
+            next.dedup();
+            want = next;
+        }
+        Ok(types)
     }
 }
 
-/// A replication-connection error as this crate's error, with the fix
-/// named for the usual configuration problems.
-fn stream_error(slot: &str, err: pgwire_replication::PgWireError) -> Error {
-    let text = err.to_string();
-    let connection = err.is_transient() || err.is_io();
-    let kind = if err.is_auth() {
-        Origin::Authentication
-    } else {
-        Origin::Wal
-    };
-    let mut e = Error::new(kind, format!("WAL feed on slot {slot:?}: {text}")).with_source(err);
+/// Resolves once the feed is told to stop (holds no guard across awaits).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A replication-connection error with the slot named, and the fix named
+/// for the usual configuration problems.
+fn slot_error(slot: &str, err: Error) -> Error {
+    let mut e = err.prefix(format!("WAL feed on slot {slot:?}"));
+    let text = e.to_string();
     if let Some(hint) = stream_hint(&text) {
         e = e.context(hint);
-    }
-    if connection {
-        e = e.connection();
     }
     e
 }

@@ -31,7 +31,8 @@ impl Table {
         (self.schema.clone(), self.name.clone())
     }
 
-    /// The chunk query: the published columns then the key columns, as
+    /// The chunk query: each row's published columns as PostgreSQL's
+    /// `to_json` has them (the feeds' row shape), then its key columns as
     /// text, of up to `limit` rows up to the end key `$1..$k`, after the
     /// key `$k+1..$2k` (or from the first row, `first`), in key order.
     pub(crate) fn chunk_sql(&self, filter: Option<&str>, first: bool, limit: usize) -> String {
@@ -40,7 +41,24 @@ impl Table {
         if !first {
             conditions.push(format!("({}) > ({})", self.keys(), self.params(k)));
         }
-        self.select(&self.columns_text(), &conditions, filter, "", limit)
+        let columns: Vec<String> = self.columns.iter().map(|(c, _)| quote_ident(c)).collect();
+        let inner = self.select(&columns.join(", "), &conditions, filter, "", limit);
+        let keys: Vec<String> = self
+            .key_columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("r.{}::text AS pgpubsub_{i}", quote_ident(c)))
+            .collect();
+        let order: Vec<String> = self
+            .key_columns
+            .iter()
+            .map(|c| format!("r.{}", quote_ident(c)))
+            .collect();
+        format!(
+            "SELECT to_json(r)::text AS pgpubsub_row, {} FROM ({inner}) AS r ORDER BY {}",
+            keys.join(", "),
+            order.join(", ")
+        )
     }
 
     /// The end-key query: the key columns, as text, of the last row.
@@ -70,18 +88,7 @@ impl Table {
         params.join(", ")
     }
 
-    fn columns_text(&self) -> String {
-        let select: Vec<String> = self
-            .columns
-            .iter()
-            .map(|(c, _)| c)
-            .chain(&self.key_columns)
-            .enumerate()
-            .map(|(i, c)| text(c, i))
-            .collect();
-        select.join(", ")
-    }
-
+    /// `SELECT columns FROM table WHERE ... ORDER BY key [DESC] LIMIT n`.
     fn select(
         &self,
         columns: &str,
@@ -483,7 +490,7 @@ pub(crate) async fn settle(exec: &Exec) -> Result<()> {
 /// What a chunk's transaction read.
 pub(crate) struct Read {
     pub(crate) snapshot: String,
-    /// Each row: the published columns' text, then the key columns'.
+    /// Each row: its JSON text, then the key columns' text.
     pub(crate) rows: Vec<Vec<Option<String>>>,
 }
 
@@ -603,11 +610,11 @@ mod tests {
         let t = table();
         assert_eq!(
             t.chunk_sql(Some("id > 5"), false, 100),
-            "SELECT \"id\"::text AS pgpubsub_0, \"line\"::text AS pgpubsub_1, \
-             \"v\"::text AS pgpubsub_2, \"id\"::text AS pgpubsub_3, \"line\"::text AS pgpubsub_4 \
+            "SELECT to_json(r)::text AS pgpubsub_row, r.\"id\"::text AS pgpubsub_0, \
+             r.\"line\"::text AS pgpubsub_1 FROM (SELECT \"id\", \"line\", \"v\" \
              FROM shop.\"Order\" WHERE (\"id\", \"line\") <= ($1::text::bigint, $2::text::integer) \
              AND (\"id\", \"line\") > ($3::text::bigint, $4::text::integer) AND (v <> '') \
-             AND (id > 5) ORDER BY \"id\", \"line\" LIMIT 100"
+             AND (id > 5) ORDER BY \"id\", \"line\" LIMIT 100) AS r ORDER BY r.\"id\", r.\"line\""
         );
         assert!(!t.chunk_sql(None, true, 10).contains("$3"));
         assert_eq!(
