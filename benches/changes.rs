@@ -25,6 +25,12 @@
 //!   (default 1000) for `BENCH_LAG_SECS` (default 5): commit (server
 //!   clock) → Commit item received, p50/p99 (the writer with
 //!   `synchronous_commit = on`).
+//! * `wal_snapshot`: the initial snapshot of a table of
+//!   `BENCH_SNAPSHOT_ROWS` rows (default 200 000; id, text, int), chunks
+//!   of `BENCH_SNAPSHOT_CHUNK` (default 4096), until every read arrived,
+//!   against a bare `COPY (SELECT ...) TO STDOUT` and a bare keyset
+//!   `SELECT` of the columns as text in chunks of the same size, rotated
+//!   over `BENCH_ROUNDS` rounds (default 3), medians: rows/s.
 //!
 //! `BENCH_PHASES`: comma-separated subset of the phases (default all).
 //! `DATABASE_URL`, else a throwaway cluster.
@@ -44,7 +50,7 @@ use pg_pubsub::PgPubSub;
 fn main() -> Res<()> {
     run_main(|url| async move {
         let phases = std::env::var("BENCH_PHASES")
-            .unwrap_or_else(|_| "trigger,wal_throughput,wal_small,wal_lag".to_owned());
+            .unwrap_or_else(|_| "trigger,wal_throughput,wal_small,wal_lag,wal_snapshot".to_owned());
         let phase = |name: &str| phases.split(',').any(|p| p.trim() == name);
         let ps = PgPubSub::builder(url.as_str())?
             .pool_size(trigger::TASKS + 2)
@@ -73,9 +79,149 @@ fn main() -> Res<()> {
             let secs = env_u64("BENCH_LAG_SECS", 5)?;
             wal_lag(&ps, &client, &url, per_sec, secs).await?;
         }
+        if phase("wal_snapshot") {
+            let rows = env_u64("BENCH_SNAPSHOT_ROWS", 200_000)?;
+            let chunk = env_u64("BENCH_SNAPSHOT_CHUNK", 4096)?;
+            let rounds = env_u64("BENCH_ROUNDS", 3)?;
+            wal_snapshot(&ps, &client, rows, chunk, rounds).await?;
+        }
         ps.shutdown().await;
         Ok(())
     })
+}
+
+/// The initial snapshot of `rows` rows against bare `COPY` and a bare
+/// keyset read, rotated, medians.
+async fn wal_snapshot(
+    ps: &PgPubSub,
+    client: &tokio_postgres::Client,
+    rows: u64,
+    chunk: u64,
+    rounds: u64,
+) -> Res<()> {
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS bench_snap;
+             CREATE TABLE bench_snap (id bigint PRIMARY KEY, v text, n int);
+             INSERT INTO bench_snap SELECT g, 'payload ' || g, g % 100
+               FROM generate_series(1, {rows}) g;
+             DROP PUBLICATION IF EXISTS bench_snap;
+             CREATE PUBLICATION bench_snap FOR TABLE bench_snap;"
+        ))
+        .await?;
+    // Alone: VACUUM cannot run in the implicit transaction of a batch.
+    client.batch_execute("VACUUM ANALYZE bench_snap").await?;
+    let (mut ours, mut copy, mut keyset) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Rotate the order: a busy machine slows whoever runs when it is busy.
+        for i in 0..3 {
+            match (round + i) % 3 {
+                0 => ours.push(snapshot_ours(ps, client, rows, chunk).await?),
+                1 => copy.push(snapshot_copy(client, rows).await?),
+                _ => keyset.push(snapshot_keyset(client, rows, chunk).await?),
+            }
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (ours, copy, keyset) = (median(&mut ours), median(&mut copy), median(&mut keyset));
+    let what = format!("WAL snapshot rows/s ({rows} rows, chunks of {chunk})");
+    line(&what, "ours", rate(rows, ours), rate(rows, copy), "rows/s");
+    println!("  (bare = COPY (SELECT * FROM t) TO STDOUT, one statement)");
+    line(
+        &what,
+        "ours",
+        rate(rows, ours),
+        rate(rows, keyset),
+        "rows/s",
+    );
+    println!("  (bare = keyset SELECT of the columns as text, same chunks)");
+    client.batch_execute("DROP PUBLICATION bench_snap").await?;
+    Ok(())
+}
+
+/// A new feed with `snapshot(true)` until `rows` reads arrived.
+async fn snapshot_ours(
+    ps: &PgPubSub,
+    client: &tokio_postgres::Client,
+    rows: u64,
+    chunk: u64,
+) -> Res<Duration> {
+    let slot = "bench_snap_ours";
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    ps.drop_slot(slot).await?;
+    let began = Instant::now();
+    let mut feed: WalFeed = ps
+        .wal_feed(slot)
+        .publication("bench_snap")
+        .heartbeat(None)
+        .snapshot(true)
+        .snapshot_chunk_rows(chunk as usize)
+        .start()
+        .await?;
+    let mut got = 0u64;
+    while got < rows {
+        match feed.next().await {
+            Some(WalItem::Change { .. }) => got += 1,
+            Some(WalItem::Commit { end_lsn, .. }) => feed.ack(end_lsn),
+            Some(_) => {}
+            None => return Err("feed ended".into()),
+        }
+    }
+    let took = began.elapsed();
+    feed.close().await?;
+    ps.drop_slot(slot).await?;
+    Ok(took)
+}
+
+/// `COPY (SELECT * FROM bench_snap) TO STDOUT`, counting its lines.
+async fn snapshot_copy(client: &tokio_postgres::Client, rows: u64) -> Res<Duration> {
+    let began = Instant::now();
+    let stream = client
+        .copy_out("COPY (SELECT * FROM bench_snap) TO STDOUT")
+        .await?;
+    futures::pin_mut!(stream);
+    let mut lines = 0u64;
+    while let Some(data) = stream.next().await {
+        lines += data?.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    if lines != rows {
+        return Err(format!("COPY gave {lines} rows, not {rows}").into());
+    }
+    Ok(began.elapsed())
+}
+
+/// Keyset pages of `chunk` rows, the columns as text (what the snapshot
+/// reads), each in its own `REPEATABLE READ` transaction.
+async fn snapshot_keyset(client: &tokio_postgres::Client, rows: u64, chunk: u64) -> Res<Duration> {
+    let began = Instant::now();
+    let sql = format!(
+        "SELECT id::text AS t0, v::text AS t1, n::text AS t2, id FROM bench_snap WHERE id > $1 \
+         ORDER BY id LIMIT {chunk}"
+    );
+    let (mut after, mut got) = (0i64, 0u64);
+    loop {
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await?;
+        let page = client.query(&sql, &[&after]).await?;
+        client.batch_execute("COMMIT").await?;
+        let Some(last) = page.last() else { break };
+        after = last.get(3);
+        got += page.len() as u64;
+    }
+    if got != rows {
+        return Err(format!("keyset read {got} rows, not {rows}").into());
+    }
+    Ok(began.elapsed())
 }
 
 async fn wal_throughput(

@@ -317,6 +317,35 @@ pub enum WalEvent {
         /// Events missed.
         missed: u64,
     },
+    /// A snapshot or backfill of a table in the feed of `slot` made
+    /// progress: the consumer acked a chunk of its rows (`finished`:
+    /// every row was read).
+    Snapshot {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// The request's id (`wal_snapshots.id`).
+        id: i64,
+        /// The table.
+        table: Arc<str>,
+        /// Rows read so far (before the merge dropped those the stream
+        /// carried).
+        rows: u64,
+        /// Every row was read.
+        finished: bool,
+    },
+    /// A snapshot or backfill was given up: its table cannot be read any
+    /// more (dropped, its primary key removed, ...). Recorded in
+    /// `wal_snapshots.error`.
+    SnapshotFailed {
+        /// The replication slot.
+        slot: Arc<str>,
+        /// The request's id.
+        id: i64,
+        /// The table.
+        table: Arc<str>,
+        /// Why.
+        reason: Arc<str>,
+    },
 }
 
 /// An event type with a variant for "the reader missed `missed` events".

@@ -784,6 +784,158 @@ async fn changes_tail_wal_can_drop_its_slot_on_exit() {
     );
 }
 
+/// `changes tail --wal --snapshot` over 100,000 rows while rows are
+/// inserted, updated and deleted, SIGKILLed once mid-snapshot and once
+/// after it: the replica built from all the lines printed is the table,
+/// every row that existed and was not touched is read, no row twice
+/// within a run, and only the chunk in flight at the kill twice in all.
+#[tokio::test]
+async fn changes_tail_snapshot_survives_sigkill_mid_snapshot_and_after() {
+    use common::snapshot::{Replica, Writer};
+    const ROWS: i64 = 100_000;
+    let (table, slot) = wal_table("cli_snap").await;
+    raw_client()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ADD COLUMN v text; \
+             INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, {ROWS}) g"
+        ))
+        .await
+        .expect("fill the table");
+    let writer = Writer::start(&table, ROWS);
+    let mut fleet = common::fleet::Fleet::new();
+    let args = [
+        "changes",
+        "tail",
+        "--table",
+        &table,
+        "--wal",
+        "--slot",
+        &slot,
+        "--snapshot",
+        "--chunk-rows",
+        "5000",
+    ];
+    let tailing = |l: &str| l.contains("tailing");
+    let first = fleet.spawn_cmd(&args, tailing).await;
+    // 30,000 lines hold at most 30,000 of the 100,000 reads: mid-snapshot.
+    wait_lines(&mut fleet, first, |f| f.received[first].len() >= 30_000).await;
+    let walsender = slot_pid(&slot).await;
+    fleet.signal(first, "-KILL").await;
+    if let Some(pid) = walsender {
+        common::wait_backend_gone(pid).await;
+    }
+
+    let second = fleet.spawn_cmd(&args, tailing).await;
+    let finished = |f: &common::fleet::Fleet| {
+        f.stderr.iter().any(|(i, l)| {
+            *i == second && l.starts_with("pg-pubsub: snapshot ") && l.contains(" finished ")
+        })
+    };
+    wait_lines(&mut fleet, second, finished).await;
+    let walsender = slot_pid(&slot).await;
+    fleet.signal(second, "-KILL").await;
+    if let Some(pid) = walsender {
+        common::wait_backend_gone(pid).await;
+    }
+    let touched = writer.stop().await;
+    raw_client()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
+        .await
+        .expect("sentinel");
+
+    // The snapshot is done: a third run only has changes.
+    let third = fleet.spawn_cmd(&args, tailing).await;
+    fleet
+        .wait_for(|f| {
+            f.received[third]
+                .last()
+                .is_some_and(|l| l.contains("\"sentinel\""))
+        })
+        .await;
+    assert!(fleet.signal(third, "-TERM").await.success());
+
+    let runs: Vec<Vec<serde_json::Value>> = [first, second, third]
+        .iter()
+        .map(|i| {
+            fleet.received[*i]
+                .iter()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect()
+        })
+        .collect();
+    // Reads of each run: id -> the watermark (chunk) that carried it.
+    let reads = |run: &[serde_json::Value]| {
+        let mut by_id = std::collections::HashMap::new();
+        for line in run.iter().filter(|l| l["op"] == "read") {
+            let id = line["new"]["id"].as_i64().expect("id");
+            let chunk = line["lsn"].as_str().expect("lsn").to_owned();
+            assert!(
+                by_id.insert(id, chunk).is_none(),
+                "id {id} read twice in a run"
+            );
+        }
+        by_id
+    };
+    let (one, two, three) = (reads(&runs[0]), reads(&runs[1]), reads(&runs[2]));
+    assert!(three.is_empty(), "a completed snapshot was read again");
+    let last_chunk = runs[0]
+        .iter()
+        .rev()
+        .find(|l| l["op"] == "read")
+        .map(|l| l["lsn"].clone())
+        .expect("reads in the first run");
+    for (id, chunk) in &one {
+        if two.contains_key(id) {
+            assert_eq!(
+                chunk.as_str(),
+                last_chunk.as_str().unwrap_or_default(),
+                "id {id} read again, but not from the chunk in flight at the kill"
+            );
+        }
+    }
+    for id in (1..=ROWS).filter(|id| !touched.contains(id)) {
+        assert!(
+            one.contains_key(&id) || two.contains_key(&id),
+            "id {id} was never read"
+        );
+    }
+    let mut replica = Replica::default();
+    for line in runs.iter().flatten() {
+        replica.apply_json(line);
+    }
+    replica.assert_is(&table, |_| true).await;
+}
+
+/// Reads the fleet's lines until `done`, as long as process `i` prints
+/// 5,000 lines within each [`WAIT`] (a debug build prints 100,000 slowly).
+async fn wait_lines(
+    fleet: &mut common::fleet::Fleet,
+    i: usize,
+    done: impl Fn(&common::fleet::Fleet) -> bool,
+) {
+    while !done(fleet) {
+        let seen = fleet.received[i].len();
+        fleet
+            .wait_for(|f| f.received[i].len() >= seen + 5000 || done(f))
+            .await;
+    }
+}
+
+/// The pid of the walsender streaming from `slot`, if one does.
+async fn slot_pid(slot: &str) -> Option<i32> {
+    raw_client()
+        .await
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("pg_replication_slots")
+        .and_then(|r| r.get(0))
+}
+
 /// JSON lines of a successful run's stdout.
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
     assert!(out.status.success(), "{out:?}");

@@ -22,6 +22,10 @@ pub enum Op {
     Delete,
     /// The table was truncated: neither `old` nor `new`.
     Truncate,
+    /// A row as it was read by a snapshot or backfill of the table (WAL
+    /// feed, feature `wal`: "Snapshots and backfill" in its module docs),
+    /// not a change: `new` is set. Apply it as an upsert.
+    Read,
 }
 
 impl fmt::Display for Op {
@@ -31,6 +35,7 @@ impl fmt::Display for Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Truncate => "truncate",
+            Op::Read => "read",
         })
     }
 }
@@ -38,16 +43,17 @@ impl fmt::Display for Op {
 impl FromStr for Op {
     type Err = Error;
 
-    /// Parses `insert`, `update`, `delete` or `truncate`.
+    /// Parses `insert`, `update`, `delete`, `truncate` or `read`.
     fn from_str(s: &str) -> Result<Op> {
         match s {
             "insert" => Ok(Op::Insert),
             "update" => Ok(Op::Update),
             "delete" => Ok(Op::Delete),
             "truncate" => Ok(Op::Truncate),
+            "read" => Ok(Op::Read),
             other => Err(Error::new(
                 Origin::Config,
-                format!("{other:?} is not an operation (insert, update, delete, truncate)"),
+                format!("{other:?} is not an operation (insert, update, delete, truncate, read)"),
             )),
         }
     }

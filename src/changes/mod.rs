@@ -5,7 +5,10 @@
 //!   durable channel (at-least-once, replayable) or send it over NOTIFY;
 //! * the **WAL feed** (feature `wal`): logical decoding of the write-ahead
 //!   log through a replication slot, in commit order, resumable from the
-//!   last ack.
+//!   last ack; it can also start with the rows that already exist, or read
+//!   a table again while it runs (snapshots and backfill, in the `wal`
+//!   module's docs: rows as [`Op::Read`] changes).
+//!   Trigger feeds start from their install, with no snapshot.
 //!
 //! ## Trigger feed
 //!

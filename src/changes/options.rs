@@ -149,6 +149,12 @@ impl FeedOptions {
                 "a change feed needs at least one operation",
             ));
         }
+        if self.ops.as_ref().is_some_and(|ops| ops.contains(&Op::Read)) {
+            return Err(Error::new(
+                Origin::Config,
+                "`read` is not an operation a trigger captures (it marks rows read by a snapshot)",
+            ));
+        }
         Ok(())
     }
 

@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -117,6 +117,12 @@ const CATALOG: Catalog = Catalog {
             version: 8,
             name: "trigger_feed_names",
             sql: include_str!("migrations/0008_trigger_feed_names.sql"),
+            compatible_with: 1,
+        },
+        Migration {
+            version: 9,
+            name: "wal_snapshots",
+            sql: include_str!("migrations/0009_wal_snapshots.sql"),
             compatible_with: 1,
         },
     ],
@@ -303,6 +309,7 @@ mod tests {
         ("limited_claim", 6, "966bffad689177e8"),
         ("leases", 7, "a026b8ec79bb7ea4"),
         ("trigger_feed_names", 8, "32df161ee6d97a3d"),
+        ("wal_snapshots", 9, "f8e6f4522fe080fc"),
         ("durable", 1, "1ce3a488ea845295"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 8, "fd9ad54b627d3d1a"),

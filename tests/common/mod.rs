@@ -13,6 +13,8 @@ pub mod ha;
 pub mod pgbouncer;
 #[cfg(feature = "cli")]
 pub mod relay;
+#[cfg(feature = "wal")]
+pub mod snapshot;
 #[cfg(feature = "ui")]
 pub mod ui;
 

@@ -36,6 +36,24 @@ enum ChangesCommand {
     Slots,
     /// The trigger feeds installed in the schema, one JSON object per line.
     Feeds,
+    /// Request a backfill of a table (or of its rows matching `--where`)
+    /// into the WAL feed of a slot: the feed, here or in another process,
+    /// reads the rows and delivers them as `op: read` lines merged with
+    /// its changes. Prints the request's id.
+    Backfill(BackfillArgs),
+}
+
+#[derive(Args)]
+struct BackfillArgs {
+    /// The table.
+    #[arg(long)]
+    table: String,
+    /// The WAL feed's replication slot.
+    #[arg(long)]
+    slot: String,
+    /// Only the rows matching this SQL condition (run as written).
+    #[arg(long = "where")]
+    filter: Option<String>,
 }
 
 #[derive(Args)]
@@ -102,6 +120,14 @@ pub(crate) struct TailArgs {
     /// closed), so it holds no WAL; a later run starts from its own start.
     #[arg(long, requires = "wal")]
     pub(crate) drop_slot_on_exit: bool,
+    /// With `--wal`: start with every existing row of the table (`op:
+    /// read` lines, merged with the changes), once per slot; a run killed
+    /// during it resumes it.
+    #[arg(long, requires = "wal")]
+    pub(crate) snapshot: bool,
+    /// Rows per chunk of a snapshot or backfill.
+    #[arg(long, requires = "wal", default_value_t = 4096)]
+    pub(crate) chunk_rows: usize,
     /// Where a new group starts: earliest, latest, or a position (tick/xid/seq).
     #[arg(long, default_value = "earliest", value_parser = parse_start)]
     pub(crate) from: Start,
@@ -144,6 +170,12 @@ pub(crate) async fn run(conn: &ConnOpts, args: ChangesArgs) -> Result<()> {
             ps.shutdown().await;
             result
         }
+        ChangesCommand::Backfill(a) => {
+            let ps = connect(conn, Tuning::default()).await?;
+            let result = backfill(&ps, &args.schema, a).await;
+            ps.shutdown().await;
+            result
+        }
         ChangesCommand::DropSlot(a) => {
             let ps = connect(conn, Tuning::default()).await?;
             let result = crate::wal::drop_slot(&ps, &a.slot).await;
@@ -170,7 +202,28 @@ async fn wal_tail(conn: &ConnOpts, _schema: &str, args: TailArgs) -> Result<()> 
         true => crate::wal::OnExit::DropSlot,
         false => crate::wal::OnExit::KeepSlot,
     };
-    crate::wal::tail(conn, &[args.table], &slot, on_exit).await
+    let snapshot = crate::wal::Snapshot {
+        initial: args.snapshot,
+        chunk_rows: args.chunk_rows,
+    };
+    crate::wal::tail(conn, &[args.table], &slot, on_exit, snapshot).await
+}
+
+/// `changes backfill --table T --slot S [--where SQL]`.
+async fn backfill(ps: &PgPubSub, schema: &str, a: BackfillArgs) -> Result<()> {
+    let mut request = ps
+        .wal_backfill(&a.slot, &a.table)
+        .schema(pg_pubsub::schema::SchemaName::new(schema)?);
+    if let Some(filter) = &a.filter {
+        request = request.filter(filter);
+    }
+    let id = request.await?;
+    println!("{id}");
+    note(&format!(
+        "backfill {id} of {} requested for the WAL feed of slot {}",
+        a.table, a.slot
+    ));
+    Ok(())
 }
 
 async fn install(changes: &Changes, a: InstallArgs) -> Result<()> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use pg_pubsub::changes::wal::{WalFeed, WalItem};
+use pg_pubsub::changes::wal::{WalEvent, WalFeed, WalItem};
 use pg_pubsub::changes::{ChangeEvent, Lsn};
 use pg_pubsub::PgPubSub;
 use tokio_postgres::error::SqlState;
@@ -30,6 +30,15 @@ pub(crate) enum OnExit {
     DropSlot,
 }
 
+/// `tail --snapshot` and its chunk size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Snapshot {
+    /// Start with the table's existing rows.
+    pub(crate) initial: bool,
+    /// Rows per chunk (of backfills too).
+    pub(crate) chunk_rows: usize,
+}
+
 /// How long an exiting `tail` waits for the server to let go of its slot.
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
@@ -43,6 +52,7 @@ pub(crate) async fn tail(
     tables: &[String],
     slot: &str,
     on_exit: OnExit,
+    snapshot: Snapshot,
 ) -> Result<()> {
     let mut stop = Stop::new()?;
     let ps = match stop.or(connect(conn, Tuning::default())).await {
@@ -61,7 +71,10 @@ pub(crate) async fn tail(
             return Err(e);
         }
     }
-    let mut builder = ps.wal_feed(slot);
+    let mut builder = ps
+        .wal_feed(slot)
+        .snapshot(snapshot.initial)
+        .snapshot_chunk_rows(snapshot.chunk_rows);
     if !tables.is_empty() {
         let refs: Vec<&str> = tables.iter().map(String::as_str).collect();
         builder = builder.tables(&refs);
@@ -83,11 +96,21 @@ pub(crate) async fn tail(
         }
     };
     note(&format!("tailing the WAL from slot {slot}"));
+    let mut events = feed.events();
     let mut out = tokio::io::stdout();
     let result = loop {
         tokio::select! {
             biased;
             _ = stop.recv() => break Ok(()),
+            Some(event) = events.next() => match event {
+                WalEvent::Snapshot { slot: s, id, table, rows, finished: true } if *s == *slot => {
+                    note(&format!("snapshot {id} of {table} finished ({rows} rows read)"));
+                }
+                WalEvent::SnapshotFailed { slot: s, id, table, reason } if *s == *slot => {
+                    note(&format!("snapshot {id} of {table} given up: {reason}"));
+                }
+                _ => {}
+            },
             item = feed.next() => match item {
                 Some(WalItem::Change { event, .. })
                     if !wanted.is_empty() && !wanted.contains(&(event.schema.clone(), event.table.clone())) => {}

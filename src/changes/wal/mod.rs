@@ -30,9 +30,9 @@
 //! fn apply(event: &ChangeEvent) -> serde_json::Result<()> {
 //!     let row = |r: &Option<Value>| r.clone().unwrap_or(Value::Null);
 //!     match (event.table.as_str(), event.op) {
-//!         ("orders", Op::Insert | Op::Update) => println!("upsert {:?}", Order::deserialize(row(&event.new))?),
+//!         ("orders", Op::Insert | Op::Update | Op::Read) => println!("upsert {:?}", Order::deserialize(row(&event.new))?),
 //!         ("orders", Op::Delete) => println!("delete {:?}", OrderKey::deserialize(row(&event.old))?),
-//!         ("lines", Op::Insert | Op::Update) => println!("upsert {:?}", Line::deserialize(row(&event.new))?),
+//!         ("lines", Op::Insert | Op::Update | Op::Read) => println!("upsert {:?}", Line::deserialize(row(&event.new))?),
 //!         ("lines", Op::Delete) => println!("delete {:?}", LineKey::deserialize(row(&event.old))?),
 //!         (table, Op::Truncate) => println!("truncate {table}"),
 //!         (table, op) => eprintln!("{op} on {table}: not handled"),
@@ -88,6 +88,72 @@
 //! `pg_current_wal_lsn() - confirmed_flush_lsn`) is in [`WalFeed::stats`]
 //! and, above [`lag_warning`](WalFeedBuilder::lag_warning), a
 //! [`WalEvent::Lag`].
+//!
+//! # Snapshots and backfill
+//!
+//! A feed can deliver the rows that already exist, not only the changes
+//! from now on: [`WalFeedBuilder::snapshot`] reads every row of the
+//! feed's tables once per slot (the initial snapshot), and
+//! [`WalFeed::backfill`] (or [`PgPubSub::wal_backfill`] from any process,
+//! or `pg-pubsub changes backfill`) reads a table's rows, or those
+//! matching a SQL condition, while the feed runs: for a new consumer, or
+//! after a lost slot was recreated. Rows arrive as changes with
+//! [`Op::Read`](crate::changes::Op::Read) (`new` set; apply as an upsert),
+//! in chunks: each chunk is one transaction of xid 0 ([`WalItem::Begin`],
+//! its reads, [`WalItem::Commit`] to ack as any other), between the
+//! stream's transactions.
+//!
+//! How (DBLog's watermarks, as Debezium's incremental snapshots): the
+//! feed reads a chunk of rows in primary-key order (keyset, `LIMIT`
+//! [`snapshot_chunk_rows`](WalFeedBuilder::snapshot_chunk_rows)) in a
+//! short `REPEATABLE READ` transaction, and writes a watermark into the
+//! WAL (`pg_logical_emit_message`) after the chunk's snapshot was taken.
+//! When the stream reaches the watermark, every transaction the chunk's
+//! snapshot saw has been streamed; the chunk's rows are handed over there,
+//! except those whose key a streamed transaction changed since the
+//! previous chunk or that the chunk's snapshot did not see: for those
+//! the stream's version wins (it went out already; later changes come
+//! after the chunk). So a table of any size is read without one long
+//! transaction (vacuum is held back for one chunk at a time), without
+//! locks (writers are never blocked), and with nothing missed or doubled
+//! between the reads and the changes. Before its first chunk, and after
+//! each loss of the stream, a snapshot waits for the transactions running
+//! then to end, as creating a slot does (a commit is in the WAL before
+//! other sessions see it).
+//!
+//! Progress is recorded in `<schema>.wal_snapshots` (a row per request,
+//! served in order): the feed reads the next chunk only once the
+//! consumer acked the previous one ([`WalFeed::ack`] of its commit), and
+//! records that ack first. So at most one chunk is in flight, and:
+//!
+//! * **Within a completed snapshot, each row is read at most once**, and
+//!   a row that existed when the request started and was not changed
+//!   while it ran is read exactly once. A row changed meanwhile may have
+//!   no read: its change event carries it (so `new` must hold the whole
+//!   row: an unchanged TOASTed column is left out of an update's `new`,
+//!   see below). Rows inserted after the request started (above the
+//!   highest key it saw then) come only as changes.
+//! * **After a crash** (or a lost stream) the snapshot resumes after the
+//!   last chunk recorded as acked: the chunk in flight is read again, from
+//!   the table as it is then, under a new watermark. A consumer that had
+//!   processed it sees those rows twice (at least once, like the stream's
+//!   changes after the last confirmed position): at most one chunk, and
+//!   only if the crash came after the consumer took it and before its ack
+//!   was recorded. [`WalFeed::close`] records the last ack: a clean
+//!   restart reads nothing twice.
+//! * A completed snapshot is never read again; a feed started again with
+//!   [`snapshot(true)`](WalFeedBuilder::snapshot) on the same slot does
+//!   not repeat it.
+//!
+//! Requirements: a primary key on every table read, and `REPLICA
+//! IDENTITY` `DEFAULT` or `FULL` (deletes must carry the key); otherwise
+//! [`ErrorKind::Config`](crate::ErrorKind::Config) naming the table. The
+//! publication's column list and row filter (PostgreSQL 15+) apply to the
+//! reads too. Read rows are PostgreSQL's `to_json` of the published
+//! columns, read on a pooled connection (its `TimeZone`): the shape of the
+//! stream's rows; a read's [`columns`](crate::changes::ChangeEvent::columns)
+//! is `None`. Progress is reported as [`WalEvent::Snapshot`];
+//! [`WalFeed::snapshots`] lists the requests.
 //!
 //! # Values
 //!
@@ -165,6 +231,7 @@
 mod conn;
 mod decode;
 mod slot;
+mod snapshot;
 mod stream;
 
 use std::pin::Pin;
@@ -293,6 +360,8 @@ pub struct WalFeedBuilder {
     standby: bool,
     schema: crate::schema::SchemaName,
     recreate_lost_slot: bool,
+    snapshot: bool,
+    snapshot_chunk_rows: usize,
 }
 
 impl PgPubSub {
@@ -312,6 +381,8 @@ impl PgPubSub {
             standby: false,
             schema: crate::schema::SchemaName::default(),
             recreate_lost_slot: false,
+            snapshot: false,
+            snapshot_chunk_rows: 4096,
         }
     }
 }
@@ -395,6 +466,27 @@ impl WalFeedBuilder {
         self
     }
 
+    /// Start with every existing row of the feed's tables: an initial
+    /// snapshot, delivered as [`Op::Read`](crate::changes::Op::Read)
+    /// changes merged with the stream (see [Snapshots and
+    /// backfill](self#snapshots-and-backfill)). Requested once per slot:
+    /// when the slot is created, or on the first start with this option
+    /// of a slot that never had one; a restart resumes an unfinished one.
+    /// Every table must have a primary key ([`ErrorKind::Config`](crate::ErrorKind::Config)
+    /// otherwise, naming it). Default: `false`.
+    pub fn snapshot(mut self, snapshot: bool) -> Self {
+        self.snapshot = snapshot;
+        self
+    }
+
+    /// Rows per chunk of a snapshot or backfill: one short `REPEATABLE
+    /// READ` transaction each, held in memory until the consumer acks
+    /// it. Default 4096.
+    pub fn snapshot_chunk_rows(mut self, rows: usize) -> Self {
+        self.snapshot_chunk_rows = rows.max(1);
+        self
+    }
+
     /// The slot's name.
     pub fn slot_name(&self) -> &str {
         &self.slot
@@ -422,7 +514,12 @@ impl WalFeedBuilder {
         slot::ensure_publication(&exec, &publication, self.tables.as_deref()).await?;
         let installed = tokio::sync::OnceCell::new();
         crate::schema::ensure(&self.pubsub, &self.schema, &installed).await?;
-        slot::prepare_slot(
+        // Checked before a slot is created for a feed that cannot start.
+        let initial = match self.snapshot {
+            true => Some(snapshot::initial_tables(&exec, &publication).await?),
+            false => None,
+        };
+        let created = slot::prepare_slot(
             &exec,
             &self.schema,
             &self.slot,
@@ -430,10 +527,19 @@ impl WalFeedBuilder {
             self.recreate_lost_slot,
         )
         .await?;
+        if created {
+            // A new slot: requests left by an old one of its name are void.
+            snapshot::forget(&exec, &self.schema, &self.slot).await?;
+        }
+        if let Some(tables) = &initial {
+            snapshot::request_initial(&exec, &self.schema, &self.slot, tables).await?;
+        }
         let events = self.pubsub.inner.buses.wal.clone();
         let shared = Arc::new(Shared {
             acked: AtomicU64::new(0),
+            ack_watch: watch::Sender::new(0),
         });
+        let link = Arc::new(snapshot::Link::new(&self.slot));
         let stop_tx = Arc::new(watch::Sender::new(false));
         let stop_rx = stop_tx.subscribe();
         // Batches of up to 256 items: about `capacity` items in flight.
@@ -454,6 +560,7 @@ impl WalFeedBuilder {
             schema: self.schema.clone(),
             pg: self.pubsub.config().clone(),
             connect_timeout: self.pubsub.inner.opts.connect_timeout,
+            link: link.clone(),
         };
         let first = task.connect_first(self.standby).await?;
         // Stopped by the handle's shutdown too, which waits until the
@@ -470,6 +577,22 @@ impl WalFeedBuilder {
             let res = task.run(first).await;
             drop(registration);
             res
+        });
+        let driver = snapshot::Driver {
+            exec: exec.clone(),
+            schema: self.schema.clone(),
+            slot: self.slot.clone(),
+            publication: publication.clone(),
+            shared: shared.clone(),
+            link: link.clone(),
+            events: events.clone(),
+            chunk_rows: self.snapshot_chunk_rows,
+            stop: stop_rx.clone(),
+        };
+        let registration = services.register("WAL feed snapshots", stopper(&stop_tx))?;
+        let driver = tokio::spawn(async move {
+            driver.run().await;
+            drop(registration);
         });
         if let Some(every) = self.heartbeat {
             let registration = services.register("WAL feed heartbeat", stopper(&stop_tx))?;
@@ -489,12 +612,16 @@ impl WalFeedBuilder {
         Ok(WalFeed {
             events,
             exec,
+            schema: self.schema,
+            publication,
+            link,
             slot: self.slot,
             rx,
             ready: Vec::new().into_iter(),
             shared,
             stop: stop_tx,
             task: Some(handle),
+            driver: Some(driver),
             _t: std::marker::PhantomData,
         })
     }
@@ -504,16 +631,37 @@ pub(crate) struct Shared {
     /// The highest acked position (cumulative): the stream task reads it
     /// at each status update (every ack interval), so acking wakes nobody.
     pub(crate) acked: AtomicU64,
+    /// The same position, for the snapshot driver to wait on.
+    pub(crate) ack_watch: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Moves the acked position up to `lsn` (never down).
+    pub(crate) fn advance(&self, lsn: u64) {
+        self.acked.fetch_max(lsn, Ordering::AcqRel);
+        self.ack_watch.send_if_modified(|v| {
+            let moved = lsn > *v;
+            if moved {
+                *v = lsn;
+            }
+            moved
+        });
+    }
 }
 
 /// What the stream task hands the feed: rows still JSON.
 pub(crate) type RawItem = WalItem<serde_json::Value>;
+
+pub use snapshot::{Backfill, SnapshotInfo};
 
 /// A running WAL change feed: a [`Stream`] of [`WalItem`]s. Dropping it
 /// stops the stream; [`close`](Self::close) also makes the last acks
 /// durable first.
 pub struct WalFeed<T = serde_json::Value> {
     exec: Exec,
+    schema: crate::schema::SchemaName,
+    publication: String,
+    link: Arc<snapshot::Link>,
     slot: String,
     rx: mpsc::Receiver<Vec<RawItem>>,
     /// The rest of the batch being read.
@@ -521,6 +669,9 @@ pub struct WalFeed<T = serde_json::Value> {
     shared: Arc<Shared>,
     stop: Arc<watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The snapshot driver: stopped with the stream, awaited by `close`
+    /// so it records the last chunk the consumer acked.
+    driver: Option<tokio::task::JoinHandle<()>>,
     events: crate::event::Bus<WalEvent>,
     _t: std::marker::PhantomData<fn() -> T>,
 }
@@ -530,7 +681,36 @@ impl<T> WalFeed<T> {
     /// before is ignored). Use [`WalItem::ack_lsn`]. Sent to the server within
     /// the ack interval.
     pub fn ack(&self, lsn: Lsn) {
-        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+        self.shared.advance(lsn.0);
+    }
+
+    /// Requests a backfill of `table` into this feed: its rows (those
+    /// matching `filter`, a SQL condition on the table's columns, run as
+    /// written: pass only trusted text) are read while the feed runs and
+    /// delivered as [`Op::Read`](crate::changes::Op::Read) changes merged
+    /// with the stream (see [Snapshots and backfill](self#snapshots-and-backfill)).
+    /// Requests are served in order, after any unfinished one. The table
+    /// must be in the feed's publication and have a primary key, and the
+    /// condition must be valid ([`ErrorKind::Config`](crate::ErrorKind::Config)
+    /// otherwise). Returns the request's id. The same from another
+    /// process: [`PgPubSub::wal_backfill`].
+    pub async fn backfill(&self, table: &str, filter: Option<&str>) -> Result<i64> {
+        let id = snapshot::request_backfill(
+            &self.exec,
+            &self.schema,
+            &self.slot,
+            table,
+            filter,
+            &self.publication,
+        )
+        .await?;
+        self.link.wake.notify_one();
+        Ok(id)
+    }
+
+    /// The snapshots and backfills of this feed's slot, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        snapshot::list(&self.exec, &self.schema, &self.slot).await
     }
 
     /// A handle to ack from elsewhere (another task).
@@ -574,6 +754,9 @@ impl<T> WalFeed<T> {
         // Nobody reads any more: a task blocked on a full buffer gets an
         // error at once instead of waiting forever.
         self.rx.close();
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.await;
+        }
         let Some(task) = self.task.take() else {
             return Ok(());
         };
@@ -617,7 +800,7 @@ pub struct WalAcker {
 impl WalAcker {
     /// Like [`WalFeed::ack`].
     pub fn ack(&self, lsn: Lsn) {
-        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+        self.shared.advance(lsn.0);
     }
 }
 

@@ -192,13 +192,14 @@ pub(crate) async fn slot_state(exec: &Exec, schema: &SchemaName, slot: &str) -> 
 /// `schema.wal_slots`, and refuses with [`ErrorKind::SlotLost`](crate::ErrorKind::SlotLost)
 /// a slot the feed recorded that is missing or invalidated, unless
 /// `recreate_lost` (then it is dropped if invalid and created anew).
+/// Whether the slot was created.
 pub(crate) async fn prepare_slot(
     exec: &Exec,
     schema: &SchemaName,
     slot: &str,
     publication: &str,
     recreate_lost: bool,
-) -> Result<()> {
+) -> Result<bool> {
     let state = slot_state(exec, schema, slot).await?;
     if let Some(err) = state.lost_error(slot, schema) {
         if !recreate_lost {
@@ -215,7 +216,8 @@ pub(crate) async fn prepare_slot(
     } else {
         false
     };
-    record_slot(exec, schema, slot, publication, failover, create).await
+    record_slot(exec, schema, slot, publication, failover, create).await?;
+    Ok(create)
 }
 
 /// Creates the logical slot (pgoutput) if missing, with `failover` on
@@ -396,6 +398,22 @@ impl PgPubSub {
                     client
                         .execute(
                             &format!("DELETE FROM {records} WHERE slot_name = $1"),
+                            &[&slot],
+                        )
+                        .await
+                        .map_err(|e| setup_error(STAGE, e))?;
+                }
+                // Its snapshots and backfills: a new slot starts afresh.
+                let snapshots = format!("{}.wal_snapshots", SchemaName::default());
+                let recorded: bool = client
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&snapshots])
+                    .await
+                    .map_err(|e| setup_error(STAGE, e))?
+                    .get(0);
+                if recorded {
+                    client
+                        .execute(
+                            &format!("DELETE FROM {snapshots} WHERE slot_name = $1"),
                             &[&slot],
                         )
                         .await

@@ -14,8 +14,9 @@ use super::decode::{Decoded, Decoder, TypeRow, TYPES_SQL};
 use super::slot::{
     advance_slot, emit_heartbeat, slot_position, slot_state, stream_hint, HEARTBEAT_PREFIX,
 };
+use super::snapshot::{Link, Mark, SNAPSHOT_PREFIX};
 use super::{RawItem, Shared, WalItem, WalMessage};
-use crate::changes::Lsn;
+use crate::changes::{ChangeEvent, Lsn, Op};
 
 /// A stream that ran this long was healthy: the next loss backs off from
 /// the start again.
@@ -75,6 +76,8 @@ pub(crate) struct StreamTask {
     /// Where the feed's slot is recorded (see [`SlotState`]).
     pub(crate) schema: crate::schema::SchemaName,
     pub(crate) connect_timeout: Duration,
+    /// Shared with the snapshot driver: tracked tables, chunks in flight.
+    pub(crate) link: Arc<Link>,
 }
 
 /// Why the stream loop returned.
@@ -265,6 +268,8 @@ impl StreamTask {
     }
 
     async fn stream(&mut self, conn: &mut Conn) -> End {
+        // What a snapshot tracked of the last stream is gone with it.
+        self.link.restarted();
         let mut p = Progress {
             decoder: Decoder::default(),
             xid: 0,
@@ -380,7 +385,7 @@ impl StreamTask {
                 let acked = self.acked();
                 if !p.in_tx && acked >= p.delivered && wal_end.0 > acked {
                     p.delivered = wal_end.0;
-                    self.shared.acked.fetch_max(wal_end.0, Ordering::AcqRel);
+                    self.shared.advance(wal_end.0);
                 }
                 if reply {
                     self.status(conn, p, false).await?;
@@ -438,12 +443,14 @@ impl StreamTask {
             }
             Decoded::Change(mut event) => {
                 self.changes.add(1);
+                self.link.observe(p.xid, std::slice::from_ref(&event));
                 event.xid = Some(u64::from(p.xid));
                 event.committed_at = p.commit_time;
                 Self::push(p, WalItem::Change { lsn, event });
             }
             Decoded::Truncate(events) => {
                 self.changes.add(events.len());
+                self.link.observe(p.xid, &events);
                 for mut event in events {
                     event.xid = Some(u64::from(p.xid));
                     event.committed_at = p.commit_time;
@@ -464,11 +471,19 @@ impl StreamTask {
                 prefix,
                 content,
             } => {
+                if prefix == SNAPSHOT_PREFIX {
+                    match self.link.mark(&content) {
+                        Mark::Request => self.link.wake.notify_one(),
+                        Mark::Chunk(n) => self.chunk(p, n, lsn).await?,
+                        Mark::Other => {}
+                    }
+                    return Ok(());
+                }
                 if prefix == HEARTBEAT_PREFIX {
                     // Caught up: confirm past WAL this feed does not need.
                     let acked = self.acked();
                     if !transactional && acked >= p.delivered && lsn.0 > acked {
-                        self.shared.acked.fetch_max(lsn.0, Ordering::AcqRel);
+                        self.shared.advance(lsn.0);
                         p.delivered = p.delivered.max(lsn.0);
                     }
                     return Ok(());
@@ -492,6 +507,55 @@ impl StreamTask {
             }
             Decoded::Nothing => {}
         }
+        Ok(())
+    }
+
+    /// Snapshot chunk `n`, whose watermark is at `lsn`: its rows the stream
+    /// did not carry, as `read` changes of a transaction of xid 0 committed
+    /// at `lsn`; then tells the driver what the consumer must ack to have
+    /// them all. Nothing for a chunk this stream does not wait for (an
+    /// earlier stream's).
+    async fn chunk(&self, p: &mut Progress, n: u64, lsn: Lsn) -> Result<(), End> {
+        let Some(rx) = self.link.take(n) else {
+            return Ok(());
+        };
+        // Sent once the chunk's transaction committed (it wrote the
+        // watermark just before); dropped if it failed.
+        let mut stop = self.stop.clone();
+        let chunk = tokio::select! {
+            chunk = rx => chunk.ok(),
+            _ = stopped(&mut stop) => return Err(End::Stopped),
+        };
+        let Some(chunk) = chunk else {
+            return Ok(());
+        };
+        let (schema, table) = chunk.table.clone();
+        let rows = self.link.merge(chunk);
+        if rows.is_empty() {
+            // Nothing to ack: what was handed before is enough.
+            self.link.handed(n, Lsn(p.delivered));
+            return Ok(());
+        }
+        p.delivered = p.delivered.max(lsn.0);
+        let now = std::time::SystemTime::now();
+        p.batch.push(WalItem::Begin {
+            xid: 0,
+            final_lsn: lsn,
+            commit_time: now,
+        });
+        for row in rows {
+            let mut event = ChangeEvent::new(Op::Read, schema.as_str(), table.as_str());
+            event.new = Some(row);
+            p.batch.push(WalItem::Change { lsn, event });
+        }
+        p.batch.push(WalItem::Commit {
+            xid: 0,
+            lsn,
+            end_lsn: lsn,
+            commit_time: now,
+        });
+        // The consumer can ack it only once the batch went out.
+        self.link.handed(n, lsn);
         Ok(())
     }
 
