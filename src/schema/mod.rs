@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -101,12 +101,18 @@ const CATALOG: Catalog = Catalog {
             sql: include_str!("migrations/0005_wal_slots.sql"),
             compatible_with: 1,
         },
+        Migration {
+            version: 9,
+            name: "durable_reads",
+            sql: include_str!("migrations/0009_durable_reads.sql"),
+            compatible_with: 1,
+        },
     ],
     scripts: &[
         Script {
             name: "durable",
             sql: include_str!("functions/durable.sql"),
-            since: 1,
+            since: 9,
         },
         Script {
             name: "queue",
@@ -282,7 +288,8 @@ mod tests {
         ("schedules", 3, "0f9e2f51dad6104d"),
         ("limits", 4, "741d36155d7f8cb1"),
         ("wal_slots", 5, "5637b22ed13b57b7"),
-        ("durable", 1, "1ce3a488ea845295"),
+        ("durable_reads", 9, "98ae895aae13769f"),
+        ("durable", 9, "7d5f7a1c18511a3c"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 1, "86b5b60834a2cd18"),
         ("limits", 4, "019850ff5dd38783"),

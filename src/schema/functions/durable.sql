@@ -97,8 +97,12 @@ BEGIN
                   CROSS JOIN LATERAL (SELECT 1 FROM @S@.messages m
                                       WHERE m.channel = p_channel AND m.xid = x.xid
                                       LIMIT 1) AS hit
-                  WHERE pg_visible_in_snapshot(x.xid, cur.s));
-    SELECT max(t.tick_id) INTO last_id FROM @S@.ticks t WHERE t.channel = p_channel;
+                  WHERE pg_visible_in_snapshot(x.xid, cur.s))
+    RETURNING tick_id INTO last_id;
+    -- Under the lock, a tick just taken is the latest: look only otherwise.
+    IF last_id IS NULL THEN
+        SELECT max(t.tick_id) INTO last_id FROM @S@.ticks t WHERE t.channel = p_channel;
+    END IF;
     RETURN coalesce(last_id, 0);
 END $$;
 
@@ -578,7 +582,15 @@ BEGIN
             END IF;
             p_xid := '0'; p_seq := 0;
         END IF;
-        pv := @S@.snap_before(p_channel, nx_id);
+        -- snap_before() inlined: a SQL function called from PL/pgSQL is
+        -- parsed and planned again in every transaction (its cache lives
+        -- in the transaction's expression state), which cost a consumer
+        -- more CPU than the rest of the read; this statement's plan is
+        -- kept for the session.
+        SELECT t.snap INTO pv FROM @S@.ticks t
+        WHERE t.channel = p_channel AND t.tick_id < nx_id
+        ORDER BY t.tick_id DESC LIMIT 1;
+        pv := coalesce(pv, '1:1:'::pg_snapshot);
         -- Only the in-progress transactions that have something left to
         -- read here (one index probe each): usually none, and then the
         -- page is a single ordered range scan, without union or sort.
