@@ -308,14 +308,7 @@ async fn latency(ps: &PgPubSub, d: &Durable, url: &str, secs: u64) -> Res<()> {
         bare.sort_unstable();
         dur.sort_unstable();
         eph.sort_unstable();
-        let show = |v: &[u64]| {
-            format!(
-                "{:.2} / {:.2} / {:.2}",
-                pct(v, 50),
-                pct(v, 90),
-                pct(v, 99)
-            )
-        };
+        let show = |v: &[u64]| format!("{:.2} / {:.2} / {:.2}", pct(v, 50), pct(v, 90), pct(v, 99));
         println!(
             "{:<44} durable {} ms   bare {} ms   ephemeral {} ms",
             format!("  latency p50 / p90 / p99, run {run}"),
