@@ -129,10 +129,14 @@ impl<R: Bounds> ReadPlan<R> {
         self.cursor
     }
 
-    /// The group's cursor, loaded: the batch state starts afresh.
+    /// The group's cursor, loaded: the batch state starts afresh. The
+    /// latest tick is forgotten too: batches ticked while this consumer
+    /// stood by (their wake-ups ignored) are read on until a read finds
+    /// nothing.
     pub(super) fn loaded(&mut self, at: Position) {
         self.range = None;
         self.finished_tick = None;
+        self.latest = None;
         self.cursor = Some(at);
     }
 
@@ -342,6 +346,9 @@ mod tests {
         let mut plan = loaded(2, at(3, 10, 2));
         plan.ticked(4);
         assert!(plan.page_read(2, Some(at(4, 12, 7))).more);
+        // A reloaded cursor forgets the latest tick: read on until empty.
+        plan.loaded(at(4, 12, 7));
+        assert!(plan.page_read(1, Some(at(5, 13, 1))).more);
     }
 
     #[test]
