@@ -8,7 +8,7 @@
 //! `BENCH_PUBLISH_RUNS` (rounds, default 20: many short interleaved rounds
 //! and their median ratio, since this machine's speed drifts by more than
 //! the differences measured), `BENCH_BACKLOG` (default 1 000 000),
-//! `BENCH_LATENCY_SECS` (per side and round, default 3), `BENCH_LATENCY_RUNS` (rounds, median ratio reported, default 3), `BENCH_SOAK_SECS` (default 60),
+//! `BENCH_LATENCY_SECS` (per contender and round, default 3), `BENCH_LATENCY_RUNS` (rounds, median ratios reported, default 3), `BENCH_SOAK_SECS` (default 60),
 //! `BENCH_CONSUME_RUNS` (rounds of that comparison, median reported,
 //! default 3), `BENCH_PHASES` (comma-separated subset of
 //! `publish,consume,latency,soak,channels`; default all but `channels`),
@@ -91,7 +91,7 @@ async fn run(url: &str) -> Res<()> {
         consume(&d, &client, &stmt, &chunk, backlog, runs).await?;
     }
     if phase("latency") {
-        latency(&ps, &d, latency_secs).await?;
+        latency(&ps, &d, url, latency_secs).await?;
     }
     if phase("soak") {
         soak(&d, &client, soak_secs).await?;
@@ -284,43 +284,132 @@ fn pct(v: &[u64], pct: usize) -> f64 {
     v[(v.len() * pct / 100).min(v.len() - 1)] as f64 / 1e6
 }
 
-/// p99 publish-to-receive at [`RATE`]/s: durable (NOTIFY wake-up) vs
-/// ephemeral listen, in `BENCH_LATENCY_RUNS` rounds of `secs` each side
-/// (alternating which goes first), and the median of the rounds' ratios:
-/// a p99 of a few thousand samples swings with the machine.
-async fn latency(ps: &PgPubSub, d: &Durable, secs: u64) -> Res<()> {
+/// Publish-to-receive latency at [`RATE`]/s, in `BENCH_LATENCY_RUNS`
+/// rounds of `secs` per contender (the order rotates each round): durable
+/// (NOTIFY wake-up, tick and read), the bare reader the durable one is
+/// measured against (LISTEN-woken, reading `id > last` from an equivalent
+/// table on its own connection: not gap-free under out-of-order commits),
+/// and an ephemeral `listen`. Reports the median of the rounds' ratios: a
+/// p99 of a few thousand samples swings with the machine.
+async fn latency(ps: &PgPubSub, d: &Durable, url: &str, secs: u64) -> Res<()> {
     let runs = env_u64("BENCH_LATENCY_RUNS", 3)?;
-    let mut ratios = Vec::new();
+    let (mut p50s, mut p99s, mut eph99s) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        let (mut dur, mut eph) = if run % 2 == 0 {
-            let eph = ephemeral_latencies(ps, secs).await?;
-            (durable_latencies(d, secs).await?, eph)
-        } else {
-            let dur = durable_latencies(d, secs).await?;
-            (dur, ephemeral_latencies(ps, secs).await?)
-        };
+        let mut times: [Vec<u64>; 3] = Default::default();
+        for k in 0..3 {
+            let which = (k + run as usize) % 3;
+            times[which] = match which {
+                0 => bare_latencies(ps, url, secs).await?,
+                1 => durable_latencies(d, secs).await?,
+                _ => ephemeral_latencies(ps, secs).await?,
+            };
+        }
+        let [mut bare, mut dur, mut eph] = times;
+        bare.sort_unstable();
         dur.sort_unstable();
         eph.sort_unstable();
+        let show = |v: &[u64]| format!("{:.2} / {:.2} / {:.2}", pct(v, 50), pct(v, 90), pct(v, 99));
         println!(
-            "{:<44} durable {:.2} / {:.2} / {:.2} ms   ephemeral {:.2} / {:.2} / {:.2} ms",
+            "{:<44} durable {} ms   bare {} ms   ephemeral {} ms",
             format!("  latency p50 / p90 / p99, run {run}"),
-            pct(&dur, 50),
-            pct(&dur, 90),
-            pct(&dur, 99),
-            pct(&eph, 50),
-            pct(&eph, 90),
-            pct(&eph, 99)
+            show(&dur),
+            show(&bare),
+            show(&eph)
         );
-        ratios.push(pct(&dur, 99) / pct(&eph, 99));
+        p50s.push(pct(&dur, 50) / pct(&bare, 50));
+        p99s.push(pct(&dur, 99) / pct(&bare, 99));
+        eph99s.push(pct(&dur, 99) / pct(&eph, 99));
     }
-    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-    println!(
-        "{:<44} median ratio {:.2}   (runs: {})",
-        format!("latency p99 at {RATE}/s (vs ephemeral listen)"),
-        median(ratios),
-        shown.join(" ")
-    );
+    let show = |what: &str, ratios: Vec<f64>| {
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{:<44} median ratio {:.2}   (runs: {})",
+            format!("latency {what} at {RATE}/s"),
+            median(ratios),
+            shown.join(" ")
+        );
+    };
+    show("p50 (vs bare LISTEN + id > last)", p50s);
+    show("p99 (vs bare LISTEN + id > last)", p99s);
+    show("p99 (vs ephemeral listen)", eph99s);
     Ok(())
+}
+
+/// The bare baseline: publishes `INSERT … RETURNING pg_notify(…)` into
+/// `bench_bare` (a pooled connection per publish, as `publish` takes one);
+/// a reader on a connection of its own LISTENs and, on each notification
+/// (and those queued meanwhile), reads `WHERE channel = $1 AND id > last
+/// ORDER BY id` on that same connection.
+async fn bare_latencies(ps: &PgPubSub, url: &str, secs: u64) -> Res<Vec<u64>> {
+    use futures::FutureExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let (note_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if note_tx.send(n).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client.batch_execute("LISTEN bench_bare_wake").await?;
+    let mut last: i64 = client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM bench_bare WHERE channel = 'latency'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let read = client
+        .prepare("SELECT id, payload FROM bench_bare WHERE channel = $1 AND id > $2 ORDER BY id")
+        .await?;
+    let (row_tx, rows) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = tokio::spawn(async move {
+        while notes.recv().await.is_some() {
+            while notes.recv().now_or_never().flatten().is_some() {}
+            let page = client.query(&read, &[&"latency", &last]).await?;
+            for r in &page {
+                last = r.get(0);
+                if row_tx.send(r.get(1)).is_err() {
+                    return Res::Ok(());
+                }
+            }
+        }
+        Res::Ok(())
+    });
+    let mut rows = Box::pin(futures::stream::unfold(rows, |mut rx| async move {
+        rx.recv().await.map(|t| (t, rx))
+    }));
+    let pool = ps.pool().clone();
+    let times = timed_stream(
+        secs,
+        move |t| {
+            let pool = pool.clone();
+            async move {
+                let c = pool.get().await?;
+                let stmt = c
+                    .prepare_cached(
+                        "INSERT INTO bench_bare (channel, payload) VALUES ('latency', $1) \
+                         RETURNING pg_notify('bench_bare_wake', '')",
+                    )
+                    .await?;
+                c.execute(&stmt, &[&t]).await?;
+                Ok(())
+            }
+        },
+        &mut rows,
+        Some,
+    )
+    .await?;
+    reader.abort();
+    driver.abort();
+    Ok(times)
 }
 
 /// Publishes at [`RATE`]/s for `secs` from one task; returns how long each

@@ -80,6 +80,67 @@ async fn a_transaction_opened_first_and_committed_last_is_delivered() {
     ps.shutdown().await;
 }
 
+/// A consumer stops after the latest batch its tick saw and counts on the
+/// wake-up of whatever commits later. With polls out of the way (an hour),
+/// transactions opened first and committed last, interleaved with others,
+/// and batches ticked by the other group's consumer all still arrive,
+/// once each and in position order, to both groups.
+#[tokio::test]
+async fn wake_ups_alone_deliver_out_of_order_commits_to_two_groups() {
+    let (ps, d) = durable().await;
+    let ch = channel("wakeonly");
+    let hour = Duration::from_secs(3600);
+    let mut subs = Vec::new();
+    for g in ["one", "two"] {
+        let sub = d
+            .subscribe::<Text>(&ch, g)
+            .poll_interval(hour)
+            .max_poll_interval(Some(hour))
+            .await
+            .unwrap();
+        subs.push(sub);
+    }
+    let (a, b) = (raw_client().await, raw_client().await);
+    const ROUNDS: usize = 20;
+    let mut seen = [HashSet::new(), HashSet::new()];
+    let mut last: [Option<Position>; 2] = [None, None];
+    // Takes group k's next message: positions increase, no repeats.
+    async fn take(
+        sub: &mut DurableSubscription<Text>,
+        seen: &mut HashSet<String>,
+        last: &mut Option<Position>,
+    ) -> String {
+        let m = next_durable(sub).await;
+        assert!(last.is_none_or(|l| l < m.position()), "positions increase");
+        *last = Some(m.position());
+        let p = m.payload().to_string();
+        assert!(seen.insert(p.clone()), "{p} twice");
+        m.ack();
+        p
+    }
+    for i in 0..ROUNDS {
+        a.batch_execute("BEGIN").await.unwrap();
+        publish_sql(&a, &ch, &format!("a{i}")).await;
+        b.batch_execute("BEGIN").await.unwrap();
+        publish_sql(&b, &ch, &format!("b{i}")).await;
+        b.batch_execute("COMMIT").await.unwrap();
+        if i % 2 == 0 {
+            // One group, in turn, reads up to b{i} while `a` is open.
+            let k = i % 4 / 2;
+            let want = format!("b{i}");
+            while take(&mut subs[k], &mut seen[k], &mut last[k]).await != want {}
+        }
+        a.batch_execute("COMMIT").await.unwrap();
+    }
+    for k in 0..2 {
+        while seen[k].len() < 2 * ROUNDS {
+            take(&mut subs[k], &mut seen[k], &mut last[k]).await;
+        }
+        assert_quiet(&mut subs[k], Duration::from_millis(200)).await;
+    }
+    ps.shutdown().await;
+}
+
 #[tokio::test]
 async fn pages_smaller_than_a_batch_deliver_each_message_once_in_order() {
     let (ps, d) = durable().await;

@@ -204,7 +204,11 @@
 //!
 //! Reading: after a wake-up the consumer sends `tick` and `read()` in one
 //! pipelined write (one round trip; the server runs them in order, each in
-//! its own transaction, so the read sees the new tick). A page is `read()`
+//! its own transaction, so the read sees the new tick). It reads on
+//! without ticking while pages come back full or from batches older than
+//! the latest tick its tick returned; a short page of that batch ends the
+//! round: whatever commits later sends its own wake-up (or is found by the
+//! next poll, on a quiet channel), so no read goes out only to find nothing. A page is `read()`
 //! (the SQL function) while a batch may hold rows of transactions that
 //! were in progress at the previous tick; once a page is full and
 //! `range_of()` says none has rows left, the rest of the batch is one

@@ -67,6 +67,14 @@ pub(super) struct ReadPlan<R> {
     term: Option<u64>,
     /// The wait before the next look without a wake-up (backs off).
     idle: Duration,
+    /// The channel's latest tick when this consumer last ticked: a short
+    /// page of that batch is the end of everything ticked then, so the
+    /// consumer waits for its next wake-up (or poll) instead of reading
+    /// again to find nothing. A batch ticked later by another group's
+    /// consumer holds messages whose wake-up (sent after their commit,
+    /// so after our tick's snapshot missed them) is still to come or
+    /// already kept for the reader: nothing waits a poll interval.
+    latest: Option<i64>,
 }
 
 impl<R: Bounds> ReadPlan<R> {
@@ -85,6 +93,7 @@ impl<R: Bounds> ReadPlan<R> {
             finished_tick: None,
             term: None,
             idle: poll_interval,
+            latest: None,
         }
     }
 
@@ -120,10 +129,14 @@ impl<R: Bounds> ReadPlan<R> {
         self.cursor
     }
 
-    /// The group's cursor, loaded: the batch state starts afresh.
+    /// The group's cursor, loaded: the batch state starts afresh. The
+    /// latest tick is forgotten too: batches ticked while this consumer
+    /// stood by (their wake-ups ignored) are read on until a read finds
+    /// nothing.
     pub(super) fn loaded(&mut self, at: Position) {
         self.range = None;
         self.finished_tick = None;
+        self.latest = None;
         self.cursor = Some(at);
     }
 
@@ -146,6 +159,11 @@ impl<R: Bounds> ReadPlan<R> {
         }
     }
 
+    /// A tick said the channel's latest tick is `latest`.
+    pub(super) fn ticked(&mut self, latest: i64) {
+        self.latest = Some(latest);
+    }
+
     /// A page of `rows` rows came from `read()`, the last at `last`.
     pub(super) fn page_read(&mut self, rows: usize, last: Option<Position>) -> PageEnd {
         let full = rows == self.batch_size;
@@ -156,9 +174,11 @@ impl<R: Bounds> ReadPlan<R> {
         }
         // A short page may still be followed by more ticked batches (a
         // group catching up on many small transactions): read on until a
-        // read finds nothing instead of waiting a poll interval per batch.
+        // read finds nothing instead of waiting a poll interval per batch,
+        // unless the page ended the latest batch we know of (see `latest`).
+        let before_latest = |p: Position| self.latest.is_none_or(|l| p.tick < l);
         PageEnd {
-            more: full || rows > 0,
+            more: full || last.is_some_and(before_latest),
             find_range: last.filter(|_| full),
         }
     }
@@ -181,13 +201,14 @@ impl<R: Bounds> ReadPlan<R> {
         full
     }
 
-    /// A round ended, with rows (`true`) or without; true: look again at once.
-    pub(super) fn round_done(&mut self, rows: bool) -> bool {
-        self.draining = rows && self.cursor.is_some();
-        if rows {
+    /// A round ended, having delivered rows (`got`) or not; `more`: look
+    /// again at once, without ticking (returned).
+    pub(super) fn round_done(&mut self, got: bool, more: bool) -> bool {
+        self.draining = more && self.cursor.is_some();
+        if got {
             self.idle = self.poll_interval;
         }
-        rows
+        more
     }
 
     /// A round failed (other than by shutdown): reload the cursor next.
@@ -282,7 +303,7 @@ mod tests {
             }
         );
         assert_eq!(plan.cursor(), Some(last));
-        assert!(plan.round_done(end.more));
+        assert!(plan.round_done(end.more, end.more));
         // Draining: no tick; batch 4 is done, so straight to batch 5.
         assert_eq!(
             plan.step(last),
@@ -291,6 +312,43 @@ mod tests {
                 from: Position::start_of_tick(5)
             }
         );
+    }
+
+    #[test]
+    fn a_short_page_of_the_latest_ticked_batch_waits_for_the_next_wakeup() {
+        let mut plan = loaded(5, at(3, 10, 2));
+        plan.ticked(4);
+        let last = at(4, 12, 7);
+        let end = plan.page_read(1, Some(last));
+        assert!(!end.more, "nothing was ticked after batch 4: no empty read");
+        assert!(!plan.round_done(true, end.more));
+        assert_eq!(plan.idle(), POLL, "rows came: the wait starts over");
+        // The next round (a wake-up or a poll) ticks and asks for batch 5.
+        assert_eq!(
+            plan.step(last),
+            Step::Read {
+                tick: true,
+                from: Position::start_of_tick(5)
+            }
+        );
+    }
+
+    #[test]
+    fn short_pages_of_earlier_batches_read_on_up_to_the_latest_tick() {
+        let mut plan = loaded(5, at(3, 10, 2));
+        plan.ticked(6);
+        let end = plan.page_read(2, Some(at(4, 12, 7)));
+        assert!(end.more, "batches 5 and 6 are ticked: read on");
+        assert!(plan.round_done(true, end.more));
+        let end = plan.page_read(1, Some(at(6, 20, 9)));
+        assert!(!end.more);
+        // A full page of the latest batch still reads on (its rest).
+        let mut plan = loaded(2, at(3, 10, 2));
+        plan.ticked(4);
+        assert!(plan.page_read(2, Some(at(4, 12, 7))).more);
+        // A reloaded cursor forgets the latest tick: read on until empty.
+        plan.loaded(at(4, 12, 7));
+        assert!(plan.page_read(1, Some(at(5, 13, 1))).more);
     }
 
     #[test]
@@ -306,7 +364,7 @@ mod tests {
             }
         );
         plan.set_range(None);
-        assert!(plan.round_done(end.more));
+        assert!(plan.round_done(end.more, end.more));
         // Not finished: `read` looks for more of batch 4 after the cursor.
         assert_eq!(
             plan.step(last),
@@ -323,7 +381,7 @@ mod tests {
         let last = at(4, 12, 7);
         plan.page_read(3, Some(last));
         plan.set_range(Some(4));
-        plan.round_done(true);
+        plan.round_done(true, true);
         assert_eq!(
             plan.step(last),
             Step::Stream {
@@ -336,7 +394,7 @@ mod tests {
         let later = at(4, 40, 1);
         assert!(plan.streamed(4, 3 * STREAM_PAGES, Some(later)));
         assert_eq!(plan.cursor(), Some(later));
-        plan.round_done(true);
+        plan.round_done(true, true);
         assert_eq!(
             plan.step(later),
             Step::Stream {
@@ -350,7 +408,7 @@ mod tests {
         let end = at(4, 41, 1);
         assert!(!plan.streamed(4, 2, Some(end)));
         assert_eq!(plan.cursor(), Some(end));
-        plan.round_done(false);
+        plan.round_done(false, false);
         assert_eq!(
             plan.step(end),
             Step::Read {
@@ -401,7 +459,7 @@ mod tests {
     fn an_empty_read_stops_draining_and_keeps_the_cursor() {
         let p = at(3, 10, 2);
         let mut plan = loaded(5, p);
-        plan.round_done(true);
+        plan.round_done(true, true);
         let end = plan.page_read(0, None);
         assert_eq!(
             end,
@@ -410,7 +468,7 @@ mod tests {
                 find_range: None
             }
         );
-        assert!(!plan.round_done(end.more));
+        assert!(!plan.round_done(end.more, end.more));
         assert_eq!(plan.cursor(), Some(p));
         assert_eq!(
             plan.step(p),
@@ -426,9 +484,9 @@ mod tests {
         let mut plan = loaded(5, at(3, 10, 2));
         let last = at(4, 12, 7);
         plan.page_read(1, Some(last));
-        plan.round_done(true);
+        plan.round_done(true, true);
         plan.page_read(0, None);
-        plan.round_done(false);
+        plan.round_done(false, false);
         assert_eq!(
             plan.step(last),
             Step::Read {
@@ -468,7 +526,7 @@ mod tests {
     fn a_failed_round_reloads_and_ticks() {
         let p = at(3, 10, 2);
         let mut plan = loaded(5, p);
-        plan.round_done(true);
+        plan.round_done(true, true);
         plan.round_failed();
         assert_eq!(plan.cursor(), None);
         plan.loaded(p);
@@ -485,7 +543,7 @@ mod tests {
     fn expired_messages_make_the_next_read_tick() {
         let p = at(3, 10, 2);
         let mut plan = loaded(5, p);
-        plan.round_done(true);
+        plan.round_done(true, true);
         plan.retained(false);
         assert_eq!(
             plan.step(p),
@@ -517,9 +575,9 @@ mod tests {
         plan.woken();
         assert_eq!(plan.idle(), POLL);
         plan.timed_out();
-        assert!(!plan.round_done(false), "no rows: the wait stays");
+        assert!(!plan.round_done(false, false), "no rows: the wait stays");
         assert_eq!(plan.idle(), 2 * POLL);
-        assert!(plan.round_done(true));
+        assert!(plan.round_done(true, true));
         assert_eq!(plan.idle(), POLL);
     }
 

@@ -77,8 +77,8 @@ impl<T: Send + 'static> Reader<T> {
                 }
                 self.counts.reads.fetch_add(1, Ordering::Relaxed);
                 match self.round().await {
-                    Ok(rows) => {
-                        if self.plan.round_done(rows) {
+                    Ok((got, more)) => {
+                        if self.plan.round_done(got, more) {
                             continue;
                         }
                     }
@@ -166,8 +166,9 @@ impl<T: Send + 'static> Reader<T> {
     }
 
     /// Reads one page where the plan says (ticking first unless it is
-    /// draining); true when it had rows.
-    async fn round(&mut self) -> Result<bool> {
+    /// draining); whether it delivered rows, and whether to read again at
+    /// once.
+    async fn round(&mut self) -> Result<(bool, bool)> {
         let durable = &self.durable;
         let mut lost = 0;
         let at = match self.plan.cursor() {
@@ -189,18 +190,21 @@ impl<T: Send + 'static> Reader<T> {
         let batch_size = self.plan.batch_size();
         let then = match self.plan.step(at) {
             Step::Read { tick: true, from } => {
-                let (l, rows) = durable
+                let (latest, l, rows) = durable
                     .tick_and_read(&self.channel, &self.group, from, batch_size)
                     .await?;
+                self.plan.ticked(latest);
                 lost += l;
                 Then::Rows(rows)
             }
             Step::Read { tick: false, from } => Then::Read(from),
             Step::Stream { tick, range, at } => {
                 if tick {
-                    lost += durable
+                    let (latest, l) = durable
                         .tick_and_take_lost(&self.channel, &self.group)
                         .await?;
+                    self.plan.ticked(latest);
+                    lost += l;
                 }
                 Then::Stream(range, at)
             }
@@ -229,6 +233,7 @@ impl<T: Send + 'static> Reader<T> {
             Then::Read(from) => durable.read(&self.channel, from, batch_size).await?,
             Then::Stream(range, at) => return self.stream_range(range, at, page).await,
         };
+        let got = !rows.is_empty();
         let end = self
             .plan
             .page_read(rows.len(), rows.last().map(|r| r.position));
@@ -250,7 +255,7 @@ impl<T: Send + 'static> Reader<T> {
         if !page.is_empty() && self.out.send(page).await.is_err() {
             return Err(Error::shut_down());
         }
-        Ok(end.more)
+        Ok((got, end.more))
     }
 
     /// Reads up to `STREAM_PAGES` pages of batch `range.tick` after `at`
@@ -258,13 +263,14 @@ impl<T: Send + 'static> Reader<T> {
     /// rows arrived: the server produces the next rows while these are
     /// decoded and consumed, and a backlog costs one round trip per
     /// `STREAM_PAGES` pages. `page` holds what goes first (a truncation
-    /// notice). True when it read the most it could (more may follow).
+    /// notice). Whether it read rows, and whether it read the most it
+    /// could (more may follow).
     async fn stream_range(
         &mut self,
         range: Range,
         at: Position,
         page: Vec<DurableDelivery<T>>,
-    ) -> Result<bool> {
+    ) -> Result<(bool, bool)> {
         let (size, limit) = (self.plan.batch_size(), self.plan.stream_limit());
         let sql = format!(
             "SELECT xid, seq, published_at, payload FROM {}.messages \
@@ -341,7 +347,7 @@ impl<T: Send + 'static> Reader<T> {
             }
         }
         self.delivered.add(read);
-        Ok(self.plan.streamed(range, read, last))
+        Ok((read > 0, self.plan.streamed(range, read, last)))
     }
 }
 

@@ -126,12 +126,13 @@ impl Durable {
     }
 
     /// Ticks the channel and, in the same round trip, reports (and
-    /// clears) the group's messages lost to max-age retention.
+    /// clears) the group's messages lost to max-age retention. Returns the
+    /// channel's latest tick and the count lost.
     pub(super) async fn tick_and_take_lost(
         &self,
         channel: &ChannelName,
         group: &str,
-    ) -> Result<i64> {
+    ) -> Result<(i64, i64)> {
         let sql = self.tick_sql();
         let ch = channel.as_str();
         let row = self
@@ -140,21 +141,22 @@ impl Durable {
                     .await
             })
             .await?;
-        Ok(row.get(1))
+        Ok((row.get(0), row.get(1)))
     }
 
     /// [`tick_and_take_lost`](Self::tick_and_take_lost) then
     /// [`read`](Self::read), pipelined: both statements leave in one write
     /// and the server runs them in order (each in its own transaction, so
     /// the read sees the new tick), one round trip instead of two between
-    /// a wake-up and its messages.
+    /// a wake-up and its messages. Returns the channel's latest tick, the
+    /// count lost and the rows.
     pub(super) async fn tick_and_read(
         &self,
         channel: &ChannelName,
         group: &str,
         after: Position,
         limit: usize,
-    ) -> Result<(i64, Vec<Row>)> {
+    ) -> Result<(i64, i64, Vec<Row>)> {
         let (tick_sql, read_sql) = (self.tick_sql(), self.read_sql());
         let (ch, xid) = (channel.as_str(), after.xid8());
         // Bounded by the caller's batch_size, which fits an i32.
@@ -182,7 +184,7 @@ impl Durable {
                 )
             })
             .await?;
-        Ok((tick.get(1), rows_of(&rows)?))
+        Ok((tick.get(0), tick.get(1), rows_of(&rows)?))
     }
 
     pub(super) async fn read(

@@ -56,7 +56,7 @@ use plan::{Catalog, Migration, Script};
 use crate::error::{Error, Origin, Result};
 
 /// The schema level of this build: the number of its last migration.
-pub const SCHEMA_VERSION: i32 = 9;
+pub const SCHEMA_VERSION: i32 = 10;
 
 /// The default schema name.
 pub const DEFAULT_SCHEMA: &str = "pgpubsub";
@@ -125,12 +125,18 @@ const CATALOG: Catalog = Catalog {
             sql: include_str!("migrations/0009_wal_snapshots.sql"),
             compatible_with: 1,
         },
+        Migration {
+            version: 10,
+            name: "durable_reads",
+            sql: include_str!("migrations/0010_durable_reads.sql"),
+            compatible_with: 1,
+        },
     ],
     scripts: &[
         Script {
             name: "durable",
             sql: include_str!("functions/durable.sql"),
-            since: 1,
+            since: 10,
         },
         Script {
             name: "queue",
@@ -310,7 +316,8 @@ mod tests {
         ("leases", 7, "a026b8ec79bb7ea4"),
         ("trigger_feed_names", 8, "32df161ee6d97a3d"),
         ("wal_snapshots", 9, "f8e6f4522fe080fc"),
-        ("durable", 1, "1ce3a488ea845295"),
+        ("durable_reads", 10, "7f883446091b8ab4"),
+        ("durable", 10, "ec2932751f91b3ba"),
         ("queue", 2, "882b1b8a4a6c6a3f"),
         ("changes", 8, "fd9ad54b627d3d1a"),
         ("limits", 6, "4ebfd6336af563b4"),
