@@ -122,18 +122,7 @@ async fn require_against_a_server_without_tls_fails_clearly() {
 #[tokio::test]
 async fn own_rustls_config_is_used() {
     let server = tls_server();
-    let pem = std::fs::read(server.ca_cert().unwrap()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = trusting_the_test_ca(server);
     let ps = PgPubSub::builder(url_via(server, "localhost", "sslmode=require"))
         .unwrap()
         .tls_config(config.clone())
@@ -257,18 +246,7 @@ async fn wal_feed_streams_over_verified_tls_with_scram() {
 #[tokio::test]
 async fn wal_feed_with_a_custom_connector_and_required_tls_is_refused() {
     let server = tls_server();
-    let pem = std::fs::read(server.ca_cert().unwrap()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = trusting_the_test_ca(server);
     let ps = PgPubSub::builder(url_via(server, "localhost", "sslmode=require"))
         .unwrap()
         .tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
@@ -284,4 +262,21 @@ async fn wal_feed_with_a_custom_connector_and_required_tls_is_refused() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err:?}");
     assert!(err.to_string().contains("tls_config"), "{err}");
     ps.shutdown().await;
+}
+
+/// A rustls client configuration (on `ring`) whose only root is the TLS
+/// test server's CA.
+fn trusting_the_test_ca(server: &pg_pubsub::testing::TestServer) -> rustls::ClientConfig {
+    let pem = std::fs::read(server.ca_cert().unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }

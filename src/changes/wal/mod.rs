@@ -839,6 +839,34 @@ pub async fn emit_tx<E: crate::Executor + ?Sized>(
     text.parse()
 }
 
+/// A change whose rows were decoded, or why they were not (with the raw
+/// event).
+fn decoded<T>(
+    lsn: Lsn,
+    event: ChangeEvent<serde_json::Value>,
+    old: serde_json::Result<Option<T>>,
+    new: serde_json::Result<Option<T>>,
+) -> WalItem<T> {
+    match (old, new) {
+        (Ok(old), Ok(new)) => WalItem::Change {
+            lsn,
+            event: event.with_rows(old, new),
+        },
+        (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
+            lsn,
+            error: Error::new(
+                Origin::Wal,
+                format!(
+                    "a change of {}.{} does not decode into the feed's type: {e}",
+                    event.schema, event.table
+                ),
+            )
+            .with_source(e),
+            raw: Some(event),
+        },
+    }
+}
+
 fn typed<T: DeserializeOwned>(item: RawItem) -> WalItem<T> {
     match item {
         // JSON rows into JSON: moved, not copied (a `Value` never fails to
@@ -850,48 +878,12 @@ fn typed<T: DeserializeOwned>(item: RawItem) -> WalItem<T> {
         {
             let old = event.old.take().map(T::deserialize).transpose();
             let new = event.new.take().map(T::deserialize).transpose();
-            match (old, new) {
-                (Ok(old), Ok(new)) => WalItem::Change {
-                    lsn,
-                    event: event.with_rows(old, new),
-                },
-                (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
-                    lsn,
-                    error: Error::new(
-                        Origin::Wal,
-                        format!(
-                            "a change of {}.{} does not decode into the feed's type: {e}",
-                            event.schema, event.table
-                        ),
-                    )
-                    .with_source(e),
-                    raw: Some(event),
-                },
-            }
+            decoded(lsn, event, old, new)
         }
         WalItem::Change { lsn, event } => {
-            let rows = (
-                event.old.as_ref().map(T::deserialize).transpose(),
-                event.new.as_ref().map(T::deserialize).transpose(),
-            );
-            match rows {
-                (Ok(old), Ok(new)) => WalItem::Change {
-                    lsn,
-                    event: event.with_rows(old, new),
-                },
-                (Err(e), _) | (_, Err(e)) => WalItem::Undecodable {
-                    lsn,
-                    error: Error::new(
-                        Origin::Wal,
-                        format!(
-                            "a change of {}.{} does not decode into the feed's type: {e}",
-                            event.schema, event.table
-                        ),
-                    )
-                    .with_source(e),
-                    raw: Some(event),
-                },
-            }
+            let old = event.old.as_ref().map(T::deserialize).transpose();
+            let new = event.new.as_ref().map(T::deserialize).transpose();
+            decoded(lsn, event, old, new)
         }
         WalItem::Begin {
             xid,
