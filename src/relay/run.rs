@@ -91,11 +91,10 @@ impl Runner {
             if read.items.is_empty() {
                 continue;
             }
-            let mut stop_reading = self.stop.clone();
             let reading = async {
                 tokio::select! {
                     biased;
-                    _ = stop_reading.wait_for(|s| *s) => None,
+                    _ = stop.wait_for(|s| *s) => None,
                     read = reader.next_batch(batch_size, &render) => Some(read),
                 }
             };
