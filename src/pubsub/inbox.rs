@@ -65,44 +65,45 @@ impl Queue {
         I: ExactSizeIterator<Item = Received>,
     {
         let total = messages.len();
-        let mut inner = self.lock();
-        let was_dropping = inner.dropped > 0;
-        let fits = self.capacity.saturating_sub(inner.messages).min(total);
-        let dropped = total - fits;
-        if fits > 0 {
-            if inner.dropped > 0 {
-                let dropped = mem::take(&mut inner.dropped);
-                inner.entries.push_back(Entry::Lagged(dropped));
-            }
+        self.admit(total, wake, |entries, fits| {
             if fits * 2 < total {
                 // Most of the run is dropped: do not pin it for the rest.
                 let mut kept: Vec<Received> = messages.take(fits).collect();
                 crate::message::compact(&mut kept, total);
-                inner.entries.extend(kept.into_iter().map(Entry::Message));
+                entries.extend(kept.into_iter().map(Entry::Message));
             } else {
-                inner
-                    .entries
-                    .extend(messages.take(fits).map(Entry::Message));
+                entries.extend(messages.take(fits).map(Entry::Message));
             }
-            inner.messages += fits;
-            if let Some(w) = inner.waker.take() {
-                wake.push(w);
-            }
-        }
-        inner.dropped += dropped as u64;
-        drop(inner);
-        self.counters.delivered.fetch_add(fits as u64, Relaxed);
-        if dropped > 0 {
-            self.counters.lagged.fetch_add(dropped as u64, Relaxed);
-            self.counters.metrics.lagged(dropped as u64);
-        }
-        !was_dropping && dropped > 0
+        })
     }
 
     /// Queues a shared run as one entry, dropping (and counting) what does
     /// not fit, as [`push_all`](Self::push_all) does.
     pub(crate) fn push_run(&self, run: &Arc<Run>, wake: &mut Vec<Waker>) -> bool {
         let total = run.len() as usize;
+        self.admit(total, wake, |entries, fits| {
+            if fits * 2 < total {
+                // Most of the run is dropped: do not pin it for the rest.
+                let mut kept: Vec<Received> = (0..fits as u32)
+                    .map(|i| Received::InRun(run.clone(), i))
+                    .collect();
+                crate::message::compact(&mut kept, total);
+                entries.extend(kept.into_iter().map(Entry::Message));
+            } else {
+                entries.push_back(Entry::Run(run.clone(), 0, fits as u32));
+            }
+        })
+    }
+
+    /// Admits as many of `total` messages as fit (`put` queues the first
+    /// `fits` of them), counts the rest as dropped, and moves a waiting
+    /// consumer's waker to `wake`. True when this starts a run of drops.
+    fn admit(
+        &self,
+        total: usize,
+        wake: &mut Vec<Waker>,
+        put: impl FnOnce(&mut VecDeque<Entry>, usize),
+    ) -> bool {
         let mut inner = self.lock();
         let was_dropping = inner.dropped > 0;
         let fits = self.capacity.saturating_sub(inner.messages).min(total);
@@ -112,18 +113,7 @@ impl Queue {
                 let dropped = mem::take(&mut inner.dropped);
                 inner.entries.push_back(Entry::Lagged(dropped));
             }
-            if fits * 2 < total {
-                // Most of the run is dropped: do not pin it for the rest.
-                let mut kept: Vec<Received> = (0..fits as u32)
-                    .map(|i| Received::InRun(run.clone(), i))
-                    .collect();
-                crate::message::compact(&mut kept, total);
-                inner.entries.extend(kept.into_iter().map(Entry::Message));
-            } else {
-                inner
-                    .entries
-                    .push_back(Entry::Run(run.clone(), 0, fits as u32));
-            }
+            put(&mut inner.entries, fits);
             inner.messages += fits;
             if let Some(w) = inner.waker.take() {
                 wake.push(w);

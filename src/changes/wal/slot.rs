@@ -379,6 +379,7 @@ impl PgPubSub {
         let exec = self.exec();
         const STAGE: &str = "WAL feed: drop slot";
         let records = format!("{}.wal_slots", SchemaName::default());
+        let snapshots = format!("{}.wal_snapshots", SchemaName::default());
         let n = exec
             .run_with(STAGE, |client| async move {
                 let n = client
@@ -389,35 +390,23 @@ impl PgPubSub {
                     )
                     .await
                     .map_err(|e| setup_error(STAGE, e))?;
-                let recorded: bool = client
-                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&records])
-                    .await
-                    .map_err(|e| setup_error(STAGE, e))?
-                    .get(0);
-                if recorded {
-                    client
-                        .execute(
-                            &format!("DELETE FROM {records} WHERE slot_name = $1"),
-                            &[&slot],
-                        )
+                // Its record, and its snapshots and backfills: a new slot
+                // of the same name starts afresh.
+                for table in [&records, &snapshots] {
+                    let exists: bool = client
+                        .query_one("SELECT to_regclass($1) IS NOT NULL", &[table])
                         .await
-                        .map_err(|e| setup_error(STAGE, e))?;
-                }
-                // Its snapshots and backfills: a new slot starts afresh.
-                let snapshots = format!("{}.wal_snapshots", SchemaName::default());
-                let recorded: bool = client
-                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&snapshots])
-                    .await
-                    .map_err(|e| setup_error(STAGE, e))?
-                    .get(0);
-                if recorded {
-                    client
-                        .execute(
-                            &format!("DELETE FROM {snapshots} WHERE slot_name = $1"),
-                            &[&slot],
-                        )
-                        .await
-                        .map_err(|e| setup_error(STAGE, e))?;
+                        .map_err(|e| setup_error(STAGE, e))?
+                        .get(0);
+                    if exists {
+                        client
+                            .execute(
+                                &format!("DELETE FROM {table} WHERE slot_name = $1"),
+                                &[&slot],
+                            )
+                            .await
+                            .map_err(|e| setup_error(STAGE, e))?;
+                    }
                 }
                 Ok(n)
             })
