@@ -791,7 +791,7 @@ async fn changes_tail_wal_can_drop_its_slot_on_exit() {
 /// within a run, and only the chunk in flight at the kill twice in all.
 #[tokio::test]
 async fn changes_tail_snapshot_survives_sigkill_mid_snapshot_and_after() {
-    use common::snapshot::{Replica, Writer};
+    use common::snapshot::{insert_sentinel, Replica, Writer};
     const ROWS: i64 = 100_000;
     let (table, slot) = wal_table("cli_snap").await;
     raw_client()
@@ -839,11 +839,7 @@ async fn changes_tail_snapshot_survives_sigkill_mid_snapshot_and_after() {
         common::wait_backend_gone(pid).await;
     }
     let touched = writer.stop().await;
-    raw_client()
-        .await
-        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
-        .await
-        .expect("sentinel");
+    insert_sentinel(&table).await;
 
     // The snapshot is done: a third run only has changes.
     let third = fleet.spawn_cmd(&args, tailing).await;

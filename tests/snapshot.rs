@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::snapshot::{Replica, Writer};
+use common::snapshot::{insert_sentinel, Replica, Writer};
 use common::*;
 use futures::StreamExt;
 use pg_pubsub::changes::wal::{WalEvent, WalFeed, WalItem};
@@ -119,11 +119,7 @@ async fn backfill_with_a_condition_merges_with_writes_and_resumes_after_close() 
     let mut second = feed(&ps, &slot, &[&table], false).await;
     model.drain(&mut second, &mut events, |m| m.finished).await;
     let touched = writer.stop().await;
-    raw_client()
-        .await
-        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
-        .await
-        .expect("sentinel");
+    insert_sentinel(&table).await;
     model.drain(&mut second, &mut events, |m| m.sentinel).await;
 
     // Read once (a clean close leaves nothing to read again), only even ids,
@@ -176,11 +172,7 @@ async fn a_snapshot_survives_a_lost_stream_reading_only_the_chunk_in_flight_agai
     terminate(walsender).await;
     model.drain(&mut feed, &mut events, |m| m.finished).await;
     let touched = writer.stop().await;
-    raw_client()
-        .await
-        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
-        .await
-        .expect("sentinel");
+    insert_sentinel(&table).await;
     model.drain(&mut feed, &mut events, |m| m.sentinel).await;
 
     let again = model.replica.reads.values().filter(|n| **n > 1).count();

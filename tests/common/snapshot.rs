@@ -10,6 +10,16 @@ use serde_json::Value;
 
 use super::raw_client;
 
+/// Inserts the row (id 0, `v` = "sentinel") whose change marks the end of
+/// a test's writes: every change before it has been streamed once it is.
+pub async fn insert_sentinel(table: &str) {
+    raw_client()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} VALUES (0, 'sentinel')"))
+        .await
+        .expect("sentinel");
+}
+
 /// Random single-row writes to `table` (`id` key, `v` text) until stopped:
 /// updates and deletes of ids `1..=max`, inserts of new ids above it.
 pub struct Writer {
